@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs what treeseg-qgis needs, idempotently: Debian's QGIS (Python bindings),
+# then .venv (QGIS's /usr/bin/python3 with --system-site-packages) with the pinned
+# requirements. numpy and scipy stay at QGIS's versions (a pip constraint), so
+# QGIS's own numpy and GDAL bindings keep working.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SYSTEM_PYTHON=/usr/bin/python3
+VENV=.venv
+STAMP=$VENV/.setup-stamp
+
+if ! "$SYSTEM_PYTHON" -c "import qgis.core, osgeo.gdal" >/dev/null 2>&1; then
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "setup: QGIS's Python bindings are missing and this system has no apt-get." >&2
+        echo "setup: install QGIS 3.22 or newer with its Python bindings (python3-qgis)," >&2
+        echo "setup: then run make again." >&2
+        exit 1
+    fi
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then
+        SUDO=sudo
+        echo "setup: installing QGIS with sudo (you may be asked for your password)" >&2
+    fi
+    echo "setup: installing Debian's QGIS packages (about a minute)" >&2
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+        python3-qgis qgis-providers python3-venv python3-matplotlib >/dev/null
+fi
+
+if [ -f "$STAMP" ] && [ "$STAMP" -nt requirements.txt ] && [ -x "$VENV/bin/python" ]; then
+    exit 0
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "setup: creating $VENV from $SYSTEM_PYTHON" >&2
+    "$SYSTEM_PYTHON" -m venv --system-site-packages "$VENV"
+fi
+CONSTRAINTS=$VENV/qgis-constraints.txt
+"$SYSTEM_PYTHON" -c 'import numpy, scipy; print(f"numpy=={numpy.__version__}\nscipy=={scipy.__version__}")' > "$CONSTRAINTS"
+echo "setup: installing the Python requirements into $VENV (about a minute the first time)" >&2
+"$VENV/bin/pip" install --quiet --disable-pip-version-check -r requirements.txt -c "$CONSTRAINTS"
+touch "$STAMP"

@@ -1,0 +1,55 @@
+"""`python -m treeseg_qgis segment`: exit codes and messages, run as a user runs it."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "treeseg_qgis", *args], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=300)
+
+
+def test_segment_succeeds_and_lists_the_outputs(tiny_model_dir, scene_tif, tmp_path):
+    path, _ = scene_tif
+    result = cli("segment", str(path), "--out", "out", "--model", str(tiny_model_dir), "--clusters", "2",
+                 "--device", "cpu", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "K=2" in result.stdout
+    for suffix in ("_clusters.tif", "_trees.tif", "_polygons.gpkg", "_preview.png", "_run.json"):
+        assert (tmp_path / "out" / f"scene{suffix}").is_file()
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("treeseg: error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    return errors[0]
+
+
+def test_missing_input_exits_2_with_one_line(tmp_path):
+    line = one_line_error(cli("segment", "missing.tif", "--out", "out", tmp_path=tmp_path))
+    assert "missing.tif" in line
+
+
+def test_unavailable_weights_exit_2_naming_the_model_page(scene_tif, tmp_path):
+    path, _ = scene_tif
+    line = one_line_error(cli("segment", str(path), "--out", "out", "--model", "large-sat", tmp_path=tmp_path))
+    assert "https://huggingface.co/facebook/dinov3-vitl16-pretrain-sat493m" in line
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_bad_band_exits_2(scene_tif, tiny_model_dir, tmp_path):
+    path, _ = scene_tif
+    line = one_line_error(cli("segment", str(path), "--out", "out", "--bands", "1,2,7",
+                              "--model", str(tiny_model_dir), tmp_path=tmp_path))
+    assert "7" in line
+
+
+def test_bad_cluster_count_exits_2(scene_tif, tmp_path):
+    path, _ = scene_tif
+    one_line_error(cli("segment", str(path), "--out", "out", "--clusters", "many", tmp_path=tmp_path))

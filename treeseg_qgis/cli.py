@@ -1,0 +1,164 @@
+"""Command line: `python -m treeseg_qgis segment INPUT --out DIR [options]`.
+
+Exit status: 0 on success; 2 with one line on stderr when the input, a parameter
+or the model weights are not usable; 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .core.devices import DEVICE_CHOICES
+from .core.errors import Cancelled, TreesegError
+from .core.features import STRIDES
+from .core.models import CATALOGUE, DEFAULT_MODEL
+from .core.params import SegmentationParams
+from .core.progress import Progress
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m treeseg_qgis",
+        description="Label-free tree segmentation of orthophotos with DINOv3 features.",
+    )
+    parser.add_argument("--version", action="version", version=f"treeseg-qgis {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser(
+        "segment",
+        help="segment the trees of one raster",
+        description="Cluster dense DINOv3 features of INPUT and write clusters, trees, "
+        "polygons, a preview and a run record into --out.",
+    )
+    run.add_argument("input", metavar="INPUT", help="a raster GDAL can read (GeoTIFF, VRT, ...)")
+    run.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    run.add_argument(
+        "--model", default=DEFAULT_MODEL, metavar="NAME|HF_ID|FOLDER",
+        help=f"catalogue name ({', '.join(CATALOGUE)}), a Hugging Face id or a local model "
+        f"folder (default: {DEFAULT_MODEL})",
+    )
+    run.add_argument("--stride", type=int, default=16, choices=STRIDES,
+                     help="feature grid step in pixels: 16, or 8/4/2 for a denser grid (slower)")
+    run.add_argument("--clusters", default="auto", metavar="auto|K",
+                     help="number of clusters, or auto for the elbow rule (default: auto)")
+    run.add_argument("--k-range", default="2-8", metavar="MIN-MAX",
+                     help="range searched by --clusters auto (default: 2-8)")
+    run.add_argument("--bands", default="1,2,3", metavar="R,G,B",
+                     help="the three bands to use, 1-based (default: 1,2,3)")
+    run.add_argument("--tree-clusters", default=None, metavar="IDS",
+                     help="comma-separated cluster ids that are trees (overrides the ExG rule)")
+    run.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
+                     help="auto picks CUDA, then Apple MPS, then the CPU")
+    run.add_argument("--allow-untrained", action="store_true",
+                     help="when the weights cannot be had, run with random weights "
+                     "(every output then says so)")
+    run.add_argument("--tile-size", type=int, default=512, help="tile size in pixels (default: 512)")
+    run.add_argument("--quiet", action="store_true", help="print only errors and the result paths")
+    return parser
+
+
+def params_from_args(args: argparse.Namespace) -> SegmentationParams:
+    """The SegmentationParams for parsed `segment` arguments."""
+    return SegmentationParams(
+        input_path=args.input,
+        output_dir=args.out,
+        bands=_bands(args.bands),
+        model=args.model,
+        stride=args.stride,
+        clusters=None if args.clusters == "auto" else _int(args.clusters, "--clusters"),
+        k_min=_range(args.k_range)[0],
+        k_max=_range(args.k_range)[1],
+        device=args.device,
+        allow_untrained=args.allow_untrained,
+        tree_clusters=_int_list(args.tree_clusters, "--tree-clusters") if args.tree_clusters else None,
+        tile_size=args.tile_size,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING,
+                        format="treeseg: %(message)s", stream=sys.stderr)
+    _quiet_libraries()
+    from .pipeline import segment
+
+    try:
+        params = params_from_args(args)
+        record = segment(params, Progress(None if args.quiet else _TerminalProgress()))
+    except KeyboardInterrupt:
+        print("treeseg: interrupted; no output was left behind.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Cancelled as error:
+        print(f"treeseg: {error}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except TreesegError as error:
+        print(f"treeseg: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    _print_summary(record)
+    return 0
+
+
+class _TerminalProgress:
+    """Prints a line each time the stage changes or 10 % more is done."""
+
+    def __init__(self) -> None:
+        self._last: tuple[str, int] | None = None
+
+    def __call__(self, percent: float, stage: str) -> None:
+        key = (stage.split(":")[0], int(percent // 10))
+        if key != self._last:
+            self._last = key
+            print(f"{percent:5.1f} %  {stage}", file=sys.stderr, flush=True)
+
+
+def _print_summary(record: dict) -> None:
+    trees = record["trees"]
+    model = record["model"]
+    if record["warning"]:
+        print(f"\n!!! {record['warning']}\n", file=sys.stderr)
+    print(f"model {model['model_id']} ({model['weights']}) on {model['device']}, "
+          f"stride {record['stride']}, K={record['clusters']['k']}"
+          f"{' (auto)' if record['clusters']['automatic'] else ''}, "
+          f"tree clusters {trees['clusters']}, tree cover {100 * trees['tree_cover']:.1f} %, "
+          f"{record['timings']['total']:.1f} s")
+    for path in record["outputs"].values():
+        print(path)
+
+
+def _quiet_libraries() -> None:
+    from huggingface_hub.utils import disable_progress_bars
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging as transformers_logging
+
+    disable_progress_bars()
+    hub_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+
+
+def _int(text: str, option: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise TreesegError(f"{option} expects a whole number, not '{text}'.") from None
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    return tuple(_int(part.strip(), option) for part in text.split(",") if part.strip())
+
+
+def _bands(text: str) -> tuple[int, ...]:
+    """Three band numbers; one band number means a grey image (that band three times)."""
+    bands = _int_list(text, "--bands")
+    return bands * 3 if len(bands) == 1 else bands
+
+
+def _range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    return _int(low, "--k-range"), _int(high or low, "--k-range")

@@ -1,0 +1,49 @@
+"""Which device runs the model, and in which precision."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .errors import InputError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+
+
+def resolve_device(choice: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """The torch device and dtype for a user's choice: CUDA, then Apple MPS, then CPU.
+
+    On a GPU the model runs in bfloat16 where supported, else float16; on the CPU
+    in float32.
+    """
+    if choice not in DEVICE_CHOICES:
+        raise InputError(f"Unknown device '{choice}': use one of {', '.join(DEVICE_CHOICES)}.")
+    if choice == "auto":
+        if torch.cuda.is_available():
+            choice = "cuda"
+        elif torch.backends.mps.is_available():
+            choice = "mps"
+        else:
+            choice = "cpu"
+    if choice == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("CUDA was asked for, but torch finds no CUDA GPU here: use auto or cpu.")
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.device("cuda"), dtype
+    if choice == "mps":
+        if not torch.backends.mps.is_available():
+            raise InputError("Apple MPS was asked for, but it is not available here: use auto or cpu.")
+        return torch.device("mps"), torch.float16
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    return torch.device("cpu"), torch.float32
+
+
+def describe_device(device: torch.device) -> str:
+    """A short human description: GPU name and memory, or CPU threads."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"CUDA {props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    if device.type == "mps":
+        return "Apple MPS"
+    return f"CPU ({torch.get_num_threads()} threads)"

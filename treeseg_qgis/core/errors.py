@@ -1,0 +1,24 @@
+"""Errors a user can act on: their message is shown as it is, without a traceback."""
+
+
+class TreesegError(Exception):
+    """A problem the user can fix; the message says what is wrong and what to do."""
+
+
+class InputError(TreesegError):
+    """The input raster, a band choice, an extent or a parameter is not usable."""
+
+
+class ModelUnavailableError(TreesegError):
+    """The model weights cannot be loaded (gated, offline, missing or not a DINOv3)."""
+
+
+class OutputError(TreesegError):
+    """An output cannot be written (folder not writable, disk full, file locked)."""
+
+
+class Cancelled(TreesegError):
+    """The run was cancelled by the user."""
+
+    def __init__(self, message: str = "Cancelled by the user.") -> None:
+        super().__init__(message)

@@ -1,0 +1,368 @@
+"""The DINOv3 backbones: catalogue, normalisation, loading and the gated-access messages.
+
+Every model, whether a catalogue name, any Hugging Face id or a local folder in
+Hugging Face format, is loaded by `load_backbone` through transformers' AutoModel
+(safetensors only, no remote code). Random weights are used only when the caller
+passes `allow_untrained=True`, and the returned Backbone then says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from .devices import resolve_device
+from .errors import ModelUnavailableError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SAT493M_MEAN = (0.430, 0.411, 0.296)
+SAT493M_STD = (0.213, 0.156, 0.143)
+HUB_URL = "https://huggingface.co"
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """Per-channel mean and std the weights were trained with."""
+
+    name: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+LVD_NORMALISATION = Normalisation("ImageNet (LVD-1689M weights)", IMAGENET_MEAN, IMAGENET_STD)
+SAT_NORMALISATION = Normalisation("SAT-493M", SAT493M_MEAN, SAT493M_STD)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Shape of a DINOv3 ViT/16, enough to build it with random weights."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    gated_mlp: bool
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One catalogue entry: a user-facing name and the repositories behind it."""
+
+    name: str
+    label: str
+    repo_ids: tuple[str, ...]
+    params_millions: float
+    architecture: Architecture
+    normalisation: Normalisation
+
+    @property
+    def feature_dim(self) -> int:
+        return self.architecture.hidden_size
+
+
+def _lvd(variant: str) -> str:
+    return f"facebook/dinov3-{variant}-pretrain-lvd1689m"
+
+
+def _sat(variant: str) -> str:
+    return f"facebook/dinov3-{variant}-pretrain-sat493m"
+
+
+_VIT_S = Architecture(384, 12, 6, 1536, False)
+_VIT_S_PLUS = Architecture(384, 12, 6, 1536, True)
+_VIT_B = Architecture(768, 12, 12, 3072, False)
+_VIT_L = Architecture(1024, 24, 16, 4096, False)
+_VIT_H_PLUS = Architecture(1280, 32, 20, 5120, True)
+_VIT_7B = Architecture(4096, 40, 32, 8192, True)
+
+CATALOGUE: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("small", "ViT-S/16 (S+ first, S as fall-back)",
+                  (_lvd("vits16plus"), _lvd("vits16")), 29, _VIT_S_PLUS, LVD_NORMALISATION),
+        ModelSpec("small+", "ViT-S+/16", (_lvd("vits16plus"),), 29, _VIT_S_PLUS, LVD_NORMALISATION),
+        ModelSpec("base", "ViT-B/16", (_lvd("vitb16"),), 86, _VIT_B, LVD_NORMALISATION),
+        ModelSpec("large", "ViT-L/16", (_lvd("vitl16"),), 300, _VIT_L, LVD_NORMALISATION),
+        ModelSpec("giant", "ViT-H+/16", (_lvd("vith16plus"),), 840, _VIT_H_PLUS, LVD_NORMALISATION),
+        ModelSpec("mega", "ViT-7B/16", (_lvd("vit7b16"),), 6716, _VIT_7B, LVD_NORMALISATION),
+        ModelSpec("large-sat", "ViT-L/16, satellite (SAT-493M)",
+                  (_sat("vitl16"),), 300, _VIT_L, SAT_NORMALISATION),
+        ModelSpec("mega-sat", "ViT-7B/16, satellite (SAT-493M)",
+                  (_sat("vit7b16"),), 6716, _VIT_7B, SAT_NORMALISATION),
+    )
+}
+DEFAULT_MODEL = "base"
+
+
+@dataclass
+class Backbone:
+    """A loaded DINOv3 ready for inference, and what it really is."""
+
+    model: torch.nn.Module
+    model_id: str
+    normalisation: Normalisation
+    untrained: bool
+    device: torch.device
+    dtype: torch.dtype
+    patch_size: int
+    num_register_tokens: int
+    feature_dim: int
+
+    def describe(self) -> dict:
+        """Plain facts for logs and run metadata."""
+        return {
+            "model_id": self.model_id,
+            "weights": "untrained (random initialisation)" if self.untrained else "pretrained",
+            "untrained": self.untrained,
+            "normalisation": self.normalisation.name,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "feature_dim": self.feature_dim,
+        }
+
+
+def model_page(repo_id: str) -> str:
+    return f"{HUB_URL}/{repo_id}"
+
+
+def normalisation_for(repo_id_or_path: str) -> Normalisation:
+    """The normalisation a model was trained with, from the catalogue, its files or its name."""
+    for spec in CATALOGUE.values():
+        if repo_id_or_path in spec.repo_ids:
+            return spec.normalisation
+    config_file = Path(repo_id_or_path) / "preprocessor_config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        mean, std = config.get("image_mean"), config.get("image_std")
+        if mean and std and len(mean) == 3 and len(std) == 3:
+            return Normalisation(f"from {config_file.name}", tuple(mean), tuple(std))
+    if "sat493m" in repo_id_or_path.lower():
+        return SAT_NORMALISATION
+    return LVD_NORMALISATION
+
+
+def load_backbone(
+    model: str = DEFAULT_MODEL,
+    device: str = "auto",
+    allow_untrained: bool = False,
+    token: str | None = None,
+) -> Backbone:
+    """Load a catalogue name, a Hugging Face id or a local folder as a Backbone.
+
+    Raises ModelUnavailableError with the model page and the log-in steps when
+    the weights cannot be had, unless `allow_untrained` is set.
+    """
+    torch_device, dtype = resolve_device(device)
+    spec = CATALOGUE.get(model)
+    candidates = spec.repo_ids if spec else (model,)
+    failures: list[tuple[str, Exception]] = []
+    cache_only = hub_offline()
+    for candidate in candidates:
+        try:
+            network = _from_pretrained(candidate, token, cache_only)
+        except OSError as error:
+            failures.append((candidate, error))
+            log.info("Could not load %s: %s", candidate, error)
+            continue
+        return _ready(network, candidate, normalisation_for(candidate), False, torch_device, dtype)
+    if allow_untrained:
+        return _untrained(model, spec, failures, torch_device, dtype)
+    raise ModelUnavailableError(explain_load_failure(*failures[0]))
+
+
+def hub_offline(timeout: float = 3.0) -> bool:
+    """True when HF_HUB_OFFLINE is set or the hub cannot be reached within `timeout` seconds.
+
+    Then models load from the local cache only, at once, instead of retrying the
+    network for a minute.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or HUB_URL)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=timeout):
+            return False
+    except OSError:
+        log.info("The Hugging Face hub cannot be reached: loading models from the local cache only.")
+        return True
+
+
+def _from_pretrained(repo_id_or_path: str, token: str | None, cache_only: bool) -> torch.nn.Module:
+    from transformers import AutoModel
+
+    local = Path(repo_id_or_path)
+    if local.is_dir():
+        _check_dinov3_folder(local)
+    elif local.is_absolute() or repo_id_or_path.startswith("."):
+        raise ModelUnavailableError(f"Model folder {repo_id_or_path} does not exist.")
+    network = AutoModel.from_pretrained(
+        repo_id_or_path,
+        use_safetensors=True,
+        trust_remote_code=False,
+        token=token,
+        local_files_only=cache_only,
+    )
+    if getattr(network.config, "model_type", "") != "dinov3_vit":
+        raise ModelUnavailableError(
+            f"{repo_id_or_path} is a '{network.config.model_type}' model, not a DINOv3 ViT "
+            "backbone: pick one of the catalogue names or a facebook/dinov3-* model."
+        )
+    return network
+
+
+def _check_dinov3_folder(folder: Path) -> None:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ModelUnavailableError(
+            f"{folder} is not a model folder in Hugging Face format (no config.json). "
+            "Copy the whole folder of a facebook/dinov3-* model, with config.json and "
+            "model.safetensors."
+        )
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type", "")
+    except (OSError, ValueError) as error:
+        raise ModelUnavailableError(f"{config_file} cannot be read: {error}") from error
+    if model_type != "dinov3_vit":
+        raise ModelUnavailableError(
+            f"{folder} holds a '{model_type or 'unknown'}' model, not a DINOv3 ViT backbone "
+            "(config.json model_type must be 'dinov3_vit')."
+        )
+    if not any(folder.glob("*.safetensors")):
+        raise ModelUnavailableError(
+            f"{folder} has no .safetensors weights; only safetensors files are loaded "
+            "(pickled .bin/.pth weights are refused for safety)."
+        )
+
+
+def _ready(
+    network: torch.nn.Module,
+    model_id: str,
+    normalisation: Normalisation,
+    untrained: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Backbone:
+    config = network.config
+    network = network.to(device=device, dtype=dtype).eval()
+    return Backbone(
+        model=network,
+        model_id=model_id,
+        normalisation=normalisation,
+        untrained=untrained,
+        device=device,
+        dtype=dtype,
+        patch_size=int(config.patch_size),
+        num_register_tokens=int(config.num_register_tokens),
+        feature_dim=int(config.hidden_size),
+    )
+
+
+def _untrained(
+    model: str,
+    spec: ModelSpec | None,
+    failures: list[tuple[str, Exception]],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Backbone:
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    if spec is None:
+        raise ModelUnavailableError(
+            explain_load_failure(*failures[0])
+            + f" Untrained weights need a known architecture: use a catalogue name "
+            f"({', '.join(CATALOGUE)}) instead of {model}."
+        )
+    shape = spec.architecture
+    config = DINOv3ViTConfig(
+        hidden_size=shape.hidden_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        intermediate_size=shape.intermediate_size,
+        use_gated_mlp=shape.gated_mlp,
+        hidden_act="silu" if shape.gated_mlp else "gelu",
+        num_register_tokens=4,
+        patch_size=16,
+        layerscale_value=1e-5,
+    )
+    log.warning(
+        "UNTRAINED WEIGHTS: %s could not be loaded; using a randomly initialised %s. "
+        "The result only checks the pipeline.", spec.repo_ids[0], spec.label,
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    network = DINOv3ViTModel(config)
+    torch.random.set_rng_state(generator_state)
+    return _ready(network, spec.repo_ids[0], spec.normalisation, True, device, dtype)
+
+
+def explain_load_failure(repo_id: str, error: Exception) -> str:
+    """A message for a model that could not be loaded: what happened and what to do."""
+    if isinstance(error, ModelUnavailableError):
+        return str(error)
+    kind = classify_hub_error(error)
+    page = model_page(repo_id)
+    login = "then log in: set the HF_TOKEN environment variable or run `hf auth login`"
+    if kind == "gated":
+        return (
+            f"Access to {repo_id} was refused (HTTP 401/403): the DINOv3 weights are gated. "
+            f"Accept the licence on {page} with your Hugging Face account, {login}."
+        )
+    if kind == "not_found":
+        return (
+            f"{repo_id} was not found on the Hugging Face hub, or your account has no access "
+            f"to it. Check the name; for a gated model accept the licence on {page}, {login}."
+        )
+    if kind == "offline":
+        return (
+            f"The weights of {repo_id} are not in the local Hugging Face cache and the hub "
+            f"cannot be reached (offline). On a connected machine accept the licence on "
+            f"{page}, {login} and run once to download them; or copy the model folder here "
+            "and pass the folder as the model; or allow untrained weights to check the "
+            "pipeline only."
+        )
+    return f"Could not load {repo_id}: {error}"
+
+
+def classify_hub_error(error: BaseException) -> str:
+    """'gated', 'not_found', 'offline' or 'other' for an error raised while loading."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
+
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    for item in chain:
+        if isinstance(item, GatedRepoError):
+            return "gated"
+        if isinstance(item, HfHubHTTPError):
+            status = getattr(getattr(item, "response", None), "status_code", None)
+            if status in (401, 403):
+                return "gated"
+        if isinstance(item, RepositoryNotFoundError):
+            return "not_found"
+        if isinstance(item, (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError)):
+            return "offline"
+    text = " ".join(str(item) for item in chain).lower()
+    if "gated repo" in text or "401" in text or "403" in text:
+        return "gated"
+    if "couldn't connect" in text or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return "offline"
+    return "other"

@@ -1,0 +1,70 @@
+"""The one parameters object: built by the dock, the Processing algorithm and the CLI alike."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from .devices import DEVICE_CHOICES
+from .errors import InputError
+from .features import check_stride
+from .models import DEFAULT_MODEL
+from .trees import DEFAULT_MIN_EXG
+
+
+@dataclass
+class SegmentationParams:
+    """Everything one segmentation run needs; plain data, JSON-serialisable."""
+
+    input_path: str
+    output_dir: str
+    bands: tuple[int, int, int] = (1, 2, 3)
+    model: str = DEFAULT_MODEL
+    stride: int = 16
+    clusters: int | None = None
+    k_min: int = 2
+    k_max: int = 8
+    device: str = "auto"
+    allow_untrained: bool = False
+    tree_clusters: tuple[int, ...] | None = None
+    min_exg: float = DEFAULT_MIN_EXG
+    tile_size: int = 512
+    overlap: int = 64
+    batch_size: int = 4
+    sample_size: int = 40_000
+    pca_dims: int = 32
+    seed: int = 0
+    output_stem: str | None = None
+
+    def validate(self) -> None:
+        """Raise InputError for values no run can use."""
+        check_stride(self.stride)
+        if self.device not in DEVICE_CHOICES:
+            raise InputError(f"Unknown device '{self.device}': use one of {', '.join(DEVICE_CHOICES)}.")
+        if len(self.bands) != 3 or any(band < 1 for band in self.bands):
+            raise InputError(f"Bands must be three 1-based band numbers, not {self.bands}.")
+        if self.clusters is not None and not 1 <= self.clusters <= 250:
+            raise InputError(f"The number of clusters must be between 1 and 250, not {self.clusters}.")
+        if not 1 <= self.k_min <= self.k_max <= 250:
+            raise InputError(f"The automatic cluster range {self.k_min}..{self.k_max} is not valid.")
+        if self.tile_size % 16 or self.tile_size < 64:
+            raise InputError(f"The tile size must be a multiple of 16 and at least 64, not {self.tile_size}.")
+        if self.overlap % 16 or not 0 <= self.overlap <= self.tile_size // 2:
+            raise InputError(
+                f"The overlap must be a multiple of 16 up to half the tile size, not {self.overlap}."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SegmentationParams:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise InputError(f"Unknown parameters: {', '.join(sorted(unknown))}.")
+        values = dict(data)
+        for name in ("bands", "tree_clusters"):
+            if values.get(name) is not None:
+                values[name] = tuple(values[name])
+        return cls(**values)

@@ -1,0 +1,325 @@
+"""The segmentation of one raster, window by window, with bounded memory.
+
+1. Features: every tile of the TileGrid is read, run through the FeatureExtractor
+   once, and its features are stored on disk (FeatureStore). The PCA basis is
+   fitted on a sample of cells from tiles spread over the whole raster (those
+   tiles are extracted first); every tile is then projected with it.
+2. Clustering: k-means (fixed K or the elbow K) is fitted once on a sample of
+   projected cells drawn from all tiles, so a cluster id means the same thing
+   everywhere. Clusters are numbered by decreasing ExG; the tree rule picks trees.
+3. Assignment: for each output block the projected features of all tiles
+   covering it are blended with tent weights (no seams at tile borders), the
+   squared distances to the centres are interpolated bilinearly to every pixel
+   and the nearest centre wins; blocks go to the sink as they are done.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from .clustering import ClusterModel, Projection, fit_clusters
+from .errors import InputError
+from .features import PATCH, FeatureExtractor, pool_to_grid
+from .params import SegmentationParams
+from .progress import Progress
+from .store import FeatureStore, TileFeatures
+from .tiling import Tile, TileGrid, Window
+from .trees import check_tree_override, cluster_means, excess_green, tree_clusters_by_exg
+
+NODATA = 255
+PCA_TILES = 16
+MIN_VALID_FRACTION = 0.5
+
+
+class RasterSource(Protocol):
+    """What the pipeline needs of an input raster (implemented with GDAL in gis/)."""
+
+    width: int
+    height: int
+
+    def read(self, x: int, y: int, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rgb float32 (h, w, 3) in 0..1, valid bool (h, w)) for a window inside the raster."""
+
+
+class LabelSink(Protocol):
+    """Where finished blocks go (a GeoTIFF writer in gis/)."""
+
+    def write(self, x: int, y: int, labels: np.ndarray, trees: np.ndarray) -> None:
+        """Store uint8 cluster ids and the 0/1 tree mask (255 = nodata) of one window."""
+
+
+@dataclass
+class SegmentationResult:
+    """What one run found, for the run metadata and the user's summary."""
+
+    k: int
+    auto_k: bool
+    inertia_curve: dict[int, float]
+    tree_clusters: list[int]
+    tree_rule: str
+    cluster_exg: list[float]
+    cluster_pixels: list[int]
+    tree_pixels: int
+    valid_pixels: int
+    tiles: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tree_cover(self) -> float:
+        return self.tree_pixels / self.valid_pixels if self.valid_pixels else 0.0
+
+
+def segment_raster(
+    params: SegmentationParams,
+    source: RasterSource,
+    extractor: FeatureExtractor,
+    store: FeatureStore,
+    open_sink: Callable[[int, list[int]], LabelSink],
+    progress: Progress,
+) -> SegmentationResult:
+    """Segment `source` into clusters and trees; `open_sink(k, tree_ids)` receives the blocks."""
+    grid = TileGrid(source.width, source.height, params.tile_size, params.overlap)
+    timings: dict[str, float] = {}
+    samples, sample_exg = _extract_all(params, source, extractor, store, grid, progress.sub(0, 0.85), timings)
+
+    progress.report(0.86, "Clustering")
+    progress.check()
+    started = time.perf_counter()
+    clusters = fit_clusters(samples, params.clusters, (params.k_min, params.k_max), params.seed)
+    exg, weights = cluster_means(clusters.assign(samples), sample_exg, clusters.k)
+    order = np.argsort(-exg, kind="stable")
+    clusters.reorder(order)
+    exg, weights = exg[order], weights[order]
+    if params.tree_clusters is not None:
+        trees, rule = check_tree_override(list(params.tree_clusters), clusters.k), "user list"
+    else:
+        trees, rule = tree_clusters_by_exg(exg, weights, params.min_exg), "ExG (Otsu over clusters)"
+    timings["cluster"] = time.perf_counter() - started
+
+    sink = open_sink(clusters.k, trees)
+    counts = _assign_all(params, source, store, grid, clusters, trees, sink, progress.sub(0.88, 1.0), timings)
+    valid = int(counts.sum())
+    return SegmentationResult(
+        k=clusters.k,
+        auto_k=clusters.auto_k,
+        inertia_curve=clusters.inertia_curve,
+        tree_clusters=trees,
+        tree_rule=rule,
+        cluster_exg=[round(float(v), 4) for v in exg],
+        cluster_pixels=[int(c) for c in counts],
+        tree_pixels=int(counts[trees].sum()) if trees else 0,
+        valid_pixels=valid,
+        tiles=len(grid),
+        timings={name: round(seconds, 3) for name, seconds in timings.items()},
+    )
+
+
+def read_tile(source: RasterSource, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
+    """A tile's pixels, edge-padded where it reaches past the raster (marked invalid)."""
+    width = min(tile.width, source.width - tile.x)
+    height = min(tile.height, source.height - tile.y)
+    rgb, valid = source.read(tile.x, tile.y, width, height)
+    pad = ((0, tile.height - height), (0, tile.width - width))
+    if pad != ((0, 0), (0, 0)):
+        rgb = np.pad(rgb, pad + ((0, 0),), mode="edge")
+        valid = np.pad(valid, pad, mode="constant", constant_values=False)
+    return rgb, valid
+
+
+def _extract_all(
+    params: SegmentationParams,
+    source: RasterSource,
+    extractor: FeatureExtractor,
+    store: FeatureStore,
+    grid: TileGrid,
+    progress: Progress,
+    timings: dict[str, float],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Extract and store every tile; return the projected cluster sample and its ExG."""
+    rng = np.random.default_rng(params.seed)
+    pca_tiles = grid.spread(PCA_TILES)
+    first = {(t.row, t.col) for t in pca_tiles}
+    order = pca_tiles + [t for t in grid.tiles() if (t.row, t.col) not in first]
+    per_tile_pca = math.ceil(params.sample_size / len(pca_tiles))
+    per_tile = math.ceil(params.sample_size / len(order))
+    pca_samples: list[np.ndarray] = []
+    raw: dict[tuple[int, int], TileFeatures] = {}
+    samples: list[np.ndarray] = []
+    sample_exg: list[np.ndarray] = []
+    projection: Projection | None = None
+    timings.update(read=0.0, features=0.0, project=0.0)
+
+    def keep_sample(tile_features: TileFeatures) -> None:
+        rows = _sample_rows(tile_features.valid, per_tile, rng)
+        samples.append(tile_features.features.reshape(-1, tile_features.features.shape[-1])[rows])
+        sample_exg.append(tile_features.exg.reshape(-1)[rows])
+
+    for index, tile in enumerate(order):
+        progress.check()
+        progress.report(index / len(order), f"Extracting features: tile {index + 1} of {len(order)}")
+        started = time.perf_counter()
+        rgb, valid = read_tile(source, tile)
+        timings["read"] += time.perf_counter() - started
+        started = time.perf_counter()
+        features = extractor.extract(rgb)
+        timings["features"] += time.perf_counter() - started
+        started = time.perf_counter()
+        cell_valid = pool_to_grid(valid, extractor.stride)
+        cell_exg = pool_to_grid(excess_green(rgb) * valid, extractor.stride) / np.maximum(cell_valid, 1e-6)
+        key = (tile.row, tile.col)
+        if projection is None:
+            raw[key] = TileFeatures(features.astype(np.float16), cell_valid, cell_exg)
+            rows = _sample_rows(cell_valid, per_tile_pca, rng)
+            pca_samples.append(features.reshape(-1, features.shape[-1])[rows])
+            if len(raw) == len(pca_tiles):
+                projection = _fit_projection(pca_samples, params)
+                for raw_key, item in raw.items():
+                    projected = TileFeatures(projection.project(item.features), item.valid, item.exg)
+                    store.put(raw_key, projected)
+                    keep_sample(projected)
+                raw.clear()
+        else:
+            projected = TileFeatures(projection.project(features), cell_valid, cell_exg)
+            store.put(key, projected)
+            keep_sample(projected)
+        timings["project"] += time.perf_counter() - started
+    progress.report(1.0, "Features extracted")
+    return np.concatenate(samples).astype(np.float32), np.concatenate(sample_exg).astype(np.float64)
+
+
+def _fit_projection(pca_samples: list[np.ndarray], params: SegmentationParams) -> Projection:
+    stacked = np.concatenate(pca_samples).astype(np.float32)
+    if stacked.shape[0] < 2:
+        raise InputError(
+            "The raster has no valid pixels to segment: every pixel is nodata, masked or "
+            "transparent in the chosen bands."
+        )
+    return Projection(stacked, params.pca_dims, params.seed)
+
+
+def _sample_rows(valid: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to `count` random flat indices of cells that are mostly valid."""
+    candidates = np.flatnonzero(valid.reshape(-1) >= MIN_VALID_FRACTION)
+    if candidates.size <= count:
+        return candidates
+    return np.sort(rng.choice(candidates, size=count, replace=False))
+
+
+def _tent(cells: int, ramp: int) -> np.ndarray:
+    """Blending weight across one tile axis: 1 inside, falling towards the borders."""
+    if ramp <= 0:
+        return np.ones(cells, dtype=np.float32)
+    position = np.arange(cells, dtype=np.float32) + 0.5
+    edge = np.minimum(position, cells - position) / ramp
+    return np.clip(edge, 0.05, 1.0)
+
+
+def _blend(
+    store: FeatureStore, grid: TileGrid, stride: int, rows: range, cols: range
+) -> tuple[np.ndarray, np.ndarray]:
+    """Blended projected features and valid fraction on the global cells rows × cols."""
+    ramp = grid.overlap // stride
+    accumulated: np.ndarray | None = None
+    weight_sum = np.zeros((len(rows), len(cols)), dtype=np.float32)
+    valid_sum = np.zeros_like(weight_sum)
+    x0, y0 = cols.start * stride, rows.start * stride
+    for tile in grid.tiles_covering(x0, y0, cols.stop * stride, rows.stop * stride):
+        data = store.get((tile.row, tile.col))
+        tr0, tc0 = tile.y // stride, tile.x // stride
+        r0, r1 = max(rows.start, tr0), min(rows.stop, tr0 + data.valid.shape[0])
+        c0, c1 = max(cols.start, tc0), min(cols.stop, tc0 + data.valid.shape[1])
+        if r0 >= r1 or c0 >= c1:
+            continue
+        tent = np.outer(_tent(data.valid.shape[0], ramp), _tent(data.valid.shape[1], ramp))
+        local = (slice(r0 - tr0, r1 - tr0), slice(c0 - tc0, c1 - tc0))
+        out = (slice(r0 - rows.start, r1 - rows.start), slice(c0 - cols.start, c1 - cols.start))
+        weight = tent[local] * np.maximum(data.valid[local], 1e-3)
+        if accumulated is None:
+            accumulated = np.zeros((len(rows), len(cols), data.features.shape[-1]), dtype=np.float32)
+        accumulated[out] += weight[..., None] * data.features[local]
+        weight_sum[out] += weight
+        valid_sum[out] += weight * data.valid[local]
+    safe = np.maximum(weight_sum, 1e-12)
+    return accumulated / safe[..., None], valid_sum / safe
+
+
+def _assign_all(
+    params: SegmentationParams,
+    source: RasterSource,
+    store: FeatureStore,
+    grid: TileGrid,
+    clusters: ClusterModel,
+    trees: list[int],
+    sink: LabelSink,
+    progress: Progress,
+    timings: dict[str, float],
+) -> np.ndarray:
+    """Label every pixel block by block; returns the pixel count of each cluster."""
+    stride = params.stride
+    grid_rows = (grid.rows - 1) * grid.step // stride + grid.tile_height // stride
+    grid_cols = (grid.cols - 1) * grid.step // stride + grid.tile_width // stride
+    counts = np.zeros(clusters.k, dtype=np.int64)
+    tree_lookup = np.zeros(256, dtype=np.uint8)
+    tree_lookup[trees] = 1
+    tree_lookup[NODATA] = NODATA
+    blocks = grid.blocks()
+    timings.update(assign=0.0, write=0.0)
+    for index, block in enumerate(blocks):
+        progress.check()
+        progress.report(index / len(blocks), f"Assigning clusters: block {index + 1} of {len(blocks)}")
+        started = time.perf_counter()
+        labels = _label_block(store, grid, stride, clusters, block, grid_rows, grid_cols)
+        _, valid = source.read(block.x, block.y, block.width, block.height)
+        labels[~valid] = NODATA
+        counts += np.bincount(labels[valid], minlength=clusters.k)[: clusters.k]
+        timings["assign"] += time.perf_counter() - started
+        started = time.perf_counter()
+        sink.write(block.x, block.y, labels, tree_lookup[labels])
+        timings["write"] += time.perf_counter() - started
+    progress.report(1.0, "Clusters assigned")
+    return counts
+
+
+def _label_block(
+    store: FeatureStore,
+    grid: TileGrid,
+    stride: int,
+    clusters: ClusterModel,
+    block: Window,
+    grid_rows: int,
+    grid_cols: int,
+) -> np.ndarray:
+    """Cluster ids (uint8) for every pixel of one block."""
+    rows_at = _cell_coordinates(block.y, block.height, stride)
+    cols_at = _cell_coordinates(block.x, block.width, stride)
+    rows = range(max(0, math.floor(rows_at[0])), min(grid_rows, math.floor(rows_at[-1]) + 2))
+    cols = range(max(0, math.floor(cols_at[0])), min(grid_cols, math.floor(cols_at[-1]) + 2))
+    features, _ = _blend(store, grid, stride, rows, cols)
+    distances = clusters.squared_distances(features)
+    upsampled = _bilinear(distances, rows_at - rows.start, cols_at - cols.start)
+    return upsampled.argmin(-1).astype(np.uint8)
+
+
+def _cell_coordinates(start: int, size: int, stride: int) -> np.ndarray:
+    """Fractional grid-cell coordinate of each pixel centre (cell g is centred at g*s + 8)."""
+    return (np.arange(start, start + size, dtype=np.float64) + 0.5 - PATCH / 2) / stride
+
+
+def _bilinear(values: np.ndarray, rows_at: np.ndarray, cols_at: np.ndarray) -> np.ndarray:
+    """Sample (h, w, C) `values` at fractional rows × cols, clamped at the borders."""
+    h, w = values.shape[:2]
+    rows_at = np.clip(rows_at, 0, h - 1)
+    cols_at = np.clip(cols_at, 0, w - 1)
+    r0 = np.minimum(rows_at.astype(int), max(h - 2, 0))
+    c0 = np.minimum(cols_at.astype(int), max(w - 2, 0))
+    r1, c1 = np.minimum(r0 + 1, h - 1), np.minimum(c0 + 1, w - 1)
+    fr = (rows_at - r0).astype(np.float32)[:, None, None]
+    fc = (cols_at - c0).astype(np.float32)[None, :, None]
+    top = values[r0][:, c0] * (1 - fc) + values[r0][:, c1] * fc
+    bottom = values[r1][:, c0] * (1 - fc) + values[r1][:, c1] * fc
+    return top * (1 - fr) + bottom * fr

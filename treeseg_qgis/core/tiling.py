@@ -1,0 +1,99 @@
+"""The tile grid: overlapping windows aligned to the 16-pixel patch grid.
+
+Tiles start at multiples of `step = tile - overlap` (a multiple of 16), so every
+tile's feature cells land on one global feature grid and a cell id means the same
+place in every tile. The last tile of a row or column may reach past the raster;
+the missing pixels are padded and marked invalid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+PATCH = 16
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One window of the raster, in pixels, and its place in the tile grid."""
+
+    row: int
+    col: int
+    x: int
+    y: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Window:
+    x: int
+    y: int
+    width: int
+    height: int
+
+
+class TileGrid:
+    """Overlapping tiles covering a width × height raster."""
+
+    def __init__(self, width: int, height: int, tile_size: int = 512, overlap: int = 64) -> None:
+        self.width = width
+        self.height = height
+        self.tile_width = min(tile_size, _ceil_to_patch(width))
+        self.tile_height = min(tile_size, _ceil_to_patch(height))
+        self.step = tile_size - overlap
+        self.overlap = overlap
+        self.cols = _count(width, self.tile_width, self.step)
+        self.rows = _count(height, self.tile_height, self.step)
+
+    def __len__(self) -> int:
+        return self.rows * self.cols
+
+    def tile(self, row: int, col: int) -> Tile:
+        return Tile(row, col, col * self.step, row * self.step, self.tile_width, self.tile_height)
+
+    def tiles(self) -> list[Tile]:
+        return [self.tile(r, c) for r in range(self.rows) for c in range(self.cols)]
+
+    def spread(self, count: int) -> list[Tile]:
+        """Up to `count` tiles spread evenly over the grid (rows and columns)."""
+        if count >= len(self):
+            return self.tiles()
+        side = max(1, int(math.sqrt(count)))
+        rows = np.unique(np.linspace(0, self.rows - 1, min(side, self.rows)).round().astype(int))
+        per_row = min(count // len(rows), self.cols)
+        cols = np.unique(np.linspace(0, self.cols - 1, per_row).round().astype(int))
+        return [self.tile(int(r), int(c)) for r in rows for c in cols]
+
+    def tiles_covering(self, x0: int, y0: int, x1: int, y1: int) -> list[Tile]:
+        """Tiles whose pixels intersect [x0, x1) × [y0, y1)."""
+        return [
+            self.tile(r, c)
+            for r in _index_range(y0, y1, self.tile_height, self.step, self.rows)
+            for c in _index_range(x0, x1, self.tile_width, self.step, self.cols)
+        ]
+
+    def blocks(self) -> list[Window]:
+        """Non-overlapping output windows, one per tile step, clipped to the raster."""
+        return [
+            Window(x, y, min(self.step, self.width - x), min(self.step, self.height - y))
+            for y in range(0, self.height, self.step)
+            for x in range(0, self.width, self.step)
+        ]
+
+
+def _ceil_to_patch(size: int) -> int:
+    return max(PATCH, -(-size // PATCH) * PATCH)
+
+
+def _count(size: int, tile: int, step: int) -> int:
+    return 1 if size <= tile else 1 + -(-(size - tile) // step)
+
+
+def _index_range(start: int, stop: int, tile: int, step: int, count: int) -> range:
+    first = max(0, -(-(start - tile + 1) // step))
+    last = min(count - 1, (stop - 1) // step)
+    return range(first, last + 1)

@@ -1,0 +1,178 @@
+"""Turning the cluster raster into a GeoPackage of polygons with useful attributes."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Callable
+
+from osgeo import gdal, ogr, osr
+
+from ..core.errors import Cancelled, InputError, OutputError
+from .writers import partial_path
+
+gdal.UseExceptions()
+ogr.UseExceptions()
+osr.UseExceptions()
+
+POLYGONIZE_SHARE = 0.8
+CHECK_EVERY = 1000
+SQLITE_SIDECARS = ("-journal", "-wal", "-shm")
+
+
+def polygonize_clusters(
+    clusters_path: str,
+    gpkg_path: str,
+    tree_clusters: Sequence[int],
+    layer_name: str,
+    progress: Callable[[float], None] | None = None,
+    is_cancelled: Callable[[], bool] | None = None,
+    description: str = "",
+) -> int:
+    """Write one polygon per 4-connected region of equal cluster id; return the count.
+
+    The GeoPackage (replaced when it exists) gets one polygon layer in the raster's
+    CRS with the fields `cluster`, `is_tree` (boolean) and `area_m2`. Nodata pixels
+    make no polygons. `area_m2` is exact in a projected CRS, computed in a Lambert
+    azimuthal equal-area projection centred on the raster in a geographic CRS, and
+    NULL when the raster has no CRS. The file is written under a temporary name
+    and renamed when complete; on cancellation (`Cancelled`) or failure nothing is
+    left behind.
+    """
+    report = progress or (lambda fraction: None)
+    cancelled = is_cancelled or (lambda: False)
+    try:
+        raster = gdal.Open(clusters_path, gdal.GA_ReadOnly)
+    except RuntimeError as error:
+        raise InputError(
+            f"Cannot open the cluster raster '{clusters_path}': {error}. "
+            "Run the segmentation again to recreate it."
+        ) from error
+    srs = raster.GetSpatialRef()
+    if srs is not None:
+        srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    area_of = _area_function(srs, raster)
+    band = raster.GetRasterBand(1)
+    temporary = partial_path(gpkg_path)
+    _remove_gpkg(temporary)
+    try:
+        output = gdal.GetDriverByName("GPKG").Create(temporary, 0, 0, 0, gdal.GDT_Unknown)
+    except RuntimeError as error:
+        raise OutputError(
+            f"Cannot create '{gpkg_path}': {error}. Check that the folder exists and is "
+            "writable, or choose another output path."
+        ) from error
+    try:
+        layer = output.CreateLayer(layer_name, srs, ogr.wkbPolygon, options=[f"DESCRIPTION={description}"])
+        layer.CreateField(ogr.FieldDefn("cluster", ogr.OFTInteger))
+        is_tree_field = ogr.FieldDefn("is_tree", ogr.OFTInteger)
+        is_tree_field.SetSubType(ogr.OFSTBoolean)
+        layer.CreateField(is_tree_field)
+        layer.CreateField(ogr.FieldDefn("area_m2", ogr.OFTReal))
+
+        def polygonize_progress(fraction: float, message: str, data: object) -> int:
+            if cancelled():
+                return 0
+            report(fraction * POLYGONIZE_SHARE)
+            return 1
+
+        output.StartTransaction()
+        try:
+            gdal.Polygonize(band, band.GetMaskBand(), layer, 0, [], callback=polygonize_progress)
+        except RuntimeError as error:
+            if cancelled():
+                raise Cancelled() from error
+            raise OutputError(
+                f"Making polygons for '{gpkg_path}' failed: {error}. "
+                "Check the free disk space and that the folder is still writable."
+            ) from error
+        output.CommitTransaction()
+        count = _fill_attributes(output, layer, set(tree_clusters), area_of, report, cancelled)
+        layer = None
+        output = None
+        _replace_gpkg(temporary, gpkg_path)
+        report(1.0)
+        return count
+    except BaseException:
+        layer = None
+        output = None
+        _remove_gpkg(temporary)
+        raise
+
+
+def _fill_attributes(
+    output: gdal.Dataset,
+    layer: ogr.Layer,
+    tree_clusters: set[int],
+    area_of: Callable[[ogr.Geometry], float | None],
+    report: Callable[[float], None],
+    cancelled: Callable[[], bool],
+) -> int:
+    """Set is_tree and area_m2 on every feature in one transaction; return the count."""
+    total = max(layer.GetFeatureCount(), 1)
+    output.StartTransaction()
+    count = 0
+    layer.ResetReading()
+    for feature in layer:
+        feature.SetField("is_tree", int(feature.GetField("cluster") in tree_clusters))
+        area = area_of(feature.GetGeometryRef())
+        if area is None:
+            feature.SetFieldNull("area_m2")
+        else:
+            feature.SetField("area_m2", area)
+        layer.SetFeature(feature)
+        count += 1
+        if count % CHECK_EVERY == 0:
+            if cancelled():
+                raise Cancelled()
+            report(POLYGONIZE_SHARE + (1.0 - POLYGONIZE_SHARE) * count / total)
+    output.CommitTransaction()
+    return count
+
+
+def _area_function(
+    srs: osr.SpatialReference | None, raster: gdal.Dataset
+) -> Callable[[ogr.Geometry], float | None]:
+    """A function giving a geometry's area in square metres (None without a CRS)."""
+    if srs is None:
+        return lambda geometry: None
+    if srs.IsGeographic():
+        x0, dx, rx, y0, ry, dy = raster.GetGeoTransform()
+        half_width, half_height = raster.RasterXSize / 2, raster.RasterYSize / 2
+        centre_x = x0 + dx * half_width + rx * half_height
+        centre_y = y0 + ry * half_width + dy * half_height
+        degrees = srs.GetAngularUnits() / math.radians(1.0)
+        equal_area = osr.SpatialReference()
+        equal_area.CopyGeogCSFrom(srs)
+        equal_area.SetLAEA(centre_y * degrees, centre_x * degrees, 0.0, 0.0)
+        equal_area.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+        transform = osr.CoordinateTransformation(srs, equal_area)
+
+        def geographic_area(geometry: ogr.Geometry) -> float:
+            projected = geometry.Clone()
+            projected.Transform(transform)
+            return projected.GetArea()
+
+        return geographic_area
+    metres_per_unit = srs.GetLinearUnits()
+    return lambda geometry: geometry.GetArea() * metres_per_unit**2
+
+
+def _replace_gpkg(temporary: str, final: str) -> None:
+    try:
+        for suffix in SQLITE_SIDECARS:
+            if os.path.exists(final + suffix):
+                os.remove(final + suffix)
+        os.replace(temporary, final)
+    except OSError as error:
+        raise OutputError(
+            f"Cannot replace '{final}': {error.strerror}. Remove its layer from the QGIS "
+            "project (or close the program using it), or choose another output path."
+        ) from error
+
+
+def _remove_gpkg(path: str) -> None:
+    for candidate in (path, *(path + suffix for suffix in SQLITE_SIDECARS)):
+        if os.path.exists(candidate):
+            os.remove(candidate)

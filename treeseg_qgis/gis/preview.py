@@ -1,0 +1,100 @@
+"""A PNG preview of a run: input image, clusters and trees side by side."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from osgeo import gdal
+
+from ..core.errors import OutputError
+from .raster import GdalRasterSource
+from .writers import NODATA, TREE_COLOUR, partial_path
+
+gdal.UseExceptions()
+
+PANEL_INCHES = 4.0
+MIN_PANEL_PIXELS = 400
+TITLE_INCHES = 0.7
+CHARACTERS_PER_INCH = 11
+DIM = 0.45
+
+
+def _decimated_size(width: int, height: int, max_size: int) -> tuple[int, int]:
+    factor = max(width / max_size, height / max_size, 1.0)
+    return max(1, round(width / factor)), max(1, round(height / factor))
+
+
+def _read_band(path: str, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """Band 1 of `path` resampled to width x height, and its colour table as RGBA 0..1."""
+    try:
+        dataset = gdal.Open(path, gdal.GA_ReadOnly)
+    except RuntimeError as error:
+        raise OutputError(
+            f"Cannot read '{path}' to make the preview: {error}. Run the segmentation again."
+        ) from error
+    band = dataset.GetRasterBand(1)
+    values = band.ReadAsArray(buf_xsize=width, buf_ysize=height)
+    lookup = np.zeros((256, 4), dtype=np.float32)
+    table = band.GetColorTable()
+    if table is not None:
+        for index in range(min(table.GetCount(), 256)):
+            lookup[index] = np.array(table.GetColorEntry(index), dtype=np.float32) / 255.0
+    return values, lookup
+
+
+def write_preview(
+    source: GdalRasterSource,
+    clusters_path: str,
+    trees_path: str,
+    png_path: str,
+    title: str,
+    max_size: int = 1024,
+) -> None:
+    """Write a PNG with the input image, the clusters and the trees, each at most max_size."""
+    width, height = _decimated_size(source.width, source.height, max_size)
+    image, valid = source.read_decimated(width, height)
+    clusters, cluster_lookup = _read_band(clusters_path, width, height)
+    trees, _ = _read_band(trees_path, width, height)
+
+    cluster_image = cluster_lookup[clusters]
+    tree_image = image * DIM
+    tree_image[trees == 1] = np.array(TREE_COLOUR[:3], dtype=np.float32) / 255.0
+    tree_image[~valid & (trees == NODATA)] = 0.5 * DIM
+
+    longest = max(width, height)
+    panel_width = PANEL_INCHES * width / longest
+    panel_height = PANEL_INCHES * height / longest
+    figure_width = 3 * panel_width
+    dpi = max(longest, MIN_PANEL_PIXELS) / PANEL_INCHES
+    figure = Figure(figsize=(figure_width, panel_height + TITLE_INCHES), dpi=dpi)
+    FigureCanvasAgg(figure)
+    figure.suptitle(
+        textwrap.fill(title, width=max(20, int(figure_width * CHARACTERS_PER_INCH))),
+        fontsize=11,
+        fontweight="bold",
+        color="darkred",
+    )
+    panels = [("Input", image), ("Clusters", cluster_image), ("Trees", tree_image)]
+    for index, (name, picture) in enumerate(panels):
+        axes = figure.add_axes(
+            (index / 3 + 0.005, 0.0, 1 / 3 - 0.01, panel_height / (panel_height + TITLE_INCHES))
+        )
+        axes.imshow(picture, interpolation="nearest")
+        axes.set_title(name, fontsize=9, pad=3)
+        axes.set_axis_off()
+
+    temporary = partial_path(png_path)
+    try:
+        figure.savefig(temporary, format="png", dpi=dpi)
+        os.replace(temporary, png_path)
+    except OSError as error:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise OutputError(
+            f"Cannot write the preview '{png_path}': {error.strerror}. Check that the "
+            "folder is writable, or choose another output path."
+        ) from error

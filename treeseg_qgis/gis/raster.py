@@ -1,0 +1,156 @@
+"""Reading RGB windows from any GDAL raster, scaled to 0..1, with a validity mask."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from osgeo import gdal
+
+from ..core.errors import InputError
+
+gdal.UseExceptions()
+
+DEFAULT_BANDS = (1, 2, 3)
+STATISTICS_SIZE = 1024
+LOW_PERCENTILE = 2.0
+HIGH_PERCENTILE = 98.0
+INVALID_FILL = 0.5
+
+
+class GdalRasterSource:
+    """Reads RGB windows from any GDAL raster, scaled to 0..1, with a validity mask.
+
+    Bands are 1-based. Three bands give R, G and B; a single band number is a grey
+    image repeated into three channels. A raster with fewer than three bands read
+    with the default bands (1, 2, 3) is read as grey from band 1.
+
+    A pixel is valid when the GDAL mask band of every selected band says so (this
+    covers nodata values, alpha bands and per-dataset masks) and its values are
+    finite. Invalid pixels are mid-grey (0.5) in the returned image.
+
+    Scaling: a Byte band is divided by 255. Any other data type gets a linear
+    stretch from its 2nd to its 98th percentile, clipped to 0..1. The percentiles
+    are computed once, when the raster is opened, from a decimated read of the
+    whole band (at most 1024 x 1024 samples, valid pixels only), so every window
+    is scaled the same way.
+
+    One instance must not be shared between threads (GDAL datasets are not).
+    """
+
+    def __init__(self, path: str, bands: Sequence[int] = DEFAULT_BANDS) -> None:
+        self.path = path
+        try:
+            self._dataset = gdal.Open(path, gdal.GA_ReadOnly)
+        except RuntimeError as error:
+            raise InputError(
+                f"Cannot open the raster '{path}': {error}. "
+                "Check that the file exists and is a raster GDAL can read."
+            ) from error
+        dataset = self._dataset
+        if dataset.RasterCount == 0:
+            raise InputError(
+                f"'{path}' contains no raster bands. "
+                "Choose a raster file (for a container, one of its subdatasets)."
+            )
+        self.width: int = dataset.RasterXSize
+        self.height: int = dataset.RasterYSize
+        self.crs_wkt: str = dataset.GetProjection() or ""
+        self.geotransform: tuple[float, ...] = tuple(dataset.GetGeoTransform())
+        self.bands: tuple[int, int, int] = self._resolve_bands(bands, dataset.RasterCount)
+        self._ranges = {number: self._value_range(number) for number in set(self.bands)}
+        self.scaling: str = self._describe_scaling()
+
+    def _resolve_bands(self, bands: Sequence[int], band_count: int) -> tuple[int, int, int]:
+        bands = tuple(int(number) for number in bands)
+        if bands == DEFAULT_BANDS and band_count < 3:
+            bands = (1,)
+        if len(bands) == 1:
+            bands = bands * 3
+        if len(bands) != 3:
+            raise InputError(f"Give three band numbers (red, green, blue) or one (grey), not {len(bands)}.")
+        for number in bands:
+            if not 1 <= number <= band_count:
+                raise InputError(
+                    f"Band {number} does not exist: the raster has {band_count} "
+                    f"band{'s' if band_count != 1 else ''}. Choose band numbers from 1 "
+                    f"to {band_count}."
+                )
+            if gdal.DataTypeIsComplex(self._dataset.GetRasterBand(number).DataType):
+                raise InputError(
+                    f"Band {number} of '{self.path}' holds complex numbers; choose bands with real values."
+                )
+        return bands
+
+    def _value_range(self, number: int) -> tuple[float, float] | None:
+        """(lo, hi) of the percentile stretch, or None for a Byte band (value / 255)."""
+        band = self._dataset.GetRasterBand(number)
+        if band.DataType == gdal.GDT_Byte:
+            return None
+        factor = max(self.width / STATISTICS_SIZE, self.height / STATISTICS_SIZE, 1.0)
+        buf_width = max(1, round(self.width / factor))
+        buf_height = max(1, round(self.height / factor))
+        values = band.ReadAsArray(buf_xsize=buf_width, buf_ysize=buf_height)
+        mask = band.GetMaskBand().ReadAsArray(buf_xsize=buf_width, buf_ysize=buf_height)
+        samples = values[(mask > 0) & np.isfinite(values)].astype(np.float64)
+        if samples.size == 0:
+            return 0.0, 1.0
+        lo, hi = np.percentile(samples, [LOW_PERCENTILE, HIGH_PERCENTILE])
+        if not hi > lo:
+            hi = lo + 1.0
+        return float(lo), float(hi)
+
+    def _describe_scaling(self) -> str:
+        parts = []
+        for number in dict.fromkeys(self.bands):
+            value_range = self._ranges[number]
+            if value_range is None:
+                parts.append(f"band {number}: Byte / 255")
+            else:
+                lo, hi = value_range
+                parts.append(
+                    f"band {number}: {LOW_PERCENTILE:g}-{HIGH_PERCENTILE:g} % percentile "
+                    f"stretch [{lo:.6g}, {hi:.6g}]"
+                )
+        return "; ".join(parts)
+
+    def _scale(self, values: np.ndarray, number: int) -> np.ndarray:
+        value_range = self._ranges[number]
+        if value_range is None:
+            return values.astype(np.float32) / np.float32(255.0)
+        lo, hi = value_range
+        scaled = (values.astype(np.float64) - lo) / (hi - lo)
+        return np.clip(scaled, 0.0, 1.0).astype(np.float32)
+
+    def _read_scaled(self, read_options: dict) -> tuple[np.ndarray, np.ndarray]:
+        channels: dict[int, np.ndarray] = {}
+        valid: np.ndarray | None = None
+        for number in dict.fromkeys(self.bands):
+            band = self._dataset.GetRasterBand(number)
+            values = band.ReadAsArray(**read_options)
+            band_valid = np.isfinite(values)
+            if not band.GetMaskFlags() & gdal.GMF_ALL_VALID:
+                band_valid &= band.GetMaskBand().ReadAsArray(**read_options) > 0
+            valid = band_valid if valid is None else valid & band_valid
+            channels[number] = self._scale(values, number)
+        rgb = np.stack([channels[number] for number in self.bands], axis=-1)
+        rgb[~valid] = INVALID_FILL
+        return rgb, valid
+
+    def read(self, x: int, y: int, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+        """Read a window inside the raster: (rgb float32 (h, w, 3) in 0..1, valid bool (h, w))."""
+        return self._read_scaled(dict(xoff=x, yoff=y, win_xsize=width, win_ysize=height))
+
+    def read_decimated(self, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+        """Read the whole raster resampled (nearest) to width x height, scaled like `read`."""
+        return self._read_scaled(dict(buf_xsize=width, buf_ysize=height))
+
+    def close(self) -> None:
+        """Release the dataset."""
+        self._dataset = None
+
+    def __enter__(self) -> GdalRasterSource:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,225 @@
+"""The one pipeline function: parameters in, GeoTIFFs, polygons, preview and run record out.
+
+The command line calls it now; the QGIS task and the Processing algorithm reach
+it through the engine worker process. It wires the GDAL reader and writers
+(gis/) to the QGIS-free engine (core/). Outputs are written under temporary
+names and renamed when complete; on failure or cancel nothing of the run is left.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .core.errors import OutputError
+from .core.features import FeatureExtractor
+from .core.models import Backbone, load_backbone
+from .core.params import SegmentationParams
+from .core.progress import Progress
+from .core.segmentation import SegmentationResult, segment_raster
+from .core.store import FeatureStore
+from .gis.polygons import polygonize_clusters
+from .gis.preview import write_preview
+from .gis.raster import GdalRasterSource
+from .gis.writers import LabelRasterWriter
+
+log = logging.getLogger("treeseg")
+
+UNTRAINED_TAG = "UNTRAINED"
+UNTRAINED_BANNER = (
+    "UNTRAINED WEIGHTS: the model has random weights, so this result only checks the "
+    "pipeline; it is not a real segmentation."
+)
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    """The files one run writes, all named after one stem."""
+
+    clusters: Path
+    trees: Path
+    polygons: Path
+    preview: Path
+    record: Path
+
+    @classmethod
+    def for_stem(cls, folder: Path, stem: str) -> OutputPaths:
+        return cls(
+            folder / f"{stem}_clusters.tif",
+            folder / f"{stem}_trees.tif",
+            folder / f"{stem}_polygons.gpkg",
+            folder / f"{stem}_preview.png",
+            folder / f"{stem}_run.json",
+        )
+
+    def all(self) -> list[Path]:
+        return [self.clusters, self.trees, self.polygons, self.preview, self.record]
+
+
+def output_stem(params: SegmentationParams, untrained: bool) -> str:
+    """Output file stem: the input's name, marked when the weights are untrained."""
+    stem = params.output_stem or Path(params.input_path).stem
+    return f"{stem}_{UNTRAINED_TAG}" if untrained else stem
+
+
+def segment(
+    params: SegmentationParams,
+    progress: Progress | None = None,
+    backbone: Backbone | None = None,
+) -> dict:
+    """Run one segmentation and return its record (also written as `<stem>_run.json`)."""
+    params.validate()
+    progress = progress or Progress()
+    started = time.perf_counter()
+    folder = _output_folder(params.output_dir)
+    with GdalRasterSource(params.input_path, params.bands) as source:
+        progress.report(0.0, "Loading model")
+        progress.check()
+        load_started = time.perf_counter()
+        if backbone is None:
+            backbone = load_backbone(params.model, params.device, params.allow_untrained)
+        load_seconds = time.perf_counter() - load_started
+        if backbone.untrained:
+            log.warning(UNTRAINED_BANNER)
+        stem = output_stem(params, backbone.untrained)
+        paths = OutputPaths.for_stem(folder, stem)
+        writers: list[LabelRasterWriter] = []
+
+        def open_sink(k: int, tree_clusters: list[int]) -> LabelRasterWriter:
+            writers.append(
+                LabelRasterWriter(
+                    str(paths.clusters), str(paths.trees), source.width, source.height,
+                    source.crs_wkt, source.geotransform, k, tree_clusters,
+                    _raster_metadata(params, backbone),
+                )
+            )
+            return writers[-1]
+
+        try:
+            with tempfile.TemporaryDirectory(prefix="treeseg-features-") as feature_folder:
+                result = segment_raster(
+                    params, source, FeatureExtractor(backbone, params.stride, params.batch_size),
+                    FeatureStore(feature_folder), open_sink, progress.sub(0.03, 0.9),
+                )
+                writers[-1].close()
+            polygon_started = time.perf_counter()
+            polygon_progress = progress.sub(0.9, 0.98)
+            polygons = polygonize_clusters(
+                str(paths.clusters), str(paths.polygons), result.tree_clusters,
+                layer_name=f"{stem}_polygons",
+                progress=lambda fraction: polygon_progress.report(fraction, "Polygonizing"),
+                is_cancelled=progress.is_cancelled,
+                description=_description(backbone),
+            )
+            result.timings["polygonize"] = round(time.perf_counter() - polygon_started, 3)
+            progress.report(0.98, "Writing preview")
+            progress.check()
+            write_preview(source, str(paths.clusters), str(paths.trees), str(paths.preview),
+                          title=_preview_title(params, backbone, result))
+            record = _record(params, backbone, source, result, paths, polygons)
+            record["timings"]["load_model"] = round(load_seconds, 3)
+            record["timings"]["total"] = round(time.perf_counter() - started, 3)
+            _write_json(paths.record, record)
+        except BaseException:
+            for writer in writers:
+                writer.abort()
+            for path in paths.all():
+                path.unlink(missing_ok=True)
+            raise
+    progress.report(1.0, "Done")
+    return record
+
+
+def _output_folder(output_dir: str) -> Path:
+    folder = Path(output_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"Cannot create the output folder {folder}: {error.strerror}. "
+                          "Choose a folder you can write to.") from error
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"The output folder {folder} is not writable: choose another folder.")
+    return folder
+
+
+def _raster_metadata(params: SegmentationParams, backbone: Backbone) -> dict[str, str]:
+    return {
+        "TREESEG_VERSION": __version__,
+        "TREESEG_MODEL": backbone.model_id,
+        "TREESEG_WEIGHTS": "untrained" if backbone.untrained else "pretrained",
+        "TREESEG_STRIDE": str(params.stride),
+        "TREESEG_INPUT": str(params.input_path),
+    }
+
+
+def _description(backbone: Backbone) -> str:
+    text = f"treeseg {__version__}, {backbone.model_id}"
+    return f"{text} — {UNTRAINED_BANNER}" if backbone.untrained else text
+
+
+def _preview_title(params: SegmentationParams, backbone: Backbone, result: SegmentationResult) -> str:
+    title = (f"{Path(params.input_path).name} — {backbone.model_id}, stride {params.stride}, "
+             f"K={result.k}, tree cover {100 * result.tree_cover:.1f} %")
+    return f"{title}\nUNTRAINED WEIGHTS — pipeline check only" if backbone.untrained else title
+
+
+def _record(
+    params: SegmentationParams,
+    backbone: Backbone,
+    source: GdalRasterSource,
+    result: SegmentationResult,
+    paths: OutputPaths,
+    polygons: int,
+) -> dict:
+    return {
+        "treeseg_version": __version__,
+        "warning": UNTRAINED_BANNER if backbone.untrained else None,
+        "input": {
+            "path": str(params.input_path),
+            "width": source.width,
+            "height": source.height,
+            "bands": list(source.bands),
+            "scaling": source.scaling,
+        },
+        "model": backbone.describe(),
+        "requested_model": params.model,
+        "stride": params.stride,
+        "clusters": {
+            "k": result.k,
+            "automatic": result.auto_k,
+            "inertia_curve": {str(k): round(v, 3) for k, v in result.inertia_curve.items()},
+            "mean_exg": result.cluster_exg,
+            "pixels": result.cluster_pixels,
+        },
+        "trees": {
+            "clusters": result.tree_clusters,
+            "rule": result.tree_rule,
+            "tree_pixels": result.tree_pixels,
+            "valid_pixels": result.valid_pixels,
+            "tree_cover": round(result.tree_cover, 4),
+        },
+        "polygons": polygons,
+        "tiles": result.tiles,
+        "parameters": params.to_dict(),
+        "outputs": {name: str(path) for name, path in zip(
+            ("clusters", "trees", "polygons", "preview", "record"), paths.all())},
+        "timings": dict(result.timings),
+        "platform": {"python": platform.python_version(), "machine": platform.machine()},
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    partial = path.with_name(path.name + ".partial")
+    try:
+        partial.write_text(json.dumps(data, indent=2))
+        os.replace(partial, path)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise OutputError(f"Cannot write {path}: {error.strerror}.") from error
