@@ -1,0 +1,93 @@
+"""The engine worker process driven by EngineClient, as the QGIS task and Processing drive it."""
+
+import os
+import signal
+import sys
+
+import pytest
+
+from treeseg_qgis.engine_client import EngineClient, EngineError
+
+
+@pytest.fixture
+def client(tmp_path):
+    engine = EngineClient(sys.executable, {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    yield engine
+    engine.close()
+
+
+def job(tiny_model_dir, input_path, out, **options) -> dict:
+    params = {"input_path": str(input_path), "output_dir": str(out), "model": str(tiny_model_dir),
+              "device": "cpu", "tile_size": 128, "overlap": 32}
+    params.update(options)
+    return params
+
+
+def test_segment_reports_progress_and_keeps_the_worker_alive(client, tiny_model_dir, scene_tif, tmp_path):
+    path, _ = scene_tif
+    progress = []
+    record = client.segment(job(tiny_model_dir, path, tmp_path / "a", clusters=2),
+                            on_progress=lambda percent, stage: progress.append((percent, stage)))
+    assert record["clusters"]["k"] == 2
+    assert os.path.isfile(record["outputs"]["clusters"])
+    assert progress[-1][0] == 100.0 and any(stage.startswith("Extracting") for _, stage in progress)
+    first_pid = client._process.pid
+    again = client.segment(job(tiny_model_dir, path, tmp_path / "b", clusters=3))
+    assert again["clusters"]["k"] == 3 and client._process.pid == first_pid
+
+
+def test_probe_reports_the_device(client):
+    info = client.probe()
+    assert info["device"] == "cpu" and info["torch"]
+
+
+def test_input_and_model_errors_come_back_as_kinds(client, tiny_model_dir, scene_tif, tmp_path):
+    with pytest.raises(EngineError) as caught:
+        client.segment(job(tiny_model_dir, tmp_path / "missing.tif", tmp_path / "out"))
+    assert caught.value.kind == "input" and "missing.tif" in str(caught.value)
+    path, _ = scene_tif
+    with pytest.raises(EngineError) as caught:
+        client.segment(job("large", path, tmp_path / "out"))
+    assert caught.value.kind == "model" and "huggingface.co/facebook/dinov3-vitl16" in str(caught.value)
+    assert client.running
+
+
+def test_cancel_stops_the_worker_and_leaves_nothing(client, tiny_model_dir, scene_tif, tmp_path):
+    path, _ = scene_tif
+    stages = []
+    with pytest.raises(EngineError) as caught:
+        client.segment(job(tiny_model_dir, path, tmp_path / "out"),
+                       on_progress=lambda percent, stage: stages.append(stage),
+                       is_cancelled=lambda: any(stage.startswith("Extracting") for stage in stages))
+    assert caught.value.kind == "cancelled"
+    assert not client.running
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_killed_worker_is_a_message_and_the_next_job_works(client, tiny_model_dir, scene_tif, tmp_path):
+    path, _ = scene_tif
+
+    def kill_worker(percent, stage):
+        if stage.startswith("Extracting") and client.running:
+            os.kill(client._process.pid, signal.SIGKILL)
+
+    with pytest.raises(EngineError) as caught:
+        client.segment(job(tiny_model_dir, path, tmp_path / "out"), on_progress=kill_worker)
+    assert caught.value.kind == "crash" and "SIGKILL" in str(caught.value)
+    assert not any((tmp_path / "out").iterdir())
+    record = client.segment(job(tiny_model_dir, path, tmp_path / "out", clusters=2))
+    assert record["clusters"]["k"] == 2
+
+
+def test_one_job_at_a_time(client, tiny_model_dir, scene_tif, tmp_path):
+    path, _ = scene_tif
+    nested = []
+
+    def start_another(percent, stage):
+        if not nested:
+            with pytest.raises(EngineError) as caught:
+                client.probe()
+            nested.append(caught.value.kind)
+
+    client.segment(job(tiny_model_dir, path, tmp_path / "out", clusters=2), on_progress=start_another)
+    assert nested == ["busy"]

@@ -1,0 +1,259 @@
+"""Drives the engine worker process from QGIS (a QgsTask, a Processing algorithm).
+
+Standard library only: torch never loads inside QGIS. The worker runs in the
+engine's own Python environment (see `find_engine_python`); a job goes in as one
+JSON line, progress and the result come back as JSON lines (treeseg_qgis/worker.py).
+Cancel terminates the worker; a crash or an out-of-memory kill becomes an
+EngineError with the worker's last messages, and QGIS lives on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+PLUGIN_DIR = Path(__file__).resolve().parent
+ENGINE_PYTHON_ENV = "TREESEG_ENGINE_PYTHON"
+ENGINE_POINTER_FILE = PLUGIN_DIR / "engine_python.txt"
+CANCEL_GRACE_SECONDS = 20.0
+OUTPUT_SUFFIXES = ("_clusters.tif", "_trees.tif", "_polygons.gpkg", "_preview.png", "_run.json")
+
+
+class EngineError(Exception):
+    """The engine could not do the job; `kind` is input, model, output, cancelled, internal or crash."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def find_engine_python(configured: str | None = None) -> str | None:
+    """The engine's Python: the configured one, $TREESEG_ENGINE_PYTHON, the one `make deploy`
+    recorded, or the repository's .venv during development; None when there is none."""
+    candidates = [
+        configured,
+        os.environ.get(ENGINE_PYTHON_ENV),
+        ENGINE_POINTER_FILE.read_text().strip() if ENGINE_POINTER_FILE.is_file() else None,
+        str(PLUGIN_DIR.parent / ".venv" / "bin" / "python"),
+        str(PLUGIN_DIR.parent / ".venv" / "Scripts" / "python.exe"),
+    ]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def missing_engine_message() -> str:
+    return (
+        "The treeseg engine (a Python environment with torch and transformers) was not found. "
+        "Set it up with `make setup` in the plugin's source folder and `make deploy`, or point "
+        f"the {ENGINE_PYTHON_ENV} environment variable at the Python of an environment that has "
+        "the packages of requirements.txt."
+    )
+
+
+ProgressHandler = Callable[[float, str], None]
+LogHandler = Callable[[str, str], None]
+CancelCheck = Callable[[], bool]
+
+
+class EngineClient:
+    """One worker process, started on demand and kept alive between jobs."""
+
+    def __init__(self, python: str, extra_env: dict[str, str] | None = None) -> None:
+        self.python = python
+        self.extra_env = dict(extra_env or {})
+        self._process: subprocess.Popen | None = None
+        self._messages: queue.Queue = queue.Queue()
+        self._stderr_tail: deque[str] = deque(maxlen=30)
+        self._lock = threading.Lock()
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def segment(
+        self,
+        params: dict[str, Any],
+        on_progress: ProgressHandler | None = None,
+        on_log: LogHandler | None = None,
+        is_cancelled: CancelCheck | None = None,
+        hf_token: str | None = None,
+    ) -> dict[str, Any]:
+        """Run one segmentation job; returns its run record or raises EngineError."""
+        job = {"command": "segment", "params": params}
+        if hf_token:
+            job["hf_token"] = hf_token
+        try:
+            return self._run(job, on_progress, on_log, is_cancelled)
+        except EngineError as error:
+            if error.kind in ("cancelled", "crash"):
+                remove_outputs(params)
+            raise
+
+    def probe(self) -> dict[str, Any]:
+        """Versions and the device the engine would use."""
+        return self._run({"command": "probe"}, None, None, None)
+
+    def close(self) -> None:
+        """Stop the worker (it finishes nothing half-way: it is idle or gets cancelled)."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            try:
+                process.stdin.close()
+            except OSError:
+                pass
+            _stop(process, grace=5.0)
+
+    def _run(self, job: dict, on_progress: ProgressHandler | None, on_log: LogHandler | None,
+             is_cancelled: CancelCheck | None) -> dict[str, Any]:
+        if not self._lock.acquire(blocking=False):
+            raise EngineError("busy", "The engine is already running a job; wait for it or cancel it.")
+        try:
+            process = self._ensure_started()
+            try:
+                process.stdin.write(json.dumps(job) + "\n")
+                process.stdin.flush()
+            except OSError:
+                raise self._crash_error() from None
+            return self._wait_for_result(process, on_progress, on_log, is_cancelled)
+        finally:
+            self._lock.release()
+
+    def _wait_for_result(self, process: subprocess.Popen, on_progress: ProgressHandler | None,
+                         on_log: LogHandler | None, is_cancelled: CancelCheck | None) -> dict[str, Any]:
+        cancel_sent_at: float | None = None
+        while True:
+            if is_cancelled is not None and is_cancelled() and cancel_sent_at is None:
+                cancel_sent_at = time.monotonic()
+                _signal_stop(process)
+            if cancel_sent_at is not None and time.monotonic() - cancel_sent_at > CANCEL_GRACE_SECONDS:
+                process.kill()
+            try:
+                message = self._messages.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if message is None:
+                if cancel_sent_at is not None:
+                    self._process = None
+                    raise EngineError("cancelled", "Cancelled by the user.")
+                raise self._crash_error()
+            kind = message.get("type")
+            if kind == "progress" and on_progress is not None:
+                on_progress(float(message["percent"]), str(message["stage"]))
+            elif kind == "log" and on_log is not None:
+                on_log(str(message.get("level", "info")), str(message.get("message", "")))
+            elif kind == "result":
+                return message["record"]
+            elif kind == "error":
+                if message.get("kind") == "cancelled":
+                    _stop(process, grace=CANCEL_GRACE_SECONDS)
+                    self._process = None
+                raise EngineError(str(message.get("kind", "internal")), str(message.get("message", "")))
+
+    def _ensure_started(self) -> subprocess.Popen:
+        if self.running:
+            return self._process
+        self._messages = queue.Queue()
+        self._stderr_tail.clear()
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGIN_DIR.parent), env.get("PYTHONPATH")]))
+        env.pop("PYTHONHOME", None)
+        process = subprocess.Popen(
+            [self.python, "-m", f"{PLUGIN_DIR.name}.worker"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, encoding="utf-8", env=env, cwd=str(PLUGIN_DIR.parent),
+            start_new_session=(os.name != "nt"),
+        )
+        threading.Thread(target=self._read_stdout, args=(process,), daemon=True).start()
+        threading.Thread(target=self._read_stderr, args=(process,), daemon=True).start()
+        self._process = process
+        return process
+
+    def _read_stdout(self, process: subprocess.Popen) -> None:
+        for line in process.stdout:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                self._stderr_tail.append(line.rstrip())
+                continue
+            if message.get("type") != "ready":
+                self._messages.put(message)
+        process.wait()
+        self._messages.put(None)
+
+    def _read_stderr(self, process: subprocess.Popen) -> None:
+        for line in process.stderr:
+            self._stderr_tail.append(line.rstrip())
+
+    def _crash_error(self) -> EngineError:
+        process = self._process
+        self._process = None
+        code = process.wait() if process is not None else None
+        reason = _describe_exit(code)
+        tail = "\n".join(list(self._stderr_tail)[-8:])
+        return EngineError(
+            "crash",
+            f"The treeseg engine stopped unexpectedly ({reason}). QGIS is not affected; run again, "
+            f"or try a smaller model or tile size if memory ran out."
+            + (f"\nLast engine messages:\n{tail}" if tail else ""),
+        )
+
+
+def remove_outputs(params: dict[str, Any]) -> None:
+    """Delete what a stopped run may have left: final and temporary outputs of its stem."""
+    folder = Path(params.get("output_dir", ""))
+    if not folder.is_dir():
+        return
+    stem = params.get("output_stem") or Path(params.get("input_path", "")).stem
+    for prefix in (stem, f"{stem}_UNTRAINED"):
+        for suffix in OUTPUT_SUFFIXES:
+            target = folder / f"{prefix}{suffix}"
+            for leftover in (target, target.with_name(target.name + ".partial"),
+                             target.with_name(target.name + ".aux.xml"),
+                             target.with_name(f"{target.stem}.partial{target.suffix}"),
+                             target.with_name(f"{target.stem}.partial{target.suffix}.aux.xml")):
+                leftover.unlink(missing_ok=True)
+
+
+def _signal_stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    if os.name == "nt":
+        process.terminate()
+    else:
+        process.send_signal(signal.SIGTERM)
+
+
+def _stop(process: subprocess.Popen, grace: float) -> None:
+    _signal_stop(process)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "no exit status"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = ", probably out of memory" if name == "SIGKILL" else ""
+        return f"killed by {name}{hint}"
+    return f"exit code {code}"
+

@@ -1,0 +1,173 @@
+"""The engine worker process: `python -m treeseg_qgis.worker`, run in the engine's environment.
+
+Protocol (one JSON object per line, both ways):
+
+- in, on stdin: `{"command": "segment", "params": {...}, "hf_token": "..."}` or
+  `{"command": "probe"}`; the worker serves jobs until stdin closes, keeping the
+  last model loaded so the next run skips loading it.
+- out, on stdout: `{"type": "ready"}` once, then per job any number of
+  `{"type": "progress", "percent": 42.0, "stage": "..."}` and
+  `{"type": "log", "level": "warning", "message": "..."}`, and one final
+  `{"type": "result", "record": {...}}` or
+  `{"type": "error", "kind": "input|model|output|cancelled|internal", "message": "..."}`.
+
+Cancel is SIGTERM: the current job stops at the next tile, removes its outputs,
+reports `cancelled` and the worker exits. Anything a library prints goes to
+stderr, so stdout carries the protocol alone. The token is never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import traceback
+from typing import Any, TextIO
+
+from .core.errors import Cancelled, InputError, ModelUnavailableError, OutputError, TreesegError
+
+PROTOCOL_VERSION = 1
+
+
+class _Channel:
+    """Writes protocol messages on the real stdout, one JSON object per line."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def send(self, message: dict[str, Any]) -> None:
+        self._stream.write(json.dumps(message) + "\n")
+        self._stream.flush()
+
+
+class _ProtocolLogHandler(logging.Handler):
+    def __init__(self, channel: _Channel) -> None:
+        super().__init__(logging.WARNING)
+        self._channel = channel
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._channel.send({"type": "log", "level": record.levelname.lower(), "message": record.getMessage()})
+
+
+class Worker:
+    """Serves jobs from stdin; keeps the last loaded model for the next job."""
+
+    def __init__(self, channel: _Channel) -> None:
+        self.channel = channel
+        self.terminate_requested = False
+        self.busy = False
+        self._backbone = None
+        self._backbone_key: tuple | None = None
+
+    def serve(self, jobs: TextIO) -> None:
+        self.channel.send({"type": "ready", "protocol": PROTOCOL_VERSION, "pid": os.getpid()})
+        for line in jobs:
+            if not line.strip():
+                continue
+            self.busy = True
+            self.handle(line)
+            self.busy = False
+            if self.terminate_requested:
+                return
+
+    def handle(self, line: str) -> None:
+        try:
+            job = json.loads(line)
+            command = job.get("command")
+            if command == "segment":
+                record = self.segment(job)
+            elif command == "probe":
+                record = probe()
+            else:
+                raise InputError(f"Unknown worker command {command!r}.")
+            self.channel.send({"type": "result", "record": record})
+        except Cancelled as error:
+            self.channel.send({"type": "error", "kind": "cancelled", "message": str(error)})
+        except TreesegError as error:
+            self.channel.send({"type": "error", "kind": _kind(error), "message": str(error)})
+        except (ValueError, KeyError, TypeError) as error:
+            self.channel.send({"type": "error", "kind": "internal", "message": f"Bad job: {error}"})
+        except Exception as error:  # noqa: BLE001 - every failure becomes a message, never a dead worker
+            traceback.print_exc(file=sys.stderr)
+            self.channel.send({"type": "error", "kind": "internal",
+                               "message": f"{type(error).__name__}: {error}"})
+
+    def segment(self, job: dict[str, Any]) -> dict[str, Any]:
+        from .core.models import load_backbone
+        from .core.params import SegmentationParams
+        from .core.progress import Progress
+        from .pipeline import segment
+
+        params = SegmentationParams.from_dict(job["params"])
+        params.validate()
+        key = (params.model, params.device, params.allow_untrained)
+        progress = Progress(self._progress, lambda: self.terminate_requested)
+        if self._backbone_key != key:
+            self._backbone = None
+            progress.report(0.0, "Loading model")
+            self._backbone = load_backbone(params.model, params.device, params.allow_untrained,
+                                           token=job.get("hf_token") or None)
+            self._backbone_key = key
+        return segment(params, progress, backbone=self._backbone)
+
+    def _progress(self, percent: float, stage: str) -> None:
+        self.channel.send({"type": "progress", "percent": round(percent, 2), "stage": stage})
+
+
+def probe() -> dict[str, Any]:
+    """What the engine has: versions and the device `auto` would pick."""
+    import torch
+    import transformers
+
+    from . import __version__
+    from .core.devices import describe_device, resolve_device
+
+    device, dtype = resolve_device("auto")
+    return {
+        "treeseg": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": str(device),
+        "device_description": describe_device(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "cuda_available": torch.cuda.is_available(),
+    }
+
+
+def _kind(error: TreesegError) -> str:
+    if isinstance(error, InputError):
+        return "input"
+    if isinstance(error, ModelUnavailableError):
+        return "model"
+    if isinstance(error, OutputError):
+        return "output"
+    return "internal"
+
+
+def main() -> None:
+    protocol_stream = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    sys.stdout = sys.stderr
+    channel = _Channel(protocol_stream)
+    worker = Worker(channel)
+
+    def request_stop(signum: int, frame: object) -> None:
+        worker.terminate_requested = True
+        if not worker.busy:
+            raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="treeseg worker: %(message)s")
+    logging.getLogger("treeseg").addHandler(_ProtocolLogHandler(channel))
+    logging.getLogger("treeseg_qgis").addHandler(_ProtocolLogHandler(channel))
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+    worker.serve(sys.stdin)
+
+
+if __name__ == "__main__":
+    main()
