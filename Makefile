@@ -28,19 +28,23 @@ test: setup
 lint: setup
 	.venv/bin/ruff check .
 
+# The plugin zip: the package, metadata.txt, LICENSE, requirements.txt and resources/.
 package:
-	@rm -rf dist && mkdir -p dist/build
-	@git ls-files $(PLUGIN) | grep -v '/tests/' | xargs -I{} cp --parents {} dist/build/
-	@cp metadata.txt LICENSE dist/build/$(PLUGIN)/ 2>/dev/null || cp metadata.txt dist/build/$(PLUGIN)/
-	@mkdir -p dist/build/$(PLUGIN)/resources && cp -r resources/* dist/build/$(PLUGIN)/resources/
-	@cd dist/build && zip -qr ../$(PLUGIN)-$(VERSION).zip $(PLUGIN)
+	@rm -rf dist && mkdir -p dist/build/$(PLUGIN)
+	@git ls-files -z --cached --others --exclude-standard $(PLUGIN) | xargs -0 -I{} cp --parents {} dist/build/
+	@cp metadata.txt LICENSE requirements.txt dist/build/$(PLUGIN)/
+	@cp -r resources dist/build/$(PLUGIN)/
+	@cd dist/build && /usr/bin/python3 -m zipfile -c ../$(PLUGIN)-$(VERSION).zip $(PLUGIN)
 	@echo dist/$(PLUGIN)-$(VERSION).zip
 
-deploy: package
+# Installs the zip into a QGIS profile and records this checkout's .venv as the engine.
+deploy: setup package
 	@mkdir -p $(PROFILE_PLUGINS)
 	@rm -rf $(PROFILE_PLUGINS)/$(PLUGIN)
-	@cd $(PROFILE_PLUGINS) && unzip -q $(CURDIR)/dist/$(PLUGIN)-$(VERSION).zip
-	@echo "installed into $(PROFILE_PLUGINS)/$(PLUGIN): enable it in QGIS (Plugins > Manage and Install Plugins)"
+	@/usr/bin/python3 -m zipfile -e dist/$(PLUGIN)-$(VERSION).zip $(PROFILE_PLUGINS)
+	@echo "$(CURDIR)/.venv/bin/python" > $(PROFILE_PLUGINS)/$(PLUGIN)/engine_python.txt
+	@echo "installed into $(PROFILE_PLUGINS)/$(PLUGIN); engine: $(CURDIR)/.venv/bin/python"
+	@echo "enable it in QGIS: Plugins > Manage and Install Plugins > Installed > TreeSeg (DINOv3)"
 
 clean:
 	rm -rf output dist .pytest_cache

@@ -21,11 +21,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .outputs import remove_temporary_files
+
 PLUGIN_DIR = Path(__file__).resolve().parent
 ENGINE_PYTHON_ENV = "TREESEG_ENGINE_PYTHON"
 ENGINE_POINTER_FILE = PLUGIN_DIR / "engine_python.txt"
 CANCEL_GRACE_SECONDS = 20.0
-OUTPUT_SUFFIXES = ("_clusters.tif", "_trees.tif", "_polygons.gpkg", "_preview.png", "_run.json")
 
 
 class EngineError(Exception):
@@ -97,7 +98,7 @@ class EngineClient:
             return self._run(job, on_progress, on_log, is_cancelled)
         except EngineError as error:
             if error.kind in ("cancelled", "crash"):
-                remove_outputs(params)
+                remove_temporary_files(params)
             raise
 
     def probe(self) -> dict[str, Any]:
@@ -209,22 +210,6 @@ class EngineClient:
             f"or try a smaller model or tile size if memory ran out."
             + (f"\nLast engine messages:\n{tail}" if tail else ""),
         )
-
-
-def remove_outputs(params: dict[str, Any]) -> None:
-    """Delete what a stopped run may have left: final and temporary outputs of its stem."""
-    folder = Path(params.get("output_dir", ""))
-    if not folder.is_dir():
-        return
-    stem = params.get("output_stem") or Path(params.get("input_path", "")).stem
-    for prefix in (stem, f"{stem}_UNTRAINED"):
-        for suffix in OUTPUT_SUFFIXES:
-            target = folder / f"{prefix}{suffix}"
-            for leftover in (target, target.with_name(target.name + ".partial"),
-                             target.with_name(target.name + ".aux.xml"),
-                             target.with_name(f"{target.stem}.partial{target.suffix}"),
-                             target.with_name(f"{target.stem}.partial{target.suffix}.aux.xml")):
-                leftover.unlink(missing_ok=True)
 
 
 def _signal_stop(process: subprocess.Popen) -> None:

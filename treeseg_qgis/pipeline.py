@@ -14,7 +14,6 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
@@ -29,44 +28,14 @@ from .gis.polygons import polygonize_clusters
 from .gis.preview import write_preview
 from .gis.raster import GdalRasterSource
 from .gis.writers import LabelRasterWriter
+from .outputs import SUFFIXES, OutputPaths, remove_files, remove_temporary_files
 
 log = logging.getLogger("treeseg")
 
-UNTRAINED_TAG = "UNTRAINED"
 UNTRAINED_BANNER = (
     "UNTRAINED WEIGHTS: the model has random weights, so this result only checks the "
     "pipeline; it is not a real segmentation."
 )
-
-
-@dataclass(frozen=True)
-class OutputPaths:
-    """The files one run writes, all named after one stem."""
-
-    clusters: Path
-    trees: Path
-    polygons: Path
-    preview: Path
-    record: Path
-
-    @classmethod
-    def for_stem(cls, folder: Path, stem: str) -> OutputPaths:
-        return cls(
-            folder / f"{stem}_clusters.tif",
-            folder / f"{stem}_trees.tif",
-            folder / f"{stem}_polygons.gpkg",
-            folder / f"{stem}_preview.png",
-            folder / f"{stem}_run.json",
-        )
-
-    def all(self) -> list[Path]:
-        return [self.clusters, self.trees, self.polygons, self.preview, self.record]
-
-
-def output_stem(params: SegmentationParams, untrained: bool) -> str:
-    """Output file stem: the input's name, marked when the weights are untrained."""
-    stem = params.output_stem or Path(params.input_path).stem
-    return f"{stem}_{UNTRAINED_TAG}" if untrained else stem
 
 
 def segment(
@@ -78,7 +47,7 @@ def segment(
     params.validate()
     progress = progress or Progress()
     started = time.perf_counter()
-    folder = _output_folder(params.output_dir)
+    _output_folder(params.output_dir)
     with GdalRasterSource(params.input_path, params.bands) as source:
         progress.report(0.0, "Loading model")
         progress.check()
@@ -88,9 +57,12 @@ def segment(
         load_seconds = time.perf_counter() - load_started
         if backbone.untrained:
             log.warning(UNTRAINED_BANNER)
-        stem = output_stem(params, backbone.untrained)
-        paths = OutputPaths.for_stem(folder, stem)
+        paths = OutputPaths.for_params(params.to_dict(), backbone.untrained)
+        stem = paths.clusters.name.removesuffix(SUFFIXES["clusters"])
         writers: list[LabelRasterWriter] = []
+        written: list[Path] = []
+        for folder in {str(path.parent) for path in paths.all()}:
+            _output_folder(folder)
 
         def open_sink(k: int, tree_clusters: list[int]) -> LabelRasterWriter:
             writers.append(
@@ -109,6 +81,7 @@ def segment(
                     FeatureStore(feature_folder), open_sink, progress.sub(0.03, 0.9),
                 )
                 writers[-1].close()
+                written += [paths.clusters, paths.trees]
             polygon_started = time.perf_counter()
             polygon_progress = progress.sub(0.9, 0.98)
             polygons = polygonize_clusters(
@@ -118,11 +91,13 @@ def segment(
                 is_cancelled=progress.is_cancelled,
                 description=_description(backbone),
             )
+            written.append(paths.polygons)
             result.timings["polygonize"] = round(time.perf_counter() - polygon_started, 3)
             progress.report(0.98, "Writing preview")
             progress.check()
             write_preview(source, str(paths.clusters), str(paths.trees), str(paths.preview),
                           title=_preview_title(params, backbone, result))
+            written.append(paths.preview)
             record = _record(params, backbone, source, result, paths, polygons)
             record["timings"]["load_model"] = round(load_seconds, 3)
             record["timings"]["total"] = round(time.perf_counter() - started, 3)
@@ -130,14 +105,14 @@ def segment(
         except BaseException:
             for writer in writers:
                 writer.abort()
-            for path in paths.all():
-                path.unlink(missing_ok=True)
+            remove_files(written)
+            remove_temporary_files(params.to_dict())
             raise
     progress.report(1.0, "Done")
     return record
 
 
-def _output_folder(output_dir: str) -> Path:
+def _output_folder(output_dir: str) -> None:
     folder = Path(output_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -146,7 +121,6 @@ def _output_folder(output_dir: str) -> Path:
                           "Choose a folder you can write to.") from error
     if not os.access(folder, os.W_OK):
         raise OutputError(f"The output folder {folder} is not writable: choose another folder.")
-    return folder
 
 
 def _raster_metadata(params: SegmentationParams, backbone: Backbone) -> dict[str, str]:
@@ -208,8 +182,7 @@ def _record(
         "polygons": polygons,
         "tiles": result.tiles,
         "parameters": params.to_dict(),
-        "outputs": {name: str(path) for name, path in zip(
-            ("clusters", "trees", "polygons", "preview", "record"), paths.all())},
+        "outputs": paths.as_dict(),
         "timings": dict(result.timings),
         "platform": {"python": platform.python_version(), "machine": platform.machine()},
     }

@@ -35,6 +35,11 @@ class SegmentationParams:
     pca_dims: int = 32
     seed: int = 0
     output_stem: str | None = None
+    clusters_path: str | None = None
+    trees_path: str | None = None
+    polygons_path: str | None = None
+    preview_path: str | None = None
+    record_path: str | None = None
 
     def validate(self) -> None:
         """Raise InputError for values no run can use."""

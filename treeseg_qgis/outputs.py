@@ -1,0 +1,67 @@
+"""Names of the files one run writes. Standard library only: the QGIS side uses it too."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+UNTRAINED_TAG = "UNTRAINED"
+OUTPUT_KINDS = ("clusters", "trees", "polygons", "preview", "record")
+SUFFIXES = {
+    "clusters": "_clusters.tif",
+    "trees": "_trees.tif",
+    "polygons": "_polygons.gpkg",
+    "preview": "_preview.png",
+    "record": "_run.json",
+}
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    """The files one run writes: named after one stem in the output folder, unless given."""
+
+    clusters: Path
+    trees: Path
+    polygons: Path
+    preview: Path
+    record: Path
+
+    @classmethod
+    def for_params(cls, params: dict[str, Any], untrained: bool) -> OutputPaths:
+        """Paths for a parameters dict (SegmentationParams.to_dict()); `<kind>_path` entries win."""
+        stem = params.get("output_stem") or Path(params["input_path"]).stem
+        if untrained:
+            stem = f"{stem}_{UNTRAINED_TAG}"
+        folder = Path(params["output_dir"])
+        return cls(**{
+            kind: Path(params[f"{kind}_path"]) if params.get(f"{kind}_path") else folder / f"{stem}{SUFFIXES[kind]}"
+            for kind in OUTPUT_KINDS
+        })
+
+    def all(self) -> list[Path]:
+        return [getattr(self, kind) for kind in OUTPUT_KINDS]
+
+    def as_dict(self) -> dict[str, str]:
+        return {kind: str(getattr(self, kind)) for kind in OUTPUT_KINDS}
+
+
+def temporary_files(path: Path) -> list[Path]:
+    """The temporary files written before `path` is renamed into place."""
+    partial = path.with_name(f"{path.stem}.partial{path.suffix}")
+    return [path.with_name(path.name + ".partial"), partial, partial.with_name(partial.name + ".aux.xml")]
+
+
+def remove_files(paths: list[Path]) -> None:
+    """Delete finished outputs (with their .aux.xml) and their temporary files."""
+    for path in paths:
+        for leftover in [path, path.with_name(path.name + ".aux.xml"), *temporary_files(path)]:
+            leftover.unlink(missing_ok=True)
+
+
+def remove_temporary_files(params: dict[str, Any]) -> None:
+    """Delete the temporary files a killed run may have left; finished files stay."""
+    for untrained in (False, True):
+        for path in OutputPaths.for_params(params, untrained).all():
+            for leftover in temporary_files(path):
+                leftover.unlink(missing_ok=True)
