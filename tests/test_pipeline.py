@@ -131,3 +131,16 @@ def test_progress_is_monotonic_and_reaches_100(tiny_model_dir, scene_tif, tmp_pa
                                 model=str(tiny_model_dir), device="cpu", clusters=2, tile_size=128, overlap=32)
     segment(params, Progress(lambda percent, stage: seen.append(percent)))
     assert seen == sorted(seen) and seen[-1] == 100.0
+
+
+@pytest.mark.parametrize("method", ["rgb-kmeans", "exg-otsu"])
+def test_colour_baselines_run_through_the_same_pipeline(method, scene_tif, tmp_path):
+    path, crowns = scene_tif
+    params = SegmentationParams(input_path=str(path), output_dir=str(tmp_path / "out"), method=method, stride=4)
+    record = segment(params)
+    assert record["method"] == method and record["model"]["model_id"] == f"baseline:{method}"
+    assert record["outputs"]["trees"].endswith(f"scene_{method}_trees.tif")
+    trees = read_band(record["outputs"]["trees"]) == 1
+    assert (trees & crowns).sum() / (trees | crowns).sum() > 0.8
+    if method == "exg-otsu":
+        assert record["clusters"]["k"] == 2 and record["trees"]["clusters"] == [0]

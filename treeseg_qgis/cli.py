@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from . import __version__
 from .core.devices import DEVICE_CHOICES
 from .core.errors import Cancelled, TreesegError
-from .core.features import STRIDES
+from .core.features import COLOUR_STRIDES, METHODS
 from .core.models import CATALOGUE, DEFAULT_MODEL
 from .core.params import SegmentationParams
 from .core.progress import Progress
@@ -43,8 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"catalogue name ({', '.join(CATALOGUE)}), a Hugging Face id or a local model "
         f"folder (default: {DEFAULT_MODEL})",
     )
-    run.add_argument("--stride", type=int, default=16, choices=STRIDES,
-                     help="feature grid step in pixels: 16, or 8/4/2 for a denser grid (slower)")
+    run.add_argument("--stride", type=int, default=16, choices=COLOUR_STRIDES,
+                     help="feature grid step in pixels: 16, or 8/4/2 for a denser grid (slower); "
+                     "baselines also take 1")
+    run.add_argument("--method", default="dinov3", choices=METHODS,
+                     help="dinov3 (default), or a colour baseline for comparison: rgb-kmeans "
+                     "(k-means on RGB) or exg-otsu (Otsu threshold on excess green)")
     run.add_argument("--clusters", default="auto", metavar="auto|K",
                      help="number of clusters, or auto for the elbow rule (default: auto)")
     run.add_argument("--k-range", default="2-8", metavar="MIN-MAX",
@@ -60,6 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
                      "(every output then says so)")
     run.add_argument("--tile-size", type=int, default=512, help="tile size in pixels (default: 512)")
     run.add_argument("--quiet", action="store_true", help="print only errors and the result paths")
+    check = commands.add_parser(
+        "evaluate",
+        help="score a tree prediction against reference crowns, boxes or a class raster",
+        description="Pixel precision/recall/F1/IoU, crown matching (IoU >= 0.4), box recall and, with a "
+        "class raster and --clusters, mIoU. Writes a CSV and an HTML report into --out.",
+    )
+    check.add_argument("prediction", metavar="PREDICTION",
+                       help="tree raster (1 = tree) or polygons with an is_tree field")
+    check.add_argument("--reference", required=True,
+                       help="polygons (crowns or boxes), a CSV of pixel boxes, or a class raster")
+    check.add_argument("--out", required=True, metavar="DIR", help="folder for the CSV and HTML report")
+    check.add_argument("--image", help="the image: pixel grid for polygon predictions, picture background")
+    check.add_argument("--clusters", help="cluster raster, for mIoU against a class raster")
+    check.add_argument("--tree-class", type=int, default=1, help="tree class value in a class raster (default 1)")
     return parser
 
 
@@ -69,6 +87,7 @@ def params_from_args(args: argparse.Namespace) -> SegmentationParams:
         input_path=args.input,
         output_dir=args.out,
         bands=_bands(args.bands),
+        method=args.method,
         model=args.model,
         stride=args.stride,
         clusters=None if args.clusters == "auto" else _int(args.clusters, "--clusters"),
@@ -83,12 +102,14 @@ def params_from_args(args: argparse.Namespace) -> SegmentationParams:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING,
+    logging.basicConfig(level=logging.ERROR if getattr(args, "quiet", False) else logging.WARNING,
                         format="treeseg: %(message)s", stream=sys.stderr)
     _quiet_libraries()
-    from .pipeline import segment
-
     try:
+        if args.command == "evaluate":
+            return _evaluate(args)
+        from .pipeline import segment
+
         params = params_from_args(args)
         record = segment(params, Progress(None if args.quiet else _TerminalProgress()))
     except KeyboardInterrupt:
@@ -129,6 +150,18 @@ def _print_summary(record: dict) -> None:
           f"{record['timings']['total']:.1f} s")
     for path in record["outputs"].values():
         print(path)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, flat_scores
+
+    scores = evaluate(args.prediction, args.reference, args.out, image=args.image, clusters=args.clusters,
+                      tree_class=args.tree_class)
+    for key, value in flat_scores(scores).items():
+        print(f"{key:28s} {value:.4f}" if isinstance(value, float) else f"{key:28s} {value}")
+    for path in scores["outputs"].values():
+        print(path)
+    return 0
 
 
 def _quiet_libraries() -> None:

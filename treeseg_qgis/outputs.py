@@ -31,6 +31,9 @@ class OutputPaths:
     def for_params(cls, params: dict[str, Any], untrained: bool) -> OutputPaths:
         """Paths for a parameters dict (SegmentationParams.to_dict()); `<kind>_path` entries win."""
         stem = params.get("output_stem") or Path(params["input_path"]).stem
+        method = params.get("method") or "dinov3"
+        if method != "dinov3" and not params.get("output_stem"):
+            stem = f"{stem}_{method}"
         if untrained:
             stem = f"{stem}_{UNTRAINED_TAG}"
         folder = Path(params["output_dir"])

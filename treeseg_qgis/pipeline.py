@@ -14,15 +14,16 @@ import os
 import platform
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from . import __version__
 from .core.errors import OutputError
-from .core.features import FeatureExtractor
+from .core.features import ColourFeatures, FeatureExtractor
 from .core.models import Backbone, load_backbone
 from .core.params import SegmentationParams
 from .core.progress import Progress
-from .core.segmentation import SegmentationResult, segment_raster
+from .core.segmentation import SegmentationResult, TileFeatureExtractor, segment_raster
 from .core.store import FeatureStore
 from .gis.polygons import polygonize_clusters
 from .gis.preview import write_preview
@@ -45,6 +46,8 @@ def segment(
 ) -> dict:
     """Run one segmentation and return its record (also written as `<stem>_run.json`)."""
     params.validate()
+    if params.method == "exg-otsu":
+        params = replace(params, clusters=2)
     progress = progress or Progress()
     started = time.perf_counter()
     _output_folder(params.output_dir)
@@ -52,12 +55,12 @@ def segment(
         progress.report(0.0, "Loading model")
         progress.check()
         load_started = time.perf_counter()
-        if backbone is None:
-            backbone = load_backbone(params.model, params.device, params.allow_untrained)
+        extractor = _extractor(params, backbone)
         load_seconds = time.perf_counter() - load_started
-        if backbone.untrained:
+        model = extractor.describe()
+        if model["untrained"]:
             log.warning(UNTRAINED_BANNER)
-        paths = OutputPaths.for_params(params.to_dict(), backbone.untrained)
+        paths = OutputPaths.for_params(params.to_dict(), model["untrained"])
         stem = paths.clusters.name.removesuffix(SUFFIXES["clusters"])
         writers: list[LabelRasterWriter] = []
         written: list[Path] = []
@@ -69,17 +72,15 @@ def segment(
                 LabelRasterWriter(
                     str(paths.clusters), str(paths.trees), source.width, source.height,
                     source.crs_wkt, source.geotransform, k, tree_clusters,
-                    _raster_metadata(params, backbone),
+                    _raster_metadata(params, model),
                 )
             )
             return writers[-1]
 
         try:
             with tempfile.TemporaryDirectory(prefix="treeseg-features-") as feature_folder:
-                result = segment_raster(
-                    params, source, FeatureExtractor(backbone, params.stride, params.batch_size),
-                    FeatureStore(feature_folder), open_sink, progress.sub(0.03, 0.9),
-                )
+                result = segment_raster(params, source, extractor, FeatureStore(feature_folder), open_sink,
+                                        progress.sub(0.03, 0.9))
                 writers[-1].close()
                 written += [paths.clusters, paths.trees]
             polygon_started = time.perf_counter()
@@ -89,16 +90,16 @@ def segment(
                 layer_name=f"{stem}_polygons",
                 progress=lambda fraction: polygon_progress.report(fraction, "Polygonizing"),
                 is_cancelled=progress.is_cancelled,
-                description=_description(backbone),
+                description=_description(model),
             )
             written.append(paths.polygons)
             result.timings["polygonize"] = round(time.perf_counter() - polygon_started, 3)
             progress.report(0.98, "Writing preview")
             progress.check()
             write_preview(source, str(paths.clusters), str(paths.trees), str(paths.preview),
-                          title=_preview_title(params, backbone, result))
+                          title=_preview_title(params, model, result))
             written.append(paths.preview)
-            record = _record(params, backbone, source, result, paths, polygons)
+            record = _record(params, model, source, result, paths, polygons)
             record["timings"]["load_model"] = round(load_seconds, 3)
             record["timings"]["total"] = round(time.perf_counter() - started, 3)
             _write_json(paths.record, record)
@@ -123,30 +124,40 @@ def _output_folder(output_dir: str) -> None:
         raise OutputError(f"The output folder {folder} is not writable: choose another folder.")
 
 
-def _raster_metadata(params: SegmentationParams, backbone: Backbone) -> dict[str, str]:
+def _extractor(params: SegmentationParams, backbone: Backbone | None) -> TileFeatureExtractor:
+    """The DINOv3 feature extractor (loading the model unless given), or a colour baseline."""
+    if params.method != "dinov3":
+        return ColourFeatures(params.method, params.stride)
+    if backbone is None:
+        backbone = load_backbone(params.model, params.device, params.allow_untrained)
+    return FeatureExtractor(backbone, params.stride, params.batch_size)
+
+
+def _raster_metadata(params: SegmentationParams, model: dict) -> dict[str, str]:
     return {
         "TREESEG_VERSION": __version__,
-        "TREESEG_MODEL": backbone.model_id,
-        "TREESEG_WEIGHTS": "untrained" if backbone.untrained else "pretrained",
+        "TREESEG_METHOD": params.method,
+        "TREESEG_MODEL": model["model_id"],
+        "TREESEG_WEIGHTS": "untrained" if model["untrained"] else model["weights"],
         "TREESEG_STRIDE": str(params.stride),
         "TREESEG_INPUT": str(params.input_path),
     }
 
 
-def _description(backbone: Backbone) -> str:
-    text = f"treeseg {__version__}, {backbone.model_id}"
-    return f"{text} — {UNTRAINED_BANNER}" if backbone.untrained else text
+def _description(model: dict) -> str:
+    text = f"treeseg {__version__}, {model['model_id']}"
+    return f"{text} — {UNTRAINED_BANNER}" if model["untrained"] else text
 
 
-def _preview_title(params: SegmentationParams, backbone: Backbone, result: SegmentationResult) -> str:
-    title = (f"{Path(params.input_path).name} — {backbone.model_id}, stride {params.stride}, "
+def _preview_title(params: SegmentationParams, model: dict, result: SegmentationResult) -> str:
+    title = (f"{Path(params.input_path).name} — {model['model_id']}, stride {params.stride}, "
              f"K={result.k}, tree cover {100 * result.tree_cover:.1f} %")
-    return f"{title}\nUNTRAINED WEIGHTS — pipeline check only" if backbone.untrained else title
+    return f"{title}\nUNTRAINED WEIGHTS — pipeline check only" if model["untrained"] else title
 
 
 def _record(
     params: SegmentationParams,
-    backbone: Backbone,
+    model: dict,
     source: GdalRasterSource,
     result: SegmentationResult,
     paths: OutputPaths,
@@ -154,7 +165,7 @@ def _record(
 ) -> dict:
     return {
         "treeseg_version": __version__,
-        "warning": UNTRAINED_BANNER if backbone.untrained else None,
+        "warning": UNTRAINED_BANNER if model["untrained"] else None,
         "input": {
             "path": str(params.input_path),
             "width": source.width,
@@ -162,7 +173,8 @@ def _record(
             "bands": list(source.bands),
             "scaling": source.scaling,
         },
-        "model": backbone.describe(),
+        "method": params.method,
+        "model": model,
         "requested_model": params.model,
         "stride": params.stride,
         "clusters": {

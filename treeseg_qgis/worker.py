@@ -104,6 +104,8 @@ class Worker:
         params.validate()
         key = (params.model, params.device, params.allow_untrained)
         progress = Progress(self._progress, lambda: self.terminate_requested)
+        if params.method != "dinov3":
+            return segment(params, progress)
         if self._backbone_key != key:
             self._backbone = None
             progress.report(0.0, "Loading model")

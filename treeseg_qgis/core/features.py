@@ -14,9 +14,12 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .models import Backbone
+from .trees import excess_green
 
 PATCH = 16
 STRIDES = (16, 8, 4, 2)
+METHODS = ("dinov3", "rgb-kmeans", "exg-otsu")
+COLOUR_STRIDES = (16, 8, 4, 2, 1)
 
 
 def check_stride(stride: int) -> None:
@@ -33,6 +36,7 @@ class FeatureExtractor:
             raise InputError(f"Only patch size {PATCH} models are supported, not {backbone.patch_size}.")
         self.backbone = backbone
         self.stride = stride
+        self.cell_size = PATCH
         self.batch_size = max(1, batch_size)
         self._mean = torch.tensor(backbone.normalisation.mean, dtype=torch.float32).view(1, 3, 1, 1)
         self._std = torch.tensor(backbone.normalisation.std, dtype=torch.float32).view(1, 3, 1, 1)
@@ -64,6 +68,9 @@ class FeatureExtractor:
         dense = dense.reshape(rows * factor, cols * factor, -1)
         return F.normalize(dense, dim=-1).numpy()
 
+    def describe(self) -> dict:
+        return {"method": "dinov3", **self.backbone.describe()}
+
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         """Patch tokens (B, H/16, W/16, D) in float32 on the CPU; CLS and registers dropped."""
         backbone = self.backbone
@@ -83,8 +90,37 @@ def _shifted(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return F.pad(cropped, (0, dx, 0, dy), mode="replicate")
 
 
-def pool_to_grid(values: np.ndarray, stride: int) -> np.ndarray:
-    """Mean of a (H, W) map over each grid cell's 16×16 patch: (H / stride, W / stride)."""
+def pool_to_grid(values: np.ndarray, stride: int, cell_size: int = PATCH) -> np.ndarray:
+    """Mean of a (H, W) map over each grid cell (cell_size pixels square): (H / stride, W / stride)."""
     tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))[None, None]
-    padded = F.pad(tensor, (0, PATCH - stride, 0, PATCH - stride), mode="replicate")
-    return F.avg_pool2d(padded, kernel_size=PATCH, stride=stride)[0, 0].numpy()
+    padded = F.pad(tensor, (0, cell_size - stride, 0, cell_size - stride), mode="replicate")
+    return F.avg_pool2d(padded, kernel_size=cell_size, stride=stride)[0, 0].numpy()
+
+
+class ColourFeatures:
+    """Baselines in the same code path: the colour of each stride × stride cell as its feature.
+
+    `rgb-kmeans` clusters the mean RGB of each cell; `exg-otsu` clusters the mean
+    ExG into two groups, which is Otsu's threshold (Otsu's split is the 1-D
+    two-means split). Everything after the features is the DINOv3 pipeline.
+    """
+
+    def __init__(self, method: str, stride: int = 4) -> None:
+        if method not in METHODS[1:]:
+            raise InputError(f"Unknown baseline '{method}': use one of {', '.join(METHODS[1:])}.")
+        if stride not in COLOUR_STRIDES:
+            raise InputError(f"Stride {stride} is not supported: use one of {', '.join(map(str, COLOUR_STRIDES))}.")
+        self.method = method
+        self.stride = stride
+        self.cell_size = stride
+
+    def extract(self, rgb: np.ndarray) -> np.ndarray:
+        if self.method == "exg-otsu":
+            channels = [excess_green(rgb)]
+        else:
+            channels = [rgb[..., band] for band in range(3)]
+        return np.stack([pool_to_grid(channel, self.stride, self.cell_size) for channel in channels], -1)
+
+    def describe(self) -> dict:
+        return {"method": self.method, "model_id": f"baseline:{self.method}", "weights": "none (colour baseline)",
+                "untrained": False, "device": "cpu"}

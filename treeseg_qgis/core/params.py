@@ -7,7 +7,7 @@ from typing import Any
 
 from .devices import DEVICE_CHOICES
 from .errors import InputError
-from .features import check_stride
+from .features import COLOUR_STRIDES, METHODS, check_stride
 from .models import DEFAULT_MODEL
 from .trees import DEFAULT_MIN_EXG
 
@@ -18,6 +18,7 @@ class SegmentationParams:
 
     input_path: str
     output_dir: str
+    method: str = "dinov3"
     bands: tuple[int, int, int] = (1, 2, 3)
     model: str = DEFAULT_MODEL
     stride: int = 16
@@ -43,7 +44,15 @@ class SegmentationParams:
 
     def validate(self) -> None:
         """Raise InputError for values no run can use."""
-        check_stride(self.stride)
+        if self.method not in METHODS:
+            raise InputError(f"Unknown method '{self.method}': use one of {', '.join(METHODS)}.")
+        if self.method == "dinov3":
+            check_stride(self.stride)
+        elif self.stride not in COLOUR_STRIDES:
+            raise InputError(f"Stride {self.stride} is not supported for {self.method}: use one of "
+                             f"{', '.join(map(str, COLOUR_STRIDES))}.")
+        if self.method == "exg-otsu" and self.clusters not in (None, 2):
+            raise InputError("The ExG-Otsu baseline always splits into 2 clusters; leave clusters on auto.")
         if self.device not in DEVICE_CHOICES:
             raise InputError(f"Unknown device '{self.device}': use one of {', '.join(DEVICE_CHOICES)}.")
         if len(self.bands) != 3 or any(band < 1 for band in self.bands):

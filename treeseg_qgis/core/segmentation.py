@@ -24,7 +24,7 @@ import numpy as np
 
 from .clustering import ClusterModel, Projection, fit_clusters
 from .errors import InputError
-from .features import PATCH, FeatureExtractor, pool_to_grid
+from .features import pool_to_grid
 from .params import SegmentationParams
 from .progress import Progress
 from .store import FeatureStore, TileFeatures
@@ -44,6 +44,19 @@ class RasterSource(Protocol):
 
     def read(self, x: int, y: int, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
         """(rgb float32 (h, w, 3) in 0..1, valid bool (h, w)) for a window inside the raster."""
+
+
+class TileFeatureExtractor(Protocol):
+    """Turns a tile into a grid of features: DINOv3 (FeatureExtractor) or a colour baseline."""
+
+    stride: int
+    cell_size: int
+
+    def extract(self, rgb: np.ndarray) -> np.ndarray:
+        """(H / stride, W / stride, C) features of an (H, W, 3) tile."""
+
+    def describe(self) -> dict:
+        """Plain facts for the run record."""
 
 
 class LabelSink(Protocol):
@@ -77,7 +90,7 @@ class SegmentationResult:
 def segment_raster(
     params: SegmentationParams,
     source: RasterSource,
-    extractor: FeatureExtractor,
+    extractor: TileFeatureExtractor,
     store: FeatureStore,
     open_sink: Callable[[int, list[int]], LabelSink],
     progress: Progress,
@@ -102,7 +115,7 @@ def segment_raster(
     timings["cluster"] = time.perf_counter() - started
 
     sink = open_sink(clusters.k, trees)
-    counts = _assign_all(params, source, store, grid, clusters, trees, sink, progress.sub(0.88, 1.0), timings)
+    counts = _assign_all(extractor, source, store, grid, clusters, trees, sink, progress.sub(0.88, 1.0), timings)
     valid = int(counts.sum())
     return SegmentationResult(
         k=clusters.k,
@@ -134,7 +147,7 @@ def read_tile(source: RasterSource, tile: Tile) -> tuple[np.ndarray, np.ndarray]
 def _extract_all(
     params: SegmentationParams,
     source: RasterSource,
-    extractor: FeatureExtractor,
+    extractor: TileFeatureExtractor,
     store: FeatureStore,
     grid: TileGrid,
     progress: Progress,
@@ -169,8 +182,9 @@ def _extract_all(
         features = extractor.extract(rgb)
         timings["features"] += time.perf_counter() - started
         started = time.perf_counter()
-        cell_valid = pool_to_grid(valid, extractor.stride)
-        cell_exg = pool_to_grid(excess_green(rgb) * valid, extractor.stride) / np.maximum(cell_valid, 1e-6)
+        cell_valid = pool_to_grid(valid, extractor.stride, extractor.cell_size)
+        cell_exg = pool_to_grid(excess_green(rgb) * valid, extractor.stride, extractor.cell_size)
+        cell_exg /= np.maximum(cell_valid, 1e-6)
         key = (tile.row, tile.col)
         if projection is None:
             raw[key] = TileFeatures(features.astype(np.float16), cell_valid, cell_exg)
@@ -249,7 +263,7 @@ def _blend(
 
 
 def _assign_all(
-    params: SegmentationParams,
+    extractor: TileFeatureExtractor,
     source: RasterSource,
     store: FeatureStore,
     grid: TileGrid,
@@ -260,7 +274,7 @@ def _assign_all(
     timings: dict[str, float],
 ) -> np.ndarray:
     """Label every pixel block by block; returns the pixel count of each cluster."""
-    stride = params.stride
+    stride = extractor.stride
     grid_rows = (grid.rows - 1) * grid.step // stride + grid.tile_height // stride
     grid_cols = (grid.cols - 1) * grid.step // stride + grid.tile_width // stride
     counts = np.zeros(clusters.k, dtype=np.int64)
@@ -273,7 +287,7 @@ def _assign_all(
         progress.check()
         progress.report(index / len(blocks), f"Assigning clusters: block {index + 1} of {len(blocks)}")
         started = time.perf_counter()
-        labels = _label_block(store, grid, stride, clusters, block, grid_rows, grid_cols)
+        labels = _label_block(store, grid, extractor, clusters, block, grid_rows, grid_cols)
         _, valid = source.read(block.x, block.y, block.width, block.height)
         labels[~valid] = NODATA
         counts += np.bincount(labels[valid], minlength=clusters.k)[: clusters.k]
@@ -288,15 +302,16 @@ def _assign_all(
 def _label_block(
     store: FeatureStore,
     grid: TileGrid,
-    stride: int,
+    extractor: TileFeatureExtractor,
     clusters: ClusterModel,
     block: Window,
     grid_rows: int,
     grid_cols: int,
 ) -> np.ndarray:
     """Cluster ids (uint8) for every pixel of one block."""
-    rows_at = _cell_coordinates(block.y, block.height, stride)
-    cols_at = _cell_coordinates(block.x, block.width, stride)
+    stride = extractor.stride
+    rows_at = _cell_coordinates(block.y, block.height, stride, extractor.cell_size)
+    cols_at = _cell_coordinates(block.x, block.width, stride, extractor.cell_size)
     rows = range(max(0, math.floor(rows_at[0])), min(grid_rows, math.floor(rows_at[-1]) + 2))
     cols = range(max(0, math.floor(cols_at[0])), min(grid_cols, math.floor(cols_at[-1]) + 2))
     features, _ = _blend(store, grid, stride, rows, cols)
@@ -305,9 +320,9 @@ def _label_block(
     return upsampled.argmin(-1).astype(np.uint8)
 
 
-def _cell_coordinates(start: int, size: int, stride: int) -> np.ndarray:
-    """Fractional grid-cell coordinate of each pixel centre (cell g is centred at g*s + 8)."""
-    return (np.arange(start, start + size, dtype=np.float64) + 0.5 - PATCH / 2) / stride
+def _cell_coordinates(start: int, size: int, stride: int, cell_size: int) -> np.ndarray:
+    """Fractional grid-cell coordinate of each pixel centre (cell g is centred at g*s + cell_size/2)."""
+    return (np.arange(start, start + size, dtype=np.float64) + 0.5 - cell_size / 2) / stride
 
 
 def _bilinear(values: np.ndarray, rows_at: np.ndarray, cols_at: np.ndarray) -> np.ndarray:

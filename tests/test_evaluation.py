@@ -1,0 +1,155 @@
+"""Quality measures on hand-made masks with known answers, and the evaluate command end to end."""
+
+import csv
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from osgeo import gdal, ogr, osr
+
+from treeseg_qgis.core.evaluation import (
+    ReferenceObject,
+    boxes_to_objects,
+    cluster_scores,
+    crown_scores,
+    pixel_scores,
+    predicted_crowns,
+)
+from treeseg_qgis.evaluate import evaluate
+
+from .conftest import REPO, SAMPLE_GEOTRANSFORM, UTM17N, write_geotiff
+
+
+def square(mask_shape, r0, c0, size) -> np.ndarray:
+    mask = np.zeros(mask_shape, bool)
+    mask[r0:r0 + size, c0:c0 + size] = True
+    return mask
+
+
+def test_pixel_scores_known_answers():
+    reference = square((10, 10), 0, 0, 4)
+    predicted = square((10, 10), 0, 0, 2) | square((10, 10), 8, 8, 2)
+    scores = pixel_scores(predicted, reference)
+    assert (scores["tp"], scores["fp"], scores["fn"]) == (4, 4, 12)
+    assert scores["precision"] == pytest.approx(0.5)
+    assert scores["recall"] == pytest.approx(0.25)
+    assert scores["f1"] == pytest.approx(2 * 4 / (8 + 4 + 12))
+    assert scores["iou"] == pytest.approx(4 / 20)
+
+
+def test_pixel_scores_edge_cases():
+    empty, full = np.zeros((4, 4), bool), np.ones((4, 4), bool)
+    assert pixel_scores(full, full)["iou"] == 1.0
+    assert pixel_scores(empty, empty) == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "iou": 1.0,
+                                          "tp": 0, "fp": 0, "fn": 0}
+    missed = pixel_scores(empty, full)
+    assert (missed["precision"], missed["recall"], missed["iou"]) == (0.0, 0.0, 0.0)
+    invented = pixel_scores(full, empty)
+    assert (invented["precision"], invented["recall"], invented["f1"]) == (0.0, 1.0, 0.0)
+    valid = np.zeros((4, 4), bool)
+    valid[:2] = True
+    assert pixel_scores(full, full & ~valid, valid)["precision"] == 0.0
+
+
+def test_crown_matching_is_one_to_one_at_iou_04():
+    shape = (60, 60)
+    mask = square(shape, 0, 0, 10) | square(shape, 30, 30, 10) | square(shape, 50, 0, 5)
+    objects = boxes_to_objects([(0, 0, 10, 10), (30, 30, 46, 46), (0, 0, 11, 11)], shape)
+    scores = crown_scores(mask, objects)
+    # crown 1 matches box 1 (IoU 1) and not box 3 too; crown 2 vs box 2: IoU 100/256 < 0.4
+    assert scores["predicted_crowns"] == 3 and scores["matched"] == 1
+    assert scores["crown_precision"] == pytest.approx(1 / 3)
+    assert scores["crown_recall"] == pytest.approx(1 / 3)
+    assert scores["box_recall"] == pytest.approx(1.0)
+    assert scores["outside_share"] == pytest.approx(25 / 225)
+
+
+def test_crown_scores_edge_cases():
+    shape = (20, 20)
+    empty = np.zeros(shape, bool)
+    both_empty = crown_scores(empty, [])
+    assert (both_empty["crown_precision"], both_empty["crown_recall"], both_empty["crown_f1"]) == (1.0, 1.0, 1.0)
+    nothing_found = crown_scores(empty, boxes_to_objects([(0, 0, 5, 5)], shape))
+    assert (nothing_found["crown_recall"], nothing_found["box_recall"]) == (0.0, 0.0)
+    perfect = crown_scores(square(shape, 2, 2, 6), boxes_to_objects([(2, 2, 8, 8)], shape))
+    assert (perfect["crown_precision"], perfect["crown_recall"], perfect["crown_f1"]) == (1.0, 1.0, 1.0)
+
+
+def test_small_components_are_not_crowns():
+    mask = square((30, 30), 0, 0, 3) | square((30, 30), 10, 10, 6)
+    _, count = predicted_crowns(mask, min_pixels=20)
+    assert count == 1
+
+
+def test_cluster_scores_match_clusters_to_classes():
+    classes = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 2]])
+    clusters = np.array([[5, 5, 3, 3], [5, 5, 3, 7], [7, 7, 7, 7]])
+    scores = cluster_scores(clusters, classes)
+    assert scores["cluster_to_class"] == {"3": 1, "5": 0, "7": 2}
+    assert scores["pixel_accuracy"] == pytest.approx(11 / 12)
+    assert scores["miou"] == pytest.approx(np.mean([1.0, 3 / 4, 4 / 5]))
+
+
+def write_polygons(path, boxes_px):
+    driver = ogr.GetDriverByName("GPKG")
+    source = driver.CreateDataSource(str(path))
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(UTM17N)
+    layer = source.CreateLayer("crowns", srs, ogr.wkbPolygon)
+    x0, px, _, y0, _, py = SAMPLE_GEOTRANSFORM
+    for xmin, ymin, xmax, ymax in boxes_px:
+        ring = ogr.Geometry(ogr.wkbLinearRing)
+        for col, row in ((xmin, ymin), (xmax, ymin), (xmax, ymax), (xmin, ymax), (xmin, ymin)):
+            ring.AddPoint_2D(x0 + col * px, y0 + row * py)
+        polygon = ogr.Geometry(ogr.wkbPolygon)
+        polygon.AddGeometry(ring)
+        feature = ogr.Feature(layer.GetLayerDefn())
+        feature.SetGeometry(polygon)
+        layer.CreateFeature(feature)
+    source = None
+
+
+def test_evaluate_polygons_csv_and_class_raster(tmp_path):
+    mask = np.zeros((100, 120), np.uint8)
+    mask[10:30, 10:30] = 1
+    mask[60:90, 70:100] = 1
+    prediction = write_geotiff(tmp_path / "trees.tif", mask[None])
+    boxes = [(10, 10, 30, 30), (70, 60, 100, 90)]
+    write_polygons(tmp_path / "crowns.gpkg", boxes)
+    by_polygons = evaluate(str(prediction), str(tmp_path / "crowns.gpkg"), str(tmp_path / "out"))
+    assert by_polygons["pixel"]["iou"] == pytest.approx(1.0)
+    assert by_polygons["crowns"]["matched"] == 2
+    with open(tmp_path / "boxes.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["xmin", "ymin", "xmax", "ymax", "label"])
+        writer.writerows([[*box, "Tree"] for box in boxes])
+    by_csv = evaluate(str(prediction), str(tmp_path / "boxes.csv"), str(tmp_path / "out"), name="csv")
+    assert by_csv["pixel"] == by_polygons["pixel"]
+    classes = write_geotiff(tmp_path / "classes.tif", (mask * 1 + (mask == 0) * 2).astype(np.uint8)[None])
+    by_classes = evaluate(str(prediction), str(classes), str(tmp_path / "out"), clusters=str(prediction),
+                          name="classes")
+    assert by_classes["pixel"]["f1"] == 1.0 and by_classes["clusters"]["miou"] == 1.0
+    report = (tmp_path / "out" / "trees_evaluation.html").read_text()
+    assert "pixel_iou" in report and "data:image/png;base64" in report
+    rows = list(csv.reader(open(tmp_path / "out" / "trees_evaluation.csv")))
+    assert rows[0] == ["measure", "value"] and ["pixel_iou", "1.0000"] in rows
+
+
+def test_cli_evaluate_prints_scores(tmp_path):
+    mask = np.zeros((40, 40), np.uint8)
+    mask[5:15, 5:15] = 1
+    prediction = write_geotiff(tmp_path / "trees.tif", mask[None])
+    (tmp_path / "boxes.csv").write_text("xmin,ymin,xmax,ymax,label\n5,5,15,15,Tree\n")
+    result = subprocess.run([sys.executable, "-m", "treeseg_qgis", "evaluate", str(prediction), "--reference",
+                             str(tmp_path / "boxes.csv"), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "crowns_matched" in result.stdout and "pixel_iou" in result.stdout
+    assert gdal.Open(str(prediction)) is not None
+
+
+def test_reference_objects_keep_their_shape(tmp_path):
+    objects = boxes_to_objects([(-5, -5, 3, 4)], (10, 10))
+    assert objects == [ReferenceObject(slice(0, 4), slice(0, 3), objects[0].mask)]
+    assert objects[0].pixels == 12

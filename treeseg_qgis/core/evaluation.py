@@ -1,0 +1,159 @@
+"""Quality measures of a tree mask against reference data (numpy and scipy only, no torch).
+
+- Pixel scores for the tree class: precision, recall, F1 and IoU. Conventions for
+  empty sets: when nothing is predicted and nothing is in the reference every
+  score is 1; precision is 0 when something was predicted but none of it is
+  right, or nothing was predicted while the reference has trees.
+- Crowns: predicted crowns are the 8-connected components of the tree mask of at
+  least `min_pixels`; each is matched one-to-one to a reference object by the
+  Hungarian method on IoU, and a pair counts when IoU ≥ 0.4.
+- Box measures (references larger than crowns, e.g. bounding boxes): box recall
+  is the share of reference objects that hold the centroid of a predicted crown;
+  `outside_share` is the share of predicted tree pixels outside every object.
+- Clusters against a multi-class reference: clusters are matched one-to-one to
+  classes (Hungarian, maximum overlap); then mIoU over the classes and pixel
+  accuracy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
+
+MATCH_IOU = 0.4
+MIN_CROWN_PIXELS = 20
+
+
+@dataclass(frozen=True)
+class ReferenceObject:
+    """One reference crown or box: its pixel mask inside the window rows × cols."""
+
+    rows: slice
+    cols: slice
+    mask: np.ndarray
+
+    @property
+    def pixels(self) -> int:
+        return int(self.mask.sum())
+
+
+def pixel_scores(predicted: np.ndarray, reference: np.ndarray, valid: np.ndarray | None = None) -> dict:
+    """Precision, recall, F1 and IoU of the tree class (boolean arrays of one shape)."""
+    if valid is not None:
+        predicted, reference = predicted & valid, reference & valid
+    tp = int((predicted & reference).sum())
+    fp = int((predicted & ~reference).sum())
+    fn = int((~predicted & reference).sum())
+    if tp + fp + fn == 0:
+        return {"precision": 1.0, "recall": 1.0, "f1": 1.0, "iou": 1.0, "tp": 0, "fp": 0, "fn": 0}
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 1.0
+    f1 = 2 * tp / (2 * tp + fp + fn)
+    return {"precision": precision, "recall": recall, "f1": f1, "iou": tp / (tp + fp + fn),
+            "tp": tp, "fp": fp, "fn": fn}
+
+
+def predicted_crowns(mask: np.ndarray, min_pixels: int = MIN_CROWN_PIXELS) -> tuple[np.ndarray, int]:
+    """8-connected components of the mask with at least `min_pixels`: (labels, count), 0 = none."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if count == 0:
+        return labels, 0
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    keep = sizes >= min_pixels
+    keep[0] = False
+    renumber = np.zeros(count + 1, dtype=labels.dtype)
+    renumber[keep] = np.arange(1, int(keep.sum()) + 1)
+    return renumber[labels], int(keep.sum())
+
+
+def crown_scores(mask: np.ndarray, objects: list[ReferenceObject], min_pixels: int = MIN_CROWN_PIXELS,
+                 match_iou: float = MATCH_IOU) -> dict:
+    """One-to-one crown matching (IoU ≥ match_iou) and the box measures."""
+    labels, count = predicted_crowns(mask, min_pixels)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    iou = np.zeros((len(objects), count))
+    centroids = ndimage.center_of_mass(labels > 0, labels, range(1, count + 1)) if count else []
+    inside_any = np.zeros(mask.shape, dtype=bool)
+    boxes_hit = 0
+    for index, item in enumerate(objects):
+        window = labels[item.rows, item.cols]
+        overlap = np.bincount(window[item.mask], minlength=count + 1)[1:]
+        union = item.pixels + sizes[1:] - overlap
+        iou[index] = np.divide(overlap, union, out=np.zeros(count), where=union > 0)
+        inside_any[item.rows, item.cols] |= item.mask
+        boxes_hit += any(_inside(item, centroid) for centroid in centroids)
+    matched = 0
+    if objects and count:
+        rows, cols = linear_sum_assignment(-iou)
+        matched = int((iou[rows, cols] >= match_iou).sum())
+    precision = matched / count if count else float(not objects)
+    recall = matched / len(objects) if objects else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    tree_pixels = int(mask.sum())
+    return {
+        "predicted_crowns": count,
+        "reference_objects": len(objects),
+        "matched": matched,
+        "crown_precision": precision,
+        "crown_recall": recall,
+        "crown_f1": f1,
+        "box_recall": boxes_hit / len(objects) if objects else 1.0,
+        "outside_share": float((mask & ~inside_any).sum() / tree_pixels) if tree_pixels else 0.0,
+    }
+
+
+def _inside(item: ReferenceObject, centroid: tuple[float, float]) -> bool:
+    row, col = int(centroid[0]), int(centroid[1])
+    if not (item.rows.start <= row < item.rows.stop and item.cols.start <= col < item.cols.stop):
+        return False
+    return bool(item.mask[row - item.rows.start, col - item.cols.start])
+
+
+def cluster_scores(clusters: np.ndarray, classes: np.ndarray, valid: np.ndarray | None = None) -> dict:
+    """mIoU and pixel accuracy of cluster ids against class ids after one-to-one Hungarian matching."""
+    if valid is None:
+        valid = np.ones(clusters.shape, dtype=bool)
+    predicted, truth = clusters[valid].astype(np.int64), classes[valid].astype(np.int64)
+    cluster_ids, predicted = np.unique(predicted, return_inverse=True)
+    class_ids, truth = np.unique(truth, return_inverse=True)
+    confusion = np.zeros((len(cluster_ids), len(class_ids)), dtype=np.int64)
+    np.add.at(confusion, (predicted, truth), 1)
+    rows, cols = linear_sum_assignment(-confusion)
+    mapping = dict(zip(rows.tolist(), cols.tolist()))
+    ious = []
+    for class_index in range(len(class_ids)):
+        cluster_index = next((c for c, k in mapping.items() if k == class_index), None)
+        if cluster_index is None:
+            ious.append(0.0)
+            continue
+        tp = confusion[cluster_index, class_index]
+        union = confusion[cluster_index].sum() + confusion[:, class_index].sum() - tp
+        ious.append(tp / union if union else 0.0)
+    correct = sum(confusion[r, c] for r, c in mapping.items())
+    return {
+        "miou": float(np.mean(ious)) if ious else 0.0,
+        "pixel_accuracy": float(correct / max(confusion.sum(), 1)),
+        "class_iou": {str(int(class_ids[i])): round(float(v), 4) for i, v in enumerate(ious)},
+        "cluster_to_class": {str(int(cluster_ids[r])): int(class_ids[c]) for r, c in mapping.items()},
+    }
+
+
+def boxes_to_objects(boxes: list[tuple[float, float, float, float]], shape: tuple[int, int]) -> list[ReferenceObject]:
+    """Pixel boxes (xmin, ymin, xmax, ymax; pixel-corner coordinates) as reference objects."""
+    objects = []
+    for xmin, ymin, xmax, ymax in boxes:
+        r0, r1 = max(0, int(round(ymin))), min(shape[0], int(round(ymax)))
+        c0, c1 = max(0, int(round(xmin))), min(shape[1], int(round(xmax)))
+        if r1 > r0 and c1 > c0:
+            objects.append(ReferenceObject(slice(r0, r1), slice(c0, c1), np.ones((r1 - r0, c1 - c0), bool)))
+    return objects
+
+
+def union_mask(objects: list[ReferenceObject], shape: tuple[int, int]) -> np.ndarray:
+    mask = np.zeros(shape, dtype=bool)
+    for item in objects:
+        mask[item.rows, item.cols] |= item.mask
+    return mask

@@ -1,0 +1,161 @@
+"""Evaluate a tree prediction against reference data; writes a CSV and an HTML report.
+
+Runs without torch (numpy, scipy, GDAL, matplotlib): the Processing algorithm
+calls it inside QGIS, the command line as `python -m treeseg_qgis evaluate`.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .core.errors import InputError, OutputError
+from .core.evaluation import cluster_scores, crown_scores, pixel_scores, union_mask
+from .gis.reference import Grid, read_band, read_prediction, read_reference_objects
+
+MAX_PICTURE_SIZE = 900
+
+
+def evaluate(
+    prediction: str,
+    reference: str,
+    out_dir: str,
+    image: str | None = None,
+    clusters: str | None = None,
+    tree_class: int = 1,
+    name: str | None = None,
+) -> dict:
+    """Scores of `prediction` against `reference` (see core/evaluation.py); also written to out_dir.
+
+    `reference` is polygons, a CSV of pixel boxes, or a class raster (tree class
+    `tree_class`; with `clusters`, a cluster raster, mIoU is computed too).
+    """
+    mask, valid, grid = read_prediction(prediction, image)
+    scores: dict = {"prediction": prediction, "reference": reference}
+    if _is_class_raster(reference):
+        classes, class_valid = read_band(reference, grid)
+        valid = valid & class_valid
+        truth = classes == tree_class
+        scores["pixel"] = pixel_scores(mask, truth, valid)
+        if clusters:
+            cluster_ids, cluster_valid = read_band(clusters, grid)
+            scores["clusters"] = cluster_scores(cluster_ids, classes, valid & cluster_valid)
+        outline = truth
+    else:
+        objects = read_reference_objects(reference, grid)
+        truth = union_mask(objects, grid.shape)
+        scores["pixel"] = pixel_scores(mask, truth, valid)
+        scores["crowns"] = crown_scores(mask & valid, objects)
+        outline = truth
+    name = name or Path(prediction).stem
+    folder = Path(out_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"Cannot create {folder}: {error.strerror}.") from error
+    rows = flat_scores(scores)
+    csv_path, html_path = folder / f"{name}_evaluation.csv", folder / f"{name}_evaluation.html"
+    _atomic_write(csv_path, _csv_text(rows))
+    _atomic_write(html_path, _html_report(name, rows, _picture(image, mask, outline, grid)))
+    scores["outputs"] = {"csv": str(csv_path), "html": str(html_path)}
+    return scores
+
+
+def flat_scores(scores: dict) -> dict[str, float]:
+    """The numeric scores as one flat `group_measure` → value mapping."""
+    flat = {}
+    for group in ("pixel", "crowns", "clusters"):
+        for key, value in scores.get(group, {}).items():
+            if isinstance(value, (int, float)):
+                flat[f"{group}_{key}"] = value
+    return flat
+
+
+def _is_class_raster(path: str) -> bool:
+    from osgeo import gdal
+
+    if Path(path).suffix.lower() == ".csv":
+        return False
+    try:
+        return gdal.OpenEx(path, gdal.OF_RASTER) is not None
+    except RuntimeError:
+        return False
+
+
+def _csv_text(rows: dict[str, float]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["measure", "value"])
+    for key, value in rows.items():
+        writer.writerow([key, f"{value:.4f}" if isinstance(value, float) else value])
+    return buffer.getvalue()
+
+
+def _picture(image: str | None, mask: np.ndarray, reference: np.ndarray, grid: Grid) -> bytes:
+    """PNG: the image (or grey), reference outlines in yellow, predicted trees in translucent green."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    step = max(1, int(np.ceil(max(grid.shape) / MAX_PICTURE_SIZE)))
+    background = _image_rgb(image, grid, step) if image else np.full((*mask[::step, ::step].shape, 3), 0.6)
+    figure = Figure(figsize=(12, 4.4), dpi=100)
+    FigureCanvasAgg(figure)
+    panels = figure.subplots(1, 3)
+    small_mask, small_ref = mask[::step, ::step], reference[::step, ::step]
+    for axis, title in zip(panels, ("Image", "Reference (yellow)", "Prediction (green)")):
+        axis.imshow(background)
+        axis.set_title(title)
+        axis.set_axis_off()
+    panels[1].contour(small_ref, levels=[0.5], colors="yellow", linewidths=1)
+    overlay = np.zeros((*small_mask.shape, 4))
+    overlay[small_mask] = (0.1, 0.9, 0.1, 0.55)
+    panels[2].imshow(overlay)
+    panels[2].contour(small_ref, levels=[0.5], colors="yellow", linewidths=0.8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _image_rgb(image: str, grid: Grid, step: int) -> np.ndarray:
+    from .gis.raster import GdalRasterSource
+
+    with GdalRasterSource(image) as source:
+        if (source.width, source.height) != (grid.width, grid.height):
+            raise InputError(f"The image {image} does not share the prediction's pixel grid.")
+        rgb, _ = source.read_decimated(-(-grid.width // step), -(-grid.height // step))
+    return rgb
+
+
+def _html_report(name: str, rows: dict[str, float], picture: bytes) -> str:
+    table = "\n".join(
+        f"<tr><td>{html.escape(key)}</td><td>{value:.4f}</td></tr>" if isinstance(value, float)
+        else f"<tr><td>{html.escape(key)}</td><td>{value}</td></tr>"
+        for key, value in rows.items()
+    )
+    image = base64.b64encode(picture).decode("ascii")
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>treeseg evaluation — {html.escape(name)}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}td{padding:2px 12px;border-bottom:1px solid #ddd}</style>"
+        f"</head><body><h1>treeseg evaluation — {html.escape(name)}</h1>"
+        f"<table><tr><th>measure</th><th>value</th></tr>{table}</table>"
+        f"<p><img alt='image, reference and prediction' src='data:image/png;base64,{image}'></p>"
+        "</body></html>"
+    )
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise OutputError(f"Cannot write {path}: {error.strerror}.") from error

@@ -1,0 +1,182 @@
+"""Predictions and reference data on one pixel grid, for evaluation.
+
+A prediction is a tree-mask raster (1 = tree, nodata excluded) or polygons with
+an `is_tree` field rasterized on the grid of an image. A reference is polygons
+(crown outlines or boxes, any vector format OGR reads, reprojected to the grid's
+CRS), a class raster on the same grid, or a CSV of pixel boxes
+(`xmin,ymin,xmax,ymax[,label]`, pixel-corner coordinates).
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from osgeo import gdal, ogr, osr
+
+from ..core.errors import InputError
+from ..core.evaluation import ReferenceObject, boxes_to_objects
+
+gdal.UseExceptions()
+ogr.UseExceptions()
+osr.UseExceptions()
+
+MAX_EVALUATION_PIXELS = 200_000_000
+
+
+@dataclass
+class Grid:
+    """A raster's pixel grid."""
+
+    width: int
+    height: int
+    geotransform: tuple[float, ...]
+    crs_wkt: str
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.height, self.width
+
+    @classmethod
+    def of(cls, path: str) -> Grid:
+        dataset = _open_raster(path)
+        if dataset.RasterXSize * dataset.RasterYSize > MAX_EVALUATION_PIXELS:
+            raise InputError(f"{path} is larger than {MAX_EVALUATION_PIXELS // 1_000_000} megapixels: "
+                             "evaluate a clip of the area your reference covers.")
+        return cls(dataset.RasterXSize, dataset.RasterYSize, tuple(dataset.GetGeoTransform()),
+                   dataset.GetProjection() or "")
+
+
+def read_band(path: str, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """Band 1 of a raster on `grid` and its validity (mask band)."""
+    dataset = _open_raster(path)
+    if (dataset.RasterXSize, dataset.RasterYSize) != (grid.width, grid.height):
+        raise InputError(f"{path} is {dataset.RasterXSize} × {dataset.RasterYSize} px, the prediction "
+                         f"{grid.width} × {grid.height} px: they must share one grid.")
+    band = dataset.GetRasterBand(1)
+    return band.ReadAsArray(), band.GetMaskBand().ReadAsArray() > 0
+
+
+def read_prediction(path: str, image: str | None = None) -> tuple[np.ndarray, np.ndarray, Grid]:
+    """(tree mask, valid, grid) of a tree raster, or of `is_tree` polygons on the grid of `image`."""
+    if _is_raster(path):
+        grid = Grid.of(path)
+        values, valid = read_band(path, grid)
+        return (values == 1) & valid, valid, grid
+    if image is None:
+        raise InputError("A polygon prediction needs an image (or raster) whose pixel grid to evaluate on.")
+    grid = Grid.of(image)
+    mask = rasterize(path, grid, where="is_tree = 1")
+    return mask, np.ones(grid.shape, dtype=bool), grid
+
+
+def read_reference_objects(path: str, grid: Grid) -> list[ReferenceObject]:
+    """Reference crowns or boxes as objects on `grid`."""
+    if Path(path).suffix.lower() == ".csv":
+        return boxes_to_objects(_read_pixel_boxes(path), grid.shape)
+    source = _open_vector(path)
+    layer = source.GetLayer(0)
+    transform = _transform_to(layer.GetSpatialRef(), grid)
+    objects = []
+    for feature in layer:
+        geometry = feature.GetGeometryRef()
+        if geometry is None or geometry.IsEmpty():
+            continue
+        geometry = geometry.Clone()
+        if transform is not None:
+            geometry.Transform(transform)
+        item = _rasterize_geometry(geometry, grid)
+        if item is not None:
+            objects.append(item)
+    return objects
+
+
+def rasterize(path: str, grid: Grid, where: str | None = None) -> np.ndarray:
+    """All polygons of a vector file (optionally filtered by an attribute filter) as a mask."""
+    target = _memory_raster(grid.width, grid.height, grid.geotransform, grid.crs_wkt)
+    source = _open_vector(path)
+    layer = source.GetLayer(0)
+    if where:
+        layer.SetAttributeFilter(where)
+    gdal.RasterizeLayer(target, [1], layer, burn_values=[1])
+    return target.GetRasterBand(1).ReadAsArray().astype(bool)
+
+
+def _rasterize_geometry(geometry: ogr.Geometry, grid: Grid) -> ReferenceObject | None:
+    xmin, xmax, ymin, ymax = geometry.GetEnvelope()
+    gt = grid.geotransform
+    if gt[2] or gt[4]:
+        raise InputError("Rotated rasters are not supported for evaluation: warp the raster north-up first.")
+    cols = sorted(((xmin - gt[0]) / gt[1], (xmax - gt[0]) / gt[1]))
+    rows = sorted(((ymax - gt[3]) / gt[5], (ymin - gt[3]) / gt[5]))
+    c0, c1 = max(0, int(np.floor(cols[0]))), min(grid.width, int(np.ceil(cols[1])))
+    r0, r1 = max(0, int(np.floor(rows[0]))), min(grid.height, int(np.ceil(rows[1])))
+    if c1 <= c0 or r1 <= r0:
+        return None
+    window_gt = (gt[0] + c0 * gt[1], gt[1], 0.0, gt[3] + r0 * gt[5], 0.0, gt[5])
+    target = _memory_raster(c1 - c0, r1 - r0, window_gt, grid.crs_wkt)
+    layer_source = ogr.GetDriverByName("Memory").CreateDataSource("")
+    layer = layer_source.CreateLayer("object", geom_type=ogr.wkbUnknown)
+    feature = ogr.Feature(layer.GetLayerDefn())
+    feature.SetGeometry(geometry)
+    layer.CreateFeature(feature)
+    gdal.RasterizeLayer(target, [1], layer, burn_values=[1])
+    mask = target.GetRasterBand(1).ReadAsArray().astype(bool)
+    if not mask.any():
+        return None
+    return ReferenceObject(slice(r0, r1), slice(c0, c1), mask)
+
+
+def _read_pixel_boxes(path: str) -> list[tuple[float, float, float, float]]:
+    boxes = []
+    try:
+        with open(path, newline="") as handle:
+            for row in csv.DictReader(handle):
+                boxes.append((float(row["xmin"]), float(row["ymin"]), float(row["xmax"]), float(row["ymax"])))
+    except (OSError, KeyError, ValueError) as error:
+        raise InputError(f"{path} is not a CSV of pixel boxes with columns xmin,ymin,xmax,ymax: {error}") from error
+    return boxes
+
+
+def _transform_to(source_srs: osr.SpatialReference | None, grid: Grid) -> osr.CoordinateTransformation | None:
+    if source_srs is None or not grid.crs_wkt:
+        return None
+    source_srs = source_srs.Clone()
+    target = osr.SpatialReference()
+    target.ImportFromWkt(grid.crs_wkt)
+    for srs in (source_srs, target):
+        srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    if source_srs.IsSame(target):
+        return None
+    return osr.CoordinateTransformation(source_srs, target)
+
+
+def _memory_raster(width: int, height: int, geotransform, crs_wkt: str) -> gdal.Dataset:
+    dataset = gdal.GetDriverByName("MEM").Create("", width, height, 1, gdal.GDT_Byte)
+    dataset.SetGeoTransform(geotransform)
+    if crs_wkt:
+        dataset.SetProjection(crs_wkt)
+    return dataset
+
+
+def _is_raster(path: str) -> bool:
+    try:
+        return gdal.OpenEx(path, gdal.OF_RASTER) is not None
+    except RuntimeError:
+        return False
+
+
+def _open_raster(path: str) -> gdal.Dataset:
+    try:
+        return gdal.Open(path)
+    except RuntimeError as error:
+        raise InputError(f"Cannot open the raster {path}: {error}") from error
+
+
+def _open_vector(path: str) -> gdal.Dataset:
+    try:
+        return gdal.OpenEx(path, gdal.OF_VECTOR)
+    except RuntimeError as error:
+        raise InputError(f"Cannot open the vector file {path}: {error}") from error
