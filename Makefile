@@ -7,7 +7,7 @@ PLUGIN := treeseg_qgis
 VERSION := $(shell sed -n 's/^version=//p' metadata.txt)
 PROFILE_PLUGINS ?= $(HOME)/.local/share/QGIS/QGIS3/profiles/default/python/plugins
 
-.PHONY: setup demo test lint package deploy clean
+.PHONY: setup demo test lint eval package deploy clean
 
 setup:
 	@bash scripts/setup.sh
@@ -24,6 +24,9 @@ demo: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
+
+eval: setup
+	$(PYTHON) scripts/eval_sample.py
 
 lint: setup
 	.venv/bin/ruff check .
