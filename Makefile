@@ -7,7 +7,7 @@ PLUGIN := treeseg_qgis
 VERSION := $(shell sed -n 's/^version=//p' metadata.txt)
 PROFILE_PLUGINS ?= $(HOME)/.local/share/QGIS/QGIS3/profiles/default/python/plugins
 
-.PHONY: setup demo test lint eval package deploy clean
+.PHONY: setup demo test lint eval bench package deploy clean
 
 setup:
 	@bash scripts/setup.sh
@@ -27,6 +27,10 @@ test: setup
 
 eval: setup
 	$(PYTHON) scripts/eval_sample.py
+
+# About 40 minutes on 2 cores; BENCH_ARGS="--sizes 4,36 --strides 16,8" for a quick run.
+bench: setup
+	$(PYTHON) scripts/bench.py $(BENCH_ARGS)
 
 lint: setup
 	.venv/bin/ruff check .

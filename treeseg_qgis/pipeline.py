@@ -27,7 +27,7 @@ from .core.segmentation import SegmentationResult, TileFeatureExtractor, segment
 from .core.store import FeatureStore
 from .gis.polygons import polygonize_clusters
 from .gis.preview import write_preview
-from .gis.raster import GdalRasterSource
+from .gis.raster import GdalRasterSource, limit_block_cache
 from .gis.writers import LabelRasterWriter
 from .outputs import SUFFIXES, OutputPaths, remove_files, remove_temporary_files
 
@@ -50,6 +50,7 @@ def segment(
         params = replace(params, clusters=2)
     progress = progress or Progress()
     started = time.perf_counter()
+    limit_block_cache()
     _output_folder(params.output_dir)
     with GdalRasterSource(params.input_path, params.bands) as source:
         progress.report(0.0, "Loading model")
@@ -96,9 +97,11 @@ def segment(
             result.timings["polygonize"] = round(time.perf_counter() - polygon_started, 3)
             progress.report(0.98, "Writing preview")
             progress.check()
+            preview_started = time.perf_counter()
             write_preview(source, str(paths.clusters), str(paths.trees), str(paths.preview),
                           title=_preview_title(params, model, result))
             written.append(paths.preview)
+            result.timings["preview"] = round(time.perf_counter() - preview_started, 3)
             record = _record(params, model, source, result, paths, polygons)
             record["timings"]["load_model"] = round(load_seconds, 3)
             record["timings"]["total"] = round(time.perf_counter() - started, 3)

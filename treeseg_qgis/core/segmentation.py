@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -172,12 +174,9 @@ def _extract_all(
         samples.append(tile_features.features.reshape(-1, tile_features.features.shape[-1])[rows])
         sample_exg.append(tile_features.exg.reshape(-1)[rows])
 
-    for index, tile in enumerate(order):
+    for index, (tile, (rgb, valid)) in enumerate(_prefetched(source, order, timings)):
         progress.check()
         progress.report(index / len(order), f"Extracting features: tile {index + 1} of {len(order)}")
-        started = time.perf_counter()
-        rgb, valid = read_tile(source, tile)
-        timings["read"] += time.perf_counter() - started
         started = time.perf_counter()
         features = extractor.extract(rgb)
         timings["features"] += time.perf_counter() - started
@@ -204,6 +203,29 @@ def _extract_all(
         timings["project"] += time.perf_counter() - started
     progress.report(1.0, "Features extracted")
     return np.concatenate(samples).astype(np.float32), np.concatenate(sample_exg).astype(np.float64)
+
+
+def _prefetched(
+    source: RasterSource, tiles: list[Tile], timings: dict[str, float]
+) -> Iterator[tuple[Tile, tuple[np.ndarray, np.ndarray]]]:
+    """Tiles with their pixels, the next one read by a reader thread while this one is computed.
+
+    Only the reader thread touches the source until the loop ends.
+    """
+
+    def timed_read(tile: Tile) -> tuple[np.ndarray, np.ndarray]:
+        started = time.perf_counter()
+        pixels = read_tile(source, tile)
+        timings["read"] += time.perf_counter() - started
+        return pixels
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="treeseg-reader") as reader:
+        pending = reader.submit(timed_read, tiles[0])
+        for index, tile in enumerate(tiles):
+            pixels = pending.result()
+            if index + 1 < len(tiles):
+                pending = reader.submit(timed_read, tiles[index + 1])
+            yield tile, pixels
 
 
 def _fit_projection(pca_samples: list[np.ndarray], params: SegmentationParams) -> Projection:

@@ -154,3 +154,8 @@ class GdalRasterSource:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def limit_block_cache(megabytes: int = 64) -> None:
+    """Cap GDAL's block cache so memory does not grow with the raster (engine process only)."""
+    gdal.SetCacheMax(megabytes * 1024 * 1024)

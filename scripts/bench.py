@@ -1,0 +1,219 @@
+"""`make bench`: end-to-end time vs the bare model forward, peak memory per raster size, stride cost.
+
+Synthetic orthophoto-like rasters (textured crowns on soil): one 2000 × 2000 px
+tiled GeoTIFF (4 MP) and VRT mosaics of it (36, 100, 400 MP). The model is the
+real ViT-S/16 DINOv3 architecture with random weights (the compute is real),
+saved with save_pretrained and loaded through the product's loader. Every
+figure comes from its own process, after a warm-up forward. Results go to
+docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+WORK = REPO / "output" / "bench"
+BLOCK = 2000
+MOSAICS = {4: 1, 36: 3, 100: 5, 400: 10}
+TILE = 512
+
+
+def make_inputs() -> dict[int, Path]:
+    """The 4 MP GeoTIFF and its VRT mosaics; the ViT-S/16 model folder."""
+    from osgeo import gdal, osr
+
+    gdal.UseExceptions()
+    WORK.mkdir(parents=True, exist_ok=True)
+    base = WORK / "ortho_4mp.tif"
+    if not base.exists():
+        rng = np.random.default_rng(0)
+        yy, xx = np.mgrid[0:BLOCK, 0:BLOCK]
+        crowns = np.zeros((BLOCK, BLOCK), bool)
+        for cy, cx, r in zip(rng.integers(0, BLOCK, 900), rng.integers(0, BLOCK, 900), rng.integers(15, 45, 900)):
+            y0, y1, x0, x1 = max(cy - r, 0), min(cy + r, BLOCK), max(cx - r, 0), min(cx + r, BLOCK)
+            crowns[y0:y1, x0:x1] |= (yy[y0:y1, x0:x1] - cy) ** 2 + (xx[y0:y1, x0:x1] - cx) ** 2 < r * r
+        image = np.where(crowns[..., None], (52, 105, 48), (176, 150, 118)).astype(np.float32)
+        image *= 1 + 0.15 * rng.standard_normal((BLOCK, BLOCK, 1))
+        image += rng.normal(0, 8, image.shape)
+        data = np.clip(image, 0, 255).astype(np.uint8)
+        dataset = gdal.GetDriverByName("GTiff").Create(str(base), BLOCK, BLOCK, 3, gdal.GDT_Byte,
+                                                       ["TILED=YES", "COMPRESS=DEFLATE"])
+        dataset.SetGeoTransform((400000.0, 0.1, 0.0, 3300000.0, 0.0, -0.1))
+        srs = osr.SpatialReference()
+        srs.ImportFromEPSG(32617)
+        dataset.SetProjection(srs.ExportToWkt())
+        for band in range(3):
+            dataset.GetRasterBand(band + 1).WriteArray(data[..., band])
+        dataset = None
+    paths = {4: base}
+    for megapixels, side in MOSAICS.items():
+        if side > 1:
+            paths[megapixels] = _mosaic(base, side, WORK / f"ortho_{megapixels}mp.vrt")
+    model = WORK / "vits16-random"
+    if not (model / "config.json").exists():
+        import torch
+        from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+        torch.manual_seed(0)
+        config = DINOv3ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                                 intermediate_size=1536, patch_size=16, num_register_tokens=4)
+        DINOv3ViTModel(config).save_pretrained(model)
+    return paths
+
+
+def _mosaic(base: Path, side: int, path: Path) -> Path:
+    size = BLOCK * side
+    sources = "".join(
+        f"<SimpleSource><SourceFilename relativeToVRT='1'>{base.name}</SourceFilename>"
+        f"<SourceBand>{{band}}</SourceBand><SrcRect xOff='0' yOff='0' xSize='{BLOCK}' ySize='{BLOCK}'/>"
+        f"<DstRect xOff='{col * BLOCK}' yOff='{row * BLOCK}' xSize='{BLOCK}' ySize='{BLOCK}'/></SimpleSource>"
+        for row in range(side) for col in range(side)
+    )
+    bands = "".join(
+        f"<VRTRasterBand dataType='Byte' band='{band}'>{sources.format(band=band)}</VRTRasterBand>"
+        for band in (1, 2, 3)
+    )
+    path.write_text(
+        f"<VRTDataset rasterXSize='{size}' rasterYSize='{size}'><SRS>EPSG:32617</SRS>"
+        f"<GeoTransform>400000.0, 0.1, 0.0, 3300000.0, 0.0, -0.1</GeoTransform>{bands}</VRTDataset>"
+    )
+    return path
+
+
+def measure(kind: str, raster: str, stride: int) -> dict:
+    """One figure, in this process: `segment` end to end, or the bare forward over the same tiles."""
+    from treeseg_qgis.core.features import FeatureExtractor
+    from treeseg_qgis.core.models import load_backbone
+    from treeseg_qgis.core.params import SegmentationParams
+    from treeseg_qgis.core.tiling import TileGrid
+    from treeseg_qgis.gis.raster import GdalRasterSource
+    from treeseg_qgis.pipeline import segment
+
+    backbone = load_backbone(str(WORK / "vits16-random"), device="cpu")
+    extractor = FeatureExtractor(backbone, stride)
+    warm = np.random.default_rng(1).random((TILE, TILE, 3), dtype=np.float32)
+    extractor.extract(warm)
+    with GdalRasterSource(raster) as source:
+        grid = TileGrid(source.width, source.height, TILE, 64)
+    started = time.perf_counter()
+    if kind == "forward":
+        tile = np.random.default_rng(2).random((grid.tile_height, grid.tile_width, 3), dtype=np.float32)
+        for _ in range(len(grid)):
+            extractor.extract(tile)
+        result = {"seconds": time.perf_counter() - started}
+    else:
+        params = SegmentationParams(input_path=raster, output_dir=str(WORK / f"out_{Path(raster).stem}_s{stride}"),
+                                    model=str(WORK / "vits16-random"), stride=stride, device="cpu", clusters=6)
+        record = segment(params, backbone=backbone)
+        result = {"seconds": time.perf_counter() - started, "timings": record["timings"]}
+    result.update(tiles=len(grid), peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  threads=__import__("torch").get_num_threads())
+    return result
+
+
+def run_child(kind: str, raster: Path, stride: int) -> dict:
+    output = subprocess.run([sys.executable, __file__, "--child", kind, str(raster), str(stride)],
+                            check=True, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    result = json.loads(output.stdout.strip().splitlines()[-1])
+    print(f"  {kind:8s} {raster.name:18s} stride {stride:2d}: {result['seconds']:8.1f} s, "
+          f"peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
+    return result
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", default="4,36,100,400", help="raster sizes in megapixels (of 4,36,100,400)")
+    parser.add_argument("--strides", default="16,8,4", help="strides compared on the 4 MP raster")
+    parser.add_argument("--child", nargs=3, metavar=("KIND", "RASTER", "STRIDE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, raster, stride = args.child
+        print(json.dumps(measure(kind, raster, int(stride))))
+        return
+    sizes = [int(size) for size in args.sizes.split(",")]
+    strides = [int(stride) for stride in args.strides.split(",")]
+    started = time.time()
+    paths = make_inputs()
+    print("end to end vs bare forward, stride 16", flush=True)
+    ratio = {}
+    for size in sizes:
+        if size in (4, 36):
+            ratio[size] = (run_child("segment", paths[size], 16), run_child("forward", paths[size], 16))
+    print("peak memory per raster size, stride 16", flush=True)
+    memory = {size: ratio[size][0] if size in ratio else run_child("segment", paths[size], 16) for size in sizes}
+    print("stride cost on 4 MP", flush=True)
+    stride_runs = {stride: ratio[4][0] if stride == 16 and 4 in ratio else run_child("segment", paths[4], stride)
+                   for stride in strides}
+    write_report(ratio, memory, stride_runs, " ".join(sys.argv[1:]), time.time() - started)
+
+
+def write_report(ratio: dict, memory: dict, stride_runs: dict, arguments: str, elapsed: float) -> None:
+    import torch
+
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Date: {datetime.date.today().isoformat()}. Machine: {cpu_model()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads, no GPU. "
+        f"Command: `make bench` (`scripts/bench.py {arguments}`), {elapsed / 60:.0f} minutes in all.",
+        "",
+        "Model: the ViT-S/16 DINOv3 architecture (hidden 384, 12 layers, 6 heads, 4 registers) with random "
+        "weights, loaded through the product's loader. Tiles 512 px with 64 px overlap. Inputs: a synthetic "
+        "2000 × 2000 px tiled GeoTIFF (crowns on soil) and VRT mosaics of it. Each figure is one process, "
+        "after a warm-up forward.",
+        "",
+        "## End to end vs the bare model forward (stride 16)",
+        "",
+        "| raster | tiles | `segment` end to end (s) | bare forward, same tiles (s) | ratio |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for size, (end_to_end, forward) in ratio.items():
+        lines.append(f"| {size} MP | {end_to_end['tiles']} | {end_to_end['seconds']:.1f} | {forward['seconds']:.1f} | "
+                     f"{end_to_end['seconds'] / forward['seconds']:.2f} |")
+    smallest = memory[min(memory)]["peak_rss_mb"]
+    lines += ["", "## Peak resident memory (stride 16)", "", "| raster | tiles | peak RSS (MB) | × smallest |",
+              "| --- | --- | --- | --- |"]
+    for size, run in memory.items():
+        lines.append(f"| {size} MP | {run['tiles']} | {run['peak_rss_mb']:.0f} | {run['peak_rss_mb'] / smallest:.2f} |")
+    base = stride_runs[16]["seconds"] if 16 in stride_runs else None
+    lines += ["", "## Stride cost (4 MP)", "", "| stride | forward passes per tile | time (s) | × stride 16 |",
+              "| --- | --- | --- | --- |"]
+    for stride, run in stride_runs.items():
+        factor = f"{run['seconds'] / base:.2f}" if base else "—"
+        lines.append(f"| {stride} | {(16 // stride) ** 2} | {run['seconds']:.1f} | {factor} |")
+    lines += ["", "## Where the time goes (end to end, seconds)", ""]
+    stages = ["load_model", "read", "features", "project", "cluster", "assign", "write", "polygonize", "preview",
+              "total"]
+    lines += ["| run | " + " | ".join(stages) + " |", "| --- |" + " --- |" * len(stages)]
+    runs = {f"{size} MP, stride 16": run for size, run in memory.items()}
+    runs.update({f"4 MP, stride {stride}": run for stride, run in stride_runs.items() if stride != 16})
+    for label, run in runs.items():
+        timings = run["timings"]
+        lines.append(f"| {label} | " + " | ".join(f"{timings.get(stage, 0):.1f}" for stage in stages) + " |")
+    lines += ["", "`read` runs in a reader thread beside the forward pass, so it overlaps `features`.", ""]
+    (REPO / "docs" / "BENCHMARKS.md").write_text("\n".join(lines))
+    print(REPO / "docs" / "BENCHMARKS.md")
+
+
+if __name__ == "__main__":
+    main()
