@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from .clustering import ClusterModel, Projection, fit_clusters
 from .errors import InputError
@@ -338,8 +340,7 @@ def _label_block(
     cols = range(max(0, math.floor(cols_at[0])), min(grid_cols, math.floor(cols_at[-1]) + 2))
     features, _ = _blend(store, grid, stride, rows, cols)
     distances = clusters.squared_distances(features)
-    upsampled = _bilinear(distances, rows_at - rows.start, cols_at - cols.start)
-    return upsampled.argmin(-1).astype(np.uint8)
+    return _nearest_centre_bilinear(distances, rows_at - rows.start, cols_at - cols.start)
 
 
 def _cell_coordinates(start: int, size: int, stride: int, cell_size: int) -> np.ndarray:
@@ -347,16 +348,12 @@ def _cell_coordinates(start: int, size: int, stride: int, cell_size: int) -> np.
     return (np.arange(start, start + size, dtype=np.float64) + 0.5 - cell_size / 2) / stride
 
 
-def _bilinear(values: np.ndarray, rows_at: np.ndarray, cols_at: np.ndarray) -> np.ndarray:
-    """Sample (h, w, C) `values` at fractional rows × cols, clamped at the borders."""
-    h, w = values.shape[:2]
-    rows_at = np.clip(rows_at, 0, h - 1)
-    cols_at = np.clip(cols_at, 0, w - 1)
-    r0 = np.minimum(rows_at.astype(int), max(h - 2, 0))
-    c0 = np.minimum(cols_at.astype(int), max(w - 2, 0))
-    r1, c1 = np.minimum(r0 + 1, h - 1), np.minimum(c0 + 1, w - 1)
-    fr = (rows_at - r0).astype(np.float32)[:, None, None]
-    fc = (cols_at - c0).astype(np.float32)[None, :, None]
-    top = values[r0][:, c0] * (1 - fc) + values[r0][:, c1] * fc
-    bottom = values[r1][:, c0] * (1 - fc) + values[r1][:, c1] * fc
-    return top * (1 - fr) + bottom * fr
+def _nearest_centre_bilinear(distances: np.ndarray, rows_at: np.ndarray, cols_at: np.ndarray) -> np.ndarray:
+    """Argmin over K of (h, w, K) distances sampled bilinearly at fractional rows × cols (border-clamped)."""
+    h, w = distances.shape[:2]
+    values = torch.from_numpy(np.ascontiguousarray(distances, dtype=np.float32)).permute(2, 0, 1)[None]
+    x = torch.from_numpy(np.clip(cols_at, 0, w - 1) / max(w - 1, 1) * 2 - 1).float()
+    y = torch.from_numpy(np.clip(rows_at, 0, h - 1) / max(h - 1, 1) * 2 - 1).float()
+    where = torch.stack(torch.meshgrid(y, x, indexing="ij")[::-1], dim=-1)[None]
+    sampled = F.grid_sample(values, where, mode="bilinear", padding_mode="border", align_corners=True)
+    return sampled[0].argmin(0).numpy().astype(np.uint8)
