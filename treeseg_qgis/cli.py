@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"catalogue name ({', '.join(CATALOGUE)}), a Hugging Face id or a local model "
         f"folder (default: {DEFAULT_MODEL})",
     )
+    run.add_argument("--model-revision", metavar="REV",
+                     help="pin a hub model to a branch, tag or commit hash (default: main)")
     run.add_argument("--stride", type=int, default=16, choices=COLOUR_STRIDES,
                      help="feature grid step in pixels: 16, or 8/4/2 for a denser grid (slower); "
                      "baselines also take 1")
@@ -89,6 +91,7 @@ def params_from_args(args: argparse.Namespace) -> SegmentationParams:
         bands=_bands(args.bands),
         method=args.method,
         model=args.model,
+        model_revision=args.model_revision,
         stride=args.stride,
         clusters=None if args.clusters == "auto" else _int(args.clusters, "--clusters"),
         k_min=_range(args.k_range)[0],

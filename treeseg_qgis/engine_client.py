@@ -13,7 +13,7 @@ import json
 import os
 import queue
 import signal
-import subprocess
+import subprocess  # nosec B404
 import threading
 import time
 from collections import deque
@@ -171,7 +171,8 @@ class EngineClient:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGIN_DIR.parent), env.get("PYTHONPATH")]))
         env.pop("PYTHONHOME", None)
-        process = subprocess.Popen(
+        # A fixed argv (the engine's Python and our own worker module), never a shell.
+        process = subprocess.Popen(  # nosec B603
             [self.python, "-m", f"{PLUGIN_DIR.name}.worker"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, encoding="utf-8", env=env, cwd=str(PLUGIN_DIR.parent),

@@ -132,7 +132,8 @@ def _extractor(params: SegmentationParams, backbone: Backbone | None) -> TileFea
     if params.method != "dinov3":
         return ColourFeatures(params.method, params.stride)
     if backbone is None:
-        backbone = load_backbone(params.model, params.device, params.allow_untrained)
+        backbone = load_backbone(params.model, params.device, params.allow_untrained,
+                                 revision=params.model_revision)
     return FeatureExtractor(backbone, params.stride, params.batch_size)
 
 

@@ -102,7 +102,7 @@ class Worker:
 
         params = SegmentationParams.from_dict(job["params"])
         params.validate()
-        key = (params.model, params.device, params.allow_untrained)
+        key = (params.model, params.model_revision, params.device, params.allow_untrained)
         progress = Progress(self._progress, lambda: self.terminate_requested)
         if params.method != "dinov3":
             return segment(params, progress)
@@ -110,7 +110,7 @@ class Worker:
             self._backbone = None
             progress.report(0.0, "Loading model")
             self._backbone = load_backbone(params.model, params.device, params.allow_untrained,
-                                           token=job.get("hf_token") or None)
+                                           token=job.get("hf_token") or None, revision=params.model_revision)
             self._backbone_key = key
         return segment(params, progress, backbone=self._backbone)
 

@@ -53,15 +53,18 @@ class ClusterModel:
 
 
 class Projection:
-    """PCA fitted on a sample of raw features; projects any (..., D) array."""
+    """PCA fitted on a sample of raw features; projects any (..., D) array (one sample: no rotation)."""
 
     def __init__(self, samples: np.ndarray, dims: int, seed: int = 0) -> None:
+        if samples.shape[0] == 0:
+            raise InputError("No valid pixels to fit the clustering: is the raster all nodata?")
+        self.mean = samples.mean(0).astype(np.float32)
         if samples.shape[0] < 2:
-            raise InputError("Too few valid pixels to fit the clustering: is the raster all nodata?")
+            self.components = np.eye(min(dims, samples.shape[1]), samples.shape[1], dtype=np.float32)
+            return
         dims = max(1, min(dims, samples.shape[0] - 1, samples.shape[1]))
-        self.pca = PCA(n_components=dims, random_state=seed, svd_solver="auto").fit(samples)
-        self.mean = self.pca.mean_.astype(np.float32)
-        self.components = self.pca.components_.astype(np.float32)
+        pca = PCA(n_components=dims, random_state=seed, svd_solver="auto").fit(samples)
+        self.components = pca.components_.astype(np.float32)
 
     def project(self, features: np.ndarray) -> np.ndarray:
         flat = features.reshape(-1, features.shape[-1]).astype(np.float32)

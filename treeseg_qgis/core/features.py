@@ -8,6 +8,8 @@ the pixels [g*s, g*s + 16) of the tile, so its centre lies at g*s + 8.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,8 @@ import torch.nn.functional as F
 from .errors import InputError
 from .models import Backbone
 from .trees import excess_green
+
+log = logging.getLogger(__name__)
 
 PATCH = 16
 STRIDES = (16, 8, 4, 2)
@@ -59,8 +63,17 @@ class FeatureExtractor:
         image = (image - self._mean) / self._std
         copies = [_shifted(image, dy, dx) for dy, dx in self.shifts]
         grids = []
-        for start in range(0, len(copies), self.batch_size):
-            grids.append(self._forward(torch.cat(copies[start:start + self.batch_size])))
+        start = 0
+        while start < len(copies):
+            batch = torch.cat(copies[start:start + self.batch_size])
+            try:
+                grids.append(self._forward(batch))
+            except RuntimeError as error:
+                if not _is_out_of_memory(error):
+                    raise
+                self._recover_from_out_of_memory()
+                continue
+            start += batch.shape[0]
         patches = torch.cat(grids)
         factor = PATCH // self.stride
         rows, cols = height // PATCH, width // PATCH
@@ -71,6 +84,24 @@ class FeatureExtractor:
     def describe(self) -> dict:
         return {"method": "dinov3", **self.backbone.describe()}
 
+    def _recover_from_out_of_memory(self) -> None:
+        """Halve the batch; at batch 1 on a GPU, go on on the CPU; on the CPU, give up clearly."""
+        backbone = self.backbone
+        if backbone.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.batch_size > 1:
+            self.batch_size //= 2
+            log.warning("Out of memory on %s: retrying with batches of %d.", backbone.device, self.batch_size)
+            return
+        if backbone.device.type != "cpu":
+            log.warning("Out of memory on %s even with one image at a time: continuing on the CPU "
+                        "(much slower). A smaller model or tile size would keep the GPU.", backbone.device)
+            backbone.model = backbone.model.to(device="cpu", dtype=torch.float32)
+            backbone.device, backbone.dtype = torch.device("cpu"), torch.float32
+            return
+        raise InputError("Out of memory on the CPU even with one image at a time: choose a smaller model "
+                         "or a smaller tile size, or close other programs.")
+
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         """Patch tokens (B, H/16, W/16, D) in float32 on the CPU; CLS and registers dropped."""
         backbone = self.backbone
@@ -80,6 +111,10 @@ class FeatureExtractor:
             tokens = backbone.model(pixel_values=pixels).last_hidden_state
             patches = tokens[:, 1 + backbone.num_register_tokens:, :]
             return patches.float().cpu().reshape(batch.shape[0], rows, cols, -1)
+
+
+def _is_out_of_memory(error: RuntimeError) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
 def _shifted(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:

@@ -156,20 +156,28 @@ def load_backbone(
     device: str = "auto",
     allow_untrained: bool = False,
     token: str | None = None,
+    revision: str | None = None,
 ) -> Backbone:
     """Load a catalogue name, a Hugging Face id or a local folder as a Backbone.
+
+    `revision` pins a hub model to a branch, tag or commit (default: main).
 
     Raises ModelUnavailableError with the model page and the log-in steps when
     the weights cannot be had, unless `allow_untrained` is set.
     """
     torch_device, dtype = resolve_device(device)
     spec = CATALOGUE.get(model)
+    if spec is None and "/" not in model and not Path(model).is_dir():
+        raise ModelUnavailableError(
+            f"Unknown model '{model}': use one of {', '.join(CATALOGUE)}, a Hugging Face id (owner/name) "
+            "or a model folder."
+        )
     candidates = spec.repo_ids if spec else (model,)
     failures: list[tuple[str, Exception]] = []
     cache_only = hub_offline()
     for candidate in candidates:
         try:
-            network = _from_pretrained(candidate, token, cache_only)
+            network = _from_pretrained(candidate, token, cache_only, revision or "main")
         except OSError as error:
             failures.append((candidate, error))
             log.info("Could not load %s: %s", candidate, error)
@@ -198,7 +206,7 @@ def hub_offline(timeout: float = 3.0) -> bool:
         return True
 
 
-def _from_pretrained(repo_id_or_path: str, token: str | None, cache_only: bool) -> torch.nn.Module:
+def _from_pretrained(repo_id_or_path: str, token: str | None, cache_only: bool, revision: str) -> torch.nn.Module:
     from transformers import AutoModel
 
     local = Path(repo_id_or_path)
@@ -212,6 +220,7 @@ def _from_pretrained(repo_id_or_path: str, token: str | None, cache_only: bool) 
         trust_remote_code=False,
         token=token,
         local_files_only=cache_only,
+        revision=revision,
     )
     if getattr(network.config, "model_type", "") != "dinov3_vit":
         raise ModelUnavailableError(

@@ -21,6 +21,7 @@ class SegmentationParams:
     method: str = "dinov3"
     bands: tuple[int, int, int] = (1, 2, 3)
     model: str = DEFAULT_MODEL
+    model_revision: str | None = None
     stride: int = 16
     clusters: int | None = None
     k_min: int = 2

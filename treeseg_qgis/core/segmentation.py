@@ -232,7 +232,7 @@ def _prefetched(
 
 def _fit_projection(pca_samples: list[np.ndarray], params: SegmentationParams) -> Projection:
     stacked = np.concatenate(pca_samples).astype(np.float32)
-    if stacked.shape[0] < 2:
+    if stacked.shape[0] == 0:
         raise InputError(
             "The raster has no valid pixels to segment: every pixel is nodata, masked or "
             "transparent in the chosen bands."
@@ -241,8 +241,12 @@ def _fit_projection(pca_samples: list[np.ndarray], params: SegmentationParams) -
 
 
 def _sample_rows(valid: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    """Up to `count` random flat indices of cells that are mostly valid."""
-    candidates = np.flatnonzero(valid.reshape(-1) >= MIN_VALID_FRACTION)
+    """Up to `count` random flat indices of cells that are mostly valid (or, in a raster smaller
+    than a patch, of any cell with valid pixels)."""
+    flat = valid.reshape(-1)
+    candidates = np.flatnonzero(flat >= MIN_VALID_FRACTION)
+    if candidates.size == 0:
+        candidates = np.flatnonzero(flat > 0)
     if candidates.size <= count:
         return candidates
     return np.sort(rng.choice(candidates, size=count, replace=False))

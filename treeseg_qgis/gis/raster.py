@@ -127,10 +127,16 @@ class GdalRasterSource:
         valid: np.ndarray | None = None
         for number in dict.fromkeys(self.bands):
             band = self._dataset.GetRasterBand(number)
-            values = band.ReadAsArray(**read_options)
-            band_valid = np.isfinite(values)
-            if not band.GetMaskFlags() & gdal.GMF_ALL_VALID:
-                band_valid &= band.GetMaskBand().ReadAsArray(**read_options) > 0
+            try:
+                values = band.ReadAsArray(**read_options)
+                band_valid = np.isfinite(values)
+                if not band.GetMaskFlags() & gdal.GMF_ALL_VALID:
+                    band_valid &= band.GetMaskBand().ReadAsArray(**read_options) > 0
+            except RuntimeError as error:
+                raise InputError(
+                    f"Cannot read band {number} of '{self.path}': {error}. The file may be truncated or "
+                    "corrupt: check it with gdalinfo -checksum, or export it again."
+                ) from error
             valid = band_valid if valid is None else valid & band_valid
             channels[number] = self._scale(values, number)
         rgb = np.stack([channels[number] for number in self.bands], axis=-1)
