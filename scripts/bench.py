@@ -116,8 +116,9 @@ def measure(kind: str, raster: str, stride: int) -> dict:
         result = {"seconds": time.perf_counter() - started}
     else:
         params = SegmentationParams(input_path=raster, output_dir=str(WORK / f"out_{Path(raster).stem}_s{stride}"),
-                                    model=str(WORK / "vits16-random"), stride=stride, device="cpu", clusters=6)
-        record = segment(params, backbone=backbone)
+                                    model=str(WORK / "vits16-random"), stride=stride, device="cpu", clusters=6,
+                                    use_cache=False)
+        record = segment(params, load_model=lambda _: backbone)
         result = {"seconds": time.perf_counter() - started, "timings": record["timings"]}
     result.update(tiles=len(grid), peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   threads=__import__("torch").get_num_threads())

@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any
 
 UNTRAINED_TAG = "UNTRAINED"
-OUTPUT_KINDS = ("clusters", "trees", "polygons", "preview", "record")
+OUTPUT_KINDS = ("clusters", "trees", "polygons", "preview", "elbow", "record")
 SUFFIXES = {
     "clusters": "_clusters.tif",
     "trees": "_trees.tif",
     "polygons": "_polygons.gpkg",
     "preview": "_preview.png",
+    "elbow": "_elbow.png",
     "record": "_run.json",
 }
 
@@ -25,6 +26,7 @@ class OutputPaths:
     trees: Path
     polygons: Path
     preview: Path
+    elbow: Path
     record: Path
 
     @classmethod

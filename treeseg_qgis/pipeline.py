@@ -14,19 +14,22 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 from . import __version__
+from .core.cache import FeatureCache, file_identity
 from .core.errors import OutputError
 from .core.features import ColourFeatures, FeatureExtractor
 from .core.models import Backbone, load_backbone
 from .core.params import SegmentationParams
 from .core.progress import Progress
 from .core.segmentation import SegmentationResult, TileFeatureExtractor, segment_raster
-from .core.store import FeatureStore
+from .core.store import FeatureStore, StoredFeatures
 from .gis.polygons import polygonize_clusters
-from .gis.preview import write_preview
+from .gis.preview import write_elbow_plot, write_preview
 from .gis.raster import GdalRasterSource, limit_block_cache
 from .gis.writers import LabelRasterWriter
 from .outputs import SUFFIXES, OutputPaths, remove_files, remove_temporary_files
@@ -39,12 +42,19 @@ UNTRAINED_BANNER = (
 )
 
 
+ModelLoader = Callable[[SegmentationParams], Backbone]
+
+
 def segment(
     params: SegmentationParams,
     progress: Progress | None = None,
-    backbone: Backbone | None = None,
+    load_model: ModelLoader | None = None,
 ) -> dict:
-    """Run one segmentation and return its record (also written as `<stem>_run.json`)."""
+    """Run one segmentation and return its record (also written as `<stem>_run.json`).
+
+    `load_model` loads the backbone (default: load_backbone); it is not called
+    when the feature cache already holds this raster's features.
+    """
     params.validate()
     if params.method == "exg-otsu":
         params = replace(params, clusters=2)
@@ -52,57 +62,47 @@ def segment(
     started = time.perf_counter()
     limit_block_cache()
     _output_folder(params.output_dir)
-    with GdalRasterSource(params.input_path, params.bands) as source:
-        progress.report(0.0, "Loading model")
+    with GdalRasterSource(params.input_path, params.bands) as source, \
+            _feature_store(params, source) as (store, cache_state):
+        progress.report(0.0, "Loading model" if cache_state != "hit" else "Reading cached features")
         progress.check()
         load_started = time.perf_counter()
-        extractor = _extractor(params, backbone)
+        extractor = StoredFeatures(store) if cache_state == "hit" else _extractor(params, load_model)
         load_seconds = time.perf_counter() - load_started
         model = extractor.describe()
         if model["untrained"]:
             log.warning(UNTRAINED_BANNER)
         paths = OutputPaths.for_params(params.to_dict(), model["untrained"])
-        stem = paths.clusters.name.removesuffix(SUFFIXES["clusters"])
-        writers: list[LabelRasterWriter] = []
-        written: list[Path] = []
         for folder in {str(path.parent) for path in paths.all()}:
             _output_folder(folder)
+        writers: list[LabelRasterWriter] = []
+        written: list[Path] = []
 
         def open_sink(k: int, tree_clusters: list[int]) -> LabelRasterWriter:
-            writers.append(
-                LabelRasterWriter(
-                    str(paths.clusters), str(paths.trees), source.width, source.height,
-                    source.crs_wkt, source.geotransform, k, tree_clusters,
-                    _raster_metadata(params, model),
-                )
-            )
+            writers.append(LabelRasterWriter(
+                str(paths.clusters), str(paths.trees), source.width, source.height, source.crs_wkt,
+                source.geotransform, k, tree_clusters, _raster_metadata(params, model)))
             return writers[-1]
 
         try:
-            with tempfile.TemporaryDirectory(prefix="treeseg-features-") as feature_folder:
-                result = segment_raster(params, source, extractor, FeatureStore(feature_folder), open_sink,
-                                        progress.sub(0.03, 0.9))
-                writers[-1].close()
-                written += [paths.clusters, paths.trees]
-            polygon_started = time.perf_counter()
-            polygon_progress = progress.sub(0.9, 0.98)
-            polygons = polygonize_clusters(
-                str(paths.clusters), str(paths.polygons), result.tree_clusters,
-                layer_name=f"{stem}_polygons",
-                progress=lambda fraction: polygon_progress.report(fraction, "Polygonizing"),
-                is_cancelled=progress.is_cancelled,
-                description=_description(model),
-            )
+            result = segment_raster(params, source, extractor, store, open_sink, progress.sub(0.03, 0.9))
+            writers[-1].close()
+            written += [paths.clusters, paths.trees]
+            polygons = _polygonize(paths, result, model, progress)
             written.append(paths.polygons)
-            result.timings["polygonize"] = round(time.perf_counter() - polygon_started, 3)
             progress.report(0.98, "Writing preview")
             progress.check()
             preview_started = time.perf_counter()
             write_preview(source, str(paths.clusters), str(paths.trees), str(paths.preview),
                           title=_preview_title(params, model, result))
             written.append(paths.preview)
+            if result.auto_k:
+                write_elbow_plot(result.inertia_curve, result.k, str(paths.elbow))
+                written.append(paths.elbow)
             result.timings["preview"] = round(time.perf_counter() - preview_started, 3)
             record = _record(params, model, source, result, paths, polygons)
+            record["feature_cache"] = {"state": cache_state,
+                                       "folder": str(store.folder) if cache_state != "off" else None}
             record["timings"]["load_model"] = round(load_seconds, 3)
             record["timings"]["total"] = round(time.perf_counter() - started, 3)
             _write_json(paths.record, record)
@@ -116,6 +116,48 @@ def segment(
     return record
 
 
+@contextmanager
+def _feature_store(params: SegmentationParams, source: GdalRasterSource) -> Iterator[tuple[FeatureStore, str]]:
+    """The run's feature store and the cache state: 'hit', 'miss' (filled now) or 'off'."""
+    if not params.use_cache:
+        with tempfile.TemporaryDirectory(prefix="treeseg-features-") as folder:
+            yield FeatureStore(folder), "off"
+        return
+    cache = FeatureCache(params.cache_dir, params.cache_max_mb)
+    key = {
+        "format": 1,
+        "input": file_identity(params.input_path),
+        "bands": list(source.bands),
+        "scaling": source.scaling,
+        **{name: getattr(params, name) for name in (
+            "method", "model", "model_revision", "stride", "tile_size", "overlap", "pca_dims", "sample_size", "seed")},
+    }
+    try:
+        store = cache.store_for(key)
+    except OSError as error:
+        raise OutputError(f"Cannot use the feature cache {cache.root}: {error.strerror}. Choose another cache "
+                          "folder or turn the cache off.") from error
+    state = "hit" if store.complete else "miss"
+    yield store, state
+    if store.complete:
+        cache.evict(keep=store.folder)
+
+
+def _polygonize(paths: OutputPaths, result: SegmentationResult, model: dict, progress: Progress) -> int:
+    started = time.perf_counter()
+    polygon_progress = progress.sub(0.9, 0.98)
+    stem = paths.clusters.name.removesuffix(SUFFIXES["clusters"])
+    polygons = polygonize_clusters(
+        str(paths.clusters), str(paths.polygons), result.tree_clusters,
+        layer_name=f"{stem}_polygons",
+        progress=lambda fraction: polygon_progress.report(fraction, "Polygonizing"),
+        is_cancelled=progress.is_cancelled,
+        description=_description(model),
+    )
+    result.timings["polygonize"] = round(time.perf_counter() - started, 3)
+    return polygons
+
+
 def _output_folder(output_dir: str) -> None:
     folder = Path(output_dir)
     try:
@@ -127,14 +169,16 @@ def _output_folder(output_dir: str) -> None:
         raise OutputError(f"The output folder {folder} is not writable: choose another folder.")
 
 
-def _extractor(params: SegmentationParams, backbone: Backbone | None) -> TileFeatureExtractor:
-    """The DINOv3 feature extractor (loading the model unless given), or a colour baseline."""
+def _extractor(params: SegmentationParams, load_model: ModelLoader | None) -> TileFeatureExtractor:
+    """The DINOv3 feature extractor (loading the model), or a colour baseline."""
     if params.method != "dinov3":
         return ColourFeatures(params.method, params.stride)
-    if backbone is None:
-        backbone = load_backbone(params.model, params.device, params.allow_untrained,
-                                 revision=params.model_revision)
-    return FeatureExtractor(backbone, params.stride, params.batch_size)
+    return FeatureExtractor((load_model or load_model_for)(params), params.stride, params.batch_size)
+
+
+def load_model_for(params: SegmentationParams) -> Backbone:
+    """The backbone the parameters ask for."""
+    return load_backbone(params.model, params.device, params.allow_untrained, revision=params.model_revision)
 
 
 def _raster_metadata(params: SegmentationParams, model: dict) -> dict[str, str]:

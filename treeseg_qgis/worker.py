@@ -101,18 +101,18 @@ class Worker:
         from .pipeline import segment
 
         params = SegmentationParams.from_dict(job["params"])
-        params.validate()
-        key = (params.model, params.model_revision, params.device, params.allow_untrained)
-        progress = Progress(self._progress, lambda: self.terminate_requested)
-        if params.method != "dinov3":
-            return segment(params, progress)
-        if self._backbone_key != key:
-            self._backbone = None
-            progress.report(0.0, "Loading model")
-            self._backbone = load_backbone(params.model, params.device, params.allow_untrained,
-                                           token=job.get("hf_token") or None, revision=params.model_revision)
-            self._backbone_key = key
-        return segment(params, progress, backbone=self._backbone)
+        token = job.get("hf_token") or None
+
+        def load_kept_model(wanted: SegmentationParams):
+            key = (wanted.model, wanted.model_revision, wanted.device, wanted.allow_untrained)
+            if self._backbone_key != key:
+                self._backbone = None
+                self._backbone = load_backbone(wanted.model, wanted.device, wanted.allow_untrained,
+                                               token=token, revision=wanted.model_revision)
+                self._backbone_key = key
+            return self._backbone
+
+        return segment(params, Progress(self._progress, lambda: self.terminate_requested), load_kept_model)
 
     def _progress(self, percent: float, stage: str) -> None:
         self.channel.send({"type": "progress", "percent": round(percent, 2), "stage": stage})

@@ -36,6 +36,9 @@ class SegmentationParams:
     sample_size: int = 40_000
     pca_dims: int = 32
     seed: int = 0
+    use_cache: bool = True
+    cache_dir: str | None = None
+    cache_max_mb: int = 2048
     output_stem: str | None = None
     clusters_path: str | None = None
     trees_path: str | None = None

@@ -102,7 +102,13 @@ def segment_raster(
     """Segment `source` into clusters and trees; `open_sink(k, tree_ids)` receives the blocks."""
     grid = TileGrid(source.width, source.height, params.tile_size, params.overlap)
     timings: dict[str, float] = {}
-    samples, sample_exg = _extract_all(params, source, extractor, store, grid, progress.sub(0, 0.85), timings)
+    if store.complete:
+        progress.report(0.0, "Features from the cache")
+        samples, sample_exg = store.load_samples()
+    else:
+        samples, sample_exg = _extract_all(params, source, extractor, store, grid, progress.sub(0, 0.85), timings)
+        store.save_samples(samples, sample_exg, {**extractor.describe(), "stride": extractor.stride,
+                                                 "cell_size": extractor.cell_size})
 
     progress.report(0.86, "Clustering")
     progress.check()

@@ -7,11 +7,15 @@ a few tiles are held in memory at a time.
 
 from __future__ import annotations
 
+import json
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+SUMMARY = "features.json"
 
 
 @dataclass
@@ -24,13 +28,37 @@ class TileFeatures:
 
 
 class FeatureStore:
-    """A folder of tile feature files keyed by (row, col), with a small read cache."""
+    """A folder of tile feature files keyed by (row, col), with a small read cache.
+
+    Once extraction finished, `features.json` and the clustering sample complete it,
+    and the folder can serve later runs (see cache.py).
+    """
 
     def __init__(self, folder: str | Path, cache_tiles: int = 64) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._cache: OrderedDict[tuple[int, int], TileFeatures] = OrderedDict()
         self._cache_tiles = cache_tiles
+
+    @property
+    def complete(self) -> bool:
+        """True when every tile and the clustering sample are stored (a finished extraction)."""
+        return (self.folder / SUMMARY).is_file()
+
+    def save_samples(self, samples: np.ndarray, exg: np.ndarray, extractor: dict) -> None:
+        """Store the clustering sample and what extracted the features; marks the store complete."""
+        np.savez(self.folder / "samples.npz", samples=samples.astype(np.float32), exg=exg.astype(np.float32))
+        partial = self.folder / (SUMMARY + ".partial")
+        partial.write_text(json.dumps({"extractor": extractor}, indent=1))
+        os.replace(partial, self.folder / SUMMARY)
+
+    def load_samples(self) -> tuple[np.ndarray, np.ndarray]:
+        with np.load(self.folder / "samples.npz") as data:
+            return data["samples"], data["exg"].astype(np.float64)
+
+    def extractor(self) -> dict:
+        """How the stored features were made (method, model, stride, cell size)."""
+        return json.loads((self.folder / SUMMARY).read_text())["extractor"]
 
     def _path(self, key: tuple[int, int]) -> Path:
         return self.folder / f"tile_{key[0]}_{key[1]}.npz"
@@ -45,6 +73,7 @@ class FeatureStore:
         self._cache.pop(key, None)
 
     def get(self, key: tuple[int, int]) -> TileFeatures:
+        """One tile's stored features (float32)."""
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
@@ -58,3 +87,19 @@ class FeatureStore:
         if len(self._cache) > self._cache_tiles:
             self._cache.popitem(last=False)
         return tile
+
+
+class StoredFeatures:
+    """Stands in for the feature extractor when a complete store already holds every feature."""
+
+    def __init__(self, store: FeatureStore) -> None:
+        info = store.extractor()
+        self.stride = int(info["stride"])
+        self.cell_size = int(info["cell_size"])
+        self._description = {key: value for key, value in info.items() if key not in ("stride", "cell_size")}
+
+    def extract(self, rgb: np.ndarray) -> np.ndarray:
+        raise RuntimeError("every feature comes from the store; nothing is extracted")
+
+    def describe(self) -> dict:
+        return dict(self._description)

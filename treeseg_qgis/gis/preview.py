@@ -98,3 +98,29 @@ def write_preview(
             f"Cannot write the preview '{png_path}': {error.strerror}. Check that the "
             "folder is writable, or choose another output path."
         ) from error
+
+
+def write_elbow_plot(inertia_curve: dict[int, float], chosen: int, png_path: str) -> None:
+    """The inertia curve of the automatic K search with the chosen K marked, as a PNG."""
+    ks = sorted(inertia_curve)
+    figure = Figure(figsize=(5.0, 3.4), dpi=100)
+    FigureCanvasAgg(figure)
+    axis = figure.add_subplot(1, 1, 1)
+    axis.plot(ks, [inertia_curve[k] for k in ks], "o-", color="#455a64")
+    axis.plot([chosen], [inertia_curve[chosen]], "o", markersize=12, markerfacecolor="none",
+              markeredgecolor="#2e7d32", markeredgewidth=2.5, label=f"chosen K = {chosen}")
+    axis.set_yscale("log")
+    axis.set_xticks(ks)
+    axis.set_xlabel("number of clusters K")
+    axis.set_ylabel("k-means inertia (log)")
+    axis.set_title("Automatic K: elbow of the inertia curve")
+    axis.legend(loc="upper right")
+    figure.tight_layout()
+    partial = partial_path(png_path)
+    try:
+        figure.savefig(partial, format="png")
+        os.replace(partial, png_path)
+    except OSError as error:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise OutputError(f"Cannot write {png_path}: {error.strerror}.") from error
