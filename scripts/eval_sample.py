@@ -31,14 +31,16 @@ def main() -> None:
     rows = []
     weights_note = None
     for label, options in RUNS:
-        params = SegmentationParams(input_path=str(SAMPLE), output_dir=str(OUT), allow_untrained=True,
+        params = SegmentationParams(input_path=str(SAMPLE), output_dir=str(OUT), allow_untrained=True, crowns=True,
+                                    use_cache=False,
                                     output_stem=f"OSBS_029_{options['method']}_s{options['stride']}", **options)
         record = segment(params)
         if record["model"]["untrained"]:
             weights_note = record["model"]["model_id"]
         scores = evaluate(record["outputs"]["trees"], str(BOXES), str(OUT), image=str(SAMPLE))
-        rows.append((label, record, scores))
-        print(f"{label}: pixel IoU {scores['pixel']['iou']:.3f}, box recall {scores['crowns']['box_recall']:.3f}")
+        crowns = evaluate(record["outputs"]["crowns"], str(BOXES), str(OUT), image=str(SAMPLE))
+        rows.append((label, record, scores, crowns))
+        print(f"{label}: pixel IoU {scores['pixel']['iou']:.3f}, crown F1 {crowns['crowns']['crown_f1']:.3f}")
     write_report(rows, weights_note)
 
 
@@ -66,21 +68,23 @@ def write_report(rows, weights_note: str | None) -> None:
         ]
     lines += [
         "| method | weights | K | tree cover | pixel precision | pixel recall | pixel F1 | pixel IoU | "
-        "box recall | outside | predicted crowns | matched (IoU ≥ 0.4) | time (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "box recall | outside | crowns | matched (IoU ≥ 0.4) | crown precision | crown recall | crown F1 | time (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for label, record, scores in rows:
-        pixel, crowns = scores["pixel"], scores["crowns"]
+    for label, record, scores, crown_run in rows:
+        pixel, crowns = scores["pixel"], crown_run["crowns"]
         lines.append(
             f"| {label} | {record['model']['weights']} | {record['clusters']['k']} | "
             f"{100 * record['trees']['tree_cover']:.1f} % | {pixel['precision']:.3f} | {pixel['recall']:.3f} | "
             f"{pixel['f1']:.3f} | {pixel['iou']:.3f} | {crowns['box_recall']:.3f} | {crowns['outside_share']:.3f} | "
-            f"{crowns['predicted_crowns']} | {crowns['matched']} | {record['timings']['total']:.1f} |"
+            f"{crowns['predicted_crowns']} | {crowns['matched']} | {crowns['crown_precision']:.3f} | "
+            f"{crowns['crown_recall']:.3f} | {crowns['crown_f1']:.3f} | {record['timings']['total']:.1f} |"
         )
     lines += [
         "",
-        "Crown matching counts connected tree regions as crowns; touching crowns merge into one region, "
-        "so few crowns match until crowns are split individually.",
+        "Pixel scores come from the tree mask; the crown columns from the individual crowns "
+        "(`--crowns`: distance transform and marker watershed of the tree mask, crowns ≥ 2 m²), each crown "
+        "matched one-to-one to a box at IoU ≥ 0.4. Box recall: share of boxes holding a crown centroid.",
         "",
         "## Reproduce with the real weights",
         "",

@@ -153,3 +153,19 @@ def test_reference_objects_keep_their_shape(tmp_path):
     objects = boxes_to_objects([(-5, -5, 3, 4)], (10, 10))
     assert objects == [ReferenceObject(slice(0, 4), slice(0, 3), objects[0].mask)]
     assert objects[0].pixels == 12
+
+
+def test_crown_polygons_are_matched_as_instances(tmp_path):
+    from treeseg_qgis.gis.crowns import CrownOptions, write_crowns
+
+    yy, xx = np.mgrid[0:120, 0:120]
+    mask = ((yy - 40) ** 2 + (xx - 40) ** 2 < 20**2) | ((yy - 40) ** 2 + (xx - 76) ** 2 < 20**2)
+    trees = write_geotiff(tmp_path / "trees.tif", mask.astype(np.uint8)[None])
+    write_crowns(str(trees), str(trees), str(tmp_path / "crowns.gpkg"), "crowns",
+                 CrownOptions(min_area_m2=0.5, min_distance_m=1.0, smoothing_m=0.1, max_crown_m=6.0))
+    (tmp_path / "boxes.csv").write_text("xmin,ymin,xmax,ymax\n20,20,60,60\n56,20,96,60\n")
+    scores = evaluate(str(tmp_path / "crowns.gpkg"), str(tmp_path / "boxes.csv"), str(tmp_path / "out"),
+                      image=str(trees))
+    assert scores["crowns"]["predicted_crowns"] == 2 and scores["crowns"]["matched"] == 2
+    merged = evaluate(str(trees), str(tmp_path / "boxes.csv"), str(tmp_path / "out"), name="merged")
+    assert merged["crowns"]["predicted_crowns"] == 1 and merged["crowns"]["matched"] <= 1

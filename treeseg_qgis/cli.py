@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--allow-untrained", action="store_true",
                      help="when the weights cannot be had, run with random weights "
                      "(every output then says so)")
+    run.add_argument("--crowns", action="store_true",
+                     help="also split the trees into individual crowns (<stem>_crowns.gpkg)")
+    run.add_argument("--crown-min-area", type=float, default=2.0, metavar="M2",
+                     help="smallest crown kept, in square metres (default: 2)")
     run.add_argument("--tile-size", type=int, default=512, help="tile size in pixels (default: 512)")
     run.add_argument("--quiet", action="store_true", help="print only errors and the result paths")
     check = commands.add_parser(
@@ -100,6 +104,8 @@ def params_from_args(args: argparse.Namespace) -> SegmentationParams:
         allow_untrained=args.allow_untrained,
         tree_clusters=_int_list(args.tree_clusters, "--tree-clusters") if args.tree_clusters else None,
         tile_size=args.tile_size,
+        crowns=args.crowns,
+        crown_min_area_m2=args.crown_min_area,
     )
 
 

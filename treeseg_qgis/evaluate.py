@@ -36,7 +36,7 @@ def evaluate(
     `reference` is polygons, a CSV of pixel boxes, or a class raster (tree class
     `tree_class`; with `clusters`, a cluster raster, mIoU is computed too).
     """
-    mask, valid, grid = read_prediction(prediction, image)
+    mask, valid, grid, crowns = read_prediction(prediction, image)
     scores: dict = {"prediction": prediction, "reference": reference}
     if _is_class_raster(reference):
         classes, class_valid = read_band(reference, grid)
@@ -51,7 +51,7 @@ def evaluate(
         objects = read_reference_objects(reference, grid)
         truth = union_mask(objects, grid.shape)
         scores["pixel"] = pixel_scores(mask, truth, valid)
-        scores["crowns"] = crown_scores(mask & valid, objects)
+        scores["crowns"] = crown_scores(mask & valid, objects, crowns=crowns)
         outline = truth
     name = name or Path(prediction).stem
     folder = Path(out_dir)

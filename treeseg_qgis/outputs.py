@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 UNTRAINED_TAG = "UNTRAINED"
-OUTPUT_KINDS = ("clusters", "trees", "polygons", "preview", "elbow", "record")
+OUTPUT_KINDS = ("clusters", "trees", "polygons", "crowns", "preview", "elbow", "record")
 SUFFIXES = {
     "clusters": "_clusters.tif",
     "trees": "_trees.tif",
     "polygons": "_polygons.gpkg",
+    "crowns": "_crowns.gpkg",
     "preview": "_preview.png",
     "elbow": "_elbow.png",
     "record": "_run.json",
@@ -25,6 +26,7 @@ class OutputPaths:
     clusters: Path
     trees: Path
     polygons: Path
+    crowns: Path
     preview: Path
     elbow: Path
     record: Path

@@ -28,6 +28,7 @@ from .core.params import SegmentationParams
 from .core.progress import Progress
 from .core.segmentation import SegmentationResult, TileFeatureExtractor, segment_raster
 from .core.store import FeatureStore, StoredFeatures
+from .gis.crowns import CrownOptions, write_crowns
 from .gis.polygons import polygonize_clusters
 from .gis.preview import write_elbow_plot, write_preview
 from .gis.raster import GdalRasterSource, limit_block_cache
@@ -90,6 +91,10 @@ def segment(
             written += [paths.clusters, paths.trees]
             polygons = _polygonize(paths, result, model, progress)
             written.append(paths.polygons)
+            crowns = None
+            if params.crowns:
+                crowns = _crowns(params, paths, result, model, progress)
+                written.append(paths.crowns)
             progress.report(0.98, "Writing preview")
             progress.check()
             preview_started = time.perf_counter()
@@ -100,7 +105,8 @@ def segment(
                 write_elbow_plot(result.inertia_curve, result.k, str(paths.elbow))
                 written.append(paths.elbow)
             result.timings["preview"] = round(time.perf_counter() - preview_started, 3)
-            record = _record(params, model, source, result, paths, polygons)
+            record = _record(params, model, source, result, paths, polygons, written)
+            record["crowns"] = crowns
             record["feature_cache"] = {"state": cache_state,
                                        "folder": str(store.folder) if cache_state != "off" else None}
             record["timings"]["load_model"] = round(load_seconds, 3)
@@ -143,9 +149,24 @@ def _feature_store(params: SegmentationParams, source: GdalRasterSource) -> Iter
         cache.evict(keep=store.folder)
 
 
+def _crowns(params: SegmentationParams, paths: OutputPaths, result: SegmentationResult, model: dict,
+            progress: Progress) -> int:
+    started = time.perf_counter()
+    crown_progress = progress.sub(0.94, 0.97)
+    stem = paths.clusters.name.removesuffix(SUFFIXES["clusters"])
+    count = write_crowns(
+        str(paths.trees), str(paths.clusters), str(paths.crowns), f"{stem}_crowns",
+        CrownOptions(min_area_m2=params.crown_min_area_m2, smoothing_m=params.crown_smoothing_m),
+        progress=lambda fraction: crown_progress.report(fraction, "Splitting crowns"),
+        is_cancelled=progress.is_cancelled, description=_description(model),
+    )
+    result.timings["crowns"] = round(time.perf_counter() - started, 3)
+    return count
+
+
 def _polygonize(paths: OutputPaths, result: SegmentationResult, model: dict, progress: Progress) -> int:
     started = time.perf_counter()
-    polygon_progress = progress.sub(0.9, 0.98)
+    polygon_progress = progress.sub(0.9, 0.94)
     stem = paths.clusters.name.removesuffix(SUFFIXES["clusters"])
     polygons = polygonize_clusters(
         str(paths.clusters), str(paths.polygons), result.tree_clusters,
@@ -210,6 +231,7 @@ def _record(
     result: SegmentationResult,
     paths: OutputPaths,
     polygons: int,
+    written: list[Path],
 ) -> dict:
     return {
         "treeseg_version": __version__,
@@ -242,7 +264,8 @@ def _record(
         "polygons": polygons,
         "tiles": result.tiles,
         "parameters": params.to_dict(),
-        "outputs": paths.as_dict(),
+        "outputs": {kind: path for kind, path in paths.as_dict().items()
+                    if Path(path) in written or kind == "record"},
         "timings": dict(result.timings),
         "platform": {"python": platform.python_version(), "machine": platform.machine()},
     }

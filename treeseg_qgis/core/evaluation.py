@@ -70,9 +70,18 @@ def predicted_crowns(mask: np.ndarray, min_pixels: int = MIN_CROWN_PIXELS) -> tu
 
 
 def crown_scores(mask: np.ndarray, objects: list[ReferenceObject], min_pixels: int = MIN_CROWN_PIXELS,
-                 match_iou: float = MATCH_IOU) -> dict:
-    """One-to-one crown matching (IoU ≥ match_iou) and the box measures."""
-    labels, count = predicted_crowns(mask, min_pixels)
+                 match_iou: float = MATCH_IOU, crowns: np.ndarray | None = None) -> dict:
+    """One-to-one crown matching (IoU ≥ match_iou) and the box measures.
+
+    Predicted crowns are `crowns` (instance ids, 0 = none) when given, else the
+    connected components of the mask.
+    """
+    if crowns is None:
+        labels, count = predicted_crowns(mask, min_pixels)
+    else:
+        ids, inverse = np.unique(crowns, return_inverse=True)
+        labels = inverse.reshape(crowns.shape) if ids[0] == 0 else inverse.reshape(crowns.shape) + 1
+        count = int(labels.max())
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
     iou = np.zeros((len(objects), count))
     centroids = ndimage.center_of_mass(labels > 0, labels, range(1, count + 1)) if count else []

@@ -36,6 +36,9 @@ class SegmentationParams:
     sample_size: int = 40_000
     pca_dims: int = 32
     seed: int = 0
+    crowns: bool = False
+    crown_min_area_m2: float = 2.0
+    crown_smoothing_m: float = 0.2
     use_cache: bool = True
     cache_dir: str | None = None
     cache_max_mb: int = 2048

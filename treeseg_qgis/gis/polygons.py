@@ -52,10 +52,10 @@ def polygonize_clusters(
     srs = raster.GetSpatialRef()
     if srs is not None:
         srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
-    area_of = _area_function(srs, raster)
+    measure = metric_measures(srs, raster)
     band = raster.GetRasterBand(1)
     temporary = partial_path(gpkg_path)
-    _remove_gpkg(temporary)
+    remove_gpkg(temporary)
     try:
         output = gdal.GetDriverByName("GPKG").Create(temporary, 0, 0, 0, gdal.GDT_Unknown)
     except RuntimeError as error:
@@ -88,16 +88,16 @@ def polygonize_clusters(
                 "Check the free disk space and that the folder is still writable."
             ) from error
         output.CommitTransaction()
-        count = _fill_attributes(output, layer, set(tree_clusters), area_of, report, cancelled)
+        count = _fill_attributes(output, layer, set(tree_clusters), measure, report, cancelled)
         layer = None
         output = None
-        _replace_gpkg(temporary, gpkg_path)
+        replace_gpkg(temporary, gpkg_path)
         report(1.0)
         return count
     except BaseException:
         layer = None
         output = None
-        _remove_gpkg(temporary)
+        remove_gpkg(temporary)
         raise
 
 
@@ -105,7 +105,7 @@ def _fill_attributes(
     output: gdal.Dataset,
     layer: ogr.Layer,
     tree_clusters: set[int],
-    area_of: Callable[[ogr.Geometry], float | None],
+    measure: Callable[[ogr.Geometry], tuple[float, float] | None],
     report: Callable[[float], None],
     cancelled: Callable[[], bool],
 ) -> int:
@@ -116,11 +116,11 @@ def _fill_attributes(
     layer.ResetReading()
     for feature in layer:
         feature.SetField("is_tree", int(feature.GetField("cluster") in tree_clusters))
-        area = area_of(feature.GetGeometryRef())
-        if area is None:
+        measures = measure(feature.GetGeometryRef())
+        if measures is None:
             feature.SetFieldNull("area_m2")
         else:
-            feature.SetField("area_m2", area)
+            feature.SetField("area_m2", measures[0])
         layer.SetFeature(feature)
         count += 1
         if count % CHECK_EVERY == 0:
@@ -131,10 +131,15 @@ def _fill_attributes(
     return count
 
 
-def _area_function(
+def metric_measures(
     srs: osr.SpatialReference | None, raster: gdal.Dataset
-) -> Callable[[ogr.Geometry], float | None]:
-    """A function giving a geometry's area in square metres (None without a CRS)."""
+) -> Callable[[ogr.Geometry], tuple[float, float] | None]:
+    """A function giving a geometry's (area m², perimeter m); None without a CRS.
+
+    Projected CRS: the geometry in its units times the linear unit in metres.
+    Geographic CRS: the geometry in a Lambert azimuthal equal-area CRS centred on
+    the raster (areas exact, perimeters close for a raster's extent).
+    """
     if srs is None:
         return lambda geometry: None
     if srs.IsGeographic():
@@ -149,17 +154,18 @@ def _area_function(
         equal_area.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
         transform = osr.CoordinateTransformation(srs, equal_area)
 
-        def geographic_area(geometry: ogr.Geometry) -> float:
+        def geographic_measures(geometry: ogr.Geometry) -> tuple[float, float]:
             projected = geometry.Clone()
             projected.Transform(transform)
-            return projected.GetArea()
+            return projected.GetArea(), projected.Boundary().Length()
 
-        return geographic_area
+        return geographic_measures
     metres_per_unit = srs.GetLinearUnits()
-    return lambda geometry: geometry.GetArea() * metres_per_unit**2
+    return lambda geometry: (geometry.GetArea() * metres_per_unit**2,
+                             geometry.Boundary().Length() * metres_per_unit)
 
 
-def _replace_gpkg(temporary: str, final: str) -> None:
+def replace_gpkg(temporary: str, final: str) -> None:
     try:
         for suffix in SQLITE_SIDECARS:
             if os.path.exists(final + suffix):
@@ -172,7 +178,7 @@ def _replace_gpkg(temporary: str, final: str) -> None:
         ) from error
 
 
-def _remove_gpkg(path: str) -> None:
+def remove_gpkg(path: str) -> None:
     for candidate in (path, *(path + suffix for suffix in SQLITE_SIDECARS)):
         if os.path.exists(candidate):
             os.remove(candidate)

@@ -1,7 +1,8 @@
 """Predictions and reference data on one pixel grid, for evaluation.
 
-A prediction is a tree-mask raster (1 = tree, nodata excluded) or polygons with
-an `is_tree` field rasterized on the grid of an image. A reference is polygons
+A prediction is a tree-mask raster (1 = tree, nodata excluded), polygons with
+an `is_tree` field, or crown polygons with a `crown_id` field (each crown an
+instance), the polygons rasterized on the grid of an image. A reference is polygons
 (crown outlines or boxes, any vector format OGR reads, reprojected to the grid's
 CRS), a class raster on the same grid, or a CSV of pixel boxes
 (`xmin,ymin,xmax,ymax[,label]`, pixel-corner coordinates).
@@ -59,17 +60,21 @@ def read_band(path: str, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
     return band.ReadAsArray(), band.GetMaskBand().ReadAsArray() > 0
 
 
-def read_prediction(path: str, image: str | None = None) -> tuple[np.ndarray, np.ndarray, Grid]:
-    """(tree mask, valid, grid) of a tree raster, or of `is_tree` polygons on the grid of `image`."""
+def read_prediction(path: str, image: str | None = None) -> tuple[np.ndarray, np.ndarray, Grid, np.ndarray | None]:
+    """(tree mask, valid, grid, crown ids or None) of a tree raster, of `is_tree` polygons, or of
+    crown polygons (`crown_id`), the polygons rasterized on the grid of `image`."""
     if _is_raster(path):
         grid = Grid.of(path)
         values, valid = read_band(path, grid)
-        return (values == 1) & valid, valid, grid
+        return (values == 1) & valid, valid, grid, None
     if image is None:
         raise InputError("A polygon prediction needs an image (or raster) whose pixel grid to evaluate on.")
     grid = Grid.of(image)
-    mask = rasterize(path, grid, where="is_tree = 1")
-    return mask, np.ones(grid.shape, dtype=bool), grid
+    everything = np.ones(grid.shape, dtype=bool)
+    if _has_field(path, "crown_id"):
+        crowns = rasterize(path, grid, attribute="crown_id")
+        return crowns > 0, everything, grid, crowns
+    return rasterize(path, grid, where="is_tree = 1") > 0, everything, grid, None
 
 
 def read_reference_objects(path: str, grid: Grid) -> list[ReferenceObject]:
@@ -93,15 +98,24 @@ def read_reference_objects(path: str, grid: Grid) -> list[ReferenceObject]:
     return objects
 
 
-def rasterize(path: str, grid: Grid, where: str | None = None) -> np.ndarray:
-    """All polygons of a vector file (optionally filtered by an attribute filter) as a mask."""
-    target = _memory_raster(grid.width, grid.height, grid.geotransform, grid.crs_wkt)
+def rasterize(path: str, grid: Grid, where: str | None = None, attribute: str | None = None) -> np.ndarray:
+    """The polygons of a vector file (optionally filtered) burnt as 1, or as the value of `attribute`."""
+    target = _memory_raster(grid.width, grid.height, grid.geotransform, grid.crs_wkt, gdal.GDT_Int32)
     source = _open_vector(path)
     layer = source.GetLayer(0)
     if where:
         layer.SetAttributeFilter(where)
-    gdal.RasterizeLayer(target, [1], layer, burn_values=[1])
-    return target.GetRasterBand(1).ReadAsArray().astype(bool)
+    if attribute:
+        gdal.RasterizeLayer(target, [1], layer, options=[f"ATTRIBUTE={attribute}"])
+    else:
+        gdal.RasterizeLayer(target, [1], layer, burn_values=[1])
+    return target.GetRasterBand(1).ReadAsArray()
+
+
+def _has_field(path: str, name: str) -> bool:
+    source = _open_vector(path)
+    definition = source.GetLayer(0).GetLayerDefn()
+    return definition.GetFieldIndex(name) >= 0
 
 
 def _rasterize_geometry(geometry: ogr.Geometry, grid: Grid) -> ReferenceObject | None:
@@ -153,8 +167,8 @@ def _transform_to(source_srs: osr.SpatialReference | None, grid: Grid) -> osr.Co
     return osr.CoordinateTransformation(source_srs, target)
 
 
-def _memory_raster(width: int, height: int, geotransform, crs_wkt: str) -> gdal.Dataset:
-    dataset = gdal.GetDriverByName("MEM").Create("", width, height, 1, gdal.GDT_Byte)
+def _memory_raster(width: int, height: int, geotransform, crs_wkt: str, data_type: int = gdal.GDT_Byte) -> gdal.Dataset:
+    dataset = gdal.GetDriverByName("MEM").Create("", width, height, 1, data_type)
     dataset.SetGeoTransform(geotransform)
     if crs_wkt:
         dataset.SetProjection(crs_wkt)
