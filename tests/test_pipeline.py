@@ -1,6 +1,7 @@
 """The whole pipeline on real GeoTIFFs with a real tiny DINOv3: georeferencing, fields, trees, tiles."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -144,3 +145,17 @@ def test_colour_baselines_run_through_the_same_pipeline(method, scene_tif, tmp_p
     assert (trees & crowns).sum() / (trees | crowns).sum() > 0.8
     if method == "exg-otsu":
         assert record["clusters"]["k"] == 2 and record["trees"]["clusters"] == [0]
+
+
+@pytest.mark.parametrize("stride", [16, 8])
+def test_feature_preview_is_an_rgb_geotiff_on_the_feature_grid(tiny_model_dir, scene_tif, tmp_path, stride):
+    path, _ = scene_tif
+    record = run(tiny_model_dir, path, tmp_path / "out", clusters=2, stride=stride, feature_preview=True)
+    image = gdal.Open(record["outputs"]["features"])
+    x0, px, _, y0, _, py = image.GetGeoTransform()
+    cells = (math.ceil((400 - 8) / stride), math.ceil((320 - 8) / stride))  # cells centred inside the raster
+    assert image.RasterCount == 3 and (image.RasterXSize, image.RasterYSize) == cells
+    assert (px, py) == pytest.approx((0.1 * stride, -0.1 * stride))
+    assert x0 == pytest.approx(404211.9 + 0.1 * (8 - stride / 2))
+    pixels = image.ReadAsArray()
+    assert pixels.std(axis=(1, 2)).min() > 5

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also split the trees into individual crowns (<stem>_crowns.gpkg)")
     run.add_argument("--crown-min-area", type=float, default=2.0, metavar="M2",
                      help="smallest crown kept, in square metres (default: 2)")
+    run.add_argument("--feature-preview", action="store_true",
+                     help="also write the first three feature components as an RGB GeoTIFF (<stem>_features.tif)")
     run.add_argument("--tile-size", type=int, default=512, help="tile size in pixels (default: 512)")
     run.add_argument("--quiet", action="store_true", help="print only errors and the result paths")
     check = commands.add_parser(
@@ -105,6 +107,7 @@ def params_from_args(args: argparse.Namespace) -> SegmentationParams:
         tree_clusters=_int_list(args.tree_clusters, "--tree-clusters") if args.tree_clusters else None,
         tile_size=args.tile_size,
         crowns=args.crowns,
+        feature_preview=args.feature_preview,
         crown_min_area_m2=args.crown_min_area,
     )
 

@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any
 
 UNTRAINED_TAG = "UNTRAINED"
-OUTPUT_KINDS = ("clusters", "trees", "polygons", "crowns", "preview", "elbow", "record")
+OUTPUT_KINDS = ("clusters", "trees", "polygons", "crowns", "features", "preview", "elbow", "record")
 SUFFIXES = {
     "clusters": "_clusters.tif",
     "trees": "_trees.tif",
     "polygons": "_polygons.gpkg",
     "crowns": "_crowns.gpkg",
+    "features": "_features.tif",
     "preview": "_preview.png",
     "elbow": "_elbow.png",
     "record": "_run.json",
@@ -27,6 +28,7 @@ class OutputPaths:
     trees: Path
     polygons: Path
     crowns: Path
+    features: Path
     preview: Path
     elbow: Path
     record: Path

@@ -26,13 +26,13 @@ from .core.features import ColourFeatures, FeatureExtractor
 from .core.models import Backbone, load_backbone
 from .core.params import SegmentationParams
 from .core.progress import Progress
-from .core.segmentation import SegmentationResult, TileFeatureExtractor, segment_raster
+from .core.segmentation import SegmentationResult, TileFeatureExtractor, feature_image, segment_raster
 from .core.store import FeatureStore, StoredFeatures
 from .gis.crowns import CrownOptions, write_crowns
 from .gis.polygons import polygonize_clusters
 from .gis.preview import write_elbow_plot, write_preview
 from .gis.raster import GdalRasterSource, limit_block_cache
-from .gis.writers import LabelRasterWriter
+from .gis.writers import LabelRasterWriter, write_rgb_blocks
 from .outputs import SUFFIXES, OutputPaths, remove_files, remove_temporary_files
 
 log = logging.getLogger("treeseg")
@@ -95,6 +95,10 @@ def segment(
             if params.crowns:
                 crowns = _crowns(params, paths, result, model, progress)
                 written.append(paths.crowns)
+            if params.feature_preview:
+                progress.report(0.97, "Writing the feature image")
+                _write_feature_image(paths.features, source, extractor, store, result, params, model)
+                written.append(paths.features)
             progress.report(0.98, "Writing preview")
             progress.check()
             preview_started = time.perf_counter()
@@ -162,6 +166,19 @@ def _crowns(params: SegmentationParams, paths: OutputPaths, result: Segmentation
     )
     result.timings["crowns"] = round(time.perf_counter() - started, 3)
     return count
+
+
+def _write_feature_image(path: Path, source: GdalRasterSource, extractor: TileFeatureExtractor,
+                         store: FeatureStore, result: SegmentationResult, params: SegmentationParams,
+                         model: dict) -> None:
+    """The first three PCA components of the features as an RGB GeoTIFF on the feature grid."""
+    image = feature_image(source, extractor)
+    gt = source.geotransform
+    offset, stride = image.offset, image.stride
+    geotransform = (gt[0] + offset * (gt[1] + gt[2]), stride * gt[1], stride * gt[2],
+                    gt[3] + offset * (gt[4] + gt[5]), stride * gt[4], stride * gt[5])
+    write_rgb_blocks(str(path), image.cols, image.rows, source.crs_wkt, geotransform,
+                     image.blocks(store, result.grid, result.samples), _raster_metadata(params, model))
 
 
 def _polygonize(paths: OutputPaths, result: SegmentationResult, model: dict, progress: Progress) -> int:

@@ -37,6 +37,7 @@ class SegmentationParams:
     pca_dims: int = 32
     seed: int = 0
     crowns: bool = False
+    feature_preview: bool = False
     crown_min_area_m2: float = 2.0
     crown_smoothing_m: float = 0.2
     use_cache: bool = True

@@ -85,6 +85,8 @@ class SegmentationResult:
     valid_pixels: int
     tiles: int
     timings: dict[str, float] = field(default_factory=dict)
+    grid: TileGrid | None = None
+    samples: np.ndarray | None = None
 
     @property
     def tree_cover(self) -> float:
@@ -139,6 +141,8 @@ def segment_raster(
         valid_pixels=valid,
         tiles=len(grid),
         timings={name: round(seconds, 3) for name, seconds in timings.items()},
+        grid=grid,
+        samples=samples,
     )
 
 
@@ -367,3 +371,39 @@ def _nearest_centre_bilinear(distances: np.ndarray, rows_at: np.ndarray, cols_at
     where = torch.stack(torch.meshgrid(y, x, indexing="ij")[::-1], dim=-1)[None]
     sampled = F.grid_sample(values, where, mode="bilinear", padding_mode="border", align_corners=True)
     return sampled[0].argmin(0).numpy().astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class FeatureImage:
+    """The first three feature components on the feature grid, scaled to 0..255."""
+
+    rows: int
+    cols: int
+    stride: int
+    offset: float
+
+    def blocks(self, store: FeatureStore, grid: TileGrid, samples: np.ndarray,
+               block_cells: int = 256) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(row, col, uint8 (h, w, 3)) blocks; components stretched between their 2nd and 98th percentile."""
+        components = min(3, samples.shape[1])
+        low = np.percentile(samples[:, :components], 2, axis=0)
+        high = np.percentile(samples[:, :components], 98, axis=0)
+        span = np.where(high > low, high - low, 1.0)
+        for row in range(0, self.rows, block_cells):
+            for col in range(0, self.cols, block_cells):
+                cells_r = range(row, min(row + block_cells, self.rows))
+                cells_c = range(col, min(col + block_cells, self.cols))
+                features, valid = _blend(store, grid, self.stride, cells_r, cells_c)
+                scaled = np.zeros((len(cells_r), len(cells_c), 3), np.float32)
+                scaled[..., :components] = (features[..., :components] - low) / span
+                image = (np.clip(scaled, 0, 1) * 254 + 1).astype(np.uint8)
+                image[valid < MIN_VALID_FRACTION] = 0
+                yield row, col, image
+
+
+def feature_image(source: RasterSource, extractor: TileFeatureExtractor) -> FeatureImage:
+    """The feature grid over the raster: cell g is centred on pixel g * stride + cell_size / 2."""
+    stride, half = extractor.stride, extractor.cell_size / 2
+    rows = max(1, math.ceil((source.height - half) / stride))
+    cols = max(1, math.ceil((source.width - half) / stride))
+    return FeatureImage(rows, cols, stride, half - stride / 2)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from osgeo import gdal
@@ -233,3 +233,34 @@ def _replace_with_sidecar(partial: str, final: str) -> None:
     elif os.path.exists(final + ".aux.xml"):
         os.remove(final + ".aux.xml")
     os.replace(partial, final)
+
+
+def write_rgb_blocks(path: str, width: int, height: int, crs_wkt: str, geotransform: Sequence[float],
+                     blocks: Iterable[tuple[int, int, np.ndarray]], metadata: dict[str, str]) -> None:
+    """An RGB Byte GeoTIFF (0 = nodata) from (row, col, (h, w, 3) uint8) blocks, written atomically."""
+    partial = partial_path(path)
+    try:
+        dataset = gdal.GetDriverByName("GTiff").Create(
+            partial, width, height, 3, gdal.GDT_Byte,
+            ["TILED=YES", "COMPRESS=DEFLATE", "BIGTIFF=IF_SAFER", "PHOTOMETRIC=RGB"])
+    except RuntimeError as error:
+        raise OutputError(f"Cannot create '{path}': {error}. Choose a folder you can write to.") from error
+    try:
+        dataset.SetGeoTransform(tuple(geotransform))
+        if crs_wkt:
+            dataset.SetProjection(crs_wkt)
+        dataset.SetMetadata(metadata)
+        for band in range(3):
+            dataset.GetRasterBand(band + 1).SetNoDataValue(0)
+        for row, col, image in blocks:
+            for band in range(3):
+                dataset.GetRasterBand(band + 1).WriteArray(image[..., band], col, row)
+        dataset.FlushCache()
+        dataset = None
+        os.replace(partial, path)
+    except BaseException:
+        dataset = None
+        for leftover in (partial, partial + ".aux.xml"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+        raise
