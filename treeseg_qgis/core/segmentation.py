@@ -102,15 +102,8 @@ def segment_raster(
     progress: Progress,
 ) -> SegmentationResult:
     """Segment `source` into clusters and trees; `open_sink(k, tree_ids)` receives the blocks."""
-    grid = TileGrid(source.width, source.height, params.tile_size, params.overlap)
     timings: dict[str, float] = {}
-    if store.complete:
-        progress.report(0.0, "Features from the cache")
-        samples, sample_exg = store.load_samples()
-    else:
-        samples, sample_exg = _extract_all(params, source, extractor, store, grid, progress.sub(0, 0.85), timings)
-        store.save_samples(samples, sample_exg, {**extractor.describe(), "stride": extractor.stride,
-                                                 "cell_size": extractor.cell_size})
+    grid, samples, sample_exg = ensure_features(params, source, extractor, store, progress.sub(0, 0.85), timings)
 
     progress.report(0.86, "Clustering")
     progress.check()
@@ -144,6 +137,27 @@ def segment_raster(
         grid=grid,
         samples=samples,
     )
+
+
+def ensure_features(
+    params: SegmentationParams,
+    source: RasterSource,
+    extractor: TileFeatureExtractor,
+    store: FeatureStore,
+    progress: Progress,
+    timings: dict[str, float],
+) -> tuple[TileGrid, np.ndarray, np.ndarray]:
+    """Every tile's features in `store` (extracted now unless the store is complete), the tile grid,
+    and the clustering sample with its ExG."""
+    grid = TileGrid(source.width, source.height, params.tile_size, params.overlap)
+    if store.complete:
+        progress.report(0.0, "Features from the cache")
+        samples, sample_exg = store.load_samples()
+    else:
+        samples, sample_exg = _extract_all(params, source, extractor, store, grid, progress, timings)
+        store.save_samples(samples, sample_exg, {**extractor.describe(), "stride": extractor.stride,
+                                                 "cell_size": extractor.cell_size})
+    return grid, samples, sample_exg
 
 
 def read_tile(source: RasterSource, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
@@ -312,9 +326,6 @@ def _assign_all(
     timings: dict[str, float],
 ) -> np.ndarray:
     """Label every pixel block by block; returns the pixel count of each cluster."""
-    stride = extractor.stride
-    grid_rows = (grid.rows - 1) * grid.step // stride + grid.tile_height // stride
-    grid_cols = (grid.cols - 1) * grid.step // stride + grid.tile_width // stride
     counts = np.zeros(clusters.k, dtype=np.int64)
     tree_lookup = np.zeros(256, dtype=np.uint8)
     tree_lookup[trees] = 1
@@ -325,7 +336,7 @@ def _assign_all(
         progress.check()
         progress.report(index / len(blocks), f"Assigning clusters: block {index + 1} of {len(blocks)}")
         started = time.perf_counter()
-        labels = _label_block(store, grid, extractor, clusters, block, grid_rows, grid_cols)
+        labels = _label_block(store, grid, extractor, clusters, block)
         _, valid = source.read(block.x, block.y, block.width, block.height)
         labels[~valid] = NODATA
         counts += np.bincount(labels[valid], minlength=clusters.k)[: clusters.k]
@@ -343,18 +354,11 @@ def _label_block(
     extractor: TileFeatureExtractor,
     clusters: ClusterModel,
     block: Window,
-    grid_rows: int,
-    grid_cols: int,
 ) -> np.ndarray:
     """Cluster ids (uint8) for every pixel of one block."""
-    stride = extractor.stride
-    rows_at = _cell_coordinates(block.y, block.height, stride, extractor.cell_size)
-    cols_at = _cell_coordinates(block.x, block.width, stride, extractor.cell_size)
-    rows = range(max(0, math.floor(rows_at[0])), min(grid_rows, math.floor(rows_at[-1]) + 2))
-    cols = range(max(0, math.floor(cols_at[0])), min(grid_cols, math.floor(cols_at[-1]) + 2))
-    features, _ = _blend(store, grid, stride, rows, cols)
-    distances = clusters.squared_distances(features)
-    return _nearest_centre_bilinear(distances, rows_at - rows.start, cols_at - cols.start)
+    rows, cols, rows_at, cols_at = cell_window(block, grid, extractor)
+    features, _ = _blend(store, grid, extractor.stride, rows, cols)
+    return _nearest_centre_bilinear(clusters.squared_distances(features), rows_at, cols_at)
 
 
 def _cell_coordinates(start: int, size: int, stride: int, cell_size: int) -> np.ndarray:
@@ -363,14 +367,37 @@ def _cell_coordinates(start: int, size: int, stride: int, cell_size: int) -> np.
 
 
 def _nearest_centre_bilinear(distances: np.ndarray, rows_at: np.ndarray, cols_at: np.ndarray) -> np.ndarray:
-    """Argmin over K of (h, w, K) distances sampled bilinearly at fractional rows × cols (border-clamped)."""
-    h, w = distances.shape[:2]
-    values = torch.from_numpy(np.ascontiguousarray(distances, dtype=np.float32)).permute(2, 0, 1)[None]
+    """Argmin over K of (h, w, K) distances sampled bilinearly at fractional rows × cols."""
+    return bilinear_sample(distances, rows_at, cols_at).argmin(0).numpy().astype(np.uint8)
+
+
+def bilinear_sample(values: np.ndarray, rows_at: np.ndarray, cols_at: np.ndarray) -> torch.Tensor:
+    """(C, len(rows_at), len(cols_at)) samples of (h, w, C) `values` at fractional cells, border-clamped."""
+    h, w = values.shape[:2]
+    grid_values = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).permute(2, 0, 1)[None]
     x = torch.from_numpy(np.clip(cols_at, 0, w - 1) / max(w - 1, 1) * 2 - 1).float()
     y = torch.from_numpy(np.clip(rows_at, 0, h - 1) / max(h - 1, 1) * 2 - 1).float()
     where = torch.stack(torch.meshgrid(y, x, indexing="ij")[::-1], dim=-1)[None]
-    sampled = F.grid_sample(values, where, mode="bilinear", padding_mode="border", align_corners=True)
-    return sampled[0].argmin(0).numpy().astype(np.uint8)
+    return F.grid_sample(grid_values, where, mode="bilinear", padding_mode="border", align_corners=True)[0]
+
+
+def cell_window(block: Window, grid: TileGrid, extractor: TileFeatureExtractor) -> tuple[range, range, np.ndarray,
+                                                                                        np.ndarray]:
+    """The global feature cells a block's bilinear interpolation needs, and each pixel's fractional cell."""
+    stride = extractor.stride
+    grid_rows = (grid.rows - 1) * grid.step // stride + grid.tile_height // stride
+    grid_cols = (grid.cols - 1) * grid.step // stride + grid.tile_width // stride
+    rows_at = _cell_coordinates(block.y, block.height, stride, extractor.cell_size)
+    cols_at = _cell_coordinates(block.x, block.width, stride, extractor.cell_size)
+    rows = range(max(0, math.floor(rows_at[0])), min(grid_rows, math.floor(rows_at[-1]) + 2))
+    cols = range(max(0, math.floor(cols_at[0])), min(grid_cols, math.floor(cols_at[-1]) + 2))
+    return rows, cols, rows_at - rows.start, cols_at - cols.start
+
+
+def blended_features(store: FeatureStore, grid: TileGrid, stride: int, rows: range,
+                     cols: range) -> tuple[np.ndarray, np.ndarray]:
+    """Projected features and valid fraction on global cells rows × cols, tiles blended."""
+    return _blend(store, grid, stride, rows, cols)
 
 
 @dataclass(frozen=True)
