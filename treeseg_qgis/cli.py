@@ -72,6 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also write the first three feature components as an RGB GeoTIFF (<stem>_features.tif)")
     run.add_argument("--tile-size", type=int, default=512, help="tile size in pixels (default: 512)")
     run.add_argument("--quiet", action="store_true", help="print only errors and the result paths")
+    learn = commands.add_parser(
+        "teach",
+        help="click-to-teach: tree scores from a few example points, and the tree mask at a threshold",
+        description="Features of the example locations become prototypes; every pixel gets a tree score in "
+        "0..1 (<stem>_similarity.tif) and the mask score >= threshold (<stem>_taught_trees.tif). Features "
+        "come from the cache when an earlier run made them, so only the scoring runs.",
+    )
+    learn.add_argument("input", metavar="INPUT", help="the raster")
+    learn.add_argument("--examples", required=True,
+                       help="points with an is_tree field (1/0), or a CSV with col,row,is_tree in pixels")
+    learn.add_argument("--out", required=True, metavar="DIR")
+    learn.add_argument("--threshold", type=float, default=0.6, help="tree score threshold (default 0.6)")
+    learn.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME|HF_ID|FOLDER")
+    learn.add_argument("--stride", type=int, default=16, choices=COLOUR_STRIDES)
+    learn.add_argument("--bands", default="1,2,3", metavar="R,G,B")
+    learn.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    learn.add_argument("--allow-untrained", action="store_true")
     check = commands.add_parser(
         "evaluate",
         help="score a tree prediction against reference crowns, boxes or a class raster",
@@ -120,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "teach":
+            return _teach(args)
         from .pipeline import segment
 
         params = params_from_args(args)
@@ -162,6 +181,21 @@ def _print_summary(record: dict) -> None:
           f"{record['timings']['total']:.1f} s")
     for path in record["outputs"].values():
         print(path)
+
+
+def _teach(args: argparse.Namespace) -> int:
+    from .pipeline import teach
+
+    params = SegmentationParams(input_path=args.input, output_dir=args.out, model=args.model, stride=args.stride,
+                                bands=_bands(args.bands), device=args.device, allow_untrained=args.allow_untrained)
+    record = teach(params, args.examples, args.threshold, Progress(_TerminalProgress()))
+    if record["warning"]:
+        print(f"\n!!! {record['warning']}\n", file=sys.stderr)
+    print(f"{record['examples']['trees']} tree and {record['examples']['not_trees']} other examples, threshold "
+          f"{record['threshold']}, tree cover {100 * record['tree_cover']:.1f} % (features: {record['feature_cache']})")
+    for path in record["outputs"].values():
+        print(path)
+    return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 UNTRAINED_TAG = "UNTRAINED"
-OUTPUT_KINDS = ("clusters", "trees", "polygons", "crowns", "features", "preview", "elbow", "record")
+OUTPUT_KINDS = ("clusters", "trees", "polygons", "crowns", "features", "preview", "elbow", "record",
+                "similarity", "taught_trees", "teach_record")
 SUFFIXES = {
     "clusters": "_clusters.tif",
     "trees": "_trees.tif",
@@ -17,6 +18,9 @@ SUFFIXES = {
     "preview": "_preview.png",
     "elbow": "_elbow.png",
     "record": "_run.json",
+    "similarity": "_similarity.tif",
+    "taught_trees": "_taught_trees.tif",
+    "teach_record": "_teach.json",
 }
 
 
@@ -32,6 +36,9 @@ class OutputPaths:
     preview: Path
     elbow: Path
     record: Path
+    similarity: Path
+    taught_trees: Path
+    teach_record: Path
 
     @classmethod
     def for_params(cls, params: dict[str, Any], untrained: bool) -> OutputPaths:

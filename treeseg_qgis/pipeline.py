@@ -21,18 +21,27 @@ from pathlib import Path
 
 from . import __version__
 from .core.cache import FeatureCache, file_identity
-from .core.errors import OutputError
+from .core.errors import InputError, OutputError
+from .core.examples import Example
 from .core.features import ColourFeatures, FeatureExtractor
 from .core.models import Backbone, load_backbone
 from .core.params import SegmentationParams
 from .core.progress import Progress
-from .core.segmentation import SegmentationResult, TileFeatureExtractor, feature_image, segment_raster
+from .core.segmentation import (
+    SegmentationResult,
+    TileFeatureExtractor,
+    ensure_features,
+    feature_image,
+    segment_raster,
+)
 from .core.store import FeatureStore, StoredFeatures
+from .core.teach import prototypes, score_raster
 from .gis.crowns import CrownOptions, write_crowns
 from .gis.polygons import polygonize_clusters
 from .gis.preview import write_elbow_plot, write_preview
 from .gis.raster import GdalRasterSource, limit_block_cache
-from .gis.writers import LabelRasterWriter, write_rgb_blocks
+from .gis.reference import Grid, read_examples
+from .gis.writers import LabelRasterWriter, ScoreRasterWriter, write_rgb_blocks
 from .outputs import SUFFIXES, OutputPaths, remove_files, remove_temporary_files
 
 log = logging.getLogger("treeseg")
@@ -121,6 +130,65 @@ def segment(
                 writer.abort()
             remove_files(written)
             remove_temporary_files(params.to_dict())
+            raise
+    progress.report(1.0, "Done")
+    return record
+
+
+def teach(
+    params: SegmentationParams,
+    examples: list[Example] | str,
+    threshold: float = 0.6,
+    progress: Progress | None = None,
+    load_model: ModelLoader | None = None,
+) -> dict:
+    """Click-to-teach: tree scores from example locations and the mask at `threshold` (core/teach.py).
+
+    `examples` is a list of pixel positions, or a file (points with `is_tree`, or
+    a col,row,is_tree CSV). Features come from the cache when it holds them.
+    """
+    params.validate()
+    if not 0.0 <= threshold <= 1.0:
+        raise InputError(f"The threshold is a score between 0 and 1, not {threshold}.")
+    progress = progress or Progress()
+    started = time.perf_counter()
+    limit_block_cache()
+    _output_folder(params.output_dir)
+    with GdalRasterSource(params.input_path, params.bands) as source, \
+            _feature_store(params, source) as (store, cache_state):
+        if isinstance(examples, str):
+            examples = read_examples(examples, Grid(source.width, source.height, source.geotransform,
+                                                    source.crs_wkt))
+        progress.report(0.0, "Loading model" if cache_state != "hit" else "Reading cached features")
+        extractor = StoredFeatures(store) if cache_state == "hit" else _extractor(params, load_model)
+        model = extractor.describe()
+        timings: dict[str, float] = {}
+        grid, _, _ = ensure_features(params, source, extractor, store, progress.sub(0.02, 0.8), timings)
+        found = prototypes(store, grid, extractor, examples, source.width, source.height)
+        paths = OutputPaths.for_params(params.to_dict(), model["untrained"])
+        writer = ScoreRasterWriter(str(paths.similarity), str(paths.taught_trees), source.width, source.height,
+                                   source.crs_wkt, source.geotransform, _raster_metadata(params, model))
+        try:
+            tree_pixels, valid_pixels = score_raster(source, store, grid, extractor, found, threshold, writer,
+                                                     progress.sub(0.8, 0.99))
+            writer.close()
+            record = {
+                "treeseg_version": __version__,
+                "warning": UNTRAINED_BANNER if model["untrained"] else None,
+                "model": model,
+                "examples": {"trees": len(found.trees), "not_trees": len(found.others)},
+                "threshold": threshold,
+                "tree_cover": round(tree_pixels / valid_pixels, 4) if valid_pixels else 0.0,
+                "feature_cache": cache_state,
+                "outputs": {"similarity": str(paths.similarity), "taught_trees": str(paths.taught_trees),
+                            "teach_record": str(paths.teach_record)},
+                "timings": {**{k: round(v, 3) for k, v in timings.items()},
+                            "total": round(time.perf_counter() - started, 3)},
+            }
+            _write_json(paths.teach_record, record)
+        except BaseException:
+            writer.abort()
+            remove_files([paths.similarity, paths.taught_trees])
             raise
     progress.report(1.0, "Done")
     return record

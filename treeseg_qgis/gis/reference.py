@@ -19,6 +19,7 @@ from osgeo import gdal, ogr, osr
 
 from ..core.errors import InputError
 from ..core.evaluation import ReferenceObject, boxes_to_objects
+from ..core.examples import Example
 
 gdal.UseExceptions()
 ogr.UseExceptions()
@@ -194,3 +195,37 @@ def _open_vector(path: str) -> gdal.Dataset:
         return gdal.OpenEx(path, gdal.OF_VECTOR)
     except RuntimeError as error:
         raise InputError(f"Cannot open the vector file {path}: {error}") from error
+
+
+def read_examples(path: str, grid: Grid) -> list[Example]:
+    """Click-to-teach examples: points with an `is_tree` field (any CRS, reprojected), or a CSV
+    of pixel positions `col,row,is_tree`."""
+    if Path(path).suffix.lower() == ".csv":
+        try:
+            with open(path, newline="") as handle:
+                return [Example(float(row["col"]), float(row["row"]), _truthy(row["is_tree"]))
+                        for row in csv.DictReader(handle)]
+        except (OSError, KeyError, ValueError) as error:
+            raise InputError(f"{path} is not a CSV of examples with columns col,row,is_tree: {error}") from error
+    source = _open_vector(path)
+    layer = source.GetLayer(0)
+    if layer.GetLayerDefn().GetFieldIndex("is_tree") < 0:
+        raise InputError(f"The example points in {path} need an is_tree field (1 = tree, 0 = not a tree).")
+    transform = _transform_to(layer.GetSpatialRef(), grid)
+    inverse = gdal.InvGeoTransform(grid.geotransform)
+    examples = []
+    for feature in layer:
+        geometry = feature.GetGeometryRef()
+        if geometry is None or geometry.IsEmpty():
+            continue
+        point = geometry.Clone()
+        if transform is not None:
+            point.Transform(transform)
+        point = point.Centroid()
+        col, row = gdal.ApplyGeoTransform(inverse, point.GetX(), point.GetY())
+        examples.append(Example(col, row, _truthy(feature.GetField("is_tree"))))
+    return examples
+
+
+def _truthy(value: object) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "t", "y")

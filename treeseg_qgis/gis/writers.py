@@ -77,6 +77,10 @@ def _colour_table(entries: dict[int, tuple[int, int, int, int]]) -> gdal.ColorTa
     return table
 
 
+TREE_NAMES = ["not tree", "tree"] + [""] * 253 + ["nodata"]
+TREE_STYLE = ({0: NOT_TREE_COLOUR, 1: TREE_COLOUR}, TREE_NAMES)
+
+
 class LabelRasterWriter:
     """Writes the cluster raster and the tree-mask raster window by window.
 
@@ -111,6 +115,7 @@ class LabelRasterWriter:
         self._final_paths = [clusters_path, trees_path]
         self._partial_paths = [partial_path(clusters_path), partial_path(trees_path)]
         self._datasets: list[gdal.Dataset] = []
+        self._dtypes = [np.uint8, np.uint8]
         colours = cluster_colours(n_clusters, tree_clusters)
         trees = set(tree_clusters)
         cluster_palette = {index: (*colour, 255) for index, colour in enumerate(colours)}
@@ -118,12 +123,7 @@ class LabelRasterWriter:
         for cluster in range(n_clusters):
             cluster_names[cluster] = f"Cluster {cluster} — tree" if cluster in trees else f"Cluster {cluster}"
         cluster_names[NODATA] = "nodata"
-        tree_names = [""] * 256
-        tree_names[0], tree_names[1], tree_names[NODATA] = "not tree", "tree", "nodata"
-        layers = [
-            (cluster_palette, cluster_names),
-            ({0: NOT_TREE_COLOUR, 1: TREE_COLOUR}, tree_names),
-        ]
+        layers = [(cluster_palette, cluster_names), TREE_STYLE]
         try:
             for path, final_path, (palette, names) in zip(self._partial_paths, self._final_paths, layers):
                 self._datasets.append(
@@ -143,9 +143,11 @@ class LabelRasterWriter:
         height: int,
         crs_wkt: str,
         geotransform: Sequence[float],
-        palette: dict[int, tuple[int, int, int, int]],
-        names: list[str],
+        palette: dict[int, tuple[int, int, int, int]] | None,
+        names: list[str] | None,
         metadata: dict[str, str],
+        data_type: int = gdal.GDT_Byte,
+        nodata: float = NODATA,
     ) -> gdal.Dataset:
         folder = os.path.dirname(os.path.abspath(final_path))
         if not os.path.isdir(folder):
@@ -155,7 +157,7 @@ class LabelRasterWriter:
             )
         try:
             dataset = gdal.GetDriverByName("GTiff").Create(
-                path, width, height, 1, gdal.GDT_Byte, options=CREATION_OPTIONS
+                path, width, height, 1, data_type, options=CREATION_OPTIONS
             )
         except RuntimeError as error:
             raise OutputError(
@@ -167,10 +169,12 @@ class LabelRasterWriter:
             dataset.SetProjection(crs_wkt)
         dataset.SetMetadata({str(key): str(value) for key, value in metadata.items()})
         band = dataset.GetRasterBand(1)
-        band.SetNoDataValue(NODATA)
-        band.SetColorTable(_colour_table(palette))
-        band.SetColorInterpretation(gdal.GCI_PaletteIndex)
-        band.SetCategoryNames(names)
+        band.SetNoDataValue(nodata)
+        if palette is not None:
+            band.SetColorTable(_colour_table(palette))
+            band.SetColorInterpretation(gdal.GCI_PaletteIndex)
+        if names is not None:
+            band.SetCategoryNames(names)
         return dataset
 
     def write(self, x: int, y: int, labels: np.ndarray, trees: np.ndarray) -> None:
@@ -178,8 +182,8 @@ class LabelRasterWriter:
         if labels.shape != trees.shape or labels.ndim != 2:
             raise ValueError(f"labels {labels.shape} and trees {trees.shape} must be 2-D of the same shape")
         try:
-            for dataset, array in zip(self._datasets, (labels, trees)):
-                dataset.GetRasterBand(1).WriteArray(np.asarray(array, dtype=np.uint8), xoff=x, yoff=y)
+            for dataset, dtype, array in zip(self._datasets, self._dtypes, (labels, trees)):
+                dataset.GetRasterBand(1).WriteArray(np.asarray(array, dtype=dtype), xoff=x, yoff=y)
         except RuntimeError as error:
             raise OutputError(
                 f"Writing '{self._final_paths[0]}' failed: {error}. "
@@ -224,6 +228,25 @@ class LabelRasterWriter:
             self.close()
         else:
             self.abort()
+
+
+class ScoreRasterWriter(LabelRasterWriter):
+    """Writes the click-to-teach scores (Float32, nodata -1) and the tree mask window by window."""
+
+    def __init__(self, scores_path: str, trees_path: str, width: int, height: int, crs_wkt: str,
+                 geotransform: Sequence[float], metadata: dict[str, str]) -> None:
+        self._final_paths = [scores_path, trees_path]
+        self._partial_paths = [partial_path(scores_path), partial_path(trees_path)]
+        self._datasets = []
+        self._dtypes = [np.float32, np.uint8]
+        try:
+            self._datasets.append(self._create(self._partial_paths[0], scores_path, width, height, crs_wkt,
+                                               geotransform, None, None, metadata, gdal.GDT_Float32, -1.0))
+            self._datasets.append(self._create(self._partial_paths[1], trees_path, width, height, crs_wkt,
+                                               geotransform, *TREE_STYLE, metadata))
+        except BaseException:
+            self.abort()
+            raise
 
 
 def _replace_with_sidecar(partial: str, final: str) -> None:

@@ -1,0 +1,89 @@
+"""Click-to-teach through the pipeline: examples → scores → mask, re-thresholded from the cache."""
+
+import numpy as np
+import pytest
+from osgeo import gdal, ogr, osr
+
+from treeseg_qgis.core.errors import InputError
+from treeseg_qgis.core.examples import Example
+from treeseg_qgis.core.models import load_backbone
+from treeseg_qgis.core.params import SegmentationParams
+from treeseg_qgis.pipeline import teach
+
+from .conftest import SAMPLE_GEOTRANSFORM, UTM17N
+
+
+def band(path) -> np.ndarray:
+    dataset = gdal.Open(path)
+    return dataset.GetRasterBand(1).ReadAsArray()
+
+
+@pytest.fixture
+def params(tiny_model_dir, scene_tif, tmp_path):
+    path, _ = scene_tif
+    return SegmentationParams(input_path=str(path), output_dir=str(tmp_path / "out"), model=str(tiny_model_dir),
+                              device="cpu", cache_dir=str(tmp_path / "cache"), tile_size=128, overlap=32)
+
+
+EXAMPLES = [Example(80, 70, True), Example(300, 90, True), Example(200, 20, False), Example(380, 300, False)]
+
+
+def test_examples_teach_the_crowns(params, scene_tif):
+    _, crowns = scene_tif
+    record = teach(params, EXAMPLES, threshold=0.6)
+    scores = band(record["outputs"]["similarity"])
+    assert scores.min() >= 0.0 and scores.max() <= 1.0
+    trees = band(record["outputs"]["taught_trees"]) == 1
+    assert (trees & crowns).sum() / (trees | crowns).sum() > 0.75
+    assert record["examples"] == {"trees": 2, "not_trees": 2}
+
+
+def test_a_new_threshold_reuses_the_cached_features(params):
+    teach(params, EXAMPLES, threshold=0.6)
+
+    def must_not_load(wanted):
+        raise AssertionError("the model was loaded although the features are cached")
+
+    strict = teach(params, EXAMPLES, threshold=0.8, load_model=must_not_load)
+    loose = teach(params, EXAMPLES, threshold=0.4, load_model=must_not_load)
+    assert strict["feature_cache"] == "hit" and strict["tree_cover"] < loose["tree_cover"]
+
+
+def test_examples_from_a_point_layer_in_another_crs(params, tmp_path):
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(4326)
+    utm = osr.SpatialReference()
+    utm.ImportFromEPSG(UTM17N)
+    for ref in (srs, utm):
+        ref.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    to_lonlat = osr.CoordinateTransformation(utm, srs)
+    source = ogr.GetDriverByName("GPKG").CreateDataSource(str(tmp_path / "examples.gpkg"))
+    layer = source.CreateLayer("examples", srs, ogr.wkbPoint)
+    layer.CreateField(ogr.FieldDefn("is_tree", ogr.OFTInteger))
+    x0, px, _, y0, _, py = SAMPLE_GEOTRANSFORM
+    for example in EXAMPLES:
+        lon, lat, _ = to_lonlat.TransformPoint(x0 + (example.col + 0.5) * px, y0 + (example.row + 0.5) * py)
+        feature = ogr.Feature(layer.GetLayerDefn())
+        feature.SetGeometry(ogr.CreateGeometryFromWkt(f"POINT ({lon} {lat})"))
+        feature.SetField("is_tree", int(example.is_tree))
+        layer.CreateFeature(feature)
+    source = None
+    from_points = teach(params, str(tmp_path / "examples.gpkg"), threshold=0.6)
+    from_pixels = teach(params, EXAMPLES, threshold=0.6)
+    assert from_points["tree_cover"] == pytest.approx(from_pixels["tree_cover"], abs=0.02)
+
+
+def test_without_a_tree_example_it_says_so(params):
+    with pytest.raises(InputError, match="at least one tree example"):
+        teach(params, [Example(10, 10, False), Example(5000, 5000, True)])
+
+
+def test_threshold_out_of_range(params):
+    with pytest.raises(InputError, match="between 0 and 1"):
+        teach(params, EXAMPLES, threshold=1.5)
+
+
+def test_prototypes_only_need_the_store(params, tiny_model_dir):
+    backbone = load_backbone(str(tiny_model_dir), device="cpu")
+    record = teach(params, EXAMPLES[:1], threshold=0.7, load_model=lambda wanted: backbone)
+    assert record["examples"] == {"trees": 1, "not_trees": 0}
