@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="smallest crown kept, in square metres (default: 2)")
     run.add_argument("--feature-preview", action="store_true",
                      help="also write the first three feature components as an RGB GeoTIFF (<stem>_features.tif)")
+    run.add_argument("--canopy-height", action="store_true",
+                     help="also write the canopy height in metres (<stem>_height.tif) with the DINOv3 CHMv2 head")
+    run.add_argument("--min-tree-height", type=float, metavar="M",
+                     help="trees must also be at least this tall (metres; implies --canopy-height)")
+    run.add_argument("--height-model", default="facebook/dinov3-vitl16-chmv2-dpt-head", metavar="HF_ID|FOLDER",
+                     help="canopy-height model (default: facebook/dinov3-vitl16-chmv2-dpt-head)")
     run.add_argument("--tile-size", type=int, default=512, help="tile size in pixels (default: 512)")
     run.add_argument("--quiet", action="store_true", help="print only errors and the result paths")
     learn = commands.add_parser(
@@ -125,6 +131,9 @@ def params_from_args(args: argparse.Namespace) -> SegmentationParams:
         tile_size=args.tile_size,
         crowns=args.crowns,
         feature_preview=args.feature_preview,
+        canopy_height=args.canopy_height,
+        min_tree_height_m=args.min_tree_height,
+        height_model=args.height_model,
         crown_min_area_m2=args.crown_min_area,
     )
 

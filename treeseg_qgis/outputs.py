@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 UNTRAINED_TAG = "UNTRAINED"
-OUTPUT_KINDS = ("clusters", "trees", "polygons", "crowns", "features", "preview", "elbow", "record",
+OUTPUT_KINDS = ("clusters", "trees", "polygons", "crowns", "features", "height", "preview", "elbow", "record",
                 "similarity", "taught_trees", "teach_record")
 SUFFIXES = {
     "clusters": "_clusters.tif",
@@ -15,6 +15,7 @@ SUFFIXES = {
     "polygons": "_polygons.gpkg",
     "crowns": "_crowns.gpkg",
     "features": "_features.tif",
+    "height": "_height.tif",
     "preview": "_preview.png",
     "elbow": "_elbow.png",
     "record": "_run.json",
@@ -33,6 +34,7 @@ class OutputPaths:
     polygons: Path
     crowns: Path
     features: Path
+    height: Path
     preview: Path
     elbow: Path
     record: Path

@@ -19,8 +19,11 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from . import __version__
 from .core.cache import FeatureCache, file_identity
+from .core.canopy import load_height_model, predict_heights
 from .core.errors import InputError, OutputError
 from .core.examples import Example
 from .core.features import ColourFeatures, FeatureExtractor
@@ -36,12 +39,13 @@ from .core.segmentation import (
 )
 from .core.store import FeatureStore, StoredFeatures
 from .core.teach import prototypes, score_raster
+from .core.tiling import TileGrid, Window
 from .gis.crowns import CrownOptions, write_crowns
 from .gis.polygons import polygonize_clusters
 from .gis.preview import write_elbow_plot, write_preview
-from .gis.raster import GdalRasterSource, limit_block_cache
+from .gis.raster import GdalRasterSource, HeightReader, limit_block_cache
 from .gis.reference import Grid, read_examples
-from .gis.writers import LabelRasterWriter, ScoreRasterWriter, write_rgb_blocks
+from .gis.writers import HeightRasterWriter, LabelRasterWriter, ScoreRasterWriter, write_rgb_blocks
 from .outputs import SUFFIXES, OutputPaths, remove_files, remove_temporary_files
 
 log = logging.getLogger("treeseg")
@@ -95,7 +99,18 @@ def segment(
             return writers[-1]
 
         try:
-            result = segment_raster(params, source, extractor, store, open_sink, progress.sub(0.03, 0.9))
+            tree_filter = None
+            height_timings: dict[str, float] = {}
+            if params.canopy_height or params.min_tree_height_m is not None:
+                model["height_model"] = _canopy_height(params, source, paths.height, progress.sub(0.0, 0.3),
+                                                       height_timings)
+                written.append(paths.height)
+                tree_filter = _height_filter(paths.height, params.min_tree_height_m)
+            result = segment_raster(params, source, extractor, store, open_sink,
+                                    progress.sub(0.3 if height_timings else 0.03, 0.9), tree_filter)
+            result.timings.update({name: round(seconds, 3) for name, seconds in height_timings.items()})
+            if params.min_tree_height_m is not None:
+                result.tree_rule += f" and canopy height ≥ {params.min_tree_height_m:g} m"
             writers[-1].close()
             written += [paths.clusters, paths.trees]
             polygons = _polygonize(paths, result, model, progress)
@@ -234,6 +249,42 @@ def _crowns(params: SegmentationParams, paths: OutputPaths, result: Segmentation
     )
     result.timings["crowns"] = round(time.perf_counter() - started, 3)
     return count
+
+
+def _canopy_height(params: SegmentationParams, source: GdalRasterSource, path: Path, progress: Progress,
+                   timings: dict[str, float]) -> dict:
+    """Predict the canopy height raster; returns what the height model is."""
+    progress.report(0.0, "Loading the canopy-height model")
+    started = time.perf_counter()
+    height_model = load_height_model(params.height_model, params.device, params.allow_untrained,
+                                     revision=params.model_revision if params.height_model == params.model else None)
+    if height_model.untrained:
+        log.warning(UNTRAINED_BANNER)
+    writer = HeightRasterWriter(str(path), source.width, source.height, source.crs_wkt, source.geotransform,
+                                {"TREESEG_HEIGHT_MODEL": height_model.model_id, "TREESEG_UNITS": "metres",
+                                 "TREESEG_WEIGHTS": "untrained" if height_model.untrained else "pretrained"})
+    try:
+        grid = TileGrid(source.width, source.height, params.tile_size, params.overlap)
+        predict_heights(source, height_model, grid.blocks(), params.overlap, writer.write_heights, progress)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    timings["canopy_height"] = time.perf_counter() - started
+    return height_model.describe()
+
+
+def _height_filter(path: Path, min_height: float | None) -> Callable[[Window, np.ndarray], np.ndarray] | None:
+    """Clears tree pixels lower than `min_height` metres (None: no height rule)."""
+    if min_height is None:
+        return None
+    heights = HeightReader(str(path))
+
+    def keep_tall_trees(block: Window, trees: np.ndarray) -> np.ndarray:
+        low = heights.read(block.x, block.y, block.width, block.height) < min_height
+        return np.where((trees == 1) & low, 0, trees).astype(np.uint8)
+
+    return keep_tall_trees
 
 
 def _write_feature_image(path: Path, source: GdalRasterSource, extractor: TileFeatureExtractor,

@@ -38,6 +38,9 @@ class SegmentationParams:
     seed: int = 0
     crowns: bool = False
     feature_preview: bool = False
+    canopy_height: bool = False
+    height_model: str = "facebook/dinov3-vitl16-chmv2-dpt-head"
+    min_tree_height_m: float | None = None
     crown_min_area_m2: float = 2.0
     crown_smoothing_m: float = 0.2
     use_cache: bool = True

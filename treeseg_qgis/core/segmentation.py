@@ -100,8 +100,12 @@ def segment_raster(
     store: FeatureStore,
     open_sink: Callable[[int, list[int]], LabelSink],
     progress: Progress,
+    tree_filter: Callable[[Window, np.ndarray], np.ndarray] | None = None,
 ) -> SegmentationResult:
-    """Segment `source` into clusters and trees; `open_sink(k, tree_ids)` receives the blocks."""
+    """Segment `source` into clusters and trees; `open_sink(k, tree_ids)` receives the blocks.
+
+    `tree_filter(block, trees)` may clear tree pixels of a block (e.g. below a canopy height).
+    """
     timings: dict[str, float] = {}
     grid, samples, sample_exg = ensure_features(params, source, extractor, store, progress.sub(0, 0.85), timings)
 
@@ -120,7 +124,8 @@ def segment_raster(
     timings["cluster"] = time.perf_counter() - started
 
     sink = open_sink(clusters.k, trees)
-    counts = _assign_all(extractor, source, store, grid, clusters, trees, sink, progress.sub(0.88, 1.0), timings)
+    counts, tree_pixels = _assign_all(extractor, source, store, grid, clusters, trees, sink,
+                                      progress.sub(0.88, 1.0), timings, tree_filter)
     valid = int(counts.sum())
     return SegmentationResult(
         k=clusters.k,
@@ -130,7 +135,7 @@ def segment_raster(
         tree_rule=rule,
         cluster_exg=[round(float(v), 4) for v in exg],
         cluster_pixels=[int(c) for c in counts],
-        tree_pixels=int(counts[trees].sum()) if trees else 0,
+        tree_pixels=tree_pixels,
         valid_pixels=valid,
         tiles=len(grid),
         timings={name: round(seconds, 3) for name, seconds in timings.items()},
@@ -324,13 +329,15 @@ def _assign_all(
     sink: LabelSink,
     progress: Progress,
     timings: dict[str, float],
-) -> np.ndarray:
-    """Label every pixel block by block; returns the pixel count of each cluster."""
+    tree_filter: Callable[[Window, np.ndarray], np.ndarray] | None,
+) -> tuple[np.ndarray, int]:
+    """Label every pixel block by block; returns the pixel count of each cluster and the tree pixels."""
     counts = np.zeros(clusters.k, dtype=np.int64)
     tree_lookup = np.zeros(256, dtype=np.uint8)
     tree_lookup[trees] = 1
     tree_lookup[NODATA] = NODATA
     blocks = grid.blocks()
+    tree_pixels = 0
     timings.update(assign=0.0, write=0.0)
     for index, block in enumerate(blocks):
         progress.check()
@@ -340,12 +347,16 @@ def _assign_all(
         _, valid = source.read(block.x, block.y, block.width, block.height)
         labels[~valid] = NODATA
         counts += np.bincount(labels[valid], minlength=clusters.k)[: clusters.k]
+        tree_mask = tree_lookup[labels]
+        if tree_filter is not None:
+            tree_mask = tree_filter(block, tree_mask)
+        tree_pixels += int((tree_mask == 1).sum())
         timings["assign"] += time.perf_counter() - started
         started = time.perf_counter()
-        sink.write(block.x, block.y, labels, tree_lookup[labels])
+        sink.write(block.x, block.y, labels, tree_mask)
         timings["write"] += time.perf_counter() - started
     progress.report(1.0, "Clusters assigned")
-    return counts
+    return counts, tree_pixels
 
 
 def _label_block(

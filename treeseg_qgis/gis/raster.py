@@ -165,3 +165,13 @@ class GdalRasterSource:
 def limit_block_cache(megabytes: int = 64) -> None:
     """Cap GDAL's block cache so memory does not grow with the raster (engine process only)."""
     gdal.SetCacheMax(megabytes * 1024 * 1024)
+
+
+class HeightReader:
+    """Reads windows of a single-band raster (the canopy height) as float32."""
+
+    def __init__(self, path: str) -> None:
+        self._dataset = gdal.Open(path, gdal.GA_ReadOnly)
+
+    def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
+        return self._dataset.GetRasterBand(1).ReadAsArray(x, y, width, height).astype(np.float32)

@@ -249,6 +249,27 @@ class ScoreRasterWriter(LabelRasterWriter):
             raise
 
 
+class HeightRasterWriter(LabelRasterWriter):
+    """Writes a canopy-height raster (Float32 metres, nodata -1) window by window."""
+
+    def __init__(self, path: str, width: int, height: int, crs_wkt: str, geotransform: Sequence[float],
+                 metadata: dict[str, str]) -> None:
+        self._final_paths = [path]
+        self._partial_paths = [partial_path(path)]
+        self._datasets = []
+        self._dtypes = [np.float32]
+        self._datasets.append(self._create(self._partial_paths[0], path, width, height, crs_wkt, geotransform,
+                                           None, None, metadata, gdal.GDT_Float32, -1.0))
+
+    def write_heights(self, x: int, y: int, heights: np.ndarray) -> None:
+        """Write one window of heights in metres."""
+        try:
+            self._datasets[0].GetRasterBand(1).WriteArray(np.asarray(heights, dtype=np.float32), xoff=x, yoff=y)
+        except RuntimeError as error:
+            raise OutputError(f"Writing '{self._final_paths[0]}' failed: {error}. "
+                              "Check the free disk space and that the folder is still writable.") from error
+
+
 def _replace_with_sidecar(partial: str, final: str) -> None:
     """Rename `partial` (and its .aux.xml, if GDAL wrote one) to `final`, raster last."""
     if os.path.exists(partial + ".aux.xml"):
