@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what treeseg-qgis needs, idempotently: Debian's QGIS (Python bindings),
+# Installs what treeseg-qgis needs, idempotently: Debian's QGIS (Python bindings, and
+# the desktop package for qgis_process),
 # then .venv (QGIS's /usr/bin/python3 with --system-site-packages) with the pinned
 # requirements. numpy and scipy stay at QGIS's versions (a pip constraint), so
 # QGIS's own numpy and GDAL bindings keep working.
@@ -10,7 +11,7 @@ SYSTEM_PYTHON=/usr/bin/python3
 VENV=.venv
 STAMP=$VENV/.setup-stamp
 
-if ! "$SYSTEM_PYTHON" -c "import qgis.core, osgeo.gdal" >/dev/null 2>&1; then
+if ! "$SYSTEM_PYTHON" -c "import qgis.core, osgeo.gdal" >/dev/null 2>&1 || [ ! -x /usr/bin/qgis_process.bin ]; then
     if ! command -v apt-get >/dev/null 2>&1; then
         echo "setup: QGIS's Python bindings are missing and this system has no apt-get." >&2
         echo "setup: install QGIS 3.22 or newer with its Python bindings (python3-qgis)," >&2
@@ -25,7 +26,7 @@ if ! "$SYSTEM_PYTHON" -c "import qgis.core, osgeo.gdal" >/dev/null 2>&1; then
     echo "setup: installing Debian's QGIS packages (about a minute)" >&2
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-        python3-qgis qgis-providers python3-venv python3-matplotlib >/dev/null
+        python3-qgis qgis-providers qgis python3-venv python3-matplotlib >/dev/null
 fi
 
 if [ -f "$STAMP" ] && [ "$STAMP" -nt requirements.txt ] && [ -x "$VENV/bin/python" ]; then
