@@ -101,6 +101,27 @@ class EngineClient:
                 remove_temporary_files(params)
             raise
 
+    def teach(
+        self,
+        params: dict[str, Any],
+        examples: list[tuple[float, float, bool]],
+        threshold: float,
+        on_progress: ProgressHandler | None = None,
+        is_cancelled: CancelCheck | None = None,
+        hf_token: str | None = None,
+    ) -> dict[str, Any]:
+        """Click-to-teach: scores from example pixels (col, row, is_tree); the teach record or EngineError."""
+        job = {"command": "teach", "params": params, "examples": [list(example) for example in examples],
+               "threshold": threshold}
+        if hf_token:
+            job["hf_token"] = hf_token
+        try:
+            return self._run(job, on_progress, None, is_cancelled)
+        except EngineError as error:
+            if error.kind in ("cancelled", "crash"):
+                remove_temporary_files(params)
+            raise
+
     def probe(self) -> dict[str, Any]:
         """Versions and the device the engine would use."""
         return self._run({"command": "probe"}, None, None, None)
@@ -184,20 +205,22 @@ class EngineClient:
         return process
 
     def _read_stdout(self, process: subprocess.Popen) -> None:
-        for line in process.stdout:
-            try:
-                message = json.loads(line)
-            except ValueError:
-                self._stderr_tail.append(line.rstrip())
-                continue
-            if message.get("type") != "ready":
-                self._messages.put(message)
+        with process.stdout:
+            for line in process.stdout:
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    self._stderr_tail.append(line.rstrip())
+                    continue
+                if message.get("type") != "ready":
+                    self._messages.put(message)
         process.wait()
         self._messages.put(None)
 
     def _read_stderr(self, process: subprocess.Popen) -> None:
-        for line in process.stderr:
-            self._stderr_tail.append(line.rstrip())
+        with process.stderr:
+            for line in process.stderr:
+                self._stderr_tail.append(line.rstrip())
 
     def _crash_error(self) -> EngineError:
         process = self._process

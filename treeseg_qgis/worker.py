@@ -2,8 +2,9 @@
 
 Protocol (one JSON object per line, both ways):
 
-- in, on stdin: `{"command": "segment", "params": {...}, "hf_token": "..."}` or
-  `{"command": "probe"}`; the worker serves jobs until stdin closes, keeping the
+- in, on stdin: `{"command": "segment", "params": {...}, "hf_token": "..."}`,
+  `{"command": "teach", "params": {...}, "examples": [[col, row, is_tree], ...],
+  "threshold": 0.6}` or `{"command": "probe"}`; the worker serves jobs until stdin closes, keeping the
   last model loaded so the next run skips loading it.
 - out, on stdout: `{"type": "ready"}` once, then per job any number of
   `{"type": "progress", "percent": 42.0, "stage": "..."}` and
@@ -78,6 +79,8 @@ class Worker:
             command = job.get("command")
             if command == "segment":
                 record = self.segment(job)
+            elif command == "teach":
+                record = self.teach(job)
             elif command == "probe":
                 record = probe()
             else:
@@ -95,15 +98,32 @@ class Worker:
                                "message": f"{type(error).__name__}: {error}"})
 
     def segment(self, job: dict[str, Any]) -> dict[str, Any]:
-        from .core.models import load_backbone
         from .core.params import SegmentationParams
         from .core.progress import Progress
         from .pipeline import segment
 
         params = SegmentationParams.from_dict(job["params"])
+        return segment(params, Progress(self._progress, lambda: self.terminate_requested),
+                       self._kept_model_loader(job))
+
+    def teach(self, job: dict[str, Any]) -> dict[str, Any]:
+        from .core.examples import Example
+        from .core.params import SegmentationParams
+        from .core.progress import Progress
+        from .pipeline import teach
+
+        params = SegmentationParams.from_dict(job["params"])
+        examples = [Example(float(col), float(row), bool(is_tree)) for col, row, is_tree in job["examples"]]
+        return teach(params, examples, float(job.get("threshold", 0.6)),
+                     Progress(self._progress, lambda: self.terminate_requested), self._kept_model_loader(job))
+
+    def _kept_model_loader(self, job: dict[str, Any]):
+        """Loads the backbone a job asks for, keeping it for the next job."""
+        from .core.models import load_backbone
+
         token = job.get("hf_token") or None
 
-        def load_kept_model(wanted: SegmentationParams):
+        def load_kept_model(wanted):
             key = (wanted.model, wanted.model_revision, wanted.device, wanted.allow_untrained)
             if self._backbone_key != key:
                 self._backbone = None
@@ -112,7 +132,7 @@ class Worker:
                 self._backbone_key = key
             return self._backbone
 
-        return segment(params, Progress(self._progress, lambda: self.terminate_requested), load_kept_model)
+        return load_kept_model
 
     def _progress(self, percent: float, stage: str) -> None:
         self.channel.send({"type": "progress", "percent": round(percent, 2), "stage": stage})

@@ -52,6 +52,13 @@ class SegmentationParams:
     polygons_path: str | None = None
     preview_path: str | None = None
     record_path: str | None = None
+    crowns_path: str | None = None
+    features_path: str | None = None
+    height_path: str | None = None
+    elbow_path: str | None = None
+    similarity_path: str | None = None
+    taught_trees_path: str | None = None
+    teach_record_path: str | None = None
 
     def validate(self) -> None:
         """Raise InputError for values no run can use."""
