@@ -74,10 +74,7 @@ def segment(
         params = replace(params, clusters=2)
     progress = progress or Progress()
     started = time.perf_counter()
-    limit_block_cache()
-    _output_folder(params.output_dir)
-    with GdalRasterSource(params.input_path, params.bands) as source, \
-            _feature_store(params, source) as (store, cache_state):
+    with _opened(params) as (source, store, cache_state):
         progress.report(0.0, "Loading model" if cache_state != "hit" else "Reading cached features")
         progress.check()
         load_started = time.perf_counter()
@@ -167,10 +164,7 @@ def teach(
         raise InputError(f"The threshold is a score between 0 and 1, not {threshold}.")
     progress = progress or Progress()
     started = time.perf_counter()
-    limit_block_cache()
-    _output_folder(params.output_dir)
-    with GdalRasterSource(params.input_path, params.bands) as source, \
-            _feature_store(params, source) as (store, cache_state):
+    with _opened(params) as (source, store, cache_state):
         if isinstance(examples, str):
             examples = read_examples(examples, Grid(source.width, source.height, source.geotransform,
                                                     source.crs_wkt))
@@ -207,6 +201,16 @@ def teach(
             raise
     progress.report(1.0, "Done")
     return record
+
+
+@contextmanager
+def _opened(params: SegmentationParams) -> Iterator[tuple[GdalRasterSource, FeatureStore, str]]:
+    """The input raster and the run's feature store (see `_feature_store`), output folder checked."""
+    limit_block_cache()
+    _output_folder(params.output_dir)
+    with GdalRasterSource(params.input_path, params.bands) as source, \
+            _feature_store(params, source) as (store, cache_state):
+        yield source, store, cache_state
 
 
 @contextmanager
