@@ -7,7 +7,7 @@ PLUGIN := treeseg_qgis
 VERSION := $(shell sed -n 's/^version=//p' metadata.txt)
 PROFILE_PLUGINS ?= $(HOME)/.local/share/QGIS/QGIS3/profiles/default/python/plugins
 
-.PHONY: setup demo test lint eval bench package deploy clean
+.PHONY: setup demo test lint eval bench package deploy clean screenshot
 
 setup:
 	@bash scripts/setup.sh
@@ -52,6 +52,27 @@ deploy: setup package
 	@echo "$(CURDIR)/.venv/bin/python" > $(PROFILE_PLUGINS)/$(PLUGIN)/engine_python.txt
 	@echo "installed into $(PROFILE_PLUGINS)/$(PLUGIN); engine: $(CURDIR)/.venv/bin/python"
 	@echo "enable it in QGIS: Plugins > Manage and Install Plugins > Installed > TreeSeg (DINOv3)"
+
+# docs/img/dock.png and docs/img/processing.png from the real QGIS desktop on a virtual screen (Xvfb),
+# with the packaged plugin in a throw-away profile and this checkout's .venv as the engine.
+SCREEN ?= :77
+SCREENSHOT_HOME := output/screenshot-qgis
+screenshot: setup package
+	@if ! command -v qgis.bin >/dev/null || ! command -v Xvfb >/dev/null; then \
+		SUDO=$$( [ "$$(id -u)" -ne 0 ] && echo sudo ); \
+		echo "screenshot: installing the QGIS desktop and Xvfb" >&2; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+			--no-install-recommends qgis xvfb >/dev/null; \
+	fi
+	@rm -rf $(SCREENSHOT_HOME) && mkdir -p $(SCREENSHOT_HOME)/plugins $(SCREENSHOT_HOME)/profiles
+	@/usr/bin/python3 -m zipfile -e dist/$(PLUGIN)-$(VERSION).zip $(SCREENSHOT_HOME)/plugins
+	@Xvfb $(SCREEN) -screen 0 1600x1000x24 -nolisten tcp >/dev/null 2>&1 & XVFB=$$!; \
+		trap 'kill $$XVFB' EXIT; sleep 1; \
+		DISPLAY=$(SCREEN) QT_QPA_PLATFORM=xcb QGIS_PLUGINPATH=$(CURDIR)/$(SCREENSHOT_HOME)/plugins \
+		TREESEG_ENGINE_PYTHON=$(CURDIR)/.venv/bin/python \
+		qgis.bin --nologo --noversioncheck --profiles-path $(SCREENSHOT_HOME)/profiles \
+			--code scripts/screenshot.py
+	@ls -l docs/img/dock.png docs/img/processing.png
 
 clean:
 	rm -rf output dist .pytest_cache

@@ -1,0 +1,346 @@
+"""The Processing algorithm treeseg:segmenttrees in real QGIS, driving the real engine worker process.
+
+Each run starts a fresh worker (the repository's .venv Python) with the tiny DINOv3
+of conftest, so the runs are kept few and small.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from osgeo import gdal, osr
+
+from treeseg_qgis.engine_client import ENGINE_PYTHON_ENV
+
+from .conftest import REPO, SAMPLE_GEOTRANSFORM, UTM17N, disc_scene, write_geotiff
+
+gdal.UseExceptions()
+
+ALGORITHM = "treeseg:segmenttrees"
+MODEL_FILE = Path(__file__).parent / "data" / "segment_and_extract_trees.model3"
+QGIS_PROCESS = Path("/usr/bin/qgis_process.bin")
+PIXEL = SAMPLE_GEOTRANSFORM[1]
+
+
+@pytest.fixture
+def provider(qgis_processing, monkeypatch):
+    """The treeseg provider registered as the plugin's initProcessing does, with this .venv as the engine."""
+    from qgis.core import QgsApplication
+
+    from treeseg_qgis.processing.provider import TreesegProvider
+
+    monkeypatch.setenv(ENGINE_PYTHON_ENV, sys.executable)
+    registry = QgsApplication.processingRegistry()
+    if registry.providerById("treeseg") is not None:  # left by a test that loaded the whole plugin
+        yield registry.providerById("treeseg")
+        return
+    treeseg = TreesegProvider()
+    assert registry.addProvider(treeseg)
+    yield treeseg
+    registry.removeProvider(treeseg)
+
+
+def run(parameters: dict, feedback=None) -> dict:
+    import processing
+
+    return processing.run(ALGORITHM, parameters, feedback=feedback)
+
+
+def tiny_run(tiny_model_dir: Path, input_path, out: Path, **parameters) -> dict:
+    """Parameters for a small, fast run writing into `out`."""
+    values = {
+        "INPUT": str(input_path), "MODEL_ID": str(tiny_model_dir), "CLUSTERS": 2, "DEVICE": "cpu",
+        "OUTPUT_CLUSTERS": str(out / "clusters.tif"), "OUTPUT_TREES": str(out / "trees.tif"),
+        "OUTPUT_POLYGONS": str(out / "polygons.gpkg"),
+    }
+    values.update(parameters)
+    return values
+
+
+def raster(path) -> tuple[np.ndarray, tuple, str]:
+    dataset = gdal.Open(str(path))
+    return dataset.ReadAsArray(), dataset.GetGeoTransform(), dataset.GetProjection()
+
+
+def polygons(path) -> tuple[list[int], str]:
+    """The is_tree value of every polygon, and the layer's CRS as WKT."""
+    dataset = gdal.OpenEx(str(path), gdal.OF_VECTOR)
+    layer = dataset.GetLayer(0)
+    return [feature.GetField("is_tree") for feature in layer], layer.GetSpatialRef().ExportToWkt()
+
+
+def same_crs(wkt: str, epsg: int) -> bool:
+    expected = osr.SpatialReference()
+    expected.ImportFromEPSG(epsg)
+    return bool(osr.SpatialReference(wkt).IsSame(expected))
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir()) if folder.exists() else []
+
+
+def test_writes_the_three_outputs_at_the_given_paths_and_returns_the_numbers(provider, tiny_model_dir, scene_tif,
+                                                                              tmp_path):
+    path, _ = scene_tif
+    out = tmp_path / "out"
+    results = run(tiny_run(tiny_model_dir, path, out, OUTPUT_TREES="TEMPORARY_OUTPUT",
+                           OUTPUT_POLYGONS=str(out / "polygons.shp")))
+
+    assert results["OUTPUT_CLUSTERS"] == str(out / "clusters.tif")
+    assert results["OUTPUT_POLYGONS"] == str(out / "polygons.gpkg")
+    assert results["OUTPUT_TREES"].endswith(".tif") and os.path.isfile(results["OUTPUT_TREES"])
+    assert files_in(out) == ["clusters.tif", "clusters.tif.aux.xml", "clusters_preview.png", "clusters_run.json",
+                             "polygons.gpkg"]
+    assert results["K"] == 2 and 0 < results["TREE_COVER"] < 1
+    assert results["MODEL_USED"] == str(tiny_model_dir) and results["UNTRAINED"] is False
+    assert json.loads(Path(results["RUN_RECORD"]).read_text())["clusters"]["k"] == 2
+    for output in ("OUTPUT_CLUSTERS", "OUTPUT_TREES"):
+        values, geotransform, wkt = raster(results[output])
+        assert values.shape == (320, 400) and geotransform == pytest.approx(SAMPLE_GEOTRANSFORM)
+        assert same_crs(wkt, UTM17N)
+    is_tree, wkt = polygons(results["OUTPUT_POLYGONS"])
+    assert set(is_tree) == {0, 1} and same_crs(wkt, UTM17N)
+
+
+def test_extent_crops_to_whole_pixels_of_the_raster(provider, tiny_model_dir, scene_tif, tmp_path):
+    path, _ = scene_tif
+    x0, y0 = SAMPLE_GEOTRANSFORM[0], SAMPLE_GEOTRANSFORM[3]
+    left, right, top, bottom = x0 + 40 * PIXEL, x0 + 240 * PIXEL, y0 - 60 * PIXEL, y0 - 220 * PIXEL
+    results = run(tiny_run(tiny_model_dir, path, tmp_path,
+                           EXTENT=f"{left},{right},{bottom},{top} [EPSG:{UTM17N}]"))
+
+    values, geotransform, wkt = raster(results["OUTPUT_CLUSTERS"])
+    assert values.shape == (160, 200)
+    assert geotransform == pytest.approx((left, PIXEL, 0, top, 0, -PIXEL))
+    assert same_crs(wkt, UTM17N) and (values < 255).all()
+
+
+def test_mask_limits_to_the_polygon_and_resolution_resamples(provider, tiny_model_dir, scene_tif, tmp_path):
+    from qgis.core import (
+        QgsCoordinateReferenceSystem,
+        QgsCoordinateTransform,
+        QgsFeature,
+        QgsGeometry,
+        QgsPointXY,
+        QgsProject,
+        QgsVectorLayer,
+    )
+
+    path, _ = scene_tif
+    x0, y0 = SAMPLE_GEOTRANSFORM[0], SAMPLE_GEOTRANSFORM[3]
+    centre_x, centre_y, half = x0 + 20.0, y0 - 16.0, 12.0
+    diamond = QgsGeometry.fromPolygonXY([[QgsPointXY(centre_x - half, centre_y), QgsPointXY(centre_x, centre_y + half),
+                                          QgsPointXY(centre_x + half, centre_y), QgsPointXY(centre_x, centre_y - half),
+                                          QgsPointXY(centre_x - half, centre_y)]])
+    diamond.transform(QgsCoordinateTransform(QgsCoordinateReferenceSystem(f"EPSG:{UTM17N}"),
+                                             QgsCoordinateReferenceSystem("EPSG:4326"), QgsProject.instance()))
+    mask = QgsVectorLayer("Polygon?crs=EPSG:4326", "mask", "memory")
+    feature = QgsFeature()
+    feature.setGeometry(diamond)
+    mask.dataProvider().addFeatures([feature])
+
+    results = run(tiny_run(tiny_model_dir, path, tmp_path, MASK=mask, RESOLUTION=0.2))
+
+    for output in ("OUTPUT_CLUSTERS", "OUTPUT_TREES"):
+        values, geotransform, wkt = raster(results[output])
+        assert geotransform[1] == pytest.approx(0.2) and geotransform[5] == pytest.approx(-0.2)
+        assert values.shape == pytest.approx((120, 120), abs=2)
+        assert geotransform[0] == pytest.approx(centre_x - half, abs=0.2)
+        assert geotransform[3] == pytest.approx(centre_y + half, abs=0.2)
+        assert same_crs(wkt, UTM17N)
+        rows, cols = values.shape
+        corners = values[[0, 0, -1, -1], [0, -1, 0, -1]]
+        assert (corners == 255).all() and values[rows // 2, cols // 2] != 255
+        inside = (values != 255).mean()
+        assert inside == pytest.approx(0.5, abs=0.05)
+
+
+def test_an_extent_outside_the_raster_is_a_clear_error(provider, scene_tif, tmp_path):
+    from qgis.core import QgsProcessingException
+
+    path, _ = scene_tif
+    with pytest.raises(QgsProcessingException, match="extent does not overlap"):
+        run(tiny_run(Path("unused"), path, tmp_path, EXTENT=f"0,10,0,10 [EPSG:{UTM17N}]"))
+    assert files_in(tmp_path) == ["scene.tif"]
+
+
+def test_a_web_layer_asks_for_a_geotiff_export(provider, tmp_path):
+    from qgis.core import QgsProcessingException, QgsProject, QgsRasterLayer
+
+    tiles = QgsRasterLayer("type=xyz&url=http://127.0.0.1:9/{z}/{x}/{y}.png&zmax=19&zmin=0", "tiles", "wms")
+    assert tiles.isValid()
+    QgsProject.instance().addMapLayer(tiles)
+    try:
+        with pytest.raises(QgsProcessingException, match="export it to a GeoTIFF"):
+            run(tiny_run(Path("unused"), tiles.id(), tmp_path))
+    finally:
+        QgsProject.instance().removeMapLayer(tiles)
+
+
+def test_a_missing_engine_is_explained_and_the_algorithm_still_listed(provider, scene_tif, tmp_path, monkeypatch):
+    from qgis.core import QgsApplication, QgsProcessingException
+
+    from treeseg_qgis import engine_client
+    from treeseg_qgis.processing import segment_trees
+
+    nowhere = tmp_path / "nowhere"
+    monkeypatch.setenv(ENGINE_PYTHON_ENV, str(nowhere / "python"))
+    monkeypatch.setattr(engine_client, "PLUGIN_DIR", nowhere / "treeseg_qgis")
+    monkeypatch.setattr(engine_client, "ENGINE_POINTER_FILE", nowhere / "engine_python.txt")
+    monkeypatch.setattr(segment_trees, "ENGINE_PYTHON_SETTING", "treeseg_tests/no_such_setting")
+    assert QgsApplication.processingRegistry().algorithmById(ALGORITHM) is not None
+    path, _ = scene_tif
+    with pytest.raises(QgsProcessingException) as caught:
+        run(tiny_run(Path("unused"), path, tmp_path / "out"))
+    assert str(caught.value) == engine_client.missing_engine_message()
+    assert files_in(tmp_path / "out") == []
+
+
+def test_an_unavailable_model_names_its_page_and_leaves_nothing(provider, scene_tif, tmp_path, monkeypatch):
+    from qgis.core import QgsProcessingException
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-cache"))
+    path, _ = scene_tif
+    out = tmp_path / "out"
+    with pytest.raises(QgsProcessingException, match="huggingface.co/facebook/dinov3-vitl16-pretrain-lvd1689m"):
+        run(tiny_run(Path("unused"), path, out, MODEL="large", MODEL_ID=""))
+    assert files_in(out) == []
+
+
+def test_cancel_stops_the_engine_and_leaves_nothing(provider, tiny_model_dir, scene_tif, tmp_path):
+    from qgis.core import QgsProcessingException, QgsProcessingFeedback
+
+    class CancelOnceStarted(QgsProcessingFeedback):
+        def setProgress(self, progress: float) -> None:
+            super().setProgress(progress)
+            if progress > 5:
+                self.cancel()
+
+    path, _ = scene_tif
+    out = tmp_path / "out"
+    feedback = CancelOnceStarted()
+    with pytest.raises(QgsProcessingException, match="Cancelled"):
+        run(tiny_run(tiny_model_dir, path, out, CLUSTERS=0), feedback=feedback)
+    assert feedback.isCanceled() and files_in(out) == []
+
+
+def test_the_committed_model_chains_segmentation_and_extraction(provider, tiny_model_dir, scene_tif, tmp_path):
+    import processing
+    from qgis.core import QgsProcessingModelAlgorithm
+
+    model = QgsProcessingModelAlgorithm()
+    assert model.fromFile(str(MODEL_FILE))
+    assert [child.algorithmId() for child in model.childAlgorithms().values()].count(ALGORITHM) == 1
+    path, _ = scene_tif
+    results = processing.run(model, {
+        "orthophoto": str(path), "model": str(tiny_model_dir), "clusters": 2,
+        "keep_trees:Tree polygons": str(tmp_path / "trees.gpkg"),
+    })
+
+    is_tree, _ = polygons(results["keep_trees:Tree polygons"])
+    assert len(is_tree) > 0 and set(is_tree) == {1}
+
+
+def test_batch_runs_one_algorithm_instance_row_by_row(provider, tiny_model_dir, scene_tif, tmp_path):
+    """As the batch dialog does: the same algorithm, one fresh context per row, layers loaded on completion."""
+    from processing.tools import dataobjects
+    from qgis.core import QgsApplication, QgsProcessingFeedback, QgsProcessingOutputLayerDefinition, QgsProject
+
+    first, _ = scene_tif
+    image, _ = disc_scene(192, 256, [(90, 120)], radius=40, seed=1)
+    second = write_geotiff(tmp_path / "second.tif", image)
+    algorithm = QgsApplication.processingRegistry().createAlgorithmById(ALGORITHM)
+    feedback = QgsProcessingFeedback()
+    rows = [tiny_run(tiny_model_dir, first, tmp_path / "first"), tiny_run(tiny_model_dir, second, tmp_path / "second")]
+    rows[1]["OUTPUT_TREES"] = QgsProcessingOutputLayerDefinition(str(tmp_path / "second" / "trees.tif"),
+                                                                 QgsProject.instance())
+    loaded = {}
+    for row in rows:
+        context = dataobjects.createContext(feedback)
+        results, ok = algorithm.run(algorithm.preprocessParameters(row), context, feedback)
+        assert ok
+        loaded.update({path: details.name for path, details in context.layersToLoadOnCompletion().items()})
+
+    for folder, shape in (("first", (320, 400)), ("second", (192, 256))):
+        for name in ("clusters.tif", "trees.tif"):
+            assert raster(tmp_path / folder / name)[0].shape == shape
+        assert (tmp_path / folder / "polygons.gpkg").is_file()
+    assert loaded == {str(tmp_path / "second" / "trees.tif"): "trees — second"}
+
+
+def test_the_provider_imports_no_engine_packages():
+    """The provider must load in QGIS's own Python, where torch may be missing."""
+    check = ("import sys; import treeseg_qgis.processing.provider; "
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'sklearn'}), "
+             "sorted(m for m in sys.modules if m.startswith('treeseg_qgis.core')))")
+    output = subprocess.run(["/usr/bin/python3", "-c", check], cwd=REPO, capture_output=True, text=True,
+                            check=True, env=dict(os.environ, QT_QPA_PLATFORM="offscreen"))
+    assert output.stdout.split("\n")[0] == "[] []"
+
+
+def test_the_choices_match_the_engine():
+    from treeseg_qgis.core.devices import DEVICE_CHOICES
+    from treeseg_qgis.core.features import STRIDES
+    from treeseg_qgis.core.models import CATALOGUE
+    from treeseg_qgis.core.models import DEFAULT_MODEL as ENGINE_DEFAULT
+    from treeseg_qgis.processing.segment_trees import DEFAULT_MODEL, DEVICES, MODEL_NAMES
+    from treeseg_qgis.processing.segment_trees import STRIDES as OFFERED_STRIDES
+
+    assert MODEL_NAMES == tuple(CATALOGUE) and DEFAULT_MODEL == ENGINE_DEFAULT
+    assert DEVICES == DEVICE_CHOICES and {int(stride) for stride in OFFERED_STRIDES} <= set(STRIDES)
+
+
+def test_the_icon_is_found_in_the_checkout_and_in_the_packaged_plugin(tmp_path, monkeypatch):
+    from treeseg_qgis.processing import provider
+
+    assert provider.icon_path() == REPO / "resources" / "icon.svg"
+    packaged = tmp_path / "treeseg_qgis"
+    (packaged / "resources").mkdir(parents=True)
+    shutil.copy(REPO / "resources" / "icon.svg", packaged / "resources" / "icon.svg")
+    monkeypatch.setattr(provider, "PACKAGE_DIR", packaged)
+    assert provider.icon_path() == packaged / "resources" / "icon.svg"
+
+
+@pytest.mark.skipif(not QGIS_PROCESS.exists(), reason="qgis_process (/usr/bin/qgis_process.bin) is not installed")
+def test_qgis_process_runs_the_algorithm_from_an_installed_plugin(tiny_model_dir, scene_tif, tmp_path):
+    home = tmp_path / "home"
+    profile = home / ".local/share/QGIS/QGIS3/profiles/default"
+    plugin = profile / "python/plugins/treeseg_qgis"
+    shutil.copytree(REPO / "treeseg_qgis", plugin, ignore=shutil.ignore_patterns("__pycache__", "engine_python.txt"))
+    shutil.copytree(REPO / "resources", plugin / "resources", ignore=shutil.ignore_patterns("sample"))
+    shutil.copy(REPO / "metadata.txt", plugin / "metadata.txt")
+    (plugin / "engine_python.txt").write_text(sys.executable)
+    (profile / "QGIS").mkdir(parents=True)
+    (profile / "QGIS/QGIS3.ini").write_text("[PythonPlugins]\ntreeseg_qgis=true\n")
+    path, _ = scene_tif
+    x0, y0 = SAMPLE_GEOTRANSFORM[0], SAMPLE_GEOTRANSFORM[3]
+    extent = f"{x0},{x0 + 256 * PIXEL},{y0 - 192 * PIXEL},{y0} [EPSG:{UTM17N}]"
+    out = tmp_path / "out"
+    # pytest-qgis points QGIS_CUSTOM_CONFIG_PATH at its own settings: drop it so the profile under HOME is used.
+    environment = {key: value for key, value in os.environ.items()
+                   if key != ENGINE_PYTHON_ENV and not key.startswith("QGIS_")}
+    environment.update(HOME=str(home), QT_QPA_PLATFORM="offscreen", HF_HUB_OFFLINE="1")
+
+    completed = subprocess.run(
+        [str(QGIS_PROCESS), "--json", "run", ALGORITHM, "--", f"INPUT={path}", f"MODEL_ID={tiny_model_dir}",
+         "CLUSTERS=2", "DEVICE=cpu", "BANDS=1", "BANDS=2", "BANDS=3", f"EXTENT={extent}",
+         f"OUTPUT_CLUSTERS={out / 'clusters.tif'}",
+         f"OUTPUT_TREES={out / 'trees.tif'}", f"OUTPUT_POLYGONS={out / 'polygons.gpkg'}"],
+        capture_output=True, text=True, env=environment, timeout=180,
+    )
+
+    assert completed.returncode == 0, completed.stderr[-2000:] + completed.stdout[-2000:]
+    results = json.loads(completed.stdout[completed.stdout.index("{"):])["results"]
+    assert results["K"] == 2 and results["OUTPUT_POLYGONS"] == str(out / "polygons.gpkg")
+    assert files_in(out) == ["clusters.tif", "clusters.tif.aux.xml", "clusters_preview.png", "clusters_run.json",
+                             "polygons.gpkg", "trees.tif", "trees.tif.aux.xml"]
+    assert raster(out / "trees.tif")[0].shape == (192, 256)
+

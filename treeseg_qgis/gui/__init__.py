@@ -1,0 +1,1 @@
+"""The plugin's panel and background tasks (QGIS side: never imports torch or the engine's core)."""

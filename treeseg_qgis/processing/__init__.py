@@ -1,0 +1,1 @@
+"""The Processing provider `treeseg` and its algorithms (QGIS side only: no torch is imported here)."""

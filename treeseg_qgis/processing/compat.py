@@ -1,0 +1,28 @@
+"""Enum values that moved between QGIS versions: the `Qgis.*` names of newer QGIS first, 3.22's otherwise."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import qgis.core
+
+
+def qgis_enum(current: str, legacy: str) -> Any:
+    """The value at the dotted path `current` under qgis.core, or at `legacy` where it does not exist."""
+    for path in (current, legacy):
+        value: Any = qgis.core
+        try:
+            for part in path.split("."):
+                value = getattr(value, part)
+        except AttributeError:
+            continue
+        return value
+    raise AttributeError(f"Neither qgis.core.{current} nor qgis.core.{legacy} exists.")
+
+
+ADVANCED = qgis_enum("Qgis.ProcessingParameterFlag.Advanced", "QgsProcessingParameterDefinition.Flag.FlagAdvanced")
+INTEGER = qgis_enum("Qgis.ProcessingNumberParameterType.Integer", "QgsProcessingParameterNumber.Type.Integer")
+DOUBLE = qgis_enum("Qgis.ProcessingNumberParameterType.Double", "QgsProcessingParameterNumber.Type.Double")
+POLYGON_LAYERS = qgis_enum("Qgis.ProcessingSourceType.VectorPolygon", "QgsProcessing.SourceType.TypeVectorPolygon")
+POLYGON_GEOMETRY = qgis_enum("Qgis.GeometryType.Polygon", "QgsWkbTypes.GeometryType.PolygonGeometry")
+METRES = qgis_enum("Qgis.DistanceUnit.Meters", "QgsUnitTypes.DistanceUnit.DistanceMeters")
