@@ -109,6 +109,8 @@ def measure(kind: str, raster: str, stride: int) -> dict:
     with GdalRasterSource(raster) as source:
         grid = TileGrid(source.width, source.height, TILE, 64)
     started = time.perf_counter()
+    if kind == "dock":
+        return _through_the_dock_path(raster, stride, len(grid))
     if kind == "forward":
         tile = np.random.default_rng(2).random((grid.tile_height, grid.tile_width, 3), dtype=np.float32)
         for _ in range(len(grid)):
@@ -125,10 +127,38 @@ def measure(kind: str, raster: str, stride: int) -> dict:
     return result
 
 
+def _through_the_dock_path(raster: str, stride: int, tiles: int) -> dict:
+    """The same job as the dock's QgsTask runs it: from a QGIS process, through EngineClient and the worker.
+
+    The worker is started (and torch imported) by a probe first, so the time is the job's alone.
+    """
+    from qgis.core import QgsApplication
+
+    from treeseg_qgis.engine_client import EngineClient
+
+    application = QgsApplication([], False)
+    application.initQgis()
+    client = EngineClient(sys.executable)
+    try:
+        client.probe()
+        params = {"input_path": raster, "output_dir": str(WORK / f"out_dock_{Path(raster).stem}"),
+                  "model": str(WORK / "vits16-random"), "stride": stride, "device": "cpu", "clusters": 6,
+                  "use_cache": False}
+        started = time.perf_counter()
+        record = client.segment(params)
+        seconds = time.perf_counter() - started
+    finally:
+        client.close()
+    return {"seconds": seconds, "timings": record["timings"], "tiles": tiles,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "threads": 0}
+
+
 def run_child(kind: str, raster: Path, stride: int) -> dict:
+    load = os.getloadavg()[0]
     output = subprocess.run([sys.executable, __file__, "--child", kind, str(raster), str(stride)],
                             check=True, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     result = json.loads(output.stdout.strip().splitlines()[-1])
+    result["load"] = load
     print(f"  {kind:8s} {raster.name:18s} stride {stride:2d}: {result['seconds']:8.1f} s, "
           f"peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
     return result
@@ -145,6 +175,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="4,36,100,400", help="raster sizes in megapixels (of 4,36,100,400)")
     parser.add_argument("--strides", default="16,8,4", help="strides compared on the 4 MP raster")
+    parser.add_argument("--parts", default="ratio,memory,stride,dock",
+                        help="which figures to measure now (the others are kept from earlier runs)")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "RASTER", "STRIDE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -152,31 +184,50 @@ def main() -> None:
         print(json.dumps(measure(kind, raster, int(stride))))
         return
     sizes = [int(size) for size in args.sizes.split(",")]
-    strides = [int(stride) for stride in args.strides.split(",")]
-    started = time.time()
+    parts = set(args.parts.split(","))
     paths = make_inputs()
-    print("end to end vs bare forward, stride 16", flush=True)
-    ratio = {}
-    for size in sizes:
-        if size in (4, 36):
-            ratio[size] = (run_child("segment", paths[size], 16), run_child("forward", paths[size], 16))
-    print("peak memory per raster size, stride 16", flush=True)
-    memory = {size: ratio[size][0] if size in ratio else run_child("segment", paths[size], 16) for size in sizes}
-    print("stride cost on 4 MP", flush=True)
-    stride_runs = {stride: ratio[4][0] if stride == 16 and 4 in ratio else run_child("segment", paths[4], stride)
-                   for stride in strides}
-    write_report(ratio, memory, stride_runs, " ".join(sys.argv[1:]), time.time() - started)
+    results_file = WORK / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    for part in ("ratio", "memory", "stride", "dock"):
+        results.setdefault(part, {})
+    started = time.time()
+    if "ratio" in parts:
+        print("end to end vs bare forward, stride 16", flush=True)
+        for size in (size for size in sizes if size in (4, 36)):
+            results["ratio"][str(size)] = [run_child("segment", paths[size], 16), run_child("forward", paths[size], 16)]
+    if "memory" in parts:
+        print("peak memory per raster size, stride 16", flush=True)
+        for size in sizes:
+            results["memory"][str(size)] = run_child("segment", paths[size], 16)
+    if "stride" in parts:
+        print("stride cost on 4 MP", flush=True)
+        for stride in (int(stride) for stride in args.strides.split(",")):
+            results["stride"][str(stride)] = run_child("segment", paths[4], stride)
+    if "dock" in parts:
+        print("dock path (QGIS process → EngineClient → worker) vs command line, 4 MP", flush=True)
+        results["dock"]["4"] = [run_child("dock", paths[4], 16), run_child("segment", paths[4], 16)]
+    results.setdefault("commands", []).append(
+        f"scripts/bench.py {' '.join(sys.argv[1:])} ({(time.time() - started) / 60:.0f} min)")
+    results_file.write_text(json.dumps(results, indent=1))
+    write_report(results)
 
 
-def write_report(ratio: dict, memory: dict, stride_runs: dict, arguments: str, elapsed: float) -> None:
+def write_report(results: dict) -> None:
     import torch
+
+    ratio = {int(size): runs for size, runs in sorted(results["ratio"].items(), key=lambda item: int(item[0]))}
+    memory = {int(size): run for size, run in sorted(results["memory"].items(), key=lambda item: int(item[0]))}
+    stride_runs = {int(stride): run for stride, run in sorted(results["stride"].items(),
+                                                              key=lambda item: -int(item[0]))}
 
     lines = [
         "# Benchmarks",
         "",
         f"Date: {datetime.date.today().isoformat()}. Machine: {cpu_model()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__} with {torch.get_num_threads()} threads, no GPU. "
-        f"Command: `make bench` (`scripts/bench.py {arguments}`), {elapsed / 60:.0f} minutes in all.",
+        f"Command: `make bench`; runs that made these figures: {'; '.join(results['commands'])}. "
+        "The load column is the 1-minute load average when the run started (2 = both cores busy "
+        "elsewhere): figures taken under load are slower than on a quiet machine.",
         "",
         "Model: the ViT-S/16 DINOv3 architecture (hidden 384, 12 layers, 6 heads, 4 registers) with random "
         "weights, loaded through the product's loader. Tiles 512 px with 64 px overlap. Inputs: a synthetic "
@@ -185,23 +236,35 @@ def write_report(ratio: dict, memory: dict, stride_runs: dict, arguments: str, e
         "",
         "## End to end vs the bare model forward (stride 16)",
         "",
-        "| raster | tiles | `segment` end to end (s) | bare forward, same tiles (s) | ratio |",
-        "| --- | --- | --- | --- | --- |",
+        "| raster | tiles | `segment` end to end (s) | bare forward, same tiles (s) | ratio | load |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for size, (end_to_end, forward) in ratio.items():
         lines.append(f"| {size} MP | {end_to_end['tiles']} | {end_to_end['seconds']:.1f} | {forward['seconds']:.1f} | "
-                     f"{end_to_end['seconds'] / forward['seconds']:.2f} |")
-    smallest = memory[min(memory)]["peak_rss_mb"]
-    lines += ["", "## Peak resident memory (stride 16)", "", "| raster | tiles | peak RSS (MB) | × smallest |",
-              "| --- | --- | --- | --- |"]
+                     f"{end_to_end['seconds'] / forward['seconds']:.2f} | {end_to_end.get('load', 0):.1f} |")
+    smallest = memory[min(memory)]["peak_rss_mb"] if memory else 1.0
+    lines += ["", "## Peak resident memory (stride 16)", "", "| raster | tiles | peak RSS (MB) | × smallest | load |",
+              "| --- | --- | --- | --- | --- |"]
     for size, run in memory.items():
-        lines.append(f"| {size} MP | {run['tiles']} | {run['peak_rss_mb']:.0f} | {run['peak_rss_mb'] / smallest:.2f} |")
+        lines.append(f"| {size} MP | {run['tiles']} | {run['peak_rss_mb']:.0f} | {run['peak_rss_mb'] / smallest:.2f} | "
+                     f"{run.get('load', 0):.1f} |")
     base = stride_runs[16]["seconds"] if 16 in stride_runs else None
-    lines += ["", "## Stride cost (4 MP)", "", "| stride | forward passes per tile | time (s) | × stride 16 |",
-              "| --- | --- | --- | --- |"]
+    lines += ["", "## Stride cost (4 MP)", "", "| stride | forward passes per tile | time (s) | × stride 16 | load |",
+              "| --- | --- | --- | --- | --- |"]
     for stride, run in stride_runs.items():
         factor = f"{run['seconds'] / base:.2f}" if base else "—"
-        lines.append(f"| {stride} | {(16 // stride) ** 2} | {run['seconds']:.1f} | {factor} |")
+        lines.append(f"| {stride} | {(16 // stride) ** 2} | {run['seconds']:.1f} | {factor} | "
+                     f"{run.get('load', 0):.1f} |")
+    if results["dock"]:
+        dock, direct = results["dock"]["4"]
+        lines += ["", "## The dock's path vs the command line (4 MP, stride 16)", "",
+                  "The dock's QgsTask hands the job to the engine worker through EngineClient; measured from a "
+                  "QGIS process after the worker has started (start-up excluded), against `segment` run in "
+                  "the engine's process as the command line runs it.", "",
+                  "| path | time (s) | ratio | load |", "| --- | --- | --- | --- |",
+                  f"| command line (`segment`) | {direct['seconds']:.1f} | 1.00 | {direct.get('load', 0):.1f} |",
+                  f"| dock path (QGIS → EngineClient → worker) | {dock['seconds']:.1f} | "
+                  f"{dock['seconds'] / direct['seconds']:.2f} | {dock.get('load', 0):.1f} |"]
     lines += ["", "## Where the time goes (end to end, seconds)", ""]
     stages = ["load_model", "read", "features", "project", "cluster", "assign", "write", "polygonize", "preview",
               "total"]
