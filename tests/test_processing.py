@@ -188,13 +188,13 @@ def test_a_missing_engine_is_explained_and_the_algorithm_still_listed(provider, 
     from qgis.core import QgsApplication, QgsProcessingException
 
     from treeseg_qgis import engine_client
-    from treeseg_qgis.processing import segment_trees
+    from treeseg_qgis.processing import engine_algorithm
 
     nowhere = tmp_path / "nowhere"
     monkeypatch.setenv(ENGINE_PYTHON_ENV, str(nowhere / "python"))
     monkeypatch.setattr(engine_client, "PLUGIN_DIR", nowhere / "treeseg_qgis")
     monkeypatch.setattr(engine_client, "ENGINE_POINTER_FILE", nowhere / "engine_python.txt")
-    monkeypatch.setattr(segment_trees, "ENGINE_PYTHON_SETTING", "treeseg_tests/no_such_setting")
+    monkeypatch.setattr(engine_algorithm, "ENGINE_PYTHON_SETTING", "treeseg_tests/no_such_setting")
     assert QgsApplication.processingRegistry().algorithmById(ALGORITHM) is not None
     path, _ = scene_tif
     with pytest.raises(QgsProcessingException) as caught:
@@ -291,8 +291,8 @@ def test_the_choices_match_the_engine():
     from treeseg_qgis.core.features import STRIDES
     from treeseg_qgis.core.models import CATALOGUE
     from treeseg_qgis.core.models import DEFAULT_MODEL as ENGINE_DEFAULT
-    from treeseg_qgis.processing.segment_trees import DEFAULT_MODEL, DEVICES, MODEL_NAMES
-    from treeseg_qgis.processing.segment_trees import STRIDES as OFFERED_STRIDES
+    from treeseg_qgis.processing.engine_algorithm import DEFAULT_MODEL, DEVICES, MODEL_NAMES
+    from treeseg_qgis.processing.engine_algorithm import STRIDES as OFFERED_STRIDES
 
     assert MODEL_NAMES == tuple(CATALOGUE) and DEFAULT_MODEL == ENGINE_DEFAULT
     assert DEVICES == DEVICE_CHOICES and {int(stride) for stride in OFFERED_STRIDES} <= set(STRIDES)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .outputs import remove_temporary_files
+from .outputs import remove_temporary_files, temporary_files
 
 PLUGIN_DIR = Path(__file__).resolve().parent
 ENGINE_PYTHON_ENV = "TREESEG_ENGINE_PYTHON"
@@ -120,6 +120,27 @@ class EngineClient:
         except EngineError as error:
             if error.kind in ("cancelled", "crash"):
                 remove_temporary_files(params)
+            raise
+
+    def crowns(
+        self,
+        trees_path: str,
+        clusters_path: str | None,
+        gpkg_path: str,
+        options: dict[str, float] | None = None,
+        on_progress: ProgressHandler | None = None,
+        is_cancelled: CancelCheck | None = None,
+    ) -> dict[str, Any]:
+        """Crown polygons of a tree mask (options: min_area_m2, min_distance_m, smoothing_m, max_crown_m);
+        `{"crowns": count, "outputs": {"crowns": gpkg_path}}` or EngineError."""
+        job = {"command": "crowns", "trees_path": trees_path, "clusters_path": clusters_path or trees_path,
+               "gpkg_path": gpkg_path, "options": dict(options or {})}
+        try:
+            return self._run(job, on_progress, None, is_cancelled)
+        except EngineError as error:
+            if error.kind in ("cancelled", "crash"):
+                for leftover in temporary_files(Path(gpkg_path)):
+                    leftover.unlink(missing_ok=True)
             raise
 
     def probe(self) -> dict[str, Any]:

@@ -4,8 +4,9 @@ Protocol (one JSON object per line, both ways):
 
 - in, on stdin: `{"command": "segment", "params": {...}, "hf_token": "..."}`,
   `{"command": "teach", "params": {...}, "examples": [[col, row, is_tree], ...],
-  "threshold": 0.6}` or `{"command": "probe"}`; the worker serves jobs until stdin closes, keeping the
-  last model loaded so the next run skips loading it.
+  "threshold": 0.6}`, `{"command": "crowns", "trees_path": ..., "clusters_path": ..., "gpkg_path": ...,
+  "options": {"min_area_m2": 2.0, ...}}` or `{"command": "probe"}`; the worker serves jobs until
+  stdin closes, keeping the last model loaded so the next run skips loading it.
 - out, on stdout: `{"type": "ready"}` once, then per job any number of
   `{"type": "progress", "percent": 42.0, "stage": "..."}` and
   `{"type": "log", "level": "warning", "message": "..."}`, and one final
@@ -25,6 +26,7 @@ import os
 import signal
 import sys
 import traceback
+from pathlib import Path
 from typing import Any, TextIO
 
 from .core.errors import Cancelled, InputError, ModelUnavailableError, OutputError, TreesegError
@@ -81,6 +83,8 @@ class Worker:
                 record = self.segment(job)
             elif command == "teach":
                 record = self.teach(job)
+            elif command == "crowns":
+                record = self.crowns(job)
             elif command == "probe":
                 record = probe()
             else:
@@ -116,6 +120,23 @@ class Worker:
         examples = [Example(float(col), float(row), bool(is_tree)) for col, row, is_tree in job["examples"]]
         return teach(params, examples, float(job.get("threshold", 0.6)),
                      Progress(self._progress, lambda: self.terminate_requested), self._kept_model_loader(job))
+
+    def crowns(self, job: dict[str, Any]) -> dict[str, Any]:
+        """Split a tree-mask raster into crown polygons (gis/crowns.py); the layer is named after the file."""
+        from .gis.crowns import CrownOptions, write_crowns
+
+        gpkg_path = str(job["gpkg_path"])
+        try:
+            Path(gpkg_path).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OutputError(f"Cannot create the folder of {gpkg_path}: {error.strerror}.") from error
+        count = write_crowns(
+            str(job["trees_path"]), str(job.get("clusters_path") or job["trees_path"]), gpkg_path,
+            Path(gpkg_path).stem, CrownOptions(**job.get("options", {})),
+            progress=lambda fraction: self._progress(100.0 * fraction, "Splitting crowns"),
+            is_cancelled=lambda: self.terminate_requested,
+        )
+        return {"crowns": count, "outputs": {"crowns": gpkg_path}}
 
     def _kept_model_loader(self, job: dict[str, Any]):
         """Loads the backbone a job asks for, keeping it for the next job."""

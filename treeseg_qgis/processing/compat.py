@@ -26,3 +26,7 @@ DOUBLE = qgis_enum("Qgis.ProcessingNumberParameterType.Double", "QgsProcessingPa
 POLYGON_LAYERS = qgis_enum("Qgis.ProcessingSourceType.VectorPolygon", "QgsProcessing.SourceType.TypeVectorPolygon")
 POLYGON_GEOMETRY = qgis_enum("Qgis.GeometryType.Polygon", "QgsWkbTypes.GeometryType.PolygonGeometry")
 METRES = qgis_enum("Qgis.DistanceUnit.Meters", "QgsUnitTypes.DistanceUnit.DistanceMeters")
+POINT_LAYERS = qgis_enum("Qgis.ProcessingSourceType.VectorPoint", "QgsProcessing.SourceType.TypeVectorPoint")
+RASTER_LAYERS = qgis_enum("Qgis.ProcessingSourceType.Raster", "QgsProcessing.SourceType.TypeRaster")
+ANY_FIELD = qgis_enum("Qgis.ProcessingFieldParameterDataType.Any", "QgsProcessingParameterField.DataType.Any")
+EXPORT_OK = qgis_enum("QgsVectorFileWriter.WriterError.NoError", "QgsVectorFileWriter.NoError")

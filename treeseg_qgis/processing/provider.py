@@ -7,7 +7,10 @@ from pathlib import Path
 from qgis.core import QgsProcessingProvider
 from qgis.PyQt.QtGui import QIcon
 
+from .evaluate_segmentation import EvaluateSegmentationAlgorithm
 from .segment_trees import SegmentTreesAlgorithm
+from .teach_trees import TeachTreesAlgorithm
+from .tree_crowns import TreeCrownsAlgorithm
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
@@ -22,7 +25,7 @@ def icon_path() -> Path:
 
 
 class TreesegProvider(QgsProcessingProvider):
-    """TreeSeg (DINOv3): tree segmentation algorithms run by the engine worker process."""
+    """TreeSeg (DINOv3): tree segmentation, crowns and evaluation; models run in the engine worker process."""
 
     def id(self) -> str:
         return "treeseg"
@@ -40,7 +43,9 @@ class TreesegProvider(QgsProcessingProvider):
         return str(icon_path())
 
     def loadAlgorithms(self) -> None:
-        self.addAlgorithm(SegmentTreesAlgorithm())
+        for algorithm in (SegmentTreesAlgorithm(), TeachTreesAlgorithm(), TreeCrownsAlgorithm(),
+                          EvaluateSegmentationAlgorithm()):
+            self.addAlgorithm(algorithm)
 
     def supportsNonFileBasedOutput(self) -> bool:
         return False

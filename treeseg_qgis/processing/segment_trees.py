@@ -8,13 +8,10 @@ itself even where the engine environment is missing.
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 from typing import Any
 
 from qgis.core import (
-    QgsProcessingAlgorithm,
     QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingFeedback,
@@ -23,8 +20,6 @@ from qgis.core import (
     QgsProcessingOutputNumber,
     QgsProcessingOutputString,
     QgsProcessingParameterBand,
-    QgsProcessingParameterBoolean,
-    QgsProcessingParameterDefinition,
     QgsProcessingParameterEnum,
     QgsProcessingParameterExtent,
     QgsProcessingParameterFeatureSource,
@@ -34,21 +29,26 @@ from qgis.core import (
     QgsProcessingParameterString,
     QgsProcessingParameterVectorDestination,
     QgsProcessingUtils,
-    QgsSettings,
 )
 
-from ..engine_client import EngineClient, EngineError, find_engine_python, missing_engine_message
-from .compat import ADVANCED, DOUBLE, INTEGER, POLYGON_LAYERS
+from .compat import DOUBLE, INTEGER, POLYGON_LAYERS
+from .engine_algorithm import (
+    GEOPACKAGE_SUFFIXES,
+    RASTER_SUFFIXES,
+    WEIGHTS_HELP,
+    EngineAlgorithm,
+    engine_python,
+    hf_token,
+    name_loaded_layers,
+    run_in_engine,
+)
 from .raster_input import prepare_input
 
-MODEL_NAMES = ("small", "small+", "base", "large", "giant", "mega", "large-sat", "mega-sat")
-DEFAULT_MODEL = "base"
-STRIDES = ("16", "8", "4")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-ENGINE_PYTHON_SETTING = "treeseg/engine_python"
-MODEL_PAGE = "https://huggingface.co/facebook/dinov3-vitb16-pretrain-lvd1689m"
-HELP_URL = "https://github.com/treeseg-qgis/treeseg-qgis#processing-graphical-modeler-and-qgis_process"
-NON_FILE_DESTINATION = re.compile(r"^(ogr|memory|postgres|postgis|spatialite|mssql|oracle|hana):", re.IGNORECASE)
+METHODS = ("dinov3", "rgb-kmeans", "exg-otsu")
+DEFAULT_HEIGHT_MODEL = "facebook/dinov3-vitl16-chmv2-dpt-head"
+HEIGHT_MODEL_PAGE = f"https://huggingface.co/{DEFAULT_HEIGHT_MODEL}"
+LAYER_LABELS = {"clusters": "clusters", "trees": "trees", "polygons": "tree polygons", "crowns": "tree crowns",
+                "features": "DINOv3 features", "height": "canopy height"}
 
 HELP = f"""<p>Segments trees in a drone or aerial orthophoto <b>without training labels</b>: a DINOv3
 vision transformer describes every 16 × 16 pixel patch, the descriptions are clustered, and the
@@ -60,10 +60,18 @@ input (or of the extent / resolution you chose).</li>
 <li><b>Tree mask</b>: a GeoTIFF, 1 = tree, 0 = not tree, 255 = nodata.</li>
 <li><b>Polygons</b>: a GeoPackage with one polygon per connected region and the fields
 <i>cluster</i>, <i>is_tree</i> and <i>area_m2</i>.</li>
+<li><b>Tree crowns</b> (optional): a GeoPackage with one polygon per crown (watershed of the tree
+mask) and the fields <i>crown_id</i>, <i>cluster</i>, <i>area_m2</i>, <i>perimeter_m</i>,
+<i>diameter_m</i>, <i>centroid_x</i>, <i>centroid_y</i>; crowns smaller than the minimum crown area
+are dropped.</li>
+<li><b>Feature image</b> (optional, advanced): the first three principal components of the features
+as RGB: what DINOv3 tells apart.</li>
+<li><b>Canopy height</b> (optional, advanced): metres per pixel from the DINOv3 canopy-height head
+(CHMv2).</li>
 <li>Beside the clusters file: a preview image (<i>_preview.png</i>), a run record
 (<i>_run.json</i>) with the model used, K, the tree rule and the timings, and with automatic K the
 elbow plot (<i>_elbow.png</i>). The number of clusters,
-the tree cover and the model are also returned for use in a model.</li>
+the tree cover, the number of crowns and the model are also returned for use in a model.</li>
 </ul>
 <h3>Parameters worth knowing</h3>
 <ul>
@@ -74,20 +82,21 @@ to a GeoTIFF first.</li>
 <li><b>Clusters</b>: 0 picks K automatically (elbow of the k-means inertia between the minimum and
 maximum).</li>
 <li><b>Stride</b>: 16 gives one feature per 16 × 16 patch; 8 costs 4 × the time, 4 costs 16 ×.</li>
+<li><b>Tree clusters</b> (advanced): cluster ids to call trees, e.g. <i>0,3</i>, instead of the
+greenness rule (look at the clusters of a first run).</li>
+<li><b>Minimum tree height</b> (advanced): tree pixels lower than this are dropped, which separates
+trees from grass and shrubs of the same colour; the canopy height is then computed even when its
+output is not asked for.</li>
+<li><b>Method</b> (advanced): <i>rgb-kmeans</i> and <i>exg-otsu</i> are colour baselines for
+comparison (k-means on the colours; Otsu's threshold on the excess-green index): they show what the
+DINOv3 features add.</li>
 </ul>
-<h3>Model weights</h3>
-<p>The DINOv3 weights are <b>gated</b> on Hugging Face. Once: open the model page (for the default
-model <a href="{MODEL_PAGE}">{MODEL_PAGE}</a>), log in and accept the licence, then create a read
-token at https://huggingface.co/settings/tokens and set the <b>HF_TOKEN</b> environment variable
-before starting QGIS (or run <i>hf auth login</i>). The weights are downloaded once into the
-Hugging Face cache. A Hugging Face id or a local model folder can be given under Model (advanced).</p>
-<p><b>Allow untrained weights</b> lets the run go on with random weights when the real ones cannot be
-had. The result is then only a check of the pipeline, not a segmentation; every output says so.</p>
-<p>The model runs in a separate engine process (its own Python with torch); QGIS stays responsive
-and Cancel stops it at once.</p>"""
+{WEIGHTS_HELP}
+<p>The canopy-height model is gated too: accept its licence on
+<a href="{HEIGHT_MODEL_PAGE}">{HEIGHT_MODEL_PAGE}</a> before asking for the height.</p>"""
 
 
-class SegmentTreesAlgorithm(QgsProcessingAlgorithm):
+class SegmentTreesAlgorithm(EngineAlgorithm):
     """Segment trees in an orthophoto with DINOv3 features, through the engine worker process."""
 
     INPUT = "INPUT"
@@ -95,19 +104,23 @@ class SegmentTreesAlgorithm(QgsProcessingAlgorithm):
     EXTENT = "EXTENT"
     MASK = "MASK"
     RESOLUTION = "RESOLUTION"
-    MODEL = "MODEL"
-    MODEL_ID = "MODEL_ID"
-    STRIDE = "STRIDE"
+    METHOD = "METHOD"
     CLUSTERS = "CLUSTERS"
     K_MIN = "K_MIN"
     K_MAX = "K_MAX"
-    DEVICE = "DEVICE"
-    ALLOW_UNTRAINED = "ALLOW_UNTRAINED"
+    TREE_CLUSTERS = "TREE_CLUSTERS"
+    CROWN_MIN_AREA = "CROWN_MIN_AREA"
+    MIN_TREE_HEIGHT = "MIN_TREE_HEIGHT"
+    HEIGHT_MODEL = "HEIGHT_MODEL"
     OUTPUT_CLUSTERS = "OUTPUT_CLUSTERS"
     OUTPUT_TREES = "OUTPUT_TREES"
     OUTPUT_POLYGONS = "OUTPUT_POLYGONS"
+    OUTPUT_CROWNS = "OUTPUT_CROWNS"
+    OUTPUT_FEATURES = "OUTPUT_FEATURES"
+    OUTPUT_HEIGHT = "OUTPUT_HEIGHT"
     K = "K"
     TREE_COVER = "TREE_COVER"
+    CROWNS = "CROWNS"
     MODEL_USED = "MODEL_USED"
     UNTRAINED = "UNTRAINED"
     RUN_RECORD = "RUN_RECORD"
@@ -126,13 +139,10 @@ class SegmentTreesAlgorithm(QgsProcessingAlgorithm):
 
     def tags(self) -> list[str]:
         return ["trees", "tree", "canopy", "forest", "segmentation", "dinov3", "orthophoto", "drone",
-                "clustering", "unsupervised", "deep learning", "ai"]
+                "clustering", "unsupervised", "deep learning", "ai", "crowns", "height"]
 
     def shortHelpString(self) -> str:
         return HELP
-
-    def helpUrl(self) -> str:
-        return HELP_URL
 
     def createInstance(self) -> SegmentTreesAlgorithm:
         return SegmentTreesAlgorithm()
@@ -149,83 +159,107 @@ class SegmentTreesAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterNumber(
             self.RESOLUTION, "Resolution to segment at, in metres per pixel (0: the raster's own)",
             DOUBLE, defaultValue=0.0, minValue=0.0))
-        self.addParameter(QgsProcessingParameterEnum(
-            self.MODEL, "DINOv3 model", options=list(MODEL_NAMES), defaultValue=DEFAULT_MODEL,
-            usesStaticStrings=True))
-        self._add_advanced(QgsProcessingParameterString(
-            self.MODEL_ID, "Model: a Hugging Face id or a local folder in Hugging Face format "
-            "(overrides the model above)", optional=True))
-        self.addParameter(QgsProcessingParameterEnum(
-            self.STRIDE, "Stride in pixels (8 costs 4 × the time of 16, 4 costs 16 ×)", options=list(STRIDES),
-            defaultValue=STRIDES[0], usesStaticStrings=True))
+        self.add_model_parameters()
+        self.add_advanced(QgsProcessingParameterEnum(
+            self.METHOD, "Method (rgb-kmeans and exg-otsu: colour baselines for comparison)",
+            options=list(METHODS), defaultValue=METHODS[0], usesStaticStrings=True))
         self.addParameter(QgsProcessingParameterNumber(
             self.CLUSTERS, "Number of clusters (0: automatic)", INTEGER, defaultValue=0, minValue=0,
             maxValue=250))
-        self._add_advanced(QgsProcessingParameterNumber(
+        self.add_advanced(QgsProcessingParameterNumber(
             self.K_MIN, "Automatic clusters: minimum", INTEGER, defaultValue=2, minValue=1, maxValue=250))
-        self._add_advanced(QgsProcessingParameterNumber(
+        self.add_advanced(QgsProcessingParameterNumber(
             self.K_MAX, "Automatic clusters: maximum", INTEGER, defaultValue=8, minValue=1, maxValue=250))
-        self.addParameter(QgsProcessingParameterEnum(
-            self.DEVICE, "Device", options=list(DEVICES), defaultValue=DEVICES[0], usesStaticStrings=True))
-        self.addParameter(QgsProcessingParameterBoolean(
-            self.ALLOW_UNTRAINED, "Allow untrained (random) weights when the real ones cannot be loaded "
-            "(pipeline check only)", defaultValue=False))
+        self.add_advanced(QgsProcessingParameterString(
+            self.TREE_CLUSTERS, "Tree clusters, e.g. 0,3 (empty: the greenness rule)", optional=True))
+        self.add_device_parameters()
+        self.add_advanced(QgsProcessingParameterNumber(
+            self.CROWN_MIN_AREA, "Tree crowns: minimum crown area in m²", DOUBLE, defaultValue=2.0, minValue=0.0))
+        self.add_advanced(QgsProcessingParameterNumber(
+            self.MIN_TREE_HEIGHT, "Minimum tree height in metres (0: off; computes the canopy height)",
+            DOUBLE, defaultValue=0.0, minValue=0.0))
+        self.add_advanced(QgsProcessingParameterString(
+            self.HEIGHT_MODEL, "Canopy-height model: a Hugging Face id or a local folder",
+            defaultValue=DEFAULT_HEIGHT_MODEL))
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT_CLUSTERS, "Clusters"))
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT_TREES, "Tree mask"))
         self.addParameter(QgsProcessingParameterVectorDestination(
             self.OUTPUT_POLYGONS, "Polygons (GeoPackage)", POLYGON_LAYERS))
+        self.addParameter(QgsProcessingParameterVectorDestination(
+            self.OUTPUT_CROWNS, "Tree crowns (GeoPackage)", POLYGON_LAYERS, optional=True, createByDefault=False))
+        self.add_advanced(QgsProcessingParameterRasterDestination(
+            self.OUTPUT_FEATURES, "Feature image (first three principal components as RGB)", optional=True,
+            createByDefault=False))
+        self.add_advanced(QgsProcessingParameterRasterDestination(
+            self.OUTPUT_HEIGHT, "Canopy height in metres", optional=True, createByDefault=False))
         self.addOutput(QgsProcessingOutputNumber(self.K, "Number of clusters"))
         self.addOutput(QgsProcessingOutputNumber(self.TREE_COVER, "Tree cover (fraction of valid pixels)"))
+        self.addOutput(QgsProcessingOutputNumber(self.CROWNS, "Number of tree crowns"))
         self.addOutput(QgsProcessingOutputString(self.MODEL_USED, "Model used"))
         self.addOutput(QgsProcessingOutputBoolean(self.UNTRAINED, "Untrained weights were used"))
         self.addOutput(QgsProcessingOutputFile(self.RUN_RECORD, "Run record (JSON)"))
 
-    def _add_advanced(self, parameter: QgsProcessingParameterDefinition) -> None:
-        parameter.setFlags(parameter.flags() | ADVANCED)
-        self.addParameter(parameter)
-
     def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,
                          feedback: QgsProcessingFeedback) -> dict[str, Any]:
-        python = find_engine_python(QgsSettings().value(ENGINE_PYTHON_SETTING, "", type=str) or None)
-        if python is None:
-            raise QgsProcessingException(missing_engine_message())
+        python = engine_python()
         layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
         if layer is None:
             raise QgsProcessingException(self.invalidRasterError(parameters, self.INPUT))
-        clusters = self._file_destination(parameters, self.OUTPUT_CLUSTERS, context, (".tif", ".tiff"))
-        trees = self._file_destination(parameters, self.OUTPUT_TREES, context, (".tif", ".tiff"))
-        polygons = self._file_destination(parameters, self.OUTPUT_POLYGONS, context, (".gpkg",))
+        clusters = self.file_destination(parameters, self.OUTPUT_CLUSTERS, context, RASTER_SUFFIXES)
+        trees = self.file_destination(parameters, self.OUTPUT_TREES, context, RASTER_SUFFIXES)
+        polygons = self.file_destination(parameters, self.OUTPUT_POLYGONS, context, GEOPACKAGE_SUFFIXES)
+        crowns = self.optional_file_destination(parameters, self.OUTPUT_CROWNS, context, GEOPACKAGE_SUFFIXES)
+        features = self.optional_file_destination(parameters, self.OUTPUT_FEATURES, context, RASTER_SUFFIXES)
+        height = self.optional_file_destination(parameters, self.OUTPUT_HEIGHT, context, RASTER_SUFFIXES)
+        tree_clusters = parse_tree_clusters(self.parameterAsString(parameters, self.TREE_CLUSTERS, context))
+        min_tree_height = self.parameterAsDouble(parameters, self.MIN_TREE_HEIGHT, context) or None
+        clusters_stem = Path(clusters).with_suffix("")
+        if height is None and min_tree_height is not None:
+            height_path = QgsProcessingUtils.generateTempFilename(f"{clusters_stem.name}_height.tif")
+        else:
+            height_path = height
         extent = self.parameterAsExtent(parameters, self.EXTENT, context, layer.crs())
         input_path = prepare_input(
             layer, None if extent.isNull() else extent, self.parameterAsSource(parameters, self.MASK, context),
             self.parameterAsDouble(parameters, self.RESOLUTION, context), context,
             Path(QgsProcessingUtils.tempFolder()) / "treeseg",
         )
-        clusters_stem = Path(clusters).with_suffix("")
         params = {
             "input_path": input_path,
             "output_dir": str(Path(clusters).parent),
+            "method": self.parameterAsEnumString(parameters, self.METHOD, context),
             "bands": self.parameterAsInts(parameters, self.BANDS, context) or [1, 2, 3],
-            "model": self.parameterAsString(parameters, self.MODEL_ID, context).strip()
-            or self.parameterAsEnumString(parameters, self.MODEL, context),
-            "stride": int(self.parameterAsEnumString(parameters, self.STRIDE, context)),
+            **self.model_params(parameters, context),
             "clusters": self.parameterAsInt(parameters, self.CLUSTERS, context) or None,
             "k_min": self.parameterAsInt(parameters, self.K_MIN, context),
             "k_max": self.parameterAsInt(parameters, self.K_MAX, context),
-            "device": self.parameterAsEnumString(parameters, self.DEVICE, context),
-            "allow_untrained": self.parameterAsBoolean(parameters, self.ALLOW_UNTRAINED, context),
+            "tree_clusters": tree_clusters,
+            "crowns": crowns is not None,
+            "crown_min_area_m2": self.parameterAsDouble(parameters, self.CROWN_MIN_AREA, context),
+            "feature_preview": features is not None,
+            "canopy_height": height is not None,
+            "min_tree_height_m": min_tree_height,
+            "height_model": self.parameterAsString(parameters, self.HEIGHT_MODEL, context).strip()
+            or DEFAULT_HEIGHT_MODEL,
             "output_stem": clusters_stem.name,
             "clusters_path": clusters,
             "trees_path": trees,
             "polygons_path": polygons,
+            "crowns_path": crowns,
+            "features_path": features,
+            "height_path": height_path,
             "preview_path": f"{clusters_stem}_preview.png",
             "record_path": f"{clusters_stem}_run.json",
         }
-        record = _run_engine(python, params, feedback)
+        record = run_in_engine(python, feedback, lambda client, report: client.segment(
+            params, on_progress=report.progress, on_log=report.log, is_cancelled=feedback.isCanceled,
+            hf_token=hf_token()))
         outputs = record["outputs"]
         untrained = bool(record["model"]["untrained"])
-        self._name_layers(context, layer.name(), untrained, outputs)
-        return {
+        suffix = " (UNTRAINED)" if untrained else ""
+        name_loaded_layers(context, {outputs[kind]: f"{label} — {layer.name()}{suffix}"
+                                     for kind, label in LAYER_LABELS.items() if kind in outputs})
+        results = {
             self.OUTPUT_CLUSTERS: outputs["clusters"],
             self.OUTPUT_TREES: outputs["trees"],
             self.OUTPUT_POLYGONS: outputs["polygons"],
@@ -235,58 +269,25 @@ class SegmentTreesAlgorithm(QgsProcessingAlgorithm):
             self.UNTRAINED: untrained,
             self.RUN_RECORD: outputs["record"],
         }
-
-    def _file_destination(self, parameters: dict[str, Any], name: str, context: QgsProcessingContext,
-                          suffixes: tuple[str, ...]) -> str:
-        """The destination's file path, with the extension of the format the engine writes."""
-        requested = self.parameterAsOutputLayer(parameters, name, context)
-        if NON_FILE_DESTINATION.match(requested):
-            raise QgsProcessingException(
-                f"{self.parameterDefinition(name).description()}: save to a {suffixes[0]} file, "
-                "not into a database or a temporary layer.")
-        if Path(requested).suffix.lower() in suffixes:
-            return requested
-        actual = str(Path(requested).with_suffix(suffixes[0]))
-        if context.willLoadLayerOnCompletion(requested):
-            layers = context.layersToLoadOnCompletion()
-            layers[actual] = layers.pop(requested)
-            context.setLayersToLoadOnCompletion(layers)
-        return actual
-
-    @staticmethod
-    def _name_layers(context: QgsProcessingContext, input_name: str, untrained: bool,
-                     outputs: dict[str, str]) -> None:
-        """Readable names for the layers the toolbox adds to the project."""
-        suffix = " (UNTRAINED)" if untrained else ""
-        for kind, label in (("clusters", "clusters"), ("trees", "trees"), ("polygons", "tree polygons")):
-            if context.willLoadLayerOnCompletion(outputs[kind]):
-                details = context.layerToLoadOnCompletionDetails(outputs[kind])
-                details.name = f"{label} — {input_name}{suffix}"
-                details.forceName = True
+        for kind, output in (("crowns", self.OUTPUT_CROWNS), ("features", self.OUTPUT_FEATURES),
+                             ("height", self.OUTPUT_HEIGHT)):
+            if kind in outputs:
+                results[output] = outputs[kind]
+        if record.get("crowns") is not None:
+            results[self.CROWNS] = record["crowns"]
+        return results
 
 
-def _run_engine(python: str, params: dict[str, Any], feedback: QgsProcessingFeedback) -> dict[str, Any]:
-    """Run one job in a fresh engine worker, reporting to `feedback`; the run record or a QgsProcessingException."""
-    last_stage = ""
-
-    def on_progress(percent: float, stage: str) -> None:
-        nonlocal last_stage
-        feedback.setProgress(percent)
-        if stage != last_stage:
-            last_stage = stage
-            feedback.setProgressText(stage)
-
-    def on_log(level: str, message: str) -> None:
-        if level in ("warning", "error", "critical"):
-            feedback.pushWarning(message)
-        else:
-            feedback.pushInfo(message)
-
-    client = EngineClient(python)
+def parse_tree_clusters(text: str) -> list[int] | None:
+    """Cluster ids such as "0, 3" as a list; None for empty text; a QgsProcessingException otherwise."""
+    if not text.strip():
+        return None
     try:
-        return client.segment(params, on_progress=on_progress, on_log=on_log, is_cancelled=feedback.isCanceled,
-                              hf_token=os.environ.get("HF_TOKEN") or None)
-    except EngineError as error:
-        raise QgsProcessingException(str(error)) from error
-    finally:
-        client.close()
+        ids = [int(part) for part in text.replace(";", ",").split(",") if part.strip()]
+    except ValueError:
+        ids = []
+    if not ids or any(not 0 <= cluster < 250 for cluster in ids):
+        raise QgsProcessingException(
+            f"Tree clusters '{text}' is not a list of cluster ids: give numbers between 0 and 249 separated "
+            "by commas, e.g. 0,3, or leave it empty for the greenness rule.")
+    return sorted(set(ids))

@@ -1,0 +1,302 @@
+"""The other Processing algorithms (teach, treecrowns, evaluate) and segmenttrees' optional outputs, in real QGIS.
+
+Algorithms that need the engine start a fresh worker (the repository's .venv
+Python) per run with the tiny DINOv3 of conftest, on small rasters; evaluate runs
+in this process.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from osgeo import gdal, ogr, osr
+
+from treeseg_qgis.engine_client import EngineClient
+
+from .conftest import SAMPLE_GEOTRANSFORM, UTM17N, disc_scene, write_geotiff
+from .test_canopy import tiny_height_dir  # noqa: F401 - a tiny canopy-height model saved to disk
+from .test_processing import provider  # noqa: F401 - the fixture that registers the treeseg provider
+
+gdal.UseExceptions()
+
+PIXEL = SAMPLE_GEOTRANSFORM[1]
+X0, Y0 = SAMPLE_GEOTRANSFORM[0], SAMPLE_GEOTRANSFORM[3]
+CROWN_CENTRES = [(64, 48), (64, 144)]  # (row, col)
+CROWN_RADIUS = 30
+
+
+def run(algorithm: str, parameters: dict) -> dict:
+    import processing
+
+    return processing.run(f"treeseg:{algorithm}", parameters)
+
+
+def to_map(row: float, col: float) -> tuple[float, float]:
+    """The centre of pixel (row, col) of SAMPLE_GEOTRANSFORM in UTM 17N."""
+    return X0 + (col + 0.5) * PIXEL, Y0 - (row + 0.5) * PIXEL
+
+
+@pytest.fixture
+def small_scene(tmp_path) -> tuple[Path, np.ndarray]:
+    """A 128 × 192 px orthophoto with two crowns, and their mask."""
+    image, crowns = disc_scene(128, 192, CROWN_CENTRES, radius=CROWN_RADIUS, seed=3)
+    return write_geotiff(tmp_path / "small.tif", image), crowns
+
+
+@pytest.fixture
+def disc_mask(small_scene, tmp_path) -> Path:
+    """The true crowns of small_scene as a tree-mask GeoTIFF (1 = tree)."""
+    _, crowns = small_scene
+    return write_geotiff(tmp_path / "mask.tif", crowns[None].astype(np.uint8))
+
+
+def read_raster(path) -> np.ndarray:
+    return gdal.Open(str(path)).ReadAsArray()
+
+
+def vector_rows(path) -> tuple[list[str], list[dict]]:
+    """Field names and attribute rows of the first layer of a vector file."""
+    dataset = gdal.OpenEx(str(path), gdal.OF_VECTOR)
+    layer = dataset.GetLayer(0)
+    definition = layer.GetLayerDefn()
+    names = [definition.GetFieldDefn(index).GetName() for index in range(definition.GetFieldCount())]
+    return names, [feature.items() for feature in layer]
+
+
+def write_boxes(path: Path, boxes: list[tuple[float, float, float, float]], layers: int = 1) -> Path:
+    """Polygons of map-coordinate boxes (xmin, ymin, xmax, ymax) in UTM 17N as a GeoPackage."""
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(UTM17N)
+    source = ogr.GetDriverByName("GPKG").CreateDataSource(str(path))
+    for index in range(layers):
+        layer = source.CreateLayer(f"boxes{index}", srs, ogr.wkbPolygon)
+        for xmin, ymin, xmax, ymax in boxes:
+            feature = ogr.Feature(layer.GetLayerDefn())
+            feature.SetGeometry(ogr.CreateGeometryFromWkt(
+                f"POLYGON(({xmin} {ymin},{xmax} {ymin},{xmax} {ymax},{xmin} {ymax},{xmin} {ymin}))"))
+            layer.CreateFeature(feature)
+    source = None
+    return path
+
+
+def crown_boxes(margin_px: int = 4) -> list[tuple[float, float, float, float]]:
+    """A box around each crown of small_scene, in map coordinates."""
+    reach = (CROWN_RADIUS + margin_px) * PIXEL
+    boxes = []
+    for row, col in CROWN_CENTRES:
+        x, y = to_map(row, col)
+        boxes.append((x - reach, y - reach, x + reach, y + reach))
+    return boxes
+
+
+def test_segmenttrees_writes_crowns_and_features_with_chosen_tree_clusters(provider, tiny_model_dir,  # noqa: F811
+                                                                            small_scene, tmp_path):
+    path, _ = small_scene
+    out = tmp_path / "out"
+    results = run("segmenttrees", {
+        "INPUT": str(path), "MODEL_ID": str(tiny_model_dir), "CLUSTERS": 2, "DEVICE": "cpu", "TREE_CLUSTERS": "1",
+        "OUTPUT_CLUSTERS": str(out / "clusters.tif"), "OUTPUT_TREES": str(out / "trees.tif"),
+        "OUTPUT_POLYGONS": str(out / "polygons.gpkg"), "OUTPUT_CROWNS": str(out / "crowns.gpkg"),
+        "OUTPUT_FEATURES": str(out / "features.tif"),
+    })
+
+    clusters, trees = read_raster(results["OUTPUT_CLUSTERS"]), read_raster(results["OUTPUT_TREES"])
+    assert np.array_equal(trees == 1, clusters == 1)
+    assert results["OUTPUT_CROWNS"] == str(out / "crowns.gpkg")
+    names, crowns = vector_rows(results["OUTPUT_CROWNS"])
+    assert {"crown_id", "area_m2"} <= set(names)
+    assert results["CROWNS"] == len({crown["crown_id"] for crown in crowns})
+    assert all(crown["area_m2"] >= 2.0 for crown in crowns)
+    features = gdal.Open(results["OUTPUT_FEATURES"])
+    assert (features.RasterCount, features.RasterYSize, features.RasterXSize) == (3, 128 // 16, 192 // 16)
+    assert features.GetGeoTransform()[1] == pytest.approx(16 * PIXEL)
+    assert "OUTPUT_HEIGHT" not in results
+
+
+def test_a_minimum_tree_height_computes_the_height_into_the_temporary_folder(provider, tiny_height_dir,  # noqa: F811
+                                                                             small_scene, tmp_path):
+    import json
+
+    from qgis.core import QgsProcessingUtils
+
+    path, _ = small_scene
+    out = tmp_path / "out"
+    results = run("segmenttrees", {
+        "INPUT": str(path), "METHOD": "rgb-kmeans", "CLUSTERS": 2, "DEVICE": "cpu", "MIN_TREE_HEIGHT": 0.5,
+        "HEIGHT_MODEL": str(tiny_height_dir), "OUTPUT_CLUSTERS": str(out / "clusters.tif"),
+        "OUTPUT_TREES": str(out / "trees.tif"), "OUTPUT_POLYGONS": str(out / "polygons.gpkg"),
+    })
+
+    record = json.loads(Path(results["RUN_RECORD"]).read_text())
+    assert record["method"] == "rgb-kmeans" and record["parameters"]["min_tree_height_m"] == 0.5
+    assert record["model"]["height_model"]["model_id"] == str(tiny_height_dir)
+    assert "canopy height ≥ 0.5 m" in record["trees"]["rule"]
+    assert results["OUTPUT_HEIGHT"].startswith(QgsProcessingUtils.tempFolder())
+    assert read_raster(results["OUTPUT_HEIGHT"]).shape == (128, 192)
+    assert not any("height" in file.name for file in out.iterdir())
+
+
+def test_segmenttrees_rejects_tree_clusters_that_are_not_ids(provider, small_scene, tmp_path):  # noqa: F811
+    from qgis.core import QgsProcessingException
+
+    path, _ = small_scene
+    with pytest.raises(QgsProcessingException, match="not a list of cluster ids"):
+        run("segmenttrees", {"INPUT": str(path), "TREE_CLUSTERS": "trees", "OUTPUT_CLUSTERS": str(tmp_path / "c.tif"),
+                             "OUTPUT_TREES": str(tmp_path / "t.tif"), "OUTPUT_POLYGONS": str(tmp_path / "p.gpkg")})
+
+
+def test_teach_scores_from_points_in_another_crs_and_reuses_the_features(provider, tiny_model_dir,  # noqa: F811
+                                                                         small_scene, tmp_path):
+    from qgis.core import (
+        QgsCoordinateReferenceSystem,
+        QgsCoordinateTransform,
+        QgsFeature,
+        QgsField,
+        QgsGeometry,
+        QgsPointXY,
+        QgsProject,
+        QgsVectorLayer,
+    )
+    from qgis.PyQt.QtCore import QVariant
+
+    path, _ = small_scene
+    examples = [(*CROWN_CENTRES[0], 1), (*CROWN_CENTRES[1], 1), (120, 96, 0)]  # (row, col, is_tree)
+    to_wgs84 = QgsCoordinateTransform(QgsCoordinateReferenceSystem(f"EPSG:{UTM17N}"),
+                                      QgsCoordinateReferenceSystem("EPSG:4326"), QgsProject.instance())
+    points = QgsVectorLayer("Point?crs=EPSG:4326", "examples", "memory")
+    points.dataProvider().addAttributes([QgsField("is_tree", QVariant.Int)])
+    points.updateFields()
+    for row, col, is_tree in examples:
+        feature = QgsFeature(points.fields())
+        feature.setGeometry(QgsGeometry.fromPointXY(to_wgs84.transform(QgsPointXY(*to_map(row, col)))))
+        feature["is_tree"] = is_tree
+        points.dataProvider().addFeatures([feature])
+    parameters = {"INPUT": str(path), "EXAMPLES": points, "MODEL_ID": str(tiny_model_dir), "DEVICE": "cpu",
+                  "THRESHOLD": 0.6, "OUTPUT_SIMILARITY": str(tmp_path / "a" / "similarity.tif"),
+                  "OUTPUT_TREES": str(tmp_path / "a" / "trees.tif")}
+
+    first = run("teach", parameters)
+    second = run("teach", {**parameters, "THRESHOLD": 0.4, "OUTPUT_SIMILARITY": str(tmp_path / "b" / "s.tif"),
+                           "OUTPUT_TREES": str(tmp_path / "b" / "t.tif")})
+
+    scores = read_raster(first["OUTPUT_SIMILARITY"])
+    assert scores.shape == (128, 192) and 0.0 <= scores.min() and scores.max() <= 1.0
+    assert all(scores[row, col] > 0.5 for row, col, is_tree in examples if is_tree)
+    assert scores[120, 96] < 0.5
+    assert np.array_equal(read_raster(first["OUTPUT_TREES"]) == 1, scores >= 0.6)
+    assert Path(first["TEACH_RECORD"]) == tmp_path / "a" / "similarity_teach.json"
+    assert first["FEATURE_CACHE"] == "miss" and second["FEATURE_CACHE"] == "hit"
+    assert second["TREE_COVER"] >= first["TREE_COVER"] > 0
+
+
+def test_the_worker_splits_a_mask_into_crowns(disc_mask, tmp_path):
+    client = EngineClient(sys.executable)
+    progress = []
+    try:
+        record = client.crowns(str(disc_mask), None, str(tmp_path / "out" / "discs.gpkg"), {"min_area_m2": 1.0},
+                               on_progress=lambda percent, stage: progress.append(percent))
+    finally:
+        client.close()
+
+    assert record == {"crowns": 2, "outputs": {"crowns": str(tmp_path / "out" / "discs.gpkg")}}
+    assert progress[-1] == 100.0
+    dataset = gdal.OpenEx(str(tmp_path / "out" / "discs.gpkg"), gdal.OF_VECTOR)
+    layer = dataset.GetLayer(0)
+    assert layer.GetName() == "discs" and layer.GetFeatureCount() == 2
+
+
+def test_treecrowns_writes_one_polygon_per_disc(provider, disc_mask, tmp_path):  # noqa: F811
+    results = run("treecrowns", {"INPUT": str(disc_mask), "OUTPUT": str(tmp_path / "crowns")})
+
+    assert results["OUTPUT"] == str(tmp_path / "crowns.gpkg") and results["CROWNS"] == 2
+    names, crowns = vector_rows(results["OUTPUT"])
+    assert {"crown_id", "cluster", "area_m2", "diameter_m"} <= set(names)
+    disc_area = np.pi * (CROWN_RADIUS * PIXEL) ** 2
+    assert sorted(crown["crown_id"] for crown in crowns) == [1, 2]
+    assert all(crown["area_m2"] == pytest.approx(disc_area, rel=0.1) for crown in crowns)
+
+
+def test_evaluate_against_a_geopackage_of_boxes(provider, small_scene, disc_mask, tmp_path):  # noqa: F811
+    image, _ = small_scene
+    boxes = write_boxes(tmp_path / "boxes.gpkg", crown_boxes())
+
+    results = run("evaluate", {"PREDICTION": str(disc_mask), "REFERENCE": str(boxes), "IMAGE": str(image),
+                               "OUTPUT_FOLDER": str(tmp_path / "report")})
+
+    assert results["PIXEL_PRECISION"] == 1.0 and 0.5 < results["PIXEL_RECALL"] < 1.0
+    assert results["BOX_RECALL"] == 1.0 and results["OUTSIDE_SHARE"] == 0.0
+    assert results["CROWN_RECALL"] == 1.0 and results["CROWN_F1"] == 1.0
+    assert "MIOU" not in results and "PIXEL_ACCURACY" not in results
+    assert Path(results["OUTPUT_HTML"]) == tmp_path / "report" / "mask_evaluation.html"
+    assert "<img" in Path(results["OUTPUT_HTML"]).read_text()
+    assert Path(results["OUTPUT_CSV"]).read_text().startswith("measure,value")
+
+
+def test_evaluate_exports_a_memory_reference_in_another_crs(provider, disc_mask, tmp_path):  # noqa: F811
+    from qgis.core import (
+        QgsCoordinateReferenceSystem,
+        QgsCoordinateTransform,
+        QgsFeature,
+        QgsGeometry,
+        QgsProject,
+        QgsRectangle,
+        QgsVectorLayer,
+    )
+
+    to_wgs84 = QgsCoordinateTransform(QgsCoordinateReferenceSystem(f"EPSG:{UTM17N}"),
+                                      QgsCoordinateReferenceSystem("EPSG:4326"), QgsProject.instance())
+    reference = QgsVectorLayer("Polygon?crs=EPSG:4326", "reference crowns", "memory")
+    for box in crown_boxes():
+        geometry = QgsGeometry.fromRect(QgsRectangle(*box))
+        geometry.transform(to_wgs84)
+        feature = QgsFeature()
+        feature.setGeometry(geometry)
+        reference.dataProvider().addFeatures([feature])
+
+    results = run("evaluate", {"PREDICTION": str(disc_mask), "REFERENCE": reference,
+                               "OUTPUT_FOLDER": str(tmp_path / "report")})
+
+    assert results["BOX_RECALL"] == 1.0 and results["PIXEL_PRECISION"] == pytest.approx(1.0, abs=0.01)
+    assert Path(results["OUTPUT_HTML"]).is_file()
+
+
+def test_evaluate_a_cluster_raster_against_classes(provider, small_scene, disc_mask, tmp_path):  # noqa: F811
+    _, crowns = small_scene
+    classes = write_geotiff(tmp_path / "classes.tif", np.where(crowns, 1, 2)[None].astype(np.uint8))
+    clusters = write_geotiff(tmp_path / "clusters.tif", np.where(crowns, 0, 1)[None].astype(np.uint8))
+
+    results = run("evaluate", {"PREDICTION": str(disc_mask), "REFERENCE": str(classes), "CLUSTERS": str(clusters),
+                               "OUTPUT_FOLDER": str(tmp_path / "report")})
+
+    assert results["PIXEL_IOU"] == 1.0 and results["MIOU"] == 1.0 and results["PIXEL_ACCURACY"] == 1.0
+    assert "CROWN_F1" not in results and "BOX_RECALL" not in results
+
+
+def test_only_plain_single_layer_files_are_read_directly(qgis_processing, tmp_path):
+    from qgis.core import QgsVectorLayer
+
+    from treeseg_qgis.processing.evaluate_segmentation import single_layer_file
+
+    one = write_boxes(tmp_path / "one.gpkg", crown_boxes())
+    two = write_boxes(tmp_path / "two.gpkg", crown_boxes(), layers=2)
+    filtered = QgsVectorLayer(str(one), "filtered", "ogr")
+    filtered.setSubsetString("fid = 1")
+
+    assert single_layer_file(QgsVectorLayer(str(one), "one", "ogr")) == str(one)
+    assert single_layer_file(QgsVectorLayer(f"{two}|layername=boxes1", "two", "ogr")) is None
+    assert single_layer_file(filtered) is None
+    assert single_layer_file(QgsVectorLayer("Polygon?crs=EPSG:4326", "memory", "memory")) is None
+
+
+def test_the_provider_lists_the_algorithms_in_their_groups(provider):  # noqa: F811
+    from treeseg_qgis.core.features import METHODS as ENGINE_METHODS
+    from treeseg_qgis.core.params import SegmentationParams
+    from treeseg_qgis.processing.segment_trees import DEFAULT_HEIGHT_MODEL, METHODS
+
+    groups = {algorithm.id(): algorithm.group() for algorithm in provider.algorithms()}
+    assert groups == {"treeseg:segmenttrees": "Segmentation", "treeseg:teach": "Segmentation",
+                      "treeseg:treecrowns": "Segmentation", "treeseg:evaluate": "Quality"}
+    assert METHODS == ENGINE_METHODS and DEFAULT_HEIGHT_MODEL == SegmentationParams.height_model

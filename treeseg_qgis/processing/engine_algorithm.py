@@ -1,0 +1,175 @@
+"""What the algorithms run by the engine worker share: model parameters, file outputs and one engine job.
+
+Standard library, QGIS and engine_client only: no torch, no engine core.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from qgis.core import (
+    QgsProcessingAlgorithm,
+    QgsProcessingContext,
+    QgsProcessingException,
+    QgsProcessingFeedback,
+    QgsProcessingParameterBoolean,
+    QgsProcessingParameterDefinition,
+    QgsProcessingParameterEnum,
+    QgsProcessingParameterString,
+    QgsSettings,
+)
+
+from ..engine_client import EngineClient, EngineError, find_engine_python, missing_engine_message
+from .compat import ADVANCED
+
+MODEL_NAMES = ("small", "small+", "base", "large", "giant", "mega", "large-sat", "mega-sat")
+DEFAULT_MODEL = "base"
+STRIDES = ("16", "8", "4")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+ENGINE_PYTHON_SETTING = "treeseg/engine_python"
+MODEL_PAGE = "https://huggingface.co/facebook/dinov3-vitb16-pretrain-lvd1689m"
+HELP_URL = "https://github.com/treeseg-qgis/treeseg-qgis#processing-graphical-modeler-and-qgis_process"
+NON_FILE_DESTINATION = re.compile(r"^(ogr|memory|postgres|postgis|spatialite|mssql|oracle|hana):", re.IGNORECASE)
+RASTER_SUFFIXES = (".tif", ".tiff")
+GEOPACKAGE_SUFFIXES = (".gpkg",)
+
+WEIGHTS_HELP = f"""<h3>Model weights</h3>
+<p>The DINOv3 weights are <b>gated</b> on Hugging Face. Once: open the model page (for the default
+model <a href="{MODEL_PAGE}">{MODEL_PAGE}</a>), log in and accept the licence, then create a read
+token at https://huggingface.co/settings/tokens and set the <b>HF_TOKEN</b> environment variable
+before starting QGIS (or run <i>hf auth login</i>). The weights are downloaded once into the
+Hugging Face cache. A Hugging Face id or a local model folder can be given under Model (advanced).</p>
+<p><b>Allow untrained weights</b> lets the run go on with random weights when the real ones cannot be
+had. The result is then only a check of the pipeline, not a segmentation; every output says so.</p>
+<p>The model runs in a separate engine process (its own Python with torch); QGIS stays responsive
+and Cancel stops it at once.</p>"""
+
+
+class EngineAlgorithm(QgsProcessingAlgorithm):
+    """Base of the algorithms whose work the engine worker process does."""
+
+    MODEL = "MODEL"
+    MODEL_ID = "MODEL_ID"
+    STRIDE = "STRIDE"
+    DEVICE = "DEVICE"
+    ALLOW_UNTRAINED = "ALLOW_UNTRAINED"
+
+    def helpUrl(self) -> str:
+        return HELP_URL
+
+    def add_advanced(self, parameter: QgsProcessingParameterDefinition) -> None:
+        parameter.setFlags(parameter.flags() | ADVANCED)
+        self.addParameter(parameter)
+
+    def add_model_parameters(self) -> None:
+        """MODEL, the advanced MODEL_ID that overrides it, and STRIDE."""
+        self.addParameter(QgsProcessingParameterEnum(
+            self.MODEL, "DINOv3 model", options=list(MODEL_NAMES), defaultValue=DEFAULT_MODEL,
+            usesStaticStrings=True))
+        self.add_advanced(QgsProcessingParameterString(
+            self.MODEL_ID, "Model: a Hugging Face id or a local folder in Hugging Face format "
+            "(overrides the model above)", optional=True))
+        self.addParameter(QgsProcessingParameterEnum(
+            self.STRIDE, "Stride in pixels (8 costs 4 × the time of 16, 4 costs 16 ×)", options=list(STRIDES),
+            defaultValue=STRIDES[0], usesStaticStrings=True))
+
+    def add_device_parameters(self) -> None:
+        """DEVICE and ALLOW_UNTRAINED."""
+        self.addParameter(QgsProcessingParameterEnum(
+            self.DEVICE, "Device", options=list(DEVICES), defaultValue=DEVICES[0], usesStaticStrings=True))
+        self.addParameter(QgsProcessingParameterBoolean(
+            self.ALLOW_UNTRAINED, "Allow untrained (random) weights when the real ones cannot be loaded "
+            "(pipeline check only)", defaultValue=False))
+
+    def model_params(self, parameters: dict[str, Any], context: QgsProcessingContext) -> dict[str, Any]:
+        """The SegmentationParams entries of the model, stride and device parameters."""
+        return {
+            "model": self.parameterAsString(parameters, self.MODEL_ID, context).strip()
+            or self.parameterAsEnumString(parameters, self.MODEL, context),
+            "stride": int(self.parameterAsEnumString(parameters, self.STRIDE, context)),
+            "device": self.parameterAsEnumString(parameters, self.DEVICE, context),
+            "allow_untrained": self.parameterAsBoolean(parameters, self.ALLOW_UNTRAINED, context),
+        }
+
+    def file_destination(self, parameters: dict[str, Any], name: str, context: QgsProcessingContext,
+                         suffixes: tuple[str, ...]) -> str:
+        """The destination's file path, with the extension of the format the engine writes."""
+        requested = self.parameterAsOutputLayer(parameters, name, context)
+        if NON_FILE_DESTINATION.match(requested):
+            raise QgsProcessingException(
+                f"{self.parameterDefinition(name).description()}: save to a {suffixes[0]} file, "
+                "not into a database or a temporary layer.")
+        if Path(requested).suffix.lower() in suffixes:
+            return requested
+        actual = str(Path(requested).with_suffix(suffixes[0]))
+        if context.willLoadLayerOnCompletion(requested):
+            layers = context.layersToLoadOnCompletion()
+            layers[actual] = layers.pop(requested)
+            context.setLayersToLoadOnCompletion(layers)
+        return actual
+
+    def optional_file_destination(self, parameters: dict[str, Any], name: str, context: QgsProcessingContext,
+                                  suffixes: tuple[str, ...]) -> str | None:
+        """As file_destination, or None when the optional output was not asked for."""
+        if not self.parameterAsOutputLayer(parameters, name, context):
+            return None
+        return self.file_destination(parameters, name, context, suffixes)
+
+
+def engine_python() -> str:
+    """The engine's Python, or a QgsProcessingException that says how to set it up."""
+    python = find_engine_python(QgsSettings().value(ENGINE_PYTHON_SETTING, "", type=str) or None)
+    if python is None:
+        raise QgsProcessingException(missing_engine_message())
+    return python
+
+
+def hf_token() -> str | None:
+    """The Hugging Face token of the environment QGIS was started from."""
+    return os.environ.get("HF_TOKEN") or None
+
+
+class FeedbackReporter:
+    """Engine progress and log messages into a Processing feedback."""
+
+    def __init__(self, feedback: QgsProcessingFeedback) -> None:
+        self.feedback = feedback
+        self._last_stage = ""
+
+    def progress(self, percent: float, stage: str) -> None:
+        self.feedback.setProgress(percent)
+        if stage != self._last_stage:
+            self._last_stage = stage
+            self.feedback.setProgressText(stage)
+
+    def log(self, level: str, message: str) -> None:
+        if level in ("warning", "error", "critical"):
+            self.feedback.pushWarning(message)
+        else:
+            self.feedback.pushInfo(message)
+
+
+def run_in_engine(python: str, feedback: QgsProcessingFeedback,
+                  job: Callable[[EngineClient, FeedbackReporter], dict[str, Any]]) -> dict[str, Any]:
+    """Run `job` on a fresh worker of the engine `python`, reporting to `feedback`; its record or a
+    QgsProcessingException."""
+    client = EngineClient(python)
+    try:
+        return job(client, FeedbackReporter(feedback))
+    except EngineError as error:
+        raise QgsProcessingException(str(error)) from error
+    finally:
+        client.close()
+
+
+def name_loaded_layers(context: QgsProcessingContext, names: dict[str, str]) -> None:
+    """Readable names (path → name) for the output layers the toolbox adds to the project."""
+    for path, name in names.items():
+        if context.willLoadLayerOnCompletion(path):
+            details = context.layerToLoadOnCompletionDetails(path)
+            details.name = name
+            details.forceName = True

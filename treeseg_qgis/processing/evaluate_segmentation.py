@@ -1,0 +1,251 @@
+"""The Processing algorithm `treeseg:evaluate`: quality of a tree segmentation against reference data.
+
+It runs inside QGIS: treeseg_qgis.evaluate needs numpy, scipy, GDAL and
+matplotlib, no torch. That module (and gis/reference.py under it) calls
+`gdal.UseExceptions()` when imported, while QGIS runs GDAL's Python bindings
+without exceptions; so it is imported only inside processAlgorithm, with the
+exceptions switched on for the run and set back afterwards (`gdal_exceptions`).
+
+evaluate() reads files, and the first layer of a vector file: a vector layer
+that is not a plain single-layer file (a memory layer, a filtered layer, one
+layer of a multi-layer GeoPackage) is exported to a temporary GeoPackage first,
+in prepareAlgorithm, on the thread that owns the layers.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from osgeo import gdal, ogr, osr
+from qgis.core import (
+    QgsMapLayer,
+    QgsProcessingAlgorithm,
+    QgsProcessingContext,
+    QgsProcessingException,
+    QgsProcessingFeedback,
+    QgsProcessingOutputFile,
+    QgsProcessingOutputHtml,
+    QgsProcessingOutputNumber,
+    QgsProcessingParameterFolderDestination,
+    QgsProcessingParameterMapLayer,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterRasterLayer,
+    QgsProcessingUtils,
+    QgsProviderRegistry,
+    QgsRasterLayer,
+    QgsVectorFileWriter,
+    QgsVectorLayer,
+)
+
+from .compat import EXPORT_OK, INTEGER, POLYGON_LAYERS, RASTER_LAYERS
+from .engine_algorithm import HELP_URL
+from .raster_input import UNSAFE_FILENAME_CHARACTERS, raster_file
+
+SCORES = {  # output name: (group, measure in evaluate()'s scores, description)
+    "PIXEL_PRECISION": ("pixel", "precision", "Pixel precision of the tree class"),
+    "PIXEL_RECALL": ("pixel", "recall", "Pixel recall of the tree class"),
+    "PIXEL_F1": ("pixel", "f1", "Pixel F1 of the tree class"),
+    "PIXEL_IOU": ("pixel", "iou", "Pixel IoU of the tree class"),
+    "CROWN_PRECISION": ("crowns", "crown_precision", "Crown precision (matched at IoU ≥ 0.4)"),
+    "CROWN_RECALL": ("crowns", "crown_recall", "Crown recall (matched at IoU ≥ 0.4)"),
+    "CROWN_F1": ("crowns", "crown_f1", "Crown F1"),
+    "BOX_RECALL": ("crowns", "box_recall", "Box recall: reference objects holding a predicted crown centre"),
+    "OUTSIDE_SHARE": ("crowns", "outside_share", "Share of predicted tree pixels outside every reference object"),
+    "MIOU": ("clusters", "miou", "Mean IoU of the clusters against the reference classes"),
+    "PIXEL_ACCURACY": ("clusters", "pixel_accuracy", "Pixel accuracy of the clusters against the reference classes"),
+}
+
+HELP = """<p>Measures how good a tree segmentation is against <b>your reference data</b>, and writes
+a CSV and an HTML report (shown in the results viewer) with a picture of the image, the reference
+and the prediction.</p>
+<h3>Inputs</h3>
+<ul>
+<li><b>Prediction</b>: a tree-mask raster (1 = tree), tree polygons with an <i>is_tree</i> field, or
+crown polygons with a <i>crown_id</i> field (each crown one instance).</li>
+<li><b>Reference</b>: polygons (crown outlines, or boxes around trees; any CRS) or a class raster on
+the prediction's grid (trees = the tree class).</li>
+<li><b>Image</b>: the orthophoto; needed when the prediction is polygons (they are rasterized on
+its grid), and shown in the report.</li>
+<li><b>Clusters</b> (optional, with a class raster as reference): the cluster raster, for the mean
+IoU and pixel accuracy of the clusters after matching them one-to-one to the classes.</li>
+</ul>
+<h3>Measures</h3>
+<ul>
+<li><b>Pixel</b> precision, recall, F1 and IoU of the tree class.</li>
+<li>With reference polygons: <b>crown</b> precision, recall and F1 (one-to-one matching at IoU ≥ 0.4),
+<b>box recall</b> (share of reference objects holding the centre of a predicted crown) and the
+<b>outside share</b> (predicted tree pixels outside every reference object).</li>
+<li>With a class raster and clusters: <b>mIoU</b> and <b>pixel accuracy</b>.</li>
+</ul>
+<p>Each measure is also an output number, for use further down a model; measures that do not apply
+to the inputs are left out. Runs inside QGIS; no model and no engine process are needed.</p>"""
+
+
+class EvaluateSegmentationAlgorithm(QgsProcessingAlgorithm):
+    """Scores of a tree prediction against reference polygons or a class raster, with a report."""
+
+    PREDICTION = "PREDICTION"
+    REFERENCE = "REFERENCE"
+    IMAGE = "IMAGE"
+    CLUSTERS = "CLUSTERS"
+    TREE_CLASS = "TREE_CLASS"
+    OUTPUT_FOLDER = "OUTPUT_FOLDER"
+    OUTPUT_HTML = "OUTPUT_HTML"
+    OUTPUT_CSV = "OUTPUT_CSV"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._files: dict[str, str | None] = {}
+        self._report_name = "prediction"
+
+    def name(self) -> str:
+        return "evaluate"
+
+    def displayName(self) -> str:
+        return "Evaluate tree segmentation"
+
+    def group(self) -> str:
+        return "Quality"
+
+    def groupId(self) -> str:
+        return "quality"
+
+    def tags(self) -> list[str]:
+        return ["evaluation", "accuracy", "precision", "recall", "f1", "iou", "miou", "reference", "ground truth",
+                "trees", "crowns", "quality"]
+
+    def shortHelpString(self) -> str:
+        return HELP
+
+    def helpUrl(self) -> str:
+        return HELP_URL
+
+    def createInstance(self) -> EvaluateSegmentationAlgorithm:
+        return EvaluateSegmentationAlgorithm()
+
+    def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:
+        self.addParameter(QgsProcessingParameterMapLayer(
+            self.PREDICTION, "Prediction: tree mask raster, is_tree polygons or crown polygons",
+            types=[RASTER_LAYERS, POLYGON_LAYERS]))
+        self.addParameter(QgsProcessingParameterMapLayer(
+            self.REFERENCE, "Reference: crown or box polygons, or a class raster",
+            types=[POLYGON_LAYERS, RASTER_LAYERS]))
+        self.addParameter(QgsProcessingParameterRasterLayer(
+            self.IMAGE, "Image (the grid for polygon predictions, and the report's picture)", optional=True))
+        self.addParameter(QgsProcessingParameterRasterLayer(
+            self.CLUSTERS, "Clusters (for mIoU against a class raster)", optional=True))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.TREE_CLASS, "Tree class in a reference class raster", INTEGER, defaultValue=1))
+        self.addParameter(QgsProcessingParameterFolderDestination(self.OUTPUT_FOLDER, "Report folder"))
+        self.addOutput(QgsProcessingOutputHtml(self.OUTPUT_HTML, "Evaluation report"))
+        self.addOutput(QgsProcessingOutputFile(self.OUTPUT_CSV, "Evaluation table (CSV)"))
+        for output, (_, _, description) in SCORES.items():
+            self.addOutput(QgsProcessingOutputNumber(output, description))
+
+    def prepareAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,
+                         feedback: QgsProcessingFeedback) -> bool:
+        """Resolve the layers into files here, on the thread that owns them (exports need their features)."""
+        folder = Path(QgsProcessingUtils.tempFolder()) / "treeseg"
+        prediction = self.parameterAsLayer(parameters, self.PREDICTION, context)
+        reference = self.parameterAsLayer(parameters, self.REFERENCE, context)
+        for name, layer in ((self.PREDICTION, prediction), (self.REFERENCE, reference)):
+            if layer is None:
+                raise QgsProcessingException(self.invalidSourceError(parameters, name))
+        image = self.parameterAsRasterLayer(parameters, self.IMAGE, context)
+        clusters = self.parameterAsRasterLayer(parameters, self.CLUSTERS, context)
+        self._files = {
+            self.PREDICTION: layer_file(prediction, folder, context, feedback),
+            self.REFERENCE: layer_file(reference, folder, context, feedback),
+            self.IMAGE: raster_file(image) if image is not None else None,
+            self.CLUSTERS: raster_file(clusters) if clusters is not None else None,
+        }
+        self._report_name = UNSAFE_FILENAME_CHARACTERS.sub("_", prediction.name()) or "prediction"
+        return True
+
+    def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,
+                         feedback: QgsProcessingFeedback) -> dict[str, Any]:
+        folder = self.parameterAsFileOutput(parameters, self.OUTPUT_FOLDER, context)
+        with gdal_exceptions():
+            from ..core.errors import TreesegError
+            from ..evaluate import evaluate
+
+            feedback.setProgressText("Evaluating")
+            try:
+                scores = evaluate(self._files[self.PREDICTION], self._files[self.REFERENCE], folder,
+                                  image=self._files[self.IMAGE], clusters=self._files[self.CLUSTERS],
+                                  tree_class=self.parameterAsInt(parameters, self.TREE_CLASS, context),
+                                  name=self._report_name)
+            except TreesegError as error:
+                raise QgsProcessingException(str(error)) from error
+        results: dict[str, Any] = {
+            self.OUTPUT_FOLDER: folder,
+            self.OUTPUT_HTML: scores["outputs"]["html"],
+            self.OUTPUT_CSV: scores["outputs"]["csv"],
+        }
+        for output, (group, measure, description) in SCORES.items():
+            value = scores.get(group, {}).get(measure)
+            if value is not None:
+                results[output] = float(value)
+                feedback.pushInfo(f"{description}: {value:.4f}")
+        return results
+
+
+def layer_file(layer: QgsMapLayer, folder: Path, context: QgsProcessingContext,
+               feedback: QgsProcessingFeedback) -> str:
+    """A file evaluate() reads as `layer`: a raster's file, a single-layer vector file, or an export."""
+    if isinstance(layer, QgsRasterLayer):
+        return raster_file(layer)
+    if not isinstance(layer, QgsVectorLayer):
+        raise QgsProcessingException(f"'{layer.name()}' is neither a raster nor a vector layer.")
+    return single_layer_file(layer) or export_to_geopackage(layer, folder, context, feedback)
+
+
+def single_layer_file(layer: QgsVectorLayer) -> str | None:
+    """The layer's file when it is the only layer in it and unfiltered; None otherwise."""
+    if layer.providerType() != "ogr" or layer.subsetString():
+        return None
+    path = QgsProviderRegistry.instance().decodeUri("ogr", layer.source()).get("path") or ""
+    if not Path(path).is_file():
+        return None
+    try:
+        dataset = ogr.Open(path)
+    except RuntimeError:
+        return None
+    return path if dataset is not None and dataset.GetLayerCount() == 1 else None
+
+
+def export_to_geopackage(layer: QgsVectorLayer, folder: Path, context: QgsProcessingContext,
+                         feedback: QgsProcessingFeedback) -> str:
+    """The layer's features (all fields, its own CRS) in a new temporary GeoPackage."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name = UNSAFE_FILENAME_CHARACTERS.sub("_", layer.name()) or "layer"
+    path = folder / f"{name}_{uuid.uuid4().hex[:8]}.gpkg"
+    options = QgsVectorFileWriter.SaveVectorOptions()
+    options.driverName = "GPKG"
+    options.layerName = name
+    options.fileEncoding = "UTF-8"
+    error, message, _, _ = QgsVectorFileWriter.writeAsVectorFormatV3(layer, str(path), context.transformContext(),
+                                                                     options)
+    if error != EXPORT_OK:
+        raise QgsProcessingException(f"Cannot export '{layer.name()}' to a GeoPackage for the evaluation: {message}")
+    feedback.pushInfo(f"'{layer.name()}' exported to {path} for the evaluation.")
+    return str(path)
+
+
+@contextmanager
+def gdal_exceptions() -> Iterator[None]:
+    """GDAL, OGR and OSR exceptions on (the evaluation modules rely on them), as they were afterwards."""
+    modules = (gdal, ogr, osr)
+    before = [module.GetUseExceptions() for module in modules]
+    for module in modules:
+        module.UseExceptions()
+    try:
+        yield
+    finally:
+        for module, was_on in reversed(list(zip(modules, before))):
+            if not was_on:
+                module.DontUseExceptions()

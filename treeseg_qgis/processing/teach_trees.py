@@ -1,0 +1,224 @@
+"""The Processing algorithm `treeseg:teach`: tree scores from a few example points, through the engine worker.
+
+The points are turned into pixel positions here, on the QGIS side (any CRS, via
+the project's transform context); the engine scores every pixel by its DINOv3
+features' similarity to the examples. Features come from the engine's cache when
+the raster was seen before, so a second run with another threshold skips the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from osgeo import gdal
+from qgis.core import (
+    QgsCoordinateTransform,
+    QgsCsException,
+    QgsFeatureSource,
+    QgsProcessingContext,
+    QgsProcessingException,
+    QgsProcessingFeedback,
+    QgsProcessingOutputFile,
+    QgsProcessingOutputNumber,
+    QgsProcessingOutputString,
+    QgsProcessingParameterFeatureSource,
+    QgsProcessingParameterField,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterRasterDestination,
+    QgsProcessingParameterRasterLayer,
+    QgsRasterLayer,
+)
+from qgis.PyQt.QtCore import QVariant
+
+from .compat import ANY_FIELD, DOUBLE, POINT_LAYERS
+from .engine_algorithm import (
+    RASTER_SUFFIXES,
+    WEIGHTS_HELP,
+    EngineAlgorithm,
+    engine_python,
+    hf_token,
+    name_loaded_layers,
+    run_in_engine,
+)
+from .raster_input import raster_file
+
+DEFAULT_IS_TREE_FIELD = "is_tree"
+TRUE_TEXTS = ("1", "true", "t", "yes", "y")
+FALSE_TEXTS = ("0", "false", "f", "no", "n")
+PixelExample = tuple[float, float, bool]
+
+HELP = f"""<p>Teaches the model what a tree is <b>from a few example points</b>: put points on some
+trees (and, better still, on a few things that are not trees: soil, grass, roofs) and the DINOv3
+features of every pixel are compared with those of the examples.</p>
+<h3>Inputs</h3>
+<ul>
+<li><b>Example points</b>: a point layer in any CRS with a field that says which points are trees
+(1 / true = tree, 0 / false = not a tree; empty values are skipped). At least one tree point must
+lie on the raster.</li>
+<li><b>Threshold</b>: pixels scoring at least this are trees in the mask. The features are cached,
+so running again with another threshold takes seconds (Feature cache: <i>hit</i>).</li>
+</ul>
+<h3>Outputs</h3>
+<ul>
+<li><b>Tree similarity</b>: a GeoTIFF of scores from 0 (unlike the tree examples) to 1 (like them).</li>
+<li><b>Tree mask</b>: a GeoTIFF, 1 = tree, 0 = not tree, 255 = nodata.</li>
+<li>Beside the similarity file a record (<i>_teach.json</i>); the tree cover and the feature-cache
+state are also returned for use in a model.</li>
+</ul>
+{WEIGHTS_HELP}"""
+
+
+class TeachTreesAlgorithm(EngineAlgorithm):
+    """Tree scores and a tree mask from example points, through the engine worker process."""
+
+    INPUT = "INPUT"
+    EXAMPLES = "EXAMPLES"
+    IS_TREE_FIELD = "IS_TREE_FIELD"
+    THRESHOLD = "THRESHOLD"
+    OUTPUT_SIMILARITY = "OUTPUT_SIMILARITY"
+    OUTPUT_TREES = "OUTPUT_TREES"
+    TREE_COVER = "TREE_COVER"
+    FEATURE_CACHE = "FEATURE_CACHE"
+    TEACH_RECORD = "TEACH_RECORD"
+
+    def name(self) -> str:
+        return "teach"
+
+    def displayName(self) -> str:
+        return "Teach trees by example (DINOv3)"
+
+    def group(self) -> str:
+        return "Segmentation"
+
+    def groupId(self) -> str:
+        return "segmentation"
+
+    def tags(self) -> list[str]:
+        return ["trees", "tree", "examples", "points", "similarity", "few-shot", "dinov3", "orthophoto", "ai"]
+
+    def shortHelpString(self) -> str:
+        return HELP
+
+    def createInstance(self) -> TeachTreesAlgorithm:
+        return TeachTreesAlgorithm()
+
+    def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:
+        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Orthophoto (raster file)"))
+        self.addParameter(QgsProcessingParameterFeatureSource(self.EXAMPLES, "Example points", [POINT_LAYERS]))
+        # Optional, so that the default is taken where the field is left out (qgis_process, processing.run).
+        self.addParameter(QgsProcessingParameterField(
+            self.IS_TREE_FIELD, "Field saying which points are trees (1 = tree, 0 = not; empty: is_tree)",
+            defaultValue=DEFAULT_IS_TREE_FIELD, parentLayerParameterName=self.EXAMPLES, type=ANY_FIELD,
+            optional=True))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.THRESHOLD, "Threshold: pixels scoring at least this are trees", DOUBLE, defaultValue=0.6,
+            minValue=0.0, maxValue=1.0))
+        self.add_model_parameters()
+        self.add_device_parameters()
+        self.addParameter(QgsProcessingParameterRasterDestination(
+            self.OUTPUT_SIMILARITY, "Tree similarity (0..1)"))
+        self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT_TREES, "Tree mask"))
+        self.addOutput(QgsProcessingOutputNumber(self.TREE_COVER, "Tree cover (fraction of valid pixels)"))
+        self.addOutput(QgsProcessingOutputString(self.FEATURE_CACHE, "Feature cache (hit, miss or off)"))
+        self.addOutput(QgsProcessingOutputFile(self.TEACH_RECORD, "Teach record (JSON)"))
+
+    def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,
+                         feedback: QgsProcessingFeedback) -> dict[str, Any]:
+        python = engine_python()
+        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+        if layer is None:
+            raise QgsProcessingException(self.invalidRasterError(parameters, self.INPUT))
+        source = self.parameterAsSource(parameters, self.EXAMPLES, context)
+        if source is None:
+            raise QgsProcessingException(self.invalidSourceError(parameters, self.EXAMPLES))
+        field = self.parameterAsString(parameters, self.IS_TREE_FIELD, context) or DEFAULT_IS_TREE_FIELD
+        examples = pixel_examples(layer, source, field, context, feedback)
+        similarity = self.file_destination(parameters, self.OUTPUT_SIMILARITY, context, RASTER_SUFFIXES)
+        trees = self.file_destination(parameters, self.OUTPUT_TREES, context, RASTER_SUFFIXES)
+        stem = Path(similarity).with_suffix("")
+        params = {
+            "input_path": raster_file(layer),
+            "output_dir": str(stem.parent),
+            **self.model_params(parameters, context),
+            "output_stem": stem.name,
+            "similarity_path": similarity,
+            "taught_trees_path": trees,
+            "teach_record_path": f"{stem}_teach.json",
+        }
+        threshold = self.parameterAsDouble(parameters, self.THRESHOLD, context)
+        record = run_in_engine(python, feedback, lambda client, report: client.teach(
+            params, examples, threshold, on_progress=report.progress, is_cancelled=feedback.isCanceled,
+            hf_token=hf_token()))
+        if record.get("warning"):
+            feedback.pushWarning(record["warning"])
+        feedback.pushInfo(f"Examples used: {record['examples']['trees']} trees, "
+                          f"{record['examples']['not_trees']} not trees; feature cache: {record['feature_cache']}.")
+        outputs = record["outputs"]
+        suffix = " (UNTRAINED)" if record["model"]["untrained"] else ""
+        name_loaded_layers(context, {outputs["similarity"]: f"tree similarity — {layer.name()}{suffix}",
+                                     outputs["taught_trees"]: f"taught trees — {layer.name()}{suffix}"})
+        return {
+            self.OUTPUT_SIMILARITY: outputs["similarity"],
+            self.OUTPUT_TREES: outputs["taught_trees"],
+            self.TREE_COVER: record["tree_cover"],
+            self.FEATURE_CACHE: record["feature_cache"],
+            self.TEACH_RECORD: outputs["teach_record"],
+        }
+
+
+def pixel_examples(layer: QgsRasterLayer, source: QgsFeatureSource, field: str, context: QgsProcessingContext,
+                   feedback: QgsProcessingFeedback) -> list[PixelExample]:
+    """The example points as (col, row, is_tree) pixel positions of the north-up raster `layer`."""
+    _check_north_up(layer)
+    if source.fields().lookupField(field) < 0:
+        raise QgsProcessingException(f"The example points have no field '{field}': choose the field that says "
+                                     "which points are trees (1 = tree, 0 = not a tree).")
+    transform = QgsCoordinateTransform(source.sourceCrs(), layer.crs(), context.transformContext())
+    extent = layer.extent()
+    pixel_width, pixel_height = extent.width() / layer.width(), extent.height() / layer.height()
+    examples: list[PixelExample] = []
+    skipped = 0
+    for feature in source.getFeatures():
+        is_tree = _is_tree(feature[field])
+        geometry = feature.geometry()
+        if is_tree is None or geometry.isNull():
+            skipped += 1
+            continue
+        for vertex in geometry.vertices():
+            try:
+                point = transform.transform(vertex.x(), vertex.y())
+            except QgsCsException as error:
+                raise QgsProcessingException(
+                    f"An example point cannot be transformed into the raster's CRS: {error}") from error
+            examples.append(((point.x() - extent.xMinimum()) / pixel_width,
+                             (extent.yMaximum() - point.y()) / pixel_height, is_tree))
+    if skipped:
+        feedback.pushWarning(f"{skipped} example points without a geometry or a tree / not-tree value were skipped.")
+    return examples
+
+
+def _is_tree(value: Any) -> bool | None:
+    """1 / true → True, 0 / false → False, empty or anything else → None."""
+    if value is None or (isinstance(value, QVariant) and value.isNull()):
+        return None
+    if isinstance(value, (int, float)):
+        return bool(value) if value in (0, 1) else None
+    text = str(value).strip().lower()
+    if text in TRUE_TEXTS:
+        return True
+    if text in FALSE_TEXTS:
+        return False
+    return None
+
+
+def _check_north_up(layer: QgsRasterLayer) -> None:
+    try:
+        dataset = gdal.Open(raster_file(layer))
+    except RuntimeError:
+        dataset = None  # the engine explains a raster it cannot open
+    geotransform = dataset.GetGeoTransform() if dataset is not None else None
+    if geotransform is not None and (geotransform[2] or geotransform[4]):
+        raise QgsProcessingException(
+            f"'{layer.name()}' is a rotated raster; teaching needs a north-up one. Warp it first "
+            "(Raster ▸ Projections ▸ Warp) and run on the warped raster.")

@@ -1,0 +1,125 @@
+"""The Processing algorithm `treeseg:treecrowns`: a tree-mask raster split into crown polygons.
+
+The watershed needs scikit-image, which only the engine environment has, so the
+engine worker process does the work (its `crowns` command); no model is loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qgis.core import (
+    QgsProcessingContext,
+    QgsProcessingException,
+    QgsProcessingFeedback,
+    QgsProcessingOutputNumber,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterRasterLayer,
+    QgsProcessingParameterVectorDestination,
+    QgsRasterLayer,
+)
+
+from .compat import DOUBLE, POLYGON_LAYERS
+from .engine_algorithm import GEOPACKAGE_SUFFIXES, EngineAlgorithm, engine_python, name_loaded_layers, run_in_engine
+from .raster_input import raster_file
+
+HELP = """<p>Splits the trees of a tree mask into <b>individual crowns</b>: the distance to the
+nearest non-tree pixel peaks in the middle of each crown; those peaks seed a watershed that divides
+touching crowns.</p>
+<h3>Inputs</h3>
+<ul>
+<li><b>Tree mask</b>: a raster with 1 = tree (any other value is not a tree), e.g. the tree mask of
+<i>Segment trees</i> or <i>Teach trees by example</i>.</li>
+<li><b>Clusters</b> (optional): a cluster raster on the same grid; each crown gets its most common
+cluster id.</li>
+<li><b>Minimum crown area</b>: smaller crowns are dropped. <b>Smoothing</b> evens out the crown
+centres (larger: fewer, bigger crowns). <b>Largest crown</b> bounds the window overlap, so any raster
+size works.</li>
+</ul>
+<h3>Output</h3>
+<p>A GeoPackage with one polygon per crown and the fields <i>crown_id</i>, <i>cluster</i>,
+<i>area_m2</i>, <i>perimeter_m</i>, <i>diameter_m</i>, <i>centroid_x</i>, <i>centroid_y</i>, in the
+CRS of the mask. Runs in the treeseg engine process (scikit-image); no model is needed.</p>"""
+
+
+class TreeCrownsAlgorithm(EngineAlgorithm):
+    """Split the trees of a tree-mask raster into crown polygons, through the engine worker process."""
+
+    INPUT = "INPUT"
+    CLUSTERS = "CLUSTERS"
+    MIN_AREA = "MIN_AREA"
+    MIN_DISTANCE = "MIN_DISTANCE"
+    SMOOTHING = "SMOOTHING"
+    MAX_CROWN = "MAX_CROWN"
+    OUTPUT = "OUTPUT"
+    CROWNS = "CROWNS"
+
+    def name(self) -> str:
+        return "treecrowns"
+
+    def displayName(self) -> str:
+        return "Split trees into crowns"
+
+    def group(self) -> str:
+        return "Segmentation"
+
+    def groupId(self) -> str:
+        return "segmentation"
+
+    def tags(self) -> list[str]:
+        return ["trees", "tree", "crowns", "crown", "watershed", "instances", "individual trees", "polygons"]
+
+    def shortHelpString(self) -> str:
+        return HELP
+
+    def createInstance(self) -> TreeCrownsAlgorithm:
+        return TreeCrownsAlgorithm()
+
+    def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:
+        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Tree mask (1 = tree)"))
+        self.addParameter(QgsProcessingParameterRasterLayer(
+            self.CLUSTERS, "Clusters on the same grid (optional: gives each crown its cluster)", optional=True))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.MIN_AREA, "Minimum crown area in m²", DOUBLE, defaultValue=2.0, minValue=0.0))
+        self.add_advanced(QgsProcessingParameterNumber(
+            self.MIN_DISTANCE, "Minimum distance between crown centres in metres", DOUBLE, defaultValue=1.0,
+            minValue=0.0))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.SMOOTHING, "Smoothing in metres", DOUBLE, defaultValue=0.2, minValue=0.0))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.MAX_CROWN, "Largest crown diameter in metres", DOUBLE, defaultValue=25.0, minValue=0.1))
+        self.addParameter(QgsProcessingParameterVectorDestination(
+            self.OUTPUT, "Tree crowns (GeoPackage)", POLYGON_LAYERS))
+        self.addOutput(QgsProcessingOutputNumber(self.CROWNS, "Number of tree crowns"))
+
+    def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,
+                         feedback: QgsProcessingFeedback) -> dict[str, Any]:
+        python = engine_python()
+        trees = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+        if trees is None:
+            raise QgsProcessingException(self.invalidRasterError(parameters, self.INPUT))
+        clusters = self.parameterAsRasterLayer(parameters, self.CLUSTERS, context)
+        if clusters is not None:
+            _check_same_grid(trees, clusters)
+        gpkg = self.file_destination(parameters, self.OUTPUT, context, GEOPACKAGE_SUFFIXES)
+        options = {
+            "min_area_m2": self.parameterAsDouble(parameters, self.MIN_AREA, context),
+            "min_distance_m": self.parameterAsDouble(parameters, self.MIN_DISTANCE, context),
+            "smoothing_m": self.parameterAsDouble(parameters, self.SMOOTHING, context),
+            "max_crown_m": self.parameterAsDouble(parameters, self.MAX_CROWN, context),
+        }
+        trees_path = raster_file(trees)
+        clusters_path = raster_file(clusters) if clusters is not None else None
+        record = run_in_engine(python, feedback, lambda client, report: client.crowns(
+            trees_path, clusters_path, gpkg, options, on_progress=report.progress, is_cancelled=feedback.isCanceled))
+        feedback.pushInfo(f"{record['crowns']} crowns.")
+        name_loaded_layers(context, {record["outputs"]["crowns"]: f"tree crowns — {trees.name()}"})
+        return {self.OUTPUT: record["outputs"]["crowns"], self.CROWNS: record["crowns"]}
+
+
+def _check_same_grid(trees: QgsRasterLayer, clusters: QgsRasterLayer) -> None:
+    if (trees.width(), trees.height()) != (clusters.width(), clusters.height()) or trees.extent() != clusters.extent():
+        raise QgsProcessingException(
+            f"The clusters '{clusters.name()}' ({clusters.width()} × {clusters.height()} px) and the tree mask "
+            f"'{trees.name()}' ({trees.width()} × {trees.height()} px) must share one pixel grid: use the "
+            "cluster raster of the same run, or leave Clusters empty.")
