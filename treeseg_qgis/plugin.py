@@ -7,8 +7,6 @@ worker process keeps the model loaded between them.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from qgis.core import QgsApplication, QgsSettings
 from qgis.gui import QgisInterface
 from qgis.PyQt.QtCore import Qt
@@ -17,19 +15,10 @@ from qgis.PyQt.QtWidgets import QAction
 
 from .engine_client import EngineClient, find_engine_python
 from .gui.dock import TreesegDock
+from .processing.engine_algorithm import ENGINE_PYTHON_SETTING
+from .processing.provider import icon_path
 
-PACKAGE_DIR = Path(__file__).resolve().parent
 MENU = "TreeSeg (DINOv3)"
-ENGINE_PYTHON_SETTING = "treeseg/engine_python"
-
-
-def icon_path() -> Path:
-    """resources/icon.svg inside the packaged plugin, or beside the package in a source checkout."""
-    for root in (PACKAGE_DIR, PACKAGE_DIR.parent):
-        candidate = root / "resources" / "icon.svg"
-        if candidate.is_file():
-            return candidate
-    return PACKAGE_DIR / "resources" / "icon.svg"
 
 
 def configured_engine() -> EngineClient | None:
