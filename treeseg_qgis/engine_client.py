@@ -94,12 +94,7 @@ class EngineClient:
         job = {"command": "segment", "params": params}
         if hf_token:
             job["hf_token"] = hf_token
-        try:
-            return self._run(job, on_progress, on_log, is_cancelled)
-        except EngineError as error:
-            if error.kind in ("cancelled", "crash"):
-                remove_temporary_files(params)
-            raise
+        return self._run_writing(job, lambda: remove_temporary_files(params), on_progress, on_log, is_cancelled)
 
     def teach(
         self,
@@ -115,12 +110,7 @@ class EngineClient:
                "threshold": threshold}
         if hf_token:
             job["hf_token"] = hf_token
-        try:
-            return self._run(job, on_progress, None, is_cancelled)
-        except EngineError as error:
-            if error.kind in ("cancelled", "crash"):
-                remove_temporary_files(params)
-            raise
+        return self._run_writing(job, lambda: remove_temporary_files(params), on_progress, None, is_cancelled)
 
     def crowns(
         self,
@@ -135,12 +125,21 @@ class EngineClient:
         `{"crowns": count, "outputs": {"crowns": gpkg_path}}` or EngineError."""
         job = {"command": "crowns", "trees_path": trees_path, "clusters_path": clusters_path or trees_path,
                "gpkg_path": gpkg_path, "options": dict(options or {})}
+
+        def remove_partial_gpkg() -> None:
+            for leftover in temporary_files(Path(gpkg_path)):
+                leftover.unlink(missing_ok=True)
+
+        return self._run_writing(job, remove_partial_gpkg, on_progress, None, is_cancelled)
+
+    def _run_writing(self, job: dict, clean_up: Callable[[], None], on_progress: ProgressHandler | None,
+                     on_log: LogHandler | None, is_cancelled: CancelCheck | None) -> dict[str, Any]:
+        """Run a job that writes files; when it was cancelled or the worker died, `clean_up` its leftovers."""
         try:
-            return self._run(job, on_progress, None, is_cancelled)
+            return self._run(job, on_progress, on_log, is_cancelled)
         except EngineError as error:
             if error.kind in ("cancelled", "crash"):
-                for leftover in temporary_files(Path(gpkg_path)):
-                    leftover.unlink(missing_ok=True)
+                clean_up()
             raise
 
     def probe(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from .errors import ModelUnavailableError
 from .models import explain_load_failure, hub_offline
 from .progress import Progress
 from .segmentation import RasterSource
-from .tiling import Window
+from .tiling import PATCH, Window
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,6 @@ HEIGHT_MODEL = "facebook/dinov3-vitl16-chmv2-dpt-head"
 CHM_MEAN = (0.420, 0.411, 0.296)
 CHM_STD = (0.213, 0.156, 0.143)
 HEIGHT_NODATA = -1.0
-PATCH = 16
 
 
 @dataclass

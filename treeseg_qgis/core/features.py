@@ -16,11 +16,11 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .models import Backbone
+from .tiling import PATCH
 from .trees import excess_green
 
 log = logging.getLogger(__name__)
 
-PATCH = 16
 STRIDES = (16, 8, 4, 2)
 METHODS = ("dinov3", "rgb-kmeans", "exg-otsu")
 COLOUR_STRIDES = (16, 8, 4, 2, 1)

@@ -290,7 +290,7 @@ def _tent(cells: int, ramp: int) -> np.ndarray:
     return np.clip(edge, 0.05, 1.0)
 
 
-def _blend(
+def blended_features(
     store: FeatureStore, grid: TileGrid, stride: int, rows: range, cols: range
 ) -> tuple[np.ndarray, np.ndarray]:
     """Blended projected features and valid fraction on the global cells rows × cols."""
@@ -368,7 +368,7 @@ def _label_block(
 ) -> np.ndarray:
     """Cluster ids (uint8) for every pixel of one block."""
     rows, cols, rows_at, cols_at = cell_window(block, grid, extractor)
-    features, _ = _blend(store, grid, extractor.stride, rows, cols)
+    features, _ = blended_features(store, grid, extractor.stride, rows, cols)
     return _nearest_centre_bilinear(clusters.squared_distances(features), rows_at, cols_at)
 
 
@@ -405,12 +405,6 @@ def cell_window(block: Window, grid: TileGrid, extractor: TileFeatureExtractor) 
     return rows, cols, rows_at - rows.start, cols_at - cols.start
 
 
-def blended_features(store: FeatureStore, grid: TileGrid, stride: int, rows: range,
-                     cols: range) -> tuple[np.ndarray, np.ndarray]:
-    """Projected features and valid fraction on global cells rows × cols, tiles blended."""
-    return _blend(store, grid, stride, rows, cols)
-
-
 @dataclass(frozen=True)
 class FeatureImage:
     """The first three feature components on the feature grid, scaled to 0..255."""
@@ -431,7 +425,7 @@ class FeatureImage:
             for col in range(0, self.cols, block_cells):
                 cells_r = range(row, min(row + block_cells, self.rows))
                 cells_c = range(col, min(col + block_cells, self.cols))
-                features, valid = _blend(store, grid, self.stride, cells_r, cells_c)
+                features, valid = blended_features(store, grid, self.stride, cells_r, cells_c)
                 scaled = np.zeros((len(cells_r), len(cells_c), 3), np.float32)
                 scaled[..., :components] = (features[..., :components] - low) / span
                 image = (np.clip(scaled, 0, 1) * 254 + 1).astype(np.uint8)

@@ -11,6 +11,7 @@ CRS), a class raster on the same grid, or a CSV of pixel boxes
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,9 +84,17 @@ def read_reference_objects(path: str, grid: Grid) -> list[ReferenceObject]:
     if Path(path).suffix.lower() == ".csv":
         return boxes_to_objects(_read_pixel_boxes(path), grid.shape)
     source = _open_vector(path)
-    layer = source.GetLayer(0)
-    transform = _transform_to(layer.GetSpatialRef(), grid)
     objects = []
+    for _, geometry in _geometries_in_grid_crs(source.GetLayer(0), grid):
+        item = _rasterize_geometry(geometry, grid)
+        if item is not None:
+            objects.append(item)
+    return objects
+
+
+def _geometries_in_grid_crs(layer: ogr.Layer, grid: Grid) -> Iterator[tuple[ogr.Feature, ogr.Geometry]]:
+    """Each feature with a geometry, and a copy of that geometry in the grid's CRS."""
+    transform = _transform_to(layer.GetSpatialRef(), grid)
     for feature in layer:
         geometry = feature.GetGeometryRef()
         if geometry is None or geometry.IsEmpty():
@@ -93,10 +102,7 @@ def read_reference_objects(path: str, grid: Grid) -> list[ReferenceObject]:
         geometry = geometry.Clone()
         if transform is not None:
             geometry.Transform(transform)
-        item = _rasterize_geometry(geometry, grid)
-        if item is not None:
-            objects.append(item)
-    return objects
+        yield feature, geometry
 
 
 def rasterize(path: str, grid: Grid, where: str | None = None, attribute: str | None = None) -> np.ndarray:
@@ -211,17 +217,10 @@ def read_examples(path: str, grid: Grid) -> list[Example]:
     layer = source.GetLayer(0)
     if layer.GetLayerDefn().GetFieldIndex("is_tree") < 0:
         raise InputError(f"The example points in {path} need an is_tree field (1 = tree, 0 = not a tree).")
-    transform = _transform_to(layer.GetSpatialRef(), grid)
     inverse = gdal.InvGeoTransform(grid.geotransform)
     examples = []
-    for feature in layer:
-        geometry = feature.GetGeometryRef()
-        if geometry is None or geometry.IsEmpty():
-            continue
-        point = geometry.Clone()
-        if transform is not None:
-            point.Transform(transform)
-        point = point.Centroid()
+    for feature, geometry in _geometries_in_grid_crs(layer, grid):
+        point = geometry.Centroid()
         col, row = gdal.ApplyGeoTransform(inverse, point.GetX(), point.GetY())
         examples.append(Example(col, row, _truthy(feature.GetField("is_tree"))))
     return examples

@@ -20,6 +20,7 @@ from qgis.core import (
     QgsProcessingParameterDefinition,
     QgsProcessingParameterEnum,
     QgsProcessingParameterString,
+    QgsRasterLayer,
     QgsSettings,
 )
 
@@ -84,6 +85,13 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterBoolean(
             self.ALLOW_UNTRAINED, "Allow untrained (random) weights when the real ones cannot be loaded "
             "(pipeline check only)", defaultValue=False))
+
+    def input_raster(self, parameters: dict[str, Any], name: str, context: QgsProcessingContext) -> QgsRasterLayer:
+        """The raster layer of parameter `name`, or the standard invalid-raster error."""
+        layer = self.parameterAsRasterLayer(parameters, name, context)
+        if layer is None:
+            raise QgsProcessingException(self.invalidRasterError(parameters, name))
+        return layer
 
     def model_params(self, parameters: dict[str, Any], context: QgsProcessingContext) -> dict[str, Any]:
         """The SegmentationParams entries of the model, stride and device parameters."""

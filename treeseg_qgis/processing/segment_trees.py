@@ -202,9 +202,7 @@ class SegmentTreesAlgorithm(EngineAlgorithm):
     def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,
                          feedback: QgsProcessingFeedback) -> dict[str, Any]:
         python = engine_python()
-        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
-        if layer is None:
-            raise QgsProcessingException(self.invalidRasterError(parameters, self.INPUT))
+        layer = self.input_raster(parameters, self.INPUT, context)
         clusters = self.file_destination(parameters, self.OUTPUT_CLUSTERS, context, RASTER_SUFFIXES)
         trees = self.file_destination(parameters, self.OUTPUT_TREES, context, RASTER_SUFFIXES)
         polygons = self.file_destination(parameters, self.OUTPUT_POLYGONS, context, GEOPACKAGE_SUFFIXES)

@@ -126,9 +126,7 @@ class TeachTreesAlgorithm(EngineAlgorithm):
     def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,
                          feedback: QgsProcessingFeedback) -> dict[str, Any]:
         python = engine_python()
-        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
-        if layer is None:
-            raise QgsProcessingException(self.invalidRasterError(parameters, self.INPUT))
+        layer = self.input_raster(parameters, self.INPUT, context)
         source = self.parameterAsSource(parameters, self.EXAMPLES, context)
         if source is None:
             raise QgsProcessingException(self.invalidSourceError(parameters, self.EXAMPLES))

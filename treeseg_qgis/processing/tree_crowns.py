@@ -95,9 +95,7 @@ class TreeCrownsAlgorithm(EngineAlgorithm):
     def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,
                          feedback: QgsProcessingFeedback) -> dict[str, Any]:
         python = engine_python()
-        trees = self.parameterAsRasterLayer(parameters, self.INPUT, context)
-        if trees is None:
-            raise QgsProcessingException(self.invalidRasterError(parameters, self.INPUT))
+        trees = self.input_raster(parameters, self.INPUT, context)
         clusters = self.parameterAsRasterLayer(parameters, self.CLUSTERS, context)
         if clusters is not None:
             _check_same_grid(trees, clusters)
