@@ -52,6 +52,19 @@ def test_batch_size_does_not_change_features(backbone, tile):
     assert np.allclose(one, four, atol=1e-4)
 
 
+@pytest.mark.parametrize("stride, batch_size, per_batch", [(16, 4, 4), (8, 8, 2), (8, 3, 1)])
+def test_tiles_batched_together_get_the_features_each_gets_alone(backbone, tile, stride, batch_size, per_batch):
+    tiles = [tile, tile[::-1].copy(), np.roll(tile, 16, axis=1)]
+    extractor = FeatureExtractor(backbone, stride=stride, batch_size=batch_size)
+    assert extractor.tiles_per_batch == per_batch
+    together = extractor.extract_tiles(tiles)
+    alone = FeatureExtractor(backbone, stride=stride, batch_size=1)
+    assert len(together) == 3
+    for rgb, features in zip(tiles, together):
+        assert np.allclose(features, alone.extract(rgb), atol=1e-4)
+    assert not np.allclose(together[0], together[1], atol=1e-2)
+
+
 def test_unsupported_stride_is_refused(backbone):
     with pytest.raises(InputError, match="Stride 5"):
         FeatureExtractor(backbone, stride=5)

@@ -98,6 +98,7 @@ def test_byte_rgb_is_value_over_255(tmp_path):
         assert source.geotransform == UTM_GEOTRANSFORM
         assert source.crs_wkt
         rgb, valid = source.read(5, 4, 10, 8)
+        assert source.read_valid(5, 4, 10, 8).shape == (8, 10) and source.read_valid(5, 4, 10, 8).all()
         assert "255" in source.scaling
     expected = np.moveaxis(data[:, 4:12, 5:15], 0, -1).astype(np.float32) / 255
     assert rgb.dtype == np.float32 and rgb.shape == (8, 10, 3)
@@ -126,6 +127,7 @@ def test_nodata_pixels_are_invalid_and_grey(tmp_path):
     path = make_raster(tmp_path / "nodata.tif", data, nodata=0)
     with GdalRasterSource(path) as source:
         rgb, valid = source.read(0, 0, 10, 10)
+        np.testing.assert_array_equal(source.read_valid(1, 1, 6, 5), valid[1:6, 1:7])
     assert not valid[2, 3]
     assert valid.sum() == 99
     np.testing.assert_array_equal(rgb[2, 3], [0.5, 0.5, 0.5])
@@ -138,6 +140,7 @@ def test_alpha_zero_is_invalid(tmp_path):
     with GdalRasterSource(path) as source:
         assert source.bands == (1, 2, 3)
         _, valid = source.read(0, 0, 10, 10)
+        np.testing.assert_array_equal(source.read_valid(0, 0, 10, 10), valid)
     assert not valid[:, :5].any()
     assert valid[:, 5:].all()
 
@@ -149,6 +152,7 @@ def test_float_nan_is_invalid_and_never_in_rgb(tmp_path):
     path = make_raster(tmp_path / "float.tif", data, gdal.GDT_Float32)
     with GdalRasterSource(path) as source:
         rgb, valid = source.read(0, 0, 16, 16)
+        np.testing.assert_array_equal(source.read_valid(0, 0, 16, 16), valid)
     assert not valid[4, 4] and not valid[7, 1]
     assert valid.sum() == 16 * 16 - 2
     assert np.isfinite(rgb).all()
@@ -295,6 +299,17 @@ def test_polygons_in_a_projected_crs_have_exact_areas(tmp_path):
     assert is_tree.GetSubType() == ogr.OFSTBoolean
     assert layer.GetMetadataItem("DESCRIPTION") == "treeseg test run"
     assert not any(name.startswith("polygons.partial") for name in os.listdir(tmp_path))
+
+
+def test_polygons_in_feet_have_areas_in_square_metres_and_no_tree_clusters_mean_false(tmp_path):
+    feet = (300000.0, 1.0, 0.0, 100000.0, 0.0, -1.0)
+    clusters, _ = write_labels(tmp_path, two_squares(), wkt(2263), feet)
+    gpkg = str(tmp_path / "polygons.gpkg")
+    assert polygonize_clusters(clusters, gpkg, [], "regions") == 3
+    rows = polygons_of(gpkg)
+    assert [row[1] for row in rows] == [0, 0, 0]
+    feet_in_metres = osr.SpatialReference(wkt(2263)).GetLinearUnits()
+    assert [row[2] for row in rows] == pytest.approx([v / 0.01 * feet_in_metres**2 for v in (0.09, 1.0, 0.48)])
 
 
 def test_polygons_in_wgs84_have_geodesic_areas(tmp_path):

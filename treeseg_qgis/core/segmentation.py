@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -49,15 +49,19 @@ class RasterSource(Protocol):
     def read(self, x: int, y: int, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
         """(rgb float32 (h, w, 3) in 0..1, valid bool (h, w)) for a window inside the raster."""
 
+    def read_valid(self, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """The valid mask alone of a window (cheap when the raster has no nodata)."""
+
 
 class TileFeatureExtractor(Protocol):
     """Turns a tile into a grid of features: DINOv3 (FeatureExtractor) or a colour baseline."""
 
     stride: int
     cell_size: int
+    tiles_per_batch: int
 
-    def extract(self, rgb: np.ndarray) -> np.ndarray:
-        """(H / stride, W / stride, C) features of an (H, W, 3) tile."""
+    def extract_tiles(self, tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """(H / stride, W / stride, C) features of each (H, W, 3) tile."""
 
     def describe(self) -> dict:
         """Plain facts for the run record."""
@@ -205,12 +209,7 @@ def _extract_all(
         samples.append(tile_features.features.reshape(-1, tile_features.features.shape[-1])[rows])
         sample_exg.append(tile_features.exg.reshape(-1)[rows])
 
-    for index, (tile, (rgb, valid)) in enumerate(_prefetched(source, order, timings)):
-        progress.check()
-        progress.report(index / len(order), f"Extracting features: tile {index + 1} of {len(order)}")
-        started = time.perf_counter()
-        features = extractor.extract(rgb)
-        timings["features"] += time.perf_counter() - started
+    for tile, (rgb, valid), features in _extracted(source, order, extractor, progress, timings):
         started = time.perf_counter()
         cell_valid = pool_to_grid(valid, extractor.stride, extractor.cell_size)
         cell_exg = pool_to_grid(excess_green(rgb) * valid, extractor.stride, extractor.cell_size)
@@ -236,27 +235,41 @@ def _extract_all(
     return np.concatenate(samples).astype(np.float32), np.concatenate(sample_exg).astype(np.float64)
 
 
-def _prefetched(
-    source: RasterSource, tiles: list[Tile], timings: dict[str, float]
-) -> Iterator[tuple[Tile, tuple[np.ndarray, np.ndarray]]]:
-    """Tiles with their pixels, the next one read by a reader thread while this one is computed.
+def _extracted(
+    source: RasterSource,
+    tiles: list[Tile],
+    extractor: TileFeatureExtractor,
+    progress: Progress,
+    timings: dict[str, float],
+) -> Iterator[tuple[Tile, tuple[np.ndarray, np.ndarray], np.ndarray]]:
+    """Each tile with its pixels and features, in order. Tiles go through the model in batches of
+    `extractor.tiles_per_batch`; a reader thread reads the next batch while this one is computed.
 
     Only the reader thread touches the source until the loop ends.
     """
+    per_batch = extractor.tiles_per_batch
+    batches = [tiles[start:start + per_batch] for start in range(0, len(tiles), per_batch)]
 
-    def timed_read(tile: Tile) -> tuple[np.ndarray, np.ndarray]:
+    def timed_read(batch: list[Tile]) -> list[tuple[np.ndarray, np.ndarray]]:
         started = time.perf_counter()
-        pixels = read_tile(source, tile)
+        pixels = [read_tile(source, tile) for tile in batch]
         timings["read"] += time.perf_counter() - started
         return pixels
 
+    done = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="treeseg-reader") as reader:
-        pending = reader.submit(timed_read, tiles[0])
-        for index, tile in enumerate(tiles):
+        pending = reader.submit(timed_read, batches[0])
+        for index, batch in enumerate(batches):
             pixels = pending.result()
-            if index + 1 < len(tiles):
-                pending = reader.submit(timed_read, tiles[index + 1])
-            yield tile, pixels
+            if index + 1 < len(batches):
+                pending = reader.submit(timed_read, batches[index + 1])
+            progress.check()
+            progress.report(done / len(tiles), f"Extracting features: tile {done + 1} of {len(tiles)}")
+            started = time.perf_counter()
+            features = extractor.extract_tiles([rgb for rgb, _ in pixels])
+            timings["features"] += time.perf_counter() - started
+            done += len(batch)
+            yield from zip(batch, pixels, features)
 
 
 def _fit_projection(pca_samples: list[np.ndarray], params: SegmentationParams) -> Projection:
@@ -344,7 +357,7 @@ def _assign_all(
         progress.report(index / len(blocks), f"Assigning clusters: block {index + 1} of {len(blocks)}")
         started = time.perf_counter()
         labels = _label_block(store, grid, extractor, clusters, block)
-        _, valid = source.read(block.x, block.y, block.width, block.height)
+        valid = source.read_valid(block.x, block.y, block.width, block.height)
         labels[~valid] = NODATA
         counts += np.bincount(labels[valid], minlength=clusters.k)[: clusters.k]
         tree_mask = tree_lookup[labels]
@@ -378,8 +391,11 @@ def _cell_coordinates(start: int, size: int, stride: int, cell_size: int) -> np.
 
 
 def _nearest_centre_bilinear(distances: np.ndarray, rows_at: np.ndarray, cols_at: np.ndarray) -> np.ndarray:
-    """Argmin over K of (h, w, K) distances sampled bilinearly at fractional rows × cols."""
-    return bilinear_sample(distances, rows_at, cols_at).argmin(0).numpy().astype(np.uint8)
+    """Argmin over K of (h, w, K) distances sampled bilinearly at fractional rows × cols.
+
+    `min(0)` rather than `argmin(0)`: torch's argmin over the leading axis is an order of magnitude slower.
+    """
+    return bilinear_sample(distances, rows_at, cols_at).min(0).indices.numpy().astype(np.uint8)
 
 
 def bilinear_sample(values: np.ndarray, rows_at: np.ndarray, cols_at: np.ndarray) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,7 +99,9 @@ class StoredFeatures:
         self.cell_size = int(info["cell_size"])
         self._description = {key: value for key, value in info.items() if key not in ("stride", "cell_size")}
 
-    def extract(self, rgb: np.ndarray) -> np.ndarray:
+    tiles_per_batch = 1
+
+    def extract_tiles(self, tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
         raise RuntimeError("every feature comes from the store; nothing is extracted")
 
     def describe(self) -> dict:

@@ -88,7 +88,7 @@ def score_raster(source: RasterSource, store: FeatureStore, grid: TileGrid, extr
         features, _ = blended_features(store, grid, extractor.stride, rows, cols)
         cell_scores = found.score(features)[..., None]
         scores = bilinear_sample(cell_scores, rows_at, cols_at)[0].numpy()
-        _, valid = source.read(block.x, block.y, block.width, block.height)
+        valid = source.read_valid(block.x, block.y, block.width, block.height)
         trees = (scores >= threshold).astype(np.uint8)
         trees[~valid] = NODATA
         scores[~valid] = SIMILARITY_NODATA

@@ -23,11 +23,14 @@ DEFAULT_MIN_EXG = 0.02
 
 
 def excess_green(rgb: np.ndarray) -> np.ndarray:
-    """ExG of an (..., 3) image on chromatic coordinates; 0 where the pixel is black."""
-    total = rgb.sum(-1)
-    safe = np.where(total > 1e-6, total, 1.0)
-    r, g, b = (rgb[..., i] / safe for i in range(3))
-    return np.where(total > 1e-6, 2.0 * g - r - b, 0.0).astype(np.float32)
+    """ExG of an (..., 3) image on chromatic coordinates; 0 where the pixel is black.
+
+    2g - r - b with g = G / (R + G + B) is 3G / (R + G + B) - 1: one division per pixel.
+    """
+    total = rgb.sum(-1, dtype=np.float32)
+    exg = np.divide(3.0 * rgb[..., 1], total, out=np.ones_like(total), where=total > 1e-6, dtype=np.float32)
+    exg -= 1.0
+    return exg
 
 
 def cluster_means(labels: np.ndarray, values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -60,6 +60,7 @@ class GdalRasterSource:
         self.bands: tuple[int, int, int] = self._resolve_bands(bands, dataset.RasterCount)
         self._ranges = {number: self._value_range(number) for number in set(self.bands)}
         self.scaling: str = self._describe_scaling()
+        self._always_valid = all(self._always_valid_band(number) for number in set(self.bands))
 
     def _resolve_bands(self, bands: Sequence[int], band_count: int) -> tuple[int, int, int]:
         bands = tuple(int(number) for number in bands)
@@ -81,6 +82,12 @@ class GdalRasterSource:
                     f"Band {number} of '{self.path}' holds complex numbers; choose bands with real values."
                 )
         return bands
+
+    def _always_valid_band(self, number: int) -> bool:
+        """No nodata, mask or alpha, and an integer type (so no NaN)."""
+        band = self._dataset.GetRasterBand(number)
+        integer = band.DataType not in (gdal.GDT_Float32, gdal.GDT_Float64)
+        return integer and bool(band.GetMaskFlags() & gdal.GMF_ALL_VALID)
 
     def _value_range(self, number: int) -> tuple[float, float] | None:
         """(lo, hi) of the percentile stretch, or None for a Byte band (value / 255)."""
@@ -146,6 +153,12 @@ class GdalRasterSource:
     def read(self, x: int, y: int, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
         """Read a window inside the raster: (rgb float32 (h, w, 3) in 0..1, valid bool (h, w))."""
         return self._read_scaled(dict(xoff=x, yoff=y, win_xsize=width, win_ysize=height))
+
+    def read_valid(self, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """The valid mask of a window; without reading pixels when no band can hold invalid values."""
+        if self._always_valid:
+            return np.ones((height, width), dtype=bool)
+        return self.read(x, y, width, height)[1]
 
     def read_decimated(self, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
         """Read the whole raster resampled (nearest) to width x height, scaled like `read`."""
