@@ -57,19 +57,23 @@ def test_the_plugin_adds_and_removes_its_button_menu_panel_and_provider(qgis_ifa
     plugin = classFactory(qgis_iface)
     plugin.initGui()
     action, dock = plugin.action, plugin.dock
+    menu_actions = [action, plugin.setup_action, plugin.models_action]
 
     assert registry.providerById("treeseg") is plugin.provider
     assert registry.algorithmById("treeseg:segmenttrees") is not None
     assert isinstance(dock, QgsDockWidget) and dock.isHidden() and dock.run_button.isEnabled()
     assert not action.icon().isNull() and action.isCheckable()
-    qgis_iface.addPluginToRasterMenu.assert_called_once_with(MENU, action)
+    assert [call.args for call in qgis_iface.addPluginToRasterMenu.call_args_list] == [
+        (MENU, menu_action) for menu_action in menu_actions]
+    assert [menu_action.text() for menu_action in menu_actions[1:]] == ["Set up the engine…", "Models…"]
     action.trigger()
     assert not dock.isHidden()
 
     plugin.unload()
 
     assert registry.providerById("treeseg") is None
-    qgis_iface.removePluginRasterMenu.assert_called_once_with(MENU, action)
+    removed = [call.args for call in qgis_iface.removePluginRasterMenu.call_args_list]
+    assert len(removed) == 3 and all((MENU, menu_action) in removed for menu_action in menu_actions)
     assert plugin.dock is None and plugin.action is None and plugin.engine is None
 
 

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .catalogue import HEIGHT_HEAD
 from .core.devices import DEVICE_CHOICES
 from .core.errors import Cancelled, TreesegError
 from .core.features import COLOUR_STRIDES, METHODS
@@ -74,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also write the canopy height in metres (<stem>_height.tif) with the DINOv3 CHMv2 head")
     run.add_argument("--min-tree-height", type=float, metavar="M",
                      help="trees must also be at least this tall (metres; implies --canopy-height)")
-    run.add_argument("--height-model", default="facebook/dinov3-vitl16-chmv2-dpt-head", metavar="HF_ID|FOLDER",
-                     help="canopy-height model (default: facebook/dinov3-vitl16-chmv2-dpt-head)")
+    run.add_argument("--height-model", default=HEIGHT_HEAD.repo_id, metavar="HF_ID|FOLDER",
+                     help=f"canopy-height model (default: {HEIGHT_HEAD.repo_id})")
     run.add_argument("--tile-size", type=int, default=512, help="tile size in pixels (default: 512)")
     run.add_argument("--quiet", action="store_true", help="print only errors and the result paths")
     learn = commands.add_parser(

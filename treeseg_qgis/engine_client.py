@@ -14,6 +14,7 @@ import os
 import queue
 import signal
 import subprocess  # nosec B404
+import sys
 import threading
 import time
 from collections import deque
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .engine_env import engine_venv_dir, venv_python
 from .outputs import remove_temporary_files, temporary_files
 
 PLUGIN_DIR = Path(__file__).resolve().parent
@@ -37,12 +39,21 @@ class EngineError(Exception):
         self.kind = kind
 
 
+def qgis_profile_dir() -> str | None:
+    """The QGIS profile folder when running inside QGIS (qgis.core loaded), else None; never imports qgis."""
+    qgis_core = sys.modules.get("qgis.core")
+    return qgis_core.QgsApplication.qgisSettingsDirPath() if qgis_core is not None else None
+
+
 def find_engine_python(configured: str | None = None) -> str | None:
-    """The engine's Python: the configured one, $TREESEG_ENGINE_PYTHON, the one `make deploy`
-    recorded, or the repository's .venv during development; None when there is none."""
+    """The engine's Python: the configured one, $TREESEG_ENGINE_PYTHON, the private environment the
+    set-up dialog made in the QGIS profile, the one `make deploy` recorded, or the repository's .venv
+    during development; None when there is none."""
+    profile = qgis_profile_dir()
     candidates = [
         configured,
         os.environ.get(ENGINE_PYTHON_ENV),
+        str(venv_python(engine_venv_dir(profile))) if profile else None,
         ENGINE_POINTER_FILE.read_text().strip() if ENGINE_POINTER_FILE.is_file() else None,
         str(PLUGIN_DIR.parent / ".venv" / "bin" / "python"),
         str(PLUGIN_DIR.parent / ".venv" / "Scripts" / "python.exe"),
@@ -54,11 +65,12 @@ def find_engine_python(configured: str | None = None) -> str | None:
 
 
 def missing_engine_message() -> str:
+    """What to do when find_engine_python finds nothing."""
     return (
         "The treeseg engine (a Python environment with torch and transformers) was not found. "
-        "Set it up with `make setup` in the plugin's source folder and `make deploy`, or point "
-        f"the {ENGINE_PYTHON_ENV} environment variable at the Python of an environment that has "
-        "the packages of requirements.txt."
+        "Set it up with Raster ▸ TreeSeg (DINOv3) ▸ Set up the engine…, or point the "
+        f"{ENGINE_PYTHON_ENV} environment variable at the Python of an environment that has the "
+        "packages of requirements.txt."
     )
 
 
@@ -145,6 +157,29 @@ class EngineClient:
     def probe(self) -> dict[str, Any]:
         """Versions and the device the engine would use."""
         return self._run({"command": "probe"}, None, None, None)
+
+    def models(self) -> dict[str, Any]:
+        """Which catalogue models are in the local Hugging Face cache: `{"cache_dir", "disk_free_bytes",
+        "models": [{"name", "repo_id", "cached", "size_on_disk"}, ...]}`; reads the disk only."""
+        return self._run({"command": "models"}, None, None, None)
+
+    def download_model(
+        self,
+        name: str,
+        on_progress: ProgressHandler | None = None,
+        is_cancelled: CancelCheck | None = None,
+        hf_token: str | None = None,
+    ) -> dict[str, Any]:
+        """Download a catalogue model into the Hugging Face cache; `{"name", "repo_id", "path"}` or EngineError
+        (kind model: gated, unknown or offline; cancelled: stopped, the fetched part is kept for a resume)."""
+        job = {"command": "download", "model": name}
+        if hf_token:
+            job["hf_token"] = hf_token
+        return self._run(job, on_progress, None, is_cancelled)
+
+    def delete_model(self, name: str) -> dict[str, Any]:
+        """Remove a catalogue model from the Hugging Face cache; `{"name", "freed_bytes"}`."""
+        return self._run({"command": "delete", "model": name}, None, None, None)
 
     def close(self) -> None:
         """Stop the worker (it finishes nothing half-way: it is idle or gets cancelled)."""

@@ -1,11 +1,14 @@
-"""The QGIS plugin: the Processing provider, a toolbar button and Raster menu entry, and the TreeSeg panel.
+"""The QGIS plugin: the Processing provider, a toolbar button and Raster menu entries, and the TreeSeg panel.
 
 Loads without the engine environment: the panel then says what is missing and
-Run stays disabled. One EngineClient is shared by the panel's runs, so the
-worker process keeps the model loaded between them.
+offers the engine set-up dialog (also in the menu); Run stays disabled until an
+engine is set up, which takes effect without a restart. One EngineClient is
+shared by the panel's runs, so the worker process keeps the model loaded between them.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from qgis.core import QgsApplication, QgsSettings
 from qgis.gui import QgisInterface
@@ -15,6 +18,8 @@ from qgis.PyQt.QtWidgets import QAction
 
 from .engine_client import EngineClient, find_engine_python
 from .gui.dock import TreesegDock
+from .gui.engine_setup import EngineSetupDialog
+from .gui.model_manager import ModelManagerDialog
 from .processing.engine_algorithm import ENGINE_PYTHON_SETTING
 from .processing.provider import icon_path
 
@@ -36,6 +41,10 @@ class TreesegPlugin:
         self.engine: EngineClient | None = None
         self.dock: TreesegDock | None = None
         self.action: QAction | None = None
+        self.setup_action: QAction | None = None
+        self.setup_dialog: EngineSetupDialog | None = None
+        self.models_action: QAction | None = None
+        self.model_manager: ModelManagerDialog | None = None
 
     def initProcessing(self) -> None:  # noqa: N802 - the name QGIS calls
         """Register the Processing provider (no GUI: qgis_process calls only this)."""
@@ -46,7 +55,7 @@ class TreesegPlugin:
             QgsApplication.processingRegistry().addProvider(self.provider)
 
     def initGui(self) -> None:  # noqa: N802 - the name QGIS calls
-        """Add the provider, the panel (hidden until asked for), the toolbar button and the menu entry."""
+        """Add the provider, the panel (hidden until asked for), the toolbar button and the menu entries."""
         self.initProcessing()
         self.engine = configured_engine()
         main_window = self.iface.mainWindow()
@@ -60,6 +69,68 @@ class TreesegPlugin:
         self.dock.visibilityChanged.connect(self.action.setChecked)
         self.iface.addToolBarIcon(self.action)
         self.iface.addPluginToRasterMenu(MENU, self.action)
+        self.setup_action = QAction("Set up the engine…", main_window)
+        self.setup_action.setToolTip("Install TreeSeg's engine (torch, transformers) in a Python environment of "
+                                     "its own, or choose one")
+        self.setup_action.triggered.connect(self.show_engine_setup)
+        self.iface.addPluginToRasterMenu(MENU, self.setup_action)
+        self.dock.engine_setup_requested.connect(self.show_engine_setup)
+        self.dock.models_requested.connect(self.show_model_manager)
+        self.models_action = QAction("Models…", main_window)
+        self.models_action.setToolTip("DINOv3 models on this computer: download, delete, Hugging Face token, "
+                                      "a local model folder")
+        self.models_action.triggered.connect(self.show_model_manager)
+        self.iface.addPluginToRasterMenu(MENU, self.models_action)
+
+    def show_engine_setup(self) -> None:
+        """Open the engine set-up dialog (made once, kept while the plugin is loaded)."""
+        if self.setup_dialog is None:
+            self.setup_dialog = EngineSetupDialog(parent=self.iface.mainWindow())
+            self.setup_dialog.engine_ready.connect(self._engine_ready)
+            self.setup_dialog.engine_removed.connect(self._engine_removed)
+            self.setup_dialog.stop_engine_requested.connect(self._stop_private_engine)
+        self.setup_dialog.show()
+        self.setup_dialog.raise_()
+        self.setup_dialog.activateWindow()
+
+    def _engine_ready(self, python: str) -> None:
+        self._use_engine(EngineClient(python))
+
+    def _engine_removed(self) -> None:
+        self._use_engine(configured_engine())
+
+    def _use_engine(self, engine: EngineClient | None) -> None:
+        """Switch to `engine` without a restart: the old worker stops, the panel probes the new one."""
+        if self.engine is not None:
+            self.engine.close()
+        self.engine = engine
+        if self.dock is not None:
+            self.dock.set_engine(engine)
+
+    def _stop_private_engine(self) -> None:
+        """Stop the worker when it runs from the environment the set-up dialog is about to change."""
+        if (self.engine is not None and self.setup_dialog is not None
+                and Path(self.engine.python).is_relative_to(self.setup_dialog.venv_dir)):
+            self.engine.close()
+
+    def show_model_manager(self) -> None:
+        """Open the model manager; a closed, idle one is made anew so that it uses the current engine."""
+        dialog = self.model_manager
+        if dialog is None or (dialog.task is None and not dialog.isVisible()):
+            if dialog is not None:
+                dialog.shutdown()
+                dialog.deleteLater()
+            dialog = self.model_manager = ModelManagerDialog(configured_engine(), self.iface.mainWindow())
+            dialog.local_folder_chosen.connect(self._use_local_model)
+            dialog.refresh()
+        dialog.show()
+        dialog.raise_()
+        dialog.activateWindow()
+
+    def _use_local_model(self, folder: str) -> None:
+        if self.dock is not None:
+            self.dock.model_override.setText(folder)
+            self.dock.show()
 
     def unload(self) -> None:
         """Remove everything initGui and initProcessing added and stop the engine worker."""
@@ -68,6 +139,22 @@ class TreesegPlugin:
             self.iface.removeToolBarIcon(self.action)
             self.action.deleteLater()
             self.action = None
+        if self.setup_action is not None:
+            self.iface.removePluginRasterMenu(MENU, self.setup_action)
+            self.setup_action.deleteLater()
+            self.setup_action = None
+        if self.setup_dialog is not None:
+            self.setup_dialog.reject()
+            self.setup_dialog.deleteLater()
+            self.setup_dialog = None
+        if self.models_action is not None:
+            self.iface.removePluginRasterMenu(MENU, self.models_action)
+            self.models_action.deleteLater()
+            self.models_action = None
+        if self.model_manager is not None:
+            self.model_manager.shutdown()
+            self.model_manager.deleteLater()
+            self.model_manager = None
         if self.dock is not None:
             self.dock.shutdown()
             self.iface.removeDockWidget(self.dock)

@@ -5,8 +5,10 @@ Protocol (one JSON object per line, both ways):
 - in, on stdin: `{"command": "segment", "params": {...}, "hf_token": "..."}`,
   `{"command": "teach", "params": {...}, "examples": [[col, row, is_tree], ...],
   "threshold": 0.6}`, `{"command": "crowns", "trees_path": ..., "clusters_path": ..., "gpkg_path": ...,
-  "options": {"min_area_m2": 2.0, ...}}` or `{"command": "probe"}`; the worker serves jobs until
-  stdin closes, keeping the last model loaded so the next run skips loading it.
+  "options": {"min_area_m2": 2.0, ...}}`, `{"command": "probe"}`, and for the model manager
+  `{"command": "models"}` (catalogue models in the local Hugging Face cache; never the network),
+  `{"command": "download", "model": "base", "hf_token": "..."}` and `{"command": "delete", "model": "base"}`;
+  the worker serves jobs until stdin closes, keeping the last model loaded so the next run skips loading it.
 - out, on stdout: `{"type": "ready"}` once, then per job any number of
   `{"type": "progress", "percent": 42.0, "stage": "..."}` and
   `{"type": "log", "level": "warning", "message": "..."}`, and one final
@@ -14,7 +16,8 @@ Protocol (one JSON object per line, both ways):
   `{"type": "error", "kind": "input|model|output|cancelled|internal", "message": "..."}`.
 
 Cancel is SIGTERM: the current job stops at the next tile, removes its outputs,
-reports `cancelled` and the worker exits. Anything a library prints goes to
+reports `cancelled` and the worker exits (a download stops at once; what it fetched
+stays in the cache and the next download resumes it). Anything a library prints goes to
 stderr, so stdout carries the protocol alone. The token is never logged.
 """
 
@@ -23,15 +26,22 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import threading
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from .catalogue import HUB_URL, MODELS, CatalogueModel
 from .core.errors import Cancelled, InputError, ModelUnavailableError, OutputError, TreesegError
+from .memory import format_size, host_memory
 
 PROTOCOL_VERSION = 1
+WEIGHT_FILES = ["*.json", "*.safetensors"]
+PROGRESS_INTERVAL_SECONDS = 0.25
 
 
 class _Channel:
@@ -63,6 +73,12 @@ class Worker:
         self.busy = False
         self._backbone = None
         self._backbone_key: tuple | None = None
+        self._download: threading.Thread | None = None
+
+    @property
+    def download_in_flight(self) -> bool:
+        """A cancelled download's threads may still run; the worker then exits without waiting for them."""
+        return self._download is not None and self._download.is_alive()
 
     def serve(self, jobs: TextIO) -> None:
         self.channel.send({"type": "ready", "protocol": PROTOCOL_VERSION, "pid": os.getpid()})
@@ -87,6 +103,12 @@ class Worker:
                 record = self.crowns(job)
             elif command == "probe":
                 record = probe()
+            elif command == "models":
+                record = cached_models()
+            elif command == "download":
+                record = self.download(job)
+            elif command == "delete":
+                record = delete_cached(str(job["model"]))
             else:
                 raise InputError(f"Unknown worker command {command!r}.")
             self.channel.send({"type": "result", "record": record})
@@ -138,6 +160,43 @@ class Worker:
         )
         return {"crowns": count, "outputs": {"crowns": gpkg_path}}
 
+    def download(self, job: dict[str, Any]) -> dict[str, Any]:
+        """Fetch a catalogue model's weights into the Hugging Face cache, reporting progress; stops on SIGTERM."""
+        from huggingface_hub import snapshot_download
+
+        from .core.models import hub_offline
+
+        model = catalogue_model(str(job["model"]))
+        if hub_offline():
+            raise ModelUnavailableError(offline_message(model))
+        _check_disk_space(model)
+        tally = DownloadTally(model.download_bytes, lambda: self.terminate_requested)
+        outcome: dict[str, Any] = {}
+
+        def fetch() -> None:
+            try:
+                outcome["path"] = snapshot_download(model.repo_id, revision=job.get("revision") or "main",
+                                                    token=job.get("hf_token") or None, allow_patterns=WEIGHT_FILES,
+                                                    tqdm_class=tally.progress_bar_class())
+            except BaseException as error:  # noqa: BLE001 - handed to the job's thread and reported there
+                outcome["error"] = error
+
+        self._download = threading.Thread(target=fetch, name="treeseg-download", daemon=True)
+        self._download.start()
+        reported = -1.0
+        while self._download.is_alive():
+            self._download.join(PROGRESS_INTERVAL_SECONDS)
+            if self.terminate_requested:
+                raise Cancelled(f"Download of {model.repo_id} cancelled; what was fetched stays in the cache "
+                                "and the next download resumes it.")
+            if tally.percent() != reported:
+                reported = tally.percent()
+                self._progress(reported, tally.stage(model.repo_id))
+        if "error" in outcome:
+            raise download_error(model, outcome["error"])
+        self._progress(100.0, f"Downloaded {model.repo_id}")
+        return {"name": model.name, "repo_id": model.repo_id, "path": outcome["path"]}
+
     def _kept_model_loader(self, job: dict[str, Any]):
         """Loads the backbone a job asks for, keeping it for the next job."""
         from .core.models import load_backbone
@@ -160,7 +219,7 @@ class Worker:
 
 
 def probe() -> dict[str, Any]:
-    """What the engine has: versions and the device `auto` would pick."""
+    """What the engine has: versions, the device `auto` would pick and that device's memory."""
     import torch
     import transformers
 
@@ -168,6 +227,10 @@ def probe() -> dict[str, Any]:
     from .core.devices import describe_device, resolve_device
 
     device, dtype = resolve_device("auto")
+    if device.type == "cuda":
+        available, total = torch.cuda.mem_get_info(device)
+    else:
+        total, available = host_memory() or (None, None)
     return {
         "treeseg": __version__,
         "python": sys.version.split()[0],
@@ -177,7 +240,169 @@ def probe() -> dict[str, Any]:
         "device_description": describe_device(device),
         "dtype": str(dtype).replace("torch.", ""),
         "cuda_available": torch.cuda.is_available(),
+        "memory_total_bytes": total,
+        "memory_available_bytes": available,
     }
+
+
+def catalogue_model(name: str) -> CatalogueModel:
+    """The catalogue model called `name`, or InputError listing the names."""
+    if name not in MODELS:
+        raise InputError(f"Unknown model '{name}': the model manager knows {', '.join(MODELS)}.")
+    return MODELS[name]
+
+
+def hub_cache() -> Path:
+    """The Hugging Face hub cache folder (HF_HUB_CACHE, HF_HOME/hub or ~/.cache/huggingface/hub)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def repo_cache_folder(repo_id: str) -> Path:
+    from huggingface_hub.file_download import repo_folder_name
+
+    return hub_cache() / repo_folder_name(repo_id=repo_id, repo_type="model")
+
+
+def cached_models() -> dict[str, Any]:
+    """Every catalogue model: whether its weights are in the local cache and how much disk its files take.
+
+    Reads the cache folder only (huggingface_hub's scan_cache_dir); never the network.
+    """
+    from huggingface_hub import scan_cache_dir
+
+    cache = hub_cache()
+    repos = {repo.repo_id: repo for repo in scan_cache_dir(cache).repos} if cache.is_dir() else {}
+    models = []
+    for model in MODELS.values():
+        complete = [repo_id for repo_id in model.repo_ids if repo_id in repos and _has_weights(repos[repo_id])]
+        models.append({
+            "name": model.name,
+            "repo_id": complete[0] if complete else model.repo_id,
+            "cached": bool(complete),
+            "size_on_disk": sum(_folder_bytes(repo_cache_folder(repo_id)) for repo_id in model.repo_ids),
+        })
+    return {"cache_dir": str(cache), "disk_free_bytes": _disk_free_bytes(cache), "models": models}
+
+
+def delete_cached(name: str) -> dict[str, Any]:
+    """Remove every revision (and any unfinished download) of a catalogue model from the cache."""
+    model = catalogue_model(name)
+    freed = 0
+    for repo_id in model.repo_ids:
+        folder = repo_cache_folder(repo_id)
+        if folder.is_dir():
+            size = _folder_bytes(folder)
+            try:
+                shutil.rmtree(folder)
+            except OSError as error:
+                raise OutputError(f"Cannot remove {folder}: {error.strerror}.") from error
+            freed += size
+    return {"name": model.name, "freed_bytes": freed}
+
+
+class DownloadTally:
+    """Bytes fetched so far, fed by huggingface_hub's progress bars from its download threads.
+
+    A bar raises Cancelled as soon as `is_cancelled()`, which stops plain HTTP downloads at the next chunk.
+    """
+
+    def __init__(self, expected_bytes: int, is_cancelled: Callable[[], bool]) -> None:
+        self.expected_bytes = expected_bytes
+        self.is_cancelled = is_cancelled
+        self.done_bytes = 0
+
+    def percent(self) -> float:
+        """Below 100 until the download returns: the expected size is approximate."""
+        return round(min(99.0, 100.0 * self.done_bytes / max(1, self.expected_bytes)), 1)
+
+    def stage(self, repo_id: str) -> str:
+        return f"Downloading {repo_id}: {format_size(self.done_bytes)} of about {format_size(self.expected_bytes)}"
+
+    def record(self, done: float, total: float | None) -> None:
+        self.done_bytes = max(self.done_bytes, int(done))
+        self.expected_bytes = max(self.expected_bytes, int(total or 0))
+
+    def progress_bar_class(self) -> type:
+        """A silent tqdm class for snapshot_download's `tqdm_class` that reports its byte bars here."""
+        from tqdm.auto import tqdm
+
+        tally = self
+
+        class ProgressBar(tqdm):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                kwargs.pop("name", None)
+                self.counts_bytes = kwargs.get("unit") == "B"
+                self.done = float(kwargs.get("initial") or 0)
+                super().__init__(*args, **{**kwargs, "disable": True})
+
+            def update(self, n: float | None = 1) -> bool | None:
+                if tally.is_cancelled():
+                    raise Cancelled()
+                self.done += n or 0
+                if self.counts_bytes:
+                    tally.record(self.done, self.total)
+                return super().update(n)
+
+        return ProgressBar
+
+
+def offline_message(model: CatalogueModel) -> str:
+    return (f"Cannot download {model.repo_id}: the Hugging Face hub cannot be reached (HF_HUB_OFFLINE is set, "
+            f"or there is no connection to {HUB_URL}). Connect this computer to the internet and try again, or "
+            "download the model on a connected computer, copy its folder here and choose it with "
+            "'Use a local folder…'.")
+
+
+def download_error(model: CatalogueModel, error: BaseException) -> TreesegError:
+    """What a failed download means for the user: gated access, no such model, offline, disk, or the error."""
+    from .core.models import classify_hub_error, explain_load_failure
+
+    if isinstance(error, TreesegError):
+        return error
+    kind = classify_hub_error(error)
+    if kind in ("gated", "not_found"):
+        return ModelUnavailableError(explain_load_failure(model.repo_id, error))
+    if kind == "offline":
+        return ModelUnavailableError(offline_message(model))
+    if isinstance(error, OSError) and error.strerror:
+        return OutputError(f"Cannot write {model.repo_id} into the Hugging Face cache {hub_cache()}: "
+                           f"{error.strerror}.")
+    return ModelUnavailableError(f"Downloading {model.repo_id} failed: {type(error).__name__}: {error}")
+
+
+def _check_disk_space(model: CatalogueModel) -> None:
+    free = _disk_free_bytes(hub_cache())
+    still_needed = model.download_bytes - _folder_bytes(repo_cache_folder(model.repo_id))
+    if free is not None and free < still_needed:
+        raise OutputError(f"{model.name} needs about {format_size(still_needed)} of disk space in "
+                          f"{hub_cache()}; only {format_size(free)} is free.")
+
+
+def _has_weights(repo: Any) -> bool:
+    """Whether a cached repository has a revision with config.json and safetensors weights."""
+    for revision in repo.revisions:
+        names = {file.file_name for file in revision.files}
+        if "config.json" in names and any(name.endswith(".safetensors") for name in names):
+            return True
+    return False
+
+
+def _folder_bytes(folder: Path) -> int:
+    """Bytes of the regular files under `folder` (cache snapshots are links into blobs: not counted twice)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = Path(root, name)
+            if not path.is_symlink():
+                total += path.stat().st_size
+    return total
+
+
+def _disk_free_bytes(folder: Path) -> int | None:
+    existing = next((candidate for candidate in (folder, *folder.parents) if candidate.is_dir()), None)
+    return shutil.disk_usage(existing).free if existing is not None else None
 
 
 def _kind(error: TreesegError) -> str:
@@ -209,7 +434,11 @@ def main() -> None:
     from huggingface_hub.utils import disable_progress_bars
 
     disable_progress_bars()
-    worker.serve(sys.stdin)
+    try:
+        worker.serve(sys.stdin)
+    finally:
+        if worker.download_in_flight:
+            os._exit(0)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..catalogue import HEIGHT_HEAD
 from .devices import resolve_device
 from .errors import ModelUnavailableError
 from .models import explain_load_failure, hub_offline
@@ -28,7 +29,7 @@ from .tiling import PATCH, Window
 
 log = logging.getLogger(__name__)
 
-HEIGHT_MODEL = "facebook/dinov3-vitl16-chmv2-dpt-head"
+HEIGHT_MODEL = HEIGHT_HEAD.repo_id
 CHM_MEAN = (0.420, 0.411, 0.296)
 CHM_STD = (0.213, 0.156, 0.143)
 HEIGHT_NODATA = -1.0

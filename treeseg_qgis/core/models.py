@@ -1,4 +1,4 @@
-"""The DINOv3 backbones: catalogue, normalisation, loading and the gated-access messages.
+"""The DINOv3 backbones as the engine uses them: normalisation, loading and the gated-access messages.
 
 Every model, whether a catalogue name, any Hugging Face id or a local folder in
 Hugging Face format, is loaded by `load_backbone` through transformers' AutoModel
@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from ..catalogue import BACKBONES, DEFAULT_MODEL, HUB_URL, LVD_1689M, SAT_493M, Architecture, model_page
 from .devices import resolve_device
 from .errors import ModelUnavailableError
 
@@ -27,7 +28,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SAT493M_MEAN = (0.430, 0.411, 0.296)
 SAT493M_STD = (0.213, 0.156, 0.143)
-HUB_URL = "https://huggingface.co"
 
 
 @dataclass(frozen=True)
@@ -44,64 +44,22 @@ SAT_NORMALISATION = Normalisation("SAT-493M", SAT493M_MEAN, SAT493M_STD)
 
 
 @dataclass(frozen=True)
-class Architecture:
-    """Shape of a DINOv3 ViT/16, enough to build it with random weights."""
-
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
-    gated_mlp: bool
-
-
-@dataclass(frozen=True)
 class ModelSpec:
-    """One catalogue entry: a user-facing name and the repositories behind it."""
+    """A catalogue model (treeseg_qgis/catalogue.py) as the engine uses it, with its normalisation."""
 
     name: str
     label: str
     repo_ids: tuple[str, ...]
-    params_millions: float
     architecture: Architecture
     normalisation: Normalisation
 
-    @property
-    def feature_dim(self) -> int:
-        return self.architecture.hidden_size
 
-
-def _lvd(variant: str) -> str:
-    return f"facebook/dinov3-{variant}-pretrain-lvd1689m"
-
-
-def _sat(variant: str) -> str:
-    return f"facebook/dinov3-{variant}-pretrain-sat493m"
-
-
-_VIT_S = Architecture(384, 12, 6, 1536, False)
-_VIT_S_PLUS = Architecture(384, 12, 6, 1536, True)
-_VIT_B = Architecture(768, 12, 12, 3072, False)
-_VIT_L = Architecture(1024, 24, 16, 4096, False)
-_VIT_H_PLUS = Architecture(1280, 32, 20, 5120, True)
-_VIT_7B = Architecture(4096, 40, 32, 8192, True)
-
+NORMALISATIONS = {LVD_1689M: LVD_NORMALISATION, SAT_493M: SAT_NORMALISATION}
 CATALOGUE: dict[str, ModelSpec] = {
-    spec.name: spec
-    for spec in (
-        ModelSpec("small", "ViT-S/16 (S+ first, S as fall-back)",
-                  (_lvd("vits16plus"), _lvd("vits16")), 29, _VIT_S_PLUS, LVD_NORMALISATION),
-        ModelSpec("small+", "ViT-S+/16", (_lvd("vits16plus"),), 29, _VIT_S_PLUS, LVD_NORMALISATION),
-        ModelSpec("base", "ViT-B/16", (_lvd("vitb16"),), 86, _VIT_B, LVD_NORMALISATION),
-        ModelSpec("large", "ViT-L/16", (_lvd("vitl16"),), 300, _VIT_L, LVD_NORMALISATION),
-        ModelSpec("giant", "ViT-H+/16", (_lvd("vith16plus"),), 840, _VIT_H_PLUS, LVD_NORMALISATION),
-        ModelSpec("mega", "ViT-7B/16", (_lvd("vit7b16"),), 6716, _VIT_7B, LVD_NORMALISATION),
-        ModelSpec("large-sat", "ViT-L/16, satellite (SAT-493M)",
-                  (_sat("vitl16"),), 300, _VIT_L, SAT_NORMALISATION),
-        ModelSpec("mega-sat", "ViT-7B/16, satellite (SAT-493M)",
-                  (_sat("vit7b16"),), 6716, _VIT_7B, SAT_NORMALISATION),
-    )
+    model.name: ModelSpec(model.name, model.label, model.repo_ids, model.architecture,
+                          NORMALISATIONS[model.pretraining])
+    for model in BACKBONES.values()
 }
-DEFAULT_MODEL = "base"
 
 
 @dataclass
@@ -129,10 +87,6 @@ class Backbone:
             "dtype": str(self.dtype).replace("torch.", ""),
             "feature_dim": self.feature_dim,
         }
-
-
-def model_page(repo_id: str) -> str:
-    return f"{HUB_URL}/{repo_id}"
 
 
 def normalisation_for(repo_id_or_path: str) -> Normalisation:

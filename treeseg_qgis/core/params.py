@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from ..catalogue import HEIGHT_HEAD
 from .devices import DEVICE_CHOICES
 from .errors import InputError
 from .features import COLOUR_STRIDES, METHODS, check_stride
@@ -39,7 +40,7 @@ class SegmentationParams:
     crowns: bool = False
     feature_preview: bool = False
     canopy_height: bool = False
-    height_model: str = "facebook/dinov3-vitl16-chmv2-dpt-head"
+    height_model: str = HEIGHT_HEAD.repo_id
     min_tree_height_m: float | None = None
     crown_min_area_m2: float = 2.0
     crown_smoothing_m: float = 0.2

@@ -5,7 +5,6 @@ Standard library, QGIS and engine_client only: no torch, no engine core.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -24,10 +23,11 @@ from qgis.core import (
     QgsSettings,
 )
 
+from ..catalogue import BACKBONES
 from ..engine_client import EngineClient, EngineError, find_engine_python, missing_engine_message
 from .compat import ADVANCED
 
-MODEL_NAMES = ("small", "small+", "base", "large", "giant", "mega", "large-sat", "mega-sat")
+MODEL_NAMES = tuple(BACKBONES)
 DEFAULT_MODEL = "base"
 STRIDES = ("16", "8", "4")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -41,9 +41,11 @@ GEOPACKAGE_SUFFIXES = (".gpkg",)
 WEIGHTS_HELP = f"""<h3>Model weights</h3>
 <p>The DINOv3 weights are <b>gated</b> on Hugging Face. Once: open the model page (for the default
 model <a href="{MODEL_PAGE}">{MODEL_PAGE}</a>), log in and accept the licence, then create a read
-token at https://huggingface.co/settings/tokens and set the <b>HF_TOKEN</b> environment variable
-before starting QGIS (or run <i>hf auth login</i>). The weights are downloaded once into the
-Hugging Face cache. A Hugging Face id or a local model folder can be given under Model (advanced).</p>
+token at https://huggingface.co/settings/tokens and save it under <b>Raster ▸ TreeSeg (DINOv3) ▸ Models…</b>
+(kept in the QGIS authentication database), or set the <b>HF_TOKEN</b> environment variable before
+starting QGIS (or run <i>hf auth login</i>). The weights are downloaded once into the Hugging Face
+cache; the Models… window downloads and deletes them. A Hugging Face id or a local model folder can
+be given under Model (advanced).</p>
 <p><b>Allow untrained weights</b> lets the run go on with random weights when the real ones cannot be
 had. The result is then only a check of the pipeline, not a segmentation; every output says so.</p>
 <p>The model runs in a separate engine process (its own Python with torch); QGIS stays responsive
@@ -134,11 +136,6 @@ def engine_python() -> str:
     if python is None:
         raise QgsProcessingException(missing_engine_message())
     return python
-
-
-def hf_token() -> str | None:
-    """The Hugging Face token of the environment QGIS was started from."""
-    return os.environ.get("HF_TOKEN") or None
 
 
 class FeedbackReporter:

@@ -31,6 +31,8 @@ from qgis.core import (
     QgsProcessingUtils,
 )
 
+from ..auth import hf_token
+from ..catalogue import HEIGHT_HEAD
 from .compat import DOUBLE, INTEGER, POLYGON_LAYERS
 from .engine_algorithm import (
     GEOPACKAGE_SUFFIXES,
@@ -38,14 +40,13 @@ from .engine_algorithm import (
     WEIGHTS_HELP,
     EngineAlgorithm,
     engine_python,
-    hf_token,
     name_loaded_layers,
     run_in_engine,
 )
 from .raster_input import prepare_input
 
 METHODS = ("dinov3", "rgb-kmeans", "exg-otsu")
-DEFAULT_HEIGHT_MODEL = "facebook/dinov3-vitl16-chmv2-dpt-head"
+DEFAULT_HEIGHT_MODEL = HEIGHT_HEAD.repo_id
 HEIGHT_MODEL_PAGE = f"https://huggingface.co/{DEFAULT_HEIGHT_MODEL}"
 LAYER_LABELS = {"clusters": "clusters", "trees": "trees", "polygons": "tree polygons", "crowns": "tree crowns",
                 "features": "DINOv3 features", "height": "canopy height"}

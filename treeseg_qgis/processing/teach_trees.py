@@ -31,13 +31,13 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QVariant
 
+from ..auth import hf_token
 from .compat import ANY_FIELD, DOUBLE, POINT_LAYERS
 from .engine_algorithm import (
     RASTER_SUFFIXES,
     WEIGHTS_HELP,
     EngineAlgorithm,
     engine_python,
-    hf_token,
     name_loaded_layers,
     run_in_engine,
 )

@@ -1,0 +1,355 @@
+"""The model manager: which DINOv3 models are on this computer, download and delete them, keep the
+Hugging Face token, or pick a local model folder.
+
+Everything that touches the Hugging Face cache or the hub runs in the engine worker
+(commands models, download, delete) from a QgsTask, off the UI thread. The token
+goes into the QGIS authentication database (auth.py) and reaches the engine only
+inside the download job.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from qgis.core import QgsApplication, QgsTask
+from qgis.PyQt.QtCore import Qt, pyqtSignal
+from qgis.PyQt.QtWidgets import (
+    QAbstractItemView,
+    QDialog,
+    QFileDialog,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QMessageBox,
+    QProgressBar,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..auth import TokenStoreError, has_stored_token, hf_token, remove_token, store_token
+from ..catalogue import MODELS, CatalogueModel
+from ..engine_client import EngineClient, EngineError, missing_engine_message
+from ..memory import estimate_peak_bytes, format_gigabytes, format_size
+
+COLUMNS = ("Model", "In cache", "Parameters", "Download", "Memory (CPU)", "Hugging Face id")
+NAME_COLUMN, CACHE_COLUMN, MEMORY_COLUMN = 0, 1, 4
+TOKENS_PAGE = "https://huggingface.co/settings/tokens"
+
+
+def check_model_folder(folder: str) -> str | None:
+    """Why `folder` is not a DINOv3 ViT in Hugging Face format (config.json + safetensors), or None."""
+    path = Path(folder)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        return f"{folder} has no config.json: choose the folder of a model saved in Hugging Face format."
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type", "")
+    except (OSError, ValueError, AttributeError) as error:
+        return f"{config_file} cannot be read: {error}"
+    if model_type != "dinov3_vit":
+        return f"{folder} holds a '{model_type or 'unknown'}' model, not a DINOv3 ViT (model_type 'dinov3_vit')."
+    if not any(path.glob("*.safetensors")):
+        return f"{folder} has no .safetensors weights (pickled .bin/.pth weights are not loaded)."
+    return None
+
+
+def parameters_text(millions: float) -> str:
+    """E.g. '86 M', '6.7 B'."""
+    return f"{millions / 1000:.1f} B" if millions >= 1000 else f"{millions:.0f} M"
+
+
+def cache_text(entry: dict[str, Any]) -> str:
+    """'yes (343 MB)', 'partial (12 MB)' or 'no' for one model of the engine's `models` record."""
+    size = int(entry.get("size_on_disk") or 0)
+    if entry.get("cached"):
+        return f"yes ({format_size(size)})"
+    return f"partial ({format_size(size)})" if size else "no"
+
+
+class EngineJobTask(QgsTask):
+    """One engine call off the UI thread; `completed(record, error)` follows on the main thread.
+
+    `call(task)` gets the task, for `report(percent, stage)` and `isCanceled`.
+    """
+
+    completed = pyqtSignal(object, str)
+    stage_changed = pyqtSignal(str)
+
+    def __init__(self, description: str, call: Callable[[EngineJobTask], dict[str, Any]]) -> None:
+        super().__init__(description, QgsTask.Flag.CanCancel)
+        self.call = call
+        self.record: dict[str, Any] | None = None
+        self.error = ""
+
+    def run(self) -> bool:
+        try:
+            self.record = self.call(self)
+        except EngineError as error:
+            self.error = "Cancelled." if error.kind == "cancelled" else str(error)
+        except Exception as error:  # noqa: BLE001 - a task must not raise; the dialog shows the reason
+            self.error = f"{type(error).__name__}: {error}"
+        return self.record is not None
+
+    def report(self, percent: float, stage: str) -> None:
+        """Engine progress (worker thread) into the task's progress and the dialog's stage line."""
+        self.setProgress(percent)
+        self.stage_changed.emit(stage)
+
+    def finished(self, result: bool) -> None:
+        self.completed.emit(self.record, self.error or ("" if result else "Cancelled."))
+
+
+class ModelManagerDialog(QDialog):
+    """The catalogue with its cache state; Download / Delete, the token, and a local folder.
+
+    `engine` is this window's own EngineClient (None without an engine environment), so a
+    download never holds up a segmentation. `local_folder_chosen(folder)` carries a checked
+    model folder for the panel's model override.
+    """
+
+    local_folder_chosen = pyqtSignal(str)
+
+    def __init__(self, engine: EngineClient | None, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("TreeSeg: DINOv3 models")
+        self.engine = engine
+        self.task: EngineJobTask | None = None
+        self.cache_state: dict[str, dict[str, Any]] = {}
+        self._build()
+        self._show_token_state()
+        self._update_buttons()
+
+    def _build(self) -> None:
+        self.table = QTableWidget(len(MODELS), len(COLUMNS))
+        self.table.setHorizontalHeaderLabels(list(COLUMNS))
+        self.table.horizontalHeaderItem(MEMORY_COLUMN).setToolTip(
+            "Approximate peak memory of a run on the CPU at stride 16 with 512-px tiles (about half on a GPU).")
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.verticalHeader().setVisible(False)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        self.table.horizontalHeader().setStretchLastSection(True)
+        for row, model in enumerate(MODELS.values()):
+            memory = estimate_peak_bytes(model)
+            cells = (model.name, "", parameters_text(model.params_millions), format_size(model.download_bytes),
+                     f"~{format_gigabytes(memory)}", model.repo_id)
+            for column, text in enumerate(cells):
+                item = QTableWidgetItem(text)
+                item.setToolTip(model.label if column == NAME_COLUMN else text)
+                self.table.setItem(row, column, item)
+        self.table.itemSelectionChanged.connect(self._selection_changed)
+
+        self.licence_label = QLabel()
+        self.licence_label.setTextFormat(Qt.TextFormat.RichText)
+        self.licence_label.setOpenExternalLinks(True)
+        self.licence_label.setWordWrap(True)
+
+        self.download_button = QPushButton("Download")
+        self.download_button.clicked.connect(self.download_selected)
+        self.delete_button = QPushButton("Delete")
+        self.delete_button.clicked.connect(self.delete_selected)
+        self.local_button = QPushButton("Use a local folder…")
+        self.local_button.setToolTip("A DINOv3 model folder in Hugging Face format (config.json and "
+                                     "model.safetensors), used as the panel's model override.")
+        self.local_button.clicked.connect(self._choose_local_folder)
+        self.refresh_button = QPushButton("Refresh")
+        self.refresh_button.clicked.connect(self.refresh)
+        buttons = QHBoxLayout()
+        for button in (self.download_button, self.delete_button, self.local_button):
+            buttons.addWidget(button)
+        buttons.addStretch(1)
+        buttons.addWidget(self.refresh_button)
+
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 100)
+        self.progress.hide()
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.clicked.connect(self.cancel)
+        self.cancel_button.hide()
+        progress_row = QHBoxLayout()
+        progress_row.addWidget(self.progress, 1)
+        progress_row.addWidget(self.cancel_button)
+        self.status_label = QLabel(missing_engine_message() if self.engine is None else "")
+        self.status_label.setWordWrap(True)
+        self.cache_label = QLabel()
+        self.cache_label.setWordWrap(True)
+
+        self.token_edit = QLineEdit()
+        self.token_edit.setEchoMode(QLineEdit.EchoMode.Password)
+        self.token_edit.setPlaceholderText("Hugging Face read token (hf_…)")
+        self.save_token_button = QPushButton("Save token")
+        self.save_token_button.clicked.connect(self._save_token)
+        self.remove_token_button = QPushButton("Remove token")
+        self.remove_token_button.clicked.connect(self._remove_token)
+        token_row = QHBoxLayout()
+        token_row.addWidget(self.token_edit, 1)
+        token_row.addWidget(self.save_token_button)
+        token_row.addWidget(self.remove_token_button)
+        self.token_label = QLabel()
+        self.token_label.setWordWrap(True)
+        self.token_label.setTextFormat(Qt.TextFormat.RichText)
+        self.token_label.setOpenExternalLinks(True)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.table)
+        layout.addWidget(self.licence_label)
+        layout.addLayout(buttons)
+        layout.addLayout(progress_row)
+        layout.addWidget(self.status_label)
+        layout.addWidget(self.cache_label)
+        layout.addWidget(QLabel("<b>Hugging Face token</b>"))
+        layout.addLayout(token_row)
+        layout.addWidget(self.token_label)
+        self.table.setMinimumHeight(self.table.verticalHeader().length() + 2 * self.table.frameWidth()
+                                    + self.table.horizontalHeader().height())
+        self.resize(1000, 640)
+        self.table.selectRow(list(MODELS).index("base"))
+
+    def selected_model(self) -> CatalogueModel | None:
+        rows = self.table.selectionModel().selectedRows()
+        return list(MODELS.values())[rows[0].row()] if rows else None
+
+    def refresh(self) -> None:
+        """Ask the engine which models are in the cache (unless a job is running)."""
+        if self.engine is not None and self.task is None:
+            self.cache_label.setText("Looking into the Hugging Face cache…")
+            engine = self.engine
+            self._start(EngineJobTask("TreeSeg: models in the cache", lambda task: engine.models()),
+                        self._listed)
+
+    def download_selected(self) -> None:
+        """Download the selected model with the saved token (else the engine's HF_TOKEN or hf login)."""
+        model = self.selected_model()
+        if model is None or self.engine is None or self.task is not None:
+            return
+        engine, token = self.engine, hf_token()
+        task = EngineJobTask(f"TreeSeg: downloading {model.name}", lambda job: engine.download_model(
+            model.name, on_progress=job.report, is_cancelled=job.isCanceled, hf_token=token))
+        task.stage_changed.connect(self.status_label.setText)
+        task.progressChanged.connect(lambda percent: self.progress.setValue(round(percent)))
+        self.progress.setValue(0)
+        self.progress.show()
+        self.cancel_button.show()
+        self.status_label.setText(f"Downloading {model.repo_id}…")
+        self._start(task, self._job_done)
+
+    def delete_selected(self) -> None:
+        """Remove the selected model from the cache, after asking."""
+        model = self.selected_model()
+        if model is None or self.engine is None or self.task is not None:
+            return
+        answer = QMessageBox.question(self, "Delete model", f"Remove {model.name} ({model.repo_id}) from the "
+                                      "Hugging Face cache? It can be downloaded again.")
+        if answer != QMessageBox.StandardButton.Yes:
+            return
+        engine = self.engine
+        self._start(EngineJobTask(f"TreeSeg: deleting {model.name}", lambda task: engine.delete_model(model.name)),
+                    self._job_done)
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    def use_local_folder(self, folder: str) -> str | None:
+        """Check `folder` and hand it on as the model override; the problem when it is not a model folder."""
+        problem = check_model_folder(folder)
+        if problem is None:
+            self.local_folder_chosen.emit(folder)
+            self.status_label.setText(f"{folder} is now the panel's model override.")
+        else:
+            self.status_label.setText(problem)
+        return problem
+
+    def shutdown(self) -> None:
+        """Cancel a running job and stop this window's engine worker."""
+        self.cancel()
+        if self.engine is not None:
+            self.engine.close()
+
+    def hideEvent(self, event: Any) -> None:  # noqa: N802 - the Qt name
+        """Closed while idle: stop the worker to free its memory (a download goes on in the background)."""
+        if self.task is None and self.engine is not None:
+            self.engine.close()
+        super().hideEvent(event)
+
+    def _start(self, task: EngineJobTask, on_done: Callable[[dict[str, Any] | None, str], None]) -> None:
+        self.task = task
+        task.completed.connect(on_done)
+        self._update_buttons()
+        QgsApplication.taskManager().addTask(task)
+
+    def _listed(self, record: dict[str, Any] | None, error: str) -> None:
+        self.task = None
+        if record is not None:
+            self.cache_state = {entry["name"]: entry for entry in record["models"]}
+            for row, name in enumerate(MODELS):
+                if name in self.cache_state:
+                    self.table.item(row, CACHE_COLUMN).setText(cache_text(self.cache_state[name]))
+            free = record.get("disk_free_bytes")
+            self.cache_label.setText(f"Hugging Face cache: {record['cache_dir']}"
+                                     + (f" ({format_gigabytes(free)} free)" if free is not None else ""))
+        else:
+            self.cache_label.setText(error)
+        self._update_buttons()
+
+    def _job_done(self, record: dict[str, Any] | None, error: str) -> None:
+        self.task = None
+        self.progress.hide()
+        self.cancel_button.hide()
+        if error:
+            self.status_label.setText(error)
+        elif record is not None and "freed_bytes" in record:
+            self.status_label.setText(f"Removed {record['name']}: {format_size(record['freed_bytes'])} freed.")
+        self.refresh()
+
+    def _selection_changed(self) -> None:
+        model = self.selected_model()
+        if model is not None:
+            self.licence_label.setText(
+                f'{model.label}. The weights are gated: accept the licence on <a href="{model.page}">'
+                f"{model.page}</a> with your Hugging Face account, then save a read token below.")
+        self._update_buttons()
+
+    def _update_buttons(self) -> None:
+        model = self.selected_model()
+        state = self.cache_state.get(model.name, {}) if model is not None else {}
+        idle = self.engine is not None and self.task is None and model is not None
+        self.download_button.setEnabled(idle and not state.get("cached", False))
+        self.delete_button.setEnabled(idle and bool(state.get("size_on_disk")))
+        self.refresh_button.setEnabled(self.engine is not None and self.task is None)
+
+    def _choose_local_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Choose a DINOv3 model folder")
+        if folder and self.use_local_folder(folder) is not None:
+            QMessageBox.warning(self, "Not a model folder", self.status_label.text())
+
+    def _save_token(self) -> None:
+        try:
+            store_token(self.token_edit.text())
+        except TokenStoreError as error:
+            self.token_label.setText(str(error))
+            return
+        self.token_edit.clear()
+        self._show_token_state()
+
+    def _remove_token(self) -> None:
+        remove_token()
+        self._show_token_state()
+
+    def _show_token_state(self) -> None:
+        saved = has_stored_token()
+        self.remove_token_button.setEnabled(saved)
+        self.token_label.setText(
+            "A token is saved in the QGIS authentication database; downloads and Processing runs use it."
+            if saved else
+            f'No token saved. Create a read token on <a href="{TOKENS_PAGE}">{TOKENS_PAGE}</a> and save it here '
+            "(kept encrypted in the QGIS authentication database); without one, the HF_TOKEN environment "
+            "variable or an `hf auth login` is used.")
