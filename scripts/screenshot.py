@@ -1,20 +1,25 @@
 """Screenshots of the plugin in the real QGIS desktop: `make screenshot` runs this with `qgis.bin --code`.
 
-Loads the bundled sample orthophoto, opens the TreeSeg panel, runs the small
-model to completion (untrained weights allowed: without Hugging Face access the
-result is marked UNTRAINED), and saves the main window as docs/img/dock.png and
-the Processing dialog of treeseg:segmenttrees as docs/img/processing.png, then
-quits QGIS (exit status 0 when both images were written).
+Loads the bundled sample orthophoto, opens the TreeSeg panel and runs the small
+model to completion with automatic K, tree crowns, the feature image and the
+canopy height (untrained weights allowed: without Hugging Face access every
+result is marked UNTRAINED). It then saves the main window as docs/img/dock.png
+(the panel with its More outputs and the elbow plot), crowns.png, features.png
+and height.png (each output over the orthophoto), teaches trees by clicking
+(examples placed through the map tool's own handler, then the threshold slider
+moved) for teach.png, and the Processing dialog of treeseg:segmenttrees as
+processing.png; then quits QGIS (exit status 0 when every image was written).
 """
 
 from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import qgis.utils
-from qgis.core import QgsApplication, QgsProject, QgsRasterLayer
+from qgis.core import QgsApplication, QgsPointXY, QgsProject, QgsRasterLayer, QgsRectangle
 from qgis.PyQt.QtCore import QSize, Qt, QTimer
 from qgis.PyQt.QtWidgets import QDockWidget
 
@@ -25,10 +30,16 @@ IMAGES = REPO / "docs" / "img"
 PLUGIN = "treeseg_qgis"
 WINDOW = QSize(1600, 1000)
 DIALOG = QSize(1280, 820)
-DOCK_WIDTH = 420
+DOCK_WIDTH = 440
 LAYERS_WIDTH = 380
-RUN_TIMEOUT_S = 600
+RUN_TIMEOUT_S = 900
 RENDER_PAUSE_MS = 3000
+POLL_MS = 500
+# Pixels (column, row) of the sample: crowns of trees, and sand and shadow.
+TREE_PIXELS = ((65, 90), (300, 110), (130, 330), (340, 360))
+NOT_TREE_PIXELS = ((150, 240), (315, 265), (240, 130))
+TAUGHT_THRESHOLD = 70
+ZOOM_PIXELS = (100, 60, 300, 260)
 
 
 class Screenshots:
@@ -38,8 +49,10 @@ class Screenshots:
         self.iface = qgis.utils.iface
         self.started = time.monotonic()
         self.plugin = None
+        self.dock = None
+        self.layer: QgsRasterLayer | None = None
+        self.group = None
         self.dialog = None
-        self.failed = False
 
     def start(self) -> None:
         window = self.iface.mainWindow()
@@ -49,49 +62,98 @@ class Screenshots:
         panels = {panel.objectName(): panel for panel in window.findChildren(QDockWidget)}
         panels["Browser"].hide()
         window.resizeDocks([panels["Layers"]], [LAYERS_WIDTH], Qt.Orientation.Horizontal)
-        layer = QgsRasterLayer(str(SAMPLE), SAMPLE.stem)
-        QgsProject.instance().addMapLayer(layer)
-        self.iface.setActiveLayer(layer)
+        self.layer = QgsRasterLayer(str(SAMPLE), SAMPLE.stem)
+        QgsProject.instance().addMapLayer(self.layer)
+        self.iface.setActiveLayer(self.layer)
         if not (qgis.utils.loadPlugin(PLUGIN) and qgis.utils.startPlugin(PLUGIN)):
             return self.finish(f"The plugin {PLUGIN} could not be started: is it on QGIS_PLUGINPATH?")
         self.plugin = qgis.utils.plugins[PLUGIN]
         self.plugin.action.trigger()
         window.resizeDocks([self.plugin.dock], [DOCK_WIDTH], Qt.Orientation.Horizontal)
         shutil.rmtree(OUTPUT, ignore_errors=True)
-        dock = self.plugin.dock
-        dock.layer_combo.setLayer(layer)
+        dock = self.dock = self.plugin.dock
+        dock.layer_combo.setLayer(self.layer)
         dock.model_combo.setCurrentIndex(dock.model_combo.findData("small"))
         dock.model_override.clear()
         dock.extent_combo.setCurrentIndex(dock.extent_combo.findData("layer"))
         dock.auto_clusters.setChecked(True)
         dock.allow_untrained.setChecked(True)
+        dock.crowns_check.setChecked(True)
+        dock.features_check.setChecked(True)
+        dock.height_check.setChecked(True)
+        dock.height_model_override.clear()
+        dock.extras_group.setCollapsed(False)
         dock.output_widget.setFilePath(str(OUTPUT))
         dock.run_button.click()
-        QTimer.singleShot(500, self.wait_for_run)
+        self.wait(lambda: dock.task is None, self.show_run, "the run")
 
-    def wait_for_run(self) -> None:
-        dock = self.plugin.dock
-        if dock.task is not None:
-            if time.monotonic() - self.started > RUN_TIMEOUT_S:
-                return self.finish(f"The run did not finish in {RUN_TIMEOUT_S} s: {dock.stage_label.text()}")
-            QTimer.singleShot(500, self.wait_for_run)
-            return
-        if not dock.stage_label.text().startswith("Done"):
-            return self.finish(f"The run failed: {dock.stage_label.text()}")
-        bar = self.iface.messageBar()
-        for item in bar.items():
-            if item.title() == "Task complete":
-                bar.popWidget(item)
-        layer = self.plugin.dock.layer_combo.currentLayer()
-        QgsProject.instance().layerTreeRoot().findLayer(layer.id()).setExpanded(False)
-        self.iface.mapCanvas().setExtent(layer.extent())
-        self.iface.mapCanvas().refreshAllLayers()
-        QTimer.singleShot(RENDER_PAUSE_MS, self.grab_main_window)
+    def wait(self, condition: Callable[[], bool], then: Callable[[], None], what: str) -> None:
+        """Call `then` once `condition()` holds, polling while QGIS keeps running; give up after the timeout."""
+        if condition():
+            QTimer.singleShot(0, then)
+        elif time.monotonic() - self.started > RUN_TIMEOUT_S:
+            self.finish(f"{what} did not finish in {RUN_TIMEOUT_S} s: {self.dock.stage_label.text()}")
+        else:
+            QTimer.singleShot(POLL_MS, lambda: self.wait(condition, then, what))
 
-    def grab_main_window(self) -> None:
-        IMAGES.mkdir(parents=True, exist_ok=True)
-        self.iface.mainWindow().grab().save(str(IMAGES / "dock.png"))
-        print(f"screenshot: {IMAGES / 'dock.png'}", flush=True)
+    def show_run(self) -> None:
+        if not self.dock.stage_label.text().startswith("Done"):
+            return self.finish(f"The run failed: {self.dock.stage_label.text()}")
+        self.close_task_messages()
+        root = QgsProject.instance().layerTreeRoot()
+        root.findLayer(self.layer.id()).setExpanded(False)
+        self.group = root.children()[0]
+        self.dock.teach_group.setCollapsed(True)
+        self.dock.widget().ensureWidgetVisible(self.dock.elbow_image)
+        self.zoom_to(self.layer.extent())
+        self.after_render(lambda: self.grab("dock.png", self.show_crowns))
+
+    def show_crowns(self) -> None:
+        self.show_only("Tree crowns")
+        x0, y0, x1, y1 = ZOOM_PIXELS
+        corner, far = self.map_point(x0, y1), self.map_point(x1, y0)
+        self.zoom_to(QgsRectangle(corner.x(), corner.y(), far.x(), far.y()))
+        self.after_render(lambda: self.grab("crowns.png", self.show_features))
+
+    def show_features(self) -> None:
+        self.show_only("Feature image")
+        self.zoom_to(self.layer.extent())
+        self.after_render(lambda: self.grab("features.png", self.show_height))
+
+    def show_height(self) -> None:
+        self.show_only("Canopy height")
+        self.after_render(lambda: self.grab("height.png", self.teach))
+
+    def teach(self) -> None:
+        """Click examples with the teach tool (its own handler), apply, then move the threshold slider."""
+        self.show_only()
+        dock = self.dock
+        dock.teach_group.setCollapsed(False)
+        dock.teach_button.click()
+        for column, row in TREE_PIXELS:
+            dock.teach_tool.add_example(self.map_point(column, row), True)
+        for column, row in NOT_TREE_PIXELS:
+            dock.teach_tool.add_example(self.map_point(column, row), False)
+        dock.apply_teach_button.click()
+        self.wait(lambda: self.taught(dock.threshold_slider.value()), self.move_threshold, "teaching")
+
+    def move_threshold(self) -> None:
+        self.dock.threshold_slider.setValue(TAUGHT_THRESHOLD)
+        self.wait(lambda: self.taught(TAUGHT_THRESHOLD), self.show_teach, "re-teaching")
+
+    def taught(self, threshold: int) -> bool:
+        """Whether the teach layers for `threshold` (in hundredths) are in the layer tree."""
+        root = QgsProject.instance().layerTreeRoot()
+        return self.dock.teach_task is None and any(
+            node.name().startswith(f"Taught trees (score ≥ {threshold / 100:.2f}") for node in root.findLayers())
+
+    def show_teach(self) -> None:
+        self.close_task_messages()
+        dock = self.dock
+        dock.widget().ensureWidgetVisible(dock.teach_status)
+        self.after_render(lambda: self.grab("teach.png", self.show_processing))
+
+    def show_processing(self) -> None:
         import processing
 
         self.dialog = processing.createAlgorithmDialog("treeseg:segmenttrees", {})
@@ -102,10 +164,43 @@ class Screenshots:
         QTimer.singleShot(RENDER_PAUSE_MS, self.grab_processing_dialog)
 
     def grab_processing_dialog(self) -> None:
-        self.dialog.grab().save(str(IMAGES / "processing.png"))
-        print(f"screenshot: {IMAGES / 'processing.png'}", flush=True)
+        self.save(self.dialog.grab(), "processing.png")
         self.dialog.close()
         self.finish()
+
+    def show_only(self, name_start: str | None = None) -> None:
+        """In the run's group, show only the layer whose name starts with `name_start` (None: none of them)."""
+        for node in self.group.findLayers():
+            node.setItemVisibilityChecked(name_start is not None and node.name().startswith(name_start))
+
+    def map_point(self, column: float, row: float) -> QgsPointXY:
+        """The centre of a pixel of the sample, in its CRS (the project's)."""
+        extent = self.layer.extent()
+        return QgsPointXY(extent.xMinimum() + (column + 0.5) * self.layer.rasterUnitsPerPixelX(),
+                          extent.yMaximum() - (row + 0.5) * self.layer.rasterUnitsPerPixelY())
+
+    def zoom_to(self, extent: QgsRectangle) -> None:
+        canvas = self.iface.mapCanvas()
+        canvas.setExtent(extent)
+        canvas.refreshAllLayers()
+
+    def close_task_messages(self) -> None:
+        bar = self.iface.messageBar()
+        for item in bar.items():
+            if item.title() == "Task complete":
+                bar.popWidget(item)
+
+    def after_render(self, then: Callable[[], None]) -> None:
+        QTimer.singleShot(RENDER_PAUSE_MS, then)
+
+    def grab(self, name: str, then: Callable[[], None]) -> None:
+        self.save(self.iface.mainWindow().grab(), name)
+        then()
+
+    def save(self, pixmap, name: str) -> None:
+        IMAGES.mkdir(parents=True, exist_ok=True)
+        pixmap.save(str(IMAGES / name))
+        print(f"screenshot: {IMAGES / name}", flush=True)
 
     def finish(self, problem: str | None = None) -> None:
         if problem:

@@ -131,7 +131,9 @@ def test_the_panel_defaults_to_the_active_raster_and_builds_params(qgis_iface, q
 
     assert params == {
         "input_path": str(path), "output_dir": str(out), "output_stem": "scene", "model": "large-sat",
-        "stride": 8, "clusters": 4, "device": "cpu", "allow_untrained": True,
+        "stride": 8, "clusters": 4, "device": "cpu", "allow_untrained": True, "crowns": False,
+        "crown_min_area_m2": 2.0, "feature_preview": False, "canopy_height": False, "min_tree_height_m": None,
+        "height_model": SegmentationParams.height_model,
     }
     SegmentationParams.from_dict(params).validate()
     out.mkdir()
@@ -147,7 +149,7 @@ def test_the_model_choices_match_the_engine():
     from treeseg_qgis.core.models import CATALOGUE, DEFAULT_MODEL
     from treeseg_qgis.gui import dock
 
-    assert dock.MODEL_PARAMETERS_MILLIONS == {name: spec.params_millions for name, spec in CATALOGUE.items()}
+    assert list(dock.BACKBONES) == list(CATALOGUE)
     assert dock.DEFAULT_MODEL == DEFAULT_MODEL and set(dock.DEVICES) == set(DEVICE_CHOICES)
     assert set(dock.STRIDES) <= set(STRIDES)
     assert dock.model_label("base") == "base — 86 M parameters, ~0.3 GB"
@@ -264,6 +266,8 @@ def test_a_canvas_extent_runs_on_that_part_of_the_raster(plugin, qgis_iface, qgi
     wait_until(lambda: dock.task is None)
 
     assert dock.stage_label.text().startswith("Done"), dock.stage_label.text()
+    assert any(scratch.glob("*.vrt")), "kept: teaching reuses the run's input"
+    plugin.unload()
     assert not scratch.exists()
     clusters = gdal.Open(str(tmp_path / "out" / "scene_clusters.tif"))
     x0, size, _, y0, _, _ = clusters.GetGeoTransform()
@@ -393,3 +397,49 @@ def test_the_results_module_styles_a_run_record(qgis_new_project, scene_tif, tin
     assert {item.value for item in clusters if item.label.endswith("— tree")} == tree_clusters
     assert all(item.color.alpha() == 255 for item in clusters)
     assert all(item.color.green() > item.color.red() for item in clusters if item.value in tree_clusters)
+
+
+def test_the_panel_estimates_memory_and_asks_before_a_run_that_will_not_fit(plugin, scene_tif, tmp_path,
+                                                                             monkeypatch):
+    from qgis.PyQt.QtWidgets import QMessageBox
+
+    from treeseg_qgis.gui import dock as dock_module
+
+    monkeypatch.setattr(dock_module, "available_memory_bytes", lambda: 16 * 10**9)
+    questions: list[str] = []
+    monkeypatch.setattr(QMessageBox, "question",
+                        lambda parent, title, text, *buttons: questions.append(text) or QMessageBox.StandardButton.No)
+    path, _ = scene_tif
+    dock = plugin.dock
+    dock.layer_combo.setLayer(add_raster(path))
+    set_up_run(dock, Path("unused"), tmp_path / "out")
+    dock.model_override.clear()
+    dock.model_combo.setCurrentIndex(dock.model_combo.findData("small"))
+    assert dock.memory_label.text().startswith("Needs about 1.0 GB of memory")
+    assert dock.memory_label.text().endswith("; 16 GB free on this computer.")
+    assert dock.memory_problem() is None and dock.memory_label.styleSheet() == ""
+
+    dock.model_combo.setCurrentIndex(dock.model_combo.findData("mega"))
+    assert "#b00020" in dock.memory_label.styleSheet()
+    dock.run_button.click()
+
+    assert len(questions) == 1 and questions[0].startswith("mega needs about")
+    assert questions[0].endswith("this machine has 16 GB free. Choose a smaller model or smaller tiles, or close "
+                                 "other programs.\n\nRun anyway?")
+    assert dock.task is None and dock.stage_label.text().startswith("mega needs about")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_from_the_panel_hands_the_token_to_the_engine(plugin, scene_tif, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_from_the_environment")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-cache"))
+    path, _ = scene_tif
+    dock = plugin.dock
+    dock.layer_combo.setLayer(add_raster(path))
+    set_up_run(dock, Path("unused"), tmp_path / "out")
+    dock.model_override.clear()
+    dock.model_combo.setCurrentIndex(dock.model_combo.findData("small"))
+    dock.run_button.click()
+    assert dock.task is not None and dock.task.hf_token == "hf_from_the_environment"
+    wait_until(lambda: dock.task is None)
+    assert "hf_from_the_environment" not in dock.stage_label.text()

@@ -1,9 +1,12 @@
-"""The TreeSeg panel: choose a raster and the model settings, run, follow progress, cancel.
+"""The TreeSeg panel: choose a raster and the model settings, run, follow progress, cancel; then teach.
 
 The panel builds a plain dict with the fields of SegmentationParams (that class
 imports torch, which never loads inside QGIS) and hands it to a
 SegmentationTask. A canvas extent or a polygon selection becomes a small GDAL
 VRT in the raster's CRS, made here on the main thread before the task starts.
+After a run, clicks on the map (gui/teach_tool.py) teach trees by example: a
+TeachTask runs on the same input with the same model and stride, so the
+engine reads the features the run cached instead of running the model.
 """
 
 from __future__ import annotations
@@ -27,33 +30,45 @@ from qgis.core import (
     QgsTask,
     QgsVectorLayer,
 )
-from qgis.gui import QgisInterface, QgsDockWidget, QgsFileWidget, QgsMapLayerComboBox
-from qgis.PyQt.QtCore import Qt
+from qgis.gui import QgisInterface, QgsCollapsibleGroupBox, QgsDockWidget, QgsFileWidget, QgsMapLayerComboBox
+from qgis.PyQt.QtCore import Qt, QTimer, pyqtSignal
+from qgis.PyQt.QtGui import QPixmap
 from qgis.PyQt.QtWidgets import (
     QCheckBox,
     QComboBox,
+    QDoubleSpinBox,
     QFormLayout,
     QHBoxLayout,
     QLabel,
     QLineEdit,
+    QMessageBox,
     QProgressBar,
     QPushButton,
     QScrollArea,
+    QSlider,
     QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
+from ..auth import hf_token
+from ..catalogue import BACKBONES
 from ..engine_client import EngineClient, missing_engine_message
+from ..memory import (
+    RUN_BATCH_SIZE,
+    RUN_TILE_SIZE,
+    available_memory_bytes,
+    estimate_peak_bytes,
+    format_gigabytes,
+    memory_warning,
+)
 from ..outputs import OutputPaths
 from ..processing.compat import qgis_enum
 from ..processing.raster_input import prepare_input
-from .task import ProbeTask, SegmentationTask
+from ..processing.segment_trees import DEFAULT_HEIGHT_MODEL
+from .task import ProbeTask, SegmentationTask, TeachTask
+from .teach_tool import RasterGrid, TeachMapTool
 
-MODEL_PARAMETERS_MILLIONS = {
-    "small": 29, "small+": 29, "base": 86, "large": 300, "giant": 840, "mega": 6716, "large-sat": 300,
-    "mega-sat": 6716,
-}
 DEFAULT_MODEL = "base"
 STRIDES = (16, 8, 4)
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -73,6 +88,11 @@ UNTRAINED_TOOLTIP = (
     "initialised weights instead of stopping. The result then only checks the pipeline; it is not a "
     "segmentation, and every output is marked UNTRAINED (file names, layer group, metadata)."
 )
+DEFAULT_THRESHOLD = 0.6
+TEACH_DEBOUNCE_MS = 300
+ELBOW_WIDTH = 340
+TEACH_HELP = ("Left click on the map: a tree. Shift+click or right click: not a tree. Teaching works on the "
+              "input of the last run and reuses its cached features, so the model does not run again.")
 
 
 class InputProblem(ValueError):
@@ -81,7 +101,7 @@ class InputProblem(ValueError):
 
 def model_label(name: str) -> str:
     """E.g. 'base — 86 M parameters, ~0.3 GB'."""
-    millions = MODEL_PARAMETERS_MILLIONS[name]
+    millions = BACKBONES[name].params_millions
     size = f"{millions / 1000:.1f} B" if millions >= 1000 else f"{millions} M"
     gigabytes = millions * 4 / 1000
     memory = f"~{gigabytes:.0f} GB" if gigabytes >= 10 else f"~{gigabytes:.1f} GB"
@@ -116,7 +136,11 @@ def default_output_folder() -> str:
 
 
 class TreesegDock(QgsDockWidget):
-    """The TreeSeg panel; `engine` is None when the engine environment is missing (Run is then disabled)."""
+    """The TreeSeg panel; `engine` is None when the engine environment is missing (Run is then disabled and
+    `engine_setup_requested` asks for the set-up dialog)."""
+
+    engine_setup_requested = pyqtSignal()
+    models_requested = pyqtSignal()
 
     def __init__(self, iface: QgisInterface, engine: EngineClient | None, parent: QWidget | None = None) -> None:
         super().__init__("TreeSeg (DINOv3)", parent)
@@ -124,8 +148,17 @@ class TreesegDock(QgsDockWidget):
         self.iface = iface
         self.engine = engine
         self.task: SegmentationTask | None = None
+        self.teach_task: TeachTask | None = None
         self._probe: ProbeTask | None = None
+        self._engine_info: dict[str, Any] | None = None
         self._probe_started = False
+        self._last_run: dict[str, Any] | None = None
+        self._last_run_layer_id = ""
+        self._last_run_scratch: Path | None = None
+        self._teach_layer_ids: list[str] = []
+        self._teach_outputs: list[str] = []
+        self._teach_again = False
+        self.teach_tool: TeachMapTool | None = None
         self._build()
         self._restore_settings()
         self._update_enabled()
@@ -143,10 +176,15 @@ class TreesegDock(QgsDockWidget):
         self.mask_combo.setFilters(POLYGON_LAYERS)
         self.mask_combo.setToolTip("The selected polygons of this layer limit the run; pixels outside are nodata.")
         self.model_combo = QComboBox()
-        for name in MODEL_PARAMETERS_MILLIONS:
+        for name in BACKBONES:
             self.model_combo.addItem(model_label(name), name)
         self.model_combo.setToolTip("DINOv3 backbone. The memory is that of the weights in float32 (CPU); "
                                     "about half on a GPU, plus working memory for the tiles.")
+        self.models_button = QPushButton("Models…")
+        self.models_button.setToolTip("Which models are on this computer: download, delete, the Hugging Face "
+                                      "token, a local model folder")
+        self.memory_label = QLabel()
+        self.memory_label.setWordWrap(True)
         self.model_override = QLineEdit()
         self.model_override.setPlaceholderText("optional: Hugging Face id or model folder")
         self.model_override.setToolTip("Overrides the model above with any DINOv3 ViT: a Hugging Face id "
@@ -165,6 +203,8 @@ class TreesegDock(QgsDockWidget):
         self.engine_label = QLabel()
         self.engine_label.setWordWrap(True)
         self.engine_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.setup_button = QPushButton("Set up the engine…")
+        self.setup_button.setToolTip("Install the engine (torch, transformers) in a Python environment of its own")
         self.output_widget = QgsFileWidget()
         self.output_widget.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
         self.output_widget.setDialogTitle("Output folder for TreeSeg results")
@@ -176,13 +216,22 @@ class TreesegDock(QgsDockWidget):
         self.progress_bar.setRange(0, 100)
         self.stage_label = QLabel()
         self.stage_label.setWordWrap(True)
+        self.elbow_caption = QLabel()
+        self.elbow_caption.setWordWrap(True)
+        self.elbow_image = QLabel()
+        self.elbow_image.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.extras_group = self._build_extras()
+        self.teach_group = self._build_teach()
 
         form = QFormLayout()
         form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
         form.addRow("Raster layer", self.layer_combo)
         form.addRow("Extent", self.extent_combo)
         form.addRow("Polygon layer", self.mask_combo)
-        form.addRow("Model", self.model_combo)
+        model_row = QHBoxLayout()
+        model_row.addWidget(self.model_combo, 1)
+        model_row.addWidget(self.models_button)
+        form.addRow("Model", model_row)
         form.addRow("Model override", self.model_override)
         form.addRow("Stride", self.stride_combo)
         form.addRow("", stride_note)
@@ -191,7 +240,9 @@ class TreesegDock(QgsDockWidget):
         clusters_row.addWidget(self.clusters_spin, 1)
         form.addRow("Clusters", clusters_row)
         form.addRow("Device", self.device_combo)
+        form.addRow("", self.memory_label)
         form.addRow("", self.engine_label)
+        form.addRow("", self.setup_button)
         form.addRow("Output folder", self.output_widget)
         form.addRow(self.allow_untrained)
         self._form = form
@@ -200,9 +251,13 @@ class TreesegDock(QgsDockWidget):
         buttons.addWidget(self.cancel_button)
         column = QVBoxLayout()
         column.addLayout(form)
+        column.addWidget(self.extras_group)
         column.addLayout(buttons)
         column.addWidget(self.progress_bar)
         column.addWidget(self.stage_label)
+        column.addWidget(self.elbow_caption)
+        column.addWidget(self.elbow_image)
+        column.addWidget(self.teach_group)
         column.addStretch(1)
         content = QWidget()
         content.setLayout(column)
@@ -213,13 +268,104 @@ class TreesegDock(QgsDockWidget):
 
         self.extent_combo.currentIndexChanged.connect(self._update_enabled)
         self.auto_clusters.toggled.connect(self._update_enabled)
+        self.crowns_check.toggled.connect(self._update_enabled)
+        self.height_check.toggled.connect(self._update_enabled)
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
-        if self.engine is None:
-            self.engine_label.setText(f"<b>Engine missing.</b> {missing_engine_message()}")
-            self.engine_label.setStyleSheet("color: #b00020;")
-        else:
-            self.engine_label.setText("Engine: starts when the panel opens…")
+        self.teach_button.toggled.connect(self._toggle_teach_tool)
+        self.clear_examples_button.clicked.connect(self._clear_examples)
+        self.threshold_slider.valueChanged.connect(self._threshold_moved)
+        self.teach_timer.timeout.connect(self._teach_again_or_now)
+        self.apply_teach_button.clicked.connect(self.teach)
+        self.setup_button.clicked.connect(self.engine_setup_requested)
+        self.models_button.clicked.connect(self.models_requested)
+        self.model_combo.currentIndexChanged.connect(self._show_memory_estimate)
+        self.model_override.textChanged.connect(self._show_memory_estimate)
+        self.stride_combo.currentIndexChanged.connect(self._show_memory_estimate)
+        self.device_combo.currentTextChanged.connect(self._show_memory_estimate)
+        self._show_engine_presence()
+
+    def _build_extras(self) -> QgsCollapsibleGroupBox:
+        """The 'More outputs' group: crowns, feature image, canopy height."""
+        self.crowns_check = QCheckBox("Tree crowns")
+        self.crowns_check.setToolTip("One polygon per tree crown (watershed of the tree mask from the crown "
+                                     "centres), with area, perimeter, diameter and centroid.")
+        self.crown_min_area = QDoubleSpinBox()
+        self.crown_min_area.setRange(0.0, 1000.0)
+        self.crown_min_area.setDecimals(1)
+        self.crown_min_area.setPrefix("≥ ")
+        self.crown_min_area.setSuffix(" m²")
+        self.crown_min_area.setToolTip("Minimum crown area: crowns smaller than this are dropped.")
+        self.features_check = QCheckBox("Feature image (PCA RGB)")
+        self.features_check.setToolTip("The first three principal components of the DINOv3 features as an RGB "
+                                       "image: what the model tells apart.")
+        self.height_check = QCheckBox("Canopy height (CHMv2)")
+        self.height_check.setToolTip(f"Metres per pixel from the DINOv3 canopy-height head ({DEFAULT_HEIGHT_MODEL}, "
+                                     "gated like the backbones).")
+        self.min_height_spin = QDoubleSpinBox()
+        self.min_height_spin.setRange(0.0, 100.0)
+        self.min_height_spin.setDecimals(1)
+        self.min_height_spin.setSingleStep(0.5)
+        self.min_height_spin.setPrefix("≥ ")
+        self.min_height_spin.setSuffix(" m")
+        self.min_height_spin.setSpecialValueText("any height")
+        self.min_height_spin.setToolTip("Minimum tree height: tree pixels lower than this are dropped, which "
+                                        "separates trees from grass and shrubs of the same colour.")
+        self.height_model_override = QLineEdit()
+        self.height_model_override.setPlaceholderText("optional: canopy-height model id or folder")
+        self.height_model_override.setToolTip(f"Overrides {DEFAULT_HEIGHT_MODEL} with another CHMv2 model: a "
+                                              "Hugging Face id or a local folder in Hugging Face format.")
+        form = QFormLayout()
+        form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        form.addRow(self.crowns_check, self.crown_min_area)
+        form.addRow(self.features_check)
+        form.addRow(self.height_check, self.min_height_spin)
+        form.addRow("Height model", self.height_model_override)
+        group = QgsCollapsibleGroupBox("More outputs")
+        group.setObjectName("TreesegMoreOutputs")
+        group.setSaveCollapsedState(False)
+        group.setLayout(form)
+        return group
+
+    def _build_teach(self) -> QgsCollapsibleGroupBox:
+        """The 'Teach by clicking' group: the map tool, the examples, the threshold and Apply."""
+        note = QLabel(TEACH_HELP)
+        note.setWordWrap(True)
+        self.teach_button = QPushButton("Click examples on the map")
+        self.teach_button.setCheckable(True)
+        self.clear_examples_button = QPushButton("Clear examples")
+        self.examples_label = QLabel()
+        self.threshold_slider = QSlider(Qt.Orientation.Horizontal)
+        self.threshold_slider.setRange(0, 100)
+        self.threshold_slider.setToolTip("Pixels scoring at least this are trees. Moving it re-thresholds from the "
+                                         "cached features.")
+        self.threshold_label = QLabel()
+        self.threshold_label.setMinimumWidth(self.threshold_label.fontMetrics().horizontalAdvance("0.000"))
+        self.apply_teach_button = QPushButton("Apply")
+        self.teach_status = QLabel()
+        self.teach_status.setWordWrap(True)
+        self.teach_timer = QTimer(self)
+        self.teach_timer.setSingleShot(True)
+        self.teach_timer.setInterval(TEACH_DEBOUNCE_MS)
+        tool_row = QHBoxLayout()
+        tool_row.addWidget(self.teach_button, 1)
+        tool_row.addWidget(self.clear_examples_button)
+        threshold_row = QHBoxLayout()
+        threshold_row.addWidget(QLabel("Threshold"))
+        threshold_row.addWidget(self.threshold_slider, 1)
+        threshold_row.addWidget(self.threshold_label)
+        column = QVBoxLayout()
+        column.addWidget(note)
+        column.addLayout(tool_row)
+        column.addWidget(self.examples_label)
+        column.addLayout(threshold_row)
+        column.addWidget(self.apply_teach_button)
+        column.addWidget(self.teach_status)
+        group = QgsCollapsibleGroupBox("Teach by clicking")
+        group.setObjectName("TreesegTeach")
+        group.setSaveCollapsedState(False)
+        group.setLayout(column)
+        return group
 
     def _restore_settings(self) -> None:
         settings = QgsSettings()
@@ -232,6 +378,18 @@ class TreesegDock(QgsDockWidget):
         self._select(self.extent_combo, settings.value(SETTINGS_PREFIX + "extent", WHOLE_LAYER, type=str))
         self.output_widget.setFilePath(settings.value(SETTINGS_PREFIX + "output_dir", "", type=str)
                                        or default_output_folder())
+        self.crowns_check.setChecked(settings.value(SETTINGS_PREFIX + "crowns", False, type=bool))
+        self.crown_min_area.setValue(settings.value(SETTINGS_PREFIX + "crown_min_area_m2", 2.0, type=float))
+        self.features_check.setChecked(settings.value(SETTINGS_PREFIX + "feature_preview", False, type=bool))
+        self.height_check.setChecked(settings.value(SETTINGS_PREFIX + "canopy_height", False, type=bool))
+        self.min_height_spin.setValue(settings.value(SETTINGS_PREFIX + "min_tree_height_m", 0.0, type=float))
+        self.height_model_override.setText(settings.value(SETTINGS_PREFIX + "height_model_override", "", type=str))
+        threshold = settings.value(SETTINGS_PREFIX + "teach_threshold", DEFAULT_THRESHOLD, type=float)
+        self.threshold_slider.setValue(round(100 * threshold))
+        self._threshold_moved(self.threshold_slider.value())
+        self.extras_group.setCollapsed(not any(check.isChecked() for check in (
+            self.crowns_check, self.features_check, self.height_check)))
+        self._show_examples()
 
     def _save_settings(self) -> None:
         settings = QgsSettings()
@@ -243,6 +401,12 @@ class TreesegDock(QgsDockWidget):
         settings.setValue(SETTINGS_PREFIX + "device", self.device_combo.currentText())
         settings.setValue(SETTINGS_PREFIX + "extent", self.extent_combo.currentData())
         settings.setValue(SETTINGS_PREFIX + "output_dir", self.output_widget.filePath())
+        settings.setValue(SETTINGS_PREFIX + "crowns", self.crowns_check.isChecked())
+        settings.setValue(SETTINGS_PREFIX + "crown_min_area_m2", self.crown_min_area.value())
+        settings.setValue(SETTINGS_PREFIX + "feature_preview", self.features_check.isChecked())
+        settings.setValue(SETTINGS_PREFIX + "canopy_height", self.height_check.isChecked())
+        settings.setValue(SETTINGS_PREFIX + "min_tree_height_m", self.min_height_spin.value())
+        settings.setValue(SETTINGS_PREFIX + "height_model_override", self.height_model_override.text().strip())
 
     @staticmethod
     def _select(combo: QComboBox, data: Any) -> None:
@@ -252,9 +416,18 @@ class TreesegDock(QgsDockWidget):
 
     def _update_enabled(self) -> None:
         running = self.task is not None
-        self.run_button.setEnabled(self.engine is not None and not running)
+        busy = running or self.teach_task is not None
+        self.run_button.setEnabled(self.engine is not None and not busy)
         self.cancel_button.setEnabled(running)
         self.clusters_spin.setEnabled(not self.auto_clusters.isChecked())
+        self.crown_min_area.setEnabled(self.crowns_check.isChecked())
+        self.min_height_spin.setEnabled(self.height_check.isChecked())
+        self.height_model_override.setEnabled(self.height_check.isChecked())
+        teachable = self.engine is not None and self._last_run is not None
+        self.teach_button.setEnabled(teachable)
+        trees, others = self._example_counts()
+        self.clear_examples_button.setEnabled(trees + others > 0)
+        self.apply_teach_button.setEnabled(teachable and not busy and trees > 0)
         polygons = self.extent_combo.currentData() == SELECTED_POLYGONS
         self.mask_combo.setVisible(polygons)
         self._form.labelForField(self.mask_combo).setVisible(polygons)
@@ -263,22 +436,85 @@ class TreesegDock(QgsDockWidget):
         """Start the engine (and learn its device) the first time the panel is shown."""
         super().showEvent(event)
         if self.engine is not None and not self._probe_started:
-            self._probe_started = True
-            self.engine_label.setText("Engine: starting…")
-            self._probe = ProbeTask(self.engine)
-            self._probe.probed.connect(self._show_engine)
-            QgsApplication.taskManager().addTask(self._probe)
+            self._start_probe()
+
+    def _start_probe(self) -> None:
+        self._probe_started = True
+        self.engine_label.setText("Engine: starting…")
+        self._probe = ProbeTask(self.engine)
+        self._probe.probed.connect(self._show_engine)
+        QgsApplication.taskManager().addTask(self._probe)
 
     def _show_engine(self, description: str, ok: bool) -> None:
+        self._engine_info = self._probe.info if self._probe is not None and ok else None
         self._probe = None
+        self._show_memory_estimate()
         if ok:
             self.engine_label.setText(f"Engine: {description}")
             self.engine_label.setStyleSheet("")
         else:
             self.engine_label.setText(f"<b>Engine not usable.</b> {description}")
             self.engine_label.setStyleSheet("color: #b00020;")
+        self.setup_button.setVisible(not ok)
         if self.task is not None and self.task.status() == QgsTask.TaskStatus.OnHold:
             self.task.unhold()
+
+    def set_engine(self, engine: EngineClient | None) -> None:
+        """Use `engine` from now on (the set-up dialog made or removed one): probed at once when the panel
+        is open, else when it is next shown."""
+        if self._probe is not None:
+            self._probe.probed.disconnect(self._show_engine)
+            self._probe = None
+        self.engine = engine
+        self._probe_started = False
+        self._show_engine_presence()
+        self._update_enabled()
+        if engine is not None and self.isVisible():
+            self._start_probe()
+
+    def _show_engine_presence(self) -> None:
+        """The engine label before the probe; the set-up button while there is no engine (the probe shows
+        it for an unusable one too)."""
+        if self.engine is None:
+            self.engine_label.setText(f"<b>Engine missing.</b> {missing_engine_message()}")
+            self.engine_label.setStyleSheet("color: #b00020;")
+        else:
+            self.engine_label.setText("Engine: starts when the panel opens…")
+            self.engine_label.setStyleSheet("")
+        self.setup_button.setVisible(self.engine is None)
+
+    def _run_device(self) -> str:
+        """cpu, cuda or mps: the device chosen, or for auto the one the engine's probe found (cpu before)."""
+        chosen = self.device_combo.currentText()
+        if chosen != "auto":
+            return chosen
+        return str((self._engine_info or {}).get("device", "cpu")).split(":")[0]
+
+    def _memory_needed_and_free(self) -> tuple[int | None, int | None, str]:
+        """(bytes the run needs, bytes free where it runs, the device) for the model, stride and device."""
+        device = self._run_device()
+        model = self.model_override.text().strip() or self.model_combo.currentData()
+        needed = estimate_peak_bytes(model, self.stride_combo.currentData(), RUN_TILE_SIZE, RUN_BATCH_SIZE, device)
+        free = available_memory_bytes() if device == "cpu" else (self._engine_info or {}).get("memory_available_bytes")
+        return needed, free, device
+
+    def memory_problem(self) -> str | None:
+        """The warning when the run will not fit the memory of its device; None when it fits or cannot be told."""
+        needed, free, device = self._memory_needed_and_free()
+        model = self.model_override.text().strip() or self.model_combo.currentData()
+        return memory_warning(model, self.stride_combo.currentData(), RUN_TILE_SIZE, RUN_BATCH_SIZE, free, device)
+
+    def _show_memory_estimate(self) -> None:
+        needed, free, device = self._memory_needed_and_free()
+        if needed is None:
+            self.memory_label.setText("")
+            return
+        where = "this computer" if device == "cpu" else f"the {device.upper()} device"
+        text = f"Needs about {format_gigabytes(needed)} of memory"
+        if free is not None:
+            text += f"; {format_gigabytes(free)} free on {where}"
+        self.memory_label.setText(text + ".")
+        self.memory_label.setStyleSheet("color: #b00020;" if self.memory_problem() else "")
 
     def build_params(self, input_path: str | None = None) -> dict[str, Any]:
         """The run's parameters (SegmentationParams fields) from the panel; `input_path` defaults to the
@@ -301,6 +537,12 @@ class TreesegDock(QgsDockWidget):
             "clusters": None if self.auto_clusters.isChecked() else self.clusters_spin.value(),
             "device": self.device_combo.currentText(),
             "allow_untrained": self.allow_untrained.isChecked(),
+            "crowns": self.crowns_check.isChecked(),
+            "crown_min_area_m2": self.crown_min_area.value(),
+            "feature_preview": self.features_check.isChecked(),
+            "canopy_height": self.height_check.isChecked(),
+            "min_tree_height_m": (self.min_height_spin.value() or None) if self.height_check.isChecked() else None,
+            "height_model": self.height_model_override.text().strip() or DEFAULT_HEIGHT_MODEL,
         }
 
     def prepare_input(self, scratch: Path) -> str | None:
@@ -332,6 +574,14 @@ class TreesegDock(QgsDockWidget):
         """Start a run with the panel's settings; problems are shown in the panel, nothing starts."""
         if self.engine is None or self.task is not None:
             return
+        problem = self.memory_problem()
+        if problem is not None:
+            answer = QMessageBox.question(self, "TreeSeg", f"{problem}\n\nRun anyway?",
+                                          QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+                                          QMessageBox.StandardButton.No)
+            if answer != QMessageBox.StandardButton.Yes:
+                self._show_stage(problem, error=True)
+                return
         scratch = None
         if self.extent_combo.currentData() != WHOLE_LAYER:
             scratch = Path(tempfile.mkdtemp(prefix="treeseg-input-"))
@@ -344,11 +594,12 @@ class TreesegDock(QgsDockWidget):
             return
         self._save_settings()
         layer: QgsMapLayer = self.layer_combo.currentLayer()
-        self.task = SegmentationTask(self.engine, params, layer, self.iface.messageBar(), scratch)
+        self.task = SegmentationTask(self.engine, params, layer, self.iface.messageBar(), scratch, hf_token())
         self.task.stage_changed.connect(self._show_stage)
         self.task.progressChanged.connect(self._show_progress)
         self.task.done.connect(self._finished)
         self.progress_bar.setValue(0)
+        self._show_elbow(None)
         if self._probe is not None:
             self.task.hold()
             self._show_stage("Waiting for the engine to start…")
@@ -364,11 +615,23 @@ class TreesegDock(QgsDockWidget):
             self.task.cancel()
 
     def shutdown(self) -> None:
-        """Cancel the running task and the probe (the plugin is unloading)."""
+        """Cancel the running tasks and the probe, remove the teach tool and its markers and the last run's
+        scratch input (the plugin is unloading)."""
         self.cancel()
+        self.teach_timer.stop()
+        if self.teach_task is not None:
+            self.teach_task.cancel()
         if self._probe is not None:
             self._probe.probed.disconnect(self._show_engine)
             self._probe = None
+        if self.teach_tool is not None:
+            canvas = self.iface.mapCanvas()
+            if canvas.mapTool() is self.teach_tool:
+                canvas.unsetMapTool(self.teach_tool)
+            self.teach_tool.clear()
+            self.teach_tool.deleteLater()
+            self.teach_tool = None
+        self._keep_scratch(None)
 
     def _show_progress(self, percent: float) -> None:
         self.progress_bar.setValue(int(percent))
@@ -378,8 +641,120 @@ class TreesegDock(QgsDockWidget):
         self.stage_label.setStyleSheet("color: #b00020;" if error else "")
 
     def _finished(self, success: bool, summary: str) -> None:
-        self.task = None
+        task, self.task = self.task, None
         if success:
             self.progress_bar.setValue(100)
+            self._show_elbow(task.record)
+            self._prepare_teaching(task)
         self._show_stage(f"Done: {summary}" if success else summary, error=not success and summary != "Cancelled.")
         self._update_enabled()
+
+    def _show_elbow(self, record: dict[str, Any] | None) -> None:
+        """The elbow plot of a run with automatic K, with the K it chose; hidden otherwise."""
+        elbow = record["outputs"].get("elbow") if record is not None else None
+        pixmap = QPixmap(elbow) if elbow else QPixmap()
+        if not pixmap.isNull():
+            self.elbow_caption.setText(f"Automatic K = {record['clusters']['k']}: the elbow of the k-means inertia "
+                                       "curve.")
+            self.elbow_image.setPixmap(pixmap.scaledToWidth(ELBOW_WIDTH, Qt.TransformationMode.SmoothTransformation))
+            self.elbow_image.setToolTip(elbow)
+        self.elbow_caption.setVisible(not pixmap.isNull())
+        self.elbow_image.setVisible(not pixmap.isNull())
+
+    def _prepare_teaching(self, task: SegmentationTask) -> None:
+        """Teach on the input of this run from now on; the examples and the teach layers of a run on another
+        grid start afresh."""
+        self._keep_scratch(task.scratch_folder)
+        self._last_run = task.record["parameters"]
+        self._last_run_layer_id = task.layer_id
+        grid = RasterGrid.of_file(self._last_run["input_path"])
+        if self.teach_tool is None:
+            self.teach_tool = TeachMapTool(self.iface.mapCanvas())
+            self.teach_tool.setButton(self.teach_button)
+            self.teach_tool.examples_changed.connect(self._show_examples)
+            self.teach_tool.click_ignored.connect(lambda: self._show_teach_status(
+                "That click is off the raster of the last run; it was left out.", error=True))
+        if grid != self.teach_tool.grid:
+            self._teach_layer_ids, self._teach_outputs = [], []
+        self.teach_tool.set_grid(grid)
+
+    def _keep_scratch(self, folder: Path | None) -> None:
+        """Keep `folder` (the last run's input VRT, or None) and remove the one kept before."""
+        if self._last_run_scratch is not None and self._last_run_scratch != folder:
+            shutil.rmtree(self._last_run_scratch, ignore_errors=True)
+        self._last_run_scratch = folder
+
+    def _toggle_teach_tool(self, checked: bool) -> None:
+        canvas = self.iface.mapCanvas()
+        if checked and canvas.mapTool() is not self.teach_tool:
+            canvas.setMapTool(self.teach_tool)
+        elif not checked and canvas.mapTool() is self.teach_tool:
+            canvas.unsetMapTool(self.teach_tool)
+
+    def _example_counts(self) -> tuple[int, int]:
+        return self.teach_tool.counts() if self.teach_tool is not None else (0, 0)
+
+    def _clear_examples(self) -> None:
+        if self.teach_tool is not None:
+            self.teach_tool.clear()
+
+    def _show_examples(self) -> None:
+        trees, others = self._example_counts()
+        self.examples_label.setText(f"Examples: {trees} tree{'s' * (trees != 1)}, {others} not tree"
+                                    f"{'s' * (others != 1)}." if trees or others else "No examples yet.")
+        self._update_enabled()
+
+    def _threshold_moved(self, value: int) -> None:
+        """Show the threshold; once a teach result is shown, re-teach with it after a short pause."""
+        self.threshold_label.setText(f"{value / 100:.2f}")
+        if self._teach_layer_ids:
+            self.teach_timer.start()
+
+    def _teach_again_or_now(self) -> None:
+        if self.teach_task is not None:
+            self._teach_again = True
+        else:
+            self.teach()
+
+    def teach(self) -> None:
+        """Score every pixel of the last run's input against the examples (a TeachTask); the similarity and
+        the taught trees replace the previous teach layers. Problems are shown in the panel."""
+        if self.engine is None or self._last_run is None or self.task is not None or self.teach_task is not None:
+            return
+        layer = QgsProject.instance().mapLayer(self._last_run_layer_id)
+        if not isinstance(layer, QgsRasterLayer):
+            self._show_teach_status("The raster of the last run is no longer in the project; run again.", error=True)
+            return
+        examples = self.teach_tool.pixel_examples()
+        if not any(is_tree for _, _, is_tree in examples):
+            self._show_teach_status("Click at least one tree first.", error=True)
+            return
+        threshold = self.threshold_slider.value() / 100
+        QgsSettings().setValue(SETTINGS_PREFIX + "teach_threshold", threshold)
+        folder = Path(self._last_run["output_dir"])
+        params = {**self._last_run, "output_stem": free_output_stem(folder, f"{self._last_run['output_stem']}_teach")}
+        self.teach_task = TeachTask(self.engine, params, examples, threshold, layer, self._teach_layer_ids,
+                                    self._teach_outputs, hf_token())
+        self.teach_task.progressChanged.connect(self._show_progress)
+        self.teach_task.done.connect(self._teach_finished)
+        self._teach_again = False
+        self.progress_bar.setValue(0)
+        self._show_teach_status(f"Teaching with threshold {threshold:.2f}…")
+        QgsApplication.taskManager().addTask(self.teach_task)
+        self._update_enabled()
+
+    def _teach_finished(self, success: bool, summary: str) -> None:
+        task, self.teach_task = self.teach_task, None
+        if success:
+            self.progress_bar.setValue(100)
+            self._teach_layer_ids = [layer.id() for layer in task.layers]
+            self._teach_outputs = list(task.record["outputs"].values())
+        self._show_teach_status(summary, error=not success and summary != "Cancelled.")
+        self._update_enabled()
+        if self._teach_again and self.threshold_slider.value() / 100 != task.threshold:
+            self.teach()
+        self._teach_again = False
+
+    def _show_teach_status(self, text: str, error: bool = False) -> None:
+        self.teach_status.setText(text)
+        self.teach_status.setStyleSheet("color: #b00020;" if error else "")

@@ -1,4 +1,4 @@
-"""Background tasks that drive the engine worker process: one segmentation run, and the device probe.
+"""Background tasks that drive the engine worker process: a segmentation run, a teach run, the device probe.
 
 `run()` executes on a worker thread and only talks to the EngineClient; every
 layer, project and message-bar change happens in `finished()` on the main thread.
@@ -10,15 +10,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from qgis.core import Qgis, QgsMessageLog, QgsProject, QgsRasterLayer, QgsTask
+from qgis.core import Qgis, QgsMapLayer, QgsMessageLog, QgsProject, QgsRasterLayer, QgsTask
 from qgis.gui import QgsMessageBar
 from qgis.PyQt.QtCore import pyqtSignal
 
 from ..engine_client import EngineClient, EngineError
-from ..qgis_results import LOG_TAG, add_result_layers, model_label
+from ..outputs import remove_files
+from ..qgis_results import LOG_TAG, add_result_layers, add_teach_layers, model_label
 
 MESSAGE_TITLE = "TreeSeg"
 UNTRAINED_SUMMARY = "UNTRAINED weights, pipeline check only."
+FROM_CACHE = "features from cache — model not run"
 LOG_LEVELS = {"warning": Qgis.MessageLevel.Warning, "error": Qgis.MessageLevel.Critical,
               "critical": Qgis.MessageLevel.Critical}
 
@@ -29,19 +31,23 @@ class SegmentationTask(QgsTask):
     On success the outputs are added to the project as a styled group and a summary goes to the
     message bar; on failure the message bar explains; a cancelled run leaves nothing behind.
     `stage_changed` carries the engine's stage text, `done(success, summary)` follows `finished()`.
+    The scratch folder (the run's input VRT) is removed unless the run succeeded: then the caller
+    owns it, since teaching on the same input reuses the run's cached features.
     """
 
     stage_changed = pyqtSignal(str)
     done = pyqtSignal(bool, str)
 
     def __init__(self, engine: EngineClient, params: dict[str, Any], layer: QgsRasterLayer,
-                 message_bar: QgsMessageBar, scratch_folder: Path | None = None) -> None:
+                 message_bar: QgsMessageBar, scratch_folder: Path | None = None, hf_token: str | None = None) -> None:
         super().__init__(f"TreeSeg: segmenting {layer.name()}", QgsTask.Flag.CanCancel)
         self.engine = engine
         self.params = params
         self.input_name = layer.name()
+        self.layer_id = layer.id()
         self.message_bar = message_bar
         self.scratch_folder = scratch_folder
+        self.hf_token = hf_token
         self.record: dict[str, Any] | None = None
         self.error: EngineError | None = None
         self._stage = ""
@@ -51,7 +57,7 @@ class SegmentationTask(QgsTask):
         """Worker thread: run the job; never raises, keeps the error for `finished()`."""
         try:
             self.record = self.engine.segment(self.params, on_progress=self._on_progress, on_log=_log,
-                                              is_cancelled=self.isCanceled)
+                                              is_cancelled=self.isCanceled, hf_token=self.hf_token)
         except EngineError as error:
             self.error = error
         except Exception as error:  # noqa: BLE001 - a task must not raise; the message bar reports it
@@ -66,8 +72,6 @@ class SegmentationTask(QgsTask):
 
     def finished(self, result: bool) -> None:
         """Main thread: add the layers and report, or explain the failure."""
-        if self.scratch_folder is not None:
-            shutil.rmtree(self.scratch_folder, ignore_errors=True)
         if result and self.record is not None:
             success, summary = self._add_results(self.record)
         elif self.isCanceled() or (self.error is not None and self.error.kind == "cancelled"):
@@ -79,6 +83,8 @@ class SegmentationTask(QgsTask):
             success = False
             self.message_bar.pushMessage(MESSAGE_TITLE, f"{self.input_name}: {summary}",
                                          Qgis.MessageLevel.Critical, 0)
+        if not success and self.scratch_folder is not None:
+            shutil.rmtree(self.scratch_folder, ignore_errors=True)
         self.done.emit(success, summary)
 
     def _add_results(self, record: dict[str, Any]) -> tuple[bool, str]:
@@ -96,9 +102,74 @@ class SegmentationTask(QgsTask):
 
 
 def run_summary(record: dict[str, Any]) -> str:
-    """One line: K, tree cover, model, device and time; untrained weights said first."""
+    """One line: K, tree cover, model, device, time and whether the features came from the cache;
+    untrained weights said first."""
     summary = (f"K={record['clusters']['k']}, tree cover {100 * float(record['trees']['tree_cover']):.1f} %, "
-               f"{model_label(record)} on {record['model']['device']}, {float(record['timings']['total']):.0f} s.")
+               f"{model_label(record)} on {record['model']['device']}, {float(record['timings']['total']):.0f} s")
+    summary += f", {FROM_CACHE}." if record["feature_cache"]["state"] == "hit" else "."
+    return f"{UNTRAINED_SUMMARY} {summary}" if record["model"]["untrained"] else summary
+
+
+class TeachTask(QgsTask):
+    """One click-to-teach run: scores from example pixels (col, row, is_tree) of `params`' input.
+
+    On success the similarity and the taught tree mask replace the layers listed in `replacing` (and
+    the files of the teach run in `replaced_outputs` are deleted); `layers` then holds the new ones.
+    `done(success, summary)` follows `finished()`.
+    """
+
+    done = pyqtSignal(bool, str)
+
+    def __init__(self, engine: EngineClient, params: dict[str, Any], examples: list[tuple[float, float, bool]],
+                 threshold: float, layer: QgsRasterLayer, replacing: list[str],
+                 replaced_outputs: list[str], hf_token: str | None = None) -> None:
+        super().__init__(f"TreeSeg: teaching on {layer.name()}", QgsTask.Flag.CanCancel)
+        self.engine = engine
+        self.params = params
+        self.examples = examples
+        self.threshold = threshold
+        self.input_name = layer.name()
+        self.replacing = replacing
+        self.replaced_outputs = replaced_outputs
+        self.hf_token = hf_token
+        self.record: dict[str, Any] | None = None
+        self.error: EngineError | None = None
+        self.layers: list[QgsMapLayer] = []
+        self.setDependentLayers([layer])
+
+    def run(self) -> bool:
+        """Worker thread: run the teach job; never raises, keeps the error for `finished()`."""
+        try:
+            self.record = self.engine.teach(self.params, self.examples, self.threshold,
+                                            on_progress=lambda percent, _: self.setProgress(percent),
+                                            is_cancelled=self.isCanceled, hf_token=self.hf_token)
+        except EngineError as error:
+            self.error = error
+        except Exception as error:  # noqa: BLE001 - a task must not raise; the panel reports it
+            self.error = EngineError("internal", f"{type(error).__name__}: {error}")
+        return self.record is not None
+
+    def finished(self, result: bool) -> None:
+        """Main thread: swap in the new layers, or explain the failure."""
+        if not result or self.record is None:
+            cancelled = self.isCanceled() or (self.error is not None and self.error.kind == "cancelled")
+            self.done.emit(False, "Cancelled." if cancelled else str(self.error or "Teaching stopped."))
+            return
+        try:
+            self.layers = add_teach_layers(self.record, self.input_name, QgsProject.instance(), self.replacing)
+        except Exception as error:  # noqa: BLE001 - the files exist; say why they could not be shown
+            self.done.emit(False, f"Teaching finished but its layers could not be added: {error}")
+            return
+        _remove_outputs(self.replaced_outputs)
+        self.done.emit(True, teach_summary(self.record))
+
+
+def teach_summary(record: dict[str, Any]) -> str:
+    """One line: examples, threshold, tree cover and whether the model ran; untrained weights said first."""
+    examples = record["examples"]
+    summary = (f"{examples['trees']} tree and {examples['not_trees']} not-tree examples, score ≥ "
+               f"{float(record['threshold']):.2f}: tree cover {100 * float(record['tree_cover']):.1f} %, "
+               f"{FROM_CACHE if record['feature_cache'] == 'hit' else 'features computed by the model'}.")
     return f"{UNTRAINED_SUMMARY} {summary}" if record["model"]["untrained"] else summary
 
 
@@ -125,6 +196,15 @@ class ProbeTask(QgsTask):
             self.probed.emit(f"{self.info['device_description']} · torch {self.info['torch']}", True)
         else:
             self.probed.emit(self.error or "The engine did not answer.", False)
+
+
+def _remove_outputs(paths: list[str]) -> None:
+    """Delete the files of a replaced teach run; one still locked (Windows) stays and is logged."""
+    for path in paths:
+        try:
+            remove_files([Path(path)])
+        except OSError as error:
+            QgsMessageLog.logMessage(f"Could not delete {path}: {error.strerror}", LOG_TAG, Qgis.MessageLevel.Info)
 
 
 def _log(level: str, message: str) -> None:

@@ -1,0 +1,247 @@
+"""The TreeSeg panel's extras, driving the real engine worker with tiny models: more outputs (crowns, feature
+image, canopy height), the elbow plot of automatic K, and click-to-teach with its map tool and threshold slider.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from . import test_canopy, test_gui
+from .conftest import SAMPLE_GEOTRANSFORM, disc_scene, write_geotiff
+from .test_gui import add_raster, set_up_run, treeseg_groups, wait_until
+
+plugin, clean_settings = test_gui.plugin, test_gui.clean_settings
+tiny_height_dir = test_canopy.tiny_height_dir
+
+TREE_PIXEL = (60, 50)
+SOIL_PIXEL = (240, 10)
+
+
+@pytest.fixture
+def small_scene(tmp_path) -> Path:
+    """A 256 × 192 px orthophoto-like GeoTIFF with three crowns; one is centred on TREE_PIXEL."""
+    image, _ = disc_scene(192, 256, [(50, 60), (60, 190), (140, 120)], radius=36, seed=1)
+    return write_geotiff(tmp_path / "scene.tif", image)
+
+
+@pytest.fixture
+def canvas(qgis_iface):
+    """The map canvas, on screen (in the shown main window) so that it has its real size."""
+    from qgis.core import QgsApplication
+
+    window = qgis_iface.mainWindow()
+    window.show()
+    window.resize(800, 600)
+    QgsApplication.processEvents()
+    yield qgis_iface.mapCanvas()
+    window.hide()
+
+
+def map_point(column: float, row: float):
+    """The map coordinates (the scene's UTM CRS) of a position in pixels."""
+    from qgis.core import QgsPointXY
+
+    x0, width, _, y0, _, height = SAMPLE_GEOTRANSFORM
+    return QgsPointXY(x0 + column * width, y0 + row * height)
+
+
+def run_panel(dock, raster, model_dir: Path, out: Path, clusters: int | None = 2) -> dict:
+    """Click Run with the tiny model and wait; the run record."""
+    dock.layer_combo.setLayer(raster)
+    set_up_run(dock, model_dir, out, clusters=clusters)
+    dock.show()
+    dock.run_button.click()
+    wait_until(lambda: dock.task is None)
+    assert dock.stage_label.text().startswith("Done"), dock.stage_label.text()
+    (record_path,) = out.glob("*_run.json")
+    return json.loads(record_path.read_text())
+
+
+def teach_groups() -> list:
+    return [group for group in treeseg_groups() if "taught by example" in group.name()]
+
+
+def test_more_outputs_are_run_added_styled_and_remembered(plugin, qgis_iface, small_scene, tiny_model_dir,
+                                                         tiny_height_dir, tmp_path):
+    from qgis.core import QgsMultiBandColorRenderer, QgsSingleBandPseudoColorRenderer
+    from qgis.PyQt.QtCore import Qt
+
+    from treeseg_qgis.gui.dock import TreesegDock
+
+    raster = add_raster(small_scene)
+    dock = plugin.dock
+    assert dock.extras_group.isCollapsed() and not dock.crown_min_area.isEnabled()
+    dock.crowns_check.setChecked(True)
+    dock.crown_min_area.setValue(1.5)
+    dock.features_check.setChecked(True)
+    dock.height_check.setChecked(True)
+    dock.min_height_spin.setValue(0.0)
+    dock.height_model_override.setText(str(tiny_height_dir))
+    assert dock.crown_min_area.isEnabled() and dock.min_height_spin.text() == "any height"
+    dock.layer_combo.setLayer(raster)
+    set_up_run(dock, tiny_model_dir, tmp_path / "out", clusters=None)
+    extras = {key: dock.build_params()[key] for key in (
+        "crowns", "crown_min_area_m2", "feature_preview", "canopy_height", "min_tree_height_m", "height_model")}
+    assert extras == {"crowns": True, "crown_min_area_m2": 1.5, "feature_preview": True, "canopy_height": True,
+                      "min_tree_height_m": None, "height_model": str(tiny_height_dir)}
+
+    record = run_panel(dock, raster, tiny_model_dir, tmp_path / "out", clusters=None)
+
+    assert record["clusters"]["automatic"] and record["crowns"] >= 1
+    (group,) = treeseg_groups()
+    nodes = group.findLayers()
+    assert [node.name() for node in nodes] == [
+        f"Tree crowns ({record['crowns']})", "Tree polygons", f"Tree mask ({100 * record['trees']['tree_cover']:.1f} "
+        f"% cover)", f"Clusters (K={record['clusters']['k']})", "Feature image (PCA RGB)", "Canopy height (m)"]
+    assert [node.isVisible() for node in nodes] == [True, True, False, True, False, False]
+    crowns, features, height = nodes[0].layer(), nodes[4].layer(), nodes[5].layer()
+    assert crowns.featureCount() == record["crowns"] and crowns.crs() == raster.crs()
+    outline = crowns.renderer().symbol().symbolLayer(0)
+    assert outline.brushStyle() == Qt.BrushStyle.NoBrush
+    assert outline.strokeColor().red() > 200 and outline.strokeColor().blue() < 50
+    assert isinstance(features.renderer(), QgsMultiBandColorRenderer) and features.bandCount() == 3
+    assert isinstance(height.renderer(), QgsSingleBandPseudoColorRenderer)
+    shader = height.renderer().shader().rasterShaderFunction()
+    ramp = shader.colorRampItemList()
+    assert ramp[0].value == 0 and all(item.label.endswith(" m") for item in ramp)
+    assert shader.legendSettings().suffix() == " m"
+    assert ramp[-1].color.green() < ramp[0].color.green() and ramp[-1].color.green() > ramp[-1].color.red()
+    assert dock.elbow_image.isVisible() and not dock.elbow_image.pixmap().isNull()
+    assert f"K = {record['clusters']['k']}" in dock.elbow_caption.text()
+    assert Path(dock.elbow_image.toolTip()) == Path(record["outputs"]["elbow"])
+
+    remembered = TreesegDock(qgis_iface, plugin.engine)
+    assert remembered.crowns_check.isChecked() and remembered.crown_min_area.value() == 1.5
+    assert remembered.features_check.isChecked() and remembered.height_check.isChecked()
+    assert remembered.height_model_override.text() == str(tiny_height_dir)
+    assert not remembered.extras_group.isCollapsed() and not remembered.elbow_image.isVisible()
+    remembered.shutdown()
+    remembered.deleteLater()
+
+
+def test_the_teach_tool_turns_clicks_into_pixels_of_the_raster(canvas, qgis_new_project, small_scene):
+    from qgis.core import QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsProject
+    from qgis.gui import QgsMapMouseEvent, QgsVertexMarker
+    from qgis.PyQt.QtCore import QEvent, QPoint, Qt
+
+    from treeseg_qgis.gui.teach_tool import RasterGrid, TeachMapTool
+
+    raster = add_raster(small_scene)
+    grid = RasterGrid.of_file(str(small_scene))
+    assert grid.geotransform == SAMPLE_GEOTRANSFORM and (grid.width, grid.height) == (256, 192)
+    wgs84 = QgsCoordinateReferenceSystem("EPSG:4326")
+    to_canvas = QgsCoordinateTransform(raster.crs(), wgs84, QgsProject.instance())
+    canvas.setDestinationCrs(wgs84)
+    canvas.setExtent(to_canvas.transformBoundingBox(raster.extent()))
+    tool = TeachMapTool(canvas)
+    tool.set_grid(grid)
+
+    assert tool.add_example(to_canvas.transform(map_point(100.5, 20.25)), True)
+    column, row, is_tree = tool.pixel_examples()[0]
+    assert column == pytest.approx(100.5, abs=1e-3) and row == pytest.approx(20.25, abs=1e-3) and is_tree
+    assert not tool.add_example(to_canvas.transform(map_point(-3, 20)), True)
+    assert not tool.add_example(to_canvas.transform(map_point(30, 195)), True)
+
+    def click(column: float, row: float, button, modifiers=Qt.KeyboardModifier.NoModifier) -> None:
+        device = canvas.getCoordinateTransform().transform(to_canvas.transform(map_point(column, row)))
+        tool.canvasReleaseEvent(QgsMapMouseEvent(canvas, QEvent.Type.MouseButtonRelease,
+                                                 QPoint(round(device.x()), round(device.y())), button, button,
+                                                 modifiers))
+
+    ignored = []
+    tool.click_ignored.connect(lambda: ignored.append(True))
+    click(-20, 20, Qt.MouseButton.LeftButton)
+    assert ignored == [True] and len(tool.pixel_examples()) == 1
+    click(*TREE_PIXEL, Qt.MouseButton.LeftButton)
+    click(*SOIL_PIXEL, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.ShiftModifier)
+    click(200, 150, Qt.MouseButton.RightButton)
+    click(10, 10, Qt.MouseButton.MiddleButton)
+
+    examples = tool.pixel_examples()[1:]
+    origin = to_canvas.transform(map_point(0, 0))
+    screen_columns = canvas.mapUnitsPerPixel() / abs(to_canvas.transform(map_point(1, 0)).x() - origin.x())
+    screen_rows = canvas.mapUnitsPerPixel() / abs(to_canvas.transform(map_point(0, 1)).y() - origin.y())
+    assert screen_columns < 1 and screen_rows < 1
+    expected = [(*TREE_PIXEL, True), (*SOIL_PIXEL, False), (200, 150, False)]
+    assert [example[2] for example in examples] == [True, False, False] and tool.counts() == (2, 2)
+    for (column, row, _), (want_column, want_row, _) in zip(examples, expected):
+        assert abs(column - want_column) <= screen_columns and abs(row - want_row) <= screen_rows
+    markers = [item for item in canvas.scene().items() if isinstance(item, QgsVertexMarker)]
+    assert len(markers) == 4
+    assert {marker.color().name() for marker in markers} == {"#00c83c", "#e61e1e"}
+
+    tool.clear()
+    assert tool.pixel_examples() == [] and not any(
+        isinstance(item, QgsVertexMarker) for item in canvas.scene().items())
+    tool.deleteLater()
+
+
+def test_teach_after_a_run_and_the_slider_replaces_its_layers_from_the_cache(plugin, qgis_iface, small_scene,
+                                                                             tiny_model_dir, tmp_path):
+    from qgis.core import QgsApplication, QgsProject
+
+    canvas = qgis_iface.mapCanvas()
+    raster = add_raster(small_scene)
+    canvas.setDestinationCrs(raster.crs())
+    canvas.setExtent(raster.extent())
+    dock = plugin.dock
+    assert not dock.teach_button.isEnabled() and not dock.apply_teach_button.isEnabled()
+    out = tmp_path / "out"
+    run_panel(dock, raster, tiny_model_dir, out)
+    assert not dock.elbow_image.isVisible()
+
+    dock.teach_button.click()
+    assert canvas.mapTool() is dock.teach_tool and dock.teach_button.isChecked()
+    dock.teach_tool.add_example(map_point(*TREE_PIXEL), True)
+    dock.teach_tool.add_example(map_point(*SOIL_PIXEL), False)
+    assert dock.examples_label.text() == "Examples: 1 tree, 1 not tree."
+    dock.threshold_slider.setValue(60)
+    dock.apply_teach_button.click()
+    assert dock.teach_task is not None and not dock.run_button.isEnabled()
+    wait_until(lambda: dock.teach_task is None)
+
+    assert "features from cache — model not run" in dock.teach_status.text(), dock.teach_status.text()
+    (group,) = teach_groups()
+    first = [node.layer() for node in group.findLayers()]
+    assert [layer.name().split(" (")[0] for layer in first] == ["Taught trees", "Tree similarity"]
+    assert "score ≥ 0.60" in first[0].name() and all(layer.crs() == raster.crs() for layer in first)
+    first_files = [Path(layer.source()) for layer in first]
+    first_ids = [layer.id() for layer in first]
+    assert all(path.is_file() for path in first_files)
+    first_cover = float(first[0].name().split(", ")[1].split(" %")[0])
+
+    teach_runs = []
+
+    def count_task(task_id: int) -> None:
+        teach_runs.append(task_id)
+
+    QgsApplication.taskManager().taskAdded.connect(count_task)
+    for value in (70, 75, 80):
+        dock.threshold_slider.setValue(value)
+    assert dock.threshold_label.text() == "0.80"
+    wait_until(lambda: teach_runs and dock.teach_task is None)
+    QgsApplication.taskManager().taskAdded.disconnect(count_task)
+
+    assert len(teach_runs) == 1
+    (group,) = teach_groups()
+    second = [node.layer() for node in group.findLayers()]
+    assert len(second) == 2 and "score ≥ 0.80" in second[0].name()
+    assert not any(QgsProject.instance().mapLayer(layer_id) for layer_id in first_ids)
+    assert len(QgsProject.instance().mapLayersByName(second[1].name())) == 1
+    assert not any(path.exists() for path in first_files)
+    (record_path,) = out.glob("*_teach.json")
+    record = json.loads(record_path.read_text())
+    assert record["feature_cache"] == "hit" and record["threshold"] == 0.8
+    assert record["examples"] == {"trees": 1, "not_trees": 1}
+    assert 100 * record["tree_cover"] <= first_cover
+
+    dock.run_button.click()
+    wait_until(lambda: dock.task is None)
+    assert "features from cache — model not run" in dock.stage_label.text(), dock.stage_label.text()
+    assert dock.teach_tool.counts() == (1, 1) and dock.apply_teach_button.isEnabled()
+
+    dock.clear_examples_button.click()
+    assert dock.examples_label.text() == "No examples yet." and not dock.apply_teach_button.isEnabled()

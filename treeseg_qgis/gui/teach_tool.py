@@ -1,0 +1,151 @@
+"""Click-to-teach on the map canvas: left click marks a tree, Shift+click or right click a non-tree.
+
+Each click is shown as a marker (green circle: tree; red cross: not a tree),
+transformed from the canvas CRS into the CRS of the raster the engine reads and
+turned into a pixel position (column, row from the top-left corner) with the
+inverse of its GDAL geotransform.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from osgeo import gdal
+from qgis.core import QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsCsException, QgsPointXY, QgsProject
+from qgis.gui import QgsMapCanvas, QgsMapMouseEvent, QgsMapTool, QgsVertexMarker
+from qgis.PyQt.QtCore import Qt, pyqtSignal
+from qgis.PyQt.QtGui import QColor
+
+gdal.UseExceptions()
+
+TREE_COLOUR = QColor(0, 200, 60)
+NOT_TREE_COLOUR = QColor(230, 30, 30)
+MARKER_SIZE = 14
+MARKER_PEN_WIDTH = 3
+
+
+@dataclass(frozen=True)
+class RasterGrid:
+    """The pixel grid of a raster file: its CRS, GDAL geotransform and size."""
+
+    crs: QgsCoordinateReferenceSystem
+    geotransform: tuple[float, ...]
+    width: int
+    height: int
+
+    @classmethod
+    def of_file(cls, path: str) -> RasterGrid:
+        """The grid of the raster (or VRT) at `path`."""
+        dataset = gdal.Open(path)
+        grid = cls(QgsCoordinateReferenceSystem.fromWkt(dataset.GetProjection()), tuple(dataset.GetGeoTransform()),
+                   dataset.RasterXSize, dataset.RasterYSize)
+        dataset = None
+        return grid
+
+    def pixel(self, point: QgsPointXY) -> tuple[float, float]:
+        """(column, row) of a point in the grid's CRS; row 0 is the top edge, whatever the sign of the
+        pixel height."""
+        inverse = gdal.InvGeoTransform(self.geotransform)
+        column = inverse[0] + inverse[1] * point.x() + inverse[2] * point.y()
+        row = inverse[3] + inverse[4] * point.x() + inverse[5] * point.y()
+        return column, row
+
+    def contains(self, column: float, row: float) -> bool:
+        return 0 <= column < self.width and 0 <= row < self.height
+
+
+@dataclass
+class TeachExample:
+    """One click: where it is in the grid's CRS and in pixels, what it says, and its marker."""
+
+    point: QgsPointXY
+    column: float
+    row: float
+    is_tree: bool
+    marker: QgsVertexMarker
+
+
+class TeachMapTool(QgsMapTool):
+    """Collects tree / not-tree example clicks on a raster grid; `examples_changed` after every change,
+    `click_ignored` after a click off the grid."""
+
+    examples_changed = pyqtSignal()
+    click_ignored = pyqtSignal()
+
+    def __init__(self, canvas: QgsMapCanvas) -> None:
+        super().__init__(canvas)
+        self.setCursor(Qt.CursorShape.CrossCursor)
+        self.grid: RasterGrid | None = None
+        self.examples: list[TeachExample] = []
+        canvas.destinationCrsChanged.connect(self._place_markers)
+
+    def set_grid(self, grid: RasterGrid) -> None:
+        """Teach on `grid` from now on; the examples of another grid are cleared."""
+        if grid != self.grid:
+            self.clear()
+        self.grid = grid
+
+    def canvasReleaseEvent(self, event: QgsMapMouseEvent) -> None:  # noqa: N802 - Qt override
+        """Left click: a tree; Shift+left click or right click: not a tree."""
+        if event.button() == Qt.MouseButton.LeftButton:
+            is_tree = not event.modifiers() & Qt.KeyboardModifier.ShiftModifier
+        elif event.button() == Qt.MouseButton.RightButton:
+            is_tree = False
+        else:
+            return
+        if not self.add_example(event.mapPoint(), is_tree):
+            self.click_ignored.emit()
+
+    def add_example(self, map_point: QgsPointXY, is_tree: bool) -> bool:
+        """Add an example at `map_point` (canvas CRS); False, and nothing added, when it is off the grid."""
+        if self.grid is None:
+            return False
+        try:
+            point = self._to_grid().transform(map_point)
+        except QgsCsException:
+            return False
+        column, row = self.grid.pixel(point)
+        if not self.grid.contains(column, row):
+            return False
+        marker = QgsVertexMarker(self.canvas())
+        marker.setIconType(QgsVertexMarker.IconType.ICON_CIRCLE if is_tree else QgsVertexMarker.IconType.ICON_X)
+        marker.setColor(TREE_COLOUR if is_tree else NOT_TREE_COLOUR)
+        marker.setIconSize(MARKER_SIZE)
+        marker.setPenWidth(MARKER_PEN_WIDTH)
+        marker.setCenter(map_point)
+        self.examples.append(TeachExample(point, column, row, is_tree, marker))
+        self.examples_changed.emit()
+        return True
+
+    def pixel_examples(self) -> list[tuple[float, float, bool]]:
+        """The examples as the engine takes them: (column, row, is_tree)."""
+        return [(example.column, example.row, example.is_tree) for example in self.examples]
+
+    def counts(self) -> tuple[int, int]:
+        """(tree examples, not-tree examples)."""
+        trees = sum(example.is_tree for example in self.examples)
+        return trees, len(self.examples) - trees
+
+    def clear(self) -> None:
+        """Remove every example and its marker."""
+        for example in self.examples:
+            self.canvas().scene().removeItem(example.marker)
+        self.examples = []
+        self.examples_changed.emit()
+
+    def _to_grid(self) -> QgsCoordinateTransform:
+        return QgsCoordinateTransform(self.canvas().mapSettings().destinationCrs(), self.grid.crs,
+                                      QgsProject.instance())
+
+    def _place_markers(self) -> None:
+        """Keep the markers on their places when the canvas CRS changes."""
+        if self.grid is None:
+            return
+        to_canvas = QgsCoordinateTransform(self.grid.crs, self.canvas().mapSettings().destinationCrs(),
+                                           QgsProject.instance())
+        for example in self.examples:
+            try:
+                example.marker.setCenter(to_canvas.transform(example.point))
+                example.marker.show()
+            except QgsCsException:
+                example.marker.hide()
