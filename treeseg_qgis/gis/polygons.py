@@ -144,8 +144,8 @@ def _fill_attributes_in_sql(
     table = layer_name.replace('"', '""')
     output.StartTransaction()
     try:
-        output.ExecuteSQL(f'UPDATE "{table}" SET is_tree = {is_tree}, '  # nosec B608 - numbers and the layer name
-                          f"area_m2 = ST_Area(geom) * {square_metres!r}")
+        update = f'UPDATE "{table}" SET is_tree = {is_tree}, area_m2 = ST_Area(geom) * {square_metres!r}'  # nosec B608
+        output.ExecuteSQL(update)
     except RuntimeError:
         output.RollbackTransaction()
         return False
