@@ -53,7 +53,8 @@ deploy: setup package
 	@echo "installed into $(PROFILE_PLUGINS)/$(PLUGIN); engine: $(CURDIR)/.venv/bin/python"
 	@echo "enable it in QGIS: Plugins > Manage and Install Plugins > Installed > TreeSeg (DINOv3)"
 
-# docs/img/dock.png and docs/img/processing.png from the real QGIS desktop on a virtual screen (Xvfb),
+# docs/img/*.png (the panel, Processing, crowns, feature image, canopy height, teach) from the real QGIS
+# desktop on a virtual screen (Xvfb),
 # with the packaged plugin in a throw-away profile and this checkout's .venv as the engine.
 SCREEN ?= :77
 SCREENSHOT_HOME := output/screenshot-qgis
@@ -72,7 +73,7 @@ screenshot: setup package
 		TREESEG_ENGINE_PYTHON=$(CURDIR)/.venv/bin/python \
 		qgis.bin --nologo --noversioncheck --profiles-path $(SCREENSHOT_HOME)/profiles \
 			--code scripts/screenshot.py
-	@ls -l docs/img/dock.png docs/img/processing.png
+	@ls -l docs/img/*.png
 
 clean:
 	rm -rf output dist .pytest_cache

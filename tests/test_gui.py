@@ -7,6 +7,7 @@ own buttons, the task manager and the message bar.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
@@ -399,6 +400,17 @@ def test_the_results_module_styles_a_run_record(qgis_new_project, scene_tif, tin
     assert all(item.color.green() > item.color.red() for item in clusters if item.value in tree_clusters)
 
 
+def panel_with_catalogue_model(plugin, scene_tif, tmp_path: Path, model: str):
+    """The panel set for a run of the scene with a catalogue model (none of them is in the test cache)."""
+    path, _ = scene_tif
+    dock = plugin.dock
+    dock.layer_combo.setLayer(add_raster(path))
+    set_up_run(dock, Path("unused"), tmp_path / "out")
+    dock.model_override.clear()
+    dock.model_combo.setCurrentIndex(dock.model_combo.findData(model))
+    return dock
+
+
 def test_the_panel_estimates_memory_and_asks_before_a_run_that_will_not_fit(plugin, scene_tif, tmp_path,
                                                                              monkeypatch):
     from qgis.PyQt.QtWidgets import QMessageBox
@@ -409,14 +421,8 @@ def test_the_panel_estimates_memory_and_asks_before_a_run_that_will_not_fit(plug
     questions: list[str] = []
     monkeypatch.setattr(QMessageBox, "question",
                         lambda parent, title, text, *buttons: questions.append(text) or QMessageBox.StandardButton.No)
-    path, _ = scene_tif
-    dock = plugin.dock
-    dock.layer_combo.setLayer(add_raster(path))
-    set_up_run(dock, Path("unused"), tmp_path / "out")
-    dock.model_override.clear()
-    dock.model_combo.setCurrentIndex(dock.model_combo.findData("small"))
-    assert dock.memory_label.text().startswith("Needs about 1.0 GB of memory")
-    assert dock.memory_label.text().endswith("; 16 GB free on this computer.")
+    dock = panel_with_catalogue_model(plugin, scene_tif, tmp_path, "small")
+    assert re.fullmatch(r"Needs about \d\.\d GB of memory; 16 GB free on this computer\.", dock.memory_label.text())
     assert dock.memory_problem() is None and dock.memory_label.styleSheet() == ""
 
     dock.model_combo.setCurrentIndex(dock.model_combo.findData("mega"))
@@ -433,12 +439,7 @@ def test_the_panel_estimates_memory_and_asks_before_a_run_that_will_not_fit(plug
 def test_a_run_from_the_panel_hands_the_token_to_the_engine(plugin, scene_tif, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_from_the_environment")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-cache"))
-    path, _ = scene_tif
-    dock = plugin.dock
-    dock.layer_combo.setLayer(add_raster(path))
-    set_up_run(dock, Path("unused"), tmp_path / "out")
-    dock.model_override.clear()
-    dock.model_combo.setCurrentIndex(dock.model_combo.findData("small"))
+    dock = panel_with_catalogue_model(plugin, scene_tif, tmp_path, "small")
     dock.run_button.click()
     assert dock.task is not None and dock.task.hf_token == "hf_from_the_environment"
     wait_until(lambda: dock.task is None)

@@ -111,7 +111,7 @@ def test_memory_estimate_is_calibrated_on_the_benchmark():
                            86_400_000, VIT_S, catalogue.LVD_1689M)
     assert memory.tokens_per_tile(512) == 1029
     estimate = memory.estimate_peak_bytes(vit_s, stride=16, tile_size=512, batch_size=4, device="cpu")
-    assert estimate / memory.MIB == pytest.approx(807, rel=0.02)
+    assert estimate / memory.MIB == pytest.approx(817, rel=0.02)
 
 
 def test_memory_estimate_grows_with_model_batch_and_precision():

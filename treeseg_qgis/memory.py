@@ -4,12 +4,13 @@ Standard library only: the panel and the model manager use it inside QGIS.
 
 The estimate of a run's peak: the weights (4 bytes a parameter in float32 on the
 CPU, 2 in bfloat16/float16 on a GPU), the activations of the widest layer for one
-batch of images (tiles × their shifted copies) (transformer layers run one after the other in inference mode, and SDPA
-attention never holds the tokens × tokens matrix), the tiles of this batch and the next
-(read ahead) and their features, and on the CPU the process's fixed overhead (Python, torch,
-transformers, GDAL's block cache, the feature store). The overhead is calibrated
-on docs/BENCHMARKS.md: ViT-S/16, stride 16, 512-px tiles, batch 4 on the CPU
-peaked at 807 MiB; rasters up to 400 MP added at most 14 % to that.
+batch of images (tiles and their shifted copies; layers run one after the other in
+inference mode, and SDPA attention never holds the tokens × tokens matrix), the
+tiles of this batch and the next (read ahead) and their features, and on the CPU
+the process's fixed overhead (Python, torch, transformers, GDAL's block cache, the
+feature store). The overhead is calibrated on docs/BENCHMARKS.md: ViT-S/16,
+stride 16, 512-px tiles, batches of 4 tiles on the CPU peaked at 817 MiB on the
+4 MP raster; larger rasters add a little (see the memory table there).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ PATCH = 16
 EXTRA_TOKENS = 5
 """The class token and the 4 register tokens of every DINOv3 ViT."""
 MIB = 2**20
-CPU_FIXED_OVERHEAD_BYTES = 700 * MIB
+CPU_FIXED_OVERHEAD_BYTES = 626 * MIB
 """Process overhead on the CPU besides the model; calibrated as described above."""
 GPU_WORKSPACE_BYTES = 512 * MIB
 """Allocator slack and library workspaces on a GPU (not calibrated on a GPU yet)."""

@@ -12,13 +12,13 @@ import json
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 
-from ..catalogue import BACKBONES, DEFAULT_MODEL, HUB_URL, LVD_1689M, SAT_493M, Architecture, model_page
+from ..catalogue import BACKBONES, DEFAULT_MODEL, HUB_URL, LVD_1689M, SAT_493M, CatalogueModel, model_page
 from .devices import resolve_device
 from .errors import ModelUnavailableError
 
@@ -44,20 +44,16 @@ SAT_NORMALISATION = Normalisation("SAT-493M", SAT493M_MEAN, SAT493M_STD)
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelSpec(CatalogueModel):
     """A catalogue model (treeseg_qgis/catalogue.py) as the engine uses it, with its normalisation."""
 
-    name: str
-    label: str
-    repo_ids: tuple[str, ...]
-    architecture: Architecture
-    normalisation: Normalisation
+    normalisation: Normalisation = LVD_NORMALISATION
 
 
 NORMALISATIONS = {LVD_1689M: LVD_NORMALISATION, SAT_493M: SAT_NORMALISATION}
 CATALOGUE: dict[str, ModelSpec] = {
-    model.name: ModelSpec(model.name, model.label, model.repo_ids, model.architecture,
-                          NORMALISATIONS[model.pretraining])
+    model.name: ModelSpec(**{field.name: getattr(model, field.name) for field in fields(model)},
+                          normalisation=NORMALISATIONS[model.pretraining])
     for model in BACKBONES.values()
 }
 
