@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from .clustering import ClusterModel, Projection, fit_clusters
 from .errors import InputError
 from .features import pool_to_grid
+from .heap import release_free_memory
 from .params import SegmentationParams
 from .progress import Progress
 from .store import FeatureStore, TileFeatures
@@ -112,6 +113,7 @@ def segment_raster(
     """
     timings: dict[str, float] = {}
     grid, samples, sample_exg = ensure_features(params, source, extractor, store, progress.sub(0, 0.85), timings)
+    release_free_memory()
 
     progress.report(0.86, "Clustering")
     progress.check()

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Callable
 
 from osgeo import gdal, ogr, osr
 
 from ..core.errors import Cancelled, InputError, OutputError
+from ..core.heap import padded_heap
 from .writers import partial_path
 
 gdal.UseExceptions()
@@ -22,32 +20,6 @@ osr.UseExceptions()
 POLYGONIZE_SHARE = 0.8
 CHECK_EVERY = 1000
 SQLITE_SIDECARS = ("-journal", "-wal", "-shm")
-GLIBC_M_TOP_PAD = -2
-GLIBC_DEFAULT_TOP_PAD = 128 * 1024
-POLYGONIZE_TOP_PAD = 4 * 1024 * 1024
-
-
-@contextmanager
-def padded_heap() -> Iterator[None]:
-    """Keep 4 MB of slack at the top of glibc's heap while GDAL polygonizes.
-
-    Polygonize grows and shrinks the heap so often that, with the default padding,
-    most of its time went to page faults in the kernel (measured on a 36 MP raster:
-    6.4 to 9.7 s of system time, 0.25 s with 4 MB; 16 and 64 MB were no faster, and
-    64 MB, kept resident, raised the run's peak memory by as much). The padding is
-    restored after, since the model's forward pass is faster without it. Elsewhere
-    than glibc: nothing.
-    """
-    libc_name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(libc_name) if libc_name else None
-    mallopt = getattr(libc, "mallopt", None) if libc is not None and hasattr(libc, "gnu_get_libc_version") else None
-    if mallopt is not None:
-        mallopt(GLIBC_M_TOP_PAD, POLYGONIZE_TOP_PAD)
-    try:
-        yield
-    finally:
-        if mallopt is not None:
-            mallopt(GLIBC_M_TOP_PAD, GLIBC_DEFAULT_TOP_PAD)
 
 
 def polygonize_clusters(
