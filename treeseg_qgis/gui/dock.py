@@ -40,6 +40,7 @@ from qgis.PyQt.QtWidgets import (
     QFormLayout,
     QHBoxLayout,
     QLabel,
+    QLayout,
     QLineEdit,
     QMessageBox,
     QProgressBar,
@@ -133,6 +134,14 @@ def default_output_folder() -> str:
     """A 'treeseg' folder in the project's home, or in the system's temporary folder."""
     home = QgsProject.instance().homePath()
     return str(Path(home or tempfile.gettempdir()) / "treeseg")
+
+
+def _collapsible_group(title: str, object_name: str, layout: QLayout) -> QgsCollapsibleGroupBox:
+    group = QgsCollapsibleGroupBox(title)
+    group.setObjectName(object_name)
+    group.setSaveCollapsedState(False)
+    group.setLayout(layout)
+    return group
 
 
 class TreesegDock(QgsDockWidget):
@@ -321,11 +330,7 @@ class TreesegDock(QgsDockWidget):
         form.addRow(self.features_check)
         form.addRow(self.height_check, self.min_height_spin)
         form.addRow("Height model", self.height_model_override)
-        group = QgsCollapsibleGroupBox("More outputs")
-        group.setObjectName("TreesegMoreOutputs")
-        group.setSaveCollapsedState(False)
-        group.setLayout(form)
-        return group
+        return _collapsible_group("More outputs", "TreesegMoreOutputs", form)
 
     def _build_teach(self) -> QgsCollapsibleGroupBox:
         """The 'Teach by clicking' group: the map tool, the examples, the threshold and Apply."""
@@ -361,11 +366,7 @@ class TreesegDock(QgsDockWidget):
         column.addLayout(threshold_row)
         column.addWidget(self.apply_teach_button)
         column.addWidget(self.teach_status)
-        group = QgsCollapsibleGroupBox("Teach by clicking")
-        group.setObjectName("TreesegTeach")
-        group.setSaveCollapsedState(False)
-        group.setLayout(column)
-        return group
+        return _collapsible_group("Teach by clicking", "TreesegTeach", column)
 
     def _restore_settings(self) -> None:
         settings = QgsSettings()
