@@ -515,7 +515,8 @@ class TreesegDock(QgsDockWidget):
         if free is not None:
             text += f"; {format_gigabytes(free)} free on {where}"
         self.memory_label.setText(text + ".")
-        self.memory_label.setStyleSheet("color: #b00020;" if self.memory_problem() else "")
+        will_not_fit = free is not None and needed > free
+        self.memory_label.setStyleSheet("color: #b00020;" if will_not_fit else "")
 
     def build_params(self, input_path: str | None = None) -> dict[str, Any]:
         """The run's parameters (SegmentationParams fields) from the panel; `input_path` defaults to the
