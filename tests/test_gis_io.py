@@ -361,3 +361,65 @@ def test_preview_has_three_panels_side_by_side(tmp_path):
     assert preview.RasterXSize >= 3 * 64
     assert 1.5 < aspect < 3 * 40 / 30
     assert not any("partial" in name for name in os.listdir(tmp_path))
+
+
+def patchwork(height: int, width: int, seed: int) -> np.ndarray:
+    """Three clusters in blocks of 3 pixels with single-pixel noise (corner touches, holes, long regions),
+    a nodata hole, a cluster-0 frame joining every strip, and a U that only closes across a seam."""
+    rng = np.random.default_rng(seed)
+    labels = np.kron(rng.integers(0, 3, (height // 3 + 1, width // 3 + 1)), np.ones((3, 3), int))[:height, :width]
+    noise = rng.random((height, width)) < 0.1
+    labels[noise] = rng.integers(0, 3, int(noise.sum()))
+    labels[:, :2] = labels[:, -2:] = labels[:2, :] = 0
+    labels[20:26, 10:30] = 255
+    labels[8:14, 40:52] = 2
+    labels[8:11, 43:49] = 1
+    return labels.astype(np.uint8)
+
+
+def regions_of(gpkg_path: str) -> tuple[dict[int, list[float]], bool]:
+    """The sorted polygon areas of each cluster, and whether every polygon is a valid geometry."""
+    dataset = ogr.Open(gpkg_path)
+    areas: dict[int, list[float]] = {}
+    valid = True
+    for feature in dataset.GetLayer(0):
+        geometry = feature.GetGeometryRef()
+        valid = valid and geometry.IsValid()
+        areas.setdefault(feature.GetField("cluster"), []).append(round(geometry.GetArea(), 6))
+    return {cluster: sorted(values) for cluster, values in areas.items()}, valid
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_polygons_made_in_strips_are_the_regions_of_one_pass(tmp_path, seed):
+    labels = patchwork(47, 60, seed)
+    clusters, _ = write_labels(tmp_path, labels, wkt(32617), UTM_GEOTRANSFORM)
+    one_pass, strips = str(tmp_path / "one_pass.gpkg"), str(tmp_path / "strips.gpkg")
+    steps: list[float] = []
+    count = polygonize_clusters(clusters, one_pass, [1], "regions")
+    assert polygonize_clusters(clusters, strips, [1], "regions", progress=steps.append, strip_pixels=60 * 5) == count
+    expected, _ = regions_of(one_pass)
+    found, valid = regions_of(strips)
+    assert found == expected
+    assert valid
+    assert sum(map(sum, found.values())) == pytest.approx(int((labels != 255).sum()) * 0.01)
+    assert steps == sorted(steps) and steps[-1] == 1.0
+    frame_area = max(expected[0])
+    assert frame_area > 0.5 * 0.01 * 2 * (47 + 60)
+
+
+def test_polygons_of_a_rotated_raster_are_made_in_one_pass(tmp_path):
+    rotated = (500000.0, 0.1, 0.02, 4000000.0, 0.02, -0.1)
+    clusters, _ = write_labels(tmp_path, patchwork(47, 60, 4), wkt(32617), rotated)
+    one_pass, strips = str(tmp_path / "one_pass.gpkg"), str(tmp_path / "strips.gpkg")
+    assert polygonize_clusters(clusters, strips, [1], "regions", strip_pixels=60 * 5) == \
+        polygonize_clusters(clusters, one_pass, [1], "regions")
+    assert regions_of(strips) == regions_of(one_pass)
+
+
+def test_polygonize_cancelled_between_strips_leaves_no_geopackage(tmp_path):
+    clusters, _ = write_labels(tmp_path, patchwork(47, 60, 5), wkt(32617), UTM_GEOTRANSFORM)
+    steps: list[float] = []
+    with pytest.raises(Cancelled):
+        polygonize_clusters(clusters, str(tmp_path / "polygons.gpkg"), [1], "regions", progress=steps.append,
+                            is_cancelled=lambda: len(steps) > 3, strip_pixels=60 * 5)
+    assert not any(name.endswith(".gpkg") or "partial" in name for name in os.listdir(tmp_path))

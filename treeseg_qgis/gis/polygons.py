@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Callable
 
 from osgeo import gdal, ogr, osr
@@ -18,7 +18,9 @@ ogr.UseExceptions()
 osr.UseExceptions()
 
 POLYGONIZE_SHARE = 0.8
+STRIPS_SHARE = 0.75
 CHECK_EVERY = 1000
+STRIP_PIXELS = 8_000_000
 SQLITE_SIDECARS = ("-journal", "-wal", "-shm")
 
 
@@ -30,6 +32,7 @@ def polygonize_clusters(
     progress: Callable[[float], None] | None = None,
     is_cancelled: Callable[[], bool] | None = None,
     description: str = "",
+    strip_pixels: int = STRIP_PIXELS,
 ) -> int:
     """Write one polygon per 4-connected region of equal cluster id; return the count.
 
@@ -39,7 +42,9 @@ def polygonize_clusters(
     azimuthal equal-area projection centred on the raster in a geographic CRS, and
     NULL when the raster has no CRS. The file is written under a temporary name
     and renamed when complete; on cancellation (`Cancelled`) or failure nothing is
-    left behind.
+    left behind. Large north-up rasters are polygonized in strips of about
+    `strip_pixels` pixels, with the polygons that cross a seam merged again, so
+    memory does not grow with the raster's height.
     """
     report = progress or (lambda fraction: None)
     cancelled = is_cancelled or (lambda: False)
@@ -75,13 +80,16 @@ def polygonize_clusters(
         def polygonize_progress(fraction: float, message: str, data: object) -> int:
             if cancelled():
                 return 0
-            report(fraction * POLYGONIZE_SHARE)
+            report(min(fraction, 1.0) * POLYGONIZE_SHARE)
             return 1
 
         output.StartTransaction()
         try:
             with padded_heap():
-                gdal.Polygonize(band, band.GetMaskBand(), layer, 0, [], callback=polygonize_progress)
+                if strip_rows(raster, strip_pixels) < raster.RasterYSize:
+                    _polygonize_in_strips(output, layer, raster, strip_rows(raster, strip_pixels), report, cancelled)
+                else:
+                    gdal.Polygonize(band, band.GetMaskBand(), layer, 0, [], callback=polygonize_progress)
         except RuntimeError as error:
             if cancelled():
                 raise Cancelled() from error
@@ -105,6 +113,203 @@ def polygonize_clusters(
         raise
 
 
+def strip_rows(raster: gdal.Dataset, strip_pixels: int) -> int:
+    """Rows per polygonize strip: the whole height unless the raster is north-up (seams are then lines of
+    constant y) and larger than `strip_pixels`."""
+    _, _, row_rotation, _, column_rotation, _ = raster.GetGeoTransform()
+    if row_rotation or column_rotation:
+        return raster.RasterYSize
+    return max(1, strip_pixels // raster.RasterXSize)
+
+
+def _polygonize_in_strips(
+    output: gdal.Dataset,
+    layer: ogr.Layer,
+    raster: gdal.Dataset,
+    rows: int,
+    report: Callable[[float], None],
+    cancelled: Callable[[], bool],
+) -> None:
+    """GDAL's polygonize strip by strip: its memory grows with the area it covers (measured at
+    400 MP: 560 MB in one pass). The polygons of one cluster that meet across a seam (the same
+    cluster in the pixels just above and below it) are unioned back into one at the end.
+    """
+    x0, pixel_width, _, y0, _, pixel_height = raster.GetGeoTransform()
+    width, height = raster.RasterXSize, raster.RasterYSize
+    tops = range(0, height, rows)
+    # Each strip's origin is the previous strip's bottom edge as GDAL computes it, so seam
+    # vertices are bit-identical on both sides and the unions close exactly.
+    origins = [y0]
+    for _ in tops[1:]:
+        origins.append(origins[-1] + rows * pixel_height)
+    left, right = sorted((x0 - pixel_width, x0 + (width + 1) * pixel_width))
+    joined = _Joins()
+    from_above: dict[int, list[tuple[int, list[tuple[float, float]]]]] = {}
+    for index, top in enumerate(tops):
+        if cancelled():
+            raise Cancelled()
+        strip_height = min(rows, height - top)
+        strip = gdal.Translate("", raster, format="VRT", srcWin=[0, top, width, strip_height])
+        strip.SetGeoTransform((x0, pixel_width, 0.0, origins[index], 0.0, pixel_height))
+        band = strip.GetRasterBand(1)
+        first_new = _last_fid(output, layer) + 1
+
+        def strip_progress(fraction: float, message: str, data: object, top: int = top,
+                           rows: int = strip_height) -> int:
+            if cancelled():
+                return 0
+            report((top + min(fraction, 1.0) * rows) / height * STRIPS_SHARE)
+            return 1
+
+        gdal.Polygonize(band, band.GetMaskBand(), layer, 0, [], callback=strip_progress)
+        first_row = origins[index] + pixel_height / 2 if index else None
+        last_row = origins[index + 1] - pixel_height / 2 if index + 1 < len(origins) else None
+        from_below: dict[int, list[tuple[int, list[tuple[float, float]]]]] = {}
+        to_below: dict[int, list[tuple[int, list[tuple[float, float]]]]] = {}
+        for fid, cluster, polygon in _new_polygons_on_rows(output, layer, first_new, (first_row, last_row)):
+            for row_y, side in ((first_row, from_below), (last_row, to_below)):
+                runs = _runs_on_row(polygon, row_y, left, right) if row_y is not None else []
+                if runs:
+                    side.setdefault(cluster, []).append((fid, runs))
+        for cluster, pieces in from_below.items():
+            joined.across_seam(from_above.get(cluster, []), pieces)
+        from_above = to_below
+    groups = joined.groups()
+    for done, fids in enumerate(groups):
+        if cancelled():
+            raise Cancelled()
+        _merge_features(layer, fids)
+        report(STRIPS_SHARE + (POLYGONIZE_SHARE - STRIPS_SHARE) * done / len(groups))
+
+
+class _Joins:
+    """Union-find over feature ids: which strip polygons form one region."""
+
+    def __init__(self) -> None:
+        self._parent: dict[int, int] = {}
+
+    def _root(self, fid: int) -> int:
+        parent = self._parent.setdefault(fid, fid)
+        while parent != fid:
+            grandparent = self._parent[parent]
+            self._parent[fid] = grandparent
+            fid, parent = parent, grandparent
+        return fid
+
+    def across_seam(self, above: list[tuple[int, list[tuple[float, float]]]],
+                    below: list[tuple[int, list[tuple[float, float]]]]) -> None:
+        """Join the pieces above and below a seam whose pixel runs on the rows next to it overlap."""
+        upper = sorted((run, fid) for fid, runs in above for run in runs)
+        lower = sorted((run, fid) for fid, runs in below for run in runs)
+        i = j = 0
+        while i < len(upper) and j < len(lower):
+            (up_start, up_end), up_fid = upper[i]
+            (low_start, low_end), low_fid = lower[j]
+            if min(up_end, low_end) > max(up_start, low_start):
+                self._parent[self._root(up_fid)] = self._root(low_fid)
+            if up_end < low_end:
+                i += 1
+            else:
+                j += 1
+
+    def groups(self) -> list[list[int]]:
+        """The feature ids of each region made of more than one piece."""
+        members: dict[int, list[int]] = {}
+        for fid in self._parent:
+            members.setdefault(self._root(fid), []).append(fid)
+        return [fids for fids in members.values() if len(fids) > 1]
+
+
+def _last_fid(output: gdal.Dataset, layer: ogr.Layer) -> int:
+    query = f'SELECT MAX("{layer.GetFIDColumn()}") FROM "{_quoted(layer.GetName())}"'  # nosec B608
+    result = output.ExecuteSQL(query)
+    try:
+        return result.GetNextFeature().GetField(0) or 0
+    finally:
+        output.ReleaseResultSet(result)
+
+
+def _new_polygons_on_rows(
+    output: gdal.Dataset, layer: ogr.Layer, first_fid: int, rows_y: tuple[float | None, float | None]
+) -> Iterator[tuple[int, int, ogr.Geometry]]:
+    """(fid, cluster, polygon) of the new polygons (fid >= first_fid) that reach one of the rows at `rows_y`."""
+    fid, geometry = layer.GetFIDColumn(), layer.GetGeometryColumn()
+    reaching = " OR ".join(f'(ST_MinY("{geometry}") < {y!r} AND ST_MaxY("{geometry}") > {y!r})'
+                           for y in rows_y if y is not None)
+    if not reaching:
+        return
+    query = (f'SELECT "{fid}", cluster, "{geometry}" FROM "{_quoted(layer.GetName())}" '  # nosec B608
+             f'WHERE "{fid}" >= {int(first_fid)} AND ({reaching})')
+    result = output.ExecuteSQL(query)
+    try:
+        for feature in result:
+            yield feature.GetFID(), feature.GetField("cluster"), feature.GetGeometryRef().Clone()
+    finally:
+        output.ReleaseResultSet(result)
+
+
+def _runs_on_row(polygon: ogr.Geometry, row_y: float, left: float, right: float) -> list[tuple[float, float]]:
+    """The x extents of the polygon along the horizontal line through a row's pixel centres."""
+    _, _, min_y, max_y = polygon.GetEnvelope()
+    if not min_y < row_y < max_y:
+        return []
+    line = ogr.Geometry(ogr.wkbLineString)
+    line.AddPoint_2D(left, row_y)
+    line.AddPoint_2D(right, row_y)
+    crossing = polygon.Intersection(line)
+    parts = [crossing] if crossing.GetGeometryCount() == 0 else \
+        [crossing.GetGeometryRef(i) for i in range(crossing.GetGeometryCount())]
+    runs = []
+    for part in parts:
+        start, end, _, _ = part.GetEnvelope()
+        if end > start:
+            runs.append((start, end))
+    return runs
+
+
+def _merge_features(layer: ogr.Layer, fids: list[int]) -> None:
+    """Replace the features `fids` (one region of one cluster) by their union.
+
+    Only the outer rings go through GEOS: a hole of a piece lies inside its strip, so it is a
+    hole of the union too. That keeps the union's memory to the outer rings of the region.
+    """
+    shells = ogr.Geometry(ogr.wkbMultiPolygon)
+    holes: list[ogr.Geometry] = []
+    cluster = 0
+    for fid in fids:
+        feature = layer.GetFeature(fid)
+        cluster = feature.GetField("cluster")
+        polygon = feature.GetGeometryRef()
+        shell = ogr.Geometry(ogr.wkbPolygon)
+        shell.AddGeometry(polygon.GetGeometryRef(0))
+        shells.AddGeometryDirectly(shell)
+        holes.extend(polygon.GetGeometryRef(ring).Clone() for ring in range(1, polygon.GetGeometryCount()))
+        layer.DeleteFeature(fid)
+    union = shells.UnionCascaded()
+    parts = [union] if union.GetGeometryType() == ogr.wkbPolygon else \
+        [union.GetGeometryRef(i).Clone() for i in range(union.GetGeometryCount())]
+    for hole in holes:
+        _part_around(parts, hole).AddGeometryDirectly(hole)
+    for part in parts:
+        merged = ogr.Feature(layer.GetLayerDefn())
+        merged.SetField("cluster", int(cluster))
+        merged.SetGeometryDirectly(part)
+        layer.CreateFeature(merged)
+
+
+def _part_around(parts: list[ogr.Geometry], hole: ogr.Geometry) -> ogr.Geometry:
+    if len(parts) == 1:
+        return parts[0]
+    x, y, _ = hole.GetPoint(0)
+    corner = ogr.Geometry(ogr.wkbPoint)
+    corner.AddPoint_2D(x, y)
+    return next((part for part in parts if part.Intersects(corner)), parts[0])
+
+
+def _quoted(name: str) -> str:
+    return name.replace('"', '""')
+
+
 def _fill_attributes_in_sql(
     output: gdal.Dataset, layer_name: str, tree_clusters: Sequence[int], srs: osr.SpatialReference | None
 ) -> bool:
@@ -115,7 +320,7 @@ def _fill_attributes_in_sql(
     trees = ", ".join(str(int(cluster)) for cluster in tree_clusters)
     is_tree = f"(cluster IN ({trees}))" if trees else "0"
     square_metres = srs.GetLinearUnits() ** 2
-    table = layer_name.replace('"', '""')
+    table = _quoted(layer_name)
     output.StartTransaction()
     try:
         update = f'UPDATE "{table}" SET is_tree = {is_tree}, area_m2 = ST_Area(geom) * {square_metres!r}'  # nosec B608
