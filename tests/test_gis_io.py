@@ -363,12 +363,12 @@ def test_preview_has_three_panels_side_by_side(tmp_path):
     assert not any("partial" in name for name in os.listdir(tmp_path))
 
 
-def patchwork(height: int, width: int, seed: int) -> np.ndarray:
+def patchwork(height: int, width: int, seed: int, noise_share: float = 0.1) -> np.ndarray:
     """Three clusters in blocks of 3 pixels with single-pixel noise (corner touches, holes, long regions),
     a nodata hole, a cluster-0 frame joining every strip, and a U that only closes across a seam."""
     rng = np.random.default_rng(seed)
     labels = np.kron(rng.integers(0, 3, (height // 3 + 1, width // 3 + 1)), np.ones((3, 3), int))[:height, :width]
-    noise = rng.random((height, width)) < 0.1
+    noise = rng.random((height, width)) < noise_share
     labels[noise] = rng.integers(0, 3, int(noise.sum()))
     labels[:, :2] = labels[:, -2:] = labels[:2, :] = 0
     labels[20:26, 10:30] = 255
@@ -389,9 +389,9 @@ def regions_of(gpkg_path: str) -> tuple[dict[int, list[float]], bool]:
     return {cluster: sorted(values) for cluster, values in areas.items()}, valid
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_polygons_made_in_strips_are_the_regions_of_one_pass(tmp_path, seed):
-    labels = patchwork(47, 60, seed)
+@pytest.mark.parametrize(("seed", "noise_share"), [(1, 0.1), (2, 0.1), (3, 0.4)])
+def test_polygons_made_in_strips_are_the_regions_of_one_pass(tmp_path, seed, noise_share):
+    labels = patchwork(47, 60, seed, noise_share)
     clusters, _ = write_labels(tmp_path, labels, wkt(32617), UTM_GEOTRANSFORM)
     one_pass, strips = str(tmp_path / "one_pass.gpkg"), str(tmp_path / "strips.gpkg")
     steps: list[float] = []

@@ -7,10 +7,12 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Callable
 
+import numpy as np
 from osgeo import gdal, ogr, osr
 
 from ..core.errors import Cancelled, InputError, OutputError
 from ..core.heap import padded_heap
+from .seams import SeamJoins, join_pieces, polygon_rings, polygon_wkb
 from .writers import partial_path
 
 gdal.UseExceptions()
@@ -22,6 +24,7 @@ STRIPS_SHARE = 0.75
 CHECK_EVERY = 1000
 STRIP_PIXELS = 8_000_000
 SQLITE_SIDECARS = ("-journal", "-wal", "-shm")
+SeamRuns = dict[int, list[tuple[int, list[tuple[float, float]]]]]
 
 
 def polygonize_clusters(
@@ -86,8 +89,9 @@ def polygonize_clusters(
         output.StartTransaction()
         try:
             with padded_heap():
-                if strip_rows(raster, strip_pixels) < raster.RasterYSize:
-                    _polygonize_in_strips(output, layer, raster, strip_rows(raster, strip_pixels), report, cancelled)
+                rows = _strip_rows(raster, strip_pixels)
+                if rows < raster.RasterYSize:
+                    _polygonize_in_strips(output, layer, raster, rows, report, cancelled)
                 else:
                     gdal.Polygonize(band, band.GetMaskBand(), layer, 0, [], callback=polygonize_progress)
         except RuntimeError as error:
@@ -113,7 +117,7 @@ def polygonize_clusters(
         raise
 
 
-def strip_rows(raster: gdal.Dataset, strip_pixels: int) -> int:
+def _strip_rows(raster: gdal.Dataset, strip_pixels: int) -> int:
     """Rows per polygonize strip: the whole height unless the raster is north-up (seams are then lines of
     constant y) and larger than `strip_pixels`."""
     _, _, row_rotation, _, column_rotation, _ = raster.GetGeoTransform()
@@ -131,20 +135,21 @@ def _polygonize_in_strips(
     cancelled: Callable[[], bool],
 ) -> None:
     """GDAL's polygonize strip by strip: its memory grows with the area it covers (measured at
-    400 MP: 560 MB in one pass). The polygons of one cluster that meet across a seam (the same
-    cluster in the pixels just above and below it) are unioned back into one at the end.
+    400 MP: 560 MB in one pass). Pieces of one cluster whose pixels meet across a seam are
+    recorded as they come, and each region made of several pieces is joined back at the end
+    (gis/seams.py).
     """
     x0, pixel_width, _, y0, _, pixel_height = raster.GetGeoTransform()
     width, height = raster.RasterXSize, raster.RasterYSize
     tops = range(0, height, rows)
     # Each strip's origin is the previous strip's bottom edge as GDAL computes it, so seam
-    # vertices are bit-identical on both sides and the unions close exactly.
+    # vertices are bit-identical on both sides.
     origins = [y0]
     for _ in tops[1:]:
         origins.append(origins[-1] + rows * pixel_height)
     left, right = sorted((x0 - pixel_width, x0 + (width + 1) * pixel_width))
-    joined = _Joins()
-    from_above: dict[int, list[tuple[int, list[tuple[float, float]]]]] = {}
+    joined = SeamJoins()
+    from_above: SeamRuns = {}
     for index, top in enumerate(tops):
         if cancelled():
             raise Cancelled()
@@ -164,60 +169,17 @@ def _polygonize_in_strips(
         gdal.Polygonize(band, band.GetMaskBand(), layer, 0, [], callback=strip_progress)
         first_row = origins[index] + pixel_height / 2 if index else None
         last_row = origins[index + 1] - pixel_height / 2 if index + 1 < len(origins) else None
-        from_below: dict[int, list[tuple[int, list[tuple[float, float]]]]] = {}
-        to_below: dict[int, list[tuple[int, list[tuple[float, float]]]]] = {}
-        for fid, cluster, polygon in _new_polygons_on_rows(output, layer, first_new, (first_row, last_row)):
-            for row_y, side in ((first_row, from_below), (last_row, to_below)):
-                runs = _runs_on_row(polygon, row_y, left, right) if row_y is not None else []
-                if runs:
-                    side.setdefault(cluster, []).append((fid, runs))
+        from_below, to_below = _seam_runs(output, layer, first_new, first_row, last_row, (left, right))
         for cluster, pieces in from_below.items():
             joined.across_seam(from_above.get(cluster, []), pieces)
         from_above = to_below
     groups = joined.groups()
+    seams = np.array(origins[1:])
     for done, fids in enumerate(groups):
         if cancelled():
             raise Cancelled()
-        _merge_features(layer, fids)
+        _merge_features(layer, fids, seams)
         report(STRIPS_SHARE + (POLYGONIZE_SHARE - STRIPS_SHARE) * done / len(groups))
-
-
-class _Joins:
-    """Union-find over feature ids: which strip polygons form one region."""
-
-    def __init__(self) -> None:
-        self._parent: dict[int, int] = {}
-
-    def _root(self, fid: int) -> int:
-        parent = self._parent.setdefault(fid, fid)
-        while parent != fid:
-            grandparent = self._parent[parent]
-            self._parent[fid] = grandparent
-            fid, parent = parent, grandparent
-        return fid
-
-    def across_seam(self, above: list[tuple[int, list[tuple[float, float]]]],
-                    below: list[tuple[int, list[tuple[float, float]]]]) -> None:
-        """Join the pieces above and below a seam whose pixel runs on the rows next to it overlap."""
-        upper = sorted((run, fid) for fid, runs in above for run in runs)
-        lower = sorted((run, fid) for fid, runs in below for run in runs)
-        i = j = 0
-        while i < len(upper) and j < len(lower):
-            (up_start, up_end), up_fid = upper[i]
-            (low_start, low_end), low_fid = lower[j]
-            if min(up_end, low_end) > max(up_start, low_start):
-                self._parent[self._root(up_fid)] = self._root(low_fid)
-            if up_end < low_end:
-                i += 1
-            else:
-                j += 1
-
-    def groups(self) -> list[list[int]]:
-        """The feature ids of each region made of more than one piece."""
-        members: dict[int, list[int]] = {}
-        for fid in self._parent:
-            members.setdefault(self._root(fid), []).append(fid)
-        return [fids for fids in members.values() if len(fids) > 1]
 
 
 def _last_fid(output: gdal.Dataset, layer: ogr.Layer) -> int:
@@ -227,6 +189,20 @@ def _last_fid(output: gdal.Dataset, layer: ogr.Layer) -> int:
         return result.GetNextFeature().GetField(0) or 0
     finally:
         output.ReleaseResultSet(result)
+
+
+def _seam_runs(output: gdal.Dataset, layer: ogr.Layer, first_fid: int, first_row: float | None,
+               last_row: float | None, x_range: tuple[float, float]) -> tuple[SeamRuns, SeamRuns]:
+    """By cluster, the new pieces with pixels on the strip's first row (y of its centres) and on its last
+    row, each as (fid, x extents of its pixel runs there)."""
+    on_first: SeamRuns = {}
+    on_last: SeamRuns = {}
+    for fid, cluster, polygon in _new_polygons_on_rows(output, layer, first_fid, (first_row, last_row)):
+        for row_y, side in ((first_row, on_first), (last_row, on_last)):
+            runs = _runs_on_row(polygon, row_y, *x_range) if row_y is not None else []
+            if runs:
+                side.setdefault(cluster, []).append((fid, runs))
+    return on_first, on_last
 
 
 def _new_polygons_on_rows(
@@ -267,43 +243,19 @@ def _runs_on_row(polygon: ogr.Geometry, row_y: float, left: float, right: float)
     return runs
 
 
-def _merge_features(layer: ogr.Layer, fids: list[int]) -> None:
-    """Replace the features `fids` (one region of one cluster) by their union.
-
-    Only the outer rings go through GEOS: a hole of a piece lies inside its strip, so it is a
-    hole of the union too. That keeps the union's memory to the outer rings of the region.
-    """
-    shells = ogr.Geometry(ogr.wkbMultiPolygon)
-    holes: list[ogr.Geometry] = []
+def _merge_features(layer: ogr.Layer, fids: list[int], seams: np.ndarray) -> None:
+    """Replace the features `fids` (the pieces of one region of one cluster) by the region."""
+    pieces = []
     cluster = 0
     for fid in fids:
         feature = layer.GetFeature(fid)
         cluster = feature.GetField("cluster")
-        polygon = feature.GetGeometryRef()
-        shell = ogr.Geometry(ogr.wkbPolygon)
-        shell.AddGeometry(polygon.GetGeometryRef(0))
-        shells.AddGeometryDirectly(shell)
-        holes.extend(polygon.GetGeometryRef(ring).Clone() for ring in range(1, polygon.GetGeometryCount()))
+        pieces.append(polygon_rings(feature.GetGeometryRef().ExportToWkb(ogr.wkbNDR)))
         layer.DeleteFeature(fid)
-    union = shells.UnionCascaded()
-    parts = [union] if union.GetGeometryType() == ogr.wkbPolygon else \
-        [union.GetGeometryRef(i).Clone() for i in range(union.GetGeometryCount())]
-    for hole in holes:
-        _part_around(parts, hole).AddGeometryDirectly(hole)
-    for part in parts:
-        merged = ogr.Feature(layer.GetLayerDefn())
-        merged.SetField("cluster", int(cluster))
-        merged.SetGeometryDirectly(part)
-        layer.CreateFeature(merged)
-
-
-def _part_around(parts: list[ogr.Geometry], hole: ogr.Geometry) -> ogr.Geometry:
-    if len(parts) == 1:
-        return parts[0]
-    x, y, _ = hole.GetPoint(0)
-    corner = ogr.Geometry(ogr.wkbPoint)
-    corner.AddPoint_2D(x, y)
-    return next((part for part in parts if part.Intersects(corner)), parts[0])
+    merged = ogr.Feature(layer.GetLayerDefn())
+    merged.SetField("cluster", int(cluster))
+    merged.SetGeometryDirectly(ogr.CreateGeometryFromWkb(polygon_wkb(join_pieces(pieces, seams))))
+    layer.CreateFeature(merged)
 
 
 def _quoted(name: str) -> str:
