@@ -12,7 +12,7 @@ from osgeo import gdal, ogr, osr
 
 from ..core.errors import Cancelled, InputError, OutputError
 from ..core.heap import padded_heap
-from .seams import SeamJoins, join_pieces, polygon_rings, polygon_wkb
+from .seams import SeamJoins, join_pieces, polygon_rings, polygon_wkb, runs_on_line
 from .writers import partial_path
 
 gdal.UseExceptions()
@@ -147,7 +147,6 @@ def _polygonize_in_strips(
     origins = [y0]
     for _ in tops[1:]:
         origins.append(origins[-1] + rows * pixel_height)
-    left, right = sorted((x0 - pixel_width, x0 + (width + 1) * pixel_width))
     joined = SeamJoins()
     from_above: SeamRuns = {}
     for index, top in enumerate(tops):
@@ -169,7 +168,7 @@ def _polygonize_in_strips(
         gdal.Polygonize(band, band.GetMaskBand(), layer, 0, [], callback=strip_progress)
         first_row = origins[index] + pixel_height / 2 if index else None
         last_row = origins[index + 1] - pixel_height / 2 if index + 1 < len(origins) else None
-        from_below, to_below = _seam_runs(output, layer, first_new, first_row, last_row, (left, right))
+        from_below, to_below = _seam_runs(output, layer, first_new, first_row, last_row)
         for cluster, pieces in from_below.items():
             joined.across_seam(from_above.get(cluster, []), pieces)
         from_above = to_below
@@ -192,14 +191,14 @@ def _last_fid(output: gdal.Dataset, layer: ogr.Layer) -> int:
 
 
 def _seam_runs(output: gdal.Dataset, layer: ogr.Layer, first_fid: int, first_row: float | None,
-               last_row: float | None, x_range: tuple[float, float]) -> tuple[SeamRuns, SeamRuns]:
+               last_row: float | None) -> tuple[SeamRuns, SeamRuns]:
     """By cluster, the new pieces with pixels on the strip's first row (y of its centres) and on its last
     row, each as (fid, x extents of its pixel runs there)."""
     on_first: SeamRuns = {}
     on_last: SeamRuns = {}
-    for fid, cluster, polygon in _new_polygons_on_rows(output, layer, first_fid, (first_row, last_row)):
+    for fid, cluster, rings in _new_polygons_on_rows(output, layer, first_fid, (first_row, last_row)):
         for row_y, side in ((first_row, on_first), (last_row, on_last)):
-            runs = _runs_on_row(polygon, row_y, *x_range) if row_y is not None else []
+            runs = runs_on_line(rings, row_y) if row_y is not None else []
             if runs:
                 side.setdefault(cluster, []).append((fid, runs))
     return on_first, on_last
@@ -207,8 +206,8 @@ def _seam_runs(output: gdal.Dataset, layer: ogr.Layer, first_fid: int, first_row
 
 def _new_polygons_on_rows(
     output: gdal.Dataset, layer: ogr.Layer, first_fid: int, rows_y: tuple[float | None, float | None]
-) -> Iterator[tuple[int, int, ogr.Geometry]]:
-    """(fid, cluster, polygon) of the new polygons (fid >= first_fid) that reach one of the rows at `rows_y`."""
+) -> Iterator[tuple[int, int, list[np.ndarray]]]:
+    """(fid, cluster, rings) of the new polygons (fid >= first_fid) that reach one of the rows at `rows_y`."""
     fid, geometry = layer.GetFIDColumn(), layer.GetGeometryColumn()
     reaching = " OR ".join(f'(ST_MinY("{geometry}") < {y!r} AND ST_MaxY("{geometry}") > {y!r})'
                            for y in rows_y if y is not None)
@@ -219,28 +218,10 @@ def _new_polygons_on_rows(
     result = output.ExecuteSQL(query)
     try:
         for feature in result:
-            yield feature.GetFID(), feature.GetField("cluster"), feature.GetGeometryRef().Clone()
+            rings = polygon_rings(feature.GetGeometryRef().ExportToWkb(ogr.wkbNDR))
+            yield feature.GetFID(), feature.GetField("cluster"), rings
     finally:
         output.ReleaseResultSet(result)
-
-
-def _runs_on_row(polygon: ogr.Geometry, row_y: float, left: float, right: float) -> list[tuple[float, float]]:
-    """The x extents of the polygon along the horizontal line through a row's pixel centres."""
-    _, _, min_y, max_y = polygon.GetEnvelope()
-    if not min_y < row_y < max_y:
-        return []
-    line = ogr.Geometry(ogr.wkbLineString)
-    line.AddPoint_2D(left, row_y)
-    line.AddPoint_2D(right, row_y)
-    crossing = polygon.Intersection(line)
-    parts = [crossing] if crossing.GetGeometryCount() == 0 else \
-        [crossing.GetGeometryRef(i) for i in range(crossing.GetGeometryCount())]
-    runs = []
-    for part in parts:
-        start, end, _, _ = part.GetEnvelope()
-        if end > start:
-            runs.append((start, end))
-    return runs
 
 
 def _merge_features(layer: ogr.Layer, fids: list[int], seams: np.ndarray) -> None:

@@ -78,6 +78,19 @@ def polygon_wkb(rings: Sequence[np.ndarray]) -> bytes:
     return b"".join(parts)
 
 
+def runs_on_line(rings: Sequence[np.ndarray], y: float) -> list[tuple[float, float]]:
+    """The x extents of a polygon along the horizontal line at `y` (a row of pixel centres, so the
+    line passes through no vertex): its edges crossing the line, paired left to right."""
+    crossings = []
+    for ring in rings:
+        start, end = ring[:-1], ring[1:]
+        crossing = (start[:, 1] < y) != (end[:, 1] < y)
+        start, end = start[crossing], end[crossing]
+        crossings.append(start[:, 0] + (y - start[:, 1]) * (end[:, 0] - start[:, 0]) / (end[:, 1] - start[:, 1]))
+    xs = np.sort(np.concatenate(crossings))
+    return list(zip(xs[0::2].tolist(), xs[1::2].tolist()))
+
+
 def signed_area(ring: np.ndarray) -> float:
     """Shoelace area of a closed ring: positive counter-clockwise (relative to its first point, for precision)."""
     x, y = ring[:, 0] - ring[0, 0], ring[:, 1] - ring[0, 1]
