@@ -92,6 +92,8 @@ UNTRAINED_TOOLTIP = (
 DEFAULT_THRESHOLD = 0.6
 TEACH_DEBOUNCE_MS = 300
 ELBOW_WIDTH = 340
+COMBO_MIN_CHARACTERS = 12
+"""Combo boxes shrink to this many characters, so long layer and model names never make the panel scroll sideways."""
 TEACH_HELP = ("Left click on the map: a tree. Shift+click or right click: not a tree. Teaching works on the "
               "input of the last run and reuses its cached features, so the model does not run again.")
 
@@ -209,6 +211,10 @@ class TreesegDock(QgsDockWidget):
         self.clusters_spin.setRange(2, 250)
         self.device_combo = QComboBox()
         self.device_combo.addItems(DEVICES)
+        for combo in (self.layer_combo, self.extent_combo, self.mask_combo, self.model_combo, self.stride_combo,
+                      self.device_combo):
+            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(COMBO_MIN_CHARACTERS)
         self.engine_label = QLabel()
         self.engine_label.setWordWrap(True)
         self.engine_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
