@@ -140,6 +140,10 @@ def _shifted(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
 
 def pool_to_grid(values: np.ndarray, stride: int, cell_size: int = PATCH) -> np.ndarray:
     """Mean of a (H, W) map over each grid cell (cell_size pixels square): (H / stride, W / stride)."""
+    height, width = values.shape
+    if stride == cell_size and height % stride == 0 and width % stride == 0:
+        cells = values.reshape(height // stride, stride, width // stride, stride)
+        return cells.mean(axis=(1, 3), dtype=np.float32)
     tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))[None, None]
     padded = F.pad(tensor, (0, cell_size - stride, 0, cell_size - stride), mode="replicate")
     return F.avg_pool2d(padded, kernel_size=cell_size, stride=stride)[0, 0].numpy()
