@@ -1,4 +1,5 @@
-"""`make bench`: end-to-end time vs the bare model forward, peak memory per raster size, stride cost.
+"""`make bench`: end-to-end time vs the bare model forward, peak memory per raster size, stride cost,
+and the polygonize step alone (one pass against strips).
 
 Synthetic orthophoto-like rasters (textured crowns on soil): one 2000 × 2000 px
 tiled GeoTIFF (4 MP) and VRT mosaics of it (36, 100, 400 MP). The model is the
@@ -30,6 +31,7 @@ WORK = REPO / "output" / "bench"
 BLOCK = 2000
 MOSAICS = {4: 1, 36: 3, 100: 5, 400: 10}
 TILE = 512
+POLYGONIZE_KINDS = ("one-pass", "strips")
 
 
 def make_inputs() -> dict[int, Path]:
@@ -96,7 +98,9 @@ def _mosaic(base: Path, side: int, path: Path) -> Path:
 
 def measure(kind: str, raster: str, stride: int) -> dict:
     """One figure, in this process: `segment` end to end, or the bare forward over the same tiles in the
-    same batches of tiles."""
+    same batches of tiles, or polygonize alone on a cluster raster."""
+    if kind in POLYGONIZE_KINDS:
+        return _polygonize_alone(kind, raster)
     from treeseg_qgis.core.features import FeatureExtractor
     from treeseg_qgis.core.models import load_backbone
     from treeseg_qgis.core.params import SegmentationParams
@@ -127,6 +131,18 @@ def measure(kind: str, raster: str, stride: int) -> dict:
     result.update(tiles=len(grid), peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   threads=__import__("torch").get_num_threads())
     return result
+
+
+def _polygonize_alone(kind: str, clusters: str) -> dict:
+    """`polygonize_clusters` on a cluster raster, in GDAL's one pass or in the product's strips."""
+    from treeseg_qgis.gis.polygons import STRIP_PIXELS, polygonize_clusters
+
+    strip_pixels = STRIP_PIXELS if kind == "strips" else 2**62
+    started = time.perf_counter()
+    count = polygonize_clusters(clusters, str(WORK / f"polygons_{kind}.gpkg"), [0], "polygons",
+                                strip_pixels=strip_pixels)
+    return {"seconds": time.perf_counter() - started, "polygons": count, "tiles": 0,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def _through_the_dock_path(raster: str, stride: int, tiles: int) -> dict:
@@ -184,7 +200,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="4,36,100,400", help="raster sizes in megapixels (of 4,36,100,400)")
     parser.add_argument("--strides", default="16,8,4", help="strides compared on the 4 MP raster")
-    parser.add_argument("--parts", default="ratio,memory,stride,dock",
+    parser.add_argument("--parts", default="ratio,memory,stride,dock,polygons",
                         help="which figures to measure now (the others are kept from earlier runs)")
     parser.add_argument("--repeat", type=int, default=3,
                         help="(end to end, bare forward) pairs per raster for the ratio, run one after the other")
@@ -199,7 +215,7 @@ def main() -> None:
     paths = make_inputs()
     results_file = WORK / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
-    for part in ("ratio", "memory", "stride", "dock"):
+    for part in ("ratio", "memory", "stride", "dock", "polygons"):
         results.setdefault(part, {})
     started = time.time()
     if "ratio" in parts:
@@ -219,6 +235,11 @@ def main() -> None:
     if "dock" in parts:
         print("dock path (QGIS process → EngineClient → worker) vs command line, 4 MP", flush=True)
         results["dock"]["4"] = [run_child("dock", paths[4], 16), run_child("segment", paths[4], 16)]
+    if "polygons" in parts:
+        print("polygonize alone, on the cluster rasters of the memory runs", flush=True)
+        for size in (size for size in sizes if size in (36, 400)):
+            clusters = WORK / f"out_{paths[size].stem}_s16" / f"{paths[size].stem}_clusters.tif"
+            results["polygons"][str(size)] = {kind: run_child(kind, clusters, 16) for kind in POLYGONIZE_KINDS}
     results.setdefault("commands", []).append(
         f"scripts/bench.py {' '.join(sys.argv[1:])} ({(time.time() - started) / 60:.0f} min)")
     results_file.write_text(json.dumps(results, indent=1))
@@ -286,6 +307,17 @@ def write_report(results: dict) -> None:
                   f"| command line (`segment`) | {direct['seconds']:.1f} | 1.00 | {direct.get('load', 0):.1f} |",
                   f"| dock path (QGIS → EngineClient → worker) | {dock['seconds']:.1f} | "
                   f"{dock['seconds'] / direct['seconds']:.2f} | {dock.get('load', 0):.1f} |"]
+    if results.get("polygons"):
+        lines += ["", "## Polygonize alone (the cluster raster of the memory run)", "",
+                  "GDAL 3.6's polygonize in one pass against the product's strips of "
+                  "8 MP with the regions that cross a seam joined again (gis/seams.py); each its own process, "
+                  "without torch, so the peak is the polygonize step's own.", "",
+                  "| raster | pass | polygons | time (s) | peak RSS (MB) | load |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for size, runs in sorted(results["polygons"].items(), key=lambda item: int(item[0])):
+            for kind, run in runs.items():
+                lines.append(f"| {size} MP | {kind} | {run['polygons']} | {run['seconds']:.1f} | "
+                             f"{run['peak_rss_mb']:.0f} | {run.get('load', 0):.1f} |")
     lines += ["", "## Where the time goes (end to end, seconds)", ""]
     stages = ["load_model", "read", "features", "project", "cluster", "assign", "write", "polygonize", "preview",
               "total"]
