@@ -3,6 +3,8 @@
 import os
 import signal
 import sys
+import threading
+import time
 
 import pytest
 
@@ -91,3 +93,23 @@ def test_one_job_at_a_time(client, tiny_model_dir, scene_tif, tmp_path):
 
     client.segment(job(tiny_model_dir, path, tmp_path / "out", clusters=2), on_progress=start_another)
     assert nested == ["busy"]
+
+
+def test_the_end_of_a_stopped_worker_never_ends_the_next_workers_job(client):
+    client.probe()
+    stopped = client._process
+    reap = stopped.wait
+
+    def reaped_late(*args, **kwargs):
+        time.sleep(0.5)
+        return reap(*args, **kwargs)
+
+    stopped.wait = reaped_late
+    os.kill(stopped.pid, signal.SIGKILL)
+    while stopped.poll() is None:
+        time.sleep(0.01)
+    outcome: list = []
+    second_job = threading.Thread(target=lambda: outcome.append(client.probe()), daemon=True)
+    second_job.start()
+    second_job.join(timeout=60)
+    assert outcome and outcome[0]["device"] == "cpu"

@@ -254,12 +254,14 @@ class EngineClient:
             text=True, encoding="utf-8", env=env, cwd=str(PLUGIN_DIR.parent),
             start_new_session=(os.name != "nt"),
         )
-        threading.Thread(target=self._read_stdout, args=(process,), daemon=True).start()
+        threading.Thread(target=self._read_stdout, args=(process, self._messages), daemon=True).start()
         threading.Thread(target=self._read_stderr, args=(process,), daemon=True).start()
         self._process = process
         return process
 
-    def _read_stdout(self, process: subprocess.Popen) -> None:
+    def _read_stdout(self, process: subprocess.Popen, messages: queue.Queue) -> None:
+        """Hands the worker's messages to its own queue, then None when it has exited. The queue is this
+        worker's: a worker stopped by a cancel must not end the next worker's job with its None."""
         with process.stdout:
             for line in process.stdout:
                 try:
@@ -268,9 +270,9 @@ class EngineClient:
                     self._stderr_tail.append(line.rstrip())
                     continue
                 if message.get("type") != "ready":
-                    self._messages.put(message)
+                    messages.put(message)
         process.wait()
-        self._messages.put(None)
+        messages.put(None)
 
     def _read_stderr(self, process: subprocess.Popen) -> None:
         with process.stderr:
