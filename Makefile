@@ -28,7 +28,7 @@ test: setup
 eval: setup
 	$(PYTHON) scripts/eval_sample.py
 
-# About 40 minutes on 2 cores; BENCH_ARGS="--sizes 4,36 --strides 16,8" for a quick run.
+# About an hour on 2 cores (the 400 MP raster alone takes 20 to 35 minutes); BENCH_ARGS="--sizes 4,36 --strides 16,8" for a quick run.
 bench: setup
 	$(PYTHON) scripts/bench.py $(BENCH_ARGS)
 
