@@ -218,8 +218,7 @@ def _new_polygons_on_rows(
     result = output.ExecuteSQL(query)
     try:
         for feature in result:
-            rings = polygon_rings(feature.GetGeometryRef().ExportToWkb(ogr.wkbNDR))
-            yield feature.GetFID(), feature.GetField("cluster"), rings
+            yield feature.GetFID(), feature.GetField("cluster"), _rings(feature)
     finally:
         output.ReleaseResultSet(result)
 
@@ -231,12 +230,17 @@ def _merge_features(layer: ogr.Layer, fids: list[int], seams: np.ndarray) -> Non
     for fid in fids:
         feature = layer.GetFeature(fid)
         cluster = feature.GetField("cluster")
-        pieces.append(polygon_rings(feature.GetGeometryRef().ExportToWkb(ogr.wkbNDR)))
+        pieces.append(_rings(feature))
         layer.DeleteFeature(fid)
     merged = ogr.Feature(layer.GetLayerDefn())
     merged.SetField("cluster", int(cluster))
     merged.SetGeometryDirectly(ogr.CreateGeometryFromWkb(polygon_wkb(join_pieces(pieces, seams))))
     layer.CreateFeature(merged)
+
+
+def _rings(feature: ogr.Feature) -> list[np.ndarray]:
+    """The rings of a feature's polygon as numpy arrays (gis/seams.py works on those)."""
+    return polygon_rings(feature.GetGeometryRef().ExportToWkb(ogr.wkbNDR))
 
 
 def _quoted(name: str) -> str:
