@@ -1,7 +1,9 @@
 """Command line: `python -m treeseg_qgis segment INPUT --out DIR [options]`.
 
 Exit status: 0 on success; 2 with one line on stderr when the input, a parameter
-or the model weights are not usable; 130 when interrupted.
+or the model weights are not usable; 128 + the signal number when stopped by a
+signal: 130 (Ctrl-C, SIGINT), 143 (SIGTERM), 129 (SIGHUP). A failed or stopped
+run leaves the earlier outputs as they were and nothing of its own.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from . import __version__, interrupts
 from .catalogue import HEIGHT_HEAD
 from .core.devices import DEVICE_CHOICES
 from .core.errors import Cancelled, TreesegError
@@ -78,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--height-model", default=HEIGHT_HEAD.repo_id, metavar="HF_ID|FOLDER",
                      help=f"canopy-height model (default: {HEIGHT_HEAD.repo_id})")
     run.add_argument("--tile-size", type=int, default=512, help="tile size in pixels (default: 512)")
+    _cache_options(run)
     run.add_argument("--quiet", action="store_true", help="print only errors and the result paths")
     learn = commands.add_parser(
         "teach",
@@ -96,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--bands", default="1,2,3", metavar="R,G,B")
     learn.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     learn.add_argument("--allow-untrained", action="store_true")
+    _cache_options(learn)
     check = commands.add_parser(
         "evaluate",
         help="score a tree prediction against reference crowns, boxes or a class raster",
@@ -111,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--clusters", help="cluster raster, for mIoU against a class raster")
     check.add_argument("--tree-class", type=int, default=1, help="tree class value in a class raster (default 1)")
     return parser
+
+
+def _cache_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--cache-dir", metavar="DIR",
+                         help="feature cache folder (default: ~/.cache/treeseg/features or $XDG_CACHE_HOME)")
+    command.add_argument("--no-cache", action="store_true",
+                         help="neither read nor keep cached features (a re-run extracts them again)")
 
 
 def params_from_args(args: argparse.Namespace) -> SegmentationParams:
@@ -136,6 +147,8 @@ def params_from_args(args: argparse.Namespace) -> SegmentationParams:
         min_tree_height_m=args.min_tree_height,
         height_model=args.height_model,
         crown_min_area_m2=args.crown_min_area,
+        use_cache=not args.no_cache,
+        cache_dir=args.cache_dir,
     )
 
 
@@ -144,26 +157,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR if getattr(args, "quiet", False) else logging.WARNING,
                         format="treeseg: %(message)s", stream=sys.stderr)
     _quiet_libraries()
-    try:
-        if args.command == "evaluate":
-            return _evaluate(args)
-        if args.command == "teach":
-            return _teach(args)
-        from .pipeline import segment
+    with interrupts.stop_signals_handled():
+        try:
+            if args.command == "evaluate":
+                return _evaluate(args)
+            if args.command == "teach":
+                return _teach(args)
+            from .pipeline import segment
 
-        params = params_from_args(args)
-        record = segment(params, Progress(None if args.quiet else _TerminalProgress()))
-    except KeyboardInterrupt:
-        print("treeseg: interrupted; no output was left behind.", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Cancelled as error:
-        print(f"treeseg: {error}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except TreesegError as error:
-        print(f"treeseg: error: {error}", file=sys.stderr)
-        return EXIT_USER_ERROR
+            params = params_from_args(args)
+            record = segment(params, Progress(None if args.quiet else _TerminalProgress(),
+                                              interrupts.stop_requested))
+        except (interrupts.Interrupted, Cancelled) as error:
+            return _stopped(error)
+        except TreesegError as error:
+            print(f"treeseg: error: {error}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        if interrupts.received():
+            print(f"treeseg: {interrupts.Interrupted(interrupts.received())} as the run finished; its outputs "
+                  "are complete.", file=sys.stderr)
+            return 128 + interrupts.received()
     _print_summary(record)
     return 0
+
+
+def _stopped(error: BaseException) -> int:
+    """One line for a stopped run; the exit status names the signal (130 for a cancel without one)."""
+    signum = interrupts.received()
+    if signum is None:
+        print(f"treeseg: {error}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"treeseg: {interrupts.Interrupted(signum)}; the earlier outputs are unchanged and nothing of this "
+          "run was kept.", file=sys.stderr)
+    return 128 + signum
 
 
 class _TerminalProgress:
@@ -197,8 +223,9 @@ def _teach(args: argparse.Namespace) -> int:
     from .pipeline import teach
 
     params = SegmentationParams(input_path=args.input, output_dir=args.out, model=args.model, stride=args.stride,
-                                bands=_bands(args.bands), device=args.device, allow_untrained=args.allow_untrained)
-    record = teach(params, args.examples, args.threshold, Progress(_TerminalProgress()))
+                                bands=_bands(args.bands), device=args.device, allow_untrained=args.allow_untrained,
+                                use_cache=not args.no_cache, cache_dir=args.cache_dir)
+    record = teach(params, args.examples, args.threshold, Progress(_TerminalProgress(), interrupts.stop_requested))
     if record["warning"]:
         print(f"\n!!! {record['warning']}\n", file=sys.stderr)
     print(f"{record['examples']['trees']} tree and {record['examples']['not_trees']} other examples, threshold "

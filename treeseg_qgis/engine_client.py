@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine_env import engine_venv_dir, venv_python
-from .outputs import remove_temporary_files, temporary_files
+from .outputs import output_folders, recover_outputs, temporary_files
 
 PLUGIN_DIR = Path(__file__).resolve().parent
 ENGINE_PYTHON_ENV = "TREESEG_ENGINE_PYTHON"
@@ -106,7 +106,7 @@ class EngineClient:
         job = {"command": "segment", "params": params}
         if hf_token:
             job["hf_token"] = hf_token
-        return self._run_writing(job, lambda: remove_temporary_files(params), on_progress, on_log, is_cancelled)
+        return self._run_writing(job, lambda: _recover_outputs_of(params), on_progress, on_log, is_cancelled)
 
     def teach(
         self,
@@ -122,7 +122,7 @@ class EngineClient:
                "threshold": threshold}
         if hf_token:
             job["hf_token"] = hf_token
-        return self._run_writing(job, lambda: remove_temporary_files(params), on_progress, None, is_cancelled)
+        return self._run_writing(job, lambda: _recover_outputs_of(params), on_progress, None, is_cancelled)
 
     def crowns(
         self,
@@ -291,6 +291,12 @@ class EngineClient:
             f"or try a smaller model or tile size if memory ran out."
             + (f"\nLast engine messages:\n{tail}" if tail else ""),
         )
+
+
+def _recover_outputs_of(params: dict[str, Any]) -> None:
+    """Remove what a cancelled or killed job left in its output folders (its staging folder)."""
+    for folder in output_folders(params):
+        recover_outputs(folder)
 
 
 def _signal_stop(process: subprocess.Popen) -> None:

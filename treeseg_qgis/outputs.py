@@ -1,14 +1,26 @@
-"""Names of the files one run writes. Standard library only: the QGIS side uses it too."""
+"""The files one run writes: their names, the checks on their paths and the transaction that
+puts them in place. Standard library only: the QGIS side uses it too."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .locks import FileLock, lock_is_held
+
 UNTRAINED_TAG = "UNTRAINED"
+STAGING_PREFIX = ".treeseg-staging-"
+LOCK_NAME = "owner.lock"
+COMMIT_JOURNAL = "commit.json"
 OUTPUT_KINDS = ("clusters", "trees", "polygons", "crowns", "features", "height", "preview", "elbow", "record",
                 "similarity", "taught_trees", "teach_record")
+SEGMENT_KINDS = OUTPUT_KINDS[:9]
+TEACH_KINDS = OUTPUT_KINDS[9:]
 SUFFIXES = {
     "clusters": "_clusters.tif",
     "trees": "_trees.tif",
@@ -57,6 +69,15 @@ class OutputPaths:
             for kind in OUTPUT_KINDS
         })
 
+    def staged(self, transaction: OutputTransaction) -> OutputPaths:
+        """The same files in the transaction's staging folders."""
+        return OutputPaths(**{kind: transaction.staged(getattr(self, kind)) for kind in OUTPUT_KINDS})
+
+    def stale(self, params: dict[str, Any], kinds: tuple[str, ...], produced: list[Path]) -> list[Path]:
+        """Default-named files of `kinds` that this run does not make (an earlier run's, removed at commit)."""
+        return [getattr(self, kind) for kind in kinds
+                if not params.get(f"{kind}_path") and getattr(self, kind) not in produced]
+
     def all(self) -> list[Path]:
         return [getattr(self, kind) for kind in OUTPUT_KINDS]
 
@@ -77,9 +98,117 @@ def remove_files(paths: list[Path]) -> None:
             leftover.unlink(missing_ok=True)
 
 
-def remove_temporary_files(params: dict[str, Any]) -> None:
-    """Delete the temporary files a killed run may have left; finished files stay."""
-    for untrained in (False, True):
-        for path in OutputPaths.for_params(params, untrained).all():
-            for leftover in temporary_files(path):
-                leftover.unlink(missing_ok=True)
+def output_folders(params: dict[str, Any]) -> set[Path]:
+    """Every folder a run with these parameters writes into."""
+    return {path.parent for untrained in (False, True) for path in OutputPaths.for_params(params, untrained).all()}
+
+
+def check_output_paths(inputs: list[str], outputs: list[str]) -> None:
+    """Refuse an output that would overwrite an input, and two outputs on one path (OutputPathError).
+
+    The command line, the panel and Processing call it before any work.
+    """
+    def identity(path: str) -> str:
+        return os.path.normcase(os.path.realpath(path))
+
+    input_ids = {identity(path): path for path in inputs if path and not path.startswith("/vsi")}
+    seen: dict[str, str] = {}
+    for path in outputs:
+        if not path:
+            continue
+        key = identity(path)
+        if key in input_ids:
+            raise OutputPathError(f"The output {path} would overwrite the input {input_ids[key]}: "
+                                  "choose another output file or folder.")
+        if key in seen:
+            raise OutputPathError(f"Two outputs are set to the same file {path}: give each output its own path.")
+        seen[key] = path
+
+
+class OutputPathError(ValueError):
+    """An output path that would overwrite an input or another output."""
+
+
+class OutputTransaction:
+    """The files of one run become visible together, or not at all.
+
+    Each output is written into a hidden staging folder beside its final path
+    (`.treeseg-staging-<pid>-<random>`, locked while the run lives). `commit`
+    moves the staged files into place (replacing the previous run's files of the
+    same names and removing `stale` ones the new run does not make); `abort`
+    removes the staging folders. A process killed mid-run leaves only its staging
+    folder, which `recover_outputs` removes (or, if the commit had begun, finishes).
+    """
+
+    def __init__(self, finals: list[Path]) -> None:
+        self.token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._staging: dict[Path, Path] = {}
+        self._locks: list[FileLock] = []
+        try:
+            for folder in dict.fromkeys(path.parent for path in finals):
+                recover_outputs(folder)
+                staging = folder / f"{STAGING_PREFIX}{self.token}"
+                staging.mkdir()
+                self._staging[folder] = staging
+                lock = FileLock(staging / LOCK_NAME)
+                lock.acquire()
+                self._locks.append(lock)
+        except BaseException:
+            self.abort()
+            raise
+
+    def staged(self, final: Path) -> Path:
+        """Where the run writes the file that becomes `final`."""
+        return self._staging[final.parent] / final.name
+
+    def commit(self, produced: list[Path], stale: list[Path]) -> None:
+        """Move the `produced` finals' staged files (with sidecars) into place; delete `stale` finals."""
+        moves = [(str(self.staged(path).with_name(name)), str(path.with_name(name)))
+                 for path in produced for name in (path.name, path.name + ".aux.xml")
+                 if self.staged(path).with_name(name).exists()]
+        moves += [(None, str(path.with_name(name))) for path in stale for name in (path.name, path.name + ".aux.xml")]
+        moves += [(None, str(path.with_name(path.name + ".aux.xml"))) for path in produced
+                  if not self.staged(path).with_name(path.name + ".aux.xml").exists()]
+        journal = next(iter(self._staging.values())) / COMMIT_JOURNAL
+        partial = journal.with_name(COMMIT_JOURNAL + ".partial")
+        partial.write_text(json.dumps(moves))
+        os.replace(partial, journal)
+        _apply(moves)
+        self.abort()
+
+    def abort(self) -> None:
+        """Remove the staging folders (nothing of this run is left)."""
+        for lock in self._locks:
+            lock.release()
+        self._locks = []
+        for staging in self._staging.values():
+            shutil.rmtree(staging, ignore_errors=True)
+        self._staging = {}
+
+
+def recover_outputs(folder: Path) -> None:
+    """Clean up after runs that died in `folder`: remove their staging folders, finishing a begun commit."""
+    if not folder.is_dir():
+        return
+    for staging in folder.glob(f"{STAGING_PREFIX}*"):
+        if lock_is_held(staging / LOCK_NAME):
+            continue
+        for journal in staging.glob(COMMIT_JOURNAL):
+            try:
+                moves = json.loads(journal.read_text())
+            except (OSError, ValueError):
+                continue
+            _apply([(source, target) for source, target in moves])
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _apply(moves: list[tuple[str | None, str]]) -> None:
+    """Rename each staged source onto its target; a None source deletes the target. Repeatable."""
+    for source, target in moves:
+        if source is None:
+            Path(target).unlink(missing_ok=True)
+        elif os.path.exists(source):
+            if target.endswith(".gpkg"):
+                for suffix in ("-journal", "-wal", "-shm"):
+                    Path(target + suffix).unlink(missing_ok=True)
+            os.replace(source, target)

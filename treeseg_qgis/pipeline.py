@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from . import __version__, interrupts
 from .core.cache import FeatureCache, file_identity
 from .core.canopy import load_height_model, predict_heights
 from .core.errors import InputError, OutputError
@@ -46,7 +46,15 @@ from .gis.preview import write_elbow_plot, write_preview
 from .gis.raster import GdalRasterSource, HeightReader, limit_block_cache
 from .gis.reference import Grid, read_examples
 from .gis.writers import HeightRasterWriter, LabelRasterWriter, ScoreRasterWriter, write_rgb_blocks
-from .outputs import SUFFIXES, OutputPaths, remove_files, remove_temporary_files
+from .outputs import (
+    SEGMENT_KINDS,
+    SUFFIXES,
+    TEACH_KINDS,
+    OutputPathError,
+    OutputPaths,
+    OutputTransaction,
+    check_output_paths,
+)
 
 log = logging.getLogger("treeseg")
 
@@ -74,7 +82,7 @@ def segment(
         params = replace(params, clusters=2)
     progress = progress or Progress()
     started = time.perf_counter()
-    with _opened(params) as (source, store, cache_state):
+    with _opened(params, SEGMENT_KINDS) as (source, store, cache_state):
         progress.report(0.0, "Loading model" if cache_state != "hit" else "Reading cached features")
         progress.check()
         load_started = time.perf_counter()
@@ -86,12 +94,14 @@ def segment(
         paths = OutputPaths.for_params(params.to_dict(), model["untrained"])
         for folder in {str(path.parent) for path in paths.all()}:
             _output_folder(folder)
+        transaction = OutputTransaction(paths.all())
+        staged = paths.staged(transaction)
         writers: list[LabelRasterWriter] = []
         written: list[Path] = []
 
         def open_sink(k: int, tree_clusters: list[int]) -> LabelRasterWriter:
             writers.append(LabelRasterWriter(
-                str(paths.clusters), str(paths.trees), source.width, source.height, source.crs_wkt,
+                str(staged.clusters), str(staged.trees), source.width, source.height, source.crs_wkt,
                 source.geotransform, k, tree_clusters, _raster_metadata(params, model)))
             return writers[-1]
 
@@ -99,10 +109,10 @@ def segment(
             tree_filter = None
             height_timings: dict[str, float] = {}
             if params.canopy_height or params.min_tree_height_m is not None:
-                model["height_model"] = _canopy_height(params, source, paths.height, progress.sub(0.0, 0.3),
+                model["height_model"] = _canopy_height(params, source, staged.height, progress.sub(0.0, 0.3),
                                                        height_timings)
                 written.append(paths.height)
-                tree_filter = _height_filter(paths.height, params.min_tree_height_m)
+                tree_filter = _height_filter(staged.height, params.min_tree_height_m)
             result = segment_raster(params, source, extractor, store, open_sink,
                                     progress.sub(0.3 if height_timings else 0.03, 0.9), tree_filter)
             result.timings.update({name: round(seconds, 3) for name, seconds in height_timings.items()})
@@ -110,24 +120,26 @@ def segment(
                 result.tree_rule += f" and canopy height ≥ {params.min_tree_height_m:g} m"
             writers[-1].close()
             written += [paths.clusters, paths.trees]
-            polygons = _polygonize(paths, result, model, progress)
+            with interrupts.deferred():
+                polygons = _polygonize(staged, result, model, progress)
             written.append(paths.polygons)
             crowns = None
             if params.crowns:
-                crowns = _crowns(params, paths, result, model, progress)
+                with interrupts.deferred():
+                    crowns = _crowns(params, staged, result, model, progress)
                 written.append(paths.crowns)
             if params.feature_preview:
                 progress.report(0.97, "Writing the feature image")
-                _write_feature_image(paths.features, source, extractor, store, result, params, model)
+                _write_feature_image(staged.features, source, extractor, store, result, params, model)
                 written.append(paths.features)
             progress.report(0.98, "Writing preview")
             progress.check()
             preview_started = time.perf_counter()
-            write_preview(source, str(paths.clusters), str(paths.trees), str(paths.preview),
+            write_preview(source, str(staged.clusters), str(staged.trees), str(staged.preview),
                           title=_preview_title(params, model, result))
             written.append(paths.preview)
             if result.auto_k:
-                write_elbow_plot(result.inertia_curve, result.k, str(paths.elbow))
+                write_elbow_plot(result.inertia_curve, result.k, str(staged.elbow))
                 written.append(paths.elbow)
             result.timings["preview"] = round(time.perf_counter() - preview_started, 3)
             record = _record(params, model, source, result, paths, polygons, written)
@@ -136,12 +148,16 @@ def segment(
                                        "folder": str(store.folder) if cache_state != "off" else None}
             record["timings"]["load_model"] = round(load_seconds, 3)
             record["timings"]["total"] = round(time.perf_counter() - started, 3)
-            _write_json(paths.record, record)
+            _write_json(staged.record, record)
+            progress.check()
+            with interrupts.deferred(reraise=False):
+                _commit(transaction, [*written, paths.record],
+                        paths.stale(params.to_dict(), SEGMENT_KINDS, [*written, paths.record]))
         except BaseException:
-            for writer in writers:
-                writer.abort()
-            remove_files(written)
-            remove_temporary_files(params.to_dict())
+            with interrupts.deferred(reraise=False):
+                for writer in writers:
+                    writer.abort()
+                transaction.abort()
             raise
     progress.report(1.0, "Done")
     return record
@@ -164,7 +180,8 @@ def teach(
         raise InputError(f"The threshold is a score between 0 and 1, not {threshold}.")
     progress = progress or Progress()
     started = time.perf_counter()
-    with _opened(params) as (source, store, cache_state):
+    with _opened(params, TEACH_KINDS, examples if isinstance(examples, str) else None) as (source, store,
+                                                                                           cache_state):
         if isinstance(examples, str):
             examples = read_examples(examples, Grid(source.width, source.height, source.geotransform,
                                                     source.crs_wkt))
@@ -175,9 +192,15 @@ def teach(
         grid, _, _ = ensure_features(params, source, extractor, store, progress.sub(0.02, 0.8), timings)
         found = prototypes(store, grid, extractor, examples, source.width, source.height)
         paths = OutputPaths.for_params(params.to_dict(), model["untrained"])
-        writer = ScoreRasterWriter(str(paths.similarity), str(paths.taught_trees), source.width, source.height,
-                                   source.crs_wkt, source.geotransform, _raster_metadata(params, model))
+        for folder in {str(path.parent) for path in paths.all()}:
+            _output_folder(folder)
+        transaction = OutputTransaction([paths.similarity, paths.taught_trees, paths.teach_record])
+        staged = paths.staged(transaction)
+        writer = None
         try:
+            writer = ScoreRasterWriter(str(staged.similarity), str(staged.taught_trees), source.width,
+                                       source.height, source.crs_wkt, source.geotransform,
+                                       _raster_metadata(params, model))
             tree_pixels, valid_pixels = score_raster(source, store, grid, extractor, found, threshold, writer,
                                                      progress.sub(0.8, 0.99))
             writer.close()
@@ -194,23 +217,40 @@ def teach(
                 "timings": {**{k: round(v, 3) for k, v in timings.items()},
                             "total": round(time.perf_counter() - started, 3)},
             }
-            _write_json(paths.teach_record, record)
+            _write_json(staged.teach_record, record)
+            progress.check()
+            with interrupts.deferred(reraise=False):
+                _commit(transaction, [paths.similarity, paths.taught_trees, paths.teach_record], [])
         except BaseException:
-            writer.abort()
-            remove_files([paths.similarity, paths.taught_trees])
+            with interrupts.deferred(reraise=False):
+                if writer is not None:
+                    writer.abort()
+                transaction.abort()
             raise
     progress.report(1.0, "Done")
     return record
 
 
 @contextmanager
-def _opened(params: SegmentationParams) -> Iterator[tuple[GdalRasterSource, FeatureStore, str]]:
-    """The input raster and the run's feature store (see `_feature_store`), output folder checked."""
+def _opened(params: SegmentationParams, kinds: tuple[str, ...],
+            examples_path: str | None = None) -> Iterator[tuple[GdalRasterSource, FeatureStore, str]]:
+    """The input raster and the run's feature store (see `_feature_store`), output folder and paths checked."""
     limit_block_cache()
     _output_folder(params.output_dir)
-    with GdalRasterSource(params.input_path, params.bands) as source, \
-            _feature_store(params, source) as (store, cache_state):
-        yield source, store, cache_state
+    with GdalRasterSource(params.input_path, params.bands) as source:
+        _check_output_paths(params, kinds, [params.input_path, *source.files, *filter(None, [examples_path])])
+        with _feature_store(params, source) as (store, cache_state):
+            yield source, store, cache_state
+
+
+def _check_output_paths(params: SegmentationParams, kinds: tuple[str, ...], inputs: list[str]) -> None:
+    """No output may overwrite an input, no two outputs share a path (whether the weights are untrained or not)."""
+    for untrained in (False, True):
+        paths = OutputPaths.for_params(params.to_dict(), untrained).as_dict()
+        try:
+            check_output_paths(inputs, [paths[kind] for kind in kinds])
+        except OutputPathError as error:
+            raise OutputError(str(error)) from None
 
 
 @contextmanager
@@ -317,6 +357,15 @@ def _polygonize(paths: OutputPaths, result: SegmentationResult, model: dict, pro
     )
     result.timings["polygonize"] = round(time.perf_counter() - started, 3)
     return polygons
+
+
+def _commit(transaction: OutputTransaction, produced: list[Path], stale: list[Path]) -> None:
+    try:
+        transaction.commit(produced, stale)
+    except OSError as error:
+        raise OutputError(f"Cannot move the outputs into place ({error.filename}: {error.strerror}). Remove "
+                          "their layers from the QGIS project (or close the program using them), "
+                          "or choose another output folder.") from error
 
 
 def _output_folder(output_dir: str) -> None:

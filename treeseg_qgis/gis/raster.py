@@ -53,6 +53,7 @@ class GdalRasterSource:
                 f"'{path}' contains no raster bands. "
                 "Choose a raster file (for a container, one of its subdatasets)."
             )
+        self.files: list[str] = list(dataset.GetFileList() or [path])
         self.width: int = dataset.RasterXSize
         self.height: int = dataset.RasterYSize
         self.crs_wkt: str = dataset.GetProjection() or ""

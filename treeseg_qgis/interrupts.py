@@ -1,0 +1,76 @@
+"""Stop signals for the command line: SIGINT, SIGTERM and SIGHUP end a run cleanly.
+
+Inside `stop_signals_handled()`, the handler records the signal and raises `Interrupted` at
+once, except inside `deferred()` sections (GDAL calls with Python progress
+callbacks, moving outputs into place, cleaning up), where it only records it:
+the run then stops at its next cancellation check or when the section ends.
+Exit status 128 + the signal number: 130 (SIGINT), 143 (SIGTERM), 129 (SIGHUP).
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class Interrupted(BaseException):
+    """A stop signal arrived; like KeyboardInterrupt, `except Exception` does not catch it by accident."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum
+
+
+class _State:
+    received: int | None = None
+    deferring = 0
+
+
+@contextmanager
+def stop_signals_handled() -> Iterator[None]:
+    """Handle SIGINT, SIGTERM and SIGHUP (main thread only) until the block ends, then restore the handlers."""
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    _State.received = None
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _handle)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _State.received = None
+
+
+def received() -> int | None:
+    """The first stop signal received since `stop_signals_handled()` began, or None."""
+    return _State.received
+
+
+def stop_requested() -> bool:
+    return _State.received is not None
+
+
+@contextmanager
+def deferred(reraise: bool = True) -> Iterator[None]:
+    """A section a signal must not break into; `Interrupted` is raised when it ends (if `reraise`)."""
+    _State.deferring += 1
+    try:
+        yield
+    finally:
+        _State.deferring -= 1
+    if reraise and _State.received is not None and not _State.deferring:
+        raise Interrupted(_State.received)
+
+
+def _handle(signum: int, frame: object) -> None:
+    if _State.received is None:
+        _State.received = signum
+    if not _State.deferring:
+        raise Interrupted(_State.received)
