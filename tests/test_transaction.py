@@ -157,3 +157,34 @@ def test_cli_stopped_by_sigint_sigterm_or_sighup_at_random_moments_keeps_the_pre
             assert snapshot(out) == before
         assert not list(out.glob(f"{STAGING_PREFIX}*")) and not list(cache.glob("*.building*"))
 
+
+
+def test_processing_refuses_an_output_on_the_input_and_a_shared_output_path(qgis_processing, scene_tif, tmp_path,
+                                                                            monkeypatch):
+    import processing
+    from qgis.core import QgsApplication, QgsProcessingException
+
+    from treeseg_qgis.engine_client import ENGINE_PYTHON_ENV
+    from treeseg_qgis.processing.provider import TreesegProvider
+
+    monkeypatch.setenv(ENGINE_PYTHON_ENV, sys.executable)
+    registry = QgsApplication.processingRegistry()
+    provider = None
+    if registry.providerById("treeseg") is None:
+        provider = TreesegProvider()
+        registry.addProvider(provider)
+    path, _ = scene_tif
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    base = {"INPUT": str(path), "MODEL_ID": "unused", "CLUSTERS": 2, "DEVICE": "cpu",
+            "OUTPUT_CLUSTERS": str(tmp_path / "c.tif"), "OUTPUT_TREES": str(tmp_path / "t.tif"),
+            "OUTPUT_POLYGONS": str(tmp_path / "p.gpkg")}
+    try:
+        with pytest.raises(QgsProcessingException, match="would overwrite the input"):
+            processing.run("treeseg:segmenttrees", {**base, "OUTPUT_CLUSTERS": str(path)})
+        with pytest.raises(QgsProcessingException, match="Two outputs are set to the same file"):
+            processing.run("treeseg:segmenttrees", {**base, "OUTPUT_TREES": str(tmp_path / "c.tif")})
+    finally:
+        if provider is not None:
+            registry.removeProvider(provider)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.tif"]

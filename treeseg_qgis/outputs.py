@@ -125,6 +125,15 @@ def check_output_paths(inputs: list[str], outputs: list[str]) -> None:
         seen[key] = path
 
 
+def check_run_paths(params: dict[str, Any], kinds: tuple[str, ...] = SEGMENT_KINDS,
+                    inputs: tuple[str, ...] = ()) -> None:
+    """`check_output_paths` for a run's parameters (SegmentationParams.to_dict()), with or without the
+    untrained tag; `inputs` are files read besides `input_path` (a VRT's sources, a layer's file)."""
+    for untrained in (False, True):
+        paths = OutputPaths.for_params(params, untrained).as_dict()
+        check_output_paths([params["input_path"], *inputs], [paths[kind] for kind in kinds])
+
+
 class OutputPathError(ValueError):
     """An output path that would overwrite an input or another output."""
 

@@ -53,7 +53,7 @@ from .outputs import (
     OutputPathError,
     OutputPaths,
     OutputTransaction,
-    check_output_paths,
+    check_run_paths,
 )
 
 log = logging.getLogger("treeseg")
@@ -245,12 +245,10 @@ def _opened(params: SegmentationParams, kinds: tuple[str, ...],
 
 def _check_output_paths(params: SegmentationParams, kinds: tuple[str, ...], inputs: list[str]) -> None:
     """No output may overwrite an input, no two outputs share a path (whether the weights are untrained or not)."""
-    for untrained in (False, True):
-        paths = OutputPaths.for_params(params.to_dict(), untrained).as_dict()
-        try:
-            check_output_paths(inputs, [paths[kind] for kind in kinds])
-        except OutputPathError as error:
-            raise OutputError(str(error)) from None
+    try:
+        check_run_paths(params.to_dict(), kinds, tuple(inputs))
+    except OutputPathError as error:
+        raise OutputError(str(error)) from None
 
 
 @contextmanager

@@ -63,7 +63,7 @@ from ..memory import (
     format_gigabytes,
     memory_warning,
 )
-from ..outputs import OutputPaths
+from ..outputs import OutputPathError, OutputPaths, check_run_paths
 from ..processing.compat import qgis_enum
 from ..processing.raster_input import prepare_input
 from ..processing.segment_trees import DEFAULT_HEIGHT_MODEL
@@ -536,7 +536,7 @@ class TreesegDock(QgsDockWidget):
             raise InputProblem("Choose an output folder.")
         folder = Path(folder_text)
         stem = Path(QgsProviderRegistry.instance().decodeUri("gdal", source).get("path") or source).stem
-        return {
+        params = {
             "input_path": input_path or source,
             "output_dir": str(folder),
             "output_stem": free_output_stem(folder, stem),
@@ -552,6 +552,11 @@ class TreesegDock(QgsDockWidget):
             "min_tree_height_m": (self.min_height_spin.value() or None) if self.height_check.isChecked() else None,
             "height_model": self.height_model_override.text().strip() or DEFAULT_HEIGHT_MODEL,
         }
+        try:
+            check_run_paths(params, inputs=(source,))
+        except OutputPathError as error:
+            raise InputProblem(str(error)) from None
+        return params
 
     def prepare_input(self, scratch: Path) -> str | None:
         """A VRT in `scratch` for a canvas extent or a polygon selection, in the raster's CRS; None for the

@@ -33,6 +33,7 @@ from qgis.core import (
 
 from ..auth import hf_token
 from ..catalogue import HEIGHT_HEAD
+from ..outputs import OutputPathError, check_run_paths
 from .compat import DOUBLE, INTEGER, POLYGON_LAYERS
 from .engine_algorithm import (
     GEOPACKAGE_SUFFIXES,
@@ -250,6 +251,10 @@ class SegmentTreesAlgorithm(EngineAlgorithm):
             "preview_path": f"{clusters_stem}_preview.png",
             "record_path": f"{clusters_stem}_run.json",
         }
+        try:
+            check_run_paths(params, inputs=(layer.source(),))
+        except OutputPathError as error:
+            raise QgsProcessingException(str(error)) from None
         record = run_in_engine(python, feedback, lambda client, report: client.segment(
             params, on_progress=report.progress, on_log=report.log, is_cancelled=feedback.isCanceled,
             hf_token=hf_token()))
