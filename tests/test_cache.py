@@ -70,10 +70,13 @@ def test_least_recently_used_entries_go_past_the_cap(tmp_path):
     cache = FeatureCache(tmp_path / "cache", max_megabytes=1)
     stores = []
     for index in range(3):
-        store = cache.store_for({"entry": index})
-        (store.folder / "tile_0_0.npz").write_bytes(b"x" * 400_000)
-        os.utime(store.folder, (index + 1, index + 1))
-        stores.append(store.folder)
+        entry = cache.open({"entry": index})
+        (entry.store.folder / "tile_0_0.npz").write_bytes(b"x" * 400_000)
+        entry.store.save_samples(np.zeros((4, 2)), np.zeros(4), {"stride": 16, "cell_size": 16})
+        entry.publish()
+        entry.close()
+        os.utime(entry.final, (index + 1, index + 1))
+        stores.append(entry.final)
     removed = cache.evict(keep=stores[0])
     assert removed == [stores[1]] and stores[0].exists() and stores[2].exists()
     cache.clear()

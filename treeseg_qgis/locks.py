@@ -6,6 +6,7 @@ folders and the feature cache entries use it to tell a live owner from a dead on
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -24,21 +25,27 @@ class FileLock:
         self._fd: int | None = None
 
     def acquire(self) -> bool:
-        """Take the lock; False when another process holds it."""
+        """Take the lock; False when another process holds it (or removed the file meanwhile)."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             else:
                 msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            if os.fstat(fd).st_ino != os.stat(self.path).st_ino:
+                raise FileNotFoundError(self.path)
         except OSError:
             os.close(fd)
             return False
         self._fd = fd
         return True
 
-    def release(self) -> None:
+    def release(self, remove: bool = False) -> None:
+        """Give the lock up; `remove` deletes the lock file first (a waiter then locks a new file)."""
         if self._fd is not None:
+            if remove:
+                with contextlib.suppress(OSError):  # Windows keeps an open file
+                    self.path.unlink()
             os.close(self._fd)
             self._fd = None
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import platform
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -20,14 +21,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from osgeo import gdal
 
 from . import __version__, interrupts
-from .core.cache import FeatureCache, file_identity
+from .core.cache import CacheUnavailable, FeatureCache, file_identity
 from .core.canopy import load_height_model, predict_heights
+from .core.devices import resolve_device
 from .core.errors import InputError, OutputError
 from .core.examples import Example
 from .core.features import ColourFeatures, FeatureExtractor
-from .core.models import Backbone, load_backbone
+from .core.models import Backbone, load_backbone, weights_identity
 from .core.params import SegmentationParams
 from .core.progress import Progress
 from .core.segmentation import (
@@ -82,7 +85,7 @@ def segment(
         params = replace(params, clusters=2)
     progress = progress or Progress()
     started = time.perf_counter()
-    with _opened(params, SEGMENT_KINDS) as (source, store, cache_state):
+    with _opened(params, progress, SEGMENT_KINDS) as (source, store, cache_state):
         progress.report(0.0, "Loading model" if cache_state != "hit" else "Reading cached features")
         progress.check()
         load_started = time.perf_counter()
@@ -180,8 +183,8 @@ def teach(
         raise InputError(f"The threshold is a score between 0 and 1, not {threshold}.")
     progress = progress or Progress()
     started = time.perf_counter()
-    with _opened(params, TEACH_KINDS, examples if isinstance(examples, str) else None) as (source, store,
-                                                                                           cache_state):
+    with _opened(params, progress, TEACH_KINDS, examples if isinstance(examples, str) else None) as (
+            source, store, cache_state):
         if isinstance(examples, str):
             examples = read_examples(examples, Grid(source.width, source.height, source.geotransform,
                                                     source.crs_wkt))
@@ -232,15 +235,27 @@ def teach(
 
 
 @contextmanager
-def _opened(params: SegmentationParams, kinds: tuple[str, ...],
+def _opened(params: SegmentationParams, progress: Progress, kinds: tuple[str, ...],
             examples_path: str | None = None) -> Iterator[tuple[GdalRasterSource, FeatureStore, str]]:
     """The input raster and the run's feature store (see `_feature_store`), output folder and paths checked."""
     limit_block_cache()
+    _check_input_is_a_file(params.input_path)
     _output_folder(params.output_dir)
     with GdalRasterSource(params.input_path, params.bands) as source:
         _check_output_paths(params, kinds, [params.input_path, *source.files, *filter(None, [examples_path])])
-        with _feature_store(params, source) as (store, cache_state):
+        with _feature_store(params, source, progress) as (store, cache_state):
             yield source, store, cache_state
+
+
+def _check_input_is_a_file(path: str) -> None:
+    """Refuse a FIFO, socket or device before GDAL blocks on it forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # a GDAL virtual path, or missing: GDAL's own message follows
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise InputError(f"'{path}' is not a regular file (a pipe, socket or device): save the raster to a "
+                         "file and choose that.")
 
 
 def _check_output_paths(params: SegmentationParams, kinds: tuple[str, ...], inputs: list[str]) -> None:
@@ -252,30 +267,63 @@ def _check_output_paths(params: SegmentationParams, kinds: tuple[str, ...], inpu
 
 
 @contextmanager
-def _feature_store(params: SegmentationParams, source: GdalRasterSource) -> Iterator[tuple[FeatureStore, str]]:
-    """The run's feature store and the cache state: 'hit', 'miss' (filled now) or 'off'."""
-    if not params.use_cache:
+def _feature_store(params: SegmentationParams, source: GdalRasterSource,
+                   progress: Progress) -> Iterator[tuple[FeatureStore, str]]:
+    """The run's feature store and the cache state: 'hit', 'miss' (filled now) or 'off'.
+
+    A cache folder that cannot take the features turns the cache off for this run, with a warning.
+    """
+    entry = None
+    if params.use_cache:
+        cache = FeatureCache(params.cache_dir, params.cache_max_mb)
+        try:
+            entry = cache.open(_cache_key(params, source), _feature_bytes(params, source), progress.is_cancelled,
+                               lambda: progress.report(0.0, "Waiting for another run extracting the same features"))
+        except CacheUnavailable as error:
+            log.warning("The feature cache is off for this run (%s): the next run extracts the features again. "
+                        "Free some space or choose another cache folder (--cache-dir), or turn the cache off "
+                        "(--no-cache).", error)
+    if entry is None:
         with tempfile.TemporaryDirectory(prefix="treeseg-features-") as folder:
             yield FeatureStore(folder), "off"
         return
-    cache = FeatureCache(params.cache_dir, params.cache_max_mb)
-    key = {
-        "format": 1,
-        "input": file_identity(params.input_path),
+    try:
+        yield entry.store, entry.state
+        entry.publish()
+    finally:
+        with interrupts.deferred(reraise=False):
+            entry.close()
+    cache.evict(keep=entry.final)
+
+
+def _cache_key(params: SegmentationParams, source: GdalRasterSource) -> dict:
+    """Everything that changes the features: the input's files (a VRT's sources too), the weights, the settings."""
+    dinov3 = params.method == "dinov3"
+    return {
+        "format": 2,
+        "input": [_input_identity(path) for path in source.files],
         "bands": list(source.bands),
         "scaling": source.scaling,
+        "weights": weights_identity(params.model, params.model_revision) if dinov3 else None,
+        "precision": str(resolve_device(params.device)[1]) if dinov3 else None,
         **{name: getattr(params, name) for name in (
             "method", "model", "model_revision", "stride", "tile_size", "overlap", "pca_dims", "sample_size", "seed")},
     }
-    try:
-        store = cache.store_for(key)
-    except OSError as error:
-        raise OutputError(f"Cannot use the feature cache {cache.root}: {error.strerror}. Choose another cache "
-                          "folder or turn the cache off.") from error
-    state = "hit" if store.complete else "miss"
-    yield store, state
-    if store.complete:
-        cache.evict(keep=store.folder)
+
+
+def _input_identity(path: str) -> dict:
+    """A file's identity (core/cache.py); for a GDAL virtual path (/vsizip/…) its size and time."""
+    if path.startswith("/vsi"):
+        stat = gdal.VSIStatL(path)
+        return {"path": path, "size": stat.size if stat else None, "mtime": stat.mtime if stat else None}
+    return file_identity(path)
+
+
+def _feature_bytes(params: SegmentationParams, source: GdalRasterSource) -> int:
+    """About how much disk the features of this raster take (float16 PCA features, tiles overlapping)."""
+    cells = (source.width / params.stride + 1) * (source.height / params.stride + 1)
+    overlap = (params.tile_size / max(params.tile_size - params.overlap, 1)) ** 2
+    return int(cells * overlap * (params.pca_dims + 2) * 2)
 
 
 def _crowns(params: SegmentationParams, paths: OutputPaths, result: SegmentationResult, model: dict,

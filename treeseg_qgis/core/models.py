@@ -138,6 +138,33 @@ def load_backbone(
     raise ModelUnavailableError(explain_load_failure(*failures[0]))
 
 
+def weights_identity(model: str, revision: str | None = None) -> dict:
+    """What identifies the weights `model` loads now: each file of its folder (a local folder or the
+    cached hub snapshot) by size, times and a sampled hash; the name and revision when none is cached."""
+    from .cache import file_identity
+
+    folder = _weights_folder(model, revision)
+    files = sorted(path for path in folder.iterdir() if path.is_file()) if folder else []
+    return {"model": model, "revision": revision, "files": {path.name: file_identity(path) for path in files}}
+
+
+def _weights_folder(model: str, revision: str | None) -> Path | None:
+    """The local folder `model` loads from, if it is a folder or a hub id already in the local cache."""
+    if Path(model).is_dir():
+        return Path(model)
+    from huggingface_hub import try_to_load_from_cache
+
+    spec = CATALOGUE.get(model)
+    for repo_id in spec.repo_ids if spec else (model,):
+        try:
+            found = try_to_load_from_cache(repo_id, "config.json", revision=revision or "main")
+        except ValueError:  # not a valid repo id
+            return None
+        if isinstance(found, str):
+            return Path(found).parent
+    return None
+
+
 def hub_offline(timeout: float = 3.0) -> bool:
     """True when HF_HUB_OFFLINE is set or the hub cannot be reached within `timeout` seconds.
 

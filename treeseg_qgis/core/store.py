@@ -10,13 +10,17 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .errors import OutputError
+
 SUMMARY = "features.json"
+SAMPLES = "samples.npz"
 
 
 @dataclass
@@ -48,13 +52,15 @@ class FeatureStore:
 
     def save_samples(self, samples: np.ndarray, exg: np.ndarray, extractor: dict) -> None:
         """Store the clustering sample and what extracted the features; marks the store complete."""
-        np.savez(self.folder / "samples.npz", samples=samples.astype(np.float32), exg=exg.astype(np.float32))
-        partial = self.folder / (SUMMARY + ".partial")
-        partial.write_text(json.dumps({"extractor": extractor}, indent=1))
-        os.replace(partial, self.folder / SUMMARY)
+        tiles = {path.name: path.stat().st_size for path in self.folder.glob("tile_*.npz")}
+        with self._writing():
+            np.savez(self.folder / SAMPLES, samples=samples.astype(np.float32), exg=exg.astype(np.float32))
+            partial = self.folder / (SUMMARY + ".partial")
+            partial.write_text(json.dumps({"extractor": extractor, "tiles": tiles}, indent=1))
+            os.replace(partial, self.folder / SUMMARY)
 
     def load_samples(self) -> tuple[np.ndarray, np.ndarray]:
-        with np.load(self.folder / "samples.npz") as data:
+        with np.load(self.folder / SAMPLES) as data:
             return data["samples"], data["exg"].astype(np.float64)
 
     def extractor(self) -> dict:
@@ -65,13 +71,24 @@ class FeatureStore:
         return self.folder / f"tile_{key[0]}_{key[1]}.npz"
 
     def put(self, key: tuple[int, int], tile: TileFeatures) -> None:
-        np.savez(
-            self._path(key),
-            features=tile.features.astype(np.float16),
-            valid=tile.valid.astype(np.float16),
-            exg=tile.exg.astype(np.float16),
-        )
+        with self._writing():
+            np.savez(
+                self._path(key),
+                features=tile.features.astype(np.float16),
+                valid=tile.valid.astype(np.float16),
+                exg=tile.exg.astype(np.float16),
+            )
         self._cache.pop(key, None)
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A full or failing disk is an OutputError that names the folder and the ways out."""
+        try:
+            yield
+        except OSError as error:
+            raise OutputError(f"Cannot store features in {self.folder}: {error.strerror or error}. Free some "
+                              "space, choose another cache folder (--cache-dir) or turn the cache off "
+                              "(--no-cache).") from error
 
     def get(self, key: tuple[int, int]) -> TileFeatures:
         """One tile's stored features (float32)."""
