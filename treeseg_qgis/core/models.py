@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 from dataclasses import dataclass, fields
@@ -24,6 +25,7 @@ from .errors import ModelUnavailableError
 
 log = logging.getLogger(__name__)
 
+UNUSED_TENSORS = {"embeddings.mask_token"}  # only used for masked pre-training, never at inference
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SAT493M_MEAN = (0.430, 0.411, 0.296)
@@ -92,9 +94,15 @@ def normalisation_for(repo_id_or_path: str) -> Normalisation:
             return spec.normalisation
     config_file = Path(repo_id_or_path) / "preprocessor_config.json"
     if config_file.is_file():
-        config = json.loads(config_file.read_text())
-        mean, std = config.get("image_mean"), config.get("image_std")
-        if mean and std and len(mean) == 3 and len(std) == 3:
+        try:
+            config = json.loads(config_file.read_text())
+        except (OSError, ValueError) as error:
+            raise ModelUnavailableError(f"{config_file} cannot be read: {error}") from error
+        mean, std = (config.get("image_mean"), config.get("image_std")) if isinstance(config, dict) else (0, 0)
+        if isinstance(mean, list) and isinstance(std, list) and len(mean) == 3 and len(std) == 3:
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (*mean, *std)) or min(std) <= 0:
+                raise ModelUnavailableError(f"{config_file}: image_mean and image_std must be finite numbers "
+                                            f"and image_std above 0, not {mean} and {std}.")
             return Normalisation(f"from {config_file.name}", tuple(mean), tuple(std))
     if "sat493m" in repo_id_or_path.lower():
         return SAT_NORMALISATION
@@ -127,12 +135,21 @@ def load_backbone(
     cache_only = hub_offline()
     for candidate in candidates:
         try:
-            network = _from_pretrained(candidate, token, cache_only, revision or "main")
+            network, missing = _from_pretrained(candidate, token, cache_only, revision or "main")
         except OSError as error:
             failures.append((candidate, error))
             log.info("Could not load %s: %s", candidate, error)
             continue
-        return _ready(network, candidate, normalisation_for(candidate), False, torch_device, dtype)
+        if missing and not allow_untrained:
+            raise ModelUnavailableError(
+                f"The weights of {candidate} do not cover the model: {len(missing)} tensors are missing (for "
+                f"example {missing[0]}), so it would run partly with random weights. Use the complete model "
+                "folder, or allow untrained weights to check the pipeline only."
+            )
+        if missing:
+            log.warning("UNTRAINED WEIGHTS: %d tensors of %s are missing (for example %s) and were initialised "
+                        "at random. The result only checks the pipeline.", len(missing), candidate, missing[0])
+        return _ready(network, candidate, normalisation_for(candidate), bool(missing), torch_device, dtype)
     if allow_untrained:
         return _untrained(model, spec, failures, torch_device, dtype)
     raise ModelUnavailableError(explain_load_failure(*failures[0]))
@@ -183,7 +200,9 @@ def hub_offline(timeout: float = 3.0) -> bool:
         return True
 
 
-def _from_pretrained(repo_id_or_path: str, token: str | None, cache_only: bool, revision: str) -> torch.nn.Module:
+def _from_pretrained(repo_id_or_path: str, token: str | None, cache_only: bool,
+                     revision: str) -> tuple[torch.nn.Module, list[str]]:
+    """The network and the names of its tensors the weights did not provide (initialised at random)."""
     from transformers import AutoModel
 
     local = Path(repo_id_or_path)
@@ -191,20 +210,33 @@ def _from_pretrained(repo_id_or_path: str, token: str | None, cache_only: bool, 
         _check_dinov3_folder(local)
     elif local.is_absolute() or repo_id_or_path.startswith("."):
         raise ModelUnavailableError(f"Model folder {repo_id_or_path} does not exist.")
-    network = AutoModel.from_pretrained(
-        repo_id_or_path,
-        use_safetensors=True,
-        trust_remote_code=False,
-        token=token,
-        local_files_only=cache_only,
-        revision=revision,
-    )
+    from safetensors import SafetensorError
+
+    try:
+        network, loading = AutoModel.from_pretrained(
+            repo_id_or_path,
+            use_safetensors=True,
+            trust_remote_code=False,
+            token=token,
+            local_files_only=cache_only,
+            revision=revision,
+            output_loading_info=True,
+        )
+    except (SafetensorError, RuntimeError, ValueError, TypeError, KeyError, AttributeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "mismatched_sizes" in reason:
+            reason = "the shapes of the weights differ from those in config.json"
+        raise ModelUnavailableError(
+            f"{repo_id_or_path} cannot be loaded ({reason}): its weights are damaged or do not fit its "
+            "config.json. Copy or download the model again."
+        ) from error
     if getattr(network.config, "model_type", "") != "dinov3_vit":
         raise ModelUnavailableError(
             f"{repo_id_or_path} is a '{network.config.model_type}' model, not a DINOv3 ViT "
             "backbone: pick one of the catalogue names or a facebook/dinov3-* model."
         )
-    return network
+    missing = sorted(set(loading.get("missing_keys", ())) | set(loading.get("mismatched_keys", ())) - UNUSED_TENSORS)
+    return network, [str(key) for key in missing]
 
 
 def _check_dinov3_folder(folder: Path) -> None:
@@ -216,19 +248,46 @@ def _check_dinov3_folder(folder: Path) -> None:
             "model.safetensors."
         )
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type", "")
+        config = json.loads(config_file.read_text())
     except (OSError, ValueError) as error:
         raise ModelUnavailableError(f"{config_file} cannot be read: {error}") from error
+    if not isinstance(config, dict):
+        raise ModelUnavailableError(f"{config_file} is not a model configuration (a JSON object is expected).")
+    model_type = config.get("model_type", "")
     if model_type != "dinov3_vit":
         raise ModelUnavailableError(
             f"{folder} holds a '{model_type or 'unknown'}' model, not a DINOv3 ViT backbone "
             "(config.json model_type must be 'dinov3_vit')."
         )
+    problem = _shape_problem(config)
+    if model_type == "dinov3_vit" and problem:
+        raise ModelUnavailableError(f"{config_file} does not describe a usable DINOv3 ViT: {problem}.")
     if not any(folder.glob("*.safetensors")):
         raise ModelUnavailableError(
             f"{folder} has no .safetensors weights; only safetensors files are loaded "
             "(pickled .bin/.pth weights are refused for safety)."
         )
+
+
+def _shape_problem(config: dict) -> str | None:
+    """What in a DINOv3 config.json no model can be built from (None when the shape is sound)."""
+    def whole(name: str, minimum: int) -> int | None:
+        value = config.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= minimum else None
+
+    for name, minimum in (("hidden_size", 1), ("num_attention_heads", 1), ("num_hidden_layers", 1),
+                          ("patch_size", 1), ("num_register_tokens", 0)):
+        if name in config and whole(name, minimum) is None:
+            return f"{name} must be a whole number of at least {minimum}, not {config[name]!r}"
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if hidden and heads and hidden % heads:
+        return f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
+    if config.get("patch_size", 16) != 16:
+        return f"patch_size is {config['patch_size']}; treeseg tiles on the 16-pixel patch grid of DINOv3"
+    layers, wanted = config.get("num_hidden_layers"), config.get("out_indices") or []
+    if layers and any(not isinstance(index, int) or index > layers for index in wanted):
+        return f"out_indices {wanted} ask for more than its {layers} layers"
+    return None
 
 
 def _ready(
