@@ -26,13 +26,20 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes in two lines (the error and where the help is), not the whole usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USER_ERROR, f"treeseg: error: {message}\nSee `{self.prog} --help`.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m treeseg_qgis",
         description="Label-free tree segmentation of orthophotos with DINOv3 features.",
     )
     parser.add_argument("--version", action="version", version=f"treeseg-qgis {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = commands.add_parser(
         "segment",
         help="segment the trees of one raster",
@@ -172,6 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _stopped(error)
         except TreesegError as error:
             print(f"treeseg: error: {error}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        except MemoryError:
+            print("treeseg: error: out of memory: try a smaller --tile-size, stride 16, a smaller model, or close "
+                  "other programs. Nothing of this run was kept.", file=sys.stderr)
             return EXIT_USER_ERROR
         if interrupts.received():
             print(f"treeseg: {interrupts.Interrupted(interrupts.received())} as the run finished; its outputs "

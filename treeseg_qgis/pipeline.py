@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import platform
+import re
 import stat
 import tempfile
 import time
@@ -332,7 +333,7 @@ def _crowns(params: SegmentationParams, paths: OutputPaths, result: Segmentation
     crown_progress = progress.sub(0.94, 0.97)
     stem = paths.clusters.name.removesuffix(SUFFIXES["clusters"])
     count = write_crowns(
-        str(paths.trees), str(paths.clusters), str(paths.crowns), f"{stem}_crowns",
+        str(paths.trees), str(paths.clusters), str(paths.crowns), layer_name(f"{stem}_crowns"),
         CrownOptions(min_area_m2=params.crown_min_area_m2, smoothing_m=params.crown_smoothing_m),
         progress=lambda fraction: crown_progress.report(fraction, "Splitting crowns"),
         is_cancelled=progress.is_cancelled, description=_description(model),
@@ -396,7 +397,7 @@ def _polygonize(paths: OutputPaths, result: SegmentationResult, model: dict, pro
     stem = paths.clusters.name.removesuffix(SUFFIXES["clusters"])
     polygons = polygonize_clusters(
         str(paths.clusters), str(paths.polygons), result.tree_clusters,
-        layer_name=f"{stem}_polygons",
+        layer_name=layer_name(f"{stem}_polygons"),
         progress=lambda fraction: polygon_progress.report(fraction, "Polygonizing"),
         is_cancelled=progress.is_cancelled,
         description=_description(model),
@@ -412,6 +413,11 @@ def _commit(transaction: OutputTransaction, produced: list[Path], stale: list[Pa
         raise OutputError(f"Cannot move the outputs into place ({error.filename}: {error.strerror}). Remove "
                           "their layers from the QGIS project (or close the program using them), "
                           "or choose another output folder.") from error
+
+
+def layer_name(text: str) -> str:
+    """A GeoPackage layer name for a file stem: GDAL refuses punctuation such as '-', '$' or '('."""
+    return re.sub(r"[^0-9A-Za-z_]", "_", text)
 
 
 def _output_folder(output_dir: str) -> None:

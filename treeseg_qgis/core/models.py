@@ -368,6 +368,11 @@ def explain_load_failure(repo_id: str, error: Exception) -> str:
             f"{repo_id} was not found on the Hugging Face hub, or your account has no access "
             f"to it. Check the name; for a gated model accept the licence on {page}, {login}."
         )
+    if kind == "busy":
+        return (
+            f"The Hugging Face hub could not serve {repo_id} just now (too many requests, or a problem on "
+            "its side): try again in a few minutes."
+        )
     if kind == "offline":
         return (
             f"The weights of {repo_id} are not in the local Hugging Face cache and the hub "
@@ -380,7 +385,7 @@ def explain_load_failure(repo_id: str, error: Exception) -> str:
 
 
 def classify_hub_error(error: BaseException) -> str:
-    """'gated', 'not_found', 'offline' or 'other' for an error raised while loading."""
+    """'gated', 'not_found', 'busy' (HTTP 429 or 5xx), 'offline' or 'other' for an error raised while loading."""
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -401,6 +406,8 @@ def classify_hub_error(error: BaseException) -> str:
             status = getattr(getattr(item, "response", None), "status_code", None)
             if status in (401, 403):
                 return "gated"
+            if status == 429 or (isinstance(status, int) and status >= 500):
+                return "busy"
         if isinstance(item, RepositoryNotFoundError):
             return "not_found"
         if isinstance(item, (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError)):

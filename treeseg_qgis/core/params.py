@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -82,6 +83,10 @@ class SegmentationParams:
             raise InputError(f"The automatic cluster range {self.k_min}..{self.k_max} is not valid.")
         if self.tile_size % 16 or self.tile_size < 64:
             raise InputError(f"The tile size must be a multiple of 16 and at least 64, not {self.tile_size}.")
+        for name in ("crown_min_area_m2", "crown_smoothing_m", "min_tree_height_m", "min_exg"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and (value >= 0 or name == "min_exg")):
+                raise InputError(f"{name} must be a finite number of at least 0, not {value}.")
         if self.overlap % 16 or not 0 <= self.overlap <= self.tile_size // 2:
             raise InputError(
                 f"The overlap must be a multiple of 16 up to half the tile size, not {self.overlap}."

@@ -1,0 +1,100 @@
+"""One clear line (exit 2) instead of a traceback, through the command line (issue 20, cases 9 and 12)."""
+
+import os
+import zipfile
+
+import pytest
+
+from treeseg_qgis.cli import main
+
+from .conftest import disc_scene, write_geotiff
+
+
+@pytest.fixture
+def image():
+    return disc_scene(96, 96, [(48, 48)], radius=20)[0]
+
+
+def segment(*args: str) -> int:
+    return main(["segment", *args, "--method", "rgb-kmeans", "--clusters", "2", "--no-cache", "--quiet"])
+
+
+@pytest.mark.parametrize("name", ["-dash.tif", "a$(touch x).tif", "quote'\"name.tif", "space name.tif"])
+def test_punctuation_in_the_input_name_gives_valid_layer_names(image, tmp_path, name, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_geotiff(tmp_path / name, image)
+    assert segment(f"./{name}", "--out", "out", "--crowns") == 0
+    assert not (tmp_path / "x").exists()
+    stem = name.removesuffix(".tif")
+    assert (tmp_path / "out" / f"{stem}_rgb-kmeans_polygons.gpkg").is_file()
+    assert (tmp_path / "out" / f"{stem}_rgb-kmeans_crowns.gpkg").is_file()
+
+
+def test_a_vsizip_input_runs_with_the_cache(image, tmp_path):
+    write_geotiff(tmp_path / "in.tif", image)
+    with zipfile.ZipFile(tmp_path / "in.zip", "w") as archive:
+        archive.write(tmp_path / "in.tif", "in.tif")
+    status = main(["segment", f"/vsizip/{tmp_path}/in.zip/in.tif", "--out", str(tmp_path / "out"), "--method",
+                   "rgb-kmeans", "--clusters", "2", "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+    assert status == 0 and (tmp_path / "out" / "in_rgb-kmeans_clusters.tif").is_file()
+
+
+@pytest.mark.parametrize("option, value, message", [("--crown-min-area", "nan", "crown_min_area_m2 must be a finite"),
+                                                    ("--crown-min-area", "-1", "crown_min_area_m2 must be a finite"),
+                                                    ("--min-tree-height", "inf", "min_tree_height_m must be")])
+def test_a_non_finite_number_is_one_line(image, tmp_path, capsys, option, value, message):
+    write_geotiff(tmp_path / "in.tif", image)
+    assert segment(str(tmp_path / "in.tif"), "--out", str(tmp_path / "out"), "--crowns", option, value) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(f"treeseg: error: {message}")
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_fifo_input_is_refused_at_once(tmp_path, capsys):
+    os.mkfifo(tmp_path / "pipe.tif")
+    assert segment(str(tmp_path / "pipe.tif"), "--out", str(tmp_path / "out")) == 2
+    assert "not a regular file" in capsys.readouterr().err
+
+
+def test_a_usage_mistake_is_two_lines(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["segment", "in.tif", "--stride", "5", "--out", "x"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and len(lines) == 2 and lines[0].startswith("treeseg: error: argument --stride")
+
+
+def test_out_of_memory_is_one_line_and_leaves_nothing(image, tmp_path, capsys, monkeypatch):
+    from treeseg_qgis import pipeline
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(pipeline, "segment_raster", out_of_memory)
+    write_geotiff(tmp_path / "in.tif", image)
+    assert segment(str(tmp_path / "in.tif"), "--out", str(tmp_path / "out")) == 2
+    assert capsys.readouterr().err.strip().startswith("treeseg: error: out of memory")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_cuda_asked_for_without_cuda_fails_even_when_features_are_cached(tiny_model_dir, image, tmp_path, capsys):
+    write_geotiff(tmp_path / "in.tif", image)
+    common = [str(tmp_path / "in.tif"), "--out", str(tmp_path / "out"), "--model", str(tiny_model_dir), "--clusters",
+              "2", "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    assert main(["segment", *common, "--device", "cpu"]) == 0
+    assert main(["segment", *common, "--device", "cuda"]) == 2
+    assert "CUDA was asked for" in capsys.readouterr().err
+
+
+def test_hub_429_and_500_are_not_called_offline():
+    import requests
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from treeseg_qgis.core.models import explain_load_failure
+
+    for status in (429, 500):
+        response = requests.Response()
+        response.status_code = status
+        failure = OSError("could not load")
+        failure.__cause__ = HfHubHTTPError(f"{status} error", response=response)
+        message = explain_load_failure("facebook/dinov3-vits16-pretrain-lvd1689m", failure)
+        assert "try again in a few minutes" in message and "offline" not in message
