@@ -1,12 +1,13 @@
-"""The engine's private environment: the commands for each choice, a real environment made offline from a
-local wheel, the worker spoken to through it, and the set-up dialog running the same commands through QProcess."""
+"""The engine's private environment: QGIS's interpreter found on each platform's layout, the plan and its
+keying, a real engine built aside offline from a local wheel and checked, the worker spoken to through it, and
+the set-up dialog running the same commands through QProcess (install, cancel at each step, a dead index)."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
-import stat
 import subprocess
 import sys
 import sysconfig
@@ -61,72 +62,156 @@ def wheels(tmp_path_factory) -> Path:
 
 
 def install_offline(patch: pytest.MonkeyPatch, wheels: Path) -> None:
-    """The plans install the probe wheel from `wheels` instead of the engine packages from the indexes."""
+    """pip installs the probe wheel from `wheels` instead of the engine packages from the indexes, through the
+    user's own pip settings (PIP_NO_INDEX, PIP_FIND_LINKS), which the set-up passes on."""
     patch.setattr(engine_env, "engine_requirements", lambda path=None: [PROBE_REQUIREMENT])
-    patch.setattr(engine_env, "index_options", lambda build: ["--no-index", "--find-links", str(wheels)])
+    patch.setenv("PIP_NO_INDEX", "1")
+    patch.setenv("PIP_FIND_LINKS", str(wheels))
 
 
-@pytest.fixture(scope="module")
-def made_environment(tmp_path_factory, wheels) -> Path:
-    """A real environment made by the install plan's commands, run one after the other."""
-    venv_dir = engine_env.engine_venv_dir(tmp_path_factory.mktemp("profile"), "test")
-    with pytest.MonkeyPatch.context() as patch:
-        install_offline(patch, wheels)
-        steps = engine_env.install_plan(venv_dir, engine_env.find_base_python(), engine_env.CPU)
-    for step in steps:
+def run_plan(plan: engine_env.Plan) -> None:
+    for step in plan.steps:
         result = subprocess.run(step.command, capture_output=True, text=True, timeout=STEP_TIMEOUT,
                                 env=engine_env.process_environment(os.environ))
         assert result.returncode == 0, f"{step.title}:\n{result.stdout}\n{result.stderr}"
-    return venv_dir
 
 
-def test_the_environment_lives_in_the_profile_one_per_version():
-    assert engine_env.engine_venv_dir("/home/u/profiles/default/") == \
-        Path(f"/home/u/profiles/default/treeseg/engine-{__version__}")
-    assert engine_env.venv_python(Path("/e"), windows=False) == Path("/e/bin/python")
-    assert engine_env.venv_python(Path("/e"), windows=True) == Path("/e/Scripts/python.exe")
+@pytest.fixture(scope="module")
+def made_engine(tmp_path_factory, wheels) -> engine_env.Engine:
+    """A real engine built by the install plan's commands (the real check: imports and a tiny DINOv3 forward
+    through the product's loader), run one after the other."""
+    root = engine_env.engines_dir(tmp_path_factory.mktemp("profile"))
+    with pytest.MonkeyPatch.context() as patch:
+        install_offline(patch, wheels)
+        plan = engine_env.install_plan(root, engine_env.find_base_python(), engine_env.CPU, "")
+        run_plan(plan)
+    engine = engine_env.engine_in_use(root, [PROBE_REQUIREMENT])
+    assert engine is not None and engine.folder == plan.target and not plan.staging.exists()
+    return engine
 
 
-def test_the_cpu_plan_makes_a_venv_from_qgis_python_and_takes_torch_from_the_cpu_index(tmp_path):
-    venv_dir = engine_env.engine_venv_dir(tmp_path)
-    python, constraints = str(engine_env.venv_python(venv_dir)), str(venv_dir / "qgis-constraints.txt")
+def fake_files(root: Path, *paths: str) -> None:
+    for path in paths:
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text("")
 
-    steps = engine_env.install_plan(venv_dir, "/usr/bin/python3.11", engine_env.CPU)
 
-    assert [step.command for step in steps] == [
-        ("/usr/bin/python3.11", "-m", "venv", "--system-site-packages", str(venv_dir)),
+def test_linux_discovery_takes_the_interpreters_of_qgis_prefixes_never_path(tmp_path, monkeypatch):
+    fake_files(tmp_path, "usr/bin/python3.11", "usr/bin/python3", "opt/qgis/bin/python3.11", "shims/python3")
+    monkeypatch.setenv("PATH", str(tmp_path / "shims"))
+
+    found = engine_env.qgis_python_candidates("Linux", "3.11", [str(tmp_path / "usr")], str(tmp_path / "opt/qgis"),
+                                              str(tmp_path / "shims/python3"))
+
+    assert found == [tmp_path / "usr/bin/python3.11", tmp_path / "usr/bin/python3",
+                     tmp_path / "opt/qgis/bin/python3.11"]
+
+
+def test_windows_discovery_finds_osgeo4w_and_standalone_python_never_the_store_stub(tmp_path):
+    osgeo4w = tmp_path / "OSGeo4W"
+    fake_files(osgeo4w, "apps/qgis-ltr/bin/qgis.exe", "apps/Python312/python.exe", "apps/Python39/python.exe")
+    standalone = tmp_path / "Program Files/QGIS 3.40.6"
+    fake_files(standalone, "apps/qgis/bin/qgis-bin.exe", "apps/Python312/python.exe")
+    store = tmp_path / "Users/me/AppData/Local/Microsoft/WindowsApps"
+    fake_files(store, "python.exe")
+
+    assert engine_env.qgis_python_candidates("Windows", "3.12", [str(store)], str(osgeo4w / "apps/qgis-ltr"),
+                                             str(osgeo4w / "bin/qgis-ltr-bin.exe")) == [
+        osgeo4w / "apps/Python312/python.exe", osgeo4w / "apps/Python39/python.exe"]
+    assert engine_env.qgis_python_candidates("Windows", "3.12", [str(standalone / "apps/Python312")],
+                                             str(standalone / "apps/qgis")) == [
+        standalone / "apps/Python312/python.exe"]
+    assert engine_env.qgis_python_candidates("Windows", "3.12", [str(store)]) == []
+
+
+def test_macos_discovery_finds_the_interpreter_inside_qgis_app(tmp_path):
+    bundle = tmp_path / "Applications/QGIS-LTR.app"
+    fake_files(bundle, "Contents/MacOS/bin/python3.9", "Contents/MacOS/bin/python3", "Contents/MacOS/QGIS")
+    fake_files(tmp_path, "opt/homebrew/bin/python3.9")
+    newer = tmp_path / "Applications/QGIS.app"
+    fake_files(newer, "Contents/Frameworks/Python.framework/Versions/3.12/bin/python3.12", "Contents/MacOS/QGIS")
+
+    assert engine_env.qgis_python_candidates("Darwin", "3.9", [str(tmp_path / "opt/homebrew")],
+                                             str(bundle / "Contents/MacOS"), str(bundle / "Contents/MacOS/QGIS")) == [
+        bundle / "Contents/MacOS/bin/python3.9", bundle / "Contents/MacOS/bin/python3"]
+    assert engine_env.qgis_python_candidates(
+        "Darwin", "3.12", [str(newer / "Contents/Frameworks/Python.framework/Versions/3.12")], "",
+        str(newer / "Contents/MacOS/QGIS")) == [
+        newer / "Contents/Frameworks/Python.framework/Versions/3.12/bin/python3.12"]
+
+
+def test_a_decoy_of_qgis_version_without_gdal_is_refused_and_qgis_python_is_chosen(tmp_path):
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    decoy = tmp_path / "shims" / "python3"
+    decoy.parent.mkdir()
+    decoy.write_text(f"#!/bin/sh\nexec env PYTHONPATH= PYTHONNOUSERSITE=1 {sys.executable} -I -S \"$@\"\n")
+    decoy.chmod(0o755)
+    assert subprocess.run([str(decoy), "-c", "import osgeo"], capture_output=True).returncode != 0
+
+    assert engine_env.find_base_python([decoy, *engine_env.base_python_candidates()]) != str(decoy)
+    with pytest.raises(engine_env.EngineEnvError, match=f"Python {version} without GDAL"):
+        engine_env.find_base_python([decoy])
+    chosen = engine_env.find_base_python()
+    checked = subprocess.run([chosen, "-c", "import sys; from osgeo import gdal; print(sys.version_info[:2])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert checked == str(sys.version_info[:2])
+
+
+def test_a_python_without_venv_gets_an_instruction_and_another_version_is_refused(tmp_path):
+    without_venv = tmp_path / "python3"
+    without_venv.write_text(f"#!/bin/sh\necho {sys.version_info.major}.{sys.version_info.minor}\necho gdal 3.6.2\n"
+                            "echo 'No module named ensurepip' >&2\nexit 1\n")
+    without_venv.chmod(0o755)
+    other = tmp_path / "python3.9"
+    other.write_text("#!/bin/sh\necho 3.9\necho gdal 3.6.2\n")
+    other.chmod(0o755)
+
+    with pytest.raises(engine_env.EngineEnvError, match="install python3-venv"):
+        engine_env.find_base_python([str(without_venv)])
+    with pytest.raises(engine_env.EngineEnvError, match="Python 3.9, not QGIS's"):
+        engine_env.find_base_python([str(other)])
+    with pytest.raises(engine_env.EngineEnvError, match="none found"):
+        engine_env.find_base_python([])
+
+
+def test_the_engine_is_keyed_by_its_contents_not_the_plugin_version():
+    pins = ["torch==2.13.0", "transformers==5.24.0"]
+
+    key = engine_env.engine_key(pins, engine_env.CPU, "3.11")
+
+    assert key.startswith("cpu-") and key == engine_env.engine_key(list(reversed(pins)), "cpu", "3.11")
+    assert key == engine_env.engine_key(["Torch==2.13.0", "transformers==5.24.0"], "cpu", "3.11")
+    others = {engine_env.engine_key(["torch==2.13.1", "transformers==5.24.0"], "cpu", "3.11"),
+              engine_env.engine_key(pins, "cu130", "3.11"), engine_env.engine_key(pins, "cpu", "3.12")}
+    assert key not in others and len(others) == 3
+    assert __version__ not in key
+
+
+def test_the_plan_builds_aside_keeps_the_users_indexes_and_adds_torchs_as_an_extra(tmp_path):
+    root = engine_env.engines_dir(tmp_path)
+    pins = engine_env.engine_requirements()
+
+    plan = engine_env.install_plan(root, "/usr/bin/python3.11", engine_env.CPU)
+
+    key = engine_env.engine_key(pins, engine_env.CPU)
+    assert plan.target == root / f"engine-{key}" and plan.staging == root / f"staging-{key}"
+    python, constraints = str(engine_env.venv_python(plan.staging)), str(plan.staging / "qgis-constraints.txt")
+    commands = [step.command for step in plan.steps]
+    assert commands[:4] == [
+        ("/usr/bin/python3.11", "-m", "venv", "--clear", "--system-site-packages", str(plan.staging)),
         ("/usr/bin/python3.11", "-c", engine_env.QGIS_VERSIONS_SCRIPT, constraints),
-        (python, "-m", "pip", "install", "--index-url", "https://download.pytorch.org/whl/cpu",
-         "--extra-index-url", "https://pypi.org/simple", "--constraint", constraints,
-         *engine_env.engine_requirements(), "numpy", "scipy", "matplotlib"),
-        (python, "-c", engine_env.ENGINE_CHECK),
+        (python, "-m", "pip", "install", "--extra-index-url", "https://download.pytorch.org/whl/cpu",
+         "--constraint", constraints, *pins, "numpy", "scipy", "matplotlib"),
+        (python, "-c", engine_env.ENGINE_CHECK, str(REPO)),
     ]
-    assert "torch (CPU)" in steps[2].title
-
-
-def test_the_cuda_plan_takes_torch_from_the_pytorch_index_of_its_build(tmp_path):
-    steps = engine_env.install_plan(engine_env.engine_venv_dir(tmp_path), "/usr/bin/python3.11", "cu130")
-
-    install = steps[2].command
-    assert install[install.index("--index-url") + 1] == "https://download.pytorch.org/whl/cu130"
-    assert install[install.index("--extra-index-url") + 1] == "https://pypi.org/simple"
-    assert "torch (CUDA, cu130)" in steps[2].title
-
-
-def test_repair_reinstalls_the_engine_packages_but_never_qgis_numpy(tmp_path):
-    venv_dir = engine_env.engine_venv_dir(tmp_path)
-    install = engine_env.install_plan(venv_dir, "/usr/bin/python3.11", engine_env.CPU)
-
-    repair = engine_env.install_plan(venv_dir, "/usr/bin/python3.11", engine_env.CPU, repair=True)
-
-    assert len(repair) == len(install) + 1
-    assert [step.command for step in repair[:2]] == [step.command for step in install[:2]]
-    assert [step.command for step in repair[3:]] == [step.command for step in install[2:]]
-    reinstall = repair[2].command
-    assert reinstall[:3] == (str(engine_env.venv_python(venv_dir)), "-m", "pip")
-    assert {"--force-reinstall", "--no-deps", "--constraint"} <= set(reinstall)
-    assert reinstall[-len(engine_env.ENGINE_PACKAGES):] == tuple(engine_env.engine_requirements())
-    assert not {"numpy", "scipy"} & {part.split("==")[0] for part in reinstall}
+    assert commands[4][:2] == ("/usr/bin/python3.11", "-c") and commands[4][3:5] == (str(plan.staging),
+                                                                                     str(plan.target))
+    assert [step.swaps_engine for step in plan.steps] == [False, False, False, False, True]
+    assert not any("--index-url" in command for command in commands)
+    cuda = engine_env.install_plan(root, "/usr/bin/python3.11", "cu130").steps[2]
+    assert "https://download.pytorch.org/whl/cu130" in cuda.command and "torch (CUDA, cu130)" in cuda.title
+    mirror = engine_env.install_plan(root, "/usr/bin/python3.11", engine_env.CPU, torch_index="").steps[2]
+    assert "--extra-index-url" not in mirror.command
 
 
 def test_the_requirements_are_those_requirements_txt_pins(tmp_path):
@@ -142,12 +227,86 @@ def test_the_requirements_are_those_requirements_txt_pins(tmp_path):
     assert pinned[0].startswith("torch==") and pinned[1].startswith("transformers==")
 
 
+def test_only_a_folder_with_the_ready_marker_is_an_engine(tmp_path, monkeypatch):
+    root = engine_env.engines_dir(tmp_path)
+    half_made = engine_env.venv_python(root / "engine-cpu-0000000000")
+    half_made.parent.mkdir(parents=True)
+    half_made.write_text("")
+    staging = engine_env.venv_python(root / "staging-cpu-1111111111")
+    staging.parent.mkdir(parents=True)
+    staging.write_text("")
+    assert engine_env.ready_engines(root) == [] and engine_env.private_engine_python(tmp_path) is None
+
+    old = make_marked_engine(root, ["torch==2.12.0"])
+    assert engine_env.engine_in_use(root, ["torch==2.13.0"]) == old
+    current = make_marked_engine(root, ["torch==2.13.0"])
+    os.utime(current.folder / engine_env.READY_MARKER, (1, 1))
+    assert engine_env.ready_engines(root) == [old, current]
+    assert engine_env.engine_in_use(root, ["torch==2.13.0"]) == current
+    monkeypatch.setattr(engine_env, "engine_requirements", lambda path=None: ["torch==2.13.0"])
+    assert engine_env.private_engine_python(tmp_path) == str(current.python)
+
+
+def make_marked_engine(root: Path, requirements: list[str]) -> engine_env.Engine:
+    """An engine folder with an interpreter file and the ready marker (what the swap writes)."""
+    key = engine_env.engine_key(requirements, engine_env.CPU)
+    folder = root / f"engine-{key}"
+    python = engine_env.venv_python(folder)
+    python.parent.mkdir(parents=True)
+    python.write_text("")
+    (folder / engine_env.READY_MARKER).write_text(json.dumps({"key": key, "build": "cpu",
+                                                              "requirements": requirements}))
+    return engine_env.Engine(folder, key, "cpu", tuple(requirements))
+
+
+@pytest.mark.parametrize(("log", "words"), [
+    ("OSError: [Errno 28] No space left on device", "disk is full"),
+    ("WARNING: Retrying ... NewConnectionError('Failed to establish a new connection: [Errno 111] Connection "
+     "refused')\nERROR: No matching distribution found for torch==2.13.0", "could not be reached"),
+    ("Could not fetch URL https://pypi.org/simple/torch/: ... SSLError(SSLCertVerificationError(1, "
+     "'[SSL: CERTIFICATE_VERIFY_FAILED]", "certificate"),
+    ("ProxyError('Cannot connect to proxy.')", "proxy refused"),
+    ("HTTP error 403 while getting https://mirror/simple/torch/ ... 403 Client Error: Forbidden", "refused access"),
+    ("ERROR: Could not find a version that satisfies the requirement torch==2.13.0 (from versions: 2.5.0)\n"
+     "ERROR: No matching distribution found for torch==2.13.0", "no torch wheel for this Python"),
+    ("Something else entirely", "the log above says why"),
+])
+def test_a_pip_failure_is_explained_in_words(log, words):
+    assert words in engine_env.explain_pip_failure(log)
+
+
+def test_pip_progress_moves_with_the_packages_and_megabytes():
+    progress = engine_env.PipProgress()
+    assert progress.fraction() == 0.0
+
+    progress.feed("Collecting torch==2.13.0\n  Downloading https://x/torch-2.13.0-cp311.whl (200.5 MB)\n"
+                  "Collecting transformers==5.24.0\n  Downloading transformers-5.24.0-py3-none-any.whl (12")
+    first = progress.fraction()
+    progress.feed(".0 MB)\n  Downloading tqdm-4.0-py3-none-any.whl (512 kB)\n")
+
+    assert progress.packages == 2 and progress.megabytes == pytest.approx(213.0)
+    assert 0 < first == progress.fraction() < 0.8
+    assert progress.describe() == "2 packages, 213 MB to download; now tqdm-4.0-py3-none-any.whl"
+    progress.feed("Installing collected packages: torch, transformers\n")
+    assert progress.fraction() == 0.9 and progress.describe().endswith("installing them")
+
+
+def test_the_free_disk_check_names_the_space_needed(tmp_path, monkeypatch):
+    assert engine_env.free_disk_problem(tmp_path / "profile" / "treeseg", engine_env.CPU) is None
+    monkeypatch.setattr(engine_env, "REQUIRED_FREE_BYTES", {engine_env.CPU: 1 << 60})
+
+    problem = engine_env.free_disk_problem(tmp_path / "profile" / "treeseg", engine_env.CPU)
+
+    assert problem is not None and f"disk of {tmp_path}" in problem and "CPU engine needs" in problem
+
+
 def test_an_existing_python_is_checked_for_everything_the_engine_imports():
     command = engine_env.check_command("/opt/env/bin/python")
 
-    assert command == ("/opt/env/bin/python", "-c", engine_env.ENGINE_CHECK)
+    assert command == ("/opt/env/bin/python", "-c", engine_env.ENGINE_CHECK, str(REPO))
     for module in ("torch", "transformers", "sklearn", "skimage", "osgeo.gdal"):
         assert f'"{module}"' in engine_env.ENGINE_CHECK
+    assert "load_backbone(folder" in engine_env.ENGINE_CHECK
 
 
 def test_gpus_are_read_from_nvidia_smi_and_the_driver_picks_the_cuda_build():
@@ -161,64 +320,39 @@ def test_gpus_are_read_from_nvidia_smi_and_the_driver_picks_the_cuda_build():
                                                          "[N/A]")] == ["cu130", "cu126", "cu126", None, None]
 
 
-def test_the_base_python_is_the_one_qgis_runs_on_and_never_qgis_itself(monkeypatch, tmp_path):
-    qgis_binary = tmp_path / "qgis"
-    qgis_binary.write_text("")
-    monkeypatch.setattr(sys, "executable", str(qgis_binary))
-    monkeypatch.setattr(sys, "_base_executable", str(qgis_binary))
-
-    candidates = engine_env.base_python_candidates()
-
-    assert str(qgis_binary) not in candidates
-    assert all(Path(candidate).name.startswith("python") for candidate in candidates)
-    found = engine_env.find_base_python()
-    version = subprocess.run([found, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-    assert version == str(sys.version_info[:2])
-
-
-def test_a_python_without_venv_gets_an_instruction(tmp_path):
-    without_venv = tmp_path / "python3"
-    without_venv.write_text(f"#!/bin/sh\necho {sys.version_info.major}.{sys.version_info.minor}\n"
-                            "echo 'No module named ensurepip' >&2\nexit 1\n")
-    without_venv.chmod(without_venv.stat().st_mode | stat.S_IEXEC)
-
-    with pytest.raises(engine_env.EngineEnvError, match="install python3-venv"):
-        engine_env.find_base_python([str(without_venv)])
-    with pytest.raises(engine_env.EngineEnvError, match="No Python"):
-        engine_env.find_base_python([])
-
-
-def test_remove_deletes_only_an_engine_environment(tmp_path):
-    venv_dir = engine_env.engine_venv_dir(tmp_path, "test")
-    (venv_dir / "bin").mkdir(parents=True)
+def test_remove_deletes_only_an_engine_or_a_staging_folder(tmp_path):
+    root = engine_env.engines_dir(tmp_path)
+    engine = make_marked_engine(root, ["torch==2.13.0"])
+    staging = root / "staging-cpu-1"
+    staging.mkdir()
     other = tmp_path / "documents"
     other.mkdir()
 
     with pytest.raises(engine_env.EngineEnvError, match="not an engine environment"):
         engine_env.remove_environment(other)
-    engine_env.remove_environment(venv_dir)
+    engine_env.remove_environment(engine.folder)
+    engine_env.remove_environment(staging)
 
-    assert other.is_dir() and not venv_dir.exists()
+    assert other.is_dir() and not engine.folder.exists() and not staging.exists()
 
 
-def test_a_real_environment_is_made_offline_and_qgis_python_is_untouched(made_environment):
-    python = engine_env.venv_python(made_environment)
-    base = engine_env.find_base_python()
+def test_a_real_engine_is_built_aside_checked_and_qgis_python_is_untouched(made_engine):
     import numpy
     import scipy
 
-    versions = subprocess.run([str(python), "-c", f"import {PROBE}, numpy; print({PROBE}.VERSION, numpy.__version__)"],
-                              capture_output=True, text=True, check=True).stdout.split()
+    versions = subprocess.run([str(made_engine.python), "-c", f"import {PROBE}, numpy; print({PROBE}.VERSION, "
+                               "numpy.__version__)"], capture_output=True, text=True, check=True).stdout.split()
 
     assert versions == ["1.0", numpy.__version__]
-    assert (made_environment / "qgis-constraints.txt").read_text().split() == [f"numpy=={numpy.__version__}",
-                                                                               f"scipy=={scipy.__version__}"]
-    assert subprocess.run([base, "-c", f"import {PROBE}"], capture_output=True).returncode != 0
+    assert (made_engine.folder / "qgis-constraints.txt").read_text().split() == [f"numpy=={numpy.__version__}",
+                                                                                 f"scipy=={scipy.__version__}"]
+    marker = json.loads((made_engine.folder / engine_env.READY_MARKER).read_text())
+    assert marker["requirements"] == [PROBE_REQUIREMENT] and marker["build"] == "cpu"
+    assert subprocess.run([engine_env.find_base_python(), "-c", f"import {PROBE}"], capture_output=True).returncode
 
 
-def test_the_worker_speaks_its_protocol_through_the_made_environment(made_environment):
-    python = str(engine_env.venv_python(made_environment))
+def test_the_worker_speaks_its_protocol_through_the_made_engine(made_engine):
+    python = str(made_engine.python)
     client = EngineClient(python)
     try:
         record = client.probe()
@@ -229,18 +363,40 @@ def test_the_worker_speaks_its_protocol_through_the_made_environment(made_enviro
     assert record["treeseg"] == __version__ and record["torch"].startswith("2.") and record["device"] == "cpu"
 
 
-def test_the_private_environment_is_found_after_the_setting_and_the_variable(qgis_app, tmp_path, monkeypatch):
+def test_a_missing_module_is_reported_as_such_not_as_memory(tmp_path):
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'huggingface_hub'\" >&2\nexit 1\n")
+    broken.chmod(0o755)
+    client = EngineClient(str(broken))
+    try:
+        with pytest.raises(engine_client.EngineError) as caught:
+            client.probe()
+    finally:
+        client.close()
+
+    message = str(caught.value)
+    assert "lacks a package" in message and "huggingface_hub" in message and "memory" not in message
+
+
+def test_the_private_engine_is_found_after_the_setting_and_the_variable(qgis_app, tmp_path, monkeypatch):
     from qgis.core import QgsApplication
 
     assert engine_client.qgis_profile_dir() == QgsApplication.qgisSettingsDirPath()
-    python = engine_env.venv_python(engine_env.engine_venv_dir(tmp_path))
-    python.parent.mkdir(parents=True)
-    python.write_text("")
-    python.chmod(0o755)
     monkeypatch.setattr(engine_client, "qgis_profile_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(engine_client, "ENGINE_POINTER_FILE", tmp_path / "none.txt")
+    monkeypatch.setattr(engine_client, "PLUGIN_DIR", tmp_path / "plugin" / "treeseg_qgis")
     monkeypatch.delenv(ENGINE_PYTHON_ENV, raising=False)
+    monkeypatch.setattr(engine_env, "engine_requirements", lambda path=None: ["torch==2.13.0"])
+    half_made = engine_env.venv_python(engine_env.engines_dir(tmp_path) / "engine-cpu-0000000000")
+    half_made.parent.mkdir(parents=True)
+    half_made.write_text("")
+    half_made.chmod(0o755)
+    assert find_engine_python(None) is None
 
-    assert find_engine_python(None) == str(python)
+    engine = make_marked_engine(engine_env.engines_dir(tmp_path), ["torch==2.13.0"])
+    engine.python.chmod(0o755)
+
+    assert find_engine_python(None) == str(engine.python)
     assert find_engine_python(sys.executable) == sys.executable
     monkeypatch.setenv(ENGINE_PYTHON_ENV, sys.executable)
     assert find_engine_python(None) == sys.executable
@@ -266,6 +422,7 @@ def test_the_plugin_without_an_engine_offers_the_set_up_and_uses_the_new_engine_
     from treeseg_qgis.plugin import MENU
 
     nowhere = tmp_path / "nowhere"
+    plugin_dir = engine_client.PLUGIN_DIR
     monkeypatch.setenv(ENGINE_PYTHON_ENV, str(nowhere / "python"))
     monkeypatch.setattr(engine_client, "PLUGIN_DIR", nowhere / "treeseg_qgis")
     monkeypatch.setattr(engine_client, "ENGINE_POINTER_FILE", nowhere / "engine_python.txt")
@@ -294,13 +451,16 @@ def test_the_plugin_without_an_engine_offers_the_set_up_and_uses_the_new_engine_
 
         broken = tmp_path / "broken" / "python"
         broken.parent.mkdir()
-        broken.write_text("#!/bin/sh\nexit 3\n")
+        broken.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'huggingface_hub'\" >&2\nexit 3\n")
         broken.chmod(0o755)
+        monkeypatch.setattr(engine_client, "PLUGIN_DIR", plugin_dir)
         main_window.show()
         plugin.action.trigger()
         dialog.engine_ready.emit(str(broken))
         wait_until(lambda: "not usable" in dock.engine_label.text(), DIALOG_TIMEOUT)
         assert dock.setup_button.isVisible() and plugin.engine.python == str(broken)
+        assert not dock.run_button.isEnabled()
+        assert "huggingface_hub" in dock.engine_label.text() and "memory" not in dock.engine_label.text()
     finally:
         plugin.unload()
         main_window.hide()
@@ -308,67 +468,143 @@ def test_the_plugin_without_an_engine_offers_the_set_up_and_uses_the_new_engine_
     qgis_iface.removePluginRasterMenu.assert_any_call(MENU, setup_action)
 
 
-def test_the_dialog_installs_repairs_and_removes_through_qprocess(qgis_app, tmp_path, wheels, test_setting,
-                                                                  monkeypatch):
+def previous_engine(root: Path) -> engine_env.Engine:
+    """A ready engine made for older pins: the one in use before a new set-up."""
+    engine = make_marked_engine(root, ["treeseg-probe==0.9"])
+    engine.python.unlink()
+    engine.python.symlink_to(sys.executable)
+    return engine
+
+
+def test_the_dialog_builds_aside_swaps_in_and_offers_to_remove_the_old(qgis_app, tmp_path, wheels, test_setting,
+                                                                        monkeypatch):
     from qgis.core import QgsSettings
     from qgis.PyQt.QtWidgets import QMessageBox
 
-    from treeseg_qgis.gui.engine_setup import EngineSetupDialog
+    from treeseg_qgis.gui.engine_setup import PROGRESS_RANGE, EngineSetupDialog
 
     install_offline(monkeypatch, wheels)
-    monkeypatch.setattr(engine_env, "ENGINE_CHECK", f"import {PROBE}; print('probe', {PROBE}.VERSION)")
+    monkeypatch.setattr(engine_client, "qgis_profile_dir", lambda: str(tmp_path))
+    questions = []
+    monkeypatch.setattr(QMessageBox, "question", lambda *args: questions.append(args[2]) or
+                        QMessageBox.StandardButton.Yes)
     QgsSettings().setValue(test_setting, "/somewhere/else/python")
-    venv_dir = engine_env.engine_venv_dir(tmp_path, "test")
-    python = str(engine_env.venv_python(venv_dir))
-    dialog = EngineSetupDialog(venv_dir)
+    root = engine_env.engines_dir(tmp_path)
+    old = previous_engine(root)
+    dialog = EngineSetupDialog(root)
+    dialog.torch_index.setText("")
     ready, stops, removed = [], [], []
     dialog.engine_ready.connect(ready.append)
     dialog.stop_engine_requested.connect(lambda: stops.append(True))
     dialog.engine_removed.connect(lambda: removed.append(True))
-    assert dialog.install_button.isEnabled() and not dialog.repair_button.isEnabled()
+    assert "made for other package versions" in dialog.folder_label.text()
+    assert dialog.install_button.isEnabled() and dialog.repair_button.isEnabled()
+    assert dialog.gpu_label.text().startswith("No NVIDIA GPU found")
 
     dialog.install_button.click()
     assert dialog.running and dialog.cancel_button.isEnabled() and not dialog.install_button.isEnabled()
-    wait_until(lambda: not dialog.running, DIALOG_TIMEOUT)
+    seen_progress = set()
+    wait_until(lambda: seen_progress.add(dialog.progress_bar.value()) or not dialog.running, DIALOG_TIMEOUT)
 
     log = dialog.log.toPlainText()
-    assert ready == [python], dialog.status_label.text() + log
-    assert dialog.status_label.text().startswith("The engine is ready")
-    assert "probe 1.0" in log and "== Creating the virtual environment" in log
-    assert dialog.progress_bar.value() == dialog.progress_bar.maximum() == 4
+    new = engine_env.engine_in_use(root, [PROBE_REQUIREMENT])
+    assert new is not None and new.folder != old.folder and ready == [str(new.python)], dialog.status_label.text()
+    assert dialog.status_label.text().startswith("The engine is ready"), dialog.status_label.text() + log
+    assert "a tiny DINOv3 forward ran" in log and "== Moving the engine into place" in log
+    assert len(seen_progress) >= 5 and dialog.progress_bar.value() == PROGRESS_RANGE
+    assert questions and str(old.folder) in questions[0]
+    wait_until(lambda: not old.folder.exists(), DIALOG_TIMEOUT)
     assert not dialog.install_button.isEnabled() and dialog.repair_button.isEnabled()
     assert QgsSettings().value(test_setting, "", type=str) == "" and stops == []
+    assert dialog.engine_label.text() == str(new.python)
 
     dialog.repair_button.click()
     wait_until(lambda: not dialog.running, DIALOG_TIMEOUT)
-    assert ready == [python, python] and stops == [True], dialog.log.toPlainText()
-    assert "--force-reinstall" in dialog.log.toPlainText()
+    assert ready == [str(new.python)] * 2 and stops == [True], dialog.log.toPlainText()
+    assert engine_env.ready_engines(root) == [new] and not (root / f"{new.folder.name}.old").exists()
 
-    monkeypatch.setattr(QMessageBox, "question", lambda *args: QMessageBox.StandardButton.Yes)
     dialog.remove_button.click()
     wait_until(lambda: not dialog.running, DIALOG_TIMEOUT)
-    assert removed == [True] and stops == [True, True] and not venv_dir.exists()
+    assert removed == [True] and stops == [True, True] and not new.folder.exists()
     assert dialog.install_button.isEnabled() and not dialog.remove_button.isEnabled()
     dialog.deleteLater()
 
 
-def test_cancel_stops_the_running_command(qgis_app, tmp_path, wheels, test_setting, monkeypatch):
-    from treeseg_qgis.gui.engine_setup import SET_UP_CANCELLED, EngineSetupDialog
+@pytest.mark.parametrize("step", [0, 1, 2, 3])
+def test_cancel_during_each_step_keeps_the_previous_engine(qgis_app, tmp_path, wheels, test_setting, monkeypatch,
+                                                           step):
+    from treeseg_qgis.gui.engine_setup import EngineSetupDialog
 
     install_offline(monkeypatch, wheels)
-    venv_dir = engine_env.engine_venv_dir(tmp_path, "test")
-    dialog = EngineSetupDialog(venv_dir)
+    monkeypatch.setattr(engine_client, "qgis_profile_dir", lambda: str(tmp_path))
+    root = engine_env.engines_dir(tmp_path)
+    old = previous_engine(root)
+    dialog = EngineSetupDialog(root)
+    dialog.torch_index.setText("")
     ready = []
     dialog.engine_ready.connect(ready.append)
 
     dialog.install_button.click()
-    wait_until(lambda: venv_dir.exists(), DIALOG_TIMEOUT)
+    wait_until(lambda: dialog._step_index >= step, DIALOG_TIMEOUT)
+    assert dialog._step_index == step and dialog.process is not None, "the step ended before it could be cancelled"
     dialog.cancel_button.click()
     wait_until(lambda: not dialog.running, DIALOG_TIMEOUT)
 
-    assert ready == [] and dialog.status_label.text() == SET_UP_CANCELLED
-    assert dialog.progress_bar.value() == 0 and "Holding numpy" not in dialog.log.toPlainText()
-    assert dialog.process is None and not dialog.cancel_button.isEnabled() and dialog.remove_button.isEnabled()
+    status = dialog.status_label.text()
+    assert ready == [] and status.startswith("Cancelled.") and f"the engine in use is still {old.python}" in status
+    assert engine_env.ready_engines(root) == [old] and not dialog.plan
+    assert sorted(path.name for path in root.iterdir()) == [old.folder.name]
+    assert dialog.process is None and not dialog.cancel_button.isEnabled()
+    assert "made for other package versions" in dialog.folder_label.text()
+    dialog.deleteLater()
+
+
+def test_a_dead_index_is_explained_in_words_within_a_minute(qgis_app, tmp_path, wheels, test_setting, monkeypatch):
+    import time
+
+    from treeseg_qgis.gui.engine_setup import EngineSetupDialog
+
+    install_offline(monkeypatch, wheels)
+    monkeypatch.delenv("PIP_NO_INDEX")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "no-wheels"))
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setattr(engine_client, "qgis_profile_dir", lambda: str(tmp_path))
+    root = engine_env.engines_dir(tmp_path)
+    old = previous_engine(root)
+    dialog = EngineSetupDialog(root)
+    dialog.torch_index.setText("")
+
+    started = time.monotonic()
+    dialog.install_button.click()
+    wait_until(lambda: not dialog.running, 90.0)
+    elapsed = time.monotonic() - started
+
+    status = dialog.status_label.text()
+    assert elapsed < 60, f"{elapsed:.0f} s"
+    assert "could not be reached" in status and f"the engine in use is still {old.python}" in status, status
+    assert "127.0.0.1:9" in dialog.log.toPlainText()
+    assert engine_env.ready_engines(root) == [old] and sorted(p.name for p in root.iterdir()) == [old.folder.name]
+    dialog.deleteLater()
+
+
+def test_an_unchanged_set_of_pins_reuses_the_engine_after_a_plugin_upgrade(qgis_app, tmp_path, test_setting,
+                                                                            monkeypatch):
+    import treeseg_qgis
+    from treeseg_qgis.gui.engine_setup import EngineSetupDialog
+
+    monkeypatch.setattr(engine_client, "qgis_profile_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(engine_env, "engine_requirements", lambda path=None: [PROBE_REQUIREMENT])
+    root = engine_env.engines_dir(tmp_path)
+    engine = make_marked_engine(root, [PROBE_REQUIREMENT])
+    engine.python.chmod(0o755)
+    monkeypatch.setattr(treeseg_qgis, "__version__", "9.9.9")
+
+    dialog = EngineSetupDialog(root)
+
+    assert find_engine_python(None) == str(engine.python)
+    assert not dialog.install_button.isEnabled() and dialog.repair_button.isEnabled()
+    assert f"installed: {engine.folder.name} (cpu)" in dialog.folder_label.text()
     dialog.deleteLater()
 
 
@@ -377,7 +613,7 @@ def test_an_existing_python_is_checked_before_it_is_used(qgis_app, tmp_path, tes
 
     from treeseg_qgis.gui.engine_setup import EngineSetupDialog
 
-    dialog = EngineSetupDialog(engine_env.engine_venv_dir(tmp_path, "test"))
+    dialog = EngineSetupDialog(engine_env.engines_dir(tmp_path))
     ready = []
     dialog.engine_ready.connect(ready.append)
 
@@ -410,10 +646,25 @@ def test_cuda_is_offered_when_nvidia_smi_finds_a_gpu(qgis_app, tmp_path, monkeyp
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
 
-    dialog = EngineSetupDialog(engine_env.engine_venv_dir(tmp_path, "test"))
+    dialog = EngineSetupDialog(engine_env.engines_dir(tmp_path))
     wait_until(lambda: dialog.build_combo.count() == 2, DIALOG_TIMEOUT)
 
     assert dialog.build_combo.currentData() == "cu130"
     assert dialog.build_combo.currentText() == "CUDA (cu130): NVIDIA H100 80GB HBM3, 80 GB"
+    assert dialog.gpu_label.text() == "NVIDIA H100 80GB HBM3 found: the CUDA engine (cu130) will be installed."
+    assert dialog.torch_index.text() == "https://download.pytorch.org/whl/cu130"
     assert dialog.build_combo.itemData(0) == engine_env.CPU
+    dialog.deleteLater()
+
+
+def test_a_full_disk_is_refused_before_anything_starts(qgis_app, tmp_path, test_setting, monkeypatch):
+    from treeseg_qgis.gui.engine_setup import EngineSetupDialog
+
+    monkeypatch.setattr(engine_env, "REQUIRED_FREE_BYTES", {engine_env.CPU: 1 << 60})
+    dialog = EngineSetupDialog(engine_env.engines_dir(tmp_path))
+
+    dialog.install_button.click()
+
+    assert not dialog.running and dialog.process is None and "CPU engine needs" in dialog.status_label.text()
+    assert not engine_env.engines_dir(tmp_path).exists()
     dialog.deleteLater()

@@ -22,13 +22,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .engine_env import engine_venv_dir, venv_python
+from .engine_env import private_engine_python
 from .outputs import output_folders, recover_outputs, temporary_files
 
 PLUGIN_DIR = Path(__file__).resolve().parent
 ENGINE_PYTHON_ENV = "TREESEG_ENGINE_PYTHON"
 ENGINE_POINTER_FILE = PLUGIN_DIR / "engine_python.txt"
 CANCEL_GRACE_SECONDS = 20.0
+STDERR_DRAIN_SECONDS = 2.0
 
 
 class EngineError(Exception):
@@ -47,13 +48,13 @@ def qgis_profile_dir() -> str | None:
 
 def find_engine_python(configured: str | None = None) -> str | None:
     """The engine's Python: the configured one, $TREESEG_ENGINE_PYTHON, the private environment the
-    set-up dialog made in the QGIS profile, the one `make deploy` recorded, or the repository's .venv
-    during development; None when there is none."""
+    set-up dialog made in the QGIS profile (only a ready one), the one `make deploy` recorded, or the
+    repository's .venv during development; None when there is none."""
     profile = qgis_profile_dir()
     candidates = [
         configured,
         os.environ.get(ENGINE_PYTHON_ENV),
-        str(venv_python(engine_venv_dir(profile))) if profile else None,
+        private_engine_python(profile) if profile else None,
         ENGINE_POINTER_FILE.read_text().strip() if ENGINE_POINTER_FILE.is_file() else None,
         str(PLUGIN_DIR.parent / ".venv" / "bin" / "python"),
         str(PLUGIN_DIR.parent / ".venv" / "Scripts" / "python.exe"),
@@ -88,6 +89,7 @@ class EngineClient:
         self._process: subprocess.Popen | None = None
         self._messages: queue.Queue = queue.Queue()
         self._stderr_tail: deque[str] = deque(maxlen=30)
+        self._stderr_reader: threading.Thread | None = None
         self._lock = threading.Lock()
 
     @property
@@ -255,7 +257,8 @@ class EngineClient:
             start_new_session=(os.name != "nt"),
         )
         threading.Thread(target=self._read_stdout, args=(process, self._messages), daemon=True).start()
-        threading.Thread(target=self._read_stderr, args=(process,), daemon=True).start()
+        self._stderr_reader = threading.Thread(target=self._read_stderr, args=(process,), daemon=True)
+        self._stderr_reader.start()
         self._process = process
         return process
 
@@ -284,11 +287,19 @@ class EngineClient:
         self._process = None
         code = process.wait() if process is not None else None
         reason = _describe_exit(code)
+        if self._stderr_reader is not None:
+            self._stderr_reader.join(STDERR_DRAIN_SECONDS)  # its last lines say why the worker stopped
         tail = "\n".join(list(self._stderr_tail)[-8:])
+        if "ModuleNotFoundError" in tail or "ImportError" in tail:
+            advice = ("The engine's environment lacks a package: repair it with Raster ▸ TreeSeg (DINOv3) ▸ "
+                      "Set up the engine…")
+        elif "out of memory" in reason:
+            advice = "Run again with a smaller model or tile size."
+        else:
+            advice = "QGIS is not affected; run again."
         return EngineError(
             "crash",
-            f"The treeseg engine stopped unexpectedly ({reason}). QGIS is not affected; run again, "
-            f"or try a smaller model or tile size if memory ran out."
+            f"The treeseg engine stopped unexpectedly ({reason}). {advice}"
             + (f"\nLast engine messages:\n{tail}" if tail else ""),
         )
 

@@ -110,7 +110,7 @@ class TreesegPlugin:
     def _stop_private_engine(self) -> None:
         """Stop the worker when it runs from the environment the set-up dialog is about to change."""
         if (self.engine is not None and self.setup_dialog is not None
-                and Path(self.engine.python).is_relative_to(self.setup_dialog.venv_dir)):
+                and Path(self.engine.python).is_relative_to(self.setup_dialog.engines_root)):
             self.engine.close()
 
     def show_model_manager(self) -> None:

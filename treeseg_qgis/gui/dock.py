@@ -11,6 +11,7 @@ engine reads the features the run cached instead of running the model.
 
 from __future__ import annotations
 
+import html
 import shutil
 import tempfile
 from pathlib import Path
@@ -163,6 +164,7 @@ class TreesegDock(QgsDockWidget):
         self._probe: ProbeTask | None = None
         self._engine_info: dict[str, Any] | None = None
         self._probe_started = False
+        self._engine_unusable = False
         self._last_run: dict[str, Any] | None = None
         self._last_run_layer_id = ""
         self._last_run_scratch: Path | None = None
@@ -424,7 +426,7 @@ class TreesegDock(QgsDockWidget):
     def _update_enabled(self) -> None:
         running = self.task is not None
         busy = running or self.teach_task is not None
-        self.run_button.setEnabled(self.engine is not None and not busy)
+        self.run_button.setEnabled(self.engine is not None and not self._engine_unusable and not busy)
         self.cancel_button.setEnabled(running)
         self.clusters_spin.setEnabled(not self.auto_clusters.isChecked())
         self.crown_min_area.setEnabled(self.crowns_check.isChecked())
@@ -455,12 +457,15 @@ class TreesegDock(QgsDockWidget):
     def _show_engine(self, description: str, ok: bool) -> None:
         self._engine_info = self._probe.info if self._probe is not None and ok else None
         self._probe = None
+        self._engine_unusable = not ok
+        self._update_enabled()
         self._show_memory_estimate()
         if ok:
             self.engine_label.setText(f"Engine: {description}")
             self.engine_label.setStyleSheet("")
         else:
-            self.engine_label.setText(f"<b>Engine not usable.</b> {description}")
+            error = html.escape(description).replace("\n", "<br>")
+            self.engine_label.setText(f"<b>Engine not usable.</b> {error}")
             self.engine_label.setStyleSheet("color: #b00020;")
         self.setup_button.setVisible(not ok)
         if self.task is not None and self.task.status() == QgsTask.TaskStatus.OnHold:
@@ -474,6 +479,7 @@ class TreesegDock(QgsDockWidget):
             self._probe = None
         self.engine = engine
         self._probe_started = False
+        self._engine_unusable = False
         self._show_engine_presence()
         self._update_enabled()
         if engine is not None and self.isVisible():

@@ -1,8 +1,9 @@
 """The engine set-up dialog: make, repair or remove the engine's private environment, or choose an existing one.
 
 The commands come from engine_env; they run one after the other through QProcess, so QGIS stays
-responsive, their output shows live in the log and Cancel kills the running one. Nothing here
-imports torch.
+responsive, their output shows live in the log and Cancel kills the running one. A new engine is built
+in a staging folder and moved into place only once it passed its check, so a failed or cancelled attempt
+leaves the engine in use as it was. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from qgis.PyQt.QtWidgets import (
     QFormLayout,
     QHBoxLayout,
     QLabel,
+    QLineEdit,
     QMessageBox,
     QPlainTextEdit,
     QProgressBar,
@@ -38,24 +40,28 @@ from ..processing.engine_algorithm import ENGINE_PYTHON_SETTING
 INTRO = (
     "TreeSeg runs DINOv3 in a Python environment of its own, beside QGIS: a virtual environment in "
     "your QGIS profile folder, made from the Python QGIS runs on, with torch, transformers, scikit-learn "
-    "and scikit-image at the versions this plugin was tested with. QGIS's own Python is not modified. "
-    "The download is several hundred MB with CPU torch and a few GB with CUDA torch."
+    "and scikit-image at the versions this plugin was tested with. QGIS's own Python is not modified; pip "
+    "uses your own settings (index, proxy, certificates). The download is about 1 GB with CPU torch and "
+    "a few GB with CUDA torch."
 )
-SET_UP_CANCELLED = "Cancelled. The environment may be incomplete: Repair completes it, Remove deletes it."
 ERROR_STYLE = "color: #b00020;"
 LOG_LINES = 5000
+# The share of the progress bar each step of a set-up plan takes (venv, pins, pip, check, swap).
+STEP_WEIGHTS = (5, 2, 75, 15, 3)
+PROGRESS_RANGE = 1000
+PIP_STEP = 2
 
 
 def command_text(command: tuple[str, ...]) -> str:
     """A command line for the log, with an inline script shown as '…'."""
-    return shlex.join("…" if "\n" in part else part for part in command)
+    return shlex.join("…" if "\n" in part or part.startswith("{") else part for part in command)
 
 
 class EngineSetupDialog(QDialog):
-    """Sets up the engine's environment in `venv_dir` (by default the private one of the QGIS profile).
+    """Sets up the engine in `engines_root` (by default the `treeseg` folder of the QGIS profile).
 
     `engine_ready(python)` follows a successful set-up or a chosen Python that passed the check;
-    `stop_engine_requested()` comes before Repair or Remove change the environment's files;
+    `stop_engine_requested()` comes before Remove, or a set-up's swap, changes an engine's files;
     `engine_removed()` follows Remove.
     """
 
@@ -63,22 +69,26 @@ class EngineSetupDialog(QDialog):
     stop_engine_requested = pyqtSignal()
     engine_removed = pyqtSignal()
 
-    def __init__(self, venv_dir: Path | None = None, parent: QWidget | None = None) -> None:
+    def __init__(self, engines_root: Path | None = None, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.setWindowTitle("TreeSeg: set up the engine")
-        self.venv_dir = venv_dir or engine_env.engine_venv_dir(QgsApplication.qgisSettingsDirPath())
+        self.engines_root = engines_root or engine_env.engines_dir(QgsApplication.qgisSettingsDirPath())
         self.process: QProcess | None = None
+        self.plan: engine_env.Plan | None = None
         self._steps: list[engine_env.Step] = []
         self._step_index = 0
         self._on_success: Callable[[], None] = lambda: None
-        self._cancelled_note = ""
         self._cancelled = False
+        self._step_log = ""
+        self._pip = engine_env.PipProgress()
         self._remove_task: QgsTask | None = None
         self._gpu_process: QProcess | None = None
         try:
+            self.requirements = engine_env.engine_requirements()
             self.base_python: str | None = engine_env.find_base_python()
             self.base_problem = ""
         except engine_env.EngineEnvError as problem:
+            self.requirements = []
             self.base_python, self.base_problem = None, str(problem)
         self._build()
         self._detect_gpus()
@@ -88,6 +98,10 @@ class EngineSetupDialog(QDialog):
     def running(self) -> bool:
         """A set-up, a check or a removal is under way."""
         return bool(self._steps) or self._remove_task is not None
+
+    def private_engine(self) -> engine_env.Engine | None:
+        """The ready private engine in use (one made for these requirements first), or None."""
+        return engine_env.engine_in_use(self.engines_root, self.requirements)
 
     def _build(self) -> None:
         intro = QLabel(INTRO)
@@ -103,24 +117,32 @@ class EngineSetupDialog(QDialog):
         self.build_combo = QComboBox()
         self.build_combo.addItem("CPU", engine_env.CPU)
         self.build_combo.setToolTip("CUDA is offered when nvidia-smi finds an NVIDIA GPU.")
-        self.gpu_label = QLabel()
+        self.gpu_label = QLabel("Looking for an NVIDIA GPU…")
         self.gpu_label.setWordWrap(True)
-        self.gpu_label.hide()
+        self.torch_index = QLineEdit(engine_env.default_torch_index(engine_env.CPU))
+        self.torch_index.setToolTip("Added to your pip indexes for torch's CPU or CUDA build; empty for none "
+                                    "(e.g. when your organisation's mirror has torch).")
         self.engine_label = QLabel()
         self.engine_label.setWordWrap(True)
         self.engine_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
 
         self.install_button = QPushButton("Install")
-        self.install_button.setToolTip("Create the environment and install the engine packages into it.")
+        self.install_button.setToolTip("Build the engine aside, check it, then put it in place.")
         self.repair_button = QPushButton("Repair")
-        self.repair_button.setToolTip("Run the installation again into the existing environment, reinstalling "
-                                      "the engine packages (this also switches between CPU and CUDA torch).")
+        self.repair_button.setToolTip("Build the engine again from scratch (also switches between CPU and CUDA "
+                                      "torch); the engine in use stays until the new one passed its check.")
         self.remove_button = QPushButton("Remove…")
-        self.remove_button.setToolTip("Delete the environment's folder.")
+        self.remove_button.setToolTip("Delete the private engine's folder.")
         self.cancel_button = QPushButton("Cancel")
         self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, PROGRESS_RANGE)
+        self.progress_bar.setValue(0)
         self.status_label = QLabel()
         self.status_label.setWordWrap(True)
+        self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        help_label = QLabel(f'<a href="{engine_env.TROUBLESHOOTING_URL}">Troubleshooting: what each message '
+                            f'means, where the engine lives, how to repair or remove it</a>')
+        help_label.setOpenExternalLinks(True)
         self.log = QPlainTextEdit()
         self.log.setReadOnly(True)
         self.log.setMaximumBlockCount(LOG_LINES)
@@ -146,10 +168,11 @@ class EngineSetupDialog(QDialog):
         advanced.setCollapsed(True)
 
         form = QFormLayout()
-        form.addRow("Folder", self.folder_label)
+        form.addRow("Engines folder", self.folder_label)
         form.addRow("Made from", self.base_label)
         form.addRow("torch", self.build_combo)
         form.addRow("", self.gpu_label)
+        form.addRow("torch index", self.torch_index)
         form.addRow("Engine in use", self.engine_label)
         buttons = QHBoxLayout()
         for button in (self.install_button, self.repair_button, self.remove_button, self.cancel_button):
@@ -161,27 +184,43 @@ class EngineSetupDialog(QDialog):
         column.addLayout(buttons)
         column.addWidget(self.progress_bar)
         column.addWidget(self.status_label)
+        column.addWidget(help_label)
         column.addWidget(self.log, 1)
         column.addWidget(advanced)
         column.addWidget(close_box)
         self.setLayout(column)
-        self.resize(760, 600)
+        self.resize(780, 640)
 
         self.install_button.clicked.connect(self.install)
-        self.repair_button.clicked.connect(self.repair)
+        self.repair_button.clicked.connect(self.install)
         self.remove_button.clicked.connect(self.remove)
         self.cancel_button.clicked.connect(self.cancel)
         self.use_python_button.clicked.connect(self.use_existing_python)
         self.python_widget.fileChanged.connect(self._update_state)
+        self.build_combo.currentIndexChanged.connect(self._build_changed)
         close_box.rejected.connect(self.reject)
 
     def install(self) -> None:
-        """Create the environment and install the engine packages, with the chosen torch build."""
-        self._set_up(repair=False)
+        """Build the engine of the chosen torch build in a staging folder, check it, and move it into place."""
+        if self.base_python is None or self.running:
+            return
+        build = self.build_combo.currentData()
+        problem = engine_env.free_disk_problem(self.engines_root, build)
+        if problem:
+            self._finish(problem, error=True)
+            return
+        try:
+            self.plan = engine_env.install_plan(self.engines_root, self.base_python, build, self.torch_index.text(),
+                                                self.requirements)
+        except engine_env.EngineEnvError as error:
+            self._finish(str(error), error=True)
+            return
+        self.engines_root.mkdir(parents=True, exist_ok=True)
+        self._run(self.plan.steps, self._set_up_done)
 
     def repair(self) -> None:
-        """Run the installation again into the existing environment."""
-        self._set_up(repair=True)
+        """Build the engine again from scratch (the same as Install; the one in use stays until then)."""
+        self.install()
 
     def use_existing_python(self) -> None:
         """Check the chosen Python off the UI thread; when it can run the engine, use and remember it."""
@@ -194,27 +233,25 @@ class EngineSetupDialog(QDialog):
             self._finish(f"TreeSeg uses {python} from now on.")
             self.engine_ready.emit(python)
 
-        self._run([engine_env.Step(f"Checking {python}", engine_env.check_command(python))], use_it, "Cancelled.")
+        self.plan = None
+        self._run([engine_env.Step(f"Checking {python}", engine_env.check_command(python))], use_it)
 
     def remove(self) -> None:
-        """After confirmation, delete the environment's folder (in a background task)."""
-        if self.running or not self.venv_dir.exists():
+        """After confirmation, delete the private engine in use (in a background task)."""
+        engine = self.private_engine()
+        if self.running or engine is None:
             return
         answer = QMessageBox.question(
-            self, "Remove the TreeSeg engine", f"Delete {self.venv_dir} and everything installed in it?",
+            self, "Remove the TreeSeg engine", f"Delete {engine.folder} and everything installed in it?",
             QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.No)
         if answer != QMessageBox.StandardButton.Yes:
             return
         self.stop_engine_requested.emit()
-        self._show_status(f"Removing {self.venv_dir}…")
-        self._remove_task = QgsTask.fromFunction(f"TreeSeg: removing {self.venv_dir}", self._remove_files,
-                                                 on_finished=self._removed)
-        QgsApplication.taskManager().addTask(self._remove_task)
-        self._update_state()
+        self._remove_folders([engine.folder], f"Removed {engine.folder}.", self.engine_removed.emit)
 
     def cancel(self) -> None:
-        """Stop the running command; the steps after it do not run."""
-        if self.process is not None:
+        """Stop the running command; the steps after it do not run. The swap (a rename) is not cancelled."""
+        if self._cancellable():
             self._cancelled = True
             self._show_status("Cancelling…")
             self.process.kill()
@@ -224,40 +261,41 @@ class EngineSetupDialog(QDialog):
         self.cancel()
         super().reject()
 
-    def _set_up(self, repair: bool) -> None:
-        if self.base_python is None or self.running:
-            return
-        try:
-            steps = engine_env.install_plan(self.venv_dir, self.base_python, self.build_combo.currentData(), repair)
-        except engine_env.EngineEnvError as problem:
-            self._finish(str(problem), error=True)
-            return
-        if repair:
-            self.stop_engine_requested.emit()
-        self._run(steps, self._set_up_done, SET_UP_CANCELLED)
-
     def _set_up_done(self) -> None:
         QgsSettings().remove(ENGINE_PYTHON_SETTING)
         self.python_widget.setFilePath("")
-        python = str(engine_env.venv_python(self.venv_dir))
+        new = self.plan.target if self.plan else None
+        self.plan = None
+        python = str(engine_env.venv_python(new)) if new else ""
         self._finish(f"The engine is ready: {python}. TreeSeg uses it from now on.")
         self.engine_ready.emit(python)
+        old = [engine.folder for engine in engine_env.ready_engines(self.engines_root) if engine.folder != new]
+        if old and QMessageBox.question(
+                self, "Remove the old TreeSeg engines",
+                "These engines were made for other package versions and are no longer used:\n"
+                + "\n".join(str(folder) for folder in old) + "\nDelete them?",
+                QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+                QMessageBox.StandardButton.Yes) == QMessageBox.StandardButton.Yes:
+            self._remove_folders(old, f"The engine is ready: {python}. The old engines were removed.")
 
-    def _run(self, steps: list[engine_env.Step], on_success: Callable[[], None], cancelled_note: str) -> None:
+    def _run(self, steps: list[engine_env.Step], on_success: Callable[[], None]) -> None:
         self._steps = list(steps)
         self._on_success = on_success
-        self._cancelled_note = cancelled_note
         self._cancelled = False
         self.log.clear()
-        self.progress_bar.setRange(0, len(steps))
+        self.progress_bar.setValue(0)
         self._start_step(0)
 
     def _start_step(self, index: int) -> None:
         step = self._steps[index]
         self._step_index = index
-        self.progress_bar.setValue(index)
+        self._step_log = ""
+        self._pip = engine_env.PipProgress()
+        self._show_progress(0.0)
         self._show_status(f"Step {index + 1} of {len(self._steps)}: {step.title}…")
         self._append(f"== {step.title}\n$ {command_text(step.command)}\n")
+        if step.swaps_engine and self.plan is not None and self.plan.target.exists():
+            self.stop_engine_requested.emit()
         environment = QProcessEnvironment()
         for name, value in engine_env.process_environment(os.environ).items():
             environment.insert(name, value)
@@ -272,8 +310,23 @@ class EngineSetupDialog(QDialog):
         self._update_state()
 
     def _read_output(self) -> None:
-        if self.process is not None:
-            self._append(bytes(self.process.readAllStandardOutput()).decode("utf-8", errors="replace"))
+        if self.process is None:
+            return
+        text = bytes(self.process.readAllStandardOutput()).decode("utf-8", errors="replace")
+        self._step_log += text
+        self._append(text)
+        if self.plan is not None and self._step_index == PIP_STEP:
+            self._pip.feed(text)
+            self._show_progress(self._pip.fraction())
+            self._show_status(f"Step {PIP_STEP + 1} of {len(self._steps)}: pip: {self._pip.describe()}…")
+
+    def _show_progress(self, fraction_of_step: float) -> None:
+        """The bar over the whole plan: the finished steps' shares and `fraction_of_step` of this one's."""
+        if self.plan is None:
+            self.progress_bar.setValue(int(PROGRESS_RANGE * (self._step_index + fraction_of_step) / len(self._steps)))
+            return
+        done = sum(STEP_WEIGHTS[:self._step_index]) + STEP_WEIGHTS[self._step_index] * fraction_of_step
+        self.progress_bar.setValue(int(PROGRESS_RANGE * done / sum(STEP_WEIGHTS)))
 
     def _step_finished(self, exit_code: int, exit_status: QProcess.ExitStatus) -> None:
         self._read_output()
@@ -282,16 +335,32 @@ class EngineSetupDialog(QDialog):
             process.deleteLater()
         step = self._steps[self._step_index]
         if self._cancelled:
-            self._finish(self._cancelled_note)
+            self._failed("Cancelled.")
         elif exit_status != QProcess.ExitStatus.NormalExit or exit_code != 0:
             reason = f"exit code {exit_code}" if exit_status == QProcess.ExitStatus.NormalExit else "it crashed"
-            self._finish(f"{step.title} failed ({reason}); the log says why.", error=True)
+            cause = engine_env.explain_pip_failure(self._step_log) if self._step_index == PIP_STEP and self.plan \
+                else "The log says why."
+            self._failed(f"{step.title} failed ({reason}). {cause}")
         elif self._step_index + 1 < len(self._steps):
             self._start_step(self._step_index + 1)
         else:
-            self.progress_bar.setValue(len(self._steps))
+            self.progress_bar.setValue(PROGRESS_RANGE)
             self._steps = []
             self._on_success()
+
+    def _failed(self, message: str) -> None:
+        """End a set-up that did not finish: the staging folder goes, the engine in use stays and is named."""
+        staging = self.plan.staging if self.plan is not None else None
+        self.plan = None
+        if staging is None:
+            self._finish(message, error=not message.startswith("Cancelled"))
+            return
+        engine = find_engine_python(QgsSettings().value(ENGINE_PYTHON_SETTING, "", type=str) or None)
+        kept = f"Nothing was installed; the engine in use is still {engine}." if engine else \
+            "Nothing was installed; there is no engine yet."
+        self._finish(f"{message} {kept}", error=not message.startswith("Cancelled"))
+        if staging.exists():
+            self._remove_folders([staging], self.status_label.text(), error=not message.startswith("Cancelled"))
 
     def _process_error(self, error: QProcess.ProcessError) -> None:
         if error != QProcess.ProcessError.FailedToStart or self.process is None:
@@ -299,27 +368,40 @@ class EngineSetupDialog(QDialog):
         process, self.process = self.process, None
         self._append(f"{process.errorString()}\n")
         process.deleteLater()
-        self._finish(f"{self._steps[self._step_index].command[0]} could not be started.", error=True)
+        self._failed(f"{self._steps[self._step_index].command[0]} could not be started.")
 
     def _finish(self, message: str, error: bool = False) -> None:
         self._steps = []
         self._show_status(message, error)
         self._update_state()
 
-    def _remove_files(self, task: QgsTask) -> None:
-        engine_env.remove_environment(self.venv_dir)
+    def _remove_folders(self, folders: list[Path], done: str, after: Callable[[], None] = lambda: None,
+                        error: bool = False) -> None:
+        """Delete engine or staging folders in a background task, then show `done` and call `after`."""
+        def remove_all(task: QgsTask) -> None:
+            for folder in folders:
+                engine_env.remove_environment(folder)
 
-    def _removed(self, exception: Exception | None) -> None:
-        self._remove_task = None
-        if exception is not None:
-            self._finish(f"Could not remove {self.venv_dir}: {exception}", error=True)
-            return
-        self._finish(f"Removed {self.venv_dir}.")
-        self.engine_removed.emit()
+        def removed(exception: Exception | None) -> None:
+            self._remove_task = None
+            if exception is not None:
+                self._finish(f"Could not remove {', '.join(map(str, folders))}: {exception}", error=True)
+                return
+            self._finish(done, error)
+            after()
+
+        self._show_status(f"Removing {', '.join(map(str, folders))}…", error)
+        self._remove_task = QgsTask.fromFunction("TreeSeg: removing an engine", remove_all, on_finished=removed)
+        QgsApplication.taskManager().addTask(self._remove_task)
+        self._update_state()
+
+    def _build_changed(self) -> None:
+        self.torch_index.setText(engine_env.default_torch_index(self.build_combo.currentData()))
 
     def _detect_gpus(self) -> None:
         command = engine_env.gpu_query_command()
         if command is None:
+            self.gpu_label.setText("No NVIDIA GPU found (no nvidia-smi): the CPU engine will be installed.")
             return
         self._gpu_process = QProcess(self)
         self._gpu_process.finished.connect(self._gpus_detected)
@@ -331,30 +413,43 @@ class EngineSetupDialog(QDialog):
         process.deleteLater()
         gpus = engine_env.parse_gpus(output) if exit_status == QProcess.ExitStatus.NormalExit else []
         if exit_code != 0 or not gpus:
+            self.gpu_label.setText("No NVIDIA GPU found (nvidia-smi lists none): the CPU engine will be installed.")
             return
         gpu = gpus[0]
         build = engine_env.cuda_build(gpu.driver)
         if build is None:
-            self.gpu_label.setText(f"{gpu.name}: its NVIDIA driver {gpu.driver} is too old for PyTorch's CUDA "
-                                   f"builds; update the driver to use it. CPU torch works meanwhile.")
-            self.gpu_label.show()
+            self.gpu_label.setText(f"{gpu.name} found, but its NVIDIA driver {gpu.driver} is too old for PyTorch's "
+                                   f"CUDA builds; update the driver to use it. The CPU engine will be installed.")
             return
+        self.gpu_label.setText(f"{gpu.name} found: the CUDA engine ({build}) will be installed.")
         self.build_combo.addItem(f"CUDA ({build}): {gpu.name}, {gpu.memory_mib / 1024:.0f} GB", build)
         self.build_combo.setCurrentIndex(self.build_combo.count() - 1)
 
     def _update_state(self) -> None:
         running = self.running
-        installed = engine_env.venv_python(self.venv_dir).is_file()
+        engine = self.private_engine()
+        current = engine is not None and set(engine.requirements) == set(self.requirements)
         can_set_up = self.base_python is not None and not running
-        self.install_button.setEnabled(can_set_up and not installed)
-        self.repair_button.setEnabled(can_set_up and self.venv_dir.exists())
-        self.remove_button.setEnabled(not running and self.venv_dir.exists())
-        self.cancel_button.setEnabled(self.process is not None)
+        self.install_button.setEnabled(can_set_up and not current)
+        self.repair_button.setEnabled(can_set_up and engine is not None)
+        self.remove_button.setEnabled(not running and engine is not None)
+        self.cancel_button.setEnabled(self._cancellable())
         self.build_combo.setEnabled(not running)
+        self.torch_index.setEnabled(not running)
         self.use_python_button.setEnabled(not running and bool(self.python_widget.filePath().strip()))
-        self.folder_label.setText(f"{self.venv_dir} ({'installed' if installed else 'not installed'})")
-        engine = find_engine_python(QgsSettings().value(ENGINE_PYTHON_SETTING, "", type=str) or None)
-        self.engine_label.setText(engine or "none")
+        if engine is None:
+            installed = "no engine installed"
+        elif current:
+            installed = f"installed: {engine.folder.name} ({engine.build})"
+        else:
+            installed = (f"installed: {engine.folder.name}, made for other package versions than this plugin's; "
+                         f"Install makes a new one")
+        self.folder_label.setText(f"{self.engines_root} ({installed})")
+        in_use = find_engine_python(QgsSettings().value(ENGINE_PYTHON_SETTING, "", type=str) or None)
+        self.engine_label.setText(in_use or "none")
+
+    def _cancellable(self) -> bool:
+        return self.process is not None and not (self._steps and self._steps[self._step_index].swaps_engine)
 
     def _show_status(self, text: str, error: bool = False) -> None:
         self.status_label.setText(text)

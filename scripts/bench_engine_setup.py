@@ -1,0 +1,62 @@
+"""Time to a ready engine: the set-up plan of engine_env run end to end (venv, pins, install, check, swap),
+with pip or with uv for the install step, from a cold (empty) or warm package cache.
+
+    /usr/bin/python3 scripts/bench_engine_setup.py --tool pip --cache-dir /tmp/bench/pip-cache --root /tmp/bench/a
+    /usr/bin/python3 scripts/bench_engine_setup.py --tool uv --uv /path/to/uv --cache-dir /tmp/bench/uv-cache ...
+
+Cold: a --cache-dir that does not exist yet; warm: the same --cache-dir again with a new --root. The torch
+index is left out (--torch-index ''), so torch comes from where the user's pip settings say (here a local
+file for pip; uv reads PIP_FIND_LINKS through --find-links). Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess  # nosec B404
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from treeseg_qgis import engine_env  # noqa: E402
+
+
+def uv_install(step: engine_env.Step, uv: str) -> tuple[str, ...]:
+    """The pip step's command as `uv pip install`, with the same requirements, constraints and find-links."""
+    python, arguments = step.command[0], list(step.command[4:])
+    find_links = [f"--find-links={link}" for link in os.environ.get("PIP_FIND_LINKS", "").split() if link]
+    return (uv, "pip", "install", "--python", python, *find_links, *arguments)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tool", choices=("pip", "uv"), default="pip")
+    parser.add_argument("--uv", default="uv", help="the uv program")
+    parser.add_argument("--cache-dir", required=True, type=Path)
+    parser.add_argument("--root", required=True, type=Path, help="a new, empty engines folder")
+    parser.add_argument("--torch-index", default="")
+    args = parser.parse_args()
+    cold = not args.cache_dir.exists()
+    env = engine_env.process_environment(os.environ)
+    env.update(PIP_CACHE_DIR=str(args.cache_dir), UV_CACHE_DIR=str(args.cache_dir))
+    plan = engine_env.install_plan(args.root, engine_env.find_base_python(), engine_env.CPU, args.torch_index)
+    timings = {}
+    started = time.monotonic()
+    for index, step in enumerate(plan.steps):
+        command = uv_install(step, args.uv) if index == 2 and args.tool == "uv" else step.command
+        step_started = time.monotonic()
+        result = subprocess.run(command, capture_output=True, text=True, env=env)  # nosec B603
+        timings[step.title.split(" (")[0]] = round(time.monotonic() - step_started, 1)
+        if result.returncode != 0:
+            sys.exit(f"{step.title} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    size = sum(path.stat().st_size for path in plan.target.rglob("*") if path.is_file() and not path.is_symlink())
+    print(json.dumps({"tool": args.tool, "cache": "cold" if cold else "warm",
+                      "seconds_to_ready": round(time.monotonic() - started, 1), "steps": timings,
+                      "engine_mb": round(size / 1024**2)}))
+
+
+if __name__ == "__main__":
+    main()
