@@ -1,7 +1,7 @@
 """Everything that differs between the QGIS versions the plugin supports (3.22 to 3.40 LTR and newer), in one place.
 
-So far these are enum values that moved into `Qgis.*` in newer QGIS (3.22's names still work there, but are
-deprecated and gone in QGIS 4): the newer name first, 3.22's otherwise. tests/test_compat.py tests each.
+So far these are enum values that moved into `Qgis.*` in newer QGIS (3.40 keeps 3.22's names as deprecated
+aliases): the newer name first, 3.22's otherwise. tests/test_compat.py tests each.
 """
 
 from __future__ import annotations
