@@ -154,21 +154,17 @@ def test_teach_scores_from_points_in_another_crs_and_reuses_the_features(provide
         QgsCoordinateReferenceSystem,
         QgsCoordinateTransform,
         QgsFeature,
-        QgsField,
         QgsGeometry,
         QgsPointXY,
         QgsProject,
         QgsVectorLayer,
     )
-    from qgis.PyQt.QtCore import QVariant
 
     path, _ = small_scene
     examples = [(*CROWN_CENTRES[0], 1), (*CROWN_CENTRES[1], 1), (120, 96, 0)]  # (row, col, is_tree)
     to_wgs84 = QgsCoordinateTransform(QgsCoordinateReferenceSystem(f"EPSG:{UTM17N}"),
                                       QgsCoordinateReferenceSystem("EPSG:4326"), QgsProject.instance())
-    points = QgsVectorLayer("Point?crs=EPSG:4326", "examples", "memory")
-    points.dataProvider().addAttributes([QgsField("is_tree", QVariant.Int)])
-    points.updateFields()
+    points = QgsVectorLayer("Point?crs=EPSG:4326&field=is_tree:integer", "examples", "memory")
     for row, col, is_tree in examples:
         feature = QgsFeature(points.fields())
         feature.setGeometry(QgsGeometry.fromPointXY(to_wgs84.transform(QgsPointXY(*to_map(row, col)))))

@@ -65,7 +65,7 @@ from ..memory import (
     memory_warning,
 )
 from ..outputs import OutputPathError, OutputPaths, check_run_paths
-from ..processing.compat import qgis_enum
+from ..processing.compat import POLYGON_LAYER_FILTER, RASTER_LAYER_FILTER
 from ..processing.raster_input import prepare_input
 from ..processing.segment_trees import DEFAULT_HEIGHT_MODEL
 from .task import ProbeTask, SegmentationTask, TeachTask
@@ -81,8 +81,6 @@ EXTENTS = {
     SELECTED_POLYGONS: "Selected polygons of a layer",
 }
 SETTINGS_PREFIX = "treeseg/dock/"
-RASTER_LAYERS = qgis_enum("Qgis.LayerFilter.RasterLayer", "QgsMapLayerProxyModel.Filter.RasterLayer")
-POLYGON_LAYERS = qgis_enum("Qgis.LayerFilter.PolygonLayer", "QgsMapLayerProxyModel.Filter.PolygonLayer")
 EXPORT_HINT = ("export it to a GeoTIFF first (right-click the layer ▸ Export ▸ Save As…) and run TreeSeg "
                "on that file")
 UNTRAINED_TOOLTIP = (
@@ -178,7 +176,7 @@ class TreesegDock(QgsDockWidget):
 
     def _build(self) -> None:
         self.layer_combo = QgsMapLayerComboBox()
-        self.layer_combo.setFilters(RASTER_LAYERS)
+        self.layer_combo.setFilters(RASTER_LAYER_FILTER)
         active = self.iface.activeLayer()
         if isinstance(active, QgsRasterLayer):
             self.layer_combo.setLayer(active)
@@ -186,7 +184,7 @@ class TreesegDock(QgsDockWidget):
         for key, text in EXTENTS.items():
             self.extent_combo.addItem(text, key)
         self.mask_combo = QgsMapLayerComboBox()
-        self.mask_combo.setFilters(POLYGON_LAYERS)
+        self.mask_combo.setFilters(POLYGON_LAYER_FILTER)
         self.mask_combo.setToolTip("The selected polygons of this layer limit the run; pixels outside are nodata.")
         self.model_combo = QComboBox()
         for name in BACKBONES:

@@ -1,4 +1,8 @@
-"""Enum values that moved between QGIS versions: the `Qgis.*` names of newer QGIS first, 3.22's otherwise."""
+"""Everything that differs between the QGIS versions the plugin supports (3.22 to 3.40 LTR and newer), in one place.
+
+So far these are enum values that moved into `Qgis.*` in newer QGIS (3.40 keeps 3.22's names as deprecated
+aliases): the newer name first, 3.22's otherwise. tests/test_compat.py tests each.
+"""
 
 from __future__ import annotations
 
@@ -30,3 +34,5 @@ POINT_LAYERS = qgis_enum("Qgis.ProcessingSourceType.VectorPoint", "QgsProcessing
 RASTER_LAYERS = qgis_enum("Qgis.ProcessingSourceType.Raster", "QgsProcessing.SourceType.TypeRaster")
 ANY_FIELD = qgis_enum("Qgis.ProcessingFieldParameterDataType.Any", "QgsProcessingParameterField.DataType.Any")
 EXPORT_OK = qgis_enum("QgsVectorFileWriter.WriterError.NoError", "QgsVectorFileWriter.NoError")
+RASTER_LAYER_FILTER = qgis_enum("Qgis.LayerFilter.RasterLayer", "QgsMapLayerProxyModel.Filter.RasterLayer")
+POLYGON_LAYER_FILTER = qgis_enum("Qgis.LayerFilter.PolygonLayer", "QgsMapLayerProxyModel.Filter.PolygonLayer")

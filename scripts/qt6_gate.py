@@ -1,0 +1,120 @@
+"""The Qt6 gate: finds PyQt5-only idioms that QGIS 4 (Qt6, PyQt6) no longer accepts.
+
+Checks every Python file given (folders recursively):
+- unscoped enum values on Qt and QGIS classes (`Qt.AlignLeft` instead of `Qt.AlignmentFlag.AlignLeft`),
+  found by resolving each `Class.Name` through the real Qt/QGIS modules;
+- `exec_`, `QRegExp`/`QRegExpValidator`, any `PyQt5` import, `QVariant.<Type>` and comparisons with `QVariant`.
+
+Run: `python scripts/qt6_gate.py treeseg_qgis tests scripts` (exit status 1 and one line per finding).
+"""
+
+from __future__ import annotations
+
+import ast
+import enum
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+REMOVED_NAMES = {"QRegExp", "QRegExpValidator"}
+UNRESOLVED = object()
+
+
+def is_enum_type(value: Any) -> bool:
+    """Whether `value` is an enum class: a Python enum or a sip (PyQt5) enum."""
+    return isinstance(value, type) and (issubclass(value, enum.Enum) or type(value).__name__ == "enumtype")
+
+
+def imported_names(tree: ast.Module) -> dict[str, Any]:
+    """The objects that a file's imports of `qgis` modules (qgis.PyQt, qgis.core, …) bind."""
+    names: dict[str, Any] = {}
+    for node in ast.walk(tree):
+        try:
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.split(".")[0] != "qgis":
+                        continue
+                    if alias.asname:
+                        names[alias.asname] = importlib.import_module(alias.name)
+                    else:
+                        top = alias.name.split(".")[0]
+                        importlib.import_module(alias.name)
+                        names[top] = importlib.import_module(top)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "qgis" and not node.level:
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    if hasattr(module, alias.name):
+                        names[alias.asname or alias.name] = getattr(module, alias.name)
+        except Exception:  # a module that does not import here (Windows-only, optional): nothing to resolve
+            continue
+    return names
+
+
+def resolve(node: ast.expr, names: dict[str, Any]) -> Any:
+    """The object a `Name` or dotted `Attribute` stands for, or UNRESOLVED."""
+    if isinstance(node, ast.Name):
+        return names.get(node.id, UNRESOLVED)
+    if isinstance(node, ast.Attribute):
+        owner = resolve(node.value, names)
+        return UNRESOLVED if owner is UNRESOLVED else getattr(owner, node.attr, UNRESOLVED)
+    return UNRESOLVED
+
+
+def mentions(node: ast.AST, name: str) -> bool:
+    """Whether `name` appears as a name or attribute anywhere in `node`."""
+    return any((isinstance(n, ast.Name) and n.id == name) or (isinstance(n, ast.Attribute) and n.attr == name)
+               for n in ast.walk(node))
+
+
+def file_findings(path: Path) -> list[str]:
+    """One line per PyQt5-only idiom in the file at `path`."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    names = imported_names(tree)
+    found = []
+    for node in ast.walk(tree):
+        where = f"{path}:{getattr(node, 'lineno', 0)}"
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            found += [f"{where}: PyQt5 import '{m}' (import from qgis.PyQt)" for m in modules
+                      if m.split(".")[0] == "PyQt5"]
+            if isinstance(node, ast.ImportFrom):
+                found += [f"{where}: {a.name} is gone in Qt6 (use QRegularExpression)" for a in node.names
+                          if a.name in REMOVED_NAMES]
+        elif isinstance(node, ast.Attribute) and node.attr == "exec_":
+            found.append(f"{where}: exec_() is gone in PyQt6 (use exec())")
+        elif isinstance(node, ast.Name) and node.id in REMOVED_NAMES and isinstance(node.ctx, ast.Load):
+            found.append(f"{where}: {node.id} is gone in Qt6 (use QRegularExpression)")
+        elif isinstance(node, ast.Compare) and mentions(node, "QVariant"):
+            found.append(f"{where}: comparison with QVariant (PyQt6 has no QVariant types; compare QMetaType)")
+        if isinstance(node, ast.Attribute):
+            owner = resolve(node.value, names)
+            if getattr(owner, "__name__", "") == "QVariant" and node.attr[:1].isupper():
+                found.append(f"{where}: QVariant.{node.attr}: PyQt6 has no QVariant types (use QMetaType.Type)")
+            elif isinstance(owner, type) and not is_enum_type(owner):
+                value = getattr(owner, node.attr, UNRESOLVED)
+                if value is not UNRESOLVED and is_enum_type(type(value)):
+                    scoped = f"{type(value).__qualname__}.{node.attr}"
+                    found.append(f"{where}: unscoped enum {owner.__name__}.{node.attr} (write {scoped})")
+    return found
+
+
+def python_files(paths: list[Path]) -> list[Path]:
+    """The .py files in `paths`, folders searched recursively."""
+    return sorted(f for p in paths for f in ([p] if p.is_file() else p.rglob("*.py")))
+
+
+def findings(paths: list[Path]) -> list[str]:
+    """Every PyQt5-only idiom in the Python files under `paths`."""
+    return [line for path in python_files(paths) for line in file_findings(path)]
+
+
+def main(arguments: list[str]) -> int:
+    """Print the findings under the given paths; 1 when there are any."""
+    lines = findings([Path(a) for a in arguments])
+    print("\n".join(lines) if lines else "qt6 gate: no PyQt5-only idioms")
+    return 1 if lines else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,92 @@
+"""The compatibility module (processing/compat.py): each QGIS API that differs between QGIS 3.22 and 3.40 LTR,
+used the way the plugin uses it, on whichever QGIS runs the suite (make test runs it on both)."""
+
+from __future__ import annotations
+
+import pytest
+
+from treeseg_qgis.processing import compat
+
+
+def test_the_newer_qgis_name_wins_and_a_missing_one_is_an_error(qgis_app):
+    from qgis.core import Qgis
+
+    newer = hasattr(Qgis, "ProcessingSourceType")  # QGIS 3.36 and newer
+    assert type(compat.RASTER_LAYERS).__name__ == ("ProcessingSourceType" if newer else "SourceType")
+    with pytest.raises(AttributeError, match="Neither qgis.core.Qgis.NoSuchEnum"):
+        compat.qgis_enum("Qgis.NoSuchEnum.Value", "QgsProcessing.NoSuchEnum")
+
+
+def test_advanced_flag_marks_a_processing_parameter_advanced(qgis_app):
+    from qgis.core import QgsProcessingParameterString
+
+    parameter = QgsProcessingParameterString("NAME", "Name")
+    parameter.setFlags(parameter.flags() | compat.ADVANCED)
+    assert parameter.flags() & compat.ADVANCED
+
+
+@pytest.mark.parametrize("number_type", ["INTEGER", "DOUBLE"])
+def test_number_types_set_a_number_parameter_type(qgis_app, number_type):
+    from qgis.core import QgsProcessingParameterNumber
+
+    value = getattr(compat, number_type)
+    assert QgsProcessingParameterNumber("N", "N", value, defaultValue=1).dataType() == value
+
+
+@pytest.mark.parametrize("source_type", ["POLYGON_LAYERS", "POINT_LAYERS", "RASTER_LAYERS"])
+def test_source_types_set_what_a_layer_parameter_accepts(qgis_app, source_type):
+    from qgis.core import QgsProcessingParameterFeatureSource, QgsProcessingParameterMapLayer
+
+    value = getattr(compat, source_type)
+    parameter = (QgsProcessingParameterMapLayer("L", "L", types=[value]) if source_type == "RASTER_LAYERS"
+                 else QgsProcessingParameterFeatureSource("L", "L", [value]))
+    assert list(parameter.dataTypes()) == [value]
+
+
+def test_polygon_geometry_is_the_type_of_a_polygon(qgis_app):
+    from qgis.core import QgsGeometry
+
+    assert QgsGeometry.fromWkt("POLYGON((0 0, 1 0, 1 1, 0 0))").type() == compat.POLYGON_GEOMETRY
+    assert QgsGeometry.fromWkt("POINT(0 0)").type() != compat.POLYGON_GEOMETRY
+
+
+def test_metres_convert_to_a_crs_map_units(qgis_app):
+    from qgis.core import QgsCoordinateReferenceSystem, QgsUnitTypes
+
+    utm, feet = QgsCoordinateReferenceSystem("EPSG:32617"), QgsCoordinateReferenceSystem("EPSG:2227")
+    assert QgsUnitTypes.fromUnitToUnitFactor(compat.METRES, utm.mapUnits()) == 1.0
+    assert QgsUnitTypes.fromUnitToUnitFactor(compat.METRES, feet.mapUnits()) == pytest.approx(3.2808, rel=1e-3)
+
+
+def test_any_field_lets_a_field_parameter_take_any_field(qgis_app):
+    from qgis.core import QgsProcessingParameterField
+
+    assert QgsProcessingParameterField("F", "F", type=compat.ANY_FIELD).dataType() == compat.ANY_FIELD
+
+
+def test_export_ok_is_what_a_successful_vector_export_returns(qgis_app, tmp_path):
+    from qgis.core import QgsCoordinateTransformContext, QgsVectorFileWriter, QgsVectorLayer
+
+    layer = QgsVectorLayer("Polygon?crs=EPSG:32617&field=is_tree:integer", "crowns", "memory")
+    options = QgsVectorFileWriter.SaveVectorOptions()
+    options.driverName = "GPKG"
+    error, message, _, _ = QgsVectorFileWriter.writeAsVectorFormatV3(
+        layer, str(tmp_path / "crowns.gpkg"), QgsCoordinateTransformContext(), options)
+    assert error == compat.EXPORT_OK, message
+    error, _, _, _ = QgsVectorFileWriter.writeAsVectorFormatV3(
+        layer, str(tmp_path / "missing" / "folder" / "crowns.gpkg"), QgsCoordinateTransformContext(), options)
+    assert error != compat.EXPORT_OK
+
+
+@pytest.mark.parametrize(("layer_filter", "kind"), [("RASTER_LAYER_FILTER", "raster"),
+                                                    ("POLYGON_LAYER_FILTER", "polygon")])
+def test_layer_filters_keep_only_that_kind_of_layer_in_a_layer_combo(qgis_app, qgis_new_project, layer_filter, kind):
+    from qgis.core import QgsMapLayerProxyModel, QgsProject, QgsVectorLayer
+
+    polygons = QgsVectorLayer("Polygon?crs=EPSG:32617", "polygon", "memory")
+    points = QgsVectorLayer("Point?crs=EPSG:32617", "point", "memory")
+    QgsProject.instance().addMapLayers([polygons, points])
+    model = QgsMapLayerProxyModel()
+    model.setFilters(getattr(compat, layer_filter))
+    shown = [model.data(model.index(row, 0)) for row in range(model.rowCount())]
+    assert shown == (["polygon"] if kind == "polygon" else [])
