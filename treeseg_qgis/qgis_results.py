@@ -50,7 +50,7 @@ gdal.UseExceptions()
 
 LOG_TAG = "TreeSeg"
 TREE_GREEN = QColor(34, 139, 34)
-TREE_OUTLINE = {"style": "no", "outline_color": "0,200,0,255", "outline_width": "0.5"}
+TREE_OUTLINE = {"style": "no", "color": "0,200,0,255", "outline_color": "0,200,0,255", "outline_width": "0.5"}
 OTHER_OUTLINE = {"style": "no", "outline_color": "150,150,150,160", "outline_width": "0.2"}
 OVERLAY_OPACITY = 0.55
 """Opacity of the cluster, tree-mask and similarity rasters: the orthophoto stays visible under them."""
