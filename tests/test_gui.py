@@ -326,7 +326,8 @@ def test_a_web_layer_is_refused_before_anything_starts(plugin, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_cancel_stops_the_worker_and_leaves_nothing(plugin, qgis_iface, long_scene, tiny_model_dir, tmp_path):
+def test_cancel_stops_the_run_keeps_the_worker_and_leaves_nothing(plugin, qgis_iface, long_scene, tiny_model_dir,
+                                                                   tmp_path):
     from qgis.core import QgsProject
 
     out = tmp_path / "out"
@@ -341,8 +342,8 @@ def test_cancel_stops_the_worker_and_leaves_nothing(plugin, qgis_iface, long_sce
     assert dock.stage_label.text() == "Cancelled."
     assert set(QgsProject.instance().mapLayers()) == layers_before and treeseg_groups() == []
     assert list(out.iterdir()) == []
-    assert worker.poll() is not None and not plugin.engine.running
-    assert dock.run_button.isEnabled()
+    assert worker.poll() is None and plugin.engine._process is worker  # its model stays loaded
+    assert dock.run_button.isEnabled() and dock.progress_bar.value() == 0
 
 
 def test_a_killed_worker_is_a_message_and_qgis_lives_on(plugin, qgis_iface, long_scene, tiny_model_dir, tmp_path):

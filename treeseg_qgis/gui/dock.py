@@ -687,8 +687,8 @@ class TreesegDock(QgsDockWidget):
 
     def _finished(self, success: bool, summary: str) -> None:
         task, self.task = self.task, None
+        self.progress_bar.setValue(100 if success else 0)
         if success:
-            self.progress_bar.setValue(100)
             self._show_elbow(task.record)
             self._prepare_teaching(task)
         self._show_stage(f"Done: {summary}" if success else summary, error=not success and summary != "Cancelled.")
@@ -791,8 +791,8 @@ class TreesegDock(QgsDockWidget):
 
     def _teach_finished(self, success: bool, summary: str) -> None:
         task, self.teach_task = self.teach_task, None
+        self.progress_bar.setValue(100 if success else 0)
         if success:
-            self.progress_bar.setValue(100)
             self._teach_layer_ids = [layer.id() for layer in task.layers]
             self._teach_outputs = list(task.record["outputs"].values())
         self._show_teach_status(summary, error=not success and summary != "Cancelled.")
