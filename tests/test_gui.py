@@ -153,8 +153,7 @@ def test_the_model_choices_match_the_engine():
     assert list(dock.BACKBONES) == list(CATALOGUE)
     assert dock.DEFAULT_MODEL == DEFAULT_MODEL and set(dock.DEVICES) == set(DEVICE_CHOICES)
     assert set(dock.STRIDES) <= set(STRIDES)
-    assert dock.model_label("base") == "base — 86 M parameters, ~0.3 GB"
-    assert dock.model_label("mega") == "mega — 6.7 B parameters, ~27 GB"
+    assert dock.parameters_label(86) == "86 M parameters" and dock.parameters_label(6716) == "6.7 B parameters"
 
 
 def test_a_run_adds_a_styled_group_in_the_input_crs(plugin, qgis_iface, scene_tif, tiny_model_dir, tmp_path):
@@ -211,7 +210,8 @@ def test_a_run_adds_a_styled_group_in_the_input_crs(plugin, qgis_iface, scene_ti
         assert bool(QgsExpression(tree_rule.filterExpression()).evaluate(context)) == is_tree[-1]
     assert set(is_tree) == {True, False}
     assert tree_rule.symbol().color().green() > tree_rule.symbol().color().red()
-    assert other_rule.symbol().symbolLayer(0).brushStyle() == Qt.BrushStyle.NoBrush
+    assert all(rule.symbol().symbolLayer(0).brushStyle() == Qt.BrushStyle.NoBrush for rule in (tree_rule, other_rule))
+    assert clusters.opacity() < 1 and trees.opacity() < 1  # the orthophoto shows through
     successes = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Success)
     assert any("K=2" in message and "tree cover" in message and "on cpu" in message for message in successes)
     assert QgsSettings().value("treeseg/dock/model_override") == str(tiny_model_dir)
@@ -326,7 +326,8 @@ def test_a_web_layer_is_refused_before_anything_starts(plugin, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_cancel_stops_the_worker_and_leaves_nothing(plugin, qgis_iface, long_scene, tiny_model_dir, tmp_path):
+def test_cancel_stops_the_run_keeps_the_worker_and_leaves_nothing(plugin, qgis_iface, long_scene, tiny_model_dir,
+                                                                   tmp_path):
     from qgis.core import QgsProject
 
     out = tmp_path / "out"
@@ -341,8 +342,8 @@ def test_cancel_stops_the_worker_and_leaves_nothing(plugin, qgis_iface, long_sce
     assert dock.stage_label.text() == "Cancelled."
     assert set(QgsProject.instance().mapLayers()) == layers_before and treeseg_groups() == []
     assert list(out.iterdir()) == []
-    assert worker.poll() is not None and not plugin.engine.running
-    assert dock.run_button.isEnabled()
+    assert worker.poll() is None and plugin.engine._process is worker  # its model stays loaded
+    assert dock.run_button.isEnabled() and dock.progress_bar.value() == 0
 
 
 def test_a_killed_worker_is_a_message_and_qgis_lives_on(plugin, qgis_iface, long_scene, tiny_model_dir, tmp_path):
@@ -422,7 +423,8 @@ def test_the_panel_estimates_memory_and_asks_before_a_run_that_will_not_fit(plug
     monkeypatch.setattr(QMessageBox, "question",
                         lambda parent, title, text, *buttons: questions.append(text) or QMessageBox.StandardButton.No)
     dock = panel_with_catalogue_model(plugin, scene_tif, tmp_path, "small")
-    assert re.fullmatch(r"Needs about \d\.\d GB of memory; 16 GB free on this computer\.", dock.memory_label.text())
+    assert re.fullmatch(r"<b>small</b>, 29 M parameters: needs about \d\.\d GB of memory; 16 GB free on this "
+                        r"computer\.", dock.memory_label.text())
     assert dock.memory_problem() is None and dock.memory_label.styleSheet() == ""
 
     dock.model_combo.setCurrentIndex(dock.model_combo.findData("mega"))

@@ -313,7 +313,7 @@ def test_download_reports_progress_and_cancel_stops_it_at_once(fake_hub, hf_home
         fake_hub.download_model("small+", on_progress=lambda percent, stage: stages.append((percent, stage)),
                                 is_cancelled=lambda: bool(stages))
     assert caught.value.kind == "cancelled" and "resumes" in str(caught.value)
-    assert time.monotonic() - started < 30 and not fake_hub.running
+    assert time.monotonic() - started < 30 and fake_hub.running  # the worker stays for the next job
     assert stages[0][1].startswith("Downloading facebook/dinov3-vits16plus-pretrain-lvd1689m: 0.0 MB of about 115 MB")
     models = {entry["name"]: entry for entry in fake_hub.models()["models"]}
     assert not models["small+"]["cached"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -273,7 +274,8 @@ def test_batch_runs_one_algorithm_instance_row_by_row(provider, tiny_model_dir, 
         for name in ("clusters.tif", "trees.tif"):
             assert raster(tmp_path / folder / name)[0].shape == shape
         assert (tmp_path / folder / "polygons.gpkg").is_file()
-    assert loaded == {str(tmp_path / "second" / "trees.tif"): "trees — second"}
+    assert list(loaded) == [str(tmp_path / "second" / "trees.tif")]
+    assert re.fullmatch(r"Tree mask \(\d+\.\d % cover\)", loaded[str(tmp_path / "second" / "trees.tif")])
 
 
 def test_the_provider_imports_no_engine_packages():
@@ -344,3 +346,57 @@ def test_qgis_process_runs_the_algorithm_from_an_installed_plugin(tiny_model_dir
                              "polygons.gpkg", "trees.tif", "trees.tif.aux.xml"]
     assert raster(out / "trees.tif")[0].shape == (192, 256)
 
+
+
+def test_temporary_outputs_load_styled_in_one_group_without_a_false_error(provider, tiny_model_dir, scene_tif):
+    """As the toolbox dialog runs it (runAndLoadResults → handleAlgorithmResults): every output read once, so
+    each temporary path is written and loaded, none reported as 'not correctly generated'; the post-processor
+    gives them the panel's names, styles and group."""
+    import processing
+    from qgis.core import QgsPalettedRasterRenderer, QgsProcessingFeedback, QgsProject, QgsRuleBasedRenderer
+    from qgis.PyQt.QtCore import Qt
+
+    from treeseg_qgis.qgis_results import OVERLAY_OPACITY
+
+    class Recorder(QgsProcessingFeedback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.errors: list[str] = []
+
+        def reportError(self, error: str, fatalError: bool = False) -> None:  # noqa: N802, N803 - QGIS override
+            self.errors.append(error)
+            super().reportError(error, fatalError)
+
+    path, _ = scene_tif
+    feedback = Recorder()
+    temporary = {name: "TEMPORARY_OUTPUT" for name in ("OUTPUT_CLUSTERS", "OUTPUT_TREES", "OUTPUT_POLYGONS",
+                                                        "OUTPUT_CROWNS")}
+    results = processing.runAndLoadResults(ALGORITHM, tiny_run(tiny_model_dir, path, Path("unused"), **temporary),
+                                           feedback=feedback)
+
+    assert feedback.errors == []
+    root = QgsProject.instance().layerTreeRoot()
+    group = root.findGroup(f"scene — {tiny_model_dir.name}, stride 16")
+    try:
+        assert group is not None and root.children().index(group) == 0
+        nodes = group.findLayers()
+        assert [node.layer().source().split("|")[0] for node in nodes] == [
+            results[name] for name in ("OUTPUT_CROWNS", "OUTPUT_POLYGONS", "OUTPUT_TREES", "OUTPUT_CLUSTERS")]
+        assert all(Path(results[name]).is_file() for name in temporary)
+        crowns, polygons, trees, clusters = (node.layer() for node in nodes)
+        assert [node.name() for node in nodes] == [
+            f"Tree crowns ({results['CROWNS']})", "Tree polygons",
+            f"Tree mask ({100 * results['TREE_COVER']:.1f} % cover)", "Clusters (K=2)"]
+        assert [node.itemVisibilityChecked() for node in nodes] == [True, True, False, True]
+        assert isinstance(clusters.renderer(), QgsPalettedRasterRenderer)
+        assert [item.value for item in clusters.renderer().classes()] == [0, 1]
+        assert clusters.opacity() == OVERLAY_OPACITY and trees.opacity() == OVERLAY_OPACITY
+        rules = polygons.renderer().rootRule().children()
+        assert isinstance(polygons.renderer(), QgsRuleBasedRenderer)
+        assert [rule.label() for rule in rules] == ["tree", "not tree"]
+        outlines_only = [rule.symbol() for rule in rules] + [crowns.renderer().symbol()]
+        assert all(symbol.symbolLayer(0).brushStyle() == Qt.BrushStyle.NoBrush for symbol in outlines_only)
+        assert len(QgsProject.instance().mapLayers()) == 4
+    finally:
+        QgsProject.instance().removeAllMapLayers()
+        root.removeAllChildren()

@@ -54,7 +54,32 @@ def test_input_and_model_errors_come_back_as_kinds(client, tiny_model_dir, scene
     assert client.running
 
 
-def test_cancel_stops_the_worker_and_leaves_nothing(client, tiny_model_dir, scene_tif, tmp_path):
+def test_cancel_stops_the_job_and_the_next_run_does_not_reload_the_model(client, tiny_model_dir, scene_tif,
+                                                                          tmp_path):
+    path, _ = scene_tif
+    client.segment(job(tiny_model_dir, path, tmp_path / "first", clusters=2))
+    worker = client._process.pid
+    stages = []
+    with pytest.raises(EngineError) as caught:
+        client.segment(job(tiny_model_dir, path, tmp_path / "out", use_cache=False),
+                       on_progress=lambda percent, stage: stages.append(stage),
+                       is_cancelled=lambda: any(stage.startswith("Extracting") for stage in stages))
+    assert caught.value.kind == "cancelled"
+    assert list((tmp_path / "out").iterdir()) == []
+    assert client.running and client._process.pid == worker
+
+    record = client.segment(job(tiny_model_dir, path, tmp_path / "again", clusters=2, use_cache=False))
+
+    assert record["clusters"]["k"] == 2 and record["feature_cache"]["state"] != "hit"
+    assert client._process.pid == worker
+    assert client.probe()["model_loads"] == 1  # the model loaded by the first run served all three
+
+
+def test_a_worker_that_does_not_answer_a_cancel_is_terminated(client, tiny_model_dir, scene_tif, tmp_path,
+                                                              monkeypatch):
+    from treeseg_qgis import engine_client
+
+    monkeypatch.setattr(engine_client, "COOPERATIVE_CANCEL_SECONDS", 0.0)
     path, _ = scene_tif
     stages = []
     with pytest.raises(EngineError) as caught:

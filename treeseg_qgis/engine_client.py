@@ -3,7 +3,9 @@
 Standard library only: torch never loads inside QGIS. The worker runs in the
 engine's own Python environment (see `find_engine_python`); a job goes in as one
 JSON line, progress and the result come back as JSON lines (treeseg_qgis/worker.py).
-Cancel terminates the worker; a crash or an out-of-memory kill becomes an
+Cancel asks the worker to stop the job (a cancel message): it stops within about a
+second and stays, model loaded, for the next job; only when it does not answer is it
+terminated (SIGTERM, then killed). A crash or an out-of-memory kill becomes an
 EngineError with the worker's last messages, and QGIS lives on.
 """
 
@@ -28,7 +30,10 @@ from .outputs import output_folders, recover_outputs, temporary_files
 PLUGIN_DIR = Path(__file__).resolve().parent
 ENGINE_PYTHON_ENV = "TREESEG_ENGINE_PYTHON"
 ENGINE_POINTER_FILE = PLUGIN_DIR / "engine_python.txt"
+COOPERATIVE_CANCEL_SECONDS = 5.0
+"""How long a cancelled job may take to stop before the worker is terminated."""
 CANCEL_GRACE_SECONDS = 20.0
+"""How long a terminated worker may take to exit before it is killed."""
 STDERR_DRAIN_SECONDS = 2.0
 
 
@@ -213,12 +218,18 @@ class EngineClient:
     def _wait_for_result(self, process: subprocess.Popen, on_progress: ProgressHandler | None,
                          on_log: LogHandler | None, is_cancelled: CancelCheck | None) -> dict[str, Any]:
         cancel_sent_at: float | None = None
+        terminated = False
         while True:
-            if is_cancelled is not None and is_cancelled() and cancel_sent_at is None:
+            if is_cancelled is not None and cancel_sent_at is None and is_cancelled():
                 cancel_sent_at = time.monotonic()
-                _signal_stop(process)
-            if cancel_sent_at is not None and time.monotonic() - cancel_sent_at > CANCEL_GRACE_SECONDS:
-                process.kill()
+                _send_cancel(process)
+            if cancel_sent_at is not None:
+                waited = time.monotonic() - cancel_sent_at
+                if not terminated and waited > COOPERATIVE_CANCEL_SECONDS:
+                    terminated = True
+                    _signal_stop(process)
+                if waited > COOPERATIVE_CANCEL_SECONDS + CANCEL_GRACE_SECONDS:
+                    process.kill()
             try:
                 message = self._messages.get(timeout=0.1)
             except queue.Empty:
@@ -236,7 +247,7 @@ class EngineClient:
             elif kind == "result":
                 return message["record"]
             elif kind == "error":
-                if message.get("kind") == "cancelled":
+                if message.get("kind") == "cancelled" and terminated:
                     _stop(process, grace=CANCEL_GRACE_SECONDS)
                     self._process = None
                 raise EngineError(str(message.get("kind", "internal")), str(message.get("message", "")))
@@ -308,6 +319,15 @@ def _recover_outputs_of(params: dict[str, Any]) -> None:
     """Remove what a cancelled or killed job left in its output folders (its staging folder)."""
     for folder in output_folders(params):
         recover_outputs(folder)
+
+
+def _send_cancel(process: subprocess.Popen) -> None:
+    """Ask the worker to stop its job; a worker that has already exited is noticed by the reader."""
+    try:
+        process.stdin.write(json.dumps({"command": "cancel"}) + "\n")
+        process.stdin.flush()
+    except (OSError, ValueError):  # a broken pipe, or stdin closed by close()
+        pass
 
 
 def _signal_stop(process: subprocess.Popen) -> None:

@@ -15,10 +15,11 @@ stride 16, 512-px tiles, batches of 4 tiles on the CPU peaked at 817 MiB on the
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
-from .catalogue import Architecture, CatalogueModel, find_model
+from .catalogue import LVD_1689M, Architecture, CatalogueModel, find_model
 
 PATCH = 16
 EXTRA_TOKENS = 5
@@ -46,13 +47,38 @@ def tokens_per_tile(tile_size: int) -> int:
     return (tile_size // PATCH) ** 2 + EXTRA_TOKENS
 
 
+def model_entry(model: str) -> CatalogueModel | None:
+    """The catalogue model of a name or Hugging Face id or, for a local folder in Hugging Face format, one
+    sized from its config.json; None when neither."""
+    entry = find_model(model)
+    if entry is not None:
+        return entry
+    try:
+        config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
+        shape = Architecture(int(config["hidden_size"]), int(config["num_hidden_layers"]),
+                             int(config["num_attention_heads"]), int(config["intermediate_size"]),
+                             bool(config.get("use_gated_mlp", False)))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return CatalogueModel(Path(model).name, "local folder", (model,), _parameters_millions(shape), 0, shape, LVD_1689M)
+
+
+def _parameters_millions(shape: Architecture) -> float:
+    """Weights of a ViT/16 of this shape, in millions: attention, MLP (gated or not), norms and patch embedding."""
+    hidden, inner = shape.hidden_size, shape.intermediate_size
+    mlp = (3 if shape.gated_mlp else 2) * hidden * inner
+    per_layer = 4 * hidden * hidden + mlp + 10 * hidden
+    return (shape.num_hidden_layers * per_layer + 3 * PATCH * PATCH * hidden) / 1e6
+
+
 def estimate_peak_bytes(model: CatalogueModel | str, stride: int = 16, tile_size: int = 512, batch_size: int = 4,
                         device: str = "cpu") -> int | None:
-    """Peak memory of a run on `device` (cpu, cuda, mps) in bytes; None for a model not in the catalogue.
+    """Peak memory of a run on `device` (cpu, cuda, mps) in bytes; None for a model that is neither in the
+    catalogue nor a local folder with a readable config.json.
 
     For the CPU that is the whole process; for a GPU the GPU's own memory.
     """
-    entry = find_model(model) if isinstance(model, str) else model
+    entry = model_entry(model) if isinstance(model, str) else model
     if entry is None:
         return None
     value = bytes_per_value(device)
@@ -142,7 +168,7 @@ def memory_warning(model: CatalogueModel | str, stride: int, tile_size: int, bat
     needed = estimate_peak_bytes(model, stride, tile_size, batch_size, device)
     if needed is None or available_bytes is None or needed <= available_bytes:
         return None
-    entry = find_model(model) if isinstance(model, str) else model
+    entry = model_entry(model) if isinstance(model, str) else model
     on_gpu = device in GPU_DEVICES
     where = "the GPU" if on_gpu else "this machine"
     remedy = ("a smaller model, smaller tiles or the CPU" if on_gpu

@@ -1,17 +1,20 @@
 """Adds the outputs of one run to the QGIS project as a styled layer group.
 
 QGIS side only (no torch): the run record of the engine names the files; the
-cluster raster keeps the colours and names its writer gave it, the tree mask
-shows trees in green, the polygons fill trees and outline the rest; the optional
+cluster raster keeps the colours and names its writer gave it and is
+semi-transparent so the orthophoto shows through, the tree mask shows trees in
+green, the polygons outline trees in green and the rest in grey; the optional
 crowns are gold outlines, the feature image an RGB composite and the canopy
 height a green ramp in metres. Click-to-teach results (similarity and taught
 trees) go into a group of their own, replacing the previous ones. Layers keep
-the CRS of their files, which is the input's.
+the CRS of their files, which is the input's. Processing outputs get the same
+names, styles and group through `OutputStyler`, a layer post-processor.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,9 @@ from qgis.core import (
     QgsMessageLog,
     QgsMultiBandColorRenderer,
     QgsPalettedRasterRenderer,
+    QgsProcessingContext,
+    QgsProcessingFeedback,
+    QgsProcessingLayerPostProcessorInterface,
     QgsProject,
     QgsRasterLayer,
     QgsRasterShader,
@@ -35,6 +41,7 @@ from qgis.core import (
     QgsSingleBandPseudoColorRenderer,
     QgsVectorLayer,
 )
+from qgis.PyQt import sip
 from qgis.PyQt.QtGui import QColor
 
 from .outputs import UNTRAINED_TAG
@@ -43,8 +50,10 @@ gdal.UseExceptions()
 
 LOG_TAG = "TreeSeg"
 TREE_GREEN = QColor(34, 139, 34)
-TREE_FILL = {"color": "34,139,34,120", "outline_color": "0,90,0,255", "outline_width": "0.4"}
-OTHER_OUTLINE = {"style": "no", "outline_color": "110,110,110,255", "outline_width": "0.2"}
+TREE_OUTLINE = {"style": "no", "color": "0,200,0,255", "outline_color": "0,200,0,255", "outline_width": "0.5"}
+OTHER_OUTLINE = {"style": "no", "outline_color": "150,150,150,160", "outline_width": "0.2"}
+OVERLAY_OPACITY = 0.55
+"""Opacity of the cluster, tree-mask and similarity rasters: the orthophoto stays visible under them."""
 CROWN_OUTLINE = {"style": "no", "outline_color": "255,215,0,255", "outline_width": "0.5"}
 HEIGHT_RAMP = (QColor(247, 252, 245), QColor(199, 233, 192), QColor(116, 196, 118), QColor(35, 139, 69),
                QColor(0, 68, 27))
@@ -68,6 +77,56 @@ def group_name(record: dict[str, Any], input_name: str) -> str:
     return f"{name} — {UNTRAINED_TAG}" if record["model"]["untrained"] else name
 
 
+RUN_OUTPUT_ORDER = ("crowns", "polygons", "trees", "clusters", "features", "height")
+"""The order of a run's layers in its group, top first."""
+TEACH_OUTPUT_ORDER = ("taught_trees", "similarity")
+HIDDEN_OUTPUTS = frozenset({"trees", "features", "height"})
+"""Outputs added unchecked: the polygons and clusters already show the trees; the rest are extras."""
+VECTOR_OUTPUTS = frozenset({"crowns", "polygons"})
+
+
+def layer_names(record: dict[str, Any]) -> dict[str, str]:
+    """The layer name of each output kind of a run or teach `record` (for the panel and Processing alike)."""
+    names = {"polygons": "Tree polygons", "features": "Feature image (PCA RGB)",
+             "similarity": "Tree similarity (0–1)"}
+    if "clusters" in record and "trees" in record:
+        names["trees"] = f"Tree mask ({100 * float(record['trees']['tree_cover']):.1f} % cover)"
+        names["clusters"] = f"Clusters (K={record['clusters']['k']})"
+    if record.get("crowns") is not None:
+        names["crowns"] = f"Tree crowns ({record['crowns']})"
+    height_untrained = record.get("model", {}).get("height_model", {}).get("untrained")
+    names["height"] = f"Canopy height (m) — {UNTRAINED_TAG}" if height_untrained else "Canopy height (m)"
+    if "threshold" in record:
+        names["taught_trees"] = (f"Taught trees (score ≥ {float(record['threshold']):.2f}, "
+                                 f"{100 * float(record['tree_cover']):.1f} % cover)")
+    return names
+
+
+def open_output(path: str, kind: str, name: str) -> QgsMapLayer:
+    """The output file `path` of `kind` as a valid layer called `name`, or ResultLayerError."""
+    if kind in VECTOR_OUTPUTS:
+        return _open(QgsVectorLayer(path, name, "ogr"))
+    return _open(QgsRasterLayer(path, name, "gdal"))
+
+
+def style_output(layer: QgsMapLayer, kind: str, record: dict[str, Any]) -> None:
+    """The style of output `kind` of `record`, as the panel shows it."""
+    if kind == "clusters":
+        style_clusters(layer, int(record["clusters"]["k"]))
+    elif kind in ("trees", "taught_trees"):
+        style_tree_mask(layer)
+    elif kind == "polygons":
+        style_polygons(layer)
+    elif kind == "crowns":
+        style_crowns(layer)
+    elif kind == "features":
+        style_feature_image(layer)
+    elif kind == "height":
+        style_height(layer)
+    elif kind == "similarity":
+        style_similarity(layer)
+
+
 def add_result_layers(record: dict[str, Any], input_name: str,
                       project: QgsProject | None = None) -> QgsLayerTreeGroup:
     """Load the outputs of `record` into a new group at the top of the layer tree: crowns (when made),
@@ -75,35 +134,14 @@ def add_result_layers(record: dict[str, Any], input_name: str,
     raises ResultLayerError (and adds nothing) when a file cannot be opened."""
     project = project or QgsProject.instance()
     outputs = record["outputs"]
-    cover = 100 * float(record["trees"]["tree_cover"])
-    layers = []
-    if "crowns" in outputs:
-        layers.append(_open(QgsVectorLayer(outputs["crowns"], f"Tree crowns ({record['crowns']})", "ogr")))
-        style_crowns(layers[-1])
-    polygons = _open(QgsVectorLayer(outputs["polygons"], "Tree polygons", "ogr"))
-    trees = _open(QgsRasterLayer(outputs["trees"], f"Tree mask ({cover:.1f} % cover)", "gdal"))
-    clusters = _open(QgsRasterLayer(outputs["clusters"], f"Clusters (K={record['clusters']['k']})", "gdal"))
-    style_polygons(polygons)
-    style_tree_mask(trees)
-    style_clusters(clusters, int(record["clusters"]["k"]))
-    layers += [polygons, trees, clusters]
-    hidden = [trees]
-    if "features" in outputs:
-        layers.append(_open(QgsRasterLayer(outputs["features"], "Feature image (PCA RGB)", "gdal")))
-        style_feature_image(layers[-1])
-        hidden.append(layers[-1])
-    if "height" in outputs:
-        untrained = record["model"].get("height_model", {}).get("untrained")
-        name = f"Canopy height (m) — {UNTRAINED_TAG}" if untrained else "Canopy height (m)"
-        layers.append(_open(QgsRasterLayer(outputs["height"], name, "gdal")))
-        style_height(layers[-1])
-        hidden.append(layers[-1])
+    names = layer_names(record)
+    kinds = [kind for kind in RUN_OUTPUT_ORDER if kind in outputs]
+    layers = [open_output(outputs[kind], kind, names[kind]) for kind in kinds]
     group = QgsLayerTreeGroup(group_name(record, input_name))
-    for layer in layers:
+    for kind, layer in zip(kinds, layers):
+        style_output(layer, kind, record)
         project.addMapLayer(layer, False)
-        group.addLayer(layer)
-    for layer in hidden:
-        group.findLayer(layer.id()).setItemVisibilityChecked(False)
+        group.addLayer(layer).setItemVisibilityChecked(kind not in HIDDEN_OUTPUTS)
     project.layerTreeRoot().insertChildNode(0, group)
     group.setExpanded(False)
     group.setExpanded(True)
@@ -123,11 +161,8 @@ def add_teach_layers(record: dict[str, Any], input_name: str, project: QgsProjec
     Returns the new layers; raises ResultLayerError (and changes nothing) when a file cannot be opened."""
     project = project or QgsProject.instance()
     outputs = record["outputs"]
-    cover = 100 * float(record["tree_cover"])
-    trees = _open(QgsRasterLayer(
-        outputs["taught_trees"], f"Taught trees (score ≥ {float(record['threshold']):.2f}, {cover:.1f} % cover)",
-        "gdal"))
-    similarity = _open(QgsRasterLayer(outputs["similarity"], "Tree similarity (0–1)", "gdal"))
+    names = layer_names(record)
+    trees, similarity = (open_output(outputs[kind], kind, names[kind]) for kind in TEACH_OUTPUT_ORDER)
     style_tree_mask(trees)
     style_similarity(similarity)
     root = project.layerTreeRoot()
@@ -148,6 +183,72 @@ def add_teach_layers(record: dict[str, Any], input_name: str, project: QgsProjec
     return [trees, similarity]
 
 
+@dataclass
+class OutputGroup:
+    """The layer group of one Processing run, made when its first output is loaded; `order` ranks the kinds."""
+
+    name: str
+    order: tuple[str, ...]
+    node: QgsLayerTreeGroup | None = None
+    kinds: dict[str, str] = field(default_factory=dict)
+    """Layer id → output kind of the layers already moved in."""
+
+    def take(self, layer: QgsMapLayer, kind: str, project: QgsProject) -> None:
+        """Move `layer`'s tree node into the group, at its kind's place; hidden when HIDDEN_OUTPUTS says so."""
+        node = project.layerTreeRoot().findLayer(layer.id())
+        if node is None or node.parent() is None:
+            return
+        if self.node is None or sip.isdeleted(self.node):
+            self.node = node.parent().insertGroup(0, self.name)
+            self.kinds.clear()
+        rank = self.order.index(kind)
+        position = sum(1 for child in self.node.findLayers()
+                       if self.order.index(self.kinds.get(child.layerId(), kind)) < rank)
+        moved = node.clone()
+        moved.setItemVisibilityChecked(kind not in HIDDEN_OUTPUTS)
+        self.node.insertChildNode(position, moved)
+        node.parent().removeChildNode(node)
+        self.kinds[layer.id()] = kind
+
+
+class OutputStyler(QgsProcessingLayerPostProcessorInterface):
+    """Gives a Processing output layer the panel's name, style and group once QGIS has loaded it."""
+
+    _alive: list[OutputStyler] = []
+    """QGIS does not own post-processors: each is kept here so that it outlives the algorithm that made it."""
+
+    def __init__(self, kind: str, record: dict[str, Any], group: OutputGroup | None) -> None:
+        super().__init__()
+        self.kind = kind
+        self.record = record
+        self.group = group
+
+    @classmethod
+    def create(cls, kind: str, record: dict[str, Any], group: OutputGroup | None) -> OutputStyler:
+        styler = cls(kind, record, group)
+        cls._alive.append(styler)
+        return styler
+
+    def postProcessLayer(self, layer: QgsMapLayer, context: QgsProcessingContext,  # noqa: N802 - QGIS override
+                         feedback: QgsProcessingFeedback) -> None:
+        style_output(layer, self.kind, self.record)
+        if self.group is not None:
+            self.group.take(layer, self.kind, context.project() or QgsProject.instance())
+
+
+def style_loaded_outputs(context: QgsProcessingContext, record: dict[str, Any], group: OutputGroup | None,
+                         suffix: str = "") -> None:
+    """Name, style and group the outputs of `record` that the toolbox will load (in the dialog, batch or
+    modeler); the names end with `suffix`."""
+    names = layer_names(record)
+    for kind, path in record["outputs"].items():
+        if kind in names and context.willLoadLayerOnCompletion(path):
+            details = context.layerToLoadOnCompletionDetails(path)
+            details.name = names[kind] + suffix
+            details.forceName = True
+            details.setPostProcessor(OutputStyler.create(kind, record, group))
+
+
 def style_clusters(layer: QgsRasterLayer, k: int) -> None:
     """Paletted: the colours and category names the engine wrote into the file, for ids 0..k-1."""
     dataset = gdal.Open(layer.source())
@@ -162,23 +263,25 @@ def style_clusters(layer: QgsRasterLayer, k: int) -> None:
         for cluster, colour in enumerate(colours)
     ]
     layer.setRenderer(QgsPalettedRasterRenderer(layer.dataProvider(), 1, classes))
+    layer.setOpacity(OVERLAY_OPACITY)
     layer.triggerRepaint()
 
 
 def style_tree_mask(layer: QgsRasterLayer) -> None:
-    """Paletted: 1 green 'tree', 0 transparent 'not tree'."""
+    """Paletted and semi-transparent: 1 green 'tree', 0 transparent 'not tree'."""
     classes = [
         QgsPalettedRasterRenderer.Class(1, TREE_GREEN, "tree"),
         QgsPalettedRasterRenderer.Class(0, QColor(0, 0, 0, 0), "not tree"),
     ]
     layer.setRenderer(QgsPalettedRasterRenderer(layer.dataProvider(), 1, classes))
+    layer.setOpacity(OVERLAY_OPACITY)
     layer.triggerRepaint()
 
 
 def style_polygons(layer: QgsVectorLayer) -> None:
-    """Rule-based on is_tree: trees filled green with a dark outline, the rest hollow grey outlines."""
+    """Rule-based on is_tree, outlines only so the image shows: trees green, the rest faint grey."""
     root = QgsRuleBasedRenderer.Rule(None)
-    root.appendChild(QgsRuleBasedRenderer.Rule(QgsFillSymbol.createSimple(TREE_FILL),
+    root.appendChild(QgsRuleBasedRenderer.Rule(QgsFillSymbol.createSimple(TREE_OUTLINE),
                                                filterExp='"is_tree"', label="tree"))
     root.appendChild(QgsRuleBasedRenderer.Rule(QgsFillSymbol.createSimple(OTHER_OUTLINE),
                                                label="not tree", elseRule=True))
@@ -207,8 +310,10 @@ def style_height(layer: QgsRasterLayer) -> None:
 
 
 def style_similarity(layer: QgsRasterLayer) -> None:
-    """Pseudocolour over the score range 0..1, from unlike (dark) to like the tree examples (yellow)."""
+    """Pseudocolour over the score range 0..1, from unlike (dark) to like the tree examples (yellow);
+    semi-transparent."""
     _pseudocolour(layer, 0.0, 1.0, SIMILARITY_RAMP, decimals=2)
+    layer.setOpacity(OVERLAY_OPACITY)
 
 
 def _pseudocolour(layer: QgsRasterLayer, low: float, high: float, colours: Sequence[QColor], decimals: int,

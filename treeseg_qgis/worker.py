@@ -9,16 +9,20 @@ Protocol (one JSON object per line, both ways):
   `{"command": "models"}` (catalogue models in the local Hugging Face cache; never the network),
   `{"command": "download", "model": "base", "hf_token": "..."}` and `{"command": "delete", "model": "base"}`;
   the worker serves jobs until stdin closes, keeping the last model loaded so the next run skips loading it.
+  `{"command": "cancel"}` may come while a job runs: it stops that job.
 - out, on stdout: `{"type": "ready"}` once, then per job any number of
   `{"type": "progress", "percent": 42.0, "stage": "..."}` and
   `{"type": "log", "level": "warning", "message": "..."}`, and one final
   `{"type": "result", "record": {...}}` or
   `{"type": "error", "kind": "input|model|output|cancelled|internal", "message": "..."}`.
 
-Cancel is SIGTERM: the current job stops at the next tile, removes its outputs,
-reports `cancelled` and the worker exits (a download stops at once; what it fetched
-stays in the cache and the next download resumes it). Anything a library prints goes to
-stderr, so stdout carries the protocol alone. The token is never logged.
+Cancel is cooperative: a reader thread takes `cancel` off stdin at once; the job stops at the
+next batch of tiles or transformer layer of the model, removes its outputs, reports `cancelled`,
+and the worker waits for the next job with its model still loaded (a download stops at once;
+what it fetched stays in the cache and the next download resumes it). SIGTERM is the client's
+fall-back when a cancel is not answered: the job stops the same way and the worker exits.
+Anything a library prints goes to stderr, so stdout carries the protocol alone. The token is
+never logged.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import shutil
 import signal
 import sys
@@ -71,6 +76,8 @@ class Worker:
         self.channel = channel
         self.terminate_requested = False
         self.busy = False
+        self.model_loads = 0
+        self._cancel = threading.Event()
         self._backbone = None
         self._backbone_key: tuple | None = None
         self._download: threading.Thread | None = None
@@ -82,14 +89,33 @@ class Worker:
 
     def serve(self, jobs: TextIO) -> None:
         self.channel.send({"type": "ready", "protocol": PROTOCOL_VERSION, "pid": os.getpid()})
-        for line in jobs:
-            if not line.strip():
-                continue
+        waiting: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read_jobs, args=(jobs, waiting), name="treeseg-jobs", daemon=True).start()
+        while (line := waiting.get()) is not None:
+            self._cancel = threading.Event()
             self.busy = True
             self.handle(line)
             self.busy = False
             if self.terminate_requested:
                 return
+
+    def _read_jobs(self, jobs: TextIO, waiting: queue.Queue) -> None:
+        """Reads stdin while a job runs: a cancel stops the current job at once, other lines wait their turn;
+        None at the end."""
+        for line in jobs:
+            if not line.strip():
+                continue
+            if _is_cancel(line):
+                self._cancel.set()
+            else:
+                waiting.put(line)
+        waiting.put(None)
+
+    def cancel_check(self) -> Callable[[], bool]:
+        """Whether the current job should stop (its cancel message came, or SIGTERM); the check stays bound to
+        that job, since a download's threads may outlive it."""
+        cancel = self._cancel
+        return lambda: cancel.is_set() or self.terminate_requested
 
     def handle(self, line: str) -> None:
         try:
@@ -102,7 +128,7 @@ class Worker:
             elif command == "crowns":
                 record = self.crowns(job)
             elif command == "probe":
-                record = probe()
+                record = {**probe(), "model_loads": self.model_loads}
             elif command == "models":
                 record = cached_models()
             elif command == "download":
@@ -129,8 +155,7 @@ class Worker:
         from .pipeline import segment
 
         params = SegmentationParams.from_dict(job["params"])
-        return segment(params, Progress(self._progress, lambda: self.terminate_requested),
-                       self._kept_model_loader(job))
+        return segment(params, Progress(self._progress, self.cancel_check()), self._kept_model_loader(job))
 
     def teach(self, job: dict[str, Any]) -> dict[str, Any]:
         from .core.examples import Example
@@ -141,7 +166,7 @@ class Worker:
         params = SegmentationParams.from_dict(job["params"])
         examples = [Example(float(col), float(row), bool(is_tree)) for col, row, is_tree in job["examples"]]
         return teach(params, examples, float(job.get("threshold", 0.6)),
-                     Progress(self._progress, lambda: self.terminate_requested), self._kept_model_loader(job))
+                     Progress(self._progress, self.cancel_check()), self._kept_model_loader(job))
 
     def crowns(self, job: dict[str, Any]) -> dict[str, Any]:
         """Split a tree-mask raster into crown polygons (gis/crowns.py); the layer is named after the file."""
@@ -156,12 +181,12 @@ class Worker:
             str(job["trees_path"]), str(job.get("clusters_path") or job["trees_path"]), gpkg_path,
             Path(gpkg_path).stem, CrownOptions(**job.get("options", {})),
             progress=lambda fraction: self._progress(100.0 * fraction, "Splitting crowns"),
-            is_cancelled=lambda: self.terminate_requested,
+            is_cancelled=self.cancel_check(),
         )
         return {"crowns": count, "outputs": {"crowns": gpkg_path}}
 
     def download(self, job: dict[str, Any]) -> dict[str, Any]:
-        """Fetch a catalogue model's weights into the Hugging Face cache, reporting progress; stops on SIGTERM."""
+        """Fetch a catalogue model's weights into the Hugging Face cache, reporting progress; stops on cancel."""
         from huggingface_hub import snapshot_download
 
         from .core.models import hub_offline
@@ -170,7 +195,8 @@ class Worker:
         if hub_offline():
             raise ModelUnavailableError(offline_message(model))
         _check_disk_space(model)
-        tally = DownloadTally(model.download_bytes, lambda: self.terminate_requested)
+        cancelled = self.cancel_check()
+        tally = DownloadTally(model.download_bytes, cancelled)
         outcome: dict[str, Any] = {}
 
         def fetch() -> None:
@@ -186,7 +212,7 @@ class Worker:
         reported = -1.0
         while self._download.is_alive():
             self._download.join(PROGRESS_INTERVAL_SECONDS)
-            if self.terminate_requested:
+            if cancelled():
                 raise Cancelled(f"Download of {model.repo_id} cancelled; what was fetched stays in the cache "
                                 "and the next download resumes it.")
             if tally.percent() != reported:
@@ -198,7 +224,7 @@ class Worker:
         return {"name": model.name, "repo_id": model.repo_id, "path": outcome["path"]}
 
     def _kept_model_loader(self, job: dict[str, Any]):
-        """Loads the backbone a job asks for, keeping it for the next job."""
+        """Loads the backbone a job asks for, keeping it for the next job; a cancel stops it between layers."""
         from .core.models import load_backbone
 
         token = job.get("hf_token") or None
@@ -210,9 +236,24 @@ class Worker:
                 self._backbone = load_backbone(wanted.model, wanted.device, wanted.allow_untrained,
                                                token=token, revision=wanted.model_revision)
                 self._backbone_key = key
+                self.model_loads += 1
+                self._stop_between_layers(self._backbone.model)
             return self._backbone
 
         return load_kept_model
+
+    def _stop_between_layers(self, model: Any) -> None:
+        """Raise Cancelled before each transformer layer once the current job is cancelled: a batch of a
+        large model on the CPU takes seconds, one layer a fraction of that."""
+        import torch
+
+        def check(module: Any, inputs: Any) -> None:
+            if self._cancel.is_set() or self.terminate_requested:
+                raise Cancelled()
+
+        for layers in (module for module in model.modules() if isinstance(module, torch.nn.ModuleList)):
+            for layer in layers:
+                layer.register_forward_pre_hook(check)
 
     def _progress(self, percent: float, stage: str) -> None:
         self.channel.send({"type": "progress", "percent": round(percent, 2), "stage": stage})
@@ -403,6 +444,14 @@ def _folder_bytes(folder: Path) -> int:
 def _disk_free_bytes(folder: Path) -> int | None:
     existing = next((candidate for candidate in (folder, *folder.parents) if candidate.is_dir()), None)
     return shutil.disk_usage(existing).free if existing is not None else None
+
+
+def _is_cancel(line: str) -> bool:
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(message, dict) and message.get("command") == "cancel"
 
 
 def _kind(error: TreesegError) -> str:

@@ -63,12 +63,13 @@ from ..memory import (
     estimate_peak_bytes,
     format_gigabytes,
     memory_warning,
+    model_entry,
 )
 from ..outputs import OutputPathError, OutputPaths, check_run_paths
 from ..processing.compat import POLYGON_LAYER_FILTER, RASTER_LAYER_FILTER
 from ..processing.raster_input import prepare_input
 from ..processing.segment_trees import DEFAULT_HEIGHT_MODEL
-from .task import ProbeTask, SegmentationTask, TeachTask
+from .task import ProbeTask, SegmentationTask, TeachTask, clear_messages
 from .teach_tool import RasterGrid, TeachMapTool
 
 DEFAULT_MODEL = "base"
@@ -90,9 +91,12 @@ UNTRAINED_TOOLTIP = (
 )
 DEFAULT_THRESHOLD = 0.6
 TEACH_DEBOUNCE_MS = 300
-ELBOW_WIDTH = 340
+ELBOW_WIDTH = 260
+"""Fits the width QGIS gives a new dock (about 300 px) beside the scroll bar."""
 COMBO_MIN_CHARACTERS = 12
 """Combo boxes shrink to this many characters, so long layer and model names never make the panel scroll sideways."""
+MODEL_COMBO_MIN_CHARACTERS = 9
+"""The longest catalogue name (large-sat), leaving room for the Models… button beside it."""
 TEACH_HELP = ("Left click on the map: a tree. Shift+click or right click: not a tree. Teaching works on the "
               "input of the last run and reuses its cached features, so the model does not run again.")
 
@@ -101,13 +105,11 @@ class InputProblem(ValueError):
     """The panel's settings cannot make a run; the message tells the user what to change."""
 
 
-def model_label(name: str) -> str:
-    """E.g. 'base — 86 M parameters, ~0.3 GB'."""
-    millions = BACKBONES[name].params_millions
-    size = f"{millions / 1000:.1f} B" if millions >= 1000 else f"{millions} M"
-    gigabytes = millions * 4 / 1000
-    memory = f"~{gigabytes:.0f} GB" if gigabytes >= 10 else f"~{gigabytes:.1f} GB"
-    return f"{name} — {size} parameters, {memory}"
+def parameters_label(millions: float) -> str:
+    """E.g. '86 M parameters', '6.7 B parameters'."""
+    if millions >= 1000:
+        return f"{millions / 1000:.1f} B parameters"
+    return f"{millions:.0f} M parameters" if millions >= 10 else f"{millions:.1f} M parameters"
 
 
 def layer_file(layer: QgsRasterLayer) -> str:
@@ -177,9 +179,9 @@ class TreesegDock(QgsDockWidget):
     def _build(self) -> None:
         self.layer_combo = QgsMapLayerComboBox()
         self.layer_combo.setFilters(RASTER_LAYER_FILTER)
-        active = self.iface.activeLayer()
-        if isinstance(active, QgsRasterLayer):
-            self.layer_combo.setLayer(active)
+        self.layer_combo.setToolTip("Follows the active raster layer until you choose one here.")
+        self._layer_chosen = False
+        self.follow_active_layer(self.iface.activeLayer())
         self.extent_combo = QComboBox()
         for key, text in EXTENTS.items():
             self.extent_combo.addItem(text, key)
@@ -187,10 +189,13 @@ class TreesegDock(QgsDockWidget):
         self.mask_combo.setFilters(POLYGON_LAYER_FILTER)
         self.mask_combo.setToolTip("The selected polygons of this layer limit the run; pixels outside are nodata.")
         self.model_combo = QComboBox()
-        for name in BACKBONES:
-            self.model_combo.addItem(model_label(name), name)
-        self.model_combo.setToolTip("DINOv3 backbone. The memory is that of the weights in float32 (CPU); "
-                                    "about half on a GPU, plus working memory for the tiles.")
+        for name, model in BACKBONES.items():
+            self.model_combo.addItem(name, name)
+            self.model_combo.setItemData(self.model_combo.count() - 1,
+                                         f"{model.label}, {parameters_label(model.params_millions)}",
+                                         Qt.ItemDataRole.ToolTipRole)
+        self.model_combo.setToolTip("DINOv3 backbone; the line below gives its size and the memory a run needs. "
+                                    "Greyed while a model override is set.")
         self.models_button = QPushButton("Models…")
         self.models_button.setToolTip("Which models are on this computer: download, delete, the Hugging Face "
                                       "token, a local model folder")
@@ -199,12 +204,12 @@ class TreesegDock(QgsDockWidget):
         self.model_override = QLineEdit()
         self.model_override.setPlaceholderText("optional: Hugging Face id or model folder")
         self.model_override.setToolTip("Overrides the model above with any DINOv3 ViT: a Hugging Face id "
-                                       "(owner/name) or a local folder in Hugging Face format.")
+                                       "(owner/name) or a local folder in Hugging Face format. The line below "
+                                       "names the model that runs.")
         self.stride_combo = QComboBox()
         for stride in STRIDES:
             self.stride_combo.addItem(f"{stride} px", stride)
-        stride_note = QLabel("Stride 8 costs 4 × the time of 16; stride 4 costs 16 ×.")
-        stride_note.setWordWrap(True)
+        self.stride_combo.setToolTip("Stride 8 costs 4 × the time of 16; stride 4 costs 16 ×.")
         self.auto_clusters = QCheckBox("Automatic")
         self.auto_clusters.setToolTip("Pick the number of clusters from the elbow of the k-means inertia (2–8).")
         self.clusters_spin = QSpinBox()
@@ -215,6 +220,7 @@ class TreesegDock(QgsDockWidget):
                       self.device_combo):
             combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
             combo.setMinimumContentsLength(COMBO_MIN_CHARACTERS)
+        self.model_combo.setMinimumContentsLength(MODEL_COMBO_MIN_CHARACTERS)
         self.engine_label = QLabel()
         self.engine_label.setWordWrap(True)
         self.engine_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
@@ -223,7 +229,7 @@ class TreesegDock(QgsDockWidget):
         self.output_widget = QgsFileWidget()
         self.output_widget.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
         self.output_widget.setDialogTitle("Output folder for TreeSeg results")
-        self.allow_untrained = QCheckBox("Allow untrained weights (pipeline check only)")
+        self.allow_untrained = QCheckBox("Allow untrained weights")
         self.allow_untrained.setToolTip(UNTRAINED_TOOLTIP)
         self.run_button = QPushButton("Run")
         self.cancel_button = QPushButton("Cancel")
@@ -240,6 +246,7 @@ class TreesegDock(QgsDockWidget):
 
         form = QFormLayout()
         form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
         form.addRow("Raster layer", self.layer_combo)
         form.addRow("Extent", self.extent_combo)
         form.addRow("Polygon layer", self.mask_combo)
@@ -249,15 +256,14 @@ class TreesegDock(QgsDockWidget):
         form.addRow("Model", model_row)
         form.addRow("Model override", self.model_override)
         form.addRow("Stride", self.stride_combo)
-        form.addRow("", stride_note)
         clusters_row = QHBoxLayout()
         clusters_row.addWidget(self.auto_clusters)
         clusters_row.addWidget(self.clusters_spin, 1)
         form.addRow("Clusters", clusters_row)
         form.addRow("Device", self.device_combo)
-        form.addRow("", self.memory_label)
-        form.addRow("", self.engine_label)
-        form.addRow("", self.setup_button)
+        form.addRow(self.memory_label)
+        form.addRow(self.engine_label)
+        form.addRow(self.setup_button)
         form.addRow("Output folder", self.output_widget)
         form.addRow(self.allow_untrained)
         self._form = form
@@ -294,6 +300,8 @@ class TreesegDock(QgsDockWidget):
         self.apply_teach_button.clicked.connect(self.teach)
         self.setup_button.clicked.connect(self.engine_setup_requested)
         self.models_button.clicked.connect(self.models_requested)
+        self.layer_combo.activated.connect(self._layer_picked)
+        self.iface.currentLayerChanged.connect(self.follow_active_layer)
         self.model_combo.currentIndexChanged.connect(self._show_memory_estimate)
         self.model_override.textChanged.connect(self._show_memory_estimate)
         self.stride_combo.currentIndexChanged.connect(self._show_memory_estimate)
@@ -311,10 +319,10 @@ class TreesegDock(QgsDockWidget):
         self.crown_min_area.setPrefix("≥ ")
         self.crown_min_area.setSuffix(" m²")
         self.crown_min_area.setToolTip("Minimum crown area: crowns smaller than this are dropped.")
-        self.features_check = QCheckBox("Feature image (PCA RGB)")
+        self.features_check = QCheckBox("Feature image")
         self.features_check.setToolTip("The first three principal components of the DINOv3 features as an RGB "
                                        "image: what the model tells apart.")
-        self.height_check = QCheckBox("Canopy height (CHMv2)")
+        self.height_check = QCheckBox("Canopy height")
         self.height_check.setToolTip(f"Metres per pixel from the DINOv3 canopy-height head ({DEFAULT_HEIGHT_MODEL}, "
                                      "gated like the backbones).")
         self.min_height_spin = QDoubleSpinBox()
@@ -332,6 +340,7 @@ class TreesegDock(QgsDockWidget):
                                               "Hugging Face id or a local folder in Hugging Face format.")
         form = QFormLayout()
         form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
         form.addRow(self.crowns_check, self.crown_min_area)
         form.addRow(self.features_check)
         form.addRow(self.height_check, self.min_height_spin)
@@ -342,9 +351,11 @@ class TreesegDock(QgsDockWidget):
         """The 'Teach by clicking' group: the map tool, the examples, the threshold and Apply."""
         note = QLabel(TEACH_HELP)
         note.setWordWrap(True)
-        self.teach_button = QPushButton("Click examples on the map")
+        self.teach_button = QPushButton("Click examples")
+        self.teach_button.setToolTip("Click trees and not-trees on the map")
         self.teach_button.setCheckable(True)
-        self.clear_examples_button = QPushButton("Clear examples")
+        self.clear_examples_button = QPushButton("Clear")
+        self.clear_examples_button.setToolTip("Forget the examples clicked so far")
         self.examples_label = QLabel()
         self.threshold_slider = QSlider(Qt.Orientation.Horizontal)
         self.threshold_slider.setRange(0, 100)
@@ -372,7 +383,9 @@ class TreesegDock(QgsDockWidget):
         column.addLayout(threshold_row)
         column.addWidget(self.apply_teach_button)
         column.addWidget(self.teach_status)
-        return _collapsible_group("Teach by clicking", "TreesegTeach", column)
+        group = _collapsible_group("Teach by clicking", "TreesegTeach", column)
+        group.setCollapsed(True)
+        return group
 
     def _restore_settings(self) -> None:
         settings = QgsSettings()
@@ -501,32 +514,54 @@ class TreesegDock(QgsDockWidget):
             return chosen
         return str((self._engine_info or {}).get("device", "cpu")).split(":")[0]
 
+    def model_in_use(self) -> str:
+        """The model a run uses: the override when one is set, else the chosen catalogue model."""
+        return self.model_override.text().strip() or self.model_combo.currentData()
+
     def _memory_needed_and_free(self) -> tuple[int | None, int | None, str]:
         """(bytes the run needs, bytes free where it runs, the device) for the model, stride and device."""
         device = self._run_device()
-        model = self.model_override.text().strip() or self.model_combo.currentData()
-        needed = estimate_peak_bytes(model, self.stride_combo.currentData(), RUN_TILE_SIZE, RUN_BATCH_SIZE, device)
+        needed = estimate_peak_bytes(self.model_in_use(), self.stride_combo.currentData(), RUN_TILE_SIZE,
+                                     RUN_BATCH_SIZE, device)
         free = available_memory_bytes() if device == "cpu" else (self._engine_info or {}).get("memory_available_bytes")
         return needed, free, device
 
     def memory_problem(self) -> str | None:
         """The warning when the run will not fit the memory of its device; None when it fits or cannot be told."""
         needed, free, device = self._memory_needed_and_free()
-        model = self.model_override.text().strip() or self.model_combo.currentData()
-        return memory_warning(model, self.stride_combo.currentData(), RUN_TILE_SIZE, RUN_BATCH_SIZE, free, device)
+        return memory_warning(self.model_in_use(), self.stride_combo.currentData(), RUN_TILE_SIZE, RUN_BATCH_SIZE,
+                              free, device)
 
     def _show_memory_estimate(self) -> None:
+        """The model that runs (named when an override sets it; the Model box is then greyed), its size and the
+        memory the run needs: the one estimate the panel and Models… show."""
+        override = self.model_override.text().strip()
+        self.model_combo.setEnabled(not override)
+        entry = model_entry(self.model_in_use())
         needed, free, device = self._memory_needed_and_free()
+        name = entry.name if entry is not None else override
+        model = f"Runs <b>{name}</b> (model override)" if override else f"<b>{name}</b>"
+        if entry is not None:
+            model += f", {parameters_label(entry.params_millions)}"
         if needed is None:
-            self.memory_label.setText("")
-            return
-        where = "this computer" if device == "cpu" else f"the {device.upper()} device"
-        text = f"Needs about {format_gigabytes(needed)} of memory"
-        if free is not None:
-            text += f"; {format_gigabytes(free)} free on {where}"
-        self.memory_label.setText(text + ".")
-        will_not_fit = free is not None and needed > free
+            memory = "memory needed unknown until it loads"
+        else:
+            where = "this computer" if device == "cpu" else f"the {device.upper()} device"
+            memory = f"needs about {format_gigabytes(needed)} of memory"
+            memory += f"; {format_gigabytes(free)} free on {where}" if free is not None else ""
+        self.memory_label.setText(f"{model}: {memory}.")
+        self.memory_label.setToolTip(override)
+        will_not_fit = needed is not None and free is not None and needed > free
         self.memory_label.setStyleSheet("color: #b00020;" if will_not_fit else "")
+
+    def follow_active_layer(self, layer: QgsMapLayer | None) -> None:
+        """Show `layer` (the active layer of QGIS) when it is a raster and no layer was picked in the panel."""
+        if not self._layer_chosen and isinstance(layer, QgsRasterLayer):
+            self.layer_combo.setLayer(layer)
+
+    def _layer_picked(self) -> None:
+        """The user chose a layer in the panel: it stays until they choose another."""
+        self._layer_chosen = True
 
     def build_params(self, input_path: str | None = None) -> dict[str, Any]:
         """The run's parameters (SegmentationParams fields) from the panel; `input_path` defaults to the
@@ -544,7 +579,7 @@ class TreesegDock(QgsDockWidget):
             "input_path": input_path or source,
             "output_dir": str(folder),
             "output_stem": free_output_stem(folder, stem),
-            "model": self.model_override.text().strip() or self.model_combo.currentData(),
+            "model": self.model_in_use(),
             "stride": self.stride_combo.currentData(),
             "clusters": None if self.auto_clusters.isChecked() else self.clusters_spin.value(),
             "device": self.device_combo.currentText(),
@@ -610,6 +645,7 @@ class TreesegDock(QgsDockWidget):
             self._show_stage(str(problem), error=True)
             return
         self._save_settings()
+        clear_messages(self.iface.messageBar())
         layer: QgsMapLayer = self.layer_combo.currentLayer()
         self.task = SegmentationTask(self.engine, params, layer, self.iface.messageBar(), scratch, hf_token())
         self.task.stage_changed.connect(self._show_stage)
@@ -635,6 +671,7 @@ class TreesegDock(QgsDockWidget):
         """Cancel the running tasks and the probe, remove the teach tool and its markers and the last run's
         scratch input (the plugin is unloading)."""
         self.cancel()
+        self.iface.currentLayerChanged.disconnect(self.follow_active_layer)
         self.teach_timer.stop()
         if self.teach_task is not None:
             self.teach_task.cancel()
@@ -659,8 +696,8 @@ class TreesegDock(QgsDockWidget):
 
     def _finished(self, success: bool, summary: str) -> None:
         task, self.task = self.task, None
+        self.progress_bar.setValue(100 if success else 0)
         if success:
-            self.progress_bar.setValue(100)
             self._show_elbow(task.record)
             self._prepare_teaching(task)
         self._show_stage(f"Done: {summary}" if success else summary, error=not success and summary != "Cancelled.")
@@ -686,6 +723,7 @@ class TreesegDock(QgsDockWidget):
         self._last_run_layer_id = task.layer_id
         grid = RasterGrid.of_file(self._last_run["input_path"])
         if self.teach_tool is None:
+            self.teach_group.setCollapsed(False)
             self.teach_tool = TeachMapTool(self.iface.mapCanvas())
             self.teach_tool.setButton(self.teach_button)
             self.teach_tool.examples_changed.connect(self._show_examples)
@@ -762,8 +800,8 @@ class TreesegDock(QgsDockWidget):
 
     def _teach_finished(self, success: bool, summary: str) -> None:
         task, self.teach_task = self.teach_task, None
+        self.progress_bar.setValue(100 if success else 0)
         if success:
-            self.progress_bar.setValue(100)
             self._teach_layer_ids = [layer.id() for layer in task.layers]
             self._teach_outputs = list(task.record["outputs"].values())
         self._show_teach_status(summary, error=not success and summary != "Cancelled.")

@@ -95,9 +95,8 @@ class SegmentationTask(QgsTask):
             self.message_bar.pushMessage(MESSAGE_TITLE, summary, Qgis.MessageLevel.Critical, 0)
             return False, summary
         summary = run_summary(record)
-        level, duration = ((Qgis.MessageLevel.Warning, 0) if record["model"]["untrained"]
-                           else (Qgis.MessageLevel.Success, 10))
-        self.message_bar.pushMessage(MESSAGE_TITLE, f"{self.input_name}: {summary}", level, duration)
+        level = Qgis.MessageLevel.Warning if record["model"]["untrained"] else Qgis.MessageLevel.Success
+        self.message_bar.pushMessage(MESSAGE_TITLE, f"{self.input_name}: {summary}", level, 0)
         return True, summary
 
 
@@ -196,6 +195,15 @@ class ProbeTask(QgsTask):
             self.probed.emit(f"{self.info['device_description']} · torch {self.info['torch']}", True)
         else:
             self.probed.emit(self.error or "The engine did not answer.", False)
+
+
+def clear_messages(message_bar: QgsMessageBar) -> None:
+    """Take TreeSeg's messages (a summary, an error) off the message bar: they stay until the next run."""
+    if not isinstance(message_bar, QgsMessageBar):  # pytest-qgis's stand-in has no items
+        return
+    for item in message_bar.items():
+        if item.title() == MESSAGE_TITLE:
+            message_bar.popWidget(item)
 
 
 def _remove_outputs(paths: list[str]) -> None:

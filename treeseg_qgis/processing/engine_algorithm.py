@@ -108,7 +108,21 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
     def file_destination(self, parameters: dict[str, Any], name: str, context: QgsProcessingContext,
                          suffixes: tuple[str, ...]) -> str:
         """The destination's file path, with the extension of the format the engine writes."""
+        path = self.optional_file_destination(parameters, name, context, suffixes)
+        if path is None:
+            raise QgsProcessingException(f"{self.parameterDefinition(name).description()}: choose where to save it.")
+        return path
+
+    def optional_file_destination(self, parameters: dict[str, Any], name: str, context: QgsProcessingContext,
+                                  suffixes: tuple[str, ...]) -> str | None:
+        """As file_destination, or None when the optional output was not asked for.
+
+        The parameter is read once: for a temporary output each read makes a new path and queues it for
+        loading, and a queued path the engine never writes ends the run with a false "not correctly
+        generated" error."""
         requested = self.parameterAsOutputLayer(parameters, name, context)
+        if not requested:
+            return None
         if NON_FILE_DESTINATION.match(requested):
             raise QgsProcessingException(
                 f"{self.parameterDefinition(name).description()}: save to a {suffixes[0]} file, "
@@ -121,13 +135,6 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
             layers[actual] = layers.pop(requested)
             context.setLayersToLoadOnCompletion(layers)
         return actual
-
-    def optional_file_destination(self, parameters: dict[str, Any], name: str, context: QgsProcessingContext,
-                                  suffixes: tuple[str, ...]) -> str | None:
-        """As file_destination, or None when the optional output was not asked for."""
-        if not self.parameterAsOutputLayer(parameters, name, context):
-            return None
-        return self.file_destination(parameters, name, context, suffixes)
 
 
 def engine_python() -> str:
@@ -169,12 +176,3 @@ def run_in_engine(python: str, feedback: QgsProcessingFeedback,
         raise QgsProcessingException(str(error)) from error
     finally:
         client.close()
-
-
-def name_loaded_layers(context: QgsProcessingContext, names: dict[str, str]) -> None:
-    """Readable names (path → name) for the output layers the toolbox adds to the project."""
-    for path, name in names.items():
-        if context.willLoadLayerOnCompletion(path):
-            details = context.layerToLoadOnCompletionDetails(path)
-            details.name = name
-            details.forceName = True

@@ -34,6 +34,7 @@ from qgis.core import (
 from ..auth import hf_token
 from ..catalogue import HEIGHT_HEAD
 from ..outputs import OutputPathError, check_run_paths
+from ..qgis_results import RUN_OUTPUT_ORDER, OutputGroup, group_name, style_loaded_outputs
 from .compat import DOUBLE, INTEGER, POLYGON_LAYERS
 from .engine_algorithm import (
     GEOPACKAGE_SUFFIXES,
@@ -41,7 +42,6 @@ from .engine_algorithm import (
     WEIGHTS_HELP,
     EngineAlgorithm,
     engine_python,
-    name_loaded_layers,
     run_in_engine,
 )
 from .raster_input import prepare_input
@@ -49,8 +49,6 @@ from .raster_input import prepare_input
 METHODS = ("dinov3", "rgb-kmeans", "exg-otsu")
 DEFAULT_HEIGHT_MODEL = HEIGHT_HEAD.repo_id
 HEIGHT_MODEL_PAGE = f"https://huggingface.co/{DEFAULT_HEIGHT_MODEL}"
-LAYER_LABELS = {"clusters": "clusters", "trees": "trees", "polygons": "tree polygons", "crowns": "tree crowns",
-                "features": "DINOv3 features", "height": "canopy height"}
 
 HELP = f"""<p>Segments trees in a drone or aerial orthophoto <b>without training labels</b>: a DINOv3
 vision transformer describes every 16 × 16 pixel patch, the descriptions are clustered, and the
@@ -260,9 +258,7 @@ class SegmentTreesAlgorithm(EngineAlgorithm):
             hf_token=hf_token()))
         outputs = record["outputs"]
         untrained = bool(record["model"]["untrained"])
-        suffix = " (UNTRAINED)" if untrained else ""
-        name_loaded_layers(context, {outputs[kind]: f"{label} — {layer.name()}{suffix}"
-                                     for kind, label in LAYER_LABELS.items() if kind in outputs})
+        style_loaded_outputs(context, record, OutputGroup(group_name(record, layer.name()), RUN_OUTPUT_ORDER))
         results = {
             self.OUTPUT_CLUSTERS: outputs["clusters"],
             self.OUTPUT_TREES: outputs["trees"],

@@ -32,13 +32,13 @@ from qgis.core import (
 from qgis.PyQt.QtCore import QVariant
 
 from ..auth import hf_token
+from ..qgis_results import TEACH_OUTPUT_ORDER, OutputGroup, style_loaded_outputs, teach_group_name
 from .compat import ANY_FIELD, DOUBLE, POINT_LAYERS
 from .engine_algorithm import (
     RASTER_SUFFIXES,
     WEIGHTS_HELP,
     EngineAlgorithm,
     engine_python,
-    name_loaded_layers,
     run_in_engine,
 )
 from .raster_input import raster_file
@@ -153,9 +153,7 @@ class TeachTreesAlgorithm(EngineAlgorithm):
         feedback.pushInfo(f"Examples used: {record['examples']['trees']} trees, "
                           f"{record['examples']['not_trees']} not trees; feature cache: {record['feature_cache']}.")
         outputs = record["outputs"]
-        suffix = " (UNTRAINED)" if record["model"]["untrained"] else ""
-        name_loaded_layers(context, {outputs["similarity"]: f"tree similarity — {layer.name()}{suffix}",
-                                     outputs["taught_trees"]: f"taught trees — {layer.name()}{suffix}"})
+        style_loaded_outputs(context, record, OutputGroup(teach_group_name(record, layer.name()), TEACH_OUTPUT_ORDER))
         return {
             self.OUTPUT_SIMILARITY: outputs["similarity"],
             self.OUTPUT_TREES: outputs["taught_trees"],

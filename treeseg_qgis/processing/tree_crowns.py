@@ -19,8 +19,9 @@ from qgis.core import (
     QgsRasterLayer,
 )
 
+from ..qgis_results import style_loaded_outputs
 from .compat import DOUBLE, POLYGON_LAYERS
-from .engine_algorithm import GEOPACKAGE_SUFFIXES, EngineAlgorithm, engine_python, name_loaded_layers, run_in_engine
+from .engine_algorithm import GEOPACKAGE_SUFFIXES, EngineAlgorithm, engine_python, run_in_engine
 from .raster_input import raster_file
 
 HELP = """<p>Splits the trees of a tree mask into <b>individual crowns</b>: the distance to the
@@ -111,7 +112,7 @@ class TreeCrownsAlgorithm(EngineAlgorithm):
         record = run_in_engine(python, feedback, lambda client, report: client.crowns(
             trees_path, clusters_path, gpkg, options, on_progress=report.progress, is_cancelled=feedback.isCanceled))
         feedback.pushInfo(f"{record['crowns']} crowns.")
-        name_loaded_layers(context, {record["outputs"]["crowns"]: f"tree crowns — {trees.name()}"})
+        style_loaded_outputs(context, record, None, suffix=f" — {trees.name()}")
         return {self.OUTPUT: record["outputs"]["crowns"], self.CROWNS: record["crowns"]}
 
 

@@ -1,0 +1,82 @@
+"""The panel as a new user first sees it: its width, the layer it follows, what a model override shows."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+from treeseg_qgis.engine_client import EngineClient
+
+from .test_gui import add_raster, clean_settings  # noqa: F401 - fixture
+
+NEW_DOCK_WIDTH = 300
+"""About the width QGIS gives a newly opened dock widget."""
+
+
+def new_dock(qgis_iface):
+    from treeseg_qgis.gui.dock import TreesegDock
+
+    return TreesegDock(qgis_iface, EngineClient(sys.executable))
+
+
+def test_the_panel_fits_a_new_dock_with_every_group_open(qgis_iface, qgis_new_project, clean_settings):  # noqa: F811
+    from qgis.PyQt.QtWidgets import QStyle
+
+    dock = new_dock(qgis_iface)
+    dock.extras_group.setCollapsed(False)
+    dock.teach_group.setCollapsed(False)
+    scroll = dock.widget()
+    scroll_bar = scroll.style().pixelMetric(QStyle.PixelMetric.PM_ScrollBarExtent)
+    frame = 2 * scroll.frameWidth()
+
+    assert scroll.widget().minimumSizeHint().width() + scroll_bar + frame <= NEW_DOCK_WIDTH
+
+
+def test_the_panel_follows_the_active_raster_until_one_is_picked(qgis_iface, qgis_new_project, clean_settings,  # noqa: F811
+                                                                 scene_tif):
+    path, _ = scene_tif
+    first = add_raster(path, "first")
+    qgis_iface.setActiveLayer(first)
+    dock = new_dock(qgis_iface)
+    assert dock.layer_combo.currentLayer() is first
+    second = add_raster(path, "second")
+    # pytest-qgis's interface does not emit currentLayerChanged; QGIS does, with the new active layer.
+    qgis_iface.setActiveLayer(second)
+    dock.follow_active_layer(qgis_iface.activeLayer())
+    assert dock.layer_combo.currentLayer() is second
+    dock.follow_active_layer(None)
+    assert dock.layer_combo.currentLayer() is second
+
+    dock.layer_combo.setLayer(first)
+    dock.layer_combo.activated.emit(dock.layer_combo.currentIndex())  # what a user's choice emits
+    dock.follow_active_layer(second)
+    assert dock.layer_combo.currentLayer() is first
+
+
+def test_an_override_greys_the_model_box_and_names_the_model_that_runs(qgis_iface, qgis_new_project,
+                                                                       clean_settings, tiny_model_dir, monkeypatch):  # noqa: F811
+    from treeseg_qgis.gui import dock as dock_module
+    from treeseg_qgis.gui.model_manager import MEMORY_COLUMN, ModelManagerDialog
+    from treeseg_qgis.memory import estimate_peak_bytes, format_gigabytes
+
+    monkeypatch.setattr(dock_module, "available_memory_bytes", lambda: 16 * 10**9)
+    dock = new_dock(qgis_iface)
+    dock.device_combo.setCurrentText("cpu")
+    base = format_gigabytes(estimate_peak_bytes("base"))
+    assert dock.model_combo.currentText() == "base" and dock.model_combo.isEnabled()
+    assert dock.memory_label.text() == (f"<b>base</b>, 86 M parameters: needs about {base} of memory; 16 GB free "
+                                        "on this computer.")
+    manager = ModelManagerDialog(None)
+    shown = {manager.table.item(row, 0).text(): manager.table.item(row, MEMORY_COLUMN).text()
+             for row in range(manager.table.rowCount())}
+    assert shown["base"] == f"~{base}"
+
+    dock.model_override.setText(str(tiny_model_dir))
+
+    assert not dock.model_combo.isEnabled()
+    assert re.fullmatch(rf"Runs <b>{tiny_model_dir.name}</b> \(model override\), 0\.\d M parameters: needs about "
+                        r"0\.\d GB of memory; 16 GB free on this computer\.", dock.memory_label.text())
+    assert dock.model_in_use() == str(tiny_model_dir)
+    dock.model_override.setText("someone/dinov3-finetuned")
+    assert dock.memory_label.text() == ("Runs <b>someone/dinov3-finetuned</b> (model override): memory needed "
+                                        "unknown until it loads.")
