@@ -465,8 +465,11 @@ def test_check_model_folder(tiny_model_dir, tmp_path):
 
 def test_the_models_menu_entry_opens_the_manager_and_feeds_the_panel(qgis_app, qgis_iface, qgis_new_project, hf_home,
                                                                      tiny_model_dir, monkeypatch):
+    from qgis.PyQt.QtWidgets import QDialogButtonBox
+
     from treeseg_qgis import classFactory
     from treeseg_qgis.engine_client import ENGINE_PYTHON_ENV
+    from treeseg_qgis.gui.model_manager import COLUMNS as manager_columns
     from treeseg_qgis.plugin import MENU
 
     monkeypatch.setenv(ENGINE_PYTHON_ENV, sys.executable)
@@ -481,8 +484,16 @@ def test_the_models_menu_entry_opens_the_manager_and_feeds_the_panel(qgis_app, q
         assert dialog.isVisible()
         wait_for(lambda: dialog.task is None, qgis_app)
         assert dialog.cache_state["base"]["cached"]
+        assert dialog.in_use_label.isHidden()
+        small_ids = dialog.table.item(list(dialog.cache_state).index("small"), len(manager_columns) - 1).text()
+        assert small_ids == ("facebook/dinov3-vits16plus-pretrain-lvd1689m, falling back to "
+                             "facebook/dinov3-vits16-pretrain-lvd1689m")
         dialog.use_local_folder(str(tiny_model_dir))
         assert plugin.dock.model_override.text() == str(tiny_model_dir)
+        assert not dialog.in_use_label.isHidden() and str(tiny_model_dir) in dialog.in_use_label.text()
+        close = dialog.findChild(QDialogButtonBox).button(QDialogButtonBox.StandardButton.Close)
+        close.click()
+        assert not dialog.isVisible()
     finally:
         plugin.unload()
     qgis_iface.removePluginRasterMenu.assert_any_call(MENU, action)

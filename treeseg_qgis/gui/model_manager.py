@@ -19,6 +19,7 @@ from qgis.PyQt.QtCore import Qt, pyqtSignal
 from qgis.PyQt.QtWidgets import (
     QAbstractItemView,
     QDialog,
+    QDialogButtonBox,
     QFileDialog,
     QHBoxLayout,
     QHeaderView,
@@ -140,7 +141,7 @@ class ModelManagerDialog(QDialog):
         for row, model in enumerate(MODELS.values()):
             memory = estimate_peak_bytes(model)
             cells = (model.name, "", parameters_text(model.params_millions), format_size(model.download_bytes),
-                     f"~{format_gigabytes(memory)}", model.repo_id)
+                     f"~{format_gigabytes(memory)}", ", falling back to ".join(model.repo_ids))
             for column, text in enumerate(cells):
                 item = QTableWidgetItem(text)
                 item.setToolTip(model.label if column == NAME_COLUMN else text)
@@ -181,6 +182,11 @@ class ModelManagerDialog(QDialog):
         self.status_label.setWordWrap(True)
         self.cache_label = QLabel()
         self.cache_label.setWordWrap(True)
+        self.in_use_label = QLabel()
+        self.in_use_label.setWordWrap(True)
+        self.in_use_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        close_box = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
+        close_box.rejected.connect(self.close)
 
         self.token_edit = QLineEdit()
         self.token_edit.setEchoMode(QLineEdit.EchoMode.Password)
@@ -205,9 +211,11 @@ class ModelManagerDialog(QDialog):
         layout.addLayout(progress_row)
         layout.addWidget(self.status_label)
         layout.addWidget(self.cache_label)
+        layout.addWidget(self.in_use_label)
         layout.addWidget(QLabel("<b>Hugging Face token</b>"))
         layout.addLayout(token_row)
         layout.addWidget(self.token_label)
+        layout.addWidget(close_box)
         self.table.setMinimumHeight(self.table.verticalHeader().length() + 2 * self.table.frameWidth()
                                     + self.table.horizontalHeader().height())
         self.resize(1000, 640)
@@ -216,6 +224,12 @@ class ModelManagerDialog(QDialog):
     def selected_model(self) -> CatalogueModel | None:
         rows = self.table.selectionModel().selectedRows()
         return list(MODELS.values())[rows[0].row()] if rows else None
+
+    def show_model_in_use(self, override: str) -> None:
+        """Name the panel's model override (a local folder or an id), which runs instead of the catalogue model."""
+        self.in_use_label.setText(f"The panel runs <b>{override}</b> (its model override) instead of the model "
+                                  "chosen there." if override else "")
+        self.in_use_label.setVisible(bool(override))
 
     def refresh(self) -> None:
         """Ask the engine which models are in the cache (unless a job is running)."""
