@@ -123,6 +123,7 @@ class ModelManagerDialog(QDialog):
         self.engine = engine
         self.task: EngineJobTask | None = None
         self.cache_state: dict[str, dict[str, Any]] = {}
+        self.feature_cache_bytes = 0
         self._build()
         self._show_token_state()
         self._update_buttons()
@@ -182,6 +183,15 @@ class ModelManagerDialog(QDialog):
         self.status_label.setWordWrap(True)
         self.cache_label = QLabel()
         self.cache_label.setWordWrap(True)
+        self.feature_cache_label = QLabel()
+        self.feature_cache_label.setWordWrap(True)
+        self.clear_cache_button = QPushButton("Clear feature cache")
+        self.clear_cache_button.setToolTip("Remove the features kept from earlier runs; the next run of each raster "
+                                           "runs the model again.")
+        self.clear_cache_button.clicked.connect(self.clear_feature_cache)
+        feature_cache_row = QHBoxLayout()
+        feature_cache_row.addWidget(self.feature_cache_label, 1)
+        feature_cache_row.addWidget(self.clear_cache_button)
         self.in_use_label = QLabel()
         self.in_use_label.setWordWrap(True)
         self.in_use_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
@@ -211,6 +221,7 @@ class ModelManagerDialog(QDialog):
         layout.addLayout(progress_row)
         layout.addWidget(self.status_label)
         layout.addWidget(self.cache_label)
+        layout.addLayout(feature_cache_row)
         layout.addWidget(self.in_use_label)
         layout.addWidget(QLabel("<b>Hugging Face token</b>"))
         layout.addLayout(token_row)
@@ -268,6 +279,18 @@ class ModelManagerDialog(QDialog):
         self._start(EngineJobTask(f"TreeSeg: deleting {model.name}", lambda task: engine.delete_model(model.name)),
                     self._job_done)
 
+    def clear_feature_cache(self) -> None:
+        """Empty the feature cache of runs, after asking."""
+        if self.engine is None or self.task is not None:
+            return
+        answer = QMessageBox.question(self, "Clear feature cache", "Remove the features kept from earlier runs? "
+                                      "The next run of each raster runs the model again; a run going on now may fail.")
+        if answer != QMessageBox.StandardButton.Yes:
+            return
+        engine = self.engine
+        self._start(EngineJobTask("TreeSeg: clearing the feature cache", lambda task: engine.clear_feature_cache()),
+                    self._job_done)
+
     def cancel(self) -> None:
         if self.task is not None:
             self.task.cancel()
@@ -310,6 +333,11 @@ class ModelManagerDialog(QDialog):
             free = record.get("disk_free_bytes")
             self.cache_label.setText(f"Hugging Face cache: {record['cache_dir']}"
                                      + (f" ({format_gigabytes(free)} free)" if free is not None else ""))
+            features = record["feature_cache"]
+            self.feature_cache_label.setText(f"Feature cache of runs: {features['path']} "
+                                             f"({format_size(features['size_bytes'])} of "
+                                             f"{format_size(features['max_bytes'])})")
+            self.feature_cache_bytes = int(features["size_bytes"])
         else:
             self.cache_label.setText(error)
         self._update_buttons()
@@ -339,6 +367,8 @@ class ModelManagerDialog(QDialog):
         self.download_button.setEnabled(idle and not state.get("cached", False))
         self.delete_button.setEnabled(idle and bool(state.get("size_on_disk")))
         self.refresh_button.setEnabled(self.engine is not None and self.task is None)
+        self.clear_cache_button.setEnabled(self.engine is not None and self.task is None
+                                           and self.feature_cache_bytes > 0)
 
     def _choose_local_folder(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Choose a DINOv3 model folder")
