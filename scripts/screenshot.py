@@ -7,8 +7,11 @@ result is marked UNTRAINED). It then saves the main window as docs/img/dock.png
 (the panel with its More outputs and the elbow plot), crowns.png, features.png
 and height.png (each output over the orthophoto), teaches trees by clicking
 (examples placed through the map tool's own handler, then the threshold slider
-moved) for teach.png, and the Processing dialog of treeseg:segmenttrees as
-processing.png; then quits QGIS (exit status 0 when every image was written).
+moved) for teach.png, the Processing dialog of treeseg:segmenttrees as
+processing.png, the same algorithm's styled outputs loaded by the toolbox as
+processing_outputs.png and its batch dialog as batch.png; then quits QGIS (exit
+status 0 when every image was written). The panel keeps the width QGIS gives a
+new dock, and picks the sample because it is the active layer.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ IMAGES = REPO / "docs" / "img"
 PLUGIN = "treeseg_qgis"
 WINDOW = QSize(1600, 1000)
 DIALOG = QSize(1280, 820)
-DOCK_WIDTH = 440
 LAYERS_WIDTH = 380
 RUN_TIMEOUT_S = 900
 RENDER_PAUSE_MS = 3000
@@ -69,10 +71,10 @@ class Screenshots:
             return self.finish(f"The plugin {PLUGIN} could not be started: is it on QGIS_PLUGINPATH?")
         self.plugin = qgis.utils.plugins[PLUGIN]
         self.plugin.action.trigger()
-        window.resizeDocks([self.plugin.dock], [DOCK_WIDTH], Qt.Orientation.Horizontal)
         shutil.rmtree(OUTPUT, ignore_errors=True)
         dock = self.dock = self.plugin.dock
-        dock.layer_combo.setLayer(self.layer)
+        if not self.panel_follows_the_active_layer():
+            return self.finish("The panel did not follow the active layer.")
         dock.model_combo.setCurrentIndex(dock.model_combo.findData("small"))
         dock.model_override.clear()
         dock.extent_combo.setCurrentIndex(dock.extent_combo.findData("layer"))
@@ -86,6 +88,21 @@ class Screenshots:
         dock.output_widget.setFilePath(str(OUTPUT))
         dock.run_button.click()
         self.wait(lambda: dock.task is None, self.show_run, "the run")
+
+    def panel_follows_the_active_layer(self) -> bool:
+        """Whether the panel shows the active raster, also after another raster was made active and back."""
+        shown = [self.dock.layer_combo.currentLayer()]
+        other = QgsRasterLayer(str(SAMPLE), "another raster")
+        QgsProject.instance().addMapLayer(other)
+        self.iface.setActiveLayer(other)
+        shown.append(self.dock.layer_combo.currentLayer())
+        self.iface.setActiveLayer(self.layer)
+        shown.append(self.dock.layer_combo.currentLayer())
+        names = [layer.name() if layer is not None else None for layer in shown]
+        print(f"screenshot: with the sample, another raster and the sample active, the panel showed {names}",
+              flush=True)
+        QgsProject.instance().removeMapLayer(other.id())
+        return names == [self.layer.name(), "another raster", self.layer.name()]
 
     def wait(self, condition: Callable[[], bool], then: Callable[[], None], what: str) -> None:
         """Call `then` once `condition()` holds, polling while QGIS keeps running; give up after the timeout."""
@@ -165,6 +182,40 @@ class Screenshots:
 
     def grab_processing_dialog(self) -> None:
         self.save(self.dialog.grab(), "processing.png")
+        self.dialog.close()
+        QTimer.singleShot(0, self.run_processing)
+
+    def run_processing(self) -> None:
+        """segmenttrees with temporary outputs as the toolbox runs it: the outputs load styled, in one group."""
+        import processing
+
+        self.dock.teach_button.setChecked(False)
+        self.dock.teach_tool.clear()
+        for group in QgsProject.instance().layerTreeRoot().children()[:-1]:
+            group.setItemVisibilityChecked(False)
+            group.setExpanded(False)
+        outputs = ("OUTPUT_CLUSTERS", "OUTPUT_TREES", "OUTPUT_POLYGONS", "OUTPUT_CROWNS")
+        processing.runAndLoadResults("treeseg:segmenttrees", {
+            "INPUT": self.layer, "MODEL": "small", "CLUSTERS": 0, "ALLOW_UNTRAINED": True,
+            **{name: "TEMPORARY_OUTPUT" for name in outputs}})
+        self.zoom_to(self.layer.extent())
+        self.after_render(lambda: self.grab("processing_outputs.png", self.show_batch))
+
+    def show_batch(self) -> None:
+        from processing.gui.BatchAlgorithmDialog import BatchAlgorithmDialog
+
+        algorithm = QgsApplication.processingRegistry().createAlgorithmById("treeseg:segmenttrees")
+        self.dialog = BatchAlgorithmDialog(algorithm, self.iface.mainWindow())
+        self.dialog.resize(DIALOG)
+        self.dialog.show()
+        QTimer.singleShot(RENDER_PAUSE_MS, self.grab_batch_dialog)
+
+    def grab_batch_dialog(self) -> None:
+        table = self.dialog.mainWidget().tblParameters
+        shown = [column for column in range(table.columnCount()) if not table.isColumnHidden(column)]
+        print(f"screenshot: the batch dialog shows {len(shown)} of {table.columnCount()} columns, "
+              f"{sum(table.columnWidth(column) for column in shown)} px wide", flush=True)
+        self.save(self.dialog.grab(), "batch.png")
         self.dialog.close()
         self.finish()
 

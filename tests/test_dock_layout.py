@@ -23,6 +23,7 @@ def test_the_panel_fits_a_new_dock_with_every_group_open(qgis_iface, qgis_new_pr
     from qgis.PyQt.QtWidgets import QStyle
 
     dock = new_dock(qgis_iface)
+    assert dock.teach_group.isCollapsed()  # nothing to teach before a run
     dock.extras_group.setCollapsed(False)
     dock.teach_group.setCollapsed(False)
     scroll = dock.widget()
@@ -80,3 +81,19 @@ def test_an_override_greys_the_model_box_and_names_the_model_that_runs(qgis_ifac
     dock.model_override.setText("someone/dinov3-finetuned")
     assert dock.memory_label.text() == ("Runs <b>someone/dinov3-finetuned</b> (model override): memory needed "
                                         "unknown until it loads.")
+
+
+def test_a_new_run_takes_the_earlier_runs_messages_off_the_bar(qgis_app):
+    from qgis.core import Qgis
+    from qgis.gui import QgsMessageBar
+
+    from treeseg_qgis.gui.task import MESSAGE_TITLE, clear_messages
+
+    bar = QgsMessageBar()
+    bar.pushMessage(MESSAGE_TITLE, "scene: the engine stopped unexpectedly", Qgis.MessageLevel.Critical, 0)
+    bar.pushMessage(MESSAGE_TITLE, "scene: K=4, tree cover 56.2 %", Qgis.MessageLevel.Success, 0)
+    bar.pushMessage("Other plugin", "still here", Qgis.MessageLevel.Info, 0)
+
+    clear_messages(bar)
+
+    assert [item.title() for item in bar.items()] == ["Other plugin"]

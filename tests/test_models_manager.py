@@ -451,6 +451,35 @@ def test_the_dialog_marks_cached_models(qgis_app, client, auth_database, tiny_mo
     dialog.deleteLater()
 
 
+def test_the_dialog_shows_and_clears_the_feature_cache(qgis_app, tiny_model_dir, scene_tif, tmp_path, monkeypatch):
+    from qgis.PyQt.QtWidgets import QMessageBox
+
+    from treeseg_qgis.gui.model_manager import ModelManagerDialog
+
+    cache = tmp_path / "xdg-cache"
+    engine = EngineClient(sys.executable, {"XDG_CACHE_HOME": str(cache), "HF_HUB_OFFLINE": "1"})
+    dialog = ModelManagerDialog(engine)
+    try:
+        path, _ = scene_tif
+        engine.segment({"input_path": str(path), "output_dir": str(tmp_path / "out"), "model": str(tiny_model_dir),
+                        "device": "cpu", "clusters": 2})
+        dialog.refresh()
+        wait_for(lambda: dialog.task is None, qgis_app)
+        features = cache / "treeseg" / "features"
+        assert dialog.feature_cache_label.text().startswith(f"Feature cache of runs: {features} (")
+        assert dialog.feature_cache_label.text().endswith(" of 2.1 GB)") and dialog.clear_cache_button.isEnabled()
+        monkeypatch.setattr(QMessageBox, "question", lambda *args: QMessageBox.StandardButton.Yes)
+
+        dialog.clear_cache_button.click()
+        wait_for(lambda: dialog.task is None and not dialog.clear_cache_button.isEnabled(), qgis_app)
+
+        assert not features.exists() and dialog.status_label.text().startswith("Removed the feature cache: ")
+        assert dialog.feature_cache_label.text() == f"Feature cache of runs: {features} (0.0 MB of 2.1 GB)"
+    finally:
+        dialog.deleteLater()
+        engine.close()
+
+
 def test_check_model_folder(tiny_model_dir, tmp_path):
     from treeseg_qgis.gui.model_manager import check_model_folder
 
@@ -465,8 +494,11 @@ def test_check_model_folder(tiny_model_dir, tmp_path):
 
 def test_the_models_menu_entry_opens_the_manager_and_feeds_the_panel(qgis_app, qgis_iface, qgis_new_project, hf_home,
                                                                      tiny_model_dir, monkeypatch):
+    from qgis.PyQt.QtWidgets import QDialogButtonBox
+
     from treeseg_qgis import classFactory
     from treeseg_qgis.engine_client import ENGINE_PYTHON_ENV
+    from treeseg_qgis.gui.model_manager import COLUMNS as manager_columns
     from treeseg_qgis.plugin import MENU
 
     monkeypatch.setenv(ENGINE_PYTHON_ENV, sys.executable)
@@ -481,8 +513,16 @@ def test_the_models_menu_entry_opens_the_manager_and_feeds_the_panel(qgis_app, q
         assert dialog.isVisible()
         wait_for(lambda: dialog.task is None, qgis_app)
         assert dialog.cache_state["base"]["cached"]
+        assert dialog.in_use_label.isHidden()
+        small_ids = dialog.table.item(list(dialog.cache_state).index("small"), len(manager_columns) - 1).text()
+        assert small_ids == ("facebook/dinov3-vits16plus-pretrain-lvd1689m, falling back to "
+                             "facebook/dinov3-vits16-pretrain-lvd1689m")
         dialog.use_local_folder(str(tiny_model_dir))
         assert plugin.dock.model_override.text() == str(tiny_model_dir)
+        assert not dialog.in_use_label.isHidden() and str(tiny_model_dir) in dialog.in_use_label.text()
+        close = dialog.findChild(QDialogButtonBox).button(QDialogButtonBox.StandardButton.Close)
+        close.click()
+        assert not dialog.isVisible()
     finally:
         plugin.unload()
     qgis_iface.removePluginRasterMenu.assert_any_call(MENU, action)

@@ -400,3 +400,31 @@ def test_temporary_outputs_load_styled_in_one_group_without_a_false_error(provid
     finally:
         QgsProject.instance().removeAllMapLayers()
         root.removeAllChildren()
+
+
+def test_the_output_group_orders_layers_the_desktop_already_put_into_it(qgis_new_project):
+    """The desktop adds each loaded layer at the current group, which after the first output is ours: the
+    group still ends in the panel's order, whatever order the outputs load in."""
+    from qgis.core import QgsProject, QgsVectorLayer
+
+    from treeseg_qgis.qgis_results import RUN_OUTPUT_ORDER, OutputGroup
+
+    project = QgsProject.instance()
+    root = project.layerTreeRoot()
+    group = OutputGroup("scene — base, stride 16", RUN_OUTPUT_ORDER)
+    layers = {kind: QgsVectorLayer("Polygon?crs=EPSG:32617", kind, "memory") for kind in RUN_OUTPUT_ORDER}
+    try:
+        for kind in ("clusters", "crowns", "height", "trees", "polygons", "features"):
+            layer = layers[kind]
+            project.addMapLayer(layer, False)
+            (group.node or root).insertLayer(0, layer)  # where the desktop's insertion point puts it
+            group.take(layer, kind, project)
+
+        assert root.children()[0] is group.node
+        assert [node.name() for node in group.node.findLayers()] == list(RUN_OUTPUT_ORDER)
+        assert [node.itemVisibilityChecked() for node in group.node.findLayers()] == [
+            True, True, False, True, False, False]
+        assert len(project.mapLayers()) == len(RUN_OUTPUT_ORDER)
+    finally:
+        project.removeAllMapLayers()
+        root.removeAllChildren()

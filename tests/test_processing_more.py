@@ -296,3 +296,23 @@ def test_the_provider_lists_the_algorithms_in_their_groups(provider):  # noqa: F
     assert groups == {"treeseg:segmenttrees": "Segmentation", "treeseg:teach": "Segmentation",
                       "treeseg:treecrowns": "Segmentation", "treeseg:evaluate": "Quality"}
     assert METHODS == ENGINE_METHODS and DEFAULT_HEIGHT_MODEL == SegmentationParams.height_model
+
+
+def test_help_wraps_as_paragraphs_and_the_batch_dialog_starts_with_the_essentials(provider):  # noqa: F811
+    from qgis.core import QgsProcessingDestinationParameter, QgsProcessingParameterDefinition
+
+    for algorithm in provider.algorithms():
+        assert "\n" not in algorithm.shortHelpString() and "<p>" in algorithm.shortHelpString()
+    for name in ("segmenttrees", "teach", "treecrowns"):
+        descriptions = [parameter.description() for parameter in provider.algorithm(name).parameterDefinitions()]
+        assert max(map(len, descriptions)) <= 36, descriptions
+    segment = provider.algorithm("segmenttrees")
+    essentials = [parameter.name() for parameter in segment.parameterDefinitions()
+                  if not parameter.flags() & QgsProcessingParameterDefinition.Flag.FlagAdvanced]
+    assert essentials == ["INPUT", "BANDS", "EXTENT", "MASK", "RESOLUTION", "MODEL", "STRIDE", "CLUSTERS",
+                          "ALLOW_UNTRAINED", "OUTPUT_CLUSTERS", "OUTPUT_TREES", "OUTPUT_POLYGONS"]
+    advanced = {parameter.name() for parameter in segment.parameterDefinitions()} - set(essentials)
+    assert {"MODEL_ID", "DEVICE", "METHOD", "TREE_CLUSTERS", "OUTPUT_CROWNS", "OUTPUT_FEATURES",
+            "OUTPUT_HEIGHT"} <= advanced
+    assert all(isinstance(segment.parameterDefinition(name), QgsProcessingDestinationParameter)
+               for name in essentials[-3:])

@@ -167,7 +167,8 @@ class EngineClient:
 
     def models(self) -> dict[str, Any]:
         """Which catalogue models are in the local Hugging Face cache: `{"cache_dir", "disk_free_bytes",
-        "models": [{"name", "repo_id", "cached", "size_on_disk"}, ...]}`; reads the disk only."""
+        "models": [{"name", "repo_id", "cached", "size_on_disk"}, ...], "feature_cache": {"path", "size_bytes",
+        "max_bytes"}}`; reads the disk only."""
         return self._run({"command": "models"}, None, None, None)
 
     def download_model(
@@ -187,6 +188,10 @@ class EngineClient:
     def delete_model(self, name: str) -> dict[str, Any]:
         """Remove a catalogue model from the Hugging Face cache; `{"name", "freed_bytes"}`."""
         return self._run({"command": "delete", "model": name}, None, None, None)
+
+    def clear_feature_cache(self) -> dict[str, Any]:
+        """Empty the feature cache of runs; `{"name", "freed_bytes"}`."""
+        return self._run({"command": "clear_feature_cache"}, None, None, None)
 
     def close(self) -> None:
         """Stop the worker (it finishes nothing half-way: it is idle or gets cancelled)."""

@@ -26,7 +26,9 @@ from qgis.core import (
     QgsFillSymbol,
     QgsGradientColorRamp,
     QgsGradientStop,
+    QgsLayerTree,
     QgsLayerTreeGroup,
+    QgsLayerTreeNode,
     QgsMapLayer,
     QgsMessageLog,
     QgsMultiBandColorRenderer,
@@ -194,21 +196,30 @@ class OutputGroup:
     """Layer id → output kind of the layers already moved in."""
 
     def take(self, layer: QgsMapLayer, kind: str, project: QgsProject) -> None:
-        """Move `layer`'s tree node into the group, at its kind's place; hidden when HIDDEN_OUTPUTS says so."""
+        """Move `layer`'s tree node into the group, at its kind's place; hidden when HIDDEN_OUTPUTS says so.
+
+        QGIS may already have put the node into the group (the desktop adds layers at the current group), so
+        the place is found among the other nodes; the copy goes in before the node leaves, since a layer whose
+        last node leaves the tree leaves the project."""
         node = project.layerTreeRoot().findLayer(layer.id())
         if node is None or node.parent() is None:
             return
         if self.node is None or sip.isdeleted(self.node):
             self.node = node.parent().insertGroup(0, self.name)
             self.kinds.clear()
-        rank = self.order.index(kind)
-        position = sum(1 for child in self.node.findLayers()
-                       if self.order.index(self.kinds.get(child.layerId(), kind)) < rank)
+        children = self.node.children()
+        others = [child for child in children if not (QgsLayerTree.isLayer(child) and child.layerId() == layer.id())]
+        before = sum(1 for child in others if self._rank(child) < self.order.index(kind))
         moved = node.clone()
         moved.setItemVisibilityChecked(kind not in HIDDEN_OUTPUTS)
-        self.node.insertChildNode(position, moved)
+        self.node.insertChildNode(children.index(others[before]) if before < len(others) else len(children), moved)
         node.parent().removeChildNode(node)
         self.kinds[layer.id()] = kind
+
+    def _rank(self, node: QgsLayerTreeNode) -> int:
+        """The place of a node's output kind in `order`; other nodes go last."""
+        kind = self.kinds.get(node.layerId()) if QgsLayerTree.isLayer(node) else None
+        return self.order.index(kind) if kind is not None else len(self.order)
 
 
 class OutputStyler(QgsProcessingLayerPostProcessorInterface):

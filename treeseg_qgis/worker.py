@@ -7,7 +7,8 @@ Protocol (one JSON object per line, both ways):
   "threshold": 0.6}`, `{"command": "crowns", "trees_path": ..., "clusters_path": ..., "gpkg_path": ...,
   "options": {"min_area_m2": 2.0, ...}}`, `{"command": "probe"}`, and for the model manager
   `{"command": "models"}` (catalogue models in the local Hugging Face cache; never the network),
-  `{"command": "download", "model": "base", "hf_token": "..."}` and `{"command": "delete", "model": "base"}`;
+  `{"command": "download", "model": "base", "hf_token": "..."}`, `{"command": "delete", "model": "base"}` and
+  `{"command": "clear_feature_cache"}`;
   the worker serves jobs until stdin closes, keeping the last model loaded so the next run skips loading it.
   `{"command": "cancel"}` may come while a job runs: it stops that job.
 - out, on stdout: `{"type": "ready"}` once, then per job any number of
@@ -130,7 +131,9 @@ class Worker:
             elif command == "probe":
                 record = {**probe(), "model_loads": self.model_loads}
             elif command == "models":
-                record = cached_models()
+                record = {**cached_models(), "feature_cache": feature_cache_state()}
+            elif command == "clear_feature_cache":
+                record = clear_feature_cache()
             elif command == "download":
                 record = self.download(job)
             elif command == "delete":
@@ -325,6 +328,24 @@ def cached_models() -> dict[str, Any]:
             "size_on_disk": sum(_folder_bytes(repo_cache_folder(repo_id)) for repo_id in model.repo_ids),
         })
     return {"cache_dir": str(cache), "disk_free_bytes": _disk_free_bytes(cache), "models": models}
+
+
+def feature_cache_state() -> dict[str, Any]:
+    """Where the feature cache of runs is, how many bytes it holds and its cap."""
+    from .core.cache import FeatureCache
+
+    cache = FeatureCache()
+    return {"path": str(cache.root), "size_bytes": cache.size_bytes(), "max_bytes": cache.max_bytes}
+
+
+def clear_feature_cache() -> dict[str, Any]:
+    """Remove every entry of the feature cache; the next run of each raster runs the model again."""
+    from .core.cache import FeatureCache
+
+    cache = FeatureCache()
+    freed = cache.size_bytes()
+    cache.clear()
+    return {"name": "the feature cache", "freed_bytes": freed}
 
 
 def delete_cached(name: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from qgis.PyQt.QtCore import Qt, pyqtSignal
 from qgis.PyQt.QtWidgets import (
     QAbstractItemView,
     QDialog,
+    QDialogButtonBox,
     QFileDialog,
     QHBoxLayout,
     QHeaderView,
@@ -122,6 +123,7 @@ class ModelManagerDialog(QDialog):
         self.engine = engine
         self.task: EngineJobTask | None = None
         self.cache_state: dict[str, dict[str, Any]] = {}
+        self.feature_cache_bytes = 0
         self._build()
         self._show_token_state()
         self._update_buttons()
@@ -140,7 +142,7 @@ class ModelManagerDialog(QDialog):
         for row, model in enumerate(MODELS.values()):
             memory = estimate_peak_bytes(model)
             cells = (model.name, "", parameters_text(model.params_millions), format_size(model.download_bytes),
-                     f"~{format_gigabytes(memory)}", model.repo_id)
+                     f"~{format_gigabytes(memory)}", ", falling back to ".join(model.repo_ids))
             for column, text in enumerate(cells):
                 item = QTableWidgetItem(text)
                 item.setToolTip(model.label if column == NAME_COLUMN else text)
@@ -181,6 +183,20 @@ class ModelManagerDialog(QDialog):
         self.status_label.setWordWrap(True)
         self.cache_label = QLabel()
         self.cache_label.setWordWrap(True)
+        self.feature_cache_label = QLabel()
+        self.feature_cache_label.setWordWrap(True)
+        self.clear_cache_button = QPushButton("Clear feature cache")
+        self.clear_cache_button.setToolTip("Remove the features kept from earlier runs; the next run of each raster "
+                                           "runs the model again.")
+        self.clear_cache_button.clicked.connect(self.clear_feature_cache)
+        feature_cache_row = QHBoxLayout()
+        feature_cache_row.addWidget(self.feature_cache_label, 1)
+        feature_cache_row.addWidget(self.clear_cache_button)
+        self.in_use_label = QLabel()
+        self.in_use_label.setWordWrap(True)
+        self.in_use_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        close_box = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
+        close_box.rejected.connect(self.close)
 
         self.token_edit = QLineEdit()
         self.token_edit.setEchoMode(QLineEdit.EchoMode.Password)
@@ -205,9 +221,12 @@ class ModelManagerDialog(QDialog):
         layout.addLayout(progress_row)
         layout.addWidget(self.status_label)
         layout.addWidget(self.cache_label)
+        layout.addLayout(feature_cache_row)
+        layout.addWidget(self.in_use_label)
         layout.addWidget(QLabel("<b>Hugging Face token</b>"))
         layout.addLayout(token_row)
         layout.addWidget(self.token_label)
+        layout.addWidget(close_box)
         self.table.setMinimumHeight(self.table.verticalHeader().length() + 2 * self.table.frameWidth()
                                     + self.table.horizontalHeader().height())
         self.resize(1000, 640)
@@ -216,6 +235,12 @@ class ModelManagerDialog(QDialog):
     def selected_model(self) -> CatalogueModel | None:
         rows = self.table.selectionModel().selectedRows()
         return list(MODELS.values())[rows[0].row()] if rows else None
+
+    def show_model_in_use(self, override: str) -> None:
+        """Name the panel's model override (a local folder or an id), which runs instead of the catalogue model."""
+        self.in_use_label.setText(f"The panel runs <b>{override}</b> (its model override) instead of the model "
+                                  "chosen there." if override else "")
+        self.in_use_label.setVisible(bool(override))
 
     def refresh(self) -> None:
         """Ask the engine which models are in the cache (unless a job is running)."""
@@ -252,6 +277,18 @@ class ModelManagerDialog(QDialog):
             return
         engine = self.engine
         self._start(EngineJobTask(f"TreeSeg: deleting {model.name}", lambda task: engine.delete_model(model.name)),
+                    self._job_done)
+
+    def clear_feature_cache(self) -> None:
+        """Empty the feature cache of runs, after asking."""
+        if self.engine is None or self.task is not None:
+            return
+        answer = QMessageBox.question(self, "Clear feature cache", "Remove the features kept from earlier runs? "
+                                      "The next run of each raster runs the model again; a run going on now may fail.")
+        if answer != QMessageBox.StandardButton.Yes:
+            return
+        engine = self.engine
+        self._start(EngineJobTask("TreeSeg: clearing the feature cache", lambda task: engine.clear_feature_cache()),
                     self._job_done)
 
     def cancel(self) -> None:
@@ -296,6 +333,11 @@ class ModelManagerDialog(QDialog):
             free = record.get("disk_free_bytes")
             self.cache_label.setText(f"Hugging Face cache: {record['cache_dir']}"
                                      + (f" ({format_gigabytes(free)} free)" if free is not None else ""))
+            features = record["feature_cache"]
+            self.feature_cache_label.setText(f"Feature cache of runs: {features['path']} "
+                                             f"({format_size(features['size_bytes'])} of "
+                                             f"{format_size(features['max_bytes'])})")
+            self.feature_cache_bytes = int(features["size_bytes"])
         else:
             self.cache_label.setText(error)
         self._update_buttons()
@@ -325,6 +367,8 @@ class ModelManagerDialog(QDialog):
         self.download_button.setEnabled(idle and not state.get("cached", False))
         self.delete_button.setEnabled(idle and bool(state.get("size_on_disk")))
         self.refresh_button.setEnabled(self.engine is not None and self.task is None)
+        self.clear_cache_button.setEnabled(self.engine is not None and self.task is None
+                                           and self.feature_cache_bytes > 0)
 
     def _choose_local_folder(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Choose a DINOv3 model folder")

@@ -192,7 +192,8 @@ class ProbeTask(QgsTask):
 
     def finished(self, result: bool) -> None:
         if result and self.info is not None:
-            self.probed.emit(f"{self.info['device_description']} · torch {self.info['torch']}", True)
+            no_gpu = " · no GPU found: runs on the CPU" if self.info["device"] == "cpu" else ""
+            self.probed.emit(f"{self.info['device_description']} · torch {self.info['torch']}{no_gpu}", True)
         else:
             self.probed.emit(self.error or "The engine did not answer.", False)
 

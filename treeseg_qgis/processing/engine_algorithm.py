@@ -45,11 +45,19 @@ token at https://huggingface.co/settings/tokens and save it under <b>Raster ▸ 
 (kept in the QGIS authentication database), or set the <b>HF_TOKEN</b> environment variable before
 starting QGIS (or run <i>hf auth login</i>). The weights are downloaded once into the Hugging Face
 cache; the Models… window downloads and deletes them. A Hugging Face id or a local model folder can
-be given under Model (advanced).</p>
+be given under <i>Model id or folder</i> (advanced); it overrides the model chosen above.</p>
 <p><b>Allow untrained weights</b> lets the run go on with random weights when the real ones cannot be
 had. The result is then only a check of the pipeline, not a segmentation; every output says so.</p>
+<p><b>Stride</b>: 16 gives one feature per 16 × 16 patch; 8 costs 4 × the time, 4 costs 16 ×.
+<b>Device</b> (advanced): <i>auto</i> takes a GPU when the engine finds one, else the CPU.</p>
 <p>The model runs in a separate engine process (its own Python with torch); QGIS stays responsive
-and Cancel stops it at once.</p>"""
+and Cancel stops it within about a second.</p>"""
+
+
+def help_html(text: str) -> str:
+    """Help text as the dialog should show it: the line breaks of the source joined, so paragraphs wrap to
+    the panel instead of breaking mid-sentence."""
+    return re.sub(r"\s*\n\s*", " ", text).strip()
 
 
 class EngineAlgorithm(QgsProcessingAlgorithm):
@@ -74,19 +82,16 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
             self.MODEL, "DINOv3 model", options=list(MODEL_NAMES), defaultValue=DEFAULT_MODEL,
             usesStaticStrings=True))
         self.add_advanced(QgsProcessingParameterString(
-            self.MODEL_ID, "Model: a Hugging Face id or a local folder in Hugging Face format "
-            "(overrides the model above)", optional=True))
+            self.MODEL_ID, "Model id or folder (overrides Model)", optional=True))
         self.addParameter(QgsProcessingParameterEnum(
-            self.STRIDE, "Stride in pixels (8 costs 4 × the time of 16, 4 costs 16 ×)", options=list(STRIDES),
-            defaultValue=STRIDES[0], usesStaticStrings=True))
+            self.STRIDE, "Stride (px)", options=list(STRIDES), defaultValue=STRIDES[0], usesStaticStrings=True))
 
     def add_device_parameters(self) -> None:
-        """DEVICE and ALLOW_UNTRAINED."""
-        self.addParameter(QgsProcessingParameterEnum(
+        """The advanced DEVICE, and ALLOW_UNTRAINED."""
+        self.add_advanced(QgsProcessingParameterEnum(
             self.DEVICE, "Device", options=list(DEVICES), defaultValue=DEVICES[0], usesStaticStrings=True))
         self.addParameter(QgsProcessingParameterBoolean(
-            self.ALLOW_UNTRAINED, "Allow untrained (random) weights when the real ones cannot be loaded "
-            "(pipeline check only)", defaultValue=False))
+            self.ALLOW_UNTRAINED, "Allow untrained weights", defaultValue=False))
 
     def input_raster(self, parameters: dict[str, Any], name: str, context: QgsProcessingContext) -> QgsRasterLayer:
         """The raster layer of parameter `name`, or the standard invalid-raster error."""

@@ -42,7 +42,7 @@ from qgis.core import (
 )
 
 from .compat import EXPORT_OK, INTEGER, POLYGON_LAYERS, RASTER_LAYERS
-from .engine_algorithm import HELP_URL
+from .engine_algorithm import HELP_URL, help_html
 from .raster_input import UNSAFE_FILENAME_CHARACTERS, raster_file
 
 SCORES = {  # output name: (group, measure in evaluate()'s scores, description)
@@ -119,7 +119,7 @@ class EvaluateSegmentationAlgorithm(QgsProcessingAlgorithm):
                 "trees", "crowns", "quality"]
 
     def shortHelpString(self) -> str:
-        return HELP
+        return help_html(HELP)
 
     def helpUrl(self) -> str:
         return HELP_URL

@@ -42,6 +42,7 @@ from .engine_algorithm import (
     WEIGHTS_HELP,
     EngineAlgorithm,
     engine_python,
+    help_html,
     run_in_engine,
 )
 from .raster_input import prepare_input
@@ -75,18 +76,19 @@ the tree cover, the number of crowns and the model are also returned for use in 
 </ul>
 <h3>Parameters worth knowing</h3>
 <ul>
-<li><b>Bands</b>: red, green and blue, in that order (one band is read as grey).</li>
-<li><b>Extent</b>, <b>Mask</b> and <b>Resolution</b> are applied on the fly without copying the
+<li><b>RGB bands</b>: red, green and blue, in that order (one band is read as grey); empty: 1, 2, 3.</li>
+<li><b>Extent</b> (empty: the whole raster), <b>Mask polygons</b> (segment only inside them) and
+<b>Resolution</b> (metres per pixel; 0: the raster's own) are applied on the fly without copying the
 raster; pixels outside the mask are nodata. The raster must be a file: export web layers (WMS, XYZ)
 to a GeoTIFF first.</li>
 <li><b>Clusters</b>: 0 picks K automatically (elbow of the k-means inertia between the minimum and
 maximum).</li>
-<li><b>Stride</b>: 16 gives one feature per 16 × 16 patch; 8 costs 4 × the time, 4 costs 16 ×.</li>
 <li><b>Tree clusters</b> (advanced): cluster ids to call trees, e.g. <i>0,3</i>, instead of the
-greenness rule (look at the clusters of a first run).</li>
+greenness rule (look at the clusters of a first run); empty: the greenness rule.</li>
 <li><b>Minimum tree height</b> (advanced): tree pixels lower than this are dropped, which separates
 trees from grass and shrubs of the same colour; the canopy height is then computed even when its
-output is not asked for.</li>
+output is not asked for. 0: off.</li>
+<li><b>Canopy-height model</b> (advanced): a Hugging Face id or a local folder of a CHMv2 model.</li>
 <li><b>Method</b> (advanced): <i>rgb-kmeans</i> and <i>exg-otsu</i> are colour baselines for
 comparison (k-means on the colours; Otsu's threshold on the excess-green index): they show what the
 DINOv3 features add.</li>
@@ -142,7 +144,7 @@ class SegmentTreesAlgorithm(EngineAlgorithm):
                 "clustering", "unsupervised", "deep learning", "ai", "crowns", "height"]
 
     def shortHelpString(self) -> str:
-        return HELP
+        return help_html(HELP)
 
     def createInstance(self) -> SegmentTreesAlgorithm:
         return SegmentTreesAlgorithm()
@@ -150,48 +152,41 @@ class SegmentTreesAlgorithm(EngineAlgorithm):
     def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Orthophoto (raster file)"))
         self.addParameter(QgsProcessingParameterBand(
-            self.BANDS, "Red, green and blue bands, in that order (empty: 1, 2, 3)", defaultValue=[1, 2, 3],
-            parentLayerParameterName=self.INPUT, optional=True, allowMultiple=True))
-        self.addParameter(QgsProcessingParameterExtent(
-            self.EXTENT, "Extent to segment (empty: the whole raster)", optional=True))
+            self.BANDS, "RGB bands", defaultValue=[1, 2, 3], parentLayerParameterName=self.INPUT, optional=True,
+            allowMultiple=True))
+        self.addParameter(QgsProcessingParameterExtent(self.EXTENT, "Extent", optional=True))
         self.addParameter(QgsProcessingParameterFeatureSource(
-            self.MASK, "Mask: segment only inside these polygons", [POLYGON_LAYERS], optional=True))
+            self.MASK, "Mask polygons", [POLYGON_LAYERS], optional=True))
         self.addParameter(QgsProcessingParameterNumber(
-            self.RESOLUTION, "Resolution to segment at, in metres per pixel (0: the raster's own)",
-            DOUBLE, defaultValue=0.0, minValue=0.0))
+            self.RESOLUTION, "Resolution (m/px, 0: native)", DOUBLE, defaultValue=0.0, minValue=0.0))
         self.add_model_parameters()
-        self.add_advanced(QgsProcessingParameterEnum(
-            self.METHOD, "Method (rgb-kmeans and exg-otsu: colour baselines for comparison)",
-            options=list(METHODS), defaultValue=METHODS[0], usesStaticStrings=True))
         self.addParameter(QgsProcessingParameterNumber(
-            self.CLUSTERS, "Number of clusters (0: automatic)", INTEGER, defaultValue=0, minValue=0,
-            maxValue=250))
+            self.CLUSTERS, "Clusters (0: automatic)", INTEGER, defaultValue=0, minValue=0, maxValue=250))
+        self.add_device_parameters()
+        self.add_advanced(QgsProcessingParameterEnum(
+            self.METHOD, "Method (or a colour baseline)", options=list(METHODS), defaultValue=METHODS[0],
+            usesStaticStrings=True))
         self.add_advanced(QgsProcessingParameterNumber(
             self.K_MIN, "Automatic clusters: minimum", INTEGER, defaultValue=2, minValue=1, maxValue=250))
         self.add_advanced(QgsProcessingParameterNumber(
             self.K_MAX, "Automatic clusters: maximum", INTEGER, defaultValue=8, minValue=1, maxValue=250))
-        self.add_advanced(QgsProcessingParameterString(
-            self.TREE_CLUSTERS, "Tree clusters, e.g. 0,3 (empty: the greenness rule)", optional=True))
-        self.add_device_parameters()
+        self.add_advanced(QgsProcessingParameterString(self.TREE_CLUSTERS, "Tree clusters (ids)", optional=True))
         self.add_advanced(QgsProcessingParameterNumber(
-            self.CROWN_MIN_AREA, "Tree crowns: minimum crown area in m²", DOUBLE, defaultValue=2.0, minValue=0.0))
+            self.CROWN_MIN_AREA, "Minimum crown area (m²)", DOUBLE, defaultValue=2.0, minValue=0.0))
         self.add_advanced(QgsProcessingParameterNumber(
-            self.MIN_TREE_HEIGHT, "Minimum tree height in metres (0: off; computes the canopy height)",
-            DOUBLE, defaultValue=0.0, minValue=0.0))
+            self.MIN_TREE_HEIGHT, "Minimum tree height (m, 0: off)", DOUBLE, defaultValue=0.0, minValue=0.0))
         self.add_advanced(QgsProcessingParameterString(
-            self.HEIGHT_MODEL, "Canopy-height model: a Hugging Face id or a local folder",
-            defaultValue=DEFAULT_HEIGHT_MODEL))
+            self.HEIGHT_MODEL, "Canopy-height model", defaultValue=DEFAULT_HEIGHT_MODEL))
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT_CLUSTERS, "Clusters"))
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT_TREES, "Tree mask"))
         self.addParameter(QgsProcessingParameterVectorDestination(
-            self.OUTPUT_POLYGONS, "Polygons (GeoPackage)", POLYGON_LAYERS))
-        self.addParameter(QgsProcessingParameterVectorDestination(
-            self.OUTPUT_CROWNS, "Tree crowns (GeoPackage)", POLYGON_LAYERS, optional=True, createByDefault=False))
+            self.OUTPUT_POLYGONS, "Polygons", POLYGON_LAYERS))
+        self.add_advanced(QgsProcessingParameterVectorDestination(
+            self.OUTPUT_CROWNS, "Tree crowns", POLYGON_LAYERS, optional=True, createByDefault=False))
         self.add_advanced(QgsProcessingParameterRasterDestination(
-            self.OUTPUT_FEATURES, "Feature image (first three principal components as RGB)", optional=True,
-            createByDefault=False))
+            self.OUTPUT_FEATURES, "Feature image", optional=True, createByDefault=False))
         self.add_advanced(QgsProcessingParameterRasterDestination(
-            self.OUTPUT_HEIGHT, "Canopy height in metres", optional=True, createByDefault=False))
+            self.OUTPUT_HEIGHT, "Canopy height", optional=True, createByDefault=False))
         self.addOutput(QgsProcessingOutputNumber(self.K, "Number of clusters"))
         self.addOutput(QgsProcessingOutputNumber(self.TREE_COVER, "Tree cover (fraction of valid pixels)"))
         self.addOutput(QgsProcessingOutputNumber(self.CROWNS, "Number of tree crowns"))

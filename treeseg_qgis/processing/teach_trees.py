@@ -39,6 +39,7 @@ from .engine_algorithm import (
     WEIGHTS_HELP,
     EngineAlgorithm,
     engine_python,
+    help_html,
     run_in_engine,
 )
 from .raster_input import raster_file
@@ -56,6 +57,7 @@ features of every pixel are compared with those of the examples.</p>
 <li><b>Example points</b>: a point layer in any CRS with a field that says which points are trees
 (1 / true = tree, 0 / false = not a tree; empty values are skipped). At least one tree point must
 lie on the raster.</li>
+<li><b>Tree field</b>: that field (empty: <i>is_tree</i>).</li>
 <li><b>Threshold</b>: pixels scoring at least this are trees in the mask. The features are cached,
 so running again with another threshold takes seconds (Feature cache: <i>hit</i>).</li>
 </ul>
@@ -98,7 +100,7 @@ class TeachTreesAlgorithm(EngineAlgorithm):
         return ["trees", "tree", "examples", "points", "similarity", "few-shot", "dinov3", "orthophoto", "ai"]
 
     def shortHelpString(self) -> str:
-        return HELP
+        return help_html(HELP)
 
     def createInstance(self) -> TeachTreesAlgorithm:
         return TeachTreesAlgorithm()
@@ -108,11 +110,11 @@ class TeachTreesAlgorithm(EngineAlgorithm):
         self.addParameter(QgsProcessingParameterFeatureSource(self.EXAMPLES, "Example points", [POINT_LAYERS]))
         # Optional, so that the default is taken where the field is left out (qgis_process, processing.run).
         self.addParameter(QgsProcessingParameterField(
-            self.IS_TREE_FIELD, "Field saying which points are trees (1 = tree, 0 = not; empty: is_tree)",
+            self.IS_TREE_FIELD, "Tree field (1 tree, 0 not)",
             defaultValue=DEFAULT_IS_TREE_FIELD, parentLayerParameterName=self.EXAMPLES, type=ANY_FIELD,
             optional=True))
         self.addParameter(QgsProcessingParameterNumber(
-            self.THRESHOLD, "Threshold: pixels scoring at least this are trees", DOUBLE, defaultValue=0.6,
+            self.THRESHOLD, "Threshold", DOUBLE, defaultValue=0.6,
             minValue=0.0, maxValue=1.0))
         self.add_model_parameters()
         self.add_device_parameters()

@@ -21,7 +21,7 @@ from qgis.core import (
 
 from ..qgis_results import style_loaded_outputs
 from .compat import DOUBLE, POLYGON_LAYERS
-from .engine_algorithm import GEOPACKAGE_SUFFIXES, EngineAlgorithm, engine_python, run_in_engine
+from .engine_algorithm import GEOPACKAGE_SUFFIXES, EngineAlgorithm, engine_python, help_html, run_in_engine
 from .raster_input import raster_file
 
 HELP = """<p>Splits the trees of a tree mask into <b>individual crowns</b>: the distance to the
@@ -33,8 +33,9 @@ touching crowns.</p>
 <i>Segment trees</i> or <i>Teach trees by example</i>.</li>
 <li><b>Clusters</b> (optional): a cluster raster on the same grid; each crown gets its most common
 cluster id.</li>
-<li><b>Minimum crown area</b>: smaller crowns are dropped. <b>Smoothing</b> evens out the crown
-centres (larger: fewer, bigger crowns). <b>Largest crown</b> bounds the window overlap, so any raster
+<li><b>Minimum crown area</b>: smaller crowns are dropped. <b>Minimum distance between centres</b>
+(advanced): crown centres closer than this merge. <b>Smoothing</b> evens out the crown centres
+(larger: fewer, bigger crowns). <b>Largest crown diameter</b> bounds the window overlap, so any raster
 size works.</li>
 </ul>
 <h3>Output</h3>
@@ -71,7 +72,7 @@ class TreeCrownsAlgorithm(EngineAlgorithm):
         return ["trees", "tree", "crowns", "crown", "watershed", "instances", "individual trees", "polygons"]
 
     def shortHelpString(self) -> str:
-        return HELP
+        return help_html(HELP)
 
     def createInstance(self) -> TreeCrownsAlgorithm:
         return TreeCrownsAlgorithm()
@@ -79,18 +80,18 @@ class TreeCrownsAlgorithm(EngineAlgorithm):
     def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Tree mask (1 = tree)"))
         self.addParameter(QgsProcessingParameterRasterLayer(
-            self.CLUSTERS, "Clusters on the same grid (optional: gives each crown its cluster)", optional=True))
+            self.CLUSTERS, "Clusters (same grid)", optional=True))
         self.addParameter(QgsProcessingParameterNumber(
-            self.MIN_AREA, "Minimum crown area in m²", DOUBLE, defaultValue=2.0, minValue=0.0))
+            self.MIN_AREA, "Minimum crown area (m²)", DOUBLE, defaultValue=2.0, minValue=0.0))
         self.add_advanced(QgsProcessingParameterNumber(
-            self.MIN_DISTANCE, "Minimum distance between crown centres in metres", DOUBLE, defaultValue=1.0,
+            self.MIN_DISTANCE, "Minimum distance between centres (m)", DOUBLE, defaultValue=1.0,
             minValue=0.0))
         self.addParameter(QgsProcessingParameterNumber(
-            self.SMOOTHING, "Smoothing in metres", DOUBLE, defaultValue=0.2, minValue=0.0))
+            self.SMOOTHING, "Smoothing (m)", DOUBLE, defaultValue=0.2, minValue=0.0))
         self.addParameter(QgsProcessingParameterNumber(
-            self.MAX_CROWN, "Largest crown diameter in metres", DOUBLE, defaultValue=25.0, minValue=0.1))
+            self.MAX_CROWN, "Largest crown diameter (m)", DOUBLE, defaultValue=25.0, minValue=0.1))
         self.addParameter(QgsProcessingParameterVectorDestination(
-            self.OUTPUT, "Tree crowns (GeoPackage)", POLYGON_LAYERS))
+            self.OUTPUT, "Tree crowns", POLYGON_LAYERS))
         self.addOutput(QgsProcessingOutputNumber(self.CROWNS, "Number of tree crowns"))
 
     def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,
