@@ -227,7 +227,7 @@ def test_evaluate_against_a_geopackage_of_boxes(provider, small_scene, disc_mask
                                "OUTPUT_FOLDER": str(tmp_path / "report")})
 
     assert results["PIXEL_PRECISION"] == 1.0 and 0.5 < results["PIXEL_RECALL"] < 1.0
-    assert results["BOX_RECALL"] == 1.0 and results["OUTSIDE_SHARE"] == 0.0
+    assert results["BOX_RECALL"] == 1.0 and results["IN_BOX_PRECISION"] == 1.0
     assert results["CROWN_RECALL"] == 1.0 and results["CROWN_F1"] == 1.0
     assert "MIOU" not in results and "PIXEL_ACCURACY" not in results
     assert Path(results["OUTPUT_HTML"]) == tmp_path / "report" / "mask_evaluation.html"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 UNTRAINED_TAG = "UNTRAINED"
+DEFAULT_CLASS = "tree"
 OUTPUT_KINDS = ("clusters", "trees", "polygons", "crowns", "features", "height", "preview", "elbow", "record",
                 "similarity", "taught_trees", "teach_record")
 SUFFIXES = {
@@ -83,3 +85,24 @@ def remove_temporary_files(params: dict[str, Any]) -> None:
         for path in OutputPaths.for_params(params, untrained).all():
             for leftover in temporary_files(path):
                 leftover.unlink(missing_ok=True)
+
+
+def class_slug(class_name: str) -> str:
+    """A class name as a file-name part: 'Dead tree' → 'dead_tree'."""
+    slug = re.sub(r"[^0-9a-z]+", "_", class_name.strip().lower()).strip("_")
+    return slug or DEFAULT_CLASS
+
+
+def taught_class_paths(params: dict[str, Any], untrained: bool, class_name: str) -> OutputPaths:
+    """A teach run's paths; for a class other than trees `<stem>_<class>_similarity.tif`,
+    `<stem>_taught_<class>.tif` and `<stem>_<class>_teach.json` (`<kind>_path` entries still win)."""
+    paths = OutputPaths.for_params(params, untrained)
+    slug = class_slug(class_name)
+    if slug == DEFAULT_CLASS:
+        return paths
+    suffixes = {"similarity": f"_{slug}_similarity.tif", "taught_trees": f"_taught_{slug}.tif",
+                "teach_record": f"_{slug}_teach.json"}
+    renamed = {kind: path.with_name(path.name[: -len(SUFFIXES[kind])] + suffix)
+               for kind, suffix in suffixes.items()
+               if not params.get(f"{kind}_path") and (path := getattr(paths, kind)).name.endswith(SUFFIXES[kind])}
+    return replace(paths, **renamed)
