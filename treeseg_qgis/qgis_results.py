@@ -118,16 +118,18 @@ def teach_group_name(record: dict[str, Any], input_name: str) -> str:
 
 def add_teach_layers(record: dict[str, Any], input_name: str, project: QgsProject | None = None,
                      replacing: Sequence[str] = ()) -> list[QgsMapLayer]:
-    """Load the taught tree mask and the similarity of a teach `record`; they take the place of the layers
-    whose ids are in `replacing` (removed from the project) or else go into a new group at the top.
-    Returns the new layers; raises ResultLayerError (and changes nothing) when a file cannot be opened."""
+    """Load the taught mask (trees, or the record's class) and the similarity of a teach `record`; they take
+    the place of the layers whose ids are in `replacing` (removed from the project) or else go into a new group
+    at the top. Returns the new layers; raises ResultLayerError (and changes nothing) when a file cannot be opened."""
     project = project or QgsProject.instance()
     outputs = record["outputs"]
     cover = 100 * float(record["tree_cover"])
+    taught = record.get("class") or "tree"
+    taught_name = "Taught trees" if taught == "tree" else f"Taught: {taught}"
     trees = _open(QgsRasterLayer(
-        outputs["taught_trees"], f"Taught trees (score ≥ {float(record['threshold']):.2f}, {cover:.1f} % cover)",
+        outputs["taught_trees"], f"{taught_name} (score ≥ {float(record['threshold']):.2f}, {cover:.1f} % cover)",
         "gdal"))
-    similarity = _open(QgsRasterLayer(outputs["similarity"], "Tree similarity (0–1)", "gdal"))
+    similarity = _open(QgsRasterLayer(outputs["similarity"], f"{taught.capitalize()} similarity (0–1)", "gdal"))
     style_tree_mask(trees)
     style_similarity(similarity)
     root = project.layerTreeRoot()
