@@ -8,7 +8,7 @@ from treeseg_qgis.core.errors import InputError
 from treeseg_qgis.core.examples import Example
 from treeseg_qgis.core.models import load_backbone
 from treeseg_qgis.core.params import SegmentationParams
-from treeseg_qgis.core.teach import separating_threshold
+from treeseg_qgis.core.teach import Prototypes, separating_threshold
 from treeseg_qgis.pipeline import teach
 
 from .conftest import SAMPLE_GEOTRANSFORM, UTM17N
@@ -128,3 +128,15 @@ def test_any_class_is_named_in_the_outputs(params):
     trees = teach(params, EXAMPLES)
     assert trees["outputs"]["taught_trees"].endswith("_taught_trees.tif")
     assert band(record["outputs"]["taught_trees"]).tolist() == band(trees["outputs"]["taught_trees"]).tolist()
+
+
+def test_examples_that_do_not_separate_fall_back_to_the_middle():
+    def unit(*values):
+        return np.array(values) / np.linalg.norm(values)
+
+    # each class example is nearer to an "other" example than to the remaining class example
+    found = Prototypes(np.array([unit(1, 0), unit(0, 1)]), np.array([unit(0.9, 0.1), unit(0.1, 0.9)]))
+    decision = found.choose_threshold()
+    assert decision.source == "fallback" and decision.value == 0.5 and decision.held_out_accuracy < 0.75
+    assert "do not separate" in decision.note
+    assert found.choose_threshold(0.7).value == 0.7

@@ -195,6 +195,7 @@ def teach(
                 "threshold_source": decision.source,
                 "threshold_note": decision.note,
                 "chosen_threshold": decision.chosen,
+                "held_out_accuracy": decision.held_out_accuracy,
                 "tree_cover": round(tree_pixels / valid_pixels, 4) if valid_pixels else 0.0,
                 "feature_cache": cache_state,
                 "outputs": {"similarity": str(paths.similarity), "taught_trees": str(paths.taught_trees),

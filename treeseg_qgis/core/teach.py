@@ -12,8 +12,9 @@ The threshold comes from the examples themselves (`choose_threshold`): each
 example is scored by the prototypes of all the others (leave one out), and the
 threshold is the cut that best separates those held-out scores (balanced
 accuracy), in the middle of the widest gap among the best cuts. That needs at
-least two examples of each side; with fewer it falls back to a fixed value and
-says so. A threshold the user sets wins over the chosen one.
+least two examples of each side, and held-out scores that separate them (accuracy
+at least 0.75); otherwise it falls back to 0.5, "as close to the other examples as
+to the class", and says why. A threshold the user sets wins over the chosen one.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from .tiling import TileGrid, Window
 SIMILARITY_NODATA = -1.0
 CONTRAST = 0.1
 MIN_EXAMPLES_TO_FIT = 2
+MIN_HELD_OUT_ACCURACY = 0.75
 FALLBACK_THRESHOLD = 0.5
 ONE_SIDED_THRESHOLD = 0.6
 
@@ -88,9 +90,13 @@ class Prototypes:
         if user_threshold is not None:
             return Threshold(user_threshold, "user", f"threshold {user_threshold:.2f} set by the user", chosen,
                              accuracy)
-        if chosen is not None:
+        if chosen is not None and accuracy >= MIN_HELD_OUT_ACCURACY:
             return Threshold(chosen, "chosen", f"threshold {chosen:.2f} chosen from the {len(self.trees)} + "
                              f"{len(self.others)} examples (leave-one-out accuracy {accuracy:.2f})", chosen, accuracy)
+        if chosen is not None:
+            return Threshold(FALLBACK_THRESHOLD, "fallback", f"the examples do not separate well (leave-one-out "
+                             f"accuracy {accuracy:.2f}): using {FALLBACK_THRESHOLD:.2f}; add examples or set the "
+                             "threshold", chosen, accuracy)
         fallback = FALLBACK_THRESHOLD if len(self.others) else ONE_SIDED_THRESHOLD
         return Threshold(fallback, "fallback", f"too few examples to choose a threshold (needs "
                          f"{MIN_EXAMPLES_TO_FIT} of the class and {MIN_EXAMPLES_TO_FIT} of something else, got "
