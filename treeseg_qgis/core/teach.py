@@ -73,7 +73,6 @@ class Prototypes:
             return 1.0 / (1.0 + np.exp(-margin / CONTRAST))
         return (1.0 + best_tree) / 2.0
 
-
     def held_out_scores(self) -> tuple[np.ndarray, np.ndarray]:
         """Each example's score by the prototypes of all the other examples, and whether it is a class example."""
         scores = [Prototypes(np.delete(self.trees, i, 0), self.others).score(self.trees[i])
