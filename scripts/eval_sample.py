@@ -48,7 +48,7 @@ CLICK_COUNTS = (5, 10)
 DINOV3 = dict(method="dinov3", model="base", stride=16)
 RGB_PER_PIXEL = dict(method="rgb-kmeans", stride=1)
 SEGMENT_RUNS = [
-    ("DINOv3 ViT-B/16, stride 16 (default)", DINOV3),
+    ("DINOv3 {model}, stride 16 (default settings)", DINOV3),
     ("rgb-kmeans, per pixel", RGB_PER_PIXEL),
     ("exg-otsu, per pixel", dict(method="exg-otsu", stride=1)),
     ("exg-otsu, stride 16", dict(method="exg-otsu", stride=16)),
@@ -88,12 +88,14 @@ SHARED_MODEL = SharedModel()
 
 @dataclass
 class Image:
-    """An image on a pixel grid GDAL reads, with its boxes."""
+    """An image on a pixel grid GDAL reads, with its boxes, the DINOv3 model it is run with and the output folder."""
 
     name: str
     path: Path
     boxes: list[tuple[float, float, float, float, str]]
     pixel_size_m: float
+    model: str
+    out: Path
 
 
 def main() -> None:
@@ -103,6 +105,8 @@ def main() -> None:
     parser.add_argument("--class-label", default="Dead", help="box label taught as a class of its own")
     parser.add_argument("--pixel-size", type=float, default=0.1,
                         help="pixel size in metres of images without a georeference (default 0.1)")
+    parser.add_argument("--model", default=DINOV3["model"], help="DINOv3 model: catalogue name, hub id or folder")
+    parser.add_argument("--out", type=Path, default=OUT, help="folder for the runs' outputs (default output/eval)")
     parser.add_argument("--report", type=Path, default=None,
                         help="Markdown report (default: docs/QUALITY.md for the default images, else "
                         "output/eval/QUALITY.md)")
@@ -110,18 +114,18 @@ def main() -> None:
     if len(args.pairs) % 2:
         parser.error("give images and box files in pairs")
     pairs = [(Path(a), Path(b)) for a, b in zip(args.pairs[::2], args.pairs[1::2])] or DEFAULT_IMAGES
-    report = args.report or (REPO / "docs" / "QUALITY.md" if not args.pairs else OUT / "QUALITY.md")
-    shutil.rmtree(OUT / "cache", ignore_errors=True)  # timings of a fresh run, not of an earlier cache
+    report = args.report or (REPO / "docs" / "QUALITY.md" if not args.pairs else args.out / "QUALITY.md")
+    shutil.rmtree(args.out / "cache", ignore_errors=True)  # timings of a fresh run, not of an earlier cache
     started = time.perf_counter()
     sections, untrained = [], set()
     for image_path, boxes_path in pairs:
-        image = prepared_image(image_path, boxes_path, args.pixel_size)
+        image = prepared_image(image_path, boxes_path, args.pixel_size, args.model, args.out)
         rows, class_rows = evaluate_image(image, args.seeds, args.class_label, untrained)
         sections.append((image, rows, class_rows))
     write_report(report, sections, untrained, args, time.perf_counter() - started)
 
 
-def prepared_image(path: Path, boxes_path: Path, pixel_size: float) -> Image:
+def prepared_image(path: Path, boxes_path: Path, pixel_size: float, model: str, out: Path) -> Image:
     """The image as a GeoTIFF on a grid (a local one of `pixel_size` if it has no georeference)."""
     with open(boxes_path, newline="") as handle:
         boxes = [(float(r["xmin"]), float(r["ymin"]), float(r["xmax"]), float(r["ymax"]), r.get("label") or "")
@@ -129,13 +133,13 @@ def prepared_image(path: Path, boxes_path: Path, pixel_size: float) -> Image:
     dataset = gdal.Open(str(path))
     geotransform = dataset.GetGeoTransform(can_return_null=True)
     if geotransform is not None and dataset.GetProjection():
-        return Image(path.stem, path, boxes, abs(geotransform[1]))
-    OUT.mkdir(parents=True, exist_ok=True)
-    gridded = OUT / f"{path.stem}.tif"
+        return Image(path.stem, path, boxes, abs(geotransform[1]), model, out)
+    out.mkdir(parents=True, exist_ok=True)
+    gridded = out / f"{path.stem}.tif"
     width, height = dataset.RasterXSize * pixel_size, dataset.RasterYSize * pixel_size
     gdal.Translate(str(gridded), dataset, format="GTiff", outputSRS="EPSG:32611",
                    outputBounds=[0, height, width, 0], bandList=[1, 2, 3])
-    return Image(path.stem, gridded, boxes, pixel_size)
+    return Image(path.stem, gridded, boxes, pixel_size, model, out)
 
 
 def evaluate_image(image: Image, seeds: int, class_label: str, untrained: set[str]) -> tuple[list[Row], list[Row]]:
@@ -150,10 +154,10 @@ def evaluate_image(image: Image, seeds: int, class_label: str, untrained: set[st
     rows = [reference_row(REFERENCE_ROWS[0], valid, valid, every_box),
             reference_row(REFERENCE_ROWS[1], textbook, valid, every_box)]
     for label, options in SEGMENT_RUNS:
-        params = run_params(image, options, label)
+        params = run_params(image, options)
         started = time.perf_counter()
         record = segment(params, load_model=SHARED_MODEL)
-        row = Row(label, record["model"]["weights"], seconds=[time.perf_counter() - started])
+        row = Row(label.format(model=image.model), record["model"]["weights"], seconds=[time.perf_counter() - started])
         if record["model"]["untrained"]:
             untrained.add(record["model"]["model_id"])
         mask, mask_valid, _, _ = read_prediction(record["outputs"]["trees"])
@@ -181,7 +185,7 @@ def teach_rows(image: Image, positives: list[ReferenceObject], far_from_boxes: n
     """Click-to-teach with `seeds` simulated click sets per count, on each kind of features."""
     rows = []
     for features, options, thresholds in TEACH_FEATURES:
-        params = run_params(image, options, features)
+        params = run_params(image, options)
         for count in counts:
             for threshold in thresholds:
                 row = Row(teach_label(class_name, count, features, threshold), "")
@@ -205,11 +209,12 @@ def teach_label(class_name: str, count: int, features: str, threshold: float | N
     return f"Teach {class_name}, {count} + {count} clicks, {features}{fixed}"
 
 
-def run_params(image: Image, options: dict, label: str) -> SegmentationParams:
+def run_params(image: Image, options: dict) -> SegmentationParams:
     """Parameters of one run on `image`, with the cache of this evaluation (teach reuses segment's features)."""
     stem = f"{image.name}_{options['method']}_s{options['stride']}"
-    return SegmentationParams(input_path=str(image.path), output_dir=str(OUT), allow_untrained=True,
-                              cache_dir=str(OUT / "cache"), output_stem=stem, **options)
+    model = {"model": image.model} if options["method"] == "dinov3" else {}
+    return SegmentationParams(input_path=str(image.path), output_dir=str(image.out), allow_untrained=True,
+                              cache_dir=str(image.out / "cache"), output_stem=stem, **{**options, **model})
 
 
 def far_pixels(objects: list[ReferenceObject], valid: np.ndarray, distance_px: float) -> np.ndarray:
@@ -293,6 +298,9 @@ def write_report(path: Path, sections: list, untrained: set[str], args: argparse
                       ""]
             lines += table(class_rows)
     lines += REPRODUCE
+    if not args.pairs:
+        lines += ["", "Imagery: NEON (National Ecological Observatory Network), CC BY 4.0, via the deepforest "
+                  "package (MIT)."]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     print(path)
@@ -370,8 +378,6 @@ REPRODUCE = [
     "",
     "Score any run of your own: `.venv/bin/python -m treeseg_qgis evaluate OUT/scene_trees.tif "
     "--reference crowns.gpkg --image scene.tif --out report/`.",
-    "",
-    "Imagery: NEON (National Ecological Observatory Network), CC BY 4.0, via the deepforest package (MIT).",
 ]
 
 

@@ -1,6 +1,7 @@
 """Quality measures on hand-made masks with known answers, and the evaluate command end to end."""
 
 import csv
+import os
 import subprocess
 import sys
 
@@ -22,7 +23,7 @@ from treeseg_qgis.core.evaluation import (
 from treeseg_qgis.evaluate import evaluate
 from treeseg_qgis.gis.raster import GdalRasterSource
 
-from .conftest import REPO, SAMPLE_GEOTRANSFORM, UTM17N, write_geotiff
+from .conftest import REPO, SAMPLE_GEOTRANSFORM, UTM17N, disc_scene, write_geotiff
 
 
 def square(mask_shape, r0, c0, size) -> np.ndarray:
@@ -244,3 +245,37 @@ def test_per_pixel_exg_otsu_is_the_textbook_rule(tmp_path):
     with GdalRasterSource(str(sample)) as source:
         rgb, source_valid = source.read_decimated(source.width, source.height)
     assert (exg_otsu_mask(rgb, source_valid) != textbook)[valid].mean() < 0.01
+
+
+def report_rows(text: str, section: str) -> dict[str, list[str]]:
+    """The table rows under a Markdown heading of the eval report: label → cells."""
+    lines = text.split(section, 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0].splitlines()
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                              for line in lines if line.startswith("| ") and "---" not in line)}
+
+
+def test_make_eval_scores_any_image_with_its_boxes(tiny_model_dir, tmp_path):
+    centres = [(60, 60), (60, 180), (180, 60), (200, 200)]
+    image, _ = disc_scene(320, 320, centres, radius=25, seed=2)
+    write_geotiff(tmp_path / "plot.tif", image)
+    (tmp_path / "boxes.csv").write_text("xmin,ymin,xmax,ymax,label\n" + "".join(
+        f"{col - 30},{row - 30},{col + 30},{row + 30},{'Dead' if i < 2 else 'Alive'}\n"
+        for i, (row, col) in enumerate(centres)))
+    result = subprocess.run([sys.executable, "scripts/eval_sample.py", str(tmp_path / "plot.tif"),
+                             str(tmp_path / "boxes.csv"), "--model", str(tiny_model_dir), "--seeds", "1",
+                             "--out", str(tmp_path / "eval"), "--report", str(tmp_path / "QUALITY.md")],
+                            capture_output=True, text=True, cwd=REPO, timeout=600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "QUALITY.md").read_text()
+    trees, dead = report_rows(report, "## plot"), report_rows(report, "### plot: the class 'Dead' alone")
+    assert {"Reference: all pixels", "Reference: ExG + Otsu per pixel (plain numpy)", "exg-otsu, per pixel",
+            "Teach tree, 5 + 5 clicks, DINOv3 default", "Teach tree, 10 + 10 clicks, RGB per pixel"} <= set(trees)
+    assert trees["Reference: all pixels"][2:5] == ["1.000", "1.000", f"{4 * 60 * 60 / 320 ** 2:.3f}"]
+    textbook, product = trees["Reference: ExG + Otsu per pixel (plain numpy)"], trees["exg-otsu, per pixel"]
+    assert all(abs(float(a) - float(b)) <= 0.01 for a, b in zip(textbook[2:7], product[2:7]))
+    assert float(trees["exg-otsu, per pixel"][3]) == 1.0  # green crowns on sand: every box found
+    assert 0.0 <= float(trees["Teach tree, 5 + 5 clicks, RGB per pixel"][1].split(";")[0]) <= 1.0
+    assert float(dead["Teach dead, 5 + 5 clicks, RGB per pixel"][3]) == 1.0  # both Dead boxes found
+    assert trees[f"DINOv3 {tiny_model_dir}, stride 16 (default settings)"][0] != "none"
+    assert "NEON" not in report  # the sample images' attribution only comes with them
