@@ -1,5 +1,9 @@
 """Click-to-teach through the pipeline: examples → scores → mask, re-thresholded from the cache."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from osgeo import gdal, ogr, osr
@@ -11,7 +15,7 @@ from treeseg_qgis.core.params import SegmentationParams
 from treeseg_qgis.core.teach import Prototypes, separating_threshold
 from treeseg_qgis.pipeline import teach
 
-from .conftest import SAMPLE_GEOTRANSFORM, UTM17N
+from .conftest import REPO, SAMPLE_GEOTRANSFORM, UTM17N
 
 
 def band(path) -> np.ndarray:
@@ -140,3 +144,16 @@ def test_examples_that_do_not_separate_fall_back_to_the_middle():
     assert decision.source == "fallback" and decision.value == 0.5 and decision.held_out_accuracy < 0.75
     assert "do not separate" in decision.note
     assert found.choose_threshold(0.7).value == 0.7
+
+
+def test_cli_teaches_a_named_class_and_prints_the_chosen_threshold(params, tmp_path):
+    examples = tmp_path / "clicks.csv"
+    examples.write_text("col,row,is_tree\n" + "".join(f"{e.col},{e.row},{int(e.is_tree)}\n" for e in EXAMPLES))
+    result = subprocess.run([sys.executable, "-m", "treeseg_qgis", "teach", params.input_path, "--examples",
+                             str(examples), "--out", params.output_dir, "--model", params.model, "--device", "cpu",
+                             "--class-name", "dead tree"], capture_output=True, text=True, cwd=REPO, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 dead tree and 2 other examples, threshold" in result.stdout
+    assert "chosen from the 2 + 2 examples" in result.stdout
+    assert any(line.endswith("_taught_dead_tree.tif") for line in result.stdout.splitlines())
