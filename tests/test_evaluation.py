@@ -1,6 +1,7 @@
 """Quality measures on hand-made masks with known answers, and the evaluate command end to end."""
 
 import csv
+import os
 import subprocess
 import sys
 
@@ -10,15 +11,19 @@ from osgeo import gdal, ogr, osr
 
 from treeseg_qgis.core.evaluation import (
     ReferenceObject,
+    box_scores,
     boxes_to_objects,
     cluster_scores,
     crown_scores,
+    exg_otsu_mask,
+    otsu_threshold,
     pixel_scores,
     predicted_crowns,
 )
 from treeseg_qgis.evaluate import evaluate
+from treeseg_qgis.gis.raster import GdalRasterSource
 
-from .conftest import REPO, SAMPLE_GEOTRANSFORM, UTM17N, write_geotiff
+from .conftest import REPO, SAMPLE_GEOTRANSFORM, UTM17N, disc_scene, write_geotiff
 
 
 def square(mask_shape, r0, c0, size) -> np.ndarray:
@@ -61,8 +66,40 @@ def test_crown_matching_is_one_to_one_at_iou_04():
     assert scores["predicted_crowns"] == 3 and scores["matched"] == 1
     assert scores["crown_precision"] == pytest.approx(1 / 3)
     assert scores["crown_recall"] == pytest.approx(1 / 3)
-    assert scores["box_recall"] == pytest.approx(1.0)
-    assert scores["outside_share"] == pytest.approx(25 / 225)
+    assert scores["centroid_box_recall"] == pytest.approx(1.0)
+    boxes = box_scores(mask, objects)
+    # box 2 (256 px) has 100 px predicted (39 %); the 5×5 square lies outside every box
+    assert boxes["box_recall"] == pytest.approx(1.0)
+    assert boxes["in_box_precision"] == pytest.approx(200 / 225)
+    assert boxes["tree_cover"] == pytest.approx(225 / 3600)
+
+
+def test_box_recall_counts_area_not_how_the_mask_is_split():
+    shape = (40, 40)
+    objects = boxes_to_objects([(0, 0, 20, 20), (20, 20, 40, 40)], shape)
+    one_blob = square(shape, 5, 5, 30)
+    stripes = one_blob.copy()
+    stripes[:, ::3] = False
+    assert box_scores(one_blob, objects)["box_recall"] == box_scores(stripes, objects)["box_recall"] == 1.0
+    assert crown_scores(one_blob, objects)["centroid_box_recall"] == 0.5  # one crown, one centroid
+    quarter_less_one = square(shape, 0, 0, 10)
+    quarter_less_one[0, 0] = False
+    assert box_scores(quarter_less_one, objects)["box_recall"] == 0.0
+    assert box_scores(square(shape, 0, 0, 10), objects)["box_recall"] == 0.5
+    valid = np.zeros(shape, bool)
+    valid[:20] = True
+    assert box_scores(one_blob, objects, valid)["tree_cover"] == pytest.approx(15 * 30 / 800)
+
+
+def test_otsu_threshold_splits_two_groups():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(-0.1, 0.02, 5000), rng.normal(0.2, 0.03, 3000)])
+    truth = np.arange(8000) >= 5000
+    assert ((values > otsu_threshold(values)) == truth).mean() > 0.999
+    rgb = np.zeros((2, 4, 3), np.float32)
+    rgb[:, :2] = (0.4, 0.4, 0.4)
+    rgb[:, 2:] = (0.2, 0.6, 0.2)
+    assert exg_otsu_mask(rgb).tolist() == [[False, False, True, True]] * 2
 
 
 def test_crown_scores_edge_cases():
@@ -71,7 +108,7 @@ def test_crown_scores_edge_cases():
     both_empty = crown_scores(empty, [])
     assert (both_empty["crown_precision"], both_empty["crown_recall"], both_empty["crown_f1"]) == (1.0, 1.0, 1.0)
     nothing_found = crown_scores(empty, boxes_to_objects([(0, 0, 5, 5)], shape))
-    assert (nothing_found["crown_recall"], nothing_found["box_recall"]) == (0.0, 0.0)
+    assert (nothing_found["crown_recall"], nothing_found["centroid_box_recall"]) == (0.0, 0.0)
     perfect = crown_scores(square(shape, 2, 2, 6), boxes_to_objects([(2, 2, 8, 8)], shape))
     assert (perfect["crown_precision"], perfect["crown_recall"], perfect["crown_f1"]) == (1.0, 1.0, 1.0)
 
@@ -120,6 +157,7 @@ def test_evaluate_polygons_csv_and_class_raster(tmp_path):
     by_polygons = evaluate(str(prediction), str(tmp_path / "crowns.gpkg"), str(tmp_path / "out"))
     assert by_polygons["pixel"]["iou"] == pytest.approx(1.0)
     assert by_polygons["crowns"]["matched"] == 2
+    assert by_polygons["boxes"] == {"box_recall": 1.0, "in_box_precision": 1.0, "tree_cover": 1300 / 12000}
     with open(tmp_path / "boxes.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["xmin", "ymin", "xmax", "ymax", "label"])
@@ -169,3 +207,75 @@ def test_crown_polygons_are_matched_as_instances(tmp_path):
     assert scores["crowns"]["predicted_crowns"] == 2 and scores["crowns"]["matched"] == 2
     merged = evaluate(str(trees), str(tmp_path / "boxes.csv"), str(tmp_path / "out"), name="merged")
     assert merged["crowns"]["predicted_crowns"] == 1 and merged["crowns"]["matched"] <= 1
+
+
+def plain_exg_otsu(path) -> tuple[np.ndarray, np.ndarray]:
+    """Textbook ExG + Otsu in plain numpy (256-bin histogram), and the valid pixels (nodata 255 in any band)."""
+    dataset = gdal.Open(str(path))
+    rgb = dataset.ReadAsArray().astype(np.float64)
+    valid = (rgb != 255).all(0)
+    total = rgb.sum(0)
+    exg = np.where(total > 0, 3 * rgb[1] / np.maximum(total, 1), 1.0) - 1
+    counts, edges = np.histogram(exg[valid], bins=256)
+    best, threshold = -1.0, edges[0]
+    for cut in range(1, 256):
+        low, high = counts[:cut], counts[cut:]
+        if low.sum() == 0 or high.sum() == 0:
+            continue
+        centres = (edges[:-1] + edges[1:]) / 2
+        mean_low = (low * centres[:cut]).sum() / low.sum()
+        mean_high = (high * centres[cut:]).sum() / high.sum()
+        between = low.sum() * high.sum() * (mean_high - mean_low) ** 2
+        if between > best:
+            best, threshold = between, edges[cut]
+    return (exg > threshold) & valid, valid
+
+
+def test_per_pixel_exg_otsu_is_the_textbook_rule(tmp_path):
+    sample = REPO / "resources" / "sample" / "OSBS_029.tif"
+    result = subprocess.run([sys.executable, "-m", "treeseg_qgis", "segment", str(sample), "--method", "exg-otsu",
+                             "--out", str(tmp_path), "--quiet"], capture_output=True, text=True, cwd=REPO,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    dataset = gdal.Open(str(tmp_path / "OSBS_029_exg-otsu_trees.tif"))
+    product = dataset.GetRasterBand(1).ReadAsArray() == 1
+    textbook, valid = plain_exg_otsu(sample)
+    assert abs(product[valid].mean() - textbook[valid].mean()) < 0.01
+    assert (product != textbook)[valid].mean() < 0.01
+    with GdalRasterSource(str(sample)) as source:
+        rgb, source_valid = source.read_decimated(source.width, source.height)
+    assert (exg_otsu_mask(rgb, source_valid) != textbook)[valid].mean() < 0.01
+
+
+def report_rows(text: str, section: str) -> dict[str, list[str]]:
+    """The table rows under a Markdown heading of the eval report: label → cells."""
+    lines = text.split(section, 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0].splitlines()
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                              for line in lines if line.startswith("| ") and "---" not in line)}
+
+
+def test_make_eval_scores_any_image_with_its_boxes(tiny_model_dir, tmp_path):
+    centres = [(60, 60), (60, 180), (180, 60), (200, 200)]
+    image, _ = disc_scene(320, 320, centres, radius=25, seed=2)
+    write_geotiff(tmp_path / "plot.tif", image)
+    (tmp_path / "boxes.csv").write_text("xmin,ymin,xmax,ymax,label\n" + "".join(
+        f"{col - 30},{row - 30},{col + 30},{row + 30},{'Dead' if i < 2 else 'Alive'}\n"
+        for i, (row, col) in enumerate(centres)))
+    result = subprocess.run([sys.executable, "scripts/eval_sample.py", str(tmp_path / "plot.tif"),
+                             str(tmp_path / "boxes.csv"), "--model", str(tiny_model_dir), "--seeds", "1",
+                             "--out", str(tmp_path / "eval"), "--report", str(tmp_path / "QUALITY.md")],
+                            capture_output=True, text=True, cwd=REPO, timeout=600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "QUALITY.md").read_text()
+    trees, dead = report_rows(report, "## plot"), report_rows(report, "### plot: the class 'Dead' alone")
+    assert {"Reference: all pixels", "Reference: ExG + Otsu per pixel (plain numpy)", "exg-otsu, per pixel",
+            "Teach tree, 5 + 5 clicks, DINOv3 default", "Teach tree, 10 + 10 clicks, RGB per pixel"} <= set(trees)
+    assert trees["Reference: all pixels"][2:5] == ["1.000", "1.000", f"{4 * 60 * 60 / 320 ** 2:.3f}"]
+    textbook, product = trees["Reference: ExG + Otsu per pixel (plain numpy)"], trees["exg-otsu, per pixel"]
+    assert all(abs(float(a) - float(b)) <= 0.01 for a, b in zip(textbook[2:7], product[2:7]))
+    assert float(trees["exg-otsu, per pixel"][3]) == 1.0  # green crowns on sand: every box found
+    assert 0.0 <= float(trees["Teach tree, 5 + 5 clicks, RGB per pixel"][1].split(";")[0]) <= 1.0
+    assert float(dead["Teach dead, 5 + 5 clicks, RGB per pixel"][3]) == 1.0  # both Dead boxes found
+    assert trees[f"DINOv3 {tiny_model_dir}, stride 16 (default settings)"][0] != "none"
+    assert "NEON" not in report  # the sample images' attribution only comes with them

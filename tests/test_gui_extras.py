@@ -198,6 +198,7 @@ def test_teach_after_a_run_and_the_slider_replaces_its_layers_from_the_cache(plu
     dock.teach_tool.add_example(map_point(*TREE_PIXEL), True)
     dock.teach_tool.add_example(map_point(*SOIL_PIXEL), False)
     assert dock.examples_label.text() == "Examples: 1 tree, 1 not tree."
+    dock.auto_threshold.setChecked(False)  # the slider's own threshold
     dock.threshold_slider.setValue(60)
     dock.apply_teach_button.click()
     assert dock.teach_task is not None and not dock.run_button.isEnabled()
@@ -245,3 +246,36 @@ def test_teach_after_a_run_and_the_slider_replaces_its_layers_from_the_cache(plu
 
     dock.clear_examples_button.click()
     assert dock.examples_label.text() == "No examples yet." and not dock.apply_teach_button.isEnabled()
+
+
+def test_the_panel_shows_the_threshold_chosen_from_the_clicks_for_any_class(plugin, qgis_iface, small_scene,
+                                                                            tiny_model_dir, tmp_path):
+    canvas = qgis_iface.mapCanvas()
+    raster = add_raster(small_scene)
+    canvas.setDestinationCrs(raster.crs())
+    canvas.setExtent(raster.extent())
+    dock = plugin.dock
+    out = tmp_path / "out"
+    run_panel(dock, raster, tiny_model_dir, out)
+    dock.class_edit.setText("dead tree")
+    dock.auto_threshold.setChecked(True)
+    dock.teach_button.click()
+    for (column, row), is_tree in zip(((60, 50), (190, 60), (240, 10), (10, 180)), (True, True, False, False)):
+        dock.teach_tool.add_example(map_point(column, row), is_tree)
+    assert dock.examples_label.text() == "Examples: 2 dead trees, 2 not dead trees."
+    dock.apply_teach_button.click()
+    wait_until(lambda: dock.teach_task is None)
+
+    (record_path,) = out.glob("*_dead_tree_teach.json")
+    record = json.loads(record_path.read_text())
+    assert record["threshold_source"] == "chosen" and record["class"] == "dead tree"
+    assert "chosen from the 2 + 2 examples" in dock.teach_status.text(), dock.teach_status.text()
+    assert dock.threshold_label.text() == f"{record['threshold']:.2f}" and dock.auto_threshold.isChecked()
+    assert dock.threshold_slider.value() == round(100 * record["threshold"])
+    (group,) = teach_groups()
+    names = [node.layer().name() for node in group.findLayers()]
+    assert names[0].startswith("Taught: dead tree (score ≥") and names[1] == "Dead tree similarity (0–1)"
+
+    dock.threshold_slider.setValue(90)
+    assert not dock.auto_threshold.isChecked()
+    wait_until(lambda: dock.teach_task is None and "set by the user" in dock.teach_status.text())

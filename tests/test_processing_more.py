@@ -7,6 +7,7 @@ in this process.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -186,6 +187,15 @@ def test_teach_scores_from_points_in_another_crs_and_reuses_the_features(provide
     assert Path(first["TEACH_RECORD"]) == tmp_path / "a" / "similarity_teach.json"
     assert first["FEATURE_CACHE"] == "miss" and second["FEATURE_CACHE"] == "hit"
     assert second["TREE_COVER"] >= first["TREE_COVER"] > 0
+    assert first["THRESHOLD_USED"] == 0.6
+
+    unset = run("teach", {**parameters, "THRESHOLD": None, "CLASS_NAME": "dead tree",
+                          "OUTPUT_SIMILARITY": str(tmp_path / "c" / "s.tif"),
+                          "OUTPUT_TREES": str(tmp_path / "c" / "t.tif")})
+    record = json.loads(Path(unset["TEACH_RECORD"]).read_text())
+    assert record["class"] == "dead tree" and "too few examples" in record["threshold_note"]  # 2 + 1 examples
+    assert unset["THRESHOLD_USED"] == 0.5
+    assert np.array_equal(read_raster(unset["OUTPUT_TREES"]) == 1, read_raster(unset["OUTPUT_SIMILARITY"]) >= 0.5)
 
 
 def test_the_worker_splits_a_mask_into_crowns(disc_mask, tmp_path):
@@ -223,7 +233,7 @@ def test_evaluate_against_a_geopackage_of_boxes(provider, small_scene, disc_mask
                                "OUTPUT_FOLDER": str(tmp_path / "report")})
 
     assert results["PIXEL_PRECISION"] == 1.0 and 0.5 < results["PIXEL_RECALL"] < 1.0
-    assert results["BOX_RECALL"] == 1.0 and results["OUTSIDE_SHARE"] == 0.0
+    assert results["BOX_RECALL"] == 1.0 and results["IN_BOX_PRECISION"] == 1.0
     assert results["CROWN_RECALL"] == 1.0 and results["CROWN_F1"] == 1.0
     assert "MIOU" not in results and "PIXEL_ACCURACY" not in results
     assert Path(results["OUTPUT_HTML"]) == tmp_path / "report" / "mask_evaluation.html"

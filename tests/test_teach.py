@@ -1,5 +1,9 @@
 """Click-to-teach through the pipeline: examples → scores → mask, re-thresholded from the cache."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from osgeo import gdal, ogr, osr
@@ -8,9 +12,10 @@ from treeseg_qgis.core.errors import InputError
 from treeseg_qgis.core.examples import Example
 from treeseg_qgis.core.models import load_backbone
 from treeseg_qgis.core.params import SegmentationParams
+from treeseg_qgis.core.teach import Prototypes, separating_threshold
 from treeseg_qgis.pipeline import teach
 
-from .conftest import SAMPLE_GEOTRANSFORM, UTM17N
+from .conftest import REPO, SAMPLE_GEOTRANSFORM, UTM17N
 
 
 def band(path) -> np.ndarray:
@@ -74,7 +79,7 @@ def test_examples_from_a_point_layer_in_another_crs(params, tmp_path):
 
 
 def test_without_a_tree_example_it_says_so(params):
-    with pytest.raises(InputError, match="at least one tree example"):
+    with pytest.raises(InputError, match="at least one example of the class"):
         teach(params, [Example(10, 10, False), Example(5000, 5000, True)])
 
 
@@ -87,3 +92,68 @@ def test_prototypes_only_need_the_store(params, tiny_model_dir):
     backbone = load_backbone(str(tiny_model_dir), device="cpu")
     record = teach(params, EXAMPLES[:1], threshold=0.7, load_model=lambda wanted: backbone)
     assert record["examples"] == {"trees": 1, "not_trees": 0}
+
+
+def test_the_threshold_is_chosen_from_the_examples(params, scene_tif):
+    _, crowns = scene_tif
+    record = teach(params, EXAMPLES)
+    assert record["threshold_source"] == "chosen" and record["chosen_threshold"] == record["threshold"]
+    assert 0.0 < record["threshold"] < 1.0 and "chosen from the 2 + 2 examples" in record["threshold_note"]
+    scores = band(record["outputs"]["similarity"])
+    trees = band(record["outputs"]["taught_trees"]) == 1
+    assert (trees == (scores >= record["threshold"])).all()
+    assert (trees & crowns).sum() / (trees | crowns).sum() > 0.75
+    overridden = teach(params, EXAMPLES, threshold=0.9)
+    assert overridden["threshold_source"] == "user" and overridden["threshold"] == 0.9
+    assert overridden["chosen_threshold"] == pytest.approx(record["threshold"])
+
+
+def test_too_few_examples_to_choose_say_so_and_fall_back(params):
+    record = teach(params, EXAMPLES[:3])
+    assert record["threshold_source"] == "fallback" and record["chosen_threshold"] is None
+    assert record["threshold"] == 0.5 and "too few examples" in record["threshold_note"]
+    one_sided = teach(params, EXAMPLES[:2])
+    assert one_sided["threshold"] == 0.6 and "got 2 and 0" in one_sided["threshold_note"]
+
+
+def test_separating_threshold_takes_the_middle_of_the_widest_best_gap():
+    positive = np.array([True, True, True, False, False, False])
+    assert separating_threshold(np.array([0.9, 0.8, 0.7, 0.3, 0.2, 0.1]), positive) == (pytest.approx(0.5), 1.0)
+    cut, accuracy = separating_threshold(np.array([0.9, 0.8, 0.25, 0.3, 0.2, 0.1]), positive)
+    assert accuracy == pytest.approx((2 / 3 + 1) / 2) and cut == pytest.approx(0.55)
+
+
+def test_any_class_is_named_in_the_outputs(params):
+    record = teach(params, EXAMPLES, class_name="Dead tree")
+    assert record["class"] == "Dead tree"
+    assert record["outputs"]["taught_trees"].endswith("_taught_dead_tree.tif")
+    assert record["outputs"]["similarity"].endswith("_dead_tree_similarity.tif")
+    assert record["outputs"]["teach_record"].endswith("_dead_tree_teach.json")
+    trees = teach(params, EXAMPLES)
+    assert trees["outputs"]["taught_trees"].endswith("_taught_trees.tif")
+    assert band(record["outputs"]["taught_trees"]).tolist() == band(trees["outputs"]["taught_trees"]).tolist()
+
+
+def test_examples_that_do_not_separate_fall_back_to_the_middle():
+    def unit(*values):
+        return np.array(values) / np.linalg.norm(values)
+
+    # each class example is nearer to an "other" example than to the remaining class example
+    found = Prototypes(np.array([unit(1, 0), unit(0, 1)]), np.array([unit(0.9, 0.1), unit(0.1, 0.9)]))
+    decision = found.choose_threshold()
+    assert decision.source == "fallback" and decision.value == 0.5 and decision.held_out_accuracy < 0.75
+    assert "do not separate" in decision.note
+    assert found.choose_threshold(0.7).value == 0.7
+
+
+def test_cli_teaches_a_named_class_and_prints_the_chosen_threshold(params, tmp_path):
+    examples = tmp_path / "clicks.csv"
+    examples.write_text("col,row,is_tree\n" + "".join(f"{e.col},{e.row},{int(e.is_tree)}\n" for e in EXAMPLES))
+    result = subprocess.run([sys.executable, "-m", "treeseg_qgis", "teach", params.input_path, "--examples",
+                             str(examples), "--out", params.output_dir, "--model", params.model, "--device", "cpu",
+                             "--class-name", "dead tree"], capture_output=True, text=True, cwd=REPO, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 dead tree and 2 other examples, threshold" in result.stdout
+    assert "chosen from the 2 + 2 examples" in result.stdout
+    assert any(line.endswith("_taught_dead_tree.tif") for line in result.stdout.splitlines())

@@ -55,9 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--model-revision", metavar="REV",
                      help="pin a hub model to a branch, tag or commit hash (default: main)")
-    run.add_argument("--stride", type=int, default=16, choices=COLOUR_STRIDES,
-                     help="feature grid step in pixels: 16, or 8/4/2 for a denser grid (slower); "
-                     "baselines also take 1")
+    run.add_argument("--stride", type=int, default=None, choices=COLOUR_STRIDES,
+                     help="feature grid step in pixels: 16 (default for dinov3), or 8/4/2 for a denser grid "
+                     "(slower); the colour baselines run per pixel (1) unless a stride is given")
     run.add_argument("--method", default="dinov3", choices=METHODS,
                      help="dinov3 (default), or a colour baseline for comparison: rgb-kmeans "
                      "(k-means on RGB) or exg-otsu (Otsu threshold on excess green)")
@@ -91,16 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="print only errors and the result paths")
     learn = commands.add_parser(
         "teach",
-        help="click-to-teach: tree scores from a few example points, and the tree mask at a threshold",
-        description="Features of the example locations become prototypes; every pixel gets a tree score in "
-        "0..1 (<stem>_similarity.tif) and the mask score >= threshold (<stem>_taught_trees.tif). Features "
-        "come from the cache when an earlier run made them, so only the scoring runs.",
+        help="click-to-teach: scores of a class (trees, or any class) from a few example points, and its mask",
+        description="Features of the example locations become prototypes; every pixel gets a class score in "
+        "0..1 (<stem>_similarity.tif) and the mask score >= threshold (<stem>_taught_trees.tif; for another "
+        "class <stem>_<class>_similarity.tif and <stem>_taught_<class>.tif). The threshold is chosen from the "
+        "examples (leave one out) unless --threshold is given. Features come from the cache when an earlier "
+        "run made them, so only the scoring runs.",
     )
     learn.add_argument("input", metavar="INPUT", help="the raster")
     learn.add_argument("--examples", required=True,
-                       help="points with an is_tree field (1/0), or a CSV with col,row,is_tree in pixels")
+                       help="points with an is_tree field (1 = an example of the class, 0 = something else), "
+                       "or a CSV with col,row,is_tree in pixels")
     learn.add_argument("--out", required=True, metavar="DIR")
-    learn.add_argument("--threshold", type=float, default=0.6, help="tree score threshold (default 0.6)")
+    learn.add_argument("--threshold", type=float, default=None,
+                       help="class score threshold (default: chosen from the examples)")
+    learn.add_argument("--class-name", default="tree", help="what the examples show, e.g. 'dead tree' (default: tree)")
     learn.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME|HF_ID|FOLDER")
     learn.add_argument("--stride", type=int, default=16, choices=COLOUR_STRIDES)
     learn.add_argument("--bands", default="1,2,3", metavar="R,G,B")
@@ -140,7 +145,7 @@ def params_from_args(args: argparse.Namespace) -> SegmentationParams:
         method=args.method,
         model=args.model,
         model_revision=args.model_revision,
-        stride=args.stride,
+        stride=args.stride if args.stride is not None else (16 if args.method == "dinov3" else 1),
         clusters=None if args.clusters == "auto" else _int(args.clusters, "--clusters"),
         k_min=_range(args.k_range)[0],
         k_max=_range(args.k_range)[1],
@@ -236,11 +241,13 @@ def _teach(args: argparse.Namespace) -> int:
     params = SegmentationParams(input_path=args.input, output_dir=args.out, model=args.model, stride=args.stride,
                                 bands=_bands(args.bands), device=args.device, allow_untrained=args.allow_untrained,
                                 use_cache=not args.no_cache, cache_dir=args.cache_dir)
-    record = teach(params, args.examples, args.threshold, Progress(_TerminalProgress(), interrupts.stop_requested))
+    record = teach(params, args.examples, args.threshold, Progress(_TerminalProgress(), interrupts.stop_requested),
+                   class_name=args.class_name)
     if record["warning"]:
         print(f"\n!!! {record['warning']}\n", file=sys.stderr)
-    print(f"{record['examples']['trees']} tree and {record['examples']['not_trees']} other examples, threshold "
-          f"{record['threshold']}, tree cover {100 * record['tree_cover']:.1f} % (features: {record['feature_cache']})")
+    print(f"{record['examples']['trees']} {record['class']} and {record['examples']['not_trees']} other examples, "
+          f"{record['threshold_note']}, {record['class']} cover {100 * record['tree_cover']:.1f} % "
+          f"(features: {record['feature_cache']})")
     for path in record["outputs"].values():
         print(path)
     return 0

@@ -119,14 +119,16 @@ class EngineClient:
         self,
         params: dict[str, Any],
         examples: list[tuple[float, float, bool]],
-        threshold: float,
+        threshold: float | None,
         on_progress: ProgressHandler | None = None,
         is_cancelled: CancelCheck | None = None,
         hf_token: str | None = None,
+        class_name: str = "tree",
     ) -> dict[str, Any]:
-        """Click-to-teach: scores from example pixels (col, row, is_tree); the teach record or EngineError."""
+        """Click-to-teach: scores from example pixels (col, row, is_tree: an example of `class_name`); the
+        threshold is chosen from the examples when None. The teach record or EngineError."""
         job = {"command": "teach", "params": params, "examples": [list(example) for example in examples],
-               "threshold": threshold}
+               "threshold": threshold, "class_name": class_name}
         if hf_token:
             job["hf_token"] = hf_token
         return self._run_writing(job, lambda: _recover_outputs_of(params), on_progress, None, is_cancelled)

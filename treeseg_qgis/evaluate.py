@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .core.errors import InputError, OutputError
-from .core.evaluation import cluster_scores, crown_scores, pixel_scores, union_mask
+from .core.evaluation import ReferenceObject, box_scores, cluster_scores, crown_scores, pixel_scores, union_mask
 from .gis.reference import Grid, read_band, read_prediction, read_reference_objects
 
 MAX_PICTURE_SIZE = 900
@@ -49,10 +49,8 @@ def evaluate(
         outline = truth
     else:
         objects = read_reference_objects(reference, grid)
-        truth = union_mask(objects, grid.shape)
-        scores["pixel"] = pixel_scores(mask, truth, valid)
-        scores["crowns"] = crown_scores(mask & valid, objects, crowns=crowns)
-        outline = truth
+        scores.update(object_scores(mask, valid, objects, crowns))
+        outline = union_mask(objects, grid.shape)
     name = name or Path(prediction).stem
     folder = Path(out_dir)
     try:
@@ -67,10 +65,20 @@ def evaluate(
     return scores
 
 
+def object_scores(mask: np.ndarray, valid: np.ndarray, objects: list[ReferenceObject],
+                  crowns: np.ndarray | None = None) -> dict:
+    """Pixel scores against the objects' union, the box measures and the crown matching (core/evaluation.py)."""
+    return {
+        "pixel": pixel_scores(mask, union_mask(objects, mask.shape), valid),
+        "boxes": box_scores(mask, objects, valid),
+        "crowns": crown_scores(mask & valid, objects, crowns=crowns),
+    }
+
+
 def flat_scores(scores: dict) -> dict[str, float]:
     """The numeric scores as one flat `group_measure` → value mapping."""
     flat = {}
-    for group in ("pixel", "crowns", "clusters"):
+    for group in ("pixel", "boxes", "crowns", "clusters"):
         for key, value in scores.get(group, {}).items():
             if isinstance(value, (int, float)):
                 flat[f"{group}_{key}"] = value

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ UNTRAINED_TAG = "UNTRAINED"
 STAGING_PREFIX = ".treeseg-staging-"
 LOCK_NAME = "owner.lock"
 COMMIT_JOURNAL = "commit.json"
+DEFAULT_CLASS = "tree"
 OUTPUT_KINDS = ("clusters", "trees", "polygons", "crowns", "features", "height", "preview", "elbow", "record",
                 "similarity", "taught_trees", "teach_record")
 SEGMENT_KINDS = OUTPUT_KINDS[:9]
@@ -221,3 +223,24 @@ def _apply(moves: list[tuple[str | None, str]]) -> None:
                 for suffix in ("-journal", "-wal", "-shm"):
                     Path(target + suffix).unlink(missing_ok=True)
             os.replace(source, target)
+
+
+def class_slug(class_name: str) -> str:
+    """A class name as a file-name part: 'Dead tree' → 'dead_tree'."""
+    slug = re.sub(r"[^0-9a-z]+", "_", class_name.strip().lower()).strip("_")
+    return slug or DEFAULT_CLASS
+
+
+def taught_class_paths(params: dict[str, Any], untrained: bool, class_name: str) -> OutputPaths:
+    """A teach run's paths; for a class other than trees `<stem>_<class>_similarity.tif`,
+    `<stem>_taught_<class>.tif` and `<stem>_<class>_teach.json` (`<kind>_path` entries still win)."""
+    paths = OutputPaths.for_params(params, untrained)
+    slug = class_slug(class_name)
+    if slug == DEFAULT_CLASS:
+        return paths
+    suffixes = {"similarity": f"_{slug}_similarity.tif", "taught_trees": f"_taught_{slug}.tif",
+                "teach_record": f"_{slug}_teach.json"}
+    renamed = {kind: path.with_name(path.name[: -len(SUFFIXES[kind])] + suffix)
+               for kind, suffix in suffixes.items()
+               if not params.get(f"{kind}_path") and (path := getattr(paths, kind)).name.endswith(SUFFIXES[kind])}
+    return replace(paths, **renamed)

@@ -51,6 +51,7 @@ from .gis.raster import GdalRasterSource, HeightReader, limit_block_cache
 from .gis.reference import Grid, read_examples
 from .gis.writers import HeightRasterWriter, LabelRasterWriter, ScoreRasterWriter, write_rgb_blocks
 from .outputs import (
+    DEFAULT_CLASS,
     SEGMENT_KINDS,
     SUFFIXES,
     TEACH_KINDS,
@@ -58,6 +59,7 @@ from .outputs import (
     OutputPaths,
     OutputTransaction,
     check_run_paths,
+    taught_class_paths,
 )
 
 log = logging.getLogger("treeseg")
@@ -170,17 +172,20 @@ def segment(
 def teach(
     params: SegmentationParams,
     examples: list[Example] | str,
-    threshold: float = 0.6,
+    threshold: float | None = None,
     progress: Progress | None = None,
     load_model: ModelLoader | None = None,
+    class_name: str = DEFAULT_CLASS,
 ) -> dict:
-    """Click-to-teach: tree scores from example locations and the mask at `threshold` (core/teach.py).
+    """Click-to-teach: class scores from example locations and the class mask (core/teach.py).
 
-    `examples` is a list of pixel positions, or a file (points with `is_tree`, or
-    a col,row,is_tree CSV). Features come from the cache when it holds them.
+    `examples` is a list of pixel positions (`is_tree`: an example of the class), or
+    a file (points with `is_tree`, or a col,row,is_tree CSV). The threshold is
+    chosen from the examples unless `threshold` is given. Features come from the
+    cache when it holds them.
     """
     params.validate()
-    if not 0.0 <= threshold <= 1.0:
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise InputError(f"The threshold is a score between 0 and 1, not {threshold}.")
     progress = progress or Progress()
     started = time.perf_counter()
@@ -195,7 +200,8 @@ def teach(
         timings: dict[str, float] = {}
         grid, _, _ = ensure_features(params, source, extractor, store, progress.sub(0.02, 0.8), timings)
         found = prototypes(store, grid, extractor, examples, source.width, source.height)
-        paths = OutputPaths.for_params(params.to_dict(), model["untrained"])
+        decision = found.choose_threshold(threshold)
+        paths = taught_class_paths(params.to_dict(), model["untrained"], class_name)
         for folder in {str(path.parent) for path in paths.all()}:
             _output_folder(folder)
         transaction = OutputTransaction([paths.similarity, paths.taught_trees, paths.teach_record])
@@ -205,15 +211,20 @@ def teach(
             writer = ScoreRasterWriter(str(staged.similarity), str(staged.taught_trees), source.width,
                                        source.height, source.crs_wkt, source.geotransform,
                                        _raster_metadata(params, model))
-            tree_pixels, valid_pixels = score_raster(source, store, grid, extractor, found, threshold, writer,
+            tree_pixels, valid_pixels = score_raster(source, store, grid, extractor, found, decision.value, writer,
                                                      progress.sub(0.8, 0.99))
             writer.close()
             record = {
                 "treeseg_version": __version__,
                 "warning": UNTRAINED_BANNER if model["untrained"] else None,
                 "model": model,
+                "class": class_name,
                 "examples": {"trees": len(found.trees), "not_trees": len(found.others)},
-                "threshold": threshold,
+                "threshold": decision.value,
+                "threshold_source": decision.source,
+                "threshold_note": decision.note,
+                "chosen_threshold": decision.chosen,
+                "held_out_accuracy": decision.held_out_accuracy,
                 "tree_cover": round(tree_pixels / valid_pixels, 4) if valid_pixels else 0.0,
                 "feature_cache": cache_state,
                 "outputs": {"similarity": str(paths.similarity), "taught_trees": str(paths.taught_trees),

@@ -99,8 +99,11 @@ def layer_names(record: dict[str, Any]) -> dict[str, str]:
     height_untrained = record.get("model", {}).get("height_model", {}).get("untrained")
     names["height"] = f"Canopy height (m) — {UNTRAINED_TAG}" if height_untrained else "Canopy height (m)"
     if "threshold" in record:
-        names["taught_trees"] = (f"Taught trees (score ≥ {float(record['threshold']):.2f}, "
+        taught = record.get("class") or "tree"
+        taught_name = "Taught trees" if taught == "tree" else f"Taught: {taught}"
+        names["taught_trees"] = (f"{taught_name} (score ≥ {float(record['threshold']):.2f}, "
                                  f"{100 * float(record['tree_cover']):.1f} % cover)")
+        names["similarity"] = f"{taught.capitalize()} similarity (0–1)"
     return names
 
 
@@ -158,9 +161,9 @@ def teach_group_name(record: dict[str, Any], input_name: str) -> str:
 
 def add_teach_layers(record: dict[str, Any], input_name: str, project: QgsProject | None = None,
                      replacing: Sequence[str] = ()) -> list[QgsMapLayer]:
-    """Load the taught tree mask and the similarity of a teach `record`; they take the place of the layers
-    whose ids are in `replacing` (removed from the project) or else go into a new group at the top.
-    Returns the new layers; raises ResultLayerError (and changes nothing) when a file cannot be opened."""
+    """Load the taught mask (trees, or the record's class) and the similarity of a teach `record`; they take
+    the place of the layers whose ids are in `replacing` (removed from the project) or else go into a new group
+    at the top. Returns the new layers; raises ResultLayerError (and changes nothing) when a file cannot be opened."""
     project = project or QgsProject.instance()
     outputs = record["outputs"]
     names = layer_names(record)

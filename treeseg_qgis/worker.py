@@ -4,7 +4,8 @@ Protocol (one JSON object per line, both ways):
 
 - in, on stdin: `{"command": "segment", "params": {...}, "hf_token": "..."}`,
   `{"command": "teach", "params": {...}, "examples": [[col, row, is_tree], ...],
-  "threshold": 0.6}`, `{"command": "crowns", "trees_path": ..., "clusters_path": ..., "gpkg_path": ...,
+  "threshold": 0.6 (or null: chosen from the examples), "class_name": "dead tree"}`,
+  `{"command": "crowns", "trees_path": ..., "clusters_path": ..., "gpkg_path": ...,
   "options": {"min_area_m2": 2.0, ...}}`, `{"command": "probe"}`, and for the model manager
   `{"command": "models"}` (catalogue models in the local Hugging Face cache; never the network),
   `{"command": "download", "model": "base", "hf_token": "..."}`, `{"command": "delete", "model": "base"}` and
@@ -168,8 +169,10 @@ class Worker:
 
         params = SegmentationParams.from_dict(job["params"])
         examples = [Example(float(col), float(row), bool(is_tree)) for col, row, is_tree in job["examples"]]
-        return teach(params, examples, float(job.get("threshold", 0.6)),
-                     Progress(self._progress, self.cancel_check()), self._kept_model_loader(job))
+        threshold = job.get("threshold")
+        return teach(params, examples, None if threshold is None else float(threshold),
+                     Progress(self._progress, self.cancel_check()), self._kept_model_loader(job),
+                     class_name=str(job.get("class_name") or "tree"))
 
     def crowns(self, job: dict[str, Any]) -> dict[str, Any]:
         """Split a tree-mask raster into crown polygons (gis/crowns.py); the layer is named after the file."""

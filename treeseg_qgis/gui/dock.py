@@ -4,7 +4,7 @@ The panel builds a plain dict with the fields of SegmentationParams (that class
 imports torch, which never loads inside QGIS) and hands it to a
 SegmentationTask. A canvas extent or a polygon selection becomes a small GDAL
 VRT in the raster's CRS, made here on the main thread before the task starts.
-After a run, clicks on the map (gui/teach_tool.py) teach trees by example: a
+After a run, clicks on the map (gui/teach_tool.py) teach trees (or any class) by example: a
 TeachTask runs on the same input with the same model and stride, so the
 engine reads the features the run cached instead of running the model.
 """
@@ -90,6 +90,7 @@ UNTRAINED_TOOLTIP = (
     "segmentation, and every output is marked UNTRAINED (file names, layer group, metadata)."
 )
 DEFAULT_THRESHOLD = 0.6
+DEFAULT_CLASS = "tree"
 TEACH_DEBOUNCE_MS = 300
 ELBOW_WIDTH = 260
 """Fits the width QGIS gives a new dock (about 300 px) beside the scroll bar."""
@@ -97,8 +98,10 @@ COMBO_MIN_CHARACTERS = 12
 """Combo boxes shrink to this many characters, so long layer and model names never make the panel scroll sideways."""
 MODEL_COMBO_MIN_CHARACTERS = 9
 """The longest catalogue name (large-sat), leaving room for the Models… button beside it."""
-TEACH_HELP = ("Left click on the map: a tree. Shift+click or right click: not a tree. Teaching works on the "
-              "input of the last run and reuses its cached features, so the model does not run again.")
+TEACH_HELP = ("Name the class to teach (a tree, a dead tree, a roof…). Left click on the map: an example of it. "
+              "Shift+click or right click: something else. The threshold is chosen from your examples unless you "
+              "move the slider. Teaching works on the input of the last run and reuses its cached features, so the "
+              "model does not run again.")
 
 
 class InputProblem(ValueError):
@@ -296,6 +299,8 @@ class TreesegDock(QgsDockWidget):
         self.teach_button.toggled.connect(self._toggle_teach_tool)
         self.clear_examples_button.clicked.connect(self._clear_examples)
         self.threshold_slider.valueChanged.connect(self._threshold_moved)
+        self.auto_threshold.toggled.connect(self._auto_threshold_toggled)
+        self.class_edit.editingFinished.connect(self._show_examples)
         self.teach_timer.timeout.connect(self._teach_again_or_now)
         self.apply_teach_button.clicked.connect(self.teach)
         self.setup_button.clicked.connect(self.engine_setup_requested)
@@ -357,10 +362,17 @@ class TreesegDock(QgsDockWidget):
         self.clear_examples_button = QPushButton("Clear")
         self.clear_examples_button.setToolTip("Forget the examples clicked so far")
         self.examples_label = QLabel()
+        self.class_edit = QLineEdit(DEFAULT_CLASS)
+        self.class_edit.setToolTip("What the examples show; it names the outputs (e.g. dead tree → "
+                                   "<stem>_taught_dead_tree.tif).")
+        self.auto_threshold = QCheckBox("Choose the threshold from the examples")
+        self.auto_threshold.setToolTip("Leave one out over your clicks: each example is scored by the others, and "
+                                       "the threshold that best separates the two kinds is used. Moving the slider "
+                                       "sets the threshold yourself.")
         self.threshold_slider = QSlider(Qt.Orientation.Horizontal)
         self.threshold_slider.setRange(0, 100)
-        self.threshold_slider.setToolTip("Pixels scoring at least this are trees. Moving it re-thresholds from the "
-                                         "cached features.")
+        self.threshold_slider.setToolTip("Pixels scoring at least this belong to the class. Moving it re-thresholds "
+                                         "from the cached features.")
         self.threshold_label = QLabel()
         self.threshold_label.setMinimumWidth(self.threshold_label.fontMetrics().horizontalAdvance("0.000"))
         self.apply_teach_button = QPushButton("Apply")
@@ -369,6 +381,9 @@ class TreesegDock(QgsDockWidget):
         self.teach_timer = QTimer(self)
         self.teach_timer.setSingleShot(True)
         self.teach_timer.setInterval(TEACH_DEBOUNCE_MS)
+        class_row = QHBoxLayout()
+        class_row.addWidget(QLabel("Class"))
+        class_row.addWidget(self.class_edit, 1)
         tool_row = QHBoxLayout()
         tool_row.addWidget(self.teach_button, 1)
         tool_row.addWidget(self.clear_examples_button)
@@ -378,8 +393,10 @@ class TreesegDock(QgsDockWidget):
         threshold_row.addWidget(self.threshold_label)
         column = QVBoxLayout()
         column.addWidget(note)
+        column.addLayout(class_row)
         column.addLayout(tool_row)
         column.addWidget(self.examples_label)
+        column.addWidget(self.auto_threshold)
         column.addLayout(threshold_row)
         column.addWidget(self.apply_teach_button)
         column.addWidget(self.teach_status)
@@ -405,8 +422,9 @@ class TreesegDock(QgsDockWidget):
         self.min_height_spin.setValue(settings.value(SETTINGS_PREFIX + "min_tree_height_m", 0.0, type=float))
         self.height_model_override.setText(settings.value(SETTINGS_PREFIX + "height_model_override", "", type=str))
         threshold = settings.value(SETTINGS_PREFIX + "teach_threshold", DEFAULT_THRESHOLD, type=float)
-        self.threshold_slider.setValue(round(100 * threshold))
-        self._threshold_moved(self.threshold_slider.value())
+        self._show_threshold(threshold)
+        self.auto_threshold.setChecked(settings.value(SETTINGS_PREFIX + "teach_threshold_auto", True, type=bool))
+        self.class_edit.setText(settings.value(SETTINGS_PREFIX + "teach_class", DEFAULT_CLASS, type=str))
         self.extras_group.setCollapsed(not any(check.isChecked() for check in (
             self.crowns_check, self.features_check, self.height_check)))
         self._show_examples()
@@ -753,17 +771,41 @@ class TreesegDock(QgsDockWidget):
         if self.teach_tool is not None:
             self.teach_tool.clear()
 
+    def _taught_class(self) -> str:
+        return self.class_edit.text().strip() or DEFAULT_CLASS
+
     def _show_examples(self) -> None:
         trees, others = self._example_counts()
-        self.examples_label.setText(f"Examples: {trees} tree{'s' * (trees != 1)}, {others} not tree"
+        taught = self._taught_class()
+        self.examples_label.setText(f"Examples: {trees} {taught}{'s' * (trees != 1)}, {others} not {taught}"
                                     f"{'s' * (others != 1)}." if trees or others else "No examples yet.")
         self._update_enabled()
 
+    def _show_threshold(self, threshold: float) -> None:
+        """Put a threshold on the slider without counting it as the user's."""
+        self.threshold_slider.blockSignals(True)
+        self.threshold_slider.setValue(round(100 * threshold))
+        self.threshold_slider.blockSignals(False)
+        self.threshold_label.setText(f"{threshold:.2f}")
+
     def _threshold_moved(self, value: int) -> None:
-        """Show the threshold; once a teach result is shown, re-teach with it after a short pause."""
+        """The user's threshold: show it, stop choosing it from the examples, and once a teach result is
+        shown re-teach with it after a short pause."""
         self.threshold_label.setText(f"{value / 100:.2f}")
+        self.auto_threshold.blockSignals(True)
+        self.auto_threshold.setChecked(False)
+        self.auto_threshold.blockSignals(False)
         if self._teach_layer_ids:
             self.teach_timer.start()
+
+    def _auto_threshold_toggled(self, checked: bool) -> None:
+        QgsSettings().setValue(SETTINGS_PREFIX + "teach_threshold_auto", checked)
+        if self._teach_layer_ids:
+            self.teach_timer.start()
+
+    def _wanted_threshold(self) -> float | None:
+        """None: choose it from the examples; else the slider's value."""
+        return None if self.auto_threshold.isChecked() else self.threshold_slider.value() / 100
 
     def _teach_again_or_now(self) -> None:
         if self.teach_task is not None:
@@ -781,20 +823,24 @@ class TreesegDock(QgsDockWidget):
             self._show_teach_status("The raster of the last run is no longer in the project; run again.", error=True)
             return
         examples = self.teach_tool.pixel_examples()
+        taught = self._taught_class()
         if not any(is_tree for _, _, is_tree in examples):
-            self._show_teach_status("Click at least one tree first.", error=True)
+            self._show_teach_status(f"Click at least one {taught} first.", error=True)
             return
-        threshold = self.threshold_slider.value() / 100
-        QgsSettings().setValue(SETTINGS_PREFIX + "teach_threshold", threshold)
+        threshold = self._wanted_threshold()
+        if threshold is not None:
+            QgsSettings().setValue(SETTINGS_PREFIX + "teach_threshold", threshold)
+        QgsSettings().setValue(SETTINGS_PREFIX + "teach_class", taught)
         folder = Path(self._last_run["output_dir"])
         params = {**self._last_run, "output_stem": free_output_stem(folder, f"{self._last_run['output_stem']}_teach")}
         self.teach_task = TeachTask(self.engine, params, examples, threshold, layer, self._teach_layer_ids,
-                                    self._teach_outputs, hf_token())
+                                    self._teach_outputs, hf_token(), class_name=taught)
         self.teach_task.progressChanged.connect(self._show_progress)
         self.teach_task.done.connect(self._teach_finished)
         self._teach_again = False
         self.progress_bar.setValue(0)
-        self._show_teach_status(f"Teaching with threshold {threshold:.2f}…")
+        self._show_teach_status(f"Teaching '{taught}' with threshold "
+                                f"{'chosen from the examples' if threshold is None else f'{threshold:.2f}'}…")
         QgsApplication.taskManager().addTask(self.teach_task)
         self._update_enabled()
 
@@ -804,9 +850,11 @@ class TreesegDock(QgsDockWidget):
         if success:
             self._teach_layer_ids = [layer.id() for layer in task.layers]
             self._teach_outputs = list(task.record["outputs"].values())
+            if task.threshold is None:
+                self._show_threshold(float(task.record["threshold"]))
         self._show_teach_status(summary, error=not success and summary != "Cancelled.")
         self._update_enabled()
-        if self._teach_again and self.threshold_slider.value() / 100 != task.threshold:
+        if self._teach_again and self._wanted_threshold() != task.threshold:
             self.teach()
         self._teach_again = False
 

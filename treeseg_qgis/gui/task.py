@@ -120,13 +120,14 @@ class TeachTask(QgsTask):
     done = pyqtSignal(bool, str)
 
     def __init__(self, engine: EngineClient, params: dict[str, Any], examples: list[tuple[float, float, bool]],
-                 threshold: float, layer: QgsRasterLayer, replacing: list[str],
-                 replaced_outputs: list[str], hf_token: str | None = None) -> None:
+                 threshold: float | None, layer: QgsRasterLayer, replacing: list[str],
+                 replaced_outputs: list[str], hf_token: str | None = None, class_name: str = "tree") -> None:
         super().__init__(f"TreeSeg: teaching on {layer.name()}", QgsTask.Flag.CanCancel)
         self.engine = engine
         self.params = params
         self.examples = examples
         self.threshold = threshold
+        self.class_name = class_name
         self.input_name = layer.name()
         self.replacing = replacing
         self.replaced_outputs = replaced_outputs
@@ -141,7 +142,8 @@ class TeachTask(QgsTask):
         try:
             self.record = self.engine.teach(self.params, self.examples, self.threshold,
                                             on_progress=lambda percent, _: self.setProgress(percent),
-                                            is_cancelled=self.isCanceled, hf_token=self.hf_token)
+                                            is_cancelled=self.isCanceled, hf_token=self.hf_token,
+                                            class_name=self.class_name)
         except EngineError as error:
             self.error = error
         except Exception as error:  # noqa: BLE001 - a task must not raise; the panel reports it
@@ -164,10 +166,12 @@ class TeachTask(QgsTask):
 
 
 def teach_summary(record: dict[str, Any]) -> str:
-    """One line: examples, threshold, tree cover and whether the model ran; untrained weights said first."""
-    examples = record["examples"]
-    summary = (f"{examples['trees']} tree and {examples['not_trees']} not-tree examples, score ≥ "
-               f"{float(record['threshold']):.2f}: tree cover {100 * float(record['tree_cover']):.1f} %, "
+    """One line: examples, threshold (and where it came from), cover and whether the model ran; untrained
+    weights said first."""
+    examples, taught = record["examples"], record.get("class") or "tree"
+    note = record.get("threshold_note") or f"score ≥ {float(record['threshold']):.2f}"
+    summary = (f"{examples['trees']} {taught} and {examples['not_trees']} other examples; {note}: {taught} "
+               f"cover {100 * float(record['tree_cover']):.1f} %, "
                f"{FROM_CACHE if record['feature_cache'] == 'hit' else 'features computed by the model'}.")
     return f"{UNTRAINED_SUMMARY} {summary}" if record["model"]["untrained"] else summary
 

@@ -53,8 +53,11 @@ SCORES = {  # output name: (group, measure in evaluate()'s scores, description)
     "CROWN_PRECISION": ("crowns", "crown_precision", "Crown precision (matched at IoU ≥ 0.4)"),
     "CROWN_RECALL": ("crowns", "crown_recall", "Crown recall (matched at IoU ≥ 0.4)"),
     "CROWN_F1": ("crowns", "crown_f1", "Crown F1"),
-    "BOX_RECALL": ("crowns", "box_recall", "Box recall: reference objects holding a predicted crown centre"),
-    "OUTSIDE_SHARE": ("crowns", "outside_share", "Share of predicted tree pixels outside every reference object"),
+    "BOX_RECALL": ("boxes", "box_recall", "Box recall: reference objects with at least 25 % of their area predicted"),
+    "IN_BOX_PRECISION": ("boxes", "in_box_precision", "In-box precision: share of predicted pixels inside an object"),
+    "TREE_COVER": ("boxes", "tree_cover", "Share of the valid pixels predicted as trees"),
+    "CENTROID_BOX_RECALL": ("crowns", "centroid_box_recall",
+                            "Centroid box recall: reference objects holding a predicted crown centre"),
     "MIOU": ("clusters", "miou", "Mean IoU of the clusters against the reference classes"),
     "PIXEL_ACCURACY": ("clusters", "pixel_accuracy", "Pixel accuracy of the clusters against the reference classes"),
 }
@@ -77,8 +80,10 @@ IoU and pixel accuracy of the clusters after matching them one-to-one to the cla
 <ul>
 <li><b>Pixel</b> precision, recall, F1 and IoU of the tree class.</li>
 <li>With reference polygons: <b>crown</b> precision, recall and F1 (one-to-one matching at IoU ≥ 0.4),
-<b>box recall</b> (share of reference objects holding the centre of a predicted crown) and the
-<b>outside share</b> (predicted tree pixels outside every reference object).</li>
+<b>box recall</b> (share of reference objects with at least 25 % of their area predicted), <b>in-box
+precision</b> (share of predicted pixels inside some reference object), tree cover, and the
+<b>centroid box recall</b> (share of reference objects holding the centre of a predicted crown; it
+depends on how the mask is split into crowns).</li>
 <li>With a class raster and clusters: <b>mIoU</b> and <b>pixel accuracy</b>.</li>
 </ul>
 <p>Each measure is also an output number, for use further down a model; measures that do not apply

@@ -1,9 +1,11 @@
-"""The Processing algorithm `treeseg:teach`: tree scores from a few example points, through the engine worker.
+"""The Processing algorithm `treeseg:teach`: scores of a class (trees, dead trees…) from a few example points,
+through the engine worker.
 
 The points are turned into pixel positions here, on the QGIS side (any CRS, via
 the project's transform context); the engine scores every pixel by its DINOv3
-features' similarity to the examples. Features come from the engine's cache when
-the raster was seen before, so a second run with another threshold skips the model.
+features' similarity to the examples; the threshold is chosen from the examples
+unless one is given. Features come from the engine's cache when the raster was
+seen before, so a second run with another threshold skips the model.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from qgis.core import (
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterDestination,
     QgsProcessingParameterRasterLayer,
+    QgsProcessingParameterString,
     QgsRasterLayer,
 )
 from qgis.PyQt.QtCore import QVariant
@@ -49,35 +52,42 @@ TRUE_TEXTS = ("1", "true", "t", "yes", "y")
 FALSE_TEXTS = ("0", "false", "f", "no", "n")
 PixelExample = tuple[float, float, bool]
 
-HELP = f"""<p>Teaches the model what a tree is <b>from a few example points</b>: put points on some
-trees (and, better still, on a few things that are not trees: soil, grass, roofs) and the DINOv3
-features of every pixel are compared with those of the examples.</p>
+HELP = f"""<p>Teaches the model a class <b>from a few example points</b>: trees by default, or any
+class you name (dead trees, roofs, water…). Put points on some examples of the class (and, better
+still, on a few things that are not: soil, grass, live trees) and the DINOv3 features of every pixel
+are compared with those of the examples.</p>
 <h3>Inputs</h3>
 <ul>
-<li><b>Example points</b>: a point layer in any CRS with a field that says which points are trees
-(1 / true = tree, 0 / false = not a tree; empty values are skipped). At least one tree point must
-lie on the raster.</li>
-<li><b>Tree field</b>: that field (empty: <i>is_tree</i>).</li>
-<li><b>Threshold</b>: pixels scoring at least this are trees in the mask. The features are cached,
-so running again with another threshold takes seconds (Feature cache: <i>hit</i>).</li>
+<li><b>Example points</b>: a point layer in any CRS with a field that says which points show the class
+(1 / true = the class, 0 / false = something else; empty values are skipped). At least one point of
+the class must lie on the raster.</li>
+<li><b>Class field</b>: that field (empty: <i>is_tree</i>).</li>
+<li><b>Class</b>: what the examples show; it names the layers and the record.</li>
+<li><b>Threshold</b>: pixels scoring at least this belong to the class. Left empty, it is chosen from
+the examples: each is scored by the others (leave one out) and the threshold that best separates the
+two kinds is used; that needs two examples of each kind, else 0.5 (0.6 with class examples only) and a
+message says so. The features are cached, so running again with another threshold takes seconds
+(Feature cache: <i>hit</i>).</li>
 </ul>
 <h3>Outputs</h3>
 <ul>
-<li><b>Tree similarity</b>: a GeoTIFF of scores from 0 (unlike the tree examples) to 1 (like them).</li>
-<li><b>Tree mask</b>: a GeoTIFF, 1 = tree, 0 = not tree, 255 = nodata.</li>
-<li>Beside the similarity file a record (<i>_teach.json</i>); the tree cover and the feature-cache
-state are also returned for use in a model.</li>
+<li><b>Similarity</b>: a GeoTIFF of scores from 0 (unlike the class examples) to 1 (like them).</li>
+<li><b>Class mask</b>: a GeoTIFF, 1 = the class, 0 = not, 255 = nodata.</li>
+<li>Beside the similarity file a record (<i>_teach.json</i>); the class cover, the threshold used and the
+feature-cache state are also returned for use in a model.</li>
 </ul>
 {WEIGHTS_HELP}"""
 
 
 class TeachTreesAlgorithm(EngineAlgorithm):
-    """Tree scores and a tree mask from example points, through the engine worker process."""
+    """Class scores and a class mask from example points, through the engine worker process."""
 
     INPUT = "INPUT"
     EXAMPLES = "EXAMPLES"
     IS_TREE_FIELD = "IS_TREE_FIELD"
     THRESHOLD = "THRESHOLD"
+    CLASS_NAME = "CLASS_NAME"
+    THRESHOLD_USED = "THRESHOLD_USED"
     OUTPUT_SIMILARITY = "OUTPUT_SIMILARITY"
     OUTPUT_TREES = "OUTPUT_TREES"
     TREE_COVER = "TREE_COVER"
@@ -88,7 +98,7 @@ class TeachTreesAlgorithm(EngineAlgorithm):
         return "teach"
 
     def displayName(self) -> str:
-        return "Teach trees by example (DINOv3)"
+        return "Teach trees or any class by example (DINOv3)"
 
     def group(self) -> str:
         return "Segmentation"
@@ -97,7 +107,8 @@ class TeachTreesAlgorithm(EngineAlgorithm):
         return "segmentation"
 
     def tags(self) -> list[str]:
-        return ["trees", "tree", "examples", "points", "similarity", "few-shot", "dinov3", "orthophoto", "ai"]
+        return ["trees", "tree", "class", "dead trees", "examples", "points", "similarity", "few-shot", "dinov3",
+                "orthophoto", "ai"]
 
     def shortHelpString(self) -> str:
         return help_html(HELP)
@@ -110,18 +121,21 @@ class TeachTreesAlgorithm(EngineAlgorithm):
         self.addParameter(QgsProcessingParameterFeatureSource(self.EXAMPLES, "Example points", [POINT_LAYERS]))
         # Optional, so that the default is taken where the field is left out (qgis_process, processing.run).
         self.addParameter(QgsProcessingParameterField(
-            self.IS_TREE_FIELD, "Tree field (1 tree, 0 not)",
+            self.IS_TREE_FIELD, "Class field (1 yes, 0 not)",
             defaultValue=DEFAULT_IS_TREE_FIELD, parentLayerParameterName=self.EXAMPLES, type=ANY_FIELD,
             optional=True))
+        self.addParameter(QgsProcessingParameterString(self.CLASS_NAME, "Class the examples show",
+                                                       defaultValue="tree", optional=True))
         self.addParameter(QgsProcessingParameterNumber(
-            self.THRESHOLD, "Threshold", DOUBLE, defaultValue=0.6,
+            self.THRESHOLD, "Threshold (empty: from the examples)", DOUBLE, defaultValue=None, optional=True,
             minValue=0.0, maxValue=1.0))
         self.add_model_parameters()
         self.add_device_parameters()
         self.addParameter(QgsProcessingParameterRasterDestination(
-            self.OUTPUT_SIMILARITY, "Tree similarity (0..1)"))
-        self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT_TREES, "Tree mask"))
-        self.addOutput(QgsProcessingOutputNumber(self.TREE_COVER, "Tree cover (fraction of valid pixels)"))
+            self.OUTPUT_SIMILARITY, "Similarity to the class examples (0..1)"))
+        self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT_TREES, "Class mask"))
+        self.addOutput(QgsProcessingOutputNumber(self.TREE_COVER, "Class cover (fraction of valid pixels)"))
+        self.addOutput(QgsProcessingOutputNumber(self.THRESHOLD_USED, "Threshold used"))
         self.addOutput(QgsProcessingOutputString(self.FEATURE_CACHE, "Feature cache (hit, miss or off)"))
         self.addOutput(QgsProcessingOutputFile(self.TEACH_RECORD, "Teach record (JSON)"))
 
@@ -146,20 +160,25 @@ class TeachTreesAlgorithm(EngineAlgorithm):
             "taught_trees_path": trees,
             "teach_record_path": f"{stem}_teach.json",
         }
-        threshold = self.parameterAsDouble(parameters, self.THRESHOLD, context)
+        given = parameters.get(self.THRESHOLD)
+        threshold = None if given is None or given == "" else self.parameterAsDouble(parameters, self.THRESHOLD,
+                                                                                    context)
+        taught = (self.parameterAsString(parameters, self.CLASS_NAME, context) or "").strip() or "tree"
         record = run_in_engine(python, feedback, lambda client, report: client.teach(
             params, examples, threshold, on_progress=report.progress, is_cancelled=feedback.isCanceled,
-            hf_token=hf_token()))
+            hf_token=hf_token(), class_name=taught))
         if record.get("warning"):
             feedback.pushWarning(record["warning"])
-        feedback.pushInfo(f"Examples used: {record['examples']['trees']} trees, "
-                          f"{record['examples']['not_trees']} not trees; feature cache: {record['feature_cache']}.")
+        feedback.pushInfo(f"Examples used: {record['examples']['trees']} {taught}, "
+                          f"{record['examples']['not_trees']} other; {record['threshold_note']}; "
+                          f"feature cache: {record['feature_cache']}.")
         outputs = record["outputs"]
         style_loaded_outputs(context, record, OutputGroup(teach_group_name(record, layer.name()), TEACH_OUTPUT_ORDER))
         return {
             self.OUTPUT_SIMILARITY: outputs["similarity"],
             self.OUTPUT_TREES: outputs["taught_trees"],
             self.TREE_COVER: record["tree_cover"],
+            self.THRESHOLD_USED: record["threshold"],
             self.FEATURE_CACHE: record["feature_cache"],
             self.TEACH_RECORD: outputs["teach_record"],
         }
@@ -171,7 +190,7 @@ def pixel_examples(layer: QgsRasterLayer, source: QgsFeatureSource, field: str, 
     _check_north_up(layer)
     if source.fields().lookupField(field) < 0:
         raise QgsProcessingException(f"The example points have no field '{field}': choose the field that says "
-                                     "which points are trees (1 = tree, 0 = not a tree).")
+                                     "which points show the class (1 = yes, 0 = something else).")
     transform = QgsCoordinateTransform(source.sourceCrs(), layer.crs(), context.transformContext())
     extent = layer.extent()
     pixel_width, pixel_height = extent.width() / layer.width(), extent.height() / layer.height()
@@ -192,7 +211,8 @@ def pixel_examples(layer: QgsRasterLayer, source: QgsFeatureSource, field: str, 
             examples.append(((point.x() - extent.xMinimum()) / pixel_width,
                              (extent.yMaximum() - point.y()) / pixel_height, is_tree))
     if skipped:
-        feedback.pushWarning(f"{skipped} example points without a geometry or a tree / not-tree value were skipped.")
+        feedback.pushWarning(f"{skipped} example points without a geometry or a class / not-class value were "
+                             "skipped.")
     return examples
 
 
