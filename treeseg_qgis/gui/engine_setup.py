@@ -33,7 +33,7 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from .. import engine_env
+from .. import __version__, engine_env
 from ..engine_client import find_engine_python
 from ..processing.engine_algorithm import ENGINE_PYTHON_SETTING
 
@@ -93,6 +93,10 @@ class EngineSetupDialog(QDialog):
         self._build()
         self._detect_gpus()
         self._update_state()
+        engine = self.private_engine()
+        if engine is not None and set(engine.requirements) == set(self.requirements):
+            self._show_status(f"Ready: {engine.folder.name} was made for exactly these packages, so it is used as it "
+                              f"is (a plugin update with the same pins downloads nothing).")
 
     @property
     def running(self) -> bool:
@@ -122,6 +126,8 @@ class EngineSetupDialog(QDialog):
         self.torch_index = QLineEdit(engine_env.default_torch_index(engine_env.CPU))
         self.torch_index.setToolTip("Added to your pip indexes for torch's CPU or CUDA build; empty for none "
                                     "(e.g. when your organisation's mirror has torch).")
+        self.packages_label = QLabel(f"TreeSeg {__version__} pins " + ", ".join(self.requirements))
+        self.packages_label.setWordWrap(True)
         self.engine_label = QLabel()
         self.engine_label.setWordWrap(True)
         self.engine_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
@@ -168,6 +174,7 @@ class EngineSetupDialog(QDialog):
         advanced.setCollapsed(True)
 
         form = QFormLayout()
+        form.addRow("Packages", self.packages_label)
         form.addRow("Engines folder", self.folder_label)
         form.addRow("Made from", self.base_label)
         form.addRow("torch", self.build_combo)
