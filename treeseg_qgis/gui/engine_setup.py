@@ -225,10 +225,6 @@ class EngineSetupDialog(QDialog):
         self.engines_root.mkdir(parents=True, exist_ok=True)
         self._run(self.plan.steps, self._set_up_done)
 
-    def repair(self) -> None:
-        """Build the engine again from scratch (the same as Install; the one in use stays until then)."""
-        self.install()
-
     def use_existing_python(self) -> None:
         """Check the chosen Python off the UI thread; when it can run the engine, use and remember it."""
         python = self.python_widget.filePath().strip()
