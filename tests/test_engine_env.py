@@ -491,6 +491,8 @@ def test_the_dialog_builds_aside_swaps_in_and_offers_to_remove_the_old(qgis_app,
     QgsSettings().setValue(test_setting, "/somewhere/else/python")
     root = engine_env.engines_dir(tmp_path)
     old = previous_engine(root)
+    legacy = root / "engine-0.1.0"
+    (legacy / "bin").mkdir(parents=True)
     dialog = EngineSetupDialog(root)
     dialog.torch_index.setText("")
     ready, stops, removed = [], [], []
@@ -512,8 +514,8 @@ def test_the_dialog_builds_aside_swaps_in_and_offers_to_remove_the_old(qgis_app,
     assert dialog.status_label.text().startswith("The engine is ready"), dialog.status_label.text() + log
     assert "a tiny DINOv3 forward ran" in log and "== Moving the engine into place" in log
     assert len(seen_progress) >= 5 and dialog.progress_bar.value() == PROGRESS_RANGE
-    assert questions and str(old.folder) in questions[0]
-    wait_until(lambda: not old.folder.exists(), DIALOG_TIMEOUT)
+    assert questions and str(old.folder) in questions[0] and str(legacy) in questions[0]
+    wait_until(lambda: not old.folder.exists() and not legacy.exists(), DIALOG_TIMEOUT)
     assert not dialog.install_button.isEnabled() and dialog.repair_button.isEnabled()
     assert QgsSettings().value(test_setting, "", type=str) == "" and stops == []
     assert dialog.engine_label.text() == str(new.python)

@@ -272,10 +272,12 @@ class EngineSetupDialog(QDialog):
         python = str(engine_env.venv_python(new)) if new else ""
         self._finish(f"The engine is ready: {python}. TreeSeg uses it from now on.")
         self.engine_ready.emit(python)
-        old = [engine.folder for engine in engine_env.ready_engines(self.engines_root) if engine.folder != new]
+        old = sorted(folder for folder in self.engines_root.iterdir() if folder.is_dir() and folder != new
+                     and folder.name.startswith(("engine-", "staging-", "old-")))
         if old and QMessageBox.question(
                 self, "Remove the old TreeSeg engines",
-                "These engines were made for other package versions and are no longer used:\n"
+                "These engines (made for other package versions, by an earlier plugin, or left half-made) are no "
+                "longer used:\n"
                 + "\n".join(str(folder) for folder in old) + "\nDelete them?",
                 QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
                 QMessageBox.StandardButton.Yes) == QMessageBox.StandardButton.Yes:
