@@ -1,10 +1,10 @@
 """Time to a ready engine: the set-up plan of engine_env run end to end (venv, pins, install, check, swap),
 with pip or with uv for the install step, from a cold (empty) or warm package cache.
 
-    /usr/bin/python3 scripts/bench_engine_setup.py --tool pip --cache-dir /tmp/bench/pip-cache --root /tmp/bench/a
-    /usr/bin/python3 scripts/bench_engine_setup.py --tool uv --uv /path/to/uv --cache-dir /tmp/bench/uv-cache ...
+    /usr/bin/python3 scripts/bench_engine_setup.py --tool pip --cache cold --cache-dir /tmp/b/pip --root /tmp/b/1
+    /usr/bin/python3 scripts/bench_engine_setup.py --tool uv --uv /path/to/uv --cache warm --cache-dir /tmp/b/uv ...
 
-Cold: a --cache-dir that does not exist yet; warm: the same --cache-dir again with a new --root. The torch
+--cache cold empties --cache-dir first; warm keeps what an earlier run left there. The torch
 index is left out (--torch-index ''), so torch comes from where the user's pip settings say (here a local
 file for pip; uv reads PIP_FIND_LINKS through --find-links). Prints one JSON line.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess  # nosec B404
 import sys
 import time
@@ -36,10 +37,12 @@ def main() -> None:
     parser.add_argument("--tool", choices=("pip", "uv"), default="pip")
     parser.add_argument("--uv", default="uv", help="the uv program")
     parser.add_argument("--cache-dir", required=True, type=Path)
+    parser.add_argument("--cache", choices=("cold", "warm"), default="warm")
     parser.add_argument("--root", required=True, type=Path, help="a new, empty engines folder")
     parser.add_argument("--torch-index", default="")
     args = parser.parse_args()
-    cold = not args.cache_dir.exists()
+    if args.cache == "cold":
+        shutil.rmtree(args.cache_dir, ignore_errors=True)
     env = engine_env.process_environment(os.environ)
     env.update(PIP_CACHE_DIR=str(args.cache_dir), UV_CACHE_DIR=str(args.cache_dir))
     plan = engine_env.install_plan(args.root, engine_env.find_base_python(), engine_env.CPU, args.torch_index)
@@ -53,9 +56,11 @@ def main() -> None:
         if result.returncode != 0:
             sys.exit(f"{step.title} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     size = sum(path.stat().st_size for path in plan.target.rglob("*") if path.is_file() and not path.is_symlink())
-    print(json.dumps({"tool": args.tool, "cache": "cold" if cold else "warm",
+    cached = sum(path.stat().st_size for path in args.cache_dir.rglob("*") if path.is_file())
+    print(json.dumps({"tool": args.tool, "cache": args.cache,
                       "seconds_to_ready": round(time.monotonic() - started, 1), "steps": timings,
-                      "engine_mb": round(size / 1024**2)}))
+                      "engine_mb": round(size / 1024**2),
+                      "cache_mb": round(cached / 1024**2)}))
 
 
 if __name__ == "__main__":

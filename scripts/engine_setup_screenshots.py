@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -94,8 +95,8 @@ class EngineScreenshots:
     def cancel_repair(self) -> None:
         self.dialog.show()
         self.dialog.repair_button.click()
-        self.wait(lambda: "packages" in self.dialog.status_label.text() or not self.dialog.running,
-                  self.cancel_now, "pip's first package")
+        self.wait(lambda: re.search(r"pip: ([3-9]|\d\d+) packages", self.dialog.status_label.text())
+                  or not self.dialog.running, self.cancel_now, "pip's third package")
 
     def cancel_now(self) -> None:
         self.seen["cancelled_during"] = self.dialog.status_label.text()
@@ -136,14 +137,16 @@ class EngineScreenshots:
     def after(self, milliseconds: int, then: Callable[[], None]) -> None:
         QTimer.singleShot(milliseconds, then)
 
-    def wait(self, condition: Callable[[], bool], then: Callable[[], None], what: str) -> None:
+    def wait(self, condition: Callable[[], bool], then: Callable[[], None], what: str,
+             since: float | None = None) -> None:
         """Call `then` once `condition()` holds, polling while QGIS keeps running; give up after the timeout."""
+        since = time.monotonic() if since is None else since
         if condition():
             QTimer.singleShot(0, then)
-        elif time.monotonic() - self.started > TIMEOUT_S:
+        elif time.monotonic() - since > TIMEOUT_S:
             self.finish(f"{what} did not finish in {TIMEOUT_S} s")
         else:
-            QTimer.singleShot(POLL_MS, lambda: self.wait(condition, then, what))
+            QTimer.singleShot(POLL_MS, lambda: self.wait(condition, then, what, since))
 
     def finish(self, problem: str = "") -> None:
         self.seen["problem"] = problem

@@ -22,6 +22,7 @@ fi
 for scenario in build upgrade; do
   plugins=$WORK/plugins; [ $scenario = upgrade ] && plugins=$WORK/plugins-upgraded
   env -u TREESEG_ENGINE_PYTHON -u QT_QPA_PLATFORM DISPLAY="$SCREEN" PATH="$DECOY:$PATH" HOME="$PWD/$WORK/home" \
+    PYENV_ROOT="${PYENV_ROOT:-$HOME/.pyenv}" \
     HF_HUB_OFFLINE=1 QGIS_PLUGINPATH="$PWD/$plugins" TREESEG_REPO="$PWD" TREESEG_SCENARIO=$scenario \
     TREESEG_OUT="$PWD/$WORK/$scenario.json" TREESEG_RUN_OUTPUT="$PWD/$WORK/run" \
     qgis.bin --nologo --noversioncheck --profiles-path "$PWD/$WORK/profiles" \

@@ -491,6 +491,8 @@ def test_the_dialog_builds_aside_swaps_in_and_offers_to_remove_the_old(qgis_app,
     QgsSettings().setValue(test_setting, "/somewhere/else/python")
     root = engine_env.engines_dir(tmp_path)
     old = previous_engine(root)
+    legacy = root / "engine-0.1.0"
+    (legacy / "bin").mkdir(parents=True)
     dialog = EngineSetupDialog(root)
     dialog.torch_index.setText("")
     ready, stops, removed = [], [], []
@@ -512,8 +514,8 @@ def test_the_dialog_builds_aside_swaps_in_and_offers_to_remove_the_old(qgis_app,
     assert dialog.status_label.text().startswith("The engine is ready"), dialog.status_label.text() + log
     assert "a tiny DINOv3 forward ran" in log and "== Moving the engine into place" in log
     assert len(seen_progress) >= 5 and dialog.progress_bar.value() == PROGRESS_RANGE
-    assert questions and str(old.folder) in questions[0]
-    wait_until(lambda: not old.folder.exists(), DIALOG_TIMEOUT)
+    assert questions and str(old.folder) in questions[0] and str(legacy) in questions[0]
+    wait_until(lambda: not old.folder.exists() and not legacy.exists(), DIALOG_TIMEOUT)
     assert not dialog.install_button.isEnabled() and dialog.repair_button.isEnabled()
     assert QgsSettings().value(test_setting, "", type=str) == "" and stops == []
     assert dialog.engine_label.text() == str(new.python)
@@ -521,7 +523,7 @@ def test_the_dialog_builds_aside_swaps_in_and_offers_to_remove_the_old(qgis_app,
     dialog.repair_button.click()
     wait_until(lambda: not dialog.running, DIALOG_TIMEOUT)
     assert ready == [str(new.python)] * 2 and stops == [True], dialog.log.toPlainText()
-    assert engine_env.ready_engines(root) == [new] and not (root / f"{new.folder.name}.old").exists()
+    assert engine_env.ready_engines(root) == [new] and sorted(path.name for path in root.iterdir()) == [new.folder.name]
 
     dialog.remove_button.click()
     wait_until(lambda: not dialog.running, DIALOG_TIMEOUT)
@@ -590,7 +592,7 @@ def test_a_dead_index_is_explained_in_words_within_a_minute(qgis_app, tmp_path, 
 
 def test_an_unchanged_set_of_pins_reuses_the_engine_after_a_plugin_upgrade(qgis_app, tmp_path, test_setting,
                                                                             monkeypatch):
-    import treeseg_qgis
+    from treeseg_qgis.gui import engine_setup
     from treeseg_qgis.gui.engine_setup import EngineSetupDialog
 
     monkeypatch.setattr(engine_client, "qgis_profile_dir", lambda: str(tmp_path))
@@ -598,13 +600,15 @@ def test_an_unchanged_set_of_pins_reuses_the_engine_after_a_plugin_upgrade(qgis_
     root = engine_env.engines_dir(tmp_path)
     engine = make_marked_engine(root, [PROBE_REQUIREMENT])
     engine.python.chmod(0o755)
-    monkeypatch.setattr(treeseg_qgis, "__version__", "9.9.9")
+    monkeypatch.setattr(engine_setup, "__version__", "9.9.9")
 
     dialog = EngineSetupDialog(root)
 
     assert find_engine_python(None) == str(engine.python)
     assert not dialog.install_button.isEnabled() and dialog.repair_button.isEnabled()
     assert f"installed: {engine.folder.name} (cpu)" in dialog.folder_label.text()
+    assert dialog.status_label.text().startswith(f"Ready: {engine.folder.name} was made for exactly these packages")
+    assert dialog.packages_label.text() == f"TreeSeg 9.9.9 pins {PROBE_REQUIREMENT}"
     dialog.deleteLater()
 
 

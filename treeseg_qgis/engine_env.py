@@ -91,7 +91,7 @@ SWAP_SCRIPT = """import json, os, shutil, sys
 staging, target, marker = sys.argv[1:4]
 with open(os.path.join(staging, marker), "w", encoding="utf-8") as file:
     file.write(sys.argv[4])
-old = target + ".old"
+old = os.path.join(os.path.dirname(target), "old-" + os.path.basename(target))
 shutil.rmtree(old, ignore_errors=True)
 if os.path.exists(target):
     os.rename(target, old)
@@ -420,8 +420,8 @@ def explain_pip_failure(log: str) -> str:
 
 
 def remove_environment(venv_dir: Path) -> None:
-    """Delete an engine or a staging folder; refuses a folder that is not treeseg/engine-* or staging-*."""
-    if not (venv_dir.name.startswith(("engine-", "staging-")) and venv_dir.parent.name == ENGINES_FOLDER):
+    """Delete an engine, staging or replaced folder; refuses one that is not treeseg/engine-*, staging-* or old-*."""
+    if not (venv_dir.name.startswith(("engine-", "staging-", "old-")) and venv_dir.parent.name == ENGINES_FOLDER):
         raise EngineEnvError(f"{venv_dir} is not an engine environment made by TreeSeg; it was not removed.")
     if venv_dir.exists():
         shutil.rmtree(venv_dir)

@@ -33,7 +33,7 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from .. import engine_env
+from .. import __version__, engine_env
 from ..engine_client import find_engine_python
 from ..processing.engine_algorithm import ENGINE_PYTHON_SETTING
 
@@ -93,6 +93,10 @@ class EngineSetupDialog(QDialog):
         self._build()
         self._detect_gpus()
         self._update_state()
+        engine = self.private_engine()
+        if engine is not None and set(engine.requirements) == set(self.requirements):
+            self._show_status(f"Ready: {engine.folder.name} was made for exactly these packages, so it is used as it "
+                              f"is (a plugin update with the same pins downloads nothing).")
 
     @property
     def running(self) -> bool:
@@ -122,6 +126,8 @@ class EngineSetupDialog(QDialog):
         self.torch_index = QLineEdit(engine_env.default_torch_index(engine_env.CPU))
         self.torch_index.setToolTip("Added to your pip indexes for torch's CPU or CUDA build; empty for none "
                                     "(e.g. when your organisation's mirror has torch).")
+        self.packages_label = QLabel(f"TreeSeg {__version__} pins " + ", ".join(self.requirements))
+        self.packages_label.setWordWrap(True)
         self.engine_label = QLabel()
         self.engine_label.setWordWrap(True)
         self.engine_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
@@ -168,6 +174,7 @@ class EngineSetupDialog(QDialog):
         advanced.setCollapsed(True)
 
         form = QFormLayout()
+        form.addRow("Packages", self.packages_label)
         form.addRow("Engines folder", self.folder_label)
         form.addRow("Made from", self.base_label)
         form.addRow("torch", self.build_combo)
@@ -218,10 +225,6 @@ class EngineSetupDialog(QDialog):
         self.engines_root.mkdir(parents=True, exist_ok=True)
         self._run(self.plan.steps, self._set_up_done)
 
-    def repair(self) -> None:
-        """Build the engine again from scratch (the same as Install; the one in use stays until then)."""
-        self.install()
-
     def use_existing_python(self) -> None:
         """Check the chosen Python off the UI thread; when it can run the engine, use and remember it."""
         python = self.python_widget.filePath().strip()
@@ -269,10 +272,12 @@ class EngineSetupDialog(QDialog):
         python = str(engine_env.venv_python(new)) if new else ""
         self._finish(f"The engine is ready: {python}. TreeSeg uses it from now on.")
         self.engine_ready.emit(python)
-        old = [engine.folder for engine in engine_env.ready_engines(self.engines_root) if engine.folder != new]
+        old = sorted(folder for folder in self.engines_root.iterdir() if folder.is_dir() and folder != new
+                     and folder.name.startswith(("engine-", "staging-", "old-")))
         if old and QMessageBox.question(
                 self, "Remove the old TreeSeg engines",
-                "These engines were made for other package versions and are no longer used:\n"
+                "These engines (made for other package versions, by an earlier plugin, or left half-made) are no "
+                "longer used:\n"
                 + "\n".join(str(folder) for folder in old) + "\nDelete them?",
                 QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
                 QMessageBox.StandardButton.Yes) == QMessageBox.StandardButton.Yes:
