@@ -44,12 +44,13 @@ mkdir -p "$root/repo" && mount --bind "$repo" "$root/repo"
 for folder in "${folders[@]}"; do
     mkdir -p "$root$folder" && mount --bind -o ro "$folder" "$root$folder"
 done
-# The host's CA bundle: pip and apt reach the registries through the same proxy as on the host.
-mount --bind -o ro /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
+# The host's CA bundle for pip (PIP_CERT below): it reaches the registries as on the host, proxy included.
+mkdir -p "$root/etc/ssl" && touch "$root/etc/ssl/host-ca-certificates.crt"
+mount --bind -o ro /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/host-ca-certificates.crt"
 [ -f /root/.config/pip/pip.conf ] && mkdir -p "$root/root/.config/pip" && cp /root/.config/pip/pip.conf "$root/root/.config/pip/"
 cp /etc/resolv.conf "$root/etc/resolv.conf"
 exec chroot "$root" /usr/bin/env -i HOME=/root PATH=/opt/treeseg-venv/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    LANG=C.UTF-8 TERM=dumb HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 \
+    PIP_CERT=/etc/ssl/host-ca-certificates.crt LANG=C.UTF-8 TERM=dumb HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 \
     QT_QPA_PLATFORM="${QT_QPA_PLATFORM:-offscreen}" ${DISPLAY:+DISPLAY=$DISPLAY} \
     bash -c 'cd /repo && exec "$@"' bash "$@"
 EOF
