@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Runs a command in a Debian 12 root that carries QGIS 3.40 LTR (bookworm-backports), beside the
 # system's QGIS 3.22, with this repository bind-mounted at /repo:
-#   scripts/qgis340.sh pytest -q          # the suite on QGIS 3.40
+#   scripts/qgis340.sh python -m pytest -q  # the suite on QGIS 3.40
 #   scripts/qgis340.sh python -c '...'    # any command; python is the root's engine venv
-# The root is made once with debootstrap (several minutes, about 2.5 GB) in $TREESEG_QGIS340_ROOT
+# The root is made once with debootstrap (7 to 13 minutes here, about 4 GB) in $TREESEG_QGIS340_ROOT
 # (default /var/cache/treeseg-qgis340) and reused afterwards; its venv is /opt/treeseg-venv there.
-# Runs itself with sudo when not root (debootstrap, chroot, mounts). The mounts live in a private mount namespace, so they
-# disappear with the command. The host's pip configuration and local wheels (torch==2.13.0 CPU)
-# are mounted in so pip finds the same files as on the host.
+# Runs itself with sudo when not root (debootstrap, chroot, mounts). The mounts live in a private mount
+# namespace, so they disappear with the command. The host's pip configuration, local wheels
+# (torch==2.13.0 CPU) and CA bundle are mounted in, so pip finds the same files as on the host.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 ROOT=${TREESEG_QGIS340_ROOT:-/var/cache/treeseg-qgis340}
