@@ -15,7 +15,8 @@ MIRROR=${TREESEG_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 VENV=/opt/treeseg-venv
 READY=$ROOT/.treeseg-root-ready
 QGIS_PACKAGES="python3-qgis qgis-providers qgis"
-BASE_PACKAGES="python3-venv python3-matplotlib xvfb xauth make git ca-certificates"
+# fonts-open-sans: QGIS 3.40 otherwise tries to download Open Sans at start and shows that it failed.
+BASE_PACKAGES="python3-venv python3-matplotlib xvfb xauth make git ca-certificates fonts-open-sans"
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "qgis340: debootstrap, chroot and mounts need root: running with sudo" >&2
@@ -56,6 +57,13 @@ exec chroot "$root" /usr/bin/env -i HOME=/root PATH=/opt/treeseg-venv/bin:/usr/s
 EOF
 }
 
+install_packages() {
+    in_root bash -c "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends $BASE_PACKAGES >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends -t bookworm-backports $QGIS_PACKAGES >/dev/null && apt-get clean"
+    echo "$BASE_PACKAGES $QGIS_PACKAGES" >"$READY"
+}
+
 if [ ! -f "$READY" ]; then
     started=$(date +%s)
     echo "qgis340: making the QGIS 3.40 root in $ROOT (debootstrap and apt, several minutes, once)" >&2
@@ -71,12 +79,12 @@ deb $MIRROR bookworm-updates main
 deb $MIRROR bookworm-backports main
 deb http://deb.debian.org/debian-security bookworm-security main
 EOF
-    in_root bash -c "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-        --no-install-recommends $BASE_PACKAGES >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-        --no-install-recommends -t bookworm-backports $QGIS_PACKAGES >/dev/null && apt-get clean"
+    install_packages
     in_root python3 -c "import qgis.core; print('qgis340: QGIS', qgis.core.Qgis.QGIS_VERSION)"
-    touch "$READY"
     echo "qgis340: root made in $(( $(date +%s) - started )) s" >&2
+elif [ "$(cat "$READY")" != "$BASE_PACKAGES $QGIS_PACKAGES" ]; then
+    echo "qgis340: installing the packages added to the root's list" >&2
+    install_packages
 fi
 
 # The engine venv inside the root: the root's Python with QGIS's packages, and the pinned requirements.
