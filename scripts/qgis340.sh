@@ -3,7 +3,7 @@
 # system's QGIS 3.22, with this repository bind-mounted at /repo:
 #   scripts/qgis340.sh python -m pytest -q  # the suite on QGIS 3.40
 #   scripts/qgis340.sh python -c '...'    # any command; python is the root's engine venv
-# The root is made once with debootstrap (7 to 13 minutes here, about 4 GB) in $TREESEG_QGIS340_ROOT
+# The root is made once with debootstrap (2 to 13 minutes here, by load; about 4 GB) in $TREESEG_QGIS340_ROOT
 # (default /var/cache/treeseg-qgis340) and reused afterwards; its venv is /opt/treeseg-venv there.
 # Runs itself with sudo when not root (debootstrap, chroot, mounts). The mounts live in a private mount
 # namespace, so they disappear with the command. The host's pip configuration, local wheels
