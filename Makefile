@@ -7,7 +7,7 @@ PLUGIN := treeseg_qgis
 VERSION := $(shell sed -n 's/^version=//p' metadata.txt)
 PROFILE_PLUGINS ?= $(HOME)/.local/share/QGIS/QGIS3/profiles/default/python/plugins
 
-.PHONY: setup demo test lint eval bench package deploy clean screenshot
+.PHONY: setup demo test test-system test-qgis340 lint eval bench package deploy clean screenshot screenshot-run
 
 setup:
 	@bash scripts/setup.sh
@@ -22,8 +22,18 @@ demo: setup
 	$(PYTHON) -m treeseg_qgis segment resources/sample/OSBS_029.tif --out output/demo \
 		--model small --allow-untrained
 
-test: setup
+# The whole suite twice: on the system's QGIS (3.22 on Debian 12), then on QGIS 3.40 LTR in a Debian 12
+# root beside it (scripts/qgis340.sh: made once in /var/cache/treeseg-qgis340, reused afterwards).
+test: test-system test-qgis340
+
+QGIS_VERSION_LINE := from qgis.core import Qgis; print("== the suite on QGIS", Qgis.QGIS_VERSION)
+test-system: setup
+	@$(PYTHON) -c '$(QGIS_VERSION_LINE)'
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
+
+test-qgis340:
+	@bash scripts/qgis340.sh python -c '$(QGIS_VERSION_LINE)'
+	@bash scripts/qgis340.sh python -m pytest -q
 
 eval: setup
 	$(PYTHON) scripts/eval_sample.py
@@ -54,23 +64,22 @@ deploy: setup package
 	@echo "enable it in QGIS: Plugins > Manage and Install Plugins > Installed > TreeSeg (DINOv3)"
 
 # docs/img/*.png (the panel, Processing, crowns, feature image, canopy height, teach) from the real QGIS
-# desktop on a virtual screen (Xvfb),
-# with the packaged plugin in a throw-away profile and this checkout's .venv as the engine.
+# 3.40 LTR desktop (in the root of test-qgis340) on a virtual screen (Xvfb), with the packaged plugin in a
+# throw-away profile and that root's venv as the engine. screenshot-run is the part that runs in the root
+# (run alone, it takes the system QGIS and .venv).
 SCREEN ?= :77
 SCREENSHOT_HOME := output/screenshot-qgis
-screenshot: setup package
-	@if ! command -v qgis.bin >/dev/null || ! command -v Xvfb >/dev/null; then \
-		SUDO=$$( [ "$$(id -u)" -ne 0 ] && echo sudo ); \
-		echo "screenshot: installing the QGIS desktop and Xvfb" >&2; \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
-			--no-install-recommends qgis xvfb >/dev/null; \
-	fi
+ENGINE_PYTHON ?= $(CURDIR)/.venv/bin/python
+screenshot: package
+	@bash scripts/qgis340.sh make screenshot-run ENGINE_PYTHON=/opt/treeseg-venv/bin/python SCREEN=$(SCREEN)
+
+screenshot-run:
 	@rm -rf $(SCREENSHOT_HOME) && mkdir -p $(SCREENSHOT_HOME)/plugins $(SCREENSHOT_HOME)/profiles
 	@/usr/bin/python3 -m zipfile -e dist/$(PLUGIN)-$(VERSION).zip $(SCREENSHOT_HOME)/plugins
 	@Xvfb $(SCREEN) -screen 0 1600x1000x24 -nolisten tcp >/dev/null 2>&1 & XVFB=$$!; \
 		trap 'kill $$XVFB' EXIT; sleep 1; \
 		DISPLAY=$(SCREEN) QT_QPA_PLATFORM=xcb QGIS_PLUGINPATH=$(CURDIR)/$(SCREENSHOT_HOME)/plugins \
-		TREESEG_ENGINE_PYTHON=$(CURDIR)/.venv/bin/python \
+		TREESEG_ENGINE_PYTHON=$(ENGINE_PYTHON) \
 		qgis.bin --nologo --noversioncheck --profiles-path $(SCREENSHOT_HOME)/profiles \
 			--code scripts/screenshot.py
 	@ls -l docs/img/*.png

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Runs a command in a Debian 12 root that carries QGIS 3.40 LTR (bookworm-backports), beside the
 # system's QGIS 3.22, with this repository bind-mounted at /repo:
-#   scripts/qgis340.sh pytest -q          # the suite on QGIS 3.40
+#   scripts/qgis340.sh python -m pytest -q  # the suite on QGIS 3.40
 #   scripts/qgis340.sh python -c '...'    # any command; python is the root's engine venv
-# The root is made once with debootstrap (several minutes, about 2.5 GB) in $TREESEG_QGIS340_ROOT
+# The root is made once with debootstrap (2 to 13 minutes here, by load; about 4 GB) in $TREESEG_QGIS340_ROOT
 # (default /var/cache/treeseg-qgis340) and reused afterwards; its venv is /opt/treeseg-venv there.
-# Runs itself with sudo when not root (debootstrap, chroot, mounts). The mounts live in a private mount namespace, so they
-# disappear with the command. The host's pip configuration and local wheels (torch==2.13.0 CPU)
-# are mounted in so pip finds the same files as on the host.
+# Runs itself with sudo when not root (debootstrap, chroot, mounts). The mounts live in a private mount
+# namespace, so they disappear with the command. The host's pip configuration, local wheels
+# (torch==2.13.0 CPU) and CA bundle are mounted in, so pip finds the same files as on the host.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 ROOT=${TREESEG_QGIS340_ROOT:-/var/cache/treeseg-qgis340}
@@ -15,7 +15,8 @@ MIRROR=${TREESEG_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 VENV=/opt/treeseg-venv
 READY=$ROOT/.treeseg-root-ready
 QGIS_PACKAGES="python3-qgis qgis-providers qgis"
-BASE_PACKAGES="python3-venv python3-matplotlib xvfb xauth make git ca-certificates"
+# fonts-open-sans: QGIS 3.40 otherwise tries to download Open Sans at start and shows that it failed.
+BASE_PACKAGES="python3-venv python3-matplotlib xvfb xauth make git ca-certificates fonts-open-sans"
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "qgis340: debootstrap, chroot and mounts need root: running with sudo" >&2
@@ -44,15 +45,23 @@ mkdir -p "$root/repo" && mount --bind "$repo" "$root/repo"
 for folder in "${folders[@]}"; do
     mkdir -p "$root$folder" && mount --bind -o ro "$folder" "$root$folder"
 done
-# The host's CA bundle: pip and apt reach the registries through the same proxy as on the host.
-mount --bind -o ro /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
+# The host's CA bundle for pip (PIP_CERT below): it reaches the registries as on the host, proxy included.
+mkdir -p "$root/etc/ssl" && touch "$root/etc/ssl/host-ca-certificates.crt"
+mount --bind -o ro /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/host-ca-certificates.crt"
 [ -f /root/.config/pip/pip.conf ] && mkdir -p "$root/root/.config/pip" && cp /root/.config/pip/pip.conf "$root/root/.config/pip/"
 cp /etc/resolv.conf "$root/etc/resolv.conf"
 exec chroot "$root" /usr/bin/env -i HOME=/root PATH=/opt/treeseg-venv/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    LANG=C.UTF-8 TERM=dumb HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 \
+    PIP_CERT=/etc/ssl/host-ca-certificates.crt LANG=C.UTF-8 TERM=dumb HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 \
     QT_QPA_PLATFORM="${QT_QPA_PLATFORM:-offscreen}" ${DISPLAY:+DISPLAY=$DISPLAY} \
     bash -c 'cd /repo && exec "$@"' bash "$@"
 EOF
+}
+
+install_packages() {
+    in_root bash -c "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends $BASE_PACKAGES >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends -t bookworm-backports $QGIS_PACKAGES >/dev/null && apt-get clean"
+    echo "$BASE_PACKAGES $QGIS_PACKAGES" >"$READY"
 }
 
 if [ ! -f "$READY" ]; then
@@ -70,12 +79,12 @@ deb $MIRROR bookworm-updates main
 deb $MIRROR bookworm-backports main
 deb http://deb.debian.org/debian-security bookworm-security main
 EOF
-    in_root bash -c "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-        --no-install-recommends $BASE_PACKAGES >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-        --no-install-recommends -t bookworm-backports $QGIS_PACKAGES >/dev/null && apt-get clean"
+    install_packages
     in_root python3 -c "import qgis.core; print('qgis340: QGIS', qgis.core.Qgis.QGIS_VERSION)"
-    touch "$READY"
     echo "qgis340: root made in $(( $(date +%s) - started )) s" >&2
+elif [ "$(cat "$READY")" != "$BASE_PACKAGES $QGIS_PACKAGES" ]; then
+    echo "qgis340: installing the packages added to the root's list" >&2
+    install_packages
 fi
 
 # The engine venv inside the root: the root's Python with QGIS's packages, and the pinned requirements.

@@ -100,7 +100,10 @@ def file_findings(path: Path) -> list[str]:
 
 
 def python_files(paths: list[Path]) -> list[Path]:
-    """The .py files in `paths`, folders searched recursively."""
+    """The .py files in `paths`, folders searched recursively; a path that does not exist is an error."""
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"qt6 gate: no such file or folder: {', '.join(missing)}")
     return sorted(f for p in paths for f in ([p] if p.is_file() else p.rglob("*.py")))
 
 
@@ -110,8 +113,14 @@ def findings(paths: list[Path]) -> list[str]:
 
 
 def main(arguments: list[str]) -> int:
-    """Print the findings under the given paths; 1 when there are any."""
-    lines = findings([Path(a) for a in arguments])
+    """Print the findings under the given paths; 1 when there are any, 2 without paths or with a missing one."""
+    try:
+        if not arguments:
+            raise FileNotFoundError("usage: python scripts/qt6_gate.py PATH [PATH...]")
+        lines = findings([Path(a) for a in arguments])
+    except FileNotFoundError as error:
+        print(error, file=sys.stderr)
+        return 2
     print("\n".join(lines) if lines else "qt6 gate: no PyQt5-only idioms")
     return 1 if lines else 0
 

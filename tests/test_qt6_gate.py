@@ -62,6 +62,11 @@ def test_scoped_enums_and_qt6_spellings_pass(tmp_path):
     assert gate_findings(tmp_path, source) == []
 
 
+def test_a_path_that_does_not_exist_is_an_error_not_a_pass(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        qt6_gate.findings([tmp_path / "missing"])
+
+
 def test_an_unscoped_enum_added_to_a_scratch_copy_fails_the_gate(tmp_path):
     copy = tmp_path / "treeseg_qgis"
     shutil.copytree(REPO / "treeseg_qgis", copy, ignore=shutil.ignore_patterns("__pycache__"))
