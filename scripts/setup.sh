@@ -11,7 +11,7 @@ SYSTEM_PYTHON=/usr/bin/python3
 VENV=.venv
 STAMP=$VENV/.setup-stamp
 
-if ! "$SYSTEM_PYTHON" -c "import qgis.core, osgeo.gdal" >/dev/null 2>&1 || [ ! -x /usr/bin/qgis_process.bin ]; then
+if ! "$SYSTEM_PYTHON" -c "import qgis.core, osgeo.gdal" >/dev/null 2>&1 || [ ! -x /usr/bin/qgis_process.bin ] || ! command -v Xvfb >/dev/null 2>&1; then
     if ! command -v apt-get >/dev/null 2>&1; then
         echo "setup: QGIS's Python bindings are missing and this system has no apt-get." >&2
         echo "setup: install QGIS 3.22 or newer with its Python bindings (python3-qgis)," >&2
@@ -26,7 +26,7 @@ if ! "$SYSTEM_PYTHON" -c "import qgis.core, osgeo.gdal" >/dev/null 2>&1 || [ ! -
     echo "setup: installing Debian's QGIS packages (about a minute)" >&2
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-        python3-qgis qgis-providers qgis python3-venv python3-matplotlib >/dev/null
+        python3-qgis qgis-providers qgis xvfb python3-venv python3-matplotlib >/dev/null
 fi
 
 if [ -f "$STAMP" ] && [ "$STAMP" -nt requirements.txt ] && [ -x "$VENV/bin/python" ]; then
