@@ -98,3 +98,34 @@ def test_hub_429_and_500_are_not_called_offline():
         failure.__cause__ = HfHubHTTPError(f"{status} error", response=response)
         message = explain_load_failure("facebook/dinov3-vits16-pretrain-lvd1689m", failure)
         assert "try again in a few minutes" in message and "offline" not in message
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs (needs the right to mount; skipped without it)."""
+    import subprocess
+
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("free_kb", [5, 40, 120, 250, 700])
+def test_a_nearly_full_output_disk_is_one_line_and_keeps_the_earlier_outputs(small_disk, tmp_path, capsys, free_kb):
+    import shutil
+
+    image, _ = disc_scene(400, 400, [(200, 200)], radius=80)
+    write_geotiff(tmp_path / "in.tif", image)
+    out = small_disk / "out"
+    out.mkdir()
+    (out / "in_rgb-kmeans_run.json").write_text("an earlier run")
+    (small_disk / "filler").write_bytes(b"x" * (shutil.disk_usage(small_disk).free - free_kb * 1024))
+    assert segment(str(tmp_path / "in.tif"), "--out", str(out), "--crowns") == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("Warning 1:")]
+    assert len(error) == 1 and error[0].startswith("treeseg: error: ") and ": ." not in error[0], error
+    assert [p.name for p in out.iterdir()] == ["in_rgb-kmeans_run.json"]
+    assert (out / "in_rgb-kmeans_run.json").read_text() == "an earlier run"

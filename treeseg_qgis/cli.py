@@ -164,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR if getattr(args, "quiet", False) else logging.WARNING,
                         format="treeseg: %(message)s", stream=sys.stderr)
     _quiet_libraries()
+    sys.unraisablehook = _log_unraisable
     with interrupts.stop_signals_handled():
         try:
             if args.command == "evaluate":
@@ -180,6 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except TreesegError as error:
             print(f"treeseg: error: {error}", file=sys.stderr)
             return EXIT_USER_ERROR
+        except OSError as error:
+            print(f"treeseg: error: {error.strerror or error}{f': {error.filename}' if error.filename else ''}. "
+                  "Nothing of this run was kept.", file=sys.stderr)
+            return EXIT_USER_ERROR
         except MemoryError:
             print("treeseg: error: out of memory: try a smaller --tile-size, stride 16, a smaller model, or close "
                   "other programs. Nothing of this run was kept.", file=sys.stderr)
@@ -190,6 +195,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 128 + interrupts.received()
     _print_summary(record)
     return 0
+
+
+def _log_unraisable(unraisable: sys.UnraisableHookArgs) -> None:
+    """GDAL's errors while closing a failed file (the run's error line says what happened) go to the debug log."""
+    logging.getLogger("treeseg").debug("ignored while cleaning up: %s", unraisable.exc_value)
 
 
 def _stopped(error: BaseException) -> int:

@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 import stat
 import tempfile
 import time
@@ -157,11 +158,13 @@ def segment(
             with interrupts.deferred(reraise=False):
                 _commit(transaction, [*written, paths.record],
                         paths.stale(params.to_dict(), SEGMENT_KINDS, [*written, paths.record]))
-        except BaseException:
+        except BaseException as error:
             with interrupts.deferred(reraise=False):
                 for writer in writers:
                     writer.abort()
                 transaction.abort()
+            if isinstance(error, RuntimeError) and _writing_failed(error, paths.clusters.parent) is not error:
+                raise _writing_failed(error, paths.clusters.parent) from error
             raise
     progress.report(1.0, "Done")
     return record
@@ -404,6 +407,16 @@ def _polygonize(paths: OutputPaths, result: SegmentationResult, model: dict, pro
     )
     result.timings["polygonize"] = round(time.perf_counter() - started, 3)
     return polygons
+
+
+def _writing_failed(error: RuntimeError, folder: Path) -> BaseException:
+    """GDAL's or SQLite's error while writing (most often a full disk) as one line; any other error as it is."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if not re.search(r"disk|full|space|sqlite|tiff|write|writing", reason, re.IGNORECASE):
+        return error
+    free = f"{shutil.disk_usage(folder).free // 2**20} MB are free in {folder}: " if folder.is_dir() else ""
+    return OutputError(f"Writing the outputs failed ({reason}). {free}free some space or choose another output "
+                       "folder; the earlier outputs are unchanged.")
 
 
 def _commit(transaction: OutputTransaction, produced: list[Path], stale: list[Path]) -> None:
