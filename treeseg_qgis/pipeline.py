@@ -190,8 +190,7 @@ def teach(
     with _opened(params, progress, TEACH_KINDS, examples if isinstance(examples, str) else None) as (
             source, store, cache_state):
         if isinstance(examples, str):
-            examples = read_examples(examples, Grid(source.width, source.height, source.geotransform,
-                                                    source.crs_wkt))
+            examples = _read_examples(examples, source)
         progress.report(0.0, "Loading model" if cache_state != "hit" else "Reading cached features")
         extractor = StoredFeatures(store) if cache_state == "hit" else _extractor(params, load_model)
         model = extractor.describe()
@@ -236,6 +235,14 @@ def teach(
             raise
     progress.report(1.0, "Done")
     return record
+
+
+def _read_examples(path: str, source: GdalRasterSource) -> list[Example]:
+    try:
+        return read_examples(path, Grid(source.width, source.height, source.geotransform, source.crs_wkt))
+    except (RuntimeError, ValueError) as error:
+        raise InputError(f"Cannot use the examples in {path}: {error}. Every point needs valid coordinates "
+                         "in a known CRS (or use a CSV of col,row,is_tree pixel numbers).") from error
 
 
 @contextmanager
