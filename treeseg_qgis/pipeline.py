@@ -308,11 +308,12 @@ def _feature_store(params: SegmentationParams, source: GdalRasterSource,
 
 
 def _cache_key(params: SegmentationParams, source: GdalRasterSource) -> dict:
-    """Everything that changes the features: the input's files (a VRT's sources too), the weights, the settings."""
+    """Everything that changes the features: the input's files (a VRT's sources too; not the .aux.xml GDAL
+    may write beside them when reading), the weights, the settings."""
     dinov3 = params.method == "dinov3"
     return {
         "format": 2,
-        "input": [_input_identity(path) for path in source.files],
+        "input": [_input_identity(path) for path in source.files if not path.endswith(".aux.xml")],
         "bands": list(source.bands),
         "scaling": source.scaling,
         "weights": weights_identity(params.model, params.model_revision) if dinov3 else None,
