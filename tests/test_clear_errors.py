@@ -98,3 +98,63 @@ def test_hub_429_and_500_are_not_called_offline():
         failure.__cause__ = HfHubHTTPError(f"{status} error", response=response)
         message = explain_load_failure("facebook/dinov3-vits16-pretrain-lvd1689m", failure)
         assert "try again in a few minutes" in message and "offline" not in message
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs (needs the right to mount; skipped without it)."""
+    import subprocess
+
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("free_kb", [5, 40, 120, 250, 700])
+def test_a_nearly_full_output_disk_is_one_line_and_keeps_the_earlier_outputs(small_disk, tmp_path, capsys, free_kb):
+    import shutil
+
+    image, _ = disc_scene(400, 400, [(200, 200)], radius=80)
+    write_geotiff(tmp_path / "in.tif", image)
+    out = small_disk / "out"
+    out.mkdir()
+    (out / "in_rgb-kmeans_run.json").write_text("an earlier run")
+    (small_disk / "filler").write_bytes(b"x" * (shutil.disk_usage(small_disk).free - free_kb * 1024))
+    assert segment(str(tmp_path / "in.tif"), "--out", str(out), "--crowns") == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("Warning 1:")]
+    assert len(error) == 1 and error[0].startswith("treeseg: error: ") and ": ." not in error[0], error
+    assert [p.name for p in out.iterdir()] == ["in_rgb-kmeans_run.json"]
+    assert (out / "in_rgb-kmeans_run.json").read_text() == "an earlier run"
+
+
+@pytest.mark.parametrize("case", ["no CRS", "infinite coordinates"])
+def test_teach_points_without_a_crs_or_with_invalid_coordinates_are_one_line(image, tmp_path, capsys, case):
+    from osgeo import ogr, osr
+
+    from .conftest import SAMPLE_GEOTRANSFORM as GT
+
+    write_geotiff(tmp_path / "in.tif", image)
+    srs = None
+    if case != "no CRS":
+        srs = osr.SpatialReference()
+        srs.ImportFromEPSG(32617)
+    points = ogr.GetDriverByName("GPKG").CreateDataSource(str(tmp_path / "points.gpkg"))
+    layer = points.CreateLayer("points", srs, ogr.wkbPoint)
+    layer.CreateField(ogr.FieldDefn("is_tree", ogr.OFTInteger))
+    for x, y, is_tree in [(GT[0] + 4.8, GT[3] - 4.8, 1), (GT[0] + 0.5, GT[3] - 0.5, 0)]:
+        feature = ogr.Feature(layer.GetLayerDefn())
+        feature.SetField("is_tree", is_tree)
+        point = ogr.Geometry(ogr.wkbPoint)
+        point.AddPoint_2D(float("inf") if case != "no CRS" and is_tree else x, y)
+        feature.SetGeometry(point)
+        layer.CreateFeature(feature)
+    points = None
+    status = main(["teach", str(tmp_path / "in.tif"), "--examples", str(tmp_path / "points.gpkg"), "--out",
+                   str(tmp_path / "out"), "--model", "small", "--allow-untrained", "--no-cache"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert status == 2 and len(errors) == 1 and errors[0].startswith("treeseg: error: "), errors
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []

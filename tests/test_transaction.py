@@ -188,3 +188,28 @@ def test_processing_refuses_an_output_on_the_input_and_a_shared_output_path(qgis
             registry.removeProvider(provider)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.tif"]
+
+
+@pytest.mark.parametrize("stop", ["cancel", "SIGKILL"])
+def test_a_worker_cancelled_or_killed_while_polygonizing_leaves_the_previous_outputs(previous_run, stop):
+    from treeseg_qgis.engine_client import EngineClient, EngineError
+
+    params, out = previous_run
+    before = snapshot(out)
+    client = EngineClient(sys.executable, {"HF_HUB_OFFLINE": "1"})
+    polygonizing = []
+
+    def on_progress(percent: float, stage: str) -> None:
+        if stage.startswith("Polygonizing") and not polygonizing:
+            polygonizing.append(stage)
+            if stop == "SIGKILL":
+                client._process.kill()
+
+    try:
+        with pytest.raises(EngineError) as stopped:
+            client.segment({**params(clusters=3).to_dict(), "use_cache": False}, on_progress=on_progress,
+                           is_cancelled=lambda: stop == "cancel" and bool(polygonizing))
+    finally:
+        client.close()
+    assert stopped.value.kind == ("crash" if stop == "SIGKILL" else "cancelled") and polygonizing
+    assert snapshot(out) == before

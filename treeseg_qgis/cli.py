@@ -3,7 +3,8 @@
 Exit status: 0 on success; 2 with one line on stderr when the input, a parameter
 or the model weights are not usable; 128 + the signal number when stopped by a
 signal: 130 (Ctrl-C, SIGINT), 143 (SIGTERM), 129 (SIGHUP). A failed or stopped
-run leaves the earlier outputs as they were and nothing of its own.
+run leaves the earlier outputs as they were and nothing of its own; a signal
+that arrives while the finished outputs are moved into place is too late (exit 0).
 """
 
 from __future__ import annotations
@@ -169,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR if getattr(args, "quiet", False) else logging.WARNING,
                         format="treeseg: %(message)s", stream=sys.stderr)
     _quiet_libraries()
+    sys.unraisablehook = _log_unraisable
     with interrupts.stop_signals_handled():
         try:
             if args.command == "evaluate":
@@ -185,16 +187,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         except TreesegError as error:
             print(f"treeseg: error: {error}", file=sys.stderr)
             return EXIT_USER_ERROR
+        except OSError as error:
+            print(f"treeseg: error: {error.strerror or error}{f': {error.filename}' if error.filename else ''}. "
+                  "Nothing of this run was kept.", file=sys.stderr)
+            return EXIT_USER_ERROR
         except MemoryError:
             print("treeseg: error: out of memory: try a smaller --tile-size, stride 16, a smaller model, or close "
                   "other programs. Nothing of this run was kept.", file=sys.stderr)
             return EXIT_USER_ERROR
         if interrupts.received():
-            print(f"treeseg: {interrupts.Interrupted(interrupts.received())} as the run finished; its outputs "
-                  "are complete.", file=sys.stderr)
-            return 128 + interrupts.received()
-    _print_summary(record)
+            print(f"treeseg: {interrupts.Interrupted(interrupts.received())} too late: the run had finished and "
+                  "its outputs are complete.", file=sys.stderr)
+        with interrupts.deferred(reraise=False):  # the outputs are complete: a late stop signal changes nothing
+            _print_summary(record)
     return 0
+
+
+def _log_unraisable(unraisable: sys.UnraisableHookArgs) -> None:
+    """GDAL's errors while closing a failed file (the run's error line says what happened) go to the debug log."""
+    logging.getLogger("treeseg").debug("ignored while cleaning up: %s", unraisable.exc_value)
 
 
 def _stopped(error: BaseException) -> int:

@@ -33,13 +33,24 @@ class _State:
     deferring = 0
 
 
+def handle_stop_signals() -> None:
+    """Handle SIGINT, SIGTERM and SIGHUP from now on (main thread only)."""
+    _State.received = None
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _handle)
+
+
+def ignore_stop_signals() -> None:
+    """Ignore stop signals from now on: the work is done and the process is about to exit."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 @contextmanager
 def stop_signals_handled() -> Iterator[None]:
     """Handle SIGINT, SIGTERM and SIGHUP (main thread only) until the block ends, then restore the handlers."""
     previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-    _State.received = None
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, _handle)
+    handle_stop_signals()
     try:
         yield
     finally:

@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 import stat
 import tempfile
 import time
@@ -159,11 +160,13 @@ def segment(
             with interrupts.deferred(reraise=False):
                 _commit(transaction, [*written, paths.record],
                         paths.stale(params.to_dict(), SEGMENT_KINDS, [*written, paths.record]))
-        except BaseException:
+        except BaseException as error:
             with interrupts.deferred(reraise=False):
                 for writer in writers:
                     writer.abort()
                 transaction.abort()
+            if isinstance(error, RuntimeError) and _writing_failed(error, paths.clusters.parent) is not error:
+                raise _writing_failed(error, paths.clusters.parent) from error
             raise
     progress.report(1.0, "Done")
     return record
@@ -192,8 +195,7 @@ def teach(
     with _opened(params, progress, TEACH_KINDS, examples if isinstance(examples, str) else None) as (
             source, store, cache_state):
         if isinstance(examples, str):
-            examples = read_examples(examples, Grid(source.width, source.height, source.geotransform,
-                                                    source.crs_wkt))
+            examples = _read_examples(examples, source)
         progress.report(0.0, "Loading model" if cache_state != "hit" else "Reading cached features")
         extractor = StoredFeatures(store) if cache_state == "hit" else _extractor(params, load_model)
         model = extractor.describe()
@@ -244,6 +246,14 @@ def teach(
             raise
     progress.report(1.0, "Done")
     return record
+
+
+def _read_examples(path: str, source: GdalRasterSource) -> list[Example]:
+    try:
+        return read_examples(path, Grid(source.width, source.height, source.geotransform, source.crs_wkt))
+    except (RuntimeError, ValueError) as error:
+        raise InputError(f"Cannot use the examples in {path}: {error}. Every point needs valid coordinates "
+                         "in a known CRS (or use a CSV of col,row,is_tree pixel numbers).") from error
 
 
 @contextmanager
@@ -309,11 +319,12 @@ def _feature_store(params: SegmentationParams, source: GdalRasterSource,
 
 
 def _cache_key(params: SegmentationParams, source: GdalRasterSource) -> dict:
-    """Everything that changes the features: the input's files (a VRT's sources too), the weights, the settings."""
+    """Everything that changes the features: the input's files (a VRT's sources too; not the .aux.xml GDAL
+    may write beside them when reading), the weights, the settings."""
     dinov3 = params.method == "dinov3"
     return {
         "format": 2,
-        "input": [_input_identity(path) for path in source.files],
+        "input": [_input_identity(path) for path in source.files if not path.endswith(".aux.xml")],
         "bands": list(source.bands),
         "scaling": source.scaling,
         "weights": weights_identity(params.model, params.model_revision) if dinov3 else None,
@@ -415,6 +426,16 @@ def _polygonize(paths: OutputPaths, result: SegmentationResult, model: dict, pro
     )
     result.timings["polygonize"] = round(time.perf_counter() - started, 3)
     return polygons
+
+
+def _writing_failed(error: RuntimeError, folder: Path) -> BaseException:
+    """GDAL's or SQLite's error while writing (most often a full disk) as one line; any other error as it is."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if not re.search(r"disk|full|space|sqlite|tiff|write|writing", reason, re.IGNORECASE):
+        return error
+    free = f"{shutil.disk_usage(folder).free // 2**20} MB are free in {folder}: " if folder.is_dir() else ""
+    return OutputError(f"Writing the outputs failed ({reason}). {free}free some space or choose another output "
+                       "folder; the earlier outputs are unchanged.")
 
 
 def _commit(transaction: OutputTransaction, produced: list[Path], stale: list[Path]) -> None:

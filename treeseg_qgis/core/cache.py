@@ -96,6 +96,7 @@ class FeatureCache:
         final = self.root / digest
         try:
             self.root.mkdir(parents=True, exist_ok=True)
+            self.remove_dead_builds()
             lock = FileLock(self.root / f"{digest}.lock")
             while not lock.acquire():
                 if is_cancelled is not None and is_cancelled():
@@ -133,9 +134,7 @@ class FeatureCache:
     def evict(self, keep: Path | None = None) -> list[Path]:
         """Remove dead runs' leftovers, then least recently used entries until the cache fits its cap;
         returns the entries that went. Entries in use (locked) stay."""
-        for leftover in self.root.glob("*.building-*"):
-            if not lock_is_held(self.root / (leftover.name.split(".")[0] + ".lock")):
-                shutil.rmtree(leftover, ignore_errors=True)
+        self.remove_dead_builds()
         entries = sorted((entry for entry in self.root.glob("*") if entry.is_dir() and "." not in entry.name),
                          key=lambda e: e.stat().st_mtime)
         sizes = {entry: _folder_size(entry) for entry in entries}
@@ -152,6 +151,12 @@ class FeatureCache:
             total -= sizes[entry]
             removed.append(entry)
         return removed
+
+    def remove_dead_builds(self) -> None:
+        """Remove entries that killed runs left unfinished (their key is no longer locked)."""
+        for leftover in self.root.glob("*.building-*"):
+            if not lock_is_held(self.root / (leftover.name.split(".")[0] + ".lock")):
+                shutil.rmtree(leftover, ignore_errors=True)
 
     def clear(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

@@ -69,7 +69,8 @@ def polygonize_clusters(
         output = gdal.GetDriverByName("GPKG").Create(temporary, 0, 0, 0, gdal.GDT_Unknown)
     except RuntimeError as error:
         raise OutputError(
-            f"Cannot create '{gpkg_path}': {error}. Check that the folder exists and is "
+            f"Cannot create '{gpkg_path}': {str(error) or 'GDAL gave no reason, the disk may be full'}. "
+            "Check the free disk space and that the folder exists and is "
             "writable, or choose another output path."
         ) from error
     try:

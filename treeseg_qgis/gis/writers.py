@@ -195,13 +195,13 @@ class LabelRasterWriter:
         try:
             for dataset in self._datasets:
                 dataset.FlushCache()
+            self._datasets = []  # closes the files: on a full disk GDAL raises here
         except RuntimeError as error:
             self.abort()
             raise OutputError(
                 f"Writing '{self._final_paths[0]}' failed: {error}. "
                 "Check the free disk space and that the folder is still writable."
             ) from error
-        self._datasets = []
         for partial, final in zip(self._partial_paths, self._final_paths):
             try:
                 _replace_with_sidecar(partial, final)
@@ -214,7 +214,10 @@ class LabelRasterWriter:
 
     def abort(self) -> None:
         """Remove the temporary files; safe to call more than once."""
-        self._datasets = []
+        try:
+            self._datasets = []
+        except RuntimeError:
+            pass  # closing a half-written raster on a full disk fails; the file goes below
         for partial in self._partial_paths:
             for path in (partial, partial + ".aux.xml"):
                 if os.path.exists(path):
