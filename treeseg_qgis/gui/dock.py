@@ -362,10 +362,11 @@ class TreesegDock(QgsDockWidget):
         self.clear_examples_button = QPushButton("Clear")
         self.clear_examples_button.setToolTip("Forget the examples clicked so far")
         self.examples_label = QLabel()
+        self.examples_label.setWordWrap(True)
         self.class_edit = QLineEdit(DEFAULT_CLASS)
         self.class_edit.setToolTip("What the examples show; it names the outputs (e.g. dead tree → "
                                    "<stem>_taught_dead_tree.tif).")
-        self.auto_threshold = QCheckBox("Choose the threshold from the examples")
+        self.auto_threshold = QCheckBox("Automatic threshold")
         self.auto_threshold.setToolTip("Leave one out over your clicks: each example is scored by the others, and "
                                        "the threshold that best separates the two kinds is used. Moving the slider "
                                        "sets the threshold yourself.")

@@ -132,7 +132,7 @@ class TeachTreesAlgorithm(EngineAlgorithm):
         self.add_model_parameters()
         self.add_device_parameters()
         self.addParameter(QgsProcessingParameterRasterDestination(
-            self.OUTPUT_SIMILARITY, "Similarity to the class examples (0..1)"))
+            self.OUTPUT_SIMILARITY, "Class similarity (0..1)"))
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT_TREES, "Class mask"))
         self.addOutput(QgsProcessingOutputNumber(self.TREE_COVER, "Class cover (fraction of valid pixels)"))
         self.addOutput(QgsProcessingOutputNumber(self.THRESHOLD_USED, "Threshold used"))
