@@ -101,7 +101,7 @@ def test_segmenttrees_writes_crowns_and_features_with_chosen_tree_clusters(provi
         "INPUT": str(path), "MODEL_ID": str(tiny_model_dir), "CLUSTERS": 2, "DEVICE": "cpu", "TREE_CLUSTERS": "1",
         "OUTPUT_CLUSTERS": str(out / "clusters.tif"), "OUTPUT_TREES": str(out / "trees.tif"),
         "OUTPUT_POLYGONS": str(out / "polygons.gpkg"), "OUTPUT_CROWNS": str(out / "crowns.gpkg"),
-        "OUTPUT_FEATURES": str(out / "features.tif"),
+        "OUTPUT_FEATURES": str(out / "features.tif"), "PRECISION": "int8",
     })
 
     clusters, trees = read_raster(results["OUTPUT_CLUSTERS"]), read_raster(results["OUTPUT_TREES"])
@@ -115,6 +115,7 @@ def test_segmenttrees_writes_crowns_and_features_with_chosen_tree_clusters(provi
     assert (features.RasterCount, features.RasterYSize, features.RasterXSize) == (3, 128 // 16, 192 // 16)
     assert features.GetGeoTransform()[1] == pytest.approx(16 * PIXEL)
     assert "OUTPUT_HEIGHT" not in results
+    assert json.loads((out / "clusters_run.json").read_text())["model"]["precision"] == "int8"
 
 
 def test_a_minimum_tree_height_computes_the_height_into_the_temporary_folder(provider, tiny_height_dir,  # noqa: F811

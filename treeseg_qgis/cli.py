@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from . import __version__, interrupts
 from .catalogue import HEIGHT_HEAD
-from .core.devices import DEVICE_CHOICES
+from .core.devices import DEVICE_CHOICES, PRECISION_CHOICES
 from .core.errors import Cancelled, TreesegError
 from .core.features import COLOUR_STRIDES, METHODS
 from .core.models import CATALOGUE, DEFAULT_MODEL
@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated cluster ids that are trees (overrides the ExG rule)")
     run.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
                      help="auto picks CUDA, then Apple MPS, then the CPU")
+    run.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                     help="what the model runs in; auto: float32 (the reference) on the CPU, half precision on a "
+                     "GPU; bfloat16 and int8 are faster CPU options (docs/BENCHMARKS.md)")
     run.add_argument("--allow-untrained", action="store_true",
                      help="when the weights cannot be had, run with random weights "
                      "(every output then says so)")
@@ -151,6 +154,7 @@ def params_from_args(args: argparse.Namespace) -> SegmentationParams:
         k_min=_range(args.k_range)[0],
         k_max=_range(args.k_range)[1],
         device=args.device,
+        precision=args.precision,
         allow_untrained=args.allow_untrained,
         tree_clusters=_int_list(args.tree_clusters, "--tree-clusters") if args.tree_clusters else None,
         tile_size=args.tile_size,
@@ -237,7 +241,7 @@ def _print_summary(record: dict) -> None:
     model = record["model"]
     if record["warning"]:
         print(f"\n!!! {record['warning']}\n", file=sys.stderr)
-    print(f"model {model['model_id']} ({model['weights']}) on {model['device']}, "
+    print(f"model {model['model_id']} ({model['weights']}) on {model['device']} in {model.get('precision')}, "
           f"stride {record['stride']}, K={record['clusters']['k']}"
           f"{' (auto)' if record['clusters']['automatic'] else ''}, "
           f"tree clusters {trees['clusters']}, tree cover {100 * trees['tree_cover']:.1f} %, "

@@ -28,7 +28,7 @@ from osgeo import gdal
 from . import __version__, interrupts
 from .core.cache import CacheUnavailable, FeatureCache, file_identity
 from .core.canopy import load_height_model, predict_heights
-from .core.devices import resolve_device
+from .core.devices import resolve_device, resolve_precision
 from .core.errors import InputError, OutputError
 from .core.examples import Example
 from .core.features import ColourFeatures, FeatureExtractor
@@ -328,7 +328,7 @@ def _cache_key(params: SegmentationParams, source: GdalRasterSource) -> dict:
         "bands": list(source.bands),
         "scaling": source.scaling,
         "weights": weights_identity(params.model, params.model_revision) if dinov3 else None,
-        "precision": str(resolve_device(params.device)[1]) if dinov3 else None,
+        "precision": resolve_precision(resolve_device(params.device)[0], params.precision) if dinov3 else None,
         **{name: getattr(params, name) for name in (
             "method", "model", "model_revision", "stride", "tile_size", "overlap", "pca_dims", "sample_size", "seed")},
     }
@@ -472,7 +472,8 @@ def _extractor(params: SegmentationParams, load_model: ModelLoader | None) -> Ti
 
 def load_model_for(params: SegmentationParams) -> Backbone:
     """The backbone the parameters ask for."""
-    return load_backbone(params.model, params.device, params.allow_untrained, revision=params.model_revision)
+    return load_backbone(params.model, params.device, params.allow_untrained, revision=params.model_revision,
+                         precision=params.precision)
 
 
 def _raster_metadata(params: SegmentationParams, model: dict) -> dict[str, str]:

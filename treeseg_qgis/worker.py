@@ -236,11 +236,12 @@ class Worker:
         token = job.get("hf_token") or None
 
         def load_kept_model(wanted):
-            key = (wanted.model, wanted.model_revision, wanted.device, wanted.allow_untrained)
+            key = (wanted.model, wanted.model_revision, wanted.device, wanted.precision, wanted.allow_untrained)
             if self._backbone_key != key:
                 self._backbone = None
                 self._backbone = load_backbone(wanted.model, wanted.device, wanted.allow_untrained,
-                                               token=token, revision=wanted.model_revision)
+                                               token=token, revision=wanted.model_revision,
+                                               precision=wanted.precision)
                 self._backbone_key = key
                 self.model_loads += 1
                 self._stop_between_layers(self._backbone.model)
@@ -271,7 +272,7 @@ def probe() -> dict[str, Any]:
     import transformers
 
     from . import __version__
-    from .core.devices import describe_device, resolve_device
+    from .core.devices import describe_device, resolve_device, resolve_precision
 
     device, dtype = resolve_device("auto")
     if device.type == "cuda":
@@ -286,6 +287,7 @@ def probe() -> dict[str, Any]:
         "device": str(device),
         "device_description": describe_device(device),
         "dtype": str(dtype).replace("torch.", ""),
+        "precision": resolve_precision(device),
         "cuda_available": torch.cuda.is_available(),
         "memory_total_bytes": total,
         "memory_available_bytes": available,

@@ -9,6 +9,7 @@ import torch
 from .errors import InputError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+PRECISION_CHOICES = ("auto", "float32", "bfloat16", "int8")
 
 
 def resolve_device(choice: str = "auto") -> tuple[torch.device, torch.dtype]:
@@ -47,3 +48,26 @@ def describe_device(device: torch.device) -> str:
     if device.type == "mps":
         return "Apple MPS"
     return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def resolve_precision(device: torch.device, choice: str = "auto") -> str:
+    """The precision the forward runs in on `device`: float32, bfloat16, float16 or int8.
+
+    `auto` is float32 on the CPU: no faster CPU precision has met the bar yet
+    (docs/BENCHMARKS.md: ≥ 1.8× the float32 forward with the features kept), so
+    bfloat16 and int8 run only when asked for. On a GPU `auto` is the device's
+    half precision; int8 is a CPU option.
+    """
+    if choice not in PRECISION_CHOICES:
+        raise InputError(f"Unknown precision '{choice}': use one of {', '.join(PRECISION_CHOICES)}.")
+    if device.type != "cpu":
+        if choice == "int8":
+            raise InputError("int8 is a CPU precision: use auto, float32 or bfloat16 on a GPU.")
+        if choice == "auto":
+            return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float16"
+        if choice == "bfloat16" and not (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+            raise InputError(f"This {device.type} device has no bfloat16: use auto or float32.")
+        return choice
+    if choice == "int8" and not set(torch.backends.quantized.supported_engines) & {"x86", "fbgemm", "qnnpack"}:
+        raise InputError("This build of torch has no int8 engine for the CPU: use auto, float32 or bfloat16.")
+    return "float32" if choice == "auto" else choice

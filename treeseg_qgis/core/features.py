@@ -110,7 +110,7 @@ class FeatureExtractor:
             log.warning("Out of memory on %s even with one image at a time: continuing on the CPU "
                         "(much slower). A smaller model or tile size would keep the GPU.", backbone.device)
             backbone.model = backbone.model.to(device="cpu", dtype=torch.float32)
-            backbone.device, backbone.dtype = torch.device("cpu"), torch.float32
+            backbone.device, backbone.dtype, backbone.precision = torch.device("cpu"), torch.float32, "float32"
             return
         raise InputError("Out of memory on the CPU even with one image at a time: choose a smaller model "
                          "or a smaller tile size, or close other programs.")
@@ -119,9 +119,15 @@ class FeatureExtractor:
         """Patch tokens (B, H/16, W/16, D) in float32 on the CPU; CLS and registers dropped."""
         backbone = self.backbone
         rows, cols = batch.shape[2] // PATCH, batch.shape[3] // PATCH
-        with torch.inference_mode():
+        autocast = backbone.device.type == "cpu" and backbone.precision == "bfloat16"
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             pixels = batch.to(device=backbone.device, dtype=backbone.dtype)
-            tokens = backbone.model(pixel_values=pixels).last_hidden_state
+            if backbone.precision == "int8":
+                # int8 scales activations per tensor: one image at a time keeps a tile's features
+                # independent of the other images in its batch
+                tokens = torch.cat([backbone.model(pixel_values=image[None]).last_hidden_state for image in pixels])
+            else:
+                tokens = backbone.model(pixel_values=pixels).last_hidden_state
             patches = tokens[:, 1 + backbone.num_register_tokens:, :]
             return patches.float().cpu().reshape(batch.shape[0], rows, cols, -1)
 

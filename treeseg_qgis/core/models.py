@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import socket
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from urllib.parse import urlparse
@@ -20,7 +21,7 @@ from urllib.parse import urlparse
 import torch
 
 from ..catalogue import BACKBONES, DEFAULT_MODEL, HUB_URL, LVD_1689M, SAT_493M, CatalogueModel, model_page
-from .devices import resolve_device
+from .devices import resolve_device, resolve_precision
 from .errors import ModelUnavailableError
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class Backbone:
     patch_size: int
     num_register_tokens: int
     feature_dim: int
+    precision: str = "float32"
 
     def describe(self) -> dict:
         """Plain facts for logs and run metadata."""
@@ -83,6 +85,7 @@ class Backbone:
             "normalisation": self.normalisation.name,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
+            "precision": self.precision,
             "feature_dim": self.feature_dim,
         }
 
@@ -115,15 +118,20 @@ def load_backbone(
     allow_untrained: bool = False,
     token: str | None = None,
     revision: str | None = None,
+    precision: str = "auto",
 ) -> Backbone:
     """Load a catalogue name, a Hugging Face id or a local folder as a Backbone.
 
     `revision` pins a hub model to a branch, tag or commit (default: main).
+    `precision` (core/devices.py PRECISION_CHOICES) is what the forward runs in.
 
     Raises ModelUnavailableError with the model page and the log-in steps when
     the weights cannot be had, unless `allow_untrained` is set.
     """
     torch_device, dtype = resolve_device(device)
+    chosen = resolve_precision(torch_device, precision)
+    if torch_device.type != "cpu":
+        dtype = getattr(torch, chosen)
     spec = CATALOGUE.get(model)
     if spec is None and "/" not in model and not Path(model).is_dir():
         raise ModelUnavailableError(
@@ -149,10 +157,23 @@ def load_backbone(
         if missing:
             log.warning("UNTRAINED WEIGHTS: %d tensors of %s are missing (for example %s) and were initialised "
                         "at random. The result only checks the pipeline.", len(missing), candidate, missing[0])
-        return _ready(network, candidate, normalisation_for(candidate), bool(missing), torch_device, dtype)
+        ready = _ready(network, candidate, normalisation_for(candidate), bool(missing), torch_device, dtype)
+        return in_precision(ready, chosen)
     if allow_untrained:
-        return _untrained(model, spec, failures, torch_device, dtype)
+        return in_precision(_untrained(model, spec, failures, torch_device, dtype), chosen)
     raise ModelUnavailableError(explain_load_failure(*failures[0]))
+
+
+def in_precision(backbone: Backbone, precision: str) -> Backbone:
+    """The backbone set to run in `precision`: on the CPU, int8 quantises the Linear layers' weights
+    (activations quantised on the fly) and bfloat16 runs the forward under autocast (FeatureExtractor)."""
+    if backbone.device.type == "cpu" and precision == "int8":
+        with warnings.catch_warnings():  # torch announces the move of this API to torchao; it works in 2.13
+            warnings.simplefilter("ignore")
+            backbone.model = torch.ao.quantization.quantize_dynamic(backbone.model, {torch.nn.Linear},
+                                                                    dtype=torch.qint8)
+    backbone.precision = precision
+    return backbone
 
 
 def weights_identity(model: str, revision: str | None = None) -> dict:

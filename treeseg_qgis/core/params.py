@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..catalogue import HEIGHT_HEAD
-from .devices import DEVICE_CHOICES
+from .devices import DEVICE_CHOICES, PRECISION_CHOICES
 from .errors import InputError
 from .features import COLOUR_STRIDES, METHODS, check_stride
 from .models import DEFAULT_MODEL
@@ -29,6 +29,7 @@ class SegmentationParams:
     k_min: int = 2
     k_max: int = 8
     device: str = "auto"
+    precision: str = "auto"
     allow_untrained: bool = False
     tree_clusters: tuple[int, ...] | None = None
     min_exg: float = DEFAULT_MIN_EXG
@@ -75,6 +76,8 @@ class SegmentationParams:
             raise InputError("The ExG-Otsu baseline always splits into 2 clusters; leave clusters on auto.")
         if self.device not in DEVICE_CHOICES:
             raise InputError(f"Unknown device '{self.device}': use one of {', '.join(DEVICE_CHOICES)}.")
+        if self.precision not in PRECISION_CHOICES:
+            raise InputError(f"Unknown precision '{self.precision}': use one of {', '.join(PRECISION_CHOICES)}.")
         if len(self.bands) != 3 or any(band < 1 for band in self.bands):
             raise InputError(f"Bands must be three 1-based band numbers, not {self.bands}.")
         if self.clusters is not None and not 1 <= self.clusters <= 250:

@@ -31,6 +31,7 @@ MODEL_NAMES = tuple(BACKBONES)
 DEFAULT_MODEL = "base"
 STRIDES = ("16", "8", "4")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "float32", "bfloat16", "int8")
 ENGINE_PYTHON_SETTING = "treeseg/engine_python"
 MODEL_PAGE = "https://huggingface.co/facebook/dinov3-vitb16-pretrain-lvd1689m"
 HELP_URL = "https://github.com/treeseg-qgis/treeseg-qgis#processing-graphical-modeler-and-qgis_process"
@@ -67,6 +68,7 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
     MODEL_ID = "MODEL_ID"
     STRIDE = "STRIDE"
     DEVICE = "DEVICE"
+    PRECISION = "PRECISION"
     ALLOW_UNTRAINED = "ALLOW_UNTRAINED"
 
     def helpUrl(self) -> str:
@@ -87,9 +89,12 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
             self.STRIDE, "Stride (px)", options=list(STRIDES), defaultValue=STRIDES[0], usesStaticStrings=True))
 
     def add_device_parameters(self) -> None:
-        """The advanced DEVICE, and ALLOW_UNTRAINED."""
+        """The advanced DEVICE and PRECISION, and ALLOW_UNTRAINED."""
         self.add_advanced(QgsProcessingParameterEnum(
             self.DEVICE, "Device", options=list(DEVICES), defaultValue=DEVICES[0], usesStaticStrings=True))
+        self.add_advanced(QgsProcessingParameterEnum(
+            self.PRECISION, "Precision",
+            options=list(PRECISIONS), defaultValue=PRECISIONS[0], usesStaticStrings=True))
         self.addParameter(QgsProcessingParameterBoolean(
             self.ALLOW_UNTRAINED, "Allow untrained weights", defaultValue=False))
 
@@ -107,6 +112,7 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
             or self.parameterAsEnumString(parameters, self.MODEL, context),
             "stride": int(self.parameterAsEnumString(parameters, self.STRIDE, context)),
             "device": self.parameterAsEnumString(parameters, self.DEVICE, context),
+            "precision": self.parameterAsEnumString(parameters, self.PRECISION, context),
             "allow_untrained": self.parameterAsBoolean(parameters, self.ALLOW_UNTRAINED, context),
         }
 

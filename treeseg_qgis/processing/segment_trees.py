@@ -88,6 +88,9 @@ greenness rule (look at the clusters of a first run); empty: the greenness rule.
 <li><b>Minimum tree height</b> (advanced): tree pixels lower than this are dropped, which separates
 trees from grass and shrubs of the same colour; the canopy height is then computed even when its
 output is not asked for. 0: off.</li>
+<li><b>Precision</b> (advanced): what the model runs in. <i>auto</i>: float32, the reference, on the CPU
+and half precision on a GPU; <i>bfloat16</i> and <i>int8</i> are faster on the CPU and keep the features
+closely but not exactly (see the benchmarks).</li>
 <li><b>Canopy-height model</b> (advanced): a Hugging Face id or a local folder of a CHMv2 model.</li>
 <li><b>Method</b> (advanced): <i>rgb-kmeans</i> and <i>exg-otsu</i> are colour baselines for
 comparison (k-means on the colours; Otsu's threshold on the excess-green index): they show what the
