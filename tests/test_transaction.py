@@ -123,10 +123,27 @@ def test_a_killed_runs_staging_folder_is_removed_and_a_begun_commit_finished(tmp
     assert sorted(p.name for p in out.iterdir()) == ["a_run.json"] and (out / "a_run.json").read_text() == "new"
 
 
+def wait_until_handled(pid: int, signum: int, timeout: float = 60.0) -> None:
+    """Wait until the process has a handler for `signum` (Linux: SigCgt in /proc): a signal that comes while
+    the interpreter itself is still starting meets the default action in any program, so the random moments
+    start from there."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return
+        caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+        if caught >> (signum - 1) & 1:
+            return
+        time.sleep(0.02)
+
+
 def run_cli(args: list[str], environment: dict, signum: int | None, delay: float) -> subprocess.CompletedProcess:
     process = subprocess.Popen([sys.executable, "-m", "treeseg_qgis", "segment", *args], env=environment,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if signum is not None:
+        wait_until_handled(process.pid, signum)
         time.sleep(delay)
         process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=300)
