@@ -329,8 +329,18 @@ def write_report(results: dict) -> None:
         lines.append(f"| {label} | " + " | ".join(f"{timings.get(stage, 0):.1f}" for stage in stages) + " |")
     lines += ["", "`read` runs in a reader thread beside the forward pass, so it overlaps `features`.", ""]
     lines += _against_targets(ratio, memory, stride_runs)
-    (REPO / "docs" / "BENCHMARKS.md").write_text("\n".join(lines))
-    print(REPO / "docs" / "BENCHMARKS.md")
+    report = REPO / "docs" / "BENCHMARKS.md"
+    report.write_text("\n".join(lines + _other_sections(report, lines)))
+    print(report)
+
+
+def _other_sections(report: Path, lines: list[str]) -> list[str]:
+    """The sections of the existing report that this script does not write (engine set-up, precision, …),
+    kept as they are."""
+    own = {line for line in lines if line.startswith("## ")}
+    text = report.read_text() if report.exists() else ""
+    kept = [section for section in text.split("\n## ")[1:] if f"## {section.splitlines()[0]}" not in own]
+    return [f"\n## {section.rstrip()}\n" for section in kept]
 
 
 def _against_targets(ratio: dict, memory: dict, stride_runs: dict) -> list[str]:
