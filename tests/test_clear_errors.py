@@ -158,3 +158,43 @@ def test_teach_points_without_a_crs_or_with_invalid_coordinates_are_one_line(ima
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert status == 2 and len(errors) == 1 and errors[0].startswith("treeseg: error: "), errors
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_run_prints_its_estimate_before_any_work_and_warns_when_very_long(tiny_model_dir, image, tmp_path, capsys,
+                                                                            caplog, monkeypatch):
+    from treeseg_qgis import memory
+
+    write_geotiff(tmp_path / "in.tif", image)
+    monkeypatch.setattr(memory, "LARGE_RUN_SECONDS", 0)
+    assert main(["segment", str(tmp_path / "in.tif"), "--out", str(tmp_path / "out"), "--model", str(tiny_model_dir),
+                 "--allow-untrained", "--clusters", "2", "--no-cache"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    estimate = next(index for index, line in enumerate(lines) if "Estimate: 1 tiles, about" in line)
+    assert lines[estimate].endswith("on the CPU, about 0.7 GB of memory"), lines[estimate]
+    assert estimate < next(index for index, line in enumerate(lines) if "Loading model" in line)
+    assert "The raster is 96 × 96 px: 1 tiles, expected to take about" in caplog.text
+
+
+def test_progress_moves_at_least_every_few_seconds_through_many_tiles(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from treeseg_qgis import cli
+
+    write_geotiff(tmp_path / "in.tif", disc_scene(704, 704, [(300, 300)], radius=40)[0])
+    monkeypatch.setattr(cli, "PROGRESS_EVERY_S", 0.0)
+    assert main(["segment", str(tmp_path / "in.tif"), "--out", str(tmp_path / "out"), "--model", str(tiny_model_dir),
+                 "--allow-untrained", "--clusters", "2", "--no-cache", "--tile-size", "128"]) == 0
+    extracting = [line for line in capsys.readouterr().err.splitlines() if "Extracting features: tile" in line]
+    assert len(extracting) == 25, extracting  # 100 tiles in batches of 4: a line per batch, not per 10 %
+
+
+def test_the_estimate_counts_tiles_as_the_grid_and_warns_for_a_sparse_giant():
+    from treeseg_qgis import memory
+    from treeseg_qgis.core.tiling import TileGrid
+
+    for width, height, tile in [(1, 1, 512), (96, 96, 512), (2000, 2000, 512), (3000, 20, 512), (449, 450, 512),
+                                (1000, 1000, 256), (100_000, 100_000, 512)]:
+        assert memory.tile_count(width, height, tile) == len(TileGrid(width, height, tile, memory.RUN_OVERLAP))
+    warning = memory.size_warning("small", 100_000, 100_000)
+    assert warning is not None and "50176 tiles, expected to take about" in warning and " h. " in warning
+    assert memory.size_warning("small", 2000, 2000) is None
+    assert "time unknown" in memory.run_estimate("small", 100_000, 100_000, device="cuda")
+    assert memory.size_warning("small", 100_000, 100_000, device="cuda") is not None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
 
 from . import __version__, interrupts
@@ -25,6 +26,8 @@ from .core.progress import Progress
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+PROGRESS_EVERY_S = 15.0
+"""The longest the command line stays silent while a stage goes on."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -220,15 +223,18 @@ def _stopped(error: BaseException) -> int:
 
 
 class _TerminalProgress:
-    """Prints a line each time the stage changes or 10 % more is done."""
+    """Prints a line each time the stage changes, 10 % more is done or PROGRESS_EVERY_S passed (a raster of
+    tens of thousands of tiles takes hours per 10 %)."""
 
     def __init__(self) -> None:
         self._last: tuple[str, int] | None = None
+        self._printed_at = time.monotonic()
 
     def __call__(self, percent: float, stage: str) -> None:
         key = (stage.split(":")[0], int(percent // 10))
-        if key != self._last:
+        if key != self._last or time.monotonic() - self._printed_at >= PROGRESS_EVERY_S:
             self._last = key
+            self._printed_at = time.monotonic()
             print(f"{percent:5.1f} %  {stage}", file=sys.stderr, flush=True)
 
 
