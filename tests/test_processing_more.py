@@ -241,6 +241,29 @@ def test_evaluate_against_a_geopackage_of_boxes(provider, small_scene, disc_mask
     assert Path(results["OUTPUT_CSV"]).read_text().startswith("measure,value")
 
 
+def test_evaluate_against_a_reference_without_trees_leaves_out_recall_and_warns(provider, disc_mask,  # noqa: F811
+                                                                                tmp_path):
+    import processing
+    from qgis.core import QgsProcessingFeedback
+
+    class Recording(QgsProcessingFeedback):
+        def __init__(self):
+            super().__init__()
+            self.errors = []
+
+        def reportError(self, error, fatalError=False):  # noqa: N802, N803 (Qt's names)
+            self.errors.append(error)
+
+    boxes = write_boxes(tmp_path / "boxes.gpkg", [])
+    feedback = Recording()
+    results = processing.run("treeseg:evaluate", {"PREDICTION": str(disc_mask), "REFERENCE": str(boxes),
+                                                  "OUTPUT_FOLDER": str(tmp_path / "report")}, feedback=feedback)
+
+    assert "PIXEL_RECALL" not in results and "BOX_RECALL" not in results and "CROWN_RECALL" not in results
+    assert results["PIXEL_PRECISION"] == 0.0
+    assert any(error.startswith("The reference has no trees") for error in feedback.errors), feedback.errors
+
+
 def test_evaluate_exports_a_memory_reference_in_another_crs(provider, disc_mask, tmp_path):  # noqa: F811
     from qgis.core import (
         QgsCoordinateReferenceSystem,

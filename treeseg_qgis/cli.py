@@ -271,12 +271,12 @@ def _teach(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, flat_scores
+    from .evaluate import evaluate, flat_scores, format_score
 
     scores = evaluate(args.prediction, args.reference, args.out, image=args.image, clusters=args.clusters,
                       tree_class=args.tree_class)
     for key, value in flat_scores(scores).items():
-        print(f"{key:28s} {value:.4f}" if isinstance(value, float) else f"{key:28s} {value}")
+        print(f"{key:28s} {format_score(value)}")
     for path in scores["outputs"].values():
         print(path)
     return 0
