@@ -131,7 +131,7 @@ def test_a_nearly_full_output_disk_is_one_line_and_keeps_the_earlier_outputs(sma
     assert (out / "in_rgb-kmeans_run.json").read_text() == "an earlier run"
 
 
-@pytest.mark.parametrize("case", ["no CRS", "infinite coordinates"])
+@pytest.mark.parametrize("case", ["no CRS", "no .prj", "infinite coordinates"])
 def test_teach_points_without_a_crs_or_with_invalid_coordinates_are_one_line(image, tmp_path, capsys, case):
     from osgeo import ogr, osr
 
@@ -139,24 +139,27 @@ def test_teach_points_without_a_crs_or_with_invalid_coordinates_are_one_line(ima
 
     write_geotiff(tmp_path / "in.tif", image)
     srs = None
-    if case != "no CRS":
+    if case == "infinite coordinates":
         srs = osr.SpatialReference()
         srs.ImportFromEPSG(32617)
-    points = ogr.GetDriverByName("GPKG").CreateDataSource(str(tmp_path / "points.gpkg"))
+    file = tmp_path / ("points.shp" if case == "no .prj" else "points.gpkg")
+    points = ogr.GetDriverByName("ESRI Shapefile" if case == "no .prj" else "GPKG").CreateDataSource(str(file))
     layer = points.CreateLayer("points", srs, ogr.wkbPoint)
     layer.CreateField(ogr.FieldDefn("is_tree", ogr.OFTInteger))
     for x, y, is_tree in [(GT[0] + 4.8, GT[3] - 4.8, 1), (GT[0] + 0.5, GT[3] - 0.5, 0)]:
         feature = ogr.Feature(layer.GetLayerDefn())
         feature.SetField("is_tree", is_tree)
         point = ogr.Geometry(ogr.wkbPoint)
-        point.AddPoint_2D(float("inf") if case != "no CRS" and is_tree else x, y)
+        point.AddPoint_2D(float("inf") if case == "infinite coordinates" and is_tree else x, y)
         feature.SetGeometry(point)
         layer.CreateFeature(feature)
     points = None
-    status = main(["teach", str(tmp_path / "in.tif"), "--examples", str(tmp_path / "points.gpkg"), "--out",
+    status = main(["teach", str(tmp_path / "in.tif"), "--examples", str(file), "--out",
                    str(tmp_path / "out"), "--model", "small", "--allow-untrained", "--no-cache"])
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert status == 2 and len(errors) == 1 and errors[0].startswith("treeseg: error: "), errors
+    if case != "infinite coordinates":
+        assert f"The example points in {file} have no CRS, and the raster has one (EPSG:32617)" in errors[0]
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
