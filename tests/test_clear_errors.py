@@ -201,3 +201,41 @@ def test_the_estimate_counts_tiles_as_the_grid_and_warns_for_a_sparse_giant():
     assert memory.size_warning("small", 2000, 2000) is None
     assert "time unknown" in memory.run_estimate("small", 100_000, 100_000, device="cuda")
     assert memory.size_warning("small", 100_000, 100_000, device="cuda") is not None
+
+
+def test_torchs_allocator_failing_is_the_out_of_memory_line(image, tmp_path, capsys, monkeypatch):
+    from treeseg_qgis import pipeline
+
+    def allocator_fails(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 3870720 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(pipeline, "segment_raster", allocator_fails)
+    write_geotiff(tmp_path / "in.tif", image)
+    assert segment(str(tmp_path / "in.tif"), "--out", str(tmp_path / "out")) == 2
+    assert capsys.readouterr().err.strip().startswith("treeseg: error: out of memory")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("limit_mb", [1000, 1500])
+def test_an_address_space_limit_too_low_is_one_line_not_a_hang(image, tmp_path, limit_mb):
+    """At 900-1100 MB OpenBLAS spun forever in blas_memory_alloc; at 1500 MB the model's forward failed."""
+    import resource
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    def limit_address_space():
+        resource.setrlimit(resource.RLIMIT_AS, (limit_mb * 10**6, resource.RLIM_INFINITY))
+
+    write_geotiff(tmp_path / "in.tif", image)
+    result = subprocess.run([sys.executable, "-m", "treeseg_qgis", "segment", str(tmp_path / "in.tif"), "--out",
+                             str(tmp_path / "out"), "--model", "small", "--allow-untrained", "--no-cache", "--quiet"],
+                            capture_output=True, text=True, cwd=REPO, timeout=90, preexec_fn=limit_address_space,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"treeseg: error: The address-space limit of this process (ulimit -v) is {limit_mb} MB; "
+                               "the run reserves about")
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []

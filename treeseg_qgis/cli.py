@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from . import __version__, interrupts
 from .catalogue import HEIGHT_HEAD
 from .core.devices import DEVICE_CHOICES
-from .core.errors import Cancelled, TreesegError
+from .core.errors import Cancelled, InputError, TreesegError
 from .core.features import COLOUR_STRIDES, METHODS
 from .core.models import CATALOGUE, DEFAULT_MODEL
 from .core.params import SegmentationParams
@@ -178,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if args.command == "evaluate":
                 return _evaluate(args)
+            _check_address_space(args)
             if args.command == "teach":
                 return _teach(args)
             from .pipeline import segment
@@ -194,7 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"treeseg: error: {error.strerror or error}{f': {error.filename}' if error.filename else ''}. "
                   "Nothing of this run was kept.", file=sys.stderr)
             return EXIT_USER_ERROR
-        except MemoryError:
+        except (MemoryError, RuntimeError) as error:
+            if isinstance(error, RuntimeError) and not _out_of_memory(error):
+                raise
             print("treeseg: error: out of memory: try a smaller --tile-size, stride 16, a smaller model, or close "
                   "other programs. Nothing of this run was kept.", file=sys.stderr)
             return EXIT_USER_ERROR
@@ -204,6 +207,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         with interrupts.deferred(reraise=False):  # the outputs are complete: a late stop signal changes nothing
             _print_summary(record)
     return 0
+
+
+def _check_address_space(args: argparse.Namespace) -> None:
+    """Refuse an address-space limit a run cannot live with, before the libraries load (one line, not a hang)."""
+    from .memory import address_space_problem
+
+    dinov3 = getattr(args, "method", "dinov3") == "dinov3"
+    problem = address_space_problem(args.model if dinov3 else None, getattr(args, "stride", None) or 16,
+                                    getattr(args, "tile_size", None) or 512)
+    if problem is not None:
+        raise InputError(problem)
+
+
+def _out_of_memory(error: RuntimeError) -> bool:
+    """torch's allocator and thread creation report an exhausted memory as RuntimeError."""
+    return any(text in str(error) for text in ("can't allocate memory", "can't start new thread"))
 
 
 def _log_unraisable(unraisable: sys.UnraisableHookArgs) -> None:

@@ -44,6 +44,12 @@ CALIBRATION_PARAMETERS = 21.6e6
 CALIBRATION_CORES = 2
 LARGE_RUN_SECONDS = 3600
 """A run expected to take longer than this asks before it starts (the panel) and says so (the command line)."""
+ADDRESS_SPACE_BASE_BYTES = 568 * MIB
+ADDRESS_SPACE_PER_CORE_BYTES = 100 * MIB
+"""Address space a CPU run reserves beyond its memory estimate: on 2 cores 668 MiB were measured (VmPeak 1537 MiB
+against an estimate of 869 MiB for ViT-S+), plus 100 MiB of margin (a colour run hung at a 1300 MB limit and ran
+at 1500 MB); the share per core (a thread's stack, its malloc arena and BLAS buffer) is modelled, not measured on
+more cores."""
 LARGE_RUN_TILES = 10_000
 """Where the time cannot be told (a GPU), a run of more tiles than this asks before it starts."""
 MEMINFO = Path("/proc/meminfo")
@@ -227,6 +233,40 @@ def size_warning(model: CatalogueModel | str, width: int, height: int, stride: i
     remedy = "an extent or a mask, or a smaller model" + (", or stride 16" if stride != 16 else "")
     return (f"The raster is {width} × {height} px: {tiles} tiles, expected to take {expected}. "
             f"Choose {remedy} to make it shorter.")
+
+
+def address_space_limit() -> int | None:
+    """This process's address-space limit (ulimit -v) in bytes, or None where there is none or it cannot be read."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def address_space_problem(model: CatalogueModel | str | None, stride: int = 16, tile_size: int = RUN_TILE_SIZE,
+                          batch_size: int = RUN_BATCH_SIZE, limit: int | None = None,
+                          cores: int | None = None) -> str | None:
+    """A message when the address-space limit is below what a CPU run of `model` (None: a colour method, or a
+    model not known yet: the libraries alone) reserves; None when there is no limit or it is enough.
+
+    Below it a run fails in torch's allocator or, worse, OpenBLAS spins forever in blas_memory_alloc (2026-11-27,
+    ViT-S+ on OSBS_029: limits of 900 to 1100 MB hung at 100 % CPU, 1250 and 1500 MB failed with a traceback,
+    1600 MB ran; the process's VmPeak unlimited was 1537 MiB on 2 cores).
+    """
+    limit = limit if limit is not None else address_space_limit()
+    if limit is None:
+        return None
+    cores = max(1, cores or os.cpu_count() or 1)
+    peak = (estimate_peak_bytes(model, stride, tile_size, batch_size) if model is not None else None
+            ) or CPU_FIXED_OVERHEAD_BYTES
+    needed = peak + ADDRESS_SPACE_BASE_BYTES + ADDRESS_SPACE_PER_CORE_BYTES * cores
+    if limit >= needed:
+        return None
+    return (f"The address-space limit of this process (ulimit -v) is {limit / 1e6:.0f} MB; the run reserves "
+            f"about {needed / 1e6:.0f} MB (libraries, thread stacks and buffers besides the memory it uses). "
+            "Raise the limit (ulimit -v unlimited) or choose a smaller model.")
 
 
 def format_gigabytes(size: int) -> str:
