@@ -243,7 +243,7 @@ def summary(values: list[float], digits: int = 3) -> str:
 
 def cells(row: Row) -> list[str]:
     def measure(group: str, name: str) -> str:
-        return summary([s[group][name] for s in row.scores])
+        return summary([s[group][name] for s in row.scores if s[group][name] is not None])  # None: no reference
 
     threshold = summary(row.thresholds, 2) + (f"; {row.fallbacks} fell back to 0.5" if row.fallbacks else "")
     return [row.label, row.weights, threshold, measure("boxes", "tree_cover"),

@@ -131,7 +131,7 @@ def test_a_nearly_full_output_disk_is_one_line_and_keeps_the_earlier_outputs(sma
     assert (out / "in_rgb-kmeans_run.json").read_text() == "an earlier run"
 
 
-@pytest.mark.parametrize("case", ["no CRS", "infinite coordinates"])
+@pytest.mark.parametrize("case", ["no CRS", "no .prj", "infinite coordinates"])
 def test_teach_points_without_a_crs_or_with_invalid_coordinates_are_one_line(image, tmp_path, capsys, case):
     from osgeo import ogr, osr
 
@@ -139,22 +139,103 @@ def test_teach_points_without_a_crs_or_with_invalid_coordinates_are_one_line(ima
 
     write_geotiff(tmp_path / "in.tif", image)
     srs = None
-    if case != "no CRS":
+    if case == "infinite coordinates":
         srs = osr.SpatialReference()
         srs.ImportFromEPSG(32617)
-    points = ogr.GetDriverByName("GPKG").CreateDataSource(str(tmp_path / "points.gpkg"))
+    file = tmp_path / ("points.shp" if case == "no .prj" else "points.gpkg")
+    points = ogr.GetDriverByName("ESRI Shapefile" if case == "no .prj" else "GPKG").CreateDataSource(str(file))
     layer = points.CreateLayer("points", srs, ogr.wkbPoint)
     layer.CreateField(ogr.FieldDefn("is_tree", ogr.OFTInteger))
     for x, y, is_tree in [(GT[0] + 4.8, GT[3] - 4.8, 1), (GT[0] + 0.5, GT[3] - 0.5, 0)]:
         feature = ogr.Feature(layer.GetLayerDefn())
         feature.SetField("is_tree", is_tree)
         point = ogr.Geometry(ogr.wkbPoint)
-        point.AddPoint_2D(float("inf") if case != "no CRS" and is_tree else x, y)
+        point.AddPoint_2D(float("inf") if case == "infinite coordinates" and is_tree else x, y)
         feature.SetGeometry(point)
         layer.CreateFeature(feature)
     points = None
-    status = main(["teach", str(tmp_path / "in.tif"), "--examples", str(tmp_path / "points.gpkg"), "--out",
+    status = main(["teach", str(tmp_path / "in.tif"), "--examples", str(file), "--out",
                    str(tmp_path / "out"), "--model", "small", "--allow-untrained", "--no-cache"])
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert status == 2 and len(errors) == 1 and errors[0].startswith("treeseg: error: "), errors
+    if case != "infinite coordinates":
+        assert f"The example points in {file} have no CRS, and the raster has one (EPSG:32617)" in errors[0]
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_run_prints_its_estimate_before_any_work_and_warns_when_very_long(tiny_model_dir, image, tmp_path, capsys,
+                                                                            caplog, monkeypatch):
+    from treeseg_qgis import memory
+
+    write_geotiff(tmp_path / "in.tif", image)
+    monkeypatch.setattr(memory, "LARGE_RUN_SECONDS", 0)
+    assert main(["segment", str(tmp_path / "in.tif"), "--out", str(tmp_path / "out"), "--model", str(tiny_model_dir),
+                 "--allow-untrained", "--clusters", "2", "--no-cache"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    estimate = next(index for index, line in enumerate(lines) if "Estimate: 1 tiles, about" in line)
+    assert lines[estimate].endswith("on the CPU, about 0.7 GB of memory"), lines[estimate]
+    assert estimate < next(index for index, line in enumerate(lines) if "Loading model" in line)
+    assert "The raster is 96 × 96 px: 1 tiles, expected to take about" in caplog.text
+
+
+def test_progress_moves_at_least_every_few_seconds_through_many_tiles(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from treeseg_qgis import cli
+
+    write_geotiff(tmp_path / "in.tif", disc_scene(704, 704, [(300, 300)], radius=40)[0])
+    monkeypatch.setattr(cli, "PROGRESS_EVERY_S", 0.0)
+    assert main(["segment", str(tmp_path / "in.tif"), "--out", str(tmp_path / "out"), "--model", str(tiny_model_dir),
+                 "--allow-untrained", "--clusters", "2", "--no-cache", "--tile-size", "128"]) == 0
+    extracting = [line for line in capsys.readouterr().err.splitlines() if "Extracting features: tile" in line]
+    assert len(extracting) == 25, extracting  # 100 tiles in batches of 4: a line per batch, not per 10 %
+
+
+def test_the_estimate_counts_tiles_as_the_grid_and_warns_for_a_sparse_giant():
+    from treeseg_qgis import memory
+    from treeseg_qgis.core.tiling import TileGrid
+
+    for width, height, tile in [(1, 1, 512), (96, 96, 512), (2000, 2000, 512), (3000, 20, 512), (449, 450, 512),
+                                (1000, 1000, 256), (100_000, 100_000, 512)]:
+        assert memory.tile_count(width, height, tile) == len(TileGrid(width, height, tile, memory.RUN_OVERLAP))
+    warning = memory.size_warning("small", 100_000, 100_000)
+    assert warning is not None and "50176 tiles, expected to take about" in warning and " h. " in warning
+    assert memory.size_warning("small", 2000, 2000) is None
+    assert "time unknown" in memory.run_estimate("small", 100_000, 100_000, device="cuda")
+    assert memory.size_warning("small", 100_000, 100_000, device="cuda") is not None
+
+
+def test_torchs_allocator_failing_is_the_out_of_memory_line(image, tmp_path, capsys, monkeypatch):
+    from treeseg_qgis import pipeline
+
+    def allocator_fails(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 3870720 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(pipeline, "segment_raster", allocator_fails)
+    write_geotiff(tmp_path / "in.tif", image)
+    assert segment(str(tmp_path / "in.tif"), "--out", str(tmp_path / "out")) == 2
+    assert capsys.readouterr().err.strip().startswith("treeseg: error: out of memory")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("limit_mb", [1000, 1500])
+def test_an_address_space_limit_too_low_is_one_line_not_a_hang(image, tmp_path, limit_mb):
+    """At 900-1100 MB OpenBLAS spun forever in blas_memory_alloc; at 1500 MB the model's forward failed."""
+    import resource
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    def limit_address_space():
+        resource.setrlimit(resource.RLIMIT_AS, (limit_mb * 10**6, resource.RLIM_INFINITY))
+
+    write_geotiff(tmp_path / "in.tif", image)
+    result = subprocess.run([sys.executable, "-m", "treeseg_qgis", "segment", str(tmp_path / "in.tif"), "--out",
+                             str(tmp_path / "out"), "--model", "small", "--allow-untrained", "--no-cache", "--quiet"],
+                            capture_output=True, text=True, cwd=REPO, timeout=90, preexec_fn=limit_address_space,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"treeseg: error: The address-space limit of this process (ulimit -v) is {limit_mb} MB; "
+                               "the run reserves about")
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []

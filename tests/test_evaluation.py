@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 import subprocess
 import sys
 
@@ -46,12 +47,12 @@ def test_pixel_scores_known_answers():
 def test_pixel_scores_edge_cases():
     empty, full = np.zeros((4, 4), bool), np.ones((4, 4), bool)
     assert pixel_scores(full, full)["iou"] == 1.0
-    assert pixel_scores(empty, empty) == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "iou": 1.0,
+    assert pixel_scores(empty, empty) == {"precision": 1.0, "recall": None, "f1": 1.0, "iou": 1.0,
                                           "tp": 0, "fp": 0, "fn": 0}
     missed = pixel_scores(empty, full)
     assert (missed["precision"], missed["recall"], missed["iou"]) == (0.0, 0.0, 0.0)
     invented = pixel_scores(full, empty)
-    assert (invented["precision"], invented["recall"], invented["f1"]) == (0.0, 1.0, 0.0)
+    assert (invented["precision"], invented["recall"], invented["f1"]) == (0.0, None, 0.0)
     valid = np.zeros((4, 4), bool)
     valid[:2] = True
     assert pixel_scores(full, full & ~valid, valid)["precision"] == 0.0
@@ -106,7 +107,8 @@ def test_crown_scores_edge_cases():
     shape = (20, 20)
     empty = np.zeros(shape, bool)
     both_empty = crown_scores(empty, [])
-    assert (both_empty["crown_precision"], both_empty["crown_recall"], both_empty["crown_f1"]) == (1.0, 1.0, 1.0)
+    assert (both_empty["crown_precision"], both_empty["crown_recall"], both_empty["crown_f1"]) == (1.0, None, 1.0)
+    assert both_empty["centroid_box_recall"] is None and box_scores(empty, [])["box_recall"] is None
     nothing_found = crown_scores(empty, boxes_to_objects([(0, 0, 5, 5)], shape))
     assert (nothing_found["crown_recall"], nothing_found["centroid_box_recall"]) == (0.0, 0.0)
     perfect = crown_scores(square(shape, 2, 2, 6), boxes_to_objects([(2, 2, 8, 8)], shape))
@@ -185,6 +187,26 @@ def test_cli_evaluate_prints_scores(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "crowns_matched" in result.stdout and "pixel_iou" in result.stdout
     assert gdal.Open(str(prediction)) is not None
+
+
+@pytest.mark.parametrize("reference", ["boxes.csv", "classes.tif"])
+def test_a_reference_without_trees_gives_no_recall_and_a_warning(tmp_path, reference):
+    mask = np.zeros((40, 40), np.uint8)
+    mask[5:15, 5:15] = 1
+    prediction = write_geotiff(tmp_path / "trees.tif", mask[None])
+    (tmp_path / "boxes.csv").write_text("xmin,ymin,xmax,ymax,label\n")
+    write_geotiff(tmp_path / "classes.tif", np.full((1, 40, 40), 2, np.uint8))
+    result = subprocess.run([sys.executable, "-m", "treeseg_qgis", "evaluate", str(prediction), "--reference",
+                             str(tmp_path / reference), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^pixel_recall +n/a$", result.stdout, re.MULTILINE), result.stdout
+    assert re.search(r"^pixel_precision +0\.0000$", result.stdout, re.MULTILINE), result.stdout
+    assert "The reference has no trees in the evaluated area: every recall is undefined (n/a)" in result.stderr
+    rows = list(csv.reader(open(tmp_path / "out" / "trees_evaluation.csv")))
+    assert ["pixel_recall", "n/a"] in rows
+    if reference == "boxes.csv":
+        assert ["boxes_box_recall", "n/a"] in rows and ["crowns_crown_recall", "n/a"] in rows
 
 
 def test_reference_objects_keep_their_shape(tmp_path):

@@ -412,6 +412,27 @@ def panel_with_catalogue_model(plugin, scene_tif, tmp_path: Path, model: str):
     return dock
 
 
+def test_the_panel_asks_before_a_run_expected_to_take_very_long(plugin, scene_tif, tmp_path, monkeypatch):
+    from qgis.PyQt.QtWidgets import QMessageBox
+
+    from treeseg_qgis import memory
+    from treeseg_qgis.gui import dock as dock_module
+
+    monkeypatch.setattr(dock_module, "available_memory_bytes", lambda: 16 * 10**9)
+    monkeypatch.setattr(memory, "LARGE_RUN_SECONDS", 0)
+    questions: list[str] = []
+    monkeypatch.setattr(QMessageBox, "question",
+                        lambda parent, title, text, *buttons: questions.append(text) or QMessageBox.StandardButton.No)
+    dock = panel_with_catalogue_model(plugin, scene_tif, tmp_path, "small")
+    dock.run_button.click()
+
+    assert len(questions) == 1, questions
+    assert re.fullmatch(r"The raster is \d+ × \d+ px: 1 tiles, expected to take about \d+ s\. Choose an extent or "
+                        r"a mask, or a smaller model to make it shorter\.\n\nRun anyway\?", questions[0]), questions[0]
+    assert dock.task is None and dock.stage_label.text().startswith("The raster is")
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_panel_estimates_memory_and_asks_before_a_run_that_will_not_fit(plugin, scene_tif, tmp_path,
                                                                              monkeypatch):
     from qgis.PyQt.QtWidgets import QMessageBox
@@ -424,7 +445,7 @@ def test_the_panel_estimates_memory_and_asks_before_a_run_that_will_not_fit(plug
                         lambda parent, title, text, *buttons: questions.append(text) or QMessageBox.StandardButton.No)
     dock = panel_with_catalogue_model(plugin, scene_tif, tmp_path, "small")
     assert re.fullmatch(r"<b>small</b>, 29 M parameters: needs about \d\.\d GB of memory; 16 GB free on this "
-                        r"computer\.", dock.memory_label.text())
+                        r"computer\. The layer: 1 tiles, about \d+ s on the CPU\.", dock.memory_label.text())
     assert dock.memory_problem() is None and dock.memory_label.styleSheet() == ""
 
     dock.model_combo.setCurrentIndex(dock.model_combo.findData("mega"))

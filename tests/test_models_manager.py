@@ -539,4 +539,5 @@ def test_the_panels_run_constants_are_the_engines_defaults():
     from treeseg_qgis.core.params import SegmentationParams
 
     defaults = SegmentationParams(input_path="in.tif", output_dir="out")
-    assert (memory.RUN_TILE_SIZE, memory.RUN_BATCH_SIZE) == (defaults.tile_size, defaults.batch_size)
+    assert (memory.RUN_TILE_SIZE, memory.RUN_BATCH_SIZE, memory.RUN_OVERLAP) == (defaults.tile_size,
+                                                                                 defaults.batch_size, defaults.overlap)

@@ -242,6 +242,56 @@ def test_evaluate_against_a_geopackage_of_boxes(provider, small_scene, disc_mask
     assert Path(results["OUTPUT_CSV"]).read_text().startswith("measure,value")
 
 
+def test_teach_refuses_example_points_without_a_crs(provider, tiny_model_dir, small_scene, tmp_path):  # noqa: F811
+    from qgis.core import (
+        QgsCoordinateReferenceSystem,
+        QgsFeature,
+        QgsGeometry,
+        QgsPointXY,
+        QgsProcessingException,
+        QgsVectorLayer,
+    )
+
+    path, _ = small_scene
+    points = QgsVectorLayer("Point?field=is_tree:integer", "examples", "memory")
+    points.setCrs(QgsCoordinateReferenceSystem())
+    assert not points.crs().isValid()
+    for row, col, is_tree in [(*CROWN_CENTRES[0], 1), (120, 96, 0)]:
+        feature = QgsFeature(points.fields())
+        feature.setGeometry(QgsGeometry.fromPointXY(QgsPointXY(*to_map(row, col))))
+        feature["is_tree"] = is_tree
+        points.dataProvider().addFeatures([feature])
+    with pytest.raises(QgsProcessingException, match=r"The example points have no CRS, and the raster has one "
+                                                     r"\(EPSG:32617\)"):
+        run("teach", {"INPUT": str(path), "EXAMPLES": points, "MODEL_ID": str(tiny_model_dir), "DEVICE": "cpu",
+                      "THRESHOLD": 0.6, "OUTPUT_SIMILARITY": str(tmp_path / "a" / "similarity.tif"),
+                      "OUTPUT_TREES": str(tmp_path / "a" / "trees.tif")})
+    assert not (tmp_path / "a").exists() or list((tmp_path / "a").iterdir()) == []
+
+
+def test_evaluate_against_a_reference_without_trees_leaves_out_recall_and_warns(provider, disc_mask,  # noqa: F811
+                                                                                tmp_path):
+    import processing
+    from qgis.core import QgsProcessingFeedback
+
+    class Recording(QgsProcessingFeedback):
+        def __init__(self):
+            super().__init__()
+            self.errors = []
+
+        def reportError(self, error, fatalError=False):  # noqa: N802, N803 (Qt's names)
+            self.errors.append(error)
+
+    boxes = write_boxes(tmp_path / "boxes.gpkg", [])
+    feedback = Recording()
+    results = processing.run("treeseg:evaluate", {"PREDICTION": str(disc_mask), "REFERENCE": str(boxes),
+                                                  "OUTPUT_FOLDER": str(tmp_path / "report")}, feedback=feedback)
+
+    assert "PIXEL_RECALL" not in results and "BOX_RECALL" not in results and "CROWN_RECALL" not in results
+    assert results["PIXEL_PRECISION"] == 0.0
+    assert any(error.startswith("The reference has no trees") for error in feedback.errors), feedback.errors
+
+
 def test_evaluate_exports_a_memory_reference_in_another_crs(provider, disc_mask, tmp_path):  # noqa: F811
     from qgis.core import (
         QgsCoordinateReferenceSystem,

@@ -1,7 +1,8 @@
 """`python -m treeseg_qgis`: the command line.
 
 Stop signals are handled from before the heavy imports (a stop during start-up is
-clean too) and ignored once the command is done and the interpreter shuts down.
+clean too) and ignored once the command is done and the interpreter shuts down. An
+address-space limit too low for the libraries is refused before they load.
 """
 
 import sys
@@ -9,6 +10,13 @@ import sys
 from . import interrupts
 
 interrupts.handle_stop_signals()
+if len(sys.argv) > 1 and sys.argv[1] in ("segment", "teach"):
+    from .memory import address_space_problem
+
+    problem = address_space_problem(None)  # before numpy, OpenBLAS and torch load under a limit too low for them
+    if problem is not None:
+        print(f"treeseg: error: {problem}", file=sys.stderr)
+        sys.exit(2)
 try:
     with interrupts.deferred():  # an exception inside torch's import can abort the interpreter
         from .cli import main

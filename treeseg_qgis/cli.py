@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
 
 from . import __version__, interrupts
 from .catalogue import HEIGHT_HEAD
 from .core.devices import DEVICE_CHOICES, PRECISION_CHOICES
-from .core.errors import Cancelled, TreesegError
+from .core.errors import Cancelled, InputError, TreesegError
 from .core.features import COLOUR_STRIDES, METHODS
 from .core.models import CATALOGUE, DEFAULT_MODEL
 from .core.params import SegmentationParams
@@ -25,6 +26,8 @@ from .core.progress import Progress
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+PROGRESS_EVERY_S = 15.0
+"""The longest the command line stays silent while a stage goes on."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -179,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if args.command == "evaluate":
                 return _evaluate(args)
+            _check_address_space(args)
             if args.command == "teach":
                 return _teach(args)
             from .pipeline import segment
@@ -195,7 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"treeseg: error: {error.strerror or error}{f': {error.filename}' if error.filename else ''}. "
                   "Nothing of this run was kept.", file=sys.stderr)
             return EXIT_USER_ERROR
-        except MemoryError:
+        except (MemoryError, RuntimeError) as error:
+            if isinstance(error, RuntimeError) and not _out_of_memory(error):
+                raise
             print("treeseg: error: out of memory: try a smaller --tile-size, stride 16, a smaller model, or close "
                   "other programs. Nothing of this run was kept.", file=sys.stderr)
             return EXIT_USER_ERROR
@@ -205,6 +211,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         with interrupts.deferred(reraise=False):  # the outputs are complete: a late stop signal changes nothing
             _print_summary(record)
     return 0
+
+
+def _check_address_space(args: argparse.Namespace) -> None:
+    """Refuse an address-space limit a run cannot live with, before the libraries load (one line, not a hang)."""
+    from .memory import address_space_problem
+
+    dinov3 = getattr(args, "method", "dinov3") == "dinov3"
+    problem = address_space_problem(args.model if dinov3 else None, getattr(args, "stride", None) or 16,
+                                    getattr(args, "tile_size", None) or 512)
+    if problem is not None:
+        raise InputError(problem)
+
+
+def _out_of_memory(error: RuntimeError) -> bool:
+    """torch's allocator and thread creation report an exhausted memory as RuntimeError."""
+    return any(text in str(error) for text in ("can't allocate memory", "can't start new thread"))
 
 
 def _log_unraisable(unraisable: sys.UnraisableHookArgs) -> None:
@@ -224,15 +246,18 @@ def _stopped(error: BaseException) -> int:
 
 
 class _TerminalProgress:
-    """Prints a line each time the stage changes or 10 % more is done."""
+    """Prints a line each time the stage changes, 10 % more is done or PROGRESS_EVERY_S passed (a raster of
+    tens of thousands of tiles takes hours per 10 %)."""
 
     def __init__(self) -> None:
         self._last: tuple[str, int] | None = None
+        self._printed_at = time.monotonic()
 
     def __call__(self, percent: float, stage: str) -> None:
         key = (stage.split(":")[0], int(percent // 10))
-        if key != self._last:
+        if key != self._last or time.monotonic() - self._printed_at >= PROGRESS_EVERY_S:
             self._last = key
+            self._printed_at = time.monotonic()
             print(f"{percent:5.1f} %  {stage}", file=sys.stderr, flush=True)
 
 
@@ -269,12 +294,12 @@ def _teach(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, flat_scores
+    from .evaluate import evaluate, flat_scores, format_score
 
     scores = evaluate(args.prediction, args.reference, args.out, image=args.image, clusters=args.clusters,
                       tree_class=args.tree_class)
     for key, value in flat_scores(scores).items():
-        print(f"{key:28s} {value:.4f}" if isinstance(value, float) else f"{key:28s} {value}")
+        print(f"{key:28s} {format_score(value)}")
     for path in scores["outputs"].values():
         print(path)
     return 0

@@ -10,6 +10,7 @@ import base64
 import csv
 import html
 import io
+import logging
 import os
 from pathlib import Path
 
@@ -20,6 +21,10 @@ from .core.evaluation import ReferenceObject, box_scores, cluster_scores, crown_
 from .gis.reference import Grid, read_band, read_prediction, read_reference_objects
 
 MAX_PICTURE_SIZE = 900
+NO_REFERENCE_TREES = ("The reference has no trees in the evaluated area: every recall is undefined (n/a), and "
+                      "precision only counts what was wrongly called a tree. Check the reference and the area.")
+
+log = logging.getLogger("treeseg")
 
 
 def evaluate(
@@ -51,6 +56,9 @@ def evaluate(
         objects = read_reference_objects(reference, grid)
         scores.update(object_scores(mask, valid, objects, crowns))
         outline = union_mask(objects, grid.shape)
+    if scores["pixel"]["tp"] + scores["pixel"]["fn"] == 0:
+        scores["warning"] = NO_REFERENCE_TREES
+        log.warning(NO_REFERENCE_TREES)
     name = name or Path(prediction).stem
     folder = Path(out_dir)
     try:
@@ -75,14 +83,22 @@ def object_scores(mask: np.ndarray, valid: np.ndarray, objects: list[ReferenceOb
     }
 
 
-def flat_scores(scores: dict) -> dict[str, float]:
-    """The numeric scores as one flat `group_measure` → value mapping."""
+def flat_scores(scores: dict) -> dict[str, float | None]:
+    """The numeric scores as one flat `group_measure` → value mapping (None: undefined, e.g. recall without
+    reference trees)."""
     flat = {}
     for group in ("pixel", "boxes", "crowns", "clusters"):
         for key, value in scores.get(group, {}).items():
-            if isinstance(value, (int, float)):
+            if value is None or isinstance(value, (int, float)):
                 flat[f"{group}_{key}"] = value
     return flat
+
+
+def format_score(value: float | None) -> str:
+    """'0.8123' for a float, the integer as is, 'n/a' for an undefined score."""
+    if value is None:
+        return "n/a"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def _is_class_raster(path: str) -> bool:
@@ -96,12 +112,12 @@ def _is_class_raster(path: str) -> bool:
         return False
 
 
-def _csv_text(rows: dict[str, float]) -> str:
+def _csv_text(rows: dict[str, float | None]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["measure", "value"])
     for key, value in rows.items():
-        writer.writerow([key, f"{value:.4f}" if isinstance(value, float) else value])
+        writer.writerow([key, format_score(value)])
     return buffer.getvalue()
 
 
@@ -120,11 +136,14 @@ def _picture(image: str | None, mask: np.ndarray, reference: np.ndarray, grid: G
         axis.imshow(background)
         axis.set_title(title)
         axis.set_axis_off()
-    panels[1].contour(small_ref, levels=[0.5], colors="yellow", linewidths=1)
+    outlines = small_ref.any() and not small_ref.all()  # a contour needs both sides of the line
+    if outlines:
+        panels[1].contour(small_ref, levels=[0.5], colors="yellow", linewidths=1)
     overlay = np.zeros((*small_mask.shape, 4))
     overlay[small_mask] = (0.1, 0.9, 0.1, 0.55)
     panels[2].imshow(overlay)
-    panels[2].contour(small_ref, levels=[0.5], colors="yellow", linewidths=0.8)
+    if outlines:
+        panels[2].contour(small_ref, levels=[0.5], colors="yellow", linewidths=0.8)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
@@ -141,12 +160,9 @@ def _image_rgb(image: str, grid: Grid, step: int) -> np.ndarray:
     return rgb
 
 
-def _html_report(name: str, rows: dict[str, float], picture: bytes) -> str:
-    table = "\n".join(
-        f"<tr><td>{html.escape(key)}</td><td>{value:.4f}</td></tr>" if isinstance(value, float)
-        else f"<tr><td>{html.escape(key)}</td><td>{value}</td></tr>"
-        for key, value in rows.items()
-    )
+def _html_report(name: str, rows: dict[str, float | None], picture: bytes) -> str:
+    table = "\n".join(f"<tr><td>{html.escape(key)}</td><td>{format_score(value)}</td></tr>"
+                      for key, value in rows.items())
     image = base64.b64encode(picture).decode("ascii")
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"

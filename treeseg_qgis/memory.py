@@ -16,6 +16,7 @@ stride 16, 512-px tiles, batches of 4 tiles on the CPU peaked at 817 MiB on the
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +35,23 @@ RUN_TILE_SIZE = 512
 """The tile size of a run from the panel (SegmentationParams.tile_size; a test keeps them equal)."""
 RUN_BATCH_SIZE = 4
 """The images per forward batch of a run from the panel (SegmentationParams.batch_size)."""
+RUN_OVERLAP = 64
+"""The tile overlap of a run from the panel (SegmentationParams.overlap)."""
+CPU_SECONDS_PER_TILE = 103.6 / 196
+"""End-to-end seconds per 512-px tile of ViT-S/16 at stride 16 on the CPU: docs/BENCHMARKS.md, 36 MP, 2 cores."""
+CALIBRATION_PARAMETERS = 21.6e6
+"""Weights of the ViT-S/16 of that calibration."""
+CALIBRATION_CORES = 2
+LARGE_RUN_SECONDS = 3600
+"""A run expected to take longer than this asks before it starts (the panel) and says so (the command line)."""
+ADDRESS_SPACE_BASE_BYTES = 568 * MIB
+ADDRESS_SPACE_PER_CORE_BYTES = 100 * MIB
+"""Address space a CPU run reserves beyond its memory estimate: on 2 cores 668 MiB were measured (VmPeak 1537 MiB
+against an estimate of 869 MiB for ViT-S+), plus 100 MiB of margin (a colour run hung at a 1300 MB limit and ran
+at 1500 MB); the share per core (a thread's stack, its malloc arena and BLAS buffer) is modelled, not measured on
+more cores."""
+LARGE_RUN_TILES = 10_000
+"""Where the time cannot be told (a GPU), a run of more tiles than this asks before it starts."""
 MEMINFO = Path("/proc/meminfo")
 
 
@@ -147,6 +165,108 @@ def available_memory_bytes() -> int | None:
     """Memory this machine has free now (Linux MemAvailable, Windows available physical), or None."""
     memory = host_memory()
     return memory[1] if memory else None
+
+
+def tile_count(width: int, height: int, tile_size: int = RUN_TILE_SIZE, overlap: int = RUN_OVERLAP) -> int:
+    """Tiles a width × height raster gives (the count of core.tiling.TileGrid; a test keeps them equal)."""
+
+    def along(size: int) -> int:
+        tile = min(tile_size, max(PATCH, -(-size // PATCH) * PATCH))
+        return 1 if size <= tile else 1 + -(-(size - tile) // (tile_size - overlap))
+
+    return along(width) * along(height)
+
+
+def estimate_seconds(model: CatalogueModel | str, tiles: int, stride: int = 16, tile_size: int = RUN_TILE_SIZE,
+                     device: str = "cpu", cores: int | None = None) -> float | None:
+    """Expected seconds of a run of `tiles` tiles on the CPU, scaled from the calibration by the model's weights,
+    the tokens per tile, the forward passes per tile (stride) and the cores; None on a GPU (not calibrated) or
+    for a model that cannot be sized."""
+    entry = model_entry(model) if isinstance(model, str) else model
+    if entry is None or device in GPU_DEVICES:
+        return None
+    cores = max(1, cores or os.cpu_count() or 1)
+    scale = (entry.params_millions * 1e6 / CALIBRATION_PARAMETERS
+             * tokens_per_tile(tile_size) / tokens_per_tile(RUN_TILE_SIZE)
+             * (PATCH // stride) ** 2 * CALIBRATION_CORES / cores)
+    return tiles * CPU_SECONDS_PER_TILE * scale
+
+
+def format_duration(seconds: float) -> str:
+    """E.g. '40 s', '12 min', '3.5 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def tiles_and_time(model: CatalogueModel | str, width: int, height: int, stride: int = 16,
+                   tile_size: int = RUN_TILE_SIZE, device: str = "cpu", overlap: int = RUN_OVERLAP) -> str:
+    """E.g. '50176 tiles, about 9.9 h on the CPU' or '25 tiles, time unknown on the CUDA device'."""
+    tiles = tile_count(width, height, tile_size, overlap)
+    seconds = estimate_seconds(model, tiles, stride, tile_size, device)
+    where = "the CPU" if device not in GPU_DEVICES else f"the {device.upper()} device"
+    return f"{tiles} tiles, " + (f"about {format_duration(seconds)}" if seconds is not None else "time unknown") + \
+        f" on {where}"
+
+
+def run_estimate(model: CatalogueModel | str, width: int, height: int, stride: int = 16,
+                 tile_size: int = RUN_TILE_SIZE, batch_size: int = RUN_BATCH_SIZE, device: str = "cpu",
+                 overlap: int = RUN_OVERLAP) -> str:
+    """One line before a run: its tiles, the expected time and the memory it needs, e.g.
+    'Estimate: 50176 tiles, about 9.9 h on the CPU, about 0.9 GB of memory'."""
+    needed = estimate_peak_bytes(model, stride, tile_size, batch_size, device)
+    memory_text = f"about {format_gigabytes(needed)} of memory" if needed is not None else "memory unknown"
+    return f"Estimate: {tiles_and_time(model, width, height, stride, tile_size, device, overlap)}, {memory_text}"
+
+
+def size_warning(model: CatalogueModel | str, width: int, height: int, stride: int = 16,
+                 tile_size: int = RUN_TILE_SIZE, device: str = "cpu", overlap: int = RUN_OVERLAP) -> str | None:
+    """A warning when a run is expected to take more than LARGE_RUN_SECONDS (or, where the time cannot be told,
+    has more than LARGE_RUN_TILES tiles); None otherwise."""
+    tiles = tile_count(width, height, tile_size, overlap)
+    seconds = estimate_seconds(model, tiles, stride, tile_size, device)
+    if seconds is not None and seconds <= LARGE_RUN_SECONDS or seconds is None and tiles <= LARGE_RUN_TILES:
+        return None
+    expected = f"about {format_duration(seconds)}" if seconds is not None else "a long time"
+    remedy = "an extent or a mask, or a smaller model" + (", or stride 16" if stride != 16 else "")
+    return (f"The raster is {width} × {height} px: {tiles} tiles, expected to take {expected}. "
+            f"Choose {remedy} to make it shorter.")
+
+
+def address_space_limit() -> int | None:
+    """This process's address-space limit (ulimit -v) in bytes, or None where there is none or it cannot be read."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def address_space_problem(model: CatalogueModel | str | None, stride: int = 16, tile_size: int = RUN_TILE_SIZE,
+                          batch_size: int = RUN_BATCH_SIZE, limit: int | None = None,
+                          cores: int | None = None) -> str | None:
+    """A message when the address-space limit is below what a CPU run of `model` (None: a colour method, or a
+    model not known yet: the libraries alone) reserves; None when there is no limit or it is enough.
+
+    Below it a run fails in torch's allocator or, worse, OpenBLAS spins forever in blas_memory_alloc (2026-11-27,
+    ViT-S+ on OSBS_029: limits of 900 to 1100 MB hung at 100 % CPU, 1250 and 1500 MB failed with a traceback,
+    1600 MB ran; the process's VmPeak unlimited was 1537 MiB on 2 cores).
+    """
+    limit = limit if limit is not None else address_space_limit()
+    if limit is None:
+        return None
+    cores = max(1, cores or os.cpu_count() or 1)
+    peak = (estimate_peak_bytes(model, stride, tile_size, batch_size) if model is not None else None
+            ) or CPU_FIXED_OVERHEAD_BYTES
+    needed = peak + ADDRESS_SPACE_BASE_BYTES + ADDRESS_SPACE_PER_CORE_BYTES * cores
+    if limit >= needed:
+        return None
+    return (f"The address-space limit of this process (ulimit -v) is {limit / 1e6:.0f} MB; the run reserves "
+            f"about {needed / 1e6:.0f} MB (libraries, thread stacks and buffers besides the memory it uses). "
+            "Raise the limit (ulimit -v unlimited) or choose a smaller model.")
 
 
 def format_gigabytes(size: int) -> str:

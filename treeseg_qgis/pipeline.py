@@ -51,6 +51,7 @@ from .gis.preview import write_elbow_plot, write_preview
 from .gis.raster import GdalRasterSource, HeightReader, limit_block_cache
 from .gis.reference import Grid, read_examples
 from .gis.writers import HeightRasterWriter, LabelRasterWriter, ScoreRasterWriter, write_rgb_blocks
+from .memory import run_estimate, size_warning
 from .outputs import (
     DEFAULT_CLASS,
     SEGMENT_KINDS,
@@ -90,6 +91,8 @@ def segment(
     progress = progress or Progress()
     started = time.perf_counter()
     with _opened(params, progress, SEGMENT_KINDS) as (source, store, cache_state):
+        if cache_state != "hit" and params.method == "dinov3":
+            _report_estimate(params, source, progress)
         progress.report(0.0, "Loading model" if cache_state != "hit" else "Reading cached features")
         progress.check()
         load_started = time.perf_counter()
@@ -267,6 +270,17 @@ def _opened(params: SegmentationParams, progress: Progress, kinds: tuple[str, ..
         _check_output_paths(params, kinds, [params.input_path, *source.files, *filter(None, [examples_path])])
         with _feature_store(params, source, progress) as (store, cache_state):
             yield source, store, cache_state
+
+
+def _report_estimate(params: SegmentationParams, source: GdalRasterSource, progress: Progress) -> None:
+    """The tiles, expected time and memory of the run, before any work; a warning for a very long run."""
+    device = resolve_device(params.device)[0].type
+    progress.report(0.0, run_estimate(params.model, source.width, source.height, params.stride, params.tile_size,
+                                      params.batch_size, device, params.overlap))
+    warning = size_warning(params.model, source.width, source.height, params.stride, params.tile_size, device,
+                           params.overlap)
+    if warning is not None:
+        log.warning(warning)
 
 
 def _check_input_is_a_file(path: str) -> None:

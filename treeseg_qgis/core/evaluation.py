@@ -1,9 +1,10 @@
 """Quality measures of a tree mask against reference data (numpy and scipy only, no torch).
 
 - Pixel scores for the tree class: precision, recall, F1 and IoU. Conventions for
-  empty sets: when nothing is predicted and nothing is in the reference every
-  score is 1; precision is 0 when something was predicted but none of it is
-  right, or nothing was predicted while the reference has trees.
+  empty sets: recall is None (undefined) when the reference has no trees; when
+  nothing is predicted either, precision, F1 and IoU are 1; precision is 0 when
+  something was predicted but none of it is right, or nothing was predicted while
+  the reference has trees. Every recall below is None without reference objects.
 - Crowns: predicted crowns are the 8-connected components of the tree mask of at
   least `min_pixels`; each is matched one-to-one to a reference object by the
   Hungarian method on IoU, and a pair counts when IoU ≥ 0.4.
@@ -57,9 +58,9 @@ def pixel_scores(predicted: np.ndarray, reference: np.ndarray, valid: np.ndarray
     fp = int((predicted & ~reference).sum())
     fn = int((~predicted & reference).sum())
     if tp + fp + fn == 0:
-        return {"precision": 1.0, "recall": 1.0, "f1": 1.0, "iou": 1.0, "tp": 0, "fp": 0, "fn": 0}
+        return {"precision": 1.0, "recall": None, "f1": 1.0, "iou": 1.0, "tp": 0, "fp": 0, "fn": 0}
     precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 1.0
+    recall = tp / (tp + fn) if tp + fn else None
     f1 = 2 * tp / (2 * tp + fp + fn)
     return {"precision": precision, "recall": recall, "f1": f1, "iou": tp / (tp + fp + fn),
             "tp": tp, "fp": fp, "fn": fn}
@@ -106,8 +107,8 @@ def crown_scores(mask: np.ndarray, objects: list[ReferenceObject], min_pixels: i
         rows, cols = linear_sum_assignment(-iou)
         matched = int((iou[rows, cols] >= match_iou).sum())
     precision = matched / count if count else float(not objects)
-    recall = matched / len(objects) if objects else 1.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    recall = matched / len(objects) if objects else None
+    f1 = 2 * matched / (count + len(objects)) if count + len(objects) else 1.0
     return {
         "predicted_crowns": count,
         "reference_objects": len(objects),
@@ -115,7 +116,7 @@ def crown_scores(mask: np.ndarray, objects: list[ReferenceObject], min_pixels: i
         "crown_precision": precision,
         "crown_recall": recall,
         "crown_f1": f1,
-        "centroid_box_recall": boxes_hit / len(objects) if objects else 1.0,
+        "centroid_box_recall": boxes_hit / len(objects) if objects else None,
     }
 
 
@@ -129,7 +130,7 @@ def box_scores(mask: np.ndarray, objects: list[ReferenceObject], valid: np.ndarr
     predicted = int(mask.sum())
     valid_pixels = int(valid.sum()) if valid is not None else mask.size
     return {
-        "box_recall": found / len(objects) if objects else 1.0,
+        "box_recall": found / len(objects) if objects else None,
         "in_box_precision": float((mask & inside_any).sum() / predicted) if predicted else 0.0,
         "tree_cover": predicted / valid_pixels if valid_pixels else 0.0,
     }

@@ -217,6 +217,7 @@ def read_examples(path: str, grid: Grid) -> list[Example]:
     layer = source.GetLayer(0)
     if layer.GetLayerDefn().GetFieldIndex("is_tree") < 0:
         raise InputError(f"The example points in {path} need an is_tree field (1 = tree, 0 = not a tree).")
+    _check_has_a_crs(layer, path, grid)
     inverse = gdal.InvGeoTransform(grid.geotransform)
     examples = []
     for feature, geometry in _geometries_in_grid_crs(layer, grid):
@@ -224,6 +225,20 @@ def read_examples(path: str, grid: Grid) -> list[Example]:
         col, row = gdal.ApplyGeoTransform(inverse, point.GetX(), point.GetY())
         examples.append(Example(col, row, _truthy(feature.GetField("is_tree"))))
     return examples
+
+
+def _check_has_a_crs(layer: ogr.Layer, path: str, grid: Grid) -> None:
+    """Refuse points without a CRS (none, or a GeoPackage's "Undefined geographic/Cartesian SRS", srs_id 0/-1)
+    on a raster that has one: their coordinates cannot be placed on it."""
+    srs = layer.GetSpatialRef()
+    undefined = srs is None or srs.IsLocal() or (srs.GetName() or "").startswith("Undefined ")
+    if not grid.crs_wkt or not undefined:
+        return
+    raster = osr.SpatialReference()
+    raster.ImportFromWkt(grid.crs_wkt)
+    name = ":".join(filter(None, [raster.GetAuthorityName(None), raster.GetAuthorityCode(None)])) or raster.GetName()
+    raise InputError(f"The example points in {path} have no CRS, and the raster has one ({name}): set the points' "
+                     "CRS (in QGIS: Layer CRS, then save the layer) or use a CSV of col,row,is_tree pixel numbers.")
 
 
 def _truthy(value: object) -> bool:

@@ -64,6 +64,8 @@ from ..memory import (
     format_gigabytes,
     memory_warning,
     model_entry,
+    size_warning,
+    tiles_and_time,
 )
 from ..outputs import OutputPathError, OutputPaths, check_run_paths
 from ..processing.compat import POLYGON_LAYER_FILTER, RASTER_LAYER_FILTER
@@ -291,6 +293,8 @@ class TreesegDock(QgsDockWidget):
         self.setWidget(scroll)
 
         self.extent_combo.currentIndexChanged.connect(self._update_enabled)
+        self.extent_combo.currentIndexChanged.connect(self._show_memory_estimate)
+        self.layer_combo.layerChanged.connect(self._show_memory_estimate)
         self.auto_clusters.toggled.connect(self._update_enabled)
         self.crowns_check.toggled.connect(self._update_enabled)
         self.height_check.toggled.connect(self._update_enabled)
@@ -551,6 +555,21 @@ class TreesegDock(QgsDockWidget):
         return memory_warning(self.model_in_use(), self.stride_combo.currentData(), RUN_TILE_SIZE, RUN_BATCH_SIZE,
                               free, device)
 
+    def _whole_layer_size(self) -> tuple[int, int] | None:
+        """(width, height) in pixels of the chosen raster when the run covers all of it; None otherwise."""
+        layer = self.layer_combo.currentLayer()
+        if not isinstance(layer, QgsRasterLayer) or self.extent_combo.currentData() != WHOLE_LAYER:
+            return None
+        return layer.width(), layer.height()
+
+    def size_problem(self) -> str | None:
+        """The warning when the run over the whole layer is expected to take very long; None otherwise."""
+        size = self._whole_layer_size()
+        if size is None:
+            return None
+        return size_warning(self.model_in_use(), *size, self.stride_combo.currentData(), RUN_TILE_SIZE,
+                            self._run_device())
+
     def _show_memory_estimate(self) -> None:
         """The model that runs (named when an override sets it; the Model box is then greyed), its size and the
         memory the run needs: the one estimate the panel and Models… show."""
@@ -568,6 +587,10 @@ class TreesegDock(QgsDockWidget):
             where = "this computer" if device == "cpu" else f"the {device.upper()} device"
             memory = f"needs about {format_gigabytes(needed)} of memory"
             memory += f"; {format_gigabytes(free)} free on {where}" if free is not None else ""
+        size = self._whole_layer_size()
+        if size is not None:
+            memory += ". The layer: " + tiles_and_time(self.model_in_use(), *size, self.stride_combo.currentData(),
+                                                       RUN_TILE_SIZE, device)
         self.memory_label.setText(f"{model}: {memory}.")
         self.memory_label.setToolTip(override)
         will_not_fit = needed is not None and free is not None and needed > free
@@ -645,7 +668,7 @@ class TreesegDock(QgsDockWidget):
         """Start a run with the panel's settings; problems are shown in the panel, nothing starts."""
         if self.engine is None or self.task is not None:
             return
-        problem = self.memory_problem()
+        problem = "\n\n".join(filter(None, [self.memory_problem(), self.size_problem()])) or None
         if problem is not None:
             answer = QMessageBox.question(self, "TreeSeg", f"{problem}\n\nRun anyway?",
                                           QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,

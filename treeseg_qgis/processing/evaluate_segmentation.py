@@ -186,6 +186,8 @@ class EvaluateSegmentationAlgorithm(QgsProcessingAlgorithm):
                                   name=self._report_name)
             except TreesegError as error:
                 raise QgsProcessingException(str(error)) from error
+        if scores.get("warning"):
+            feedback.reportError(scores["warning"], fatalError=False)
         results: dict[str, Any] = {
             self.OUTPUT_FOLDER: folder,
             self.OUTPUT_HTML: scores["outputs"]["html"],

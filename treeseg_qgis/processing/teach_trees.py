@@ -191,6 +191,9 @@ def pixel_examples(layer: QgsRasterLayer, source: QgsFeatureSource, field: str, 
     if source.fields().lookupField(field) < 0:
         raise QgsProcessingException(f"The example points have no field '{field}': choose the field that says "
                                      "which points show the class (1 = yes, 0 = something else).")
+    if not source.sourceCrs().isValid() and layer.crs().isValid():
+        raise QgsProcessingException(f"The example points have no CRS, and the raster has one "
+                                     f"({layer.crs().authid()}): set the points' CRS (Layer CRS) and run again.")
     transform = QgsCoordinateTransform(source.sourceCrs(), layer.crs(), context.transformContext())
     extent = layer.extent()
     pixel_width, pixel_height = extent.width() / layer.width(), extent.height() / layer.height()
