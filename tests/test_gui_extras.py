@@ -179,14 +179,20 @@ def test_the_teach_tool_turns_clicks_into_pixels_of_the_raster(canvas, qgis_new_
     tool.deleteLater()
 
 
+def canvas_on_raster(qgis_iface, path):
+    """The map canvas showing the raster at `path`, in its CRS; returns the canvas and the layer."""
+    canvas = qgis_iface.mapCanvas()
+    raster = add_raster(path)
+    canvas.setDestinationCrs(raster.crs())
+    canvas.setExtent(raster.extent())
+    return canvas, raster
+
+
 def test_teach_after_a_run_and_the_slider_replaces_its_layers_from_the_cache(plugin, qgis_iface, small_scene,
                                                                              tiny_model_dir, tmp_path):
     from qgis.core import QgsApplication, QgsProject
 
-    canvas = qgis_iface.mapCanvas()
-    raster = add_raster(small_scene)
-    canvas.setDestinationCrs(raster.crs())
-    canvas.setExtent(raster.extent())
+    canvas, raster = canvas_on_raster(qgis_iface, small_scene)
     dock = plugin.dock
     assert not dock.teach_button.isEnabled() and not dock.apply_teach_button.isEnabled()
     out = tmp_path / "out"
@@ -250,10 +256,7 @@ def test_teach_after_a_run_and_the_slider_replaces_its_layers_from_the_cache(plu
 
 def test_the_panel_shows_the_threshold_chosen_from_the_clicks_for_any_class(plugin, qgis_iface, small_scene,
                                                                             tiny_model_dir, tmp_path):
-    canvas = qgis_iface.mapCanvas()
-    raster = add_raster(small_scene)
-    canvas.setDestinationCrs(raster.crs())
-    canvas.setExtent(raster.extent())
+    canvas, raster = canvas_on_raster(qgis_iface, small_scene)
     dock = plugin.dock
     out = tmp_path / "out"
     run_panel(dock, raster, tiny_model_dir, out)
