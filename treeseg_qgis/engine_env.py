@@ -371,14 +371,17 @@ def check_command(python: str) -> tuple[str, ...]:
 def free_disk_problem(folder: Path, build: str) -> str | None:
     """Why a set-up of `build` into `folder` would not fit on its disk, or None when it fits."""
     needed = REQUIRED_FREE_BYTES.get(build, REQUIRED_FREE_BYTES_CUDA)
-    existing = next((parent for parent in (folder, *folder.parents) if parent.exists()), None)
-    if existing is None:
+    free = disk_free_bytes(folder)
+    if free is None or free >= needed:
         return None
-    free = shutil.disk_usage(existing).free
-    if free >= needed:
-        return None
-    return (f"Only {free / 1024**3:.1f} GB are free on the disk of {existing}; the "
+    return (f"Only {free / 1024**3:.1f} GB are free on the disk of {folder}; the "
             f"{'CPU' if build == CPU else 'CUDA'} engine needs about {needed / 1024**3:.0f} GB. Free some space first.")
+
+
+def disk_free_bytes(folder: Path) -> int | None:
+    """Free bytes on the disk that holds `folder` (or its nearest existing parent); None when none exists."""
+    existing = next((candidate for candidate in (folder, *folder.parents) if candidate.is_dir()), None)
+    return shutil.disk_usage(existing).free if existing is not None else None
 
 
 def install_plan(root: Path, base_python: str, build: str, torch_index: str | None = None,

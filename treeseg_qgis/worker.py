@@ -44,6 +44,7 @@ from typing import Any, TextIO
 
 from .catalogue import HUB_URL, MODELS, CatalogueModel
 from .core.errors import Cancelled, InputError, ModelUnavailableError, OutputError, TreesegError
+from .engine_env import disk_free_bytes
 from .memory import format_size, host_memory
 
 PROTOCOL_VERSION = 1
@@ -332,7 +333,7 @@ def cached_models() -> dict[str, Any]:
             "cached": bool(complete),
             "size_on_disk": sum(_folder_bytes(repo_cache_folder(repo_id)) for repo_id in model.repo_ids),
         })
-    return {"cache_dir": str(cache), "disk_free_bytes": _disk_free_bytes(cache), "models": models}
+    return {"cache_dir": str(cache), "disk_free_bytes": disk_free_bytes(cache), "models": models}
 
 
 def feature_cache_state() -> dict[str, Any]:
@@ -440,7 +441,7 @@ def download_error(model: CatalogueModel, error: BaseException) -> TreesegError:
 
 
 def _check_disk_space(model: CatalogueModel) -> None:
-    free = _disk_free_bytes(hub_cache())
+    free = disk_free_bytes(hub_cache())
     still_needed = model.download_bytes - _folder_bytes(repo_cache_folder(model.repo_id))
     if free is not None and free < still_needed:
         raise OutputError(f"{model.name} needs about {format_size(still_needed)} of disk space in "
@@ -465,11 +466,6 @@ def _folder_bytes(folder: Path) -> int:
             if not path.is_symlink():
                 total += path.stat().st_size
     return total
-
-
-def _disk_free_bytes(folder: Path) -> int | None:
-    existing = next((candidate for candidate in (folder, *folder.parents) if candidate.is_dir()), None)
-    return shutil.disk_usage(existing).free if existing is not None else None
 
 
 def _is_cancel(line: str) -> bool:
