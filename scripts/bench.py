@@ -101,12 +101,12 @@ def measure(kind: str, raster: str, stride: int) -> dict:
     same batches of tiles, or polygonize alone on a cluster raster."""
     if kind in POLYGONIZE_KINDS:
         return _polygonize_alone(kind, raster)
-    from treeseg_qgis.core.features import FeatureExtractor
-    from treeseg_qgis.core.models import load_backbone
-    from treeseg_qgis.core.params import SegmentationParams
-    from treeseg_qgis.core.tiling import TileGrid
-    from treeseg_qgis.gis.raster import GdalRasterSource
-    from treeseg_qgis.pipeline import segment
+    from treeseg_qgis.engine.core.features import FeatureExtractor
+    from treeseg_qgis.engine.core.models import load_backbone
+    from treeseg_qgis.engine.core.params import SegmentationParams
+    from treeseg_qgis.engine.core.tiling import TileGrid
+    from treeseg_qgis.engine.gis.raster import GdalRasterSource
+    from treeseg_qgis.engine.pipeline import segment
 
     backbone = load_backbone(str(WORK / "vits16-random"), device="cpu")
     extractor = FeatureExtractor(backbone, stride, SegmentationParams.batch_size)
@@ -135,7 +135,7 @@ def measure(kind: str, raster: str, stride: int) -> dict:
 
 def _polygonize_alone(kind: str, clusters: str) -> dict:
     """`polygonize_clusters` on a cluster raster, in GDAL's one pass or in the product's strips."""
-    from treeseg_qgis.gis.polygons import STRIP_PIXELS, polygonize_clusters
+    from treeseg_qgis.engine.gis.polygons import STRIP_PIXELS, polygonize_clusters
 
     strip_pixels = STRIP_PIXELS if kind == "strips" else 2**62
     started = time.perf_counter()
@@ -153,7 +153,7 @@ def _through_the_dock_path(raster: str, stride: int, tiles: int) -> dict:
     """
     from qgis.core import QgsApplication
 
-    from treeseg_qgis.engine_client import EngineClient
+    from treeseg_qgis.qgis_side.engine_client import EngineClient
 
     application = QgsApplication([], False)
     application.initQgis()

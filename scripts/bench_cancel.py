@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from bench import WORK, make_inputs  # noqa: E402
 
-from treeseg_qgis.engine_client import EngineClient, EngineError  # noqa: E402
+from treeseg_qgis.qgis_side.engine_client import EngineClient, EngineError  # noqa: E402
 
 CROP = 512
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from treeseg_qgis import engine_env  # noqa: E402
+from treeseg_qgis.qgis_side import engine_env  # noqa: E402
 
 
 def uv_install(step: engine_env.Step, uv: str) -> tuple[str, ...]:

@@ -65,7 +65,7 @@ def model_folder(name: str) -> Path:
     import torch
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
-    from treeseg_qgis.core.models import CATALOGUE
+    from treeseg_qgis.engine.core.models import CATALOGUE
 
     folder = WORK / f"{name}-random"
     if not (folder / "config.json").exists():
@@ -124,7 +124,7 @@ def build_variant(variant: str, folder: Path, batch: int, threads: int):
     float32, bfloat16 autocast and int8 exactly as the product runs them (`precision`)."""
     import torch
 
-    from treeseg_qgis.core.models import load_backbone
+    from treeseg_qgis.engine.core.models import load_backbone
 
     started = time.perf_counter()
     product = {"bfloat16-autocast": "bfloat16", "int8-dynamic": "int8"}
@@ -162,7 +162,7 @@ def fidelity(reference: np.ndarray, features: np.ndarray) -> dict:
     """Mean cosine of the unit feature vectors, the same after removing the float32 mean feature (random
     weights make the features of all cells point much the same way, which flatters the plain cosine),
     and the share of cells in the same k-means cluster."""
-    from treeseg_qgis.core.clustering import Projection, fit_clusters
+    from treeseg_qgis.engine.core.clustering import Projection, fit_clusters
 
     flat_reference = reference.reshape(-1, reference.shape[-1])
     flat = features.reshape(-1, features.shape[-1]).astype(np.float32)
@@ -179,7 +179,7 @@ def fidelity(reference: np.ndarray, features: np.ndarray) -> dict:
 
 def measure_model(name: str, variants: list[str], tiles: list[np.ndarray], rounds: int, threads: int) -> dict:
     """Time per tile (median over rounds, each paired with float32) and fidelity of each variant of one model."""
-    from treeseg_qgis.core.features import FeatureExtractor
+    from treeseg_qgis.engine.core.features import FeatureExtractor
 
     folder = model_folder(name)
     extractors, results = {}, {}

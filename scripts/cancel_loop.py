@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from tests.conftest import disc_scene, write_geotiff  # noqa: E402
-from treeseg_qgis.engine_client import EngineClient, EngineError  # noqa: E402
+from treeseg_qgis.qgis_side.engine_client import EngineClient, EngineError  # noqa: E402
 
 WAYS = ("cli SIGINT", "cli SIGTERM", "cli SIGHUP", "worker cancel", "worker SIGKILL")
 EXIT_STATUS = {"cli SIGINT": 130, "cli SIGTERM": 143, "cli SIGHUP": 129}

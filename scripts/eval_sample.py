@@ -28,14 +28,14 @@ sys.path.insert(0, str(REPO))
 from osgeo import gdal  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from treeseg_qgis.core.evaluation import ReferenceObject, boxes_to_objects, exg_otsu_mask, union_mask  # noqa: E402
-from treeseg_qgis.core.examples import Example  # noqa: E402
-from treeseg_qgis.core.models import hub_offline  # noqa: E402
-from treeseg_qgis.core.params import SegmentationParams  # noqa: E402
-from treeseg_qgis.evaluate import object_scores  # noqa: E402
-from treeseg_qgis.gis.raster import GdalRasterSource  # noqa: E402
-from treeseg_qgis.gis.reference import read_prediction  # noqa: E402
-from treeseg_qgis.pipeline import load_model_for, segment, teach  # noqa: E402
+from treeseg_qgis.engine.core.evaluation import ReferenceObject, boxes_to_objects, exg_otsu_mask, union_mask  # noqa: E402
+from treeseg_qgis.engine.core.examples import Example  # noqa: E402
+from treeseg_qgis.engine.core.models import hub_offline  # noqa: E402
+from treeseg_qgis.engine.core.params import SegmentationParams  # noqa: E402
+from treeseg_qgis.engine.evaluate import object_scores  # noqa: E402
+from treeseg_qgis.engine.gis.raster import GdalRasterSource  # noqa: E402
+from treeseg_qgis.engine.gis.reference import read_prediction  # noqa: E402
+from treeseg_qgis.engine.pipeline import load_model_for, segment, teach  # noqa: E402
 
 gdal.UseExceptions()
 

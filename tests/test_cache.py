@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from osgeo import gdal
 
-from treeseg_qgis.core.cache import FeatureCache
-from treeseg_qgis.core.models import load_backbone
-from treeseg_qgis.core.params import SegmentationParams
-from treeseg_qgis.pipeline import segment
+from treeseg_qgis.engine.core.cache import FeatureCache
+from treeseg_qgis.engine.core.models import load_backbone
+from treeseg_qgis.engine.core.params import SegmentationParams
+from treeseg_qgis.engine.pipeline import segment
 
 from .conftest import disc_scene, write_geotiff
 

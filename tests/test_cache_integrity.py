@@ -14,10 +14,10 @@ import pytest
 import torch
 from osgeo import gdal
 
-from treeseg_qgis.core.errors import Cancelled, ModelUnavailableError
-from treeseg_qgis.core.params import SegmentationParams
-from treeseg_qgis.core.progress import Progress
-from treeseg_qgis.pipeline import segment
+from treeseg_qgis.engine.core.errors import Cancelled, ModelUnavailableError
+from treeseg_qgis.engine.core.params import SegmentationParams
+from treeseg_qgis.engine.core.progress import Progress
+from treeseg_qgis.engine.pipeline import segment
 
 from .conftest import REPO, disc_scene, write_geotiff
 
@@ -112,7 +112,7 @@ def test_a_corrupt_entry_is_discarded_with_a_warning_and_rebuilt(run, damage, ca
 
 
 def test_an_unusable_cache_folder_turns_the_cache_off_with_a_warning(run, tmp_path, monkeypatch, caplog):
-    from treeseg_qgis.core import cache as cache_module
+    from treeseg_qgis.engine.core import cache as cache_module
 
     segment_with, _, _ = run
     blocker = tmp_path / "a-file"

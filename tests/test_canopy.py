@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from osgeo import gdal
 
-from treeseg_qgis.core.canopy import HEIGHT_MODEL, load_height_model
-from treeseg_qgis.core.errors import ModelUnavailableError
-from treeseg_qgis.core.params import SegmentationParams
-from treeseg_qgis.pipeline import segment
+from treeseg_qgis.engine.core.canopy import HEIGHT_MODEL, load_height_model
+from treeseg_qgis.engine.core.errors import ModelUnavailableError
+from treeseg_qgis.engine.core.params import SegmentationParams
+from treeseg_qgis.engine.pipeline import segment
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import zipfile
 
 import pytest
 
-from treeseg_qgis.cli import main
+from treeseg_qgis.engine.cli import main
 
 from .conftest import disc_scene, write_geotiff
 
@@ -64,7 +64,7 @@ def test_a_usage_mistake_is_two_lines(capsys):
 
 
 def test_out_of_memory_is_one_line_and_leaves_nothing(image, tmp_path, capsys, monkeypatch):
-    from treeseg_qgis import pipeline
+    from treeseg_qgis.engine import pipeline
 
     def out_of_memory(*args, **kwargs):
         raise MemoryError()
@@ -89,7 +89,7 @@ def test_hub_429_and_500_are_not_called_offline():
     import requests
     from huggingface_hub.errors import HfHubHTTPError
 
-    from treeseg_qgis.core.models import explain_load_failure
+    from treeseg_qgis.engine.core.models import explain_load_failure
 
     for status in (429, 500):
         response = requests.Response()
@@ -179,7 +179,7 @@ def test_a_run_prints_its_estimate_before_any_work_and_warns_when_very_long(tiny
 
 
 def test_progress_moves_at_least_every_few_seconds_through_many_tiles(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    from treeseg_qgis import cli
+    from treeseg_qgis.engine import cli
 
     write_geotiff(tmp_path / "in.tif", disc_scene(704, 704, [(300, 300)], radius=40)[0])
     monkeypatch.setattr(cli, "PROGRESS_EVERY_S", 0.0)
@@ -191,7 +191,7 @@ def test_progress_moves_at_least_every_few_seconds_through_many_tiles(tiny_model
 
 def test_the_estimate_counts_tiles_as_the_grid_and_warns_for_a_sparse_giant():
     from treeseg_qgis import memory
-    from treeseg_qgis.core.tiling import TileGrid
+    from treeseg_qgis.engine.core.tiling import TileGrid
 
     for width, height, tile in [(1, 1, 512), (96, 96, 512), (2000, 2000, 512), (3000, 20, 512), (449, 450, 512),
                                 (1000, 1000, 256), (100_000, 100_000, 512)]:
@@ -204,7 +204,7 @@ def test_the_estimate_counts_tiles_as_the_grid_and_warns_for_a_sparse_giant():
 
 
 def test_torchs_allocator_failing_is_the_out_of_memory_line(image, tmp_path, capsys, monkeypatch):
-    from treeseg_qgis import pipeline
+    from treeseg_qgis.engine import pipeline
 
     def allocator_fails(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from treeseg_qgis.core.clustering import choose_elbow, fit_clusters
-from treeseg_qgis.core.errors import InputError
-from treeseg_qgis.core.trees import check_tree_override, excess_green, tree_clusters_by_exg
+from treeseg_qgis.engine.core.clustering import choose_elbow, fit_clusters
+from treeseg_qgis.engine.core.errors import InputError
+from treeseg_qgis.engine.core.trees import check_tree_override, excess_green, tree_clusters_by_exg
 
 
 def blobs(count: int, per: int = 300, seed: int = 0) -> np.ndarray:

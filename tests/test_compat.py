@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from treeseg_qgis.processing import compat
+from treeseg_qgis.qgis_side import compat
 
 
 def test_the_newer_qgis_name_wins_and_a_missing_one_is_an_error(qgis_app):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from osgeo import ogr
 
-from treeseg_qgis.core.crowns import CrownSettings, split_crowns
-from treeseg_qgis.core.params import SegmentationParams
-from treeseg_qgis.gis import crowns as crown_writer
-from treeseg_qgis.pipeline import segment
+from treeseg_qgis.engine.core.crowns import CrownSettings, split_crowns
+from treeseg_qgis.engine.core.params import SegmentationParams
+from treeseg_qgis.engine.gis import crowns as crown_writer
+from treeseg_qgis.engine.pipeline import segment
 
 from .conftest import write_geotiff
 

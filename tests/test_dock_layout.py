@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import sys
 
-from treeseg_qgis.engine_client import EngineClient
+from treeseg_qgis.qgis_side.engine_client import EngineClient
 
 from .test_gui import add_raster, clean_settings  # noqa: F401 - fixture
 
@@ -14,7 +14,7 @@ NEW_DOCK_WIDTH = 300
 
 
 def new_dock(qgis_iface):
-    from treeseg_qgis.gui.dock import TreesegDock
+    from treeseg_qgis.qgis_side.gui.dock import TreesegDock
 
     return TreesegDock(qgis_iface, EngineClient(sys.executable))
 
@@ -56,9 +56,9 @@ def test_the_panel_follows_the_active_raster_until_one_is_picked(qgis_iface, qgi
 
 def test_an_override_greys_the_model_box_and_names_the_model_that_runs(qgis_iface, qgis_new_project,
                                                                        clean_settings, tiny_model_dir, monkeypatch):  # noqa: F811
-    from treeseg_qgis.gui import dock as dock_module
-    from treeseg_qgis.gui.model_manager import MEMORY_COLUMN, ModelManagerDialog
     from treeseg_qgis.memory import estimate_peak_bytes, format_gigabytes
+    from treeseg_qgis.qgis_side.gui import dock as dock_module
+    from treeseg_qgis.qgis_side.gui.model_manager import MEMORY_COLUMN, ModelManagerDialog
 
     monkeypatch.setattr(dock_module, "available_memory_bytes", lambda: 16 * 10**9)
     dock = new_dock(qgis_iface)
@@ -87,7 +87,7 @@ def test_a_new_run_takes_the_earlier_runs_messages_off_the_bar(qgis_app):
     from qgis.core import Qgis
     from qgis.gui import QgsMessageBar
 
-    from treeseg_qgis.gui.task import MESSAGE_TITLE, clear_messages
+    from treeseg_qgis.qgis_side.gui.task import MESSAGE_TITLE, clear_messages
 
     bar = QgsMessageBar()
     bar.pushMessage(MESSAGE_TITLE, "scene: the engine stopped unexpectedly", Qgis.MessageLevel.Critical, 0)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from treeseg_qgis import __version__, engine_client, engine_env
-from treeseg_qgis.engine_client import ENGINE_PYTHON_ENV, EngineClient, find_engine_python
+from treeseg_qgis import __version__
+from treeseg_qgis.qgis_side import engine_client, engine_env
+from treeseg_qgis.qgis_side.engine_client import ENGINE_PYTHON_ENV, EngineClient, find_engine_python
 
 from .conftest import REPO
 from .test_gui import wait_until
@@ -407,7 +408,7 @@ def test_setting(monkeypatch):
     """The dialog reads and writes a throw-away setting instead of the real engine setting."""
     from qgis.core import QgsSettings
 
-    from treeseg_qgis.gui import engine_setup
+    from treeseg_qgis.qgis_side.gui import engine_setup
 
     monkeypatch.setattr(engine_setup, "ENGINE_PYTHON_SETTING", TEST_SETTING)
     QgsSettings().remove(TEST_SETTING)
@@ -418,8 +419,8 @@ def test_setting(monkeypatch):
 def test_the_plugin_without_an_engine_offers_the_set_up_and_uses_the_new_engine_at_once(
         qgis_iface, qgis_new_project, tmp_path, monkeypatch):
     from treeseg_qgis import classFactory
-    from treeseg_qgis import plugin as plugin_module
-    from treeseg_qgis.plugin import MENU
+    from treeseg_qgis.qgis_side import plugin as plugin_module
+    from treeseg_qgis.qgis_side.plugin import MENU
 
     nowhere = tmp_path / "nowhere"
     plugin_dir = engine_client.PLUGIN_DIR
@@ -481,7 +482,7 @@ def test_the_dialog_builds_aside_swaps_in_and_offers_to_remove_the_old(qgis_app,
     from qgis.core import QgsSettings
     from qgis.PyQt.QtWidgets import QMessageBox
 
-    from treeseg_qgis.gui.engine_setup import PROGRESS_RANGE, EngineSetupDialog
+    from treeseg_qgis.qgis_side.gui.engine_setup import PROGRESS_RANGE, EngineSetupDialog
 
     install_offline(monkeypatch, wheels)
     monkeypatch.setattr(engine_client, "qgis_profile_dir", lambda: str(tmp_path))
@@ -535,7 +536,7 @@ def test_the_dialog_builds_aside_swaps_in_and_offers_to_remove_the_old(qgis_app,
 @pytest.mark.parametrize("step", [0, 1, 2, 3])
 def test_cancel_during_each_step_keeps_the_previous_engine(qgis_app, tmp_path, wheels, test_setting, monkeypatch,
                                                            step):
-    from treeseg_qgis.gui.engine_setup import EngineSetupDialog
+    from treeseg_qgis.qgis_side.gui.engine_setup import EngineSetupDialog
 
     install_offline(monkeypatch, wheels)
     monkeypatch.setattr(engine_client, "qgis_profile_dir", lambda: str(tmp_path))
@@ -564,7 +565,7 @@ def test_cancel_during_each_step_keeps_the_previous_engine(qgis_app, tmp_path, w
 def test_a_dead_index_is_explained_in_words_within_a_minute(qgis_app, tmp_path, wheels, test_setting, monkeypatch):
     import time
 
-    from treeseg_qgis.gui.engine_setup import EngineSetupDialog
+    from treeseg_qgis.qgis_side.gui.engine_setup import EngineSetupDialog
 
     install_offline(monkeypatch, wheels)
     monkeypatch.delenv("PIP_NO_INDEX")
@@ -592,8 +593,8 @@ def test_a_dead_index_is_explained_in_words_within_a_minute(qgis_app, tmp_path, 
 
 def test_an_unchanged_set_of_pins_reuses_the_engine_after_a_plugin_upgrade(qgis_app, tmp_path, test_setting,
                                                                             monkeypatch):
-    from treeseg_qgis.gui import engine_setup
-    from treeseg_qgis.gui.engine_setup import EngineSetupDialog
+    from treeseg_qgis.qgis_side.gui import engine_setup
+    from treeseg_qgis.qgis_side.gui.engine_setup import EngineSetupDialog
 
     monkeypatch.setattr(engine_client, "qgis_profile_dir", lambda: str(tmp_path))
     monkeypatch.setattr(engine_env, "engine_requirements", lambda path=None: [PROBE_REQUIREMENT])
@@ -615,7 +616,7 @@ def test_an_unchanged_set_of_pins_reuses_the_engine_after_a_plugin_upgrade(qgis_
 def test_an_existing_python_is_checked_before_it_is_used(qgis_app, tmp_path, test_setting):
     from qgis.core import QgsSettings
 
-    from treeseg_qgis.gui.engine_setup import EngineSetupDialog
+    from treeseg_qgis.qgis_side.gui.engine_setup import EngineSetupDialog
 
     dialog = EngineSetupDialog(engine_env.engines_dir(tmp_path))
     ready = []
@@ -642,7 +643,7 @@ def test_an_existing_python_is_checked_before_it_is_used(qgis_app, tmp_path, tes
 
 
 def test_cuda_is_offered_when_nvidia_smi_finds_a_gpu(qgis_app, tmp_path, monkeypatch):
-    from treeseg_qgis.gui.engine_setup import EngineSetupDialog
+    from treeseg_qgis.qgis_side.gui.engine_setup import EngineSetupDialog
 
     fake = tmp_path / "bin" / "nvidia-smi"
     fake.parent.mkdir()
@@ -662,7 +663,7 @@ def test_cuda_is_offered_when_nvidia_smi_finds_a_gpu(qgis_app, tmp_path, monkeyp
 
 
 def test_a_full_disk_is_refused_before_anything_starts(qgis_app, tmp_path, test_setting, monkeypatch):
-    from treeseg_qgis.gui.engine_setup import EngineSetupDialog
+    from treeseg_qgis.qgis_side.gui.engine_setup import EngineSetupDialog
 
     monkeypatch.setattr(engine_env, "REQUIRED_FREE_BYTES", {engine_env.CPU: 1 << 60})
     dialog = EngineSetupDialog(engine_env.engines_dir(tmp_path))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from osgeo import gdal, ogr, osr
 
-from treeseg_qgis.core.evaluation import (
+from treeseg_qgis.engine.core.evaluation import (
     ReferenceObject,
     box_scores,
     boxes_to_objects,
@@ -21,8 +21,8 @@ from treeseg_qgis.core.evaluation import (
     pixel_scores,
     predicted_crowns,
 )
-from treeseg_qgis.evaluate import evaluate
-from treeseg_qgis.gis.raster import GdalRasterSource
+from treeseg_qgis.engine.evaluate import evaluate
+from treeseg_qgis.engine.gis.raster import GdalRasterSource
 
 from .conftest import REPO, SAMPLE_GEOTRANSFORM, UTM17N, disc_scene, write_geotiff
 
@@ -216,7 +216,7 @@ def test_reference_objects_keep_their_shape(tmp_path):
 
 
 def test_crown_polygons_are_matched_as_instances(tmp_path):
-    from treeseg_qgis.gis.crowns import CrownOptions, write_crowns
+    from treeseg_qgis.engine.gis.crowns import CrownOptions, write_crowns
 
     yy, xx = np.mgrid[0:120, 0:120]
     mask = ((yy - 40) ** 2 + (xx - 40) ** 2 < 20**2) | ((yy - 40) ** 2 + (xx - 76) ** 2 < 20**2)

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from treeseg_qgis.core.errors import InputError
-from treeseg_qgis.core.features import FeatureExtractor, pool_to_grid
-from treeseg_qgis.core.models import load_backbone
+from treeseg_qgis.engine.core.errors import InputError
+from treeseg_qgis.engine.core.features import FeatureExtractor, pool_to_grid
+from treeseg_qgis.engine.core.models import load_backbone
 
 
 @pytest.fixture(scope="module")

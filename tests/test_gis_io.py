@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from osgeo import gdal, ogr, osr
 
-from treeseg_qgis.core.errors import Cancelled, InputError, OutputError
-from treeseg_qgis.gis.polygons import polygonize_clusters
-from treeseg_qgis.gis.preview import write_preview
-from treeseg_qgis.gis.raster import GdalRasterSource
-from treeseg_qgis.gis.writers import LabelRasterWriter
+from treeseg_qgis.engine.core.errors import Cancelled, InputError, OutputError
+from treeseg_qgis.engine.gis.polygons import polygonize_clusters
+from treeseg_qgis.engine.gis.preview import write_preview
+from treeseg_qgis.engine.gis.raster import GdalRasterSource
+from treeseg_qgis.engine.gis.writers import LabelRasterWriter
 
 gdal.UseExceptions()
 ogr.UseExceptions()

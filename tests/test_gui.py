@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from treeseg_qgis.engine_client import ENGINE_PYTHON_ENV
+from treeseg_qgis.qgis_side.engine_client import ENGINE_PYTHON_ENV
 
 from .conftest import disc_scene, write_geotiff
 
@@ -109,9 +109,9 @@ def start_and_wait_for_extraction(dock, qgis_iface, long_scene: Path, model_dir:
 
 def test_the_panel_defaults_to_the_active_raster_and_builds_params(qgis_iface, qgis_new_project, clean_settings,
                                                                     scene_tif, tmp_path):
-    from treeseg_qgis.core.params import SegmentationParams
-    from treeseg_qgis.engine_client import EngineClient
-    from treeseg_qgis.gui.dock import TreesegDock
+    from treeseg_qgis.engine.core.params import SegmentationParams
+    from treeseg_qgis.qgis_side.engine_client import EngineClient
+    from treeseg_qgis.qgis_side.gui.dock import TreesegDock
 
     path, _ = scene_tif
     add_raster(path, "other")
@@ -145,10 +145,10 @@ def test_the_panel_defaults_to_the_active_raster_and_builds_params(qgis_iface, q
 
 
 def test_the_model_choices_match_the_engine():
-    from treeseg_qgis.core.devices import DEVICE_CHOICES
-    from treeseg_qgis.core.features import STRIDES
-    from treeseg_qgis.core.models import CATALOGUE, DEFAULT_MODEL
-    from treeseg_qgis.gui import dock
+    from treeseg_qgis.engine.core.devices import DEVICE_CHOICES
+    from treeseg_qgis.engine.core.features import STRIDES
+    from treeseg_qgis.engine.core.models import CATALOGUE, DEFAULT_MODEL
+    from treeseg_qgis.qgis_side.gui import dock
 
     assert list(dock.BACKBONES) == list(CATALOGUE)
     assert dock.DEFAULT_MODEL == DEFAULT_MODEL and set(dock.DEVICES) == set(DEVICE_CHOICES)
@@ -376,8 +376,8 @@ def test_removing_the_input_layer_cancels_the_run(plugin, qgis_iface, long_scene
 
 def test_the_results_module_styles_a_run_record(qgis_new_project, scene_tif, tiny_model_dir, tmp_path):
     """qgis_results on its own (as Processing may use it): group name, order, hidden tree mask."""
-    from treeseg_qgis.engine_client import EngineClient
-    from treeseg_qgis.qgis_results import add_result_layers
+    from treeseg_qgis.qgis_side.engine_client import EngineClient
+    from treeseg_qgis.qgis_side.results import add_result_layers
 
     path, _ = scene_tif
     engine = EngineClient(sys.executable)
@@ -416,7 +416,7 @@ def test_the_panel_asks_before_a_run_expected_to_take_very_long(plugin, scene_ti
     from qgis.PyQt.QtWidgets import QMessageBox
 
     from treeseg_qgis import memory
-    from treeseg_qgis.gui import dock as dock_module
+    from treeseg_qgis.qgis_side.gui import dock as dock_module
 
     monkeypatch.setattr(dock_module, "available_memory_bytes", lambda: 16 * 10**9)
     monkeypatch.setattr(memory, "LARGE_RUN_SECONDS", 0)
@@ -437,7 +437,7 @@ def test_the_panel_estimates_memory_and_asks_before_a_run_that_will_not_fit(plug
                                                                              monkeypatch):
     from qgis.PyQt.QtWidgets import QMessageBox
 
-    from treeseg_qgis.gui import dock as dock_module
+    from treeseg_qgis.qgis_side.gui import dock as dock_module
 
     monkeypatch.setattr(dock_module, "available_memory_bytes", lambda: 16 * 10**9)
     questions: list[str] = []

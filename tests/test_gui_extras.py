@@ -69,7 +69,7 @@ def test_more_outputs_are_run_added_styled_and_remembered(plugin, qgis_iface, sm
     from qgis.core import QgsMultiBandColorRenderer, QgsSingleBandPseudoColorRenderer
     from qgis.PyQt.QtCore import Qt
 
-    from treeseg_qgis.gui.dock import TreesegDock
+    from treeseg_qgis.qgis_side.gui.dock import TreesegDock
 
     raster = add_raster(small_scene)
     dock = plugin.dock
@@ -127,7 +127,7 @@ def test_the_teach_tool_turns_clicks_into_pixels_of_the_raster(canvas, qgis_new_
     from qgis.gui import QgsMapMouseEvent, QgsVertexMarker
     from qgis.PyQt.QtCore import QEvent, QPoint, Qt
 
-    from treeseg_qgis.gui.teach_tool import RasterGrid, TeachMapTool
+    from treeseg_qgis.qgis_side.gui.teach_tool import RasterGrid, TeachMapTool
 
     raster = add_raster(small_scene)
     grid = RasterGrid.of_file(str(small_scene))

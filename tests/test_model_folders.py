@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from treeseg_qgis.cli import main
+from treeseg_qgis.engine.cli import main
 
 from .conftest import disc_scene, write_geotiff
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
 
-from treeseg_qgis.core.errors import ModelUnavailableError
-from treeseg_qgis.core.models import (
+from treeseg_qgis.engine.core.errors import ModelUnavailableError
+from treeseg_qgis.engine.core.models import (
     CATALOGUE,
     IMAGENET_MEAN,
     SAT493M_MEAN,

@@ -16,9 +16,9 @@ import pytest
 
 from treeseg_qgis import catalogue, memory
 from treeseg_qgis.catalogue import BACKBONES, HEIGHT_HEAD, MODELS, VIT_S, CatalogueModel, find_model
-from treeseg_qgis.core.errors import Cancelled
-from treeseg_qgis.engine_client import EngineClient, EngineError
-from treeseg_qgis.worker import DownloadTally
+from treeseg_qgis.engine.core.errors import Cancelled
+from treeseg_qgis.engine.worker import DownloadTally
+from treeseg_qgis.qgis_side.engine_client import EngineClient, EngineError
 
 REPO = Path(__file__).resolve().parents[1]
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
@@ -76,7 +76,7 @@ def test_catalogue_and_memory_use_the_standard_library_only(module):
 
 
 def test_the_engine_panel_and_processing_share_the_catalogue():
-    from treeseg_qgis.core.models import CATALOGUE, SAT493M_MEAN
+    from treeseg_qgis.engine.core.models import CATALOGUE, SAT493M_MEAN
 
     assert list(CATALOGUE) == list(BACKBONES) == ["small", "small+", "base", "large", "giant", "mega",
                                                    "large-sat", "mega-sat"]
@@ -356,7 +356,7 @@ def auth_database(qgis_app):
     or after."""
     from qgis.core import QgsApplication
 
-    from treeseg_qgis.auth import remove_token
+    from treeseg_qgis.qgis_side.auth import remove_token
 
     manager = QgsApplication.authManager()
     assert manager.setMasterPassword(MASTER_PASSWORD, True)
@@ -368,7 +368,13 @@ def auth_database(qgis_app):
 def test_token_round_trip_through_the_authentication_database(auth_database):
     from qgis.core import QgsSettings
 
-    from treeseg_qgis.auth import TOKEN_CONFIG_SETTING, has_stored_token, remove_token, store_token, stored_token
+    from treeseg_qgis.qgis_side.auth import (
+        TOKEN_CONFIG_SETTING,
+        has_stored_token,
+        remove_token,
+        store_token,
+        stored_token,
+    )
 
     assert stored_token() is None and not has_stored_token()
     store_token(f"  {SECRET}\n")
@@ -386,7 +392,7 @@ def test_token_round_trip_through_the_authentication_database(auth_database):
 def test_the_token_never_reaches_the_settings(auth_database):
     from qgis.core import QgsSettings
 
-    from treeseg_qgis.auth import store_token
+    from treeseg_qgis.qgis_side.auth import store_token
 
     store_token(SECRET)
     settings = QgsSettings()
@@ -396,7 +402,7 @@ def test_the_token_never_reaches_the_settings(auth_database):
 
 
 def test_runs_prefer_the_saved_token_to_the_environment(auth_database, monkeypatch):
-    from treeseg_qgis.auth import TokenStoreError, hf_token, remove_token, store_token
+    from treeseg_qgis.qgis_side.auth import TokenStoreError, hf_token, remove_token, store_token
 
     monkeypatch.setenv("HF_TOKEN", "hf_from_environment")
     assert hf_token() == "hf_from_environment"
@@ -420,7 +426,7 @@ def wait_for(condition, qgis_app, seconds: float = 120.0) -> None:
 
 
 def test_the_dialog_marks_cached_models(qgis_app, client, auth_database, tiny_model_dir, tmp_path):
-    from treeseg_qgis.gui.model_manager import CACHE_COLUMN, MEMORY_COLUMN, ModelManagerDialog
+    from treeseg_qgis.qgis_side.gui.model_manager import CACHE_COLUMN, MEMORY_COLUMN, ModelManagerDialog
 
     dialog = ModelManagerDialog(client)
     assert dialog.table.rowCount() == len(MODELS)
@@ -454,7 +460,7 @@ def test_the_dialog_marks_cached_models(qgis_app, client, auth_database, tiny_mo
 def test_the_dialog_shows_and_clears_the_feature_cache(qgis_app, tiny_model_dir, scene_tif, tmp_path, monkeypatch):
     from qgis.PyQt.QtWidgets import QMessageBox
 
-    from treeseg_qgis.gui.model_manager import ModelManagerDialog
+    from treeseg_qgis.qgis_side.gui.model_manager import ModelManagerDialog
 
     cache = tmp_path / "xdg-cache"
     engine = EngineClient(sys.executable, {"XDG_CACHE_HOME": str(cache), "HF_HUB_OFFLINE": "1"})
@@ -481,7 +487,7 @@ def test_the_dialog_shows_and_clears_the_feature_cache(qgis_app, tiny_model_dir,
 
 
 def test_check_model_folder(tiny_model_dir, tmp_path):
-    from treeseg_qgis.gui.model_manager import check_model_folder
+    from treeseg_qgis.qgis_side.gui.model_manager import check_model_folder
 
     assert check_model_folder(str(tiny_model_dir)) is None
     other = tmp_path / "other"
@@ -497,9 +503,9 @@ def test_the_models_menu_entry_opens_the_manager_and_feeds_the_panel(qgis_app, q
     from qgis.PyQt.QtWidgets import QDialogButtonBox
 
     from treeseg_qgis import classFactory
-    from treeseg_qgis.engine_client import ENGINE_PYTHON_ENV
-    from treeseg_qgis.gui.model_manager import COLUMNS as manager_columns
-    from treeseg_qgis.plugin import MENU
+    from treeseg_qgis.qgis_side.engine_client import ENGINE_PYTHON_ENV
+    from treeseg_qgis.qgis_side.gui.model_manager import COLUMNS as manager_columns
+    from treeseg_qgis.qgis_side.plugin import MENU
 
     monkeypatch.setenv(ENGINE_PYTHON_ENV, sys.executable)
     monkeypatch.setenv("HF_HOME", str(hf_home))
@@ -536,7 +542,7 @@ def test_probe_reports_the_memory_of_the_device(client):
 
 
 def test_the_panels_run_constants_are_the_engines_defaults():
-    from treeseg_qgis.core.params import SegmentationParams
+    from treeseg_qgis.engine.core.params import SegmentationParams
 
     defaults = SegmentationParams(input_path="in.tif", output_dir="out")
     assert (memory.RUN_TILE_SIZE, memory.RUN_BATCH_SIZE, memory.RUN_OVERLAP) == (defaults.tile_size,

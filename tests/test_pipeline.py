@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from osgeo import gdal, ogr
 
-from treeseg_qgis.core.errors import Cancelled
-from treeseg_qgis.core.params import SegmentationParams
-from treeseg_qgis.core.progress import Progress
-from treeseg_qgis.pipeline import segment
+from treeseg_qgis.engine.core.errors import Cancelled
+from treeseg_qgis.engine.core.params import SegmentationParams
+from treeseg_qgis.engine.core.progress import Progress
+from treeseg_qgis.engine.pipeline import segment
 
 from .conftest import disc_scene, write_geotiff
 

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from treeseg_qgis.engine_client import ENGINE_PYTHON_ENV
+from treeseg_qgis.qgis_side.engine_client import ENGINE_PYTHON_ENV
 
 from .conftest import REPO
 from .test_gui import wait_until
@@ -39,7 +39,7 @@ while plugin.dock.engine_label.text().startswith("Engine: start"):
     app.processEvents()
 print(plugin.dock.engine_label.text())
 print(sorted({name.split(".")[0] for name in sys.modules} & {"torch", "transformers", "sklearn"}))
-print(sorted(name for name in sys.modules if name.startswith("treeseg_qgis.core")))
+print(sorted(name for name in sys.modules if name.startswith("treeseg_qgis.engine.core")))
 plugin.unload()
 app.exitQgis()
 """
@@ -50,7 +50,7 @@ def test_the_plugin_adds_and_removes_its_button_menu_panel_and_provider(qgis_ifa
     from qgis.gui import QgsDockWidget
 
     from treeseg_qgis import classFactory
-    from treeseg_qgis.plugin import MENU
+    from treeseg_qgis.qgis_side.plugin import MENU
 
     monkeypatch.setenv(ENGINE_PYTHON_ENV, sys.executable)
     registry = QgsApplication.processingRegistry()
@@ -118,8 +118,9 @@ def test_without_the_engine_the_panel_explains_and_run_is_disabled(qgis_iface, q
                                                                     monkeypatch):
     from qgis.core import QgsApplication
 
-    from treeseg_qgis import classFactory, engine_client
-    from treeseg_qgis import plugin as plugin_module
+    from treeseg_qgis import classFactory
+    from treeseg_qgis.qgis_side import engine_client
+    from treeseg_qgis.qgis_side import plugin as plugin_module
 
     nowhere = tmp_path / "nowhere"
     monkeypatch.setenv(ENGINE_PYTHON_ENV, str(nowhere / "python"))

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from treeseg_qgis.core import devices
-from treeseg_qgis.core.errors import InputError
-from treeseg_qgis.core.features import FeatureExtractor
-from treeseg_qgis.core.models import load_backbone
-from treeseg_qgis.core.params import SegmentationParams
-from treeseg_qgis.pipeline import segment
+from treeseg_qgis.engine.core import devices
+from treeseg_qgis.engine.core.errors import InputError
+from treeseg_qgis.engine.core.features import FeatureExtractor
+from treeseg_qgis.engine.core.models import load_backbone
+from treeseg_qgis.engine.core.params import SegmentationParams
+from treeseg_qgis.engine.pipeline import segment
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from osgeo import gdal, osr
 
-from treeseg_qgis.engine_client import ENGINE_PYTHON_ENV
+from treeseg_qgis.qgis_side.engine_client import ENGINE_PYTHON_ENV
 
 from .conftest import REPO, SAMPLE_GEOTRANSFORM, UTM17N, disc_scene, write_geotiff
 
@@ -35,7 +35,7 @@ def provider(qgis_processing, monkeypatch):
     """The treeseg provider registered as the plugin's initProcessing does, with this .venv as the engine."""
     from qgis.core import QgsApplication
 
-    from treeseg_qgis.processing.provider import TreesegProvider
+    from treeseg_qgis.qgis_side.processing.provider import TreesegProvider
 
     monkeypatch.setenv(ENGINE_PYTHON_ENV, sys.executable)
     registry = QgsApplication.processingRegistry()
@@ -188,8 +188,8 @@ def test_a_web_layer_asks_for_a_geotiff_export(provider, tmp_path):
 def test_a_missing_engine_is_explained_and_the_algorithm_still_listed(provider, scene_tif, tmp_path, monkeypatch):
     from qgis.core import QgsApplication, QgsProcessingException
 
-    from treeseg_qgis import engine_client
-    from treeseg_qgis.processing import engine_algorithm
+    from treeseg_qgis.qgis_side import engine_client
+    from treeseg_qgis.qgis_side.processing import engine_algorithm
 
     nowhere = tmp_path / "nowhere"
     monkeypatch.setenv(ENGINE_PYTHON_ENV, str(nowhere / "python"))
@@ -280,28 +280,28 @@ def test_batch_runs_one_algorithm_instance_row_by_row(provider, tiny_model_dir, 
 
 def test_the_provider_imports_no_engine_packages():
     """The provider must load in QGIS's own Python, where torch may be missing."""
-    check = ("import sys; import treeseg_qgis.processing.provider; "
+    check = ("import sys; import treeseg_qgis.qgis_side.processing.provider; "
              "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'sklearn'}), "
-             "sorted(m for m in sys.modules if m.startswith('treeseg_qgis.core')))")
+             "sorted(m for m in sys.modules if m.startswith('treeseg_qgis.engine.core')))")
     output = subprocess.run(["/usr/bin/python3", "-c", check], cwd=REPO, capture_output=True, text=True,
                             check=True, env=dict(os.environ, QT_QPA_PLATFORM="offscreen"))
     assert output.stdout.split("\n")[0] == "[] []"
 
 
 def test_the_choices_match_the_engine():
-    from treeseg_qgis.core.devices import DEVICE_CHOICES
-    from treeseg_qgis.core.features import STRIDES
-    from treeseg_qgis.core.models import CATALOGUE
-    from treeseg_qgis.core.models import DEFAULT_MODEL as ENGINE_DEFAULT
-    from treeseg_qgis.processing.engine_algorithm import DEFAULT_MODEL, DEVICES, MODEL_NAMES
-    from treeseg_qgis.processing.engine_algorithm import STRIDES as OFFERED_STRIDES
+    from treeseg_qgis.engine.core.devices import DEVICE_CHOICES
+    from treeseg_qgis.engine.core.features import STRIDES
+    from treeseg_qgis.engine.core.models import CATALOGUE
+    from treeseg_qgis.engine.core.models import DEFAULT_MODEL as ENGINE_DEFAULT
+    from treeseg_qgis.qgis_side.processing.engine_algorithm import DEFAULT_MODEL, DEVICES, MODEL_NAMES
+    from treeseg_qgis.qgis_side.processing.engine_algorithm import STRIDES as OFFERED_STRIDES
 
     assert MODEL_NAMES == tuple(CATALOGUE) and DEFAULT_MODEL == ENGINE_DEFAULT
     assert DEVICES == DEVICE_CHOICES and {int(stride) for stride in OFFERED_STRIDES} <= set(STRIDES)
 
 
 def test_the_icon_is_found_in_the_checkout_and_in_the_packaged_plugin(tmp_path, monkeypatch):
-    from treeseg_qgis.processing import provider
+    from treeseg_qgis.qgis_side.processing import provider
 
     assert provider.icon_path() == REPO / "resources" / "icon.svg"
     packaged = tmp_path / "treeseg_qgis"
@@ -356,7 +356,7 @@ def test_temporary_outputs_load_styled_in_one_group_without_a_false_error(provid
     from qgis.core import QgsPalettedRasterRenderer, QgsProcessingFeedback, QgsProject, QgsRuleBasedRenderer
     from qgis.PyQt.QtCore import Qt
 
-    from treeseg_qgis.qgis_results import OVERLAY_OPACITY
+    from treeseg_qgis.qgis_side.results import OVERLAY_OPACITY
 
     class Recorder(QgsProcessingFeedback):
         def __init__(self) -> None:
@@ -407,7 +407,7 @@ def test_the_output_group_orders_layers_the_desktop_already_put_into_it(qgis_new
     group still ends in the panel's order, whatever order the outputs load in."""
     from qgis.core import QgsProject, QgsVectorLayer
 
-    from treeseg_qgis.qgis_results import RUN_OUTPUT_ORDER, OutputGroup
+    from treeseg_qgis.qgis_side.results import RUN_OUTPUT_ORDER, OutputGroup
 
     project = QgsProject.instance()
     root = project.layerTreeRoot()

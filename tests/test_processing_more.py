@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from osgeo import gdal, ogr, osr
 
-from treeseg_qgis.engine_client import EngineClient
+from treeseg_qgis.qgis_side.engine_client import EngineClient
 
 from .conftest import SAMPLE_GEOTRANSFORM, UTM17N, disc_scene, write_geotiff
 from .test_canopy import tiny_height_dir  # noqa: F401 - a tiny canopy-height model saved to disk
@@ -335,7 +335,7 @@ def test_evaluate_a_cluster_raster_against_classes(provider, small_scene, disc_m
 def test_only_plain_single_layer_files_are_read_directly(qgis_processing, tmp_path):
     from qgis.core import QgsVectorLayer
 
-    from treeseg_qgis.processing.evaluate_segmentation import single_layer_file
+    from treeseg_qgis.qgis_side.processing.evaluate_segmentation import single_layer_file
 
     one = write_boxes(tmp_path / "one.gpkg", crown_boxes())
     two = write_boxes(tmp_path / "two.gpkg", crown_boxes(), layers=2)
@@ -349,9 +349,9 @@ def test_only_plain_single_layer_files_are_read_directly(qgis_processing, tmp_pa
 
 
 def test_the_provider_lists_the_algorithms_in_their_groups(provider):  # noqa: F811
-    from treeseg_qgis.core.features import METHODS as ENGINE_METHODS
-    from treeseg_qgis.core.params import SegmentationParams
-    from treeseg_qgis.processing.segment_trees import DEFAULT_HEIGHT_MODEL, METHODS
+    from treeseg_qgis.engine.core.features import METHODS as ENGINE_METHODS
+    from treeseg_qgis.engine.core.params import SegmentationParams
+    from treeseg_qgis.qgis_side.processing.segment_trees import DEFAULT_HEIGHT_MODEL, METHODS
 
     groups = {algorithm.id(): algorithm.group() for algorithm in provider.algorithms()}
     assert groups == {"treeseg:segmenttrees": "Segmentation", "treeseg:teach": "Segmentation",

@@ -16,12 +16,12 @@ import pytest
 import torch
 from osgeo import gdal, ogr
 
-from treeseg_qgis.core.errors import Cancelled, InputError, ModelUnavailableError, OutputError, TreesegError
-from treeseg_qgis.core.features import FeatureExtractor
-from treeseg_qgis.core.models import Backbone, load_backbone
-from treeseg_qgis.core.params import SegmentationParams
-from treeseg_qgis.core.progress import Progress
-from treeseg_qgis.pipeline import segment
+from treeseg_qgis.engine.core.errors import Cancelled, InputError, ModelUnavailableError, OutputError, TreesegError
+from treeseg_qgis.engine.core.features import FeatureExtractor
+from treeseg_qgis.engine.core.models import Backbone, load_backbone
+from treeseg_qgis.engine.core.params import SegmentationParams
+from treeseg_qgis.engine.core.progress import Progress
+from treeseg_qgis.engine.pipeline import segment
 
 from .conftest import REPO, disc_scene, write_geotiff
 
@@ -169,7 +169,7 @@ def test_existing_outputs_are_replaced(tiny_model_dir, tmp_path):
 
 
 def test_disk_full_while_writing_removes_partial_files(tiny_model_dir, tmp_path, monkeypatch):
-    from treeseg_qgis.gis import writers
+    from treeseg_qgis.engine.gis import writers
 
     def disk_full(self, x, y, labels, trees):
         raise OutputError("No space left on device while writing the cluster raster.")

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from osgeo import gdal
 
-from treeseg_qgis.core.errors import Cancelled, OutputError
-from treeseg_qgis.core.params import SegmentationParams
-from treeseg_qgis.core.progress import Progress
+from treeseg_qgis.engine.core.errors import Cancelled, OutputError
+from treeseg_qgis.engine.core.params import SegmentationParams
+from treeseg_qgis.engine.core.progress import Progress
+from treeseg_qgis.engine.pipeline import segment
 from treeseg_qgis.outputs import STAGING_PREFIX, OutputTransaction, recover_outputs
-from treeseg_qgis.pipeline import segment
 
 from .conftest import REPO, disc_scene, write_geotiff
 
@@ -61,7 +61,7 @@ def test_a_cancelled_rerun_leaves_the_previous_outputs_byte_identical(previous_r
 
 
 def test_a_rerun_failing_after_the_rasters_were_written_keeps_the_previous_set(previous_run, monkeypatch):
-    from treeseg_qgis import pipeline
+    from treeseg_qgis.engine import pipeline
 
     def disk_full(*args, **kwargs):
         raise OutputError("No space left on device while writing the preview.")
@@ -181,8 +181,8 @@ def test_processing_refuses_an_output_on_the_input_and_a_shared_output_path(qgis
     import processing
     from qgis.core import QgsApplication, QgsProcessingException
 
-    from treeseg_qgis.engine_client import ENGINE_PYTHON_ENV
-    from treeseg_qgis.processing.provider import TreesegProvider
+    from treeseg_qgis.qgis_side.engine_client import ENGINE_PYTHON_ENV
+    from treeseg_qgis.qgis_side.processing.provider import TreesegProvider
 
     monkeypatch.setenv(ENGINE_PYTHON_ENV, sys.executable)
     registry = QgsApplication.processingRegistry()
@@ -209,7 +209,7 @@ def test_processing_refuses_an_output_on_the_input_and_a_shared_output_path(qgis
 
 @pytest.mark.parametrize("stop", ["cancel", "SIGKILL"])
 def test_a_worker_cancelled_or_killed_while_polygonizing_leaves_the_previous_outputs(previous_run, stop):
-    from treeseg_qgis.engine_client import EngineClient, EngineError
+    from treeseg_qgis.qgis_side.engine_client import EngineClient, EngineError
 
     params, out = previous_run
     before = snapshot(out)

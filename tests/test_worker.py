@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from treeseg_qgis.engine_client import EngineClient, EngineError
+from treeseg_qgis.qgis_side.engine_client import EngineClient, EngineError
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def test_cancel_stops_the_job_and_the_next_run_does_not_reload_the_model(client,
 
 def test_a_worker_that_does_not_answer_a_cancel_is_terminated(client, tiny_model_dir, scene_tif, tmp_path,
                                                               monkeypatch):
-    from treeseg_qgis import engine_client
+    from treeseg_qgis.qgis_side import engine_client
 
     monkeypatch.setattr(engine_client, "COOPERATIVE_CANCEL_SECONDS", 0.0)
     path, _ = scene_tif

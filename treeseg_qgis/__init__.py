@@ -9,6 +9,6 @@ __version__ = "0.1.0"
 
 def classFactory(iface):  # noqa: N802 - the name QGIS looks for
     """QGIS calls this to create the plugin."""
-    from .plugin import TreesegPlugin
+    from .qgis_side.plugin import TreesegPlugin
 
     return TreesegPlugin(iface)

@@ -7,7 +7,7 @@ address-space limit too low for the libraries is refused before they load.
 
 import sys
 
-from . import interrupts
+from .engine import interrupts
 
 interrupts.handle_stop_signals()
 if len(sys.argv) > 1 and sys.argv[1] in ("segment", "teach"):
@@ -19,7 +19,7 @@ if len(sys.argv) > 1 and sys.argv[1] in ("segment", "teach"):
         sys.exit(2)
 try:
     with interrupts.deferred():  # an exception inside torch's import can abort the interpreter
-        from .cli import main
+        from .engine.cli import main
     status = main()
 except interrupts.Interrupted as stop:
     print(f"treeseg: {stop} while starting; nothing was written.", file=sys.stderr)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -296,3 +297,8 @@ def memory_warning(model: CatalogueModel | str, stride: int, tile_size: int, bat
     return (f"{entry.name} needs about {format_gigabytes(needed)} at stride {stride} with {tile_size}-px tiles; "
             f"{where} has {format_gigabytes(available_bytes)} free. Choose {remedy}.")
 
+
+def disk_free_bytes(folder: Path) -> int | None:
+    """Free bytes on the disk that holds `folder` (or its nearest existing parent); None when none exists."""
+    existing = next((candidate for candidate in (folder, *folder.parents) if candidate.is_dir()), None)
+    return shutil.disk_usage(existing).free if existing is not None else None

@@ -10,7 +10,7 @@ from qgis.PyQt.QtCore import QTimer
 
 def discover() -> None:
     sys.path.insert(0, os.environ["TREESEG_REPO"])
-    from treeseg_qgis import engine_env
+    from treeseg_qgis.qgis_side import engine_env
 
     found = {"executable": sys.executable, "base_prefix": sys.base_prefix, "qgis_prefix": QgsApplication.prefixPath(),
              "candidates": [str(path) for path in engine_env.base_python_candidates()]}

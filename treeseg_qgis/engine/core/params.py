@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ..catalogue import HEIGHT_HEAD
+from ...catalogue import HEIGHT_HEAD
 from .devices import DEVICE_CHOICES, PRECISION_CHOICES
 from .errors import InputError
 from .features import COLOUR_STRIDES, METHODS, check_stride

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..locks import FileLock, lock_is_held
+from ...locks import FileLock, lock_is_held
 from .errors import Cancelled
 from .store import SAMPLES, SUMMARY, FeatureStore
 

@@ -34,10 +34,10 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
+from ...catalogue import MODELS, CatalogueModel
+from ...memory import estimate_peak_bytes, format_gigabytes, format_size
 from ..auth import TokenStoreError, has_stored_token, hf_token, remove_token, store_token
-from ..catalogue import MODELS, CatalogueModel
 from ..engine_client import EngineClient, EngineError, missing_engine_message
-from ..memory import estimate_peak_bytes, format_gigabytes, format_size
 
 COLUMNS = ("Model", "In cache", "Parameters", "Download", "Memory (CPU)", "Hugging Face id")
 NAME_COLUMN, CACHE_COLUMN, MEMORY_COLUMN = 0, 1, 4

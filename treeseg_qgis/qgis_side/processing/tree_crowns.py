@@ -19,10 +19,10 @@ from qgis.core import (
     QgsRasterLayer,
 )
 
-from ..qgis_results import style_loaded_outputs
-from .compat import DOUBLE, POLYGON_LAYERS
+from ..compat import DOUBLE, POLYGON_LAYERS
+from ..raster_input import raster_file
+from ..results import style_loaded_outputs
 from .engine_algorithm import GEOPACKAGE_SUFFIXES, EngineAlgorithm, engine_python, help_html, run_in_engine
-from .raster_input import raster_file
 
 HELP = """<p>Splits the trees of a tree mask into <b>individual crowns</b>: the distance to the
 nearest non-tree pixel peaks in the middle of each crown; those peaks seed a watershed that divides

@@ -23,9 +23,9 @@ from qgis.core import (
     QgsSettings,
 )
 
-from ..catalogue import BACKBONES
+from ...catalogue import BACKBONES
+from ..compat import ADVANCED
 from ..engine_client import EngineClient, EngineError, find_engine_python, missing_engine_message
-from .compat import ADVANCED
 
 MODEL_NAMES = tuple(BACKBONES)
 DEFAULT_MODEL = "base"

@@ -12,7 +12,7 @@ from .segment_trees import SegmentTreesAlgorithm
 from .teach_trees import TeachTreesAlgorithm
 from .tree_crowns import TreeCrownsAlgorithm
 
-PACKAGE_DIR = Path(__file__).resolve().parents[1]
+PACKAGE_DIR = Path(__file__).resolve().parents[2]
 
 
 def icon_path() -> Path:

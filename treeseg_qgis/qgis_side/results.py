@@ -46,7 +46,7 @@ from qgis.core import (
 from qgis.PyQt import sip
 from qgis.PyQt.QtGui import QColor
 
-from .outputs import UNTRAINED_TAG
+from ..outputs import UNTRAINED_TAG
 
 gdal.UseExceptions()
 

@@ -15,8 +15,9 @@ import sys
 import time
 from collections.abc import Sequence
 
-from . import __version__, interrupts
-from .catalogue import HEIGHT_HEAD
+from .. import __version__
+from ..catalogue import HEIGHT_HEAD
+from . import interrupts
 from .core.devices import DEVICE_CHOICES, PRECISION_CHOICES
 from .core.errors import Cancelled, InputError, TreesegError
 from .core.features import COLOUR_STRIDES, METHODS
@@ -215,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _check_address_space(args: argparse.Namespace) -> None:
     """Refuse an address-space limit a run cannot live with, before the libraries load (one line, not a hang)."""
-    from .memory import address_space_problem
+    from ..memory import address_space_problem
 
     dinov3 = getattr(args, "method", "dinov3") == "dinov3"
     problem = address_space_problem(args.model if dinov3 else None, getattr(args, "stride", None) or 16,

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from ..catalogue import BACKBONES, DEFAULT_MODEL, HUB_URL, LVD_1689M, SAT_493M, CatalogueModel, model_page
+from ...catalogue import BACKBONES, DEFAULT_MODEL, HUB_URL, LVD_1689M, SAT_493M, CatalogueModel, model_page
 from .devices import resolve_device, resolve_precision
 from .errors import ModelUnavailableError
 

@@ -35,8 +35,9 @@ from qgis.core import (
 from qgis.PyQt.QtCore import QVariant
 
 from ..auth import hf_token
-from ..qgis_results import TEACH_OUTPUT_ORDER, OutputGroup, style_loaded_outputs, teach_group_name
-from .compat import ANY_FIELD, DOUBLE, POINT_LAYERS
+from ..compat import ANY_FIELD, DOUBLE, POINT_LAYERS
+from ..raster_input import raster_file
+from ..results import TEACH_OUTPUT_ORDER, OutputGroup, style_loaded_outputs, teach_group_name
 from .engine_algorithm import (
     RASTER_SUFFIXES,
     WEIGHTS_HELP,
@@ -45,7 +46,6 @@ from .engine_algorithm import (
     help_html,
     run_in_engine,
 )
-from .raster_input import raster_file
 
 DEFAULT_IS_TREE_FIELD = "is_tree"
 TRUE_TEXTS = ("1", "true", "t", "yes", "y")

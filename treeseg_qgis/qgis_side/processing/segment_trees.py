@@ -31,11 +31,12 @@ from qgis.core import (
     QgsProcessingUtils,
 )
 
+from ...catalogue import HEIGHT_HEAD
+from ...outputs import OutputPathError, check_run_paths
 from ..auth import hf_token
-from ..catalogue import HEIGHT_HEAD
-from ..outputs import OutputPathError, check_run_paths
-from ..qgis_results import RUN_OUTPUT_ORDER, OutputGroup, group_name, style_loaded_outputs
-from .compat import DOUBLE, INTEGER, POLYGON_LAYERS
+from ..compat import DOUBLE, INTEGER, POLYGON_LAYERS
+from ..raster_input import prepare_input
+from ..results import RUN_OUTPUT_ORDER, OutputGroup, group_name, style_loaded_outputs
 from .engine_algorithm import (
     GEOPACKAGE_SUFFIXES,
     RASTER_SUFFIXES,
@@ -45,7 +46,6 @@ from .engine_algorithm import (
     help_html,
     run_in_engine,
 )
-from .raster_input import prepare_input
 
 METHODS = ("dinov3", "rgb-kmeans", "exg-otsu")
 DEFAULT_HEIGHT_MODEL = HEIGHT_HEAD.repo_id

@@ -33,7 +33,8 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from .. import __version__, engine_env
+from ... import __version__
+from .. import engine_env
 from ..engine_client import find_engine_python
 from ..processing.engine_algorithm import ENGINE_PYTHON_SETTING
 

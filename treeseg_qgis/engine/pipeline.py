@@ -25,7 +25,20 @@ from pathlib import Path
 import numpy as np
 from osgeo import gdal
 
-from . import __version__, interrupts
+from .. import __version__
+from ..memory import run_estimate, size_warning
+from ..outputs import (
+    DEFAULT_CLASS,
+    SEGMENT_KINDS,
+    SUFFIXES,
+    TEACH_KINDS,
+    OutputPathError,
+    OutputPaths,
+    OutputTransaction,
+    check_run_paths,
+    taught_class_paths,
+)
+from . import interrupts
 from .core.cache import CacheUnavailable, FeatureCache, file_identity
 from .core.canopy import load_height_model, predict_heights
 from .core.devices import resolve_device, resolve_precision
@@ -51,18 +64,6 @@ from .gis.preview import write_elbow_plot, write_preview
 from .gis.raster import GdalRasterSource, HeightReader, limit_block_cache
 from .gis.reference import Grid, read_examples
 from .gis.writers import HeightRasterWriter, LabelRasterWriter, ScoreRasterWriter, write_rgb_blocks
-from .memory import run_estimate, size_warning
-from .outputs import (
-    DEFAULT_CLASS,
-    SEGMENT_KINDS,
-    SUFFIXES,
-    TEACH_KINDS,
-    OutputPathError,
-    OutputPaths,
-    OutputTransaction,
-    check_run_paths,
-    taught_class_paths,
-)
 
 log = logging.getLogger("treeseg")
 

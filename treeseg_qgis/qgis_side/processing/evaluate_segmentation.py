@@ -41,9 +41,9 @@ from qgis.core import (
     QgsVectorLayer,
 )
 
-from .compat import EXPORT_OK, INTEGER, POLYGON_LAYERS, RASTER_LAYERS
+from ..compat import EXPORT_OK, INTEGER, POLYGON_LAYERS, RASTER_LAYERS
+from ..raster_input import UNSAFE_FILENAME_CHARACTERS, raster_file
 from .engine_algorithm import HELP_URL, help_html
-from .raster_input import UNSAFE_FILENAME_CHARACTERS, raster_file
 
 SCORES = {  # output name: (group, measure in evaluate()'s scores, description)
     "PIXEL_PRECISION": ("pixel", "precision", "Pixel precision of the tree class"),
@@ -175,8 +175,8 @@ class EvaluateSegmentationAlgorithm(QgsProcessingAlgorithm):
                          feedback: QgsProcessingFeedback) -> dict[str, Any]:
         folder = self.parameterAsFileOutput(parameters, self.OUTPUT_FOLDER, context)
         with gdal_exceptions():
-            from ..core.errors import TreesegError
-            from ..evaluate import evaluate
+            from ...engine.core.errors import TreesegError
+            from ...engine.evaluate import evaluate
 
             feedback.setProgressText("Evaluating")
             try:

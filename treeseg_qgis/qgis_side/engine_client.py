@@ -24,10 +24,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..outputs import output_folders, recover_outputs, temporary_files
 from .engine_env import private_engine_python
-from .outputs import output_folders, recover_outputs, temporary_files
 
-PLUGIN_DIR = Path(__file__).resolve().parent
+PLUGIN_DIR = Path(__file__).resolve().parents[1]
 ENGINE_PYTHON_ENV = "TREESEG_ENGINE_PYTHON"
 ENGINE_POINTER_FILE = PLUGIN_DIR / "engine_python.txt"
 COOPERATIVE_CANCEL_SECONDS = 5.0
@@ -269,7 +269,7 @@ class EngineClient:
         env.pop("PYTHONHOME", None)
         # A fixed argv (the engine's Python and our own worker module), never a shell.
         process = subprocess.Popen(  # nosec B603
-            [self.python, "-m", f"{PLUGIN_DIR.name}.worker"],
+            [self.python, "-m", f"{PLUGIN_DIR.name}.engine.worker"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, encoding="utf-8", env=env, cwd=str(PLUGIN_DIR.parent),
             start_new_session=(os.name != "nt"),

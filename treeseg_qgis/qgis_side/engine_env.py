@@ -24,7 +24,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-PLUGIN_DIR = Path(__file__).resolve().parent
+from ..memory import disk_free_bytes
+
+PLUGIN_DIR = Path(__file__).resolve().parents[1]
 ENGINE_PACKAGES = ("torch", "transformers", "scikit-learn", "scikit-image", "huggingface_hub", "safetensors")
 QGIS_PACKAGES = ("numpy", "scipy", "matplotlib")
 CONSTRAINTS_FILE = "qgis-constraints.txt"
@@ -74,7 +76,7 @@ if missing:
     sys.exit("This Python lacks what the TreeSeg engine needs: " + "; ".join(missing))
 import torch, transformers
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
-from treeseg_qgis.core.models import load_backbone
+from treeseg_qgis.engine.core.models import load_backbone
 with tempfile.TemporaryDirectory() as folder:
     config = DINOv3ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                              patch_size=16, num_register_tokens=4)
@@ -376,12 +378,6 @@ def free_disk_problem(folder: Path, build: str) -> str | None:
         return None
     return (f"Only {free / 1024**3:.1f} GB are free on the disk of {folder}; the "
             f"{'CPU' if build == CPU else 'CUDA'} engine needs about {needed / 1024**3:.0f} GB. Free some space first.")
-
-
-def disk_free_bytes(folder: Path) -> int | None:
-    """Free bytes on the disk that holds `folder` (or its nearest existing parent); None when none exists."""
-    existing = next((candidate for candidate in (folder, *folder.parents) if candidate.is_dir()), None)
-    return shutil.disk_usage(existing).free if existing is not None else None
 
 
 def install_plan(root: Path, base_python: str, build: str, torch_index: str | None = None,

@@ -14,9 +14,9 @@ from qgis.core import Qgis, QgsMapLayer, QgsMessageLog, QgsProject, QgsRasterLay
 from qgis.gui import QgsMessageBar
 from qgis.PyQt.QtCore import pyqtSignal
 
+from ...outputs import remove_files
 from ..engine_client import EngineClient, EngineError
-from ..outputs import remove_files
-from ..qgis_results import LOG_TAG, add_result_layers, add_teach_layers, model_label
+from ..results import LOG_TAG, add_result_layers, add_teach_layers, model_label
 
 MESSAGE_TITLE = "TreeSeg"
 UNTRAINED_SUMMARY = "UNTRAINED weights, pipeline check only."

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..catalogue import HEIGHT_HEAD
+from ...catalogue import HEIGHT_HEAD
 from .devices import resolve_device
 from .errors import ModelUnavailableError
 from .models import explain_load_failure, hub_offline

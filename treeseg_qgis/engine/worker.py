@@ -1,4 +1,4 @@
-"""The engine worker process: `python -m treeseg_qgis.worker`, run in the engine's environment.
+"""The engine worker process: `python -m treeseg_qgis.engine.worker`, run in the engine's environment.
 
 Protocol (one JSON object per line, both ways):
 
@@ -42,10 +42,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from .catalogue import HUB_URL, MODELS, CatalogueModel
+from ..catalogue import HUB_URL, MODELS, CatalogueModel
+from ..memory import disk_free_bytes, format_size, host_memory
 from .core.errors import Cancelled, InputError, ModelUnavailableError, OutputError, TreesegError
-from .engine_env import disk_free_bytes
-from .memory import format_size, host_memory
 
 PROTOCOL_VERSION = 1
 WEIGHT_FILES = ["*.json", "*.safetensors"]
@@ -272,7 +271,7 @@ def probe() -> dict[str, Any]:
     import torch
     import transformers
 
-    from . import __version__
+    from .. import __version__
     from .core.devices import describe_device, resolve_device, resolve_precision
 
     device, dtype = resolve_device("auto")

@@ -53,10 +53,8 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from ..auth import hf_token
-from ..catalogue import BACKBONES
-from ..engine_client import EngineClient, missing_engine_message
-from ..memory import (
+from ...catalogue import BACKBONES
+from ...memory import (
     RUN_BATCH_SIZE,
     RUN_TILE_SIZE,
     available_memory_bytes,
@@ -67,10 +65,12 @@ from ..memory import (
     size_warning,
     tiles_and_time,
 )
-from ..outputs import OutputPathError, OutputPaths, check_run_paths
-from ..processing.compat import POLYGON_LAYER_FILTER, RASTER_LAYER_FILTER
-from ..processing.raster_input import prepare_input
+from ...outputs import OutputPathError, OutputPaths, check_run_paths
+from ..auth import hf_token
+from ..compat import POLYGON_LAYER_FILTER, RASTER_LAYER_FILTER
+from ..engine_client import EngineClient, missing_engine_message
 from ..processing.segment_trees import DEFAULT_HEIGHT_MODEL
+from ..raster_input import prepare_input
 from .task import ProbeTask, SegmentationTask, TeachTask, clear_messages
 from .teach_tool import RasterGrid, TeachMapTool
 

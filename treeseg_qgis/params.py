@@ -1,0 +1,171 @@
+"""The one parameters object of a run.
+
+The panel, each Processing algorithm and the command line build a `SegmentationParams` and call
+`validate()` before the job crosses to the engine worker; the worker rebuilds it from JSON with
+`from_json()` and validates it again. Every allowed value (methods, strides, devices, precisions, the
+cluster range) is defined here and nowhere else. Standard library only: QGIS and the engine import it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
+from typing import Any, Literal, Union, get_args
+
+from .catalogue import BACKBONES, DEFAULT_MODEL, HEIGHT_HEAD
+from .outputs import OUTPUT_KINDS
+
+Method = Literal["dinov3", "rgb-kmeans", "exg-otsu"]
+Stride = Literal[16, 8, 4]
+Device = Literal["auto", "cpu", "cuda", "mps"]
+Precision = Literal["auto", "float32", "bfloat16", "int8"]
+METHODS: tuple[str, ...] = get_args(Method)
+STRIDES: tuple[int, ...] = get_args(Stride)
+COLOUR_STRIDES = (16, 8, 4, 2, 1)  # the colour baselines work per pixel too
+DEVICES: tuple[str, ...] = get_args(Device)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+MODEL_NAMES = tuple(BACKBONES)
+AUTO = "auto"  # the one spelling of "choose for me": the number of clusters, the device, the precision
+K_MIN, K_MAX = 1, 250  # cluster ids 0..249; the rasters keep 255 for nodata
+DEFAULT_K_RANGE = (2, 8)
+DEFAULT_MIN_EXG = 0.02
+Clusters = Union[int, Literal["auto"]]
+
+OutputFiles = make_dataclass(
+    "OutputFiles", [(kind, Union[str, None], field(default=None)) for kind in OUTPUT_KINDS], frozen=True)
+OutputFiles.__doc__ = ("Where each output goes, one field per kind in outputs.OUTPUT_KINDS; None: "
+                       "named after the output stem in the output folder.")
+OutputFiles.__module__ = __name__
+
+
+class ParameterError(ValueError):
+    """A value no run can use; the message says which and what is allowed."""
+
+
+@dataclass
+class SegmentationParams:
+    """Everything one segmentation (or teach) run needs; plain data, JSON-serialisable."""
+
+    input_path: str
+    output_dir: str
+    method: Method = "dinov3"
+    bands: tuple[int, int, int] = (1, 2, 3)
+    model: str = DEFAULT_MODEL
+    model_revision: str | None = None
+    stride: int = 16
+    clusters: Clusters = AUTO
+    k_min: int = DEFAULT_K_RANGE[0]
+    k_max: int = DEFAULT_K_RANGE[1]
+    device: Device = "auto"
+    precision: Precision = "auto"
+    allow_untrained: bool = False
+    tree_clusters: tuple[int, ...] | None = None
+    min_exg: float = DEFAULT_MIN_EXG
+    tile_size: int = 512
+    overlap: int = 64
+    batch_size: int = 4
+    sample_size: int = 40_000
+    pca_dims: int = 32
+    seed: int = 0
+    crowns: bool = False
+    feature_preview: bool = False
+    canopy_height: bool = False
+    height_model: str = HEIGHT_HEAD.repo_id
+    min_tree_height_m: float | None = None
+    crown_min_area_m2: float = 2.0
+    crown_smoothing_m: float = 0.2
+    use_cache: bool = True
+    cache_dir: str | None = None
+    cache_max_mb: int = 2048
+    output_stem: str | None = None
+    outputs: OutputFiles = field(default_factory=OutputFiles)
+
+    @property
+    def fixed_clusters(self) -> int | None:
+        """The number of clusters asked for, or None when it is chosen automatically."""
+        return None if self.clusters == AUTO else int(self.clusters)
+
+    def validate(self) -> None:
+        """Raise ParameterError for values no run can use."""
+        _check_choice("method", self.method, METHODS)
+        if self.method == "dinov3":
+            _check_choice("stride", self.stride, STRIDES)
+        else:
+            _check_choice(f"stride for {self.method}", self.stride, COLOUR_STRIDES)
+        _check_choice("device", self.device, DEVICES)
+        _check_choice("precision", self.precision, PRECISIONS)
+        if not isinstance(self.input_path, str) or not self.input_path.strip():
+            raise ParameterError("Choose an input raster.")
+        if not isinstance(self.output_dir, str) or not self.output_dir.strip():
+            raise ParameterError("Choose an output folder.")
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ParameterError(f"Choose a model: one of {', '.join(MODEL_NAMES)}, a Hugging Face id or a folder.")
+        if len(self.bands) != 3 or any(not _is_int(band) or band < 1 for band in self.bands):
+            raise ParameterError(f"Bands must be three 1-based band numbers, not {self.bands}.")
+        if self.clusters != AUTO and not (_is_int(self.clusters) and K_MIN <= self.clusters <= K_MAX):
+            raise ParameterError(f"The number of clusters must be '{AUTO}' or between {K_MIN} and {K_MAX}, "
+                                 f"not {self.clusters}.")
+        if self.method == "exg-otsu" and self.fixed_clusters not in (None, 2):
+            raise ParameterError("The ExG-Otsu baseline always splits into 2 clusters; leave clusters on auto.")
+        if not (_is_int(self.k_min) and _is_int(self.k_max) and K_MIN <= self.k_min <= self.k_max <= K_MAX):
+            raise ParameterError(f"The automatic cluster range {self.k_min}..{self.k_max} is not valid: "
+                                 f"it must lie within {K_MIN}..{K_MAX}.")
+        if self.tree_clusters is not None and any(not _is_int(c) or not 0 <= c < K_MAX for c in self.tree_clusters):
+            raise ParameterError(f"Tree clusters must be cluster ids from 0 to {K_MAX - 1}, not {self.tree_clusters}.")
+        if not _is_int(self.tile_size) or self.tile_size % 16 or self.tile_size < 64:
+            raise ParameterError(f"The tile size must be a multiple of 16 and at least 64, not {self.tile_size}.")
+        if not _is_int(self.overlap) or self.overlap % 16 or not 0 <= self.overlap <= self.tile_size // 2:
+            raise ParameterError(
+                f"The overlap must be a multiple of 16 up to half the tile size, not {self.overlap}.")
+        for name in ("batch_size", "sample_size", "pca_dims", "cache_max_mb"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ParameterError(f"{name} must be a whole number of at least 1, not {getattr(self, name)}.")
+        for name in ("crown_min_area_m2", "crown_smoothing_m", "min_tree_height_m", "min_exg"):
+            value = getattr(self, name)
+            if value is not None and not (_is_number(value) and (value >= 0 or name == "min_exg")):
+                raise ParameterError(f"{name} must be a finite number of at least 0, not {value}.")
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict; `from_json` reads it back."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SegmentationParams:
+        """The object `to_json` wrote; unknown names are refused (a newer or older sender)."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ParameterError(f"Unknown parameters: {', '.join(sorted(unknown))}.")
+        values = dict(data)
+        for name in ("bands", "tree_clusters"):
+            if values.get(name) is not None:
+                values[name] = tuple(values[name])
+        outputs = values.get("outputs") or {}
+        unknown_outputs = set(outputs) - set(OUTPUT_KINDS)
+        if unknown_outputs:
+            raise ParameterError(f"Unknown outputs: {', '.join(sorted(unknown_outputs))}.")
+        values["outputs"] = OutputFiles(**outputs)
+        return cls(**values)
+
+
+def parse_clusters(text: str | int | None) -> Clusters:
+    """A number of clusters as a user writes it: a whole number, or 'auto' (also empty or 0)."""
+    if text is None or str(text).strip().lower() in ("", AUTO, "0"):
+        return AUTO
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise ParameterError(f"The number of clusters must be '{AUTO}' or a whole number, not {text!r}.") from None
+
+
+def _check_choice(name: str, value: object, choices: tuple) -> None:
+    if value not in choices or isinstance(value, bool):
+        raise ParameterError(f"Unknown {name} {value!r}: use one of {', '.join(map(str, choices))}.")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
