@@ -1,4 +1,4 @@
-"""The compatibility module (processing/compat.py): each QGIS API that differs between QGIS 3.22 and 3.40 LTR,
+"""The compatibility module (qgis_side/compat.py): each QGIS API that differs between QGIS 3.22 and 3.40 LTR,
 used the way the plugin uses it, on whichever QGIS runs the suite (make test runs it on both)."""
 
 from __future__ import annotations
@@ -90,3 +90,53 @@ def test_layer_filters_keep_only_that_kind_of_layer_in_a_layer_combo(qgis_app, q
     model.setFilters(getattr(compat, layer_filter))
     shown = [model.data(model.index(row, 0)) for row in range(model.rowCount())]
     assert shown == (["polygon"] if kind == "polygon" else [])
+
+
+def test_mask_bounds_need_no_deprecated_rectangle_call(qgis_app, tmp_path):
+    """A mask's bounds are the union of its polygons' boxes, on 3.22 and 3.40 alike (3.40 deprecates
+    QgsRectangle.setMinimal); empty geometries are skipped and a mask without polygons is refused."""
+    import warnings
+
+    from osgeo import gdal, osr
+    from qgis.core import (
+        QgsFeature,
+        QgsGeometry,
+        QgsProcessingContext,
+        QgsProcessingException,
+        QgsProject,
+        QgsRasterLayer,
+        QgsVectorLayer,
+    )
+
+    from treeseg_qgis.qgis_side.raster_input import prepare_input
+
+    path = str(tmp_path / "scene.tif")
+    dataset = gdal.GetDriverByName("GTiff").Create(path, 100, 100, 3, gdal.GDT_Byte)
+    dataset.SetGeoTransform((500000.0, 1.0, 0, 4000100.0, 0, -1.0))
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32617)
+    dataset.SetProjection(srs.ExportToWkt())
+    dataset = None
+    layer = QgsRasterLayer(path, "scene")
+    context = QgsProcessingContext()
+    context.setProject(QgsProject.instance())
+
+    mask = QgsVectorLayer("Polygon?crs=EPSG:32617", "mask", "memory")
+    features = []
+    for wkt in ("POLYGON((500010 4000010, 500020 4000010, 500020 4000020, 500010 4000010))",
+                "POLYGON((500050 4000060, 500070 4000060, 500070 4000080, 500050 4000060))", None):
+        feature = QgsFeature()
+        if wkt:
+            feature.setGeometry(QgsGeometry.fromWkt(wkt))
+        features.append(feature)
+    mask.dataProvider().addFeatures(features)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        vrt = prepare_input(layer, None, mask, 0.0, context, tmp_path / "scratch")
+    geotransform = gdal.Open(vrt).GetGeoTransform()
+    assert (geotransform[0], geotransform[3]) == (500010.0, 4000080.0)
+    assert gdal.Open(vrt).RasterXSize == 60 and gdal.Open(vrt).RasterYSize == 70
+
+    empty = QgsVectorLayer("Polygon?crs=EPSG:32617", "empty", "memory")
+    with pytest.raises(QgsProcessingException, match="has no polygons"):
+        prepare_input(layer, None, empty, 0.0, context, tmp_path / "scratch")

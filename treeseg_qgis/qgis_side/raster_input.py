@@ -194,8 +194,7 @@ def _write_cutline(mask: QgsFeatureSource, crs: QgsCoordinateReferenceSystem, co
     srs.ImportFromWkt(crs.toWkt())
     data_source = _gdal("Cannot write the mask for GDAL", ogr.GetDriverByName("GPKG").CreateDataSource, str(path))
     layer = data_source.CreateLayer("mask", srs, ogr.wkbMultiPolygon)
-    extent = QgsRectangle()
-    extent.setMinimal()
+    extent: QgsRectangle | None = None
     for feature in mask.getFeatures(request):
         geometry = _valid_polygons(feature.geometry())
         if geometry is None:
@@ -203,9 +202,12 @@ def _write_cutline(mask: QgsFeatureSource, crs: QgsCoordinateReferenceSystem, co
         row = ogr.Feature(layer.GetLayerDefn())
         row.SetGeometry(ogr.CreateGeometryFromWkb(bytes(geometry.asWkb())))
         layer.CreateFeature(row)
-        extent.combineExtentWith(geometry.boundingBox())
+        if extent is None:
+            extent = geometry.boundingBox()
+        else:
+            extent.combineExtentWith(geometry.boundingBox())
     data_source = None
-    if extent.isEmpty():
+    if extent is None or extent.isEmpty():
         path.unlink(missing_ok=True)
         raise QgsProcessingException("The mask layer has no polygons: choose a polygon layer with features.")
     return path, Bounds.of(extent)
