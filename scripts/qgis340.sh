@@ -64,14 +64,17 @@ install_packages() {
     echo "$BASE_PACKAGES $QGIS_PACKAGES" >"$READY"
 }
 
+DEBIAN_KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 if [ ! -f "$READY" ]; then
     started=$(date +%s)
     echo "qgis340: making the QGIS 3.40 root in $ROOT (debootstrap and apt, several minutes, once)" >&2
-    if ! command -v debootstrap >/dev/null; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap >/dev/null
+    # Ubuntu's debootstrap does not carry Debian's archive key: debian-archive-keyring does (Ubuntu universe).
+    if ! command -v debootstrap >/dev/null || [ ! -f "$DEBIAN_KEYRING" ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            debootstrap debian-archive-keyring >/dev/null
     fi
     rm -rf "$ROOT" && mkdir -p "$ROOT"
-    debootstrap --variant=minbase bookworm "$ROOT" "$MIRROR" >"$ROOT.debootstrap.log" 2>&1 \
+    debootstrap --variant=minbase --keyring="$DEBIAN_KEYRING" bookworm "$ROOT" "$MIRROR" >"$ROOT.debootstrap.log" 2>&1 \
         || { echo "qgis340: debootstrap failed; see $ROOT.debootstrap.log" >&2; exit 1; }
     cat >"$ROOT/etc/apt/sources.list" <<EOF
 deb $MIRROR bookworm main
