@@ -103,10 +103,10 @@ def measure(kind: str, raster: str, stride: int) -> dict:
         return _polygonize_alone(kind, raster)
     from treeseg_qgis.engine.core.features import FeatureExtractor
     from treeseg_qgis.engine.core.models import load_backbone
-    from treeseg_qgis.engine.core.params import SegmentationParams
     from treeseg_qgis.engine.core.tiling import TileGrid
     from treeseg_qgis.engine.gis.raster import GdalRasterSource
     from treeseg_qgis.engine.pipeline import segment
+    from treeseg_qgis.params import SegmentationParams
 
     backbone = load_backbone(str(WORK / "vits16-random"), device="cpu")
     extractor = FeatureExtractor(backbone, stride, SegmentationParams.batch_size)
@@ -153,15 +153,16 @@ def _through_the_dock_path(raster: str, stride: int, tiles: int) -> dict:
     """
     from qgis.core import QgsApplication
 
+    from treeseg_qgis.params import SegmentationParams
     from treeseg_qgis.qgis_side.engine_client import EngineClient
 
     application = QgsApplication([], False)
     application.initQgis()
     client = EngineClient(sys.executable)
     try:
-        params = {"input_path": raster, "output_dir": str(WORK / f"out_dock_{Path(raster).stem}"),
-                  "model": str(WORK / "vits16-random"), "stride": stride, "device": "cpu", "clusters": 6,
-                  "use_cache": False}
+        params = SegmentationParams(input_path=raster, output_dir=str(WORK / f"out_dock_{Path(raster).stem}"),
+                                    model=str(WORK / "vits16-random"), stride=stride, device="cpu", clusters=6,
+                                    use_cache=False)
         client.segment(params)
         started = time.perf_counter()
         record = client.segment(params)

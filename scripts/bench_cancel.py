@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from bench import WORK, make_inputs  # noqa: E402
 
+from treeseg_qgis.params import SegmentationParams  # noqa: E402
 from treeseg_qgis.qgis_side.engine_client import EngineClient, EngineError  # noqa: E402
 
 CROP = 512
@@ -42,9 +43,9 @@ def crop(raster: Path) -> Path:
     return path
 
 
-def params(raster: Path, out: str, model: Path) -> dict:
-    return {"input_path": str(raster), "output_dir": str(WORK / out), "model": str(model), "device": "cpu",
-            "clusters": 3, "use_cache": False}
+def params(raster: Path, out: str, model: Path) -> SegmentationParams:
+    return SegmentationParams(input_path=str(raster), output_dir=str(WORK / out), model=str(model), device="cpu",
+                              clusters=3, use_cache=False)
 
 
 def cancelled_run(client: EngineClient, raster: Path, model: Path, rng: random.Random) -> float:

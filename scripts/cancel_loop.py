@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ sys.path.insert(0, str(REPO))
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from tests.conftest import disc_scene, write_geotiff  # noqa: E402
+from treeseg_qgis.params import SegmentationParams  # noqa: E402
 from treeseg_qgis.qgis_side.engine_client import EngineClient, EngineError  # noqa: E402
 
 WAYS = ("cli SIGINT", "cli SIGTERM", "cli SIGHUP", "worker cancel", "worker SIGKILL")
@@ -75,8 +77,8 @@ def main() -> int:
     image, _ = disc_scene(384, 384, [(100, 100), (250, 260)], radius=60)
     raster = write_geotiff(work / "in.tif", image)
     out, cache = work / "out", work / "cache"
-    base = {"input_path": str(raster), "output_dir": str(out), "model": str(model), "device": "cpu",
-            "tile_size": 128, "overlap": 32, "crowns": True, "feature_preview": True, "cache_dir": str(cache)}
+    base = SegmentationParams(input_path=str(raster), output_dir=str(out), model=str(model), device="cpu",
+                              tile_size=128, overlap=32, crowns=True, feature_preview=True, cache_dir=str(cache))
     cli = [sys.executable, "-m", "treeseg_qgis", "segment", str(raster), "--out", str(out), "--model", str(model),
            "--device", "cpu", "--tile-size", "128", "--crowns", "--feature-preview", "--cache-dir", str(cache),
            "--quiet"]
@@ -85,9 +87,9 @@ def main() -> int:
     started = time.monotonic()
     subprocess.run([*cli, "--clusters", "2"], env=environment, check=True, capture_output=True)
     cli_seconds = time.monotonic() - started
-    client.segment({**base, "clusters": 3, "use_cache": False})  # starts the worker, loads the model
+    client.segment(replace(base, clusters=3, use_cache=False))  # starts the worker, loads the model
     started = time.monotonic()
-    client.segment({**base, "clusters": 3, "use_cache": False})
+    client.segment(replace(base, clusters=3, use_cache=False))
     worker_seconds = time.monotonic() - started
     print(f"full run: command line {cli_seconds:.1f} s, worker {worker_seconds:.1f} s; {work}")
     outcomes: dict[tuple[str, str], int] = {}
@@ -115,7 +117,7 @@ def main() -> int:
             else:
                 threading.Timer(delay, stop.set).start()
             try:
-                client.segment({**base, "clusters": clusters, "use_cache": use_cache}, is_cancelled=stop.is_set)
+                client.segment(replace(base, clusters=clusters, use_cache=use_cache), is_cancelled=stop.is_set)
                 finished, ok, detail = True, True, "finished"
             except EngineError as error:
                 finished = False

@@ -31,11 +31,11 @@ from scipy import ndimage  # noqa: E402
 from treeseg_qgis.engine.core.evaluation import ReferenceObject, boxes_to_objects, exg_otsu_mask, union_mask  # noqa: E402
 from treeseg_qgis.engine.core.examples import Example  # noqa: E402
 from treeseg_qgis.engine.core.models import hub_offline  # noqa: E402
-from treeseg_qgis.engine.core.params import SegmentationParams  # noqa: E402
 from treeseg_qgis.engine.evaluate import object_scores  # noqa: E402
 from treeseg_qgis.engine.gis.raster import GdalRasterSource  # noqa: E402
 from treeseg_qgis.engine.gis.reference import read_prediction  # noqa: E402
 from treeseg_qgis.engine.pipeline import load_model_for, segment, teach  # noqa: E402
+from treeseg_qgis.params import SegmentationParams  # noqa: E402
 
 gdal.UseExceptions()
 

@@ -8,8 +8,8 @@ from osgeo import gdal
 
 from treeseg_qgis.engine.core.cache import FeatureCache
 from treeseg_qgis.engine.core.models import load_backbone
-from treeseg_qgis.engine.core.params import SegmentationParams
 from treeseg_qgis.engine.pipeline import segment
+from treeseg_qgis.params import AUTO, SegmentationParams
 
 from .conftest import disc_scene, write_geotiff
 
@@ -84,7 +84,7 @@ def test_least_recently_used_entries_go_past_the_cap(tmp_path):
 
 
 def test_auto_k_writes_the_elbow_plot(params):
-    record = segment(params(clusters=None, k_min=2, k_max=5))
+    record = segment(params(clusters=AUTO, k_min=2, k_max=5))
     elbow = record["outputs"]["elbow"]
     assert os.path.getsize(elbow) > 1000 and record["clusters"]["automatic"]
     fixed = segment(params(clusters=2, output_dir=params().output_dir + "_fixed"))

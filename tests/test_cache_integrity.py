@@ -15,9 +15,9 @@ import torch
 from osgeo import gdal
 
 from treeseg_qgis.engine.core.errors import Cancelled, ModelUnavailableError
-from treeseg_qgis.engine.core.params import SegmentationParams
 from treeseg_qgis.engine.core.progress import Progress
 from treeseg_qgis.engine.pipeline import segment
+from treeseg_qgis.params import SegmentationParams
 
 from .conftest import REPO, disc_scene, write_geotiff
 

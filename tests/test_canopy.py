@@ -6,8 +6,8 @@ from osgeo import gdal
 
 from treeseg_qgis.engine.core.canopy import HEIGHT_MODEL, load_height_model
 from treeseg_qgis.engine.core.errors import ModelUnavailableError
-from treeseg_qgis.engine.core.params import SegmentationParams
 from treeseg_qgis.engine.pipeline import segment
+from treeseg_qgis.params import SegmentationParams
 
 
 @pytest.fixture(scope="session")

@@ -53,3 +53,12 @@ def test_bad_band_exits_2(scene_tif, tiny_model_dir, tmp_path):
 def test_bad_cluster_count_exits_2(scene_tif, tmp_path):
     path, _ = scene_tif
     one_line_error(cli("segment", str(path), "--out", "out", "--clusters", "many", tmp_path=tmp_path))
+    assert "between 1 and 250, not 251" in one_line_error(
+        cli("segment", str(path), "--out", "out", "--clusters", "251", tmp_path=tmp_path))
+
+
+def test_a_stride_the_method_cannot_use_exits_2_naming_the_allowed_ones(scene_tif, tmp_path):
+    path, _ = scene_tif
+    line = one_line_error(cli("segment", str(path), "--out", "out", "--stride", "2", tmp_path=tmp_path))
+    assert "stride 2" in line and "16, 8, 4" in line
+    assert not (tmp_path / "out").exists()

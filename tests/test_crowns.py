@@ -7,9 +7,9 @@ import pytest
 from osgeo import ogr
 
 from treeseg_qgis.engine.core.crowns import CrownSettings, split_crowns
-from treeseg_qgis.engine.core.params import SegmentationParams
 from treeseg_qgis.engine.gis import crowns as crown_writer
 from treeseg_qgis.engine.pipeline import segment
+from treeseg_qgis.params import SegmentationParams
 
 from .conftest import write_geotiff
 

@@ -109,7 +109,7 @@ def start_and_wait_for_extraction(dock, qgis_iface, long_scene: Path, model_dir:
 
 def test_the_panel_defaults_to_the_active_raster_and_builds_params(qgis_iface, qgis_new_project, clean_settings,
                                                                     scene_tif, tmp_path):
-    from treeseg_qgis.engine.core.params import SegmentationParams
+    from treeseg_qgis.params import AUTO, SegmentationParams
     from treeseg_qgis.qgis_side.engine_client import EngineClient
     from treeseg_qgis.qgis_side.gui.dock import TreesegDock
 
@@ -130,29 +130,18 @@ def test_the_panel_defaults_to_the_active_raster_and_builds_params(qgis_iface, q
 
     params = dock.build_params()
 
-    assert params == {
-        "input_path": str(path), "output_dir": str(out), "output_stem": "scene", "model": "large-sat",
-        "stride": 8, "clusters": 4, "device": "cpu", "allow_untrained": True, "crowns": False,
-        "crown_min_area_m2": 2.0, "feature_preview": False, "canopy_height": False, "min_tree_height_m": None,
-        "height_model": SegmentationParams.height_model,
-    }
-    SegmentationParams.from_dict(params).validate()
+    assert params == SegmentationParams(input_path=str(path), output_dir=str(out), output_stem="scene",
+                                        model="large-sat", stride=8, clusters=4, device="cpu", allow_untrained=True)
     out.mkdir()
     (out / "scene_UNTRAINED_trees.tif").write_bytes(b"")
     dock.auto_clusters.setChecked(True)
-    assert dock.build_params()["output_stem"] == "scene_2" and dock.build_params()["clusters"] is None
+    assert dock.build_params().output_stem == "scene_2" and dock.build_params().clusters == AUTO
     dock.deleteLater()
 
 
-def test_the_model_choices_match_the_engine():
-    from treeseg_qgis.engine.core.devices import DEVICE_CHOICES
-    from treeseg_qgis.engine.core.features import STRIDES
-    from treeseg_qgis.engine.core.models import CATALOGUE, DEFAULT_MODEL
+def test_model_sizes_read_as_millions_or_billions_of_parameters():
     from treeseg_qgis.qgis_side.gui import dock
 
-    assert list(dock.BACKBONES) == list(CATALOGUE)
-    assert dock.DEFAULT_MODEL == DEFAULT_MODEL and set(dock.DEVICES) == set(DEVICE_CHOICES)
-    assert set(dock.STRIDES) <= set(STRIDES)
     assert dock.parameters_label(86) == "86 M parameters" and dock.parameters_label(6716) == "6.7 B parameters"
 
 
@@ -376,14 +365,15 @@ def test_removing_the_input_layer_cancels_the_run(plugin, qgis_iface, long_scene
 
 def test_the_results_module_styles_a_run_record(qgis_new_project, scene_tif, tiny_model_dir, tmp_path):
     """qgis_results on its own (as Processing may use it): group name, order, hidden tree mask."""
+    from treeseg_qgis.params import SegmentationParams
     from treeseg_qgis.qgis_side.engine_client import EngineClient
     from treeseg_qgis.qgis_side.results import add_result_layers
 
     path, _ = scene_tif
     engine = EngineClient(sys.executable)
     try:
-        record = engine.segment({"input_path": str(path), "output_dir": str(tmp_path), "model": str(tiny_model_dir),
-                                 "device": "cpu", "clusters": 3, "stride": 16})
+        record = engine.segment(SegmentationParams(str(path), str(tmp_path), model=str(tiny_model_dir), device="cpu",
+                                                   clusters=3))
     finally:
         engine.close()
     group = add_result_layers(record, "My orthophoto")

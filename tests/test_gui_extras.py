@@ -83,7 +83,7 @@ def test_more_outputs_are_run_added_styled_and_remembered(plugin, qgis_iface, sm
     assert dock.crown_min_area.isEnabled() and dock.min_height_spin.text() == "any height"
     dock.layer_combo.setLayer(raster)
     set_up_run(dock, tiny_model_dir, tmp_path / "out", clusters=None)
-    extras = {key: dock.build_params()[key] for key in (
+    extras = {key: getattr(dock.build_params(), key) for key in (
         "crowns", "crown_min_area_m2", "feature_preview", "canopy_height", "min_tree_height_m", "height_model")}
     assert extras == {"crowns": True, "crown_min_area_m2": 1.5, "feature_preview": True, "canopy_height": True,
                       "min_tree_height_m": None, "height_model": str(tiny_height_dir)}

@@ -18,6 +18,7 @@ from treeseg_qgis import catalogue, memory
 from treeseg_qgis.catalogue import BACKBONES, HEIGHT_HEAD, MODELS, VIT_S, CatalogueModel, find_model
 from treeseg_qgis.engine.core.errors import Cancelled
 from treeseg_qgis.engine.worker import DownloadTally
+from treeseg_qgis.params import SegmentationParams
 from treeseg_qgis.qgis_side.engine_client import EngineClient, EngineError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,8 +167,8 @@ def test_models_reports_what_is_in_the_cache(client, tiny_model_dir):
 
 def test_a_cached_model_loads_by_name_and_delete_removes_it(client, hf_home, scene_tif, tmp_path):
     path, _ = scene_tif
-    record = client.segment({"input_path": str(path), "output_dir": str(tmp_path / "out"), "model": "base",
-                             "device": "cpu", "tile_size": 128, "overlap": 32, "clusters": 2})
+    record = client.segment(SegmentationParams(str(path), str(tmp_path / "out"), model="base", device="cpu",
+                                               tile_size=128, overlap=32, clusters=2))
     assert record["model"]["untrained"] is False
     deleted = client.delete_model("base")
     assert deleted["freed_bytes"] > 0
@@ -467,8 +468,8 @@ def test_the_dialog_shows_and_clears_the_feature_cache(qgis_app, tiny_model_dir,
     dialog = ModelManagerDialog(engine)
     try:
         path, _ = scene_tif
-        engine.segment({"input_path": str(path), "output_dir": str(tmp_path / "out"), "model": str(tiny_model_dir),
-                        "device": "cpu", "clusters": 2})
+        engine.segment(SegmentationParams(str(path), str(tmp_path / "out"), model=str(tiny_model_dir), device="cpu",
+                                          clusters=2))
         dialog.refresh()
         wait_for(lambda: dialog.task is None, qgis_app)
         features = cache / "treeseg" / "features"
@@ -539,11 +540,3 @@ def test_probe_reports_the_memory_of_the_device(client):
     info = client.probe()
     assert info["device"] == "cpu"
     assert info["memory_total_bytes"] >= info["memory_available_bytes"] > 0
-
-
-def test_the_panels_run_constants_are_the_engines_defaults():
-    from treeseg_qgis.engine.core.params import SegmentationParams
-
-    defaults = SegmentationParams(input_path="in.tif", output_dir="out")
-    assert (memory.RUN_TILE_SIZE, memory.RUN_BATCH_SIZE, memory.RUN_OVERLAP) == (defaults.tile_size,
-                                                                                 defaults.batch_size, defaults.overlap)

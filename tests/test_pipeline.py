@@ -8,9 +8,9 @@ import pytest
 from osgeo import gdal, ogr
 
 from treeseg_qgis.engine.core.errors import Cancelled
-from treeseg_qgis.engine.core.params import SegmentationParams
 from treeseg_qgis.engine.core.progress import Progress
 from treeseg_qgis.engine.pipeline import segment
+from treeseg_qgis.params import SegmentationParams
 
 from .conftest import disc_scene, write_geotiff
 

@@ -14,8 +14,8 @@ from treeseg_qgis.engine.core import devices
 from treeseg_qgis.engine.core.errors import InputError
 from treeseg_qgis.engine.core.features import FeatureExtractor
 from treeseg_qgis.engine.core.models import load_backbone
-from treeseg_qgis.engine.core.params import SegmentationParams
 from treeseg_qgis.engine.pipeline import segment
+from treeseg_qgis.params import ParameterError, SegmentationParams
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -56,7 +56,7 @@ def test_auto_is_the_float32_reference_on_the_cpu(tiny_model_dir):
 
 
 def test_unknown_precision_and_int8_on_a_gpu_are_refused():
-    with pytest.raises(InputError, match="precision 'fp8'"):
+    with pytest.raises(ParameterError, match="precision 'fp8'"):
         SegmentationParams(input_path="a.tif", output_dir="out", precision="fp8").validate()
     with pytest.raises(InputError, match="int8 is a CPU precision"):
         devices.resolve_precision(torch.device("cuda"), "int8")

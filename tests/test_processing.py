@@ -172,6 +172,40 @@ def test_an_extent_outside_the_raster_is_a_clear_error(provider, scene_tif, tmp_
     assert files_in(tmp_path) == ["scene.tif"]
 
 
+def test_an_invalid_value_fails_before_any_engine_starts(provider, scene_tif, tmp_path, monkeypatch):
+    from qgis.core import QgsProcessingException
+
+    started = tmp_path / "engine_started"
+    engine = tmp_path / "engine_python"
+    engine.write_text(f"#!/bin/sh\ntouch {started}\nexit 1\n")
+    engine.chmod(0o755)
+    monkeypatch.setenv(ENGINE_PYTHON_ENV, str(engine))
+    path, _ = scene_tif
+    with pytest.raises(QgsProcessingException, match=r"automatic cluster range 9\.\.3"):
+        run(tiny_run(Path("unused"), path, tmp_path / "out", K_MIN=9, K_MAX=3))
+    assert not started.exists() and not (tmp_path / "out").exists()
+
+
+def test_the_command_line_and_processing_send_the_same_parameters(provider, tiny_model_dir, scene_tif, tmp_path):
+    """One run spelled both ways: the engine's record of the Processing run and the CLI's object agree."""
+    from treeseg_qgis.engine.cli import build_parser, params_from_args
+    from treeseg_qgis.params import SegmentationParams
+
+    path, _ = scene_tif
+    out = tmp_path / "out"
+    result = run(tiny_run(tiny_model_dir, path, out, STRIDE="8", CLUSTERS=3, K_MIN=2, K_MAX=5, BANDS=[3, 2, 1],
+                          PRECISION="float32", TREE_CLUSTERS="1, 0", CROWN_MIN_AREA=1.5, ALLOW_UNTRAINED=True))
+    sent = SegmentationParams.from_json(json.loads(Path(result["RUN_RECORD"]).read_text())["parameters"]).to_json()
+    typed = params_from_args(build_parser().parse_args([
+        "segment", str(path), "--out", str(out), "--model", str(tiny_model_dir), "--stride", "8", "--clusters", "3",
+        "--k-range", "2-5", "--bands", "3,2,1", "--device", "cpu", "--precision", "float32", "--tree-clusters",
+        "1,0", "--crown-min-area", "1.5", "--allow-untrained"])).to_json()
+    where = ("output_stem", "outputs")  # Processing names each output file; the CLI names them after the input
+    assert {k: v for k, v in sent.items() if k not in where} == {k: v for k, v in typed.items() if k not in where}
+    assert sent["clusters"] == 3 and sent["tree_clusters"] == (0, 1) and sent["outputs"]["clusters"] == str(
+        out / "clusters.tif")
+
+
 def test_a_web_layer_asks_for_a_geotiff_export(provider, tmp_path):
     from qgis.core import QgsProcessingException, QgsProject, QgsRasterLayer
 
@@ -286,18 +320,6 @@ def test_the_provider_imports_no_engine_packages():
     output = subprocess.run(["/usr/bin/python3", "-c", check], cwd=REPO, capture_output=True, text=True,
                             check=True, env=dict(os.environ, QT_QPA_PLATFORM="offscreen"))
     assert output.stdout.split("\n")[0] == "[] []"
-
-
-def test_the_choices_match_the_engine():
-    from treeseg_qgis.engine.core.devices import DEVICE_CHOICES
-    from treeseg_qgis.engine.core.features import STRIDES
-    from treeseg_qgis.engine.core.models import CATALOGUE
-    from treeseg_qgis.engine.core.models import DEFAULT_MODEL as ENGINE_DEFAULT
-    from treeseg_qgis.qgis_side.processing.engine_algorithm import DEFAULT_MODEL, DEVICES, MODEL_NAMES
-    from treeseg_qgis.qgis_side.processing.engine_algorithm import STRIDES as OFFERED_STRIDES
-
-    assert MODEL_NAMES == tuple(CATALOGUE) and DEFAULT_MODEL == ENGINE_DEFAULT
-    assert DEVICES == DEVICE_CHOICES and {int(stride) for stride in OFFERED_STRIDES} <= set(STRIDES)
 
 
 def test_the_icon_is_found_in_the_checkout_and_in_the_packaged_plugin(tmp_path, monkeypatch):

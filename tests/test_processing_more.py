@@ -145,9 +145,12 @@ def test_segmenttrees_rejects_tree_clusters_that_are_not_ids(provider, small_sce
     from qgis.core import QgsProcessingException
 
     path, _ = small_scene
-    with pytest.raises(QgsProcessingException, match="not a list of cluster ids"):
-        run("segmenttrees", {"INPUT": str(path), "TREE_CLUSTERS": "trees", "OUTPUT_CLUSTERS": str(tmp_path / "c.tif"),
-                             "OUTPUT_TREES": str(tmp_path / "t.tif"), "OUTPUT_POLYGONS": str(tmp_path / "p.gpkg")})
+    outputs = {"OUTPUT_CLUSTERS": str(tmp_path / "c.tif"), "OUTPUT_TREES": str(tmp_path / "t.tif"),
+               "OUTPUT_POLYGONS": str(tmp_path / "p.gpkg")}
+    with pytest.raises(QgsProcessingException, match="must be cluster ids separated by commas"):
+        run("segmenttrees", {"INPUT": str(path), "TREE_CLUSTERS": "trees", **outputs})
+    with pytest.raises(QgsProcessingException, match="cluster ids from 0 to 249"):
+        run("segmenttrees", {"INPUT": str(path), "TREE_CLUSTERS": "0, 250", **outputs})
 
 
 def test_teach_scores_from_points_in_another_crs_and_reuses_the_features(provider, tiny_model_dir,  # noqa: F811
@@ -349,14 +352,9 @@ def test_only_plain_single_layer_files_are_read_directly(qgis_processing, tmp_pa
 
 
 def test_the_provider_lists_the_algorithms_in_their_groups(provider):  # noqa: F811
-    from treeseg_qgis.engine.core.features import METHODS as ENGINE_METHODS
-    from treeseg_qgis.engine.core.params import SegmentationParams
-    from treeseg_qgis.qgis_side.processing.segment_trees import DEFAULT_HEIGHT_MODEL, METHODS
-
     groups = {algorithm.id(): algorithm.group() for algorithm in provider.algorithms()}
     assert groups == {"treeseg:segmenttrees": "Segmentation", "treeseg:teach": "Segmentation",
                       "treeseg:treecrowns": "Segmentation", "treeseg:evaluate": "Quality"}
-    assert METHODS == ENGINE_METHODS and DEFAULT_HEIGHT_MODEL == SegmentationParams.height_model
 
 
 def test_help_wraps_as_paragraphs_and_the_batch_dialog_starts_with_the_essentials(provider):  # noqa: F811

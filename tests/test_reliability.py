@@ -19,9 +19,9 @@ from osgeo import gdal, ogr
 from treeseg_qgis.engine.core.errors import Cancelled, InputError, ModelUnavailableError, OutputError, TreesegError
 from treeseg_qgis.engine.core.features import FeatureExtractor
 from treeseg_qgis.engine.core.models import Backbone, load_backbone
-from treeseg_qgis.engine.core.params import SegmentationParams
 from treeseg_qgis.engine.core.progress import Progress
 from treeseg_qgis.engine.pipeline import segment
+from treeseg_qgis.params import SegmentationParams
 
 from .conftest import REPO, disc_scene, write_geotiff
 

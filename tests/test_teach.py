@@ -11,9 +11,9 @@ from osgeo import gdal, ogr, osr
 from treeseg_qgis.engine.core.errors import InputError
 from treeseg_qgis.engine.core.examples import Example
 from treeseg_qgis.engine.core.models import load_backbone
-from treeseg_qgis.engine.core.params import SegmentationParams
 from treeseg_qgis.engine.core.teach import Prototypes, separating_threshold
 from treeseg_qgis.engine.pipeline import teach
+from treeseg_qgis.params import SegmentationParams
 
 from .conftest import REPO, SAMPLE_GEOTRANSFORM, UTM17N
 

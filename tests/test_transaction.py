@@ -15,10 +15,10 @@ import pytest
 from osgeo import gdal
 
 from treeseg_qgis.engine.core.errors import Cancelled, OutputError
-from treeseg_qgis.engine.core.params import SegmentationParams
 from treeseg_qgis.engine.core.progress import Progress
 from treeseg_qgis.engine.pipeline import segment
 from treeseg_qgis.outputs import STAGING_PREFIX, OutputTransaction, recover_outputs
+from treeseg_qgis.params import OutputFiles, SegmentationParams
 
 from .conftest import REPO, disc_scene, write_geotiff
 
@@ -90,14 +90,15 @@ def test_an_output_on_the_input_or_two_outputs_on_one_path_are_refused_before_an
     before = hashlib.sha256(source.read_bytes()).hexdigest()
     loads = []
     with pytest.raises(OutputError, match="would overwrite the input"):
-        segment(params(clusters_path=str(source)), load_model=lambda p: loads.append(p))
+        segment(params(outputs=OutputFiles(clusters=str(source))), load_model=lambda p: loads.append(p))
     with pytest.raises(OutputError, match="Two outputs are set to the same file"):
-        segment(params(clusters_path=str(tmp_path / "x.tif"), trees_path=str(tmp_path / "x.tif")),
+        segment(params(outputs=OutputFiles(clusters=str(tmp_path / "x.tif"), trees=str(tmp_path / "x.tif"))),
                 load_model=lambda p: loads.append(p))
     vrt = tmp_path / "mosaic.vrt"
     gdal.BuildVRT(str(vrt), [str(source)]).FlushCache()
     with pytest.raises(OutputError, match="would overwrite the input"):
-        segment(params(input_path=str(vrt), trees_path=str(source)), load_model=lambda p: loads.append(p))
+        segment(params(input_path=str(vrt), outputs=OutputFiles(trees=str(source))),
+                load_model=lambda p: loads.append(p))
     assert loads == [] and hashlib.sha256(source.read_bytes()).hexdigest() == before
 
 
@@ -224,7 +225,7 @@ def test_a_worker_cancelled_or_killed_while_polygonizing_leaves_the_previous_out
 
     try:
         with pytest.raises(EngineError) as stopped:
-            client.segment({**params(clusters=3).to_dict(), "use_cache": False}, on_progress=on_progress,
+            client.segment(params(clusters=3, use_cache=False), on_progress=on_progress,
                            is_cancelled=lambda: stop == "cancel" and bool(polygonizing))
     finally:
         client.close()

@@ -1,13 +1,16 @@
 """The engine worker process driven by EngineClient, as the QGIS task and Processing drive it."""
 
+import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
 
 import pytest
 
+from treeseg_qgis.params import SegmentationParams
 from treeseg_qgis.qgis_side.engine_client import EngineClient, EngineError
 
 
@@ -18,11 +21,11 @@ def client(tmp_path):
     engine.close()
 
 
-def job(tiny_model_dir, input_path, out, **options) -> dict:
+def job(tiny_model_dir, input_path, out, **options) -> SegmentationParams:
     params = {"input_path": str(input_path), "output_dir": str(out), "model": str(tiny_model_dir),
               "device": "cpu", "tile_size": 128, "overlap": 32}
     params.update(options)
-    return params
+    return SegmentationParams(**params)
 
 
 def test_segment_reports_progress_and_keeps_the_worker_alive(client, tiny_model_dir, scene_tif, tmp_path):
@@ -138,3 +141,26 @@ def test_the_end_of_a_stopped_worker_never_ends_the_next_workers_job(client):
     second_job.start()
     second_job.join(timeout=60)
     assert outcome and outcome[0]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("params, named", [
+    ({"input_path": "in.tif", "output_dir": "out", "clusters": 0}, "not 0"),
+    ({"input_path": "in.tif", "output_dir": "out", "stride": 12}, "stride 12"),
+    ({"input_path": "in.tif", "output_dir": "out", "colour": "red"}, "colour"),
+])
+def test_the_worker_refuses_invalid_parameters_as_an_input_error_naming_the_value(params, named):
+    """A job from another sender (not validated by this EngineClient) is validated again in the worker."""
+    jobs = json.dumps({"command": "segment", "params": params}) + "\n"
+    finished = subprocess.run([sys.executable, "-m", "treeseg_qgis.engine.worker"], input=jobs, capture_output=True,
+                              text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    messages = [json.loads(line) for line in finished.stdout.splitlines()]
+    assert messages[0]["type"] == "ready"
+    (error,) = [message for message in messages if message["type"] == "error"]
+    assert error["kind"] == "input" and named in error["message"] and "Bad job" not in error["message"]
+
+
+def test_the_client_refuses_invalid_parameters_before_sending_them(client, tmp_path):
+    with pytest.raises(EngineError) as refused:
+        client.segment(SegmentationParams("in.tif", str(tmp_path), clusters=0))
+    assert refused.value.kind == "input" and "clusters" in str(refused.value)
+    assert not client.running

@@ -33,11 +33,11 @@ GPU_WORKSPACE_BYTES = 512 * MIB
 """Allocator slack and library workspaces on a GPU (not calibrated on a GPU yet)."""
 GPU_DEVICES = ("cuda", "mps")
 RUN_TILE_SIZE = 512
-"""The tile size of a run from the panel (SegmentationParams.tile_size; a test keeps them equal)."""
+"""The tile size of a run from the panel (the default of SegmentationParams.tile_size)."""
 RUN_BATCH_SIZE = 4
-"""The images per forward batch of a run from the panel (SegmentationParams.batch_size)."""
+"""The images per forward batch of a run from the panel (the default of SegmentationParams.batch_size)."""
 RUN_OVERLAP = 64
-"""The tile overlap of a run from the panel (SegmentationParams.overlap)."""
+"""The tile overlap of a run from the panel (the default of SegmentationParams.overlap)."""
 CPU_SECONDS_PER_TILE = 103.6 / 196
 """End-to-end seconds per 512-px tile of ViT-S/16 at stride 16 on the CPU: docs/BENCHMARKS.md, 36 MP, 2 cores."""
 CALIBRATION_PARAMETERS = 21.6e6

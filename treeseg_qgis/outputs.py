@@ -10,9 +10,12 @@ import shutil
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .locks import FileLock, lock_is_held
+
+if TYPE_CHECKING:  # params.py imports OUTPUT_KINDS from here
+    from .params import SegmentationParams
 
 UNTRAINED_TAG = "UNTRAINED"
 STAGING_PREFIX = ".treeseg-staging-"
@@ -57,28 +60,25 @@ class OutputPaths:
     teach_record: Path
 
     @classmethod
-    def for_params(cls, params: dict[str, Any], untrained: bool) -> OutputPaths:
-        """Paths for a parameters dict (SegmentationParams.to_dict()); `<kind>_path` entries win."""
-        stem = params.get("output_stem") or Path(params["input_path"]).stem
-        method = params.get("method") or "dinov3"
-        if method != "dinov3" and not params.get("output_stem"):
-            stem = f"{stem}_{method}"
+    def for_params(cls, params: SegmentationParams, untrained: bool) -> OutputPaths:
+        """Paths of a run; the paths set in `params.outputs` win over the default names."""
+        stem = params.output_stem or Path(params.input_path).stem
+        if params.method != "dinov3" and not params.output_stem:
+            stem = f"{stem}_{params.method}"
         if untrained:
             stem = f"{stem}_{UNTRAINED_TAG}"
-        folder = Path(params["output_dir"])
-        return cls(**{
-            kind: Path(params[f"{kind}_path"]) if params.get(f"{kind}_path") else folder / f"{stem}{SUFFIXES[kind]}"
-            for kind in OUTPUT_KINDS
-        })
+        folder = Path(params.output_dir)
+        return cls(**{kind: Path(getattr(params.outputs, kind) or folder / f"{stem}{SUFFIXES[kind]}")
+                      for kind in OUTPUT_KINDS})
 
     def staged(self, transaction: OutputTransaction) -> OutputPaths:
         """The same files in the transaction's staging folders."""
         return OutputPaths(**{kind: transaction.staged(getattr(self, kind)) for kind in OUTPUT_KINDS})
 
-    def stale(self, params: dict[str, Any], kinds: tuple[str, ...], produced: list[Path]) -> list[Path]:
+    def stale(self, params: SegmentationParams, kinds: tuple[str, ...], produced: list[Path]) -> list[Path]:
         """Default-named files of `kinds` that this run does not make (an earlier run's, removed at commit)."""
         return [getattr(self, kind) for kind in kinds
-                if not params.get(f"{kind}_path") and getattr(self, kind) not in produced]
+                if not getattr(params.outputs, kind) and getattr(self, kind) not in produced]
 
     def all(self) -> list[Path]:
         return [getattr(self, kind) for kind in OUTPUT_KINDS]
@@ -100,7 +100,7 @@ def remove_files(paths: list[Path]) -> None:
             leftover.unlink(missing_ok=True)
 
 
-def output_folders(params: dict[str, Any]) -> set[Path]:
+def output_folders(params: SegmentationParams) -> set[Path]:
     """Every folder a run with these parameters writes into."""
     return {path.parent for untrained in (False, True) for path in OutputPaths.for_params(params, untrained).all()}
 
@@ -127,13 +127,13 @@ def check_output_paths(inputs: list[str], outputs: list[str]) -> None:
         seen[key] = path
 
 
-def check_run_paths(params: dict[str, Any], kinds: tuple[str, ...] = SEGMENT_KINDS,
+def check_run_paths(params: SegmentationParams, kinds: tuple[str, ...] = SEGMENT_KINDS,
                     inputs: tuple[str, ...] = ()) -> None:
-    """`check_output_paths` for a run's parameters (SegmentationParams.to_dict()), with or without the
-    untrained tag; `inputs` are files read besides `input_path` (a VRT's sources, a layer's file)."""
+    """`check_output_paths` for a run's parameters, with or without the untrained tag; `inputs` are
+    files read besides `input_path` (a VRT's sources, a layer's file)."""
     for untrained in (False, True):
         paths = OutputPaths.for_params(params, untrained).as_dict()
-        check_output_paths([params["input_path"], *inputs], [paths[kind] for kind in kinds])
+        check_output_paths([params.input_path, *inputs], [paths[kind] for kind in kinds])
 
 
 class OutputPathError(ValueError):
@@ -231,9 +231,9 @@ def class_slug(class_name: str) -> str:
     return slug or DEFAULT_CLASS
 
 
-def taught_class_paths(params: dict[str, Any], untrained: bool, class_name: str) -> OutputPaths:
+def taught_class_paths(params: SegmentationParams, untrained: bool, class_name: str) -> OutputPaths:
     """A teach run's paths; for a class other than trees `<stem>_<class>_similarity.tif`,
-    `<stem>_taught_<class>.tif` and `<stem>_<class>_teach.json` (`<kind>_path` entries still win)."""
+    `<stem>_taught_<class>.tif` and `<stem>_<class>_teach.json` (paths set in `params.outputs` still win)."""
     paths = OutputPaths.for_params(params, untrained)
     slug = class_slug(class_name)
     if slug == DEFAULT_CLASS:
@@ -242,5 +242,5 @@ def taught_class_paths(params: dict[str, Any], untrained: bool, class_name: str)
                 "teach_record": f"_{slug}_teach.json"}
     renamed = {kind: path.with_name(path.name[: -len(SUFFIXES[kind])] + suffix)
                for kind, suffix in suffixes.items()
-               if not params.get(f"{kind}_path") and (path := getattr(paths, kind)).name.endswith(SUFFIXES[kind])}
+               if not getattr(params.outputs, kind) and (path := getattr(paths, kind)).name.endswith(SUFFIXES[kind])}
     return replace(paths, **renamed)

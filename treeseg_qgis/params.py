@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from typing import Any, Literal, Union, get_args
 
 from .catalogue import BACKBONES, DEFAULT_MODEL, HEIGHT_HEAD
+from .memory import RUN_BATCH_SIZE, RUN_OVERLAP, RUN_TILE_SIZE
 from .outputs import OUTPUT_KINDS
 
 Method = Literal["dinov3", "rgb-kmeans", "exg-otsu"]
@@ -61,9 +62,9 @@ class SegmentationParams:
     allow_untrained: bool = False
     tree_clusters: tuple[int, ...] | None = None
     min_exg: float = DEFAULT_MIN_EXG
-    tile_size: int = 512
-    overlap: int = 64
-    batch_size: int = 4
+    tile_size: int = RUN_TILE_SIZE
+    overlap: int = RUN_OVERLAP
+    batch_size: int = RUN_BATCH_SIZE
     sample_size: int = 40_000
     pca_dims: int = 32
     seed: int = 0
@@ -156,6 +157,18 @@ def parse_clusters(text: str | int | None) -> Clusters:
         return int(str(text).strip())
     except ValueError:
         raise ParameterError(f"The number of clusters must be '{AUTO}' or a whole number, not {text!r}.") from None
+
+
+def parse_cluster_ids(text: str | None) -> tuple[int, ...] | None:
+    """Cluster ids as a user writes them ("0, 3" or "0;3"); None for empty text (the greenness rule)."""
+    parts = [part.strip() for part in (text or "").replace(";", ",").split(",") if part.strip()]
+    if not parts:
+        return None
+    try:
+        return tuple(sorted({int(part) for part in parts}))
+    except ValueError:
+        raise ParameterError(f"Tree clusters must be cluster ids separated by commas, e.g. 0,3, not {text!r}.") \
+            from None
 
 
 def _check_choice(name: str, value: object, choices: tuple) -> None:

@@ -17,12 +17,20 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..catalogue import HEIGHT_HEAD
+from ..params import (
+    COLOUR_STRIDES,
+    DEVICES,
+    METHODS,
+    PRECISIONS,
+    STRIDES,
+    ParameterError,
+    SegmentationParams,
+    parse_cluster_ids,
+    parse_clusters,
+)
 from . import interrupts
-from .core.devices import DEVICE_CHOICES, PRECISION_CHOICES
 from .core.errors import Cancelled, InputError, TreesegError
-from .core.features import COLOUR_STRIDES, METHODS
 from .core.models import CATALOGUE, DEFAULT_MODEL
-from .core.params import SegmentationParams
 from .core.progress import Progress
 
 EXIT_USER_ERROR = 2
@@ -60,9 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--model-revision", metavar="REV",
                      help="pin a hub model to a branch, tag or commit hash (default: main)")
-    run.add_argument("--stride", type=int, default=None, choices=COLOUR_STRIDES,
-                     help="feature grid step in pixels: 16 (default for dinov3), or 8/4/2 for a denser grid "
-                     "(slower); the colour baselines run per pixel (1) unless a stride is given")
+    run.add_argument("--stride", type=int, default=None,
+                     help=f"feature grid step in pixels: {_choices(STRIDES)} for dinov3 (16, the default; smaller "
+                     f"is denser and slower), {_choices(COLOUR_STRIDES)} for the colour baselines (per pixel, 1, "
+                     "unless a stride is given)")
     run.add_argument("--method", default="dinov3", choices=METHODS,
                      help="dinov3 (default), or a colour baseline for comparison: rgb-kmeans "
                      "(k-means on RGB) or exg-otsu (Otsu threshold on excess green)")
@@ -74,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the three bands to use, 1-based (default: 1,2,3)")
     run.add_argument("--tree-clusters", default=None, metavar="IDS",
                      help="comma-separated cluster ids that are trees (overrides the ExG rule)")
-    run.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
+    run.add_argument("--device", default="auto", choices=DEVICES,
                      help="auto picks CUDA, then Apple MPS, then the CPU")
-    run.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+    run.add_argument("--precision", default="auto", choices=PRECISIONS,
                      help="what the model runs in; auto: float32 (the reference) on the CPU, half precision on a "
                      "GPU; bfloat16 and int8 are faster CPU options (docs/BENCHMARKS.md)")
     run.add_argument("--allow-untrained", action="store_true",
@@ -115,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="class score threshold (default: chosen from the examples)")
     learn.add_argument("--class-name", default="tree", help="what the examples show, e.g. 'dead tree' (default: tree)")
     learn.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME|HF_ID|FOLDER")
-    learn.add_argument("--stride", type=int, default=16, choices=COLOUR_STRIDES)
+    learn.add_argument("--stride", type=int, default=16, help=f"{_choices(STRIDES)} (default: 16)")
     learn.add_argument("--bands", default="1,2,3", metavar="R,G,B")
-    learn.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    learn.add_argument("--device", default="auto", choices=DEVICES)
     learn.add_argument("--allow-untrained", action="store_true")
     _cache_options(learn)
     check = commands.add_parser(
@@ -144,8 +153,12 @@ def _cache_options(command: argparse.ArgumentParser) -> None:
                          help="neither read nor keep cached features (a re-run extracts them again)")
 
 
+def _choices(values: Sequence[object]) -> str:
+    return "/".join(map(str, values))
+
+
 def params_from_args(args: argparse.Namespace) -> SegmentationParams:
-    """The SegmentationParams for parsed `segment` arguments."""
+    """The SegmentationParams for parsed `segment` arguments (not yet validated)."""
     return SegmentationParams(
         input_path=args.input,
         output_dir=args.out,
@@ -154,13 +167,13 @@ def params_from_args(args: argparse.Namespace) -> SegmentationParams:
         model=args.model,
         model_revision=args.model_revision,
         stride=args.stride if args.stride is not None else (16 if args.method == "dinov3" else 1),
-        clusters=None if args.clusters == "auto" else _int(args.clusters, "--clusters"),
+        clusters=parse_clusters(args.clusters),
         k_min=_range(args.k_range)[0],
         k_max=_range(args.k_range)[1],
         device=args.device,
         precision=args.precision,
         allow_untrained=args.allow_untrained,
-        tree_clusters=_int_list(args.tree_clusters, "--tree-clusters") if args.tree_clusters else None,
+        tree_clusters=parse_cluster_ids(args.tree_clusters),
         tile_size=args.tile_size,
         crowns=args.crowns,
         feature_preview=args.feature_preview,
@@ -189,11 +202,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .pipeline import segment
 
             params = params_from_args(args)
+            params.validate()
             record = segment(params, Progress(None if args.quiet else _TerminalProgress(),
                                               interrupts.stop_requested))
         except (interrupts.Interrupted, Cancelled) as error:
             return _stopped(error)
-        except TreesegError as error:
+        except (TreesegError, ParameterError) as error:
             print(f"treeseg: error: {error}", file=sys.stderr)
             return EXIT_USER_ERROR
         except OSError as error:
@@ -282,6 +296,7 @@ def _teach(args: argparse.Namespace) -> int:
     params = SegmentationParams(input_path=args.input, output_dir=args.out, model=args.model, stride=args.stride,
                                 bands=_bands(args.bands), device=args.device, allow_untrained=args.allow_untrained,
                                 use_cache=not args.no_cache, cache_dir=args.cache_dir)
+    params.validate()
     record = teach(params, args.examples, args.threshold, Progress(_TerminalProgress(), interrupts.stop_requested),
                    class_name=args.class_name)
     if record["warning"]:
@@ -321,7 +336,7 @@ def _int(text: str, option: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise TreesegError(f"{option} expects a whole number, not '{text}'.") from None
+        raise ParameterError(f"{option} expects a whole number, not '{text}'.") from None
 
 
 def _int_list(text: str, option: str) -> tuple[int, ...]:

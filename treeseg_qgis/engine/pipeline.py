@@ -38,6 +38,7 @@ from ..outputs import (
     check_run_paths,
     taught_class_paths,
 )
+from ..params import ParameterError, SegmentationParams
 from . import interrupts
 from .core.cache import CacheUnavailable, FeatureCache, file_identity
 from .core.canopy import load_height_model, predict_heights
@@ -46,7 +47,6 @@ from .core.errors import InputError, OutputError
 from .core.examples import Example
 from .core.features import ColourFeatures, FeatureExtractor
 from .core.models import Backbone, load_backbone, weights_identity
-from .core.params import SegmentationParams
 from .core.progress import Progress
 from .core.segmentation import (
     SegmentationResult,
@@ -86,7 +86,7 @@ def segment(
     `load_model` loads the backbone (default: load_backbone); it is not called
     when the feature cache already holds this raster's features.
     """
-    params.validate()
+    _validate(params)
     if params.method == "exg-otsu":
         params = replace(params, clusters=2)
     progress = progress or Progress()
@@ -102,7 +102,7 @@ def segment(
         model = extractor.describe()
         if model["untrained"]:
             log.warning(UNTRAINED_BANNER)
-        paths = OutputPaths.for_params(params.to_dict(), model["untrained"])
+        paths = OutputPaths.for_params(params, model["untrained"])
         for folder in {str(path.parent) for path in paths.all()}:
             _output_folder(folder)
         transaction = OutputTransaction(paths.all())
@@ -163,7 +163,7 @@ def segment(
             progress.check()
             with interrupts.deferred(reraise=False):
                 _commit(transaction, [*written, paths.record],
-                        paths.stale(params.to_dict(), SEGMENT_KINDS, [*written, paths.record]))
+                        paths.stale(params, SEGMENT_KINDS, [*written, paths.record]))
         except BaseException as error:
             with interrupts.deferred(reraise=False):
                 for writer in writers:
@@ -191,7 +191,7 @@ def teach(
     chosen from the examples unless `threshold` is given. Features come from the
     cache when it holds them.
     """
-    params.validate()
+    _validate(params)
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise InputError(f"The threshold is a score between 0 and 1, not {threshold}.")
     progress = progress or Progress()
@@ -207,7 +207,7 @@ def teach(
         grid, _, _ = ensure_features(params, source, extractor, store, progress.sub(0.02, 0.8), timings)
         found = prototypes(store, grid, extractor, examples, source.width, source.height)
         decision = found.choose_threshold(threshold)
-        paths = taught_class_paths(params.to_dict(), model["untrained"], class_name)
+        paths = taught_class_paths(params, model["untrained"], class_name)
         for folder in {str(path.parent) for path in paths.all()}:
             _output_folder(folder)
         transaction = OutputTransaction([paths.similarity, paths.taught_trees, paths.teach_record])
@@ -260,6 +260,14 @@ def _read_examples(path: str, source: GdalRasterSource) -> list[Example]:
                          "in a known CRS (or use a CSV of col,row,is_tree pixel numbers).") from error
 
 
+def _validate(params: SegmentationParams) -> None:
+    """`params.validate()` for direct callers; a refused value is the user's (InputError)."""
+    try:
+        params.validate()
+    except ParameterError as error:
+        raise InputError(str(error)) from None
+
+
 @contextmanager
 def _opened(params: SegmentationParams, progress: Progress, kinds: tuple[str, ...],
             examples_path: str | None = None) -> Iterator[tuple[GdalRasterSource, FeatureStore, str]]:
@@ -298,7 +306,7 @@ def _check_input_is_a_file(path: str) -> None:
 def _check_output_paths(params: SegmentationParams, kinds: tuple[str, ...], inputs: list[str]) -> None:
     """No output may overwrite an input, no two outputs share a path (whether the weights are untrained or not)."""
     try:
-        check_run_paths(params.to_dict(), kinds, tuple(inputs))
+        check_run_paths(params, kinds, tuple(inputs))
     except OutputPathError as error:
         raise OutputError(str(error)) from None
 
@@ -552,7 +560,7 @@ def _record(
         },
         "polygons": polygons,
         "tiles": result.tiles,
-        "parameters": params.to_dict(),
+        "parameters": params.to_json(),
         "outputs": {kind: path for kind, path in paths.as_dict().items()
                     if Path(path) in written or kind == "record"},
         "timings": dict(result.timings),

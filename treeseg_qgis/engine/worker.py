@@ -44,6 +44,7 @@ from typing import Any, TextIO
 
 from ..catalogue import HUB_URL, MODELS, CatalogueModel
 from ..memory import disk_free_bytes, format_size, host_memory
+from ..params import ParameterError, SegmentationParams
 from .core.errors import Cancelled, InputError, ModelUnavailableError, OutputError, TreesegError
 
 PROTOCOL_VERSION = 1
@@ -154,20 +155,18 @@ class Worker:
                                "message": f"{type(error).__name__}: {error}"})
 
     def segment(self, job: dict[str, Any]) -> dict[str, Any]:
-        from .core.params import SegmentationParams
         from .core.progress import Progress
         from .pipeline import segment
 
-        params = SegmentationParams.from_dict(job["params"])
+        params = job_params(job)
         return segment(params, Progress(self._progress, self.cancel_check()), self._kept_model_loader(job))
 
     def teach(self, job: dict[str, Any]) -> dict[str, Any]:
         from .core.examples import Example
-        from .core.params import SegmentationParams
         from .core.progress import Progress
         from .pipeline import teach
 
-        params = SegmentationParams.from_dict(job["params"])
+        params = job_params(job)
         examples = [Example(float(col), float(row), bool(is_tree)) for col, row, is_tree in job["examples"]]
         threshold = job.get("threshold")
         return teach(params, examples, None if threshold is None else float(threshold),
@@ -473,6 +472,16 @@ def _is_cancel(line: str) -> bool:
     except ValueError:
         return False
     return isinstance(message, dict) and message.get("command") == "cancel"
+
+
+def job_params(job: dict[str, Any]) -> SegmentationParams:
+    """The job's parameters, rebuilt from JSON and validated again; a refused value is an input error."""
+    try:
+        params = SegmentationParams.from_json(job["params"])
+        params.validate()
+    except ParameterError as error:
+        raise InputError(str(error)) from None
+    return params
 
 
 def _kind(error: TreesegError) -> str:

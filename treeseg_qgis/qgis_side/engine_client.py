@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..outputs import output_folders, recover_outputs, temporary_files
+from ..params import ParameterError, SegmentationParams
 from .engine_env import private_engine_python
 
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
@@ -103,21 +104,22 @@ class EngineClient:
 
     def segment(
         self,
-        params: dict[str, Any],
+        params: SegmentationParams,
         on_progress: ProgressHandler | None = None,
         on_log: LogHandler | None = None,
         is_cancelled: CancelCheck | None = None,
         hf_token: str | None = None,
     ) -> dict[str, Any]:
-        """Run one segmentation job; returns its run record or raises EngineError."""
-        job = {"command": "segment", "params": params}
+        """Run one segmentation job; returns its run record or raises EngineError (an invalid value: "input",
+        before anything is sent)."""
+        job = {"command": "segment", "params": _validated_json(params)}
         if hf_token:
             job["hf_token"] = hf_token
         return self._run_writing(job, lambda: _recover_outputs_of(params), on_progress, on_log, is_cancelled)
 
     def teach(
         self,
-        params: dict[str, Any],
+        params: SegmentationParams,
         examples: list[tuple[float, float, bool]],
         threshold: float | None,
         on_progress: ProgressHandler | None = None,
@@ -127,8 +129,8 @@ class EngineClient:
     ) -> dict[str, Any]:
         """Click-to-teach: scores from example pixels (col, row, is_tree: an example of `class_name`); the
         threshold is chosen from the examples when None. The teach record or EngineError."""
-        job = {"command": "teach", "params": params, "examples": [list(example) for example in examples],
-               "threshold": threshold, "class_name": class_name}
+        job = {"command": "teach", "params": _validated_json(params),
+               "examples": [list(example) for example in examples], "threshold": threshold, "class_name": class_name}
         if hf_token:
             job["hf_token"] = hf_token
         return self._run_writing(job, lambda: _recover_outputs_of(params), on_progress, None, is_cancelled)
@@ -322,7 +324,16 @@ class EngineClient:
         )
 
 
-def _recover_outputs_of(params: dict[str, Any]) -> None:
+def _validated_json(params: SegmentationParams) -> dict[str, Any]:
+    """The job's parameters as JSON, validated here so a refused value never reaches the worker."""
+    try:
+        params.validate()
+    except ParameterError as error:
+        raise EngineError("input", str(error)) from None
+    return params.to_json()
+
+
+def _recover_outputs_of(params: SegmentationParams) -> None:
     """Remove what a cancelled or killed job left in its output folders (its staging folder)."""
     for folder in output_folders(params):
         recover_outputs(folder)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...params import METHODS
 from .errors import InputError
 from .models import Backbone
 from .tiling import PATCH
@@ -22,21 +23,15 @@ from .trees import excess_green
 
 log = logging.getLogger(__name__)
 
-STRIDES = (16, 8, 4, 2)
-METHODS = ("dinov3", "rgb-kmeans", "exg-otsu")
-COLOUR_STRIDES = (16, 8, 4, 2, 1)
-
-
-def check_stride(stride: int) -> None:
-    if stride not in STRIDES:
-        raise InputError(f"Stride {stride} is not supported: use one of {', '.join(map(str, STRIDES))}.")
+COLOUR_METHODS = METHODS[1:]
 
 
 class FeatureExtractor:
     """Runs a Backbone over tiles and returns L2-normalised dense patch features."""
 
     def __init__(self, backbone: Backbone, stride: int = 16, batch_size: int = 4) -> None:
-        check_stride(stride)
+        if stride < 1 or PATCH % stride:  # the shifted copies must tile the patch (params.STRIDES are checked)
+            raise InputError(f"Stride {stride} does not divide the {PATCH}-px patch.")
         if backbone.patch_size != PATCH:
             raise InputError(f"Only patch size {PATCH} models are supported, not {backbone.patch_size}.")
         self.backbone = backbone
@@ -164,10 +159,8 @@ class ColourFeatures:
     """
 
     def __init__(self, method: str, stride: int = 4) -> None:
-        if method not in METHODS[1:]:
-            raise InputError(f"Unknown baseline '{method}': use one of {', '.join(METHODS[1:])}.")
-        if stride not in COLOUR_STRIDES:
-            raise InputError(f"Stride {stride} is not supported: use one of {', '.join(map(str, COLOUR_STRIDES))}.")
+        if method not in COLOUR_METHODS:
+            raise InputError(f"Unknown baseline '{method}': use one of {', '.join(COLOUR_METHODS)}.")
         self.method = method
         self.stride = stride
         self.cell_size = stride

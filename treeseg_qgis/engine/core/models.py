@@ -123,7 +123,7 @@ def load_backbone(
     """Load a catalogue name, a Hugging Face id or a local folder as a Backbone.
 
     `revision` pins a hub model to a branch, tag or commit (default: main).
-    `precision` (core/devices.py PRECISION_CHOICES) is what the forward runs in.
+    `precision` (core/devices.py resolve_precision) is what the forward runs in.
 
     Raises ModelUnavailableError with the model page and the log-in steps when
     the weights cannot be had, unless `allow_untrained` is set.

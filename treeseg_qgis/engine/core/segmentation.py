@@ -26,11 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...params import SegmentationParams
 from .clustering import ClusterModel, Projection, fit_clusters
 from .errors import InputError
 from .features import pool_to_grid
 from .heap import release_free_memory
-from .params import SegmentationParams
 from .progress import Progress
 from .store import FeatureStore, TileFeatures
 from .tiling import Tile, TileGrid, Window
@@ -118,7 +118,7 @@ def segment_raster(
     progress.report(0.86, "Clustering")
     progress.check()
     started = time.perf_counter()
-    clusters = fit_clusters(samples, params.clusters, (params.k_min, params.k_max), params.seed)
+    clusters = fit_clusters(samples, params.fixed_clusters, (params.k_min, params.k_max), params.seed)
     exg, weights = cluster_means(clusters.assign(samples), sample_exg, clusters.k)
     order = np.argsort(-exg, kind="stable")
     clusters.reorder(order)

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...params import DEFAULT_MIN_EXG
 from .errors import InputError
-
-DEFAULT_MIN_EXG = 0.02
 
 
 def excess_green(rgb: np.ndarray) -> np.ndarray:

@@ -13,7 +13,6 @@ from ..core.errors import InputError, OutputError
 gdal.UseExceptions()
 
 NODATA = 255
-MAX_CLUSTERS = 255
 CREATION_OPTIONS = ["TILED=YES", "COMPRESS=DEFLATE", "BIGTIFF=IF_SAFER"]
 
 TREE_COLOURS = [
@@ -103,10 +102,6 @@ class LabelRasterWriter:
         tree_clusters: Sequence[int],
         metadata: dict[str, str],
     ) -> None:
-        if not 1 <= n_clusters <= MAX_CLUSTERS:
-            raise InputError(
-                f"The number of clusters must be between 1 and {MAX_CLUSTERS}, not {n_clusters}."
-            )
         unknown = sorted(set(tree_clusters) - set(range(n_clusters)))
         if unknown:
             raise InputError(

@@ -1,8 +1,7 @@
 """The TreeSeg panel: choose a raster and the model settings, run, follow progress, cancel; then teach.
 
-The panel builds a plain dict with the fields of SegmentationParams (that class
-imports torch, which never loads inside QGIS) and hands it to a
-SegmentationTask. A canvas extent or a polygon selection becomes a small GDAL
+The panel builds a SegmentationParams (treeseg_qgis.params, standard library only) and
+hands it to a SegmentationTask. A canvas extent or a polygon selection becomes a small GDAL
 VRT in the raster's CRS, made here on the main thread before the task starts.
 After a run, clicks on the map (gui/teach_tool.py) teach trees (or any class) by example: a
 TeachTask runs on the same input with the same model and stride, so the
@@ -14,6 +13,7 @@ from __future__ import annotations
 import html
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from ...catalogue import BACKBONES
+from ...catalogue import BACKBONES, DEFAULT_MODEL
 from ...memory import (
     RUN_BATCH_SIZE,
     RUN_TILE_SIZE,
@@ -66,6 +66,7 @@ from ...memory import (
     tiles_and_time,
 )
 from ...outputs import OutputPathError, OutputPaths, check_run_paths
+from ...params import AUTO, DEVICES, STRIDES, ParameterError, SegmentationParams
 from ..auth import hf_token
 from ..compat import POLYGON_LAYER_FILTER, RASTER_LAYER_FILTER
 from ..engine_client import EngineClient, missing_engine_message
@@ -74,9 +75,6 @@ from ..raster_input import prepare_input
 from .task import ProbeTask, SegmentationTask, TeachTask, clear_messages
 from .teach_tool import RasterGrid, TeachMapTool
 
-DEFAULT_MODEL = "base"
-STRIDES = (16, 8, 4)
-DEVICES = ("auto", "cpu", "cuda", "mps")
 WHOLE_LAYER, CANVAS_EXTENT, SELECTED_POLYGONS = "layer", "canvas", "selection"
 EXTENTS = {
     WHOLE_LAYER: "Whole layer",
@@ -132,7 +130,7 @@ def free_output_stem(folder: Path, stem: str) -> str:
     """`stem`, or `stem_2`, `stem_3`… so that a run never overwrites the outputs of an earlier one."""
     candidate, number = stem, 1
     while any(path.exists() for untrained in (False, True) for path in OutputPaths.for_params(
-            {"output_dir": str(folder), "output_stem": candidate}, untrained).all()):
+            SegmentationParams("", str(folder), output_stem=candidate), untrained).all()):
         number += 1
         candidate = f"{stem}_{number}"
     return candidate
@@ -170,7 +168,7 @@ class TreesegDock(QgsDockWidget):
         self._engine_info: dict[str, Any] | None = None
         self._probe_started = False
         self._engine_unusable = False
-        self._last_run: dict[str, Any] | None = None
+        self._last_run: SegmentationParams | None = None
         self._last_run_layer_id = ""
         self._last_run_scratch: Path | None = None
         self._teach_layer_ids: list[str] = []
@@ -605,9 +603,9 @@ class TreesegDock(QgsDockWidget):
         """The user chose a layer in the panel: it stays until they choose another."""
         self._layer_chosen = True
 
-    def build_params(self, input_path: str | None = None) -> dict[str, Any]:
-        """The run's parameters (SegmentationParams fields) from the panel; `input_path` defaults to the
-        layer's file. Raises InputProblem when the panel cannot make a run."""
+    def build_params(self, input_path: str | None = None) -> SegmentationParams:
+        """The run's parameters from the panel, validated; `input_path` defaults to the layer's file.
+        Raises InputProblem when the panel cannot make a run."""
         layer = self.layer_combo.currentLayer()
         if not isinstance(layer, QgsRasterLayer):
             raise InputProblem("Choose a raster layer (an orthophoto) first.")
@@ -617,25 +615,26 @@ class TreesegDock(QgsDockWidget):
             raise InputProblem("Choose an output folder.")
         folder = Path(folder_text)
         stem = Path(QgsProviderRegistry.instance().decodeUri("gdal", source).get("path") or source).stem
-        params = {
-            "input_path": input_path or source,
-            "output_dir": str(folder),
-            "output_stem": free_output_stem(folder, stem),
-            "model": self.model_in_use(),
-            "stride": self.stride_combo.currentData(),
-            "clusters": None if self.auto_clusters.isChecked() else self.clusters_spin.value(),
-            "device": self.device_combo.currentText(),
-            "allow_untrained": self.allow_untrained.isChecked(),
-            "crowns": self.crowns_check.isChecked(),
-            "crown_min_area_m2": self.crown_min_area.value(),
-            "feature_preview": self.features_check.isChecked(),
-            "canopy_height": self.height_check.isChecked(),
-            "min_tree_height_m": (self.min_height_spin.value() or None) if self.height_check.isChecked() else None,
-            "height_model": self.height_model_override.text().strip() or DEFAULT_HEIGHT_MODEL,
-        }
+        params = SegmentationParams(
+            input_path=input_path or source,
+            output_dir=str(folder),
+            output_stem=free_output_stem(folder, stem),
+            model=self.model_in_use(),
+            stride=self.stride_combo.currentData(),
+            clusters=AUTO if self.auto_clusters.isChecked() else self.clusters_spin.value(),
+            device=self.device_combo.currentText(),
+            allow_untrained=self.allow_untrained.isChecked(),
+            crowns=self.crowns_check.isChecked(),
+            crown_min_area_m2=self.crown_min_area.value(),
+            feature_preview=self.features_check.isChecked(),
+            canopy_height=self.height_check.isChecked(),
+            min_tree_height_m=(self.min_height_spin.value() or None) if self.height_check.isChecked() else None,
+            height_model=self.height_model_override.text().strip() or DEFAULT_HEIGHT_MODEL,
+        )
         try:
+            params.validate()
             check_run_paths(params, inputs=(source,))
-        except OutputPathError as error:
+        except (ParameterError, OutputPathError) as error:
             raise InputProblem(str(error)) from None
         return params
 
@@ -761,9 +760,9 @@ class TreesegDock(QgsDockWidget):
         """Teach on the input of this run from now on; the examples and the teach layers of a run on another
         grid start afresh."""
         self._keep_scratch(task.scratch_folder)
-        self._last_run = task.record["parameters"]
+        self._last_run = SegmentationParams.from_json(task.record["parameters"])
         self._last_run_layer_id = task.layer_id
-        grid = RasterGrid.of_file(self._last_run["input_path"])
+        grid = RasterGrid.of_file(self._last_run.input_path)
         if self.teach_tool is None:
             self.teach_group.setCollapsed(False)
             self.teach_tool = TeachMapTool(self.iface.mapCanvas())
@@ -855,8 +854,8 @@ class TreesegDock(QgsDockWidget):
         if threshold is not None:
             QgsSettings().setValue(SETTINGS_PREFIX + "teach_threshold", threshold)
         QgsSettings().setValue(SETTINGS_PREFIX + "teach_class", taught)
-        folder = Path(self._last_run["output_dir"])
-        params = {**self._last_run, "output_stem": free_output_stem(folder, f"{self._last_run['output_stem']}_teach")}
+        folder = Path(self._last_run.output_dir)
+        params = replace(self._last_run, output_stem=free_output_stem(folder, f"{self._last_run.output_stem}_teach"))
         self.teach_task = TeachTask(self.engine, params, examples, threshold, layer, self._teach_layer_ids,
                                     self._teach_outputs, hf_token(), class_name=taught)
         self.teach_task.progressChanged.connect(self._show_progress)

@@ -15,6 +15,7 @@ from qgis.gui import QgsMessageBar
 from qgis.PyQt.QtCore import pyqtSignal
 
 from ...outputs import remove_files
+from ...params import SegmentationParams
 from ..engine_client import EngineClient, EngineError
 from ..results import LOG_TAG, add_result_layers, add_teach_layers, model_label
 
@@ -26,7 +27,7 @@ LOG_LEVELS = {"warning": Qgis.MessageLevel.Warning, "error": Qgis.MessageLevel.C
 
 
 class SegmentationTask(QgsTask):
-    """One segmentation run of `params` (SegmentationParams fields as a plain dict) in the engine.
+    """One segmentation run of `params` in the engine (validated by the EngineClient before it is sent).
 
     On success the outputs are added to the project as a styled group and a summary goes to the
     message bar; on failure the message bar explains; a cancelled run leaves nothing behind.
@@ -38,7 +39,7 @@ class SegmentationTask(QgsTask):
     stage_changed = pyqtSignal(str)
     done = pyqtSignal(bool, str)
 
-    def __init__(self, engine: EngineClient, params: dict[str, Any], layer: QgsRasterLayer,
+    def __init__(self, engine: EngineClient, params: SegmentationParams, layer: QgsRasterLayer,
                  message_bar: QgsMessageBar, scratch_folder: Path | None = None, hf_token: str | None = None) -> None:
         super().__init__(f"TreeSeg: segmenting {layer.name()}", QgsTask.Flag.CanCancel)
         self.engine = engine
@@ -119,7 +120,7 @@ class TeachTask(QgsTask):
 
     done = pyqtSignal(bool, str)
 
-    def __init__(self, engine: EngineClient, params: dict[str, Any], examples: list[tuple[float, float, bool]],
+    def __init__(self, engine: EngineClient, params: SegmentationParams, examples: list[tuple[float, float, bool]],
                  threshold: float | None, layer: QgsRasterLayer, replacing: list[str],
                  replaced_outputs: list[str], hf_token: str | None = None, class_name: str = "tree") -> None:
         super().__init__(f"TreeSeg: teaching on {layer.name()}", QgsTask.Flag.CanCancel)

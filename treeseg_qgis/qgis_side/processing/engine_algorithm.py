@@ -1,5 +1,9 @@
-"""What the algorithms run by the engine worker share: model parameters, file outputs and one engine job.
+"""What the algorithms run by the engine worker share: declared parameters read into one object, file
+outputs and one engine job.
 
+An algorithm declares its parameters once (`declare()`: the QGIS definition, the field of
+`SegmentationParams` it fills and how its value converts, like QGIS's GdalAlgorithm subclasses that only
+describe their command); the base adds them, reads them into a `SegmentationParams` and validates it.
 Standard library, QGIS and engine_client only: no torch, no engine core.
 """
 
@@ -7,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +28,21 @@ from qgis.core import (
     QgsSettings,
 )
 
-from ...catalogue import BACKBONES
+from ...catalogue import DEFAULT_MODEL
+from ...outputs import SEGMENT_KINDS, OutputPathError, check_run_paths
+from ...params import (
+    DEVICES,
+    MODEL_NAMES,
+    PRECISIONS,
+    STRIDES,
+    ParameterError,
+    SegmentationParams,
+    parse_cluster_ids,
+    parse_clusters,
+)
 from ..compat import ADVANCED
 from ..engine_client import EngineClient, EngineError, find_engine_python, missing_engine_message
 
-MODEL_NAMES = tuple(BACKBONES)
-DEFAULT_MODEL = "base"
-STRIDES = ("16", "8", "4")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("auto", "float32", "bfloat16", "int8")
 ENGINE_PYTHON_SETTING = "treeseg/engine_python"
 MODEL_PAGE = "https://huggingface.co/facebook/dinov3-vitb16-pretrain-lvd1689m"
 HELP_URL = "https://github.com/treeseg-qgis/treeseg-qgis#processing-graphical-modeler-and-qgis_process"
@@ -61,42 +72,154 @@ def help_html(text: str) -> str:
     return re.sub(r"\s*\n\s*", " ", text).strip()
 
 
-class EngineAlgorithm(QgsProcessingAlgorithm):
-    """Base of the algorithms whose work the engine worker process does."""
+Reader = Callable[[QgsProcessingAlgorithm, dict[str, Any], str, QgsProcessingContext], Any]
+"""How a declared parameter's value becomes a field value; None leaves the field at its default."""
 
-    MODEL = "MODEL"
-    MODEL_ID = "MODEL_ID"
-    STRIDE = "STRIDE"
-    DEVICE = "DEVICE"
-    PRECISION = "PRECISION"
-    ALLOW_UNTRAINED = "ALLOW_UNTRAINED"
+
+def read_text(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], name: str,
+              context: QgsProcessingContext) -> str | None:
+    """Stripped text; empty text leaves the field at its default."""
+    return algorithm.parameterAsString(parameters, name, context).strip() or None
+
+
+def read_choice(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], name: str,
+                context: QgsProcessingContext) -> str:
+    """An enum with static strings: the chosen string."""
+    return algorithm.parameterAsEnumString(parameters, name, context)
+
+
+def read_stride(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], name: str,
+                context: QgsProcessingContext) -> int:
+    return int(algorithm.parameterAsEnumString(parameters, name, context))
+
+
+def read_int(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], name: str,
+             context: QgsProcessingContext) -> int:
+    return algorithm.parameterAsInt(parameters, name, context)
+
+
+def read_number(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], name: str,
+                context: QgsProcessingContext) -> float:
+    return algorithm.parameterAsDouble(parameters, name, context)
+
+
+def read_number_zero_off(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], name: str,
+                         context: QgsProcessingContext) -> float | None:
+    """A number where 0 means off (None)."""
+    return algorithm.parameterAsDouble(parameters, name, context) or None
+
+
+def read_bool(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], name: str,
+              context: QgsProcessingContext) -> bool:
+    return algorithm.parameterAsBoolean(parameters, name, context)
+
+
+def read_clusters(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], name: str,
+                  context: QgsProcessingContext) -> int | str:
+    """A number of clusters where 0 means automatic (params.AUTO)."""
+    return parse_clusters(algorithm.parameterAsInt(parameters, name, context))
+
+
+def read_bands(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], name: str,
+               context: QgsProcessingContext) -> tuple[int, ...] | None:
+    """Band numbers; none chosen leaves the default bands."""
+    return tuple(algorithm.parameterAsInts(parameters, name, context)) or None
+
+
+def read_cluster_ids(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], name: str,
+                     context: QgsProcessingContext) -> tuple[int, ...] | None:
+    return parse_cluster_ids(algorithm.parameterAsString(parameters, name, context))
+
+
+@dataclass(frozen=True)
+class Declared:
+    """One parameter of an algorithm: its QGIS definition, the field it fills (None: the algorithm reads it
+    itself) and how its value converts."""
+
+    definition: QgsProcessingParameterDefinition
+    field: str | None = None
+    read: Reader | None = None
+    advanced: bool = False
+
+
+def model_parameters() -> list[Declared]:
+    """MODEL, the advanced MODEL_ID that overrides it, and STRIDE."""
+    return [
+        Declared(QgsProcessingParameterEnum("MODEL", "DINOv3 model", options=list(MODEL_NAMES),
+                                            defaultValue=DEFAULT_MODEL, usesStaticStrings=True), "model", read_choice),
+        Declared(QgsProcessingParameterString("MODEL_ID", "Model id or folder (overrides Model)", optional=True),
+                 "model", read_text, advanced=True),
+        Declared(QgsProcessingParameterEnum("STRIDE", "Stride (px)", options=[str(s) for s in STRIDES],
+                                            defaultValue=str(STRIDES[0]), usesStaticStrings=True), "stride",
+                 read_stride),
+    ]
+
+
+def device_parameters() -> list[Declared]:
+    """The advanced DEVICE and PRECISION, and ALLOW_UNTRAINED."""
+    return [
+        Declared(QgsProcessingParameterEnum("DEVICE", "Device", options=list(DEVICES), defaultValue=DEVICES[0],
+                                            usesStaticStrings=True), "device", read_choice, advanced=True),
+        Declared(QgsProcessingParameterEnum("PRECISION", "Precision", options=list(PRECISIONS),
+                                            defaultValue=PRECISIONS[0], usesStaticStrings=True), "precision",
+                 read_choice, advanced=True),
+        Declared(QgsProcessingParameterBoolean("ALLOW_UNTRAINED", "Allow untrained weights", defaultValue=False),
+                 "allow_untrained", read_bool),
+    ]
+
+
+class EngineAlgorithm(QgsProcessingAlgorithm):
+    """Base of the algorithms whose work the engine worker process does: it adds the declared parameters,
+    reads them into their fields and validates the run's parameters before the engine starts."""
+
+    def declare(self) -> list[Declared]:
+        """The algorithm's parameters, in dialog order (new definitions on each call)."""
+        raise NotImplementedError
+
+    def declare_outputs(self) -> None:
+        """Add the algorithm's QgsProcessingOutput definitions."""
 
     def helpUrl(self) -> str:
         return HELP_URL
 
-    def add_advanced(self, parameter: QgsProcessingParameterDefinition) -> None:
-        parameter.setFlags(parameter.flags() | ADVANCED)
-        self.addParameter(parameter)
+    def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:
+        self._readers: list[tuple[str, str, Reader]] = []
+        for item in self.declare():
+            if item.advanced:
+                item.definition.setFlags(item.definition.flags() | ADVANCED)
+            self.addParameter(item.definition)
+            if item.field is not None and item.read is not None:
+                self._readers.append((item.definition.name(), item.field, item.read))
+        self.declare_outputs()
 
-    def add_model_parameters(self) -> None:
-        """MODEL, the advanced MODEL_ID that overrides it, and STRIDE."""
-        self.addParameter(QgsProcessingParameterEnum(
-            self.MODEL, "DINOv3 model", options=list(MODEL_NAMES), defaultValue=DEFAULT_MODEL,
-            usesStaticStrings=True))
-        self.add_advanced(QgsProcessingParameterString(
-            self.MODEL_ID, "Model id or folder (overrides Model)", optional=True))
-        self.addParameter(QgsProcessingParameterEnum(
-            self.STRIDE, "Stride (px)", options=list(STRIDES), defaultValue=STRIDES[0], usesStaticStrings=True))
+    def declared_values(self, parameters: dict[str, Any], context: QgsProcessingContext) -> dict[str, Any]:
+        """Field → value of every declared parameter that fills a field (a later one wins unless None)."""
+        values: dict[str, Any] = {}
+        for name, field, read in self._readers:
+            try:
+                value = read(self, parameters, name, context)
+            except ParameterError as error:
+                raise QgsProcessingException(str(error)) from None
+            if value is not None:
+                values[field] = value
+        return values
 
-    def add_device_parameters(self) -> None:
-        """The advanced DEVICE and PRECISION, and ALLOW_UNTRAINED."""
-        self.add_advanced(QgsProcessingParameterEnum(
-            self.DEVICE, "Device", options=list(DEVICES), defaultValue=DEVICES[0], usesStaticStrings=True))
-        self.add_advanced(QgsProcessingParameterEnum(
-            self.PRECISION, "Precision",
-            options=list(PRECISIONS), defaultValue=PRECISIONS[0], usesStaticStrings=True))
-        self.addParameter(QgsProcessingParameterBoolean(
-            self.ALLOW_UNTRAINED, "Allow untrained weights", defaultValue=False))
+    def read_params(self, parameters: dict[str, Any], context: QgsProcessingContext,
+                    **values: Any) -> SegmentationParams:
+        """The run's SegmentationParams: the declared parameters' fields, and `values` (what the algorithm
+        works out itself: input, output folder and files)."""
+        return SegmentationParams(**{**self.declared_values(parameters, context), **values})
+
+    @staticmethod
+    def check_params(params: SegmentationParams, kinds: tuple[str, ...] = SEGMENT_KINDS,
+                     inputs: tuple[str, ...] = ()) -> None:
+        """Validate the run and check its output paths (`inputs`: files read besides the input): a
+        QgsProcessingException with the reason, before any engine starts."""
+        try:
+            params.validate()
+            check_run_paths(params, kinds, inputs)
+        except (ParameterError, OutputPathError) as error:
+            raise QgsProcessingException(str(error)) from None
 
     def input_raster(self, parameters: dict[str, Any], name: str, context: QgsProcessingContext) -> QgsRasterLayer:
         """The raster layer of parameter `name`, or the standard invalid-raster error."""
@@ -104,17 +227,6 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         if layer is None:
             raise QgsProcessingException(self.invalidRasterError(parameters, name))
         return layer
-
-    def model_params(self, parameters: dict[str, Any], context: QgsProcessingContext) -> dict[str, Any]:
-        """The SegmentationParams entries of the model, stride and device parameters."""
-        return {
-            "model": self.parameterAsString(parameters, self.MODEL_ID, context).strip()
-            or self.parameterAsEnumString(parameters, self.MODEL, context),
-            "stride": int(self.parameterAsEnumString(parameters, self.STRIDE, context)),
-            "device": self.parameterAsEnumString(parameters, self.DEVICE, context),
-            "precision": self.parameterAsEnumString(parameters, self.PRECISION, context),
-            "allow_untrained": self.parameterAsBoolean(parameters, self.ALLOW_UNTRAINED, context),
-        }
 
     def file_destination(self, parameters: dict[str, Any], name: str, context: QgsProcessingContext,
                          suffixes: tuple[str, ...]) -> str:

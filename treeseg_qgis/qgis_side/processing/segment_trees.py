@@ -1,19 +1,19 @@
 """The Processing algorithm `treeseg:segmenttrees`: one segmentation run through the engine worker.
 
-Nothing here imports torch or the engine's core: the parameters become a plain
-dict with the keys of SegmentationParams, and the engine worker process
-(engine_client.EngineClient) does the work, so the algorithm loads and explains
+Nothing here imports torch or the engine's core: the declared parameters become a
+SegmentationParams (engine_algorithm.EngineAlgorithm reads and validates them), and the engine
+worker process (engine_client.EngineClient) does the work, so the algorithm loads and explains
 itself even where the engine environment is missing.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from qgis.core import (
     QgsProcessingContext,
-    QgsProcessingException,
     QgsProcessingFeedback,
     QgsProcessingOutputBoolean,
     QgsProcessingOutputFile,
@@ -31,8 +31,7 @@ from qgis.core import (
     QgsProcessingUtils,
 )
 
-from ...catalogue import HEIGHT_HEAD
-from ...outputs import OutputPathError, check_run_paths
+from ...params import DEFAULT_K_RANGE, K_MAX, METHODS, OutputFiles, SegmentationParams
 from ..auth import hf_token
 from ..compat import DOUBLE, INTEGER, POLYGON_LAYERS
 from ..raster_input import prepare_input
@@ -41,14 +40,24 @@ from .engine_algorithm import (
     GEOPACKAGE_SUFFIXES,
     RASTER_SUFFIXES,
     WEIGHTS_HELP,
+    Declared,
     EngineAlgorithm,
+    device_parameters,
     engine_python,
     help_html,
+    model_parameters,
+    read_bands,
+    read_choice,
+    read_cluster_ids,
+    read_clusters,
+    read_int,
+    read_number,
+    read_number_zero_off,
+    read_text,
     run_in_engine,
 )
 
-METHODS = ("dinov3", "rgb-kmeans", "exg-otsu")
-DEFAULT_HEIGHT_MODEL = HEIGHT_HEAD.repo_id
+DEFAULT_HEIGHT_MODEL = SegmentationParams.height_model
 HEIGHT_MODEL_PAGE = f"https://huggingface.co/{DEFAULT_HEIGHT_MODEL}"
 
 HELP = f"""<p>Segments trees in a drone or aerial orthophoto <b>without training labels</b>: a DINOv3
@@ -152,44 +161,55 @@ class SegmentTreesAlgorithm(EngineAlgorithm):
     def createInstance(self) -> SegmentTreesAlgorithm:
         return SegmentTreesAlgorithm()
 
-    def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:
-        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Orthophoto (raster file)"))
-        self.addParameter(QgsProcessingParameterBand(
-            self.BANDS, "RGB bands", defaultValue=[1, 2, 3], parentLayerParameterName=self.INPUT, optional=True,
-            allowMultiple=True))
-        self.addParameter(QgsProcessingParameterExtent(self.EXTENT, "Extent", optional=True))
-        self.addParameter(QgsProcessingParameterFeatureSource(
-            self.MASK, "Mask polygons", [POLYGON_LAYERS], optional=True))
-        self.addParameter(QgsProcessingParameterNumber(
-            self.RESOLUTION, "Resolution (m/px, 0: native)", DOUBLE, defaultValue=0.0, minValue=0.0))
-        self.add_model_parameters()
-        self.addParameter(QgsProcessingParameterNumber(
-            self.CLUSTERS, "Clusters (0: automatic)", INTEGER, defaultValue=0, minValue=0, maxValue=250))
-        self.add_device_parameters()
-        self.add_advanced(QgsProcessingParameterEnum(
-            self.METHOD, "Method (or a colour baseline)", options=list(METHODS), defaultValue=METHODS[0],
-            usesStaticStrings=True))
-        self.add_advanced(QgsProcessingParameterNumber(
-            self.K_MIN, "Automatic clusters: minimum", INTEGER, defaultValue=2, minValue=1, maxValue=250))
-        self.add_advanced(QgsProcessingParameterNumber(
-            self.K_MAX, "Automatic clusters: maximum", INTEGER, defaultValue=8, minValue=1, maxValue=250))
-        self.add_advanced(QgsProcessingParameterString(self.TREE_CLUSTERS, "Tree clusters (ids)", optional=True))
-        self.add_advanced(QgsProcessingParameterNumber(
-            self.CROWN_MIN_AREA, "Minimum crown area (m²)", DOUBLE, defaultValue=2.0, minValue=0.0))
-        self.add_advanced(QgsProcessingParameterNumber(
-            self.MIN_TREE_HEIGHT, "Minimum tree height (m, 0: off)", DOUBLE, defaultValue=0.0, minValue=0.0))
-        self.add_advanced(QgsProcessingParameterString(
-            self.HEIGHT_MODEL, "Canopy-height model", defaultValue=DEFAULT_HEIGHT_MODEL))
-        self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT_CLUSTERS, "Clusters"))
-        self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT_TREES, "Tree mask"))
-        self.addParameter(QgsProcessingParameterVectorDestination(
-            self.OUTPUT_POLYGONS, "Polygons", POLYGON_LAYERS))
-        self.add_advanced(QgsProcessingParameterVectorDestination(
-            self.OUTPUT_CROWNS, "Tree crowns", POLYGON_LAYERS, optional=True, createByDefault=False))
-        self.add_advanced(QgsProcessingParameterRasterDestination(
-            self.OUTPUT_FEATURES, "Feature image", optional=True, createByDefault=False))
-        self.add_advanced(QgsProcessingParameterRasterDestination(
-            self.OUTPUT_HEIGHT, "Canopy height", optional=True, createByDefault=False))
+    def declare(self) -> list[Declared]:
+        return [
+            Declared(QgsProcessingParameterRasterLayer(self.INPUT, "Orthophoto (raster file)")),
+            Declared(QgsProcessingParameterBand(
+                self.BANDS, "RGB bands", defaultValue=[1, 2, 3], parentLayerParameterName=self.INPUT, optional=True,
+                allowMultiple=True), "bands", read_bands),
+            Declared(QgsProcessingParameterExtent(self.EXTENT, "Extent", optional=True)),
+            Declared(QgsProcessingParameterFeatureSource(self.MASK, "Mask polygons", [POLYGON_LAYERS], optional=True)),
+            Declared(QgsProcessingParameterNumber(
+                self.RESOLUTION, "Resolution (m/px, 0: native)", DOUBLE, defaultValue=0.0, minValue=0.0)),
+            *model_parameters(),
+            Declared(QgsProcessingParameterNumber(
+                self.CLUSTERS, "Clusters (0: automatic)", INTEGER, defaultValue=0, minValue=0, maxValue=K_MAX),
+                "clusters", read_clusters),
+            *device_parameters(),
+            Declared(QgsProcessingParameterEnum(
+                self.METHOD, "Method (or a colour baseline)", options=list(METHODS), defaultValue=METHODS[0],
+                usesStaticStrings=True), "method", read_choice, advanced=True),
+            Declared(QgsProcessingParameterNumber(
+                self.K_MIN, "Automatic clusters: minimum", INTEGER, defaultValue=DEFAULT_K_RANGE[0], minValue=1,
+                maxValue=K_MAX), "k_min", read_int, advanced=True),
+            Declared(QgsProcessingParameterNumber(
+                self.K_MAX, "Automatic clusters: maximum", INTEGER, defaultValue=DEFAULT_K_RANGE[1], minValue=1,
+                maxValue=K_MAX), "k_max", read_int, advanced=True),
+            Declared(QgsProcessingParameterString(self.TREE_CLUSTERS, "Tree clusters (ids)", optional=True),
+                     "tree_clusters", read_cluster_ids, advanced=True),
+            Declared(QgsProcessingParameterNumber(
+                self.CROWN_MIN_AREA, "Minimum crown area (m²)", DOUBLE,
+                defaultValue=SegmentationParams.crown_min_area_m2, minValue=0.0),
+                "crown_min_area_m2", read_number, advanced=True),
+            Declared(QgsProcessingParameterNumber(
+                self.MIN_TREE_HEIGHT, "Minimum tree height (m, 0: off)", DOUBLE, defaultValue=0.0, minValue=0.0),
+                "min_tree_height_m", read_number_zero_off, advanced=True),
+            Declared(QgsProcessingParameterString(
+                self.HEIGHT_MODEL, "Canopy-height model", defaultValue=DEFAULT_HEIGHT_MODEL),
+                "height_model", read_text, advanced=True),
+            Declared(QgsProcessingParameterRasterDestination(self.OUTPUT_CLUSTERS, "Clusters")),
+            Declared(QgsProcessingParameterRasterDestination(self.OUTPUT_TREES, "Tree mask")),
+            Declared(QgsProcessingParameterVectorDestination(self.OUTPUT_POLYGONS, "Polygons", POLYGON_LAYERS)),
+            Declared(QgsProcessingParameterVectorDestination(
+                self.OUTPUT_CROWNS, "Tree crowns", POLYGON_LAYERS, optional=True, createByDefault=False),
+                advanced=True),
+            Declared(QgsProcessingParameterRasterDestination(
+                self.OUTPUT_FEATURES, "Feature image", optional=True, createByDefault=False), advanced=True),
+            Declared(QgsProcessingParameterRasterDestination(
+                self.OUTPUT_HEIGHT, "Canopy height", optional=True, createByDefault=False), advanced=True),
+        ]
+
+    def declare_outputs(self) -> None:
         self.addOutput(QgsProcessingOutputNumber(self.K, "Number of clusters"))
         self.addOutput(QgsProcessingOutputNumber(self.TREE_COVER, "Tree cover (fraction of valid pixels)"))
         self.addOutput(QgsProcessingOutputNumber(self.CROWNS, "Number of tree crowns"))
@@ -207,50 +227,22 @@ class SegmentTreesAlgorithm(EngineAlgorithm):
         crowns = self.optional_file_destination(parameters, self.OUTPUT_CROWNS, context, GEOPACKAGE_SUFFIXES)
         features = self.optional_file_destination(parameters, self.OUTPUT_FEATURES, context, RASTER_SUFFIXES)
         height = self.optional_file_destination(parameters, self.OUTPUT_HEIGHT, context, RASTER_SUFFIXES)
-        tree_clusters = parse_tree_clusters(self.parameterAsString(parameters, self.TREE_CLUSTERS, context))
-        min_tree_height = self.parameterAsDouble(parameters, self.MIN_TREE_HEIGHT, context) or None
-        clusters_stem = Path(clusters).with_suffix("")
-        if height is None and min_tree_height is not None:
-            height_path = QgsProcessingUtils.generateTempFilename(f"{clusters_stem.name}_height.tif")
-        else:
-            height_path = height
+        stem = Path(clusters).with_suffix("")
+        params = self.read_params(
+            parameters, context, input_path=layer.source(), output_dir=str(stem.parent), output_stem=stem.name,
+            crowns=crowns is not None, feature_preview=features is not None, canopy_height=height is not None,
+            outputs=OutputFiles(clusters=clusters, trees=trees, polygons=polygons, crowns=crowns, features=features,
+                                height=height, preview=f"{stem}_preview.png", record=f"{stem}_run.json"))
+        if height is None and params.min_tree_height_m is not None:  # the height is needed, not asked for
+            params = replace(params, outputs=replace(params.outputs, height=QgsProcessingUtils.generateTempFilename(
+                f"{stem.name}_height.tif")))
         extent = self.parameterAsExtent(parameters, self.EXTENT, context, layer.crs())
-        input_path = prepare_input(
+        params = replace(params, input_path=prepare_input(
             layer, None if extent.isNull() else extent, self.parameterAsSource(parameters, self.MASK, context),
             self.parameterAsDouble(parameters, self.RESOLUTION, context), context,
             Path(QgsProcessingUtils.tempFolder()) / "treeseg",
-        )
-        params = {
-            "input_path": input_path,
-            "output_dir": str(Path(clusters).parent),
-            "method": self.parameterAsEnumString(parameters, self.METHOD, context),
-            "bands": self.parameterAsInts(parameters, self.BANDS, context) or [1, 2, 3],
-            **self.model_params(parameters, context),
-            "clusters": self.parameterAsInt(parameters, self.CLUSTERS, context) or None,
-            "k_min": self.parameterAsInt(parameters, self.K_MIN, context),
-            "k_max": self.parameterAsInt(parameters, self.K_MAX, context),
-            "tree_clusters": tree_clusters,
-            "crowns": crowns is not None,
-            "crown_min_area_m2": self.parameterAsDouble(parameters, self.CROWN_MIN_AREA, context),
-            "feature_preview": features is not None,
-            "canopy_height": height is not None,
-            "min_tree_height_m": min_tree_height,
-            "height_model": self.parameterAsString(parameters, self.HEIGHT_MODEL, context).strip()
-            or DEFAULT_HEIGHT_MODEL,
-            "output_stem": clusters_stem.name,
-            "clusters_path": clusters,
-            "trees_path": trees,
-            "polygons_path": polygons,
-            "crowns_path": crowns,
-            "features_path": features,
-            "height_path": height_path,
-            "preview_path": f"{clusters_stem}_preview.png",
-            "record_path": f"{clusters_stem}_run.json",
-        }
-        try:
-            check_run_paths(params, inputs=(layer.source(),))
-        except OutputPathError as error:
-            raise QgsProcessingException(str(error)) from None
+        ))
+        self.check_params(params, inputs=(layer.source(),))
         record = run_in_engine(python, feedback, lambda client, report: client.segment(
             params, on_progress=report.progress, on_log=report.log, is_cancelled=feedback.isCanceled,
             hf_token=hf_token()))
@@ -274,18 +266,3 @@ class SegmentTreesAlgorithm(EngineAlgorithm):
         if record.get("crowns") is not None:
             results[self.CROWNS] = record["crowns"]
         return results
-
-
-def parse_tree_clusters(text: str) -> list[int] | None:
-    """Cluster ids such as "0, 3" as a list; None for empty text; a QgsProcessingException otherwise."""
-    if not text.strip():
-        return None
-    try:
-        ids = [int(part) for part in text.replace(";", ",").split(",") if part.strip()]
-    except ValueError:
-        ids = []
-    if not ids or any(not 0 <= cluster < 250 for cluster in ids):
-        raise QgsProcessingException(
-            f"Tree clusters '{text}' is not a list of cluster ids: give numbers between 0 and 249 separated "
-            "by commas, e.g. 0,3, or leave it empty for the greenness rule.")
-    return sorted(set(ids))

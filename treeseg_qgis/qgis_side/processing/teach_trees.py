@@ -34,6 +34,8 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QVariant
 
+from ...outputs import TEACH_KINDS
+from ...params import OutputFiles
 from ..auth import hf_token
 from ..compat import ANY_FIELD, DOUBLE, POINT_LAYERS
 from ..raster_input import raster_file
@@ -41,9 +43,12 @@ from ..results import TEACH_OUTPUT_ORDER, OutputGroup, style_loaded_outputs, tea
 from .engine_algorithm import (
     RASTER_SUFFIXES,
     WEIGHTS_HELP,
+    Declared,
     EngineAlgorithm,
+    device_parameters,
     engine_python,
     help_html,
+    model_parameters,
     run_in_engine,
 )
 
@@ -116,24 +121,26 @@ class TeachTreesAlgorithm(EngineAlgorithm):
     def createInstance(self) -> TeachTreesAlgorithm:
         return TeachTreesAlgorithm()
 
-    def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:
-        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Orthophoto (raster file)"))
-        self.addParameter(QgsProcessingParameterFeatureSource(self.EXAMPLES, "Example points", [POINT_LAYERS]))
-        # Optional, so that the default is taken where the field is left out (qgis_process, processing.run).
-        self.addParameter(QgsProcessingParameterField(
-            self.IS_TREE_FIELD, "Class field (1 yes, 0 not)",
-            defaultValue=DEFAULT_IS_TREE_FIELD, parentLayerParameterName=self.EXAMPLES, type=ANY_FIELD,
-            optional=True))
-        self.addParameter(QgsProcessingParameterString(self.CLASS_NAME, "Class the examples show",
-                                                       defaultValue="tree", optional=True))
-        self.addParameter(QgsProcessingParameterNumber(
-            self.THRESHOLD, "Threshold (empty: from the examples)", DOUBLE, defaultValue=None, optional=True,
-            minValue=0.0, maxValue=1.0))
-        self.add_model_parameters()
-        self.add_device_parameters()
-        self.addParameter(QgsProcessingParameterRasterDestination(
-            self.OUTPUT_SIMILARITY, "Class similarity (0..1)"))
-        self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT_TREES, "Class mask"))
+    def declare(self) -> list[Declared]:
+        return [
+            Declared(QgsProcessingParameterRasterLayer(self.INPUT, "Orthophoto (raster file)")),
+            Declared(QgsProcessingParameterFeatureSource(self.EXAMPLES, "Example points", [POINT_LAYERS])),
+            # Optional, so that the default is taken where the field is left out (qgis_process, processing.run).
+            Declared(QgsProcessingParameterField(
+                self.IS_TREE_FIELD, "Class field (1 yes, 0 not)", defaultValue=DEFAULT_IS_TREE_FIELD,
+                parentLayerParameterName=self.EXAMPLES, type=ANY_FIELD, optional=True)),
+            Declared(QgsProcessingParameterString(
+                self.CLASS_NAME, "Class the examples show", defaultValue="tree", optional=True)),
+            Declared(QgsProcessingParameterNumber(
+                self.THRESHOLD, "Threshold (empty: from the examples)", DOUBLE, defaultValue=None, optional=True,
+                minValue=0.0, maxValue=1.0)),
+            *model_parameters(),
+            *device_parameters(),
+            Declared(QgsProcessingParameterRasterDestination(self.OUTPUT_SIMILARITY, "Class similarity (0..1)")),
+            Declared(QgsProcessingParameterRasterDestination(self.OUTPUT_TREES, "Class mask")),
+        ]
+
+    def declare_outputs(self) -> None:
         self.addOutput(QgsProcessingOutputNumber(self.TREE_COVER, "Class cover (fraction of valid pixels)"))
         self.addOutput(QgsProcessingOutputNumber(self.THRESHOLD_USED, "Threshold used"))
         self.addOutput(QgsProcessingOutputString(self.FEATURE_CACHE, "Feature cache (hit, miss or off)"))
@@ -151,15 +158,10 @@ class TeachTreesAlgorithm(EngineAlgorithm):
         similarity = self.file_destination(parameters, self.OUTPUT_SIMILARITY, context, RASTER_SUFFIXES)
         trees = self.file_destination(parameters, self.OUTPUT_TREES, context, RASTER_SUFFIXES)
         stem = Path(similarity).with_suffix("")
-        params = {
-            "input_path": raster_file(layer),
-            "output_dir": str(stem.parent),
-            **self.model_params(parameters, context),
-            "output_stem": stem.name,
-            "similarity_path": similarity,
-            "taught_trees_path": trees,
-            "teach_record_path": f"{stem}_teach.json",
-        }
+        params = self.read_params(parameters, context, input_path=raster_file(layer), output_dir=str(stem.parent),
+                                  output_stem=stem.name, outputs=OutputFiles(
+                                      similarity=similarity, taught_trees=trees, teach_record=f"{stem}_teach.json"))
+        self.check_params(params, TEACH_KINDS)
         given = parameters.get(self.THRESHOLD)
         threshold = None if given is None or given == "" else self.parameterAsDouble(parameters, self.THRESHOLD,
                                                                                     context)

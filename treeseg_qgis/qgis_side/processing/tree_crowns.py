@@ -22,7 +22,15 @@ from qgis.core import (
 from ..compat import DOUBLE, POLYGON_LAYERS
 from ..raster_input import raster_file
 from ..results import style_loaded_outputs
-from .engine_algorithm import GEOPACKAGE_SUFFIXES, EngineAlgorithm, engine_python, help_html, run_in_engine
+from .engine_algorithm import (
+    GEOPACKAGE_SUFFIXES,
+    Declared,
+    EngineAlgorithm,
+    engine_python,
+    help_html,
+    read_number,
+    run_in_engine,
+)
 
 HELP = """<p>Splits the trees of a tree mask into <b>individual crowns</b>: the distance to the
 nearest non-tree pixel peaks in the middle of each crown; those peaks seed a watershed that divides
@@ -77,21 +85,26 @@ class TreeCrownsAlgorithm(EngineAlgorithm):
     def createInstance(self) -> TreeCrownsAlgorithm:
         return TreeCrownsAlgorithm()
 
-    def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:
-        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Tree mask (1 = tree)"))
-        self.addParameter(QgsProcessingParameterRasterLayer(
-            self.CLUSTERS, "Clusters (same grid)", optional=True))
-        self.addParameter(QgsProcessingParameterNumber(
-            self.MIN_AREA, "Minimum crown area (m²)", DOUBLE, defaultValue=2.0, minValue=0.0))
-        self.add_advanced(QgsProcessingParameterNumber(
-            self.MIN_DISTANCE, "Minimum distance between centres (m)", DOUBLE, defaultValue=1.0,
-            minValue=0.0))
-        self.addParameter(QgsProcessingParameterNumber(
-            self.SMOOTHING, "Smoothing (m)", DOUBLE, defaultValue=0.2, minValue=0.0))
-        self.addParameter(QgsProcessingParameterNumber(
-            self.MAX_CROWN, "Largest crown diameter (m)", DOUBLE, defaultValue=25.0, minValue=0.1))
-        self.addParameter(QgsProcessingParameterVectorDestination(
-            self.OUTPUT, "Tree crowns", POLYGON_LAYERS))
+    def declare(self) -> list[Declared]:
+        """The crown options fill the fields of the engine's CrownOptions (gis/crowns.py), not a run's."""
+        return [
+            Declared(QgsProcessingParameterRasterLayer(self.INPUT, "Tree mask (1 = tree)")),
+            Declared(QgsProcessingParameterRasterLayer(self.CLUSTERS, "Clusters (same grid)", optional=True)),
+            Declared(QgsProcessingParameterNumber(
+                self.MIN_AREA, "Minimum crown area (m²)", DOUBLE, defaultValue=2.0, minValue=0.0),
+                "min_area_m2", read_number),
+            Declared(QgsProcessingParameterNumber(
+                self.MIN_DISTANCE, "Minimum distance between centres (m)", DOUBLE, defaultValue=1.0,
+                minValue=0.0), "min_distance_m", read_number, advanced=True),
+            Declared(QgsProcessingParameterNumber(
+                self.SMOOTHING, "Smoothing (m)", DOUBLE, defaultValue=0.2, minValue=0.0), "smoothing_m", read_number),
+            Declared(QgsProcessingParameterNumber(
+                self.MAX_CROWN, "Largest crown diameter (m)", DOUBLE, defaultValue=25.0, minValue=0.1),
+                "max_crown_m", read_number),
+            Declared(QgsProcessingParameterVectorDestination(self.OUTPUT, "Tree crowns", POLYGON_LAYERS)),
+        ]
+
+    def declare_outputs(self) -> None:
         self.addOutput(QgsProcessingOutputNumber(self.CROWNS, "Number of tree crowns"))
 
     def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,
@@ -102,12 +115,7 @@ class TreeCrownsAlgorithm(EngineAlgorithm):
         if clusters is not None:
             _check_same_grid(trees, clusters)
         gpkg = self.file_destination(parameters, self.OUTPUT, context, GEOPACKAGE_SUFFIXES)
-        options = {
-            "min_area_m2": self.parameterAsDouble(parameters, self.MIN_AREA, context),
-            "min_distance_m": self.parameterAsDouble(parameters, self.MIN_DISTANCE, context),
-            "smoothing_m": self.parameterAsDouble(parameters, self.SMOOTHING, context),
-            "max_crown_m": self.parameterAsDouble(parameters, self.MAX_CROWN, context),
-        }
+        options = self.declared_values(parameters, context)
         trees_path = raster_file(trees)
         clusters_path = raster_file(clusters) if clusters is not None else None
         record = run_in_engine(python, feedback, lambda client, report: client.crowns(
