@@ -207,7 +207,7 @@ def teach(
         ensure_features(params, source, grid, extractor, store, progress.sub(0.02, 0.8), timings)
         if extractor is not None:
             model.update(extractor.describe())
-        found = prototypes(store, grid, examples, source.width, source.height)
+        found = prototypes(store, grid, examples)
         decision = found.choose_threshold(threshold)
         paths = taught_class_paths(params.to_dict(), model["untrained"], class_name)
         for folder in {str(path.parent) for path in paths.all()}:

@@ -107,10 +107,9 @@ def separating_threshold(scores: np.ndarray, positive: np.ndarray) -> tuple[floa
     return float(np.clip(cuts[pick], 0.0, 1.0)), float(accuracy[pick])
 
 
-def prototypes(store: FeatureStore, grid: FeatureGrid, examples: list[Example], width: int,
-               height: int) -> Prototypes:
+def prototypes(store: FeatureStore, grid: FeatureGrid, examples: list[Example]) -> Prototypes:
     """The features at each example, L2-normalised, split into class and other prototypes."""
-    inside = [e for e in examples if 0 <= e.col < width and 0 <= e.row < height]
+    inside = [e for e in examples if 0 <= e.col < grid.tiles.width and 0 <= e.row < grid.tiles.height]
     if not any(e.is_tree for e in inside):
         raise InputError("Click-to-teach needs at least one example of the class inside the raster "
                          f"({len(examples)} given, {len(inside)} inside).")
