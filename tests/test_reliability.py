@@ -230,29 +230,80 @@ def test_cancel_at_every_stage_leaves_nothing(tiny_model_dir, tmp_path, stage):
 
 
 class _OutOfMemoryOnDevice(torch.nn.Module):
-    """Test double of the device step: out of memory for batches above `limit`, or always on `meta`."""
+    """Test double of the device step: out of memory for batches above `limit`, or always on `meta` (the
+    stand-in for a GPU: a CPU build of torch can put tensors there, not run the model there)."""
 
     def __init__(self, model, limit):
         super().__init__()
         self.inner, self.limit, self.config = model, limit, model.config
+        self.devices: list[str] = []
 
     def forward(self, pixel_values):
+        self.devices.append(pixel_values.device.type)
         if pixel_values.device.type == "meta" or pixel_values.shape[0] > self.limit:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return self.inner(pixel_values=pixel_values)
 
 
-def test_out_of_memory_halves_the_batch_then_falls_back_to_the_cpu(tiny_model_dir, caplog):
+def _half_precision_on_the_device(tiny_model_dir) -> Backbone:
+    """The tiny model in float16 behind the out-of-memory double, reporting the `meta` device."""
+    backbone = load_backbone(str(tiny_model_dir), device="cpu")
+    model = _OutOfMemoryOnDevice(backbone.model.half(), limit=64)
+    return Backbone(**{**backbone.__dict__, "model": model, "device": torch.device("meta"), "dtype": torch.float16,
+                       "precision": "float16"})
+
+
+def test_out_of_memory_halves_the_batch(tiny_model_dir):
     tile = np.random.default_rng(0).random((32, 32, 3)).astype(np.float32)
     backbone = load_backbone(str(tiny_model_dir), device="cpu")
     expected = FeatureExtractor(backbone, stride=4).extract(tile)
     backbone.model = _OutOfMemoryOnDevice(backbone.model, limit=2)
     halving = FeatureExtractor(backbone, stride=4, batch_size=8)
     assert np.allclose(halving.extract(tile), expected, atol=1e-4) and halving.batch_size == 2
-    on_gpu = Backbone(**{**backbone.__dict__, "device": torch.device("meta")})
-    fallback = FeatureExtractor(on_gpu, stride=16, batch_size=1)
-    assert np.allclose(fallback.extract(tile), expected[::4, ::4], atol=1e-4)
-    assert on_gpu.device.type == "cpu" and "continuing on the CPU" in caplog.text
+
+
+def test_out_of_memory_at_one_image_goes_on_with_a_cpu_copy_and_leaves_the_shared_backbone_alone(
+        tiny_model_dir, caplog):
+    tile = np.random.default_rng(0).random((32, 32, 3)).astype(np.float32)
+    reference = load_backbone(str(tiny_model_dir), device="cpu")
+    reference.model = reference.model.half().float()
+    expected = FeatureExtractor(reference, stride=16).extract(tile)
+    shared = _half_precision_on_the_device(tiny_model_dir)
+    fields = {name: value for name, value in shared.__dict__.items() if name != "model"}
+    model = shared.model
+    fallback = FeatureExtractor(shared, stride=16, batch_size=2)
+    assert np.allclose(fallback.extract(tile), expected, atol=1e-4)
+    assert model.devices == ["meta", "meta"]  # batches of 2, then of 1; then the CPU copy took over
+    assert fallback.backbone.model is not model and fallback.backbone.model.devices[-1] == "cpu"
+    assert "continuing on the CPU" in caplog.text
+    assert fallback.describe()["device"] == "cpu" and fallback.describe()["precision"] == "float32"
+    assert "out of memory on meta" in fallback.describe()["fell_back_to_cpu"]
+    # the backbone someone else holds is as it was: same fields, same module, still float16
+    assert shared.model is model and {n: v for n, v in shared.__dict__.items() if n != "model"} == fields
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    # the next extractor on that backbone asks its own device first
+    model.devices.clear()
+    again = FeatureExtractor(shared, stride=16, batch_size=1)
+    assert "fell_back_to_cpu" not in again.describe() and again.describe()["device"] == "meta"
+    again.extract(tile)
+    assert model.devices == ["meta"] and again.backbone.model.devices[-1] == "cpu"
+
+
+def test_a_run_that_fell_back_says_so_and_the_next_run_asks_the_device_again(tiny_model_dir, tmp_path):
+    image, _ = disc_scene(96, 96, [(48, 48)], radius=20)
+    path = write_geotiff(tmp_path / "in.tif", image)
+    shared = _half_precision_on_the_device(tiny_model_dir)
+    params = SegmentationParams(input_path=str(path), output_dir=str(tmp_path / "out"), model=str(tiny_model_dir),
+                                device="cpu", clusters=2, use_cache=False)
+    for _ in range(2):
+        shared.model.devices.clear()
+        record = segment(params, load_model=lambda wanted: shared)
+        assert shared.model.devices and set(shared.model.devices) == {"meta"}
+        assert "out of memory on meta" in record["model"]["fell_back_to_cpu"]
+        saved = json.loads(next((tmp_path / "out").glob("*_run.json")).read_text())
+        assert saved["model"]["fell_back_to_cpu"] == record["model"]["fell_back_to_cpu"]
+        assert shared.device.type == "meta" and shared.precision == "float16"
 
 
 def test_every_failure_is_a_treeseg_error_subclass():

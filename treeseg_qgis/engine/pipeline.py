@@ -45,6 +45,7 @@ from .core.canopy import load_height_model, predict_heights
 from .core.devices import resolve_device, resolve_precision
 from .core.errors import InputError, OutputError
 from .core.examples import Example
+from .core.feature_grid import FeatureGrid
 from .core.features import ColourFeatures, FeatureExtractor
 from .core.models import Backbone, load_backbone, weights_identity
 from .core.progress import Progress
@@ -52,10 +53,9 @@ from .core.segmentation import (
     SegmentationResult,
     TileFeatureExtractor,
     ensure_features,
-    feature_image,
     segment_raster,
 )
-from .core.store import FeatureStore, StoredFeatures
+from .core.store import FeatureStore
 from .core.teach import prototypes, score_raster
 from .core.tiling import TileGrid, Window
 from .gis.crowns import CrownOptions, write_crowns
@@ -97,9 +97,8 @@ def segment(
         progress.report(0.0, "Loading model" if cache_state != "hit" else "Reading cached features")
         progress.check()
         load_started = time.perf_counter()
-        extractor = StoredFeatures(store) if cache_state == "hit" else _extractor(params, load_model)
+        grid, extractor, model = _features(params, source, store, cache_state, load_model)
         load_seconds = time.perf_counter() - load_started
-        model = extractor.describe()
         if model["untrained"]:
             log.warning(UNTRAINED_BANNER)
         paths = OutputPaths.for_params(params, model["untrained"])
@@ -124,8 +123,10 @@ def segment(
                                                        height_timings)
                 written.append(paths.height)
                 tree_filter = _height_filter(staged.height, params.min_tree_height_m)
-            result = segment_raster(params, source, extractor, store, open_sink,
+            result = segment_raster(params, source, grid, extractor, store, open_sink,
                                     progress.sub(0.3 if height_timings else 0.03, 0.9), tree_filter)
+            if extractor is not None:
+                model.update(extractor.describe())
             result.timings.update({name: round(seconds, 3) for name, seconds in height_timings.items()})
             if params.min_tree_height_m is not None:
                 result.tree_rule += f" and canopy height ≥ {params.min_tree_height_m:g} m"
@@ -141,7 +142,7 @@ def segment(
                 written.append(paths.crowns)
             if params.feature_preview:
                 progress.report(0.97, "Writing the feature image")
-                _write_feature_image(staged.features, source, extractor, store, result, params, model)
+                _write_feature_image(staged.features, source, store, result, params, model)
                 written.append(paths.features)
             progress.report(0.98, "Writing preview")
             progress.check()
@@ -201,11 +202,12 @@ def teach(
         if isinstance(examples, str):
             examples = _read_examples(examples, source)
         progress.report(0.0, "Loading model" if cache_state != "hit" else "Reading cached features")
-        extractor = StoredFeatures(store) if cache_state == "hit" else _extractor(params, load_model)
-        model = extractor.describe()
+        grid, extractor, model = _features(params, source, store, cache_state, load_model)
         timings: dict[str, float] = {}
-        grid, _, _ = ensure_features(params, source, extractor, store, progress.sub(0.02, 0.8), timings)
-        found = prototypes(store, grid, extractor, examples, source.width, source.height)
+        ensure_features(params, source, grid, extractor, store, progress.sub(0.02, 0.8), timings)
+        if extractor is not None:
+            model.update(extractor.describe())
+        found = prototypes(store, grid, examples)
         decision = found.choose_threshold(threshold)
         paths = taught_class_paths(params, model["untrained"], class_name)
         for folder in {str(path.parent) for path in paths.all()}:
@@ -217,7 +219,7 @@ def teach(
             writer = ScoreRasterWriter(str(staged.similarity), str(staged.taught_trees), source.width,
                                        source.height, source.crs_wkt, source.geotransform,
                                        _raster_metadata(params, model))
-            tree_pixels, valid_pixels = score_raster(source, store, grid, extractor, found, decision.value, writer,
+            tree_pixels, valid_pixels = score_raster(source, store, grid, found, decision.value, writer,
                                                      progress.sub(0.8, 0.99))
             writer.close()
             record = {
@@ -423,17 +425,16 @@ def _height_filter(path: Path, min_height: float | None) -> Callable[[Window, np
     return keep_tall_trees
 
 
-def _write_feature_image(path: Path, source: GdalRasterSource, extractor: TileFeatureExtractor,
-                         store: FeatureStore, result: SegmentationResult, params: SegmentationParams,
-                         model: dict) -> None:
+def _write_feature_image(path: Path, source: GdalRasterSource, store: FeatureStore, result: SegmentationResult,
+                         params: SegmentationParams, model: dict) -> None:
     """The first three PCA components of the features as an RGB GeoTIFF on the feature grid."""
-    image = feature_image(source, extractor)
+    image = result.grid.image()
     gt = source.geotransform
-    offset, stride = image.offset, image.stride
+    offset, stride = image.offset, image.grid.stride
     geotransform = (gt[0] + offset * (gt[1] + gt[2]), stride * gt[1], stride * gt[2],
                     gt[3] + offset * (gt[4] + gt[5]), stride * gt[4], stride * gt[5])
     write_rgb_blocks(str(path), image.cols, image.rows, source.crs_wkt, geotransform,
-                     image.blocks(store, result.grid, result.samples), _raster_metadata(params, model))
+                     image.blocks(store, result.samples), _raster_metadata(params, model))
 
 
 def _polygonize(paths: OutputPaths, result: SegmentationResult, model: dict, progress: Progress) -> int:
@@ -484,6 +485,17 @@ def _output_folder(output_dir: str) -> None:
                           "Choose a folder you can write to.") from error
     if not os.access(folder, os.W_OK):
         raise OutputError(f"The output folder {folder} is not writable: choose another folder.")
+
+
+def _features(params: SegmentationParams, source: GdalRasterSource, store: FeatureStore, cache_state: str,
+              load_model: ModelLoader | None) -> tuple[FeatureGrid, TileFeatureExtractor | None, dict]:
+    """The feature grid, the extractor (None when the cache holds every feature: no model is loaded)
+    and the facts about the model for the run record."""
+    tiles = TileGrid(source.width, source.height, params.tile_size, params.overlap)
+    if cache_state == "hit":
+        return FeatureGrid.of_store(tiles, store), None, store.model()
+    extractor = _extractor(params, load_model)
+    return FeatureGrid.of_extractor(tiles, extractor), extractor, extractor.describe()
 
 
 def _extractor(params: SegmentationParams, load_model: ModelLoader | None) -> TileFeatureExtractor:

@@ -1,4 +1,5 @@
-"""QGIS-free engine: models, dense features, tiling, clustering and the tree rule.
+"""QGIS-free engine: models, dense features, the feature grid, tiling, clustering and the tree rule.
 
-Nothing here may import qgis, osgeo or PyQt (tests/test_core_is_qgis_free.py).
+Nothing here may import qgis, osgeo, Qt, engine/gis or qgis_side, relative imports included
+(tests/test_process_boundary.py).
 """

@@ -8,6 +8,8 @@ the pixels [g*s, g*s + 16) of the tile, so its centre lies at g*s + 8.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 from collections.abc import Sequence
 
@@ -27,7 +29,11 @@ COLOUR_METHODS = METHODS[1:]
 
 
 class FeatureExtractor:
-    """Runs a Backbone over tiles and returns L2-normalised dense patch features."""
+    """Runs a Backbone over tiles and returns L2-normalised dense patch features.
+
+    The backbone may be shared (the engine worker keeps it for the next job): the
+    extractor never changes it. Out of GPU memory it goes on with a CPU copy of its own.
+    """
 
     def __init__(self, backbone: Backbone, stride: int = 16, batch_size: int = 4) -> None:
         if stride < 1 or PATCH % stride:  # the shifted copies must tile the patch (params.STRIDES are checked)
@@ -38,6 +44,7 @@ class FeatureExtractor:
         self.stride = stride
         self.cell_size = PATCH
         self.batch_size = max(1, batch_size)
+        self.fell_back_from: str | None = None
         self._mean = torch.tensor(backbone.normalisation.mean, dtype=torch.float32).view(1, 3, 1, 1)
         self._std = torch.tensor(backbone.normalisation.std, dtype=torch.float32).view(1, 3, 1, 1)
 
@@ -90,10 +97,15 @@ class FeatureExtractor:
         return list(F.normalize(dense, dim=-1).numpy())
 
     def describe(self) -> dict:
-        return {"method": "dinov3", **self.backbone.describe()}
+        """The backbone's facts; after a fall-back to the CPU, those of the CPU copy and where it fell back from."""
+        facts = {"method": "dinov3", **self.backbone.describe()}
+        if self.fell_back_from is not None:
+            facts["fell_back_to_cpu"] = f"out of memory on {self.fell_back_from}; the rest ran on the CPU in float32"
+        return facts
 
     def _recover_from_out_of_memory(self) -> None:
-        """Halve the batch; at batch 1 on a GPU, go on on the CPU; on the CPU, give up clearly."""
+        """Halve the batch; at batch 1 on a GPU, go on with a CPU copy of the backbone; on the CPU, give up
+        clearly."""
         backbone = self.backbone
         if backbone.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -104,8 +116,9 @@ class FeatureExtractor:
         if backbone.device.type != "cpu":
             log.warning("Out of memory on %s even with one image at a time: continuing on the CPU "
                         "(much slower). A smaller model or tile size would keep the GPU.", backbone.device)
-            backbone.model = backbone.model.to(device="cpu", dtype=torch.float32)
-            backbone.device, backbone.dtype, backbone.precision = torch.device("cpu"), torch.float32, "float32"
+            self.fell_back_from = str(backbone.device)
+            self.backbone = dataclasses.replace(backbone, model=_cpu_copy(backbone.model), device=torch.device("cpu"),
+                                                dtype=torch.float32, precision="float32")
             return
         raise InputError("Out of memory on the CPU even with one image at a time: choose a smaller model "
                          "or a smaller tile size, or close other programs.")
@@ -125,6 +138,18 @@ class FeatureExtractor:
                 tokens = backbone.model(pixel_values=pixels).last_hidden_state
             patches = tokens[:, 1 + backbone.num_register_tokens:, :]
             return patches.float().cpu().reshape(batch.shape[0], rows, cols, -1)
+
+
+def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A float32 copy of `model` on the CPU; the model itself is untouched and nothing new is put on its
+    device (each parameter and buffer is copied straight to the CPU)."""
+    copies: dict[int, object] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        moved = tensor.detach().to("cpu")
+        moved = moved.float() if moved.is_floating_point() else moved
+        copies[id(tensor)] = torch.nn.Parameter(moved, requires_grad=False) if isinstance(
+            tensor, torch.nn.Parameter) else moved
+    return copy.deepcopy(model, copies)
 
 
 def _is_out_of_memory(error: RuntimeError) -> bool:

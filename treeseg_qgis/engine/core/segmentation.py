@@ -1,5 +1,8 @@
 """The segmentation of one raster, window by window, with bounded memory.
 
+Where features sit on the raster (tiles, cells, blending, sampling) is the
+FeatureGrid (feature_grid.py); this module runs the segmentation on it.
+
 1. Features: every tile of the TileGrid is read, run through the FeatureExtractor
    once, and its features are stored on disk (FeatureStore). The PCA basis is
    fitted on a sample of cells from tiles spread over the whole raster (those
@@ -23,22 +26,19 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ...params import SegmentationParams
 from .clustering import ClusterModel, Projection, fit_clusters
 from .errors import InputError
-from .features import pool_to_grid
+from .feature_grid import MIN_VALID_FRACTION, FeatureGrid, bilinear_sample
 from .heap import release_free_memory
 from .progress import Progress
 from .store import FeatureStore, TileFeatures
-from .tiling import Tile, TileGrid, Window
-from .trees import check_tree_override, cluster_means, excess_green, tree_clusters_by_exg
+from .tiling import Tile, Window
+from .trees import check_tree_override, cluster_means, tree_clusters_by_exg
 
 NODATA = 255
 PCA_TILES = 16
-MIN_VALID_FRACTION = 0.5
 
 
 class RasterSource(Protocol):
@@ -90,7 +90,7 @@ class SegmentationResult:
     valid_pixels: int
     tiles: int
     timings: dict[str, float] = field(default_factory=dict)
-    grid: TileGrid | None = None
+    grid: FeatureGrid | None = None
     samples: np.ndarray | None = None
 
     @property
@@ -101,7 +101,8 @@ class SegmentationResult:
 def segment_raster(
     params: SegmentationParams,
     source: RasterSource,
-    extractor: TileFeatureExtractor,
+    grid: FeatureGrid,
+    extractor: TileFeatureExtractor | None,
     store: FeatureStore,
     open_sink: Callable[[int, list[int]], LabelSink],
     progress: Progress,
@@ -109,10 +110,11 @@ def segment_raster(
 ) -> SegmentationResult:
     """Segment `source` into clusters and trees; `open_sink(k, tree_ids)` receives the blocks.
 
-    `tree_filter(block, trees)` may clear tree pixels of a block (e.g. below a canopy height).
+    `extractor` may be None when `store` is complete. `tree_filter(block, trees)` may clear tree
+    pixels of a block (e.g. below a canopy height).
     """
     timings: dict[str, float] = {}
-    grid, samples, sample_exg = ensure_features(params, source, extractor, store, progress.sub(0, 0.85), timings)
+    samples, sample_exg = ensure_features(params, source, grid, extractor, store, progress.sub(0, 0.85), timings)
     release_free_memory()
 
     progress.report(0.86, "Clustering")
@@ -130,7 +132,7 @@ def segment_raster(
     timings["cluster"] = time.perf_counter() - started
 
     sink = open_sink(clusters.k, trees)
-    counts, tree_pixels = _assign_all(extractor, source, store, grid, clusters, trees, sink,
+    counts, tree_pixels = _assign_all(source, store, grid, clusters, trees, sink,
                                       progress.sub(0.88, 1.0), timings, tree_filter)
     valid = int(counts.sum())
     return SegmentationResult(
@@ -143,7 +145,7 @@ def segment_raster(
         cluster_pixels=[int(c) for c in counts],
         tree_pixels=tree_pixels,
         valid_pixels=valid,
-        tiles=len(grid),
+        tiles=len(grid.tiles),
         timings={name: round(seconds, 3) for name, seconds in timings.items()},
         grid=grid,
         samples=samples,
@@ -153,22 +155,22 @@ def segment_raster(
 def ensure_features(
     params: SegmentationParams,
     source: RasterSource,
-    extractor: TileFeatureExtractor,
+    grid: FeatureGrid,
+    extractor: TileFeatureExtractor | None,
     store: FeatureStore,
     progress: Progress,
     timings: dict[str, float],
-) -> tuple[TileGrid, np.ndarray, np.ndarray]:
-    """Every tile's features in `store` (extracted now unless the store is complete), the tile grid,
-    and the clustering sample with its ExG."""
-    grid = TileGrid(source.width, source.height, params.tile_size, params.overlap)
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every tile's features in `store` (extracted now unless the store is complete; `extractor` may be
+    None only then), and the clustering sample with its ExG."""
     if store.complete:
         progress.report(0.0, "Features from the cache")
-        samples, sample_exg = store.load_samples()
-    else:
-        samples, sample_exg = _extract_all(params, source, extractor, store, grid, progress, timings)
-        store.save_samples(samples, sample_exg, {**extractor.describe(), "stride": extractor.stride,
-                                                 "cell_size": extractor.cell_size})
-    return grid, samples, sample_exg
+        return store.load_samples()
+    if extractor is None:
+        raise ValueError("the feature store is incomplete and no extractor was given")
+    samples, sample_exg = _extract_all(params, source, grid, extractor, store, progress, timings)
+    store.save_samples(samples, sample_exg, {**extractor.describe(), **grid.describe()})
+    return samples, sample_exg
 
 
 def read_tile(source: RasterSource, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
@@ -186,17 +188,17 @@ def read_tile(source: RasterSource, tile: Tile) -> tuple[np.ndarray, np.ndarray]
 def _extract_all(
     params: SegmentationParams,
     source: RasterSource,
+    grid: FeatureGrid,
     extractor: TileFeatureExtractor,
     store: FeatureStore,
-    grid: TileGrid,
     progress: Progress,
     timings: dict[str, float],
 ) -> tuple[np.ndarray, np.ndarray]:
     """Extract and store every tile; return the projected cluster sample and its ExG."""
     rng = np.random.default_rng(params.seed)
-    pca_tiles = grid.spread(PCA_TILES)
+    pca_tiles = grid.tiles.spread(PCA_TILES)
     first = {(t.row, t.col) for t in pca_tiles}
-    order = pca_tiles + [t for t in grid.tiles() if (t.row, t.col) not in first]
+    order = pca_tiles + [t for t in grid.tiles.tiles() if (t.row, t.col) not in first]
     per_tile_pca = math.ceil(params.sample_size / len(pca_tiles))
     per_tile = math.ceil(params.sample_size / len(order))
     pca_samples: list[np.ndarray] = []
@@ -211,7 +213,7 @@ def _extract_all(
         samples.append(tile_features.features.reshape(-1, tile_features.features.shape[-1])[rows])
         sample_exg.append(tile_features.exg.reshape(-1)[rows])
 
-    for tile, (cell_valid, cell_exg), features in _extracted(source, order, extractor, progress, timings):
+    for tile, (cell_valid, cell_exg), features in _extracted(source, order, grid, extractor, progress, timings):
         started = time.perf_counter()
         key = (tile.row, tile.col)
         if projection is None:
@@ -234,21 +236,10 @@ def _extract_all(
     return np.concatenate(samples).astype(np.float32), np.concatenate(sample_exg).astype(np.float64)
 
 
-def _cell_statistics(rgb: np.ndarray, valid: np.ndarray,
-                     extractor: TileFeatureExtractor) -> tuple[np.ndarray, np.ndarray]:
-    """The valid share and the mean ExG of the valid pixels of each feature cell of a tile."""
-    if valid.all():
-        cell_exg = pool_to_grid(excess_green(rgb), extractor.stride, extractor.cell_size)
-        return np.ones_like(cell_exg), cell_exg
-    cell_valid = pool_to_grid(valid, extractor.stride, extractor.cell_size)
-    cell_exg = pool_to_grid(excess_green(rgb) * valid, extractor.stride, extractor.cell_size)
-    cell_exg /= np.maximum(cell_valid, 1e-6)
-    return cell_valid, cell_exg
-
-
 def _extracted(
     source: RasterSource,
     tiles: list[Tile],
+    grid: FeatureGrid,
     extractor: TileFeatureExtractor,
     progress: Progress,
     timings: dict[str, float],
@@ -270,7 +261,7 @@ def _extracted(
         pixels = []
         for tile in batch:
             rgb, valid = read_tile(source, tile)
-            pixels.append((rgb, _cell_statistics(rgb, valid, extractor)))
+            pixels.append((rgb, grid.cell_statistics(rgb, valid)))
         timings["read"] += time.perf_counter() - started
         return pixels
 
@@ -313,49 +304,10 @@ def _sample_rows(valid: np.ndarray, count: int, rng: np.random.Generator) -> np.
     return np.sort(rng.choice(candidates, size=count, replace=False))
 
 
-def _tent(cells: int, ramp: int) -> np.ndarray:
-    """Blending weight across one tile axis: 1 inside, falling towards the borders."""
-    if ramp <= 0:
-        return np.ones(cells, dtype=np.float32)
-    position = np.arange(cells, dtype=np.float32) + 0.5
-    edge = np.minimum(position, cells - position) / ramp
-    return np.clip(edge, 0.05, 1.0)
-
-
-def blended_features(
-    store: FeatureStore, grid: TileGrid, stride: int, rows: range, cols: range
-) -> tuple[np.ndarray, np.ndarray]:
-    """Blended projected features and valid fraction on the global cells rows × cols."""
-    ramp = grid.overlap // stride
-    accumulated: np.ndarray | None = None
-    weight_sum = np.zeros((len(rows), len(cols)), dtype=np.float32)
-    valid_sum = np.zeros_like(weight_sum)
-    x0, y0 = cols.start * stride, rows.start * stride
-    for tile in grid.tiles_covering(x0, y0, cols.stop * stride, rows.stop * stride):
-        data = store.get((tile.row, tile.col))
-        tr0, tc0 = tile.y // stride, tile.x // stride
-        r0, r1 = max(rows.start, tr0), min(rows.stop, tr0 + data.valid.shape[0])
-        c0, c1 = max(cols.start, tc0), min(cols.stop, tc0 + data.valid.shape[1])
-        if r0 >= r1 or c0 >= c1:
-            continue
-        tent = np.outer(_tent(data.valid.shape[0], ramp), _tent(data.valid.shape[1], ramp))
-        local = (slice(r0 - tr0, r1 - tr0), slice(c0 - tc0, c1 - tc0))
-        out = (slice(r0 - rows.start, r1 - rows.start), slice(c0 - cols.start, c1 - cols.start))
-        weight = tent[local] * np.maximum(data.valid[local], 1e-3)
-        if accumulated is None:
-            accumulated = np.zeros((len(rows), len(cols), data.features.shape[-1]), dtype=np.float32)
-        accumulated[out] += weight[..., None] * data.features[local]
-        weight_sum[out] += weight
-        valid_sum[out] += weight * data.valid[local]
-    safe = np.maximum(weight_sum, 1e-12)
-    return accumulated / safe[..., None], valid_sum / safe
-
-
 def _assign_all(
-    extractor: TileFeatureExtractor,
     source: RasterSource,
     store: FeatureStore,
-    grid: TileGrid,
+    grid: FeatureGrid,
     clusters: ClusterModel,
     trees: list[int],
     sink: LabelSink,
@@ -368,14 +320,14 @@ def _assign_all(
     tree_lookup = np.zeros(256, dtype=np.uint8)
     tree_lookup[trees] = 1
     tree_lookup[NODATA] = NODATA
-    blocks = grid.blocks()
+    blocks = grid.tiles.blocks()
     tree_pixels = 0
     timings.update(assign=0.0, write=0.0)
     for index, block in enumerate(blocks):
         progress.check()
         progress.report(index / len(blocks), f"Assigning clusters: block {index + 1} of {len(blocks)}")
         started = time.perf_counter()
-        labels = _label_block(store, grid, extractor, clusters, block)
+        labels = _label_block(store, grid, clusters, block)
         valid = source.read_valid(block.x, block.y, block.width, block.height)
         labels[~valid] = NODATA
         counts += np.bincount(labels[valid], minlength=clusters.k)[: clusters.k]
@@ -391,22 +343,11 @@ def _assign_all(
     return counts, tree_pixels
 
 
-def _label_block(
-    store: FeatureStore,
-    grid: TileGrid,
-    extractor: TileFeatureExtractor,
-    clusters: ClusterModel,
-    block: Window,
-) -> np.ndarray:
+def _label_block(store: FeatureStore, grid: FeatureGrid, clusters: ClusterModel, block: Window) -> np.ndarray:
     """Cluster ids (uint8) for every pixel of one block."""
-    rows, cols, rows_at, cols_at = cell_window(block, grid, extractor)
-    features, _ = blended_features(store, grid, extractor.stride, rows, cols)
+    rows, cols, rows_at, cols_at = grid.cell_window(block)
+    features, _ = grid.blended(store, rows, cols)
     return _nearest_centre_bilinear(clusters.squared_distances(features), rows_at, cols_at)
-
-
-def _cell_coordinates(start: int, size: int, stride: int, cell_size: int) -> np.ndarray:
-    """Fractional grid-cell coordinate of each pixel centre (cell g is centred at g*s + cell_size/2)."""
-    return (np.arange(start, start + size, dtype=np.float64) + 0.5 - cell_size / 2) / stride
 
 
 def _nearest_centre_bilinear(distances: np.ndarray, rows_at: np.ndarray, cols_at: np.ndarray) -> np.ndarray:
@@ -415,62 +356,3 @@ def _nearest_centre_bilinear(distances: np.ndarray, rows_at: np.ndarray, cols_at
     `min(0)` rather than `argmin(0)`: torch's argmin over the leading axis is an order of magnitude slower.
     """
     return bilinear_sample(distances, rows_at, cols_at).min(0).indices.numpy().astype(np.uint8)
-
-
-def bilinear_sample(values: np.ndarray, rows_at: np.ndarray, cols_at: np.ndarray) -> torch.Tensor:
-    """(C, len(rows_at), len(cols_at)) samples of (h, w, C) `values` at fractional cells, border-clamped."""
-    h, w = values.shape[:2]
-    grid_values = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).permute(2, 0, 1)[None]
-    x = torch.from_numpy(np.clip(cols_at, 0, w - 1) / max(w - 1, 1) * 2 - 1).float()
-    y = torch.from_numpy(np.clip(rows_at, 0, h - 1) / max(h - 1, 1) * 2 - 1).float()
-    where = torch.stack(torch.meshgrid(y, x, indexing="ij")[::-1], dim=-1)[None]
-    return F.grid_sample(grid_values, where, mode="bilinear", padding_mode="border", align_corners=True)[0]
-
-
-def cell_window(block: Window, grid: TileGrid, extractor: TileFeatureExtractor) -> tuple[range, range, np.ndarray,
-                                                                                        np.ndarray]:
-    """The global feature cells a block's bilinear interpolation needs, and each pixel's fractional cell."""
-    stride = extractor.stride
-    grid_rows = (grid.rows - 1) * grid.step // stride + grid.tile_height // stride
-    grid_cols = (grid.cols - 1) * grid.step // stride + grid.tile_width // stride
-    rows_at = _cell_coordinates(block.y, block.height, stride, extractor.cell_size)
-    cols_at = _cell_coordinates(block.x, block.width, stride, extractor.cell_size)
-    rows = range(max(0, math.floor(rows_at[0])), min(grid_rows, math.floor(rows_at[-1]) + 2))
-    cols = range(max(0, math.floor(cols_at[0])), min(grid_cols, math.floor(cols_at[-1]) + 2))
-    return rows, cols, rows_at - rows.start, cols_at - cols.start
-
-
-@dataclass(frozen=True)
-class FeatureImage:
-    """The first three feature components on the feature grid, scaled to 0..255."""
-
-    rows: int
-    cols: int
-    stride: int
-    offset: float
-
-    def blocks(self, store: FeatureStore, grid: TileGrid, samples: np.ndarray,
-               block_cells: int = 256) -> Iterator[tuple[int, int, np.ndarray]]:
-        """(row, col, uint8 (h, w, 3)) blocks; components stretched between their 2nd and 98th percentile."""
-        components = min(3, samples.shape[1])
-        low = np.percentile(samples[:, :components], 2, axis=0)
-        high = np.percentile(samples[:, :components], 98, axis=0)
-        span = np.where(high > low, high - low, 1.0)
-        for row in range(0, self.rows, block_cells):
-            for col in range(0, self.cols, block_cells):
-                cells_r = range(row, min(row + block_cells, self.rows))
-                cells_c = range(col, min(col + block_cells, self.cols))
-                features, valid = blended_features(store, grid, self.stride, cells_r, cells_c)
-                scaled = np.zeros((len(cells_r), len(cells_c), 3), np.float32)
-                scaled[..., :components] = (features[..., :components] - low) / span
-                image = (np.clip(scaled, 0, 1) * 254 + 1).astype(np.uint8)
-                image[valid < MIN_VALID_FRACTION] = 0
-                yield row, col, image
-
-
-def feature_image(source: RasterSource, extractor: TileFeatureExtractor) -> FeatureImage:
-    """The feature grid over the raster: cell g is centred on pixel g * stride + cell_size / 2."""
-    stride, half = extractor.stride, extractor.cell_size / 2
-    rows = max(1, math.ceil((source.height - half) / stride))
-    cols = max(1, math.ceil((source.width - half) / stride))
-    return FeatureImage(rows, cols, stride, half - stride / 2)

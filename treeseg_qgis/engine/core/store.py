@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +67,10 @@ class FeatureStore:
         """How the stored features were made (method, model, stride, cell size)."""
         return json.loads((self.folder / SUMMARY).read_text())["extractor"]
 
+    def model(self) -> dict:
+        """What made the stored features, for the run record: the extractor's facts without the cell geometry."""
+        return {key: value for key, value in self.extractor().items() if key not in ("stride", "cell_size")}
+
     def _path(self, key: tuple[int, int]) -> Path:
         return self.folder / f"tile_{key[0]}_{key[1]}.npz"
 
@@ -105,21 +109,3 @@ class FeatureStore:
         if len(self._cache) > self._cache_tiles:
             self._cache.popitem(last=False)
         return tile
-
-
-class StoredFeatures:
-    """Stands in for the feature extractor when a complete store already holds every feature."""
-
-    def __init__(self, store: FeatureStore) -> None:
-        info = store.extractor()
-        self.stride = int(info["stride"])
-        self.cell_size = int(info["cell_size"])
-        self._description = {key: value for key, value in info.items() if key not in ("stride", "cell_size")}
-
-    tiles_per_batch = 1
-
-    def extract_tiles(self, tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
-        raise RuntimeError("every feature comes from the store; nothing is extracted")
-
-    def describe(self) -> dict:
-        return dict(self._description)

@@ -26,17 +26,11 @@ import numpy as np
 
 from .errors import InputError
 from .examples import Example
+from .feature_grid import FeatureGrid, bilinear_sample
 from .progress import Progress
-from .segmentation import (
-    NODATA,
-    RasterSource,
-    TileFeatureExtractor,
-    bilinear_sample,
-    blended_features,
-    cell_window,
-)
+from .segmentation import NODATA, RasterSource
 from .store import FeatureStore
-from .tiling import TileGrid, Window
+from .tiling import Window
 
 SIMILARITY_NODATA = -1.0
 CONTRAST = 0.1
@@ -113,18 +107,17 @@ def separating_threshold(scores: np.ndarray, positive: np.ndarray) -> tuple[floa
     return float(np.clip(cuts[pick], 0.0, 1.0)), float(accuracy[pick])
 
 
-def prototypes(store: FeatureStore, grid: TileGrid, extractor: TileFeatureExtractor,
-               examples: list[Example], width: int, height: int) -> Prototypes:
+def prototypes(store: FeatureStore, grid: FeatureGrid, examples: list[Example]) -> Prototypes:
     """The features at each example, L2-normalised, split into class and other prototypes."""
-    inside = [e for e in examples if 0 <= e.col < width and 0 <= e.row < height]
+    inside = [e for e in examples if 0 <= e.col < grid.tiles.width and 0 <= e.row < grid.tiles.height]
     if not any(e.is_tree for e in inside):
         raise InputError("Click-to-teach needs at least one example of the class inside the raster "
                          f"({len(examples)} given, {len(inside)} inside).")
     vectors, labels = [], []
     for example in inside:
         block = Window(int(example.col), int(example.row), 1, 1)
-        rows, cols, rows_at, cols_at = cell_window(block, grid, extractor)
-        features, _ = blended_features(store, grid, extractor.stride, rows, cols)
+        rows, cols, rows_at, cols_at = grid.cell_window(block)
+        features, _ = grid.blended(store, rows, cols)
         vectors.append(bilinear_sample(features, rows_at, cols_at)[:, 0, 0].numpy())
         labels.append(example.is_tree)
     matrix = np.array(vectors, dtype=np.float32)
@@ -140,16 +133,16 @@ class ScoreSink(Protocol):
         """Store one window."""
 
 
-def score_raster(source: RasterSource, store: FeatureStore, grid: TileGrid, extractor: TileFeatureExtractor,
-                 found: Prototypes, threshold: float, sink: ScoreSink, progress: Progress) -> tuple[int, int]:
+def score_raster(source: RasterSource, store: FeatureStore, grid: FeatureGrid, found: Prototypes,
+                 threshold: float, sink: ScoreSink, progress: Progress) -> tuple[int, int]:
     """Score every pixel block by block; returns (tree pixels, valid pixels)."""
-    blocks = grid.blocks()
+    blocks = grid.tiles.blocks()
     tree_pixels = valid_pixels = 0
     for index, block in enumerate(blocks):
         progress.check()
         progress.report(index / len(blocks), f"Scoring: block {index + 1} of {len(blocks)}")
-        rows, cols, rows_at, cols_at = cell_window(block, grid, extractor)
-        features, _ = blended_features(store, grid, extractor.stride, rows, cols)
+        rows, cols, rows_at, cols_at = grid.cell_window(block)
+        features, _ = grid.blended(store, rows, cols)
         cell_scores = found.score(features)[..., None]
         scores = bilinear_sample(cell_scores, rows_at, cols_at)[0].numpy()
         valid = source.read_valid(block.x, block.y, block.width, block.height)

@@ -1,0 +1,64 @@
+"""The feature grid: from an extractor or a complete store alike, seamless blending, the image's placement."""
+
+import numpy as np
+
+from treeseg_qgis.engine.core.feature_grid import FeatureGrid
+from treeseg_qgis.engine.core.features import ColourFeatures
+from treeseg_qgis.engine.core.store import FeatureStore, TileFeatures
+from treeseg_qgis.engine.core.tiling import TileGrid, Window
+
+
+def _two_tiles(stride: int = 16) -> FeatureGrid:
+    """Two 128-px tiles side by side, overlapping by 32 px, on a 224 x 128 raster."""
+    return FeatureGrid(TileGrid(224, 128, 128, 32), stride, 16)
+
+
+def _constant_store(folder, grid: FeatureGrid, values: list[float]) -> FeatureStore:
+    """Every cell of tile i holds the feature values[i]; all cells fully valid."""
+    store = FeatureStore(folder)
+    for tile, value in zip(grid.tiles.tiles(), values):
+        shape = (tile.height // grid.stride, tile.width // grid.stride)
+        store.put((tile.row, tile.col), TileFeatures(np.full(shape + (1,), value, np.float32),
+                                                     np.ones(shape, np.float32), np.zeros(shape, np.float32)))
+    return store
+
+
+def test_a_complete_store_gives_back_the_grid_its_features_were_extracted_on(tmp_path):
+    tiles = TileGrid(300, 200, 128, 32)
+    extracted = FeatureGrid.of_extractor(tiles, ColourFeatures("rgb-kmeans", stride=4))
+    assert (extracted.stride, extracted.cell_size) == (4, 4)
+    store = FeatureStore(tmp_path)
+    store.save_samples(np.zeros((3, 2)), np.zeros(3), {"method": "rgb-kmeans", **extracted.describe()})
+    assert FeatureGrid.of_store(tiles, store) == extracted
+    assert store.model() == {"method": "rgb-kmeans"}
+
+
+def test_overlapping_tiles_blend_from_one_to_the_other_without_a_step(tmp_path):
+    grid = _two_tiles()
+    store = _constant_store(tmp_path, grid, [0.0, 1.0])
+    features, valid = grid.blended(store, range(0, 8), range(0, 14))
+    row = features[3, :, 0]
+    assert np.allclose(valid, 1.0)
+    assert row[0] == 0.0 and row[-1] == 1.0  # outside the overlap each tile alone
+    # the two overlap cells: tent weights 3/4 and 1/4 (ramp of 2 cells) make a ramp, not a jump
+    assert np.allclose(row[6:8], [0.25, 0.75])
+    assert np.allclose(features[:, :, 0], row)  # the same across every row
+
+
+def test_cell_window_covers_the_cells_around_every_pixel_of_a_block():
+    grid = _two_tiles(stride=8)
+    block = Window(40, 24, 20, 10)
+    rows, cols, rows_at, cols_at = grid.cell_window(block)
+    # pixel x sits at cell (x + 0.5 - 8) / 8 of the global grid
+    assert np.allclose(cols_at + cols.start, (np.arange(40, 60) + 0.5 - 8) / 8)
+    assert np.allclose(rows_at + rows.start, (np.arange(24, 34) + 0.5 - 8) / 8)
+    assert cols_at.min() >= 0 and cols_at.max() <= len(cols) - 1
+    assert rows_at.min() >= 0 and rows_at.max() <= len(rows) - 1
+
+
+def test_each_feature_image_pixel_is_centred_on_its_cell():
+    for stride in (16, 8, 4):
+        image = _two_tiles(stride).image()
+        assert image.rows == int(np.ceil((128 - 8) / stride)) and image.cols == int(np.ceil((224 - 8) / stride))
+        for cell in (0, 3, image.cols - 1):
+            assert image.offset + (cell + 0.5) * stride == cell * stride + 8
