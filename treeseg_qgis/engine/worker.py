@@ -64,6 +64,7 @@ class Worker:
         self.terminate_requested = False
         self.busy = False
         self.model_loads = 0
+        self.jobs_served = 0
         self._cancel = threading.Event()
         self._backbone = None
         self._backbone_key: tuple | None = None
@@ -72,7 +73,7 @@ class Worker:
             Command.SEGMENT: self.segment,
             Command.TEACH: self.teach,
             Command.CROWNS: self.crowns,
-            Command.PROBE: lambda job: {**probe(), "model_loads": self.model_loads},
+            Command.PROBE: lambda job: {**probe(), "model_loads": self.model_loads, "jobs_served": self.jobs_served},
             Command.MODELS: lambda job: {**hub_cache.cached_models(),
                                          "feature_cache": hub_cache.feature_cache_state()},
             Command.CLEAR_FEATURE_CACHE: lambda job: hub_cache.clear_feature_cache(),
@@ -93,6 +94,7 @@ class Worker:
             self._cancel = threading.Event()
             self.busy = True
             self.handle(job)
+            self.jobs_served += 1
             self.busy = False
             if self.terminate_requested:
                 return

@@ -112,6 +112,18 @@ class EngineClient:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The running worker's process id, or None."""
+        process = self._process
+        return process.pid if process is not None and process.poll() is None else None
+
+    @property
+    def jobs_waiting(self) -> int:
+        """How many jobs wait for their turn behind the running one."""
+        with self._turns:
+            return max(0, len(self._waiting) - 1)
+
     def segment(
         self,
         params: dict[str, Any],
