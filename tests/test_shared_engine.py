@@ -17,6 +17,7 @@ import pytest
 from treeseg_qgis import protocol
 from treeseg_qgis.qgis_side.engine_client import (
     ENGINE_PYTHON_ENV,
+    WAITING_STAGE,
     EngineClient,
     EngineError,
     close_shared_engines,
@@ -129,8 +130,10 @@ def test_a_waiting_job_cancelled_never_runs_and_the_running_one_goes_on(qgis_ifa
         assert running_holds.wait(120)
         task = SegmentationTask(engine, panel_params(tiny_model_dir, path, tmp_path / "queued"),
                                 QgsRasterLayer(str(path), "scene"), qgis_iface.messageBar())
+        stages: list[str] = []
+        task.stage_changed.connect(stages.append)
         QgsApplication.taskManager().addTask(task)
-        wait_until(lambda: engine.jobs_waiting == 1)
+        wait_until(lambda: engine.jobs_waiting == 1 and stages == [WAITING_STAGE])  # the panel says it waits
         task.cancel()
         wait_until(lambda: task.status() == QgsTask.TaskStatus.Terminated)
         assert running.is_alive()  # the queued job gave up while the running one still ran

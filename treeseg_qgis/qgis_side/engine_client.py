@@ -43,6 +43,7 @@ STDERR_DRAIN_SECONDS = 2.0
 HELLO_SECONDS = 120.0
 """How long a starting worker may take to announce itself."""
 WAIT_STEP_SECONDS = 0.1
+WAITING_STAGE = "Waiting for the engine: another run is using it"
 
 
 class EngineError(Exception):
@@ -231,7 +232,7 @@ class EngineClient:
     def _run(self, job: dict, on_progress: ProgressHandler | None, on_log: LogHandler | None,
              is_cancelled: CancelCheck | None, clean_up: Callable[[], None] | None = None) -> dict[str, Any]:
         """Wait for this job's turn, then run it on the worker (started, or restarted after a crash)."""
-        turn = self._wait_for_turn(is_cancelled)
+        turn = self._wait_for_turn(on_progress, is_cancelled)
         try:
             process = self._ensure_started(is_cancelled)
             try:
@@ -247,13 +248,18 @@ class EngineClient:
         finally:
             self._end_turn(turn)
 
-    def _wait_for_turn(self, is_cancelled: CancelCheck | None) -> object:
-        """Queue behind the jobs that came first; a job cancelled while it waits leaves the queue unstarted."""
+    def _wait_for_turn(self, on_progress: ProgressHandler | None, is_cancelled: CancelCheck | None) -> object:
+        """Queue behind the jobs that came first (saying so once); a job cancelled while it waits leaves the
+        queue unstarted."""
         if self._running_thread == threading.get_ident():
             raise EngineError(ErrorKind.BUSY, "A job cannot start another on the same engine while it runs.")
         turn = object()
         with self._turns:
             self._waiting.append(turn)
+            behind = self._waiting[0] is not turn
+        if behind and on_progress is not None:
+            on_progress(0.0, WAITING_STAGE)
+        with self._turns:
             while self._waiting[0] is not turn:
                 if is_cancelled is not None and is_cancelled():
                     self._waiting.remove(turn)
