@@ -133,7 +133,9 @@ def commit() -> str:
                           check=False).stdout.strip() or "unknown"
 
 
-def report(figures: dict[str, dict[str, float]], rounds: int, load: float, seconds: float) -> list[str]:
+def report(figures: dict[str, dict[str, float]], rounds: int, loads: tuple[float, float], seconds: float,
+           code: str) -> list[str]:
+    """The section of docs/BENCHMARKS.md: `loads` at the start and the end, `code` the commit that ran."""
     import torch
 
     warm, fresh = figures["warm"], figures["fresh"]
@@ -141,8 +143,9 @@ def report(figures: dict[str, dict[str, float]], rounds: int, load: float, secon
     return [
         HEADING, "",
         f"Date: {datetime.date.today()}. Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"no GPU; 1-minute load {load:.1f} at the start. Command: `.venv/bin/python scripts/bench_batch.py --rounds "
-        f"{rounds}` (part of `make bench`; {seconds / 60:.0f} min), commit {commit()}.",
+        f"no GPU; 1-minute load {loads[0]:.1f} at the start, {loads[1]:.1f} at the end (other work on the machine "
+        f"slows the compute, not the overhead). Command: `.venv/bin/python scripts/bench_batch.py --rounds {rounds}` "
+        f"(part of `make bench`; {seconds / 60:.0f} min), code of commit {code}.",
         "",
         f"{RASTERS} crops of {CROP} × {CROP} px of resources/sample/OSBS_029.tif through `treeseg:segmenttrees` "
         "(processing.run) in one standalone QGIS process; model: the ViT-S/16 DINOv3 architecture with random "
@@ -160,8 +163,8 @@ def report(figures: dict[str, dict[str, float]], rounds: int, load: float, secon
           for mode, row in figures.items()),
         "",
         f"- Per-raster overhead after the first ≤ {TARGET_SECONDS:.0f} s with the warm engine: **{verdict}** "
-        f"({warm['overhead_after_first']:.2f} s; fresh worker: {fresh['overhead_after_first']:.2f} s, "
-        f"{fresh['overhead_after_first'] / max(warm['overhead_after_first'], 1e-6):.0f} × as much).",
+        f"({warm['overhead_after_first']:.2f} s; with a fresh worker per raster: "
+        f"{fresh['overhead_after_first']:.2f} s).",
         f"- Wall time per raster after the first, fresh / warm: "
         f"{fresh['wall_after_first'] / warm['wall_after_first']:.2f}.",
         "",
@@ -171,10 +174,10 @@ def report(figures: dict[str, dict[str, float]], rounds: int, load: float, secon
 def write_section(lines: list[str]) -> Path:
     """Replace this script's section of docs/BENCHMARKS.md (or append it), leaving the others as they are."""
     path = REPO / "docs" / "BENCHMARKS.md"
-    sections = path.read_text().rstrip("\n").split("\n## ")
+    sections = [section.rstrip("\n") for section in path.read_text().split("\n## ")]
     own = "\n".join(lines).rstrip("\n")[3:]
     kept = [section for section in sections[1:] if not f"## {section}".startswith(HEADING)]
-    path.write_text("\n## ".join([sections[0], *kept, own]) + "\n")
+    path.write_text("\n\n## ".join([sections[0], *kept, own]) + "\n")
     return path
 
 
@@ -184,7 +187,7 @@ def main() -> None:
     args = parser.parse_args()
     from bench import vits_random_model
 
-    began = time.perf_counter()
+    began, code = time.perf_counter(), commit()
     load = os.getloadavg()[0]
     app, _ = start_qgis()
     model, rasters = vits_random_model(), crops()
@@ -198,7 +201,7 @@ def main() -> None:
                                                  for row in rows]), flush=True)
     figures = summary(batches)
     print(json.dumps(figures, indent=1))
-    print(write_section(report(figures, args.rounds, load, time.perf_counter() - began)))
+    print(write_section(report(figures, args.rounds, (load, os.getloadavg()[0]), time.perf_counter() - began, code)))
     (WORK / "bench_batch.json").write_text(json.dumps({"batches": batches, "summary": figures}, indent=1))
     shutil.rmtree(out)
     app.exitQgis()
