@@ -192,3 +192,10 @@ def test_processing_with_an_older_engine_says_repair(provider, scene_tif, tiny_m
     with pytest.raises(QgsProcessingException, match=r"The engine speaks protocol 1, this plugin \d+: .* Repair"):
         run(tiny_run(tiny_model_dir, path, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_the_first_message_names_the_version_an_engine_speaks():
+    assert protocol.announced_version(protocol.decode(protocol.encode(protocol.hello(7)))) == protocol.PROTOCOL_VERSION
+    assert protocol.announced_version({"type": "ready", "protocol": 1, "pid": 7}) == 1  # as version 1 said it
+    assert protocol.announced_version(protocol.decode("Traceback (most recent call last):")) is None
+    assert protocol.mismatch_message(None).startswith("The engine speaks no known protocol, this plugin ")
