@@ -65,6 +65,12 @@ def make_inputs() -> dict[int, Path]:
     for megapixels, side in MOSAICS.items():
         if side > 1:
             paths[megapixels] = _mosaic(base, side, WORK / f"ortho_{megapixels}mp.vrt")
+    vits_random_model()
+    return paths
+
+
+def vits_random_model() -> Path:
+    """The ViT-S/16 DINOv3 architecture with random weights, saved once under output/bench."""
     model = WORK / "vits16-random"
     if not (model / "config.json").exists():
         import torch
@@ -74,7 +80,7 @@ def make_inputs() -> dict[int, Path]:
         config = DINOv3ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
                                  intermediate_size=1536, patch_size=16, num_register_tokens=4)
         DINOv3ViTModel(config).save_pretrained(model)
-    return paths
+    return model
 
 
 def _mosaic(base: Path, side: int, path: Path) -> Path:

@@ -17,7 +17,7 @@ import pytest
 from treeseg_qgis import catalogue, memory
 from treeseg_qgis.catalogue import BACKBONES, HEIGHT_HEAD, MODELS, VIT_S, CatalogueModel, find_model
 from treeseg_qgis.engine.core.errors import Cancelled
-from treeseg_qgis.engine.worker import DownloadTally
+from treeseg_qgis.engine.hub_cache import DownloadTally
 from treeseg_qgis.params import SegmentationParams
 from treeseg_qgis.qgis_side.engine_client import EngineClient, EngineError
 

@@ -1,7 +1,7 @@
 """The Processing algorithm treeseg:segmenttrees in real QGIS, driving the real engine worker process.
 
-Each run starts a fresh worker (the repository's .venv Python) with the tiny DINOv3
-of conftest, so the runs are kept few and small.
+The runs of one test share a worker (the repository's .venv Python; each test starts its own) with the
+tiny DINOv3 of conftest, so the runs are kept few and small.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from osgeo import gdal, osr
 
-from treeseg_qgis.qgis_side.engine_client import ENGINE_PYTHON_ENV
+from treeseg_qgis.qgis_side.engine_client import ENGINE_PYTHON_ENV, close_shared_engines
 
 from .conftest import REPO, SAMPLE_GEOTRANSFORM, UTM17N, disc_scene, write_geotiff
 
@@ -32,7 +32,8 @@ PIXEL = SAMPLE_GEOTRANSFORM[1]
 
 @pytest.fixture
 def provider(qgis_processing, monkeypatch):
-    """The treeseg provider registered as the plugin's initProcessing does, with this .venv as the engine."""
+    """The treeseg provider registered as the plugin's initProcessing does, with this .venv as the engine; the
+    shared worker stops afterwards, so each test's worker sees that test's environment."""
     from qgis.core import QgsApplication
 
     from treeseg_qgis.qgis_side.processing.provider import TreesegProvider
@@ -41,11 +42,13 @@ def provider(qgis_processing, monkeypatch):
     registry = QgsApplication.processingRegistry()
     if registry.providerById("treeseg") is not None:  # left by a test that loaded the whole plugin
         yield registry.providerById("treeseg")
+        close_shared_engines()
         return
     treeseg = TreesegProvider()
     assert registry.addProvider(treeseg)
     yield treeseg
     registry.removeProvider(treeseg)
+    close_shared_engines()
 
 
 def run(parameters: dict, feedback=None) -> dict:

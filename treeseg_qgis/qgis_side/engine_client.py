@@ -1,17 +1,20 @@
 """Drives the engine worker process from QGIS (a QgsTask, a Processing algorithm).
 
 Standard library only: torch never loads inside QGIS. The worker runs in the
-engine's own Python environment (see `find_engine_python`); a job goes in as one
-JSON line, progress and the result come back as JSON lines (treeseg_qgis/worker.py).
-Cancel asks the worker to stop the job (a cancel message): it stops within about a
-second and stays, model loaded, for the next job; only when it does not answer is it
-terminated (SIGTERM, then killed). A crash or an out-of-memory kill becomes an
-EngineError with the worker's last messages, and QGIS lives on.
+engine's own Python environment (see `find_engine_python`) and speaks treeseg_qgis/protocol.py:
+it announces its protocol version when it starts (another version is one clear error), then a
+job goes in as one JSON line, progress and the result come back as JSON lines.
+One QGIS session shares one EngineClient per engine Python (`shared_engine`): the panel and
+Processing runs (batch, modeler) use the same worker, which keeps the last model loaded.
+Jobs from several threads run one at a time in arrival order; a job cancelled while it waits
+never starts. Cancel asks the worker to stop the running job (a cancel message): it stops
+within about a second and stays, model loaded, for the next job; only when it does not answer
+is it terminated (SIGTERM, then killed). A crash or an out-of-memory kill becomes an
+EngineError with the worker's last messages, QGIS lives on, and the next job starts a new worker.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import signal
@@ -24,8 +27,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .. import protocol
 from ..outputs import output_folders, recover_outputs, temporary_files
 from ..params import ParameterError, SegmentationParams
+from ..protocol import Command, ErrorKind, Message
 from .engine_env import private_engine_python
 
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
@@ -36,10 +41,15 @@ COOPERATIVE_CANCEL_SECONDS = 5.0
 CANCEL_GRACE_SECONDS = 20.0
 """How long a terminated worker may take to exit before it is killed."""
 STDERR_DRAIN_SECONDS = 2.0
+HELLO_SECONDS = 120.0
+"""How long a starting worker may take to announce itself."""
+WAIT_STEP_SECONDS = 0.1
+WAITING_STAGE = "Waiting for the engine: another run is using it"
 
 
 class EngineError(Exception):
-    """The engine could not do the job; `kind` is input, model, output, cancelled, internal or crash."""
+    """The engine could not do the job; `kind` is a protocol.ErrorKind (input, model, output, cancelled,
+    internal, crash, busy, protocol)."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -87,7 +97,7 @@ CancelCheck = Callable[[], bool]
 
 
 class EngineClient:
-    """One worker process, started on demand and kept alive between jobs."""
+    """One worker process, started on demand and kept alive between jobs; jobs from any thread take turns."""
 
     def __init__(self, python: str, extra_env: dict[str, str] | None = None) -> None:
         self.python = python
@@ -96,11 +106,25 @@ class EngineClient:
         self._messages: queue.Queue = queue.Queue()
         self._stderr_tail: deque[str] = deque(maxlen=30)
         self._stderr_reader: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._turns = threading.Condition()
+        self._waiting: deque[object] = deque()
+        self._running_thread: int | None = None
 
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """The running worker's process id, or None."""
+        process = self._process
+        return process.pid if process is not None and process.poll() is None else None
+
+    @property
+    def jobs_waiting(self) -> int:
+        """How many jobs wait for their turn behind the running one."""
+        with self._turns:
+            return max(0, len(self._waiting) - 1)
 
     def segment(
         self,
@@ -112,9 +136,9 @@ class EngineClient:
     ) -> dict[str, Any]:
         """Run one segmentation job; returns its run record or raises EngineError (an invalid value: "input",
         before anything is sent)."""
-        job = {"command": "segment", "params": _validated_json(params)}
+        job = {protocol.COMMAND: Command.SEGMENT, protocol.PARAMS: _validated_json(params)}
         if hf_token:
-            job["hf_token"] = hf_token
+            job[protocol.HF_TOKEN] = hf_token
         return self._run_writing(job, lambda: _recover_outputs_of(params), on_progress, on_log, is_cancelled)
 
     def teach(
@@ -129,10 +153,11 @@ class EngineClient:
     ) -> dict[str, Any]:
         """Click-to-teach: scores from example pixels (col, row, is_tree: an example of `class_name`); the
         threshold is chosen from the examples when None. The teach record or EngineError."""
-        job = {"command": "teach", "params": _validated_json(params),
-               "examples": [list(example) for example in examples], "threshold": threshold, "class_name": class_name}
+        job = {protocol.COMMAND: Command.TEACH, protocol.PARAMS: _validated_json(params),
+               protocol.EXAMPLES: [list(example) for example in examples],
+               protocol.THRESHOLD: threshold, protocol.CLASS_NAME: class_name}
         if hf_token:
-            job["hf_token"] = hf_token
+            job[protocol.HF_TOKEN] = hf_token
         return self._run_writing(job, lambda: _recover_outputs_of(params), on_progress, None, is_cancelled)
 
     def crowns(
@@ -146,8 +171,9 @@ class EngineClient:
     ) -> dict[str, Any]:
         """Crown polygons of a tree mask (options: min_area_m2, min_distance_m, smoothing_m, max_crown_m);
         `{"crowns": count, "outputs": {"crowns": gpkg_path}}` or EngineError."""
-        job = {"command": "crowns", "trees_path": trees_path, "clusters_path": clusters_path or trees_path,
-               "gpkg_path": gpkg_path, "options": dict(options or {})}
+        job = {protocol.COMMAND: Command.CROWNS, protocol.TREES_PATH: trees_path,
+               protocol.CLUSTERS_PATH: clusters_path or trees_path, protocol.GPKG_PATH: gpkg_path,
+               protocol.OPTIONS: dict(options or {})}
 
         def remove_partial_gpkg() -> None:
             for leftover in temporary_files(Path(gpkg_path)):
@@ -157,23 +183,19 @@ class EngineClient:
 
     def _run_writing(self, job: dict, clean_up: Callable[[], None], on_progress: ProgressHandler | None,
                      on_log: LogHandler | None, is_cancelled: CancelCheck | None) -> dict[str, Any]:
-        """Run a job that writes files; when it was cancelled or the worker died, `clean_up` its leftovers."""
-        try:
-            return self._run(job, on_progress, on_log, is_cancelled)
-        except EngineError as error:
-            if error.kind in ("cancelled", "crash"):
-                clean_up()
-            raise
+        """Run a job that writes files; when it was cancelled or the worker died, `clean_up` its leftovers
+        (a job cancelled while waiting its turn left none)."""
+        return self._run(job, on_progress, on_log, is_cancelled, clean_up)
 
     def probe(self) -> dict[str, Any]:
         """Versions and the device the engine would use."""
-        return self._run({"command": "probe"}, None, None, None)
+        return self._run({protocol.COMMAND: Command.PROBE}, None, None, None)
 
     def models(self) -> dict[str, Any]:
         """Which catalogue models are in the local Hugging Face cache: `{"cache_dir", "disk_free_bytes",
         "models": [{"name", "repo_id", "cached", "size_on_disk"}, ...], "feature_cache": {"path", "size_bytes",
         "max_bytes"}}`; reads the disk only."""
-        return self._run({"command": "models"}, None, None, None)
+        return self._run({protocol.COMMAND: Command.MODELS}, None, None, None)
 
     def download_model(
         self,
@@ -184,21 +206,21 @@ class EngineClient:
     ) -> dict[str, Any]:
         """Download a catalogue model into the Hugging Face cache; `{"name", "repo_id", "path"}` or EngineError
         (kind model: gated, unknown or offline; cancelled: stopped, the fetched part is kept for a resume)."""
-        job = {"command": "download", "model": name}
+        job = {protocol.COMMAND: Command.DOWNLOAD, protocol.MODEL: name}
         if hf_token:
-            job["hf_token"] = hf_token
+            job[protocol.HF_TOKEN] = hf_token
         return self._run(job, on_progress, None, is_cancelled)
 
     def delete_model(self, name: str) -> dict[str, Any]:
         """Remove a catalogue model from the Hugging Face cache; `{"name", "freed_bytes"}`."""
-        return self._run({"command": "delete", "model": name}, None, None, None)
+        return self._run({protocol.COMMAND: Command.DELETE, protocol.MODEL: name}, None, None, None)
 
     def clear_feature_cache(self) -> dict[str, Any]:
         """Empty the feature cache of runs; `{"name", "freed_bytes"}`."""
-        return self._run({"command": "clear_feature_cache"}, None, None, None)
+        return self._run({protocol.COMMAND: Command.CLEAR_FEATURE_CACHE}, None, None, None)
 
     def close(self) -> None:
-        """Stop the worker (it finishes nothing half-way: it is idle or gets cancelled)."""
+        """Stop the worker (a running job ends as a crash); the next job starts a new one."""
         process, self._process = self._process, None
         if process is None:
             return
@@ -210,19 +232,51 @@ class EngineClient:
             _stop(process, grace=5.0)
 
     def _run(self, job: dict, on_progress: ProgressHandler | None, on_log: LogHandler | None,
-             is_cancelled: CancelCheck | None) -> dict[str, Any]:
-        if not self._lock.acquire(blocking=False):
-            raise EngineError("busy", "The engine is already running a job; wait for it or cancel it.")
+             is_cancelled: CancelCheck | None, clean_up: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Wait for this job's turn, then run it on the worker (started, or restarted after a crash)."""
+        turn = self._wait_for_turn(on_progress, is_cancelled)
         try:
-            process = self._ensure_started()
+            process = self._ensure_started(is_cancelled)
             try:
-                process.stdin.write(json.dumps(job) + "\n")
+                process.stdin.write(protocol.encode(job))
                 process.stdin.flush()
             except OSError:
                 raise self._crash_error() from None
             return self._wait_for_result(process, on_progress, on_log, is_cancelled)
+        except EngineError as error:
+            if clean_up is not None and error.kind in (ErrorKind.CANCELLED, ErrorKind.CRASH):
+                clean_up()
+            raise
         finally:
-            self._lock.release()
+            self._end_turn(turn)
+
+    def _wait_for_turn(self, on_progress: ProgressHandler | None, is_cancelled: CancelCheck | None) -> object:
+        """Queue behind the jobs that came first (saying so once); a job cancelled while it waits leaves the
+        queue unstarted."""
+        if self._running_thread == threading.get_ident():
+            raise EngineError(ErrorKind.BUSY, "A job cannot start another on the same engine while it runs.")
+        turn = object()
+        with self._turns:
+            self._waiting.append(turn)
+            behind = self._waiting[0] is not turn
+        if behind and on_progress is not None:
+            on_progress(0.0, WAITING_STAGE)
+        with self._turns:
+            while self._waiting[0] is not turn:
+                if is_cancelled is not None and is_cancelled():
+                    self._waiting.remove(turn)
+                    self._turns.notify_all()
+                    raise EngineError(ErrorKind.CANCELLED, "Cancelled before it started (it was waiting for "
+                                                           "another job on the engine).")
+                self._turns.wait(WAIT_STEP_SECONDS)
+            self._running_thread = threading.get_ident()
+        return turn
+
+    def _end_turn(self, turn: object) -> None:
+        with self._turns:
+            self._running_thread = None
+            self._waiting.remove(turn)
+            self._turns.notify_all()
 
     def _wait_for_result(self, process: subprocess.Popen, on_progress: ProgressHandler | None,
                          on_log: LogHandler | None, is_cancelled: CancelCheck | None) -> dict[str, Any]:
@@ -240,28 +294,30 @@ class EngineClient:
                 if waited > COOPERATIVE_CANCEL_SECONDS + CANCEL_GRACE_SECONDS:
                     process.kill()
             try:
-                message = self._messages.get(timeout=0.1)
+                message = self._messages.get(timeout=WAIT_STEP_SECONDS)
             except queue.Empty:
                 continue
             if message is None:
                 if cancel_sent_at is not None:
                     self._process = None
-                    raise EngineError("cancelled", "Cancelled by the user.")
+                    raise EngineError(ErrorKind.CANCELLED, "Cancelled by the user.")
                 raise self._crash_error()
-            kind = message.get("type")
-            if kind == "progress" and on_progress is not None:
-                on_progress(float(message["percent"]), str(message["stage"]))
-            elif kind == "log" and on_log is not None:
-                on_log(str(message.get("level", "info")), str(message.get("message", "")))
-            elif kind == "result":
-                return message["record"]
-            elif kind == "error":
-                if message.get("kind") == "cancelled" and terminated:
+            kind = message.get(protocol.TYPE)
+            if kind == Message.PROGRESS and on_progress is not None:
+                on_progress(float(message[protocol.PERCENT]), str(message[protocol.STAGE]))
+            elif kind == Message.LOG and on_log is not None:
+                on_log(str(message.get(protocol.LEVEL, "info")), str(message.get(protocol.MESSAGE, "")))
+            elif kind == Message.RESULT:
+                return message[protocol.RECORD]
+            elif kind == Message.ERROR:
+                if message.get(protocol.KIND) == ErrorKind.CANCELLED and terminated:
                     _stop(process, grace=CANCEL_GRACE_SECONDS)
                     self._process = None
-                raise EngineError(str(message.get("kind", "internal")), str(message.get("message", "")))
+                raise EngineError(str(message.get(protocol.KIND, ErrorKind.INTERNAL)),
+                                  str(message.get(protocol.MESSAGE, "")))
 
-    def _ensure_started(self) -> subprocess.Popen:
+    def _ensure_started(self, is_cancelled: CancelCheck | None) -> subprocess.Popen:
+        """The running worker, or a new one that has announced the protocol version this plugin speaks."""
         if self.running:
             return self._process
         self._messages = queue.Queue()
@@ -280,19 +336,41 @@ class EngineClient:
         self._stderr_reader = threading.Thread(target=self._read_stderr, args=(process,), daemon=True)
         self._stderr_reader.start()
         self._process = process
+        self._check_hello(process, is_cancelled)
         return process
+
+    def _check_hello(self, process: subprocess.Popen, is_cancelled: CancelCheck | None) -> None:
+        """Wait for the worker's hello; another protocol version stops it with one clear error."""
+        deadline = time.monotonic() + HELLO_SECONDS
+        while True:
+            if is_cancelled is not None and is_cancelled():
+                self.close()
+                raise EngineError(ErrorKind.CANCELLED, "Cancelled by the user.")
+            try:
+                first = self._messages.get(timeout=WAIT_STEP_SECONDS)
+                break
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    self.close()
+                    raise EngineError(ErrorKind.CRASH, f"The treeseg engine did not start within "
+                                                       f"{HELLO_SECONDS:.0f} s. QGIS is not affected; run again."
+                                      ) from None
+        if first is None:
+            raise self._crash_error()
+        version = protocol.announced_version(first)
+        if version != protocol.PROTOCOL_VERSION:
+            self.close()
+            raise EngineError(ErrorKind.PROTOCOL, protocol.mismatch_message(version))
 
     def _read_stdout(self, process: subprocess.Popen, messages: queue.Queue) -> None:
         """Hands the worker's messages to its own queue, then None when it has exited. The queue is this
         worker's: a worker stopped by a cancel must not end the next worker's job with its None."""
         with process.stdout:
             for line in process.stdout:
-                try:
-                    message = json.loads(line)
-                except ValueError:
+                message = protocol.decode(line)
+                if message is None:
                     self._stderr_tail.append(line.rstrip())
-                    continue
-                if message.get("type") != "ready":
+                else:
                     messages.put(message)
         process.wait()
         messages.put(None)
@@ -318,10 +396,32 @@ class EngineClient:
         else:
             advice = "QGIS is not affected; run again."
         return EngineError(
-            "crash",
+            ErrorKind.CRASH,
             f"The treeseg engine stopped unexpectedly ({reason}). {advice}"
             + (f"\nLast engine messages:\n{tail}" if tail else ""),
         )
+
+
+_shared_engines: dict[str, EngineClient] = {}
+_shared_engines_lock = threading.Lock()
+
+
+def shared_engine(python: str) -> EngineClient:
+    """The EngineClient this QGIS session shares for the engine `python` (the panel, Processing runs): one
+    worker that keeps the last model loaded, running their jobs one at a time."""
+    with _shared_engines_lock:
+        if python not in _shared_engines:
+            _shared_engines[python] = EngineClient(python)
+        return _shared_engines[python]
+
+
+def close_shared_engines() -> None:
+    """Stop the shared workers (the plugin unloads); a later job starts a new one."""
+    with _shared_engines_lock:
+        engines = list(_shared_engines.values())
+        _shared_engines.clear()
+    for engine in engines:
+        engine.close()
 
 
 def _validated_json(params: SegmentationParams) -> dict[str, Any]:
@@ -329,7 +429,7 @@ def _validated_json(params: SegmentationParams) -> dict[str, Any]:
     try:
         params.validate()
     except ParameterError as error:
-        raise EngineError("input", str(error)) from None
+        raise EngineError(ErrorKind.INPUT, str(error)) from None
     return params.to_json()
 
 
@@ -342,7 +442,7 @@ def _recover_outputs_of(params: SegmentationParams) -> None:
 def _send_cancel(process: subprocess.Popen) -> None:
     """Ask the worker to stop its job; a worker that has already exited is noticed by the reader."""
     try:
-        process.stdin.write(json.dumps({"command": "cancel"}) + "\n")
+        process.stdin.write(protocol.encode(protocol.cancel()))
         process.stdin.flush()
     except (OSError, ValueError):  # a broken pipe, or stdin closed by close()
         pass

@@ -2,8 +2,9 @@
 
 Loads without the engine environment: the panel then says what is missing and
 offers the engine set-up dialog (also in the menu); Run stays disabled until an
-engine is set up, which takes effect without a restart. One EngineClient is
-shared by the panel's runs, so the worker process keeps the model loaded between them.
+engine is set up, which takes effect without a restart. The panel and Processing share one
+EngineClient per engine (engine_client.shared_engine), so one worker process keeps the model loaded
+between their runs; unload stops it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QAction
 
-from .engine_client import EngineClient, find_engine_python
+from .engine_client import EngineClient, close_shared_engines, find_engine_python, shared_engine
 from .gui.dock import TreesegDock
 from .gui.engine_setup import EngineSetupDialog
 from .gui.model_manager import ModelManagerDialog
@@ -26,10 +27,15 @@ from .processing.provider import icon_path
 MENU = "TreeSeg (DINOv3)"
 
 
+def configured_engine_python() -> str | None:
+    """The engine's Python (setting, environment, deploy record or .venv), or None."""
+    return find_engine_python(QgsSettings().value(ENGINE_PYTHON_SETTING, "", type=str) or None)
+
+
 def configured_engine() -> EngineClient | None:
-    """An EngineClient for the engine's Python (setting, environment, deploy record or .venv), or None."""
-    python = find_engine_python(QgsSettings().value(ENGINE_PYTHON_SETTING, "", type=str) or None)
-    return EngineClient(python) if python else None
+    """The session's shared EngineClient for the configured engine, or None."""
+    python = configured_engine_python()
+    return shared_engine(python) if python else None
 
 
 class TreesegPlugin:
@@ -94,7 +100,7 @@ class TreesegPlugin:
         self.setup_dialog.activateWindow()
 
     def _engine_ready(self, python: str) -> None:
-        self._use_engine(EngineClient(python))
+        self._use_engine(shared_engine(python))
 
     def _engine_removed(self) -> None:
         self._use_engine(configured_engine())
@@ -120,7 +126,9 @@ class TreesegPlugin:
             if dialog is not None:
                 dialog.shutdown()
                 dialog.deleteLater()
-            dialog = self.model_manager = ModelManagerDialog(configured_engine(), self.iface.mainWindow())
+            python = configured_engine_python()
+            dialog = self.model_manager = ModelManagerDialog(EngineClient(python) if python else None,
+                                                             self.iface.mainWindow())
             dialog.local_folder_chosen.connect(self._use_local_model)
             dialog.refresh()
         dialog.show_model_in_use(self.dock.model_override.text().strip() if self.dock is not None else "")
@@ -166,6 +174,5 @@ class TreesegPlugin:
         if self.provider is not None:
             QgsApplication.processingRegistry().removeProvider(self.provider)
             self.provider = None
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
+        close_shared_engines()
+        self.engine = None

@@ -41,7 +41,7 @@ from ...params import (
     parse_clusters,
 )
 from ..compat import ADVANCED
-from ..engine_client import EngineClient, EngineError, find_engine_python, missing_engine_message
+from ..engine_client import EngineClient, EngineError, find_engine_python, missing_engine_message, shared_engine
 
 ENGINE_PYTHON_SETTING = "treeseg/engine_python"
 MODEL_PAGE = "https://huggingface.co/facebook/dinov3-vitb16-pretrain-lvd1689m"
@@ -290,12 +290,10 @@ class FeedbackReporter:
 
 def run_in_engine(python: str, feedback: QgsProcessingFeedback,
                   job: Callable[[EngineClient, FeedbackReporter], dict[str, Any]]) -> dict[str, Any]:
-    """Run `job` on a fresh worker of the engine `python`, reporting to `feedback`; its record or a
-    QgsProcessingException."""
-    client = EngineClient(python)
+    """Run `job` on the session's shared worker of the engine `python` (its model stays loaded for the next
+    run; the job waits its turn behind the panel's or another run's, cancellable), reporting to `feedback`;
+    its record or a QgsProcessingException."""
     try:
-        return job(client, FeedbackReporter(feedback))
+        return job(shared_engine(python), FeedbackReporter(feedback))
     except EngineError as error:
         raise QgsProcessingException(str(error)) from error
-    finally:
-        client.close()
