@@ -154,7 +154,7 @@ def test_the_worker_refuses_invalid_parameters_as_an_input_error_naming_the_valu
     finished = subprocess.run([sys.executable, "-m", "treeseg_qgis.engine.worker"], input=jobs, capture_output=True,
                               text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     messages = [json.loads(line) for line in finished.stdout.splitlines()]
-    assert messages[0]["type"] == "ready"
+    assert messages[0]["type"] == "hello"
     (error,) = [message for message in messages if message["type"] == "error"]
     assert error["kind"] == "input" and named in error["message"] and "Bad job" not in error["message"]
 
