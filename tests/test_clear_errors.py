@@ -58,7 +58,7 @@ def test_a_fifo_input_is_refused_at_once(tmp_path, capsys):
 
 def test_a_usage_mistake_is_two_lines(capsys):
     with pytest.raises(SystemExit) as stopped:
-        main(["segment", "in.tif", "--stride", "5", "--out", "x"])
+        main(["segment", "in.tif", "--stride", "five", "--out", "x"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert stopped.value.code == 2 and len(lines) == 2 and lines[0].startswith("treeseg: error: argument --stride")
 

@@ -21,7 +21,7 @@ from treeseg_qgis.engine.core.features import FeatureExtractor
 from treeseg_qgis.engine.core.models import Backbone, load_backbone
 from treeseg_qgis.engine.core.progress import Progress
 from treeseg_qgis.engine.pipeline import segment
-from treeseg_qgis.params import SegmentationParams
+from treeseg_qgis.params import AUTO, SegmentationParams
 
 from .conftest import REPO, disc_scene, write_geotiff
 
@@ -102,7 +102,7 @@ def test_float_nan_and_nodata_islands_stay_nodata(tiny_model_dir, tmp_path):
 
 def test_constant_image_and_auto_k(tiny_model_dir, tmp_path):
     data = np.full((3, 64, 64), 120, np.uint8)
-    record = run(tiny_model_dir, write_geotiff(tmp_path / "in.tif", data), tmp_path / "out", clusters=None)
+    record = run(tiny_model_dir, write_geotiff(tmp_path / "in.tif", data), tmp_path / "out", clusters=AUTO)
     assert record["clusters"]["k"] >= 1 and record["trees"]["tree_cover"] == 0.0
 
 

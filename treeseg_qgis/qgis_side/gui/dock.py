@@ -66,7 +66,7 @@ from ...memory import (
     tiles_and_time,
 )
 from ...outputs import OutputPathError, OutputPaths, check_run_paths
-from ...params import AUTO, DEVICES, STRIDES, ParameterError, SegmentationParams
+from ...params import AUTO, DEVICES, K_MAX, STRIDES, ParameterError, SegmentationParams
 from ..auth import hf_token
 from ..compat import POLYGON_LAYER_FILTER, RASTER_LAYER_FILTER
 from ..engine_client import EngineClient, missing_engine_message
@@ -216,7 +216,7 @@ class TreesegDock(QgsDockWidget):
         self.auto_clusters = QCheckBox("Automatic")
         self.auto_clusters.setToolTip("Pick the number of clusters from the elbow of the k-means inertia (2–8).")
         self.clusters_spin = QSpinBox()
-        self.clusters_spin.setRange(2, 250)
+        self.clusters_spin.setRange(2, K_MAX)
         self.device_combo = QComboBox()
         self.device_combo.addItems(DEVICES)
         for combo in (self.layer_combo, self.extent_combo, self.mask_combo, self.model_combo, self.stride_combo,
