@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from treeseg_qgis import protocol
+from treeseg_qgis.params import SegmentationParams
 from treeseg_qgis.qgis_side.engine_client import (
     ENGINE_PYTHON_ENV,
     WAITING_STAGE,
@@ -51,10 +52,10 @@ def second_tif(tmp_path) -> Path:
     return write_geotiff(tmp_path / "second.tif", image)
 
 
-def panel_params(tiny_model_dir: Path, input_path: Path, out: Path) -> dict:
-    """What the panel sends for a small run (SegmentationParams fields)."""
-    return {"input_path": str(input_path), "output_dir": str(out), "model": str(tiny_model_dir), "device": "cpu",
-            "tile_size": 128, "overlap": 32, "clusters": 2, "use_cache": False}
+def panel_params(tiny_model_dir: Path, input_path: Path, out: Path) -> SegmentationParams:
+    """What the panel sends for a small run."""
+    return SegmentationParams(str(input_path), str(out), model=str(tiny_model_dir), device="cpu", tile_size=128,
+                              overlap=32, clusters=2, use_cache=False)
 
 
 def feature_state(results: dict) -> str:
@@ -93,7 +94,7 @@ def test_a_panel_run_and_a_processing_run_at_once_both_finish_one_after_the_othe
 
     class Watch(QgsProcessingFeedback):
         def setProgress(self, progress: float) -> None:  # noqa: N802 - the Qt name
-            if not panel_done_when_processing_started:
+            if progress > 0 and not panel_done_when_processing_started:  # 0: waiting for its turn
                 panel_done_when_processing_started.append(task.record is not None)
             super().setProgress(progress)
 
