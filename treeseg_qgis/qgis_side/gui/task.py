@@ -15,6 +15,7 @@ from qgis.gui import QgsMessageBar
 from qgis.PyQt.QtCore import pyqtSignal
 
 from ...outputs import remove_files
+from ...params import SegmentationParams
 from ..engine_client import EngineClient, EngineError
 from ..results import LOG_TAG, add_result_layers, add_teach_layers, model_label
 
@@ -26,7 +27,7 @@ LOG_LEVELS = {"warning": Qgis.MessageLevel.Warning, "error": Qgis.MessageLevel.C
 
 
 class SegmentationTask(QgsTask):
-    """One segmentation run of `params` (SegmentationParams fields as a plain dict) in the engine.
+    """One segmentation run of `params` in the engine.
 
     On success the outputs are added to the project as a styled group and a summary goes to the
     message bar; on failure the message bar explains; a cancelled run leaves nothing behind.
@@ -38,7 +39,7 @@ class SegmentationTask(QgsTask):
     stage_changed = pyqtSignal(str)
     done = pyqtSignal(bool, str)
 
-    def __init__(self, engine: EngineClient, params: dict[str, Any], layer: QgsRasterLayer,
+    def __init__(self, engine: EngineClient, params: SegmentationParams, layer: QgsRasterLayer,
                  message_bar: QgsMessageBar, scratch_folder: Path | None = None, hf_token: str | None = None) -> None:
         super().__init__(f"TreeSeg: segmenting {layer.name()}", QgsTask.Flag.CanCancel)
         self.engine = engine
@@ -56,7 +57,7 @@ class SegmentationTask(QgsTask):
     def run(self) -> bool:
         """Worker thread: run the job; never raises, keeps the error for `finished()`."""
         try:
-            self.record = self.engine.segment(self.params, on_progress=self._on_progress, on_log=_log,
+            self.record = self.engine.segment(_engine_job(self.params), on_progress=self._on_progress, on_log=_log,
                                               is_cancelled=self.isCanceled, hf_token=self.hf_token)
         except EngineError as error:
             self.error = error
@@ -119,7 +120,7 @@ class TeachTask(QgsTask):
 
     done = pyqtSignal(bool, str)
 
-    def __init__(self, engine: EngineClient, params: dict[str, Any], examples: list[tuple[float, float, bool]],
+    def __init__(self, engine: EngineClient, params: SegmentationParams, examples: list[tuple[float, float, bool]],
                  threshold: float | None, layer: QgsRasterLayer, replacing: list[str],
                  replaced_outputs: list[str], hf_token: str | None = None, class_name: str = "tree") -> None:
         super().__init__(f"TreeSeg: teaching on {layer.name()}", QgsTask.Flag.CanCancel)
@@ -140,7 +141,7 @@ class TeachTask(QgsTask):
     def run(self) -> bool:
         """Worker thread: run the teach job; never raises, keeps the error for `finished()`."""
         try:
-            self.record = self.engine.teach(self.params, self.examples, self.threshold,
+            self.record = self.engine.teach(_engine_job(self.params), self.examples, self.threshold,
                                             on_progress=lambda percent, _: self.setProgress(percent),
                                             is_cancelled=self.isCanceled, hf_token=self.hf_token,
                                             class_name=self.class_name)
@@ -218,6 +219,15 @@ def _remove_outputs(paths: list[str]) -> None:
             remove_files([Path(path)])
         except OSError as error:
             QgsMessageLog.logMessage(f"Could not delete {path}: {error.strerror}", LOG_TAG, Qgis.MessageLevel.Info)
+
+
+def _engine_job(params: SegmentationParams) -> dict[str, Any]:
+    """`params` as the engine worker reads them until it takes `params.to_json()` itself (i19p's wiring):
+    automatic K as None, one `<kind>_path` per output."""
+    job = params.to_json()
+    job.update({f"{kind}_path": path for kind, path in job.pop("outputs").items()})
+    job["clusters"] = params.fixed_clusters
+    return job
 
 
 def _log(level: str, message: str) -> None:
