@@ -171,10 +171,33 @@ def _form_layout() -> QFormLayout:
     return form
 
 
-def _select(combo: QComboBox, data: Any) -> None:
-    index = combo.findData(data)
-    if index >= 0:
-        combo.setCurrentIndex(index)
+def _value_of(widget: QWidget) -> Any:
+    """What a settings widget shows: a combo box's item data, a check, a number, a text or a path."""
+    if isinstance(widget, QComboBox):
+        return widget.currentData()
+    if isinstance(widget, QCheckBox):
+        return widget.isChecked()
+    if isinstance(widget, (QSpinBox, QDoubleSpinBox)):
+        return widget.value()
+    if isinstance(widget, QLineEdit):
+        return widget.text().strip()
+    return widget.filePath()
+
+
+def _show_value(widget: QWidget, value: Any) -> None:
+    """Put `value` in a settings widget; a combo box keeps its choice when no item has that data."""
+    if isinstance(widget, QComboBox):
+        index = widget.findData(value)
+        if index >= 0:
+            widget.setCurrentIndex(index)
+    elif isinstance(widget, QCheckBox):
+        widget.setChecked(value)
+    elif isinstance(widget, (QSpinBox, QDoubleSpinBox)):
+        widget.setValue(value)
+    elif isinstance(widget, QLineEdit):
+        widget.setText(value)
+    else:
+        widget.setFilePath(value)
 
 
 class RunPanel(QWidget):
@@ -320,10 +343,12 @@ class RunPanel(QWidget):
     def _build_advanced(self) -> QgsCollapsibleGroupBox:
         """The 'Advanced' group: where the model runs and in which precision; auto suits most runs."""
         self.device_combo = QComboBox()
-        self.device_combo.addItems(DEVICES)
+        for device in DEVICES:
+            self.device_combo.addItem(device, device)
         self.device_combo.setToolTip("auto takes a GPU when the engine finds one, else the CPU.")
         self.precision_combo = QComboBox()
-        self.precision_combo.addItems(PRECISIONS)
+        for precision in PRECISIONS:
+            self.precision_combo.addItem(precision, precision)
         self.precision_combo.setToolTip(PRECISION_TOOLTIP)
         form = _form_layout()
         form.addRow("Device", self.device_combo)
@@ -384,51 +409,40 @@ class RunPanel(QWidget):
                         self.stride_combo.currentIndexChanged, self.device_combo.currentTextChanged):
             changed.connect(self._show_memory_estimate)
 
+    def _remembered(self) -> dict[str, tuple[QWidget, Any]]:
+        """The settings kept between sessions: key under SETTINGS_PREFIX → (widget, value before any run)."""
+        return {
+            "model": (self.model_combo, DEFAULTS.model),
+            "model_override": (self.model_override, ""),
+            "stride": (self.stride_combo, DEFAULTS.stride),
+            "auto_clusters": (self.auto_clusters, DEFAULTS.clusters == AUTO),
+            "clusters": (self.clusters_spin, DEFAULT_CLUSTERS),
+            "device": (self.device_combo, DEFAULTS.device),
+            "precision": (self.precision_combo, DEFAULTS.precision),
+            "extent": (self.extent_combo, WHOLE_LAYER),
+            "output_dir": (self.output_widget, default_output_folder()),
+            "crowns": (self.crowns_check, DEFAULTS.crowns),
+            "crown_min_area_m2": (self.crown_min_area, DEFAULTS.crown_min_area_m2),
+            "feature_preview": (self.features_check, DEFAULTS.feature_preview),
+            "canopy_height": (self.height_check, DEFAULTS.canopy_height),
+            "min_tree_height_m": (self.min_height_spin, 0.0),
+            "height_model_override": (self.height_model_override, ""),
+        }
+
     def _restore_settings(self) -> None:
+        """The last run's settings (the defaults before any); groups open where they hold a choice."""
         settings = QgsSettings()
-
-        def remembered(key: str, default: Any) -> Any:
-            return settings.value(SETTINGS_PREFIX + key, default, type=type(default))
-
-        _select(self.model_combo, remembered("model", DEFAULTS.model))
-        self.model_override.setText(remembered("model_override", ""))
-        _select(self.stride_combo, remembered("stride", DEFAULTS.stride))
-        self.auto_clusters.setChecked(remembered("auto_clusters", DEFAULTS.clusters == AUTO))
-        self.clusters_spin.setValue(remembered("clusters", DEFAULT_CLUSTERS))
-        self.device_combo.setCurrentText(remembered("device", DEFAULTS.device))
-        self.precision_combo.setCurrentText(remembered("precision", DEFAULTS.precision))
-        _select(self.extent_combo, remembered("extent", WHOLE_LAYER))
-        self.output_widget.setFilePath(remembered("output_dir", "") or default_output_folder())
-        self.crowns_check.setChecked(remembered("crowns", DEFAULTS.crowns))
-        self.crown_min_area.setValue(remembered("crown_min_area_m2", DEFAULTS.crown_min_area_m2))
-        self.features_check.setChecked(remembered("feature_preview", DEFAULTS.feature_preview))
-        self.height_check.setChecked(remembered("canopy_height", DEFAULTS.canopy_height))
-        self.min_height_spin.setValue(remembered("min_tree_height_m", 0.0))
-        self.height_model_override.setText(remembered("height_model_override", ""))
+        for key, (widget, default) in self._remembered().items():
+            _show_value(widget, settings.value(SETTINGS_PREFIX + key, default, type=type(default)))
         self.extras_group.setCollapsed(not any(check.isChecked() for check in (
             self.crowns_check, self.features_check, self.height_check)))
-        self.advanced_group.setCollapsed(self.device_combo.currentText() == DEFAULTS.device
-                                         and self.precision_combo.currentText() == DEFAULTS.precision)
+        self.advanced_group.setCollapsed(self.device_combo.currentData() == DEFAULTS.device
+                                         and self.precision_combo.currentData() == DEFAULTS.precision)
 
     def _save_settings(self) -> None:
         settings = QgsSettings()
-        for key, value in (
-                ("model", self.model_combo.currentData()),
-                ("model_override", self.model_override.text().strip()),
-                ("stride", self.stride_combo.currentData()),
-                ("auto_clusters", self.auto_clusters.isChecked()),
-                ("clusters", self.clusters_spin.value()),
-                ("device", self.device_combo.currentText()),
-                ("precision", self.precision_combo.currentText()),
-                ("extent", self.extent_combo.currentData()),
-                ("output_dir", self.output_widget.filePath()),
-                ("crowns", self.crowns_check.isChecked()),
-                ("crown_min_area_m2", self.crown_min_area.value()),
-                ("feature_preview", self.features_check.isChecked()),
-                ("canopy_height", self.height_check.isChecked()),
-                ("min_tree_height_m", self.min_height_spin.value()),
-                ("height_model_override", self.height_model_override.text().strip())):
-            settings.setValue(SETTINGS_PREFIX + key, value)
+        for key, (widget, _) in self._remembered().items():
+            settings.setValue(SETTINGS_PREFIX + key, _value_of(widget))
 
     def _update_enabled(self) -> None:
         running = self.task is not None
@@ -504,7 +518,7 @@ class RunPanel(QWidget):
 
     def _run_device(self) -> str:
         """cpu, cuda or mps: the device chosen, or for auto the one the engine's probe found (cpu before)."""
-        chosen = self.device_combo.currentText()
+        chosen = self.device_combo.currentData()
         if chosen != AUTO:
             return chosen
         return str((self._engine_info or {}).get("device", "cpu")).split(":")[0]
@@ -592,8 +606,8 @@ class RunPanel(QWidget):
             model=self.model_in_use(),
             stride=self.stride_combo.currentData(),
             clusters=AUTO if self.auto_clusters.isChecked() else self.clusters_spin.value(),
-            device=self.device_combo.currentText(),
-            precision=self.precision_combo.currentText(),
+            device=self.device_combo.currentData(),
+            precision=self.precision_combo.currentData(),
             allow_untrained=self.allow_untrained.isChecked(),
             crowns=self.crowns_check.isChecked(),
             crown_min_area_m2=self.crown_min_area.value(),
