@@ -149,7 +149,7 @@ def default_output_folder() -> str:
     return str(Path(home or tempfile.gettempdir()) / "treeseg")
 
 
-def collapsible_group(title: str, object_name: str, layout: QLayout) -> QgsCollapsibleGroupBox:
+def _collapsible_group(title: str, object_name: str, layout: QLayout) -> QgsCollapsibleGroupBox:
     """A group of the panel that opens and closes; it does not remember its state between sessions."""
     group = QgsCollapsibleGroupBox(title)
     group.setObjectName(object_name)
@@ -338,7 +338,7 @@ class RunPanel(QWidget):
         form.addRow(self.features_check)
         form.addRow(self.height_check, self.min_height_spin)
         form.addRow("Height model", self.height_model_override)
-        return collapsible_group("More outputs", "TreesegMoreOutputs", form)
+        return _collapsible_group("More outputs", "TreesegMoreOutputs", form)
 
     def _build_advanced(self) -> QgsCollapsibleGroupBox:
         """The 'Advanced' group: where the model runs and in which precision; auto suits most runs."""
@@ -353,7 +353,7 @@ class RunPanel(QWidget):
         form = _form_layout()
         form.addRow("Device", self.device_combo)
         form.addRow("Precision", self.precision_combo)
-        return collapsible_group("Advanced", "TreesegAdvanced", form)
+        return _collapsible_group("Advanced", "TreesegAdvanced", form)
 
     def _lay_out(self) -> None:
         for combo in (self.layer_combo, self.extent_combo, self.mask_combo, self.model_combo, self.stride_combo,
