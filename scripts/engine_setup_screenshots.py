@@ -71,24 +71,24 @@ class EngineScreenshots:
         layer = QgsRasterLayer(str(SAMPLE), SAMPLE.stem)
         QgsProject.instance().addMapLayer(layer)
         self.plugin.action.trigger()
-        dock = self.plugin.dock
-        dock.layer_combo.setLayer(layer)
-        dock.model_combo.setCurrentIndex(dock.model_combo.findData("small"))
-        dock.extent_combo.setCurrentIndex(dock.extent_combo.findData("layer"))
-        dock.allow_untrained.setChecked(True)
-        dock.output_widget.setFilePath(os.environ["TREESEG_RUN_OUTPUT"])
-        self.wait(lambda: dock.engine_label.text().startswith(("Engine: CPU", "Engine not usable")), self.run,
+        panel = self.plugin.dock.run_panel
+        panel.layer_combo.setLayer(layer)
+        panel.model_combo.setCurrentIndex(panel.model_combo.findData("small"))
+        panel.extent_combo.setCurrentIndex(panel.extent_combo.findData("layer"))
+        panel.allow_untrained.setChecked(True)
+        panel.output_widget.setFilePath(os.environ["TREESEG_RUN_OUTPUT"])
+        self.wait(lambda: panel.engine_label.text().startswith(("Engine: CPU", "Engine not usable")), self.run,
                   "the engine probe")
 
     def run(self) -> None:
-        dock = self.plugin.dock
-        self.seen["dock_engine"] = dock.engine_label.text()
-        self.seen["run_enabled"] = dock.run_button.isEnabled()
-        dock.run_button.click()
-        self.wait(lambda: dock.task is None, self.ran, "the run")
+        panel = self.plugin.dock.run_panel
+        self.seen["dock_engine"] = panel.engine_label.text()
+        self.seen["run_enabled"] = panel.run_button.isEnabled()
+        panel.run_button.click()
+        self.wait(lambda: panel.task is None, self.ran, "the run")
 
     def ran(self) -> None:
-        self.seen["run_stage"] = self.plugin.dock.stage_label.text()
+        self.seen["run_stage"] = self.plugin.dock.run_panel.stage_label.text()
         self.seen["layers"] = sorted(layer.name() for layer in QgsProject.instance().mapLayers().values())
         self.after(2000, lambda: self.grab(self.iface.mainWindow(), "engine-run.png", self.cancel_repair))
 

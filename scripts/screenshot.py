@@ -75,29 +75,29 @@ class Screenshots:
         dock = self.dock = self.plugin.dock
         if not self.panel_follows_the_active_layer():
             return self.finish("The panel did not follow the active layer.")
-        dock.model_combo.setCurrentIndex(dock.model_combo.findData("small"))
-        dock.model_override.clear()
-        dock.extent_combo.setCurrentIndex(dock.extent_combo.findData("layer"))
-        dock.auto_clusters.setChecked(True)
-        dock.allow_untrained.setChecked(True)
-        dock.crowns_check.setChecked(True)
-        dock.features_check.setChecked(True)
-        dock.height_check.setChecked(True)
-        dock.height_model_override.clear()
-        dock.extras_group.setCollapsed(False)
-        dock.output_widget.setFilePath(str(OUTPUT))
-        dock.run_button.click()
-        self.wait(lambda: dock.task is None, self.show_run, "the run")
+        dock.run_panel.model_combo.setCurrentIndex(dock.run_panel.model_combo.findData("small"))
+        dock.run_panel.model_override.clear()
+        dock.run_panel.extent_combo.setCurrentIndex(dock.run_panel.extent_combo.findData("layer"))
+        dock.run_panel.auto_clusters.setChecked(True)
+        dock.run_panel.allow_untrained.setChecked(True)
+        dock.run_panel.crowns_check.setChecked(True)
+        dock.run_panel.features_check.setChecked(True)
+        dock.run_panel.height_check.setChecked(True)
+        dock.run_panel.height_model_override.clear()
+        dock.run_panel.extras_group.setCollapsed(False)
+        dock.run_panel.output_widget.setFilePath(str(OUTPUT))
+        dock.run_panel.run_button.click()
+        self.wait(lambda: dock.run_panel.task is None, self.show_run, "the run")
 
     def panel_follows_the_active_layer(self) -> bool:
         """Whether the panel shows the active raster, also after another raster was made active and back."""
-        shown = [self.dock.layer_combo.currentLayer()]
+        shown = [self.dock.run_panel.layer_combo.currentLayer()]
         other = QgsRasterLayer(str(SAMPLE), "another raster")
         QgsProject.instance().addMapLayer(other)
         self.iface.setActiveLayer(other)
-        shown.append(self.dock.layer_combo.currentLayer())
+        shown.append(self.dock.run_panel.layer_combo.currentLayer())
         self.iface.setActiveLayer(self.layer)
-        shown.append(self.dock.layer_combo.currentLayer())
+        shown.append(self.dock.run_panel.layer_combo.currentLayer())
         names = [layer.name() if layer is not None else None for layer in shown]
         print(f"screenshot: with the sample, another raster and the sample active, the panel showed {names}",
               flush=True)
@@ -109,19 +109,19 @@ class Screenshots:
         if condition():
             QTimer.singleShot(0, then)
         elif time.monotonic() - self.started > RUN_TIMEOUT_S:
-            self.finish(f"{what} did not finish in {RUN_TIMEOUT_S} s: {self.dock.stage_label.text()}")
+            self.finish(f"{what} did not finish in {RUN_TIMEOUT_S} s: {self.dock.run_panel.stage_label.text()}")
         else:
             QTimer.singleShot(POLL_MS, lambda: self.wait(condition, then, what))
 
     def show_run(self) -> None:
-        if not self.dock.stage_label.text().startswith("Done"):
-            return self.finish(f"The run failed: {self.dock.stage_label.text()}")
+        if not self.dock.run_panel.stage_label.text().startswith("Done"):
+            return self.finish(f"The run failed: {self.dock.run_panel.stage_label.text()}")
         self.close_task_messages()
         root = QgsProject.instance().layerTreeRoot()
         root.findLayer(self.layer.id()).setExpanded(False)
         self.group = root.children()[0]
-        self.dock.teach_group.setCollapsed(True)
-        self.dock.widget().ensureWidgetVisible(self.dock.elbow_image)
+        self.dock.teach_panel.setCollapsed(True)
+        self.dock.widget().ensureWidgetVisible(self.dock.run_panel.elbow_image)
         self.zoom_to(self.layer.extent())
         self.after_render(lambda: self.grab("dock.png", self.show_crowns))
 
@@ -145,29 +145,29 @@ class Screenshots:
         """Click examples with the teach tool (its own handler), apply, then move the threshold slider."""
         self.show_only()
         dock = self.dock
-        dock.teach_group.setCollapsed(False)
-        dock.teach_button.click()
+        dock.teach_panel.setCollapsed(False)
+        dock.teach_panel.teach_button.click()
         for column, row in TREE_PIXELS:
-            dock.teach_tool.add_example(self.map_point(column, row), True)
+            dock.teach_panel.teach_tool.add_example(self.map_point(column, row), True)
         for column, row in NOT_TREE_PIXELS:
-            dock.teach_tool.add_example(self.map_point(column, row), False)
-        dock.apply_teach_button.click()
-        self.wait(lambda: self.taught(dock.threshold_slider.value()), self.move_threshold, "teaching")
+            dock.teach_panel.teach_tool.add_example(self.map_point(column, row), False)
+        dock.teach_panel.apply_teach_button.click()
+        self.wait(lambda: self.taught(dock.teach_panel.threshold_slider.value()), self.move_threshold, "teaching")
 
     def move_threshold(self) -> None:
-        self.dock.threshold_slider.setValue(TAUGHT_THRESHOLD)
+        self.dock.teach_panel.threshold_slider.setValue(TAUGHT_THRESHOLD)
         self.wait(lambda: self.taught(TAUGHT_THRESHOLD), self.show_teach, "re-teaching")
 
     def taught(self, threshold: int) -> bool:
         """Whether the teach layers for `threshold` (in hundredths) are in the layer tree."""
         root = QgsProject.instance().layerTreeRoot()
-        return self.dock.teach_task is None and any(
+        return self.dock.teach_panel.teach_task is None and any(
             node.name().startswith(f"Taught trees (score ≥ {threshold / 100:.2f}") for node in root.findLayers())
 
     def show_teach(self) -> None:
         self.close_task_messages()
         dock = self.dock
-        dock.widget().ensureWidgetVisible(dock.teach_status)
+        dock.widget().ensureWidgetVisible(dock.teach_panel.teach_status)
         self.after_render(lambda: self.grab("teach.png", self.show_processing))
 
     def show_processing(self) -> None:
@@ -189,8 +189,8 @@ class Screenshots:
         """segmenttrees with temporary outputs as the toolbox runs it: the outputs load styled, in one group."""
         import processing
 
-        self.dock.teach_button.setChecked(False)
-        self.dock.teach_tool.clear()
+        self.dock.teach_panel.teach_button.setChecked(False)
+        self.dock.teach_panel.teach_tool.clear()
         for group in QgsProject.instance().layerTreeRoot().children()[:-1]:
             group.setItemVisibilityChecked(False)
             group.setExpanded(False)

@@ -23,9 +23,11 @@ def test_the_panel_fits_a_new_dock_with_every_group_open(qgis_iface, qgis_new_pr
     from qgis.PyQt.QtWidgets import QStyle
 
     dock = new_dock(qgis_iface)
-    assert dock.teach_group.isCollapsed()  # nothing to teach before a run
-    dock.extras_group.setCollapsed(False)
-    dock.teach_group.setCollapsed(False)
+    panel = dock.run_panel
+    assert dock.teach_panel.isCollapsed()  # nothing to teach before a run
+    panel.extras_group.setCollapsed(False)
+    panel.advanced_group.setCollapsed(False)
+    dock.teach_panel.setCollapsed(False)
     scroll = dock.widget()
     scroll_bar = scroll.style().pixelMetric(QStyle.PixelMetric.PM_ScrollBarExtent)
     frame = 2 * scroll.frameWidth()
@@ -39,47 +41,49 @@ def test_the_panel_follows_the_active_raster_until_one_is_picked(qgis_iface, qgi
     first = add_raster(path, "first")
     qgis_iface.setActiveLayer(first)
     dock = new_dock(qgis_iface)
-    assert dock.layer_combo.currentLayer() is first
+    panel = dock.run_panel
+    assert panel.layer_combo.currentLayer() is first
     second = add_raster(path, "second")
     # pytest-qgis's interface does not emit currentLayerChanged; QGIS does, with the new active layer.
     qgis_iface.setActiveLayer(second)
-    dock.follow_active_layer(qgis_iface.activeLayer())
-    assert dock.layer_combo.currentLayer() is second
-    dock.follow_active_layer(None)
-    assert dock.layer_combo.currentLayer() is second
+    panel.follow_active_layer(qgis_iface.activeLayer())
+    assert panel.layer_combo.currentLayer() is second
+    panel.follow_active_layer(None)
+    assert panel.layer_combo.currentLayer() is second
 
-    dock.layer_combo.setLayer(first)
-    dock.layer_combo.activated.emit(dock.layer_combo.currentIndex())  # what a user's choice emits
-    dock.follow_active_layer(second)
-    assert dock.layer_combo.currentLayer() is first
+    panel.layer_combo.setLayer(first)
+    panel.layer_combo.activated.emit(panel.layer_combo.currentIndex())  # what a user's choice emits
+    panel.follow_active_layer(second)
+    assert panel.layer_combo.currentLayer() is first
 
 
 def test_an_override_greys_the_model_box_and_names_the_model_that_runs(qgis_iface, qgis_new_project,
                                                                        clean_settings, tiny_model_dir, monkeypatch):  # noqa: F811
     from treeseg_qgis.memory import estimate_peak_bytes, format_gigabytes
-    from treeseg_qgis.qgis_side.gui import dock as dock_module
+    from treeseg_qgis.qgis_side.gui import run_panel
     from treeseg_qgis.qgis_side.gui.model_manager import MEMORY_COLUMN, ModelManagerDialog
 
-    monkeypatch.setattr(dock_module, "available_memory_bytes", lambda: 16 * 10**9)
+    monkeypatch.setattr(run_panel, "available_memory_bytes", lambda: 16 * 10**9)
     dock = new_dock(qgis_iface)
-    dock.device_combo.setCurrentText("cpu")
+    panel = dock.run_panel
+    panel.device_combo.setCurrentText("cpu")
     base = format_gigabytes(estimate_peak_bytes("base"))
-    assert dock.model_combo.currentText() == "base" and dock.model_combo.isEnabled()
-    assert dock.memory_label.text() == (f"<b>base</b>, 86 M parameters: needs about {base} of memory; 16 GB free "
+    assert panel.model_combo.currentText() == "base" and panel.model_combo.isEnabled()
+    assert panel.memory_label.text() == (f"<b>base</b>, 86 M parameters: needs about {base} of memory; 16 GB free "
                                         "on this computer.")
     manager = ModelManagerDialog(None)
     shown = {manager.table.item(row, 0).text(): manager.table.item(row, MEMORY_COLUMN).text()
              for row in range(manager.table.rowCount())}
     assert shown["base"] == f"~{base}"
 
-    dock.model_override.setText(str(tiny_model_dir))
+    panel.model_override.setText(str(tiny_model_dir))
 
-    assert not dock.model_combo.isEnabled()
+    assert not panel.model_combo.isEnabled()
     assert re.fullmatch(rf"Runs <b>{tiny_model_dir.name}</b> \(model override\), 0\.\d M parameters: needs about "
-                        r"0\.\d GB of memory; 16 GB free on this computer\.", dock.memory_label.text())
-    assert dock.model_in_use() == str(tiny_model_dir)
-    dock.model_override.setText("someone/dinov3-finetuned")
-    assert dock.memory_label.text() == ("Runs <b>someone/dinov3-finetuned</b> (model override): memory needed "
+                        r"0\.\d GB of memory; 16 GB free on this computer\.", panel.memory_label.text())
+    assert panel.model_in_use() == str(tiny_model_dir)
+    panel.model_override.setText("someone/dinov3-finetuned")
+    assert panel.memory_label.text() == ("Runs <b>someone/dinov3-finetuned</b> (model override): memory needed "
                                         "unknown until it loads.")
 
 

@@ -435,11 +435,12 @@ def test_the_plugin_without_an_engine_offers_the_set_up_and_uses_the_new_engine_
     setup_action = plugin.setup_action
     try:
         dock = plugin.dock
-        assert plugin.engine is None and not dock.run_button.isEnabled()
-        assert dock.setup_button.isVisibleTo(dock)
+        panel = dock.run_panel
+        assert plugin.engine is None and not panel.run_button.isEnabled()
+        assert panel.setup_button.isVisibleTo(dock)
         qgis_iface.addPluginToRasterMenu.assert_any_call(MENU, setup_action)
 
-        dock.setup_button.click()
+        panel.setup_button.click()
         dialog = plugin.setup_dialog
         assert dialog is not None and dialog.isVisible()
         setup_action.trigger()
@@ -447,8 +448,8 @@ def test_the_plugin_without_an_engine_offers_the_set_up_and_uses_the_new_engine_
 
         dialog.engine_ready.emit(sys.executable)
         assert plugin.engine is not None and plugin.engine.python == sys.executable
-        assert dock.engine is plugin.engine and dock.run_button.isEnabled()
-        assert not dock.setup_button.isVisibleTo(dock) and dock.engine_label.text().startswith("Engine: ")
+        assert panel.engine is plugin.engine and panel.run_button.isEnabled()
+        assert not panel.setup_button.isVisibleTo(dock) and panel.engine_label.text().startswith("Engine: ")
 
         broken = tmp_path / "broken" / "python"
         broken.parent.mkdir()
@@ -458,10 +459,10 @@ def test_the_plugin_without_an_engine_offers_the_set_up_and_uses_the_new_engine_
         main_window.show()
         plugin.action.trigger()
         dialog.engine_ready.emit(str(broken))
-        wait_until(lambda: "not usable" in dock.engine_label.text(), DIALOG_TIMEOUT)
-        assert dock.setup_button.isVisible() and plugin.engine.python == str(broken)
-        assert not dock.run_button.isEnabled()
-        assert "huggingface_hub" in dock.engine_label.text() and "memory" not in dock.engine_label.text()
+        wait_until(lambda: "not usable" in panel.engine_label.text(), DIALOG_TIMEOUT)
+        assert panel.setup_button.isVisible() and plugin.engine.python == str(broken)
+        assert not panel.run_button.isEnabled()
+        assert "huggingface_hub" in panel.engine_label.text() and "memory" not in panel.engine_label.text()
     finally:
         plugin.unload()
         main_window.hide()

@@ -68,15 +68,15 @@ def add_raster(path: Path, name: str = "scene"):
     return layer
 
 
-def set_up_run(dock, model_dir: Path, out: Path, stride: int = 16, clusters: int | None = 2) -> None:
+def set_up_run(panel, model_dir: Path, out: Path, stride: int = 16, clusters: int | None = 2) -> None:
     """Fill the panel as a user would for a quick run of the tiny model."""
-    dock.model_override.setText(str(model_dir))
-    dock.stride_combo.setCurrentIndex(dock.stride_combo.findData(stride))
-    dock.auto_clusters.setChecked(clusters is None)
+    panel.model_override.setText(str(model_dir))
+    panel.stride_combo.setCurrentIndex(panel.stride_combo.findData(stride))
+    panel.auto_clusters.setChecked(clusters is None)
     if clusters is not None:
-        dock.clusters_spin.setValue(clusters)
-    dock.device_combo.setCurrentText("cpu")
-    dock.output_widget.setFilePath(str(out))
+        panel.clusters_spin.setValue(clusters)
+    panel.device_combo.setCurrentText("cpu")
+    panel.output_widget.setFilePath(str(out))
 
 
 def treeseg_groups() -> list:
@@ -95,15 +95,16 @@ def long_scene(tmp_path) -> Path:
 
 def start_and_wait_for_extraction(dock, qgis_iface, long_scene: Path, model_dir: Path, out: Path):
     """Click Run on the long scene and return once the engine reports feature extraction."""
+    panel = dock.run_panel
     raster = add_raster(long_scene, "long")
     qgis_iface.setActiveLayer(raster)
-    dock.layer_combo.setLayer(raster)
-    set_up_run(dock, model_dir, out, stride=4)
+    panel.layer_combo.setLayer(raster)
+    set_up_run(panel, model_dir, out, stride=4)
     dock.show()
-    dock.run_button.click()
-    assert dock.task is not None and dock.cancel_button.isEnabled()
-    wait_until(lambda: dock.stage_label.text().startswith("Extracting") or dock.task is None)
-    assert dock.task is not None, f"the run ended before it could be interrupted: {dock.stage_label.text()}"
+    panel.run_button.click()
+    assert panel.task is not None and panel.cancel_button.isEnabled()
+    wait_until(lambda: panel.stage_label.text().startswith("Extracting") or panel.task is None)
+    assert panel.task is not None, f"the run ended before it could be interrupted: {panel.stage_label.text()}"
     return raster
 
 
@@ -118,31 +119,107 @@ def test_the_panel_defaults_to_the_active_raster_and_builds_params(qgis_iface, q
     raster = add_raster(path)
     qgis_iface.setActiveLayer(raster)
     dock = TreesegDock(qgis_iface, EngineClient(sys.executable))
-    assert dock.layer_combo.currentLayer() is raster
-    assert dock.model_combo.currentData() == "base" and dock.auto_clusters.isChecked()
-    assert not dock.allow_untrained.isChecked() and "UNTRAINED" in dock.allow_untrained.toolTip()
-    assert dock.output_widget.filePath().endswith("treeseg")
+    panel = dock.run_panel
+    assert panel.layer_combo.currentLayer() is raster
+    assert panel.model_combo.currentData() == "base" and panel.auto_clusters.isChecked()
+    assert not panel.allow_untrained.isChecked() and "UNTRAINED" in panel.allow_untrained.toolTip()
+    assert panel.output_widget.filePath().endswith("treeseg")
+    assert panel.precision_combo.currentText() == "auto" and panel.advanced_group.isCollapsed()
     out = tmp_path / "out"
-    set_up_run(dock, Path("unused"), out, stride=8, clusters=4)
-    dock.model_override.clear()
-    dock.model_combo.setCurrentIndex(dock.model_combo.findData("large-sat"))
-    dock.allow_untrained.setChecked(True)
+    set_up_run(panel, Path("unused"), out, stride=8, clusters=4)
+    panel.model_override.clear()
+    panel.model_combo.setCurrentIndex(panel.model_combo.findData("large-sat"))
+    panel.allow_untrained.setChecked(True)
 
-    params = dock.build_params()
+    params = panel.build_params()
 
     assert params == SegmentationParams(input_path=str(path), output_dir=str(out), output_stem="scene",
                                         model="large-sat", stride=8, clusters=4, device="cpu", allow_untrained=True)
     out.mkdir()
     (out / "scene_UNTRAINED_trees.tif").write_bytes(b"")
-    dock.auto_clusters.setChecked(True)
-    assert dock.build_params().output_stem == "scene_2" and dock.build_params().clusters == AUTO
+    panel.auto_clusters.setChecked(True)
+    again = panel.build_params()
+    assert again.output_stem == "scene_2" and again.clusters == AUTO
     dock.deleteLater()
 
 
-def test_model_sizes_read_as_millions_or_billions_of_parameters():
-    from treeseg_qgis.qgis_side.gui import dock
+def test_the_panel_builds_the_parameters_the_command_line_builds_for_the_same_choices(
+        qgis_iface, qgis_new_project, clean_settings, scene_tif, tmp_path, everything):
+    from dataclasses import replace
 
-    assert dock.parameters_label(86) == "86 M parameters" and dock.parameters_label(6716) == "6.7 B parameters"
+    from treeseg_qgis.engine.cli import build_parser, params_from_args
+    from treeseg_qgis.qgis_side.engine_client import EngineClient
+    from treeseg_qgis.qgis_side.gui.dock import TreesegDock
+
+    path, _ = scene_tif
+    out = tmp_path / "out"
+    dock = TreesegDock(qgis_iface, EngineClient(sys.executable))
+    panel = dock.run_panel
+    panel.layer_combo.setLayer(add_raster(path))
+    panel.output_widget.setFilePath(str(out))
+    arguments = ["segment", str(path), "--out", str(out)]
+    if everything:
+        panel.model_combo.setCurrentIndex(panel.model_combo.findData("small"))
+        panel.model_override.setText("someone/dinov3-finetuned")
+        panel.stride_combo.setCurrentIndex(panel.stride_combo.findData(4))
+        panel.auto_clusters.setChecked(False)
+        panel.clusters_spin.setValue(7)
+        panel.device_combo.setCurrentText("cpu")
+        panel.precision_combo.setCurrentText("int8")
+        panel.allow_untrained.setChecked(True)
+        panel.crowns_check.setChecked(True)
+        panel.crown_min_area.setValue(3.5)
+        panel.features_check.setChecked(True)
+        panel.height_check.setChecked(True)
+        panel.min_height_spin.setValue(2.5)
+        panel.height_model_override.setText("someone/chm")
+        arguments += ["--model", "someone/dinov3-finetuned", "--stride", "4", "--clusters", "7", "--device", "cpu",
+                      "--precision", "int8", "--allow-untrained", "--crowns", "--crown-min-area", "3.5",
+                      "--feature-preview", "--canopy-height", "--min-tree-height", "2.5", "--height-model",
+                      "someone/chm"]
+
+    from_the_panel = panel.build_params()
+    from_the_command_line = params_from_args(build_parser().parse_args(arguments))
+
+    # the panel also names the outputs so that no earlier run is overwritten; the CLI has no such choice
+    assert from_the_panel == replace(from_the_command_line, output_stem="scene")
+    dock.deleteLater()
+
+
+def test_the_panel_offers_exactly_the_values_the_parameters_allow(qgis_iface, qgis_new_project, clean_settings):
+    from treeseg_qgis.params import DEVICES, K_MAX, K_MIN, MODEL_NAMES, PRECISIONS, STRIDES
+    from treeseg_qgis.qgis_side.engine_client import EngineClient
+    from treeseg_qgis.qgis_side.gui import run_panel
+    from treeseg_qgis.qgis_side.gui.dock import TreesegDock
+
+    dock = TreesegDock(qgis_iface, EngineClient(sys.executable))
+    panel = dock.run_panel
+
+    def data(combo) -> list:
+        return [combo.itemData(index) for index in range(combo.count())]
+
+    def texts(combo) -> list:
+        return [combo.itemText(index) for index in range(combo.count())]
+
+    assert data(panel.model_combo) == list(MODEL_NAMES) and data(panel.stride_combo) == list(STRIDES)
+    assert texts(panel.device_combo) == list(DEVICES) and texts(panel.precision_combo) == list(PRECISIONS)
+    assert (panel.clusters_spin.minimum(), panel.clusters_spin.maximum()) == (K_MIN, K_MAX)
+    assert run_panel.parameters_label(86) == "86 M parameters"
+    assert run_panel.parameters_label(6716) == "6.7 B parameters"
+    dock.deleteLater()
+
+
+def test_a_value_no_run_can_use_is_shown_in_the_panel_and_nothing_starts(plugin, scene_tif, tmp_path):
+    path, _ = scene_tif
+    panel = plugin.dock.run_panel
+    panel.layer_combo.setLayer(add_raster(path))
+    set_up_run(panel, Path("unused"), tmp_path / "out")
+    panel.output_widget.setFilePath("  ")
+    panel.run_button.click()
+
+    assert panel.task is None and panel.stage_label.text() == "Choose an output folder."
+    assert "#b00020" in panel.stage_label.styleSheet()
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_run_adds_a_styled_group_in_the_input_crs(plugin, qgis_iface, scene_tif, tiny_model_dir, tmp_path):
@@ -162,21 +239,22 @@ def test_a_run_adds_a_styled_group_in_the_input_crs(plugin, qgis_iface, scene_ti
     raster = add_raster(path)
     qgis_iface.setActiveLayer(raster)
     dock = plugin.dock
-    dock.layer_combo.setLayer(raster)
+    panel = dock.run_panel
+    panel.layer_combo.setLayer(raster)
     out = tmp_path / "out"
-    set_up_run(dock, tiny_model_dir, out)
-    dock.allow_untrained.setChecked(True)
+    set_up_run(panel, tiny_model_dir, out)
+    panel.allow_untrained.setChecked(True)
     plugin.action.trigger()
     assert dock.isVisible()
 
-    dock.run_button.click()
-    assert not dock.run_button.isEnabled()
-    assert dock.stage_label.text() == "Waiting for the engine to start…"
-    wait_until(lambda: dock.task is None)
+    panel.run_button.click()
+    assert not panel.run_button.isEnabled()
+    assert panel.stage_label.text() == "Waiting for the engine to start…"
+    wait_until(lambda: panel.task is None)
 
-    assert dock.stage_label.text().startswith("Done"), dock.stage_label.text()
-    assert dock.progress_bar.value() == 100
-    assert dock.engine_label.text().startswith("Engine: CPU (")
+    assert panel.stage_label.text().startswith("Done"), panel.stage_label.text()
+    assert panel.progress_bar.value() == 100
+    assert panel.engine_label.text().startswith("Engine: CPU (")
     (group,) = treeseg_groups()
     assert group.name() == f"scene — {tiny_model_dir.name}, stride 16"
     layers = [node.layer() for node in group.findLayers()]
@@ -217,20 +295,21 @@ def test_untrained_weights_are_named_in_the_group_and_warned_about(plugin, qgis_
     path, _ = scene_tif
     raster = add_raster(path)
     dock = plugin.dock
-    dock.layer_combo.setLayer(raster)
-    set_up_run(dock, Path("unused"), tmp_path / "out")
-    dock.model_override.clear()
-    dock.model_combo.setCurrentIndex(dock.model_combo.findData("small"))
-    dock.allow_untrained.setChecked(True)
+    panel = dock.run_panel
+    panel.layer_combo.setLayer(raster)
+    set_up_run(panel, Path("unused"), tmp_path / "out")
+    panel.model_override.clear()
+    panel.model_combo.setCurrentIndex(panel.model_combo.findData("small"))
+    panel.allow_untrained.setChecked(True)
     dock.show()
-    dock.run_button.click()
-    wait_until(lambda: dock.task is None)
+    panel.run_button.click()
+    wait_until(lambda: panel.task is None)
 
     (group,) = treeseg_groups()
     assert group.name() == "scene — small, stride 16 — UNTRAINED"
     warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
     assert any("UNTRAINED weights, pipeline check only" in message for message in warnings)
-    assert dock.stage_label.text().startswith("Done: UNTRAINED weights")
+    assert panel.stage_label.text().startswith("Done: UNTRAINED weights")
     assert (tmp_path / "out" / "scene_UNTRAINED_clusters.tif").is_file()
 
 
@@ -242,20 +321,21 @@ def test_a_canvas_extent_runs_on_that_part_of_the_raster(plugin, qgis_iface, qgi
     path, _ = scene_tif
     raster = add_raster(path)
     dock = plugin.dock
-    dock.layer_combo.setLayer(raster)
-    set_up_run(dock, tiny_model_dir, tmp_path / "out")
-    dock.extent_combo.setCurrentIndex(dock.extent_combo.findData("canvas"))
+    panel = dock.run_panel
+    panel.layer_combo.setLayer(raster)
+    set_up_run(panel, tiny_model_dir, tmp_path / "out")
+    panel.extent_combo.setCurrentIndex(panel.extent_combo.findData("canvas"))
     qgis_canvas.setDestinationCrs(raster.crs())
     full = raster.extent()
     qgis_canvas.setExtent(QgsRectangle(full.xMinimum(), full.yMinimum(), full.center().x(), full.center().y()))
     requested = qgis_canvas.extent()
     dock.show()
-    dock.run_button.click()
-    scratch = dock.task.scratch_folder
+    panel.run_button.click()
+    scratch = panel.task.scratch_folder
     assert any(scratch.glob("*.vrt"))
-    wait_until(lambda: dock.task is None)
+    wait_until(lambda: panel.task is None)
 
-    assert dock.stage_label.text().startswith("Done"), dock.stage_label.text()
+    assert panel.stage_label.text().startswith("Done"), panel.stage_label.text()
     assert any(scratch.glob("*.vrt")), "kept: teaching reuses the run's input"
     plugin.unload()
     assert not scratch.exists()
@@ -281,23 +361,51 @@ def test_selected_polygons_limit_the_run_and_mask_the_rest(plugin, scene_tif, ti
     stands.dataProvider().addFeatures([triangle, elsewhere])
     QgsProject.instance().addMapLayer(stands)
     dock = plugin.dock
-    dock.layer_combo.setLayer(raster)
-    set_up_run(dock, tiny_model_dir, tmp_path / "out")
-    dock.extent_combo.setCurrentIndex(dock.extent_combo.findData("selection"))
-    dock.mask_combo.setLayer(stands)
-    assert not dock.mask_combo.isHidden()
-    dock.run_button.click()
-    assert dock.task is None and "Select one or more polygons" in dock.stage_label.text()
+    panel = dock.run_panel
+    panel.layer_combo.setLayer(raster)
+    set_up_run(panel, tiny_model_dir, tmp_path / "out")
+    panel.extent_combo.setCurrentIndex(panel.extent_combo.findData("selection"))
+    panel.mask_combo.setLayer(stands)
+    assert not panel.mask_combo.isHidden()
+    panel.run_button.click()
+    assert panel.task is None and "Select one or more polygons" in panel.stage_label.text()
 
     stands.selectByIds([next(stands.getFeatures()).id()])
     dock.show()
-    dock.run_button.click()
-    wait_until(lambda: dock.task is None)
+    panel.run_button.click()
+    wait_until(lambda: panel.task is None)
 
-    assert dock.stage_label.text().startswith("Done"), dock.stage_label.text()
+    assert panel.stage_label.text().startswith("Done"), panel.stage_label.text()
     clusters = gdal.Open(str(tmp_path / "out" / "scene_clusters.tif")).ReadAsArray()
     assert clusters.shape == (160, 200)
     assert clusters[0, 0] != 255 and clusters[-1, -1] == 255
+
+
+def test_the_precision_chosen_under_advanced_reaches_the_engine_and_is_remembered(plugin, qgis_iface, scene_tif,
+                                                                                    tiny_model_dir, tmp_path):
+    import json
+
+    from treeseg_qgis.qgis_side.gui.dock import TreesegDock
+
+    path, _ = scene_tif
+    dock = plugin.dock
+    panel = dock.run_panel
+    panel.layer_combo.setLayer(add_raster(path))
+    set_up_run(panel, tiny_model_dir, tmp_path / "out")
+    panel.precision_combo.setCurrentText("bfloat16")
+    dock.show()
+    panel.run_button.click()
+    assert panel.task.params.precision == "bfloat16"
+    wait_until(lambda: panel.task is None)
+
+    assert panel.stage_label.text().startswith("Done"), panel.stage_label.text()
+    record = json.loads((tmp_path / "out" / "scene_run.json").read_text())
+    assert record["model"]["precision"] == "bfloat16" and record["parameters"]["precision"] == "bfloat16"
+    reopened = TreesegDock(qgis_iface, plugin.engine)
+    assert reopened.run_panel.precision_combo.currentText() == "bfloat16"
+    assert not reopened.run_panel.advanced_group.isCollapsed()  # a setting other than auto is not hidden
+    reopened.shutdown()
+    reopened.deleteLater()
 
 
 def test_a_web_layer_is_refused_before_anything_starts(plugin, tmp_path):
@@ -307,11 +415,12 @@ def test_a_web_layer_is_refused_before_anything_starts(plugin, tmp_path):
     assert tiles.isValid()
     QgsProject.instance().addMapLayer(tiles)
     dock = plugin.dock
-    dock.layer_combo.setLayer(tiles)
-    dock.output_widget.setFilePath(str(tmp_path / "out"))
-    dock.run_button.click()
+    panel = dock.run_panel
+    panel.layer_combo.setLayer(tiles)
+    panel.output_widget.setFilePath(str(tmp_path / "out"))
+    panel.run_button.click()
 
-    assert dock.task is None and "export it to a GeoTIFF" in dock.stage_label.text()
+    assert panel.task is None and "export it to a GeoTIFF" in panel.stage_label.text()
     assert not (tmp_path / "out").exists()
 
 
@@ -321,59 +430,61 @@ def test_cancel_stops_the_run_keeps_the_worker_and_leaves_nothing(plugin, qgis_i
 
     out = tmp_path / "out"
     dock = plugin.dock
+    panel = dock.run_panel
     start_and_wait_for_extraction(dock, qgis_iface, long_scene, tiny_model_dir, out)
     worker = plugin.engine._process
     layers_before = set(QgsProject.instance().mapLayers())
 
-    dock.cancel_button.click()
-    wait_until(lambda: dock.task is None)
+    panel.cancel_button.click()
+    wait_until(lambda: panel.task is None)
 
-    assert dock.stage_label.text() == "Cancelled."
+    assert panel.stage_label.text() == "Cancelled."
     assert set(QgsProject.instance().mapLayers()) == layers_before and treeseg_groups() == []
     assert list(out.iterdir()) == []
     assert worker.poll() is None and plugin.engine._process is worker  # its model stays loaded
-    assert dock.run_button.isEnabled() and dock.progress_bar.value() == 0
+    assert panel.run_button.isEnabled() and panel.progress_bar.value() == 0
 
 
 def test_a_killed_worker_is_a_message_and_qgis_lives_on(plugin, qgis_iface, long_scene, tiny_model_dir, tmp_path):
     from qgis.core import Qgis, QgsApplication
 
     dock = plugin.dock
+    panel = dock.run_panel
     start_and_wait_for_extraction(dock, qgis_iface, long_scene, tiny_model_dir, tmp_path / "out")
     os.kill(plugin.engine._process.pid, signal.SIGKILL)
-    wait_until(lambda: dock.task is None)
+    wait_until(lambda: panel.task is None)
 
     critical = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Critical)
     assert any("stopped unexpectedly" in message and "SIGKILL" in message for message in critical)
-    assert "stopped unexpectedly" in dock.stage_label.text()
+    assert "stopped unexpectedly" in panel.stage_label.text()
     assert treeseg_groups() == [] and list((tmp_path / "out").iterdir()) == []
     QgsApplication.processEvents()
-    assert dock.run_button.isEnabled()
+    assert panel.run_button.isEnabled()
 
 
 def test_removing_the_input_layer_cancels_the_run(plugin, qgis_iface, long_scene, tiny_model_dir, tmp_path):
     from qgis.core import QgsProject
 
     dock = plugin.dock
+    panel = dock.run_panel
     raster = start_and_wait_for_extraction(dock, qgis_iface, long_scene, tiny_model_dir, tmp_path / "out")
     QgsProject.instance().removeMapLayer(raster.id())
-    wait_until(lambda: dock.task is None)
+    wait_until(lambda: panel.task is None)
 
-    assert dock.stage_label.text() == "Cancelled."
+    assert panel.stage_label.text() == "Cancelled."
     assert treeseg_groups() == [] and list((tmp_path / "out").iterdir()) == []
 
 
 def test_the_results_module_styles_a_run_record(qgis_new_project, scene_tif, tiny_model_dir, tmp_path):
     """qgis_results on its own (as Processing may use it): group name, order, hidden tree mask."""
-    from treeseg_qgis.params import SegmentationParams
     from treeseg_qgis.qgis_side.engine_client import EngineClient
     from treeseg_qgis.qgis_side.results import add_result_layers
 
     path, _ = scene_tif
     engine = EngineClient(sys.executable)
     try:
-        record = engine.segment(SegmentationParams(str(path), str(tmp_path), model=str(tiny_model_dir), device="cpu",
-                                                   clusters=3))
+        record = engine.segment({"input_path": str(path), "output_dir": str(tmp_path), "model": str(tiny_model_dir),
+                                 "device": "cpu", "clusters": 3, "stride": 16})
     finally:
         engine.close()
     group = add_result_layers(record, "My orthophoto")
@@ -395,10 +506,11 @@ def panel_with_catalogue_model(plugin, scene_tif, tmp_path: Path, model: str):
     """The panel set for a run of the scene with a catalogue model (none of them is in the test cache)."""
     path, _ = scene_tif
     dock = plugin.dock
-    dock.layer_combo.setLayer(add_raster(path))
-    set_up_run(dock, Path("unused"), tmp_path / "out")
-    dock.model_override.clear()
-    dock.model_combo.setCurrentIndex(dock.model_combo.findData(model))
+    panel = dock.run_panel
+    panel.layer_combo.setLayer(add_raster(path))
+    set_up_run(panel, Path("unused"), tmp_path / "out")
+    panel.model_override.clear()
+    panel.model_combo.setCurrentIndex(panel.model_combo.findData(model))
     return dock
 
 
@@ -406,20 +518,21 @@ def test_the_panel_asks_before_a_run_expected_to_take_very_long(plugin, scene_ti
     from qgis.PyQt.QtWidgets import QMessageBox
 
     from treeseg_qgis import memory
-    from treeseg_qgis.qgis_side.gui import dock as dock_module
+    from treeseg_qgis.qgis_side.gui import run_panel
 
-    monkeypatch.setattr(dock_module, "available_memory_bytes", lambda: 16 * 10**9)
+    monkeypatch.setattr(run_panel, "available_memory_bytes", lambda: 16 * 10**9)
     monkeypatch.setattr(memory, "LARGE_RUN_SECONDS", 0)
     questions: list[str] = []
     monkeypatch.setattr(QMessageBox, "question",
                         lambda parent, title, text, *buttons: questions.append(text) or QMessageBox.StandardButton.No)
     dock = panel_with_catalogue_model(plugin, scene_tif, tmp_path, "small")
-    dock.run_button.click()
+    panel = dock.run_panel
+    panel.run_button.click()
 
     assert len(questions) == 1, questions
     assert re.fullmatch(r"The raster is \d+ × \d+ px: 1 tiles, expected to take about \d+ s\. Choose an extent or "
                         r"a mask, or a smaller model to make it shorter\.\n\nRun anyway\?", questions[0]), questions[0]
-    assert dock.task is None and dock.stage_label.text().startswith("The raster is")
+    assert panel.task is None and panel.stage_label.text().startswith("The raster is")
     assert not (tmp_path / "out").exists()
 
 
@@ -427,25 +540,26 @@ def test_the_panel_estimates_memory_and_asks_before_a_run_that_will_not_fit(plug
                                                                              monkeypatch):
     from qgis.PyQt.QtWidgets import QMessageBox
 
-    from treeseg_qgis.qgis_side.gui import dock as dock_module
+    from treeseg_qgis.qgis_side.gui import run_panel
 
-    monkeypatch.setattr(dock_module, "available_memory_bytes", lambda: 16 * 10**9)
+    monkeypatch.setattr(run_panel, "available_memory_bytes", lambda: 16 * 10**9)
     questions: list[str] = []
     monkeypatch.setattr(QMessageBox, "question",
                         lambda parent, title, text, *buttons: questions.append(text) or QMessageBox.StandardButton.No)
     dock = panel_with_catalogue_model(plugin, scene_tif, tmp_path, "small")
+    panel = dock.run_panel
     assert re.fullmatch(r"<b>small</b>, 29 M parameters: needs about \d\.\d GB of memory; 16 GB free on this "
-                        r"computer\. The layer: 1 tiles, about \d+ s on the CPU\.", dock.memory_label.text())
-    assert dock.memory_problem() is None and dock.memory_label.styleSheet() == ""
+                        r"computer\. The layer: 1 tiles, about \d+ s on the CPU\.", panel.memory_label.text())
+    assert panel.memory_problem() is None and panel.memory_label.styleSheet() == ""
 
-    dock.model_combo.setCurrentIndex(dock.model_combo.findData("mega"))
-    assert "#b00020" in dock.memory_label.styleSheet()
-    dock.run_button.click()
+    panel.model_combo.setCurrentIndex(panel.model_combo.findData("mega"))
+    assert "#b00020" in panel.memory_label.styleSheet()
+    panel.run_button.click()
 
     assert len(questions) == 1 and questions[0].startswith("mega needs about")
     assert questions[0].endswith("this machine has 16 GB free. Choose a smaller model or smaller tiles, or close "
                                  "other programs.\n\nRun anyway?")
-    assert dock.task is None and dock.stage_label.text().startswith("mega needs about")
+    assert panel.task is None and panel.stage_label.text().startswith("mega needs about")
     assert not (tmp_path / "out").exists()
 
 
@@ -453,7 +567,8 @@ def test_a_run_from_the_panel_hands_the_token_to_the_engine(plugin, scene_tif, t
     monkeypatch.setenv("HF_TOKEN", "hf_from_the_environment")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-cache"))
     dock = panel_with_catalogue_model(plugin, scene_tif, tmp_path, "small")
-    dock.run_button.click()
-    assert dock.task is not None and dock.task.hf_token == "hf_from_the_environment"
-    wait_until(lambda: dock.task is None)
-    assert "hf_from_the_environment" not in dock.stage_label.text()
+    panel = dock.run_panel
+    panel.run_button.click()
+    assert panel.task is not None and panel.task.hf_token == "hf_from_the_environment"
+    wait_until(lambda: panel.task is None)
+    assert "hf_from_the_environment" not in panel.stage_label.text()

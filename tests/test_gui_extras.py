@@ -48,14 +48,15 @@ def map_point(column: float, row: float):
     return QgsPointXY(x0 + column * width, y0 + row * height)
 
 
-def run_panel(dock, raster, model_dir: Path, out: Path, clusters: int | None = 2) -> dict:
+def run_from_panel(dock, raster, model_dir: Path, out: Path, clusters: int | None = 2) -> dict:
     """Click Run with the tiny model and wait; the run record."""
-    dock.layer_combo.setLayer(raster)
-    set_up_run(dock, model_dir, out, clusters=clusters)
+    panel = dock.run_panel
+    panel.layer_combo.setLayer(raster)
+    set_up_run(panel, model_dir, out, clusters=clusters)
     dock.show()
-    dock.run_button.click()
-    wait_until(lambda: dock.task is None)
-    assert dock.stage_label.text().startswith("Done"), dock.stage_label.text()
+    panel.run_button.click()
+    wait_until(lambda: panel.task is None)
+    assert panel.stage_label.text().startswith("Done"), panel.stage_label.text()
     (record_path,) = out.glob("*_run.json")
     return json.loads(record_path.read_text())
 
@@ -73,22 +74,24 @@ def test_more_outputs_are_run_added_styled_and_remembered(plugin, qgis_iface, sm
 
     raster = add_raster(small_scene)
     dock = plugin.dock
-    assert dock.extras_group.isCollapsed() and not dock.crown_min_area.isEnabled()
-    dock.crowns_check.setChecked(True)
-    dock.crown_min_area.setValue(1.5)
-    dock.features_check.setChecked(True)
-    dock.height_check.setChecked(True)
-    dock.min_height_spin.setValue(0.0)
-    dock.height_model_override.setText(str(tiny_height_dir))
-    assert dock.crown_min_area.isEnabled() and dock.min_height_spin.text() == "any height"
-    dock.layer_combo.setLayer(raster)
-    set_up_run(dock, tiny_model_dir, tmp_path / "out", clusters=None)
-    extras = {key: getattr(dock.build_params(), key) for key in (
+    panel = dock.run_panel
+    assert panel.extras_group.isCollapsed() and not panel.crown_min_area.isEnabled()
+    panel.crowns_check.setChecked(True)
+    panel.crown_min_area.setValue(1.5)
+    panel.features_check.setChecked(True)
+    panel.height_check.setChecked(True)
+    panel.min_height_spin.setValue(0.0)
+    panel.height_model_override.setText(str(tiny_height_dir))
+    assert panel.crown_min_area.isEnabled() and panel.min_height_spin.text() == "any height"
+    panel.layer_combo.setLayer(raster)
+    set_up_run(panel, tiny_model_dir, tmp_path / "out", clusters=None)
+    params = panel.build_params()
+    extras = {key: getattr(params, key) for key in (
         "crowns", "crown_min_area_m2", "feature_preview", "canopy_height", "min_tree_height_m", "height_model")}
     assert extras == {"crowns": True, "crown_min_area_m2": 1.5, "feature_preview": True, "canopy_height": True,
                       "min_tree_height_m": None, "height_model": str(tiny_height_dir)}
 
-    record = run_panel(dock, raster, tiny_model_dir, tmp_path / "out", clusters=None)
+    record = run_from_panel(dock, raster, tiny_model_dir, tmp_path / "out", clusters=None)
 
     assert record["clusters"]["automatic"] and record["crowns"] >= 1
     (group,) = treeseg_groups()
@@ -109,17 +112,18 @@ def test_more_outputs_are_run_added_styled_and_remembered(plugin, qgis_iface, sm
     assert ramp[0].value == 0 and all(item.label.endswith(" m") for item in ramp)
     assert shader.legendSettings().suffix() == " m"
     assert ramp[-1].color.green() < ramp[0].color.green() and ramp[-1].color.green() > ramp[-1].color.red()
-    assert dock.elbow_image.isVisible() and not dock.elbow_image.pixmap().isNull()
-    assert f"K = {record['clusters']['k']}" in dock.elbow_caption.text()
-    assert Path(dock.elbow_image.toolTip()) == Path(record["outputs"]["elbow"])
+    assert panel.elbow_image.isVisible() and not panel.elbow_image.pixmap().isNull()
+    assert f"K = {record['clusters']['k']}" in panel.elbow_caption.text()
+    assert Path(panel.elbow_image.toolTip()) == Path(record["outputs"]["elbow"])
 
-    remembered = TreesegDock(qgis_iface, plugin.engine)
+    remembered_dock = TreesegDock(qgis_iface, plugin.engine)
+    remembered = remembered_dock.run_panel
     assert remembered.crowns_check.isChecked() and remembered.crown_min_area.value() == 1.5
     assert remembered.features_check.isChecked() and remembered.height_check.isChecked()
     assert remembered.height_model_override.text() == str(tiny_height_dir)
     assert not remembered.extras_group.isCollapsed() and not remembered.elbow_image.isVisible()
-    remembered.shutdown()
-    remembered.deleteLater()
+    remembered_dock.shutdown()
+    remembered_dock.deleteLater()
 
 
 def test_the_teach_tool_turns_clicks_into_pixels_of_the_raster(canvas, qgis_new_project, small_scene):
@@ -194,23 +198,25 @@ def test_teach_after_a_run_and_the_slider_replaces_its_layers_from_the_cache(plu
 
     canvas, raster = canvas_on_raster(qgis_iface, small_scene)
     dock = plugin.dock
-    assert not dock.teach_button.isEnabled() and not dock.apply_teach_button.isEnabled()
+    panel = dock.run_panel
+    teach = dock.teach_panel
+    assert not teach.teach_button.isEnabled() and not teach.apply_teach_button.isEnabled()
     out = tmp_path / "out"
-    run_panel(dock, raster, tiny_model_dir, out)
-    assert not dock.elbow_image.isVisible()
+    run_from_panel(dock, raster, tiny_model_dir, out)
+    assert not panel.elbow_image.isVisible()
 
-    dock.teach_button.click()
-    assert canvas.mapTool() is dock.teach_tool and dock.teach_button.isChecked()
-    dock.teach_tool.add_example(map_point(*TREE_PIXEL), True)
-    dock.teach_tool.add_example(map_point(*SOIL_PIXEL), False)
-    assert dock.examples_label.text() == "Examples: 1 tree, 1 not tree."
-    dock.auto_threshold.setChecked(False)  # the slider's own threshold
-    dock.threshold_slider.setValue(60)
-    dock.apply_teach_button.click()
-    assert dock.teach_task is not None and not dock.run_button.isEnabled()
-    wait_until(lambda: dock.teach_task is None)
+    teach.teach_button.click()
+    assert canvas.mapTool() is teach.teach_tool and teach.teach_button.isChecked()
+    teach.teach_tool.add_example(map_point(*TREE_PIXEL), True)
+    teach.teach_tool.add_example(map_point(*SOIL_PIXEL), False)
+    assert teach.examples_label.text() == "Examples: 1 tree, 1 not tree."
+    teach.auto_threshold.setChecked(False)  # the slider's own threshold
+    teach.threshold_slider.setValue(60)
+    teach.apply_teach_button.click()
+    assert teach.teach_task is not None and not panel.run_button.isEnabled()
+    wait_until(lambda: teach.teach_task is None)
 
-    assert "features from cache — model not run" in dock.teach_status.text(), dock.teach_status.text()
+    assert "features from cache — model not run" in teach.teach_status.text(), teach.teach_status.text()
     (group,) = teach_groups()
     first = [node.layer() for node in group.findLayers()]
     assert [layer.name().split(" (")[0] for layer in first] == ["Taught trees", "Tree similarity"]
@@ -227,9 +233,9 @@ def test_teach_after_a_run_and_the_slider_replaces_its_layers_from_the_cache(plu
 
     QgsApplication.taskManager().taskAdded.connect(count_task)
     for value in (70, 75, 80):
-        dock.threshold_slider.setValue(value)
-    assert dock.threshold_label.text() == "0.80"
-    wait_until(lambda: teach_runs and dock.teach_task is None)
+        teach.threshold_slider.setValue(value)
+    assert teach.threshold_label.text() == "0.80"
+    wait_until(lambda: teach_runs and teach.teach_task is None)
     QgsApplication.taskManager().taskAdded.disconnect(count_task)
 
     assert len(teach_runs) == 1
@@ -245,40 +251,41 @@ def test_teach_after_a_run_and_the_slider_replaces_its_layers_from_the_cache(plu
     assert record["examples"] == {"trees": 1, "not_trees": 1}
     assert 100 * record["tree_cover"] <= first_cover
 
-    dock.run_button.click()
-    wait_until(lambda: dock.task is None)
-    assert "features from cache — model not run" in dock.stage_label.text(), dock.stage_label.text()
-    assert dock.teach_tool.counts() == (1, 1) and dock.apply_teach_button.isEnabled()
+    panel.run_button.click()
+    wait_until(lambda: panel.task is None)
+    assert "features from cache — model not run" in panel.stage_label.text(), panel.stage_label.text()
+    assert teach.teach_tool.counts() == (1, 1) and teach.apply_teach_button.isEnabled()
 
-    dock.clear_examples_button.click()
-    assert dock.examples_label.text() == "No examples yet." and not dock.apply_teach_button.isEnabled()
+    teach.clear_examples_button.click()
+    assert teach.examples_label.text() == "No examples yet." and not teach.apply_teach_button.isEnabled()
 
 
 def test_the_panel_shows_the_threshold_chosen_from_the_clicks_for_any_class(plugin, qgis_iface, small_scene,
                                                                             tiny_model_dir, tmp_path):
     canvas, raster = canvas_on_raster(qgis_iface, small_scene)
     dock = plugin.dock
+    teach = dock.teach_panel
     out = tmp_path / "out"
-    run_panel(dock, raster, tiny_model_dir, out)
-    dock.class_edit.setText("dead tree")
-    dock.auto_threshold.setChecked(True)
-    dock.teach_button.click()
+    run_from_panel(dock, raster, tiny_model_dir, out)
+    teach.class_edit.setText("dead tree")
+    teach.auto_threshold.setChecked(True)
+    teach.teach_button.click()
     for (column, row), is_tree in zip(((60, 50), (190, 60), (240, 10), (10, 180)), (True, True, False, False)):
-        dock.teach_tool.add_example(map_point(column, row), is_tree)
-    assert dock.examples_label.text() == "Examples: 2 dead trees, 2 not dead trees."
-    dock.apply_teach_button.click()
-    wait_until(lambda: dock.teach_task is None)
+        teach.teach_tool.add_example(map_point(column, row), is_tree)
+    assert teach.examples_label.text() == "Examples: 2 dead trees, 2 not dead trees."
+    teach.apply_teach_button.click()
+    wait_until(lambda: teach.teach_task is None)
 
     (record_path,) = out.glob("*_dead_tree_teach.json")
     record = json.loads(record_path.read_text())
     assert record["threshold_source"] == "chosen" and record["class"] == "dead tree"
-    assert "chosen from the 2 + 2 examples" in dock.teach_status.text(), dock.teach_status.text()
-    assert dock.threshold_label.text() == f"{record['threshold']:.2f}" and dock.auto_threshold.isChecked()
-    assert dock.threshold_slider.value() == round(100 * record["threshold"])
+    assert "chosen from the 2 + 2 examples" in teach.teach_status.text(), teach.teach_status.text()
+    assert teach.threshold_label.text() == f"{record['threshold']:.2f}" and teach.auto_threshold.isChecked()
+    assert teach.threshold_slider.value() == round(100 * record["threshold"])
     (group,) = teach_groups()
     names = [node.layer().name() for node in group.findLayers()]
     assert names[0].startswith("Taught: dead tree (score ≥") and names[1] == "Dead tree similarity (0–1)"
 
-    dock.threshold_slider.setValue(90)
-    assert not dock.auto_threshold.isChecked()
-    wait_until(lambda: dock.teach_task is None and "set by the user" in dock.teach_status.text())
+    teach.threshold_slider.setValue(90)
+    assert not teach.auto_threshold.isChecked()
+    wait_until(lambda: teach.teach_task is None and "set by the user" in teach.teach_status.text())

@@ -525,7 +525,7 @@ def test_the_models_menu_entry_opens_the_manager_and_feeds_the_panel(qgis_app, q
         assert small_ids == ("facebook/dinov3-vits16plus-pretrain-lvd1689m, falling back to "
                              "facebook/dinov3-vits16-pretrain-lvd1689m")
         dialog.use_local_folder(str(tiny_model_dir))
-        assert plugin.dock.model_override.text() == str(tiny_model_dir)
+        assert plugin.dock.run_panel.model_override.text() == str(tiny_model_dir)
         assert not dialog.in_use_label.isHidden() and str(tiny_model_dir) in dialog.in_use_label.text()
         close = dialog.findChild(QDialogButtonBox).button(QDialogButtonBox.StandardButton.Close)
         close.click()

@@ -35,9 +35,9 @@ import treeseg_qgis
 plugin = treeseg_qgis.classFactory(iface)
 plugin.initGui()
 plugin.action.trigger()
-while plugin.dock.engine_label.text().startswith("Engine: start"):
+while plugin.dock.run_panel.engine_label.text().startswith("Engine: start"):
     app.processEvents()
-print(plugin.dock.engine_label.text())
+print(plugin.dock.run_panel.engine_label.text())
 print(sorted({name.split(".")[0] for name in sys.modules} & {"torch", "transformers", "sklearn"}))
 print(sorted(name for name in sys.modules if name.startswith("treeseg_qgis.engine.core")))
 plugin.unload()
@@ -61,7 +61,7 @@ def test_the_plugin_adds_and_removes_its_button_menu_panel_and_provider(qgis_ifa
 
     assert registry.providerById("treeseg") is plugin.provider
     assert registry.algorithmById("treeseg:segmenttrees") is not None
-    assert isinstance(dock, QgsDockWidget) and dock.isHidden() and dock.run_button.isEnabled()
+    assert isinstance(dock, QgsDockWidget) and dock.isHidden() and dock.run_panel.run_button.isEnabled()
     assert not action.icon().isNull() and action.isCheckable()
     assert [call.args for call in qgis_iface.addPluginToRasterMenu.call_args_list] == [
         (MENU, menu_action) for menu_action in menu_actions]
@@ -102,9 +102,9 @@ def test_the_panel_shows_the_engine_device_and_unload_stops_the_worker(qgis_ifac
     plugin.initGui()
     plugin.action.trigger()
     try:
-        assert plugin.dock.engine_label.text() == "Engine: starting…"
-        wait_until(lambda: not plugin.dock.engine_label.text().startswith("Engine: start"), PROBE_TIMEOUT)
-        engine = plugin.dock.engine_label.text()
+        assert plugin.dock.run_panel.engine_label.text() == "Engine: starting…"
+        wait_until(lambda: not plugin.dock.run_panel.engine_label.text().startswith("Engine: start"), PROBE_TIMEOUT)
+        engine = plugin.dock.run_panel.engine_label.text()
         assert engine.startswith("Engine: CPU (") and "torch 2." in engine
         worker = plugin.engine._process
         assert worker.poll() is None
@@ -132,11 +132,11 @@ def test_without_the_engine_the_panel_explains_and_run_is_disabled(qgis_iface, q
     try:
         dock = plugin.dock
         assert plugin.engine is None
-        assert not dock.run_button.isEnabled() and not dock.cancel_button.isEnabled()
-        assert engine_client.missing_engine_message() in dock.engine_label.text()
-        dock.run_button.click()
+        assert not dock.run_panel.run_button.isEnabled() and not dock.run_panel.cancel_button.isEnabled()
+        assert engine_client.missing_engine_message() in dock.run_panel.engine_label.text()
+        dock.run_panel.run_button.click()
         plugin.action.trigger()
-        assert dock.task is None and QgsApplication.processingRegistry().providerById("treeseg") is not None
+        assert dock.run_panel.task is None and QgsApplication.processingRegistry().providerById("treeseg") is not None
     finally:
         plugin.unload()
 

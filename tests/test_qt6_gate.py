@@ -70,13 +70,13 @@ def test_a_path_that_does_not_exist_is_an_error_not_a_pass(tmp_path):
 def test_an_unscoped_enum_added_to_a_scratch_copy_fails_the_gate(tmp_path):
     copy = tmp_path / "treeseg_qgis"
     shutil.copytree(REPO / "treeseg_qgis", copy, ignore=shutil.ignore_patterns("__pycache__"))
-    dock = copy / "qgis_side" / "gui" / "dock.py"
-    dock.write_text(dock.read_text(encoding="utf-8") + "\nSCRATCH_ALIGNMENT = Qt.AlignRight\n", encoding="utf-8")
+    panel = copy / "qgis_side" / "gui" / "run_panel.py"
+    panel.write_text(panel.read_text(encoding="utf-8") + "\nSCRATCH_ALIGNMENT = Qt.AlignRight\n", encoding="utf-8")
     clean = subprocess.run([sys.executable, str(GATE_SCRIPT), str(REPO / "treeseg_qgis")],
                            capture_output=True, text=True, timeout=120)
     broken = subprocess.run([sys.executable, str(GATE_SCRIPT), str(copy)], capture_output=True, text=True, timeout=120)
     assert clean.returncode == 0, clean.stdout + clean.stderr
     assert broken.returncode == 1
     assert broken.stdout.strip().splitlines() == [
-        f"{dock}:{len(dock.read_text(encoding='utf-8').splitlines())}: unscoped enum Qt.AlignRight "
+        f"{panel}:{len(panel.read_text(encoding='utf-8').splitlines())}: unscoped enum Qt.AlignRight "
         "(write Qt.AlignmentFlag.AlignRight)"]

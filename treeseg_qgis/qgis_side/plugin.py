@@ -131,14 +131,14 @@ class TreesegPlugin:
                                                              self.iface.mainWindow())
             dialog.local_folder_chosen.connect(self._use_local_model)
             dialog.refresh()
-        dialog.show_model_in_use(self.dock.model_override.text().strip() if self.dock is not None else "")
+        dialog.show_model_in_use(self.dock.run_panel.model_override.text().strip() if self.dock is not None else "")
         dialog.show()
         dialog.raise_()
         dialog.activateWindow()
 
     def _use_local_model(self, folder: str) -> None:
         if self.dock is not None:
-            self.dock.model_override.setText(folder)
+            self.dock.run_panel.model_override.setText(folder)
             self.dock.show()
         if self.model_manager is not None:
             self.model_manager.show_model_in_use(folder)
