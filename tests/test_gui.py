@@ -143,6 +143,7 @@ def test_the_panel_defaults_to_the_active_raster_and_builds_params(qgis_iface, q
     dock.deleteLater()
 
 
+@pytest.mark.parametrize("everything", [False, True], ids=["defaults", "every-choice"])
 def test_the_panel_builds_the_parameters_the_command_line_builds_for_the_same_choices(
         qgis_iface, qgis_new_project, clean_settings, scene_tif, tmp_path, everything):
     from dataclasses import replace
@@ -477,14 +478,15 @@ def test_removing_the_input_layer_cancels_the_run(plugin, qgis_iface, long_scene
 
 def test_the_results_module_styles_a_run_record(qgis_new_project, scene_tif, tiny_model_dir, tmp_path):
     """qgis_results on its own (as Processing may use it): group name, order, hidden tree mask."""
+    from treeseg_qgis.params import SegmentationParams
     from treeseg_qgis.qgis_side.engine_client import EngineClient
     from treeseg_qgis.qgis_side.results import add_result_layers
 
     path, _ = scene_tif
     engine = EngineClient(sys.executable)
     try:
-        record = engine.segment({"input_path": str(path), "output_dir": str(tmp_path), "model": str(tiny_model_dir),
-                                 "device": "cpu", "clusters": 3, "stride": 16})
+        record = engine.segment(SegmentationParams(str(path), str(tmp_path), model=str(tiny_model_dir), device="cpu",
+                                                   clusters=3))
     finally:
         engine.close()
     group = add_result_layers(record, "My orthophoto")
