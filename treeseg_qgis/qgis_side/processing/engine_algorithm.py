@@ -168,7 +168,42 @@ def device_parameters() -> list[Declared]:
     ]
 
 
-class EngineAlgorithm(QgsProcessingAlgorithm):
+class DescribedAlgorithm(QgsProcessingAlgorithm):
+    """An algorithm whose identity and help are class attributes; a new instance is one of its own class."""
+
+    NAME = ""
+    DISPLAY_NAME = ""
+    GROUP = ""
+    GROUP_ID = ""
+    TAGS: tuple[str, ...] = ()
+    HELP = ""
+
+    def name(self) -> str:
+        return self.NAME
+
+    def displayName(self) -> str:
+        return self.DISPLAY_NAME
+
+    def group(self) -> str:
+        return self.GROUP
+
+    def groupId(self) -> str:
+        return self.GROUP_ID
+
+    def tags(self) -> list[str]:
+        return list(self.TAGS)
+
+    def shortHelpString(self) -> str:
+        return help_html(self.HELP)
+
+    def helpUrl(self) -> str:
+        return HELP_URL
+
+    def createInstance(self) -> DescribedAlgorithm:
+        return type(self)()
+
+
+class EngineAlgorithm(DescribedAlgorithm):
     """Base of the algorithms whose work the engine worker process does: it adds the declared parameters,
     reads them into their fields and validates the run's parameters before the engine starts."""
 
@@ -178,9 +213,6 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
 
     def declare_outputs(self) -> None:
         """Add the algorithm's QgsProcessingOutput definitions."""
-
-    def helpUrl(self) -> str:
-        return HELP_URL
 
     def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:
         self._readers: list[tuple[str, str, Reader]] = []

@@ -23,7 +23,6 @@ from typing import Any
 from osgeo import gdal, ogr, osr
 from qgis.core import (
     QgsMapLayer,
-    QgsProcessingAlgorithm,
     QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingFeedback,
@@ -43,7 +42,7 @@ from qgis.core import (
 
 from ..compat import EXPORT_OK, INTEGER, POLYGON_LAYERS, RASTER_LAYERS
 from ..raster_input import UNSAFE_FILENAME_CHARACTERS, raster_file
-from .engine_algorithm import HELP_URL, help_html
+from .engine_algorithm import DescribedAlgorithm
 
 SCORES = {  # output name: (group, measure in evaluate()'s scores, description)
     "PIXEL_PRECISION": ("pixel", "precision", "Pixel precision of the tree class"),
@@ -62,7 +61,7 @@ SCORES = {  # output name: (group, measure in evaluate()'s scores, description)
     "PIXEL_ACCURACY": ("clusters", "pixel_accuracy", "Pixel accuracy of the clusters against the reference classes"),
 }
 
-HELP = """<p>Measures how good a tree segmentation is against <b>your reference data</b>, and writes
+HELP_TEXT = """<p>Measures how good a tree segmentation is against <b>your reference data</b>, and writes
 a CSV and an HTML report (shown in the results viewer) with a picture of the image, the reference
 and the prediction.</p>
 <h3>Inputs</h3>
@@ -90,8 +89,16 @@ depends on how the mask is split into crowns).</li>
 to the inputs are left out. Runs inside QGIS; no model and no engine process are needed.</p>"""
 
 
-class EvaluateSegmentationAlgorithm(QgsProcessingAlgorithm):
+class EvaluateSegmentationAlgorithm(DescribedAlgorithm):
     """Scores of a tree prediction against reference polygons or a class raster, with a report."""
+
+    NAME = "evaluate"
+    DISPLAY_NAME = "Evaluate tree segmentation"
+    GROUP = "Quality"
+    GROUP_ID = "quality"
+    TAGS = ("evaluation", "accuracy", "precision", "recall", "f1", "iou", "miou", "reference", "ground truth",
+                "trees", "crowns", "quality")
+    HELP = HELP_TEXT
 
     PREDICTION = "PREDICTION"
     REFERENCE = "REFERENCE"
@@ -106,31 +113,6 @@ class EvaluateSegmentationAlgorithm(QgsProcessingAlgorithm):
         super().__init__()
         self._files: dict[str, str | None] = {}
         self._report_name = "prediction"
-
-    def name(self) -> str:
-        return "evaluate"
-
-    def displayName(self) -> str:
-        return "Evaluate tree segmentation"
-
-    def group(self) -> str:
-        return "Quality"
-
-    def groupId(self) -> str:
-        return "quality"
-
-    def tags(self) -> list[str]:
-        return ["evaluation", "accuracy", "precision", "recall", "f1", "iou", "miou", "reference", "ground truth",
-                "trees", "crowns", "quality"]
-
-    def shortHelpString(self) -> str:
-        return help_html(HELP)
-
-    def helpUrl(self) -> str:
-        return HELP_URL
-
-    def createInstance(self) -> EvaluateSegmentationAlgorithm:
-        return EvaluateSegmentationAlgorithm()
 
     def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:
         self.addParameter(QgsProcessingParameterMapLayer(

@@ -44,7 +44,6 @@ from .engine_algorithm import (
     EngineAlgorithm,
     device_parameters,
     engine_python,
-    help_html,
     model_parameters,
     read_bands,
     read_choice,
@@ -60,7 +59,7 @@ from .engine_algorithm import (
 DEFAULT_HEIGHT_MODEL = SegmentationParams.height_model
 HEIGHT_MODEL_PAGE = f"https://huggingface.co/{DEFAULT_HEIGHT_MODEL}"
 
-HELP = f"""<p>Segments trees in a drone or aerial orthophoto <b>without training labels</b>: a DINOv3
+HELP_TEXT = f"""<p>Segments trees in a drone or aerial orthophoto <b>without training labels</b>: a DINOv3
 vision transformer describes every 16 × 16 pixel patch, the descriptions are clustered, and the
 clusters that are green enough are called trees.</p>
 <h3>Outputs</h3>
@@ -113,6 +112,14 @@ DINOv3 features add.</li>
 class SegmentTreesAlgorithm(EngineAlgorithm):
     """Segment trees in an orthophoto with DINOv3 features, through the engine worker process."""
 
+    NAME = "segmenttrees"
+    DISPLAY_NAME = "Segment trees (DINOv3)"
+    GROUP = "Segmentation"
+    GROUP_ID = "segmentation"
+    TAGS = ("trees", "tree", "canopy", "forest", "segmentation", "dinov3", "orthophoto", "drone",
+            "clustering", "unsupervised", "deep learning", "ai", "crowns", "height")
+    HELP = HELP_TEXT
+
     INPUT = "INPUT"
     BANDS = "BANDS"
     EXTENT = "EXTENT"
@@ -138,28 +145,6 @@ class SegmentTreesAlgorithm(EngineAlgorithm):
     MODEL_USED = "MODEL_USED"
     UNTRAINED = "UNTRAINED"
     RUN_RECORD = "RUN_RECORD"
-
-    def name(self) -> str:
-        return "segmenttrees"
-
-    def displayName(self) -> str:
-        return "Segment trees (DINOv3)"
-
-    def group(self) -> str:
-        return "Segmentation"
-
-    def groupId(self) -> str:
-        return "segmentation"
-
-    def tags(self) -> list[str]:
-        return ["trees", "tree", "canopy", "forest", "segmentation", "dinov3", "orthophoto", "drone",
-                "clustering", "unsupervised", "deep learning", "ai", "crowns", "height"]
-
-    def shortHelpString(self) -> str:
-        return help_html(HELP)
-
-    def createInstance(self) -> SegmentTreesAlgorithm:
-        return SegmentTreesAlgorithm()
 
     def declare(self) -> list[Declared]:
         return [

@@ -47,7 +47,6 @@ from .engine_algorithm import (
     EngineAlgorithm,
     device_parameters,
     engine_python,
-    help_html,
     model_parameters,
     run_in_engine,
 )
@@ -57,7 +56,7 @@ TRUE_TEXTS = ("1", "true", "t", "yes", "y")
 FALSE_TEXTS = ("0", "false", "f", "no", "n")
 PixelExample = tuple[float, float, bool]
 
-HELP = f"""<p>Teaches the model a class <b>from a few example points</b>: trees by default, or any
+HELP_TEXT = f"""<p>Teaches the model a class <b>from a few example points</b>: trees by default, or any
 class you name (dead trees, roofs, water…). Put points on some examples of the class (and, better
 still, on a few things that are not: soil, grass, live trees) and the DINOv3 features of every pixel
 are compared with those of the examples.</p>
@@ -87,6 +86,14 @@ feature-cache state are also returned for use in a model.</li>
 class TeachTreesAlgorithm(EngineAlgorithm):
     """Class scores and a class mask from example points, through the engine worker process."""
 
+    NAME = "teach"
+    DISPLAY_NAME = "Teach trees or any class by example (DINOv3)"
+    GROUP = "Segmentation"
+    GROUP_ID = "segmentation"
+    TAGS = ("trees", "tree", "class", "dead trees", "examples", "points", "similarity", "few-shot", "dinov3",
+                "orthophoto", "ai")
+    HELP = HELP_TEXT
+
     INPUT = "INPUT"
     EXAMPLES = "EXAMPLES"
     IS_TREE_FIELD = "IS_TREE_FIELD"
@@ -98,28 +105,6 @@ class TeachTreesAlgorithm(EngineAlgorithm):
     TREE_COVER = "TREE_COVER"
     FEATURE_CACHE = "FEATURE_CACHE"
     TEACH_RECORD = "TEACH_RECORD"
-
-    def name(self) -> str:
-        return "teach"
-
-    def displayName(self) -> str:
-        return "Teach trees or any class by example (DINOv3)"
-
-    def group(self) -> str:
-        return "Segmentation"
-
-    def groupId(self) -> str:
-        return "segmentation"
-
-    def tags(self) -> list[str]:
-        return ["trees", "tree", "class", "dead trees", "examples", "points", "similarity", "few-shot", "dinov3",
-                "orthophoto", "ai"]
-
-    def shortHelpString(self) -> str:
-        return help_html(HELP)
-
-    def createInstance(self) -> TeachTreesAlgorithm:
-        return TeachTreesAlgorithm()
 
     def declare(self) -> list[Declared]:
         return [

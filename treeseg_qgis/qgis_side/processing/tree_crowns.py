@@ -27,12 +27,11 @@ from .engine_algorithm import (
     Declared,
     EngineAlgorithm,
     engine_python,
-    help_html,
     read_number,
     run_in_engine,
 )
 
-HELP = """<p>Splits the trees of a tree mask into <b>individual crowns</b>: the distance to the
+HELP_TEXT = """<p>Splits the trees of a tree mask into <b>individual crowns</b>: the distance to the
 nearest non-tree pixel peaks in the middle of each crown; those peaks seed a watershed that divides
 touching crowns.</p>
 <h3>Inputs</h3>
@@ -55,6 +54,13 @@ CRS of the mask. Runs in the treeseg engine process (scikit-image); no model is 
 class TreeCrownsAlgorithm(EngineAlgorithm):
     """Split the trees of a tree-mask raster into crown polygons, through the engine worker process."""
 
+    NAME = "treecrowns"
+    DISPLAY_NAME = "Split trees into crowns"
+    GROUP = "Segmentation"
+    GROUP_ID = "segmentation"
+    TAGS = ("trees", "tree", "crowns", "crown", "watershed", "instances", "individual trees", "polygons")
+    HELP = HELP_TEXT
+
     INPUT = "INPUT"
     CLUSTERS = "CLUSTERS"
     MIN_AREA = "MIN_AREA"
@@ -63,27 +69,6 @@ class TreeCrownsAlgorithm(EngineAlgorithm):
     MAX_CROWN = "MAX_CROWN"
     OUTPUT = "OUTPUT"
     CROWNS = "CROWNS"
-
-    def name(self) -> str:
-        return "treecrowns"
-
-    def displayName(self) -> str:
-        return "Split trees into crowns"
-
-    def group(self) -> str:
-        return "Segmentation"
-
-    def groupId(self) -> str:
-        return "segmentation"
-
-    def tags(self) -> list[str]:
-        return ["trees", "tree", "crowns", "crown", "watershed", "instances", "individual trees", "polygons"]
-
-    def shortHelpString(self) -> str:
-        return help_html(HELP)
-
-    def createInstance(self) -> TreeCrownsAlgorithm:
-        return TreeCrownsAlgorithm()
 
     def declare(self) -> list[Declared]:
         """The crown options fill the fields of the engine's CrownOptions (gis/crowns.py), not a run's."""
