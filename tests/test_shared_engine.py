@@ -91,19 +91,24 @@ def test_a_panel_run_and_a_processing_run_at_once_both_finish_one_after_the_othe
     QgsApplication.taskManager().addTask(task)
     wait_until(lambda: task.progress() > 0)
     panel_done_when_processing_started: list[bool] = []
+    texts: list[str] = []
 
     class Watch(QgsProcessingFeedback):
         def setProgress(self, progress: float) -> None:  # noqa: N802 - the Qt name
-            if progress > 0 and not panel_done_when_processing_started:  # 0: waiting for its turn
+            if progress > 0 and not panel_done_when_processing_started:  # 0: the waiting notice
                 panel_done_when_processing_started.append(task.record is not None)
             super().setProgress(progress)
+
+        def setProgressText(self, text: str) -> None:  # noqa: N802 - the Qt name
+            texts.append(text)
+            super().setProgressText(text)
 
     results = run(tiny_run(tiny_model_dir, second_tif, tmp_path / "processing"), feedback=Watch())
     wait_until(lambda: task.status() in (QgsTask.TaskStatus.Complete, QgsTask.TaskStatus.Terminated))
 
     assert task.status() == QgsTask.TaskStatus.Complete and task.record["clusters"]["k"] == 2
     assert results["K"] == 2 and Path(results["OUTPUT_CLUSTERS"]).is_file()
-    assert panel_done_when_processing_started == [True]
+    assert panel_done_when_processing_started == [True] and texts[0] == WAITING_STAGE
     assert engine.probe()["model_loads"] == 1
 
 
