@@ -241,3 +241,20 @@ def test_int8_from_partial_weights_stays_untrained_and_is_never_cached(tiny_mode
     assert record["model"]["untrained"] and record["model"]["weights"].startswith("untrained")
     assert record["model"]["precision"].startswith("int8 (ONNX Runtime")
     assert sorted(default_export_root().glob("*")) == exports_before  # exported for that run only
+
+
+def test_two_engines_exporting_the_same_model_at_once_export_it_once(tiny_model_dir, tmp_path):
+    script = ("import sys, torch\n"
+              "from treeseg_qgis.engine.core.models import load_backbone\n"
+              "backbone = load_backbone(sys.argv[1], device='cpu', precision='int8')\n"
+              "backbone.model(pixel_values=torch.rand(1, 3, 96, 160))\n"
+              "print('exports', backbone.model.exports)\n")
+    environment = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    engines = [subprocess.Popen([sys.executable, "-c", script, str(tiny_model_dir)], cwd=REPO, env=environment,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [engine.communicate(timeout=300) for engine in engines]
+    assert [engine.returncode for engine in engines] == [0, 0], outputs
+    assert sorted(out.split()[-1] for out, _ in outputs) == ["0", "1"]
+    exports = tmp_path / "xdg" / "treeseg" / "onnx"
+    (folder,) = (path for path in exports.iterdir() if path.is_dir())
+    assert export_problem(folder) is None and not list(exports.glob("*.building-*"))
