@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -81,12 +82,14 @@ def main() -> None:
     model, raster = model_folder("small"), mosaic(args.side)
     crop = WORK / "crop_512.tif"
     gdal.Translate(str(crop), str(raster), srcWin=[0, 0, 512, 512])
+    shutil.rmtree(WORK / "out-export", ignore_errors=True)
     started = time.perf_counter()
     export = run(model, crop, "export", "auto", WORK)
     print(f"int8 export + a 512² run: {time.perf_counter() - started:.1f} s ({export['precision']})", flush=True)
     results: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
     for repeat in range(args.repeats):
         for variant in VARIANTS if repeat % 2 == 0 else VARIANTS[::-1]:
+            shutil.rmtree(WORK / f"out-{variant}-{repeat}", ignore_errors=True)  # one run's outputs per folder
             result = run(model, raster, f"{variant}-{repeat}", variant, WORK)
             results[variant].append(result)
             print(f"{variant}: {result['seconds']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB, "
