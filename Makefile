@@ -39,13 +39,14 @@ eval: setup
 	$(PYTHON) scripts/eval_sample.py
 
 # About an hour on 2 cores (the 400 MP raster alone takes 20 to 35 minutes); BENCH_ARGS="--sizes 4,36 --strides 16,8" for a quick run.
-# Then the CPU precisions (scripts/bench_precision.py, ~15 min; PRECISION_ARGS="--quick" for ViT-S only; ONNX Runtime
-# is measured when importable: PRECISION_ARGS="--extra-path DIR" with onnxruntime, onnx, onnxscript), then ViT-S and
+# Then the CPU precisions (scripts/bench_precision.py, ~15 min; PRECISION_ARGS="--quick" for ViT-S only), one 36 MP
+# run with auto (int8 in ONNX Runtime) against float32 (scripts/bench_precision_e2e.py, ~10 min), then ViT-S and
 # ViT-B at stride 16 on 5.7 MP against the upstream figures (scripts/bench_density.py), then a Processing batch of 10
 # small rasters with the warm engine against a fresh worker per raster (scripts/bench_batch.py, ~6 min).
 bench: setup
 	$(PYTHON) scripts/bench.py $(BENCH_ARGS)
 	$(PYTHON) scripts/bench_precision.py $(PRECISION_ARGS)
+	$(PYTHON) scripts/bench_precision_e2e.py
 	$(PYTHON) scripts/bench_density.py
 	$(PYTHON) scripts/bench_batch.py
 

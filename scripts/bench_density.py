@@ -48,16 +48,16 @@ def make_raster() -> Path:
     return path
 
 
-def run(model_dir: Path, raster: Path, name: str) -> dict:
+def run(model_dir: Path, raster: Path, name: str, precision: str = "auto", work: Path = WORK) -> dict:
     """One CLI run at stride 16 in its own process: wall seconds and peak RSS of that process."""
-    out = WORK / f"out-{name}"
+    out = work / f"out-{name}"
     command = [sys.executable, "-c",
                "import resource, runpy, sys; sys.argv = ['treeseg_qgis'] + sys.argv[1:]\n"
                "try:\n    runpy.run_module('treeseg_qgis', run_name='__main__')\n"
                "finally:\n    print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
                "file=sys.stderr)",
                "segment", str(raster), "--out", str(out), "--model", str(model_dir), "--device", "cpu",
-               "--stride", "16", "--clusters", "6", "--no-cache"]
+               "--stride", "16", "--clusters", "6", "--no-cache", "--precision", precision]
     started = time.perf_counter()
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})

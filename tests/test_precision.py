@@ -1,12 +1,15 @@
-"""The forward's precision: float32 the reference and auto on the CPU, bfloat16 and int8 when asked for,
-what ran in the run record, and the precision in the feature cache key."""
+"""The forward's precision: float32 the reference, int8 in ONNX Runtime (auto on this CPU), bfloat16 when
+asked for; what ran in the run record and in the feature cache key; the int8 export cache; cancel."""
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import pytest
 import torch
 
@@ -14,6 +17,7 @@ from treeseg_qgis.engine.core import devices
 from treeseg_qgis.engine.core.errors import InputError
 from treeseg_qgis.engine.core.features import FeatureExtractor
 from treeseg_qgis.engine.core.models import load_backbone
+from treeseg_qgis.engine.core.onnx_int8 import OnnxInt8Network, default_export_root, export_problem
 from treeseg_qgis.engine.pipeline import segment
 from treeseg_qgis.params import ParameterError, SegmentationParams
 
@@ -36,23 +40,42 @@ def test_cpu_precisions_run_and_stay_close_to_float32(tiny_model_dir, tile, prec
     reference, described = features(tiny_model_dir, "float32", tile)
     assert described["precision"] == "float32"
     other, described = features(tiny_model_dir, precision, tile)
-    assert described["precision"] == precision
+    assert described["precision"] == devices.describe_precision(precision)
     cosine = np.sum(reference * other, axis=-1)
     assert not np.array_equal(reference, other)  # the other precision really ran
     assert cosine.mean() > 0.99
 
 
-def test_int8_quantises_the_linear_layers(tiny_model_dir):
+def test_int8_runs_in_onnx_runtime_with_int8_weights(tiny_model_dir, tile):
+    import onnx
+
     backbone = load_backbone(str(tiny_model_dir), device="cpu", precision="int8")
-    kinds = {type(module).__name__ for module in backbone.model.modules()}
-    assert "Linear" in kinds and not any(isinstance(module, torch.nn.Linear) and type(module) is torch.nn.Linear
-                                         for module in backbone.model.modules())
-    assert any("quantized" in type(module).__module__ for module in backbone.model.modules())
+    assert isinstance(backbone.model, OnnxInt8Network)
+    assert backbone.describe()["precision"] == f"int8 (ONNX Runtime {onnxruntime.__version__})"
+    FeatureExtractor(backbone, stride=16).extract(tile)
+    exported = [path for path in default_export_root().glob("*/model-int8.onnx")]
+    assert exported
+    operators = {node.op_type for path in exported for node in onnx.load(str(path)).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= operators
 
 
-def test_auto_is_the_float32_reference_on_the_cpu(tiny_model_dir):
-    assert devices.resolve_precision(CPU, "auto") == "float32"
-    assert load_backbone(str(tiny_model_dir), device="cpu").describe()["precision"] == "float32"
+def test_auto_picks_int8_in_onnx_runtime_on_this_cpu(tiny_model_dir):
+    assert torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")  # this machine: AVX-512 with VNNI
+    assert devices.resolve_precision(CPU, "auto") == "int8"
+    backbone = load_backbone(str(tiny_model_dir), device="cpu")
+    assert backbone.precision == "int8" and isinstance(backbone.model, OnnxInt8Network)
+    assert load_backbone(str(tiny_model_dir), device="cpu", precision="float32").describe()["precision"] == "float32"
+
+
+def test_without_onnx_runtime_auto_is_float32_and_int8_is_refused():
+    script = ("import sys; sys.modules['onnxruntime'] = None\n"
+              "import torch\n"
+              "from treeseg_qgis.engine.core import devices\n"
+              "print(devices.resolve_precision(torch.device('cpu'), 'auto'))\n"
+              "devices.resolve_precision(torch.device('cpu'), 'int8')\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "float32"
+    assert "InputError: int8 on the CPU runs in ONNX Runtime, which this engine lacks" in done.stderr
 
 
 def test_unknown_precision_and_int8_on_a_gpu_are_refused():
@@ -71,11 +94,15 @@ def test_the_run_record_says_what_ran_and_the_cache_keeps_precisions_apart(tiny_
                                           clusters=2, cache_dir=str(tmp_path / "cache"), tile_size=128,
                                           overlap=32))
 
+    int8 = f"int8 (ONNX Runtime {onnxruntime.__version__})"
     first = run("int8", "a")
-    assert first["model"]["precision"] == "int8" and first["feature_cache"]["state"] == "miss"
+    assert first["model"]["precision"] == int8 and first["feature_cache"]["state"] == "miss"
     assert run("float32", "b")["feature_cache"]["state"] == "miss"
     again = run("int8", "c")
-    assert again["feature_cache"]["state"] == "hit" and again["model"]["precision"] == "int8"
+    assert again["feature_cache"]["state"] == "hit" and again["model"]["precision"] == int8
+    # the key names the runtime: no entry of the former torch int8 ("int8" alone) is ever read
+    keys = [json.loads(path.read_text())["precision"] for path in (tmp_path / "cache").glob("*/key.json")]
+    assert sorted(keys) == sorted(["float32", int8])
 
 
 def test_cli_precision_flag_reaches_the_record(tiny_model_dir, scene_tif, tmp_path):
@@ -89,3 +116,145 @@ def test_cli_precision_flag_reaches_the_record(tiny_model_dir, scene_tif, tmp_pa
     assert "in bfloat16" in done.stdout
     record = json.loads(next(out.glob("*.json")).read_text())
     assert record["model"]["precision"] == "bfloat16"
+
+
+def test_cli_int8_reuses_its_export_and_rebuilds_a_corrupt_one(tiny_model_dir, scene_tif, tmp_path):
+    path, _ = scene_tif
+    environment = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    exports = tmp_path / "xdg" / "treeseg" / "onnx"
+
+    def run(out: str) -> tuple[subprocess.CompletedProcess, dict]:
+        done = subprocess.run([sys.executable, "-m", "treeseg_qgis", "segment", str(path), "--out", str(tmp_path / out),
+                               "--model", str(tiny_model_dir), "--device", "cpu", "--precision", "int8",
+                               "--clusters", "2", "--tile-size", "128", "--no-cache"],
+                              cwd=REPO, capture_output=True, text=True, timeout=300, env=environment)
+        assert done.returncode == 0, done.stderr
+        return done, json.loads(next((tmp_path / out).glob("*.json")).read_text())
+
+    done, record = run("first")
+    assert f"in int8 (ONNX Runtime {onnxruntime.__version__})" in done.stdout
+    assert record["model"]["precision"] == f"int8 (ONNX Runtime {onnxruntime.__version__})"
+    (model,) = exports.glob("*/model-int8.onnx")
+    built = model.stat().st_mtime_ns
+
+    run("second")
+    assert list(exports.glob("*/model-int8.onnx")) == [model] and model.stat().st_mtime_ns == built  # no export
+
+    with open(model, "r+b") as stream:  # damage the quantised weights in the middle of the file
+        stream.seek(model.stat().st_size // 2)
+        stream.write(b"\0" * 64)
+    done, record = run("third")
+    assert "was unusable (model-int8.onnx differs from its manifest): exporting it again" in done.stderr
+    assert record["model"]["precision"].startswith("int8 (ONNX Runtime")
+    assert model.stat().st_mtime_ns != built and export_problem(model.parent) is None
+
+
+def test_int8_clusters_agree_with_float32_on_the_real_sample(tiny_model_dir, tmp_path):
+    from osgeo import gdal
+
+    def clusters(precision: str) -> np.ndarray:
+        record = segment(SegmentationParams(input_path=str(REPO / "resources" / "sample" / "OSBS_029.tif"),
+                                            output_dir=str(tmp_path / precision), model=str(tiny_model_dir),
+                                            device="cpu", precision=precision, clusters=4, use_cache=False,
+                                            tile_size=256, overlap=32))
+        dataset = gdal.Open(record["outputs"]["clusters"])
+        return dataset.GetRasterBand(1).ReadAsArray()
+
+    reference, int8 = clusters("float32"), clusters("int8")
+    # the same clusters may carry other ids: match each int8 id to the float32 id it overlaps most
+    pairs = np.zeros((reference.max() + 1, int8.max() + 1), np.int64)
+    np.add.at(pairs, (reference.ravel(), int8.ravel()), 1)
+    used = np.flatnonzero(pairs.sum(axis=0))
+    assert len(set(pairs[:, used].argmax(axis=0))) == len(used)  # one to one
+    agreement = pairs.max(axis=0).sum() / reference.size
+    print(f"int8 and float32 put {100 * agreement:.2f} % of the pixels in the same cluster")
+    assert agreement >= 0.98
+
+
+@pytest.fixture(scope="module")
+def deep_model_dir(tmp_path_factory) -> Path:
+    """A narrow 8-layer DINOv3: one 1024² image takes seconds in int8, so a cancel can land inside it."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    folder = tmp_path_factory.mktemp("deep-dinov3")
+    torch.manual_seed(0)
+    config = DINOv3ViTConfig(hidden_size=128, num_hidden_layers=8, num_attention_heads=2, intermediate_size=256,
+                             patch_size=16, num_register_tokens=4)
+    DINOv3ViTModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_the_worker_runs_int8_and_a_cancel_stops_it_inside_an_image(deep_model_dir, tmp_path):
+    from treeseg_qgis.qgis_side.engine_client import EngineClient, EngineError
+
+    from .conftest import disc_scene, write_geotiff
+
+    image, _ = disc_scene(1024, 1024, [(300, 300), (700, 650)], radius=150)
+    raster = write_geotiff(tmp_path / "scene.tif", image)
+    client = EngineClient(sys.executable, {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    try:
+        def job(out: str) -> dict:
+            return {"input_path": str(raster), "output_dir": str(tmp_path / out), "model": str(deep_model_dir),
+                    "device": "cpu", "precision": "int8", "tile_size": 1024, "clusters": 2, "use_cache": False}
+
+        client.segment(job("export"))  # exports and caches the int8 model, then runs one 1024² image
+        record = client.segment(job("first"))
+        assert record["model"]["precision"] == f"int8 (ONNX Runtime {onnxruntime.__version__})"
+        forward = record["timings"]["features"]
+        assert forward > 1.0, f"one image took {forward:.2f} s: too quick to cancel inside it"
+
+        asked: list[float] = []
+
+        def cancelled() -> bool:
+            if not asked and stages:
+                asked.append(time.perf_counter())
+            return bool(asked)
+
+        stages: list[str] = []
+        with pytest.raises(EngineError) as caught:
+            client.segment(job("cancelled"), on_progress=lambda percent, stage: stages.append(stage),
+                           is_cancelled=cancelled)
+        stopped = time.perf_counter() - asked[0]
+        assert caught.value.kind == "cancelled" and client.running  # the worker stopped the job itself
+        assert stopped < forward / 2, f"the cancel took {stopped:.2f} s, one image {forward:.2f} s"
+        print(f"int8 in the worker: one image {forward:.2f} s, cancel to stop {stopped:.2f} s")
+    finally:
+        client.close()
+
+
+def test_int8_from_partial_weights_stays_untrained_and_is_never_cached(tiny_model_dir, scene_tif, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_model_dir, partial)
+    tensors = load_file(partial / "model.safetensors")
+    dropped = next(name for name in tensors if "mlp" in name)
+    save_file({name: value for name, value in tensors.items() if name != dropped}, partial / "model.safetensors",
+              metadata={"format": "pt"})
+    exports_before = sorted(default_export_root().glob("*"))
+    path, _ = scene_tif
+    record = segment(SegmentationParams(input_path=str(path), output_dir=str(tmp_path / "out"), model=str(partial),
+                                        device="cpu", precision="int8", allow_untrained=True, clusters=2,
+                                        tile_size=128, overlap=32, use_cache=False))
+    assert record["model"]["untrained"] and record["model"]["weights"].startswith("untrained")
+    assert record["model"]["precision"].startswith("int8 (ONNX Runtime")
+    assert sorted(default_export_root().glob("*")) == exports_before  # exported for that run only
+
+
+def test_two_engines_exporting_the_same_model_at_once_export_it_once(tiny_model_dir, tmp_path):
+    script = ("import sys, torch\n"
+              "from treeseg_qgis.engine.core.models import load_backbone\n"
+              "backbone = load_backbone(sys.argv[1], device='cpu', precision='int8')\n"
+              "backbone.model(pixel_values=torch.rand(1, 3, 96, 160))\n"
+              "print('exports', backbone.model.exports)\n")
+    environment = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    engines = [subprocess.Popen([sys.executable, "-c", script, str(tiny_model_dir)], cwd=REPO, env=environment,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [engine.communicate(timeout=300) for engine in engines]
+    assert [engine.returncode for engine in engines] == [0, 0], outputs
+    assert sorted(out.split()[-1] for out, _ in outputs) == ["0", "1"]
+    exports = tmp_path / "xdg" / "treeseg" / "onnx"
+    (folder,) = (path for path in exports.iterdir() if path.is_dir())
+    assert export_problem(folder) is None and not list(exports.glob("*.building-*"))

@@ -86,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", choices=DEVICES,
                      help="auto picks CUDA, then Apple MPS, then the CPU")
     run.add_argument("--precision", default="auto", choices=PRECISIONS,
-                     help="what the model runs in; auto: float32 (the reference) on the CPU, half precision on a "
-                     "GPU; bfloat16 and int8 are faster CPU options (docs/BENCHMARKS.md)")
+                     help="what the model runs in; auto: int8 in ONNX Runtime on a CPU with AVX2 or AVX-512, else "
+                     "float32 (the reference), half precision on a GPU (docs/BENCHMARKS.md)")
     run.add_argument("--allow-untrained", action="store_true",
                      help="when the weights cannot be had, run with random weights "
                      "(every output then says so)")

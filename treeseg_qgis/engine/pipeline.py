@@ -42,7 +42,7 @@ from ..params import ParameterError, SegmentationParams
 from . import interrupts
 from .core.cache import CacheUnavailable, FeatureCache, file_identity
 from .core.canopy import load_height_model, predict_heights
-from .core.devices import resolve_device, resolve_precision
+from .core.devices import describe_precision, resolve_device, resolve_precision
 from .core.errors import InputError, OutputError
 from .core.examples import Example
 from .core.feature_grid import FeatureGrid
@@ -353,7 +353,8 @@ def _cache_key(params: SegmentationParams, source: GdalRasterSource) -> dict:
         "bands": list(source.bands),
         "scaling": source.scaling,
         "weights": weights_identity(params.model, params.model_revision) if dinov3 else None,
-        "precision": resolve_precision(resolve_device(params.device)[0], params.precision) if dinov3 else None,
+        "precision": describe_precision(resolve_precision(resolve_device(params.device)[0], params.precision))
+        if dinov3 else None,
         **{name: getattr(params, name) for name in (
             "method", "model", "model_revision", "stride", "tile_size", "overlap", "pca_dims", "sample_size", "seed")},
     }

@@ -204,8 +204,13 @@ class Worker:
 
     def _stop_between_layers(self, model: Any) -> None:
         """Raise Cancelled before each transformer layer once the current job is cancelled: a batch of a
-        large model on the CPU takes seconds, one layer a fraction of that."""
+        large model on the CPU takes seconds, one layer a fraction of that. The int8 ONNX Runtime session
+        has no layers to hook: it stops itself (RunOptions.terminate, core/onnx_int8.py)."""
         import torch
+
+        if not isinstance(model, torch.nn.Module):
+            model.stop_when(lambda: self._cancel.is_set() or self.terminate_requested)
+            return
 
         def check(module: Any, inputs: Any) -> None:
             if self._cancel.is_set() or self.terminate_requested:

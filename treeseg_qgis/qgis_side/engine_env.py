@@ -27,7 +27,8 @@ from pathlib import Path
 from ..memory import disk_free_bytes
 
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
-ENGINE_PACKAGES = ("torch", "transformers", "scikit-learn", "scikit-image", "huggingface_hub", "safetensors")
+ENGINE_PACKAGES = ("torch", "transformers", "scikit-learn", "scikit-image", "huggingface_hub", "safetensors",
+                   "onnxruntime", "onnx")
 QGIS_PACKAGES = ("numpy", "scipy", "matplotlib")
 CONSTRAINTS_FILE = "qgis-constraints.txt"
 READY_MARKER = "treeseg-engine-ready.json"

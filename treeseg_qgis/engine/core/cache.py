@@ -153,16 +153,21 @@ class FeatureCache:
         return removed
 
     def remove_dead_builds(self) -> None:
-        """Remove entries that killed runs left unfinished (their key is no longer locked)."""
-        for leftover in self.root.glob("*.building-*"):
-            if not lock_is_held(self.root / (leftover.name.split(".")[0] + ".lock")):
-                shutil.rmtree(leftover, ignore_errors=True)
+        remove_dead_builds(self.root)
 
     def clear(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def size_bytes(self) -> int:
         return _folder_size(self.root) if self.root.exists() else 0
+
+
+def remove_dead_builds(root: Path) -> None:
+    """Remove the `<key>.building-*` folders in `root` that killed runs left unfinished (their key's lock
+    is no longer held)."""
+    for leftover in root.glob("*.building-*"):
+        if not lock_is_held(root / (leftover.name.split(".")[0] + ".lock")):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def entry_problem(folder: Path) -> str | None:

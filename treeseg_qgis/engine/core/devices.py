@@ -7,6 +7,7 @@ import os
 import torch
 
 from .errors import InputError
+from .onnx_int8 import cpu_has_fast_int8, runtime_name, runtime_version
 
 
 def resolve_device(choice: str = "auto") -> tuple[torch.device, torch.dtype]:
@@ -48,10 +49,10 @@ def describe_device(device: torch.device) -> str:
 def resolve_precision(device: torch.device, choice: str = "auto") -> str:
     """The precision the forward runs in on `device`: float32, bfloat16, float16 or int8.
 
-    `auto` is float32 on the CPU: no faster CPU precision has met the bar yet
-    (docs/BENCHMARKS.md: ≥ 1.8× the float32 forward with the features kept), so
-    bfloat16 and int8 run only when asked for. On a GPU `auto` is the device's
-    half precision; int8 is a CPU option.
+    On the CPU, int8 runs in ONNX Runtime (core/onnx_int8.py), the one faster CPU precision that met the
+    bar (docs/BENCHMARKS.md: ≥ 1.8× the float32 forward with the features kept): `auto` picks it when ONNX
+    Runtime imports and the CPU has fast int8 (AVX2 or AVX-512), else float32, the reference. bfloat16 runs
+    only when asked for. On a GPU `auto` is the device's half precision; int8 is a CPU option.
     """
     if device.type != "cpu":
         if choice == "int8":
@@ -61,6 +62,15 @@ def resolve_precision(device: torch.device, choice: str = "auto") -> str:
         if choice == "bfloat16" and not (device.type == "cuda" and torch.cuda.is_bf16_supported()):
             raise InputError(f"This {device.type} device has no bfloat16: use auto or float32.")
         return choice
-    if choice == "int8" and not set(torch.backends.quantized.supported_engines) & {"x86", "fbgemm", "qnnpack"}:
-        raise InputError("This build of torch has no int8 engine for the CPU: use auto, float32 or bfloat16.")
-    return "float32" if choice == "auto" else choice
+    if choice == "int8" and runtime_version() is None:
+        raise InputError("int8 on the CPU runs in ONNX Runtime, which this engine lacks (onnxruntime and onnx "
+                         "from requirements.txt): repair the engine, or use auto, float32 or bfloat16.")
+    if choice == "auto":
+        return "int8" if runtime_version() is not None and cpu_has_fast_int8() else "float32"
+    return choice
+
+
+def describe_precision(precision: str) -> str:
+    """What runs the forward in `precision`, for the run record and the feature cache key:
+    `int8 (ONNX Runtime 1.32.0)` for int8 (so a runtime update never reuses another runtime's features)."""
+    return f"{precision} ({runtime_name()})" if precision == "int8" else precision

@@ -130,12 +130,7 @@ class FeatureExtractor:
         autocast = backbone.device.type == "cpu" and backbone.precision == "bfloat16"
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             pixels = batch.to(device=backbone.device, dtype=backbone.dtype)
-            if backbone.precision == "int8":
-                # int8 scales activations per tensor: one image at a time keeps a tile's features
-                # independent of the other images in its batch
-                tokens = torch.cat([backbone.model(pixel_values=image[None]).last_hidden_state for image in pixels])
-            else:
-                tokens = backbone.model(pixel_values=pixels).last_hidden_state
+            tokens = backbone.model(pixel_values=pixels).last_hidden_state
             patches = tokens[:, 1 + backbone.num_register_tokens:, :]
             return patches.float().cpu().reshape(batch.shape[0], rows, cols, -1)
 

@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import socket
-import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from urllib.parse import urlparse
@@ -21,8 +20,9 @@ from urllib.parse import urlparse
 import torch
 
 from ...catalogue import BACKBONES, DEFAULT_MODEL, HUB_URL, LVD_1689M, SAT_493M, CatalogueModel, model_page
-from .devices import resolve_device, resolve_precision
+from .devices import describe_precision, resolve_device, resolve_precision
 from .errors import ModelUnavailableError
+from .onnx_int8 import OnnxInt8Network
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ CATALOGUE: dict[str, ModelSpec] = {
 class Backbone:
     """A loaded DINOv3 ready for inference, and what it really is."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module | OnnxInt8Network  # the ONNX Runtime session for int8 on the CPU
     model_id: str
     normalisation: Normalisation
     untrained: bool
@@ -85,7 +85,7 @@ class Backbone:
             "normalisation": self.normalisation.name,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
-            "precision": self.precision,
+            "precision": describe_precision(self.precision),
             "feature_dim": self.feature_dim,
         }
 
@@ -158,20 +158,17 @@ def load_backbone(
             log.warning("UNTRAINED WEIGHTS: %d tensors of %s are missing (for example %s) and were initialised "
                         "at random. The result only checks the pipeline.", len(missing), candidate, missing[0])
         ready = _ready(network, candidate, normalisation_for(candidate), bool(missing), torch_device, dtype)
-        return in_precision(ready, chosen)
+        return in_precision(ready, chosen, weights_identity(candidate, revision))
     if allow_untrained:
-        return in_precision(_untrained(model, spec, failures, torch_device, dtype), chosen)
+        return in_precision(_untrained(model, spec, failures, torch_device, dtype), chosen, None)
     raise ModelUnavailableError(explain_load_failure(*failures[0]))
 
 
-def in_precision(backbone: Backbone, precision: str) -> Backbone:
-    """The backbone set to run in `precision`: on the CPU, int8 quantises the Linear layers' weights
-    (activations quantised on the fly) and bfloat16 runs the forward under autocast (FeatureExtractor)."""
+def in_precision(backbone: Backbone, precision: str, weights: dict | None) -> Backbone:
+    """The backbone set to run in `precision`: on the CPU, int8 runs in ONNX Runtime (core/onnx_int8.py; its
+    export cached per `weights`, never for untrained ones) and bfloat16 under autocast (FeatureExtractor)."""
     if backbone.device.type == "cpu" and precision == "int8":
-        with warnings.catch_warnings():  # torch announces the move of this API to torchao; it works in 2.13
-            warnings.simplefilter("ignore")
-            backbone.model = torch.ao.quantization.quantize_dynamic(backbone.model, {torch.nn.Linear},
-                                                                    dtype=torch.qint8)
+        backbone.model = OnnxInt8Network(backbone.model, None if backbone.untrained else weights)
     backbone.precision = precision
     return backbone
 
