@@ -1,7 +1,8 @@
-"""Command line: `python -m treeseg_qgis segment INPUT --out DIR [options]`.
+"""Command line: `python -m treeseg_qgis segment INPUT --out DIR [options]`; `fit` and `segment-many` for
+surveys of many rasters.
 
-Exit status: 0 on success; 2 with one line on stderr when the input, a parameter
-or the model weights are not usable; 128 + the signal number when stopped by a
+Exit status: 0 on success; 3 when `segment-many` finished but some rasters failed; 2 with one line on
+stderr when the input, a parameter or the model weights are not usable; 128 + the signal number when stopped by a
 signal: 130 (Ctrl-C, SIGINT), 143 (SIGTERM), 129 (SIGHUP). A failed or stopped
 run leaves the earlier outputs as they were and nothing of its own; a signal
 that arrives while the finished outputs are moved into place is too late (exit 0).
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..catalogue import HEIGHT_HEAD
+from ..params import STRIDES
 from . import interrupts
 from .core.devices import DEVICE_CHOICES, PRECISION_CHOICES
 from .core.errors import Cancelled, InputError, TreesegError
@@ -26,6 +28,7 @@ from .core.params import SegmentationParams
 from .core.progress import Progress
 
 EXIT_USER_ERROR = 2
+EXIT_SOME_FAILED = 3
 EXIT_INTERRUPTED = 130
 PROGRESS_EVERY_S = 15.0
 """The longest the command line stays silent while a stage goes on."""
@@ -95,8 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--height-model", default=HEIGHT_HEAD.repo_id, metavar="HF_ID|FOLDER",
                      help=f"canopy-height model (default: {HEIGHT_HEAD.repo_id})")
     run.add_argument("--tile-size", type=int, default=512, help="tile size in pixels (default: 512)")
+    run.add_argument("--cluster-model", metavar="FILE",
+                     help="apply a saved survey cluster model (.treeseg, from `fit`) instead of fitting the "
+                     "clusters: the same ids and legend as every other raster it was applied to")
     _cache_options(run)
     run.add_argument("--quiet", action="store_true", help="print only errors and the result paths")
+    _survey_commands(commands)
     learn = commands.add_parser(
         "teach",
         help="click-to-teach: scores of a class (trees, or any class) from a few example points, and its mask",
@@ -135,6 +142,93 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--clusters", help="cluster raster, for mIoU against a class raster")
     check.add_argument("--tree-class", type=int, default=1, help="tree class value in a class raster (default 1)")
     return parser
+
+
+def _survey_commands(commands: argparse._SubParsersAction) -> None:
+    """`fit` (one cluster model from many rasters) and `segment-many` (fit and apply it to each)."""
+    fit = commands.add_parser(
+        "fit", help="fit one cluster model on several rasters and save it (.treeseg)",
+        description="Draw a feature sample from all INPUTs (proportional to their valid area), fit the PCA, "
+        "the clusters and the tree rule once, and write them into one small file that `segment "
+        "--cluster-model` and `segment-many --cluster-model` apply unchanged: one legend for a survey.")
+    fit.add_argument("inputs", nargs="+", metavar="INPUT", help="the survey's rasters")
+    fit.add_argument("--out", required=True, metavar="FILE", help="the cluster model file to write (.treeseg)")
+    many = commands.add_parser(
+        "segment-many", help="segment many rasters with one cluster model (one legend), optionally on Dask",
+        description="Fit one cluster model on all INPUTs (unless --cluster-model is given) and apply it to each: "
+        "each raster's outputs in --out as `segment` writes them, plus survey_summary.json and .csv (per-raster "
+        "tree cover, the shared legend) and survey_polygons.gpkg (all polygons, with a `source` field). A raster "
+        f"that fails is tried once more, then reported while the others finish (exit status {EXIT_SOME_FAILED}).")
+    many.add_argument("inputs", nargs="+", metavar="INPUT", help="the survey's rasters")
+    many.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    many.add_argument("--cluster-model", metavar="FILE",
+                      help="apply this cluster model (its settings) instead of fitting one")
+    where = many.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="rasters on a local Dask cluster of N worker processes (default 1: in this process)")
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="rasters on an existing Dask cluster, e.g. tcp://10.0.0.5:8786")
+    for command in (fit, many):
+        command.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME|HF_ID|FOLDER")
+        command.add_argument("--model-revision", metavar="REV")
+        command.add_argument("--stride", type=int, default=16, choices=STRIDES)
+        command.add_argument("--clusters", default="auto", metavar="auto|K")
+        command.add_argument("--k-range", default="2-8", metavar="MIN-MAX")
+        command.add_argument("--bands", default="1,2,3", metavar="R,G,B")
+        command.add_argument("--tree-clusters", default=None, metavar="IDS")
+        command.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+        command.add_argument("--precision", default="auto", choices=PRECISION_CHOICES)
+        command.add_argument("--allow-untrained", action="store_true")
+        command.add_argument("--tile-size", type=int, default=512)
+        _cache_options(command)
+        command.add_argument("--quiet", action="store_true", help="print only errors and the results")
+
+
+def _survey_params(args: argparse.Namespace, out_dir: str) -> SegmentationParams:
+    """The parameters shared by every raster of a `fit` or `segment-many` run (the input is set per raster)."""
+    k_min, k_max = _range(args.k_range)
+    return SegmentationParams(
+        input_path="", output_dir=out_dir, model=args.model, model_revision=args.model_revision,
+        stride=args.stride, bands=_bands(args.bands),
+        clusters=None if args.clusters == "auto" else _int(args.clusters, "--clusters"), k_min=k_min, k_max=k_max,
+        tree_clusters=_int_list(args.tree_clusters, "--tree-clusters") if args.tree_clusters else None,
+        device=args.device, precision=args.precision, allow_untrained=args.allow_untrained,
+        tile_size=args.tile_size, use_cache=not args.no_cache, cache_dir=args.cache_dir)
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from .survey import fit_survey
+
+    model = fit_survey(args.inputs, _survey_params(args, "."), args.out, _progress(args))
+    header = model.header()
+    print(f"K={header['k']}{' (auto)' if header['automatic_k'] else ''}, tree clusters {header['tree_clusters']}, "
+          f"{sum(item['samples'] for item in header['inputs'])} samples from {len(header['inputs'])} rasters")
+    print(args.out)
+    return 0
+
+
+def _segment_many(args: argparse.Namespace) -> int:
+    from .survey import segment_many
+
+    if args.workers < 1:
+        raise InputError(f"--workers must be at least 1, not {args.workers}.")
+    summary = segment_many(args.inputs, _survey_params(args, args.out), args.out, args.cluster_model,
+                           args.workers, args.scheduler, _progress(args))
+    legend = summary["legend"]
+    print(f"K={legend['k']}, tree clusters {legend['tree_clusters']} in every raster ({summary['cluster_model']})")
+    for row in summary["rasters"]:
+        result = f"tree cover {100 * row['tree_cover']:.1f} %" if row["status"] == "ok" else f"FAILED: {row['error']}"
+        print(f"{row['input']}: {result}")
+    print(summary["merged_polygons"], "polygons in", f"{args.out}/survey_polygons.gpkg")
+    if summary["failed"]:
+        print(f"treeseg: {summary['failed']} of {len(summary['rasters'])} rasters failed (see above).",
+              file=sys.stderr)
+        return EXIT_SOME_FAILED
+    return 0
+
+
+def _progress(args: argparse.Namespace) -> Progress:
+    return Progress(None if args.quiet else _TerminalProgress(), interrupts.stop_requested)
 
 
 def _cache_options(command: argparse.ArgumentParser) -> None:
@@ -186,9 +280,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             _check_address_space(args)
             if args.command == "teach":
                 return _teach(args)
+            if args.command == "fit":
+                return _fit(args)
+            if args.command == "segment-many":
+                return _segment_many(args)
             from .pipeline import segment
 
             params = params_from_args(args)
+            params.cluster_model = args.cluster_model
             record = segment(params, Progress(None if args.quiet else _TerminalProgress(),
                                               interrupts.stop_requested))
         except (interrupts.Interrupted, Cancelled) as error:

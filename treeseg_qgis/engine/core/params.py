@@ -50,6 +50,7 @@ class SegmentationParams:
     cache_dir: str | None = None
     cache_max_mb: int = 2048
     output_stem: str | None = None
+    cluster_model: str | None = None
     clusters_path: str | None = None
     trees_path: str | None = None
     polygons_path: str | None = None
