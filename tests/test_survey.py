@@ -3,7 +3,12 @@
 
 import csv
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 import zipfile
 
 import numpy as np
@@ -17,7 +22,7 @@ from treeseg_qgis.engine.core.params import SegmentationParams
 from treeseg_qgis.engine.pipeline import segment
 from treeseg_qgis.engine.survey import fit_survey
 
-from .conftest import disc_scene, write_geotiff
+from .conftest import REPO, disc_scene, write_geotiff
 
 gdal.UseExceptions()
 SMALL_TILES = {"tile_size": 128, "overlap": 32}
@@ -121,8 +126,8 @@ def test_segment_many_on_two_dask_workers_matches_one_process_and_reports_a_corr
         assert status == EXIT_SOME_FAILED
     assert "1 of 3 rasters failed" in capsys.readouterr().err
     # No Dask scheduler, nanny or worker is left (multiprocessing's resource tracker lives as long as pytest).
-    left = [child.cmdline() for child in psutil.Process().children(recursive=True)]
-    assert not [line for line in left if "resource_tracker" not in " ".join(line)]
+    left = [cmdline(child) for child in psutil.Process().children(recursive=True)]
+    assert not [line for line in left if "resource_tracker" not in line]
     for stem in ("a", "b"):
         one, two = (tmp_path / f"w{n}" / f"{stem}_clusters.tif" for n in (1, 2))
         assert one.read_bytes() == two.read_bytes()
@@ -138,3 +143,32 @@ def test_segment_many_on_two_dask_workers_matches_one_process_and_reports_a_corr
         assert polygon_sources(folder / "survey_polygons.gpkg") == (
             ["a"] * polygon_count(folder / "a_polygons.gpkg") + ["b"] * polygon_count(folder / "b_polygons.gpkg"))
         assert not (folder / "c_clusters.tif").exists()
+
+
+def test_ctrl_c_during_segment_many_on_dask_leaves_no_process_behind(survey, tmp_path, tiny_model_dir):
+    first, second, model = survey
+    command = [sys.executable, "-m", "treeseg_qgis", "segment-many", *[str(first), str(second)] * 8,
+               "--out", str(tmp_path / "out"), "--cluster-model", str(model), "--workers", "2",
+               "--model", str(tiny_model_dir), "--device", "cpu", "--no-cache", "--quiet"]
+    run = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    parent = psutil.Process(run.pid)
+    deadline = time.monotonic() + 180
+    workers: list[psutil.Process] = []
+    while time.monotonic() < deadline and len(workers) < 2 and run.poll() is None:
+        time.sleep(0.2)
+        workers = [child for child in parent.children(recursive=True) if "resource_tracker" not in cmdline(child)]
+    assert len(workers) >= 2, "the LocalCluster's worker processes never started"
+    os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130, stderr
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive
+    assert not (tmp_path / "out" / "survey_summary.json").exists()
+
+
+def cmdline(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:  # ended (or a zombie) meanwhile
+        return ""
