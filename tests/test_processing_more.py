@@ -355,7 +355,8 @@ def test_the_provider_lists_the_algorithms_in_their_groups(provider):  # noqa: F
 
     groups = {algorithm.id(): algorithm.group() for algorithm in provider.algorithms()}
     assert groups == {"treeseg:segmenttrees": "Segmentation", "treeseg:teach": "Segmentation",
-                      "treeseg:treecrowns": "Segmentation", "treeseg:evaluate": "Quality"}
+                      "treeseg:treecrowns": "Segmentation", "treeseg:evaluate": "Quality",
+                      "treeseg:fitclustermodel": "Surveys", "treeseg:applyclustermodel": "Surveys"}
     assert METHODS == ENGINE_METHODS and DEFAULT_HEIGHT_MODEL == SegmentationParams.height_model
 
 
@@ -364,7 +365,7 @@ def test_help_wraps_as_paragraphs_and_the_batch_dialog_starts_with_the_essential
 
     for algorithm in provider.algorithms():
         assert "\n" not in algorithm.shortHelpString() and "<p>" in algorithm.shortHelpString()
-    for name in ("segmenttrees", "teach", "treecrowns"):
+    for name in ("segmenttrees", "teach", "treecrowns", "fitclustermodel", "applyclustermodel"):
         descriptions = [parameter.description() for parameter in provider.algorithm(name).parameterDefinitions()]
         assert max(map(len, descriptions)) <= 36, descriptions
     segment = provider.algorithm("segmenttrees")

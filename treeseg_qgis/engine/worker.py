@@ -5,6 +5,7 @@ Protocol (one JSON object per line, both ways):
 - in, on stdin: `{"command": "segment", "params": {...}, "hf_token": "..."}`,
   `{"command": "teach", "params": {...}, "examples": [[col, row, is_tree], ...],
   "threshold": 0.6 (or null: chosen from the examples), "class_name": "dead tree"}`,
+  `{"command": "fit", "inputs": [...], "out_path": "survey.treeseg", "params": {...}}` (a survey cluster model),
   `{"command": "crowns", "trees_path": ..., "clusters_path": ..., "gpkg_path": ...,
   "options": {"min_area_m2": 2.0, ...}}`, `{"command": "probe"}`, and for the model manager
   `{"command": "models"}` (catalogue models in the local Hugging Face cache; never the network),
@@ -127,6 +128,8 @@ class Worker:
                 record = self.segment(job)
             elif command == "teach":
                 record = self.teach(job)
+            elif command == "fit":
+                record = self.fit(job)
             elif command == "crowns":
                 record = self.crowns(job)
             elif command == "probe":
@@ -173,6 +176,19 @@ class Worker:
         return teach(params, examples, None if threshold is None else float(threshold),
                      Progress(self._progress, self.cancel_check()), self._kept_model_loader(job),
                      class_name=str(job.get("class_name") or "tree"))
+
+    def fit(self, job: dict[str, Any]) -> dict[str, Any]:
+        """One survey cluster model from several rasters (survey.fit_survey), written to `out_path`."""
+        from .core.params import SegmentationParams
+        from .core.progress import Progress
+        from .survey import fit_survey
+
+        params = SegmentationParams.from_dict(job["params"])
+        model = fit_survey([str(path) for path in job["inputs"]], params, str(job["out_path"]),
+                           Progress(self._progress, self.cancel_check()), self._kept_model_loader(job))
+        header = model.header()
+        return {"cluster_model": str(job["out_path"]), "model": header["extractor"],
+                **{key: header[key] for key in ("k", "automatic_k", "tree_clusters", "tree_rule", "inputs")}}
 
     def crowns(self, job: dict[str, Any]) -> dict[str, Any]:
         """Split a tree-mask raster into crown polygons (gis/crowns.py); the layer is named after the file."""

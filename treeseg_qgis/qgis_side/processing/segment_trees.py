@@ -152,6 +152,10 @@ class SegmentTreesAlgorithm(EngineAlgorithm):
     def createInstance(self) -> SegmentTreesAlgorithm:
         return SegmentTreesAlgorithm()
 
+    def extra_params(self, parameters: dict[str, Any], context: QgsProcessingContext) -> dict[str, Any]:
+        """Parameters a derived algorithm sets or replaces (Apply a cluster model: the model file)."""
+        return {}
+
     def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Orthophoto (raster file)"))
         self.addParameter(QgsProcessingParameterBand(
@@ -246,6 +250,7 @@ class SegmentTreesAlgorithm(EngineAlgorithm):
             "height_path": height_path,
             "preview_path": f"{clusters_stem}_preview.png",
             "record_path": f"{clusters_stem}_run.json",
+            **self.extra_params(parameters, context),
         }
         try:
             check_run_paths(params, inputs=(layer.source(),))
