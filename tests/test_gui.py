@@ -134,9 +134,12 @@ def test_the_panel_defaults_to_the_active_raster_and_builds_params(qgis_iface, q
         "input_path": str(path), "output_dir": str(out), "output_stem": "scene", "model": "large-sat",
         "stride": 8, "clusters": 4, "device": "cpu", "allow_untrained": True, "crowns": False,
         "crown_min_area_m2": 2.0, "feature_preview": False, "canopy_height": False, "min_tree_height_m": None,
-        "height_model": SegmentationParams.height_model,
+        "height_model": SegmentationParams.height_model, "cluster_model": None,
     }
     SegmentationParams.from_dict(params).validate()
+    dock.cluster_model_widget.setFilePath(str(tmp_path / "survey.treeseg"))
+    assert dock.build_params()["cluster_model"] == str(tmp_path / "survey.treeseg")
+    dock.cluster_model_widget.setFilePath("")
     out.mkdir()
     (out / "scene_UNTRAINED_trees.tif").write_bytes(b"")
     dock.auto_clusters.setChecked(True)

@@ -265,6 +265,12 @@ class TreesegDock(QgsDockWidget):
         clusters_row.addWidget(self.auto_clusters)
         clusters_row.addWidget(self.clusters_spin, 1)
         form.addRow("Clusters", clusters_row)
+        self.cluster_model_widget = QgsFileWidget()
+        self.cluster_model_widget.setFilter("TreeSeg cluster model (*.treeseg)")
+        self.cluster_model_widget.setToolTip("Optional: a survey's cluster model (python -m treeseg_qgis fit, or "
+                                             "Processing ▸ Surveys). Its clusters are applied as they are, so this "
+                                             "raster gets the survey's cluster ids and legend; Clusters is ignored.")
+        form.addRow("Cluster model", self.cluster_model_widget)
         form.addRow("Device", self.device_combo)
         form.addRow(self.memory_label)
         form.addRow(self.engine_label)
@@ -632,6 +638,7 @@ class TreesegDock(QgsDockWidget):
             "canopy_height": self.height_check.isChecked(),
             "min_tree_height_m": (self.min_height_spin.value() or None) if self.height_check.isChecked() else None,
             "height_model": self.height_model_override.text().strip() or DEFAULT_HEIGHT_MODEL,
+            "cluster_model": self.cluster_model_widget.filePath().strip() or None,
         }
         try:
             check_run_paths(params, inputs=(source,))
