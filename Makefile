@@ -46,6 +46,7 @@ bench: setup
 	$(PYTHON) scripts/bench.py $(BENCH_ARGS)
 	$(PYTHON) scripts/bench_precision.py $(PRECISION_ARGS)
 	$(PYTHON) scripts/bench_density.py
+	$(PYTHON) scripts/bench_survey.py
 
 lint: setup
 	.venv/bin/ruff check .
