@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from dataclasses import replace
 
 import numpy as np
 import psutil
@@ -172,3 +173,20 @@ def cmdline(process: psutil.Process) -> str:
         return " ".join(process.cmdline())
     except psutil.Error:  # ended (or a zombie) meanwhile
         return ""
+
+
+def test_segment_many_on_an_existing_dask_cluster_gives_the_same_labels(survey, tmp_path, tiny_model_dir):
+    from distributed import LocalCluster
+
+    from treeseg_qgis.engine.survey import segment_many
+
+    first, second, model = survey
+    params = params_for(tiny_model_dir, "", tmp_path, tmp_path / "cache_here")
+    here = segment_many([str(first), str(second)], params, tmp_path / "here", str(model))
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        there = segment_many([str(first), str(second)], replace(params, cache_dir=str(tmp_path / "cache_there")),
+                             tmp_path / "there", str(model), scheduler=cluster.scheduler_address)
+    assert [row["status"] for row in there["rasters"]] == ["ok", "ok"] and there["legend"] == here["legend"]
+    for stem in ("north", "south"):
+        assert ((tmp_path / "here" / f"{stem}_clusters.tif").read_bytes()
+                == (tmp_path / "there" / f"{stem}_clusters.tif").read_bytes())
