@@ -49,6 +49,7 @@ bench: setup
 	$(PYTHON) scripts/bench_precision_e2e.py
 	$(PYTHON) scripts/bench_density.py
 	$(PYTHON) scripts/bench_batch.py
+	$(PYTHON) scripts/bench_survey.py
 
 lint: setup
 	.venv/bin/ruff check .

@@ -222,10 +222,11 @@ def test_the_requirements_are_those_requirements_txt_pins(tmp_path):
 
     assert engine_env.engine_requirements(requirements) == [
         "torch==2.13.0", "Transformers==5.24.0", "scikit_learn==1.9.1", "scikit-image", "huggingface-hub==2.4.0",
-        "safetensors", "onnxruntime", "onnx"]
+        "safetensors", "onnxruntime", "onnx", "dask"]
     pinned = engine_env.engine_requirements(REPO / "requirements.txt")
     assert engine_env.engine_requirements() == pinned
     assert pinned[0].startswith("torch==") and pinned[1].startswith("transformers==")
+    assert pinned[-1].startswith("dask[distributed]==")
 
 
 def test_only_a_folder_with_the_ready_marker_is_an_engine(tmp_path, monkeypatch):

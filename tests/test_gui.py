@@ -135,6 +135,9 @@ def test_the_panel_defaults_to_the_active_raster_and_builds_params(qgis_iface, q
 
     assert params == SegmentationParams(input_path=str(path), output_dir=str(out), output_stem="scene",
                                         model="large-sat", stride=8, clusters=4, device="cpu", allow_untrained=True)
+    panel.cluster_model_widget.setFilePath(str(tmp_path / "survey.treeseg"))
+    assert panel.build_params().cluster_model == str(tmp_path / "survey.treeseg")
+    panel.cluster_model_widget.setFilePath("")
     out.mkdir()
     (out / "scene_UNTRAINED_trees.tif").write_bytes(b"")
     panel.auto_clusters.setChecked(True)

@@ -79,6 +79,7 @@ class SegmentationParams:
     cache_dir: str | None = None
     cache_max_mb: int = 2048
     output_stem: str | None = None
+    cluster_model: str | None = None  # a saved survey cluster model (.treeseg) applied instead of fitting
     outputs: OutputFiles = field(default_factory=OutputFiles)
 
     @property
@@ -118,6 +119,9 @@ class SegmentationParams:
         if not _is_int(self.overlap) or self.overlap % 16 or not 0 <= self.overlap <= self.tile_size // 2:
             raise ParameterError(
                 f"The overlap must be a multiple of 16 up to half the tile size, not {self.overlap}.")
+        if self.cluster_model is not None and (not isinstance(self.cluster_model, str)
+                                               or not self.cluster_model.strip()):
+            raise ParameterError("The cluster model must be the path of a .treeseg file (or none).")
         for name in ("batch_size", "sample_size", "pca_dims", "cache_max_mb"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ParameterError(f"{name} must be a whole number of at least 1, not {getattr(self, name)}.")

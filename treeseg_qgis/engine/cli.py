@@ -1,7 +1,8 @@
-"""Command line: `python -m treeseg_qgis segment INPUT --out DIR [options]`.
+"""Command line: `python -m treeseg_qgis segment INPUT --out DIR [options]`; `fit` and `segment-many` for
+surveys of many rasters.
 
-Exit status: 0 on success; 2 with one line on stderr when the input, a parameter
-or the model weights are not usable; 128 + the signal number when stopped by a
+Exit status: 0 on success; 3 when `segment-many` finished but some rasters failed; 2 with one line on
+stderr when the input, a parameter or the model weights are not usable; 128 + the signal number when stopped by a
 signal: 130 (Ctrl-C, SIGINT), 143 (SIGTERM), 129 (SIGHUP). A failed or stopped
 run leaves the earlier outputs as they were and nothing of its own; a signal
 that arrives while the finished outputs are moved into place is too late (exit 0).
@@ -34,6 +35,7 @@ from .core.models import CATALOGUE, DEFAULT_MODEL
 from .core.progress import Progress
 
 EXIT_USER_ERROR = 2
+EXIT_SOME_FAILED = 3
 EXIT_INTERRUPTED = 130
 PROGRESS_EVERY_S = 15.0
 """The longest the command line stays silent while a stage goes on."""
@@ -61,36 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("input", metavar="INPUT", help="a raster GDAL can read (GeoTIFF, VRT, ...)")
     run.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
-    run.add_argument(
-        "--model", default=DEFAULT_MODEL, metavar="NAME|HF_ID|FOLDER",
-        help=f"catalogue name ({', '.join(CATALOGUE)}), a Hugging Face id or a local model "
-        f"folder (default: {DEFAULT_MODEL})",
-    )
-    run.add_argument("--model-revision", metavar="REV",
-                     help="pin a hub model to a branch, tag or commit hash (default: main)")
-    run.add_argument("--stride", type=int, default=None,
-                     help=f"feature grid step in pixels: {_choices(STRIDES)} for dinov3 (16, the default; smaller "
-                     f"is denser and slower), {_choices(COLOUR_STRIDES)} for the colour baselines (per pixel, 1, "
-                     "unless a stride is given)")
+    _model_options(run)
     run.add_argument("--method", default="dinov3", choices=METHODS,
                      help="dinov3 (default), or a colour baseline for comparison: rgb-kmeans "
                      "(k-means on RGB) or exg-otsu (Otsu threshold on excess green)")
-    run.add_argument("--clusters", default="auto", metavar="auto|K",
-                     help="number of clusters, or auto for the elbow rule (default: auto)")
-    run.add_argument("--k-range", default="2-8", metavar="MIN-MAX",
-                     help="range searched by --clusters auto (default: 2-8)")
-    run.add_argument("--bands", default="1,2,3", metavar="R,G,B",
-                     help="the three bands to use, 1-based (default: 1,2,3)")
-    run.add_argument("--tree-clusters", default=None, metavar="IDS",
-                     help="comma-separated cluster ids that are trees (overrides the ExG rule)")
-    run.add_argument("--device", default="auto", choices=DEVICES,
-                     help="auto picks CUDA, then Apple MPS, then the CPU")
-    run.add_argument("--precision", default="auto", choices=PRECISIONS,
-                     help="what the model runs in; auto: int8 in ONNX Runtime on a CPU with AVX2 or AVX-512, else "
-                     "float32 (the reference), half precision on a GPU (docs/BENCHMARKS.md)")
-    run.add_argument("--allow-untrained", action="store_true",
-                     help="when the weights cannot be had, run with random weights "
-                     "(every output then says so)")
     run.add_argument("--crowns", action="store_true",
                      help="also split the trees into individual crowns (<stem>_crowns.gpkg)")
     run.add_argument("--crown-min-area", type=float, default=2.0, metavar="M2",
@@ -103,9 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="trees must also be at least this tall (metres; implies --canopy-height)")
     run.add_argument("--height-model", default=HEIGHT_HEAD.repo_id, metavar="HF_ID|FOLDER",
                      help=f"canopy-height model (default: {HEIGHT_HEAD.repo_id})")
-    run.add_argument("--tile-size", type=int, default=512, help="tile size in pixels (default: 512)")
-    _cache_options(run)
+    run.add_argument("--cluster-model", metavar="FILE",
+                     help="apply a saved survey cluster model (.treeseg, from `fit`) instead of fitting the "
+                     "clusters: the same ids and legend as every other raster it was applied to")
     run.add_argument("--quiet", action="store_true", help="print only errors and the result paths")
+    _survey_commands(commands)
     learn = commands.add_parser(
         "teach",
         help="click-to-teach: scores of a class (trees, or any class) from a few example points, and its mask",
@@ -146,6 +124,112 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _survey_commands(commands: argparse._SubParsersAction) -> None:
+    """`fit` (one cluster model from many rasters) and `segment-many` (fit and apply it to each)."""
+    fit = commands.add_parser(
+        "fit", help="fit one cluster model on several rasters and save it (.treeseg)",
+        description="Draw a feature sample from all INPUTs (proportional to their valid area), fit the PCA, "
+        "the clusters and the tree rule once, and write them into one small file that `segment "
+        "--cluster-model` and `segment-many --cluster-model` apply unchanged: one legend for a survey.")
+    fit.add_argument("inputs", nargs="+", metavar="INPUT", help="the survey's rasters")
+    fit.add_argument("--out", required=True, metavar="FILE", help="the cluster model file to write (.treeseg)")
+    many = commands.add_parser(
+        "segment-many", help="segment many rasters with one cluster model (one legend), optionally on Dask",
+        description="Fit one cluster model on all INPUTs (unless --cluster-model is given) and apply it to each: "
+        "each raster's outputs in --out as `segment` writes them, plus survey_summary.json and .csv (per-raster "
+        "tree cover, the shared legend) and survey_polygons.gpkg (all polygons, with a `source` field). A raster "
+        f"that fails is tried once more, then reported while the others finish (exit status {EXIT_SOME_FAILED}).")
+    many.add_argument("inputs", nargs="+", metavar="INPUT", help="the survey's rasters")
+    many.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    many.add_argument("--cluster-model", metavar="FILE",
+                      help="apply this cluster model (its settings) instead of fitting one")
+    where = many.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="rasters on a local Dask cluster of N worker processes (default 1: in this process)")
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="rasters on an existing Dask cluster, e.g. tcp://10.0.0.5:8786")
+    for command in (fit, many):
+        _model_options(command)
+        command.add_argument("--quiet", action="store_true", help="print only errors and the results")
+
+
+def _survey_params(args: argparse.Namespace, out_dir: str) -> SegmentationParams:
+    """The parameters shared by every raster of a `fit` or `segment-many` run, validated (on the first input;
+    each raster's run sets its own)."""
+    params = SegmentationParams(input_path=args.inputs[0], output_dir=out_dir, stride=args.stride or STRIDES[0],
+                                **_model_settings(args))
+    params.validate()
+    return params
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from .survey import fit_survey
+
+    model = fit_survey(args.inputs, _survey_params(args, "."), args.out, _progress(args))
+    header = model.header()
+    print(f"K={header['k']}{' (auto)' if header['automatic_k'] else ''}, tree clusters {header['tree_clusters']}, "
+          f"{sum(item['samples'] for item in header['inputs'])} samples from {len(header['inputs'])} rasters")
+    print(args.out)
+    return 0
+
+
+def _segment_many(args: argparse.Namespace) -> int:
+    from .survey import segment_many
+
+    if args.workers < 1:
+        raise InputError(f"--workers must be at least 1, not {args.workers}.")
+    summary = segment_many(args.inputs, _survey_params(args, args.out), args.out, args.cluster_model,
+                           args.workers, args.scheduler, _progress(args))
+    legend = summary["legend"]
+    print(f"K={legend['k']}, tree clusters {legend['tree_clusters']} in every raster ({summary['cluster_model']})")
+    for row in summary["rasters"]:
+        result = f"tree cover {100 * row['tree_cover']:.1f} %" if row["status"] == "ok" else f"FAILED: {row['error']}"
+        print(f"{row['input']}: {result}")
+    print(summary["merged_polygons"], "polygons in", f"{args.out}/survey_polygons.gpkg")
+    if summary["failed"]:
+        print(f"treeseg: {summary['failed']} of {len(summary['rasters'])} rasters failed (see above).",
+              file=sys.stderr)
+        return EXIT_SOME_FAILED
+    return 0
+
+
+def _progress(args: argparse.Namespace) -> Progress:
+    return Progress(None if args.quiet else _TerminalProgress(), interrupts.stop_requested)
+
+
+def _model_options(command: argparse.ArgumentParser) -> None:
+    """The options of the model, its features and the clusters: `segment`, `fit` and `segment-many` share them."""
+    command.add_argument(
+        "--model", default=DEFAULT_MODEL, metavar="NAME|HF_ID|FOLDER",
+        help=f"catalogue name ({', '.join(CATALOGUE)}), a Hugging Face id or a local model "
+        f"folder (default: {DEFAULT_MODEL})",
+    )
+    command.add_argument("--model-revision", metavar="REV",
+                     help="pin a hub model to a branch, tag or commit hash (default: main)")
+    command.add_argument("--stride", type=int, default=None,
+                     help=f"feature grid step in pixels: {_choices(STRIDES)} for dinov3 (16, the default; smaller "
+                     f"is denser and slower), {_choices(COLOUR_STRIDES)} for the colour baselines (per pixel, 1, "
+                     "unless a stride is given)")
+    command.add_argument("--clusters", default="auto", metavar="auto|K",
+                     help="number of clusters, or auto for the elbow rule (default: auto)")
+    command.add_argument("--k-range", default="2-8", metavar="MIN-MAX",
+                     help="range searched by --clusters auto (default: 2-8)")
+    command.add_argument("--bands", default="1,2,3", metavar="R,G,B",
+                     help="the three bands to use, 1-based (default: 1,2,3)")
+    command.add_argument("--tree-clusters", default=None, metavar="IDS",
+                     help="comma-separated cluster ids that are trees (overrides the ExG rule)")
+    command.add_argument("--device", default="auto", choices=DEVICES,
+                     help="auto picks CUDA, then Apple MPS, then the CPU")
+    command.add_argument("--precision", default="auto", choices=PRECISIONS,
+                     help="what the model runs in; auto: int8 in ONNX Runtime on a CPU with AVX2 or AVX-512, else "
+                     "float32 (the reference), half precision on a GPU (docs/BENCHMARKS.md)")
+    command.add_argument("--allow-untrained", action="store_true",
+                     help="when the weights cannot be had, run with random weights "
+                     "(every output then says so)")
+    command.add_argument("--tile-size", type=int, default=512, help="tile size in pixels (default: 512)")
+    _cache_options(command)
+
+
 def _cache_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--cache-dir", metavar="DIR",
                          help="feature cache folder (default: ~/.cache/treeseg/features or $XDG_CACHE_HOME)")
@@ -162,28 +246,29 @@ def params_from_args(args: argparse.Namespace) -> SegmentationParams:
     return SegmentationParams(
         input_path=args.input,
         output_dir=args.out,
-        bands=_bands(args.bands),
         method=args.method,
-        model=args.model,
-        model_revision=args.model_revision,
         stride=args.stride if args.stride is not None else (16 if args.method == "dinov3" else 1),
-        clusters=parse_clusters(args.clusters),
-        k_min=_range(args.k_range)[0],
-        k_max=_range(args.k_range)[1],
-        device=args.device,
-        precision=args.precision,
-        allow_untrained=args.allow_untrained,
-        tree_clusters=parse_cluster_ids(args.tree_clusters),
-        tile_size=args.tile_size,
         crowns=args.crowns,
         feature_preview=args.feature_preview,
         canopy_height=args.canopy_height,
         min_tree_height_m=args.min_tree_height,
         height_model=args.height_model,
         crown_min_area_m2=args.crown_min_area,
-        use_cache=not args.no_cache,
-        cache_dir=args.cache_dir,
+        cluster_model=args.cluster_model,
+        **_model_settings(args),
     )
+
+
+def _model_settings(args: argparse.Namespace) -> dict:
+    """The SegmentationParams fields of the options `_model_options` adds (the stride aside)."""
+    k_min, k_max = _range(args.k_range)
+    return {
+        "bands": _bands(args.bands), "model": args.model, "model_revision": args.model_revision,
+        "clusters": parse_clusters(args.clusters), "k_min": k_min, "k_max": k_max, "device": args.device,
+        "precision": args.precision, "allow_untrained": args.allow_untrained,
+        "tree_clusters": parse_cluster_ids(args.tree_clusters), "tile_size": args.tile_size,
+        "use_cache": not args.no_cache, "cache_dir": args.cache_dir,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -199,6 +284,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _check_address_space(args)
             if args.command == "teach":
                 return _teach(args)
+            if args.command == "fit":
+                return _fit(args)
+            if args.command == "segment-many":
+                return _segment_many(args)
             from .pipeline import segment
 
             params = params_from_args(args)

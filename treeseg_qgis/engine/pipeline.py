@@ -56,6 +56,7 @@ from .core.segmentation import (
     segment_raster,
 )
 from .core.store import FeatureStore
+from .core.survey_model import SETTINGS, SurveyModel
 from .core.teach import prototypes, score_raster
 from .core.tiling import TileGrid, Window
 from .gis.crowns import CrownOptions, write_crowns
@@ -91,7 +92,8 @@ def segment(
         params = replace(params, clusters=2)
     progress = progress or Progress()
     started = time.perf_counter()
-    with _opened(params, progress, SEGMENT_KINDS) as (source, store, cache_state):
+    survey = SurveyModel.load(params.cluster_model) if params.cluster_model else None
+    with _opened(params, progress, SEGMENT_KINDS, survey=survey) as (source, store, cache_state):
         if cache_state != "hit" and params.method == "dinov3":
             _report_estimate(params, source, progress)
         progress.report(0.0, "Loading model" if cache_state != "hit" else "Reading cached features")
@@ -99,6 +101,8 @@ def segment(
         load_started = time.perf_counter()
         grid, extractor, model = _features(params, source, store, cache_state, load_model)
         load_seconds = time.perf_counter() - load_started
+        if survey:
+            survey.check_extractor(model)
         if model["untrained"]:
             log.warning(UNTRAINED_BANNER)
         paths = OutputPaths.for_params(params, model["untrained"])
@@ -124,7 +128,7 @@ def segment(
                 written.append(paths.height)
                 tree_filter = _height_filter(staged.height, params.min_tree_height_m)
             result = segment_raster(params, source, grid, extractor, store, open_sink,
-                                    progress.sub(0.3 if height_timings else 0.03, 0.9), tree_filter)
+                                    progress.sub(0.3 if height_timings else 0.03, 0.9), tree_filter, survey)
             if extractor is not None:
                 model.update(extractor.describe())
             result.timings.update({name: round(seconds, 3) for name, seconds in height_timings.items()})
@@ -156,6 +160,8 @@ def segment(
             result.timings["preview"] = round(time.perf_counter() - preview_started, 3)
             record = _record(params, model, source, result, paths, polygons, written)
             record["crowns"] = crowns
+            record["cluster_model"] = ({"path": str(params.cluster_model), "projection": survey.projection_id}
+                                       if survey else None)
             record["feature_cache"] = {"state": cache_state,
                                        "folder": str(store.folder) if cache_state != "off" else None}
             record["timings"]["load_model"] = round(load_seconds, 3)
@@ -197,14 +203,18 @@ def teach(
         raise InputError(f"The threshold is a score between 0 and 1, not {threshold}.")
     progress = progress or Progress()
     started = time.perf_counter()
-    with _opened(params, progress, TEACH_KINDS, examples if isinstance(examples, str) else None) as (
+    survey = SurveyModel.load(params.cluster_model) if params.cluster_model else None
+    with _opened(params, progress, TEACH_KINDS, examples if isinstance(examples, str) else None, survey) as (
             source, store, cache_state):
         if isinstance(examples, str):
             examples = _read_examples(examples, source)
         progress.report(0.0, "Loading model" if cache_state != "hit" else "Reading cached features")
         grid, extractor, model = _features(params, source, store, cache_state, load_model)
+        if survey:
+            survey.check_extractor(model)
         timings: dict[str, float] = {}
-        ensure_features(params, source, grid, extractor, store, progress.sub(0.02, 0.8), timings)
+        ensure_features(params, source, grid, extractor, store, progress.sub(0.02, 0.8), timings,
+                        survey.projection if survey else None)
         if extractor is not None:
             model.update(extractor.describe())
         found = prototypes(store, grid, examples)
@@ -272,14 +282,20 @@ def _validate(params: SegmentationParams) -> None:
 
 @contextmanager
 def _opened(params: SegmentationParams, progress: Progress, kinds: tuple[str, ...],
-            examples_path: str | None = None) -> Iterator[tuple[GdalRasterSource, FeatureStore, str]]:
-    """The input raster and the run's feature store (see `_feature_store`), output folder and paths checked."""
+            examples_path: str | None = None,
+            survey: SurveyModel | None = None) -> Iterator[tuple[GdalRasterSource, FeatureStore, str]]:
+    """The input raster and the run's feature store (see `_feature_store`), output folder and paths checked;
+    with a survey cluster model, the raster and settings checked against it."""
     limit_block_cache()
     _check_input_is_a_file(params.input_path)
     _output_folder(params.output_dir)
     with GdalRasterSource(params.input_path, params.bands) as source:
-        _check_output_paths(params, kinds, [params.input_path, *source.files, *filter(None, [examples_path])])
-        with _feature_store(params, source, progress) as (store, cache_state):
+        _check_output_paths(params, kinds, [params.input_path, *source.files,
+                                            *filter(None, [examples_path, params.cluster_model])])
+        if survey:
+            survey.check_run({name: getattr(params, name) for name in SETTINGS}, _precision(params), source.bands,
+                             source.scaling)
+        with _feature_store(params, source, progress, survey) as (store, cache_state):
             yield source, store, cache_state
 
 
@@ -314,8 +330,8 @@ def _check_output_paths(params: SegmentationParams, kinds: tuple[str, ...], inpu
 
 
 @contextmanager
-def _feature_store(params: SegmentationParams, source: GdalRasterSource,
-                   progress: Progress) -> Iterator[tuple[FeatureStore, str]]:
+def _feature_store(params: SegmentationParams, source: GdalRasterSource, progress: Progress,
+                   survey: SurveyModel | None) -> Iterator[tuple[FeatureStore, str]]:
     """The run's feature store and the cache state: 'hit', 'miss' (filled now) or 'off'.
 
     A cache folder that cannot take the features turns the cache off for this run, with a warning.
@@ -324,7 +340,8 @@ def _feature_store(params: SegmentationParams, source: GdalRasterSource,
     if params.use_cache:
         cache = FeatureCache(params.cache_dir, params.cache_max_mb)
         try:
-            entry = cache.open(_cache_key(params, source), _feature_bytes(params, source), progress.is_cancelled,
+            entry = cache.open(_cache_key(params, source, survey), _feature_bytes(params, source),
+                               progress.is_cancelled,
                                lambda: progress.report(0.0, "Waiting for another run extracting the same features"))
         except CacheUnavailable as error:
             log.warning("The feature cache is off for this run (%s): the next run extracts the features again. "
@@ -343,21 +360,29 @@ def _feature_store(params: SegmentationParams, source: GdalRasterSource,
     cache.evict(keep=entry.final)
 
 
-def _cache_key(params: SegmentationParams, source: GdalRasterSource) -> dict:
+def _cache_key(params: SegmentationParams, source: GdalRasterSource, survey: SurveyModel | None = None) -> dict:
     """Everything that changes the features: the input's files (a VRT's sources too; not the .aux.xml GDAL
-    may write beside them when reading), the weights, the settings."""
+    may write beside them when reading), the weights, the settings, and a survey's PCA when features are
+    projected with it (a per-raster entry is never taken for a survey-projected one)."""
     dinov3 = params.method == "dinov3"
     return {
+        **({"projection": survey.projection_id} if survey else {}),
         "format": 2,
         "input": [_input_identity(path) for path in source.files if not path.endswith(".aux.xml")],
         "bands": list(source.bands),
         "scaling": source.scaling,
         "weights": weights_identity(params.model, params.model_revision) if dinov3 else None,
-        "precision": describe_precision(resolve_precision(resolve_device(params.device)[0], params.precision))
-        if dinov3 else None,
+        "precision": _precision(params),
         **{name: getattr(params, name) for name in (
             "method", "model", "model_revision", "stride", "tile_size", "overlap", "pca_dims", "sample_size", "seed")},
     }
+
+
+def _precision(params: SegmentationParams) -> str | None:
+    """What the model runs in, as the record says it (None for the colour baselines)."""
+    if params.method != "dinov3":
+        return None
+    return describe_precision(resolve_precision(resolve_device(params.device)[0], params.precision))
 
 
 def _input_identity(path: str) -> dict:
@@ -495,11 +520,11 @@ def _features(params: SegmentationParams, source: GdalRasterSource, store: Featu
     tiles = TileGrid(source.width, source.height, params.tile_size, params.overlap)
     if cache_state == "hit":
         return FeatureGrid.of_store(tiles, store), None, store.model()
-    extractor = _extractor(params, load_model)
+    extractor = feature_extractor(params, load_model)
     return FeatureGrid.of_extractor(tiles, extractor), extractor, extractor.describe()
 
 
-def _extractor(params: SegmentationParams, load_model: ModelLoader | None) -> TileFeatureExtractor:
+def feature_extractor(params: SegmentationParams, load_model: ModelLoader | None) -> TileFeatureExtractor:
     """The DINOv3 feature extractor (loading the model), or a colour baseline."""
     if params.method != "dinov3":
         return ColourFeatures(params.method, params.stride)

@@ -2,10 +2,10 @@
 
 It speaks the protocol of `treeseg_qgis/protocol.py` (one JSON object per line, both ways): it announces
 itself with `hello` (its protocol version), then serves jobs from stdin until stdin closes, keeping the
-last model loaded so the next run skips loading it. Jobs: segment, teach, crowns, probe, and for the model
-manager models, download, delete and clear_feature_cache (engine/hub_cache.py does those). Per job it
-writes progress and log messages, then one result or one error (its kind: input, model, output,
-cancelled, internal).
+last model loaded so the next run skips loading it. Jobs: segment, teach, fit (a survey cluster model),
+crowns, probe, and for the model manager models, download, delete and clear_feature_cache
+(engine/hub_cache.py does those). Per job it writes progress and log messages, then one result or one
+error (its kind: input, model, output, cancelled, internal).
 
 Cancel is cooperative: a reader thread takes `cancel` off stdin at once; the job stops at the
 next batch of tiles or transformer layer of the model, removes its outputs, reports `cancelled`,
@@ -73,6 +73,7 @@ class Worker:
         self._commands: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             Command.SEGMENT: self.segment,
             Command.TEACH: self.teach,
+            Command.FIT: self.fit,
             Command.CROWNS: self.crowns,
             Command.PROBE: lambda job: {**probe(), "model_loads": self.model_loads, "jobs_served": self.jobs_served},
             Command.MODELS: lambda job: {**hub_cache.cached_models(),
@@ -154,6 +155,18 @@ class Worker:
         return teach(params, examples, None if threshold is None else float(threshold),
                      Progress(self._progress, self.cancel_check()), self._kept_model_loader(job),
                      class_name=str(job.get(protocol.CLASS_NAME) or "tree"))
+
+    def fit(self, job: dict[str, Any]) -> dict[str, Any]:
+        """One survey cluster model from several rasters (survey.fit_survey), written to `out_path`."""
+        from .core.progress import Progress
+        from .survey import fit_survey
+
+        params = job_params(job)
+        model = fit_survey([str(path) for path in job[protocol.INPUTS]], params, str(job[protocol.OUT_PATH]),
+                           Progress(self._progress, self.cancel_check()), self._kept_model_loader(job))
+        header = model.header()
+        return {"cluster_model": str(job[protocol.OUT_PATH]), "model": header["extractor"],
+                **{key: header[key] for key in ("k", "automatic_k", "tree_clusters", "tree_rule", "inputs")}}
 
     def crowns(self, job: dict[str, Any]) -> dict[str, Any]:
         """Split a tree-mask raster into crown polygons (gis/crowns.py); the layer is named after the file."""

@@ -160,6 +160,23 @@ class EngineClient:
             job[protocol.HF_TOKEN] = hf_token
         return self._run_writing(job, lambda: _recover_outputs_of(params), on_progress, None, is_cancelled)
 
+    def fit(
+        self,
+        inputs: list[str],
+        out_path: str,
+        params: SegmentationParams,
+        on_progress: ProgressHandler | None = None,
+        is_cancelled: CancelCheck | None = None,
+        hf_token: str | None = None,
+    ) -> dict[str, Any]:
+        """Fit one survey cluster model on `inputs` and write it to `out_path` (.treeseg, written atomically);
+        `{"cluster_model", "model", "k", "automatic_k", "tree_clusters", "tree_rule", "inputs"}` or EngineError."""
+        job = {protocol.COMMAND: Command.FIT, protocol.INPUTS: list(inputs), protocol.OUT_PATH: out_path,
+               protocol.PARAMS: _validated_json(params)}
+        if hf_token:
+            job[protocol.HF_TOKEN] = hf_token
+        return self._run(job, on_progress, None, is_cancelled)
+
     def crowns(
         self,
         trees_path: str,

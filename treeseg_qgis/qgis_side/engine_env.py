@@ -28,7 +28,7 @@ from ..memory import disk_free_bytes
 
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
 ENGINE_PACKAGES = ("torch", "transformers", "scikit-learn", "scikit-image", "huggingface_hub", "safetensors",
-                   "onnxruntime", "onnx")
+                   "onnxruntime", "onnx", "dask")
 QGIS_PACKAGES = ("numpy", "scipy", "matplotlib")
 CONSTRAINTS_FILE = "qgis-constraints.txt"
 READY_MARKER = "treeseg-engine-ready.json"
@@ -68,7 +68,7 @@ ENGINE_CHECK = """import importlib, sys, tempfile
 sys.path.insert(0, sys.argv[1])
 missing = []
 for name in ("torch", "transformers", "sklearn", "skimage", "scipy", "huggingface_hub", "safetensors",
-             "matplotlib", "osgeo.gdal"):
+             "matplotlib", "osgeo.gdal", "distributed"):
     try:
         importlib.import_module(name)
     except Exception as error:

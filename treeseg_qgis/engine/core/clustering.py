@@ -66,6 +66,13 @@ class Projection:
         pca = PCA(n_components=dims, random_state=seed, svd_solver="auto").fit(samples)
         self.components = pca.components_.astype(np.float32)
 
+    @classmethod
+    def from_arrays(cls, mean: np.ndarray, components: np.ndarray) -> Projection:
+        """A projection fitted earlier (a saved cluster model's)."""
+        projection = cls.__new__(cls)
+        projection.mean, projection.components = mean.astype(np.float32), components.astype(np.float32)
+        return projection
+
     def project(self, features: np.ndarray) -> np.ndarray:
         flat = features.reshape(-1, features.shape[-1]).astype(np.float32)
         projected = (flat - self.mean) @ self.components.T

@@ -34,6 +34,7 @@ from .feature_grid import MIN_VALID_FRACTION, FeatureGrid, bilinear_sample
 from .heap import release_free_memory
 from .progress import Progress
 from .store import FeatureStore, TileFeatures
+from .survey_model import ClusterFit, SurveyModel
 from .tiling import Tile, Window
 from .trees import check_tree_override, cluster_means, tree_clusters_by_exg
 
@@ -107,28 +108,24 @@ def segment_raster(
     open_sink: Callable[[int, list[int]], LabelSink],
     progress: Progress,
     tree_filter: Callable[[Window, np.ndarray], np.ndarray] | None = None,
+    survey: SurveyModel | None = None,
 ) -> SegmentationResult:
     """Segment `source` into clusters and trees; `open_sink(k, tree_ids)` receives the blocks.
 
     `extractor` may be None when `store` is complete. `tree_filter(block, trees)` may clear tree
-    pixels of a block (e.g. below a canopy height).
+    pixels of a block (e.g. below a canopy height). With a `survey` model its PCA and clusters are applied
+    as they are: nothing is fitted.
     """
     timings: dict[str, float] = {}
-    samples, sample_exg = ensure_features(params, source, grid, extractor, store, progress.sub(0, 0.85), timings)
+    samples, sample_exg = ensure_features(params, source, grid, extractor, store, progress.sub(0, 0.85), timings,
+                                          survey.projection if survey else None)
     release_free_memory()
 
     progress.report(0.86, "Clustering")
     progress.check()
     started = time.perf_counter()
-    clusters = fit_clusters(samples, params.fixed_clusters, (params.k_min, params.k_max), params.seed)
-    exg, weights = cluster_means(clusters.assign(samples), sample_exg, clusters.k)
-    order = np.argsort(-exg, kind="stable")
-    clusters.reorder(order)
-    exg, weights = exg[order], weights[order]
-    if params.tree_clusters is not None:
-        trees, rule = check_tree_override(list(params.tree_clusters), clusters.k), "user list"
-    else:
-        trees, rule = tree_clusters_by_exg(exg, weights, params.min_exg), "ExG (Otsu over clusters)"
+    fitted = survey.fit if survey else fit_clustering(samples, sample_exg, params)
+    clusters, trees, rule, exg = fitted.clusters, fitted.tree_clusters, fitted.tree_rule, fitted.cluster_exg
     timings["cluster"] = time.perf_counter() - started
 
     sink = open_sink(clusters.k, trees)
@@ -152,6 +149,20 @@ def segment_raster(
     )
 
 
+def fit_clustering(samples: np.ndarray, sample_exg: np.ndarray, params: SegmentationParams) -> ClusterFit:
+    """k-means on projected samples, clusters renumbered by decreasing ExG, and the tree rule."""
+    clusters = fit_clusters(samples, params.fixed_clusters, (params.k_min, params.k_max), params.seed)
+    exg, weights = cluster_means(clusters.assign(samples), sample_exg, clusters.k)
+    order = np.argsort(-exg, kind="stable")
+    clusters.reorder(order)
+    exg, weights = exg[order], weights[order]
+    if params.tree_clusters is not None:
+        trees, rule = check_tree_override(list(params.tree_clusters), clusters.k), "user list"
+    else:
+        trees, rule = tree_clusters_by_exg(exg, weights, params.min_exg), "ExG (Otsu over clusters)"
+    return ClusterFit(clusters, trees, rule, exg, weights)
+
+
 def ensure_features(
     params: SegmentationParams,
     source: RasterSource,
@@ -160,15 +171,17 @@ def ensure_features(
     store: FeatureStore,
     progress: Progress,
     timings: dict[str, float],
+    projection: Projection | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every tile's features in `store` (extracted now unless the store is complete; `extractor` may be
-    None only then), and the clustering sample with its ExG."""
+    None only then), and the clustering sample with its ExG. Features are projected with `projection` when
+    given (a survey's PCA), else with a PCA fitted on this raster."""
     if store.complete:
         progress.report(0.0, "Features from the cache")
         return store.load_samples()
     if extractor is None:
         raise ValueError("the feature store is incomplete and no extractor was given")
-    samples, sample_exg = _extract_all(params, source, grid, extractor, store, progress, timings)
+    samples, sample_exg = _extract_all(params, source, grid, extractor, store, progress, timings, projection)
     store.save_samples(samples, sample_exg, {**extractor.describe(), **grid.describe()})
     return samples, sample_exg
 
@@ -193,19 +206,19 @@ def _extract_all(
     store: FeatureStore,
     progress: Progress,
     timings: dict[str, float],
+    projection: Projection | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Extract and store every tile; return the projected cluster sample and its ExG."""
     rng = np.random.default_rng(params.seed)
-    pca_tiles = grid.tiles.spread(PCA_TILES)
+    pca_tiles = [] if projection else grid.tiles.spread(PCA_TILES)
     first = {(t.row, t.col) for t in pca_tiles}
     order = pca_tiles + [t for t in grid.tiles.tiles() if (t.row, t.col) not in first]
-    per_tile_pca = math.ceil(params.sample_size / len(pca_tiles))
+    per_tile_pca = math.ceil(params.sample_size / max(len(pca_tiles), 1))
     per_tile = math.ceil(params.sample_size / len(order))
     pca_samples: list[np.ndarray] = []
     raw: dict[tuple[int, int], TileFeatures] = {}
     samples: list[np.ndarray] = []
     sample_exg: list[np.ndarray] = []
-    projection: Projection | None = None
     timings.update(read=0.0, features=0.0, project=0.0)
 
     def keep_sample(tile_features: TileFeatures) -> None:
@@ -234,6 +247,29 @@ def _extract_all(
         timings["project"] += time.perf_counter() - started
     progress.report(1.0, "Features extracted")
     return np.concatenate(samples).astype(np.float32), np.concatenate(sample_exg).astype(np.float64)
+
+
+def sample_raw_features(
+    source: RasterSource,
+    extractor: TileFeatureExtractor,
+    grid: FeatureGrid,
+    tiles: int,
+    count: int,
+    rng: np.random.Generator,
+    progress: Progress,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Up to `count` unprojected features of mostly valid cells and their ExG, from `tiles` tiles spread over
+    the raster (a survey's share of this raster)."""
+    spread = grid.tiles.spread(tiles)
+    per_tile = math.ceil(count / len(spread))
+    features_kept: list[np.ndarray] = []
+    exg_kept: list[np.ndarray] = []
+    timings = {"read": 0.0, "features": 0.0}
+    for _, (cell_valid, cell_exg), features in _extracted(source, spread, grid, extractor, progress, timings):
+        rows = _sample_rows(cell_valid, per_tile, rng)
+        features_kept.append(features.reshape(-1, features.shape[-1])[rows].astype(np.float32))
+        exg_kept.append(cell_exg.reshape(-1)[rows].astype(np.float64))
+    return np.concatenate(features_kept), np.concatenate(exg_kept)
 
 
 def _extracted(

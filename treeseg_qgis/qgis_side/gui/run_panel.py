@@ -341,7 +341,8 @@ class RunPanel(QWidget):
         return _collapsible_group("More outputs", "TreesegMoreOutputs", form)
 
     def _build_advanced(self) -> QgsCollapsibleGroupBox:
-        """The 'Advanced' group: where the model runs and in which precision; auto suits most runs."""
+        """The 'Advanced' group: where the model runs, in which precision (auto suits most runs), and a
+        survey's saved cluster model."""
         self.device_combo = QComboBox()
         for device in DEVICES:
             self.device_combo.addItem(device, device)
@@ -350,9 +351,15 @@ class RunPanel(QWidget):
         for precision in PRECISIONS:
             self.precision_combo.addItem(precision, precision)
         self.precision_combo.setToolTip(PRECISION_TOOLTIP)
+        self.cluster_model_widget = QgsFileWidget()
+        self.cluster_model_widget.setFilter("TreeSeg cluster model (*.treeseg)")
+        self.cluster_model_widget.setToolTip("Optional: a survey's cluster model (python -m treeseg_qgis fit, or "
+                                             "Processing ▸ Surveys). Its clusters are applied as they are, so this "
+                                             "raster gets the survey's cluster ids and legend; Clusters is ignored.")
         form = _form_layout()
         form.addRow("Device", self.device_combo)
         form.addRow("Precision", self.precision_combo)
+        form.addRow("Cluster model", self.cluster_model_widget)
         return _collapsible_group("Advanced", "TreesegAdvanced", form)
 
     def _lay_out(self) -> None:
@@ -615,6 +622,7 @@ class RunPanel(QWidget):
             canopy_height=heights,
             min_tree_height_m=(self.min_height_spin.value() or None) if heights else None,
             height_model=self.height_model_override.text().strip() or DEFAULTS.height_model,
+            cluster_model=self.cluster_model_widget.filePath().strip() or None,
         )
         params.validate()
         stem = Path(QgsProviderRegistry.instance().decodeUri("gdal", source).get("path") or source).stem

@@ -82,6 +82,12 @@ def read_text(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], nam
     return algorithm.parameterAsString(parameters, name, context).strip() or None
 
 
+def read_file(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], name: str,
+              context: QgsProcessingContext) -> str | None:
+    """A file path; none given leaves the field at its default."""
+    return algorithm.parameterAsFile(parameters, name, context).strip() or None
+
+
 def read_choice(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], name: str,
                 context: QgsProcessingContext) -> str:
     """An enum with static strings: the chosen string."""

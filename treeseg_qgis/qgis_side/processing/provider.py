@@ -9,6 +9,7 @@ from qgis.PyQt.QtGui import QIcon
 
 from .evaluate_segmentation import EvaluateSegmentationAlgorithm
 from .segment_trees import SegmentTreesAlgorithm
+from .survey_algorithms import ApplyClusterModelAlgorithm, FitClusterModelAlgorithm
 from .teach_trees import TeachTreesAlgorithm
 from .tree_crowns import TreeCrownsAlgorithm
 
@@ -44,7 +45,7 @@ class TreesegProvider(QgsProcessingProvider):
 
     def loadAlgorithms(self) -> None:
         for algorithm in (SegmentTreesAlgorithm(), TeachTreesAlgorithm(), TreeCrownsAlgorithm(),
-                          EvaluateSegmentationAlgorithm()):
+                          EvaluateSegmentationAlgorithm(), FitClusterModelAlgorithm(), ApplyClusterModelAlgorithm()):
             self.addAlgorithm(algorithm)
 
     def supportsNonFileBasedOutput(self) -> bool:

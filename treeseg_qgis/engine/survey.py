@@ -1,0 +1,302 @@
+"""Surveys: one cluster model fitted on many rasters, then applied to each of them (one legend).
+
+`fit_survey` draws a bounded feature sample from every input, proportional to its valid area, fits the
+PCA and the clusters on it and writes a `.treeseg` file (core/survey_model.py). `segment_many` fits
+(unless a model is given), runs `pipeline.segment` with that model on every input, here one after the
+other or on Dask (dask_runner.py), retries a failed raster once and writes a survey summary (JSON and
+CSV) and one merged polygons GeoPackage with a `source` field, as one outputs transaction.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..outputs import OutputTransaction
+from ..params import SegmentationParams
+from .core.clustering import Projection
+from .core.errors import Cancelled, InputError, TreesegError
+from .core.feature_grid import FeatureGrid
+from .core.progress import Progress
+from .core.segmentation import PCA_TILES, fit_clustering, sample_raw_features
+from .core.survey_model import SETTINGS, SUFFIX, SurveyModel, scaling_kind
+from .core.tiling import TileGrid
+from .gis.merge import merge_polygons
+from .gis.raster import GdalRasterSource, limit_block_cache
+from .pipeline import ModelLoader, feature_extractor, load_model_for, segment
+
+log = logging.getLogger("treeseg")
+
+MODEL_NAME = f"survey{SUFFIX}"
+SUMMARY_JSON = "survey_summary.json"
+SUMMARY_CSV = "survey_summary.csv"
+MERGED_POLYGONS = "survey_polygons.gpkg"
+ATTEMPTS = 2
+"""A failed raster is tried once more before it is reported."""
+
+
+@dataclass
+class RasterJob:
+    """One raster of a survey: its parameters (the cluster model set) and its output stem."""
+
+    input_path: str
+    params: SegmentationParams
+
+
+@dataclass
+class RasterOutcome:
+    """What became of one raster: its run record, or the error of its last attempt."""
+
+    input_path: str
+    stem: str
+    record: dict | None
+    error: str | None
+    attempts: int
+    seconds: float
+
+
+def fit_survey(inputs: Sequence[str], params: SegmentationParams, out_path: str | Path,
+               progress: Progress | None = None, load_model: ModelLoader | None = None,
+               failures: dict[str, str] | None = None) -> SurveyModel:
+    """Fit one cluster model on a sample of all `inputs` (proportional to valid area) and save it.
+
+    A raster that cannot be read is left out and reported in `failures` (path → reason) when given;
+    without `failures` it stops the fit.
+    """
+    params.validate()
+    progress = progress or Progress()
+    limit_block_cache()
+    areas: dict[str, int] = {}
+    scalings: dict[str, str] = {}
+    for index, path in enumerate(inputs):
+        progress.check()
+        progress.report(0.1 * index / len(inputs), f"Measuring valid area: raster {index + 1} of {len(inputs)}")
+        try:
+            with GdalRasterSource(path, params.bands) as source:
+                areas[path] = _valid_pixels(source, params)
+                scalings[path] = source.scaling
+        except InputError as error:
+            if failures is None:
+                raise
+            failures[path] = str(error)
+            log.warning("Left out of the fit: %s", error)
+    kinds = {scaling_kind(scaling) for scaling in scalings.values()}
+    if len(kinds) > 1:
+        raise InputError("The rasters are scaled differently (" + "; ".join(sorted(kinds)) + "): one cluster "
+                         "model needs rasters of one data type and band layout.")
+    total = sum(areas.values())
+    if total == 0:
+        raise InputError("None of the rasters has valid pixels to fit a cluster model on.")
+    extractor = feature_extractor(params, load_model)
+    rng = np.random.default_rng(params.seed)
+    raw: list[np.ndarray] = []
+    exg: list[np.ndarray] = []
+    fitted_inputs = []
+    cells_per_tile = (params.tile_size // params.stride) ** 2
+    for index, (path, area) in enumerate(areas.items()):
+        count = math.ceil(params.sample_size * area / total) if area else 0
+        if count == 0:
+            continue
+        tiles = min(PCA_TILES, max(1, math.ceil(4 * count / cells_per_tile)))
+        step = progress.sub(0.1 + 0.8 * index / len(areas), 0.1 + 0.8 * (index + 1) / len(areas))
+        with GdalRasterSource(path, params.bands) as source:
+            grid = FeatureGrid.of_extractor(TileGrid(source.width, source.height, params.tile_size, params.overlap),
+                                            extractor)
+            try:
+                features, cell_exg = sample_raw_features(source, extractor, grid, tiles, count, rng, step)
+            except InputError as error:
+                if failures is None:
+                    raise
+                failures[path] = str(error)
+                log.warning("Left out of the fit: %s", error)
+                continue
+        raw.append(features)
+        exg.append(cell_exg)
+        fitted_inputs.append({"path": str(path), "valid_pixels": area, "samples": int(features.shape[0])})
+    if not raw:
+        raise InputError("No raster could give features to fit a cluster model on: " + "; ".join(failures.values()))
+    progress.report(0.9, "Fitting the survey's clusters")
+    stacked = np.concatenate(raw)
+    projection = Projection(stacked, params.pca_dims, params.seed)
+    projected = projection.project(stacked)
+    fit = fit_clustering(projected, np.concatenate(exg), params)
+    settings = {name: getattr(params, name) for name in SETTINGS}
+    settings["bands"] = list(params.bands)
+    model = SurveyModel(projection, fit, settings, extractor.describe(), scalings[fitted_inputs[0]["path"]],
+                        fitted_inputs)
+    model.save(out_path)
+    progress.report(1.0, "Cluster model written")
+    return model
+
+
+def _valid_pixels(source: GdalRasterSource, params: SegmentationParams) -> int:
+    """The number of valid pixels of a raster, read block by block."""
+    grid = TileGrid(source.width, source.height, params.tile_size, params.overlap)
+    return sum(int(source.read_valid(b.x, b.y, b.width, b.height).sum()) for b in grid.blocks())
+
+
+def raster_jobs(inputs: Sequence[str], params: SegmentationParams, out_dir: str | Path,
+                model_path: str | Path) -> list[RasterJob]:
+    """One job per input, each with a distinct output stem (the file's name; `_2`, `_3`… for repeats)."""
+    jobs = []
+    used: set[str] = set()
+    for path in inputs:
+        stem, number = Path(path).stem, 2
+        while stem in used:
+            stem, number = f"{Path(path).stem}_{number}", number + 1
+        used.add(stem)
+        jobs.append(RasterJob(str(path), replace(params, input_path=str(path), output_dir=str(out_dir),
+                                                 output_stem=stem, cluster_model=str(model_path))))
+    return jobs
+
+
+def run_locally(jobs: Sequence[RasterJob], progress: Progress,
+                load_model: ModelLoader | None = None) -> list[RasterOutcome]:
+    """Each raster in this process, one after the other, the model loaded once."""
+    loader = _memoised(load_model or load_model_for)
+    outcomes = []
+    for index, job in enumerate(jobs):
+        progress.check()
+        progress.report(index / len(jobs), f"Raster {index + 1} of {len(jobs)}: {Path(job.input_path).name}")
+        outcomes.append(run_job(job, loader))
+    return outcomes
+
+
+def run_job(job: RasterJob, load_model: ModelLoader) -> RasterOutcome:
+    """Segment one raster, trying once more after a failure; the error of the last attempt is kept."""
+    started = time.perf_counter()
+    error = None
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            record = segment(job.params, load_model=load_model)
+            return RasterOutcome(job.input_path, job.params.output_stem, record, None, attempt,
+                                 time.perf_counter() - started)
+        except (TreesegError, OSError, RuntimeError, ValueError) as failure:
+            if isinstance(failure, Cancelled):
+                raise
+            error = str(failure) or type(failure).__name__
+            log.warning("%s failed (attempt %d of %d): %s", job.input_path, attempt, ATTEMPTS, error)
+    return RasterOutcome(job.input_path, job.params.output_stem, None, error, ATTEMPTS,
+                         time.perf_counter() - started)
+
+
+def _memoised(load_model: ModelLoader) -> ModelLoader:
+    """A loader that loads the backbone on the first call and hands out the same one afterwards."""
+    loaded = {}
+
+    def load(params: SegmentationParams):
+        if "backbone" not in loaded:
+            loaded["backbone"] = load_model(params)
+        return loaded["backbone"]
+
+    return load
+
+
+def segment_many(
+    inputs: Sequence[str],
+    params: SegmentationParams,
+    out_dir: str | Path,
+    cluster_model: str | None = None,
+    workers: int = 1,
+    scheduler: str | None = None,
+    progress: Progress | None = None,
+    load_model: ModelLoader | None = None,
+) -> dict:
+    """Fit (unless `cluster_model` is given) and apply one cluster model to every input; the survey summary.
+
+    `workers` > 1 runs the rasters on a Dask LocalCluster of that many processes, `scheduler` on an
+    existing Dask cluster; otherwise they run here one after the other.
+    """
+    if not inputs:
+        raise InputError("Give at least one input raster.")
+    progress = progress or Progress()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    failures: dict[str, str] = {}
+    model_path = Path(cluster_model) if cluster_model else out_dir / MODEL_NAME
+    if cluster_model:
+        model = SurveyModel.load(model_path)
+        params = replace(params, **model.run_settings())
+    else:
+        model = fit_survey(inputs, params, model_path, progress.sub(0.0, 0.3), load_model, failures)
+    jobs = raster_jobs(inputs, params, out_dir, model_path)
+    apply = progress.sub(0.0 if cluster_model else 0.3, 0.95)
+    if workers > 1 or scheduler:
+        from .dask_runner import run_on_dask
+
+        outcomes = run_on_dask(jobs, workers, scheduler, apply)
+    else:
+        outcomes = run_locally(jobs, apply, load_model)
+    progress.report(0.95, "Writing the survey summary")
+    summary = _summary(model, model_path, outcomes, time.perf_counter() - started)
+    _write_survey_outputs(out_dir, summary, outcomes)
+    progress.report(1.0, "Done")
+    return summary
+
+
+def _summary(model: SurveyModel, model_path: Path, outcomes: list[RasterOutcome], seconds: float) -> dict:
+    header = model.header()
+    return {
+        "cluster_model": str(model_path),
+        "legend": {"k": header["k"], "tree_clusters": header["tree_clusters"], "tree_rule": header["tree_rule"],
+                   "mean_exg": [round(v, 4) for v in header["cluster_exg"]]},
+        "model": header["extractor"],
+        "rasters": [_raster_row(outcome) for outcome in outcomes],
+        "failed": sum(outcome.error is not None for outcome in outcomes),
+        "seconds": round(seconds, 3),
+    }
+
+
+def _raster_row(outcome: RasterOutcome) -> dict:
+    record = outcome.record
+    return {
+        "input": outcome.input_path,
+        "stem": outcome.stem,
+        "status": "ok" if record else "failed",
+        "error": outcome.error,
+        "attempts": outcome.attempts,
+        "tree_cover": record["trees"]["tree_cover"] if record else None,
+        "cluster_pixels": record["clusters"]["pixels"] if record else None,
+        "seconds": round(outcome.seconds, 3),
+        "outputs": record["outputs"] if record else None,
+    }
+
+
+def _write_survey_outputs(out_dir: Path, summary: dict, outcomes: list[RasterOutcome]) -> None:
+    """The summary JSON and CSV and the merged polygons, moved into place together."""
+    finals = [out_dir / SUMMARY_JSON, out_dir / SUMMARY_CSV, out_dir / MERGED_POLYGONS]
+    transaction = OutputTransaction(finals)
+    try:
+        parts = [(outcome.stem, outcome.record["outputs"]["polygons"]) for outcome in outcomes
+                 if outcome.record and "polygons" in outcome.record["outputs"]]
+        summary["merged_polygons"] = merge_polygons(parts, str(transaction.staged(finals[2])), "survey_polygons")
+        transaction.staged(finals[0]).write_text(json.dumps(summary, indent=2))
+        transaction.staged(finals[1]).write_text(_csv(summary))
+        transaction.commit(finals, [])
+    except BaseException:
+        transaction.abort()
+        raise
+
+
+def _csv(summary: dict) -> str:
+    text = io.StringIO()
+    writer = csv.writer(text)
+    k = summary["legend"]["k"]
+    writer.writerow(["input", "status", "tree_cover", *(f"cluster_{i}_pixels" for i in range(k)), "seconds",
+                     "error"])
+    for row in summary["rasters"]:
+        pixels = row["cluster_pixels"] or [""] * k
+        writer.writerow([row["input"], row["status"], row["tree_cover"] if row["tree_cover"] is not None else "",
+                         *pixels, row["seconds"], row["error"] or ""])
+    return text.getvalue()
+

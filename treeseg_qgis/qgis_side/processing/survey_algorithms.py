@@ -1,0 +1,125 @@
+"""Surveys in Processing: `treeseg:fitclustermodel` (one cluster model from several rasters) and
+`treeseg:applyclustermodel` (segment one raster with it: the same cluster ids and legend in every raster).
+
+Both run in the engine worker process; nothing here imports torch or the engine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qgis.core import (
+    QgsProcessingContext,
+    QgsProcessingException,
+    QgsProcessingFeedback,
+    QgsProcessingOutputNumber,
+    QgsProcessingParameterFile,
+    QgsProcessingParameterFileDestination,
+    QgsProcessingParameterMultipleLayers,
+    QgsProcessingParameterNumber,
+)
+
+from ...params import K_MAX
+from ..auth import hf_token
+from ..compat import INTEGER, RASTER_LAYERS
+from .engine_algorithm import (
+    WEIGHTS_HELP,
+    Declared,
+    EngineAlgorithm,
+    device_parameters,
+    engine_python,
+    model_parameters,
+    read_clusters,
+    read_file,
+    run_in_engine,
+)
+from .segment_trees import SegmentTreesAlgorithm
+
+MODEL_SUFFIX = ".treeseg"
+FIT_HELP = """<p>Fits <b>one</b> clustering on a feature sample drawn from all the chosen rasters (in
+proportion to their valid area) and saves it as a small <i>.treeseg</i> file: the model, stride, precision,
+bands, the PCA, the cluster centres, K and the tree rule. <b>Apply a cluster model</b> then labels any raster
+of the survey with the same cluster ids and legend, so cluster 2 means the same thing in every file.</p>
+<p>The rasters must share their band layout and data type. The command line runs the same on many
+rasters at once, also on a Dask cluster: <i>python -m treeseg_qgis segment-many</i>.</p>""" + WEIGHTS_HELP
+APPLY_HELP = """<p>Segments one raster with a saved cluster model (<b>Fit a cluster model on several
+rasters</b>): nothing is refitted, so every raster of the survey gets the same cluster ids, tree clusters
+and legend. The model, stride, precision and bands must be those the model was fitted with; a raster or
+settings that differ are refused, naming what differs.</p>""" + WEIGHTS_HELP
+
+
+class FitClusterModelAlgorithm(EngineAlgorithm):
+    """One survey cluster model from several rasters, fitted by the engine worker."""
+
+    NAME = "fitclustermodel"
+    DISPLAY_NAME = "Fit a cluster model on several rasters"
+    GROUP = "Surveys"
+    GROUP_ID = "surveys"
+    TAGS = ("survey", "cluster model", "legend", "mosaic", "tiles", "dinov3", "clustering")
+    HELP = FIT_HELP
+
+    INPUTS = "INPUTS"
+    CLUSTERS = "CLUSTERS"
+    OUTPUT = "OUTPUT"
+    K = "K"
+
+    def declare(self) -> list[Declared]:
+        return [
+            Declared(QgsProcessingParameterMultipleLayers(
+                self.INPUTS, "Survey orthophotos (raster files)", RASTER_LAYERS)),
+            *model_parameters(),
+            Declared(QgsProcessingParameterNumber(
+                self.CLUSTERS, "Clusters (0: automatic)", INTEGER, defaultValue=0, minValue=0, maxValue=K_MAX),
+                "clusters", read_clusters),
+            *device_parameters(),
+            Declared(QgsProcessingParameterFileDestination(
+                self.OUTPUT, "Cluster model", fileFilter=f"TreeSeg cluster model (*{MODEL_SUFFIX})")),
+        ]
+
+    def declare_outputs(self) -> None:
+        self.addOutput(QgsProcessingOutputNumber(self.K, "Number of clusters"))
+
+    def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,
+                         feedback: QgsProcessingFeedback) -> dict[str, Any]:
+        python = engine_python()
+        layers = self.parameterAsLayerList(parameters, self.INPUTS, context)
+        if not layers:
+            raise QgsProcessingException("Choose the rasters of the survey.")
+        inputs = [layer.source() for layer in layers]
+        out_path = self.parameterAsFileOutput(parameters, self.OUTPUT, context)
+        if Path(out_path).suffix.lower() != MODEL_SUFFIX:
+            out_path = str(Path(out_path).with_suffix(MODEL_SUFFIX))
+        if out_path in inputs:
+            raise QgsProcessingException("The cluster model would overwrite an input: choose another file.")
+        params = self.read_params(parameters, context, input_path=inputs[0], output_dir=str(Path(out_path).parent))
+        self.check_params(params, kinds=(), inputs=tuple(inputs))
+        record = run_in_engine(python, feedback, lambda client, report: client.fit(
+            inputs, out_path, params, on_progress=report.progress, is_cancelled=feedback.isCanceled,
+            hf_token=hf_token()))
+        feedback.pushInfo(f"K={record['k']}, tree clusters {record['tree_clusters']}, from {len(inputs)} rasters")
+        return {self.OUTPUT: record["cluster_model"], self.K: record["k"]}
+
+
+class ApplyClusterModelAlgorithm(SegmentTreesAlgorithm):
+    """Segment trees with a saved survey cluster model instead of fitting the clusters."""
+
+    NAME = "applyclustermodel"
+    DISPLAY_NAME = "Apply a cluster model"
+    GROUP = "Surveys"
+    GROUP_ID = "surveys"
+    TAGS = ("survey", "cluster model", "legend", "trees", "segmentation", "dinov3")
+    HELP = APPLY_HELP
+
+    CLUSTER_MODEL = "CLUSTER_MODEL"
+    FITTED_BY_THE_MODEL = (SegmentTreesAlgorithm.CLUSTERS, SegmentTreesAlgorithm.K_MIN, SegmentTreesAlgorithm.K_MAX,
+                           SegmentTreesAlgorithm.TREE_CLUSTERS)
+
+    def declare(self) -> list[Declared]:
+        """Segment trees' parameters without those the model fixes (K, its range, the tree clusters), with the
+        model file after the input."""
+        inherited = [item for item in super().declare() if item.definition.name() not in self.FITTED_BY_THE_MODEL]
+        model_file = Declared(QgsProcessingParameterFile(
+            self.CLUSTER_MODEL, "Cluster model (.treeseg)", extension=MODEL_SUFFIX.lstrip(".")),
+            "cluster_model", read_file)
+        return [inherited[0], model_file, *inherited[1:]]
