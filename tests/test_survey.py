@@ -16,12 +16,12 @@ import numpy as np
 import psutil
 import pytest
 from osgeo import gdal, ogr
-from treeseg_qgis.params import SegmentationParams
 
 from treeseg_qgis.engine.cli import EXIT_SOME_FAILED, main
 from treeseg_qgis.engine.core.errors import InputError
 from treeseg_qgis.engine.pipeline import segment
 from treeseg_qgis.engine.survey import fit_survey
+from treeseg_qgis.params import SegmentationParams
 
 from .conftest import REPO, disc_scene, write_geotiff
 
