@@ -193,9 +193,9 @@ def test_the_worker_runs_int8_and_a_cancel_stops_it_inside_an_image(deep_model_d
     raster = write_geotiff(tmp_path / "scene.tif", image)
     client = EngineClient(sys.executable, {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     try:
-        def job(out: str) -> dict:
-            return {"input_path": str(raster), "output_dir": str(tmp_path / out), "model": str(deep_model_dir),
-                    "device": "cpu", "precision": "int8", "tile_size": 1024, "clusters": 2, "use_cache": False}
+        def job(out: str) -> SegmentationParams:
+            return SegmentationParams(str(raster), str(tmp_path / out), model=str(deep_model_dir), device="cpu",
+                                      precision="int8", tile_size=1024, clusters=2, use_cache=False)
 
         client.segment(job("export"))  # exports and caches the int8 model, then runs one 1024² image
         record = client.segment(job("first"))

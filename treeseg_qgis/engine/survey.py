@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..outputs import OutputTransaction
-from ..params import SegmentationParams
+from ..params import ParameterError, SegmentationParams
 from .core.clustering import Projection
 from .core.errors import Cancelled, InputError, TreesegError
 from .core.feature_grid import FeatureGrid
@@ -70,9 +70,14 @@ def fit_survey(inputs: Sequence[str], params: SegmentationParams, out_path: str 
     """Fit one cluster model on a sample of all `inputs` (proportional to valid area) and save it.
 
     A raster that cannot be read is left out and reported in `failures` (path → reason) when given;
-    without `failures` it stops the fit.
+    without `failures` it stops the fit. The parameters' input is not read: `inputs` are.
     """
-    params.validate()
+    if not inputs:
+        raise InputError("Give the rasters to fit the cluster model on.")
+    try:
+        replace(params, input_path=inputs[0]).validate()
+    except ParameterError as error:
+        raise InputError(str(error)) from None
     progress = progress or Progress()
     limit_block_cache()
     areas: dict[str, int] = {}
