@@ -20,7 +20,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -32,6 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
+from bench import cpu_model  # noqa: E402
+
 SAMPLE = REPO / "resources" / "sample" / "OSBS_029.tif"
 WORK = REPO / "output" / "bench" / "batch"
 CROP = 384
@@ -121,13 +122,6 @@ def summary(batches: dict[str, list[list[dict]]]) -> dict[str, dict[str, float]]
     return result
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
 def commit() -> str:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                           check=False).stdout.strip() or "unknown"
@@ -142,7 +136,7 @@ def report(figures: dict[str, dict[str, float]], rounds: int, loads: tuple[float
     verdict = "met" if warm["overhead_after_first"] <= TARGET_SECONDS else "NOT met"
     return [
         HEADING, "",
-        f"Date: {datetime.date.today()}. Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"Date: {datetime.date.today()}. Machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"no GPU; 1-minute load {loads[0]:.1f} at the start, {loads[1]:.1f} at the end (other work on the machine "
         f"slows the compute, not the overhead). Command: `.venv/bin/python scripts/bench_batch.py --rounds {rounds}` "
         f"(part of `make bench`; {seconds / 60:.0f} min), code of commit {code}.",

@@ -57,6 +57,25 @@ def write_geotiff(path: Path, bands: np.ndarray, geotransform=SAMPLE_GEOTRANSFOR
     return path
 
 
+def wgs84_memory_layer(geometry_type: str, name: str, utm_geometries: list, values: list[dict[str, int]] = ()):
+    """A QGIS memory layer in EPSG:4326 of `geometry_type` ("Point", "Polygon") holding `utm_geometries`
+    (QgsGeometry in UTM 17N, transformed here); `values` gives each feature its integer fields."""
+    from qgis.core import QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsFeature, QgsProject, QgsVectorLayer
+
+    fields = "".join(f"&field={field}:integer" for field in (values[0] if values else {}))
+    layer = QgsVectorLayer(f"{geometry_type}?crs=EPSG:4326{fields}", name, "memory")
+    to_wgs84 = QgsCoordinateTransform(QgsCoordinateReferenceSystem(f"EPSG:{UTM17N}"),
+                                      QgsCoordinateReferenceSystem("EPSG:4326"), QgsProject.instance())
+    for index, geometry in enumerate(utm_geometries):
+        feature = QgsFeature(layer.fields())
+        geometry.transform(to_wgs84)
+        feature.setGeometry(geometry)
+        for field, value in (values[index] if values else {}).items():
+            feature[field] = value
+        layer.dataProvider().addFeatures([feature])
+    return layer
+
+
 def disc_scene(rows: int, cols: int, centres, radius: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Green textured tree crowns on sandy soil: (3, rows, cols) uint8 and the crown mask."""
     rng = np.random.default_rng(seed)

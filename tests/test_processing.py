@@ -20,7 +20,7 @@ from osgeo import gdal, osr
 
 from treeseg_qgis.qgis_side.engine_client import ENGINE_PYTHON_ENV, close_shared_engines
 
-from .conftest import REPO, SAMPLE_GEOTRANSFORM, UTM17N, disc_scene, write_geotiff
+from .conftest import REPO, SAMPLE_GEOTRANSFORM, UTM17N, disc_scene, wgs84_memory_layer, write_geotiff
 
 gdal.UseExceptions()
 
@@ -127,15 +127,7 @@ def test_extent_crops_to_whole_pixels_of_the_raster(provider, tiny_model_dir, sc
 
 
 def test_mask_limits_to_the_polygon_and_resolution_resamples(provider, tiny_model_dir, scene_tif, tmp_path):
-    from qgis.core import (
-        QgsCoordinateReferenceSystem,
-        QgsCoordinateTransform,
-        QgsFeature,
-        QgsGeometry,
-        QgsPointXY,
-        QgsProject,
-        QgsVectorLayer,
-    )
+    from qgis.core import QgsGeometry, QgsPointXY
 
     path, _ = scene_tif
     x0, y0 = SAMPLE_GEOTRANSFORM[0], SAMPLE_GEOTRANSFORM[3]
@@ -143,12 +135,7 @@ def test_mask_limits_to_the_polygon_and_resolution_resamples(provider, tiny_mode
     diamond = QgsGeometry.fromPolygonXY([[QgsPointXY(centre_x - half, centre_y), QgsPointXY(centre_x, centre_y + half),
                                           QgsPointXY(centre_x + half, centre_y), QgsPointXY(centre_x, centre_y - half),
                                           QgsPointXY(centre_x - half, centre_y)]])
-    diamond.transform(QgsCoordinateTransform(QgsCoordinateReferenceSystem(f"EPSG:{UTM17N}"),
-                                             QgsCoordinateReferenceSystem("EPSG:4326"), QgsProject.instance()))
-    mask = QgsVectorLayer("Polygon?crs=EPSG:4326", "mask", "memory")
-    feature = QgsFeature()
-    feature.setGeometry(diamond)
-    mask.dataProvider().addFeatures([feature])
+    mask = wgs84_memory_layer("Polygon", "mask", [diamond])
 
     results = run(tiny_run(tiny_model_dir, path, tmp_path, MASK=mask, RESOLUTION=0.2))
 

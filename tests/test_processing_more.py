@@ -17,7 +17,7 @@ from osgeo import gdal, ogr, osr
 
 from treeseg_qgis.qgis_side.engine_client import EngineClient
 
-from .conftest import SAMPLE_GEOTRANSFORM, UTM17N, disc_scene, write_geotiff
+from .conftest import SAMPLE_GEOTRANSFORM, UTM17N, disc_scene, wgs84_memory_layer, write_geotiff
 from .test_canopy import tiny_height_dir  # noqa: F401 - a tiny canopy-height model saved to disk
 from .test_processing import provider  # noqa: F401 - the fixture that registers the treeseg provider
 
@@ -155,26 +155,13 @@ def test_segmenttrees_rejects_tree_clusters_that_are_not_ids(provider, small_sce
 
 def test_teach_scores_from_points_in_another_crs_and_reuses_the_features(provider, tiny_model_dir,  # noqa: F811
                                                                          small_scene, tmp_path):
-    from qgis.core import (
-        QgsCoordinateReferenceSystem,
-        QgsCoordinateTransform,
-        QgsFeature,
-        QgsGeometry,
-        QgsPointXY,
-        QgsProject,
-        QgsVectorLayer,
-    )
+    from qgis.core import QgsGeometry, QgsPointXY
 
     path, _ = small_scene
     examples = [(*CROWN_CENTRES[0], 1), (*CROWN_CENTRES[1], 1), (120, 96, 0)]  # (row, col, is_tree)
-    to_wgs84 = QgsCoordinateTransform(QgsCoordinateReferenceSystem(f"EPSG:{UTM17N}"),
-                                      QgsCoordinateReferenceSystem("EPSG:4326"), QgsProject.instance())
-    points = QgsVectorLayer("Point?crs=EPSG:4326&field=is_tree:integer", "examples", "memory")
-    for row, col, is_tree in examples:
-        feature = QgsFeature(points.fields())
-        feature.setGeometry(QgsGeometry.fromPointXY(to_wgs84.transform(QgsPointXY(*to_map(row, col)))))
-        feature["is_tree"] = is_tree
-        points.dataProvider().addFeatures([feature])
+    points = wgs84_memory_layer("Point", "examples",
+                                [QgsGeometry.fromPointXY(QgsPointXY(*to_map(row, col))) for row, col, _ in examples],
+                                [{"is_tree": is_tree} for _, _, is_tree in examples])
     parameters = {"INPUT": str(path), "EXAMPLES": points, "MODEL_ID": str(tiny_model_dir), "DEVICE": "cpu",
                   "THRESHOLD": 0.6, "OUTPUT_SIMILARITY": str(tmp_path / "a" / "similarity.tif"),
                   "OUTPUT_TREES": str(tmp_path / "a" / "trees.tif")}
@@ -296,25 +283,10 @@ def test_evaluate_against_a_reference_without_trees_leaves_out_recall_and_warns(
 
 
 def test_evaluate_exports_a_memory_reference_in_another_crs(provider, disc_mask, tmp_path):  # noqa: F811
-    from qgis.core import (
-        QgsCoordinateReferenceSystem,
-        QgsCoordinateTransform,
-        QgsFeature,
-        QgsGeometry,
-        QgsProject,
-        QgsRectangle,
-        QgsVectorLayer,
-    )
+    from qgis.core import QgsGeometry, QgsRectangle
 
-    to_wgs84 = QgsCoordinateTransform(QgsCoordinateReferenceSystem(f"EPSG:{UTM17N}"),
-                                      QgsCoordinateReferenceSystem("EPSG:4326"), QgsProject.instance())
-    reference = QgsVectorLayer("Polygon?crs=EPSG:4326", "reference crowns", "memory")
-    for box in crown_boxes():
-        geometry = QgsGeometry.fromRect(QgsRectangle(*box))
-        geometry.transform(to_wgs84)
-        feature = QgsFeature()
-        feature.setGeometry(geometry)
-        reference.dataProvider().addFeatures([feature])
+    reference = wgs84_memory_layer("Polygon", "reference crowns",
+                                   [QgsGeometry.fromRect(QgsRectangle(*box)) for box in crown_boxes()])
 
     results = run("evaluate", {"PREDICTION": str(disc_mask), "REFERENCE": reference,
                                "OUTPUT_FOLDER": str(tmp_path / "report")})

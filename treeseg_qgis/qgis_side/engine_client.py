@@ -136,9 +136,7 @@ class EngineClient:
     ) -> dict[str, Any]:
         """Run one segmentation job; returns its run record or raises EngineError (an invalid value: "input",
         before anything is sent)."""
-        job = {protocol.COMMAND: Command.SEGMENT, protocol.PARAMS: _validated_json(params)}
-        if hf_token:
-            job[protocol.HF_TOKEN] = hf_token
+        job = _job(Command.SEGMENT, hf_token, {protocol.PARAMS: _validated_json(params)})
         return self._run_writing(job, lambda: _recover_outputs_of(params), on_progress, on_log, is_cancelled)
 
     def teach(
@@ -153,11 +151,9 @@ class EngineClient:
     ) -> dict[str, Any]:
         """Click-to-teach: scores from example pixels (col, row, is_tree: an example of `class_name`); the
         threshold is chosen from the examples when None. The teach record or EngineError."""
-        job = {protocol.COMMAND: Command.TEACH, protocol.PARAMS: _validated_json(params),
-               protocol.EXAMPLES: [list(example) for example in examples],
-               protocol.THRESHOLD: threshold, protocol.CLASS_NAME: class_name}
-        if hf_token:
-            job[protocol.HF_TOKEN] = hf_token
+        job = _job(Command.TEACH, hf_token, {protocol.PARAMS: _validated_json(params),
+                                              protocol.EXAMPLES: [list(example) for example in examples],
+                                              protocol.THRESHOLD: threshold, protocol.CLASS_NAME: class_name})
         return self._run_writing(job, lambda: _recover_outputs_of(params), on_progress, None, is_cancelled)
 
     def fit(
@@ -223,10 +219,7 @@ class EngineClient:
     ) -> dict[str, Any]:
         """Download a catalogue model into the Hugging Face cache; `{"name", "repo_id", "path"}` or EngineError
         (kind model: gated, unknown or offline; cancelled: stopped, the fetched part is kept for a resume)."""
-        job = {protocol.COMMAND: Command.DOWNLOAD, protocol.MODEL: name}
-        if hf_token:
-            job[protocol.HF_TOKEN] = hf_token
-        return self._run(job, on_progress, None, is_cancelled)
+        return self._run(_job(Command.DOWNLOAD, hf_token, {protocol.MODEL: name}), on_progress, None, is_cancelled)
 
     def delete_model(self, name: str) -> dict[str, Any]:
         """Remove a catalogue model from the Hugging Face cache; `{"name", "freed_bytes"}`."""
@@ -439,6 +432,14 @@ def close_shared_engines() -> None:
         _shared_engines.clear()
     for engine in engines:
         engine.close()
+
+
+def _job(command: str, hf_token: str | None, fields: dict[str, Any]) -> dict[str, Any]:
+    """A job message: the command, its fields and the Hugging Face token when there is one."""
+    job = {protocol.COMMAND: command, **fields}
+    if hf_token:
+        job[protocol.HF_TOKEN] = hf_token
+    return job
 
 
 def _validated_json(params: SegmentationParams) -> dict[str, Any]:

@@ -9,6 +9,7 @@ between their runs; unload stops it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from qgis.core import QgsApplication, QgsSettings
@@ -75,18 +76,29 @@ class TreesegPlugin:
         self.dock.visibilityChanged.connect(self.action.setChecked)
         self.iface.addToolBarIcon(self.action)
         self.iface.addPluginToRasterMenu(MENU, self.action)
-        self.setup_action = QAction("Set up the engine…", main_window)
-        self.setup_action.setToolTip("Install TreeSeg's engine (torch, transformers) in a Python environment of "
-                                     "its own, or choose one")
-        self.setup_action.triggered.connect(self.show_engine_setup)
-        self.iface.addPluginToRasterMenu(MENU, self.setup_action)
+        self.setup_action = self._add_menu_action(
+            "Set up the engine…",
+            "Install TreeSeg's engine (torch, transformers) in a Python environment of its own, or choose one",
+            self.show_engine_setup)
         self.dock.engine_setup_requested.connect(self.show_engine_setup)
         self.dock.models_requested.connect(self.show_model_manager)
-        self.models_action = QAction("Models…", main_window)
-        self.models_action.setToolTip("DINOv3 models on this computer: download, delete, Hugging Face token, "
-                                      "a local model folder")
-        self.models_action.triggered.connect(self.show_model_manager)
-        self.iface.addPluginToRasterMenu(MENU, self.models_action)
+        self.models_action = self._add_menu_action(
+            "Models…", "DINOv3 models on this computer: download, delete, Hugging Face token, a local model folder",
+            self.show_model_manager)
+
+    def _add_menu_action(self, text: str, tooltip: str, slot: Callable[[], None]) -> QAction:
+        """An action in the plugin's raster menu that calls `slot`."""
+        action = QAction(text, self.iface.mainWindow())
+        action.setToolTip(tooltip)
+        action.triggered.connect(slot)
+        self.iface.addPluginToRasterMenu(MENU, action)
+        return action
+
+    def _remove_menu_action(self, action: QAction | None) -> None:
+        """Take an action made by `_add_menu_action` out of the menu (nothing when it is None)."""
+        if action is not None:
+            self.iface.removePluginRasterMenu(MENU, action)
+            action.deleteLater()
 
     def show_engine_setup(self) -> None:
         """Open the engine set-up dialog (made once, kept while the plugin is loaded)."""
@@ -150,18 +162,14 @@ class TreesegPlugin:
             self.iface.removeToolBarIcon(self.action)
             self.action.deleteLater()
             self.action = None
-        if self.setup_action is not None:
-            self.iface.removePluginRasterMenu(MENU, self.setup_action)
-            self.setup_action.deleteLater()
-            self.setup_action = None
+        self._remove_menu_action(self.setup_action)
+        self.setup_action = None
         if self.setup_dialog is not None:
             self.setup_dialog.reject()
             self.setup_dialog.deleteLater()
             self.setup_dialog = None
-        if self.models_action is not None:
-            self.iface.removePluginRasterMenu(MENU, self.models_action)
-            self.models_action.deleteLater()
-            self.models_action = None
+        self._remove_menu_action(self.models_action)
+        self.models_action = None
         if self.model_manager is not None:
             self.model_manager.shutdown()
             self.model_manager.deleteLater()

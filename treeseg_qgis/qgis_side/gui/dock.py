@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from qgis.gui import QgisInterface, QgsDockWidget
 from qgis.PyQt.QtCore import pyqtSignal
-from qgis.PyQt.QtWidgets import QScrollArea, QVBoxLayout, QWidget
+from qgis.PyQt.QtWidgets import QScrollArea, QWidget
 
 from ..engine_client import EngineClient
+from .layouts import vbox
 from .run_panel import RunPanel
 from .teach_panel import TeachPanel
 
@@ -29,12 +30,8 @@ class TreesegDock(QgsDockWidget):
         self.setObjectName("TreesegDock")
         self.run_panel = RunPanel(iface, engine)
         self.teach_panel = TeachPanel(iface, engine)
-        column = QVBoxLayout()
-        column.addWidget(self.run_panel)
-        column.addWidget(self.teach_panel)
-        column.addStretch(1)
         content = QWidget()
-        content.setLayout(column)
+        content.setLayout(vbox(self.run_panel, self.teach_panel, 1))
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
         scroll.setWidget(content)

@@ -22,14 +22,12 @@ from qgis.PyQt.QtWidgets import (
     QDialog,
     QDialogButtonBox,
     QFormLayout,
-    QHBoxLayout,
     QLabel,
     QLineEdit,
     QMessageBox,
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -37,6 +35,7 @@ from ... import __version__
 from .. import engine_env
 from ..engine_client import find_engine_python
 from ..processing.engine_algorithm import ENGINE_PYTHON_SETTING
+from .layouts import hbox, vbox
 
 INTRO = (
     "TreeSeg runs DINOv3 in a Python environment of its own, beside QGIS: a virtual environment in "
@@ -165,13 +164,7 @@ class EngineSetupDialog(QDialog):
                                "environment you made yourself (it needs the packages of requirements.txt "
                                "and GDAL's Python bindings). It is checked before it is used.")
         advanced_note.setWordWrap(True)
-        python_row = QHBoxLayout()
-        python_row.addWidget(self.python_widget, 1)
-        python_row.addWidget(self.use_python_button)
-        advanced_column = QVBoxLayout()
-        advanced_column.addWidget(advanced_note)
-        advanced_column.addLayout(python_row)
-        advanced.setLayout(advanced_column)
+        advanced.setLayout(vbox(advanced_note, hbox((self.python_widget, 1), self.use_python_button)))
         advanced.setCollapsed(True)
 
         form = QFormLayout()
@@ -182,21 +175,10 @@ class EngineSetupDialog(QDialog):
         form.addRow("", self.gpu_label)
         form.addRow("torch index", self.torch_index)
         form.addRow("Engine in use", self.engine_label)
-        buttons = QHBoxLayout()
-        for button in (self.install_button, self.repair_button, self.remove_button, self.cancel_button):
-            buttons.addWidget(button)
+        buttons = hbox(self.install_button, self.repair_button, self.remove_button, self.cancel_button)
         close_box = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
-        column = QVBoxLayout()
-        column.addWidget(intro)
-        column.addLayout(form)
-        column.addLayout(buttons)
-        column.addWidget(self.progress_bar)
-        column.addWidget(self.status_label)
-        column.addWidget(help_label)
-        column.addWidget(self.log, 1)
-        column.addWidget(advanced)
-        column.addWidget(close_box)
-        self.setLayout(column)
+        self.setLayout(vbox(intro, form, buttons, self.progress_bar, self.status_label, help_label,
+                            (self.log, 1), advanced, close_box))
         self.resize(780, 640)
 
         self.install_button.clicked.connect(self.install)

@@ -21,7 +21,6 @@ from qgis.PyQt.QtWidgets import (
     QDialog,
     QDialogButtonBox,
     QFileDialog,
-    QHBoxLayout,
     QHeaderView,
     QLabel,
     QLineEdit,
@@ -38,6 +37,7 @@ from ...catalogue import MODELS, CatalogueModel
 from ...memory import estimate_peak_bytes, format_gigabytes, format_size
 from ..auth import TokenStoreError, has_stored_token, hf_token, remove_token, store_token
 from ..engine_client import EngineClient, EngineError, missing_engine_message
+from .layouts import fill, hbox
 
 COLUMNS = ("Model", "In cache", "Parameters", "Download", "Memory (CPU)", "Hugging Face id")
 NAME_COLUMN, CACHE_COLUMN, MEMORY_COLUMN = 0, 1, 4
@@ -164,11 +164,7 @@ class ModelManagerDialog(QDialog):
         self.local_button.clicked.connect(self._choose_local_folder)
         self.refresh_button = QPushButton("Refresh")
         self.refresh_button.clicked.connect(self.refresh)
-        buttons = QHBoxLayout()
-        for button in (self.download_button, self.delete_button, self.local_button):
-            buttons.addWidget(button)
-        buttons.addStretch(1)
-        buttons.addWidget(self.refresh_button)
+        buttons = hbox(self.download_button, self.delete_button, self.local_button, 1, self.refresh_button)
 
         self.progress = QProgressBar()
         self.progress.setRange(0, 100)
@@ -176,9 +172,7 @@ class ModelManagerDialog(QDialog):
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.clicked.connect(self.cancel)
         self.cancel_button.hide()
-        progress_row = QHBoxLayout()
-        progress_row.addWidget(self.progress, 1)
-        progress_row.addWidget(self.cancel_button)
+        progress_row = hbox((self.progress, 1), self.cancel_button)
         self.status_label = QLabel(missing_engine_message() if self.engine is None else "")
         self.status_label.setWordWrap(True)
         self.cache_label = QLabel()
@@ -189,9 +183,7 @@ class ModelManagerDialog(QDialog):
         self.clear_cache_button.setToolTip("Remove the features kept from earlier runs; the next run of each raster "
                                            "runs the model again.")
         self.clear_cache_button.clicked.connect(self.clear_feature_cache)
-        feature_cache_row = QHBoxLayout()
-        feature_cache_row.addWidget(self.feature_cache_label, 1)
-        feature_cache_row.addWidget(self.clear_cache_button)
+        feature_cache_row = hbox((self.feature_cache_label, 1), self.clear_cache_button)
         self.in_use_label = QLabel()
         self.in_use_label.setWordWrap(True)
         self.in_use_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
@@ -205,28 +197,15 @@ class ModelManagerDialog(QDialog):
         self.save_token_button.clicked.connect(self._save_token)
         self.remove_token_button = QPushButton("Remove token")
         self.remove_token_button.clicked.connect(self._remove_token)
-        token_row = QHBoxLayout()
-        token_row.addWidget(self.token_edit, 1)
-        token_row.addWidget(self.save_token_button)
-        token_row.addWidget(self.remove_token_button)
+        token_row = hbox((self.token_edit, 1), self.save_token_button, self.remove_token_button)
         self.token_label = QLabel()
         self.token_label.setWordWrap(True)
         self.token_label.setTextFormat(Qt.TextFormat.RichText)
         self.token_label.setOpenExternalLinks(True)
 
-        layout = QVBoxLayout(self)
-        layout.addWidget(self.table)
-        layout.addWidget(self.licence_label)
-        layout.addLayout(buttons)
-        layout.addLayout(progress_row)
-        layout.addWidget(self.status_label)
-        layout.addWidget(self.cache_label)
-        layout.addLayout(feature_cache_row)
-        layout.addWidget(self.in_use_label)
-        layout.addWidget(QLabel("<b>Hugging Face token</b>"))
-        layout.addLayout(token_row)
-        layout.addWidget(self.token_label)
-        layout.addWidget(close_box)
+        fill(QVBoxLayout(self), self.table, self.licence_label, buttons, progress_row, self.status_label,
+             self.cache_label, feature_cache_row, self.in_use_label, QLabel("<b>Hugging Face token</b>"), token_row,
+             self.token_label, close_box)
         self.table.setMinimumHeight(self.table.verticalHeader().length() + 2 * self.table.frameWidth()
                                     + self.table.horizontalHeader().height())
         self.resize(1000, 640)

@@ -37,7 +37,6 @@ from qgis.PyQt.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
-    QHBoxLayout,
     QLabel,
     QLayout,
     QLineEdit,
@@ -78,6 +77,7 @@ from ..auth import hf_token
 from ..compat import POLYGON_LAYER_FILTER, RASTER_LAYER_FILTER
 from ..engine_client import EngineClient, missing_engine_message
 from ..raster_input import prepare_input
+from .layouts import fill, hbox
 from .task import ProbeTask, SegmentationTask, clear_messages
 
 DEFAULTS = SegmentationParams(input_path="", output_dir="")
@@ -372,35 +372,20 @@ class RunPanel(QWidget):
         form.addRow("Raster layer", self.layer_combo)
         form.addRow("Extent", self.extent_combo)
         form.addRow("Polygon layer", self.mask_combo)
-        model_row = QHBoxLayout()
-        model_row.addWidget(self.model_combo, 1)
-        model_row.addWidget(self.models_button)
-        form.addRow("Model", model_row)
+        form.addRow("Model", hbox((self.model_combo, 1), self.models_button))
         form.addRow("Model override", self.model_override)
         form.addRow("Stride", self.stride_combo)
-        clusters_row = QHBoxLayout()
-        clusters_row.addWidget(self.auto_clusters)
-        clusters_row.addWidget(self.clusters_spin, 1)
-        form.addRow("Clusters", clusters_row)
+        form.addRow("Clusters", hbox(self.auto_clusters, (self.clusters_spin, 1)))
         form.addRow(self.memory_label)
         form.addRow(self.engine_label)
         form.addRow(self.setup_button)
         form.addRow("Output folder", self.output_widget)
         form.addRow(self.allow_untrained)
         self._form = form
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.cancel_button)
-        column = QVBoxLayout(self)
-        column.setContentsMargins(0, 0, 0, 0)
-        column.addLayout(form)
-        column.addWidget(self.extras_group)
-        column.addWidget(self.advanced_group)
-        column.addLayout(buttons)
-        column.addWidget(self.progress_bar)
-        column.addWidget(self.stage_label)
-        column.addWidget(self.elbow_caption)
-        column.addWidget(self.elbow_image)
+        panel = fill(QVBoxLayout(self), form, self.extras_group, self.advanced_group,
+                     hbox(self.run_button, self.cancel_button), self.progress_bar, self.stage_label,
+                     self.elbow_caption, self.elbow_image)
+        panel.setContentsMargins(0, 0, 0, 0)
 
     def _connect(self) -> None:
         self.extent_combo.currentIndexChanged.connect(self._update_enabled)

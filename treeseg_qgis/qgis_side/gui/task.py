@@ -26,7 +26,41 @@ LOG_LEVELS = {"warning": Qgis.MessageLevel.Warning, "error": Qgis.MessageLevel.C
               "critical": Qgis.MessageLevel.Critical}
 
 
-class SegmentationTask(QgsTask):
+class _EngineJobTask(QgsTask):
+    """A cancellable task that runs one engine job of `params` on `layer`: `record` on success, else `error`."""
+
+    done = pyqtSignal(bool, str)
+
+    def __init__(self, description: str, engine: EngineClient, params: SegmentationParams, layer: QgsRasterLayer,
+                 hf_token: str | None) -> None:
+        super().__init__(description, QgsTask.Flag.CanCancel)
+        self.engine = engine
+        self.params = params
+        self.input_name = layer.name()
+        self.hf_token = hf_token
+        self.record: dict[str, Any] | None = None
+        self.error: EngineError | None = None
+        self.setDependentLayers([layer])
+
+    def run(self) -> bool:
+        """Worker thread: run the job; never raises, keeps the error for `finished()`."""
+        try:
+            self.record = self._run_job()
+        except EngineError as error:
+            self.error = error
+        except Exception as error:  # noqa: BLE001 - a task must not raise; finished() reports it
+            self.error = EngineError("internal", f"{type(error).__name__}: {error}")
+        return self.record is not None
+
+    def _run_job(self) -> dict[str, Any]:
+        """The engine call (on the worker thread); its record."""
+        raise NotImplementedError
+
+    def _was_cancelled(self) -> bool:
+        return self.isCanceled() or (self.error is not None and self.error.kind == "cancelled")
+
+
+class SegmentationTask(_EngineJobTask):
     """One segmentation run of `params` in the engine (validated by the EngineClient before it is sent).
 
     On success the outputs are added to the project as a styled group and a summary goes to the
@@ -37,33 +71,18 @@ class SegmentationTask(QgsTask):
     """
 
     stage_changed = pyqtSignal(str)
-    done = pyqtSignal(bool, str)
 
     def __init__(self, engine: EngineClient, params: SegmentationParams, layer: QgsRasterLayer,
                  message_bar: QgsMessageBar, scratch_folder: Path | None = None, hf_token: str | None = None) -> None:
-        super().__init__(f"TreeSeg: segmenting {layer.name()}", QgsTask.Flag.CanCancel)
-        self.engine = engine
-        self.params = params
-        self.input_name = layer.name()
+        super().__init__(f"TreeSeg: segmenting {layer.name()}", engine, params, layer, hf_token)
         self.layer_id = layer.id()
         self.message_bar = message_bar
         self.scratch_folder = scratch_folder
-        self.hf_token = hf_token
-        self.record: dict[str, Any] | None = None
-        self.error: EngineError | None = None
         self._stage = ""
-        self.setDependentLayers([layer])
 
-    def run(self) -> bool:
-        """Worker thread: run the job; never raises, keeps the error for `finished()`."""
-        try:
-            self.record = self.engine.segment(self.params, on_progress=self._on_progress, on_log=_log,
-                                              is_cancelled=self.isCanceled, hf_token=self.hf_token)
-        except EngineError as error:
-            self.error = error
-        except Exception as error:  # noqa: BLE001 - a task must not raise; the message bar reports it
-            self.error = EngineError("internal", f"{type(error).__name__}: {error}")
-        return self.record is not None
+    def _run_job(self) -> dict[str, Any]:
+        return self.engine.segment(self.params, on_progress=self._on_progress, on_log=_log,
+                                   is_cancelled=self.isCanceled, hf_token=self.hf_token)
 
     def _on_progress(self, percent: float, stage: str) -> None:
         self.setProgress(percent)
@@ -75,7 +94,7 @@ class SegmentationTask(QgsTask):
         """Main thread: add the layers and report, or explain the failure."""
         if result and self.record is not None:
             success, summary = self._add_results(self.record)
-        elif self.isCanceled() or (self.error is not None and self.error.kind == "cancelled"):
+        elif self._was_cancelled():
             success, summary = False, "Cancelled."
             self.message_bar.pushMessage(MESSAGE_TITLE, f"{self.input_name}: cancelled.",
                                          Qgis.MessageLevel.Info, 5)
@@ -110,7 +129,7 @@ def run_summary(record: dict[str, Any]) -> str:
     return f"{UNTRAINED_SUMMARY} {summary}" if record["model"]["untrained"] else summary
 
 
-class TeachTask(QgsTask):
+class TeachTask(_EngineJobTask):
     """One click-to-teach run: scores from example pixels (col, row, is_tree) of `params`' input.
 
     On success the similarity and the taught tree mask replace the layers listed in `replacing` (and
@@ -118,44 +137,26 @@ class TeachTask(QgsTask):
     `done(success, summary)` follows `finished()`.
     """
 
-    done = pyqtSignal(bool, str)
-
     def __init__(self, engine: EngineClient, params: SegmentationParams, examples: list[tuple[float, float, bool]],
                  threshold: float | None, layer: QgsRasterLayer, replacing: list[str],
                  replaced_outputs: list[str], hf_token: str | None = None, class_name: str = "tree") -> None:
-        super().__init__(f"TreeSeg: teaching on {layer.name()}", QgsTask.Flag.CanCancel)
-        self.engine = engine
-        self.params = params
+        super().__init__(f"TreeSeg: teaching on {layer.name()}", engine, params, layer, hf_token)
         self.examples = examples
         self.threshold = threshold
         self.class_name = class_name
-        self.input_name = layer.name()
         self.replacing = replacing
         self.replaced_outputs = replaced_outputs
-        self.hf_token = hf_token
-        self.record: dict[str, Any] | None = None
-        self.error: EngineError | None = None
         self.layers: list[QgsMapLayer] = []
-        self.setDependentLayers([layer])
 
-    def run(self) -> bool:
-        """Worker thread: run the teach job; never raises, keeps the error for `finished()`."""
-        try:
-            self.record = self.engine.teach(self.params, self.examples, self.threshold,
-                                            on_progress=lambda percent, _: self.setProgress(percent),
-                                            is_cancelled=self.isCanceled, hf_token=self.hf_token,
-                                            class_name=self.class_name)
-        except EngineError as error:
-            self.error = error
-        except Exception as error:  # noqa: BLE001 - a task must not raise; the panel reports it
-            self.error = EngineError("internal", f"{type(error).__name__}: {error}")
-        return self.record is not None
+    def _run_job(self) -> dict[str, Any]:
+        return self.engine.teach(self.params, self.examples, self.threshold,
+                                 on_progress=lambda percent, _: self.setProgress(percent),
+                                 is_cancelled=self.isCanceled, hf_token=self.hf_token, class_name=self.class_name)
 
     def finished(self, result: bool) -> None:
         """Main thread: swap in the new layers, or explain the failure."""
         if not result or self.record is None:
-            cancelled = self.isCanceled() or (self.error is not None and self.error.kind == "cancelled")
-            self.done.emit(False, "Cancelled." if cancelled else str(self.error or "Teaching stopped."))
+            self.done.emit(False, "Cancelled." if self._was_cancelled() else str(self.error or "Teaching stopped."))
             return
         try:
             self.layers = add_teach_layers(self.record, self.input_name, QgsProject.instance(), self.replacing)

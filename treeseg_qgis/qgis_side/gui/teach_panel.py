@@ -15,11 +15,12 @@ from pathlib import Path
 from qgis.core import QgsApplication, QgsProject, QgsRasterLayer, QgsSettings
 from qgis.gui import QgisInterface, QgsCollapsibleGroupBox
 from qgis.PyQt.QtCore import Qt, QTimer, pyqtSignal
-from qgis.PyQt.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QLineEdit, QPushButton, QSlider, QVBoxLayout, QWidget
+from qgis.PyQt.QtWidgets import QCheckBox, QLabel, QLineEdit, QPushButton, QSlider, QWidget
 
 from ...params import SegmentationParams
 from ..auth import hf_token
 from ..engine_client import EngineClient
+from .layouts import hbox, vbox
 from .run_panel import SETTINGS_PREFIX, free_output_stem, show_status
 from .task import SegmentationTask, TeachTask
 from .teach_tool import RasterGrid, TeachMapTool
@@ -92,26 +93,11 @@ class TeachPanel(QgsCollapsibleGroupBox):
         self.teach_timer = QTimer(self)
         self.teach_timer.setSingleShot(True)
         self.teach_timer.setInterval(TEACH_DEBOUNCE_MS)
-        class_row = QHBoxLayout()
-        class_row.addWidget(QLabel("Class"))
-        class_row.addWidget(self.class_edit, 1)
-        tool_row = QHBoxLayout()
-        tool_row.addWidget(self.teach_button, 1)
-        tool_row.addWidget(self.clear_examples_button)
-        threshold_row = QHBoxLayout()
-        threshold_row.addWidget(QLabel("Threshold"))
-        threshold_row.addWidget(self.threshold_slider, 1)
-        threshold_row.addWidget(self.threshold_label)
-        column = QVBoxLayout()
-        column.addWidget(note)
-        column.addLayout(class_row)
-        column.addLayout(tool_row)
-        column.addWidget(self.examples_label)
-        column.addWidget(self.auto_threshold)
-        column.addLayout(threshold_row)
-        column.addWidget(self.apply_teach_button)
-        column.addWidget(self.teach_status)
-        self.setLayout(column)
+        class_row = hbox(QLabel("Class"), (self.class_edit, 1))
+        tool_row = hbox((self.teach_button, 1), self.clear_examples_button)
+        threshold_row = hbox(QLabel("Threshold"), (self.threshold_slider, 1), self.threshold_label)
+        self.setLayout(vbox(note, class_row, tool_row, self.examples_label, self.auto_threshold, threshold_row,
+                            self.apply_teach_button, self.teach_status))
 
     def _restore_settings(self) -> None:
         settings = QgsSettings()

@@ -1,0 +1,34 @@
+"""Box layouts filled in one call: `hbox(a, (b, 1), c)` instead of one `addWidget` line per widget."""
+
+from __future__ import annotations
+
+from typing import Union
+
+from qgis.PyQt.QtWidgets import QBoxLayout, QHBoxLayout, QLayout, QVBoxLayout, QWidget
+
+LayoutItem = Union[QWidget, QLayout, tuple[Union[QWidget, QLayout], int], int]
+
+
+def fill(layout: QBoxLayout, *items: LayoutItem) -> QBoxLayout:
+    """Add widgets and layouts to `layout` in order: `(item, stretch)` gives the item a stretch factor and a
+    bare number adds an empty stretch of that factor. Returns `layout`."""
+    for item in items:
+        if isinstance(item, int):
+            layout.addStretch(item)
+            continue
+        part, stretch = item if isinstance(item, tuple) else (item, 0)
+        if isinstance(part, QLayout):
+            layout.addLayout(part, stretch)
+        else:
+            layout.addWidget(part, stretch)
+    return layout
+
+
+def hbox(*items: LayoutItem) -> QHBoxLayout:
+    """A horizontal layout of `items` (see `fill`)."""
+    return fill(QHBoxLayout(), *items)
+
+
+def vbox(*items: LayoutItem) -> QVBoxLayout:
+    """A vertical layout of `items` (see `fill`)."""
+    return fill(QVBoxLayout(), *items)
