@@ -247,7 +247,7 @@ class _OutOfMemoryOnDevice(torch.nn.Module):
 
 def _half_precision_on_the_device(tiny_model_dir) -> Backbone:
     """The tiny model in float16 behind the out-of-memory double, reporting the `meta` device."""
-    backbone = load_backbone(str(tiny_model_dir), device="cpu")
+    backbone = load_backbone(str(tiny_model_dir), device="cpu", precision="float32")
     model = _OutOfMemoryOnDevice(backbone.model.half(), limit=64)
     return Backbone(**{**backbone.__dict__, "model": model, "device": torch.device("meta"), "dtype": torch.float16,
                        "precision": "float16"})
@@ -255,7 +255,7 @@ def _half_precision_on_the_device(tiny_model_dir) -> Backbone:
 
 def test_out_of_memory_halves_the_batch(tiny_model_dir):
     tile = np.random.default_rng(0).random((32, 32, 3)).astype(np.float32)
-    backbone = load_backbone(str(tiny_model_dir), device="cpu")
+    backbone = load_backbone(str(tiny_model_dir), device="cpu", precision="float32")
     expected = FeatureExtractor(backbone, stride=4).extract(tile)
     backbone.model = _OutOfMemoryOnDevice(backbone.model, limit=2)
     halving = FeatureExtractor(backbone, stride=4, batch_size=8)
@@ -265,7 +265,7 @@ def test_out_of_memory_halves_the_batch(tiny_model_dir):
 def test_out_of_memory_at_one_image_goes_on_with_a_cpu_copy_and_leaves_the_shared_backbone_alone(
         tiny_model_dir, caplog):
     tile = np.random.default_rng(0).random((32, 32, 3)).astype(np.float32)
-    reference = load_backbone(str(tiny_model_dir), device="cpu")
+    reference = load_backbone(str(tiny_model_dir), device="cpu", precision="float32")
     reference.model = reference.model.half().float()
     expected = FeatureExtractor(reference, stride=16).extract(tile)
     shared = _half_precision_on_the_device(tiny_model_dir)
