@@ -87,7 +87,7 @@ def segment(
     `load_model` loads the backbone (default: load_backbone); it is not called
     when the feature cache already holds this raster's features.
     """
-    _validate(params)
+    validate_params(params)
     if params.method == "exg-otsu":
         params = replace(params, clusters=2)
     progress = progress or Progress()
@@ -198,7 +198,7 @@ def teach(
     chosen from the examples unless `threshold` is given. Features come from the
     cache when it holds them.
     """
-    _validate(params)
+    validate_params(params)
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise InputError(f"The threshold is a score between 0 and 1, not {threshold}.")
     progress = progress or Progress()
@@ -272,7 +272,7 @@ def _read_examples(path: str, source: GdalRasterSource) -> list[Example]:
                          "in a known CRS (or use a CSV of col,row,is_tree pixel numbers).") from error
 
 
-def _validate(params: SegmentationParams) -> None:
+def validate_params(params: SegmentationParams) -> None:
     """`params.validate()` for direct callers; a refused value is the user's (InputError)."""
     try:
         params.validate()

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..outputs import OutputTransaction
-from ..params import ParameterError, SegmentationParams
+from ..params import SegmentationParams
 from .core.clustering import Projection
 from .core.errors import Cancelled, InputError, TreesegError
 from .core.feature_grid import FeatureGrid
@@ -32,7 +32,7 @@ from .core.survey_model import SETTINGS, SUFFIX, SurveyModel, scaling_kind
 from .core.tiling import TileGrid
 from .gis.merge import merge_polygons
 from .gis.raster import GdalRasterSource, limit_block_cache
-from .pipeline import ModelLoader, feature_extractor, load_model_for, segment
+from .pipeline import ModelLoader, feature_extractor, load_model_for, segment, validate_params
 
 log = logging.getLogger("treeseg")
 
@@ -74,10 +74,7 @@ def fit_survey(inputs: Sequence[str], params: SegmentationParams, out_path: str 
     """
     if not inputs:
         raise InputError("Give the rasters to fit the cluster model on.")
-    try:
-        replace(params, input_path=inputs[0]).validate()
-    except ParameterError as error:
-        raise InputError(str(error)) from None
+    validate_params(replace(params, input_path=inputs[0]))
     progress = progress or Progress()
     limit_block_cache()
     areas: dict[str, int] = {}

@@ -167,10 +167,8 @@ class EngineClient:
     ) -> dict[str, Any]:
         """Fit one survey cluster model on `inputs` and write it to `out_path` (.treeseg, written atomically);
         `{"cluster_model", "model", "k", "automatic_k", "tree_clusters", "tree_rule", "inputs"}` or EngineError."""
-        job = {protocol.COMMAND: Command.FIT, protocol.INPUTS: list(inputs), protocol.OUT_PATH: out_path,
-               protocol.PARAMS: _validated_json(params)}
-        if hf_token:
-            job[protocol.HF_TOKEN] = hf_token
+        job = _job(Command.FIT, hf_token, {protocol.INPUTS: list(inputs), protocol.OUT_PATH: out_path,
+                                            protocol.PARAMS: _validated_json(params)})
         return self._run(job, on_progress, None, is_cancelled)
 
     def crowns(
