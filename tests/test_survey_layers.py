@@ -138,6 +138,18 @@ def test_panel_results_of_a_survey_share_a_group_and_restyle_together(qgis_new_p
         assert legend(cluster_layers(later)[0]) == legend(first)
         assert "#ff00ff" in survey.customProperty(SURVEY_STYLE)
 
+        project_file = tmp_path / "survey.qgz"
+        assert QgsProject.instance().write(str(project_file))
+        QgsProject.instance().clear()
+        assert QgsProject.instance().read(str(project_file))
+        root = QgsProject.instance().layerTreeRoot()
+        (survey,) = root.children()
+        runs = survey.children()[1:]
+        first, second = (cluster_layers(run)[0] for run in runs)
+        add_result_layers(records[0], "east again")  # a later raster of the survey in the reopened project
+        first.setOpacity(0.8)
+        assert second.opacity() == 0.8 and cluster_layers(survey.children()[0])[0].opacity() == 0.8
+
         root.addGroup("elsewhere").insertChildNode(0, runs[1].clone())
         survey.removeChildNode(runs[1])
         moved = cluster_layers(root.findGroup("elsewhere"))[0]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,8 @@ SURVEY_STYLE = "treeseg/survey_cluster_style"
 the style (QML) its cluster layers share."""
 SURVEY_CLUSTERS = "treeseg/survey_clusters"
 """Custom property of a cluster layer that shares its survey's style."""
+SHARING_STYLE = "treeseg_sharing_style"
+"""Qt property of a survey's cluster layer whose restyles reach the others (not saved with the project)."""
 
 
 class ResultLayerError(RuntimeError):
@@ -197,15 +200,19 @@ def survey_group(record: dict[str, Any], project: QgsProject) -> QgsLayerTreeGro
 
 
 def join_survey(layer: QgsRasterLayer, survey: QgsLayerTreeGroup) -> None:
-    """Give a cluster layer the style its survey group keeps (the first layer's own style becomes it) and pass
-    any later restyle of it on to the survey's other cluster layers."""
+    """Give a cluster layer the style its survey group keeps (the first layer's own style becomes it); from now
+    on a restyle of any cluster layer of the survey (also of one a reopened project brought back) reaches the
+    others."""
     kept = survey.customProperty(SURVEY_STYLE)
     if kept:
         QgsMapLayerStyle(kept).writeToLayer(layer)
     else:
         survey.setCustomProperty(SURVEY_STYLE, _style_qml(layer))
     layer.setCustomProperty(SURVEY_CLUSTERS, True)
-    layer.styleChanged.connect(lambda: share_survey_style(layer))
+    for member in (node.layer() for node in survey.findLayers()):
+        if member is not None and member.customProperty(SURVEY_CLUSTERS) and not member.property(SHARING_STYLE):
+            member.setProperty(SHARING_STYLE, True)
+            member.styleChanged.connect(partial(share_survey_style, member))
 
 
 _receiving: set[str] = set()
