@@ -222,7 +222,7 @@ _receiving: set[str] = set()
 def share_survey_style(layer: QgsRasterLayer) -> None:
     """Copy the style of `layer` to the other cluster layers of the survey group it sits in (if it still does)
     and keep it there for the survey's later rasters."""
-    if sip.isdeleted(layer) or layer.id() in _receiving or layer.project() is None:
+    if layer.id() in _receiving or layer.project() is None:
         return
     node = layer.project().layerTreeRoot().findLayer(layer.id())
     survey = node.parent() if node is not None else None
