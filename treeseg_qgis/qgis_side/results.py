@@ -9,12 +9,18 @@ height a green ramp in metres. Click-to-teach results (similarity and taught
 trees) go into a group of their own, replacing the previous ones. Layers keep
 the CRS of their files, which is the input's. Processing outputs get the same
 names, styles and group through `OutputStyler`, a layer post-processor.
+
+Runs that applied a survey's cluster model go into one survey group (found again by the model's file and
+PCA id, kept as custom properties of the group), one sub-group per raster; their cluster layers share one
+legend (labels from the model: id, tree or not, ExG) and one style, which the group keeps for later rasters
+and which follows a restyle of any of them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +36,7 @@ from qgis.core import (
     QgsLayerTreeGroup,
     QgsLayerTreeNode,
     QgsMapLayer,
+    QgsMapLayerStyle,
     QgsMessageLog,
     QgsMultiBandColorRenderer,
     QgsPalettedRasterRenderer,
@@ -61,6 +68,15 @@ HEIGHT_RAMP = (QColor(247, 252, 245), QColor(199, 233, 192), QColor(116, 196, 11
                QColor(0, 68, 27))
 SIMILARITY_RAMP = (QColor(68, 1, 84), QColor(59, 82, 139), QColor(33, 145, 140), QColor(94, 201, 98),
                    QColor(253, 231, 37))
+SURVEY_MODEL = "treeseg/survey_model"
+SURVEY_PROJECTION = "treeseg/survey_projection"
+SURVEY_STYLE = "treeseg/survey_cluster_style"
+"""Custom properties of a survey group: the cluster model's file and PCA id (what finds the group again), and
+the style (QML) its cluster layers share."""
+SURVEY_CLUSTERS = "treeseg/survey_clusters"
+"""Custom property of a cluster layer that shares its survey's style."""
+SHARING_STYLE = "treeseg_sharing_style"
+"""Qt property of a survey's cluster layer whose restyles reach the others (not saved with the project)."""
 
 
 class ResultLayerError(RuntimeError):
@@ -114,10 +130,19 @@ def open_output(path: str, kind: str, name: str) -> QgsMapLayer:
     return _open(QgsRasterLayer(path, name, "gdal"))
 
 
+def survey_class_names(record: dict[str, Any]) -> list[str]:
+    """The cluster legend of a run that applied a cluster model, e.g. 'Cluster 2 — tree (ExG 0.21)': id, tree
+    rule and ExG all come from the model, so every raster of the survey gets the same labels."""
+    trees = set(record["trees"]["clusters"])
+    return [f"Cluster {cluster}{' — tree' if cluster in trees else ''} (ExG {float(exg):.2f})"
+            for cluster, exg in enumerate(record["clusters"]["mean_exg"])]
+
+
 def style_output(layer: QgsMapLayer, kind: str, record: dict[str, Any]) -> None:
     """The style of output `kind` of `record`, as the panel shows it."""
     if kind == "clusters":
-        style_clusters(layer, int(record["clusters"]["k"]))
+        style_clusters(layer, int(record["clusters"]["k"]),
+                       survey_class_names(record) if record.get("cluster_model") else None)
     elif kind in ("trees", "taught_trees"):
         style_tree_mask(layer)
     elif kind == "polygons":
@@ -147,10 +172,80 @@ def add_result_layers(record: dict[str, Any], input_name: str,
         style_output(layer, kind, record)
         project.addMapLayer(layer, False)
         group.addLayer(layer).setItemVisibilityChecked(kind not in HIDDEN_OUTPUTS)
-    project.layerTreeRoot().insertChildNode(0, group)
+    survey = survey_group(record, project)
+    (survey or project.layerTreeRoot()).insertChildNode(0, group)
+    if survey is not None and "clusters" in kinds:
+        join_survey(layers[kinds.index("clusters")], survey)
     group.setExpanded(False)
     group.setExpanded(True)
     return group
+
+
+def survey_group(record: dict[str, Any], project: QgsProject) -> QgsLayerTreeGroup | None:
+    """The group of the survey whose cluster model `record` applied: the one an earlier run with the same model
+    (file and PCA) made, anywhere in the layer tree, else a new one at the top, e.g. 'Survey · site.treeseg';
+    None for a run without a cluster model."""
+    model = record.get("cluster_model")
+    if not model:
+        return None
+    path, projection = str(Path(model["path"]).resolve()), model["projection"]
+    root = project.layerTreeRoot()
+    for group in root.findGroups(True):
+        if (group.customProperty(SURVEY_MODEL), group.customProperty(SURVEY_PROJECTION)) == (path, projection):
+            return group
+    group = root.insertGroup(0, f"Survey · {Path(path).name}")
+    group.setCustomProperty(SURVEY_MODEL, path)
+    group.setCustomProperty(SURVEY_PROJECTION, projection)
+    return group
+
+
+def join_survey(layer: QgsRasterLayer, survey: QgsLayerTreeGroup) -> None:
+    """Give a cluster layer the style its survey group keeps (the first layer's own style becomes it); from now
+    on a restyle of any cluster layer of the survey (also of one a reopened project brought back) reaches the
+    others."""
+    kept = survey.customProperty(SURVEY_STYLE)
+    if kept:
+        QgsMapLayerStyle(kept).writeToLayer(layer)
+    else:
+        survey.setCustomProperty(SURVEY_STYLE, _style_qml(layer))
+    layer.setCustomProperty(SURVEY_CLUSTERS, True)
+    for member in (node.layer() for node in survey.findLayers()):
+        if member is not None and member.customProperty(SURVEY_CLUSTERS) and not member.property(SHARING_STYLE):
+            member.setProperty(SHARING_STYLE, True)
+            member.styleChanged.connect(partial(share_survey_style, member))
+
+
+_receiving: set[str] = set()
+"""Ids of the cluster layers being given their survey's style right now: they do not pass it on again."""
+
+
+def share_survey_style(layer: QgsRasterLayer) -> None:
+    """Copy the style of `layer` to the other cluster layers of the survey group it sits in (if it still does)
+    and keep it there for the survey's later rasters."""
+    if layer.id() in _receiving or layer.project() is None:
+        return
+    node = layer.project().layerTreeRoot().findLayer(layer.id())
+    survey = node.parent() if node is not None else None
+    while survey is not None and survey.customProperty(SURVEY_PROJECTION) is None:
+        survey = survey.parent()
+    if survey is None:
+        return
+    qml = _style_qml(layer)
+    survey.setCustomProperty(SURVEY_STYLE, qml)
+    for other in (found.layer() for found in survey.findLayers()):
+        if other is not None and other.id() != layer.id() and other.customProperty(SURVEY_CLUSTERS):
+            _receiving.add(other.id())
+            try:
+                QgsMapLayerStyle(qml).writeToLayer(other)
+                other.triggerRepaint()
+            finally:
+                _receiving.discard(other.id())
+
+
+def _style_qml(layer: QgsMapLayer) -> str:
+    style = QgsMapLayerStyle()
+    style.readFromLayer(layer)
+    return style.xmlData()
 
 
 def teach_group_name(record: dict[str, Any], input_name: str) -> str:
@@ -198,8 +293,10 @@ class OutputGroup:
     kinds: dict[str, str] = field(default_factory=dict)
     """Layer id → output kind of the layers already moved in."""
 
-    def take(self, layer: QgsMapLayer, kind: str, project: QgsProject) -> None:
-        """Move `layer`'s tree node into the group, at its kind's place; hidden when HIDDEN_OUTPUTS says so.
+    def take(self, layer: QgsMapLayer, kind: str, project: QgsProject,
+             parent: QgsLayerTreeGroup | None = None) -> None:
+        """Move `layer`'s tree node into the group, at its kind's place; hidden when HIDDEN_OUTPUTS says so. The
+        group is made at the top of `parent` (default: where QGIS put the layer).
 
         QGIS may already have put the node into the group (the desktop adds layers at the current group), so
         the place is found among the other nodes; the copy goes in before the node leaves, since a layer whose
@@ -208,7 +305,7 @@ class OutputGroup:
         if node is None or node.parent() is None:
             return
         if self.node is None or sip.isdeleted(self.node):
-            self.node = node.parent().insertGroup(0, self.name)
+            self.node = (parent or node.parent()).insertGroup(0, self.name)
             self.kinds.clear()
         children = self.node.children()
         others = [child for child in children if not (QgsLayerTree.isLayer(child) and child.layerId() == layer.id())]
@@ -247,7 +344,11 @@ class OutputStyler(QgsProcessingLayerPostProcessorInterface):
                          feedback: QgsProcessingFeedback) -> None:
         style_output(layer, self.kind, self.record)
         if self.group is not None:
-            self.group.take(layer, self.kind, context.project() or QgsProject.instance())
+            project = context.project() or QgsProject.instance()
+            survey = survey_group(self.record, project)
+            self.group.take(layer, self.kind, project, survey)
+            if survey is not None and self.kind == "clusters":
+                join_survey(layer, survey)
 
 
 def style_loaded_outputs(context: QgsProcessingContext, record: dict[str, Any], group: OutputGroup | None,
@@ -263,13 +364,14 @@ def style_loaded_outputs(context: QgsProcessingContext, record: dict[str, Any], 
             details.setPostProcessor(OutputStyler.create(kind, record, group))
 
 
-def style_clusters(layer: QgsRasterLayer, k: int) -> None:
-    """Paletted: the colours and category names the engine wrote into the file, for ids 0..k-1."""
+def style_clusters(layer: QgsRasterLayer, k: int, labels: Sequence[str] | None = None) -> None:
+    """Paletted: the colours the engine wrote into the file for ids 0..k-1, labelled with `labels` or else the
+    category names in the file."""
     dataset = gdal.Open(layer.source())
     band = dataset.GetRasterBand(1)
     table = band.GetColorTable()
     colours = [QColor(*table.GetColorEntry(cluster)) if table is not None else QColor() for cluster in range(k)]
-    names = band.GetCategoryNames() or []
+    names = list(labels or band.GetCategoryNames() or [])
     dataset = None
     classes = [
         QgsPalettedRasterRenderer.Class(
