@@ -176,10 +176,10 @@ class EvaluateSegmentationAlgorithm(DescribedAlgorithm):
         if scores.get("warning"):
             feedback.reportError(scores["warning"], fatalError=False)
         results = {self.OUTPUT_FOLDER: folder, **self.results(scores)}
-        for score in SCORES:
-            if score.name in results:
-                results[score.name] = float(results[score.name])
-                feedback.pushInfo(f"{score.description}: {results[score.name]:.4f}")
+        for measure in SCORES:
+            if measure.name in results:
+                results[measure.name] = float(results[measure.name])
+                feedback.pushInfo(f"{measure.description}: {results[measure.name]:.4f}")
         return results
 
 
