@@ -348,3 +348,56 @@ def test_help_wraps_as_paragraphs_and_the_batch_dialog_starts_with_the_essential
             "OUTPUT_HEIGHT"} <= advanced
     assert all(isinstance(segment.parameterDefinition(name), QgsProcessingDestinationParameter)
                for name in essentials[-3:])
+
+
+SCRIPTING_INTERFACE = {  # algorithm id: (group id, parameter names in order, output name:type)
+    "treeseg:segmenttrees": (
+        "segmentation",
+        "INPUT BANDS EXTENT MASK RESOLUTION MODEL MODEL_ID STRIDE CLUSTERS DEVICE PRECISION ALLOW_UNTRAINED METHOD "
+        "K_MIN K_MAX TREE_CLUSTERS CROWN_MIN_AREA MIN_TREE_HEIGHT HEIGHT_MODEL OUTPUT_CLUSTERS OUTPUT_TREES "
+        "OUTPUT_POLYGONS OUTPUT_CROWNS OUTPUT_FEATURES OUTPUT_HEIGHT",
+        "OUTPUT_CLUSTERS:outputRaster OUTPUT_TREES:outputRaster OUTPUT_POLYGONS:outputVector "
+        "OUTPUT_CROWNS:outputVector OUTPUT_FEATURES:outputRaster OUTPUT_HEIGHT:outputRaster K:outputNumber "
+        "TREE_COVER:outputNumber CROWNS:outputNumber MODEL_USED:outputString UNTRAINED:outputBoolean "
+        "RUN_RECORD:outputFile"),
+    "treeseg:applyclustermodel": (
+        "surveys",
+        "INPUT CLUSTER_MODEL BANDS EXTENT MASK RESOLUTION MODEL MODEL_ID STRIDE DEVICE PRECISION ALLOW_UNTRAINED "
+        "METHOD CROWN_MIN_AREA MIN_TREE_HEIGHT HEIGHT_MODEL OUTPUT_CLUSTERS OUTPUT_TREES OUTPUT_POLYGONS "
+        "OUTPUT_CROWNS OUTPUT_FEATURES OUTPUT_HEIGHT",
+        "OUTPUT_CLUSTERS:outputRaster OUTPUT_TREES:outputRaster OUTPUT_POLYGONS:outputVector "
+        "OUTPUT_CROWNS:outputVector OUTPUT_FEATURES:outputRaster OUTPUT_HEIGHT:outputRaster K:outputNumber "
+        "TREE_COVER:outputNumber CROWNS:outputNumber MODEL_USED:outputString UNTRAINED:outputBoolean "
+        "RUN_RECORD:outputFile"),
+    "treeseg:fitclustermodel": (
+        "surveys",
+        "INPUTS MODEL MODEL_ID STRIDE CLUSTERS DEVICE PRECISION ALLOW_UNTRAINED OUTPUT",
+        "OUTPUT:outputFile K:outputNumber"),
+    "treeseg:teach": (
+        "segmentation",
+        "INPUT EXAMPLES IS_TREE_FIELD CLASS_NAME THRESHOLD MODEL MODEL_ID STRIDE DEVICE PRECISION ALLOW_UNTRAINED "
+        "OUTPUT_SIMILARITY OUTPUT_TREES",
+        "OUTPUT_SIMILARITY:outputRaster OUTPUT_TREES:outputRaster TREE_COVER:outputNumber "
+        "THRESHOLD_USED:outputNumber FEATURE_CACHE:outputString TEACH_RECORD:outputFile"),
+    "treeseg:treecrowns": (
+        "segmentation",
+        "INPUT CLUSTERS MIN_AREA MIN_DISTANCE SMOOTHING MAX_CROWN OUTPUT",
+        "OUTPUT:outputVector CROWNS:outputNumber"),
+    "treeseg:evaluate": (
+        "quality",
+        "PREDICTION REFERENCE IMAGE CLUSTERS TREE_CLASS OUTPUT_FOLDER",
+        "OUTPUT_FOLDER:outputFolder OUTPUT_HTML:outputHtml OUTPUT_CSV:outputFile PIXEL_PRECISION:outputNumber "
+        "PIXEL_RECALL:outputNumber PIXEL_F1:outputNumber PIXEL_IOU:outputNumber CROWN_PRECISION:outputNumber "
+        "CROWN_RECALL:outputNumber CROWN_F1:outputNumber BOX_RECALL:outputNumber IN_BOX_PRECISION:outputNumber "
+        "TREE_COVER:outputNumber CENTROID_BOX_RECALL:outputNumber MIOU:outputNumber PIXEL_ACCURACY:outputNumber"),
+}
+
+
+def test_the_names_models_and_scripts_use_stay_as_they_are(provider):  # noqa: F811
+    """Group ids, parameter names and output names and types: what saved models and qgis_process calls name."""
+    interface = {algorithm.id(): (
+        algorithm.groupId(),
+        " ".join(parameter.name() for parameter in algorithm.parameterDefinitions()),
+        " ".join(f"{output.name()}:{output.type()}" for output in algorithm.outputDefinitions()),
+    ) for algorithm in provider.algorithms()}
+    assert interface == SCRIPTING_INTERFACE

@@ -22,10 +22,6 @@ STAGING_PREFIX = ".treeseg-staging-"
 LOCK_NAME = "owner.lock"
 COMMIT_JOURNAL = "commit.json"
 DEFAULT_CLASS = "tree"
-OUTPUT_KINDS = ("clusters", "trees", "polygons", "crowns", "features", "height", "preview", "elbow", "record",
-                "similarity", "taught_trees", "teach_record")
-SEGMENT_KINDS = OUTPUT_KINDS[:9]
-TEACH_KINDS = OUTPUT_KINDS[9:]
 SUFFIXES = {
     "clusters": "_clusters.tif",
     "trees": "_trees.tif",
@@ -40,6 +36,9 @@ SUFFIXES = {
     "taught_trees": "_taught_trees.tif",
     "teach_record": "_teach.json",
 }
+OUTPUT_KINDS = tuple(SUFFIXES)
+SEGMENT_KINDS = OUTPUT_KINDS[:9]
+TEACH_KINDS = OUTPUT_KINDS[9:]
 
 
 @dataclass(frozen=True)

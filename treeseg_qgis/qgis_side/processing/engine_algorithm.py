@@ -4,6 +4,9 @@ outputs and one engine job.
 An algorithm declares its parameters once (`declare()`: the QGIS definition, the field of
 `SegmentationParams` it fills and how its value converts, like QGIS's GdalAlgorithm subclasses that only
 describe their command); the base adds them, reads them into a `SegmentationParams` and validates it.
+Its outputs are tables too: `DESTINATIONS`, the files the engine writes (the destination parameters, read
+into output files by kind), and `VALUES`, what it returns from the run's record; the base declares both
+and builds the results from the record.
 Standard library, QGIS and engine_client only: no torch, no engine core.
 """
 
@@ -18,29 +21,28 @@ from typing import Any
 from qgis.core import (
     QgsProcessingAlgorithm,
     QgsProcessingContext,
+    QgsProcessingDestinationParameter,
     QgsProcessingException,
     QgsProcessingFeedback,
+    QgsProcessingOutputDefinition,
+    QgsProcessingOutputNumber,
     QgsProcessingParameterBoolean,
     QgsProcessingParameterDefinition,
     QgsProcessingParameterEnum,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterRasterDestination,
+    QgsProcessingParameterRasterLayer,
     QgsProcessingParameterString,
+    QgsProcessingParameterVectorDestination,
     QgsRasterLayer,
     QgsSettings,
 )
 
+from ... import params
 from ...catalogue import DEFAULT_MODEL
-from ...outputs import SEGMENT_KINDS, OutputPathError, check_run_paths
-from ...params import (
-    DEVICES,
-    MODEL_NAMES,
-    PRECISIONS,
-    STRIDES,
-    ParameterError,
-    SegmentationParams,
-    parse_cluster_ids,
-    parse_clusters,
-)
-from ..compat import ADVANCED
+from ...outputs import SEGMENT_KINDS, SUFFIXES, OutputPathError, check_run_paths
+from ...params import ParameterError, SegmentationParams, parse_cluster_ids, parse_clusters
+from ..compat import ADVANCED, INTEGER, POLYGON_LAYERS
 from ..engine_client import EngineClient, EngineError, find_engine_python, missing_engine_message, shared_engine
 
 ENGINE_PYTHON_SETTING = "treeseg/engine_python"
@@ -148,15 +150,71 @@ class Declared:
     advanced: bool = False
 
 
+@dataclass(frozen=True)
+class Destination:
+    """A file the engine writes, declared as a destination parameter: a GeoTIFF or a polygon GeoPackage after
+    its kind's suffix (outputs.SUFFIXES); an optional one is advanced and not created unless asked for."""
+
+    name: str
+    description: str
+    kind: str
+    optional: bool = False
+
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        """The file extensions the engine writes it with, the first the one it gets."""
+        return RASTER_SUFFIXES if Path(SUFFIXES[self.kind]).suffix in RASTER_SUFFIXES else GEOPACKAGE_SUFFIXES
+
+    def parameter(self) -> QgsProcessingDestinationParameter:
+        """Its QGIS destination parameter."""
+        options = {"optional": self.optional, "createByDefault": not self.optional}
+        if self.suffixes == RASTER_SUFFIXES:
+            parameter = QgsProcessingParameterRasterDestination(self.name, self.description, **options)
+        else:
+            parameter = QgsProcessingParameterVectorDestination(self.name, self.description, POLYGON_LAYERS,
+                                                                **options)
+        if self.optional:
+            parameter.setFlags(parameter.flags() | ADVANCED)
+        return parameter
+
+
+@dataclass(frozen=True)
+class Value:
+    """A value an algorithm returns: its output name, the keys that lead to it in the run's record, and the
+    QgsProcessingOutput class and description that declare it (None: a parameter of declare() does)."""
+
+    name: str
+    keys: tuple[str, ...]
+    output: type[QgsProcessingOutputDefinition] | None = None
+    description: str = ""
+
+    def found_in(self, record: dict[str, Any]) -> Any:
+        """Its value in `record`; None where the record lacks it."""
+        value: Any = record
+        for key in self.keys:
+            if value is None:
+                return None
+            value = value.get(key)
+        return value
+
+
+CROWN_COUNT = Value("CROWNS", ("crowns",), QgsProcessingOutputNumber, "Number of tree crowns")
+
+
+def orthophoto_parameter() -> Declared:
+    """INPUT, the orthophoto the model reads."""
+    return Declared(QgsProcessingParameterRasterLayer(EngineAlgorithm.INPUT, "Orthophoto (raster file)"))
+
+
 def model_parameters() -> list[Declared]:
     """MODEL, the advanced MODEL_ID that overrides it, and STRIDE."""
     return [
-        Declared(QgsProcessingParameterEnum("MODEL", "DINOv3 model", options=list(MODEL_NAMES),
+        Declared(QgsProcessingParameterEnum("MODEL", "DINOv3 model", options=list(params.MODEL_NAMES),
                                             defaultValue=DEFAULT_MODEL, usesStaticStrings=True), "model", read_choice),
         Declared(QgsProcessingParameterString("MODEL_ID", "Model id or folder (overrides Model)", optional=True),
                  "model", read_text, advanced=True),
-        Declared(QgsProcessingParameterEnum("STRIDE", "Stride (px)", options=[str(s) for s in STRIDES],
-                                            defaultValue=str(STRIDES[0]), usesStaticStrings=True), "stride",
+        Declared(QgsProcessingParameterEnum("STRIDE", "Stride (px)", options=[str(s) for s in params.STRIDES],
+                                            defaultValue=str(params.STRIDES[0]), usesStaticStrings=True), "stride",
                  read_stride),
     ]
 
@@ -164,25 +222,36 @@ def model_parameters() -> list[Declared]:
 def device_parameters() -> list[Declared]:
     """The advanced DEVICE and PRECISION, and ALLOW_UNTRAINED."""
     return [
-        Declared(QgsProcessingParameterEnum("DEVICE", "Device", options=list(DEVICES), defaultValue=DEVICES[0],
+        Declared(QgsProcessingParameterEnum("DEVICE", "Device", options=list(params.DEVICES),
+                                            defaultValue=params.DEVICES[0],
                                             usesStaticStrings=True), "device", read_choice, advanced=True),
-        Declared(QgsProcessingParameterEnum("PRECISION", "Precision", options=list(PRECISIONS),
-                                            defaultValue=PRECISIONS[0], usesStaticStrings=True), "precision",
+        Declared(QgsProcessingParameterEnum("PRECISION", "Precision", options=list(params.PRECISIONS),
+                                            defaultValue=params.PRECISIONS[0], usesStaticStrings=True), "precision",
                  read_choice, advanced=True),
         Declared(QgsProcessingParameterBoolean("ALLOW_UNTRAINED", "Allow untrained weights", defaultValue=False),
                  "allow_untrained", read_bool),
     ]
 
 
+def clustering_parameters() -> list[Declared]:
+    """What a clustering of the model's features runs with: the model's parameters, CLUSTERS (0: automatic)
+    and the device's parameters."""
+    clusters = Declared(QgsProcessingParameterNumber(
+        "CLUSTERS", "Clusters (0: automatic)", INTEGER, defaultValue=0, minValue=0, maxValue=params.K_MAX),
+        "clusters", read_clusters)
+    return [*model_parameters(), clusters, *device_parameters()]
+
+
 class DescribedAlgorithm(QgsProcessingAlgorithm):
-    """An algorithm whose identity and help are class attributes; a new instance is one of its own class."""
+    """An algorithm whose identity, help and returned values are class attributes; a new instance is one of its
+    own class."""
 
     NAME = ""
     DISPLAY_NAME = ""
     GROUP = ""
-    GROUP_ID = ""
     TAGS: tuple[str, ...] = ()
     HELP = ""
+    VALUES: tuple[Value, ...] = ()
 
     def name(self) -> str:
         return self.NAME
@@ -194,7 +263,7 @@ class DescribedAlgorithm(QgsProcessingAlgorithm):
         return self.GROUP
 
     def groupId(self) -> str:
-        return self.GROUP_ID
+        return self.GROUP.lower()
 
     def tags(self) -> list[str]:
         return list(self.TAGS)
@@ -208,17 +277,33 @@ class DescribedAlgorithm(QgsProcessingAlgorithm):
     def createInstance(self) -> DescribedAlgorithm:
         return type(self)()
 
+    def add_values(self) -> None:
+        """Declare the outputs of VALUES that no parameter declares."""
+        for value in self.VALUES:
+            if value.output is not None:
+                self.addOutput(value.output(value.name, value.description))
+
+    def returned(self) -> tuple[Value, ...]:
+        """What the algorithm returns: VALUES."""
+        return self.VALUES
+
+    def results(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Output name → value of each returned value that `record` holds."""
+        found = {value.name: value.found_in(record) for value in self.returned()}
+        return {name: value for name, value in found.items() if value is not None}
+
 
 class EngineAlgorithm(DescribedAlgorithm):
-    """Base of the algorithms whose work the engine worker process does: it adds the declared parameters,
-    reads them into their fields and validates the run's parameters before the engine starts."""
+    """Base of the algorithms whose work the engine worker process does: it adds the declared parameters and
+    the destinations after them, reads the parameters into their fields and validates the run's parameters
+    before the engine starts."""
+
+    INPUT = "INPUT"
+    DESTINATIONS: tuple[Destination, ...] = ()
 
     def declare(self) -> list[Declared]:
         """The algorithm's parameters, in dialog order (new definitions on each call)."""
         raise NotImplementedError
-
-    def declare_outputs(self) -> None:
-        """Add the algorithm's QgsProcessingOutput definitions."""
 
     def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:
         self._readers: list[tuple[str, str, Reader]] = []
@@ -228,7 +313,22 @@ class EngineAlgorithm(DescribedAlgorithm):
             self.addParameter(item.definition)
             if item.field is not None and item.read is not None:
                 self._readers.append((item.definition.name(), item.field, item.read))
-        self.declare_outputs()
+        for destination in self.DESTINATIONS:
+            self.addParameter(destination.parameter())
+        self.add_values()
+
+    def output_files(self, parameters: dict[str, Any], context: QgsProcessingContext) -> dict[str, str | None]:
+        """Output kind → file of each of DESTINATIONS (None: an optional one not asked for)."""
+        files: dict[str, str | None] = {}
+        for destination in self.DESTINATIONS:
+            read = self.optional_file_destination if destination.optional else self.file_destination
+            files[destination.kind] = read(parameters, destination.name, context, destination.suffixes)
+        return files
+
+    def returned(self) -> tuple[Value, ...]:
+        """The files of DESTINATIONS (under the record's outputs), then VALUES."""
+        return (*(Value(destination.name, ("outputs", destination.kind)) for destination in self.DESTINATIONS),
+                *self.VALUES)
 
     def declared_values(self, parameters: dict[str, Any], context: QgsProcessingContext) -> dict[str, Any]:
         """Field → value of every declared parameter that fills a field (a later one wins unless None)."""
@@ -249,13 +349,13 @@ class EngineAlgorithm(DescribedAlgorithm):
         return SegmentationParams(**{**self.declared_values(parameters, context), **values})
 
     @staticmethod
-    def check_params(params: SegmentationParams, kinds: tuple[str, ...] = SEGMENT_KINDS,
+    def check_params(run: SegmentationParams, kinds: tuple[str, ...] = SEGMENT_KINDS,
                      inputs: tuple[str, ...] = ()) -> None:
         """Validate the run and check its output paths (`inputs`: files read besides the input): a
         QgsProcessingException with the reason, before any engine starts."""
         try:
-            params.validate()
-            check_run_paths(params, kinds, inputs)
+            run.validate()
+            check_run_paths(run, kinds, inputs)
         except (ParameterError, OutputPathError) as error:
             raise QgsProcessingException(str(error)) from None
 

@@ -42,24 +42,33 @@ from qgis.core import (
 
 from ..compat import EXPORT_OK, INTEGER, POLYGON_LAYERS, RASTER_LAYERS
 from ..raster_input import UNSAFE_FILENAME_CHARACTERS, raster_file
-from .engine_algorithm import DescribedAlgorithm
+from .engine_algorithm import DescribedAlgorithm, Value
 
-SCORES = {  # output name: (group, measure in evaluate()'s scores, description)
-    "PIXEL_PRECISION": ("pixel", "precision", "Pixel precision of the tree class"),
-    "PIXEL_RECALL": ("pixel", "recall", "Pixel recall of the tree class"),
-    "PIXEL_F1": ("pixel", "f1", "Pixel F1 of the tree class"),
-    "PIXEL_IOU": ("pixel", "iou", "Pixel IoU of the tree class"),
-    "CROWN_PRECISION": ("crowns", "crown_precision", "Crown precision (matched at IoU ≥ 0.4)"),
-    "CROWN_RECALL": ("crowns", "crown_recall", "Crown recall (matched at IoU ≥ 0.4)"),
-    "CROWN_F1": ("crowns", "crown_f1", "Crown F1"),
-    "BOX_RECALL": ("boxes", "box_recall", "Box recall: reference objects with at least 25 % of their area predicted"),
-    "IN_BOX_PRECISION": ("boxes", "in_box_precision", "In-box precision: share of predicted pixels inside an object"),
-    "TREE_COVER": ("boxes", "tree_cover", "Share of the valid pixels predicted as trees"),
-    "CENTROID_BOX_RECALL": ("crowns", "centroid_box_recall",
-                            "Centroid box recall: reference objects holding a predicted crown centre"),
-    "MIOU": ("clusters", "miou", "Mean IoU of the clusters against the reference classes"),
-    "PIXEL_ACCURACY": ("clusters", "pixel_accuracy", "Pixel accuracy of the clusters against the reference classes"),
-}
+
+def score(name: str, group: str, measure: str, description: str) -> Value:
+    """An output number of a measure in evaluate()'s scores."""
+    return Value(name, (group, measure), QgsProcessingOutputNumber, description)
+
+
+SCORES = (
+    score("PIXEL_PRECISION", "pixel", "precision", "Pixel precision of the tree class"),
+    score("PIXEL_RECALL", "pixel", "recall", "Pixel recall of the tree class"),
+    score("PIXEL_F1", "pixel", "f1", "Pixel F1 of the tree class"),
+    score("PIXEL_IOU", "pixel", "iou", "Pixel IoU of the tree class"),
+    score("CROWN_PRECISION", "crowns", "crown_precision", "Crown precision (matched at IoU ≥ 0.4)"),
+    score("CROWN_RECALL", "crowns", "crown_recall", "Crown recall (matched at IoU ≥ 0.4)"),
+    score("CROWN_F1", "crowns", "crown_f1", "Crown F1"),
+    score("BOX_RECALL", "boxes", "box_recall",
+          "Box recall: reference objects with at least 25 % of their area predicted"),
+    score("IN_BOX_PRECISION", "boxes", "in_box_precision",
+          "In-box precision: share of predicted pixels inside an object"),
+    score("TREE_COVER", "boxes", "tree_cover", "Share of the valid pixels predicted as trees"),
+    score("CENTROID_BOX_RECALL", "crowns", "centroid_box_recall",
+          "Centroid box recall: reference objects holding a predicted crown centre"),
+    score("MIOU", "clusters", "miou", "Mean IoU of the clusters against the reference classes"),
+    score("PIXEL_ACCURACY", "clusters", "pixel_accuracy",
+          "Pixel accuracy of the clusters against the reference classes"),
+)
 
 HELP_TEXT = """<p>Measures how good a tree segmentation is against <b>your reference data</b>, and writes
 a CSV and an HTML report (shown in the results viewer) with a picture of the image, the reference
@@ -95,7 +104,6 @@ class EvaluateSegmentationAlgorithm(DescribedAlgorithm):
     NAME = "evaluate"
     DISPLAY_NAME = "Evaluate tree segmentation"
     GROUP = "Quality"
-    GROUP_ID = "quality"
     TAGS = ("evaluation", "accuracy", "precision", "recall", "f1", "iou", "miou", "reference", "ground truth",
                 "trees", "crowns", "quality")
     HELP = HELP_TEXT
@@ -106,8 +114,8 @@ class EvaluateSegmentationAlgorithm(DescribedAlgorithm):
     CLUSTERS = "CLUSTERS"
     TREE_CLASS = "TREE_CLASS"
     OUTPUT_FOLDER = "OUTPUT_FOLDER"
-    OUTPUT_HTML = "OUTPUT_HTML"
-    OUTPUT_CSV = "OUTPUT_CSV"
+    VALUES = (Value("OUTPUT_HTML", ("outputs", "html"), QgsProcessingOutputHtml, "Evaluation report"),
+              Value("OUTPUT_CSV", ("outputs", "csv"), QgsProcessingOutputFile, "Evaluation table (CSV)"), *SCORES)
 
     def __init__(self) -> None:
         super().__init__()
@@ -128,10 +136,7 @@ class EvaluateSegmentationAlgorithm(DescribedAlgorithm):
         self.addParameter(QgsProcessingParameterNumber(
             self.TREE_CLASS, "Tree class in a reference class raster", INTEGER, defaultValue=1))
         self.addParameter(QgsProcessingParameterFolderDestination(self.OUTPUT_FOLDER, "Report folder"))
-        self.addOutput(QgsProcessingOutputHtml(self.OUTPUT_HTML, "Evaluation report"))
-        self.addOutput(QgsProcessingOutputFile(self.OUTPUT_CSV, "Evaluation table (CSV)"))
-        for output, (_, _, description) in SCORES.items():
-            self.addOutput(QgsProcessingOutputNumber(output, description))
+        self.add_values()
 
     def prepareAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,
                          feedback: QgsProcessingFeedback) -> bool:
@@ -170,16 +175,11 @@ class EvaluateSegmentationAlgorithm(DescribedAlgorithm):
                 raise QgsProcessingException(str(error)) from error
         if scores.get("warning"):
             feedback.reportError(scores["warning"], fatalError=False)
-        results: dict[str, Any] = {
-            self.OUTPUT_FOLDER: folder,
-            self.OUTPUT_HTML: scores["outputs"]["html"],
-            self.OUTPUT_CSV: scores["outputs"]["csv"],
-        }
-        for output, (group, measure, description) in SCORES.items():
-            value = scores.get(group, {}).get(measure)
-            if value is not None:
-                results[output] = float(value)
-                feedback.pushInfo(f"{description}: {value:.4f}")
+        results = {self.OUTPUT_FOLDER: folder, **self.results(scores)}
+        for measure in SCORES:
+            if measure.name in results:
+                results[measure.name] = float(results[measure.name])
+                feedback.pushInfo(f"{measure.description}: {results[measure.name]:.4f}")
         return results
 
 

@@ -24,10 +24,7 @@ from qgis.core import (
     QgsProcessingParameterExtent,
     QgsProcessingParameterFeatureSource,
     QgsProcessingParameterNumber,
-    QgsProcessingParameterRasterDestination,
-    QgsProcessingParameterRasterLayer,
     QgsProcessingParameterString,
-    QgsProcessingParameterVectorDestination,
     QgsProcessingUtils,
 )
 
@@ -37,18 +34,18 @@ from ..compat import DOUBLE, INTEGER, POLYGON_LAYERS
 from ..raster_input import prepare_input
 from ..results import RUN_OUTPUT_ORDER, OutputGroup, group_name, style_loaded_outputs
 from .engine_algorithm import (
-    GEOPACKAGE_SUFFIXES,
-    RASTER_SUFFIXES,
+    CROWN_COUNT,
     WEIGHTS_HELP,
     Declared,
+    Destination,
     EngineAlgorithm,
-    device_parameters,
+    Value,
+    clustering_parameters,
     engine_python,
-    model_parameters,
+    orthophoto_parameter,
     read_bands,
     read_choice,
     read_cluster_ids,
-    read_clusters,
     read_int,
     read_number,
     read_number_zero_off,
@@ -115,110 +112,77 @@ class SegmentTreesAlgorithm(EngineAlgorithm):
     NAME = "segmenttrees"
     DISPLAY_NAME = "Segment trees (DINOv3)"
     GROUP = "Segmentation"
-    GROUP_ID = "segmentation"
     TAGS = ("trees", "tree", "canopy", "forest", "segmentation", "dinov3", "orthophoto", "drone",
             "clustering", "unsupervised", "deep learning", "ai", "crowns", "height")
     HELP = HELP_TEXT
 
-    INPUT = "INPUT"
-    BANDS = "BANDS"
     EXTENT = "EXTENT"
     MASK = "MASK"
     RESOLUTION = "RESOLUTION"
-    METHOD = "METHOD"
-    CLUSTERS = "CLUSTERS"
-    K_MIN = "K_MIN"
-    K_MAX = "K_MAX"
-    TREE_CLUSTERS = "TREE_CLUSTERS"
-    CROWN_MIN_AREA = "CROWN_MIN_AREA"
-    MIN_TREE_HEIGHT = "MIN_TREE_HEIGHT"
-    HEIGHT_MODEL = "HEIGHT_MODEL"
-    OUTPUT_CLUSTERS = "OUTPUT_CLUSTERS"
-    OUTPUT_TREES = "OUTPUT_TREES"
-    OUTPUT_POLYGONS = "OUTPUT_POLYGONS"
-    OUTPUT_CROWNS = "OUTPUT_CROWNS"
-    OUTPUT_FEATURES = "OUTPUT_FEATURES"
-    OUTPUT_HEIGHT = "OUTPUT_HEIGHT"
-    K = "K"
-    TREE_COVER = "TREE_COVER"
-    CROWNS = "CROWNS"
-    MODEL_USED = "MODEL_USED"
-    UNTRAINED = "UNTRAINED"
-    RUN_RECORD = "RUN_RECORD"
+    DESTINATIONS = (
+        Destination("OUTPUT_CLUSTERS", "Clusters", "clusters"),
+        Destination("OUTPUT_TREES", "Tree mask", "trees"),
+        Destination("OUTPUT_POLYGONS", "Polygons", "polygons"),
+        Destination("OUTPUT_CROWNS", "Tree crowns", "crowns", optional=True),
+        Destination("OUTPUT_FEATURES", "Feature image", "features", optional=True),
+        Destination("OUTPUT_HEIGHT", "Canopy height", "height", optional=True),
+    )
+    VALUES = (
+        Value("K", ("clusters", "k"), QgsProcessingOutputNumber, "Number of clusters"),
+        Value("TREE_COVER", ("trees", "tree_cover"), QgsProcessingOutputNumber,
+              "Tree cover (fraction of valid pixels)"),
+        CROWN_COUNT,
+        Value("MODEL_USED", ("model", "model_id"), QgsProcessingOutputString, "Model used"),
+        Value("UNTRAINED", ("model", "untrained"), QgsProcessingOutputBoolean, "Untrained weights were used"),
+        Value("RUN_RECORD", ("outputs", "record"), QgsProcessingOutputFile, "Run record (JSON)"),
+    )
 
     def declare(self) -> list[Declared]:
         return [
-            Declared(QgsProcessingParameterRasterLayer(self.INPUT, "Orthophoto (raster file)")),
+            orthophoto_parameter(),
             Declared(QgsProcessingParameterBand(
-                self.BANDS, "RGB bands", defaultValue=[1, 2, 3], parentLayerParameterName=self.INPUT, optional=True,
+                "BANDS", "RGB bands", defaultValue=[1, 2, 3], parentLayerParameterName=self.INPUT, optional=True,
                 allowMultiple=True), "bands", read_bands),
             Declared(QgsProcessingParameterExtent(self.EXTENT, "Extent", optional=True)),
             Declared(QgsProcessingParameterFeatureSource(self.MASK, "Mask polygons", [POLYGON_LAYERS], optional=True)),
             Declared(QgsProcessingParameterNumber(
                 self.RESOLUTION, "Resolution (m/px, 0: native)", DOUBLE, defaultValue=0.0, minValue=0.0)),
-            *model_parameters(),
-            Declared(QgsProcessingParameterNumber(
-                self.CLUSTERS, "Clusters (0: automatic)", INTEGER, defaultValue=0, minValue=0, maxValue=K_MAX),
-                "clusters", read_clusters),
-            *device_parameters(),
+            *clustering_parameters(),
             Declared(QgsProcessingParameterEnum(
-                self.METHOD, "Method (or a colour baseline)", options=list(METHODS), defaultValue=METHODS[0],
+                "METHOD", "Method (or a colour baseline)", options=list(METHODS), defaultValue=METHODS[0],
                 usesStaticStrings=True), "method", read_choice, advanced=True),
             Declared(QgsProcessingParameterNumber(
-                self.K_MIN, "Automatic clusters: minimum", INTEGER, defaultValue=DEFAULT_K_RANGE[0], minValue=1,
+                "K_MIN", "Automatic clusters: minimum", INTEGER, defaultValue=DEFAULT_K_RANGE[0], minValue=1,
                 maxValue=K_MAX), "k_min", read_int, advanced=True),
             Declared(QgsProcessingParameterNumber(
-                self.K_MAX, "Automatic clusters: maximum", INTEGER, defaultValue=DEFAULT_K_RANGE[1], minValue=1,
+                "K_MAX", "Automatic clusters: maximum", INTEGER, defaultValue=DEFAULT_K_RANGE[1], minValue=1,
                 maxValue=K_MAX), "k_max", read_int, advanced=True),
-            Declared(QgsProcessingParameterString(self.TREE_CLUSTERS, "Tree clusters (ids)", optional=True),
+            Declared(QgsProcessingParameterString("TREE_CLUSTERS", "Tree clusters (ids)", optional=True),
                      "tree_clusters", read_cluster_ids, advanced=True),
             Declared(QgsProcessingParameterNumber(
-                self.CROWN_MIN_AREA, "Minimum crown area (m²)", DOUBLE,
+                "CROWN_MIN_AREA", "Minimum crown area (m²)", DOUBLE,
                 defaultValue=SegmentationParams.crown_min_area_m2, minValue=0.0),
                 "crown_min_area_m2", read_number, advanced=True),
             Declared(QgsProcessingParameterNumber(
-                self.MIN_TREE_HEIGHT, "Minimum tree height (m, 0: off)", DOUBLE, defaultValue=0.0, minValue=0.0),
+                "MIN_TREE_HEIGHT", "Minimum tree height (m, 0: off)", DOUBLE, defaultValue=0.0, minValue=0.0),
                 "min_tree_height_m", read_number_zero_off, advanced=True),
             Declared(QgsProcessingParameterString(
-                self.HEIGHT_MODEL, "Canopy-height model", defaultValue=DEFAULT_HEIGHT_MODEL),
+                "HEIGHT_MODEL", "Canopy-height model", defaultValue=DEFAULT_HEIGHT_MODEL),
                 "height_model", read_text, advanced=True),
-            Declared(QgsProcessingParameterRasterDestination(self.OUTPUT_CLUSTERS, "Clusters")),
-            Declared(QgsProcessingParameterRasterDestination(self.OUTPUT_TREES, "Tree mask")),
-            Declared(QgsProcessingParameterVectorDestination(self.OUTPUT_POLYGONS, "Polygons", POLYGON_LAYERS)),
-            Declared(QgsProcessingParameterVectorDestination(
-                self.OUTPUT_CROWNS, "Tree crowns", POLYGON_LAYERS, optional=True, createByDefault=False),
-                advanced=True),
-            Declared(QgsProcessingParameterRasterDestination(
-                self.OUTPUT_FEATURES, "Feature image", optional=True, createByDefault=False), advanced=True),
-            Declared(QgsProcessingParameterRasterDestination(
-                self.OUTPUT_HEIGHT, "Canopy height", optional=True, createByDefault=False), advanced=True),
         ]
-
-    def declare_outputs(self) -> None:
-        self.addOutput(QgsProcessingOutputNumber(self.K, "Number of clusters"))
-        self.addOutput(QgsProcessingOutputNumber(self.TREE_COVER, "Tree cover (fraction of valid pixels)"))
-        self.addOutput(QgsProcessingOutputNumber(self.CROWNS, "Number of tree crowns"))
-        self.addOutput(QgsProcessingOutputString(self.MODEL_USED, "Model used"))
-        self.addOutput(QgsProcessingOutputBoolean(self.UNTRAINED, "Untrained weights were used"))
-        self.addOutput(QgsProcessingOutputFile(self.RUN_RECORD, "Run record (JSON)"))
 
     def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,
                          feedback: QgsProcessingFeedback) -> dict[str, Any]:
         python = engine_python()
         layer = self.input_raster(parameters, self.INPUT, context)
-        clusters = self.file_destination(parameters, self.OUTPUT_CLUSTERS, context, RASTER_SUFFIXES)
-        trees = self.file_destination(parameters, self.OUTPUT_TREES, context, RASTER_SUFFIXES)
-        polygons = self.file_destination(parameters, self.OUTPUT_POLYGONS, context, GEOPACKAGE_SUFFIXES)
-        crowns = self.optional_file_destination(parameters, self.OUTPUT_CROWNS, context, GEOPACKAGE_SUFFIXES)
-        features = self.optional_file_destination(parameters, self.OUTPUT_FEATURES, context, RASTER_SUFFIXES)
-        height = self.optional_file_destination(parameters, self.OUTPUT_HEIGHT, context, RASTER_SUFFIXES)
-        stem = Path(clusters).with_suffix("")
+        files = self.output_files(parameters, context)
+        stem = Path(files["clusters"]).with_suffix("")
         params = self.read_params(
             parameters, context, input_path=layer.source(), output_dir=str(stem.parent), output_stem=stem.name,
-            crowns=crowns is not None, feature_preview=features is not None, canopy_height=height is not None,
-            outputs=OutputFiles(clusters=clusters, trees=trees, polygons=polygons, crowns=crowns, features=features,
-                                height=height, preview=f"{stem}_preview.png", record=f"{stem}_run.json"))
-        if height is None and params.min_tree_height_m is not None:  # the height is needed, not asked for
+            crowns=files["crowns"] is not None, feature_preview=files["features"] is not None,
+            canopy_height=files["height"] is not None,
+            outputs=OutputFiles(**files, preview=f"{stem}_preview.png", record=f"{stem}_run.json"))
+        if files["height"] is None and params.min_tree_height_m is not None:  # the height is needed, not asked for
             params = replace(params, outputs=replace(params.outputs, height=QgsProcessingUtils.generateTempFilename(
                 f"{stem.name}_height.tif")))
         extent = self.parameterAsExtent(parameters, self.EXTENT, context, layer.crs())
@@ -231,23 +195,5 @@ class SegmentTreesAlgorithm(EngineAlgorithm):
         record = run_in_engine(python, feedback, lambda client, report: client.segment(
             params, on_progress=report.progress, on_log=report.log, is_cancelled=feedback.isCanceled,
             hf_token=hf_token()))
-        outputs = record["outputs"]
-        untrained = bool(record["model"]["untrained"])
         style_loaded_outputs(context, record, OutputGroup(group_name(record, layer.name()), RUN_OUTPUT_ORDER))
-        results = {
-            self.OUTPUT_CLUSTERS: outputs["clusters"],
-            self.OUTPUT_TREES: outputs["trees"],
-            self.OUTPUT_POLYGONS: outputs["polygons"],
-            self.K: record["clusters"]["k"],
-            self.TREE_COVER: record["trees"]["tree_cover"],
-            self.MODEL_USED: record["model"]["model_id"],
-            self.UNTRAINED: untrained,
-            self.RUN_RECORD: outputs["record"],
-        }
-        for kind, output in (("crowns", self.OUTPUT_CROWNS), ("features", self.OUTPUT_FEATURES),
-                             ("height", self.OUTPUT_HEIGHT)):
-            if kind in outputs:
-                results[output] = outputs[kind]
-        if record.get("crowns") is not None:
-            results[self.CROWNS] = record["crowns"]
-        return results
+        return self.results(record)

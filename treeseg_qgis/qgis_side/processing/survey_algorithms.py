@@ -17,20 +17,17 @@ from qgis.core import (
     QgsProcessingParameterFile,
     QgsProcessingParameterFileDestination,
     QgsProcessingParameterMultipleLayers,
-    QgsProcessingParameterNumber,
 )
 
-from ...params import K_MAX
 from ..auth import hf_token
-from ..compat import INTEGER, RASTER_LAYERS
+from ..compat import RASTER_LAYERS
 from .engine_algorithm import (
     WEIGHTS_HELP,
     Declared,
     EngineAlgorithm,
-    device_parameters,
+    Value,
+    clustering_parameters,
     engine_python,
-    model_parameters,
-    read_clusters,
     read_file,
     run_in_engine,
 )
@@ -55,30 +52,21 @@ class FitClusterModelAlgorithm(EngineAlgorithm):
     NAME = "fitclustermodel"
     DISPLAY_NAME = "Fit a cluster model on several rasters"
     GROUP = "Surveys"
-    GROUP_ID = "surveys"
     TAGS = ("survey", "cluster model", "legend", "mosaic", "tiles", "dinov3", "clustering")
     HELP = FIT_HELP
 
     INPUTS = "INPUTS"
-    CLUSTERS = "CLUSTERS"
     OUTPUT = "OUTPUT"
-    K = "K"
+    VALUES = (Value(OUTPUT, ("cluster_model",)), Value("K", ("k",), QgsProcessingOutputNumber, "Number of clusters"))
 
     def declare(self) -> list[Declared]:
         return [
             Declared(QgsProcessingParameterMultipleLayers(
                 self.INPUTS, "Survey orthophotos (raster files)", RASTER_LAYERS)),
-            *model_parameters(),
-            Declared(QgsProcessingParameterNumber(
-                self.CLUSTERS, "Clusters (0: automatic)", INTEGER, defaultValue=0, minValue=0, maxValue=K_MAX),
-                "clusters", read_clusters),
-            *device_parameters(),
+            *clustering_parameters(),
             Declared(QgsProcessingParameterFileDestination(
                 self.OUTPUT, "Cluster model", fileFilter=f"TreeSeg cluster model (*{MODEL_SUFFIX})")),
         ]
-
-    def declare_outputs(self) -> None:
-        self.addOutput(QgsProcessingOutputNumber(self.K, "Number of clusters"))
 
     def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,
                          feedback: QgsProcessingFeedback) -> dict[str, Any]:
@@ -98,7 +86,7 @@ class FitClusterModelAlgorithm(EngineAlgorithm):
             inputs, out_path, params, on_progress=report.progress, is_cancelled=feedback.isCanceled,
             hf_token=hf_token()))
         feedback.pushInfo(f"K={record['k']}, tree clusters {record['tree_clusters']}, from {len(inputs)} rasters")
-        return {self.OUTPUT: record["cluster_model"], self.K: record["k"]}
+        return self.results(record)
 
 
 class ApplyClusterModelAlgorithm(SegmentTreesAlgorithm):
@@ -107,19 +95,16 @@ class ApplyClusterModelAlgorithm(SegmentTreesAlgorithm):
     NAME = "applyclustermodel"
     DISPLAY_NAME = "Apply a cluster model"
     GROUP = "Surveys"
-    GROUP_ID = "surveys"
     TAGS = ("survey", "cluster model", "legend", "trees", "segmentation", "dinov3")
     HELP = APPLY_HELP
 
-    CLUSTER_MODEL = "CLUSTER_MODEL"
-    FITTED_BY_THE_MODEL = (SegmentTreesAlgorithm.CLUSTERS, SegmentTreesAlgorithm.K_MIN, SegmentTreesAlgorithm.K_MAX,
-                           SegmentTreesAlgorithm.TREE_CLUSTERS)
+    FITTED_BY_THE_MODEL = ("clusters", "k_min", "k_max", "tree_clusters")
 
     def declare(self) -> list[Declared]:
-        """Segment trees' parameters without those the model fixes (K, its range, the tree clusters), with the
-        model file after the input."""
-        inherited = [item for item in super().declare() if item.definition.name() not in self.FITTED_BY_THE_MODEL]
+        """Segment trees' parameters without those filling the fields the model fixes (K, its range, the tree
+        clusters), with the model file after the input."""
+        inherited = [item for item in super().declare() if item.field not in self.FITTED_BY_THE_MODEL]
         model_file = Declared(QgsProcessingParameterFile(
-            self.CLUSTER_MODEL, "Cluster model (.treeseg)", extension=MODEL_SUFFIX.lstrip(".")),
+            "CLUSTER_MODEL", "Cluster model (.treeseg)", extension=MODEL_SUFFIX.lstrip(".")),
             "cluster_model", read_file)
         return [inherited[0], model_file, *inherited[1:]]

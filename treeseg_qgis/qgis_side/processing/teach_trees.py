@@ -27,8 +27,6 @@ from qgis.core import (
     QgsProcessingParameterFeatureSource,
     QgsProcessingParameterField,
     QgsProcessingParameterNumber,
-    QgsProcessingParameterRasterDestination,
-    QgsProcessingParameterRasterLayer,
     QgsProcessingParameterString,
     QgsRasterLayer,
 )
@@ -41,13 +39,15 @@ from ..compat import ANY_FIELD, DOUBLE, POINT_LAYERS
 from ..raster_input import raster_file
 from ..results import TEACH_OUTPUT_ORDER, OutputGroup, style_loaded_outputs, teach_group_name
 from .engine_algorithm import (
-    RASTER_SUFFIXES,
     WEIGHTS_HELP,
     Declared,
+    Destination,
     EngineAlgorithm,
+    Value,
     device_parameters,
     engine_python,
     model_parameters,
+    orthophoto_parameter,
     run_in_engine,
 )
 
@@ -89,26 +89,28 @@ class TeachTreesAlgorithm(EngineAlgorithm):
     NAME = "teach"
     DISPLAY_NAME = "Teach trees or any class by example (DINOv3)"
     GROUP = "Segmentation"
-    GROUP_ID = "segmentation"
     TAGS = ("trees", "tree", "class", "dead trees", "examples", "points", "similarity", "few-shot", "dinov3",
                 "orthophoto", "ai")
     HELP = HELP_TEXT
 
-    INPUT = "INPUT"
     EXAMPLES = "EXAMPLES"
     IS_TREE_FIELD = "IS_TREE_FIELD"
     THRESHOLD = "THRESHOLD"
     CLASS_NAME = "CLASS_NAME"
-    THRESHOLD_USED = "THRESHOLD_USED"
-    OUTPUT_SIMILARITY = "OUTPUT_SIMILARITY"
-    OUTPUT_TREES = "OUTPUT_TREES"
-    TREE_COVER = "TREE_COVER"
-    FEATURE_CACHE = "FEATURE_CACHE"
-    TEACH_RECORD = "TEACH_RECORD"
+    DESTINATIONS = (
+        Destination("OUTPUT_SIMILARITY", "Class similarity (0..1)", "similarity"),
+        Destination("OUTPUT_TREES", "Class mask", "taught_trees"),
+    )
+    VALUES = (
+        Value("TREE_COVER", ("tree_cover",), QgsProcessingOutputNumber, "Class cover (fraction of valid pixels)"),
+        Value("THRESHOLD_USED", ("threshold",), QgsProcessingOutputNumber, "Threshold used"),
+        Value("FEATURE_CACHE", ("feature_cache",), QgsProcessingOutputString, "Feature cache (hit, miss or off)"),
+        Value("TEACH_RECORD", ("outputs", "teach_record"), QgsProcessingOutputFile, "Teach record (JSON)"),
+    )
 
     def declare(self) -> list[Declared]:
         return [
-            Declared(QgsProcessingParameterRasterLayer(self.INPUT, "Orthophoto (raster file)")),
+            orthophoto_parameter(),
             Declared(QgsProcessingParameterFeatureSource(self.EXAMPLES, "Example points", [POINT_LAYERS])),
             # Optional, so that the default is taken where the field is left out (qgis_process, processing.run).
             Declared(QgsProcessingParameterField(
@@ -121,15 +123,7 @@ class TeachTreesAlgorithm(EngineAlgorithm):
                 minValue=0.0, maxValue=1.0)),
             *model_parameters(),
             *device_parameters(),
-            Declared(QgsProcessingParameterRasterDestination(self.OUTPUT_SIMILARITY, "Class similarity (0..1)")),
-            Declared(QgsProcessingParameterRasterDestination(self.OUTPUT_TREES, "Class mask")),
         ]
-
-    def declare_outputs(self) -> None:
-        self.addOutput(QgsProcessingOutputNumber(self.TREE_COVER, "Class cover (fraction of valid pixels)"))
-        self.addOutput(QgsProcessingOutputNumber(self.THRESHOLD_USED, "Threshold used"))
-        self.addOutput(QgsProcessingOutputString(self.FEATURE_CACHE, "Feature cache (hit, miss or off)"))
-        self.addOutput(QgsProcessingOutputFile(self.TEACH_RECORD, "Teach record (JSON)"))
 
     def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,
                          feedback: QgsProcessingFeedback) -> dict[str, Any]:
@@ -140,12 +134,11 @@ class TeachTreesAlgorithm(EngineAlgorithm):
             raise QgsProcessingException(self.invalidSourceError(parameters, self.EXAMPLES))
         field = self.parameterAsString(parameters, self.IS_TREE_FIELD, context) or DEFAULT_IS_TREE_FIELD
         examples = pixel_examples(layer, source, field, context, feedback)
-        similarity = self.file_destination(parameters, self.OUTPUT_SIMILARITY, context, RASTER_SUFFIXES)
-        trees = self.file_destination(parameters, self.OUTPUT_TREES, context, RASTER_SUFFIXES)
-        stem = Path(similarity).with_suffix("")
+        files = self.output_files(parameters, context)
+        stem = Path(files["similarity"]).with_suffix("")
         params = self.read_params(parameters, context, input_path=raster_file(layer), output_dir=str(stem.parent),
-                                  output_stem=stem.name, outputs=OutputFiles(
-                                      similarity=similarity, taught_trees=trees, teach_record=f"{stem}_teach.json"))
+                                  output_stem=stem.name,
+                                  outputs=OutputFiles(**files, teach_record=f"{stem}_teach.json"))
         self.check_params(params, TEACH_KINDS)
         given = parameters.get(self.THRESHOLD)
         threshold = None if given is None or given == "" else self.parameterAsDouble(parameters, self.THRESHOLD,
@@ -159,16 +152,8 @@ class TeachTreesAlgorithm(EngineAlgorithm):
         feedback.pushInfo(f"Examples used: {record['examples']['trees']} {taught}, "
                           f"{record['examples']['not_trees']} other; {record['threshold_note']}; "
                           f"feature cache: {record['feature_cache']}.")
-        outputs = record["outputs"]
         style_loaded_outputs(context, record, OutputGroup(teach_group_name(record, layer.name()), TEACH_OUTPUT_ORDER))
-        return {
-            self.OUTPUT_SIMILARITY: outputs["similarity"],
-            self.OUTPUT_TREES: outputs["taught_trees"],
-            self.TREE_COVER: record["tree_cover"],
-            self.THRESHOLD_USED: record["threshold"],
-            self.FEATURE_CACHE: record["feature_cache"],
-            self.TEACH_RECORD: outputs["teach_record"],
-        }
+        return self.results(record)
 
 
 def pixel_examples(layer: QgsRasterLayer, source: QgsFeatureSource, field: str, context: QgsProcessingContext,

@@ -12,19 +12,18 @@ from qgis.core import (
     QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingFeedback,
-    QgsProcessingOutputNumber,
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterLayer,
-    QgsProcessingParameterVectorDestination,
     QgsRasterLayer,
 )
 
-from ..compat import DOUBLE, POLYGON_LAYERS
+from ..compat import DOUBLE
 from ..raster_input import raster_file
 from ..results import style_loaded_outputs
 from .engine_algorithm import (
-    GEOPACKAGE_SUFFIXES,
+    CROWN_COUNT,
     Declared,
+    Destination,
     EngineAlgorithm,
     engine_python,
     read_number,
@@ -57,18 +56,12 @@ class TreeCrownsAlgorithm(EngineAlgorithm):
     NAME = "treecrowns"
     DISPLAY_NAME = "Split trees into crowns"
     GROUP = "Segmentation"
-    GROUP_ID = "segmentation"
     TAGS = ("trees", "tree", "crowns", "crown", "watershed", "instances", "individual trees", "polygons")
     HELP = HELP_TEXT
 
-    INPUT = "INPUT"
     CLUSTERS = "CLUSTERS"
-    MIN_AREA = "MIN_AREA"
-    MIN_DISTANCE = "MIN_DISTANCE"
-    SMOOTHING = "SMOOTHING"
-    MAX_CROWN = "MAX_CROWN"
-    OUTPUT = "OUTPUT"
-    CROWNS = "CROWNS"
+    DESTINATIONS = (Destination("OUTPUT", "Tree crowns", "crowns"),)
+    VALUES = (CROWN_COUNT,)
 
     def declare(self) -> list[Declared]:
         """The crown options fill the fields of the engine's CrownOptions (gis/crowns.py), not a run's."""
@@ -76,21 +69,17 @@ class TreeCrownsAlgorithm(EngineAlgorithm):
             Declared(QgsProcessingParameterRasterLayer(self.INPUT, "Tree mask (1 = tree)")),
             Declared(QgsProcessingParameterRasterLayer(self.CLUSTERS, "Clusters (same grid)", optional=True)),
             Declared(QgsProcessingParameterNumber(
-                self.MIN_AREA, "Minimum crown area (m²)", DOUBLE, defaultValue=2.0, minValue=0.0),
+                "MIN_AREA", "Minimum crown area (m²)", DOUBLE, defaultValue=2.0, minValue=0.0),
                 "min_area_m2", read_number),
             Declared(QgsProcessingParameterNumber(
-                self.MIN_DISTANCE, "Minimum distance between centres (m)", DOUBLE, defaultValue=1.0,
+                "MIN_DISTANCE", "Minimum distance between centres (m)", DOUBLE, defaultValue=1.0,
                 minValue=0.0), "min_distance_m", read_number, advanced=True),
             Declared(QgsProcessingParameterNumber(
-                self.SMOOTHING, "Smoothing (m)", DOUBLE, defaultValue=0.2, minValue=0.0), "smoothing_m", read_number),
+                "SMOOTHING", "Smoothing (m)", DOUBLE, defaultValue=0.2, minValue=0.0), "smoothing_m", read_number),
             Declared(QgsProcessingParameterNumber(
-                self.MAX_CROWN, "Largest crown diameter (m)", DOUBLE, defaultValue=25.0, minValue=0.1),
+                "MAX_CROWN", "Largest crown diameter (m)", DOUBLE, defaultValue=25.0, minValue=0.1),
                 "max_crown_m", read_number),
-            Declared(QgsProcessingParameterVectorDestination(self.OUTPUT, "Tree crowns", POLYGON_LAYERS)),
         ]
-
-    def declare_outputs(self) -> None:
-        self.addOutput(QgsProcessingOutputNumber(self.CROWNS, "Number of tree crowns"))
 
     def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,
                          feedback: QgsProcessingFeedback) -> dict[str, Any]:
@@ -99,7 +88,7 @@ class TreeCrownsAlgorithm(EngineAlgorithm):
         clusters = self.parameterAsRasterLayer(parameters, self.CLUSTERS, context)
         if clusters is not None:
             _check_same_grid(trees, clusters)
-        gpkg = self.file_destination(parameters, self.OUTPUT, context, GEOPACKAGE_SUFFIXES)
+        gpkg = self.output_files(parameters, context)["crowns"]
         options = self.declared_values(parameters, context)
         trees_path = raster_file(trees)
         clusters_path = raster_file(clusters) if clusters is not None else None
@@ -107,7 +96,7 @@ class TreeCrownsAlgorithm(EngineAlgorithm):
             trees_path, clusters_path, gpkg, options, on_progress=report.progress, is_cancelled=feedback.isCanceled))
         feedback.pushInfo(f"{record['crowns']} crowns.")
         style_loaded_outputs(context, record, None, suffix=f" — {trees.name()}")
-        return {self.OUTPUT: record["outputs"]["crowns"], self.CROWNS: record["crowns"]}
+        return self.results(record)
 
 
 def _check_same_grid(trees: QgsRasterLayer, clusters: QgsRasterLayer) -> None:
