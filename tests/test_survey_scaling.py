@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from osgeo import gdal
 
+from treeseg_qgis.engine import survey as survey_module
 from treeseg_qgis.engine.core.errors import InputError
 from treeseg_qgis.engine.core.survey_model import FORMAT_VERSION, SurveyModel
 from treeseg_qgis.engine.gis.raster import GdalRasterSource
@@ -149,3 +150,22 @@ def test_a_version_1_model_is_read_for_byte_rasters_and_refused_for_stretched_on
     fit_survey([str(byte)], params_for(tiny_model_dir, "", tmp_path, tmp_path / "cache"), fitted)
     old_byte = SurveyModel.load(as_version_1(fitted, tmp_path / "old_byte.treeseg"))
     assert old_byte.value_ranges == {} and old_byte.scaling == SurveyModel.load(fitted).scaling
+
+
+def test_each_raster_counts_by_its_valid_area_when_only_a_bounded_sample_is_kept(tmp_path, tiny_model_dir,
+                                                                                monkeypatch):
+    monkeypatch.setattr(survey_module, "VALUE_SAMPLES", 4000)  # 2000 values kept per raster
+    rng = np.random.default_rng(7)
+    large = rng.integers(1000, 2000, (3, 300, 300)).astype(np.uint16)
+    large[:, :, :200] = 0  # nodata: 30 000 valid pixels of 90 000
+    small = rng.integers(5000, 6000, (3, 100, 100)).astype(np.uint16)
+    paths = [write_geotiff(tmp_path / "large.tif", large, nodata=0),
+             write_geotiff(tmp_path / "small.tif", small, nodata=0)]
+    model = fit_survey([str(path) for path in paths], params_for(tiny_model_dir, "", tmp_path, tmp_path / "cache"),
+                       tmp_path / "survey.treeseg")
+    valid = np.concatenate([large[0][large[0] > 0], small[0].ravel()]).astype(np.float64)
+    lo, hi = model.value_ranges[1]
+    expected_lo, expected_hi = np.percentile(valid, [2, 98])  # 5921: the small raster is a quarter of the valid area
+    assert lo == pytest.approx(expected_lo, abs=25) and hi == pytest.approx(expected_hi, abs=25)
+    by_size = np.percentile(np.concatenate([np.repeat(large[0, :, 200:], 3), small[0].ravel()]), 98)
+    assert abs(hi - by_size) > 75  # counting nodata as area: 5795
