@@ -14,7 +14,7 @@ from treeseg_qgis.engine.core.errors import InputError
 from treeseg_qgis.engine.core.survey_model import FORMAT_VERSION, SurveyModel
 from treeseg_qgis.engine.gis.raster import GdalRasterSource
 from treeseg_qgis.engine.pipeline import segment
-from treeseg_qgis.engine.survey import fit_survey
+from treeseg_qgis.engine.survey import fit_survey, segment_many
 
 from .conftest import disc_scene, write_geotiff
 from .test_survey import labels, params_for
@@ -99,6 +99,17 @@ def test_a_raster_far_outside_the_surveys_values_is_clipped_and_reported(survey1
     assert record["cluster_model"]["clipped"]["band 1"] > 0.1
     assert warning in caplog.text
     assert record["input"]["scaling"] == SurveyModel.load(model_path).scaling
+
+
+def test_segment_many_names_the_surveys_scaling_and_the_raster_that_does_not_belong(survey16, tmp_path,
+                                                                                    tiny_model_dir):
+    plain, _, model_path, image, _ = survey16
+    darker = write_geotiff(tmp_path / "other_sensor.tif", image // 4)
+    summary = segment_many([str(plain), str(darker)], params_for(tiny_model_dir, "", tmp_path, tmp_path / "cache"),
+                           tmp_path / "out", str(model_path))
+    assert summary["scaling"] == SurveyModel.load(model_path).scaling
+    warnings = [row["scaling_warning"] for row in summary["rasters"]]
+    assert warnings[0] is None and "may not belong to the survey" in warnings[1]
 
 
 def test_without_a_cluster_model_a_raster_keeps_its_own_stretch(survey16, tmp_path, tiny_model_dir):
