@@ -294,8 +294,8 @@ def _opened(params: SegmentationParams, progress: Progress, kinds: tuple[str, ..
         if survey:
             survey.check_run({name: getattr(params, name) for name in SETTINGS}, _precision(params), source.bands,
                              source.scaling)
-            if clipping_note(source.clipped):
-                log.warning("%s: %s", params.input_path, clipping_note(source.clipped))
+            if note := clipping_note(source.clipped):
+                log.warning("%s: %s", params.input_path, note)
         with _feature_store(params, source, progress, survey) as (store, cache_state):
             yield source, store, cache_state
 
