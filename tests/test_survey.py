@@ -19,6 +19,7 @@ from osgeo import gdal, ogr
 
 from treeseg_qgis.engine.cli import EXIT_SOME_FAILED, main
 from treeseg_qgis.engine.core.errors import InputError
+from treeseg_qgis.engine.core.survey_model import FORMAT_VERSION
 from treeseg_qgis.engine.pipeline import segment
 from treeseg_qgis.engine.survey import fit_survey
 from treeseg_qgis.params import SegmentationParams
@@ -107,7 +108,7 @@ def test_a_mismatching_or_damaged_cluster_model_is_refused_with_its_reason(surve
         for item in original.namelist():
             data = original.read(item)
             if item == "header.npy":
-                data = data.replace(b'"version": 1', b'"version": 9')
+                data = data.replace(f'"version": {FORMAT_VERSION}'.encode(), b'"version": 9')
             copy.writestr(item, data)
     with pytest.raises(InputError, match="format version 9"):
         segment(params_for(tiny_model_dir, first, tmp_path / "out", cache, cluster_model=str(newer)))

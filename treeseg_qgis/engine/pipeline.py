@@ -56,7 +56,7 @@ from .core.segmentation import (
     segment_raster,
 )
 from .core.store import FeatureStore
-from .core.survey_model import SETTINGS, SurveyModel
+from .core.survey_model import SETTINGS, SurveyModel, clipping_note
 from .core.teach import prototypes, score_raster
 from .core.tiling import TileGrid, Window
 from .gis.crowns import CrownOptions, write_crowns
@@ -160,8 +160,7 @@ def segment(
             result.timings["preview"] = round(time.perf_counter() - preview_started, 3)
             record = _record(params, model, source, result, paths, polygons, written)
             record["crowns"] = crowns
-            record["cluster_model"] = ({"path": str(params.cluster_model), "projection": survey.projection_id}
-                                       if survey else None)
+            record["cluster_model"] = _survey_record(params, survey, source) if survey else None
             record["feature_cache"] = {"state": cache_state,
                                        "folder": str(store.folder) if cache_state != "off" else None}
             record["timings"]["load_model"] = round(load_seconds, 3)
@@ -285,16 +284,18 @@ def _opened(params: SegmentationParams, progress: Progress, kinds: tuple[str, ..
             examples_path: str | None = None,
             survey: SurveyModel | None = None) -> Iterator[tuple[GdalRasterSource, FeatureStore, str]]:
     """The input raster and the run's feature store (see `_feature_store`), output folder and paths checked;
-    with a survey cluster model, the raster and settings checked against it."""
+    with a survey cluster model, the raster read with the survey's value scaling and checked against it."""
     limit_block_cache()
     _check_input_is_a_file(params.input_path)
     _output_folder(params.output_dir)
-    with GdalRasterSource(params.input_path, params.bands) as source:
+    with GdalRasterSource(params.input_path, params.bands, survey.value_ranges if survey else None) as source:
         _check_output_paths(params, kinds, [params.input_path, *source.files,
                                             *filter(None, [examples_path, params.cluster_model])])
         if survey:
             survey.check_run({name: getattr(params, name) for name in SETTINGS}, _precision(params), source.bands,
                              source.scaling)
+            if note := clipping_note(source.clipped):
+                log.warning("%s: %s", params.input_path, note)
         with _feature_store(params, source, progress, survey) as (store, cache_state):
             yield source, store, cache_state
 
@@ -376,6 +377,13 @@ def _cache_key(params: SegmentationParams, source: GdalRasterSource, survey: Sur
         **{name: getattr(params, name) for name in (
             "method", "model", "model_revision", "stride", "tile_size", "overlap", "pca_dims", "sample_size", "seed")},
     }
+
+
+def _survey_record(params: SegmentationParams, survey: SurveyModel, source: GdalRasterSource) -> dict:
+    """The cluster model a run applied, and how much of each band its value scaling clipped."""
+    return {"path": str(params.cluster_model), "projection": survey.projection_id,
+            "clipped": {f"band {number}": round(share, 4) for number, share in source.clipped.items()},
+            "warning": clipping_note(source.clipped)}
 
 
 def _precision(params: SegmentationParams) -> str | None:

@@ -1,5 +1,7 @@
 """Surveys: one cluster model fitted on many rasters, then applied to each of them (one legend).
 
+A survey has one value scaling: `fit_survey` measures a non-Byte survey's percentile stretch over all its
+inputs (a bounded value sample weighted by valid area), reads every input with it and stores it in the model.
 `fit_survey` draws a bounded feature sample from every input, proportional to its valid area, fits the
 PCA and the clusters on it and writes a `.treeseg` file (core/survey_model.py). `segment_many` fits
 (unless a model is given), runs `pipeline.segment` with that model on every input, here one after the
@@ -31,7 +33,7 @@ from .core.segmentation import PCA_TILES, fit_clustering, sample_raw_features
 from .core.survey_model import SETTINGS, SUFFIX, SurveyModel, scaling_kind
 from .core.tiling import TileGrid
 from .gis.merge import merge_polygons
-from .gis.raster import GdalRasterSource, limit_block_cache
+from .gis.raster import GdalRasterSource, limit_block_cache, stretch_limits
 from .pipeline import ModelLoader, feature_extractor, load_model_for, segment, validate_params
 
 log = logging.getLogger("treeseg")
@@ -42,6 +44,8 @@ SUMMARY_CSV = "survey_summary.csv"
 MERGED_POLYGONS = "survey_polygons.gpkg"
 ATTEMPTS = 2
 """A failed raster is tried once more before it is reported."""
+VALUE_SAMPLES = 1024 * 1024
+"""Values per band kept across a survey to measure its stretch limits (bounded memory)."""
 
 
 @dataclass
@@ -69,7 +73,8 @@ def fit_survey(inputs: Sequence[str], params: SegmentationParams, out_path: str 
                failures: dict[str, str] | None = None) -> SurveyModel:
     """Fit one cluster model on a sample of all `inputs` (proportional to valid area) and save it.
 
-    A raster that cannot be read is left out and reported in `failures` (path → reason) when given;
+    Every input is read with the survey's value scaling (one stretch for all, stored in the model). A
+    raster that cannot be read is left out and reported in `failures` (path → reason) when given;
     without `failures` it stops the fit. The parameters' input is not read: `inputs` are.
     """
     if not inputs:
@@ -79,13 +84,19 @@ def fit_survey(inputs: Sequence[str], params: SegmentationParams, out_path: str 
     limit_block_cache()
     areas: dict[str, int] = {}
     scalings: dict[str, str] = {}
+    value_rng = np.random.default_rng(params.seed)
+    values: dict[int, list[tuple[np.ndarray, float]]] = {}
     for index, path in enumerate(inputs):
         progress.check()
-        progress.report(0.1 * index / len(inputs), f"Measuring valid area: raster {index + 1} of {len(inputs)}")
+        progress.report(0.1 * index / len(inputs), f"Measuring valid area and values: raster {index + 1} of "
+                        f"{len(inputs)}")
         try:
             with GdalRasterSource(path, params.bands) as source:
                 areas[path] = _valid_pixels(source, params)
                 scalings[path] = source.scaling
+                for number in source.stretched_bands if areas[path] else ():
+                    values.setdefault(number, []).append(
+                        _value_sample(source, number, areas[path], math.ceil(VALUE_SAMPLES / len(inputs)), value_rng))
         except InputError as error:
             if failures is None:
                 raise
@@ -98,6 +109,7 @@ def fit_survey(inputs: Sequence[str], params: SegmentationParams, out_path: str 
     total = sum(areas.values())
     if total == 0:
         raise InputError("None of the rasters has valid pixels to fit a cluster model on.")
+    value_ranges = {number: _weighted_limits(samples) for number, samples in values.items()}
     extractor = feature_extractor(params, load_model)
     rng = np.random.default_rng(params.seed)
     raw: list[np.ndarray] = []
@@ -110,7 +122,8 @@ def fit_survey(inputs: Sequence[str], params: SegmentationParams, out_path: str 
             continue
         tiles = min(PCA_TILES, max(1, math.ceil(4 * count / cells_per_tile)))
         step = progress.sub(0.1 + 0.8 * index / len(areas), 0.1 + 0.8 * (index + 1) / len(areas))
-        with GdalRasterSource(path, params.bands) as source:
+        with GdalRasterSource(path, params.bands, value_ranges) as source:
+            scaling = source.scaling
             grid = FeatureGrid.of_extractor(TileGrid(source.width, source.height, params.tile_size, params.overlap),
                                             extractor)
             try:
@@ -133,8 +146,7 @@ def fit_survey(inputs: Sequence[str], params: SegmentationParams, out_path: str 
     fit = fit_clustering(projected, np.concatenate(exg), params)
     settings = {name: getattr(params, name) for name in SETTINGS}
     settings["bands"] = list(params.bands)
-    model = SurveyModel(projection, fit, settings, extractor.describe(), scalings[fitted_inputs[0]["path"]],
-                        fitted_inputs)
+    model = SurveyModel(projection, fit, settings, extractor.describe(), scaling, value_ranges, fitted_inputs)
     model.save(out_path)
     progress.report(1.0, "Cluster model written")
     return model
@@ -144,6 +156,21 @@ def _valid_pixels(source: GdalRasterSource, params: SegmentationParams) -> int:
     """The number of valid pixels of a raster, read block by block."""
     grid = TileGrid(source.width, source.height, params.tile_size, params.overlap)
     return sum(int(source.read_valid(b.x, b.y, b.width, b.height).sum()) for b in grid.blocks())
+
+
+def _value_sample(source: GdalRasterSource, number: int, valid_pixels: int, most: int,
+                  rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """At most `most` of a band's valid values, and the weight of each so that the raster counts as its valid area."""
+    sample = source.value_sample(number)
+    if sample.size > most:
+        sample = sample[rng.choice(sample.size, most, replace=False)]
+    return sample, valid_pixels / max(sample.size, 1)
+
+
+def _weighted_limits(samples: list[tuple[np.ndarray, float]]) -> tuple[float, float]:
+    """The survey's stretch limits of one band from every raster's weighted value sample."""
+    return stretch_limits(np.concatenate([sample for sample, _ in samples]),
+                          np.concatenate([np.full(sample.size, weight) for sample, weight in samples]))
 
 
 def raster_jobs(inputs: Sequence[str], params: SegmentationParams, out_dir: str | Path,
@@ -253,6 +280,7 @@ def _summary(model: SurveyModel, model_path: Path, outcomes: list[RasterOutcome]
         "legend": {"k": header["k"], "tree_clusters": header["tree_clusters"], "tree_rule": header["tree_rule"],
                    "mean_exg": [round(v, 4) for v in header["cluster_exg"]]},
         "model": header["extractor"],
+        "scaling": header["scaling"],
         "rasters": [_raster_row(outcome) for outcome in outcomes],
         "failed": sum(outcome.error is not None for outcome in outcomes),
         "seconds": round(seconds, 3),
@@ -269,6 +297,7 @@ def _raster_row(outcome: RasterOutcome) -> dict:
         "attempts": outcome.attempts,
         "tree_cover": record["trees"]["tree_cover"] if record else None,
         "cluster_pixels": record["clusters"]["pixels"] if record else None,
+        "scaling_warning": record["cluster_model"]["warning"] if record else None,
         "seconds": round(outcome.seconds, 3),
         "outputs": record["outputs"] if record else None,
     }

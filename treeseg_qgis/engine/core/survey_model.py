@@ -1,9 +1,11 @@
 """A cluster model kept in a file (`.treeseg`): fitted once on a survey, applied unchanged to any raster.
 
 The file is a NumPy zip (no pickles): a JSON header (format version, what extracted the features, the
-settings, K, the inertia curve, the tree rule and its per-cluster values) and three arrays (the PCA
-mean and components, the cluster centres). Written atomically; a file of another version or a damaged
-one is refused with the reason. A run whose raster or settings differ from the model's is refused,
+settings, the survey's value scaling, K, the inertia curve, the tree rule and its per-cluster values) and
+three arrays (the PCA mean and components, the cluster centres). Written atomically; a file of another
+version or a damaged one is refused with the reason. Version 1 (before the survey's value scaling) is
+read when its rasters were Byte (value / 255, nothing to store) and refused otherwise, since each of its
+rasters was stretched on its own. A run whose raster or settings differ from the model's is refused,
 naming what differs.
 """
 
@@ -24,7 +26,12 @@ from .clustering import ClusterModel, Projection
 from .errors import InputError, OutputError
 
 FORMAT = "treeseg-cluster-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+BYTE_ONLY_VERSION = 1
+"""The format before the survey's value scaling: still read for Byte rasters, which it does not change."""
+CLIPPED_SHARE_WARNING = 0.1
+"""A raster with more of a band outside the survey's value range than this is reported (the survey as a
+whole has 4 % there, below its 2nd and above its 98th percentile)."""
 SUFFIX = ".treeseg"
 SETTINGS = ("method", "model", "model_revision", "stride", "tile_size", "overlap", "bands")
 """The run settings a model fixes: a run asking for other values is refused."""
@@ -50,6 +57,8 @@ class SurveyModel:
     settings: dict
     extractor: dict
     scaling: str
+    value_ranges: dict[int, tuple[float, float]]
+    """The survey's stretch limits per band number (non-Byte bands; empty for Byte rasters)."""
     inputs: list[dict] = field(default_factory=list)
 
     @property
@@ -68,6 +77,7 @@ class SurveyModel:
             "settings": self.settings,
             "extractor": self.extractor,
             "scaling": self.scaling,
+            "value_ranges": {str(number): list(limits) for number, limits in self.value_ranges.items()},
             "k": fit.clusters.k,
             "automatic_k": fit.clusters.auto_k,
             "inertia_curve": {str(k): v for k, v in fit.clusters.inertia_curve.items()},
@@ -112,8 +122,13 @@ class SurveyModel:
                              "(python -m treeseg_qgis fit).") from None
         if header.get("format") != FORMAT:
             raise InputError(f"{path} is not a treeseg cluster model.")
-        if header.get("version") != FORMAT_VERSION:
-            raise InputError(f"The cluster model {path} has format version {header.get('version')}; this treeseg "
+        version = header.get("version")
+        if version == BYTE_ONLY_VERSION and "stretch" in header.get("scaling", ""):
+            raise InputError(f"The cluster model {path} (format version {version}) was fitted with each raster "
+                             "stretched to its own value range, so its clusters do not mean the same in every "
+                             "raster: fit it again with this version, which scales the whole survey alike.")
+        if version not in (FORMAT_VERSION, BYTE_ONLY_VERSION):
+            raise InputError(f"The cluster model {path} has format version {version}; this treeseg "
                              f"reads version {FORMAT_VERSION}: fit it again with this version.")
         projection = Projection.from_arrays(mean, components)
         clusters = ClusterModel(centres.astype(np.float32),
@@ -121,7 +136,10 @@ class SurveyModel:
                                 bool(header["automatic_k"]))
         fit = ClusterFit(clusters, list(header["tree_clusters"]), header["tree_rule"],
                          np.array(header["cluster_exg"]), np.array(header["cluster_weights"]))
-        model = cls(projection, fit, header["settings"], header["extractor"], header["scaling"], header["inputs"])
+        value_ranges = {int(number): (float(lo), float(hi))
+                        for number, (lo, hi) in header.get("value_ranges", {}).items()}
+        model = cls(projection, fit, header["settings"], header["extractor"], header["scaling"], value_ranges,
+                    header["inputs"])
         if model.projection_id != header["projection_id"]:
             raise InputError(f"The cluster model {path} is damaged (its PCA does not match its header): fit it "
                              "again.")
@@ -156,6 +174,17 @@ class SurveyModel:
             raise InputError("The cluster model was fitted on other features: " + "; ".join(differences) + ".")
 
 
+def clipping_note(clipped: dict[int, float]) -> str | None:
+    """A warning when more than CLIPPED_SHARE_WARNING of a band lies outside the survey's value range."""
+    bands = [f"band {number}: {100 * share:.0f} %" for number, share in sorted(clipped.items())
+             if share > CLIPPED_SHARE_WARNING]
+    if not bands:
+        return None
+    return (f"Pixels outside the survey's value range, read as its darkest or brightest value ({', '.join(bands)}; "
+            f"reported above {100 * CLIPPED_SHARE_WARNING:.0f} %): this raster may not belong to the survey the "
+            "cluster model was fitted on.")
+
+
 def scaling_kind(scaling: str) -> str:
-    """A raster's value scaling without its per-raster stretch limits ('band 1: Byte / 255; …')."""
+    """A raster's value scaling without its stretch limits ('band 1: Byte / 255; …')."""
     return re.sub(r"\s*\[[^\]]*\]", "", scaling)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from osgeo import gdal
@@ -33,12 +33,15 @@ class GdalRasterSource:
     stretch from its 2nd to its 98th percentile, clipped to 0..1. The percentiles
     are computed once, when the raster is opened, from a decimated read of the
     whole band (at most 1024 x 1024 samples, valid pixels only), so every window
-    is scaled the same way.
+    is scaled the same way. `value_ranges` (a survey's limits, band number → (lo, hi)) replaces a non-Byte
+    band's own percentiles, so every raster of a survey maps a value to the same input; `clipped` then
+    holds, per such band, the share of the valid sample lying outside those limits (clipped to 0..1).
 
     One instance must not be shared between threads (GDAL datasets are not).
     """
 
-    def __init__(self, path: str, bands: Sequence[int] = DEFAULT_BANDS) -> None:
+    def __init__(self, path: str, bands: Sequence[int] = DEFAULT_BANDS,
+                 value_ranges: Mapping[int, tuple[float, float]] | None = None) -> None:
         self.path = path
         try:
             self._dataset = gdal.Open(path, gdal.GA_ReadOnly)
@@ -59,7 +62,8 @@ class GdalRasterSource:
         self.crs_wkt: str = dataset.GetProjection() or ""
         self.geotransform: tuple[float, ...] = tuple(dataset.GetGeoTransform())
         self.bands: tuple[int, int, int] = self._resolve_bands(bands, dataset.RasterCount)
-        self._ranges = {number: self._value_range(number) for number in set(self.bands)}
+        self.clipped: dict[int, float] = {}
+        self._ranges = {number: self._value_range(number, value_ranges or {}) for number in set(self.bands)}
         self.scaling: str = self._describe_scaling()
         self._always_valid = all(self._always_valid_band(number) for number in set(self.bands))
 
@@ -84,29 +88,39 @@ class GdalRasterSource:
                 )
         return bands
 
+    @property
+    def stretched_bands(self) -> list[int]:
+        """The selected bands scaled by a percentile stretch (not Byte), each once."""
+        return [number for number in dict.fromkeys(self.bands) if self._ranges[number] is not None]
+
     def _always_valid_band(self, number: int) -> bool:
         """No nodata, mask or alpha, and an integer type (so no NaN)."""
         band = self._dataset.GetRasterBand(number)
         integer = band.DataType not in (gdal.GDT_Float32, gdal.GDT_Float64)
         return integer and bool(band.GetMaskFlags() & gdal.GMF_ALL_VALID)
 
-    def _value_range(self, number: int) -> tuple[float, float] | None:
-        """(lo, hi) of the percentile stretch, or None for a Byte band (value / 255)."""
-        band = self._dataset.GetRasterBand(number)
-        if band.DataType == gdal.GDT_Byte:
+    def _value_range(self, number: int, survey_ranges: Mapping[int, tuple[float, float]]
+                     ) -> tuple[float, float] | None:
+        """(lo, hi) of the percentile stretch (the survey's when given), or None for a Byte band (value / 255)."""
+        if self._dataset.GetRasterBand(number).DataType == gdal.GDT_Byte:
             return None
+        samples = self.value_sample(number)
+        if number in survey_ranges:
+            lo, hi = survey_ranges[number]
+            outside = np.count_nonzero((samples < lo) | (samples > hi))
+            self.clipped[number] = outside / samples.size if samples.size else 0.0
+            return float(lo), float(hi)
+        return stretch_limits(samples)
+
+    def value_sample(self, number: int) -> np.ndarray:
+        """The band's valid values from a decimated read of the whole band (at most 1024 x 1024), float64."""
+        band = self._dataset.GetRasterBand(number)
         factor = max(self.width / STATISTICS_SIZE, self.height / STATISTICS_SIZE, 1.0)
         buf_width = max(1, round(self.width / factor))
         buf_height = max(1, round(self.height / factor))
         values = band.ReadAsArray(buf_xsize=buf_width, buf_ysize=buf_height)
         mask = band.GetMaskBand().ReadAsArray(buf_xsize=buf_width, buf_ysize=buf_height)
-        samples = values[(mask > 0) & np.isfinite(values)].astype(np.float64)
-        if samples.size == 0:
-            return 0.0, 1.0
-        lo, hi = np.percentile(samples, [LOW_PERCENTILE, HIGH_PERCENTILE])
-        if not hi > lo:
-            hi = lo + 1.0
-        return float(lo), float(hi)
+        return values[(mask > 0) & np.isfinite(values)].astype(np.float64)
 
     def _describe_scaling(self) -> str:
         parts = []
@@ -117,8 +131,8 @@ class GdalRasterSource:
             else:
                 lo, hi = value_range
                 parts.append(
-                    f"band {number}: {LOW_PERCENTILE:g}-{HIGH_PERCENTILE:g} % percentile "
-                    f"stretch [{lo:.6g}, {hi:.6g}]"
+                    f"band {number}: {'survey ' if number in self.clipped else ''}{LOW_PERCENTILE:g}-"
+                    f"{HIGH_PERCENTILE:g} % percentile stretch [{lo:.6g}, {hi:.6g}]"
                 )
         return "; ".join(parts)
 
@@ -174,6 +188,26 @@ class GdalRasterSource:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def stretch_limits(samples: np.ndarray, weights: np.ndarray | None = None) -> tuple[float, float]:
+    """The 2nd and 98th percentiles of `samples` (linear interpolation; (0, 1) when empty, hi > lo).
+
+    With `weights` a sample counts in proportion to its weight (equal weights give numpy's percentiles).
+    """
+    if samples.size == 0:
+        return 0.0, 1.0
+    if weights is None:
+        lo, hi = np.percentile(samples, [LOW_PERCENTILE, HIGH_PERCENTILE])
+    else:
+        order = np.argsort(samples, kind="stable")
+        ordered, ordered_weights = samples[order], weights[order]
+        before = np.cumsum(ordered_weights) - ordered_weights
+        span = before[-1] if before[-1] > 0 else 1.0
+        lo, hi = np.interp([LOW_PERCENTILE / 100, HIGH_PERCENTILE / 100], before / span, ordered)
+    if not hi > lo:
+        hi = lo + 1.0
+    return float(lo), float(hi)
 
 
 def limit_block_cache(megabytes: int = 64) -> None:
