@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from osgeo import ogr
 
-from treeseg_qgis.engine.core.crowns import CrownSettings, split_crowns
+from treeseg_qgis.engine.core.crowns import CrownOptions, split_crowns
 from treeseg_qgis.engine.gis import crowns as crown_writer
 from treeseg_qgis.engine.pipeline import segment
 from treeseg_qgis.params import SegmentationParams
@@ -25,8 +25,13 @@ def discs(shape=(300, 300), centres=CENTRES, radius=RADIUS) -> np.ndarray:
     return mask
 
 
+def pixel_options(min_radius_m: float) -> CrownOptions:
+    """Options for 1 m pixels: crowns of at least 50 pixels, centres at least 10 pixels apart."""
+    return CrownOptions(min_area_m2=50, min_distance_m=10, smoothing_m=1.0, min_radius_m=min_radius_m)
+
+
 def test_touching_discs_are_split_into_one_crown_each():
-    labels, centres = split_crowns(discs(), CrownSettings(min_pixels=50, min_distance=10, min_radius=3))
+    labels, centres = split_crowns(discs(), pixel_options(min_radius_m=3), pixel_m=1.0)
     sizes = np.bincount(labels.ravel())[1:]
     assert len(centres) == len(CENTRES) and (sizes > 0).sum() == len(CENTRES)
     assert sizes == pytest.approx([math.pi * RADIUS**2] * len(CENTRES), rel=0.1)
@@ -37,7 +42,7 @@ def test_touching_discs_are_split_into_one_crown_each():
 def test_small_specks_are_not_crowns():
     mask = discs()
     mask[5:8, 5:8] = True
-    labels, _ = split_crowns(mask, CrownSettings(min_pixels=50, min_distance=10, min_radius=1))
+    labels, _ = split_crowns(mask, pixel_options(min_radius_m=1), pixel_m=1.0)
     assert labels[6, 6] == 0
 
 

@@ -39,6 +39,13 @@ def configured_engine() -> EngineClient | None:
     return shared_engine(python) if python else None
 
 
+def _dispose(dialog: EngineSetupDialog | ModelManagerDialog | None) -> None:
+    """Stop what `dialog` runs and delete it (nothing when None)."""
+    if dialog is not None:
+        dialog.shutdown()
+        dialog.deleteLater()
+
+
 class TreesegPlugin:
     """Created by classFactory; QGIS calls initProcessing (qgis_process), or initGui, and unload."""
 
@@ -135,9 +142,7 @@ class TreesegPlugin:
         """Open the model manager; a closed, idle one is made anew so that it uses the current engine."""
         dialog = self.model_manager
         if dialog is None or (dialog.task is None and not dialog.isVisible()):
-            if dialog is not None:
-                dialog.shutdown()
-                dialog.deleteLater()
+            _dispose(dialog)
             python = configured_engine_python()
             dialog = self.model_manager = ModelManagerDialog(EngineClient(python) if python else None,
                                                              self.iface.mainWindow())
@@ -163,17 +168,10 @@ class TreesegPlugin:
             self.action.deleteLater()
             self.action = None
         self._remove_menu_action(self.setup_action)
-        self.setup_action = None
-        if self.setup_dialog is not None:
-            self.setup_dialog.reject()
-            self.setup_dialog.deleteLater()
-            self.setup_dialog = None
+        _dispose(self.setup_dialog)
         self._remove_menu_action(self.models_action)
-        self.models_action = None
-        if self.model_manager is not None:
-            self.model_manager.shutdown()
-            self.model_manager.deleteLater()
-            self.model_manager = None
+        _dispose(self.model_manager)
+        self.setup_action = self.setup_dialog = self.models_action = self.model_manager = None
         if self.dock is not None:
             self.dock.shutdown()
             self.iface.removeDockWidget(self.dock)

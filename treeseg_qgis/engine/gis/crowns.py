@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 from osgeo import gdal, ogr, osr
 
-from ..core.crowns import CrownSettings, split_crowns
-from ..core.errors import Cancelled, InputError, OutputError
-from .polygons import metric_measures, remove_gpkg, replace_gpkg
-from .writers import partial_path
+from ..core.crowns import CrownOptions, split_crowns
+from ..core.errors import Cancelled, InputError
+from .polygons import metric_measures, write_polygon_gpkg
 
 gdal.UseExceptions()
 ogr.UseExceptions()
@@ -29,27 +27,19 @@ BLOCK = 1024
 METRES_PER_DEGREE = 111_320.0
 
 
-@dataclass(frozen=True)
-class CrownOptions:
-    """Crown splitting in metres."""
-
-    min_area_m2: float = 2.0
-    min_distance_m: float = 1.0
-    smoothing_m: float = 0.2
-    max_crown_m: float = 25.0
-
-
 def write_crowns(
     trees_path: str,
     clusters_path: str,
     gpkg_path: str,
     layer_name: str,
-    options: CrownOptions = CrownOptions(),
+    options: CrownOptions | None = None,
     progress: Callable[[float], None] | None = None,
     is_cancelled: Callable[[], bool] | None = None,
     description: str = "",
 ) -> int:
-    """Write one polygon per crown of the tree mask into `gpkg_path`; return the crown count."""
+    """Write one polygon per crown of the tree mask into `gpkg_path` (default options when None); return the
+    crown count."""
+    options = options or CrownOptions()
     report = progress or (lambda fraction: None)
     cancelled = is_cancelled or (lambda: False)
     try:
@@ -62,22 +52,10 @@ def write_crowns(
     if srs is not None:
         srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
     pixel_m = _pixel_size_m(trees, srs)
-    settings = CrownSettings(
-        min_pixels=max(1, int(options.min_area_m2 / pixel_m**2)),
-        min_distance=max(1, int(round(options.min_distance_m / pixel_m))),
-        min_radius=max(1.0, 0.3 / pixel_m),
-        smoothing=options.smoothing_m / pixel_m,
-    )
     halo = int(math.ceil(options.max_crown_m / pixel_m))
     measure = metric_measures(srs, trees)
-    temporary = partial_path(gpkg_path)
-    remove_gpkg(temporary)
-    try:
-        output = gdal.GetDriverByName("GPKG").Create(temporary, 0, 0, 0, gdal.GDT_Unknown)
-    except RuntimeError as error:
-        raise OutputError(f"Cannot create '{gpkg_path}': {error}. Choose a folder you can write to.") from error
-    try:
-        layer = output.CreateLayer(layer_name, srs, ogr.wkbPolygon, options=[f"DESCRIPTION={description}"])
+
+    def fill(output: gdal.Dataset, layer: ogr.Layer) -> int:
         for name, kind in (("crown_id", ogr.OFTInteger), ("cluster", ogr.OFTInteger), ("area_m2", ogr.OFTReal),
                            ("perimeter_m", ogr.OFTReal), ("diameter_m", ogr.OFTReal),
                            ("centroid_x", ogr.OFTReal), ("centroid_y", ogr.OFTReal)):
@@ -88,27 +66,21 @@ def write_crowns(
         for index, (x, y) in enumerate(windows):
             if cancelled():
                 raise Cancelled()
-            count = _crowns_of_window(trees, clusters, layer, x, y, halo, settings, measure, count)
+            count = _crowns_of_window(trees, clusters, layer, x, y, halo, options, pixel_m, measure, count)
             report((index + 1) / len(windows))
         output.CommitTransaction()
-        layer = None
-        output = None
-        replace_gpkg(temporary, gpkg_path)
         return count
-    except BaseException:
-        layer = None
-        output = None
-        remove_gpkg(temporary)
-        raise
+
+    return write_polygon_gpkg(gpkg_path, layer_name, srs, description, fill)
 
 
 def _crowns_of_window(trees: gdal.Dataset, clusters: gdal.Dataset, layer: ogr.Layer, x: int, y: int, halo: int,
-                      settings: CrownSettings, measure, count: int) -> int:
+                      options: CrownOptions, pixel_m: float, measure, count: int) -> int:
     width, height = trees.RasterXSize, trees.RasterYSize
     x0, y0 = max(0, x - halo), max(0, y - halo)
     x1, y1 = min(width, x + BLOCK + halo), min(height, y + BLOCK + halo)
     mask = trees.GetRasterBand(1).ReadAsArray(x0, y0, x1 - x0, y1 - y0) == 1
-    labels, centres = split_crowns(mask, settings)
+    labels, centres = split_crowns(mask, options, pixel_m)
     if not len(centres):
         return count
     core = ((centres[:, 0] + y0 >= y) & (centres[:, 0] + y0 < y + BLOCK)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import traceback
 from collections.abc import Iterator, Sequence
 from typing import Callable
 
@@ -63,18 +64,8 @@ def polygonize_clusters(
         srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
     measure = metric_measures(srs, raster)
     band = raster.GetRasterBand(1)
-    temporary = partial_path(gpkg_path)
-    remove_gpkg(temporary)
-    try:
-        output = gdal.GetDriverByName("GPKG").Create(temporary, 0, 0, 0, gdal.GDT_Unknown)
-    except RuntimeError as error:
-        raise OutputError(
-            f"Cannot create '{gpkg_path}': {str(error) or 'GDAL gave no reason, the disk may be full'}. "
-            "Check the free disk space and that the folder exists and is "
-            "writable, or choose another output path."
-        ) from error
-    try:
-        layer = output.CreateLayer(layer_name, srs, ogr.wkbPolygon, options=[f"DESCRIPTION={description}"])
+
+    def fill(output: gdal.Dataset, layer: ogr.Layer) -> int:
         layer.CreateField(ogr.FieldDefn("cluster", ogr.OFTInteger))
         is_tree_field = ogr.FieldDefn("is_tree", ogr.OFTInteger)
         is_tree_field.SetSubType(ogr.OFSTBoolean)
@@ -105,13 +96,37 @@ def polygonize_clusters(
         output.CommitTransaction()
         if not _fill_attributes_in_sql(output, layer.GetName(), tree_clusters, srs):
             _fill_attributes(output, layer, set(tree_clusters), measure, report, cancelled)
-        count = layer.GetFeatureCount()
+        return layer.GetFeatureCount()
+
+    count = write_polygon_gpkg(gpkg_path, layer_name, srs, description, fill)
+    report(1.0)
+    return count
+
+
+def write_polygon_gpkg(gpkg_path: str, layer_name: str, srs: osr.SpatialReference | None, description: str,
+                       fill: Callable[[gdal.Dataset, ogr.Layer], int]) -> int:
+    """Make a GeoPackage with one empty polygon layer under a temporary name, let `fill` add its fields and
+    features, then rename it to `gpkg_path` (replaced when it exists); return what `fill` returns. On any
+    failure, cancellation included, nothing is left behind."""
+    temporary = partial_path(gpkg_path)
+    remove_gpkg(temporary)
+    try:
+        output = gdal.GetDriverByName("GPKG").Create(temporary, 0, 0, 0, gdal.GDT_Unknown)
+    except RuntimeError as error:
+        raise OutputError(
+            f"Cannot create '{gpkg_path}': {str(error) or 'GDAL gave no reason, the disk may be full'}. "
+            "Check the free disk space and that the folder exists and is "
+            "writable, or choose another output path."
+        ) from error
+    try:
+        layer = output.CreateLayer(layer_name, srs, ogr.wkbPolygon, options=[f"DESCRIPTION={description}"])
+        count = fill(output, layer)
         layer = None
         output = None
         replace_gpkg(temporary, gpkg_path)
-        report(1.0)
         return count
-    except BaseException:
+    except BaseException as error:
+        traceback.clear_frames(error.__traceback__)  # the frames of `fill` hold the dataset open
         layer = None
         output = None
         remove_gpkg(temporary)

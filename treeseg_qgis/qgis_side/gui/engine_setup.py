@@ -247,6 +247,10 @@ class EngineSetupDialog(QDialog):
         self.cancel()
         super().reject()
 
+    def shutdown(self) -> None:
+        """Cancel what is running and close (the plugin is unloading)."""
+        self.reject()
+
     def _set_up_done(self) -> None:
         QgsSettings().remove(ENGINE_PYTHON_SETTING)
         self.python_widget.setFilePath("")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +172,15 @@ def _form_layout() -> QFormLayout:
     return form
 
 
+def _choice_combo(choices: Iterable[tuple[str, Any]], tooltip: str = "") -> QComboBox:
+    """A combo box of (text, item data) choices."""
+    combo = QComboBox()
+    for text, data in choices:
+        combo.addItem(text, data)
+    combo.setToolTip(tooltip)
+    return combo
+
+
 def _value_of(widget: QWidget) -> Any:
     """What a settings widget shows: a combo box's item data, a check, a number, a text or a path."""
     if isinstance(widget, QComboBox):
@@ -240,9 +250,7 @@ class RunPanel(QWidget):
         self.layer_combo = QgsMapLayerComboBox()
         self.layer_combo.setFilters(RASTER_LAYER_FILTER)
         self.layer_combo.setToolTip("Follows the active raster layer until you choose one here.")
-        self.extent_combo = QComboBox()
-        for key, text in EXTENTS.items():
-            self.extent_combo.addItem(text, key)
+        self.extent_combo = _choice_combo((text, key) for key, text in EXTENTS.items())
         self.mask_combo = QgsMapLayerComboBox()
         self.mask_combo.setFilters(POLYGON_LAYER_FILTER)
         self.mask_combo.setToolTip("The selected polygons of this layer limit the run; pixels outside are nodata.")
@@ -271,10 +279,8 @@ class RunPanel(QWidget):
         self.model_override.setToolTip("Overrides the model above with any DINOv3 ViT: a Hugging Face id "
                                        "(owner/name) or a local folder in Hugging Face format. The line below "
                                        "names the model that runs.")
-        self.stride_combo = QComboBox()
-        for stride in STRIDES:
-            self.stride_combo.addItem(f"{stride} px", stride)
-        self.stride_combo.setToolTip("Stride 8 costs 4 × the time of 16; stride 4 costs 16 ×.")
+        self.stride_combo = _choice_combo(((f"{stride} px", stride) for stride in STRIDES),
+                                          "Stride 8 costs 4 × the time of 16; stride 4 costs 16 ×.")
         self.auto_clusters = QCheckBox("Automatic")
         self.auto_clusters.setToolTip("Pick the number of clusters from the elbow of the k-means inertia "
                                       f"({DEFAULT_K_RANGE[0]}–{DEFAULT_K_RANGE[1]}).")
@@ -343,14 +349,9 @@ class RunPanel(QWidget):
     def _build_advanced(self) -> QgsCollapsibleGroupBox:
         """The 'Advanced' group: where the model runs, in which precision (auto suits most runs), and a
         survey's saved cluster model."""
-        self.device_combo = QComboBox()
-        for device in DEVICES:
-            self.device_combo.addItem(device, device)
-        self.device_combo.setToolTip("auto takes a GPU when the engine finds one, else the CPU.")
-        self.precision_combo = QComboBox()
-        for precision in PRECISIONS:
-            self.precision_combo.addItem(precision, precision)
-        self.precision_combo.setToolTip(PRECISION_TOOLTIP)
+        self.device_combo = _choice_combo(((device, device) for device in DEVICES),
+                                          "auto takes a GPU when the engine finds one, else the CPU.")
+        self.precision_combo = _choice_combo(((precision, precision) for precision in PRECISIONS), PRECISION_TOOLTIP)
         self.cluster_model_widget = QgsFileWidget()
         self.cluster_model_widget.setFilter("TreeSeg cluster model (*.treeseg)")
         self.cluster_model_widget.setToolTip("Optional: a survey's cluster model (python -m treeseg_qgis fit, or "
