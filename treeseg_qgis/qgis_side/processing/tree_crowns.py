@@ -64,7 +64,7 @@ class TreeCrownsAlgorithm(EngineAlgorithm):
     VALUES = (CROWN_COUNT,)
 
     def declare(self) -> list[Declared]:
-        """The crown options fill the fields of the engine's CrownOptions (gis/crowns.py), not a run's."""
+        """The crown options fill the fields of the engine's CrownOptions (core/crowns.py), not a run's."""
         return [
             Declared(QgsProcessingParameterRasterLayer(self.INPUT, "Tree mask (1 = tree)")),
             Declared(QgsProcessingParameterRasterLayer(self.CLUSTERS, "Clusters (same grid)", optional=True)),
