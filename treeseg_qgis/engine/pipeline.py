@@ -53,6 +53,7 @@ from .core.segmentation import (
     SegmentationResult,
     TileFeatureExtractor,
     ensure_features,
+    extract_features,
     segment_raster,
 )
 from .core.store import FeatureStore
@@ -81,11 +82,14 @@ def segment(
     params: SegmentationParams,
     progress: Progress | None = None,
     load_model: ModelLoader | None = None,
+    features: str | Path | None = None,
 ) -> dict:
     """Run one segmentation and return its record (also written as `<stem>_run.json`).
 
     `load_model` loads the backbone (default: load_backbone); it is not called
-    when the feature cache already holds this raster's features.
+    when the feature cache already holds this raster's features, nor when `features` is a complete
+    feature store of this raster made with the run's cluster model (windows of it extracted apart,
+    `extract_window`): that store becomes the run's cache entry (or serves the run when the cache is off).
     """
     validate_params(params)
     if params.method == "exg-otsu":
@@ -93,13 +97,13 @@ def segment(
     progress = progress or Progress()
     started = time.perf_counter()
     survey = SurveyModel.load(params.cluster_model) if params.cluster_model else None
-    with _opened(params, progress, SEGMENT_KINDS, survey=survey) as (source, store, cache_state):
-        if cache_state != "hit" and params.method == "dinov3":
+    with _opened(params, progress, SEGMENT_KINDS, survey=survey, features=features) as (source, store, cache_state):
+        if not store.complete and params.method == "dinov3":
             _report_estimate(params, source, progress)
-        progress.report(0.0, "Loading model" if cache_state != "hit" else "Reading cached features")
+        progress.report(0.0, "Reading cached features" if store.complete else "Loading model")
         progress.check()
         load_started = time.perf_counter()
-        grid, extractor, model = _features(params, source, store, cache_state, load_model)
+        grid, extractor, model = _features(params, source, store, load_model)
         load_seconds = time.perf_counter() - load_started
         if survey:
             survey.check_extractor(model)
@@ -209,7 +213,7 @@ def teach(
         if isinstance(examples, str):
             examples = _read_examples(examples, source)
         progress.report(0.0, "Loading model" if cache_state != "hit" else "Reading cached features")
-        grid, extractor, model = _features(params, source, store, cache_state, load_model)
+        grid, extractor, model = _features(params, source, store, load_model)
         if survey:
             survey.check_extractor(model)
         timings: dict[str, float] = {}
@@ -264,6 +268,26 @@ def teach(
     return record
 
 
+def extract_window(params: SegmentationParams, tiles: range, folder: str | Path,
+                   load_model: ModelLoader | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """One window of a raster split across workers: the tiles numbered `tiles` (in grid order) extracted,
+    projected with the cluster model's PCA and stored in the feature store at `folder`; their part of the
+    cluster sample, its ExG and what made the features (`FeatureStore.save_samples` completes the store)."""
+    validate_params(params)
+    survey = SurveyModel.load(params.cluster_model)
+    limit_block_cache()
+    with GdalRasterSource(params.input_path, params.bands) as source:
+        _check_survey(params, source, survey)
+        extractor = feature_extractor(params, load_model)
+        survey.check_extractor(extractor.describe())
+        grid = FeatureGrid.of_extractor(TileGrid(source.width, source.height, params.tile_size, params.overlap),
+                                        extractor)
+        timings: dict[str, float] = {}
+        samples, exg = extract_features(params, source, grid, extractor, FeatureStore(folder), Progress(), timings,
+                                        survey.projection, grid.tiles.tiles()[tiles.start:tiles.stop])
+        return samples, exg, {**extractor.describe(), **grid.describe()}
+
+
 def _read_examples(path: str, source: GdalRasterSource) -> list[Example]:
     try:
         return read_examples(path, Grid(source.width, source.height, source.geotransform, source.crs_wkt))
@@ -282,8 +306,8 @@ def validate_params(params: SegmentationParams) -> None:
 
 @contextmanager
 def _opened(params: SegmentationParams, progress: Progress, kinds: tuple[str, ...],
-            examples_path: str | None = None,
-            survey: SurveyModel | None = None) -> Iterator[tuple[GdalRasterSource, FeatureStore, str]]:
+            examples_path: str | None = None, survey: SurveyModel | None = None,
+            features: str | Path | None = None) -> Iterator[tuple[GdalRasterSource, FeatureStore, str]]:
     """The input raster and the run's feature store (see `_feature_store`), output folder and paths checked;
     with a survey cluster model, the raster and settings checked against it."""
     limit_block_cache()
@@ -293,10 +317,15 @@ def _opened(params: SegmentationParams, progress: Progress, kinds: tuple[str, ..
         _check_output_paths(params, kinds, [params.input_path, *source.files,
                                             *filter(None, [examples_path, params.cluster_model])])
         if survey:
-            survey.check_run({name: getattr(params, name) for name in SETTINGS}, _precision(params), source.bands,
-                             source.scaling)
-        with _feature_store(params, source, progress, survey) as (store, cache_state):
+            _check_survey(params, source, survey)
+        with _feature_store(params, source, progress, survey, features) as (store, cache_state):
             yield source, store, cache_state
+
+
+def _check_survey(params: SegmentationParams, source: GdalRasterSource, survey: SurveyModel) -> None:
+    """Refuse a raster or settings the cluster model does not fit, with the reason."""
+    survey.check_run({name: getattr(params, name) for name in SETTINGS}, _precision(params), source.bands,
+                     source.scaling)
 
 
 def _report_estimate(params: SegmentationParams, source: GdalRasterSource, progress: Progress) -> None:
@@ -331,11 +360,13 @@ def _check_output_paths(params: SegmentationParams, kinds: tuple[str, ...], inpu
 
 @contextmanager
 def _feature_store(params: SegmentationParams, source: GdalRasterSource, progress: Progress,
-                   survey: SurveyModel | None) -> Iterator[tuple[FeatureStore, str]]:
-    """The run's feature store and the cache state: 'hit', 'miss' (filled now) or 'off'.
+                   survey: SurveyModel | None, features: str | Path | None) -> Iterator[tuple[FeatureStore, str]]:
+    """The run's feature store and the cache state: 'hit', 'miss' (filled now, or from the store at `features`
+    when it is complete) or 'off' (a temporary store, or the one at `features`).
 
     A cache folder that cannot take the features turns the cache off for this run, with a warning.
     """
+    prebuilt = FeatureStore(features) if features is not None else None
     entry = None
     if params.use_cache:
         cache = FeatureCache(params.cache_dir, params.cache_max_mb)
@@ -347,11 +378,16 @@ def _feature_store(params: SegmentationParams, source: GdalRasterSource, progres
             log.warning("The feature cache is off for this run (%s): the next run extracts the features again. "
                         "Free some space or choose another cache folder (--cache-dir), or turn the cache off "
                         "(--no-cache).", error)
+    if entry is None and prebuilt is not None:
+        yield prebuilt, "off"
+        return
     if entry is None:
         with tempfile.TemporaryDirectory(prefix="treeseg-features-") as folder:
             yield FeatureStore(folder), "off"
         return
     try:
+        if prebuilt is not None and prebuilt.complete and entry.state == "miss":
+            entry.store.adopt(prebuilt)  # gone from `features` then: a retry after a failure extracts again
         yield entry.store, entry.state
         entry.publish()
     finally:
@@ -513,12 +549,12 @@ def _output_folder(output_dir: str) -> None:
         raise OutputError(f"The output folder {folder} is not writable: choose another folder.")
 
 
-def _features(params: SegmentationParams, source: GdalRasterSource, store: FeatureStore, cache_state: str,
+def _features(params: SegmentationParams, source: GdalRasterSource, store: FeatureStore,
               load_model: ModelLoader | None) -> tuple[FeatureGrid, TileFeatureExtractor | None, dict]:
-    """The feature grid, the extractor (None when the cache holds every feature: no model is loaded)
+    """The feature grid, the extractor (None when the store holds every feature: no model is loaded)
     and the facts about the model for the run record."""
     tiles = TileGrid(source.width, source.height, params.tile_size, params.overlap)
-    if cache_state == "hit":
+    if store.complete:
         return FeatureGrid.of_store(tiles, store), None, store.model()
     extractor = feature_extractor(params, load_model)
     return FeatureGrid.of_extractor(tiles, extractor), extractor, extractor.describe()
