@@ -277,7 +277,8 @@ def extract_window(params: SegmentationParams, tiles: range, folder: str | Path,
     survey = SurveyModel.load(params.cluster_model)
     limit_block_cache()
     with GdalRasterSource(params.input_path, params.bands) as source:
-        _check_survey(params, source, survey)
+        survey.check_run({name: getattr(params, name) for name in SETTINGS}, _precision(params), source.bands,
+                         source.scaling)
         extractor = feature_extractor(params, load_model)
         survey.check_extractor(extractor.describe())
         grid = FeatureGrid.of_extractor(TileGrid(source.width, source.height, params.tile_size, params.overlap),
@@ -317,15 +318,10 @@ def _opened(params: SegmentationParams, progress: Progress, kinds: tuple[str, ..
         _check_output_paths(params, kinds, [params.input_path, *source.files,
                                             *filter(None, [examples_path, params.cluster_model])])
         if survey:
-            _check_survey(params, source, survey)
+            survey.check_run({name: getattr(params, name) for name in SETTINGS}, _precision(params), source.bands,
+                             source.scaling)
         with _feature_store(params, source, progress, survey, features) as (store, cache_state):
             yield source, store, cache_state
-
-
-def _check_survey(params: SegmentationParams, source: GdalRasterSource, survey: SurveyModel) -> None:
-    """Refuse a raster or settings the cluster model does not fit, with the reason."""
-    survey.check_run({name: getattr(params, name) for name in SETTINGS}, _precision(params), source.bands,
-                     source.scaling)
 
 
 def _report_estimate(params: SegmentationParams, source: GdalRasterSource, progress: Progress) -> None:
