@@ -20,9 +20,8 @@ from osgeo import gdal, ogr
 
 from treeseg_qgis.engine.cli import EXIT_SOME_FAILED, main
 from treeseg_qgis.engine.core.errors import InputError
-from treeseg_qgis.engine.dask_runner import WindowedRaster, WindowOutcome
-from treeseg_qgis.engine.pipeline import extract_window, segment
-from treeseg_qgis.engine.survey import RasterJob, fit_survey, window_ranges
+from treeseg_qgis.engine.pipeline import segment
+from treeseg_qgis.engine.survey import fit_survey
 from treeseg_qgis.params import SegmentationParams
 
 from .conftest import REPO, disc_scene, write_geotiff
@@ -124,6 +123,10 @@ def test_a_mismatching_or_damaged_cluster_model_is_refused_with_its_reason(surve
 def test_a_raster_extracted_in_windows_segments_from_their_store_like_one_run(survey, tmp_path, tiny_model_dir):
     """The windows' parts joined (what the Dask runner does, here in one process) make the store of one run:
     the raster is segmented from it without loading a model, to the same bytes, the feature image too."""
+    from treeseg_qgis.engine.dask_runner import WindowedRaster, WindowOutcome
+    from treeseg_qgis.engine.pipeline import extract_window
+    from treeseg_qgis.engine.survey import RasterJob, window_ranges
+
     first, _, model = survey
     params = params_for(tiny_model_dir, first, tmp_path / "one", tmp_path / "cache", cluster_model=str(model),
                         feature_preview=True, use_cache=False)

@@ -38,14 +38,14 @@ from .gis.raster import GdalRasterSource, limit_block_cache
 from .pipeline import ModelLoader, feature_extractor, load_model_for, segment, validate_params
 
 log = logging.getLogger("treeseg")
+Result = TypeVar("Result")
 
 MODEL_NAME = f"survey{SUFFIX}"
 SUMMARY_JSON = "survey_summary.json"
 SUMMARY_CSV = "survey_summary.csv"
 MERGED_POLYGONS = "survey_polygons.gpkg"
 ATTEMPTS = 2
-"""A failed raster (or window of one) is tried once more before it is reported."""
-Result = TypeVar("Result")
+"""A failed raster is tried once more before it is reported."""
 
 
 @dataclass
