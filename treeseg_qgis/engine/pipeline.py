@@ -97,7 +97,9 @@ def segment(
     progress = progress or Progress()
     started = time.perf_counter()
     survey = SurveyModel.load(params.cluster_model) if params.cluster_model else None
-    with _opened(params, progress, SEGMENT_KINDS, survey=survey, features=features) as (source, store, cache_state):
+    with _opened(params, progress, SEGMENT_KINDS, survey=survey) as (source, store, cache_state):
+        if features is not None:
+            store, cache_state = _prebuilt(FeatureStore(features), store, cache_state)
         if not store.complete and params.method == "dinov3":
             _report_estimate(params, source, progress)
         progress.report(0.0, "Reading cached features" if store.complete else "Loading model")
@@ -307,8 +309,8 @@ def validate_params(params: SegmentationParams) -> None:
 
 @contextmanager
 def _opened(params: SegmentationParams, progress: Progress, kinds: tuple[str, ...],
-            examples_path: str | None = None, survey: SurveyModel | None = None,
-            features: str | Path | None = None) -> Iterator[tuple[GdalRasterSource, FeatureStore, str]]:
+            examples_path: str | None = None,
+            survey: SurveyModel | None = None) -> Iterator[tuple[GdalRasterSource, FeatureStore, str]]:
     """The input raster and the run's feature store (see `_feature_store`), output folder and paths checked;
     with a survey cluster model, the raster and settings checked against it."""
     limit_block_cache()
@@ -320,8 +322,20 @@ def _opened(params: SegmentationParams, progress: Progress, kinds: tuple[str, ..
         if survey:
             survey.check_run({name: getattr(params, name) for name in SETTINGS}, _precision(params), source.bands,
                              source.scaling)
-        with _feature_store(params, source, progress, survey, features) as (store, cache_state):
+        with _feature_store(params, source, progress, survey) as (store, cache_state):
             yield source, store, cache_state
+
+
+def _prebuilt(prebuilt: FeatureStore, store: FeatureStore, cache_state: str) -> tuple[FeatureStore, str]:
+    """The run's store and cache state given a store filled apart (its windows on several workers): moved into
+    the cache entry this run fills (gone from where it was: a retry after a failure extracts again), or, with
+    the cache off, used where it is; with a cache hit, or when incomplete, it is not used."""
+    if not prebuilt.complete or cache_state == "hit":
+        return store, cache_state
+    if cache_state == "off":
+        return prebuilt, cache_state
+    store.adopt(prebuilt)
+    return store, cache_state
 
 
 def _report_estimate(params: SegmentationParams, source: GdalRasterSource, progress: Progress) -> None:
@@ -356,13 +370,11 @@ def _check_output_paths(params: SegmentationParams, kinds: tuple[str, ...], inpu
 
 @contextmanager
 def _feature_store(params: SegmentationParams, source: GdalRasterSource, progress: Progress,
-                   survey: SurveyModel | None, features: str | Path | None) -> Iterator[tuple[FeatureStore, str]]:
-    """The run's feature store and the cache state: 'hit', 'miss' (filled now, or from the store at `features`
-    when it is complete) or 'off' (a temporary store, or the one at `features`).
+                   survey: SurveyModel | None) -> Iterator[tuple[FeatureStore, str]]:
+    """The run's feature store and the cache state: 'hit', 'miss' (filled now) or 'off'.
 
     A cache folder that cannot take the features turns the cache off for this run, with a warning.
     """
-    prebuilt = FeatureStore(features) if features is not None else None
     entry = None
     if params.use_cache:
         cache = FeatureCache(params.cache_dir, params.cache_max_mb)
@@ -374,16 +386,11 @@ def _feature_store(params: SegmentationParams, source: GdalRasterSource, progres
             log.warning("The feature cache is off for this run (%s): the next run extracts the features again. "
                         "Free some space or choose another cache folder (--cache-dir), or turn the cache off "
                         "(--no-cache).", error)
-    if entry is None and prebuilt is not None:
-        yield prebuilt, "off"
-        return
     if entry is None:
         with tempfile.TemporaryDirectory(prefix="treeseg-features-") as folder:
             yield FeatureStore(folder), "off"
         return
     try:
-        if prebuilt is not None and prebuilt.complete and entry.state == "miss":
-            entry.store.adopt(prebuilt)  # gone from `features` then: a retry after a failure extracts again
         yield entry.store, entry.state
         entry.publish()
     finally:
