@@ -27,6 +27,7 @@ import numpy as np
 from distributed import Client, Future, LocalCluster, Worker, WorkerPlugin, as_completed, get_worker
 
 from ..params import SegmentationParams
+from .core.errors import TreesegError
 from .core.models import Backbone
 from .core.progress import Progress
 from .core.store import FeatureStore
@@ -173,8 +174,8 @@ def _window_done(client: Client, raster: WindowedRaster, number: int, future: Fu
     if error is None:
         try:
             raster.complete_store()
-        except OSError as failure:
-            error = f"cannot complete the features in {raster.folder}: {failure.strerror or failure}"
+        except (OSError, TreesegError) as failure:  # a full or failing disk
+            error = f"the features of its windows could not be joined: {failure}"
     if error is not None:
         outcomes[index] = RasterOutcome(job.input_path, job.params.output_stem, None, error, ATTEMPTS, seconds,
                                         len(raster.windows))
