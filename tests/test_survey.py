@@ -11,6 +11,7 @@ import sys
 import time
 import zipfile
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -48,6 +49,11 @@ def labels(path) -> np.ndarray:
 def polygon_sources(path) -> list[str]:
     dataset = ogr.Open(str(path))
     return sorted(feature["source"] for feature in dataset.GetLayer(0))
+
+
+def polygon_shapes(path) -> list[tuple]:
+    dataset = ogr.Open(str(path))
+    return sorted((feature["cluster"], feature.GetGeometryRef().ExportToWkt()) for feature in dataset.GetLayer(0))
 
 
 def polygon_count(path) -> int:
@@ -115,8 +121,38 @@ def test_a_mismatching_or_damaged_cluster_model_is_refused_with_its_reason(surve
     assert not list((tmp_path / "out").glob("*.tif"))
 
 
+def test_a_raster_extracted_in_windows_segments_from_their_store_like_one_run(survey, tmp_path, tiny_model_dir):
+    """The windows' parts joined (what the Dask runner does, here in one process) make the store of one run:
+    the raster is segmented from it without loading a model, to the same bytes, the feature image too."""
+    from treeseg_qgis.engine.dask_runner import WindowedRaster, WindowOutcome
+    from treeseg_qgis.engine.pipeline import extract_window
+    from treeseg_qgis.engine.survey import RasterJob, window_ranges
+
+    first, _, model = survey
+    params = params_for(tiny_model_dir, first, tmp_path / "one", tmp_path / "cache", cluster_model=str(model),
+                        feature_preview=True, use_cache=False)
+    one = segment(params)
+    job = RasterJob(str(first), replace(params, output_dir=str(tmp_path / "windows")))
+    windows = window_ranges(job, 3)  # 12 tiles, batches of 4
+    assert [(w.start, w.stop) for w in windows] == [(0, 4), (4, 8), (8, 12)]
+    raster = WindowedRaster(job, windows, tmp_path / "staged")
+    for number, window in reversed(list(enumerate(windows))):
+        raster.done[number] = WindowOutcome(extract_window(job.params, window, raster.folder), None)
+    raster.complete_store()
+
+    def no_model(_params):
+        raise AssertionError("the model was loaded although the windows' store is complete")
+
+    windowed = segment(job.params, load_model=no_model, features=str(raster.folder))
+    for kind in ("clusters", "trees", "features"):
+        assert Path(windowed["outputs"][kind]).read_bytes() == Path(one["outputs"][kind]).read_bytes()
+    assert polygon_shapes(windowed["outputs"]["polygons"]) == polygon_shapes(one["outputs"]["polygons"])
+
+
 def test_segment_many_on_two_dask_workers_matches_one_process_and_reports_a_corrupt_raster(
         tmp_path, tiny_model_dir, capsys):
+    """On two workers each raster of 24 tiles is split into 3 windows of 8 tiles (whole batches of 4): the same
+    bytes as one process; the truncated raster opens, but its windows cannot be read: tried twice, reported."""
     good = [scene(tmp_path / "a.tif", seed=3), scene(tmp_path / "b.tif", seed=4, centres=((100, 100),))]
     corrupt = scene(tmp_path / "c.tif", seed=5)
     corrupt.write_bytes(corrupt.read_bytes()[:150_000])
@@ -124,7 +160,7 @@ def test_segment_many_on_two_dask_workers_matches_one_process_and_reports_a_corr
     common = ["--model", str(tiny_model_dir), "--device", "cpu", "--tile-size", "128", "--quiet"]
     for workers in (1, 2):
         status = main(["segment-many", *inputs, "--out", str(tmp_path / f"w{workers}"), "--workers", str(workers),
-                       "--cache-dir", str(tmp_path / f"cache{workers}"), *common])
+                       "--cache-dir", str(tmp_path / f"cache{workers}"), "--window-tiles", "6", *common])
         assert status == EXIT_SOME_FAILED
     assert "1 of 3 rasters failed" in capsys.readouterr().err
     # No Dask scheduler, nanny or worker is left (multiprocessing's resource tracker lives as long as pytest).
@@ -133,25 +169,39 @@ def test_segment_many_on_two_dask_workers_matches_one_process_and_reports_a_corr
     for stem in ("a", "b"):
         one, two = (tmp_path / f"w{n}" / f"{stem}_clusters.tif" for n in (1, 2))
         assert one.read_bytes() == two.read_bytes()
+        assert polygon_shapes(tmp_path / "w1" / f"{stem}_polygons.gpkg") == polygon_shapes(
+            tmp_path / "w2" / f"{stem}_polygons.gpkg")
     for workers in (1, 2):
         folder = tmp_path / f"w{workers}"
         summary = json.loads((folder / "survey_summary.json").read_text())
         assert [row["status"] for row in summary["rasters"]] == ["ok", "failed", "ok"]
         failed = summary["rasters"][1]
         assert failed["attempts"] == 2 and "c.tif" in failed["error"]
+        assert [row["windows"] for row in summary["rasters"]] == [3 * (workers - 1)] * 3
         rows = list(csv.DictReader((folder / "survey_summary.csv").open()))
         assert [row["status"] for row in rows] == ["ok", "failed", "ok"]
         assert 0 < float(rows[0]["tree_cover"]) < 1
         assert polygon_sources(folder / "survey_polygons.gpkg") == (
             ["a"] * polygon_count(folder / "a_polygons.gpkg") + ["b"] * polygon_count(folder / "b_polygons.gpkg"))
         assert not (folder / "c_clusters.tif").exists()
+        assert not list(folder.glob(".*windows"))
+    assert json.loads((tmp_path / "w2" / "survey_summary.json").read_text())["rasters"][1]["error"].startswith(
+        "window 1 of 3 (tiles 1–8): Cannot read band 1 of")
+    # The windows' features became the cache entry a one-process run of the same raster reads.
+    again = main(["segment-many", str(good[0]), "--out", str(tmp_path / "again"), "--cluster-model",
+                  str(tmp_path / "w2" / "survey.treeseg"), "--cache-dir", str(tmp_path / "cache2"), *common])
+    assert again == 0
+    record = json.loads((tmp_path / "again" / "a_run.json").read_text())
+    assert record["feature_cache"]["state"] == "hit"
+    assert (tmp_path / "again" / "a_clusters.tif").read_bytes() == (tmp_path / "w2" / "a_clusters.tif").read_bytes()
 
 
 def test_ctrl_c_during_segment_many_on_dask_leaves_no_process_behind(survey, tmp_path, tiny_model_dir):
     first, second, model = survey
     command = [sys.executable, "-m", "treeseg_qgis", "segment-many", *[str(first), str(second)] * 8,
                "--out", str(tmp_path / "out"), "--cluster-model", str(model), "--workers", "2",
-               "--model", str(tiny_model_dir), "--device", "cpu", "--no-cache", "--quiet"]
+               "--model", str(tiny_model_dir), "--device", "cpu", "--no-cache", "--quiet",
+               "--tile-size", "128", "--window-tiles", "8"]  # 3 windows a raster
     run = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     parent = psutil.Process(run.pid)
@@ -167,6 +217,7 @@ def test_ctrl_c_during_segment_many_on_dask_leaves_no_process_behind(survey, tmp
     _, alive = psutil.wait_procs(workers, timeout=30)
     assert not alive
     assert not (tmp_path / "out" / "survey_summary.json").exists()
+    assert not list((tmp_path / "out").glob(".*windows"))
 
 
 def cmdline(process: psutil.Process) -> str:

@@ -30,6 +30,7 @@ AUTO = "auto"  # the one spelling of "choose for me": the number of clusters, th
 K_MIN, K_MAX = 1, 250  # cluster ids 0..249; the rasters keep 255 for nodata
 DEFAULT_K_RANGE = (2, 8)
 DEFAULT_MIN_EXG = 0.02
+WINDOW_TILES = 64  # segment-many on Dask splits a raster of more tiles into windows of about this many
 Clusters = Union[int, Literal["auto"]]
 
 OutputFiles = make_dataclass(

@@ -24,6 +24,7 @@ from ..params import (
     METHODS,
     PRECISIONS,
     STRIDES,
+    WINDOW_TILES,
     ParameterError,
     SegmentationParams,
     parse_cluster_ids,
@@ -148,6 +149,9 @@ def _survey_commands(commands: argparse._SubParsersAction) -> None:
                        help="rasters on a local Dask cluster of N worker processes (default 1: in this process)")
     where.add_argument("--scheduler", metavar="ADDRESS",
                        help="rasters on an existing Dask cluster, e.g. tcp://10.0.0.5:8786")
+    many.add_argument("--window-tiles", type=int, default=WINDOW_TILES, metavar="N",
+                      help="on Dask, split a raster of more than N tiles into windows of about N tiles whose "
+                      f"features are extracted on several workers (default {WINDOW_TILES}; 0: never split)")
     for command in (fit, many):
         _model_options(command)
         command.add_argument("--quiet", action="store_true", help="print only errors and the results")
@@ -178,8 +182,10 @@ def _segment_many(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise InputError(f"--workers must be at least 1, not {args.workers}.")
+    if args.window_tiles < 0:
+        raise InputError(f"--window-tiles must be 0 (never split) or more, not {args.window_tiles}.")
     summary = segment_many(args.inputs, _survey_params(args, args.out), args.out, args.cluster_model,
-                           args.workers, args.scheduler, _progress(args))
+                           args.workers, args.scheduler, _progress(args), window_tiles=args.window_tiles)
     legend = summary["legend"]
     print(f"K={legend['k']}, tree clusters {legend['tree_clusters']} in every raster ({summary['cluster_model']})")
     for row in summary["rasters"]:

@@ -2,26 +2,37 @@
 
 Each Dask worker loads the model once (`ModelPlugin`, a worker plugin) and segments one raster per
 task with `pipeline.segment`, exactly as a single process would (survey.run_job: a failed raster is
-tried once more, then reported while the others finish). Progress counts finished rasters.
-The cluster (and its worker processes) is closed when the run ends, fails or is stopped.
+tried once more, then reported while the others finish). A raster of more than `window_tiles` tiles is
+split into windows of tiles (survey.window_ranges): each window is a task that extracts its tiles'
+features on its worker and writes them into the raster's one staged feature store in the output folder
+(which the workers must therefore share); once every window is in, this process completes the store and
+a last task segments the raster from it (no model load, the same outputs as one process). A window is
+tried once more after a failure; a raster with a window that failed twice is reported.
+Progress counts finished rasters and windows. The cluster (and its worker processes) is closed, the
+staged stores removed, when the run ends, fails or is stopped.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 from distributed import Client, Future, LocalCluster, Worker, WorkerPlugin, as_completed, get_worker
 
 from ..params import SegmentationParams
+from .core.errors import TreesegError
 from .core.models import Backbone
 from .core.progress import Progress
-from .pipeline import load_model_for
-from .survey import RasterJob, RasterOutcome, run_job
+from .core.store import FeatureStore
+from .pipeline import extract_window, load_model_for
+from .survey import ATTEMPTS, RasterJob, RasterOutcome, run_job, window_ranges, with_retry
 
 PLUGIN_NAME = "treeseg-model"
 POLL_S = 0.5
@@ -45,15 +56,60 @@ class ModelPlugin(WorkerPlugin):
             return self._backbone
 
 
+@dataclass
+class WindowOutcome:
+    """One window's part of the cluster sample and what made its features, or the error of its last attempt."""
+
+    part: tuple[np.ndarray, np.ndarray, dict] | None
+    error: str | None
+
+
+@dataclass
+class WindowedRaster:
+    """A raster split into windows: its staged feature store and the windows' outcomes so far."""
+
+    job: RasterJob
+    windows: list[range]
+    folder: Path
+    done: dict[int, WindowOutcome] = field(default_factory=dict)
+
+    def failure(self) -> str | None:
+        """The error of the first failed window, naming it."""
+        for index, window in enumerate(self.windows):
+            outcome = self.done[index]
+            if outcome.error is not None:
+                return (f"window {index + 1} of {len(self.windows)} (tiles {window.start + 1}–{window.stop}): "
+                        f"{outcome.error}")
+        return None
+
+    def complete_store(self) -> None:
+        """Join the windows' sample parts in tile order: the store is complete."""
+        parts = [self.done[index].part for index in range(len(self.windows))]
+        FeatureStore(self.folder).save_samples(np.concatenate([part[0] for part in parts]),
+                                               np.concatenate([part[1] for part in parts]), parts[0][2])
+
+
 def segment_on_worker(job: RasterJob) -> RasterOutcome:
     """One raster on a Dask worker with that worker's model, tried once more after a failure (survey.run_job)."""
     return run_job(job, get_worker().plugins[PLUGIN_NAME].load)
 
 
-def run_on_dask(jobs: Sequence[RasterJob], workers: int, scheduler: str | None,
-                progress: Progress) -> list[RasterOutcome]:
-    """Every job on the cluster at `scheduler`, or on a LocalCluster of `workers` processes."""
+def extract_window_on_worker(job: RasterJob, window: range, folder: str) -> WindowOutcome:
+    """One window of a raster on a Dask worker with that worker's model, tried once more after a failure."""
+    load = get_worker().plugins[PLUGIN_NAME].load
+    part, error, _ = with_retry(lambda: extract_window(job.params, window, folder, load),
+                                f"{job.input_path}, tiles {window.start + 1}–{window.stop}")
+    return WindowOutcome(part, error)
+
+
+def run_on_dask(jobs: Sequence[RasterJob], workers: int, scheduler: str | None, progress: Progress,
+                window_tiles: int) -> list[RasterOutcome]:
+    """Every job on the cluster at `scheduler`, or on a LocalCluster of `workers` processes; a raster of more
+    than `window_tiles` tiles in windows."""
     with ExitStack() as stack:
+        windowed = {index: WindowedRaster(job, windows, _staged_store(job))
+                    for index, job in enumerate(jobs) if (windows := window_ranges(job, window_tiles))}
+        stack.callback(_remove_staged_stores, list(windowed.values()))  # after the cluster has closed
         if scheduler:
             client = stack.enter_context(Client(scheduler, timeout="30s"))
         else:
@@ -62,24 +118,83 @@ def run_on_dask(jobs: Sequence[RasterJob], workers: int, scheduler: str | None,
                 silence_logs=logging.ERROR))
             client = stack.enter_context(Client(cluster))
         client.register_plugin(ModelPlugin())
-        futures = {client.submit(segment_on_worker, job, pure=False,
-                                 key=f"treeseg-{index}-{Path(job.input_path).name}"): job
-                   for index, job in enumerate(jobs)}
-        submitted = time.perf_counter()
-        outcomes: dict[str, RasterOutcome] = {}
+        return _run(client, jobs, windowed, progress)
+
+
+def _run(client: Client, jobs: Sequence[RasterJob], windowed: dict[int, WindowedRaster],
+         progress: Progress) -> list[RasterOutcome]:
+    """Submit the windows and whole rasters, a windowed raster's last task once its windows are in; collect."""
+    tasks: dict[Future, tuple[int, int | None]] = {}
+    for index, job in enumerate(jobs):
+        name = Path(job.input_path).name
+        if index in windowed:
+            raster = windowed[index]
+            for number, window in enumerate(raster.windows):
+                tasks[client.submit(extract_window_on_worker, job, window, str(raster.folder), pure=False,
+                                    key=f"treeseg-{index}-window-{number}-{name}")] = (index, number)
+        else:
+            tasks[client.submit(segment_on_worker, job, pure=False, key=f"treeseg-{index}-{name}")] = (index, None)
+    total = len(jobs) + sum(len(raster.windows) for raster in windowed.values())
+    submitted = time.perf_counter()
+    outcomes: dict[int, RasterOutcome] = {}
+    try:
+        pending = as_completed(list(tasks))
+        while not pending.is_empty():
+            progress.check()
+            for future in pending.next_batch(block=False) or _wait(pending):
+                index, number = tasks[future]
+                raster, seconds = windowed.get(index), time.perf_counter() - submitted
+                if number is None:
+                    outcomes[index] = _outcome(jobs[index], future, seconds, len(raster.windows) if raster else 0)
+                elif (last := _window_done(client, raster, number, future, seconds, outcomes, index)) is not None:
+                    tasks[last] = (index, None)
+                    pending.add(last)
+                if raster and index in outcomes:
+                    shutil.rmtree(raster.folder, ignore_errors=True)
+                windows = sum(len(raster.done) for raster in windowed.values())
+                progress.report((len(outcomes) + windows) / total,
+                                f"{len(outcomes)} of {len(jobs)} rasters done on the cluster"
+                                + (f" ({windows} of {total - len(jobs)} windows)" if windowed else ""))
+    except BaseException:
+        client.cancel(list(tasks))
+        raise
+    return [outcomes[index] for index in range(len(jobs))]
+
+
+def _window_done(client: Client, raster: WindowedRaster, number: int, future: Future, seconds: float,
+                 outcomes: dict[int, RasterOutcome], index: int) -> Future | None:
+    """Record a finished window; when it was the raster's last, submit the raster's segmentation (returned)
+    or, if a window failed, report the raster."""
+    raster.done[number] = (future.result() if future.status == "finished"
+                           else WindowOutcome(None, _error(future)))
+    if len(raster.done) < len(raster.windows):
+        return None
+    job = raster.job
+    error = raster.failure()
+    if error is None:
         try:
-            pending = as_completed(futures)
-            while not pending.is_empty():
-                progress.check()
-                for future in pending.next_batch(block=False) or _wait(pending):
-                    job = futures[future]
-                    outcomes[job.input_path] = _outcome(job, future, time.perf_counter() - submitted)
-                    progress.report(len(outcomes) / len(jobs),
-                                    f"{len(outcomes)} of {len(jobs)} rasters done on the cluster")
-        except BaseException:
-            client.cancel(list(futures))
-            raise
-        return [outcomes[job.input_path] for job in jobs]
+            raster.complete_store()
+        except (OSError, TreesegError) as failure:  # a full or failing disk
+            error = f"the features of its windows could not be joined: {failure}"
+    if error is not None:
+        outcomes[index] = RasterOutcome(job.input_path, job.params.output_stem, None, error, ATTEMPTS, seconds,
+                                        len(raster.windows))
+        return None
+    return client.submit(segment_on_worker, replace(job, features=str(raster.folder)), pure=False,
+                         key=f"treeseg-{index}-{Path(job.input_path).name}")
+
+
+def _staged_store(job: RasterJob) -> Path:
+    """The folder the windows of a raster write their features into, beside its outputs (a shared filesystem)."""
+    folder = Path(job.params.output_dir) / f".{job.params.output_stem}.treeseg-windows"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def _remove_staged_stores(rasters: Sequence[WindowedRaster]) -> None:
+    for raster in rasters:
+        shutil.rmtree(raster.folder, ignore_errors=True)
 
 
 def _wait(pending: as_completed) -> list:
@@ -88,10 +203,14 @@ def _wait(pending: as_completed) -> list:
     return []
 
 
-def _outcome(job: RasterJob, future: Future, seconds: float) -> RasterOutcome:
+def _error(future: Future) -> str:
+    """The error of a task the cluster could not run (e.g. its worker died)."""
+    error = future.exception()
+    return str(error) or type(error).__name__
+
+
+def _outcome(job: RasterJob, future: Future, seconds: float, windows: int) -> RasterOutcome:
     """The worker's outcome, or the error of a task the cluster could not run (e.g. its worker died)."""
     if future.status == "finished":
-        return future.result()
-    error = future.exception()
-    return RasterOutcome(job.input_path, job.params.output_stem, None, str(error) or type(error).__name__,
-                         1, seconds)
+        return replace(future.result(), windows=windows)
+    return RasterOutcome(job.input_path, job.params.output_stem, None, _error(future), 1, seconds, windows)

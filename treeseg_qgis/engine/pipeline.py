@@ -53,6 +53,7 @@ from .core.segmentation import (
     SegmentationResult,
     TileFeatureExtractor,
     ensure_features,
+    extract_features,
     segment_raster,
 )
 from .core.store import FeatureStore
@@ -81,11 +82,14 @@ def segment(
     params: SegmentationParams,
     progress: Progress | None = None,
     load_model: ModelLoader | None = None,
+    features: str | Path | None = None,
 ) -> dict:
     """Run one segmentation and return its record (also written as `<stem>_run.json`).
 
     `load_model` loads the backbone (default: load_backbone); it is not called
-    when the feature cache already holds this raster's features.
+    when the feature cache already holds this raster's features, nor when `features` is a complete
+    feature store of this raster made with the run's cluster model (windows of it extracted apart,
+    `extract_window`): that store becomes the run's cache entry (or serves the run when the cache is off).
     """
     validate_params(params)
     if params.method == "exg-otsu":
@@ -94,12 +98,14 @@ def segment(
     started = time.perf_counter()
     survey = SurveyModel.load(params.cluster_model) if params.cluster_model else None
     with _opened(params, progress, SEGMENT_KINDS, survey=survey) as (source, store, cache_state):
-        if cache_state != "hit" and params.method == "dinov3":
+        if features is not None:
+            store, cache_state = _prebuilt(FeatureStore(features), store, cache_state)
+        if not store.complete and params.method == "dinov3":
             _report_estimate(params, source, progress)
-        progress.report(0.0, "Loading model" if cache_state != "hit" else "Reading cached features")
+        progress.report(0.0, "Reading cached features" if store.complete else "Loading model")
         progress.check()
         load_started = time.perf_counter()
-        grid, extractor, model = _features(params, source, store, cache_state, load_model)
+        grid, extractor, model = _features(params, source, store, load_model)
         load_seconds = time.perf_counter() - load_started
         if survey:
             survey.check_extractor(model)
@@ -208,7 +214,7 @@ def teach(
         if isinstance(examples, str):
             examples = _read_examples(examples, source)
         progress.report(0.0, "Loading model" if cache_state != "hit" else "Reading cached features")
-        grid, extractor, model = _features(params, source, store, cache_state, load_model)
+        grid, extractor, model = _features(params, source, store, load_model)
         if survey:
             survey.check_extractor(model)
         timings: dict[str, float] = {}
@@ -263,6 +269,27 @@ def teach(
     return record
 
 
+def extract_window(params: SegmentationParams, tiles: range, folder: str | Path,
+                   load_model: ModelLoader | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """One window of a raster split across workers: the tiles numbered `tiles` (in grid order) extracted,
+    projected with the cluster model's PCA and stored in the feature store at `folder`; their part of the
+    cluster sample, its ExG and what made the features (`FeatureStore.save_samples` completes the store)."""
+    validate_params(params)
+    survey = SurveyModel.load(params.cluster_model)
+    limit_block_cache()
+    with GdalRasterSource(params.input_path, params.bands) as source:
+        survey.check_run({name: getattr(params, name) for name in SETTINGS}, _precision(params), source.bands,
+                         source.scaling)
+        extractor = feature_extractor(params, load_model)
+        survey.check_extractor(extractor.describe())
+        grid = FeatureGrid.of_extractor(TileGrid(source.width, source.height, params.tile_size, params.overlap),
+                                        extractor)
+        timings: dict[str, float] = {}
+        samples, exg = extract_features(params, source, grid, extractor, FeatureStore(folder), Progress(), timings,
+                                        survey.projection, grid.tiles.tiles()[tiles.start:tiles.stop])
+        return samples, exg, {**extractor.describe(), **grid.describe()}
+
+
 def _read_examples(path: str, source: GdalRasterSource) -> list[Example]:
     try:
         return read_examples(path, Grid(source.width, source.height, source.geotransform, source.crs_wkt))
@@ -298,6 +325,18 @@ def _opened(params: SegmentationParams, progress: Progress, kinds: tuple[str, ..
                 log.warning("%s: %s", params.input_path, note)
         with _feature_store(params, source, progress, survey) as (store, cache_state):
             yield source, store, cache_state
+
+
+def _prebuilt(prebuilt: FeatureStore, store: FeatureStore, cache_state: str) -> tuple[FeatureStore, str]:
+    """The run's store and cache state given a store filled apart (its windows on several workers): moved into
+    the cache entry this run fills (gone from where it was: a retry after a failure extracts again), or, with
+    the cache off, used where it is; with a cache hit, or when incomplete, it is not used."""
+    if not prebuilt.complete or cache_state == "hit":
+        return store, cache_state
+    if cache_state == "off":
+        return prebuilt, cache_state
+    store.adopt(prebuilt)
+    return store, cache_state
 
 
 def _report_estimate(params: SegmentationParams, source: GdalRasterSource, progress: Progress) -> None:
@@ -521,12 +560,12 @@ def _output_folder(output_dir: str) -> None:
         raise OutputError(f"The output folder {folder} is not writable: choose another folder.")
 
 
-def _features(params: SegmentationParams, source: GdalRasterSource, store: FeatureStore, cache_state: str,
+def _features(params: SegmentationParams, source: GdalRasterSource, store: FeatureStore,
               load_model: ModelLoader | None) -> tuple[FeatureGrid, TileFeatureExtractor | None, dict]:
-    """The feature grid, the extractor (None when the cache holds every feature: no model is loaded)
+    """The feature grid, the extractor (None when the store holds every feature: no model is loaded)
     and the facts about the model for the run record."""
     tiles = TileGrid(source.width, source.height, params.tile_size, params.overlap)
-    if cache_state == "hit":
+    if store.complete:
         return FeatureGrid.of_store(tiles, store), None, store.model()
     extractor = feature_extractor(params, load_model)
     return FeatureGrid.of_extractor(tiles, extractor), extractor, extractor.describe()

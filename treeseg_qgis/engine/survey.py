@@ -5,7 +5,8 @@ inputs (a bounded value sample weighted by valid area), reads every input with i
 `fit_survey` draws a bounded feature sample from every input, proportional to its valid area, fits the
 PCA and the clusters on it and writes a `.treeseg` file (core/survey_model.py). `segment_many` fits
 (unless a model is given), runs `pipeline.segment` with that model on every input, here one after the
-other or on Dask (dask_runner.py), retries a failed raster once and writes a survey summary (JSON and
+other or on Dask (dask_runner.py, where a raster of more than `window_tiles` tiles is split into windows of
+tiles extracted on several workers), retries a failed raster once and writes a survey summary (JSON and
 CSV) and one merged polygons GeoPackage with a `source` field, as one outputs transaction.
 """
 
@@ -17,17 +18,19 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from ..outputs import OutputTransaction
-from ..params import SegmentationParams
+from ..params import WINDOW_TILES, SegmentationParams
 from .core.clustering import Projection
 from .core.errors import Cancelled, InputError, TreesegError
 from .core.feature_grid import FeatureGrid
+from .core.features import tiles_per_batch
 from .core.progress import Progress
 from .core.segmentation import PCA_TILES, fit_clustering, sample_raw_features
 from .core.survey_model import SETTINGS, SUFFIX, SurveyModel, scaling_kind
@@ -37,6 +40,7 @@ from .gis.raster import GdalRasterSource, limit_block_cache, stretch_limits
 from .pipeline import ModelLoader, feature_extractor, load_model_for, segment, validate_params
 
 log = logging.getLogger("treeseg")
+Result = TypeVar("Result")
 
 MODEL_NAME = f"survey{SUFFIX}"
 SUMMARY_JSON = "survey_summary.json"
@@ -50,10 +54,12 @@ VALUE_SAMPLES = 1024 * 1024
 
 @dataclass
 class RasterJob:
-    """One raster of a survey: its parameters (the cluster model set) and its output stem."""
+    """One raster of a survey: its parameters (the cluster model set) and its output stem; `features`, a
+    complete feature store of it (its windows extracted apart)."""
 
     input_path: str
     params: SegmentationParams
+    features: str | None = None
 
 
 @dataclass
@@ -66,6 +72,7 @@ class RasterOutcome:
     error: str | None
     attempts: int
     seconds: float
+    windows: int = 0
 
 
 def fit_survey(inputs: Sequence[str], params: SegmentationParams, out_path: str | Path,
@@ -203,19 +210,43 @@ def run_locally(jobs: Sequence[RasterJob], progress: Progress,
 def run_job(job: RasterJob, load_model: ModelLoader) -> RasterOutcome:
     """Segment one raster, trying once more after a failure; the error of the last attempt is kept."""
     started = time.perf_counter()
+    record, error, attempts = with_retry(lambda: segment(job.params, load_model=load_model, features=job.features),
+                                         job.input_path)
+    return RasterOutcome(job.input_path, job.params.output_stem, record, error, attempts,
+                         time.perf_counter() - started)
+
+
+def with_retry(call: Callable[[], Result], what: str) -> tuple[Result | None, str | None, int]:
+    """`call()` tried once more after a failure: (its result, None, attempts) or (None, the last error, attempts).
+    A stop request is not a failure: it goes up."""
     error = None
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            record = segment(job.params, load_model=load_model)
-            return RasterOutcome(job.input_path, job.params.output_stem, record, None, attempt,
-                                 time.perf_counter() - started)
+            return call(), None, attempt
         except (TreesegError, OSError, RuntimeError, ValueError) as failure:
             if isinstance(failure, Cancelled):
                 raise
             error = str(failure) or type(failure).__name__
-            log.warning("%s failed (attempt %d of %d): %s", job.input_path, attempt, ATTEMPTS, error)
-    return RasterOutcome(job.input_path, job.params.output_stem, None, error, ATTEMPTS,
-                         time.perf_counter() - started)
+            log.warning("%s failed (attempt %d of %d): %s", what, attempt, ATTEMPTS, error)
+    return None, error, ATTEMPTS
+
+
+def window_ranges(job: RasterJob, window_tiles: int) -> list[range]:
+    """The raster's tiles (numbered in grid order) in windows of about `window_tiles`, each a whole number of
+    the extractor's batches (so every tile goes through the model in the batch it has in one run); none when
+    the raster has at most `window_tiles` tiles, or cannot be opened here (it then runs, and fails, whole)."""
+    params = job.params
+    try:
+        with GdalRasterSource(job.input_path, params.bands) as source:
+            count = len(TileGrid(source.width, source.height, params.tile_size, params.overlap))
+    except InputError:
+        return []
+    if window_tiles < 1 or count <= window_tiles:
+        return []
+    batch = tiles_per_batch(params.batch_size, params.stride) if params.method == "dinov3" else 1
+    size = math.ceil(window_tiles / batch) * batch
+    windows = [range(start, min(start + size, count)) for start in range(0, count, size)]
+    return windows if len(windows) > 1 else []
 
 
 def _memoised(load_model: ModelLoader) -> ModelLoader:
@@ -239,11 +270,13 @@ def segment_many(
     scheduler: str | None = None,
     progress: Progress | None = None,
     load_model: ModelLoader | None = None,
+    window_tiles: int = WINDOW_TILES,
 ) -> dict:
     """Fit (unless `cluster_model` is given) and apply one cluster model to every input; the survey summary.
 
     `workers` > 1 runs the rasters on a Dask LocalCluster of that many processes, `scheduler` on an
-    existing Dask cluster; otherwise they run here one after the other.
+    existing Dask cluster, there splitting a raster of more than `window_tiles` tiles (0: none) into windows;
+    otherwise they run here one after the other.
     """
     if not inputs:
         raise InputError("Give at least one input raster.")
@@ -263,7 +296,7 @@ def segment_many(
     if workers > 1 or scheduler:
         from .dask_runner import run_on_dask
 
-        outcomes = run_on_dask(jobs, workers, scheduler, apply)
+        outcomes = run_on_dask(jobs, workers, scheduler, apply, window_tiles)
     else:
         outcomes = run_locally(jobs, apply, load_model)
     progress.report(0.95, "Writing the survey summary")
@@ -295,6 +328,7 @@ def _raster_row(outcome: RasterOutcome) -> dict:
         "status": "ok" if record else "failed",
         "error": outcome.error,
         "attempts": outcome.attempts,
+        "windows": outcome.windows,
         "tree_cover": record["trees"]["tree_cover"] if record else None,
         "cluster_pixels": record["clusters"]["pixels"] if record else None,
         "scaling_warning": record["cluster_model"]["warning"] if record else None,

@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 COLOUR_METHODS = METHODS[1:]
 
 
+def tiles_per_batch(batch_size: int, stride: int) -> int:
+    """How many tiles one DINOv3 forward batch of `batch_size` images holds (each tile is (16 / stride)² images)."""
+    return max(1, batch_size // (PATCH // stride) ** 2)
+
+
 class FeatureExtractor:
     """Runs a Backbone over tiles and returns L2-normalised dense patch features.
 
@@ -57,7 +62,7 @@ class FeatureExtractor:
     @property
     def tiles_per_batch(self) -> int:
         """How many tiles one forward batch holds (each tile is len(shifts) images)."""
-        return max(1, self.batch_size // len(self.shifts))
+        return tiles_per_batch(self.batch_size, self.stride)
 
     def extract(self, rgb: np.ndarray) -> np.ndarray:
         """Features for one tile: rgb (H, W, 3) float in 0..1, H and W multiples of 16.

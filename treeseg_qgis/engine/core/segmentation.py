@@ -181,7 +181,7 @@ def ensure_features(
         return store.load_samples()
     if extractor is None:
         raise ValueError("the feature store is incomplete and no extractor was given")
-    samples, sample_exg = _extract_all(params, source, grid, extractor, store, progress, timings, projection)
+    samples, sample_exg = extract_features(params, source, grid, extractor, store, progress, timings, projection)
     store.save_samples(samples, sample_exg, {**extractor.describe(), **grid.describe()})
     return samples, sample_exg
 
@@ -198,7 +198,7 @@ def read_tile(source: RasterSource, tile: Tile) -> tuple[np.ndarray, np.ndarray]
     return rgb, valid
 
 
-def _extract_all(
+def extract_features(
     params: SegmentationParams,
     source: RasterSource,
     grid: FeatureGrid,
@@ -207,22 +207,27 @@ def _extract_all(
     progress: Progress,
     timings: dict[str, float],
     projection: Projection | None,
+    tiles: list[Tile] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Extract and store every tile; return the projected cluster sample and its ExG."""
+    """Extract and store every tile (with a given `projection`, e.g. a survey's PCA, only `tiles` if given:
+    one window of the raster); return the projected cluster sample and its ExG. With a given projection each
+    tile's sample is drawn with a seed of its own, so windows joined in tile order give one run's sample."""
     rng = np.random.default_rng(params.seed)
-    pca_tiles = [] if projection else grid.tiles.spread(PCA_TILES)
+    given = projection is not None
+    pca_tiles = [] if given else grid.tiles.spread(PCA_TILES)
     first = {(t.row, t.col) for t in pca_tiles}
-    order = pca_tiles + [t for t in grid.tiles.tiles() if (t.row, t.col) not in first]
+    order = (tiles or grid.tiles.tiles()) if given else pca_tiles + [
+        t for t in grid.tiles.tiles() if (t.row, t.col) not in first]
     per_tile_pca = math.ceil(params.sample_size / max(len(pca_tiles), 1))
-    per_tile = math.ceil(params.sample_size / len(order))
+    per_tile = math.ceil(params.sample_size / len(grid.tiles))
     pca_samples: list[np.ndarray] = []
     raw: dict[tuple[int, int], TileFeatures] = {}
     samples: list[np.ndarray] = []
     sample_exg: list[np.ndarray] = []
     timings.update(read=0.0, features=0.0, project=0.0)
 
-    def keep_sample(tile_features: TileFeatures) -> None:
-        rows = _sample_rows(tile_features.valid, per_tile, rng)
+    def keep_sample(key: tuple[int, int], tile_features: TileFeatures) -> None:
+        rows = _sample_rows(tile_features.valid, per_tile, np.random.default_rng([params.seed, *key]) if given else rng)
         samples.append(tile_features.features.reshape(-1, tile_features.features.shape[-1])[rows])
         sample_exg.append(tile_features.exg.reshape(-1)[rows])
 
@@ -238,12 +243,12 @@ def _extract_all(
                 for raw_key, item in raw.items():
                     projected = TileFeatures(projection.project(item.features), item.valid, item.exg)
                     store.put(raw_key, projected)
-                    keep_sample(projected)
+                    keep_sample(raw_key, projected)
                 raw.clear()
         else:
             projected = TileFeatures(projection.project(features), cell_valid, cell_exg)
             store.put(key, projected)
-            keep_sample(projected)
+            keep_sample(key, projected)
         timings["project"] += time.perf_counter() - started
     progress.report(1.0, "Features extracted")
     return np.concatenate(samples).astype(np.float32), np.concatenate(sample_exg).astype(np.float64)

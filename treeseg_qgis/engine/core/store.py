@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,6 +59,14 @@ class FeatureStore:
             partial = self.folder / (SUMMARY + ".partial")
             partial.write_text(json.dumps({"extractor": extractor, "tiles": tiles}, indent=1))
             os.replace(partial, self.folder / SUMMARY)
+
+    def adopt(self, other: FeatureStore) -> None:
+        """Move the files of a complete store (e.g. one filled window by window) into this one; the summary
+        goes last, so this store is complete only once every tile is in."""
+        with self._writing():
+            for path in sorted(other.folder.glob("tile_*.npz")) + [other.folder / SAMPLES, other.folder / SUMMARY]:
+                shutil.move(path, self.folder / path.name)
+        self._cache.clear()
 
     def load_samples(self) -> tuple[np.ndarray, np.ndarray]:
         with np.load(self.folder / SAMPLES) as data:
