@@ -4,6 +4,7 @@ kept in the `.treeseg` file (real UInt16 GeoTIFFs written with GDAL, a real tiny
 import io
 import json
 import zipfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -180,3 +181,27 @@ def test_each_raster_counts_by_its_valid_area_when_only_a_bounded_sample_is_kept
     assert lo == pytest.approx(expected_lo, abs=25) and hi == pytest.approx(expected_hi, abs=25)
     by_size = np.percentile(np.concatenate([np.repeat(large[0, :, 200:], 3), small[0].ravel()]), 98)
     assert abs(hi - by_size) > 75  # counting nodata as area: 5795
+
+
+def test_the_windows_of_a_16_bit_raster_read_it_with_the_surveys_stretch(survey16, tmp_path, tiny_model_dir):
+    """A 16-bit raster split into windows (in one process here, as the Dask runner splits it) is read with the
+    survey's stretch in every window: the same bytes as one run with the model."""
+    from treeseg_qgis.engine.dask_runner import WindowedRaster, WindowOutcome
+    from treeseg_qgis.engine.pipeline import extract_window
+    from treeseg_qgis.engine.survey import RasterJob, window_ranges
+
+    _, roofed, model_path, _, _ = survey16
+    params = params_for(tiny_model_dir, roofed, tmp_path / "one", tmp_path / "cache", cluster_model=str(model_path),
+                        use_cache=False)
+    one = segment(params)
+    job = RasterJob(str(roofed), replace(params, output_dir=str(tmp_path / "windows")))
+    windows = window_ranges(job, 2)
+    raster = WindowedRaster(job, windows, tmp_path / "staged")
+    for number, window in enumerate(windows):
+        raster.done[number] = WindowOutcome(extract_window(job.params, window, raster.folder), None)
+    raster.complete_store()
+    windowed = segment(job.params, features=str(raster.folder))
+    assert windowed["input"]["scaling"] == one["input"]["scaling"] == SurveyModel.load(model_path).scaling
+    for kind in ("clusters", "trees"):
+        with open(windowed["outputs"][kind], "rb") as a, open(one["outputs"][kind], "rb") as b:
+            assert a.read() == b.read()

@@ -277,9 +277,7 @@ def extract_window(params: SegmentationParams, tiles: range, folder: str | Path,
     validate_params(params)
     survey = SurveyModel.load(params.cluster_model)
     limit_block_cache()
-    with GdalRasterSource(params.input_path, params.bands) as source:
-        survey.check_run({name: getattr(params, name) for name in SETTINGS}, _precision(params), source.bands,
-                         source.scaling)
+    with _survey_source(params, survey) as source:
         extractor = feature_extractor(params, load_model)
         survey.check_extractor(extractor.describe())
         grid = FeatureGrid.of_extractor(TileGrid(source.width, source.height, params.tile_size, params.overlap),
@@ -315,16 +313,24 @@ def _opened(params: SegmentationParams, progress: Progress, kinds: tuple[str, ..
     limit_block_cache()
     _check_input_is_a_file(params.input_path)
     _output_folder(params.output_dir)
-    with GdalRasterSource(params.input_path, params.bands, survey.value_ranges if survey else None) as source:
+    with _survey_source(params, survey) as source:
         _check_output_paths(params, kinds, [params.input_path, *source.files,
                                             *filter(None, [examples_path, params.cluster_model])])
+        with _feature_store(params, source, progress, survey) as (store, cache_state):
+            yield source, store, cache_state
+
+
+@contextmanager
+def _survey_source(params: SegmentationParams, survey: SurveyModel | None) -> Iterator[GdalRasterSource]:
+    """The input raster; with a survey cluster model, read with the survey's value scaling and checked against
+    the model (a warning when much of it lies outside the survey's values)."""
+    with GdalRasterSource(params.input_path, params.bands, survey.value_ranges if survey else None) as source:
         if survey:
             survey.check_run({name: getattr(params, name) for name in SETTINGS}, _precision(params), source.bands,
                              source.scaling)
             if note := clipping_note(source.clipped):
                 log.warning("%s: %s", params.input_path, note)
-        with _feature_store(params, source, progress, survey) as (store, cache_state):
-            yield source, store, cache_state
+        yield source
 
 
 def _prebuilt(prebuilt: FeatureStore, store: FeatureStore, cache_state: str) -> tuple[FeatureStore, str]:
