@@ -1,8 +1,10 @@
 """The rasters of a survey on Dask distributed: a LocalCluster of N processes, or an existing cluster.
 
-Each Dask worker loads the model once (`ModelPlugin`, a worker plugin) and segments one raster per
-task with `pipeline.segment`, exactly as a single process would (survey.run_job: a failed raster is
-tried once more, then reported while the others finish). A raster of more than `window_tiles` tiles is
+One cluster (`dask_session`) serves a survey's fit and its rasters. Each Dask worker loads the model
+once (`ModelPlugin`, a worker plugin); the fit samples each raster's share as one task (survey.sample_raster,
+tried once more after a failure), then each worker segments one raster per task with `pipeline.segment`,
+exactly as a single process would (survey.run_job: a failed raster is tried once more, then reported while
+the others finish). A raster of more than `window_tiles` tiles is
 split into windows of tiles (survey.window_ranges): each window is a task that extracts its tiles'
 features on its worker and writes them into the raster's one staged feature store in the output folder
 (which the workers must therefore share); once every window is in, this process completes the store and

@@ -2,7 +2,8 @@
 
 A survey has one value scaling: `fit_survey` measures a non-Byte survey's percentile stretch over all its
 inputs (a bounded value sample weighted by valid area), reads every input with it and stores it in the model.
-`fit_survey` draws a bounded feature sample from every input, proportional to its valid area, fits the
+`fit_survey` draws a bounded feature sample from every input, proportional to its valid area (`sample_raster`,
+each raster with its own generator, so here or as one Dask task per raster gives the same sample), fits the
 PCA and the clusters on it and writes a `.treeseg` file (core/survey_model.py). `segment_many` fits
 (unless a model is given), runs `pipeline.segment` with that model on every input, here one after the
 other or on Dask (dask_runner.py, where a raster of more than `window_tiles` tiles is split into windows of
