@@ -33,7 +33,7 @@ from .core.errors import TreesegError
 from .core.models import Backbone
 from .core.progress import Progress
 from .core.store import FeatureStore
-from .pipeline import extract_window, load_model_for
+from .pipeline import extract_window, feature_extractor, load_model_for
 from .survey import (
     ATTEMPTS,
     RasterJob,
@@ -144,7 +144,8 @@ def sample_on_worker(share: RasterShare, params: SegmentationParams, value_range
     """One raster's share of the fit's sample on a Dask worker with that worker's model, tried once more after
     a failure."""
     load = get_worker().plugins[PLUGIN_NAME].load
-    sample, error, _ = with_retry(lambda: sample_raster(share, params, value_ranges, load), share.path)
+    sample, error, _ = with_retry(
+        lambda: sample_raster(share, params, value_ranges, feature_extractor(params, load)), share.path)
     return sample, error
 
 

@@ -35,7 +35,7 @@ from .core.errors import Cancelled, InputError, TreesegError
 from .core.feature_grid import FeatureGrid
 from .core.features import tiles_per_batch
 from .core.progress import Progress
-from .core.segmentation import PCA_TILES, fit_clustering, sample_raw_features
+from .core.segmentation import PCA_TILES, TileFeatureExtractor, fit_clustering, sample_raw_features
 from .core.survey_model import SETTINGS, SUFFIX, SurveyModel, scaling_kind
 from .core.tiling import TileGrid
 from .gis.merge import merge_polygons
@@ -132,7 +132,7 @@ def fit_survey(inputs: Sequence[str], params: SegmentationParams, out_path: str 
 
         results = sample_on_dask(cluster, shares, params, value_ranges, sampling)
     else:
-        results = _sample_here(shares, params, value_ranges, _memoised(load_model or load_model_for), sampling)
+        results = _sample_here(shares, params, value_ranges, feature_extractor(params, load_model), sampling)
     samples: list[RasterSample] = []
     fitted_inputs = []
     for share, (sample, error) in zip(shares, results):
@@ -184,9 +184,8 @@ class RasterSample:
 
 
 def sample_raster(share: RasterShare, params: SegmentationParams, value_ranges: dict[int, tuple[float, float]],
-                  load_model: ModelLoader, progress: Progress | None = None) -> RasterSample:
+                  extractor: TileFeatureExtractor, progress: Progress | None = None) -> RasterSample:
     """A raster's share of the survey's cluster sample, read with the survey's stretch (`value_ranges`)."""
-    extractor = feature_extractor(params, load_model)
     cells_per_tile = (params.tile_size // params.stride) ** 2
     tiles = min(PCA_TILES, max(1, math.ceil(4 * share.count / cells_per_tile)))
     with GdalRasterSource(share.path, params.bands, value_ranges) as source:
@@ -199,13 +198,14 @@ def sample_raster(share: RasterShare, params: SegmentationParams, value_ranges: 
 
 
 def _sample_here(shares: Sequence[RasterShare], params: SegmentationParams,
-                 value_ranges: dict[int, tuple[float, float]], load_model: ModelLoader,
+                 value_ranges: dict[int, tuple[float, float]], extractor: TileFeatureExtractor,
                  progress: Progress) -> list[tuple[RasterSample | None, str | None]]:
-    """Every raster's share in this process, one after the other: (its sample, None) or (None, its error)."""
+    """Every raster's share in this process, one after the other, with one extractor: (its sample, None) or
+    (None, its error)."""
     results = []
     for number, share in enumerate(shares):
         step = progress.sub(number / len(shares), (number + 1) / len(shares))
-        sample, error, _ = with_retry(partial(sample_raster, share, params, value_ranges, load_model, step),
+        sample, error, _ = with_retry(partial(sample_raster, share, params, value_ranges, extractor, step),
                                       share.path)
         results.append((sample, error))
     return results
