@@ -151,8 +151,9 @@ def test_a_raster_extracted_in_windows_segments_from_their_store_like_one_run(su
 
 def test_segment_many_on_two_dask_workers_matches_one_process_and_reports_a_corrupt_raster(
         tmp_path, tiny_model_dir, capsys):
-    """On two workers each raster of 24 tiles is split into 3 windows of 8 tiles (whole batches of 4): the same
-    bytes as one process; the truncated raster opens, but its windows cannot be read: tried twice, reported."""
+    """On two workers the fit samples each raster as one task and each raster of 24 tiles is split into 3 windows
+    of 8 tiles (whole batches of 4): the same cluster model and bytes as one process; the truncated raster
+    opens, but its windows cannot be read: tried twice, reported."""
     good = [scene(tmp_path / "a.tif", seed=3), scene(tmp_path / "b.tif", seed=4, centres=((100, 100),))]
     corrupt = scene(tmp_path / "c.tif", seed=5)
     corrupt.write_bytes(corrupt.read_bytes()[:150_000])
@@ -163,6 +164,7 @@ def test_segment_many_on_two_dask_workers_matches_one_process_and_reports_a_corr
                        "--cache-dir", str(tmp_path / f"cache{workers}"), "--window-tiles", "6", *common])
         assert status == EXIT_SOME_FAILED
     assert "1 of 3 rasters failed" in capsys.readouterr().err
+    assert model_contents(tmp_path / "w2" / "survey.treeseg") == model_contents(tmp_path / "w1" / "survey.treeseg")
     # No Dask scheduler, nanny or worker is left (multiprocessing's resource tracker lives as long as pytest).
     left = [cmdline(child) for child in psutil.Process().children(recursive=True)]
     assert not [line for line in left if "resource_tracker" not in line]
@@ -220,6 +222,12 @@ def test_ctrl_c_during_segment_many_on_dask_leaves_no_process_behind(survey, tmp
     assert not list((tmp_path / "out").glob(".*windows"))
 
 
+def model_contents(path) -> dict:
+    """Every array of a cluster model file (the header as text): PCA, centroids, K, tree rule, value ranges."""
+    with np.load(path) as data:
+        return {name: bytes(data[name]).decode() if name == "header" else data[name].tolist() for name in data}
+
+
 def cmdline(process: psutil.Process) -> str:
     try:
         return " ".join(process.cmdline())
@@ -230,12 +238,18 @@ def cmdline(process: psutil.Process) -> str:
 def test_segment_many_on_an_existing_dask_cluster_gives_the_same_labels(survey, tmp_path, tiny_model_dir):
     from distributed import LocalCluster
 
-    from treeseg_qgis.engine.survey import segment_many
+    from treeseg_qgis.engine.survey import segment_many, survey_cluster
 
     first, second, model = survey
     params = params_for(tiny_model_dir, "", tmp_path, tmp_path / "cache_here")
     here = segment_many([str(first), str(second)], params, tmp_path / "here", str(model))
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        # A sample small enough to be drawn at random: the cluster's draw is the one of this process.
+        sparse = replace(params, sample_size=300)
+        fit_survey([str(first), str(second)], sparse, tmp_path / "here.treeseg")
+        with survey_cluster(1, cluster.scheduler_address) as session:
+            fit_survey([str(first), str(second)], sparse, tmp_path / "there.treeseg", cluster=session)
+        assert model_contents(tmp_path / "there.treeseg") == model_contents(tmp_path / "here.treeseg")
         there = segment_many([str(first), str(second)], replace(params, cache_dir=str(tmp_path / "cache_there")),
                              tmp_path / "there", str(model), scheduler=cluster.scheduler_address)
     assert [row["status"] for row in there["rasters"]] == ["ok", "ok"] and there["legend"] == here["legend"]

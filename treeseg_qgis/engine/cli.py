@@ -144,22 +144,24 @@ def _survey_commands(commands: argparse._SubParsersAction) -> None:
     many.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     many.add_argument("--cluster-model", metavar="FILE",
                       help="apply this cluster model (its settings) instead of fitting one")
-    where = many.add_mutually_exclusive_group()
-    where.add_argument("--workers", type=int, default=1, metavar="N",
-                       help="rasters on a local Dask cluster of N worker processes (default 1: in this process)")
-    where.add_argument("--scheduler", metavar="ADDRESS",
-                       help="rasters on an existing Dask cluster, e.g. tcp://10.0.0.5:8786")
     many.add_argument("--window-tiles", type=int, default=WINDOW_TILES, metavar="N",
                       help="on Dask, split a raster of more than N tiles into windows of about N tiles whose "
                       f"features are extracted on several workers (default {WINDOW_TILES}; 0: never split)")
     for command in (fit, many):
+        where = command.add_mutually_exclusive_group()
+        where.add_argument("--workers", type=int, default=1, metavar="N",
+                           help="rasters on a local Dask cluster of N worker processes (default 1: in this process)")
+        where.add_argument("--scheduler", metavar="ADDRESS",
+                           help="rasters on an existing Dask cluster, e.g. tcp://10.0.0.5:8786")
         _model_options(command)
         command.add_argument("--quiet", action="store_true", help="print only errors and the results")
 
 
 def _survey_params(args: argparse.Namespace, out_dir: str) -> SegmentationParams:
     """The parameters shared by every raster of a `fit` or `segment-many` run, validated (on the first input;
-    each raster's run sets its own)."""
+    each raster's run sets its own), the number of workers too."""
+    if args.workers < 1:
+        raise InputError(f"--workers must be at least 1, not {args.workers}.")
     params = SegmentationParams(input_path=args.inputs[0], output_dir=out_dir, stride=args.stride or STRIDES[0],
                                 **_model_settings(args))
     params.validate()
@@ -167,9 +169,11 @@ def _survey_params(args: argparse.Namespace, out_dir: str) -> SegmentationParams
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from .survey import fit_survey
+    from .survey import fit_survey, survey_cluster
 
-    model = fit_survey(args.inputs, _survey_params(args, "."), args.out, _progress(args))
+    params = _survey_params(args, ".")
+    with survey_cluster(args.workers, args.scheduler) as cluster:
+        model = fit_survey(args.inputs, params, args.out, _progress(args), cluster=cluster)
     header = model.header()
     print(f"K={header['k']}{' (auto)' if header['automatic_k'] else ''}, tree clusters {header['tree_clusters']}, "
           f"{sum(item['samples'] for item in header['inputs'])} samples from {len(header['inputs'])} rasters")
@@ -180,8 +184,6 @@ def _fit(args: argparse.Namespace) -> int:
 def _segment_many(args: argparse.Namespace) -> int:
     from .survey import segment_many
 
-    if args.workers < 1:
-        raise InputError(f"--workers must be at least 1, not {args.workers}.")
     if args.window_tiles < 0:
         raise InputError(f"--window-tiles must be 0 (never split) or more, not {args.window_tiles}.")
     summary = segment_many(args.inputs, _survey_params(args, args.out), args.out, args.cluster_model,

@@ -1,8 +1,10 @@
 """The rasters of a survey on Dask distributed: a LocalCluster of N processes, or an existing cluster.
 
-Each Dask worker loads the model once (`ModelPlugin`, a worker plugin) and segments one raster per
-task with `pipeline.segment`, exactly as a single process would (survey.run_job: a failed raster is
-tried once more, then reported while the others finish). A raster of more than `window_tiles` tiles is
+One cluster (`dask_session`) serves a survey's fit and its rasters. Each Dask worker loads the model
+once (`ModelPlugin`, a worker plugin); the fit samples each raster's share as one task (survey.sample_raster,
+tried once more after a failure), then each worker segments one raster per task with `pipeline.segment`,
+exactly as a single process would (survey.run_job: a failed raster is tried once more, then reported while
+the others finish). A raster of more than `window_tiles` tiles is
 split into windows of tiles (survey.window_ranges): each window is a task that extracts its tiles'
 features on its worker and writes them into the raster's one staged feature store in the output folder
 (which the workers must therefore share); once every window is in, this process completes the store and
@@ -18,8 +20,8 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -31,8 +33,18 @@ from .core.errors import TreesegError
 from .core.models import Backbone
 from .core.progress import Progress
 from .core.store import FeatureStore
-from .pipeline import extract_window, load_model_for
-from .survey import ATTEMPTS, RasterJob, RasterOutcome, run_job, window_ranges, with_retry
+from .pipeline import extract_window, feature_extractor, load_model_for
+from .survey import (
+    ATTEMPTS,
+    RasterJob,
+    RasterOutcome,
+    RasterSample,
+    RasterShare,
+    run_job,
+    sample_raster,
+    window_ranges,
+    with_retry,
+)
 
 PLUGIN_NAME = "treeseg-model"
 POLL_S = 0.5
@@ -102,14 +114,20 @@ def extract_window_on_worker(job: RasterJob, window: range, folder: str) -> Wind
     return WindowOutcome(part, error)
 
 
-def run_on_dask(jobs: Sequence[RasterJob], workers: int, scheduler: str | None, progress: Progress,
-                window_tiles: int) -> list[RasterOutcome]:
-    """Every job on the cluster at `scheduler`, or on a LocalCluster of `workers` processes; a raster of more
-    than `window_tiles` tiles in windows."""
-    with ExitStack() as stack:
-        windowed = {index: WindowedRaster(job, windows, _staged_store(job))
-                    for index, job in enumerate(jobs) if (windows := window_ranges(job, window_tiles))}
-        stack.callback(_remove_staged_stores, list(windowed.values()))  # after the cluster has closed
+@dataclass
+class DaskSession:
+    """A client of a Dask cluster whose workers hold the model (`ModelPlugin`), and what to do once the cluster
+    has closed."""
+
+    client: Client
+    after_close: ExitStack
+
+
+@contextmanager
+def dask_session(workers: int, scheduler: str | None) -> Iterator[DaskSession]:
+    """The cluster at `scheduler`, or a LocalCluster of `workers` processes, closed (its worker processes
+    ended) when the block ends, fails or is stopped."""
+    with ExitStack() as after_close, ExitStack() as stack:
         if scheduler:
             client = stack.enter_context(Client(scheduler, timeout="30s"))
         else:
@@ -118,7 +136,50 @@ def run_on_dask(jobs: Sequence[RasterJob], workers: int, scheduler: str | None, 
                 silence_logs=logging.ERROR))
             client = stack.enter_context(Client(cluster))
         client.register_plugin(ModelPlugin())
-        return _run(client, jobs, windowed, progress)
+        yield DaskSession(client, after_close)
+
+
+def sample_on_worker(share: RasterShare, params: SegmentationParams, value_ranges: dict[int, tuple[float, float]]
+                     ) -> tuple[RasterSample | None, str | None]:
+    """One raster's share of the fit's sample on a Dask worker with that worker's model, tried once more after
+    a failure."""
+    load = get_worker().plugins[PLUGIN_NAME].load
+    sample, error, _ = with_retry(
+        lambda: sample_raster(share, params, value_ranges, feature_extractor(params, load)), share.path)
+    return sample, error
+
+
+def sample_on_dask(session: DaskSession, shares: Sequence[RasterShare], params: SegmentationParams,
+                   value_ranges: dict[int, tuple[float, float]], progress: Progress
+                   ) -> list[tuple[RasterSample | None, str | None]]:
+    """Every raster's share of the fit's sample as one task on the cluster: (its sample, None) or (None, its
+    error), in the order of `shares`."""
+    client = session.client
+    tasks = {client.submit(sample_on_worker, share, params, value_ranges, pure=False,
+                           key=f"treeseg-sample-{share.index}-{Path(share.path).name}"): number
+             for number, share in enumerate(shares)}
+    results: dict[int, tuple[RasterSample | None, str | None]] = {}
+    try:
+        pending = as_completed(list(tasks))
+        while not pending.is_empty():
+            progress.check()
+            for future in pending.next_batch(block=False) or _wait(pending):
+                results[tasks[future]] = future.result() if future.status == "finished" else (None, _error(future))
+                progress.report(len(results) / len(shares),
+                                f"Sampled {len(results)} of {len(shares)} rasters on the cluster")
+    except BaseException:
+        client.cancel(list(tasks))
+        raise
+    return [results[number] for number in range(len(shares))]
+
+
+def run_on_dask(jobs: Sequence[RasterJob], session: DaskSession, progress: Progress,
+                window_tiles: int) -> list[RasterOutcome]:
+    """Every job on the session's cluster, a raster of more than `window_tiles` tiles in windows."""
+    windowed = {index: WindowedRaster(job, windows, _staged_store(job))
+                for index, job in enumerate(jobs) if (windows := window_ranges(job, window_tiles))}
+    session.after_close.callback(_remove_staged_stores, list(windowed.values()))
+    return _run(session.client, jobs, windowed, progress)
 
 
 def _run(client: Client, jobs: Sequence[RasterJob], windowed: dict[int, WindowedRaster],

@@ -2,7 +2,8 @@
 
 A survey has one value scaling: `fit_survey` measures a non-Byte survey's percentile stretch over all its
 inputs (a bounded value sample weighted by valid area), reads every input with it and stores it in the model.
-`fit_survey` draws a bounded feature sample from every input, proportional to its valid area, fits the
+`fit_survey` draws a bounded feature sample from every input, proportional to its valid area (`sample_raster`,
+each raster with its own generator, so here or as one Dask task per raster gives the same sample), fits the
 PCA and the clusters on it and writes a `.treeseg` file (core/survey_model.py). `segment_many` fits
 (unless a model is given), runs `pipeline.segment` with that model on every input, here one after the
 other or on Dask (dask_runner.py, where a raster of more than `window_tiles` tiles is split into windows of
@@ -19,9 +20,11 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -32,12 +35,15 @@ from .core.errors import Cancelled, InputError, TreesegError
 from .core.feature_grid import FeatureGrid
 from .core.features import tiles_per_batch
 from .core.progress import Progress
-from .core.segmentation import PCA_TILES, fit_clustering, sample_raw_features
+from .core.segmentation import PCA_TILES, TileFeatureExtractor, fit_clustering, sample_raw_features
 from .core.survey_model import SETTINGS, SUFFIX, SurveyModel, scaling_kind
 from .core.tiling import TileGrid
 from .gis.merge import merge_polygons
 from .gis.raster import GdalRasterSource, limit_block_cache, stretch_limits
 from .pipeline import ModelLoader, feature_extractor, load_model_for, segment, validate_params
+
+if TYPE_CHECKING:
+    from .dask_runner import DaskSession
 
 log = logging.getLogger("treeseg")
 Result = TypeVar("Result")
@@ -77,12 +83,13 @@ class RasterOutcome:
 
 def fit_survey(inputs: Sequence[str], params: SegmentationParams, out_path: str | Path,
                progress: Progress | None = None, load_model: ModelLoader | None = None,
-               failures: dict[str, str] | None = None) -> SurveyModel:
+               failures: dict[str, str] | None = None, cluster: DaskSession | None = None) -> SurveyModel:
     """Fit one cluster model on a sample of all `inputs` (proportional to valid area) and save it.
 
     Every input is read with the survey's value scaling (one stretch for all, stored in the model). A
     raster that cannot be read is left out and reported in `failures` (path → reason) when given;
-    without `failures` it stops the fit. The parameters' input is not read: `inputs` are.
+    without `failures` it stops the fit. The parameters' input is not read: `inputs` are. The rasters' features
+    are sampled on `cluster` when given (one task per raster, the same model as here), else in this process.
     """
     if not inputs:
         raise InputError("Give the rasters to fit the cluster model on.")
@@ -117,46 +124,91 @@ def fit_survey(inputs: Sequence[str], params: SegmentationParams, out_path: str 
     if total == 0:
         raise InputError("None of the rasters has valid pixels to fit a cluster model on.")
     value_ranges = {number: _weighted_limits(samples) for number, samples in values.items()}
-    extractor = feature_extractor(params, load_model)
-    rng = np.random.default_rng(params.seed)
-    raw: list[np.ndarray] = []
-    exg: list[np.ndarray] = []
+    shares = [RasterShare(path, index, math.ceil(params.sample_size * area / total))
+              for index, (path, area) in enumerate(areas.items()) if area]
+    sampling = progress.sub(0.1, 0.9)
+    if cluster is not None:
+        from .dask_runner import sample_on_dask
+
+        results = sample_on_dask(cluster, shares, params, value_ranges, sampling)
+    else:
+        results = _sample_here(shares, params, value_ranges, feature_extractor(params, load_model), sampling)
+    samples: list[RasterSample] = []
     fitted_inputs = []
-    cells_per_tile = (params.tile_size // params.stride) ** 2
-    for index, (path, area) in enumerate(areas.items()):
-        count = math.ceil(params.sample_size * area / total) if area else 0
-        if count == 0:
+    for share, (sample, error) in zip(shares, results):
+        if sample is None:
+            if failures is None:
+                raise InputError(error)
+            failures[share.path] = error
+            log.warning("Left out of the fit: %s", error)
             continue
-        tiles = min(PCA_TILES, max(1, math.ceil(4 * count / cells_per_tile)))
-        step = progress.sub(0.1 + 0.8 * index / len(areas), 0.1 + 0.8 * (index + 1) / len(areas))
-        with GdalRasterSource(path, params.bands, value_ranges) as source:
-            scaling = source.scaling
-            grid = FeatureGrid.of_extractor(TileGrid(source.width, source.height, params.tile_size, params.overlap),
-                                            extractor)
-            try:
-                features, cell_exg = sample_raw_features(source, extractor, grid, tiles, count, rng, step)
-            except InputError as error:
-                if failures is None:
-                    raise
-                failures[path] = str(error)
-                log.warning("Left out of the fit: %s", error)
-                continue
-        raw.append(features)
-        exg.append(cell_exg)
-        fitted_inputs.append({"path": str(path), "valid_pixels": area, "samples": int(features.shape[0])})
-    if not raw:
+        samples.append(sample)
+        fitted_inputs.append({"path": str(share.path), "valid_pixels": areas[share.path],
+                              "samples": int(sample.features.shape[0])})
+    if not samples:
         raise InputError("No raster could give features to fit a cluster model on: " + "; ".join(failures.values()))
     progress.report(0.9, "Fitting the survey's clusters")
-    stacked = np.concatenate(raw)
+    stacked = np.concatenate([sample.features for sample in samples])
     projection = Projection(stacked, params.pca_dims, params.seed)
     projected = projection.project(stacked)
-    fit = fit_clustering(projected, np.concatenate(exg), params)
+    fit = fit_clustering(projected, np.concatenate([sample.exg for sample in samples]), params)
     settings = {name: getattr(params, name) for name in SETTINGS}
     settings["bands"] = list(params.bands)
-    model = SurveyModel(projection, fit, settings, extractor.describe(), scaling, value_ranges, fitted_inputs)
+    extractor = next((sample.extractor for sample in samples if "fell_back_to_cpu" in sample.extractor),
+                     samples[-1].extractor)
+    model = SurveyModel(projection, fit, settings, extractor, samples[-1].scaling, value_ranges, fitted_inputs)
     model.save(out_path)
     progress.report(1.0, "Cluster model written")
     return model
+
+
+@dataclass
+class RasterShare:
+    """One raster's share of a survey's cluster sample: `count` features, drawn with the raster's own generator
+    (seeded with the survey's seed and `index`, so where and in what order the rasters are sampled does not
+    matter)."""
+
+    path: str
+    index: int
+    count: int
+
+
+@dataclass
+class RasterSample:
+    """One raster's raw features for the survey's fit, their ExG, what made them and the raster's scaling."""
+
+    features: np.ndarray
+    exg: np.ndarray
+    extractor: dict
+    scaling: str
+
+
+def sample_raster(share: RasterShare, params: SegmentationParams, value_ranges: dict[int, tuple[float, float]],
+                  extractor: TileFeatureExtractor, progress: Progress | None = None) -> RasterSample:
+    """A raster's share of the survey's cluster sample, read with the survey's stretch (`value_ranges`)."""
+    cells_per_tile = (params.tile_size // params.stride) ** 2
+    tiles = min(PCA_TILES, max(1, math.ceil(4 * share.count / cells_per_tile)))
+    with GdalRasterSource(share.path, params.bands, value_ranges) as source:
+        grid = FeatureGrid.of_extractor(TileGrid(source.width, source.height, params.tile_size, params.overlap),
+                                        extractor)
+        features, exg = sample_raw_features(source, extractor, grid, tiles, share.count,
+                                            np.random.default_rng([params.seed, share.index]),
+                                            progress or Progress())
+        return RasterSample(features, exg, extractor.describe(), source.scaling)
+
+
+def _sample_here(shares: Sequence[RasterShare], params: SegmentationParams,
+                 value_ranges: dict[int, tuple[float, float]], extractor: TileFeatureExtractor,
+                 progress: Progress) -> list[tuple[RasterSample | None, str | None]]:
+    """Every raster's share in this process, one after the other, with one extractor: (its sample, None) or
+    (None, its error)."""
+    results = []
+    for number, share in enumerate(shares):
+        step = progress.sub(number / len(shares), (number + 1) / len(shares))
+        sample, error, _ = with_retry(partial(sample_raster, share, params, value_ranges, extractor, step),
+                                      share.path)
+        results.append((sample, error))
+    return results
 
 
 def _valid_pixels(source: GdalRasterSource, params: SegmentationParams) -> int:
@@ -261,6 +313,16 @@ def _memoised(load_model: ModelLoader) -> ModelLoader:
     return load
 
 
+def survey_cluster(workers: int, scheduler: str | None) -> AbstractContextManager[DaskSession | None]:
+    """The Dask cluster a survey runs on, open for its fit and its rasters: the one at `scheduler`, or a
+    LocalCluster of `workers` processes when there are more than one; else none (this process)."""
+    if workers > 1 or scheduler:
+        from .dask_runner import dask_session
+
+        return dask_session(workers, scheduler)
+    return nullcontext()
+
+
 def segment_many(
     inputs: Sequence[str],
     params: SegmentationParams,
@@ -274,9 +336,9 @@ def segment_many(
 ) -> dict:
     """Fit (unless `cluster_model` is given) and apply one cluster model to every input; the survey summary.
 
-    `workers` > 1 runs the rasters on a Dask LocalCluster of that many processes, `scheduler` on an
-    existing Dask cluster, there splitting a raster of more than `window_tiles` tiles (0: none) into windows;
-    otherwise they run here one after the other.
+    `workers` > 1 runs the fit's sampling and the rasters on a Dask LocalCluster of that many processes (started
+    once), `scheduler` on an existing Dask cluster, there splitting a raster of more than `window_tiles` tiles
+    (0: none) into windows; otherwise they run here one after the other.
     """
     if not inputs:
         raise InputError("Give at least one input raster.")
@@ -286,19 +348,20 @@ def segment_many(
     started = time.perf_counter()
     failures: dict[str, str] = {}
     model_path = Path(cluster_model) if cluster_model else out_dir / MODEL_NAME
-    if cluster_model:
-        model = SurveyModel.load(model_path)
-        params = replace(params, **model.run_settings())
-    else:
-        model = fit_survey(inputs, params, model_path, progress.sub(0.0, 0.3), load_model, failures)
-    jobs = raster_jobs(inputs, params, out_dir, model_path)
-    apply = progress.sub(0.0 if cluster_model else 0.3, 0.95)
-    if workers > 1 or scheduler:
-        from .dask_runner import run_on_dask
+    with survey_cluster(workers, scheduler) as cluster:
+        if cluster_model:
+            model = SurveyModel.load(model_path)
+            params = replace(params, **model.run_settings())
+        else:
+            model = fit_survey(inputs, params, model_path, progress.sub(0.0, 0.3), load_model, failures, cluster)
+        jobs = raster_jobs(inputs, params, out_dir, model_path)
+        apply = progress.sub(0.0 if cluster_model else 0.3, 0.95)
+        if cluster is not None:
+            from .dask_runner import run_on_dask
 
-        outcomes = run_on_dask(jobs, workers, scheduler, apply, window_tiles)
-    else:
-        outcomes = run_locally(jobs, apply, load_model)
+            outcomes = run_on_dask(jobs, cluster, apply, window_tiles)
+        else:
+            outcomes = run_locally(jobs, apply, load_model)
     progress.report(0.95, "Writing the survey summary")
     summary = _summary(model, model_path, outcomes, time.perf_counter() - started)
     _write_survey_outputs(out_dir, summary, outcomes)
