@@ -20,7 +20,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -159,17 +159,12 @@ def sample_on_dask(session: DaskSession, shares: Sequence[RasterShare], params: 
                            key=f"treeseg-sample-{share.index}-{Path(share.path).name}"): number
              for number, share in enumerate(shares)}
     results: dict[int, tuple[RasterSample | None, str | None]] = {}
-    try:
-        pending = as_completed(list(tasks))
-        while not pending.is_empty():
-            progress.check()
-            for future in pending.next_batch(block=False) or _wait(pending):
-                results[tasks[future]] = future.result() if future.status == "finished" else (None, _error(future))
-                progress.report(len(results) / len(shares),
-                                f"Sampled {len(results)} of {len(shares)} rasters on the cluster")
-    except BaseException:
-        client.cancel(list(tasks))
-        raise
+
+    def sampled(future: Future) -> None:
+        results[tasks[future]] = future.result() if future.status == "finished" else (None, _error(future))
+        progress.report(len(results) / len(shares), f"Sampled {len(results)} of {len(shares)} rasters on the cluster")
+
+    _collect(client, tasks, progress, sampled)
     return [results[number] for number in range(len(shares))]
 
 
@@ -198,27 +193,24 @@ def _run(client: Client, jobs: Sequence[RasterJob], windowed: dict[int, Windowed
     total = len(jobs) + sum(len(raster.windows) for raster in windowed.values())
     submitted = time.perf_counter()
     outcomes: dict[int, RasterOutcome] = {}
-    try:
-        pending = as_completed(list(tasks))
-        while not pending.is_empty():
-            progress.check()
-            for future in pending.next_batch(block=False) or _wait(pending):
-                index, number = tasks[future]
-                raster, seconds = windowed.get(index), time.perf_counter() - submitted
-                if number is None:
-                    outcomes[index] = _outcome(jobs[index], future, seconds, len(raster.windows) if raster else 0)
-                elif (last := _window_done(client, raster, number, future, seconds, outcomes, index)) is not None:
-                    tasks[last] = (index, None)
-                    pending.add(last)
-                if raster and index in outcomes:
-                    shutil.rmtree(raster.folder, ignore_errors=True)
-                windows = sum(len(raster.done) for raster in windowed.values())
-                progress.report((len(outcomes) + windows) / total,
-                                f"{len(outcomes)} of {len(jobs)} rasters done on the cluster"
-                                + (f" ({windows} of {total - len(jobs)} windows)" if windowed else ""))
-    except BaseException:
-        client.cancel(list(tasks))
-        raise
+
+    def finished(future: Future) -> Future | None:
+        index, number = tasks[future]
+        raster, seconds = windowed.get(index), time.perf_counter() - submitted
+        last = None
+        if number is None:
+            outcomes[index] = _outcome(jobs[index], future, seconds, len(raster.windows) if raster else 0)
+        elif (last := _window_done(client, raster, number, future, seconds, outcomes, index)) is not None:
+            tasks[last] = (index, None)
+        if raster and index in outcomes:
+            shutil.rmtree(raster.folder, ignore_errors=True)
+        windows = sum(len(raster.done) for raster in windowed.values())
+        progress.report((len(outcomes) + windows) / total,
+                        f"{len(outcomes)} of {len(jobs)} rasters done on the cluster"
+                        + (f" ({windows} of {total - len(jobs)} windows)" if windowed else ""))
+        return last
+
+    _collect(client, tasks, progress, finished)
     return [outcomes[index] for index in range(len(jobs))]
 
 
@@ -256,6 +248,22 @@ def _staged_store(job: RasterJob) -> Path:
 def _remove_staged_stores(rasters: Sequence[WindowedRaster]) -> None:
     for raster in rasters:
         shutil.rmtree(raster.folder, ignore_errors=True)
+
+
+def _collect(client: Client, tasks: dict[Future, object], progress: Progress,
+             finished: Callable[[Future], Future | None]) -> None:
+    """`finished(future)` for each task as it ends (a task it returns, already in `tasks`, is waited for too); a
+    stop request is seen within POLL_S; on a stop or any error every task in `tasks` is cancelled."""
+    try:
+        pending = as_completed(list(tasks))
+        while not pending.is_empty():
+            progress.check()
+            for future in pending.next_batch(block=False) or _wait(pending):
+                if (follow_up := finished(future)) is not None:
+                    pending.add(follow_up)
+    except BaseException:
+        client.cancel(list(tasks))
+        raise
 
 
 def _wait(pending: as_completed) -> list:
