@@ -1,14 +1,17 @@
 """The engine set-up dialog: make, repair or remove the engine's private environment, or choose an existing one.
 
 The commands come from engine_env; they run one after the other through QProcess, so QGIS stays
-responsive, their output shows live in the log and Cancel kills the running one. A new engine is built
-in a staging folder and moved into place only once it passed its check, so a failed or cancelled attempt
-leaves the engine in use as it was. Nothing here imports torch.
+responsive, their output shows live in the log and Cancel kills the running one. The package indexes are
+probed before pip (an unreachable torch index is a choice: go on without it, or stop to fix it). A new engine
+is built in a staging folder and moved into place only once it passed its check, so a failed or cancelled
+attempt leaves the engine in use as it was; its staging folder is set aside at once and deleted in the
+background. Folders left by a set-up that was killed are offered for deletion. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from collections.abc import Callable
 from pathlib import Path
@@ -46,15 +49,41 @@ INTRO = (
 )
 ERROR_STYLE = "color: #b00020;"
 LOG_LINES = 5000
-# The share of the progress bar each step of a set-up plan takes (venv, pins, pip, check, swap).
-STEP_WEIGHTS = (5, 2, 75, 15, 3)
+# The share of the progress bar each kind of step of a set-up plan takes.
+STEP_WEIGHTS = {engine_env.VENV: 5, engine_env.PROBE: 2, engine_env.PINS: 1, engine_env.PIP: 74,
+                engine_env.CHECK: 15, engine_env.SWAP: 3}
 PROGRESS_RANGE = 1000
-PIP_STEP = 2
+# How often the install's progress is read from the new environment while pip installs (it prints nothing then).
+INSTALL_POLL_MS = 1000
+# Staging folders of failed set-ups being deleted in the background: they outlive the dialog that set them aside.
+_DISCARDING: dict[Path, QgsTask] = {}
 
 
 def command_text(command: tuple[str, ...]) -> str:
     """A command line for the log, with an inline script shown as '…'."""
     return shlex.join("…" if "\n" in part or part.startswith("{") else part for part in command)
+
+
+def plain_requirement(requirement: str) -> str:
+    """'torch==2.13.0' as 'torch 2.13.0'."""
+    return re.sub(r"\s*==\s*", " ", requirement.strip())
+
+
+def discard(folder: Path) -> None:
+    """Set a staging folder aside at once (old-…) and delete it in the background; nothing waits for it. When it
+    cannot even be renamed it stays, and the next dialog offers it for deletion."""
+    try:
+        aside = engine_env.set_aside(folder)
+    except (OSError, engine_env.EngineEnvError):
+        return
+
+    def delete(task: QgsTask) -> None:
+        engine_env.remove_environment(aside)
+
+    task = QgsTask.fromFunction("TreeSeg: deleting a half-made engine", delete,
+                                on_finished=lambda *result: _DISCARDING.pop(aside, None))
+    _DISCARDING[aside] = task
+    QgsApplication.taskManager().addTask(task)
 
 
 class EngineSetupDialog(QDialog):
@@ -83,6 +112,7 @@ class EngineSetupDialog(QDialog):
         self._pip = engine_env.PipProgress()
         self._remove_task: QgsTask | None = None
         self._gpu_process: QProcess | None = None
+        self._install_timer = 0
         try:
             self.requirements = engine_env.engine_requirements()
             self.base_python: str | None = engine_env.find_base_python()
@@ -92,11 +122,11 @@ class EngineSetupDialog(QDialog):
             self.base_python, self.base_problem = None, str(problem)
         self._build()
         self._detect_gpus()
+        self._offer_leftovers()
         self._update_state()
-        engine = self.private_engine()
-        if engine is not None and set(engine.requirements) == set(self.requirements):
-            self._show_status(f"Ready: {engine.folder.name} was made for exactly these packages, so it is used as it "
-                              f"is (a plugin update with the same pins downloads nothing).")
+        if self._current_engine() is not None:
+            self._show_status(f"Ready: {self.private_engine().folder.name} was made for exactly these package "
+                              f"versions, so it is used as it is (a plugin update that keeps them downloads nothing).")
 
     @property
     def running(self) -> bool:
@@ -106,6 +136,16 @@ class EngineSetupDialog(QDialog):
     def private_engine(self) -> engine_env.Engine | None:
         """The ready private engine in use (one made for these requirements first), or None."""
         return engine_env.engine_in_use(self.engines_root, self.requirements)
+
+    def _current_engine(self) -> engine_env.Engine | None:
+        """The private engine when it was made for exactly these requirements (nothing to install), else None."""
+        engine = self.private_engine()
+        return engine if engine is not None and set(engine.requirements) == set(self.requirements) else None
+
+    def retry_button(self) -> str:
+        """The button that tries a set-up again, as failure messages name it: Repair once the current engine
+        exists, Install otherwise (Repair is disabled without an engine)."""
+        return "Repair" if self._current_engine() is not None else "Install"
 
     def _build(self) -> None:
         intro = QLabel(INTRO)
@@ -124,10 +164,19 @@ class EngineSetupDialog(QDialog):
         self.gpu_label = QLabel("Looking for an NVIDIA GPU…")
         self.gpu_label.setWordWrap(True)
         self.torch_index = QLineEdit(engine_env.default_torch_index(engine_env.CPU))
-        self.torch_index.setToolTip("Added to your pip indexes for torch's CPU or CUDA build; empty for none "
-                                    "(e.g. when your organisation's mirror has torch).")
-        self.packages_label = QLabel(f"TreeSeg {__version__} pins " + ", ".join(self.requirements))
+        self.torch_index.setToolTip("Added to your pip indexes for torch's CPU or CUDA build. Empty for none, "
+                                    "when your organisation's mirror has torch: on Linux the CPU engine then asks "
+                                    "it for torch's CPU build (a version ending in +cpu), never PyPI's CUDA one.")
+        self.packages_label = QLabel(", ".join(map(plain_requirement, self.requirements))
+                                     + f": the versions TreeSeg {__version__} was tested with")
         self.packages_label.setWordWrap(True)
+        self.leftover_label = QLabel()
+        self.leftover_label.setWordWrap(True)
+        self.leftover_button = QPushButton("Delete")
+        self.leftover_button.setToolTip("Delete these folders (in the background).")
+        self.leftover_row = QWidget()
+        self.leftover_row.setLayout(hbox((self.leftover_label, 1), self.leftover_button))
+        self.leftover_row.setVisible(False)
         self.engine_label = QLabel()
         self.engine_label.setWordWrap(True)
         self.engine_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
@@ -177,13 +226,14 @@ class EngineSetupDialog(QDialog):
         form.addRow("Engine in use", self.engine_label)
         buttons = hbox(self.install_button, self.repair_button, self.remove_button, self.cancel_button)
         close_box = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
-        self.setLayout(vbox(intro, form, buttons, self.progress_bar, self.status_label, help_label,
+        self.setLayout(vbox(intro, form, self.leftover_row, buttons, self.progress_bar, self.status_label, help_label,
                             (self.log, 1), advanced, close_box))
         self.resize(780, 640)
 
         self.install_button.clicked.connect(self.install)
         self.repair_button.clicked.connect(self.install)
         self.remove_button.clicked.connect(self.remove)
+        self.leftover_button.clicked.connect(self.remove_leftovers)
         self.cancel_button.clicked.connect(self.cancel)
         self.use_python_button.clicked.connect(self.use_existing_python)
         self.python_widget.fileChanged.connect(self._update_state)
@@ -220,7 +270,8 @@ class EngineSetupDialog(QDialog):
             self.engine_ready.emit(python)
 
         self.plan = None
-        self._run([engine_env.Step(f"Checking {python}", engine_env.check_command(python))], use_it)
+        self._run([engine_env.Step(f"Checking {python}", engine_env.check_command(python), engine_env.CHECK)],
+                  use_it)
 
     def remove(self) -> None:
         """After confirmation, delete the private engine in use (in a background task)."""
@@ -234,6 +285,14 @@ class EngineSetupDialog(QDialog):
             return
         self.stop_engine_requested.emit()
         self._remove_folders([engine.folder], f"Removed {engine.folder}.", self.engine_removed.emit)
+
+    def remove_leftovers(self) -> None:
+        """Delete the folders a killed set-up left (in a background task)."""
+        folders = [folder for folder in engine_env.leftover_folders(self.engines_root) if folder not in _DISCARDING]
+        if self.running or not folders:
+            return
+        self.leftover_row.setVisible(False)
+        self._remove_folders(folders, f"Deleted {', '.join(folder.name for folder in folders)}.")
 
     def cancel(self) -> None:
         """Stop the running command; the steps after it do not run. The swap (a rename) is not cancelled."""
@@ -260,10 +319,11 @@ class EngineSetupDialog(QDialog):
         self._finish(f"The engine is ready: {python}. TreeSeg uses it from now on.")
         self.engine_ready.emit(python)
         old = sorted(folder for folder in self.engines_root.iterdir() if folder.is_dir() and folder != new
-                     and folder.name.startswith(("engine-", "staging-", "old-")))
+                     and folder not in _DISCARDING and folder.name.startswith(("engine-", "staging-", "old-")))
         if old and QMessageBox.question(
                 self, "Remove the old TreeSeg engines",
-                "These engines (made for other package versions, by an earlier plugin, or left half-made) are no "
+                "These engines (made for other package versions or another Python, by an earlier plugin, or left "
+                "half-made) are no "
                 "longer used:\n"
                 + "\n".join(str(folder) for folder in old) + "\nDelete them?",
                 QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
@@ -283,13 +343,14 @@ class EngineSetupDialog(QDialog):
         self._step_index = index
         self._step_log = ""
         self._pip = engine_env.PipProgress()
+        self._stop_install_timer()
         self._show_progress(0.0)
         self._show_status(f"Step {index + 1} of {len(self._steps)}: {step.title}…")
         self._append(f"== {step.title}\n$ {command_text(step.command)}\n")
         if step.swaps_engine and self.plan is not None and self.plan.target.exists():
             self.stop_engine_requested.emit()
         environment = QProcessEnvironment()
-        for name, value in engine_env.process_environment(os.environ).items():
+        for name, value in engine_env.command_environment(step.command, os.environ).items():
             environment.insert(name, value)
         process = QProcess(self)
         process.setProcessChannelMode(QProcess.ProcessChannelMode.MergedChannels)
@@ -307,31 +368,52 @@ class EngineSetupDialog(QDialog):
         text = bytes(self.process.readAllStandardOutput()).decode("utf-8", errors="replace")
         self._step_log += text
         self._append(text)
-        if self.plan is not None and self._step_index == PIP_STEP:
+        if self.plan is not None and self._steps[self._step_index].kind == engine_env.PIP:
             self._pip.feed(text)
-            self._show_progress(self._pip.fraction())
-            self._show_status(f"Step {PIP_STEP + 1} of {len(self._steps)}: pip: {self._pip.describe()}…")
+            if self._pip.installing and not self._install_timer:
+                self._install_timer = self.startTimer(INSTALL_POLL_MS)
+            self._show_pip_progress()
+
+    def timerEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        """While pip installs (it prints nothing then), count the packages already in the new environment."""
+        if event.timerId() != self._install_timer or self.plan is None:
+            return super().timerEvent(event)
+        self._pip.count_installed(self.plan.staging)
+        self._show_pip_progress()
+
+    def _show_pip_progress(self) -> None:
+        self._show_progress(self._pip.fraction())
+        self._show_status(f"Step {self._step_index + 1} of {len(self._steps)}: pip: {self._pip.describe()}…")
+
+    def _stop_install_timer(self) -> None:
+        if self._install_timer:
+            self.killTimer(self._install_timer)
+            self._install_timer = 0
 
     def _show_progress(self, fraction_of_step: float) -> None:
         """The bar over the whole plan: the finished steps' shares and `fraction_of_step` of this one's."""
-        if self.plan is None:
-            self.progress_bar.setValue(int(PROGRESS_RANGE * (self._step_index + fraction_of_step) / len(self._steps)))
-            return
-        done = sum(STEP_WEIGHTS[:self._step_index]) + STEP_WEIGHTS[self._step_index] * fraction_of_step
-        self.progress_bar.setValue(int(PROGRESS_RANGE * done / sum(STEP_WEIGHTS)))
+        weights = [STEP_WEIGHTS.get(step.kind, 1) for step in self._steps]
+        done = sum(weights[:self._step_index]) + weights[self._step_index] * fraction_of_step
+        self.progress_bar.setValue(int(PROGRESS_RANGE * done / sum(weights)))
 
     def _step_finished(self, exit_code: int, exit_status: QProcess.ExitStatus) -> None:
         self._read_output()
         process, self.process = self.process, None
         if process is not None:
             process.deleteLater()
+        self._stop_install_timer()
         step = self._steps[self._step_index]
+        normal = exit_status == QProcess.ExitStatus.NormalExit
         if self._cancelled:
             self._failed("Cancelled.")
-        elif exit_status != QProcess.ExitStatus.NormalExit or exit_code != 0:
-            reason = f"exit code {exit_code}" if exit_status == QProcess.ExitStatus.NormalExit else "it crashed"
-            cause = engine_env.explain_pip_failure(self._step_log) if self._step_index == PIP_STEP and self.plan \
-                else "The log says why."
+        elif normal and step.kind == engine_env.PROBE and exit_code == engine_env.PROBE_INDEX_UNREACHABLE:
+            self._failed(engine_env.unreachable_message(engine_env.read_probe(self._step_log), self.retry_button()))
+        elif normal and step.kind == engine_env.PROBE and exit_code == engine_env.PROBE_TORCH_UNREACHABLE:
+            self._torch_index_unreachable(engine_env.read_probe(self._step_log))
+        elif not normal or exit_code != 0:
+            reason = f"exit code {exit_code}" if normal else "it crashed"
+            cause = engine_env.explain_pip_failure(self._step_log, self.retry_button()) \
+                if step.kind == engine_env.PIP and self.plan else "The log says why."
             self._failed(f"{step.title} failed ({reason}). {cause}")
         elif self._step_index + 1 < len(self._steps):
             self._start_step(self._step_index + 1)
@@ -340,19 +422,43 @@ class EngineSetupDialog(QDialog):
             self._steps = []
             self._on_success()
 
+    def _torch_index_unreachable(self, checks: list[engine_env.IndexCheck]) -> None:
+        """Only the torch index did not answer: go on without it (the rest of the plan made again without it,
+        same staging folder), or stop to fix it."""
+        build = self.build_combo.currentData()
+        torch_pin = next((requirement for requirement in engine_env.pip_requirements(self.requirements, build)
+                          if requirement.lower().startswith("torch")), "torch")
+        box = QMessageBox(QMessageBox.Icon.Question, "TreeSeg: the torch index does not answer",
+                          engine_env.torch_index_choice(checks, torch_pin), QMessageBox.StandardButton.NoButton, self)
+        go_on = box.addButton("Go on without it", QMessageBox.ButtonRole.AcceptRole)
+        box.addButton("Stop", QMessageBox.ButtonRole.RejectRole)
+        box.exec()
+        if box.clickedButton() is not go_on or self.plan is None or self._cancelled:
+            self._failed(f"Stopped: the torch index could not be reached. Correct the torch index or empty it, "
+                         f"then {self.retry_button()}.")
+            return
+        self.torch_index.setText("")
+        self._append("== Going on without the torch index.\n")
+        self.plan = engine_env.install_plan(self.engines_root, self.base_python, build, "", self.requirements)
+        next_step = self._step_index + 1
+        self._steps = list(self.plan.steps)
+        self._start_step(next_step)
+
     def _failed(self, message: str) -> None:
-        """End a set-up that did not finish: the staging folder goes, the engine in use stays and is named."""
+        """End a set-up that did not finish: the engine in use stays and is named; the staging folder is set
+        aside at once and deleted in the background, so the message does not wait for it."""
         staging = self.plan.staging if self.plan is not None else None
         self.plan = None
+        self.progress_bar.setValue(0)
         if staging is None:
             self._finish(message, error=not message.startswith("Cancelled"))
             return
         engine = find_engine_python(QgsSettings().value(ENGINE_PYTHON_SETTING, "", type=str) or None)
         kept = f"Nothing was installed; the engine in use is still {engine}." if engine else \
             "Nothing was installed; there is no engine yet."
-        self._finish(f"{message} {kept}", error=not message.startswith("Cancelled"))
         if staging.exists():
-            self._remove_folders([staging], self.status_label.text(), error=not message.startswith("Cancelled"))
+            discard(staging)
+        self._finish(f"{message} {kept}", error=not message.startswith("Cancelled"))
 
     def _process_error(self, error: QProcess.ProcessError) -> None:
         if error != QProcess.ProcessError.FailedToStart or self.process is None:
@@ -417,19 +523,33 @@ class EngineSetupDialog(QDialog):
         self.build_combo.addItem(f"CUDA ({build}): {gpu.name}, {gpu.memory_mib / 1024:.0f} GB", build)
         self.build_combo.setCurrentIndex(self.build_combo.count() - 1)
 
+    def _offer_leftovers(self) -> None:
+        """Name the folders a killed set-up left (never used), with their size, beside a Delete button."""
+        folders = [folder for folder in engine_env.leftover_folders(self.engines_root) if folder not in _DISCARDING]
+        if not folders:
+            return
+        sizes = ", ".join(f"{folder.name} ({engine_env.folder_size(folder) / 1024**2:.0f} MB)" for folder in folders)
+        self.leftover_label.setText(f"Left by a set-up that did not finish, never used: {sizes}.")
+        self.leftover_row.setVisible(True)
+
     def _update_state(self) -> None:
         running = self.running
         engine = self.private_engine()
-        current = engine is not None and set(engine.requirements) == set(self.requirements)
+        current = self._current_engine() is not None
         can_set_up = self.base_python is not None and not running
         self.install_button.setEnabled(can_set_up and not current)
         self.repair_button.setEnabled(can_set_up and engine is not None)
         self.remove_button.setEnabled(not running and engine is not None)
+        self.leftover_button.setEnabled(not running)
         self.cancel_button.setEnabled(self._cancellable())
         self.build_combo.setEnabled(not running)
         self.torch_index.setEnabled(not running)
         self.use_python_button.setEnabled(not running and bool(self.python_widget.filePath().strip()))
-        if engine is None:
+        stale = engine_env.other_python_engines(self.engines_root)
+        if engine is None and stale:
+            installed = (f"installed: {stale[0].folder.name}, made from Python {stale[0].python_version}, but QGIS "
+                         f"now runs Python {engine_env.PYTHON_VERSION}: it cannot be used; Install makes a new one")
+        elif engine is None:
             installed = "no engine installed"
         elif current:
             installed = f"installed: {engine.folder.name} ({engine.build})"
