@@ -1015,3 +1015,129 @@ def test_the_probe_step_reads_pips_own_settings_and_says_which_index_is_dead(loc
                              capture_output=True, text=True, env=env, timeout=STEP_TIMEOUT)
     assert offline.returncode == 0 and "no-index" in offline.stdout and engine_env.read_probe(offline.stdout) == []
     assert engine_env.read_probe("no summary here") == []
+
+
+def answer_the_question(button_text: str, questions: list[str]) -> None:
+    """When the dialog's next question opens (a modal QMessageBox), record its text and click `button_text`."""
+    from qgis.PyQt.QtCore import QTimer
+    from qgis.PyQt.QtWidgets import QApplication, QMessageBox
+
+    def look() -> None:
+        box = QApplication.activeModalWidget()
+        if not isinstance(box, QMessageBox):
+            QTimer.singleShot(50, look)
+            return
+        questions.append(box.text())
+        next(button for button in box.buttons() if button.text() == button_text).click()
+
+    QTimer.singleShot(50, look)
+
+
+@pytest.fixture
+def local_index(tmp_path, wheels, local_server, monkeypatch):
+    """PIP_INDEX_URL at a live local index (a folder listing per project, as pip reads it) holding the probe
+    wheel; no proxy, no pip.conf."""
+    folder = tmp_path / "index" / "treeseg-probe"
+    folder.mkdir(parents=True)
+    shutil.copy(next(wheels.glob("*.whl")), folder)
+
+    class Index(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(tmp_path / "index"), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    for name in ("PIP_NO_INDEX", "PIP_FIND_LINKS", "http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    address = local_server(Index) + "/"
+    monkeypatch.setenv("PIP_INDEX_URL", address)
+    return address
+
+
+@pytest.mark.parametrize("answer", ["Stop", "Go on without it"])
+def test_an_unreachable_torch_index_is_a_choice_go_on_without_it_or_stop(qgis_app, tmp_path, wheels, local_index,
+                                                                         test_setting, monkeypatch, answer):
+    from qgis.PyQt.QtWidgets import QMessageBox
+
+    from treeseg_qgis.qgis_side.gui.engine_setup import EngineSetupDialog
+
+    monkeypatch.setattr(engine_env, "engine_requirements", lambda path=None: [PROBE_REQUIREMENT])
+    monkeypatch.setattr(engine_client, "qgis_profile_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(QMessageBox, "question", lambda *args: QMessageBox.StandardButton.No)
+    root = engine_env.engines_dir(tmp_path)
+    old = previous_engine(root)
+    dialog = EngineSetupDialog(root)
+    dialog.torch_index.setText("http://127.0.0.1:9/whl/cpu")
+    ready, questions = [], []
+    dialog.engine_ready.connect(ready.append)
+
+    answer_the_question(answer, questions)
+    dialog.install_button.click()
+    wait_until(lambda: not dialog.running, DIALOG_TIMEOUT)
+
+    log, status = dialog.log.toPlainText(), dialog.status_label.text()
+    assert len(questions) == 1, log
+    assert questions[0].startswith("The torch index http://127.0.0.1:9/whl/cpu could not be reached: the connection "
+                                   "was refused."), questions[0]
+    assert f"on your other package indexes ({local_index})" in questions[0]
+    if answer == "Stop":
+        assert status.startswith("Stopped: the torch index could not be reached. Correct the torch index or empty "
+                                 "it, then Install."), status
+        assert ready == [] and "== Installing" not in log
+        assert dialog.torch_index.text() == "http://127.0.0.1:9/whl/cpu"
+        wait_until(lambda: sorted(path.name for path in root.iterdir()) == [old.folder.name], DIALOG_TIMEOUT)
+    else:
+        new = engine_env.engine_in_use(root, [PROBE_REQUIREMENT])
+        assert new is not None and ready == [str(new.python)], status + log
+        assert "== Going on without the torch index." in log and "--extra-index-url" not in log.split("Going on")[1]
+        assert dialog.torch_index.text() == ""
+    dialog.deleteLater()
+
+
+def test_an_engine_from_another_python_shows_as_needing_install(qgis_app, tmp_path, test_setting, monkeypatch):
+    from treeseg_qgis.qgis_side.gui.engine_setup import EngineSetupDialog
+
+    monkeypatch.setattr(engine_client, "qgis_profile_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(engine_client, "ENGINE_POINTER_FILE", tmp_path / "none.txt")
+    monkeypatch.setattr(engine_client, "PLUGIN_DIR", tmp_path / "plugin" / "treeseg_qgis")
+    monkeypatch.delenv(engine_client.ENGINE_PYTHON_ENV, raising=False)
+    monkeypatch.setattr(engine_env, "engine_requirements", lambda path=None: [PROBE_REQUIREMENT])
+    root = engine_env.engines_dir(tmp_path)
+    stale = make_marked_engine(root, [PROBE_REQUIREMENT], "3.9")
+    stale.python.chmod(0o755)
+
+    dialog = EngineSetupDialog(root)
+
+    assert find_engine_python(None) is None and dialog.private_engine() is None
+    assert dialog.install_button.isEnabled() and not dialog.repair_button.isEnabled()
+    assert not dialog.remove_button.isEnabled() and not dialog.status_label.text().startswith("Ready")
+    assert (f"installed: {stale.folder.name}, made from Python 3.9, but QGIS now runs Python "
+            f"{engine_env.PYTHON_VERSION}: it cannot be used; Install makes a new one") in dialog.folder_label.text()
+    assert dialog.retry_button() == "Install" and dialog.engine_label.text() == "none"
+    dialog.deleteLater()
+
+
+def test_folders_a_killed_set_up_left_are_offered_for_deletion_with_their_size(qgis_app, tmp_path, test_setting):
+    from treeseg_qgis.qgis_side.gui.engine_setup import EngineSetupDialog
+
+    root = engine_env.engines_dir(tmp_path)
+    staging = root / "staging-cpu-0123456789"
+    fake_files(staging, "bin/python")
+    (staging / "torch.so").write_bytes(b"\0" * 41 * 1024**2)
+    (root / "old-engine-cpu-1").mkdir()
+
+    dialog = EngineSetupDialog(root)
+
+    assert dialog.leftover_row.isVisibleTo(dialog) and dialog.leftover_button.isEnabled()
+    assert dialog.leftover_label.text() == ("Left by a set-up that did not finish, never used: old-engine-cpu-1 "
+                                            "(0 MB), staging-cpu-0123456789 (41 MB).")
+    dialog.leftover_button.click()
+    wait_until(lambda: not dialog.running, DIALOG_TIMEOUT)
+    assert list(root.iterdir()) == [] and not dialog.leftover_row.isVisibleTo(dialog)
+    assert dialog.status_label.text() == "Deleted old-engine-cpu-1, staging-cpu-0123456789."
+    dialog.deleteLater()
+    empty = EngineSetupDialog(engine_env.engines_dir(tmp_path / "empty"))
+    assert not empty.leftover_row.isVisibleTo(empty)
+    empty.deleteLater()
