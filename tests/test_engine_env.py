@@ -1141,3 +1141,30 @@ def test_folders_a_killed_set_up_left_are_offered_for_deletion_with_their_size(q
     empty = EngineSetupDialog(engine_env.engines_dir(tmp_path / "empty"))
     assert not empty.leftover_row.isVisibleTo(empty)
     empty.deleteLater()
+
+
+def test_a_dead_proxy_is_named_before_pip_runs_and_repair_is_the_button_named(qgis_app, tmp_path, local_index,
+                                                                               test_setting, monkeypatch):
+    from treeseg_qgis.qgis_side.gui.engine_setup import EngineSetupDialog
+
+    monkeypatch.setattr(engine_env, "engine_requirements", lambda path=None: [PROBE_REQUIREMENT])
+    monkeypatch.setattr(engine_client, "qgis_profile_dir", lambda: str(tmp_path))
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    root = engine_env.engines_dir(tmp_path)
+    current = make_marked_engine(root, [PROBE_REQUIREMENT])
+    current.python.unlink()
+    current.python.symlink_to(sys.executable)
+    dialog = EngineSetupDialog(root)
+    dialog.torch_index.setText("")
+    assert not dialog.install_button.isEnabled() and dialog.retry_button() == "Repair"
+
+    dialog.repair_button.click()
+    wait_until(lambda: not dialog.running, DIALOG_TIMEOUT)
+
+    status = dialog.status_label.text()
+    assert f"{local_index} (PIP_INDEX_URL): the proxy http://127.0.0.1:9: the connection was refused" in status, status
+    assert "then Repair." in status and "Install" not in status
+    assert "== Installing" not in dialog.log.toPlainText()
+    wait_until(lambda: sorted(path.name for path in root.iterdir()) == [current.folder.name], DIALOG_TIMEOUT)
+    assert engine_env.engine_in_use(root, [PROBE_REQUIREMENT]) == current
+    dialog.deleteLater()
