@@ -53,14 +53,17 @@ def main() -> None:
     while index < len(steps):
         step = steps[index]
         command = uv_install(step, args.uv) if step.kind == engine_env.PIP and args.tool == "uv" else step.command
-        env = engine_env.command_environment(command, os.environ)
+        env = engine_env.step_environment(step, os.environ)
         env.update(PIP_CACHE_DIR=str(args.cache_dir), UV_CACHE_DIR=str(args.cache_dir))
         step_started = time.monotonic()
         result = subprocess.run(command, capture_output=True, text=True, env=env)  # nosec B603
         timings[step.title.split(" (")[0]] = round(time.monotonic() - step_started, 1)
-        if step.kind == engine_env.PROBE and result.returncode == engine_env.PROBE_TORCH_UNREACHABLE:
-            notes.append("the torch index did not answer: went on without it")
-            steps = engine_env.install_plan(args.root, base_python, engine_env.CPU, "").steps
+        if step.kind == engine_env.PROBE and result.returncode == engine_env.PROBE_EXTRA_UNREACHABLE:
+            checks = engine_env.read_probe(result.stdout)
+            notes.append("did not answer, went on without: " + ", ".join(c.url for c in checks if c.problem))
+            torch_index, extra_indexes = engine_env.without_dead_extras(checks, step.command[-1])
+            steps = engine_env.install_plan(args.root, base_python, engine_env.CPU, torch_index, None,
+                                            extra_indexes).steps
         elif result.returncode != 0:
             sys.exit(f"{step.title} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
         index += 1

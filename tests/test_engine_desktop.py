@@ -120,7 +120,7 @@ def test_in_the_qgis_window_an_unreachable_torch_index_is_a_question_before_pip(
 
     assert seen.get("question", "").startswith("The torch index http://download.pytorch.invalid/whl/cpu could not be "
                                                "reached: the name download.pytorch.invalid is not known"), seen
-    assert f"on your other package indexes ({live_index})" in seen["question"]
+    assert f"your other package indexes ({live_index}) and looks for torch" in seen["question"]
     assert seen["status"].startswith("Stopped: the torch index could not be reached") and not seen["running"], seen
     assert "== Installing" not in seen["log"]
 

@@ -16,6 +16,7 @@ import sysconfig
 import tempfile
 import threading
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,7 @@ def install_offline(patch: pytest.MonkeyPatch, wheels: Path) -> None:
 def run_plan(plan: engine_env.Plan) -> None:
     for step in plan.steps:
         result = subprocess.run(step.command, capture_output=True, text=True, timeout=STEP_TIMEOUT,
-                                env=engine_env.command_environment(step.command, os.environ))
+                                env=engine_env.step_environment(step, os.environ))
         assert result.returncode == 0, f"{step.title}:\n{result.stdout}\n{result.stderr}"
 
 
@@ -977,11 +978,13 @@ def test_each_index_is_probed_once_and_a_dead_index_or_proxy_is_named(local_serv
     checks = engine_env.probe_indexes([engine_env.IndexCheck(index, "PIP_INDEX_URL"),
                                        engine_env.IndexCheck("http://127.0.0.1:9/whl/cpu", "the torch index", True)])
     assert [check.problem for check in checks] == [None, "the connection was refused"]
-    assert engine_env.probe_status(checks) == engine_env.PROBE_TORCH_UNREACHABLE
+    assert engine_env.probe_status(checks) == engine_env.PROBE_EXTRA_UNREACHABLE
     assert engine_env.probe_status(checks[:1]) == 0 and engine_env.probe_status([]) == 0
-    choice = engine_env.torch_index_choice(checks, "torch==2.13.0+cpu")
-    assert "http://127.0.0.1:9/whl/cpu could not be reached: the connection was refused" in choice
-    assert f"torch==2.13.0+cpu on your other package indexes ({index})" in choice
+    choice = engine_env.extra_index_choice(checks, "torch==2.13.0+cpu")
+    assert choice.startswith("The torch index http://127.0.0.1:9/whl/cpu could not be reached: the connection was "
+                             "refused.\n\nGo on without it: ")
+    assert f"your other package indexes ({index}) and looks for torch==2.13.0+cpu there" in choice
+    assert engine_env.without_dead_extras(checks, "http://127.0.0.1:9/whl/cpu") == ("", None)
 
 
 def test_the_probe_step_reads_pips_own_settings_and_says_which_index_is_dead(local_server, tmp_path):
@@ -1009,7 +1012,7 @@ def test_the_probe_step_reads_pips_own_settings_and_says_which_index_is_dead(loc
     env["PIP_INDEX_URL"] = live
     torch_only = subprocess.run([sys.executable, "-c", engine_env.PROBE_RUNNER, str(REPO), "http://127.0.0.1:9/cpu"],
                                 capture_output=True, text=True, env=env, timeout=STEP_TIMEOUT)
-    assert torch_only.returncode == engine_env.PROBE_TORCH_UNREACHABLE, torch_only.stdout + torch_only.stderr
+    assert torch_only.returncode == engine_env.PROBE_EXTRA_UNREACHABLE, torch_only.stdout + torch_only.stderr
     env["PIP_NO_INDEX"] = "1"
     offline = subprocess.run([sys.executable, "-c", engine_env.PROBE_RUNNER, str(REPO), "http://127.0.0.1:9/cpu"],
                              capture_output=True, text=True, env=env, timeout=STEP_TIMEOUT)
@@ -1056,9 +1059,11 @@ def local_index(tmp_path, wheels, local_server, monkeypatch):
     return address
 
 
-@pytest.mark.parametrize("answer", ["Stop", "Go on without it"])
-def test_an_unreachable_torch_index_is_a_choice_go_on_without_it_or_stop(qgis_app, tmp_path, wheels, local_index,
-                                                                         test_setting, monkeypatch, answer):
+@pytest.mark.parametrize(("answer", "dead"), [("Stop", "torch"), ("Go on without it", "torch"),
+                                              ("Go on without it", "extra")])
+def test_an_unreachable_extra_index_is_a_choice_go_on_without_it_or_stop(qgis_app, tmp_path, wheels, local_index,
+                                                                         test_setting, monkeypatch, answer, dead):
+    """The torch index, or an extra index of the user's own (PIP_EXTRA_INDEX_URL here), does not answer."""
     from qgis.PyQt.QtWidgets import QMessageBox
 
     from treeseg_qgis.qgis_side.gui.engine_setup import EngineSetupDialog
@@ -1068,8 +1073,10 @@ def test_an_unreachable_torch_index_is_a_choice_go_on_without_it_or_stop(qgis_ap
     monkeypatch.setattr(QMessageBox, "question", lambda *args: QMessageBox.StandardButton.No)
     root = engine_env.engines_dir(tmp_path)
     old = previous_engine(root)
+    if dead == "extra":
+        monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "http://127.0.0.1:9/extra")
     dialog = EngineSetupDialog(root)
-    dialog.torch_index.setText("http://127.0.0.1:9/whl/cpu")
+    dialog.torch_index.setText("http://127.0.0.1:9/whl/cpu" if dead == "torch" else "")
     ready, questions = [], []
     dialog.engine_ready.connect(ready.append)
 
@@ -1079,9 +1086,15 @@ def test_an_unreachable_torch_index_is_a_choice_go_on_without_it_or_stop(qgis_ap
 
     log, status = dialog.log.toPlainText(), dialog.status_label.text()
     assert len(questions) == 1, log
-    assert questions[0].startswith("The torch index http://127.0.0.1:9/whl/cpu could not be reached: the connection "
-                                   "was refused."), questions[0]
-    assert f"on your other package indexes ({local_index})" in questions[0]
+    if dead == "torch":
+        assert questions[0].startswith("The torch index http://127.0.0.1:9/whl/cpu could not be reached: the "
+                                       "connection was refused."), questions[0]
+        assert f"your other package indexes ({local_index}) and looks for torch there" in questions[0]
+    else:
+        assert questions[0].startswith("The extra index http://127.0.0.1:9/extra (PIP_EXTRA_INDEX_URL) could not be "
+                                       "reached: the connection was refused."), questions[0]
+        assert questions[0].endswith("Or stop, and correct pip's settings.")
+    assert f"your other package indexes ({local_index})" in questions[0]
     if answer == "Stop":
         assert status.startswith("Stopped: the torch index could not be reached. Correct the torch index or empty "
                                  "it, then Install."), status
@@ -1091,7 +1104,8 @@ def test_an_unreachable_torch_index_is_a_choice_go_on_without_it_or_stop(qgis_ap
     else:
         new = engine_env.engine_in_use(root, [PROBE_REQUIREMENT])
         assert new is not None and ready == [str(new.python)], status + log
-        assert "== Going on without the torch index." in log and "--extra-index-url" not in log.split("Going on")[1]
+        after = log.split("== Going on without http://127.0.0.1:9/")[1].split("\n", 1)[1]
+        assert "--extra-index-url" not in after and "127.0.0.1:9/" not in after
         assert dialog.torch_index.text() == ""
     dialog.deleteLater()
 
@@ -1168,3 +1182,31 @@ def test_a_dead_proxy_is_named_before_pip_runs_and_repair_is_the_button_named(qg
     wait_until(lambda: sorted(path.name for path in root.iterdir()) == [current.folder.name], DIALOG_TIMEOUT)
     assert engine_env.engine_in_use(root, [PROBE_REQUIREMENT]) == current
     dialog.deleteLater()
+
+
+def test_going_on_without_a_dead_extra_index_of_the_users_keeps_the_others(tmp_path):
+    checks = [engine_env.IndexCheck(engine_env.PYPI, "PyPI, pip's default index"),
+              engine_env.IndexCheck("https://live.example/simple", "PIP_EXTRA_INDEX_URL", extra=True),
+              engine_env.IndexCheck("https://dead.example/simple", "PIP_EXTRA_INDEX_URL",
+                                    problem="no answer within 5 s", extra=True)]
+
+    assert engine_env.probe_status(checks) == engine_env.PROBE_EXTRA_UNREACHABLE
+    assert engine_env.probe_status([replace(checks[0], problem="refused"), *checks[1:]]) == (
+        engine_env.PROBE_INDEX_UNREACHABLE)
+    torch_index, kept = engine_env.without_dead_extras(checks, "https://download.pytorch.org/whl/cpu")
+    assert (torch_index, kept) == ("https://download.pytorch.org/whl/cpu", ["https://live.example/simple"])
+    assert engine_env.stopped_message(checks, "Install") == (
+        "Stopped: https://dead.example/simple (PIP_EXTRA_INDEX_URL) could not be reached. Correct the address, or "
+        "pip's settings, then Install.")
+    choice = engine_env.extra_index_choice(checks, "torch==2.13.0+cpu")
+    assert "torch==2.13.0+cpu" not in choice and "Go on without it: pip then uses your other package indexes" in choice
+
+    root = engine_env.engines_dir(tmp_path)
+    plan = engine_env.install_plan(root, "/usr/bin/python3.11", engine_env.CPU, torch_index, None, kept)
+    pip = plan.steps[3]
+    assert pip.environment == (("PIP_EXTRA_INDEX_URL", "https://live.example/simple"),)
+    assert engine_env.step_environment(pip, {"PIP_EXTRA_INDEX_URL": "https://dead.example/simple"})[
+        "PIP_EXTRA_INDEX_URL"] == "https://live.example/simple"
+    none_left = engine_env.install_plan(root, "/usr/bin/python3.11", engine_env.CPU, "", None, []).steps[3]
+    assert none_left.environment == (("PIP_EXTRA_INDEX_URL", " "),)
+    assert engine_env.install_plan(root, "/usr/bin/python3.11", engine_env.CPU).steps[3].environment == ()

@@ -28,7 +28,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -57,7 +57,7 @@ PIP_NETWORK_OPTIONS = ("--retries", "2", "--timeout", "10")
 PYPI = "https://pypi.org/simple"
 PROBE_RESULT = "treeseg-index-probe: "
 PROBE_INDEX_UNREACHABLE = 2
-PROBE_TORCH_UNREACHABLE = 3
+PROBE_EXTRA_UNREACHABLE = 3
 # What each step of a set-up plan does (Step.kind).
 VENV, PROBE, PINS, PIP, CHECK, SWAP = "venv", "probe", "pins", "pip", "check", "swap"
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -179,12 +179,13 @@ class EngineEnvError(Exception):
 
 @dataclass(frozen=True)
 class Step:
-    """One command of a plan: what it does, in words, its command line (run without a shell), and its kind
-    (VENV, PROBE, PINS, PIP, CHECK, SWAP; '' for a lone check)."""
+    """One command of a plan: what it does, in words, its command line (run without a shell), its kind
+    (VENV, PROBE, PINS, PIP, CHECK, SWAP; '' for a lone check) and environment variables it sets."""
 
     title: str
     command: tuple[str, ...]
     kind: str = ""
+    environment: tuple[tuple[str, str], ...] = ()
 
     @property
     def swaps_engine(self) -> bool:
@@ -228,13 +229,14 @@ class Engine:
 
 @dataclass(frozen=True)
 class IndexCheck:
-    """One package index pip will use, where pip takes it from (in words), whether it is the torch index, and
-    why it could not be reached (None when it answered or was not probed yet)."""
+    """One package index pip will use, where pip takes it from (in words), whether it is the torch index or one
+    of the user's extra indexes, and why it could not be reached (None when it answered or was not probed)."""
 
     url: str
     source: str
     torch: bool = False
     problem: str | None = None
+    extra: bool = False
 
 
 def engines_dir(profile_dir: str | Path) -> Path:
@@ -354,6 +356,11 @@ def process_environment(environ: Mapping[str, str], python_home: Path | None = N
 def command_environment(command: Sequence[str], environ: Mapping[str, str]) -> dict[str, str]:
     """process_environment for running `command`: PYTHONHOME set when its program is a bundled macOS Python."""
     return process_environment(environ, bundled_python_home(command[0]))
+
+
+def step_environment(step: Step, environ: Mapping[str, str]) -> dict[str, str]:
+    """command_environment for a step, with the variables the step sets."""
+    return {**command_environment(step.command, environ), **dict(step.environment)}
 
 
 def qgis_python_candidates(system: str, version: str, python_prefixes: Sequence[str], qgis_prefix: str = "",
@@ -541,10 +548,11 @@ def free_disk_problem(folder: Path, build: str) -> str | None:
 
 
 def install_plan(root: Path, base_python: str, build: str, torch_index: str | None = None,
-                 requirements: Sequence[str] | None = None) -> Plan:
+                 requirements: Sequence[str] | None = None, extra_indexes: Sequence[str] | None = None) -> Plan:
     """The steps that build the engine of `build` in a staging folder of `root`, probe the package indexes,
     check the engine and move it into place. pip keeps the user's index, proxy and certificates; `torch_index`
-    (PyTorch's index of the build by default, '' for none) is added as an extra index."""
+    (PyTorch's index of the build by default, '' for none) is added as an extra index. `extra_indexes`, when
+    given, replaces the user's own extra indexes (those that answered, after some did not)."""
     requirements = list(engine_requirements() if requirements is None else requirements)
     key = engine_key(requirements, build)
     target = root / f"engine-{key}"
@@ -557,6 +565,8 @@ def install_plan(root: Path, base_python: str, build: str, torch_index: str | No
     torch_kind = "CPU" if build == CPU else f"CUDA, {build}"
     marker = json.dumps({"key": key, "build": build, "requirements": requirements, "base_python": base_python,
                          "python": PYTHON_VERSION})
+    # pip splits the variable on spaces: a lone space stands for no extra index at all (an empty value is ignored).
+    kept = () if extra_indexes is None else (("PIP_EXTRA_INDEX_URL", " ".join(extra_indexes) or " "),)
     steps = [
         Step(f"Creating the virtual environment (in {staging.name}, moved into place once checked)",
              (base_python, "-m", "venv", "--clear", "--system-site-packages", str(staging)), VENV),
@@ -565,7 +575,7 @@ def install_plan(root: Path, base_python: str, build: str, torch_index: str | No
         Step("Holding numpy and scipy at QGIS's versions", (base_python, "-c", QGIS_VERSIONS_SCRIPT, constraints),
              PINS),
         Step(f"Installing torch ({torch_kind}), transformers, scikit-learn, scikit-image (a large download)",
-             (*pip_install, *pip_requirements(requirements, build), *QGIS_PACKAGES), PIP),
+             (*pip_install, *pip_requirements(requirements, build), *QGIS_PACKAGES), PIP, kept),
         Step("Checking the new engine (imports, one tiny DINOv3 forward)", check_command(python, build), CHECK),
         Step(f"Moving the engine into place ({target.name})",
              (base_python, "-c", SWAP_RUNNER, str(PLUGIN_DIR.parent), str(staging), str(target), marker), SWAP),
@@ -640,7 +650,7 @@ def pip_indexes(settings: Mapping[str, tuple[str, str]], torch_index: str) -> li
         checks.append(IndexCheck(PYPI, "PyPI, pip's default index"))
     if "extra-index-url" in settings:
         value, where = settings["extra-index-url"]
-        checks += [IndexCheck(url, source("extra-index-url", where)) for url in value.split()]
+        checks += [IndexCheck(url, source("extra-index-url", where), extra=True) for url in value.split()]
     if torch_index:
         checks.append(IndexCheck(torch_index, "the torch index", torch=True))
     return checks
@@ -693,16 +703,16 @@ def probe_indexes(checks: Sequence[IndexCheck], proxy: str = "", cafile: str = "
         return []
     with ThreadPoolExecutor(max_workers=len(checks)) as pool:
         problems = list(pool.map(lambda check: probe_index(check.url, proxy, cafile), checks))
-    return [IndexCheck(check.url, check.source, check.torch, problem) for check, problem in zip(checks, problems)]
+    return [replace(check, problem=problem) for check, problem in zip(checks, problems)]
 
 
 def probe_status(checks: Sequence[IndexCheck]) -> int:
-    """0 when every index answered, PROBE_TORCH_UNREACHABLE when only the torch index did not, else
-    PROBE_INDEX_UNREACHABLE."""
+    """0 when every index answered, PROBE_EXTRA_UNREACHABLE when only extra indexes (the torch index, the user's
+    extra ones) did not, else PROBE_INDEX_UNREACHABLE (pip's main index is needed)."""
     failed = [check for check in checks if check.problem]
     if not failed:
         return 0
-    return PROBE_TORCH_UNREACHABLE if all(check.torch for check in failed) else PROBE_INDEX_UNREACHABLE
+    return PROBE_EXTRA_UNREACHABLE if all(check.torch or check.extra for check in failed) else PROBE_INDEX_UNREACHABLE
 
 
 def probe_main(torch_index: str) -> int:
@@ -742,14 +752,37 @@ def unreachable_message(checks: Sequence[IndexCheck], button: str) -> str:
             f"connection, the proxy (HTTPS_PROXY, pip's proxy option) and the index address, then {button}.")
 
 
-def torch_index_choice(checks: Sequence[IndexCheck], torch_requirement: str) -> str:
-    """The question asked when only the torch index did not answer: go on without it, or stop to fix it."""
-    torch = next(check for check in checks if check.torch)
-    others = ", ".join(_public(check.url) for check in checks if not check.torch) or "none"
-    return (f"The torch index {_public(torch.url)} could not be reached: {torch.problem}.\n\n"
-            f"Go on without it: pip then looks for {torch_requirement} on your other package indexes ({others}) "
-            f"and stops with a message if they do not have it.\n\nOr stop, and correct the torch index (for "
-            f"example your organisation's mirror of it) or empty it.")
+def extra_index_choice(checks: Sequence[IndexCheck], torch_requirement: str) -> str:
+    """The question asked when only extra indexes did not answer: go on without them, or stop to fix them."""
+    dead = [check for check in checks if check.problem]
+    others = ", ".join(_public(check.url) for check in checks if not check.problem) or "none"
+    named = "\n".join(f"The torch index {_public(check.url)} could not be reached: {check.problem}." if check.torch
+                      else f"The extra index {_public(check.url)} ({check.source}) could not be reached: "
+                           f"{check.problem}." for check in dead)
+    torch = (f" and looks for {torch_requirement} there, stopping with a message if they do not have it"
+             if any(check.torch for check in dead) else "")
+    fix = " or ".join(["correct the torch index (for example your organisation's mirror of it) or empty it"] *
+                      any(check.torch for check in dead) + ["correct pip's settings"] *
+                      any(check.extra for check in dead))
+    return (f"{named}\n\nGo on without {'it' if len(dead) == 1 else 'them'}: pip then uses your other package "
+            f"indexes ({others}){torch}.\n\nOr stop, and {fix}.")
+
+
+def stopped_message(checks: Sequence[IndexCheck], button: str) -> str:
+    """What the dialog says when the user stopped at the extra-index question."""
+    if all(check.torch for check in checks if check.problem):
+        return f"Stopped: the torch index could not be reached. Correct the torch index or empty it, then {button}."
+    dead = ", ".join(f"{_public(check.url)} ({check.source})" for check in checks if check.problem)
+    return f"Stopped: {dead} could not be reached. Correct the address, or pip's settings, then {button}."
+
+
+def without_dead_extras(checks: Sequence[IndexCheck], torch_index: str) -> tuple[str, list[str] | None]:
+    """The torch index and the user's extra indexes to go on with after the question: a dead torch index
+    becomes '', dead extra indexes are left out (None: the user's own extra indexes are kept as they are)."""
+    torch_dead = any(check.torch and check.problem for check in checks)
+    extras_dead = any(check.extra and check.problem for check in checks)
+    kept = [check.url for check in checks if check.extra and not check.problem] if extras_dead else None
+    return ("" if torch_dead else torch_index), kept
 
 
 def explain_pip_failure(log: str, button: str = "Repair") -> str:

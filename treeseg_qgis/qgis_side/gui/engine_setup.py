@@ -350,7 +350,7 @@ class EngineSetupDialog(QDialog):
         if step.swaps_engine and self.plan is not None and self.plan.target.exists():
             self.stop_engine_requested.emit()
         environment = QProcessEnvironment()
-        for name, value in engine_env.command_environment(step.command, os.environ).items():
+        for name, value in engine_env.step_environment(step, os.environ).items():
             environment.insert(name, value)
         process = QProcess(self)
         process.setProcessChannelMode(QProcess.ProcessChannelMode.MergedChannels)
@@ -408,8 +408,8 @@ class EngineSetupDialog(QDialog):
             self._failed("Cancelled.")
         elif normal and step.kind == engine_env.PROBE and exit_code == engine_env.PROBE_INDEX_UNREACHABLE:
             self._failed(engine_env.unreachable_message(engine_env.read_probe(self._step_log), self.retry_button()))
-        elif normal and step.kind == engine_env.PROBE and exit_code == engine_env.PROBE_TORCH_UNREACHABLE:
-            self._torch_index_unreachable(engine_env.read_probe(self._step_log))
+        elif normal and step.kind == engine_env.PROBE and exit_code == engine_env.PROBE_EXTRA_UNREACHABLE:
+            self._extra_index_unreachable(engine_env.read_probe(self._step_log))
         elif not normal or exit_code != 0:
             reason = f"exit code {exit_code}" if normal else "it crashed"
             cause = engine_env.explain_pip_failure(self._step_log, self.retry_button()) \
@@ -422,24 +422,29 @@ class EngineSetupDialog(QDialog):
             self._steps = []
             self._on_success()
 
-    def _torch_index_unreachable(self, checks: list[engine_env.IndexCheck]) -> None:
-        """Only the torch index did not answer: go on without it (the rest of the plan made again without it,
-        same staging folder), or stop to fix it."""
+    def _extra_index_unreachable(self, checks: list[engine_env.IndexCheck]) -> None:
+        """Only extra indexes (the torch index, the user's extra ones) did not answer: go on without them (the
+        rest of the plan made again without them, same staging folder), or stop to fix them."""
         build = self.build_combo.currentData()
         torch_pin = next((requirement for requirement in engine_env.pip_requirements(self.requirements, build)
                           if requirement.lower().startswith("torch")), "torch")
-        box = QMessageBox(QMessageBox.Icon.Question, "TreeSeg: the torch index does not answer",
-                          engine_env.torch_index_choice(checks, torch_pin), QMessageBox.StandardButton.NoButton, self)
-        go_on = box.addButton("Go on without it", QMessageBox.ButtonRole.AcceptRole)
+        dead = sum(bool(check.problem) for check in checks)
+        box = QMessageBox(QMessageBox.Icon.Question, "TreeSeg: a package index does not answer",
+                          engine_env.extra_index_choice(checks, torch_pin), QMessageBox.StandardButton.NoButton,
+                          self)
+        go_on = box.addButton("Go on without it" if dead == 1 else "Go on without them",
+                              QMessageBox.ButtonRole.AcceptRole)
         box.addButton("Stop", QMessageBox.ButtonRole.RejectRole)
         box.exec()
         if box.clickedButton() is not go_on or self.plan is None or self._cancelled:
-            self._failed(f"Stopped: the torch index could not be reached. Correct the torch index or empty it, "
-                         f"then {self.retry_button()}.")
+            self._failed(engine_env.stopped_message(checks, self.retry_button()))
             return
-        self.torch_index.setText("")
-        self._append("== Going on without the torch index.\n")
-        self.plan = engine_env.install_plan(self.engines_root, self.base_python, build, "", self.requirements)
+        torch_index, extra_indexes = engine_env.without_dead_extras(checks, self.torch_index.text())
+        self.torch_index.setText(torch_index)
+        self._append("== Going on without " + ", ".join(f"{check.url} ({check.source})" for check in checks
+                                                         if check.problem) + ".\n")
+        self.plan = engine_env.install_plan(self.engines_root, self.base_python, build, torch_index,
+                                            self.requirements, extra_indexes)
         next_step = self._step_index + 1
         self._steps = list(self.plan.steps)
         self._start_step(next_step)
