@@ -2,10 +2,11 @@
 
 The commands come from engine_env; they run one after the other through QProcess, so QGIS stays
 responsive, their output shows live in the log and Cancel kills the running one. The package indexes are
-probed before pip (an unreachable torch index is a choice: go on without it, or stop to fix it). A new engine
-is built in a staging folder and moved into place only once it passed its check, so a failed or cancelled
-attempt leaves the engine in use as it was; its staging folder is set aside at once and deleted in the
-background. Folders left by a set-up that was killed are offered for deletion. Nothing here imports torch.
+probed before pip (an unreachable extra index, the torch index or one of the user's, is a choice: go on
+without it, or stop to fix it). A new engine is built in a staging folder and moved into place only once it
+passed its check, so a failed or cancelled attempt leaves the engine in use as it was; its staging folder is set
+aside at once and deleted in the background. Folders left by a set-up that was killed are offered for deletion.
+Nothing here imports torch.
 """
 
 from __future__ import annotations
