@@ -90,14 +90,15 @@ def half_empty_raster(path, *, alpha: bool, edge: int = WIDTH // 2):
     return write_geotiff(path, image, nodata=0)
 
 
-def counting_loader(images: list[int]):
-    """The product's loader; every image the loaded network runs on is counted in `images`."""
-    def load(params: SegmentationParams):
-        backbone = load_model_for(params)
-        backbone.model.register_forward_pre_hook(
-            lambda module, args, kwargs: images.append(kwargs["pixel_values"].shape[0]), with_kwargs=True)
-        return backbone
-    return load
+class Counted:
+    """Counts the images `extract_tiles` hands the backbone (through a forward pre-hook on the real network)."""
+
+    def __init__(self, backbone) -> None:
+        self.images = 0
+        backbone.model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs) -> None:
+        self.images += kwargs["pixel_values"].shape[0]
 
 
 def tiles_with_valid_pixels(grid: TileGrid, edge: int) -> int:
@@ -110,24 +111,19 @@ def test_tiles_without_valid_pixels_never_reach_the_model(tiny_model_dir, tmp_pa
     params = SegmentationParams(input_path=str(path), output_dir=str(tmp_path / "out"), model=str(tiny_model_dir),
                                 device="cpu", precision="float32", clusters=3, tile_size=TILE, overlap=OVERLAP,
                                 use_cache=False)
-    images: list[int] = []
-    record = segment(params, load_model=counting_loader(images))
+    counted: list[Counted] = []
+
+    def load_counted(params: SegmentationParams):  # the product's loader, the network's images counted
+        backbone = load_model_for(params)
+        counted.append(Counted(backbone))
+        return backbone
+
+    record = segment(params, load_model=load_counted)
     grid = TileGrid(WIDTH, HEIGHT, TILE, OVERLAP)
     assert len(grid) == 8 and tiles_with_valid_pixels(grid, WIDTH // 2) == 4
-    assert sum(images) == 4  # stride 16: one image per tile, the 4 all-nodata tiles never ran
+    assert counted[0].images == 4  # stride 16: one image per tile, the 4 all-nodata tiles never ran
     labels = read_band(record["outputs"]["clusters"])
     assert (labels[:, WIDTH // 2:] == NODATA).all() and (labels[:, :WIDTH // 2] != NODATA).all()
-
-
-class _Counted:
-    """Counts the images `extract_tiles` hands the backbone (through a forward pre-hook on the real network)."""
-
-    def __init__(self, backbone) -> None:
-        self.images = 0
-        backbone.model.register_forward_pre_hook(self._count, with_kwargs=True)
-
-    def _count(self, module, args, kwargs) -> None:
-        self.images += kwargs["pixel_values"].shape[0]
 
 
 @pytest.mark.parametrize("edge", [192, 160], ids=["skipped-tile-at-the-edge", "skipped-tile-apart"])
@@ -141,7 +137,7 @@ def test_labels_with_the_skip_equal_those_without_it(tiny_model_dir, tmp_path, e
                                 device="cpu", precision="float32", clusters=3, tile_size=TILE, overlap=OVERLAP,
                                 batch_size=1)
     backbone = load_model_for(params)
-    counted = _Counted(backbone)
+    counted = Counted(backbone)
     extractor = FeatureExtractor(backbone, 16, batch_size=1)
     with GdalRasterSource(str(path), params.bands) as source:
         grid = FeatureGrid.of_extractor(TileGrid(source.width, source.height, TILE, OVERLAP), extractor)
