@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
 
 from .. import __version__
-from ..catalogue import HEIGHT_HEAD
+from ..catalogue import BACKBONES, DEFAULT_MODEL, HEIGHT_HEAD
 from ..params import (
     COLOUR_STRIDES,
     DEVICES,
@@ -32,7 +33,6 @@ from ..params import (
 )
 from . import interrupts
 from .core.errors import Cancelled, InputError, TreesegError
-from .core.models import CATALOGUE, DEFAULT_MODEL
 from .core.progress import Progress
 
 EXIT_USER_ERROR = 2
@@ -209,7 +209,7 @@ def _model_options(command: argparse.ArgumentParser) -> None:
     """The options of the model, its features and the clusters: `segment`, `fit` and `segment-many` share them."""
     command.add_argument(
         "--model", default=DEFAULT_MODEL, metavar="NAME|HF_ID|FOLDER",
-        help=f"catalogue name ({', '.join(CATALOGUE)}), a Hugging Face id or a local model "
+        help=f"catalogue name ({', '.join(BACKBONES)}), a Hugging Face id or a local model "
         f"folder (default: {DEFAULT_MODEL})",
     )
     command.add_argument("--model-revision", metavar="REV",
@@ -296,10 +296,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _fit(args)
             if args.command == "segment-many":
                 return _segment_many(args)
-            from .pipeline import segment
-
             params = params_from_args(args)
             params.validate()
+            from .pipeline import segment  # torch and the libraries load once the arguments are known to be good
+
             record = segment(params, Progress(None if args.quiet else _TerminalProgress(),
                                               interrupts.stop_requested))
         except (interrupts.Interrupted, Cancelled) as error:
@@ -419,6 +419,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _quiet_libraries() -> None:
+    """The hub's and transformers' progress bars and warnings off: through the environment they read when they
+    load (loading them here would cost seconds before an argument error or `evaluate`), and directly where
+    they already have."""
+    os.environ.update(HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_VERBOSITY="error", TRANSFORMERS_VERBOSITY="error")
+    if "transformers" not in sys.modules:
+        return
     from huggingface_hub.utils import disable_progress_bars
     from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as transformers_logging

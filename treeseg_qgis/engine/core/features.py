@@ -64,6 +64,11 @@ class FeatureExtractor:
         """How many tiles one forward batch holds (each tile is len(shifts) images)."""
         return tiles_per_batch(self.batch_size, self.stride)
 
+    @property
+    def feature_dim(self) -> int:
+        """The length of one feature vector (the backbone's width)."""
+        return self.backbone.feature_dim
+
     def extract(self, rgb: np.ndarray) -> np.ndarray:
         """Features for one tile: rgb (H, W, 3) float in 0..1, H and W multiples of 16.
 
@@ -191,6 +196,10 @@ class ColourFeatures:
         self.cell_size = stride
 
     tiles_per_batch = 1
+
+    @property
+    def feature_dim(self) -> int:
+        return 1 if self.method == "exg-otsu" else 3
 
     def extract_tiles(self, tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
         return [self.extract(rgb) for rgb in tiles]

@@ -4,7 +4,9 @@ Where features sit on the raster (tiles, cells, blending, sampling) is the
 FeatureGrid (feature_grid.py); this module runs the segmentation on it.
 
 1. Features: every tile of the TileGrid is read, run through the FeatureExtractor
-   once, and its features are stored on disk (FeatureStore). The PCA basis is
+   once, and its features are stored on disk (FeatureStore); a tile without a valid pixel (all nodata, or
+   masked out) never reaches the model: its cells are invalid and hold zero projected features (the
+   PCA mean), so it weighs as little in the blend as any invalid cell. The PCA basis is
    fitted on a sample of cells from tiles spread over the whole raster (those
    tiles are extracted first); every tile is then projected with it.
 2. Clustering: k-means (fixed K or the elbow K) is fitted once on a sample of
@@ -61,6 +63,7 @@ class TileFeatureExtractor(Protocol):
     stride: int
     cell_size: int
     tiles_per_batch: int
+    feature_dim: int
 
     def extract_tiles(self, tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
         """(H / stride, W / stride, C) features of each (H, W, 3) tile."""
@@ -241,12 +244,12 @@ def extract_features(
             if len(raw) == len(pca_tiles):
                 projection = _fit_projection(pca_samples, params)
                 for raw_key, item in raw.items():
-                    projected = TileFeatures(projection.project(item.features), item.valid, item.exg)
+                    projected = _projected(projection, item)
                     store.put(raw_key, projected)
                     keep_sample(raw_key, projected)
                 raw.clear()
         else:
-            projected = TileFeatures(projection.project(features), cell_valid, cell_exg)
+            projected = _projected(projection, TileFeatures(features, cell_valid, cell_exg))
             store.put(key, projected)
             keep_sample(key, projected)
         timings["project"] += time.perf_counter() - started
@@ -287,7 +290,8 @@ def _extracted(
 ) -> Iterator[tuple[Tile, tuple[np.ndarray, np.ndarray], np.ndarray]]:
     """Each tile with its cell statistics (valid share, ExG) and features, in order. Tiles go through
     the model in batches of `extractor.tiles_per_batch`; a reader thread reads the next batch and
-    computes its cell statistics while this one is in the model.
+    computes its cell statistics while this one is in the model. A tile without a valid pixel is not run:
+    its features are zeros (every cell of it is invalid, so nothing samples them).
     The heap's freed memory goes back to the system after every batch: otherwise glibc keeps more
     of it batch after batch (measured at 36 MP: 720 MB resident after the first batches, 920 MB by
     the end, peak 956 MB; with the release 750 to 850 MB throughout, peak 880 MB, and no slower).
@@ -297,12 +301,13 @@ def _extracted(
     per_batch = extractor.tiles_per_batch
     batches = [tiles[start:start + per_batch] for start in range(0, len(tiles), per_batch)]
 
-    def timed_read(batch: list[Tile]) -> list[tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]]:
+    def timed_read(batch: list[Tile]) -> list[tuple[np.ndarray | None, tuple[np.ndarray, np.ndarray]]]:
+        """Each tile's pixels (None without a valid one) and cell statistics."""
         started = time.perf_counter()
         pixels = []
         for tile in batch:
             rgb, valid = read_tile(source, tile)
-            pixels.append((rgb, grid.cell_statistics(rgb, valid)))
+            pixels.append((rgb if valid.any() else None, grid.cell_statistics(rgb, valid)))
         timings["read"] += time.perf_counter() - started
         return pixels
 
@@ -316,11 +321,26 @@ def _extracted(
             progress.check()
             progress.report(done / len(tiles), f"Extracting features: tile {done + 1} of {len(tiles)}")
             started = time.perf_counter()
-            features = extractor.extract_tiles([rgb for rgb, _ in pixels])
+            run = [rgb for rgb, _ in pixels if rgb is not None]
+            features = iter(extractor.extract_tiles(run) if run else [])
             release_free_memory()
             timings["features"] += time.perf_counter() - started
             done += len(batch)
-            yield from zip(batch, (statistics for _, statistics in pixels), features)
+            for tile, (rgb, statistics) in zip(batch, pixels):
+                yield tile, statistics, next(features) if rgb is not None else _no_features(statistics[0], extractor)
+
+
+def _no_features(cell_valid: np.ndarray, extractor: TileFeatureExtractor) -> np.ndarray:
+    """The features of a tile that was not run: zeros on its cell grid."""
+    return np.zeros((*cell_valid.shape, extractor.feature_dim), dtype=np.float32)
+
+
+def _projected(projection: Projection, tile: TileFeatures) -> TileFeatures:
+    """A tile's features projected; zeros (the PCA mean) for a tile without a valid cell, which was not run."""
+    if tile.valid.any():
+        return TileFeatures(projection.project(tile.features), tile.valid, tile.exg)
+    zeros = np.zeros((*tile.valid.shape, projection.components.shape[0]), dtype=np.float32)
+    return TileFeatures(zeros, tile.valid, tile.exg)
 
 
 def _fit_projection(pca_samples: list[np.ndarray], params: SegmentationParams) -> Projection:

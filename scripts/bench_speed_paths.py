@@ -1,0 +1,154 @@
+"""Speed paths of issue #31, measured small: (1) the int8 ONNX export's peak memory against a run whose export
+is cached, for the tiny test model and the ViT-S/16 architecture (random weights, saved with save_pretrained
+and loaded through the product's loader); (2) a 4 MP raster whose right half is nodata against the full raster
+(`segment` end to end, alternating). Each figure is its own process. Prints JSON lines; docs/BENCHMARKS.md
+holds the figures that were recorded.
+
+    .venv/bin/python scripts/bench_speed_paths.py export [--models tiny,vits]
+    .venv/bin/python scripts/bench_speed_paths.py empty [--repeat 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+WORK = REPO / "output" / "bench"
+
+
+def tiny_model() -> Path:
+    """The tiny DINOv3 of the tests (hidden 64, 2 layers), saved once under output/bench."""
+    folder = WORK / "tiny-random"
+    if not (folder / "config.json").exists():
+        import torch
+        from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+        torch.manual_seed(0)
+        config = DINOv3ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=128, patch_size=16, num_register_tokens=4)
+        DINOv3ViTModel(config).save_pretrained(folder)
+    return folder
+
+
+def model_folder(name: str) -> Path:
+    from bench import vits_random_model
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    return tiny_model() if name == "tiny" else vits_random_model()
+
+
+def child_export(model: str, cache: str) -> dict:
+    """One 512 × 512 tile through the int8 backbone with the export cache in `cache`: the process's peak."""
+    os.environ["XDG_CACHE_HOME"] = cache
+    import torch
+
+    from treeseg_qgis.engine.core.features import FeatureExtractor
+    from treeseg_qgis.engine.core.models import load_backbone
+
+    torch.set_num_threads(2)
+    backbone = load_backbone(model, device="cpu", precision="int8")
+    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    started = time.perf_counter()
+    FeatureExtractor(backbone).extract(np.random.default_rng(0).random((512, 512, 3), dtype=np.float32))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"exports": backbone.model.exports, "peak_mb": round(peak), "after_load_mb": round(loaded),
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def run_child(*arguments: str) -> dict:
+    done = subprocess.run([sys.executable, __file__, "child", *arguments], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def export_memory(models: list[str]) -> None:
+    for name in models:
+        folder = model_folder(name)
+        with tempfile.TemporaryDirectory(prefix="treeseg-bench-onnx-") as cache:
+            first = run_child("export", str(folder), cache)
+            cached = run_child("export", str(folder), cache)
+        print(json.dumps({"model": name, "export": first, "cached": cached,
+                          "ratio": round(first["peak_mb"] / cached["peak_mb"], 2), "load": os.getloadavg()[0]}))
+
+
+def half_empty(base: Path) -> tuple[Path, Path]:
+    """The 4 MP raster with nodata 0 (no zero pixel in it), and a copy whose right half is nodata."""
+    from osgeo import gdal
+
+    gdal.UseExceptions()
+    full, half = WORK / "ortho_4mp_nodata.tif", WORK / "ortho_4mp_right_nodata.tif"
+    if not half.exists():
+        source = gdal.Open(str(base))
+        data = np.maximum(source.ReadAsArray(), 1)
+        right_nodata = data.copy()
+        right_nodata[:, :, data.shape[2] // 2:] = 0
+        for path, values in ((full, data), (half, right_nodata)):
+            target = gdal.GetDriverByName("GTiff").Create(str(path), source.RasterXSize, source.RasterYSize, 3,
+                                                          gdal.GDT_Byte, ["TILED=YES", "COMPRESS=DEFLATE"])
+            target.SetGeoTransform(source.GetGeoTransform())
+            target.SetProjection(source.GetProjection())
+            for band in range(3):
+                target.GetRasterBand(band + 1).SetNoDataValue(0)
+                target.GetRasterBand(band + 1).WriteArray(values[band])
+            target = None
+    return full, half
+
+
+def segment_once(raster: Path, model: Path, cache: str) -> dict:
+    out = Path(tempfile.mkdtemp(prefix="treeseg-bench-out-"))
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "treeseg_qgis", "segment", str(raster), "--out", str(out), "--model",
+                    str(model), "--no-cache", "--clusters", "4", "--quiet"], cwd=REPO, check=True,
+                   capture_output=True, env={**os.environ, "XDG_CACHE_HOME": cache, "PYTHONPATH": str(REPO)})
+    wall = time.perf_counter() - started
+    record = json.loads(next(out.glob("*_run.json")).read_text())
+    return {"wall_s": round(wall, 1), "total_s": record["timings"]["total"],
+            "features_s": record["timings"]["features"], "precision": record["model"].get("precision"),
+            "load": os.getloadavg()[0]}
+
+
+def empty_tiles(repeat: int) -> None:
+    from bench import make_inputs
+
+    full, half = half_empty(make_inputs()[4])
+    model = model_folder("vits")
+    cache = tempfile.mkdtemp(prefix="treeseg-bench-cache-")
+    segment_once(half, model, cache)  # warm-up: builds the int8 export once, kept for the runs that count
+    runs: dict[str, list[dict]] = {"full": [], "right half nodata": []}
+    for _ in range(repeat):
+        for name, raster in (("full", full), ("right half nodata", half)):
+            runs[name].append(segment_once(raster, model, cache))
+            print(json.dumps({"raster": name, **runs[name][-1]}), flush=True)
+    for key in ("wall_s", "total_s", "features_s"):
+        ratio = sum(r[key] for r in runs["right half nodata"]) / sum(r[key] for r in runs["full"])
+        print(json.dumps({"ratio": key, "half_over_full": round(ratio, 2)}))
+
+
+def main() -> None:
+    if sys.argv[1] == "child":
+        print(json.dumps(child_export(sys.argv[3], sys.argv[4])))
+        return
+    parser = argparse.ArgumentParser()
+    parser.add_argument("part", choices=("export", "empty"))
+    parser.add_argument("--models", default="tiny,vits")
+    parser.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args()
+    if args.part == "export":
+        export_memory(args.models.split(","))
+    else:
+        empty_tiles(args.repeat)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Speed paths (issue #31): the command line loads no model library it does not need, and tiles without a
+valid pixel never reach the model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from osgeo import gdal
+
+from treeseg_qgis.engine.core.clustering import Projection
+from treeseg_qgis.engine.core.feature_grid import FeatureGrid
+from treeseg_qgis.engine.core.features import FeatureExtractor
+from treeseg_qgis.engine.core.progress import Progress
+from treeseg_qgis.engine.core.segmentation import NODATA, ensure_features, read_tile, segment_raster
+from treeseg_qgis.engine.core.store import FeatureStore, TileFeatures
+from treeseg_qgis.engine.core.tiling import TileGrid
+from treeseg_qgis.engine.gis.raster import GdalRasterSource
+from treeseg_qgis.engine.gis.writers import LabelRasterWriter
+from treeseg_qgis.engine.pipeline import load_model_for, segment
+from treeseg_qgis.params import SegmentationParams
+
+from .conftest import REPO
+
+HEAVY = ("torch", "transformers", "sklearn")
+
+
+def imported_by(*arguments: str, cwd) -> tuple[int, str, set[str]]:
+    """Exit status, stderr (without the import timings) and every module `python -m treeseg_qgis ARGUMENTS`
+    imported, from `-X importtime`."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "treeseg_qgis", *arguments], cwd=cwd,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    modules, messages = set(), []
+    for line in done.stderr.splitlines():
+        if line.startswith("import time:"):
+            modules.add(line.rsplit("|", 1)[1].strip())
+        else:
+            messages.append(line)
+    return done.returncode, "\n".join(messages), modules
+
+
+@pytest.mark.parametrize("arguments", [
+    ("--help",), ("--version",), ("segment", "--help"), ("fit", "--help"), ("segment-many", "--help"),
+    ("teach", "--help"), ("evaluate", "--help"),
+])
+def test_help_loads_no_model_library(arguments, tmp_path):
+    status, _, modules = imported_by(*arguments, cwd=tmp_path)
+    assert status == 0
+    assert "treeseg_qgis.engine.cli" in modules
+    assert not modules & set(HEAVY)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (("segment",), "the following arguments are required: INPUT, --out"),
+    (("segment", "in.tif", "--out", "out", "--clusters", "many"), "must be 'auto' or a whole number"),
+    (("segment", "in.tif", "--out", "out", "--tile-size", "100"), "multiple of 16"),
+    (("segment", "in.tif", "--out", "out", "--method", "sift"), "invalid choice"),
+    (("fit", "in.tif"), "the following arguments are required: --out"),
+])
+def test_argument_errors_load_no_model_library(arguments, message, tmp_path):
+    status, stderr, modules = imported_by(*arguments, cwd=tmp_path)
+    assert status == 2 and message in stderr
+    assert "Traceback" not in stderr
+    assert not modules & set(HEAVY)
+    assert not (tmp_path / "out").exists()
+
+
+WIDTH, HEIGHT, TILE, OVERLAP = 384, 160, 128, 32  # tiles start at x = 0, 96, 192, 288 and y = 0, 96
+
+
+def half_empty_raster(path, *, alpha: bool, edge: int = WIDTH // 2):
+    """A crown scene whose pixels from column `edge` on are nodata (band nodata 0), or transparent (alpha)."""
+    from .conftest import disc_scene, write_geotiff
+
+    image, _ = disc_scene(HEIGHT, WIDTH, [(50, 60), (110, 150), (60, 300)], radius=30)
+    image = np.maximum(image, 1)
+    if alpha:
+        mask = np.full((1, HEIGHT, WIDTH), 255, np.uint8)
+        mask[:, :, edge:] = 0
+        path = write_geotiff(path, np.concatenate([image, mask]))
+        dataset = gdal.Open(str(path), gdal.GA_Update)
+        dataset.GetRasterBand(4).SetColorInterpretation(gdal.GCI_AlphaBand)
+        dataset = None
+        return path
+    image[:, :, edge:] = 0
+    return write_geotiff(path, image, nodata=0)
+
+
+class Counted:
+    """Counts the images `extract_tiles` hands the backbone (through a forward pre-hook on the real network)."""
+
+    def __init__(self, backbone) -> None:
+        self.images = 0
+        backbone.model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs) -> None:
+        self.images += kwargs["pixel_values"].shape[0]
+
+
+def tiles_with_valid_pixels(grid: TileGrid, edge: int) -> int:
+    return sum(tile.x < edge for tile in grid.tiles())
+
+
+@pytest.mark.parametrize("alpha", [False, True], ids=["nodata", "alpha-mask"])
+def test_tiles_without_valid_pixels_never_reach_the_model(tiny_model_dir, tmp_path, alpha):
+    path = half_empty_raster(tmp_path / "half.tif", alpha=alpha)
+    params = SegmentationParams(input_path=str(path), output_dir=str(tmp_path / "out"), model=str(tiny_model_dir),
+                                device="cpu", precision="float32", clusters=3, tile_size=TILE, overlap=OVERLAP,
+                                use_cache=False)
+    counted: list[Counted] = []
+
+    def load_counted(params: SegmentationParams):  # the product's loader, the network's images counted
+        backbone = load_model_for(params)
+        counted.append(Counted(backbone))
+        return backbone
+
+    record = segment(params, load_model=load_counted)
+    grid = TileGrid(WIDTH, HEIGHT, TILE, OVERLAP)
+    assert len(grid) == 8 and tiles_with_valid_pixels(grid, WIDTH // 2) == 4
+    assert counted[0].images == 4  # stride 16: one image per tile, the 4 all-nodata tiles never ran
+    labels = read_band(record["outputs"]["clusters"])
+    assert (labels[:, WIDTH // 2:] == NODATA).all() and (labels[:, :WIDTH // 2] != NODATA).all()
+
+
+@pytest.mark.parametrize("edge", [192, 160], ids=["skipped-tile-at-the-edge", "skipped-tile-apart"])
+def test_labels_with_the_skip_equal_those_without_it(tiny_model_dir, tmp_path, edge):
+    """The same run with every tile through the model (built here tile by tile) gives the same clustering
+    sample and the same labels, except possibly in the pixels within one cell (16 px) of a skipped tile's cells:
+    there the invalid cells next to them blend the PCA mean instead of features of nodata pixels (measured: none
+    of the 2560 such pixels differ when the skipped tile starts at the edge; none are near one 32 px apart)."""
+    path = half_empty_raster(tmp_path / "half.tif", alpha=False, edge=edge)
+    params = SegmentationParams(input_path=str(path), output_dir=str(tmp_path / "out"), model=str(tiny_model_dir),
+                                device="cpu", precision="float32", clusters=3, tile_size=TILE, overlap=OVERLAP,
+                                batch_size=1)
+    backbone = load_model_for(params)
+    counted = Counted(backbone)
+    extractor = FeatureExtractor(backbone, 16, batch_size=1)
+    with GdalRasterSource(str(path), params.bands) as source:
+        grid = FeatureGrid.of_extractor(TileGrid(source.width, source.height, TILE, OVERLAP), extractor)
+        first = read_tile(source, grid.tiles.tile(0, 0))[0]
+        projection = Projection(extractor.extract(first).reshape(-1, extractor.feature_dim), params.pca_dims)
+        counted.images = 0
+        skipping = FeatureStore(tmp_path / "skipping")
+        samples, exg = ensure_features(params, source, grid, extractor, skipping, Progress(), {}, projection)
+        assert counted.images == tiles_with_valid_pixels(grid.tiles, edge) < len(grid.tiles)
+
+        every = FeatureStore(tmp_path / "every")
+        skipped = []
+        for tile in grid.tiles.tiles():
+            rgb, valid = read_tile(source, tile)
+            cell_valid, cell_exg = grid.cell_statistics(rgb, valid)
+            every.put((tile.row, tile.col), TileFeatures(projection.project(extractor.extract(rgb)), cell_valid,
+                                                         cell_exg))
+            stored = skipping.get((tile.row, tile.col))
+            if valid.any():
+                assert np.array_equal(stored.features, every.get((tile.row, tile.col)).features)
+            else:
+                skipped.append(tile)
+                assert not stored.valid.any() and not stored.features.any()
+        every.save_samples(samples, exg, {**extractor.describe(), **grid.describe()})
+        # the skipped tiles hold no valid cell: neither run samples them, so the clustering sample is the same
+        assert all(not every.get((t.row, t.col)).valid.any() for t in skipped)
+
+        with_skip = _labels(params, source, grid, skipping, tmp_path / "a")
+        without_skip = _labels(params, source, grid, every, tmp_path / "b")
+    valid = with_skip != NODATA
+    assert np.array_equal(valid, without_skip != NODATA)
+    near = np.zeros_like(valid)
+    for tile in skipped:
+        near[:, max(0, tile.x - 16):] = True
+    assert np.array_equal(with_skip[valid & ~near], without_skip[valid & ~near])
+    differing = (with_skip != without_skip)[valid & near].mean() if (valid & near).any() else 0.0
+    print(f"edge {edge}: {(valid & near).sum()} valid pixels near skipped cells, {differing:.1%} of them differ")
+
+
+def _labels(params, source, grid, store, out) -> np.ndarray:
+    """Cluster labels of a run from a complete store, written by the product's writer and read back."""
+    out.mkdir()
+    writers = []
+
+    def open_sink(k, trees):
+        writers.append(LabelRasterWriter(str(out / "c.tif"), str(out / "t.tif"), source.width, source.height,
+                                         source.crs_wkt, source.geotransform, k, trees, {}))
+        return writers[-1]
+
+    segment_raster(params, source, grid, None, store, open_sink, Progress())
+    writers[-1].close()
+    return read_band(out / "c.tif")
+
+
+def read_band(path) -> np.ndarray:
+    dataset = gdal.Open(str(path))  # kept while its band is read
+    return dataset.GetRasterBand(1).ReadAsArray()
