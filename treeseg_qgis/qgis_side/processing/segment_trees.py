@@ -31,7 +31,7 @@ from qgis.core import (
 from ...params import DEFAULT_K_RANGE, K_MAX, METHODS, OutputFiles, SegmentationParams
 from ..auth import hf_token
 from ..compat import DOUBLE, INTEGER, POLYGON_LAYERS
-from ..raster_input import prepare_input
+from ..raster_input import prepare_input, raster_file
 from ..results import RUN_OUTPUT_ORDER, OutputGroup, group_name, style_loaded_outputs
 from .engine_algorithm import (
     CROWN_COUNT,
@@ -47,9 +47,9 @@ from .engine_algorithm import (
     read_choice,
     read_cluster_ids,
     read_int,
+    read_model,
     read_number,
     read_number_zero_off,
-    read_text,
     run_in_engine,
 )
 
@@ -168,7 +168,7 @@ class SegmentTreesAlgorithm(EngineAlgorithm):
                 "min_tree_height_m", read_number_zero_off, advanced=True),
             Declared(QgsProcessingParameterString(
                 "HEIGHT_MODEL", "Canopy-height model", defaultValue=DEFAULT_HEIGHT_MODEL),
-                "height_model", read_text, advanced=True),
+                "height_model", read_model, advanced=True),
         ]
 
     def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,
@@ -177,8 +177,9 @@ class SegmentTreesAlgorithm(EngineAlgorithm):
         layer = self.input_raster(parameters, self.INPUT, context)
         files = self.output_files(parameters, context)
         stem = Path(files["clusters"]).with_suffix("")
+        source = raster_file(layer)
         params = self.read_params(
-            parameters, context, input_path=layer.source(), output_dir=str(stem.parent), output_stem=stem.name,
+            parameters, context, input_path=source, output_dir=str(stem.parent), output_stem=stem.name,
             crowns=files["crowns"] is not None, feature_preview=files["features"] is not None,
             canopy_height=files["height"] is not None,
             outputs=OutputFiles(**files, preview=f"{stem}_preview.png", record=f"{stem}_run.json"))
@@ -191,7 +192,7 @@ class SegmentTreesAlgorithm(EngineAlgorithm):
             self.parameterAsDouble(parameters, self.RESOLUTION, context), context,
             Path(QgsProcessingUtils.tempFolder()) / "treeseg",
         ))
-        self.check_params(params, inputs=(layer.source(),))
+        self.check_params(params, inputs=(source,))
         record = run_in_engine(python, feedback, lambda client, report: client.segment(
             params, on_progress=report.progress, on_log=report.log, is_cancelled=feedback.isCanceled,
             hf_token=hf_token()))
