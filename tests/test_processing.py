@@ -397,15 +397,9 @@ def test_qgis_process_resolves_relative_paths_against_the_callers_folder(tiny_mo
     assert sorted(path.name for path in plugins.iterdir()) == ["treeseg_qgis"]
 
 
-def test_temporary_outputs_load_styled_in_one_group_without_a_false_error(provider, tiny_model_dir, scene_tif):
-    """As the toolbox dialog runs it (runAndLoadResults → handleAlgorithmResults): every output read once, so
-    each temporary path is written and loaded, none reported as 'not correctly generated'; the post-processor
-    gives them the panel's names, styles and group."""
-    import processing
-    from qgis.core import QgsPalettedRasterRenderer, QgsProcessingFeedback, QgsProject, QgsRuleBasedRenderer
-    from qgis.PyQt.QtCore import Qt
-
-    from treeseg_qgis.qgis_side.results import OVERLAY_OPACITY
+def error_recorder():
+    """A Processing feedback that keeps the errors reported to it (what the dialog shows in red)."""
+    from qgis.core import QgsProcessingFeedback
 
     class Recorder(QgsProcessingFeedback):
         def __init__(self) -> None:
@@ -416,8 +410,21 @@ def test_temporary_outputs_load_styled_in_one_group_without_a_false_error(provid
             self.errors.append(error)
             super().reportError(error, fatalError)
 
+    return Recorder()
+
+
+def test_temporary_outputs_load_styled_in_one_group_without_a_false_error(provider, tiny_model_dir, scene_tif):
+    """As the toolbox dialog runs it (runAndLoadResults → handleAlgorithmResults): every output read once, so
+    each temporary path is written and loaded, none reported as 'not correctly generated'; the post-processor
+    gives them the panel's names, styles and group."""
+    import processing
+    from qgis.core import QgsPalettedRasterRenderer, QgsProject, QgsRuleBasedRenderer
+    from qgis.PyQt.QtCore import Qt
+
+    from treeseg_qgis.qgis_side.results import OVERLAY_OPACITY
+
     path, _ = scene_tif
-    feedback = Recorder()
+    feedback = error_recorder()
     temporary = {name: "TEMPORARY_OUTPUT" for name in ("OUTPUT_CLUSTERS", "OUTPUT_TREES", "OUTPUT_POLYGONS",
                                                         "OUTPUT_CROWNS")}
     results = processing.runAndLoadResults(ALGORITHM, tiny_run(tiny_model_dir, path, Path("unused"), **temporary),
@@ -449,6 +456,32 @@ def test_temporary_outputs_load_styled_in_one_group_without_a_false_error(provid
     finally:
         QgsProject.instance().removeAllMapLayers()
         root.removeAllChildren()
+
+
+def test_a_blank_optional_output_is_not_queued_for_loading_and_reports_no_error(provider, tiny_model_dir,
+                                                                                 scene_tif, tmp_path):
+    """As a batch row sends an optional output left blank: an empty output definition bound to the project. Nothing
+    is queued under '' and the run ends without "The following layers were not correctly generated"."""
+    import processing
+    from qgis.core import QgsProcessingContext, QgsProcessingOutputLayerDefinition, QgsProject
+
+    path, _ = scene_tif
+    feedback = error_recorder()
+    context = QgsProcessingContext()
+    context.setProject(QgsProject.instance())
+    blank = QgsProcessingOutputLayerDefinition("", QgsProject.instance())
+    try:
+        results = processing.runAndLoadResults(
+            ALGORITHM, tiny_run(tiny_model_dir, path, tmp_path / "out", OUTPUT_CROWNS=blank), feedback=feedback,
+            context=context)
+
+        assert "" not in context.layersToLoadOnCompletion()
+        assert feedback.errors == []
+        assert "OUTPUT_CROWNS" not in results and not list((tmp_path / "out").glob("*crowns*"))
+        assert Path(results["OUTPUT_CLUSTERS"]).is_file()
+    finally:
+        QgsProject.instance().removeAllMapLayers()
+        QgsProject.instance().layerTreeRoot().removeAllChildren()
 
 
 def test_the_output_group_orders_layers_the_desktop_already_put_into_it(qgis_new_project):

@@ -391,9 +391,11 @@ class EngineAlgorithm(DescribedAlgorithm):
 
         The parameter is read once: for a temporary output each read makes a new path and queues it for
         loading, and a queued path the engine never writes ends the run with a false "not correctly
-        generated" error."""
+        generated" error. An optional output left blank (the batch dialog's empty definition) is taken out of
+        the load queue for the same reason."""
         requested = self.parameterAsOutputLayer(parameters, name, context)
         if not requested:
+            _load_on_completion_as(context, requested, None)
             return None
         if NON_FILE_DESTINATION.match(requested):
             raise QgsProcessingException(
@@ -402,11 +404,20 @@ class EngineAlgorithm(DescribedAlgorithm):
         actual = absolute_file(requested)
         if Path(actual).suffix.lower() not in suffixes:
             actual = str(Path(actual).with_suffix(suffixes[0]))
-        if actual != requested and context.willLoadLayerOnCompletion(requested):
-            layers = context.layersToLoadOnCompletion()
-            layers[actual] = layers.pop(requested)
-            context.setLayersToLoadOnCompletion(layers)
+        if actual != requested:
+            _load_on_completion_as(context, requested, actual)
         return actual
+
+
+def _load_on_completion_as(context: QgsProcessingContext, queued: str, path: str | None) -> None:
+    """The layer queued for loading as `queued` loads from `path` instead (None: not at all)."""
+    if not context.willLoadLayerOnCompletion(queued):
+        return
+    layers = context.layersToLoadOnCompletion()
+    details = layers.pop(queued)
+    if path is not None:
+        layers[path] = details
+    context.setLayersToLoadOnCompletion(layers)
 
 
 def engine_python() -> str:
