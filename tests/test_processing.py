@@ -493,7 +493,7 @@ def test_the_output_group_orders_layers_the_desktop_already_put_into_it(qgis_new
 
     project = QgsProject.instance()
     root = project.layerTreeRoot()
-    group = OutputGroup("scene — base, stride 16", RUN_OUTPUT_ORDER)
+    group = OutputGroup("scene — base, stride 16", RUN_OUTPUT_ORDER, {"parameters": {"stride": 16}}, "scene")
     layers = {kind: QgsVectorLayer("Polygon?crs=EPSG:32617", kind, "memory") for kind in RUN_OUTPUT_ORDER}
     try:
         for kind in ("clusters", "crowns", "height", "trees", "polygons", "features"):

@@ -32,7 +32,7 @@ from ...params import DEFAULT_K_RANGE, K_MAX, METHODS, OutputFiles, Segmentation
 from ..auth import hf_token
 from ..compat import DOUBLE, INTEGER, POLYGON_LAYERS
 from ..raster_input import prepare_input, raster_file
-from ..results import RUN_OUTPUT_ORDER, OutputGroup, group_name, style_loaded_outputs
+from ..results import OutputGroup, style_loaded_outputs
 from .engine_algorithm import (
     CROWN_COUNT,
     WEIGHTS_HELP,
@@ -196,5 +196,5 @@ class SegmentTreesAlgorithm(EngineAlgorithm):
         record = run_in_engine(python, feedback, lambda client, report: client.segment(
             params, on_progress=report.progress, on_log=report.log, is_cancelled=feedback.isCanceled,
             hf_token=hf_token()))
-        style_loaded_outputs(context, record, OutputGroup(group_name(record, layer.name()), RUN_OUTPUT_ORDER))
+        style_loaded_outputs(context, record, OutputGroup.for_run(record, layer.name()))
         return self.results(record)
