@@ -107,8 +107,10 @@ def read_choice(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], n
 
 
 def read_stride(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], name: str,
-                context: QgsProcessingContext) -> int:
-    return int(algorithm.parameterAsEnumString(parameters, name, context))
+                context: QgsProcessingContext) -> int | None:
+    """A stride; none chosen (an optional stride left empty) leaves the field at its default."""
+    text = algorithm.parameterAsEnumString(parameters, name, context)
+    return int(text) if text else None
 
 
 def read_int(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], name: str,
@@ -219,7 +221,8 @@ def orthophoto_parameter() -> Declared:
 def model_parameters() -> list[Declared]:
     """MODEL, the advanced MODEL_ID that overrides it, and STRIDE."""
     return [
-        Declared(QgsProcessingParameterEnum("MODEL", "DINOv3 model", options=list(params.MODEL_NAMES),
+        Declared(QgsProcessingParameterEnum("MODEL", "DINOv3 model (a Model id overrides)",
+                                            options=list(params.MODEL_NAMES),
                                             defaultValue=DEFAULT_MODEL, usesStaticStrings=True), "model", read_choice),
         Declared(QgsProcessingParameterString("MODEL_ID", "Model id or folder (overrides Model)", optional=True),
                  "model", read_model, advanced=True),
