@@ -10,8 +10,10 @@ it with the memory the run needs.
 from __future__ import annotations
 
 import html
+import json
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -55,10 +57,12 @@ from ...memory import (
     RUN_TILE_SIZE,
     available_memory_bytes,
     estimate_peak_bytes,
+    estimate_run_time,
     format_gigabytes,
     memory_warning,
     model_entry,
     size_warning,
+    speed_factor,
     tiles_and_time,
 )
 from ...outputs import OutputPathError, OutputPaths, check_run_paths
@@ -90,6 +94,11 @@ EXTENTS = {
     SELECTED_POLYGONS: "Selected polygons of a layer",
 }
 SETTINGS_PREFIX = "treeseg/dock/"
+SPEED_SETTING = SETTINGS_PREFIX + "measured_over_estimated"
+"""The last runs' measured seconds over their estimates (JSON list): this machine's speed for the next estimate."""
+EXPORTED_SETTING = SETTINGS_PREFIX + "int8_exported_models"
+"""The models whose int8 export the engine has made and cached (JSON list)."""
+SPEED_RUNS_KEPT = 3
 DEFAULT_CLUSTERS = 5
 """The number of clusters the spin box offers until the user turns automatic K off."""
 EXPORT_HINT = ("export it to a GeoTIFF first (right-click the layer ▸ Export ▸ Save As…) and run TreeSeg "
@@ -233,6 +242,8 @@ class RunPanel(QWidget):
         self._probe_started = False
         self._engine_unusable = False
         self._layer_chosen = False
+        self._loaded_model: tuple[str, str, str] | None = None
+        self._run_timing: tuple[float, dict[str, Any]] | None = None
         self._build_input()
         self._build_model()
         self._build_engine_status()
@@ -548,7 +559,47 @@ class RunPanel(QWidget):
         if size is None:
             return None
         return size_warning(self.model_in_use(), *size, self.stride_combo.currentData(), RUN_TILE_SIZE,
-                            self._run_device())
+                            self._run_device(), **self._estimate_options(), speed=self._speed())
+
+    def _model_key(self) -> tuple[str, str, str]:
+        return self.model_in_use(), self.device_combo.currentData(), self.precision_combo.currentData()
+
+    def _run_precision(self) -> str:
+        """The precision the run computes in: the one chosen, or for auto what the engine's probe said (int8 on
+        a CPU with fast int8, before the probe too)."""
+        chosen = self.precision_combo.currentData()
+        return chosen if chosen != AUTO else str((self._engine_info or {}).get("precision", "int8"))
+
+    def _estimate_options(self) -> dict[str, Any]:
+        """What the time estimate needs besides the raster: the precision, automatic K, and what is still to come
+        before the first tile (the engine start, the model load, the first int8 export)."""
+        started = self.engine is not None and self.engine.running
+        exported = json.loads(QgsSettings().value(EXPORTED_SETTING, "[]", type=str) or "[]")
+        return {"precision": self._run_precision(), "automatic_k": self.auto_clusters.isChecked(),
+                "engine_started": started, "model_loaded": started and self._loaded_model == self._model_key(),
+                "exported": self.model_in_use() in exported}
+
+    @staticmethod
+    def _speed() -> float:
+        """This machine's measured speed against the estimates of its last runs (1 before any)."""
+        return speed_factor(json.loads(QgsSettings().value(SPEED_SETTING, "[]", type=str) or "[]"))
+
+    def _learn_from(self, record: dict[str, Any]) -> None:
+        """After a run: keep its measured time over its estimate for the next estimates, and what it loaded."""
+        started, options = self._run_timing or (None, {})
+        self._loaded_model = self._model_key()
+        if str(record["model"].get("precision", "")).startswith("int8"):
+            settings = QgsSettings()
+            exported = json.loads(settings.value(EXPORTED_SETTING, "[]", type=str) or "[]")
+            settings.setValue(EXPORTED_SETTING, json.dumps(sorted({*exported, self.model_in_use()})))
+        expected = estimate_run_time(record["parameters"]["model"], record["input"]["width"],
+                                     record["input"]["height"], record["stride"], record["parameters"]["tile_size"],
+                                     self._run_device(), record["parameters"]["overlap"], **options)
+        if started is None or expected is None or record["feature_cache"]["state"] == "hit":
+            return
+        measured = json.loads(QgsSettings().value(SPEED_SETTING, "[]", type=str) or "[]")
+        measured = [*measured, (time.monotonic() - started) / expected.total][-SPEED_RUNS_KEPT:]
+        QgsSettings().setValue(SPEED_SETTING, json.dumps(measured))
 
     def _show_memory_estimate(self) -> None:
         """The model that runs (named when an override sets it; the Model box is then greyed), its size and the
@@ -570,7 +621,8 @@ class RunPanel(QWidget):
         size = self._whole_layer_size()
         if size is not None:
             memory += ". The layer: " + tiles_and_time(self.model_in_use(), *size, self.stride_combo.currentData(),
-                                                       RUN_TILE_SIZE, device)
+                                                       RUN_TILE_SIZE, device, **self._estimate_options(),
+                                                       speed=self._speed())
         self.memory_label.setText(f"{model}: {memory}.")
         self.memory_label.setToolTip(override)
         will_not_fit = needed is not None and free is not None and needed > free
@@ -662,6 +714,7 @@ class RunPanel(QWidget):
             self.show_stage(str(problem), error=True)
             return
         self._save_settings()
+        self._run_timing = (time.monotonic(), self._estimate_options())
         clear_messages(self.iface.messageBar())
         self.task = SegmentationTask(self.engine, params, self.layer_combo.currentLayer(), self.iface.messageBar(),
                                      scratch, hf_token())
@@ -716,6 +769,8 @@ class RunPanel(QWidget):
         task, self.task = self.task, None
         self.progress_bar.setValue(100 if success else 0)
         if success:
+            self._learn_from(task.record)
+            self._show_memory_estimate()
             self._show_elbow(task.record)
             self.run_succeeded.emit(task)
         self.show_stage(f"Done: {summary}" if success else summary, error=not success and summary != "Cancelled.")
