@@ -15,6 +15,7 @@ from treeseg_qgis.params import SegmentationParams
 from treeseg_qgis.qgis_side.engine_client import EngineClient
 
 from .conftest import disc_scene, write_geotiff
+from .test_gui import add_raster, clean_settings, plugin, set_up_run, wait_until  # noqa: F401 - fixtures
 from .test_processing import error_recorder, provider, tiny_run  # noqa: F401 - provider: registers treeseg
 
 EXAMPLES = [(80.0, 70.0, True), (300.0, 90.0, True), (20.0, 20.0, False), (150.0, 10.0, False)]
@@ -132,3 +133,35 @@ def test_processing_results_go_to_the_top_never_into_the_selected_result_group(
     assert len(runs[0].findLayers()) == 3
     assert site.itemVisibilityChecked() and nested.itemVisibilityChecked()
     assert feedback.errors == []
+
+
+def test_the_panel_does_not_follow_a_result_raster_and_offers_the_orthophoto(
+        plugin, qgis_iface, scene_tif, tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
+    from qgis.core import QgsProject
+    from qgis.PyQt.QtWidgets import QMessageBox
+
+    path, _ = scene_tif
+    raster = add_raster(path)
+    qgis_iface.setActiveLayer(raster)
+    panel = plugin.dock.run_panel
+    set_up_run(panel, tiny_model_dir, tmp_path / "out")
+    plugin.action.trigger()
+    panel.run_button.click()
+    wait_until(lambda: panel.task is None)
+    clusters = next(layer for layer in QgsProject.instance().mapLayers().values()
+                    if layer.name().startswith("Clusters"))
+
+    qgis_iface.setActiveLayer(clusters)
+    assert panel.layer_combo.currentLayer() is raster
+
+    questions: list[str] = []
+    monkeypatch.setattr(QMessageBox, "question", lambda parent, title, text, *buttons: questions.append(text)
+                        or QMessageBox.StandardButton.Yes)
+    panel.layer_combo.setLayer(clusters)
+    panel.run_button.click()
+
+    assert questions == [f"'{clusters.name()}' is a TreeSeg result of 'scene', not an orthophoto. Run on 'scene' "
+                         "instead?"]
+    assert panel.layer_combo.currentLayer() is raster and panel.task is not None
+    wait_until(lambda: panel.task is None)
+    assert panel.stage_label.text().startswith("Done"), panel.stage_label.text()

@@ -283,6 +283,17 @@ def place_result_group(group: QgsLayerTreeGroup, record: dict[str, Any], input_n
         node = node.parent()
 
 
+def result_input_name(layer: QgsMapLayer, project: QgsProject) -> str | None:
+    """The name of the input layer whose result `layer` is (it sits in a result group); None for other layers."""
+    node = project.layerTreeRoot().findLayer(layer.id())
+    parent = node.parent() if node is not None else None
+    while parent is not None:
+        if parent.customProperty(RESULT_INPUT):
+            return str(parent.customProperty(RESULT_INPUT))
+        parent = parent.parent()
+    return None
+
+
 def result_groups(project: QgsProject, input_name: str) -> list[QgsLayerTreeGroup]:
     """The result groups of `input_name` anywhere in the layer tree, top first."""
     return [group for group in project.layerTreeRoot().findGroups(True)

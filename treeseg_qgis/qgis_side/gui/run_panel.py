@@ -82,6 +82,7 @@ from ..auth import hf_token
 from ..compat import POLYGON_LAYER_FILTER, RASTER_LAYER_FILTER
 from ..engine_client import EngineClient, missing_engine_message
 from ..raster_input import prepare_input
+from ..results import result_input_name
 from .layouts import fill, hbox
 from .task import ProbeTask, SegmentationTask, clear_messages
 
@@ -629,9 +630,33 @@ class RunPanel(QWidget):
         self.memory_label.setStyleSheet(ERROR_STYLE if will_not_fit else "")
 
     def follow_active_layer(self, layer: QgsMapLayer | None) -> None:
-        """Show `layer` (the active layer of QGIS) when it is a raster and no layer was picked in the panel."""
-        if not self._layer_chosen and isinstance(layer, QgsRasterLayer):
+        """Show `layer` (the active layer of QGIS) when it is a raster, not a TreeSeg result, and no layer was
+        picked in the panel."""
+        if (not self._layer_chosen and isinstance(layer, QgsRasterLayer)
+                and result_input_name(layer, QgsProject.instance()) is None):
             self.layer_combo.setLayer(layer)
+
+    def _input_not_a_result(self) -> bool:
+        """True when the chosen layer is an orthophoto, or the user chose to run on its orthophoto (then chosen) or
+        on the result anyway; a TreeSeg result raster (clusters, a mask) is not what a run should segment."""
+        layer = self.layer_combo.currentLayer()
+        input_name = result_input_name(layer, QgsProject.instance()) if layer is not None else None
+        if input_name is None:
+            return True
+        found = [other for other in QgsProject.instance().mapLayersByName(input_name)
+                 if isinstance(other, QgsRasterLayer) and result_input_name(other, QgsProject.instance()) is None]
+        if not found:
+            return self._run_anyway(f"'{layer.name()}' is a TreeSeg result of '{input_name}', not an orthophoto: "
+                                    "a run on it segments its colours.")
+        answer = QMessageBox.question(
+            self, "TreeSeg", f"'{layer.name()}' is a TreeSeg result of '{input_name}', not an orthophoto. Run on "
+            f"'{input_name}' instead?", QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+            QMessageBox.StandardButton.Yes)
+        if answer != QMessageBox.StandardButton.Yes:
+            self.show_stage(f"'{layer.name()}' is a TreeSeg result: choose the orthophoto to segment.", error=True)
+            return False
+        self.layer_combo.setLayer(found[0])
+        return True
 
     def _layer_picked(self) -> None:
         """The user chose a layer in the panel: it stays until they choose another."""
@@ -701,7 +726,7 @@ class RunPanel(QWidget):
         """Start a run with the panel's settings; problems are shown in the panel, nothing starts."""
         if self.engine is None or self.task is not None or self._teaching:
             return
-        if not self._run_anyway(self.memory_problem(), self.size_problem()):
+        if not self._input_not_a_result() or not self._run_anyway(self.memory_problem(), self.size_problem()):
             return
         scratch = None
         if self.extent_combo.currentData() != WHOLE_LAYER:
