@@ -45,6 +45,9 @@ def result_groups(root) -> list:
 
 def test_reruns_replace_the_same_settings_name_other_settings_and_show_only_the_newest(
         project, engine, tiny_model_dir, scene_tif, tmp_path):
+    from qgis.core import QgsLayerTreeModel
+    from qgis.PyQt.QtCore import Qt
+
     from treeseg_qgis.qgis_side.results import add_result_layers, add_teach_layers
 
     path, _ = scene_tif
@@ -81,6 +84,10 @@ def test_reruns_replace_the_same_settings_name_other_settings_and_show_only_the_
         taught[1]["outputs"][kind] for kind in ("taught_trees", "similarity")]
     assert [child.itemVisibilityChecked() for child in root.children()] == [True, False, False]
     assert len(project.mapLayers()) == 3 + 3 + 2
+    similarity = teach_groups[0].findLayers()[1]
+    model = QgsLayerTreeModel(root)
+    legend = model.layerLegendNodes(similarity)
+    assert legend[0].data(Qt.ItemDataRole.DisplayRole) == "Score (1: like the examples)"  # not 'Band 1 (Gray)'
 
 
 def test_processing_results_go_to_the_top_never_into_the_selected_result_group(

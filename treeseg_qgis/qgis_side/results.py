@@ -35,8 +35,10 @@ from qgis.core import (
     QgsGradientStop,
     QgsLayerTree,
     QgsLayerTreeGroup,
+    QgsLayerTreeLayer,
     QgsLayerTreeNode,
     QgsMapLayer,
+    QgsMapLayerLegendUtils,
     QgsMapLayerStyle,
     QgsMessageLog,
     QgsMultiBandColorRenderer,
@@ -135,6 +137,8 @@ def settings_difference(settings: dict[str, Any], others: Sequence[dict[str, Any
 RUN_OUTPUT_ORDER = ("crowns", "polygons", "trees", "clusters", "features", "height")
 """The order of a run's layers in its group, top first."""
 TEACH_OUTPUT_ORDER = ("taught_trees", "similarity")
+BAND_LEGENDS = {"similarity": "Score (1: like the examples)", "height": "Height above ground"}
+"""The first legend line of the single-band ramps, instead of QGIS's 'Band 1 (Gray)'."""
 HIDDEN_OUTPUTS = frozenset({"trees", "features", "height"})
 """Outputs added unchecked: the polygons and clusters already show the trees; the rest are extras."""
 VECTOR_OUTPUTS = frozenset({"crowns", "polygons"})
@@ -165,6 +169,13 @@ def open_output(path: str, kind: str, name: str) -> QgsMapLayer:
     if kind in VECTOR_OUTPUTS:
         return _open(QgsVectorLayer(path, name, "ogr"))
     return _open(QgsRasterLayer(path, name, "gdal"))
+
+
+def label_band_legend(node: QgsLayerTreeLayer, kind: str) -> None:
+    """Name the first legend line of an output of `kind` drawn as a single-band ramp (BAND_LEGENDS) in its layer
+    tree node, as Layer Properties ▸ Legend would (kept with the project)."""
+    if kind in BAND_LEGENDS:
+        QgsMapLayerLegendUtils.setLegendNodeUserLabel(node, 0, BAND_LEGENDS[kind])
 
 
 def survey_class_names(record: dict[str, Any]) -> list[str]:
@@ -210,7 +221,9 @@ def add_result_layers(record: dict[str, Any], input_name: str,
     for kind, layer in zip(kinds, layers):
         style_output(layer, kind, record)
         project.addMapLayer(layer, False)
-        group.addLayer(layer).setItemVisibilityChecked(kind not in HIDDEN_OUTPUTS)
+        node = group.addLayer(layer)
+        node.setItemVisibilityChecked(kind not in HIDDEN_OUTPUTS)
+        label_band_legend(node, kind)
     if survey is not None and "clusters" in kinds:
         join_survey(layers[kinds.index("clusters")], survey)
     group.setExpanded(False)
@@ -376,9 +389,9 @@ def add_teach_layers(record: dict[str, Any], input_name: str, project: QgsProjec
     elif group.parent() is not None:
         group.setName(teach_group_name(record, input_name))
     project.removeMapLayers([node.layerId() for node in previous])
-    for position, layer in enumerate((trees, similarity)):
+    for position, (kind, layer) in enumerate(zip(TEACH_OUTPUT_ORDER, (trees, similarity))):
         project.addMapLayer(layer, False)
-        group.insertLayer(position, layer)
+        label_band_legend(group.insertLayer(position, layer), kind)
     if not previous:
         group.setExpanded(False)
         group.setExpanded(True)
@@ -434,6 +447,7 @@ class OutputGroup:
         before = sum(1 for child in others if self._rank(child) < self.order.index(kind))
         moved = node.clone()
         moved.setItemVisibilityChecked(kind not in HIDDEN_OUTPUTS)
+        label_band_legend(moved, kind)
         self.node.insertChildNode(children.index(others[before]) if before < len(others) else len(children), moved)
         node.parent().removeChildNode(node)
         self.kinds[layer.id()] = kind
