@@ -30,11 +30,16 @@ def engine():
 
 @pytest.fixture
 def project(qgis_new_project):
-    from qgis.core import QgsProject
+    """The project, emptied afterwards; new layers go to the top of its tree again (a test may point the
+    insertion point at a group it then removes)."""
+    from qgis.core import QgsLayerTreeRegistryBridge, QgsProject
 
     yield QgsProject.instance()
+    root = QgsProject.instance().layerTreeRoot()
+    QgsProject.instance().layerTreeRegistryBridge().setLayerInsertionPoint(
+        QgsLayerTreeRegistryBridge.InsertionPoint(root, 0))
     QgsProject.instance().removeAllMapLayers()
-    QgsProject.instance().layerTreeRoot().removeAllChildren()
+    root.removeAllChildren()
 
 
 def result_groups(root) -> list:
