@@ -747,7 +747,8 @@ class RunPanel(QWidget):
         self.task.progressChanged.connect(self.show_progress)
         self.task.done.connect(self._finished)
         self.progress_bar.setValue(0)
-        self._show_elbow(None)
+        if self.elbow_image.isVisible():  # kept until this run's result, so Cancel stays where it was
+            self.elbow_caption.setText(f"Last run: {self.elbow_caption.text()}")
         if self._probe is not None:
             self.task.hold()
             self.show_stage("Waiting for the engine to start…")
@@ -793,10 +794,10 @@ class RunPanel(QWidget):
     def _finished(self, success: bool, summary: str) -> None:
         task, self.task = self.task, None
         self.progress_bar.setValue(100 if success else 0)
+        self._show_elbow(task.record if success else None)
         if success:
             self._learn_from(task.record)
             self._show_memory_estimate()
-            self._show_elbow(task.record)
             self.run_succeeded.emit(task)
         self.show_stage(f"Done: {summary}" if success else summary, error=not success and summary != "Cancelled.")
         self._update_enabled()
