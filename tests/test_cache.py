@@ -1,6 +1,7 @@
 """The feature cache: a re-run with other clustering settings skips the model and agrees with a fresh run."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,6 +44,8 @@ def test_rerun_with_other_k_skips_the_model_and_matches_a_fresh_run(params, tiny
     assert first["feature_cache"]["state"] == "miss" and loads == [str(tiny_model_dir)]
     again = segment(params(clusters=3, output_dir=params().output_dir + "2"), load_model=counting_loader)
     assert again["feature_cache"]["state"] == "hit" and len(loads) == 1
+    assert first["feature_cache"]["folder"] == again["feature_cache"]["folder"]  # the entry, not its building folder
+    assert Path(first["feature_cache"]["folder"]).is_dir() and ".building" not in first["feature_cache"]["folder"]
     assert "features" not in again["timings"] and again["model"]["model_id"] == str(tiny_model_dir)
     fresh = segment(params(clusters=3, use_cache=False, output_dir=params().output_dir + "3"))
     assert fresh["feature_cache"]["state"] == "off"

@@ -172,10 +172,10 @@ def test_a_run_prints_its_estimate_before_any_work_and_warns_when_very_long(tiny
     assert main(["segment", str(tmp_path / "in.tif"), "--out", str(tmp_path / "out"), "--model", str(tiny_model_dir),
                  "--allow-untrained", "--clusters", "2", "--no-cache"]) == 0
     lines = capsys.readouterr().err.splitlines()
-    estimate = next(index for index, line in enumerate(lines) if "Estimate: 1 tiles, about" in line)
+    estimate = next(index for index, line in enumerate(lines) if "Estimate: 1 tile, about" in line)
     assert lines[estimate].endswith("on the CPU, about 0.7 GB of memory"), lines[estimate]
     assert estimate < next(index for index, line in enumerate(lines) if "Loading model" in line)
-    assert "The raster is 96 × 96 px: 1 tiles, expected to take about" in caplog.text
+    assert "The raster is 96 × 96 px: 1 tile, expected to take about" in caplog.text
 
 
 def test_progress_moves_at_least_every_few_seconds_through_many_tiles(tiny_model_dir, tmp_path, capsys, monkeypatch):

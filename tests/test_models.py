@@ -60,6 +60,7 @@ def test_hub_id_offline_without_cache_names_the_page_and_login(monkeypatch, tmp_
     message = str(caught.value)
     assert "https://huggingface.co/facebook/dinov3-vitb16-pretrain-lvd1689m" in message
     assert "HF_TOKEN" in message and "offline" in message
+    assert "Raster ▸ TreeSeg (DINOv3) ▸ Models… (Hugging Face token, Save token)" in message
 
 
 def hub_response(status: int):

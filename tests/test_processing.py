@@ -323,8 +323,9 @@ def test_the_icon_is_found_in_the_checkout_and_in_the_packaged_plugin(tmp_path, 
     assert provider.icon_path() == packaged / "resources" / "icon.svg"
 
 
-@pytest.mark.skipif(not QGIS_PROCESS.exists(), reason="qgis_process (/usr/bin/qgis_process.bin) is not installed")
-def test_qgis_process_runs_the_algorithm_from_an_installed_plugin(tiny_model_dir, scene_tif, tmp_path):
+def qgis_process_environment(tmp_path: Path) -> dict[str, str]:
+    """The environment of a qgis_process call with the plugin installed in a throw-away profile (under a temporary
+    HOME), this .venv as its engine."""
     home = tmp_path / "home"
     profile = home / ".local/share/QGIS/QGIS3/profiles/default"
     plugin = profile / "python/plugins/treeseg_qgis"
@@ -334,41 +335,71 @@ def test_qgis_process_runs_the_algorithm_from_an_installed_plugin(tiny_model_dir
     (plugin / "engine_python.txt").write_text(sys.executable)
     (profile / "QGIS").mkdir(parents=True)
     (profile / "QGIS/QGIS3.ini").write_text("[PythonPlugins]\ntreeseg_qgis=true\n")
-    path, _ = scene_tif
-    x0, y0 = SAMPLE_GEOTRANSFORM[0], SAMPLE_GEOTRANSFORM[3]
-    extent = f"{x0},{x0 + 256 * PIXEL},{y0 - 192 * PIXEL},{y0} [EPSG:{UTM17N}]"
-    out = tmp_path / "out"
     # pytest-qgis points QGIS_CUSTOM_CONFIG_PATH at its own settings: drop it so the profile under HOME is used.
     environment = {key: value for key, value in os.environ.items()
                    if key != ENGINE_PYTHON_ENV and not key.startswith("QGIS_")}
     environment.update(HOME=str(home), QT_QPA_PLATFORM="offscreen", HF_HUB_OFFLINE="1")
+    return environment
 
-    completed = subprocess.run(
-        [str(QGIS_PROCESS), "--json", "run", ALGORITHM, "--", f"INPUT={path}", f"MODEL_ID={tiny_model_dir}",
+
+def qgis_process(arguments: list[str], environment: dict[str, str], cwd: Path | None = None) -> dict:
+    """The results of `qgis_process --json run ALGORITHM -- arguments`, asserting it succeeded."""
+    completed = subprocess.run([str(QGIS_PROCESS), "--json", "run", *arguments], capture_output=True, text=True,
+                               env=environment, timeout=300, cwd=cwd)
+    assert completed.returncode == 0, completed.stderr[-2000:] + completed.stdout[-2000:]
+    return json.loads(completed.stdout[completed.stdout.index("{"):])["results"]
+
+
+@pytest.mark.skipif(not QGIS_PROCESS.exists(), reason="qgis_process (/usr/bin/qgis_process.bin) is not installed")
+def test_qgis_process_runs_the_algorithm_from_an_installed_plugin(tiny_model_dir, scene_tif, tmp_path):
+    environment = qgis_process_environment(tmp_path)
+    path, _ = scene_tif
+    x0, y0 = SAMPLE_GEOTRANSFORM[0], SAMPLE_GEOTRANSFORM[3]
+    extent = f"{x0},{x0 + 256 * PIXEL},{y0 - 192 * PIXEL},{y0} [EPSG:{UTM17N}]"
+    out = tmp_path / "out"
+
+    results = qgis_process(
+        [ALGORITHM, "--", f"INPUT={path}", f"MODEL_ID={tiny_model_dir}",
          "CLUSTERS=2", "DEVICE=cpu", "BANDS=1", "BANDS=2", "BANDS=3", f"EXTENT={extent}",
          f"OUTPUT_CLUSTERS={out / 'clusters.tif'}",
-         f"OUTPUT_TREES={out / 'trees.tif'}", f"OUTPUT_POLYGONS={out / 'polygons.gpkg'}"],
-        capture_output=True, text=True, env=environment, timeout=180,
-    )
+         f"OUTPUT_TREES={out / 'trees.tif'}", f"OUTPUT_POLYGONS={out / 'polygons.gpkg'}"], environment)
 
-    assert completed.returncode == 0, completed.stderr[-2000:] + completed.stdout[-2000:]
-    results = json.loads(completed.stdout[completed.stdout.index("{"):])["results"]
     assert results["K"] == 2 and results["OUTPUT_POLYGONS"] == str(out / "polygons.gpkg")
     assert files_in(out) == ["clusters.tif", "clusters.tif.aux.xml", "clusters_preview.png", "clusters_run.json",
                              "polygons.gpkg", "trees.tif", "trees.tif.aux.xml"]
     assert raster(out / "trees.tif")[0].shape == (192, 256)
 
 
+@pytest.mark.skipif(not QGIS_PROCESS.exists(), reason="qgis_process (/usr/bin/qgis_process.bin) is not installed")
+def test_qgis_process_resolves_relative_paths_against_the_callers_folder(tiny_model_dir, tmp_path):
+    """As scripts call native algorithms: the input, the model folder and every output relative to the folder
+    qgis_process runs in, never the engine worker's."""
+    environment = qgis_process_environment(tmp_path)
+    work = tmp_path / "work"
+    (work / "models").mkdir(parents=True)
+    image, _ = disc_scene(128, 160, [(60, 70)], radius=40)
+    write_geotiff(work / "in.tif", image)
+    shutil.copytree(tiny_model_dir, work / "models" / "tiny")
 
-def test_temporary_outputs_load_styled_in_one_group_without_a_false_error(provider, tiny_model_dir, scene_tif):
-    """As the toolbox dialog runs it (runAndLoadResults → handleAlgorithmResults): every output read once, so
-    each temporary path is written and loaded, none reported as 'not correctly generated'; the post-processor
-    gives them the panel's names, styles and group."""
-    import processing
-    from qgis.core import QgsPalettedRasterRenderer, QgsProcessingFeedback, QgsProject, QgsRuleBasedRenderer
-    from qgis.PyQt.QtCore import Qt
+    results = qgis_process(
+        [ALGORITHM, "--", "INPUT=in.tif", "MODEL_ID=models/tiny", "CLUSTERS=2", "DEVICE=cpu",
+         "OUTPUT_CLUSTERS=c.tif", "OUTPUT_TREES=t.tif", "OUTPUT_POLYGONS=p.gpkg",
+         "OUTPUT_CROWNS=crowns/crowns.gpkg"], environment, cwd=work)
+    crowns = qgis_process(["treeseg:treecrowns", "--", "INPUT=t.tif", "CLUSTERS=c.tif", "OUTPUT=split.gpkg"],
+                          environment, cwd=work)
 
-    from treeseg_qgis.qgis_side.results import OVERLAY_OPACITY
+    assert results["OUTPUT_CLUSTERS"] == str(work / "c.tif") and results["K"] == 2
+    assert crowns["OUTPUT"] == str(work / "split.gpkg")
+    assert {"c.tif", "t.tif", "p.gpkg", "c_run.json", "split.gpkg"} <= set(files_in(work))
+    assert (work / "crowns" / "crowns.gpkg").is_file()
+    assert json.loads((work / "c_run.json").read_text())["input"]["path"] == str(work / "in.tif")
+    plugins = tmp_path / "home/.local/share/QGIS/QGIS3/profiles/default/python/plugins"
+    assert sorted(path.name for path in plugins.iterdir()) == ["treeseg_qgis"]
+
+
+def error_recorder():
+    """A Processing feedback that keeps the errors reported to it (what the dialog shows in red)."""
+    from qgis.core import QgsProcessingFeedback
 
     class Recorder(QgsProcessingFeedback):
         def __init__(self) -> None:
@@ -379,8 +410,21 @@ def test_temporary_outputs_load_styled_in_one_group_without_a_false_error(provid
             self.errors.append(error)
             super().reportError(error, fatalError)
 
+    return Recorder()
+
+
+def test_temporary_outputs_load_styled_in_one_group_without_a_false_error(provider, tiny_model_dir, scene_tif):
+    """As the toolbox dialog runs it (runAndLoadResults → handleAlgorithmResults): every output read once, so
+    each temporary path is written and loaded, none reported as 'not correctly generated'; the post-processor
+    gives them the panel's names, styles and group."""
+    import processing
+    from qgis.core import QgsPalettedRasterRenderer, QgsProject, QgsRuleBasedRenderer
+    from qgis.PyQt.QtCore import Qt
+
+    from treeseg_qgis.qgis_side.results import OVERLAY_OPACITY
+
     path, _ = scene_tif
-    feedback = Recorder()
+    feedback = error_recorder()
     temporary = {name: "TEMPORARY_OUTPUT" for name in ("OUTPUT_CLUSTERS", "OUTPUT_TREES", "OUTPUT_POLYGONS",
                                                         "OUTPUT_CROWNS")}
     results = processing.runAndLoadResults(ALGORITHM, tiny_run(tiny_model_dir, path, Path("unused"), **temporary),
@@ -414,6 +458,32 @@ def test_temporary_outputs_load_styled_in_one_group_without_a_false_error(provid
         root.removeAllChildren()
 
 
+def test_a_blank_optional_output_is_not_queued_for_loading_and_reports_no_error(provider, tiny_model_dir,
+                                                                                 scene_tif, tmp_path):
+    """As a batch row sends an optional output left blank: an empty output definition bound to the project. Nothing
+    is queued under '' and the run ends without "The following layers were not correctly generated"."""
+    import processing
+    from qgis.core import QgsProcessingContext, QgsProcessingOutputLayerDefinition, QgsProject
+
+    path, _ = scene_tif
+    feedback = error_recorder()
+    context = QgsProcessingContext()
+    context.setProject(QgsProject.instance())
+    blank = QgsProcessingOutputLayerDefinition("", QgsProject.instance())
+    try:
+        results = processing.runAndLoadResults(
+            ALGORITHM, tiny_run(tiny_model_dir, path, tmp_path / "out", OUTPUT_CROWNS=blank), feedback=feedback,
+            context=context)
+
+        assert "" not in context.layersToLoadOnCompletion()
+        assert feedback.errors == []
+        assert "OUTPUT_CROWNS" not in results and not list((tmp_path / "out").glob("*crowns*"))
+        assert Path(results["OUTPUT_CLUSTERS"]).is_file()
+    finally:
+        QgsProject.instance().removeAllMapLayers()
+        QgsProject.instance().layerTreeRoot().removeAllChildren()
+
+
 def test_the_output_group_orders_layers_the_desktop_already_put_into_it(qgis_new_project):
     """The desktop adds each loaded layer at the current group, which after the first output is ours: the
     group still ends in the panel's order, whatever order the outputs load in."""
@@ -423,7 +493,7 @@ def test_the_output_group_orders_layers_the_desktop_already_put_into_it(qgis_new
 
     project = QgsProject.instance()
     root = project.layerTreeRoot()
-    group = OutputGroup("scene — base, stride 16", RUN_OUTPUT_ORDER)
+    group = OutputGroup("scene — base, stride 16", RUN_OUTPUT_ORDER, {"parameters": {"stride": 16}}, "scene")
     layers = {kind: QgsVectorLayer("Polygon?crs=EPSG:32617", kind, "memory") for kind in RUN_OUTPUT_ORDER}
     try:
         for kind in ("clusters", "crowns", "height", "trees", "polygons", "features"):

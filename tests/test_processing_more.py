@@ -413,3 +413,23 @@ def in_order(pinned: list[str], now: list[str]) -> bool:
     """Every pinned name is still there, in the same order (others may stand between them)."""
     remaining = iter(now)
     return all(name in remaining for name in pinned)
+
+
+@pytest.mark.parametrize("method", ["dinov3", "rgb-kmeans"])
+def test_a_stride_left_empty_is_the_command_lines_default_for_the_method(
+        provider, tiny_model_dir, scene_tif, tmp_path, method):  # noqa: F811 - provider: the fixture
+    """The same method gives the same run from Processing and the CLI: 16 for DINOv3, per pixel for a colour
+    baseline."""
+    from treeseg_qgis.engine.cli import build_parser, params_from_args
+
+    path, _ = scene_tif
+    out = tmp_path / "out"
+    results = run("segmenttrees", {
+        "INPUT": str(path), "MODEL_ID": str(tiny_model_dir), "METHOD": method, "CLUSTERS": 2, "DEVICE": "cpu",
+        "OUTPUT_CLUSTERS": str(out / "c.tif"), "OUTPUT_TREES": str(out / "t.tif"),
+        "OUTPUT_POLYGONS": str(out / "p.gpkg")})
+    command_line = params_from_args(build_parser().parse_args(["segment", str(path), "--out", str(out),
+                                                               "--method", method]))
+
+    assert json.loads(Path(results["RUN_RECORD"]).read_text())["stride"] == command_line.stride
+    assert command_line.stride == (16 if method == "dinov3" else 1)

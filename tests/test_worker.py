@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,6 +77,70 @@ def test_cancel_stops_the_job_and_the_next_run_does_not_reload_the_model(client,
     assert record["clusters"]["k"] == 2 and record["feature_cache"]["state"] != "hit"
     assert client._process.pid == worker
     assert client.probe()["model_loads"] == 1  # the model loaded by the first run served all three
+
+
+def clusters_of(record: dict):
+    from osgeo import gdal
+
+    dataset = gdal.Open(record["outputs"]["clusters"])
+    return dataset.GetRasterBand(1).ReadAsArray()
+
+
+@pytest.fixture
+def incomplete_model_dir(tiny_model_dir, tmp_path):
+    """The tiny model's weights under a configuration with one layer more: its tensors are missing."""
+    folder = tmp_path / "incomplete-model"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] += 1
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("failing", ["missing folder", "untrained weights refused", "catalogue model not cached"])
+def test_after_a_failed_model_load_the_warm_worker_runs_the_earlier_model_as_a_fresh_one(
+        client, tiny_model_dir, incomplete_model_dir, scene_tif, tmp_path, failing):
+    path, _ = scene_tif
+    failing_model = {"missing folder": str(tmp_path / "no-such-model"),
+                     "untrained weights refused": str(incomplete_model_dir),
+                     "catalogue model not cached": "large"}[failing]
+    client.segment(job(tiny_model_dir, path, tmp_path / "first", clusters=2, use_cache=False))
+    worker = client._process.pid
+
+    with pytest.raises(EngineError) as caught:
+        client.segment(job(failing_model, path, tmp_path / "failed", clusters=2, use_cache=False))
+    assert caught.value.kind == "model"
+    again = client.segment(job(tiny_model_dir, path, tmp_path / "again", clusters=2, use_cache=False))
+
+    assert client._process.pid == worker
+    fresh = EngineClient(sys.executable, {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    try:
+        expected = fresh.segment(job(tiny_model_dir, path, tmp_path / "fresh", clusters=2, use_cache=False))
+    finally:
+        fresh.close()
+    assert again["clusters"]["k"] == expected["clusters"]["k"] == 2
+    assert (clusters_of(again) == clusters_of(expected)).all()
+
+
+def test_after_a_cancelled_first_load_of_another_model_the_warm_worker_runs_both(client, tiny_model_dir,
+                                                                                 scene_tif, tmp_path):
+    """A job cancelled while its model runs for the first time leaves that model usable, and the other one."""
+    path, _ = scene_tif
+    other_model = tmp_path / "other-model"
+    shutil.copytree(tiny_model_dir, other_model)
+    client.segment(job(tiny_model_dir, path, tmp_path / "first", clusters=2))
+    stages = []
+    with pytest.raises(EngineError) as caught:
+        client.segment(job(other_model, path, tmp_path / "cancelled", use_cache=False),
+                       on_progress=lambda percent, stage: stages.append(stage),
+                       is_cancelled=lambda: any(stage.startswith("Extracting") for stage in stages))
+    assert caught.value.kind == "cancelled"
+
+    other = client.segment(job(other_model, path, tmp_path / "other", clusters=2, use_cache=False))
+    first_again = client.segment(job(tiny_model_dir, path, tmp_path / "again", clusters=2, use_cache=False))
+
+    assert other["clusters"]["k"] == first_again["clusters"]["k"] == 2
+    assert os.path.isfile(first_again["outputs"]["clusters"])
 
 
 def test_a_worker_that_does_not_answer_a_cancel_is_terminated(client, tiny_model_dir, scene_tif, tmp_path,

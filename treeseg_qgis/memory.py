@@ -1,4 +1,6 @@
-"""How much memory a run needs, how much this machine has, and a warning when it will not fit.
+"""How much memory a run needs, how much this machine has, and a warning when it will not fit; how long a run
+takes (estimate_run_time: engine start, model load, first int8 export, the model's forward, clustering, outputs;
+calibrated on docs/BENCHMARKS.md and scaled by this machine's measured speed, speed_factor).
 
 Standard library only: the panel and the model manager use it inside QGIS.
 
@@ -19,7 +21,9 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .catalogue import LVD_1689M, Architecture, CatalogueModel, find_model
 
@@ -38,11 +42,29 @@ RUN_BATCH_SIZE = 4
 """The images per forward batch of a run from the panel (the default of SegmentationParams.batch_size)."""
 RUN_OVERLAP = 64
 """The tile overlap of a run from the panel (the default of SegmentationParams.overlap)."""
-CPU_SECONDS_PER_TILE = 103.6 / 196
-"""End-to-end seconds per 512-px tile of ViT-S/16 at stride 16 on the CPU: docs/BENCHMARKS.md, 36 MP, 2 cores."""
+FEATURE_SECONDS_PER_TILE = {"int8": 61.7 / 196, "float32": 137.6 / 196}
+"""Seconds of the model's forward per 512-px tile of ViT-S/16 at stride 16 on 2 CPU cores, by precision (bfloat16
+is counted as float32): docs/BENCHMARKS.md, end to end at 36 MP on a quiet machine."""
 CALIBRATION_PARAMETERS = 21.6e6
 """Weights of the ViT-S/16 of that calibration."""
 CALIBRATION_CORES = 2
+ENGINE_START_SECONDS = 6.0
+"""A new engine worker: its interpreter and the torch import (about 6 s on 2 cores, ../shared/ENVIRONMENT.md)."""
+MODEL_LOAD_SECONDS = (2.0, 0.2)
+"""Loading the weights: seconds, plus seconds per million weights (ViT-S/16: 6.2 s, docs/BENCHMARKS.md, Processing
+batch with a fresh worker)."""
+INT8_EXPORT_SECONDS = (2.5, 0.09)
+"""The first int8 ONNX export and quantisation of a model (then cached per weights and tile shape): seconds, plus
+seconds per million weights (ViT-B: 10.5 s, docs/BENCHMARKS.md, CPU forward precision)."""
+CLUSTER_SECONDS = {"fixed": 0.5, "automatic": 3.0}
+"""PCA and k-means on the sample: one K, or every K of the default range for the elbow."""
+OUTPUT_SECONDS_PER_MEGAPIXEL = 0.47
+"""Projecting, assigning, writing and polygonizing per million pixels (docs/BENCHMARKS.md, where the time goes:
+0.47 s/MP at 36 and at 400 MP)."""
+PREVIEW_SECONDS = 1.7
+"""The preview and the elbow plot."""
+SPEED_FACTOR_RANGE = (0.25, 4.0)
+"""How far a measured run may move the estimate (a run slowed by another program is not this machine's speed)."""
 LARGE_RUN_SECONDS = 3600
 """A run expected to take longer than this asks before it starts (the panel) and says so (the command line)."""
 ADDRESS_SPACE_BASE_BYTES = 568 * MIB
@@ -178,19 +200,87 @@ def tile_count(width: int, height: int, tile_size: int = RUN_TILE_SIZE, overlap:
     return along(width) * along(height)
 
 
-def estimate_seconds(model: CatalogueModel | str, tiles: int, stride: int = 16, tile_size: int = RUN_TILE_SIZE,
-                     device: str = "cpu", cores: int | None = None) -> float | None:
-    """Expected seconds of a run of `tiles` tiles on the CPU, scaled from the calibration by the model's weights,
-    the tokens per tile, the forward passes per tile (stride) and the cores; None on a GPU (not calibrated) or
-    for a model that cannot be sized."""
+@dataclass(frozen=True)
+class RunTime:
+    """The expected seconds of a run on the CPU, by part."""
+
+    engine_start: float
+    """Starting the engine worker (0 once it runs)."""
+    model_load: float
+    """Loading the model (0 on an engine that holds it)."""
+    export: float
+    """The first int8 export of the model (0 once it is cached)."""
+    features: float
+    clustering: float
+    outputs: float
+    """Projection, labels, polygons, preview."""
+
+    @property
+    def total(self) -> float:
+        return self.engine_start + self.model_load + self.export + self.features + self.clustering + self.outputs
+
+    @property
+    def first_run(self) -> str:
+        """What this run adds before its first tile, e.g. 'the model load and its first int8 export (12 s)'; ''
+        for none."""
+        parts = [text for text, seconds in (("the engine start", self.engine_start), ("the model load",
+                                                                                     self.model_load),
+                                            ("its first int8 export", self.export)) if seconds]
+        if not parts:
+            return ""
+        words = parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+        return f"{words} ({format_duration(self.engine_start + self.model_load + self.export)})"
+
+
+def estimate_run_time(model: CatalogueModel | str, width: int, height: int, stride: int = 16,
+                      tile_size: int = RUN_TILE_SIZE, device: str = "cpu", overlap: int = RUN_OVERLAP, *,
+                      precision: str = "int8", automatic_k: bool = True, engine_started: bool = True,
+                      model_loaded: bool = True, exported: bool = True, speed: float = 1.0,
+                      cores: int | None = None) -> RunTime | None:
+    """Expected seconds of a run over a width × height raster on the CPU, by part: the model's forward scaled
+    from the calibration by the model's weights, the tokens per tile, the forward passes per tile (stride),
+    the precision and the cores; the engine start, model load and first int8 export where they are still to
+    come; the clustering; the per-pixel outputs. `speed` is this machine's measured time over the estimate
+    (speed_factor). None on a GPU (not calibrated) or for a model that cannot be sized."""
     entry = model_entry(model) if isinstance(model, str) else model
     if entry is None or device in GPU_DEVICES:
         return None
-    cores = max(1, cores or os.cpu_count() or 1)
-    scale = (entry.params_millions * 1e6 / CALIBRATION_PARAMETERS
-             * tokens_per_tile(tile_size) / tokens_per_tile(RUN_TILE_SIZE)
-             * (PATCH // stride) ** 2 * CALIBRATION_CORES / cores)
-    return tiles * CPU_SECONDS_PER_TILE * scale
+    per_core = CALIBRATION_CORES / max(1, cores or os.cpu_count() or 1)
+    millions = entry.params_millions
+    start = 0.0 if engine_started else ENGINE_START_SECONDS
+    load = 0.0 if model_loaded else MODEL_LOAD_SECONDS[0] + MODEL_LOAD_SECONDS[1] * millions
+    export = 0.0 if exported or precision != "int8" else INT8_EXPORT_SECONDS[0] + INT8_EXPORT_SECONDS[1] * millions
+    parts = (start, load, export * per_core,
+             _forward_seconds(entry, tile_count(width, height, tile_size, overlap), stride, tile_size, precision,
+                              per_core),
+             CLUSTER_SECONDS["automatic" if automatic_k else "fixed"],
+             width * height / 1e6 * OUTPUT_SECONDS_PER_MEGAPIXEL * per_core + PREVIEW_SECONDS)
+    return RunTime(*(speed * seconds for seconds in parts))
+
+
+def _forward_seconds(entry: CatalogueModel, tiles: int, stride: int, tile_size: int, precision: str,
+                     per_core: float) -> float:
+    """The model's forward over `tiles` tiles: the calibration scaled by the weights, the tokens per tile, the
+    passes per tile (stride) and the cores (`per_core`: the calibration's cores over these)."""
+    per_tile = FEATURE_SECONDS_PER_TILE["int8" if precision == "int8" else "float32"]
+    return (tiles * per_tile * entry.params_millions * 1e6 / CALIBRATION_PARAMETERS
+            * tokens_per_tile(tile_size) / tokens_per_tile(RUN_TILE_SIZE) * (PATCH // stride) ** 2 * per_core)
+
+
+def speed_factor(measured: list[float]) -> float:
+    """This machine's speed from its last runs' measured seconds over their estimates: the median, kept within
+    SPEED_FACTOR_RANGE; 1 without any."""
+    if not measured:
+        return 1.0
+    ordered = sorted(measured)
+    middle = len(ordered) // 2
+    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    return min(max(median, SPEED_FACTOR_RANGE[0]), SPEED_FACTOR_RANGE[1])
+
+
+def tiles_text(tiles: int) -> str:
+    """'1 tile', '25 tiles'."""
+    return f"{tiles} tile" if tiles == 1 else f"{tiles} tiles"
 
 
 def format_duration(seconds: float) -> str:
@@ -203,36 +293,43 @@ def format_duration(seconds: float) -> str:
 
 
 def tiles_and_time(model: CatalogueModel | str, width: int, height: int, stride: int = 16,
-                   tile_size: int = RUN_TILE_SIZE, device: str = "cpu", overlap: int = RUN_OVERLAP) -> str:
-    """E.g. '50176 tiles, about 9.9 h on the CPU' or '25 tiles, time unknown on the CUDA device'."""
+                   tile_size: int = RUN_TILE_SIZE, device: str = "cpu", overlap: int = RUN_OVERLAP,
+                   **estimate: Any) -> str:
+    """E.g. '1 tile, about 25 s on the CPU with the model load and its first int8 export (12 s)' or '25 tiles, time
+    unknown on the CUDA device'; `estimate`: the options of estimate_run_time (what is still to load, the speed)."""
     tiles = tile_count(width, height, tile_size, overlap)
-    seconds = estimate_seconds(model, tiles, stride, tile_size, device)
+    expected = estimate_run_time(model, width, height, stride, tile_size, device, overlap, **estimate)
     where = "the CPU" if device not in GPU_DEVICES else f"the {device.upper()} device"
-    return f"{tiles} tiles, " + (f"about {format_duration(seconds)}" if seconds is not None else "time unknown") + \
-        f" on {where}"
+    if expected is None:
+        return f"{tiles_text(tiles)}, time unknown on {where}"
+    text = f"{tiles_text(tiles)}, about {format_duration(expected.total)} on {where}"
+    return f"{text} with {expected.first_run}" if expected.first_run else text
 
 
 def run_estimate(model: CatalogueModel | str, width: int, height: int, stride: int = 16,
                  tile_size: int = RUN_TILE_SIZE, batch_size: int = RUN_BATCH_SIZE, device: str = "cpu",
-                 overlap: int = RUN_OVERLAP) -> str:
+                 overlap: int = RUN_OVERLAP, **estimate: Any) -> str:
     """One line before a run: its tiles, the expected time and the memory it needs, e.g.
     'Estimate: 50176 tiles, about 9.9 h on the CPU, about 0.9 GB of memory'."""
     needed = estimate_peak_bytes(model, stride, tile_size, batch_size, device)
     memory_text = f"about {format_gigabytes(needed)} of memory" if needed is not None else "memory unknown"
-    return f"Estimate: {tiles_and_time(model, width, height, stride, tile_size, device, overlap)}, {memory_text}"
+    time_text = tiles_and_time(model, width, height, stride, tile_size, device, overlap, **estimate)
+    return f"Estimate: {time_text}, {memory_text}"
 
 
 def size_warning(model: CatalogueModel | str, width: int, height: int, stride: int = 16,
-                 tile_size: int = RUN_TILE_SIZE, device: str = "cpu", overlap: int = RUN_OVERLAP) -> str | None:
+                 tile_size: int = RUN_TILE_SIZE, device: str = "cpu", overlap: int = RUN_OVERLAP,
+                 **estimate: Any) -> str | None:
     """A warning when a run is expected to take more than LARGE_RUN_SECONDS (or, where the time cannot be told,
     has more than LARGE_RUN_TILES tiles); None otherwise."""
     tiles = tile_count(width, height, tile_size, overlap)
-    seconds = estimate_seconds(model, tiles, stride, tile_size, device)
+    expected = estimate_run_time(model, width, height, stride, tile_size, device, overlap, **estimate)
+    seconds = expected.total if expected is not None else None
     if seconds is not None and seconds <= LARGE_RUN_SECONDS or seconds is None and tiles <= LARGE_RUN_TILES:
         return None
-    expected = f"about {format_duration(seconds)}" if seconds is not None else "a long time"
+    expected_text = f"about {format_duration(seconds)}" if seconds is not None else "a long time"
     remedy = "an extent or a mask, or a smaller model" + (", or stride 16" if stride != 16 else "")
-    return (f"The raster is {width} × {height} px: {tiles} tiles, expected to take {expected}. "
+    return (f"The raster is {width} × {height} px: {tiles_text(tiles)}, expected to take {expected_text}. "
             f"Choose {remedy} to make it shorter.")
 
 

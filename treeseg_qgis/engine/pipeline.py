@@ -168,7 +168,7 @@ def segment(
             record["crowns"] = crowns
             record["cluster_model"] = _survey_record(params, survey, source) if survey else None
             record["feature_cache"] = {"state": cache_state,
-                                       "folder": str(store.folder) if cache_state != "off" else None}
+                                       "folder": str(store.home) if cache_state != "off" else None}
             record["timings"]["load_model"] = round(load_seconds, 3)
             record["timings"]["total"] = round(time.perf_counter() - started, 3)
             _write_json(staged.record, record)

@@ -204,13 +204,14 @@ class Worker:
         def load_kept_model(wanted):
             key = (wanted.model, wanted.model_revision, wanted.device, wanted.precision, wanted.allow_untrained)
             if self._backbone_key != key:
-                self._backbone = None
-                self._backbone = load_backbone(wanted.model, wanted.device, wanted.allow_untrained,
-                                               token=token, revision=wanted.model_revision,
-                                               precision=wanted.precision)
-                self._backbone_key = key
+                # Forget the kept model first: a load that raises leaves the worker as a fresh one, never a
+                # key without its model.
+                self._backbone, self._backbone_key = None, None
+                backbone = load_backbone(wanted.model, wanted.device, wanted.allow_untrained,
+                                         token=token, revision=wanted.model_revision, precision=wanted.precision)
+                self._stop_between_layers(backbone.model)
+                self._backbone, self._backbone_key = backbone, key
                 self.model_loads += 1
-                self._stop_between_layers(self._backbone.model)
             return self._backbone
 
         return load_kept_model

@@ -9,6 +9,7 @@ mask get alpha 0, which the engine treats as nodata.
 from __future__ import annotations
 
 import math
+import os
 import re
 import uuid
 from collections.abc import Callable
@@ -59,13 +60,22 @@ class Bounds:
 
 
 def raster_file(layer: QgsRasterLayer) -> str:
-    """The path GDAL opens for a file-based layer; a clear error for web and other non-file layers."""
+    """The path GDAL opens for a file-based layer, a relative file made absolute against this process's working
+    folder (the engine worker has its own); a clear error for web and other non-file layers."""
     if layer.providerType() != "gdal":
         raise QgsProcessingException(
             f"'{layer.name()}' is not a raster file (its data come from the '{layer.providerType()}' "
             f"provider). The treeseg engine reads files only: {EXPORT_HINT}."
         )
-    return layer.source()
+    return absolute_file(layer.source())
+
+
+def absolute_file(path: str) -> str:
+    """`path` made absolute against this process's working folder (where qgis_process was called from) when it
+    names a relative local path; other sources (GDAL's /vsi…, connection strings) as they are."""
+    if not path or os.path.isabs(path) or path.startswith("/vsi") or ":" in path:
+        return path
+    return os.path.abspath(path)
 
 
 def prepare_input(

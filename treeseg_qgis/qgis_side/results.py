@@ -18,6 +18,7 @@ and which follows a restyle of any of them.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -34,8 +35,10 @@ from qgis.core import (
     QgsGradientStop,
     QgsLayerTree,
     QgsLayerTreeGroup,
+    QgsLayerTreeLayer,
     QgsLayerTreeNode,
     QgsMapLayer,
+    QgsMapLayerLegendUtils,
     QgsMapLayerStyle,
     QgsMessageLog,
     QgsMultiBandColorRenderer,
@@ -73,6 +76,16 @@ SURVEY_PROJECTION = "treeseg/survey_projection"
 SURVEY_STYLE = "treeseg/survey_cluster_style"
 """Custom properties of a survey group: the cluster model's file and PCA id (what finds the group again), and
 the style (QML) its cluster layers share."""
+RESULT_INPUT = "treeseg/result_input"
+RESULT_KIND = "treeseg/result_kind"
+RESULT_SETTINGS = "treeseg/result_settings"
+"""Custom properties of a result group: the input layer's name, 'run' or 'teach: <class>', and the run's settings
+(JSON) — what finds the older results of the same input when a new one comes."""
+NOT_SETTINGS = frozenset({"input_path", "output_dir", "output_stem", "outputs", "use_cache", "cache_dir",
+                          "cache_max_mb", "batch_size"})
+"""Parameters that change where and how fast a run writes, not what it finds."""
+NAMED_SETTINGS = frozenset({"model", "stride"})
+"""Settings the group name always shows."""
 SURVEY_CLUSTERS = "treeseg/survey_clusters"
 """Custom property of a cluster layer that shares its survey's style."""
 SHARING_STYLE = "treeseg_sharing_style"
@@ -89,15 +102,43 @@ def model_label(record: dict[str, Any]) -> str:
     return Path(requested.rstrip("/\\")).name or requested
 
 
-def group_name(record: dict[str, Any], input_name: str) -> str:
-    """E.g. 'OSBS_029 — base, stride 16', with ' — UNTRAINED' when the weights were random."""
-    name = f"{input_name} — {model_label(record)}, stride {record['stride']}"
+def group_name(record: dict[str, Any], input_name: str, differences: str = "") -> str:
+    """E.g. 'OSBS_029 — base, stride 16' (with `differences`: 'OSBS_029 — base, stride 16, K=4'), with
+    ' — UNTRAINED' when the weights were random."""
+    name = f"{input_name} — {model_label(record)}, stride {record['stride']}{differences}"
     return f"{name} — {UNTRAINED_TAG}" if record["model"]["untrained"] else name
+
+
+def run_settings(record: dict[str, Any]) -> dict[str, Any]:
+    """What a run (or teach) of `record` was asked to find: its parameters but the paths and speed knobs."""
+    return {key: value for key, value in record.get("parameters", {}).items() if key not in NOT_SETTINGS}
+
+
+def setting_text(key: str, value: Any) -> str:
+    """One setting as a group name shows it: 'K=4', 'automatic K', 'crowns', 'no crowns', 'overlap 64'."""
+    if key == "clusters":
+        return "automatic K" if value == "auto" else f"K={value}"
+    words = key.replace("_", " ")
+    if isinstance(value, bool) or value is None:
+        return words if value else f"no {words}"
+    if isinstance(value, list):
+        value = ",".join(str(item) for item in value)
+    return f"{words} {value}"
+
+
+def settings_difference(settings: dict[str, Any], others: Sequence[dict[str, Any]]) -> str:
+    """', K=4, overlap 64': this run's value of each setting (but those the name always shows) that differs
+    from one of `others`; '' when none does."""
+    keys = sorted({key for other in others for key in settings.keys() | other.keys()
+                   if key not in NAMED_SETTINGS and settings.get(key) != other.get(key)})
+    return "".join(f", {setting_text(key, settings.get(key))}" for key in keys)
 
 
 RUN_OUTPUT_ORDER = ("crowns", "polygons", "trees", "clusters", "features", "height")
 """The order of a run's layers in its group, top first."""
 TEACH_OUTPUT_ORDER = ("taught_trees", "similarity")
+BAND_LEGENDS = {"similarity": "Score (1: like the examples)", "height": "Height above ground"}
+"""The first legend line of the single-band ramps, instead of QGIS's 'Band 1 (Gray)'."""
 HIDDEN_OUTPUTS = frozenset({"trees", "features", "height"})
 """Outputs added unchecked: the polygons and clusters already show the trees; the rest are extras."""
 VECTOR_OUTPUTS = frozenset({"crowns", "polygons"})
@@ -130,6 +171,13 @@ def open_output(path: str, kind: str, name: str) -> QgsMapLayer:
     return _open(QgsRasterLayer(path, name, "gdal"))
 
 
+def label_band_legend(node: QgsLayerTreeLayer, kind: str) -> None:
+    """Name the first legend line of an output of `kind` drawn as a single-band ramp (BAND_LEGENDS) in its layer
+    tree node, as Layer Properties ▸ Legend would (kept with the project)."""
+    if kind in BAND_LEGENDS:
+        QgsMapLayerLegendUtils.setLegendNodeUserLabel(node, 0, BAND_LEGENDS[kind])
+
+
 def survey_class_names(record: dict[str, Any]) -> list[str]:
     """The cluster legend of a run that applied a cluster model, e.g. 'Cluster 2 — tree (ExG 0.21)': id, tree
     rule and ExG all come from the model, so every raster of the survey gets the same labels."""
@@ -159,21 +207,23 @@ def style_output(layer: QgsMapLayer, kind: str, record: dict[str, Any]) -> None:
 
 def add_result_layers(record: dict[str, Any], input_name: str,
                       project: QgsProject | None = None) -> QgsLayerTreeGroup:
-    """Load the outputs of `record` into a new group at the top of the layer tree: crowns (when made),
-    polygons, tree mask (hidden), clusters, then the feature image and canopy height (when made, hidden);
-    raises ResultLayerError (and adds nothing) when a file cannot be opened."""
+    """Load the outputs of `record` into a new group at the top of the layer tree (place_result_group): crowns
+    (when made), polygons, tree mask (hidden), clusters, then the feature image and canopy height (when made,
+    hidden); raises ResultLayerError (and adds nothing) when a file cannot be opened."""
     project = project or QgsProject.instance()
     outputs = record["outputs"]
     names = layer_names(record)
     kinds = [kind for kind in RUN_OUTPUT_ORDER if kind in outputs]
     layers = [open_output(outputs[kind], kind, names[kind]) for kind in kinds]
     group = QgsLayerTreeGroup(group_name(record, input_name))
+    survey = survey_group(record, project)
+    place_result_group(group, record, input_name, run_result(record), project, survey)
     for kind, layer in zip(kinds, layers):
         style_output(layer, kind, record)
         project.addMapLayer(layer, False)
-        group.addLayer(layer).setItemVisibilityChecked(kind not in HIDDEN_OUTPUTS)
-    survey = survey_group(record, project)
-    (survey or project.layerTreeRoot()).insertChildNode(0, group)
+        node = group.addLayer(layer)
+        node.setItemVisibilityChecked(kind not in HIDDEN_OUTPUTS)
+        label_band_legend(node, kind)
     if survey is not None and "clusters" in kinds:
         join_survey(layers[kinds.index("clusters")], survey)
     group.setExpanded(False)
@@ -197,6 +247,70 @@ def survey_group(record: dict[str, Any], project: QgsProject) -> QgsLayerTreeGro
     group.setCustomProperty(SURVEY_MODEL, path)
     group.setCustomProperty(SURVEY_PROJECTION, projection)
     return group
+
+
+RUN_RESULT = "run"
+SURVEY_RESULT = "survey run"
+
+
+def run_result(record: dict[str, Any]) -> str:
+    """The result kind of a run `record`: SURVEY_RESULT when it applied a cluster model, else RUN_RESULT."""
+    return SURVEY_RESULT if record.get("cluster_model") else RUN_RESULT
+
+
+def teach_result(record: dict[str, Any]) -> str:
+    """The result kind of a teach `record`: 'teach: <class>'."""
+    return f"teach: {record.get('class') or 'tree'}"
+
+
+def place_result_group(group: QgsLayerTreeGroup, record: dict[str, Any], input_name: str, result: str,
+                       project: QgsProject, parent: QgsLayerTreeGroup | None = None) -> None:
+    """Put a new result group at the top of `parent` (a survey group; default the top of the layer tree, never
+    inside another result), shown with every group above it, and settle the older results of the same input:
+    they are switched off; one of the same kind (`result`: run_result or teach_result) with the same
+    settings is replaced (removed with its layers; an older teach of the same class always is); with others of
+    that kind left, a run's group name says how its settings differ."""
+    settings = run_settings(record)
+    group.setCustomProperty(RESULT_INPUT, input_name)
+    group.setCustomProperty(RESULT_KIND, result)
+    group.setCustomProperty(RESULT_SETTINGS, json.dumps(settings, sort_keys=True, default=str))
+    older = [other for other in result_groups(project, input_name) if other is not group]
+    same_kind = [other for other in older if other.customProperty(RESULT_KIND) == result]
+    replaced = [other for other in same_kind
+                if result.startswith("teach") or other.customProperty(RESULT_SETTINGS) == group.customProperty(
+                    RESULT_SETTINGS)]
+    for other in replaced:
+        project.removeMapLayers([node.layerId() for node in other.findLayers()])
+        if other.parent() is not None:
+            other.parent().removeChildNode(other)
+    for other in older:
+        if other not in replaced:
+            other.setItemVisibilityChecked(False)
+    kept = [json.loads(other.customProperty(RESULT_SETTINGS) or "{}") for other in same_kind if other not in replaced]
+    if not result.startswith("teach") and kept:
+        group.setName(group_name(record, input_name, settings_difference(settings, kept)))
+    (parent or project.layerTreeRoot()).insertChildNode(0, group)
+    node: QgsLayerTreeNode | None = group
+    while node is not None:
+        node.setItemVisibilityChecked(True)
+        node = node.parent()
+
+
+def result_input_name(layer: QgsMapLayer, project: QgsProject) -> str | None:
+    """The name of the input layer whose result `layer` is (it sits in a result group); None for other layers."""
+    node = project.layerTreeRoot().findLayer(layer.id())
+    parent = node.parent() if node is not None else None
+    while parent is not None:
+        if parent.customProperty(RESULT_INPUT):
+            return str(parent.customProperty(RESULT_INPUT))
+        parent = parent.parent()
+    return None
+
+
+def result_groups(project: QgsProject, input_name: str) -> list[QgsLayerTreeGroup]:
+    """The result groups of `input_name` anywhere in the layer tree, top first."""
+    return [group for group in project.layerTreeRoot().findGroups(True)
+            if group.customProperty(RESULT_INPUT) == input_name]
 
 
 def join_survey(layer: QgsRasterLayer, survey: QgsLayerTreeGroup) -> None:
@@ -258,7 +372,8 @@ def add_teach_layers(record: dict[str, Any], input_name: str, project: QgsProjec
                      replacing: Sequence[str] = ()) -> list[QgsMapLayer]:
     """Load the taught mask (trees, or the record's class) and the similarity of a teach `record`; they take
     the place of the layers whose ids are in `replacing` (removed from the project) or else go into a new group
-    at the top. Returns the new layers; raises ResultLayerError (and changes nothing) when a file cannot be opened."""
+    at the top (place_result_group: an older teach of the class on the same input is replaced). Returns the new
+    layers; raises ResultLayerError (and changes nothing) when a file cannot be opened."""
     project = project or QgsProject.instance()
     outputs = record["outputs"]
     names = layer_names(record)
@@ -269,14 +384,14 @@ def add_teach_layers(record: dict[str, Any], input_name: str, project: QgsProjec
     previous = [node for node in (root.findLayer(layer_id) for layer_id in replacing) if node is not None]
     group = previous[0].parent() if previous else None
     if group is None:
-        group = QgsLayerTreeGroup()
-        root.insertChildNode(0, group)
-    if group.parent() is not None:
+        group = QgsLayerTreeGroup(teach_group_name(record, input_name))
+        place_result_group(group, record, input_name, teach_result(record), project)
+    elif group.parent() is not None:
         group.setName(teach_group_name(record, input_name))
     project.removeMapLayers([node.layerId() for node in previous])
-    for position, layer in enumerate((trees, similarity)):
+    for position, (kind, layer) in enumerate(zip(TEACH_OUTPUT_ORDER, (trees, similarity))):
         project.addMapLayer(layer, False)
-        group.insertLayer(position, layer)
+        label_band_legend(group.insertLayer(position, layer), kind)
     if not previous:
         group.setExpanded(False)
         group.setExpanded(True)
@@ -285,18 +400,31 @@ def add_teach_layers(record: dict[str, Any], input_name: str, project: QgsProjec
 
 @dataclass
 class OutputGroup:
-    """The layer group of one Processing run, made when its first output is loaded; `order` ranks the kinds."""
+    """The layer group of one Processing run of `record` on the layer `input_name`, made when its first output is
+    loaded; `order` ranks the kinds, `result` is the result kind (run_result, teach_result)."""
 
     name: str
     order: tuple[str, ...]
+    record: dict[str, Any]
+    input_name: str
+    result: str = RUN_RESULT
     node: QgsLayerTreeGroup | None = None
     kinds: dict[str, str] = field(default_factory=dict)
     """Layer id → output kind of the layers already moved in."""
 
+    @classmethod
+    def for_run(cls, record: dict[str, Any], input_name: str) -> OutputGroup:
+        return cls(group_name(record, input_name), RUN_OUTPUT_ORDER, record, input_name, run_result(record))
+
+    @classmethod
+    def for_teach(cls, record: dict[str, Any], input_name: str) -> OutputGroup:
+        return cls(teach_group_name(record, input_name), TEACH_OUTPUT_ORDER, record, input_name, teach_result(record))
+
     def take(self, layer: QgsMapLayer, kind: str, project: QgsProject,
              parent: QgsLayerTreeGroup | None = None) -> None:
         """Move `layer`'s tree node into the group, at its kind's place; hidden when HIDDEN_OUTPUTS says so. The
-        group is made at the top of `parent` (default: where QGIS put the layer).
+        group is made at the top of `parent` (a survey group; default: the top of the layer tree, wherever
+        QGIS put the layer) by place_result_group.
 
         QGIS may already have put the node into the group (the desktop adds layers at the current group), so
         the place is found among the other nodes; the copy goes in before the node leaves, since a layer whose
@@ -305,13 +433,21 @@ class OutputGroup:
         if node is None or node.parent() is None:
             return
         if self.node is None or sip.isdeleted(self.node):
-            self.node = (parent or node.parent()).insertGroup(0, self.name)
+            root = project.layerTreeRoot()
+            if node.parent().parent() is not None:  # out of a result group place_result_group may remove
+                moved = node.clone()
+                root.insertChildNode(0, moved)
+                node.parent().removeChildNode(node)
+                node = moved
+            self.node = QgsLayerTreeGroup(self.name)
+            place_result_group(self.node, self.record, self.input_name, self.result, project, parent)
             self.kinds.clear()
         children = self.node.children()
         others = [child for child in children if not (QgsLayerTree.isLayer(child) and child.layerId() == layer.id())]
         before = sum(1 for child in others if self._rank(child) < self.order.index(kind))
         moved = node.clone()
         moved.setItemVisibilityChecked(kind not in HIDDEN_OUTPUTS)
+        label_band_legend(moved, kind)
         self.node.insertChildNode(children.index(others[before]) if before < len(others) else len(children), moved)
         node.parent().removeChildNode(node)
         self.kinds[layer.id()] = kind
@@ -328,40 +464,68 @@ class OutputStyler(QgsProcessingLayerPostProcessorInterface):
     _alive: list[OutputStyler] = []
     """QGIS does not own post-processors: each is kept here so that it outlives the algorithm that made it."""
 
-    def __init__(self, kind: str, record: dict[str, Any], group: OutputGroup | None) -> None:
+    def __init__(self, kind: str, record: dict[str, Any], group: OutputGroup | None, beside: str | None) -> None:
         super().__init__()
         self.kind = kind
         self.record = record
         self.group = group
+        self.beside = beside
 
     @classmethod
-    def create(cls, kind: str, record: dict[str, Any], group: OutputGroup | None) -> OutputStyler:
-        styler = cls(kind, record, group)
+    def create(cls, kind: str, record: dict[str, Any], group: OutputGroup | None,
+               beside: str | None = None) -> OutputStyler:
+        styler = cls(kind, record, group, beside)
         cls._alive.append(styler)
         return styler
 
     def postProcessLayer(self, layer: QgsMapLayer, context: QgsProcessingContext,  # noqa: N802 - QGIS override
                          feedback: QgsProcessingFeedback) -> None:
         style_output(layer, self.kind, self.record)
+        project = context.project() or QgsProject.instance()
         if self.group is not None:
-            project = context.project() or QgsProject.instance()
             survey = survey_group(self.record, project)
             self.group.take(layer, self.kind, project, survey)
             if survey is not None and self.kind == "clusters":
                 join_survey(layer, survey)
+        else:
+            place_beside(layer, self.beside, project)
+
+
+def place_beside(layer: QgsMapLayer, beside: str | None, project: QgsProject) -> None:
+    """Move a lone output layer just above the layer `beside` (its input; in that layer's group), or, where that
+    layer is not in the tree, to the top of the tree: never into whichever group happened to be selected."""
+    root = project.layerTreeRoot()
+    node = root.findLayer(layer.id())
+    if node is None or node.parent() is None:
+        return
+    anchor = root.findLayer(beside) if beside else None
+    parent, index = root, 0
+    if anchor is not None and anchor.parent() is not None:
+        parent = anchor.parent()
+        index = next(position for position, child in enumerate(parent.children())
+                     if QgsLayerTree.isLayer(child) and child.layerId() == beside)
+    moved = node.clone()
+    moved.setItemVisibilityChecked(True)
+    parent.insertChildNode(index, moved)
+    node.parent().removeChildNode(node)
+    shown: QgsLayerTreeNode | None = parent
+    while shown is not None:
+        shown.setItemVisibilityChecked(True)
+        shown = shown.parent()
 
 
 def style_loaded_outputs(context: QgsProcessingContext, record: dict[str, Any], group: OutputGroup | None,
-                         suffix: str = "") -> None:
+                         suffix: str = "", beside: str | None = None) -> None:
     """Name, style and group the outputs of `record` that the toolbox will load (in the dialog, batch or
-    modeler); the names end with `suffix`."""
+    modeler); the names end with `suffix`. Without a group they go beside the layer of id `beside`
+    (place_beside)."""
     names = layer_names(record)
     for kind, path in record["outputs"].items():
         if kind in names and context.willLoadLayerOnCompletion(path):
             details = context.layerToLoadOnCompletionDetails(path)
             details.name = names[kind] + suffix
             details.forceName = True
-            details.setPostProcessor(OutputStyler.create(kind, record, group))
+            details.setPostProcessor(OutputStyler.create(kind, record, group, beside))
 
 
 def style_clusters(layer: QgsRasterLayer, k: int, labels: Sequence[str] | None = None) -> None:

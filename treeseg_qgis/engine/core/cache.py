@@ -58,7 +58,7 @@ class CacheEntry:
     def __init__(self, final: Path, building: Path | None, lock: FileLock) -> None:
         self.final, self.building, self._lock = final, building, lock
         self.state = "hit" if building is None else "miss"
-        self.store = FeatureStore(final if building is None else building)
+        self.store = FeatureStore(final if building is None else building, home=final)
 
     def publish(self) -> None:
         """Make a filled entry visible to later runs (a rename); an unfinished one is dropped by `close`."""

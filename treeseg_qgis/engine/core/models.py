@@ -375,7 +375,8 @@ def explain_load_failure(repo_id: str, error: Exception) -> str:
         return str(error)
     kind = classify_hub_error(error)
     page = model_page(repo_id)
-    login = "then log in: set the HF_TOKEN environment variable or run `hf auth login`"
+    login = ("then log in: in QGIS save a read token under Raster ▸ TreeSeg (DINOv3) ▸ Models… (Hugging Face "
+             "token, Save token); else set the HF_TOKEN environment variable or run `hf auth login`")
     if kind == "gated":
         return (
             f"Access to {repo_id} was refused (HTTP 401/403): the DINOv3 weights are gated. "

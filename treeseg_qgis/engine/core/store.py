@@ -40,8 +40,10 @@ class FeatureStore:
     and the folder can serve later runs (see cache.py).
     """
 
-    def __init__(self, folder: str | Path, cache_tiles: int = 64) -> None:
+    def __init__(self, folder: str | Path, cache_tiles: int = 64, home: Path | None = None) -> None:
         self.folder = Path(folder)
+        self.home = home or self.folder
+        """Where the features stay once complete: the cache entry a store built aside is renamed to."""
         self.folder.mkdir(parents=True, exist_ok=True)
         self._cache: OrderedDict[tuple[int, int], TileFeatures] = OrderedDict()
         self._cache_tiles = cache_tiles

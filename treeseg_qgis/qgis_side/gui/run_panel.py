@@ -10,8 +10,10 @@ it with the memory the run needs.
 from __future__ import annotations
 
 import html
+import json
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -55,10 +57,12 @@ from ...memory import (
     RUN_TILE_SIZE,
     available_memory_bytes,
     estimate_peak_bytes,
+    estimate_run_time,
     format_gigabytes,
     memory_warning,
     model_entry,
     size_warning,
+    speed_factor,
     tiles_and_time,
 )
 from ...outputs import OutputPathError, OutputPaths, check_run_paths
@@ -78,6 +82,7 @@ from ..auth import hf_token
 from ..compat import POLYGON_LAYER_FILTER, RASTER_LAYER_FILTER
 from ..engine_client import EngineClient, missing_engine_message
 from ..raster_input import prepare_input
+from ..results import result_input_name
 from .layouts import fill, hbox
 from .task import ProbeTask, SegmentationTask, clear_messages
 
@@ -90,6 +95,11 @@ EXTENTS = {
     SELECTED_POLYGONS: "Selected polygons of a layer",
 }
 SETTINGS_PREFIX = "treeseg/dock/"
+SPEED_SETTING = SETTINGS_PREFIX + "measured_over_estimated"
+"""The last runs' measured seconds over their estimates (JSON list): this machine's speed for the next estimate."""
+EXPORTED_SETTING = SETTINGS_PREFIX + "int8_exported_models"
+"""The models whose int8 export the engine has made and cached (JSON list)."""
+SPEED_RUNS_KEPT = 3
 DEFAULT_CLUSTERS = 5
 """The number of clusters the spin box offers until the user turns automatic K off."""
 EXPORT_HINT = ("export it to a GeoTIFF first (right-click the layer ▸ Export ▸ Save As…) and run TreeSeg "
@@ -100,8 +110,9 @@ UNTRAINED_TOOLTIP = (
     "segmentation, and every output is marked UNTRAINED (file names, layer group, metadata)."
 )
 PRECISION_TOOLTIP = (
-    "What the model computes in. auto: float32 (the reference) on the CPU, half precision on a GPU. bfloat16 "
-    "and int8 may be faster on some CPUs and change the features slightly; int8 runs on the CPU only."
+    "What the model computes in. auto: int8 in ONNX Runtime on a CPU with AVX2 or AVX-512 (about twice as fast, "
+    "features kept closely), else float32, the reference; half precision on a GPU. bfloat16 runs only when "
+    "chosen; int8 runs on the CPU only."
 )
 ERROR_STYLE = "color: #b00020;"
 ELBOW_WIDTH = 260
@@ -232,6 +243,8 @@ class RunPanel(QWidget):
         self._probe_started = False
         self._engine_unusable = False
         self._layer_chosen = False
+        self._loaded_model: tuple[str, str, str] | None = None
+        self._run_timing: tuple[float, dict[str, Any]] | None = None
         self._build_input()
         self._build_model()
         self._build_engine_status()
@@ -547,7 +560,47 @@ class RunPanel(QWidget):
         if size is None:
             return None
         return size_warning(self.model_in_use(), *size, self.stride_combo.currentData(), RUN_TILE_SIZE,
-                            self._run_device())
+                            self._run_device(), **self._estimate_options(), speed=self._speed())
+
+    def _model_key(self) -> tuple[str, str, str]:
+        return self.model_in_use(), self.device_combo.currentData(), self.precision_combo.currentData()
+
+    def _run_precision(self) -> str:
+        """The precision the run computes in: the one chosen, or for auto what the engine's probe said (int8 on
+        a CPU with fast int8, before the probe too)."""
+        chosen = self.precision_combo.currentData()
+        return chosen if chosen != AUTO else str((self._engine_info or {}).get("precision", "int8"))
+
+    def _estimate_options(self) -> dict[str, Any]:
+        """What the time estimate needs besides the raster: the precision, automatic K, and what is still to come
+        before the first tile (the engine start, the model load, the first int8 export)."""
+        started = self.engine is not None and self.engine.running
+        exported = json.loads(QgsSettings().value(EXPORTED_SETTING, "[]", type=str) or "[]")
+        return {"precision": self._run_precision(), "automatic_k": self.auto_clusters.isChecked(),
+                "engine_started": started, "model_loaded": started and self._loaded_model == self._model_key(),
+                "exported": self.model_in_use() in exported}
+
+    @staticmethod
+    def _speed() -> float:
+        """This machine's measured speed against the estimates of its last runs (1 before any)."""
+        return speed_factor(json.loads(QgsSettings().value(SPEED_SETTING, "[]", type=str) or "[]"))
+
+    def _learn_from(self, record: dict[str, Any]) -> None:
+        """After a run: keep its measured time over its estimate for the next estimates, and what it loaded."""
+        started, options = self._run_timing or (None, {})
+        self._loaded_model = self._model_key()
+        if str(record["model"].get("precision", "")).startswith("int8"):
+            settings = QgsSettings()
+            exported = json.loads(settings.value(EXPORTED_SETTING, "[]", type=str) or "[]")
+            settings.setValue(EXPORTED_SETTING, json.dumps(sorted({*exported, self.model_in_use()})))
+        expected = estimate_run_time(record["parameters"]["model"], record["input"]["width"],
+                                     record["input"]["height"], record["stride"], record["parameters"]["tile_size"],
+                                     self._run_device(), record["parameters"]["overlap"], **options)
+        if started is None or expected is None or record["feature_cache"]["state"] == "hit":
+            return
+        measured = json.loads(QgsSettings().value(SPEED_SETTING, "[]", type=str) or "[]")
+        measured = [*measured, (time.monotonic() - started) / expected.total][-SPEED_RUNS_KEPT:]
+        QgsSettings().setValue(SPEED_SETTING, json.dumps(measured))
 
     def _show_memory_estimate(self) -> None:
         """The model that runs (named when an override sets it; the Model box is then greyed), its size and the
@@ -569,16 +622,41 @@ class RunPanel(QWidget):
         size = self._whole_layer_size()
         if size is not None:
             memory += ". The layer: " + tiles_and_time(self.model_in_use(), *size, self.stride_combo.currentData(),
-                                                       RUN_TILE_SIZE, device)
+                                                       RUN_TILE_SIZE, device, **self._estimate_options(),
+                                                       speed=self._speed())
         self.memory_label.setText(f"{model}: {memory}.")
         self.memory_label.setToolTip(override)
         will_not_fit = needed is not None and free is not None and needed > free
         self.memory_label.setStyleSheet(ERROR_STYLE if will_not_fit else "")
 
     def follow_active_layer(self, layer: QgsMapLayer | None) -> None:
-        """Show `layer` (the active layer of QGIS) when it is a raster and no layer was picked in the panel."""
-        if not self._layer_chosen and isinstance(layer, QgsRasterLayer):
+        """Show `layer` (the active layer of QGIS) when it is a raster, not a TreeSeg result, and no layer was
+        picked in the panel."""
+        if (not self._layer_chosen and isinstance(layer, QgsRasterLayer)
+                and result_input_name(layer, QgsProject.instance()) is None):
             self.layer_combo.setLayer(layer)
+
+    def _input_not_a_result(self) -> bool:
+        """True when the chosen layer is an orthophoto, or the user chose to run on its orthophoto (then chosen) or
+        on the result anyway; a TreeSeg result raster (clusters, a mask) is not what a run should segment."""
+        layer = self.layer_combo.currentLayer()
+        input_name = result_input_name(layer, QgsProject.instance()) if layer is not None else None
+        if input_name is None:
+            return True
+        found = [other for other in QgsProject.instance().mapLayersByName(input_name)
+                 if isinstance(other, QgsRasterLayer) and result_input_name(other, QgsProject.instance()) is None]
+        if not found:
+            return self._run_anyway(f"'{layer.name()}' is a TreeSeg result of '{input_name}', not an orthophoto: "
+                                    "a run on it segments its colours.")
+        answer = QMessageBox.question(
+            self, "TreeSeg", f"'{layer.name()}' is a TreeSeg result of '{input_name}', not an orthophoto. Run on "
+            f"'{input_name}' instead?", QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+            QMessageBox.StandardButton.Yes)
+        if answer != QMessageBox.StandardButton.Yes:
+            self.show_stage(f"'{layer.name()}' is a TreeSeg result: choose the orthophoto to segment.", error=True)
+            return False
+        self.layer_combo.setLayer(found[0])
+        return True
 
     def _layer_picked(self) -> None:
         """The user chose a layer in the panel: it stays until they choose another."""
@@ -648,7 +726,7 @@ class RunPanel(QWidget):
         """Start a run with the panel's settings; problems are shown in the panel, nothing starts."""
         if self.engine is None or self.task is not None or self._teaching:
             return
-        if not self._run_anyway(self.memory_problem(), self.size_problem()):
+        if not self._input_not_a_result() or not self._run_anyway(self.memory_problem(), self.size_problem()):
             return
         scratch = None
         if self.extent_combo.currentData() != WHOLE_LAYER:
@@ -661,6 +739,7 @@ class RunPanel(QWidget):
             self.show_stage(str(problem), error=True)
             return
         self._save_settings()
+        self._run_timing = (time.monotonic(), self._estimate_options())
         clear_messages(self.iface.messageBar())
         self.task = SegmentationTask(self.engine, params, self.layer_combo.currentLayer(), self.iface.messageBar(),
                                      scratch, hf_token())
@@ -668,7 +747,8 @@ class RunPanel(QWidget):
         self.task.progressChanged.connect(self.show_progress)
         self.task.done.connect(self._finished)
         self.progress_bar.setValue(0)
-        self._show_elbow(None)
+        if self.elbow_image.isVisible():  # kept until this run's result, so Cancel stays where it was
+            self.elbow_caption.setText(f"Last run: {self.elbow_caption.text()}")
         if self._probe is not None:
             self.task.hold()
             self.show_stage("Waiting for the engine to start…")
@@ -714,8 +794,10 @@ class RunPanel(QWidget):
     def _finished(self, success: bool, summary: str) -> None:
         task, self.task = self.task, None
         self.progress_bar.setValue(100 if success else 0)
+        self._show_elbow(task.record if success else None)
         if success:
-            self._show_elbow(task.record)
+            self._learn_from(task.record)
+            self._show_memory_estimate()
             self.run_succeeded.emit(task)
         self.show_stage(f"Done: {summary}" if success else summary, error=not success and summary != "Cancelled.")
         self._update_enabled()

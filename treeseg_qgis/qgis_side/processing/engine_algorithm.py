@@ -12,6 +12,7 @@ Standard library, QGIS and engine_client only: no torch, no engine core.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from ...outputs import SEGMENT_KINDS, SUFFIXES, OutputPathError, check_run_paths
 from ...params import ParameterError, SegmentationParams, parse_cluster_ids, parse_clusters
 from ..compat import ADVANCED, INTEGER, POLYGON_LAYERS
 from ..engine_client import EngineClient, EngineError, find_engine_python, missing_engine_message, shared_engine
+from ..raster_input import absolute_file
 
 ENGINE_PYTHON_SETTING = "treeseg/engine_python"
 MODEL_PAGE = "https://huggingface.co/facebook/dinov3-vitb16-pretrain-lvd1689m"
@@ -84,10 +86,18 @@ def read_text(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], nam
     return algorithm.parameterAsString(parameters, name, context).strip() or None
 
 
+def read_model(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], name: str,
+               context: QgsProcessingContext) -> str | None:
+    """A Hugging Face id or a model folder; a folder relative to the caller's working folder made absolute."""
+    text = read_text(algorithm, parameters, name, context)
+    return absolute_file(text) if text is not None and os.path.isdir(text) else text
+
+
 def read_file(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], name: str,
               context: QgsProcessingContext) -> str | None:
-    """A file path; none given leaves the field at its default."""
-    return algorithm.parameterAsFile(parameters, name, context).strip() or None
+    """A file path, made absolute against the caller's working folder; none given leaves the field at its
+    default."""
+    return absolute_file(algorithm.parameterAsFile(parameters, name, context).strip()) or None
 
 
 def read_choice(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], name: str,
@@ -97,8 +107,10 @@ def read_choice(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], n
 
 
 def read_stride(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], name: str,
-                context: QgsProcessingContext) -> int:
-    return int(algorithm.parameterAsEnumString(parameters, name, context))
+                context: QgsProcessingContext) -> int | None:
+    """A stride; none chosen (an optional stride left empty) leaves the field at its default."""
+    text = algorithm.parameterAsEnumString(parameters, name, context)
+    return int(text) if text else None
 
 
 def read_int(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], name: str,
@@ -209,10 +221,11 @@ def orthophoto_parameter() -> Declared:
 def model_parameters() -> list[Declared]:
     """MODEL, the advanced MODEL_ID that overrides it, and STRIDE."""
     return [
-        Declared(QgsProcessingParameterEnum("MODEL", "DINOv3 model", options=list(params.MODEL_NAMES),
+        Declared(QgsProcessingParameterEnum("MODEL", "DINOv3 model (a Model id overrides)",
+                                            options=list(params.MODEL_NAMES),
                                             defaultValue=DEFAULT_MODEL, usesStaticStrings=True), "model", read_choice),
         Declared(QgsProcessingParameterString("MODEL_ID", "Model id or folder (overrides Model)", optional=True),
-                 "model", read_text, advanced=True),
+                 "model", read_model, advanced=True),
         Declared(QgsProcessingParameterEnum("STRIDE", "Stride (px)", options=[str(s) for s in params.STRIDES],
                                             defaultValue=str(params.STRIDES[0]), usesStaticStrings=True), "stride",
                  read_stride),
@@ -376,26 +389,38 @@ class EngineAlgorithm(DescribedAlgorithm):
 
     def optional_file_destination(self, parameters: dict[str, Any], name: str, context: QgsProcessingContext,
                                   suffixes: tuple[str, ...]) -> str | None:
-        """As file_destination, or None when the optional output was not asked for.
+        """As file_destination, or None when the optional output was not asked for. A relative path is made
+        absolute against the caller's working folder (qgis_process's), never left to the engine worker's.
 
         The parameter is read once: for a temporary output each read makes a new path and queues it for
         loading, and a queued path the engine never writes ends the run with a false "not correctly
-        generated" error."""
+        generated" error. An optional output left blank (the batch dialog's empty definition) is taken out of
+        the load queue for the same reason."""
         requested = self.parameterAsOutputLayer(parameters, name, context)
         if not requested:
+            _load_on_completion_as(context, requested, None)
             return None
         if NON_FILE_DESTINATION.match(requested):
             raise QgsProcessingException(
                 f"{self.parameterDefinition(name).description()}: save to a {suffixes[0]} file, "
                 "not into a database or a temporary layer.")
-        if Path(requested).suffix.lower() in suffixes:
-            return requested
-        actual = str(Path(requested).with_suffix(suffixes[0]))
-        if context.willLoadLayerOnCompletion(requested):
-            layers = context.layersToLoadOnCompletion()
-            layers[actual] = layers.pop(requested)
-            context.setLayersToLoadOnCompletion(layers)
+        actual = absolute_file(requested)
+        if Path(actual).suffix.lower() not in suffixes:
+            actual = str(Path(actual).with_suffix(suffixes[0]))
+        if actual != requested:
+            _load_on_completion_as(context, requested, actual)
         return actual
+
+
+def _load_on_completion_as(context: QgsProcessingContext, queued: str, path: str | None) -> None:
+    """The layer queued for loading as `queued` loads from `path` instead (None: not at all)."""
+    if not context.willLoadLayerOnCompletion(queued):
+        return
+    layers = context.layersToLoadOnCompletion()
+    details = layers.pop(queued)
+    if path is not None:
+        layers[path] = details
+    context.setLayersToLoadOnCompletion(layers)
 
 
 def engine_python() -> str:

@@ -28,11 +28,11 @@ from qgis.core import (
     QgsProcessingUtils,
 )
 
-from ...params import DEFAULT_K_RANGE, K_MAX, METHODS, OutputFiles, SegmentationParams
+from ...params import COLOUR_STRIDES, DEFAULT_K_RANGE, K_MAX, METHODS, OutputFiles, SegmentationParams
 from ..auth import hf_token
 from ..compat import DOUBLE, INTEGER, POLYGON_LAYERS
-from ..raster_input import prepare_input
-from ..results import RUN_OUTPUT_ORDER, OutputGroup, group_name, style_loaded_outputs
+from ..raster_input import prepare_input, raster_file
+from ..results import OutputGroup, style_loaded_outputs
 from .engine_algorithm import (
     CROWN_COUNT,
     WEIGHTS_HELP,
@@ -47,9 +47,10 @@ from .engine_algorithm import (
     read_choice,
     read_cluster_ids,
     read_int,
+    read_model,
     read_number,
     read_number_zero_off,
-    read_text,
+    read_stride,
     run_in_engine,
 )
 
@@ -93,10 +94,12 @@ greenness rule (look at the clusters of a first run); empty: the greenness rule.
 <li><b>Minimum tree height</b> (advanced): tree pixels lower than this are dropped, which separates
 trees from grass and shrubs of the same colour; the canopy height is then computed even when its
 output is not asked for. 0: off.</li>
-<li><b>Precision</b> (advanced): what the model runs in. <i>auto</i>: float32, the reference, on the CPU
-and half precision on a GPU; <i>bfloat16</i> and <i>int8</i> are faster on the CPU and keep the features
-closely but not exactly (see the benchmarks).</li>
+<li><b>Precision</b> (advanced): what the model runs in. <i>auto</i>: int8 in ONNX Runtime on a CPU with
+AVX2 or AVX-512 (about twice as fast; the features kept closely but not exactly, see the benchmarks), else
+float32, the reference; half precision on a GPU. <i>float32</i> and <i>bfloat16</i> run only when chosen.</li>
 <li><b>Canopy-height model</b> (advanced): a Hugging Face id or a local folder of a CHMv2 model.</li>
+<li><b>Stride</b>: empty is 16 for DINOv3 and per pixel (1) for the colour baselines, as on the command
+line; 2 and 1 are for the colour baselines only.</li>
 <li><b>Method</b> (advanced): <i>rgb-kmeans</i> and <i>exg-otsu</i> are colour baselines for
 comparison (k-means on the colours; Otsu's threshold on the excess-green index): they show what the
 DINOv3 features add.</li>
@@ -104,6 +107,19 @@ DINOv3 features add.</li>
 {WEIGHTS_HELP}
 <p>The canopy-height model is gated too: accept its licence on
 <a href="{HEIGHT_MODEL_PAGE}">{HEIGHT_MODEL_PAGE}</a> before asking for the height.</p>"""
+
+
+COLOUR_DEFAULT_STRIDE = 1
+"""The colour baselines' stride when none is chosen: per pixel (the CLI's default too)."""
+
+
+def method_stride() -> Declared:
+    """STRIDE for a method: 16, 8 or 4 for DINOv3, also 2 and 1 for the colour baselines; empty: the method's
+    default (16; per pixel for the colour baselines)."""
+    return Declared(QgsProcessingParameterEnum(
+        "STRIDE", "Stride (px; empty: method default)",
+        options=[str(stride) for stride in COLOUR_STRIDES], defaultValue=None, optional=True,
+        usesStaticStrings=True), "stride", read_stride)
 
 
 class SegmentTreesAlgorithm(EngineAlgorithm):
@@ -138,6 +154,7 @@ class SegmentTreesAlgorithm(EngineAlgorithm):
     )
 
     def declare(self) -> list[Declared]:
+        """The parameters; STRIDE may stay empty: 16 for DINOv3, per pixel for a colour baseline, as the CLI."""
         return [
             orthophoto_parameter(),
             Declared(QgsProcessingParameterBand(
@@ -147,7 +164,7 @@ class SegmentTreesAlgorithm(EngineAlgorithm):
             Declared(QgsProcessingParameterFeatureSource(self.MASK, "Mask polygons", [POLYGON_LAYERS], optional=True)),
             Declared(QgsProcessingParameterNumber(
                 self.RESOLUTION, "Resolution (m/px, 0: native)", DOUBLE, defaultValue=0.0, minValue=0.0)),
-            *clustering_parameters(),
+            *(method_stride() if item.definition.name() == "STRIDE" else item for item in clustering_parameters()),
             Declared(QgsProcessingParameterEnum(
                 "METHOD", "Method (or a colour baseline)", options=list(METHODS), defaultValue=METHODS[0],
                 usesStaticStrings=True), "method", read_choice, advanced=True),
@@ -168,7 +185,7 @@ class SegmentTreesAlgorithm(EngineAlgorithm):
                 "min_tree_height_m", read_number_zero_off, advanced=True),
             Declared(QgsProcessingParameterString(
                 "HEIGHT_MODEL", "Canopy-height model", defaultValue=DEFAULT_HEIGHT_MODEL),
-                "height_model", read_text, advanced=True),
+                "height_model", read_model, advanced=True),
         ]
 
     def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,
@@ -177,11 +194,14 @@ class SegmentTreesAlgorithm(EngineAlgorithm):
         layer = self.input_raster(parameters, self.INPUT, context)
         files = self.output_files(parameters, context)
         stem = Path(files["clusters"]).with_suffix("")
+        source = raster_file(layer)
         params = self.read_params(
-            parameters, context, input_path=layer.source(), output_dir=str(stem.parent), output_stem=stem.name,
+            parameters, context, input_path=source, output_dir=str(stem.parent), output_stem=stem.name,
             crowns=files["crowns"] is not None, feature_preview=files["features"] is not None,
             canopy_height=files["height"] is not None,
             outputs=OutputFiles(**files, preview=f"{stem}_preview.png", record=f"{stem}_run.json"))
+        if params.method != "dinov3" and not self.parameterAsEnumString(parameters, "STRIDE", context):
+            params = replace(params, stride=COLOUR_DEFAULT_STRIDE)
         if files["height"] is None and params.min_tree_height_m is not None:  # the height is needed, not asked for
             params = replace(params, outputs=replace(params.outputs, height=QgsProcessingUtils.generateTempFilename(
                 f"{stem.name}_height.tif")))
@@ -191,9 +211,9 @@ class SegmentTreesAlgorithm(EngineAlgorithm):
             self.parameterAsDouble(parameters, self.RESOLUTION, context), context,
             Path(QgsProcessingUtils.tempFolder()) / "treeseg",
         ))
-        self.check_params(params, inputs=(layer.source(),))
+        self.check_params(params, inputs=(source,))
         record = run_in_engine(python, feedback, lambda client, report: client.segment(
             params, on_progress=report.progress, on_log=report.log, is_cancelled=feedback.isCanceled,
             hf_token=hf_token()))
-        style_loaded_outputs(context, record, OutputGroup(group_name(record, layer.name()), RUN_OUTPUT_ORDER))
+        style_loaded_outputs(context, record, OutputGroup.for_run(record, layer.name()))
         return self.results(record)

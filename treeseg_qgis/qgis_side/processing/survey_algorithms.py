@@ -21,6 +21,7 @@ from qgis.core import (
 
 from ..auth import hf_token
 from ..compat import RASTER_LAYERS
+from ..raster_input import absolute_file, raster_file
 from .engine_algorithm import (
     WEIGHTS_HELP,
     Declared,
@@ -74,8 +75,8 @@ class FitClusterModelAlgorithm(EngineAlgorithm):
         layers = self.parameterAsLayerList(parameters, self.INPUTS, context)
         if not layers:
             raise QgsProcessingException("Choose the rasters of the survey.")
-        inputs = [layer.source() for layer in layers]
-        out_path = self.parameterAsFileOutput(parameters, self.OUTPUT, context)
+        inputs = [raster_file(layer) for layer in layers]
+        out_path = absolute_file(self.parameterAsFileOutput(parameters, self.OUTPUT, context))
         if Path(out_path).suffix.lower() != MODEL_SUFFIX:
             out_path = str(Path(out_path).with_suffix(MODEL_SUFFIX))
         if out_path in inputs:

@@ -37,7 +37,7 @@ from ...params import OutputFiles
 from ..auth import hf_token
 from ..compat import ANY_FIELD, DOUBLE, POINT_LAYERS
 from ..raster_input import raster_file
-from ..results import TEACH_OUTPUT_ORDER, OutputGroup, style_loaded_outputs, teach_group_name
+from ..results import OutputGroup, style_loaded_outputs
 from .engine_algorithm import (
     WEIGHTS_HELP,
     Declared,
@@ -152,7 +152,7 @@ class TeachTreesAlgorithm(EngineAlgorithm):
         feedback.pushInfo(f"Examples used: {record['examples']['trees']} {taught}, "
                           f"{record['examples']['not_trees']} other; {record['threshold_note']}; "
                           f"feature cache: {record['feature_cache']}.")
-        style_loaded_outputs(context, record, OutputGroup(teach_group_name(record, layer.name()), TEACH_OUTPUT_ORDER))
+        style_loaded_outputs(context, record, OutputGroup.for_teach(record, layer.name()))
         return self.results(record)
 
 

@@ -6,6 +6,7 @@ engine worker process does the work (its `crowns` command); no model is loaded.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from qgis.core import (
@@ -95,7 +96,7 @@ class TreeCrownsAlgorithm(EngineAlgorithm):
         record = run_in_engine(python, feedback, lambda client, report: client.crowns(
             trees_path, clusters_path, gpkg, options, on_progress=report.progress, is_cancelled=feedback.isCanceled))
         feedback.pushInfo(f"{record['crowns']} crowns.")
-        style_loaded_outputs(context, record, None, suffix=f" — {trees.name()}")
+        style_loaded_outputs(context, record, None, suffix=f" — {Path(trees_path).stem}", beside=trees.id())
         return self.results(record)
 
 

@@ -1,0 +1,73 @@
+"""The time estimate before a run (treeseg_qgis/memory.py and the panel): every part of a run counted, and this
+machine's measured speed used once a run has shown it. The estimate's accuracy lives in docs/BENCHMARKS.md
+(scripts/bench_estimate.py), not in a timed test."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from treeseg_qgis import memory
+
+from .test_gui import add_raster, clean_settings, plugin, set_up_run, wait_until  # noqa: F401 - fixtures
+
+
+def test_a_first_run_counts_the_engine_start_model_load_and_export_a_warm_one_only_the_work():
+    cold = memory.estimate_run_time("small", 1000, 1000, engine_started=False, model_loaded=False, exported=False)
+    warm = memory.estimate_run_time("small", 1000, 1000)
+    fixed_k = memory.estimate_run_time("small", 1000, 1000, automatic_k=False)
+    float32 = memory.estimate_run_time("small", 1000, 1000, precision="float32", model_loaded=False, exported=False)
+
+    assert cold.engine_start == memory.ENGINE_START_SECONDS and cold.model_load > 0 and cold.export > 0
+    assert (warm.engine_start, warm.model_load, warm.export) == (0, 0, 0)
+    assert warm.features == cold.features and warm.outputs == cold.outputs
+    assert fixed_k.clustering < warm.clustering and warm.outputs > memory.PREVIEW_SECONDS
+    assert float32.export == 0 and float32.features > warm.features
+    larger = memory.estimate_run_time("small", 6000, 6000)
+    assert larger.features > 10 * warm.features and larger.outputs > 10 * (warm.outputs - memory.PREVIEW_SECONDS)
+    assert memory.estimate_run_time("small", 1000, 1000, speed=2.0).total == pytest.approx(2 * warm.total)
+    assert memory.estimate_run_time("small", 1000, 1000, device="cuda") is None
+
+
+def test_this_machines_speed_is_the_median_of_the_last_runs_kept_within_bounds():
+    assert memory.speed_factor([]) == 1.0
+    assert memory.speed_factor([1.5, 3.0, 2.0]) == 2.0
+    assert memory.speed_factor([40.0]) == memory.SPEED_FACTOR_RANGE[1]
+    assert memory.speed_factor([0.01, 0.02]) == memory.SPEED_FACTOR_RANGE[0]
+
+
+def test_the_text_says_one_tile_and_what_the_first_run_adds():
+    first = memory.tiles_and_time("small", 96, 96, engine_started=False, model_loaded=False, exported=False)
+    assert first.startswith("1 tile, about ")
+    assert "on the CPU with the engine start, the model load and its first int8 export (" in first
+    assert memory.tiles_and_time("small", 2000, 2000).startswith("25 tiles, about ")
+    assert " with " not in memory.tiles_and_time("small", 2000, 2000)
+    assert memory.tiles_and_time("small", 96, 96, device="cuda") == "1 tile, time unknown on the CUDA device"
+
+
+def test_the_panel_estimate_drops_the_model_load_after_a_run_and_learns_this_machines_speed(
+        plugin, scene_tif, tiny_model_dir, tmp_path):  # noqa: F811
+    from qgis.core import QgsSettings
+
+    from treeseg_qgis.qgis_side.gui.run_panel import EXPORTED_SETTING, SPEED_SETTING
+
+    path, _ = scene_tif
+    panel = plugin.dock.run_panel
+    panel.layer_combo.setLayer(add_raster(path))
+    set_up_run(panel, tiny_model_dir, tmp_path / "out")
+    plugin.action.trigger()
+    wait_until(lambda: panel._engine_info is not None)
+    before = panel.memory_label.text()
+
+    panel.run_button.click()
+    wait_until(lambda: panel.task is None)
+
+    assert panel.stage_label.text().startswith("Done"), panel.stage_label.text()
+    assert "1 tile, about " in before and "model load" in before
+    after = panel.memory_label.text()
+    assert "1 tile, about " in after and "model load" not in after and "export" not in after
+    (measured,) = json.loads(QgsSettings().value(SPEED_SETTING, "[]", type=str))
+    assert measured > 0
+    int8 = panel._engine_info["precision"] == "int8"
+    assert json.loads(QgsSettings().value(EXPORTED_SETTING, "[]", type=str)) == ([str(tiny_model_dir)] if int8 else [])
