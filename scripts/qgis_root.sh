@@ -44,6 +44,9 @@ for folder in /etc/xdg/pip /opt/wheels /opt/pypi /opt/pypi-more; do
     [ -d "$folder" ] && PIP_FOLDERS+=("$folder")
 done
 
+# Inside: which root this is (tests that need the host skip on it), and the root's venv as the engine (the
+# repository's .venv, if any, is the host's and does not run here).
+export TREESEG_QGIS_ROOT_VERSION=$VERSION
 in_root() {
     # Runs "$@" inside the root with /proc, /dev, /sys, the repository and pip's folders mounted.
     unshare --mount --propagation private bash -s "$ROOT" "$REPO" "${PIP_FOLDERS[@]}" -- "$@" <<'EOF'
@@ -68,6 +71,7 @@ cp /etc/resolv.conf "$root/etc/resolv.conf"
 exec chroot "$root" /usr/bin/env -i HOME=/root PATH=/opt/treeseg-venv/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PIP_CERT=/etc/ssl/host-ca-certificates.crt LANG=C.UTF-8 TERM=dumb HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 \
     QT_QPA_PLATFORM="${QT_QPA_PLATFORM:-offscreen}" ${DISPLAY:+DISPLAY=$DISPLAY} \
+    TREESEG_QGIS_ROOT_VERSION="$TREESEG_QGIS_ROOT_VERSION" TREESEG_ENGINE_PYTHON=/opt/treeseg-venv/bin/python \
     bash -c 'cd /repo && exec "$@"' bash "$@"
 EOF
 }
