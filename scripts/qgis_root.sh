@@ -30,8 +30,8 @@ MIRROR=${TREESEG_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 VENV=/opt/treeseg-venv
 READY=$ROOT/.treeseg-root-ready
 QGIS_PACKAGES="python3-qgis qgis-providers qgis"
-DEBIAN_PYTHON_PACKAGES=$(for pin in $DEBIAN_PINS; do printf '%s ' "${pin#*=}"; done)
-BASE_PACKAGES="python3-venv python3-matplotlib xvfb xauth make git ca-certificates fonts-open-sans $DEBIAN_PYTHON_PACKAGES"
+DEBIAN_PYTHON_PACKAGES=$(for pin in $DEBIAN_PINS; do printf ' %s' "${pin#*=}"; done)
+BASE_PACKAGES="python3-venv python3-matplotlib xvfb xauth make git ca-certificates fonts-open-sans$DEBIAN_PYTHON_PACKAGES"
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "$NAME: debootstrap, chroot and mounts need root: running with sudo" >&2
@@ -44,8 +44,7 @@ for folder in /etc/xdg/pip /opt/wheels /opt/pypi /opt/pypi-more; do
     [ -d "$folder" ] && PIP_FOLDERS+=("$folder")
 done
 
-# Inside: which root this is (tests that need the host skip on it), and the root's venv as the engine (the
-# repository's .venv, if any, is the host's and does not run here).
+# Inside: which root this is (tests that need the host skip on it).
 export TREESEG_QGIS_ROOT_VERSION=$VERSION
 in_root() {
     # Runs "$@" inside the root with /proc, /dev, /sys, the repository and pip's folders mounted.
@@ -60,6 +59,8 @@ mount --rbind /dev "$root/dev"
 mount --rbind /sys "$root/sys"
 mount -t tmpfs tmpfs "$root/tmp"
 mkdir -p "$root/repo" && mount --bind "$repo" "$root/repo"
+# The repository's .venv is the host's (another Python): inside, that path is the root's venv.
+if [ -d "$repo/.venv" ] && [ ! -L "$repo/.venv" ]; then mount --bind "$root/opt/treeseg-venv" "$root/repo/.venv"; fi
 for folder in "${folders[@]}"; do
     mkdir -p "$root$folder" && mount --bind -o ro "$folder" "$root$folder"
 done
@@ -71,7 +72,7 @@ cp /etc/resolv.conf "$root/etc/resolv.conf"
 exec chroot "$root" /usr/bin/env -i HOME=/root PATH=/opt/treeseg-venv/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PIP_CERT=/etc/ssl/host-ca-certificates.crt LANG=C.UTF-8 TERM=dumb HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 \
     QT_QPA_PLATFORM="${QT_QPA_PLATFORM:-offscreen}" ${DISPLAY:+DISPLAY=$DISPLAY} \
-    TREESEG_QGIS_ROOT_VERSION="$TREESEG_QGIS_ROOT_VERSION" TREESEG_ENGINE_PYTHON=/opt/treeseg-venv/bin/python \
+    TREESEG_QGIS_ROOT_VERSION="$TREESEG_QGIS_ROOT_VERSION" \
     bash -c 'cd /repo && exec "$@"' bash "$@"
 EOF
 }
