@@ -13,7 +13,6 @@
 set -euo pipefail
 VERSION=${1:-}
 case "$VERSION" in
-    # fonts-open-sans: QGIS otherwise tries to download Open Sans at start and shows that it failed.
     3.40) SUITE=bookworm DEBIAN_PINS="" ;;
     # trixie has Python 3.13. PyPI's torch 2.13.0 for it is the CUDA build, whose CUDA wheels the registry
     # lacks, and scikit-image 0.24.0 has no 3.13 wheel: Debian's CPU torch 2.6 and scikit-image 0.25 stand in
@@ -31,6 +30,7 @@ VENV=/opt/treeseg-venv
 READY=$ROOT/.treeseg-root-ready
 QGIS_PACKAGES="python3-qgis qgis-providers qgis"
 DEBIAN_PYTHON_PACKAGES=$(for pin in $DEBIAN_PINS; do printf ' %s' "${pin#*=}"; done)
+# fonts-open-sans: QGIS otherwise tries to download Open Sans at start and shows that it failed.
 BASE_PACKAGES="python3-venv python3-matplotlib xvfb xauth make git ca-certificates fonts-open-sans$DEBIAN_PYTHON_PACKAGES"
 
 if [ "$(id -u)" -ne 0 ]; then
