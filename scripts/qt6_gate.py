@@ -3,7 +3,14 @@
 Checks every Python file given (folders recursively):
 - unscoped enum values on Qt and QGIS classes (`Qt.AlignLeft` instead of `Qt.AlignmentFlag.AlignLeft`),
   found by resolving each `Class.Name` through the real Qt/QGIS modules;
+- unscoped enum values reached through an instance (`dialog.Accepted`, `self.Accepted`): a capitalised
+  attribute of a lower-case name that is an unscoped enum value of a Qt/QGIS class the file imports;
+- Qt classes imported from QtWidgets that Qt6 has in QtGui only (QAction, QActionGroup, QShortcut…: take them
+  from compat.py);
 - `exec_`, `QRegExp`/`QRegExpValidator`, any `PyQt5` import, `QVariant.<Type>` and comparisons with `QVariant`.
+
+`qt_references` lists every Qt name the files import through qgis.PyQt and every attribute chain rooted at
+one; tests/test_qt6_real.py resolves them under real PyQt6 the way QGIS 4's qgis.PyQt shim exposes them.
 
 Run: `python scripts/qt6_gate.py treeseg_qgis tests scripts` (exit status 1 and one line per finding).
 """
@@ -18,7 +25,10 @@ from pathlib import Path
 from typing import Any
 
 REMOVED_NAMES = {"QRegExp", "QRegExpValidator"}
+MOVED_TO_QTGUI = {"QAction", "QActionGroup", "QShortcut", "QUndoCommand", "QUndoGroup", "QUndoStack",
+                  "QFileSystemModel"}
 UNRESOLVED = object()
+_UNSCOPED: dict[type, dict[str, str]] = {}
 
 
 def is_enum_type(value: Any) -> bool:
@@ -61,6 +71,59 @@ def resolve(node: ast.expr, names: dict[str, Any]) -> Any:
     return UNRESOLVED
 
 
+def unscoped_values(owner: type) -> dict[str, str]:
+    """The unscoped enum values that `owner` carries, each with its scoped spelling (cached per class)."""
+    if owner not in _UNSCOPED:
+        values = {}
+        for name in dir(owner):
+            if name[:1].isupper():
+                value = getattr(owner, name, None)
+                if is_enum_type(type(value)) and not is_enum_type(value):
+                    values[name] = f"{owner.__name__}.{type(value).__name__}.{name}"
+        _UNSCOPED[owner] = values
+    return _UNSCOPED[owner]
+
+
+def root_name(node: ast.expr) -> str | None:
+    """The name a dotted expression starts from (`self` for `self.box.Accepted`), or None."""
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def qt_references(path: Path) -> list[tuple[str, str, str]]:
+    """(where, module, dotted name) for every Qt name `path` imports through qgis.PyQt (module 'QtCore'…,
+    or 'sip') and every attribute chain rooted at one (`Qt.AlignmentFlag.AlignLeft`); a Qt class that
+    compat.qt_moved_to_gui takes counts as QtGui's."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    modules: dict[str, str] = {}
+    references = []
+    for node in ast.walk(tree):
+        where = f"{path}:{getattr(node, 'lineno', 0)}"
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("qgis.PyQt"):
+            for alias in node.names:
+                module, name = ((node.module.split(".")[2], alias.name) if node.module != "qgis.PyQt"
+                                else (alias.name, ""))
+                modules[alias.asname or alias.name] = module if not name else f"{module}:{name}"
+                references.append((where, module, name))
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "qt_moved_to_gui"
+              and node.args and isinstance(node.args[0], ast.Constant)):
+            references.append((where, "QtGui", str(node.args[0].value)))
+    inner = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and id(node) not in inner:
+            parts = []
+            current: ast.expr = node
+            while isinstance(current, ast.Attribute):
+                parts.append(current.attr)
+                current = current.value
+            if isinstance(current, ast.Name) and current.id in modules:
+                module, _, name = modules[current.id].partition(":")
+                chain = ".".join([name, *reversed(parts)] if name else reversed(parts))
+                references.append((f"{path}:{node.lineno}", module, chain))
+    return references
+
+
 def mentions(node: ast.AST, name: str) -> bool:
     """Whether `name` appears as a name or attribute anywhere in `node`."""
     return any((isinstance(n, ast.Name) and n.id == name) or (isinstance(n, ast.Attribute) and n.attr == name)
@@ -71,6 +134,9 @@ def file_findings(path: Path) -> list[str]:
     """One line per PyQt5-only idiom in the file at `path`."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     names = imported_names(tree)
+    imported_classes = [value for value in names.values() if isinstance(value, type) and not is_enum_type(value)]
+    bound = {(alias.asname or alias.name).split(".")[0] for node in ast.walk(tree)
+             if isinstance(node, ast.Import | ast.ImportFrom) for alias in node.names}
     found = []
     for node in ast.walk(tree):
         where = f"{path}:{getattr(node, 'lineno', 0)}"
@@ -81,6 +147,9 @@ def file_findings(path: Path) -> list[str]:
             if isinstance(node, ast.ImportFrom):
                 found += [f"{where}: {a.name} is gone in Qt6 (use QRegularExpression)" for a in node.names
                           if a.name in REMOVED_NAMES]
+                if (node.module or "").endswith("QtWidgets"):
+                    found += [f"{where}: {a.name} is in QtGui under Qt6, not QtWidgets (use compat.qt_moved_to_gui)"
+                              for a in node.names if a.name in MOVED_TO_QTGUI]
         elif isinstance(node, ast.Attribute) and node.attr == "exec_":
             found.append(f"{where}: exec_() is gone in PyQt6 (use exec())")
         elif isinstance(node, ast.Name) and node.id in REMOVED_NAMES and isinstance(node.ctx, ast.Load):
@@ -96,6 +165,13 @@ def file_findings(path: Path) -> list[str]:
                 if value is not UNRESOLVED and is_enum_type(type(value)):
                     scoped = f"{type(value).__qualname__}.{node.attr}"
                     found.append(f"{where}: unscoped enum {owner.__name__}.{node.attr} (write {scoped})")
+            elif (owner is UNRESOLVED and node.attr[:1].isupper() and root_name(node.value) not in bound
+                  and (root_name(node.value) or "A")[:1].islower()
+                  and not (isinstance(node.value, ast.Attribute) and node.value.attr[:1].isupper())):
+                scoped = next((unscoped_values(c)[node.attr] for c in imported_classes
+                               if node.attr in unscoped_values(c)), None)
+                if scoped:
+                    found.append(f"{where}: unscoped enum {node.attr} reached through an instance (write {scoped})")
     return found
 
 

@@ -29,6 +29,14 @@ if ! "$SYSTEM_PYTHON" -c "import qgis.core, osgeo.gdal" >/dev/null 2>&1 || [ ! -
         python3-qgis qgis-providers qgis xvfb python3-venv python3-matplotlib >/dev/null
 fi
 
+# Real Qt6 for tests/test_qt6_real.py (QGIS 4 is Qt6-only and not packaged here): PyQt6 alone, in its own venv.
+QT6_VENV=.venv-qt6
+if ! "$QT6_VENV/bin/python" -c "import PyQt6.QtWidgets" >/dev/null 2>&1; then
+    echo "setup: creating $QT6_VENV with PyQt6 (real Qt6 for the QGIS 4 checks, about 300 MB)" >&2
+    "$SYSTEM_PYTHON" -m venv --clear "$QT6_VENV"
+    "$QT6_VENV/bin/pip" install --quiet --disable-pip-version-check --only-binary=:all: PyQt6==6.11.0
+fi
+
 if [ -f "$STAMP" ] && [ "$STAMP" -nt requirements.txt ] && [ -x "$VENV/bin/python" ]; then
     exit 0
 fi

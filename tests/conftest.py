@@ -97,3 +97,17 @@ def scene_tif(tmp_path) -> tuple[Path, np.ndarray]:
     centres = [(70, 80), (90, 300), (220, 180), (250, 340), (240, 50)]
     image, crowns = disc_scene(320, 400, centres, radius=48)
     return write_geotiff(tmp_path / "scene.tif", image), crowns
+
+
+@pytest.fixture
+def layer_tree_view(qgis_iface, monkeypatch):
+    """A real layer tree view of the project for the test window: QGIS 3.44's Processing adds the results of
+    runAndLoadResults through the main window's view (3.22's does not use it)."""
+    import qgis.utils
+    from qgis.core import QgsLayerTreeModel, QgsProject
+    from qgis.gui import QgsLayerTreeView
+
+    view = QgsLayerTreeView()
+    view.setModel(QgsLayerTreeModel(QgsProject.instance().layerTreeRoot()))
+    monkeypatch.setattr(qgis.utils.iface or qgis_iface, "layerTreeView", lambda: view, raising=False)
+    return view

@@ -1,5 +1,6 @@
-"""The compatibility module (qgis_side/compat.py): each QGIS API that differs between QGIS 3.22 and 3.40 LTR,
-used the way the plugin uses it, on whichever QGIS runs the suite (make test runs it on both)."""
+"""The compatibility module (qgis_side/compat.py): each QGIS or Qt API that differs between QGIS 3.22, 3.44 LTR
+and QGIS 4 (Qt6), used the way the plugin uses it, on whichever QGIS runs the suite (make test runs 3.22 and 3.44;
+tests/test_qt6_real.py resolves the Qt6 side under real PyQt6)."""
 
 from __future__ import annotations
 
@@ -140,3 +141,39 @@ def test_mask_bounds_need_no_deprecated_rectangle_call(qgis_app, tmp_path):
     empty = QgsVectorLayer("Polygon?crs=EPSG:32617", "empty", "memory")
     with pytest.raises(QgsProcessingException, match="has no polygons"):
         prepare_input(layer, None, empty, 0.0, context, tmp_path / "scratch")
+
+
+def test_qaction_comes_from_where_this_qt_has_it_and_triggers(qgis_app):
+    from qgis.PyQt import QtGui, QtWidgets
+
+    expected = QtGui.QAction if hasattr(QtGui, "QAction") else QtWidgets.QAction  # Qt6: QtGui, Qt5: QtWidgets
+    assert compat.QAction is expected
+    triggered = []
+    action = compat.QAction("Segment Trees Panel")
+    action.triggered.connect(lambda: triggered.append(True))
+    action.trigger()
+    assert triggered == [True] and action.text() == "Segment Trees Panel"
+    with pytest.raises(AttributeError, match="Neither QtGui nor QtWidgets has QNoSuchAction"):
+        compat.qt_moved_to_gui("QNoSuchAction")
+
+
+@pytest.mark.parametrize(("qgis_version", "offered"), [("3.22.16", True), ("3.44.16", True), ("4.0.0", True),
+                                                       ("4.2.1", True), ("3.20.3", False), ("5.0.0", False)])
+def test_the_plugin_manager_offers_the_plugin_from_qgis_3_22_to_4(monkeypatch, qgis_version, offered):
+    """metadata.txt as the running QGIS's own plugin manager reads it (pyplugin_installer), with the fields the
+    plugin repository's validator requires; supportsQt6 for QGIS 4.0's manager, qgisMaximumVersion for later."""
+    import configparser
+
+    from tests.conftest import REPO
+
+    monkeypatch.syspath_prepend("/usr/share/qgis/python")
+    from pyplugin_installer.version_compare import isCompatible
+
+    parser = configparser.ConfigParser()
+    parser.read(REPO / "metadata.txt", encoding="utf-8")
+    general = parser["general"]
+    assert isCompatible(qgis_version, general["qgisMinimumVersion"], general["qgisMaximumVersion"]) is offered
+    assert general["supportsQt6"] == "True" and general["qgisMaximumVersion"] == "4.99"
+    required = ("name", "description", "version", "qgisMinimumVersion", "author", "email", "about", "tracker",
+                "repository")
+    assert all(general.get(field, "").strip() for field in required)

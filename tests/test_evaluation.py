@@ -211,7 +211,8 @@ def test_a_reference_without_trees_gives_no_recall_and_a_warning(tmp_path, refer
 
 def test_reference_objects_keep_their_shape(tmp_path):
     objects = boxes_to_objects([(-5, -5, 3, 4)], (10, 10))
-    assert objects == [ReferenceObject(slice(0, 4), slice(0, 3), objects[0].mask)]
+    assert len(objects) == 1 and isinstance(objects[0], ReferenceObject)  # == on a mask field: Python 3.13 compares it
+    assert (objects[0].rows, objects[0].cols, objects[0].mask.shape) == (slice(0, 4), slice(0, 3), (4, 3))
     assert objects[0].pixels == 12
 
 

@@ -413,7 +413,8 @@ def error_recorder():
     return Recorder()
 
 
-def test_temporary_outputs_load_styled_in_one_group_without_a_false_error(provider, tiny_model_dir, scene_tif):
+def test_temporary_outputs_load_styled_in_one_group_without_a_false_error(provider, tiny_model_dir, scene_tif,
+                                                                         layer_tree_view):
     """As the toolbox dialog runs it (runAndLoadResults → handleAlgorithmResults): every output read once, so
     each temporary path is written and loaded, none reported as 'not correctly generated'; the post-processor
     gives them the panel's names, styles and group."""

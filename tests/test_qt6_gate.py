@@ -41,6 +41,12 @@ def test_the_plugin_tests_and_scripts_hold_no_pyqt5_only_idiom():
     ("import PyQt5.QtWidgets\n", "PyQt5 import 'PyQt5.QtWidgets'"),
     ("from qgis.PyQt.QtCore import QVariant\ndef empty(v):\n    return v == QVariant()\n", "comparison with QVariant"),
     ("from qgis.PyQt.QtCore import QVariant\nKIND = QVariant.Int\n", "QVariant.Int: PyQt6 has no QVariant types"),
+    ("from qgis.PyQt.QtWidgets import QAction\n", "QAction is in QtGui under Qt6, not QtWidgets"),
+    ("from qgis.PyQt.QtWidgets import QDialog\ndef done(dialog):\n    return dialog.result() == dialog.Accepted\n",
+     "unscoped enum Accepted reached through an instance (write QDialog.DialogCode.Accepted)"),
+    ("from qgis.PyQt.QtWidgets import QMessageBox\nclass Ask(QMessageBox):\n    def yes(self):\n"
+     "        return self.Yes\n",
+     "unscoped enum Yes reached through an instance (write QMessageBox.StandardButton.Yes)"),
 ])
 def test_each_pyqt5_only_idiom_is_found(tmp_path, source, expected):
     found = gate_findings(tmp_path, source)
@@ -58,6 +64,9 @@ def test_scoped_enums_and_qt6_spellings_pass(tmp_path):
         "LEVEL = Qgis.MessageLevel.Critical\n"
         "PATTERN = QRegularExpression('[0-9]+')\n"
         "def show(dialog):\n    return dialog.exec()\n"
+        "def accepted(dialog, color):\n"
+        "    return dialog.result() == dialog.DialogCode.Accepted and color.name(color.NameFormat.HexArgb)\n"
+        "from osgeo import gdal\nOPEN = gdal.Open\n"
     )
     assert gate_findings(tmp_path, source) == []
 

@@ -50,7 +50,7 @@ def expected_labels(header: dict) -> list[str]:
 
 
 def test_processing_runs_with_one_cluster_model_share_one_survey_group_and_legend(
-        provider, qgis_new_project, tiny_model_dir, tmp_path):  # noqa: F811
+        provider, qgis_new_project, tiny_model_dir, tmp_path, layer_tree_view):  # noqa: F811
     """The dialog (runAndLoadResults) for one raster, a batch row (run, then the results handled) for the
     other: one 'Survey · survey.treeseg' group holding both runs; a plain Segment trees run stays apart."""
     import processing

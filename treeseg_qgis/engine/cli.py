@@ -305,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (interrupts.Interrupted, Cancelled) as error:
             return _stopped(error)
         except (TreesegError, ParameterError) as error:
-            print(f"treeseg: error: {error}", file=sys.stderr)
+            print(f"treeseg: error: {' '.join(str(error).split())}", file=sys.stderr)  # GDAL 3.10 texts span lines
             return EXIT_USER_ERROR
         except OSError as error:
             print(f"treeseg: error: {error.strerror or error}{f': {error.filename}' if error.filename else ''}. "

@@ -1,7 +1,9 @@
-"""Everything that differs between the QGIS versions the plugin supports (3.22 to 3.40 LTR and newer), in one place.
+"""Everything that differs between the QGIS versions the plugin supports (3.22 to 3.44 LTR, and QGIS 4 on Qt6),
+in one place.
 
-So far these are enum values that moved into `Qgis.*` in newer QGIS (3.40 keeps 3.22's names as deprecated
-aliases): the newer name first, 3.22's otherwise. tests/test_compat.py tests each.
+Enum values that moved into `Qgis.*` in newer QGIS (3.40 and 3.44 keep 3.22's names as deprecated aliases): the
+newer name first, 3.22's otherwise. Qt classes that moved from QtWidgets (Qt5) to QtGui (Qt6, QGIS 4), such as
+QAction: from whichever module this Qt has them. tests/test_compat.py tests each.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import qgis.core
+from qgis.PyQt import QtGui, QtWidgets
 
 
 def qgis_enum(current: str, legacy: str) -> Any:
@@ -24,6 +27,15 @@ def qgis_enum(current: str, legacy: str) -> Any:
     raise AttributeError(f"Neither qgis.core.{current} nor qgis.core.{legacy} exists.")
 
 
+def qt_moved_to_gui(name: str) -> Any:
+    """The Qt class `name` from QtGui (Qt6, where QAction, QActionGroup and QShortcut live), else QtWidgets (Qt5)."""
+    for module in (QtGui, QtWidgets):
+        if hasattr(module, name):
+            return getattr(module, name)
+    raise AttributeError(f"Neither QtGui nor QtWidgets has {name}.")
+
+
+QAction = qt_moved_to_gui("QAction")
 ADVANCED = qgis_enum("Qgis.ProcessingParameterFlag.Advanced", "QgsProcessingParameterDefinition.Flag.FlagAdvanced")
 INTEGER = qgis_enum("Qgis.ProcessingNumberParameterType.Integer", "QgsProcessingParameterNumber.Type.Integer")
 DOUBLE = qgis_enum("Qgis.ProcessingNumberParameterType.Double", "QgsProcessingParameterNumber.Type.Double")

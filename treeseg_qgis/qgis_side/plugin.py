@@ -16,8 +16,8 @@ from qgis.core import QgsApplication, QgsSettings
 from qgis.gui import QgisInterface
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
-from qgis.PyQt.QtWidgets import QAction
 
+from .compat import QAction
 from .engine_client import EngineClient, close_shared_engines, find_engine_python, shared_engine
 from .gui.dock import TreesegDock
 from .gui.engine_setup import EngineSetupDialog
