@@ -11,7 +11,6 @@ import traceback
 from qgis.core import (
     QgsApplication,
     QgsFeature,
-    QgsField,
     QgsGeometry,
     QgsLayerTree,
     QgsPointXY,
@@ -20,7 +19,7 @@ from qgis.core import (
     QgsProject,
     QgsVectorLayer,
 )
-from qgis.PyQt.QtCore import QTimer, QVariant
+from qgis.PyQt.QtCore import QTimer
 from qgis.utils import iface
 
 SEGMENT = "treeseg:segmenttrees"
@@ -65,9 +64,7 @@ def batch_row(algorithm_id: str, parameters: dict, feedback: Recorder) -> None:
 
 def examples_layer(raster) -> QgsVectorLayer:
     """Two clicks on crowns (is_tree 1) and two on soil (0) of the scene, in its CRS."""
-    layer = QgsVectorLayer(f"Point?crs={raster.crs().authid()}", "examples", "memory")
-    layer.dataProvider().addAttributes([QgsField("is_tree", QVariant.Int)])
-    layer.updateFields()
+    layer = QgsVectorLayer(f"Point?crs={raster.crs().authid()}&field=is_tree:integer", "examples", "memory")
     extent, width, height = raster.extent(), raster.width(), raster.height()
     for (col, row), is_tree in (((80, 70), 1), ((300, 90), 1), ((20, 20), 0), ((150, 10), 0)):
         feature = QgsFeature(layer.fields())
