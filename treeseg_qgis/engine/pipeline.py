@@ -50,6 +50,7 @@ from .core.features import ColourFeatures, FeatureExtractor
 from .core.models import Backbone, load_backbone, weights_identity
 from .core.progress import Progress
 from .core.segmentation import (
+    NO_VALID_PIXELS,
     SegmentationResult,
     TileFeatureExtractor,
     ensure_features,
@@ -135,6 +136,8 @@ def segment(
                 tree_filter = _height_filter(staged.height, params.min_tree_height_m)
             result = segment_raster(params, source, grid, extractor, store, open_sink,
                                     progress.sub(0.3 if height_timings else 0.03, 0.9), tree_filter, survey)
+            if not result.valid_pixels:  # with a survey's cluster model nothing is fitted that would see it
+                raise InputError(NO_VALID_PIXELS)
             if extractor is not None:
                 model.update(extractor.describe())
             result.timings.update({name: round(seconds, 3) for name, seconds in height_timings.items()})
