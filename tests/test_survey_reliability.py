@@ -236,7 +236,7 @@ def test_a_config_value_of_the_wrong_type_is_one_line(rasters, tmp_path, tiny_mo
         config = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps({**config, name: value}))
         assert main(["segment", str(rasters[0]), "--out", str(tmp_path / "o"), "--model", str(folder),
-                     "--no-cache", *TINY]) == EXIT_USER_ERROR
+                     "--no-cache", "--quiet", *TINY]) == EXIT_USER_ERROR
         lines = error_lines(capsys)
         assert len(lines) == 1 and f"{name} must be" in lines[0], lines
 

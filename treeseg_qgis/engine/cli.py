@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -331,8 +332,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check_address_space(args: argparse.Namespace) -> None:
-    """Refuse an address-space limit a run cannot live with, before the libraries load (one line, not a hang)."""
+    """Refuse an address-space limit a run cannot live with, before the libraries load (one line, not a hang);
+    a model folder holding a pipe or device is refused first (reading its config.json would block)."""
     from ..memory import address_space_problem
+    from .core.files import refuse_special_files_in
+
+    if getattr(args, "model", None) and os.path.isdir(args.model):
+        refuse_special_files_in(args.model, "model folder")
 
     dinov3 = getattr(args, "method", "dinov3") == "dinov3"
     problem = address_space_problem(args.model if dinov3 else None, getattr(args, "stride", None) or 16,

@@ -47,6 +47,7 @@ from .core.errors import InputError, OutputError
 from .core.examples import Example
 from .core.feature_grid import FeatureGrid
 from .core.features import ColourFeatures, FeatureExtractor
+from .core.files import refuse_special_files_in
 from .core.models import Backbone, load_backbone, weights_identity
 from .core.progress import Progress
 from .core.segmentation import (
@@ -300,11 +301,14 @@ def _read_examples(path: str, source: GdalRasterSource) -> list[Example]:
 
 
 def validate_params(params: SegmentationParams) -> None:
-    """`params.validate()` for direct callers; a refused value is the user's (InputError)."""
+    """`params.validate()` for direct callers; a refused value is the user's (InputError), as is a model folder
+    holding a pipe or device (refused before anything reads it)."""
     try:
         params.validate()
     except ParameterError as error:
         raise InputError(str(error)) from None
+    if params.method == "dinov3" and Path(params.model).is_dir():
+        refuse_special_files_in(params.model, "model folder")
 
 
 @contextmanager
