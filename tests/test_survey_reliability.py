@@ -302,8 +302,8 @@ def test_segment_many_names_untrained_outputs_and_refuses_an_empty_raster(raster
     status = main(["segment-many", *map(str, rasters), str(empty), "--out", str(out), "--model", str(folder),
                    "--allow-untrained", "--cache-dir", str(tmp_path / "cache"), "--quiet", *TINY])
     assert status == EXIT_SOME_FAILED
-    err = capsys.readouterr().err
-    assert "UNTRAINED WEIGHTS" in err and "no valid pixels" in err
+    printed = capsys.readouterr()
+    assert "UNTRAINED WEIGHTS" in printed.err and "empty.tif: FAILED: The raster has no valid pixels" in printed.out
     names = sorted(path.name for path in out.iterdir())
     assert {"survey_UNTRAINED.treeseg", "survey_UNTRAINED_summary.json", "survey_UNTRAINED_summary.csv",
             "survey_UNTRAINED_polygons.gpkg", "a_UNTRAINED_clusters.tif", "b_UNTRAINED_polygons.gpkg"} <= set(names)

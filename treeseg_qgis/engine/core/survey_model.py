@@ -2,11 +2,13 @@
 
 The file is a NumPy zip (no pickles): a JSON header (format version, what extracted the features, the
 settings, the survey's value scaling, K, the inertia curve, the tree rule and its per-cluster values) and
-three arrays (the PCA mean and components, the cluster centres). Written atomically; a file of another
-version or a damaged one is refused with the reason. Version 1 (before the survey's value scaling) is
-read when its rasters were Byte (value / 255, nothing to store) and refused otherwise, since each of its
-rasters was stretched on its own. A run whose raster or settings differ from the model's is refused,
-naming what differs.
+three arrays (the PCA mean and components, the cluster centres), and the weights' content identity. Written
+atomically. Before use the header's types and every array's dtype, shape and finiteness are checked, K the
+same everywhere: a file of another version, a pipe, a damaged or hand-edited one is refused in one line with
+the reason. Version 2 (before the weights' identity) is read without that check, with a warning; version 1
+(before the survey's value scaling) is read when its rasters were Byte (value / 255, nothing to store) and
+refused otherwise, since each of its rasters was stretched on its own. A run whose raster, settings or weights
+differ from the model's is refused, naming what differs.
 """
 
 from __future__ import annotations
