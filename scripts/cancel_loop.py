@@ -106,18 +106,20 @@ def survey_rounds(args: argparse.Namespace, rng: random.Random, work: Path, mode
         _, stderr = process.communicate(timeout=600)
         finished = process.returncode == 0
         left = leftovers(out, cache, False) + [p.name for p in out.glob(".*treeseg-windows")]
+        lines = len(stderr.strip().splitlines())
         if finished:
-            ok, outcome = consistent_survey(out), "finished"
+            kept, outcome = consistent_survey(out), "finished"
+            ok = kept
         else:
-            ok = (process.returncode == EXIT_STATUS[way] and len(stderr.strip().splitlines()) == 1
-                  and snapshot(out) == before)
-            outcome = "stopped"
+            kept, outcome = snapshot(out) == before, "stopped"
+            ok = kept and process.returncode == EXIT_STATUS[way] and lines == 1
         ok = ok and not left
         outcomes[(way, outcome)] = outcomes.get((way, outcome), 0) + 1
         failures += not ok
         print(f"{index + 1:3d} segment-many {way:12s} after {delay:5.2f} s  {outcome:8s} exit "
-              f"{process.returncode:<4d} {'ok' if ok else 'FAILED'}{'  left: ' + ', '.join(left) if left else ''}"
-              f"{'' if ok or finished else '  ' + stderr.strip()[-300:]}", flush=True)
+              f"{process.returncode:<4d} outputs {'kept' if kept else 'CHANGED'}, {lines} stderr line(s) "
+              f"{'ok' if ok else 'FAILED'}{'  left: ' + ', '.join(left) if left else ''}"
+              f"{'' if ok or finished else '  last: ' + stderr.strip().splitlines()[-1][-200:]}", flush=True)
     print("summary:", ", ".join(f"{way} {outcome}: {count}" for (way, outcome), count in sorted(outcomes.items())))
     print(f"{args.rounds - failures}/{args.rounds} surveys kept the earlier survey byte-identical (or replaced it "
           "with a complete one of one K) and left nothing behind")
