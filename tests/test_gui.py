@@ -21,15 +21,25 @@ from treeseg_qgis.qgis_side.engine_client import ENGINE_PYTHON_ENV
 from .conftest import disc_scene, write_geotiff
 
 RUN_TIMEOUT = 120.0
+"""How long a wait may take on an idle machine before it counts as a hang (`load_scaled` stretches it)."""
+
+
+def load_scaled(seconds: float) -> float:
+    """`seconds` on an idle machine, stretched by the machine's load now (load average per core): a wait fails
+    for a hang, not because a busy CI machine runs every test several times slower."""
+    return seconds * max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = RUN_TIMEOUT) -> None:
-    """Process Qt events until `condition()` holds; fail after `timeout` seconds."""
+    """Process Qt events until `condition()` holds (the event itself, checked every 20 ms); fail only when it has
+    not come within `timeout` seconds scaled by the load (`load_scaled`, measured at each check)."""
     from qgis.core import QgsApplication
 
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
     while not condition():
-        assert time.monotonic() < deadline, f"gave up after {timeout:.0f} s"
+        waited = time.monotonic() - started
+        assert waited < load_scaled(timeout), (f"gave up after {waited:.0f} s ({timeout:.0f} s on an idle machine, "
+                                               f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
         QgsApplication.processEvents()
         time.sleep(0.02)
 

@@ -9,7 +9,7 @@ import sys
 from treeseg_qgis.qgis_side.engine_client import ENGINE_PYTHON_ENV
 
 from .conftest import REPO
-from .test_gui import wait_until
+from .test_gui import load_scaled, wait_until
 
 PROBE_TIMEOUT = 120.0
 
@@ -144,7 +144,7 @@ def test_without_the_engine_the_panel_explains_and_run_is_disabled(qgis_iface, q
 def test_loading_the_plugin_and_opening_the_panel_never_imports_torch():
     """In a fresh QGIS process (pytest's own process has torch loaded by other tests)."""
     output = subprocess.run([sys.executable, "-c", TORCH_FREE_CHECK], cwd=REPO, capture_output=True, text=True,
-                            timeout=PROBE_TIMEOUT, env=dict(os.environ, QT_QPA_PLATFORM="offscreen",
+                            timeout=load_scaled(PROBE_TIMEOUT), env=dict(os.environ, QT_QPA_PLATFORM="offscreen",
                                                             TREESEG_ENGINE_PYTHON=sys.executable))
     assert output.returncode == 0, output.stderr
     engine, engines_packages, core_modules = output.stdout.strip().splitlines()[-3:]

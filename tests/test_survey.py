@@ -26,6 +26,7 @@ from treeseg_qgis.engine.survey import fit_survey
 from treeseg_qgis.params import SegmentationParams
 
 from .conftest import REPO, disc_scene, write_geotiff
+from .test_gui import load_scaled
 
 gdal.UseExceptions()
 SMALL_TILES = {"tile_size": 128, "overlap": 32}
@@ -207,16 +208,16 @@ def test_ctrl_c_during_segment_many_on_dask_leaves_no_process_behind(survey, tmp
     run = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     parent = psutil.Process(run.pid)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + load_scaled(180)
     workers: list[psutil.Process] = []
     while time.monotonic() < deadline and len(workers) < 2 and run.poll() is None:
         time.sleep(0.2)
         workers = [child for child in parent.children(recursive=True) if "resource_tracker" not in cmdline(child)]
     assert len(workers) >= 2, "the LocalCluster's worker processes never started"
     os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
-    _, stderr = run.communicate(timeout=120)
+    _, stderr = run.communicate(timeout=load_scaled(120))
     assert run.returncode == 130, stderr
-    _, alive = psutil.wait_procs(workers, timeout=30)
+    _, alive = psutil.wait_procs(workers, timeout=load_scaled(30))
     assert not alive
     assert not (tmp_path / "out" / "survey_summary.json").exists()
     assert not list((tmp_path / "out").glob(".*windows"))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,8 @@ def model_entry(model: str) -> CatalogueModel | None:
     if entry is not None:
         return entry
     try:
+        if not stat.S_ISREG(os.stat(Path(model) / "config.json").st_mode):
+            return None  # a pipe or device: reading it would block (the engine refuses it in one line)
         config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
         shape = Architecture(int(config["hidden_size"]), int(config["num_hidden_layers"]),
                              int(config["num_attention_heads"]), int(config["intermediate_size"]),

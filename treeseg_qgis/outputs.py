@@ -135,6 +135,39 @@ def check_run_paths(params: SegmentationParams, kinds: tuple[str, ...] = SEGMENT
         check_output_paths([params.input_path, *inputs], [paths[kind] for kind in kinds])
 
 
+def check_output_file(path: str, suffix: str, what: str) -> None:
+    """A single file a command writes (`fit`'s cluster model): it must end in `suffix`, not be a folder or a
+    pipe, and its folder must exist and be writable (OutputPathError, before any work). With the suffix
+    enforced, a shell glob after `--out` (`--out flight/*.tif`) cannot name a raster as the output."""
+    if not path.lower().endswith(suffix):
+        raise OutputPathError(f"The {what} {path} must end in {suffix}: name the file to write, e.g. "
+                              f"survey{suffix}.")
+    target = Path(path)
+    if target.is_dir():
+        raise OutputPathError(f"The {what} {path} is a folder: name the file to write, e.g. "
+                              f"{target / ('survey' + suffix)}.")
+    if target.exists() and not target.is_file():
+        raise OutputPathError(f"The {what} {path} exists and is not a regular file (a pipe or device): "
+                              "choose another file.")
+    folder = target.parent
+    if not folder.is_dir():
+        raise OutputPathError(f"The folder of the {what}, {folder}, does not exist: create it or choose another.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputPathError(f"The folder of the {what}, {folder}, is not writable: choose another folder.")
+
+
+def check_output_folder(folder: str | Path) -> None:
+    """An output folder: created if missing, and writable (OutputPathError, before any work)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputPathError(f"Cannot create the output folder {folder}: {error.strerror}. Choose a folder you "
+                              "can write to.") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputPathError(f"The output folder {folder} is not writable: choose another folder.")
+
+
 class OutputPathError(ValueError):
     """An output path that would overwrite an input or another output."""
 

@@ -137,8 +137,10 @@ def _survey_commands(commands: argparse._SubParsersAction) -> None:
     many = commands.add_parser(
         "segment-many", help="segment many rasters with one cluster model (one legend), optionally on Dask",
         description="Fit one cluster model on all INPUTs (unless --cluster-model is given) and apply it to each: "
-        "each raster's outputs in --out as `segment` writes them, plus survey_summary.json and .csv (per-raster "
-        "tree cover, the shared legend) and survey_polygons.gpkg (all polygons, with a `source` field). A raster "
+        "each raster's outputs in --out as `segment` writes them, plus survey.treeseg, survey_summary.json and "
+        ".csv (per-raster tree cover, the shared legend) and survey_polygons.gpkg (all polygons, with a `source` "
+        "field), `survey_UNTRAINED…` with untrained weights; all of them appear together at the end, or the "
+        "earlier ones stay as they were. A raster whose outputs would take one of these names gets `_2`. A raster "
         f"that fails is tried once more, then reported while the others finish (exit status {EXIT_SOME_FAILED}).")
     many.add_argument("inputs", nargs="+", metavar="INPUT", help="the survey's rasters")
     many.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
@@ -169,9 +171,10 @@ def _survey_params(args: argparse.Namespace, out_dir: str) -> SegmentationParams
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from .survey import fit_survey, survey_cluster
+    from .survey import check_fit_paths, fit_survey, survey_cluster
 
     params = _survey_params(args, ".")
+    check_fit_paths(args.inputs, args.out)
     with survey_cluster(args.workers, args.scheduler) as cluster:
         model = fit_survey(args.inputs, params, args.out, _progress(args), cluster=cluster)
     header = model.header()
@@ -189,11 +192,13 @@ def _segment_many(args: argparse.Namespace) -> int:
     summary = segment_many(args.inputs, _survey_params(args, args.out), args.out, args.cluster_model,
                            args.workers, args.scheduler, _progress(args), window_tiles=args.window_tiles)
     legend = summary["legend"]
+    if summary["warning"]:
+        print(f"\n!!! {summary['warning']}\n", file=sys.stderr)
     print(f"K={legend['k']}, tree clusters {legend['tree_clusters']} in every raster ({summary['cluster_model']})")
     for row in summary["rasters"]:
         result = f"tree cover {100 * row['tree_cover']:.1f} %" if row["status"] == "ok" else f"FAILED: {row['error']}"
         print(f"{row['input']}: {result}")
-    print(summary["merged_polygons"], "polygons in", f"{args.out}/survey_polygons.gpkg")
+    print(summary["merged_polygons"], "polygons in", summary["outputs"]["polygons"])
     if summary["failed"]:
         print(f"treeseg: {summary['failed']} of {len(summary['rasters'])} rasters failed (see above).",
               file=sys.stderr)
@@ -326,8 +331,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check_address_space(args: argparse.Namespace) -> None:
-    """Refuse an address-space limit a run cannot live with, before the libraries load (one line, not a hang)."""
+    """Refuse an address-space limit a run cannot live with, before the libraries load (one line, not a hang);
+    a model folder holding a pipe or device is refused first (reading its config.json would block)."""
     from ..memory import address_space_problem
+    from .core.files import refuse_special_files_in
+
+    if getattr(args, "model", None) and os.path.isdir(args.model):
+        refuse_special_files_in(args.model, "model folder")
 
     dinov3 = getattr(args, "method", "dinov3") == "dinov3"
     problem = address_space_problem(args.model if dinov3 else None, getattr(args, "stride", None) or 16,

@@ -136,7 +136,14 @@ def dask_session(workers: int, scheduler: str | None) -> Iterator[DaskSession]:
                 silence_logs=logging.ERROR))
             client = stack.enter_context(Client(cluster))
         client.register_plugin(ModelPlugin())
-        yield DaskSession(client, after_close)
+        try:
+            yield DaskSession(client, after_close)
+        except BaseException:
+            # A stopped or failed survey says so in one line; the closing cluster's complaints are not news.
+            for name in ["distributed", *(name for name in logging.root.manager.loggerDict
+                                          if name.startswith("distributed."))]:
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+            raise
 
 
 def sample_on_worker(share: RasterShare, params: SegmentationParams, value_ranges: dict[int, tuple[float, float]]

@@ -15,9 +15,12 @@ import os
 from pathlib import Path
 
 import numpy as np
+from osgeo import gdal
 
+from ..outputs import OutputPathError, check_output_folder, check_output_paths
 from .core.errors import InputError, OutputError
 from .core.evaluation import ReferenceObject, box_scores, cluster_scores, crown_scores, pixel_scores, union_mask
+from .core.files import refuse_special_file
 from .gis.reference import Grid, read_band, read_prediction, read_reference_objects
 
 MAX_PICTURE_SIZE = 900
@@ -41,6 +44,10 @@ def evaluate(
     `reference` is polygons, a CSV of pixel boxes, or a class raster (tree class
     `tree_class`; with `clusters`, a cluster raster, mIoU is computed too).
     """
+    name = name or Path(prediction).stem
+    folder = Path(out_dir)
+    csv_path, html_path = folder / f"{name}_evaluation.csv", folder / f"{name}_evaluation.html"
+    _check_paths([prediction, reference, *filter(None, [image, clusters])], [csv_path, html_path])
     mask, valid, grid, crowns = read_prediction(prediction, image)
     scores: dict = {"prediction": prediction, "reference": reference}
     if _is_class_raster(reference):
@@ -59,18 +66,30 @@ def evaluate(
     if scores["pixel"]["tp"] + scores["pixel"]["fn"] == 0:
         scores["warning"] = NO_REFERENCE_TREES
         log.warning(NO_REFERENCE_TREES)
-    name = name or Path(prediction).stem
-    folder = Path(out_dir)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputError(f"Cannot create {folder}: {error.strerror}.") from error
     rows = flat_scores(scores)
-    csv_path, html_path = folder / f"{name}_evaluation.csv", folder / f"{name}_evaluation.html"
     _atomic_write(csv_path, _csv_text(rows))
     _atomic_write(html_path, _html_report(name, rows, _picture(image, mask, outline, grid)))
     scores["outputs"] = {"csv": str(csv_path), "html": str(html_path)}
     return scores
+
+
+def _check_paths(inputs: list[str], outputs: list[Path]) -> None:
+    """Before any work: the output folder can be written, no output is an input (or a file GDAL reads for one,
+    a VRT's source), and no input is a pipe or device."""
+    files = []
+    for path in inputs:
+        refuse_special_file(path, "input")
+        files.append(path)
+        try:
+            dataset = gdal.OpenEx(path)
+        except RuntimeError:
+            continue
+        files += (dataset.GetFileList() or []) if dataset is not None else []
+    try:
+        check_output_folder(outputs[0].parent)
+        check_output_paths(files, [str(path) for path in outputs])
+    except OutputPathError as error:
+        raise OutputError(str(error)) from None
 
 
 def object_scores(mask: np.ndarray, valid: np.ndarray, objects: list[ReferenceObject],

@@ -47,9 +47,11 @@ from .core.errors import InputError, OutputError
 from .core.examples import Example
 from .core.feature_grid import FeatureGrid
 from .core.features import ColourFeatures, FeatureExtractor
+from .core.files import refuse_special_files_in
 from .core.models import Backbone, load_backbone, weights_identity
 from .core.progress import Progress
 from .core.segmentation import (
+    NO_VALID_PIXELS,
     SegmentationResult,
     TileFeatureExtractor,
     ensure_features,
@@ -135,6 +137,8 @@ def segment(
                 tree_filter = _height_filter(staged.height, params.min_tree_height_m)
             result = segment_raster(params, source, grid, extractor, store, open_sink,
                                     progress.sub(0.3 if height_timings else 0.03, 0.9), tree_filter, survey)
+            if not result.valid_pixels:  # with a survey's cluster model nothing is fitted that would see it
+                raise InputError(NO_VALID_PIXELS)
             if extractor is not None:
                 model.update(extractor.describe())
             result.timings.update({name: round(seconds, 3) for name, seconds in height_timings.items()})
@@ -297,11 +301,14 @@ def _read_examples(path: str, source: GdalRasterSource) -> list[Example]:
 
 
 def validate_params(params: SegmentationParams) -> None:
-    """`params.validate()` for direct callers; a refused value is the user's (InputError)."""
+    """`params.validate()` for direct callers; a refused value is the user's (InputError), as is a model folder
+    holding a pipe or device (refused before anything reads it)."""
     try:
         params.validate()
     except ParameterError as error:
         raise InputError(str(error)) from None
+    if params.method == "dinov3" and Path(params.model).is_dir():
+        refuse_special_files_in(params.model, "model folder")
 
 
 @contextmanager

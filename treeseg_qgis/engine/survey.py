@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -27,20 +28,36 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
+from osgeo import gdal
 
-from ..outputs import OutputTransaction
+from ..outputs import (
+    COMMIT_JOURNAL,
+    LOCK_NAME,
+    OUTPUT_KINDS,
+    SEGMENT_KINDS,
+    SUFFIXES,
+    UNTRAINED_TAG,
+    OutputPathError,
+    OutputPaths,
+    OutputTransaction,
+    check_output_file,
+    check_output_folder,
+    check_output_paths,
+)
 from ..params import WINDOW_TILES, SegmentationParams
+from . import interrupts
 from .core.clustering import Projection
-from .core.errors import Cancelled, InputError, TreesegError
+from .core.errors import Cancelled, InputError, OutputError, TreesegError
 from .core.feature_grid import FeatureGrid
 from .core.features import tiles_per_batch
+from .core.files import refuse_special_file
 from .core.progress import Progress
 from .core.segmentation import PCA_TILES, TileFeatureExtractor, fit_clustering, sample_raw_features
-from .core.survey_model import SETTINGS, SUFFIX, SurveyModel, scaling_kind
+from .core.survey_model import SETTINGS, SUFFIX, SurveyModel, scaling_kind, weights_content
 from .core.tiling import TileGrid
 from .gis.merge import merge_polygons
 from .gis.raster import GdalRasterSource, limit_block_cache, stretch_limits
-from .pipeline import ModelLoader, feature_extractor, load_model_for, segment, validate_params
+from .pipeline import UNTRAINED_BANNER, ModelLoader, feature_extractor, load_model_for, segment, validate_params
 
 if TYPE_CHECKING:
     from .dask_runner import DaskSession
@@ -48,10 +65,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("treeseg")
 Result = TypeVar("Result")
 
-MODEL_NAME = f"survey{SUFFIX}"
-SUMMARY_JSON = "survey_summary.json"
-SUMMARY_CSV = "survey_summary.csv"
-MERGED_POLYGONS = "survey_polygons.gpkg"
+SURVEY_STEM = "survey"
+SURVEY_SUFFIXES = (SUFFIX, "_summary.json", "_summary.csv", "_polygons.gpkg")
+"""The survey-wide files: the cluster model, the summary JSON and CSV, the merged polygons."""
+MODEL_NAME = f"{SURVEY_STEM}{SUFFIX}"
 ATTEMPTS = 2
 """A failed raster is tried once more before it is reported."""
 VALUE_SAMPLES = 1024 * 1024
@@ -94,6 +111,7 @@ def fit_survey(inputs: Sequence[str], params: SegmentationParams, out_path: str 
     if not inputs:
         raise InputError("Give the rasters to fit the cluster model on.")
     validate_params(replace(params, input_path=inputs[0]))
+    check_fit_paths(inputs, out_path)
     progress = progress or Progress()
     limit_block_cache()
     areas: dict[str, int] = {}
@@ -156,10 +174,19 @@ def fit_survey(inputs: Sequence[str], params: SegmentationParams, out_path: str 
     settings["bands"] = list(params.bands)
     extractor = next((sample.extractor for sample in samples if "fell_back_to_cpu" in sample.extractor),
                      samples[-1].extractor)
-    model = SurveyModel(projection, fit, settings, extractor, samples[-1].scaling, value_ranges, fitted_inputs)
+    weights = weights_content(params.model, params.model_revision) if params.method == "dinov3" else None
+    model = SurveyModel(projection, fit, settings, extractor, samples[-1].scaling, value_ranges, fitted_inputs,
+                        weights)
     model.save(out_path)
     progress.report(1.0, "Cluster model written")
     return model
+
+
+def check_fit_paths(inputs: Sequence[str], out_path: str | Path) -> None:
+    """Before any work: the cluster model file ends in .treeseg, its folder exists and is writable, and it is
+    none of the inputs nor a file GDAL reads for them (a VRT's sources); a pipe or device input is refused."""
+    _checked(lambda: check_output_file(str(out_path), SUFFIX, "cluster model file"))
+    _checked(lambda: check_output_paths(raster_files(inputs), [str(out_path)]))
 
 
 @dataclass
@@ -234,17 +261,55 @@ def _weighted_limits(samples: list[tuple[np.ndarray, float]]) -> tuple[float, fl
 
 def raster_jobs(inputs: Sequence[str], params: SegmentationParams, out_dir: str | Path,
                 model_path: str | Path) -> list[RasterJob]:
-    """One job per input, each with a distinct output stem (the file's name; `_2`, `_3`… for repeats)."""
+    """One job per input, each with a distinct output stem (the file's name; `_2`, `_3`… for repeats, and for a
+    stem whose outputs would take a survey-wide file's name, e.g. a raster named survey.tif)."""
     jobs = []
     used: set[str] = set()
     for path in inputs:
         stem, number = Path(path).stem, 2
-        while stem in used:
+        while stem in used or _takes_a_survey_name(stem):
             stem, number = f"{Path(path).stem}_{number}", number + 1
         used.add(stem)
         jobs.append(RasterJob(str(path), replace(params, input_path=str(path), output_dir=str(out_dir),
                                                  output_stem=stem, cluster_model=str(model_path))))
     return jobs
+
+
+def survey_files(out_dir: Path, untrained: bool) -> list[Path]:
+    """The survey-wide files (`SURVEY_SUFFIXES`), `_UNTRAINED` in their names when the weights are untrained."""
+    stem = f"{SURVEY_STEM}_{UNTRAINED_TAG}" if untrained else SURVEY_STEM
+    return [out_dir / f"{stem}{suffix}" for suffix in SURVEY_SUFFIXES]
+
+
+RESERVED_NAMES = frozenset(path.name for untrained in (False, True) for path in survey_files(Path(), untrained))
+"""No raster's outputs take these names (`raster_jobs`)."""
+
+
+def _takes_a_survey_name(stem: str) -> bool:
+    return any(f"{name}{SUFFIXES[kind]}" in RESERVED_NAMES
+               for name in (stem, f"{stem}_{UNTRAINED_TAG}") for kind in OUTPUT_KINDS)
+
+
+def raster_files(inputs: Sequence[str]) -> list[str]:
+    """The inputs and every file GDAL reads for them (a VRT's sources); a pipe or device is refused at once."""
+    files = []
+    for path in inputs:
+        refuse_special_file(path, "raster")
+        files.append(str(path))
+        try:
+            dataset = gdal.OpenEx(str(path), gdal.OF_RASTER)
+        except RuntimeError:
+            continue  # the raster's own run reports it
+        files += (dataset.GetFileList() or []) if dataset is not None else []
+    return files
+
+
+def _checked(check: Callable[[], None]) -> None:
+    """An output path check, its refusal as the user's OutputError."""
+    try:
+        check()
+    except OutputPathError as error:
+        raise OutputError(str(error)) from None
 
 
 def run_locally(jobs: Sequence[RasterJob], progress: Progress,
@@ -339,40 +404,119 @@ def segment_many(
     `workers` > 1 runs the fit's sampling and the rasters on a Dask LocalCluster of that many processes (started
     once), `scheduler` on an existing Dask cluster, there splitting a raster of more than `window_tiles` tiles
     (0: none) into windows; otherwise they run here one after the other.
+
+    The survey is one outputs transaction: the model file, every raster's outputs, the summary and the merged
+    polygons are written into one staging folder in `out_dir` and moved into place together at the end; a
+    failed, stopped or killed survey leaves the previous survey's files as they were. Every output path is
+    checked before any work.
     """
     if not inputs:
         raise InputError("Give at least one input raster.")
     progress = progress or Progress()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    failures: dict[str, str] = {}
-    model_path = Path(cluster_model) if cluster_model else out_dir / MODEL_NAME
-    with survey_cluster(workers, scheduler) as cluster:
-        if cluster_model:
-            model = SurveyModel.load(model_path)
-            params = replace(params, **model.run_settings())
-        else:
-            model = fit_survey(inputs, params, model_path, progress.sub(0.0, 0.3), load_model, failures, cluster)
-        jobs = raster_jobs(inputs, params, out_dir, model_path)
-        apply = progress.sub(0.0 if cluster_model else 0.3, 0.95)
-        if cluster is not None:
-            from .dask_runner import run_on_dask
+    _checked(lambda: check_output_folder(out_dir))
+    model = SurveyModel.load(cluster_model) if cluster_model else None
+    sources = raster_files(inputs)
+    finals = raster_jobs(inputs, params, out_dir, cluster_model or out_dir / MODEL_NAME)
+    every_survey_file = survey_files(out_dir, False) + survey_files(out_dir, True)
+    writable = [path for path in every_survey_file if not (model and path.name.endswith(SUFFIX))]
+    _checked(lambda: check_output_paths([*sources, *filter(None, [cluster_model])],
+                                        [str(path) for path in [*writable, *_all_outputs(finals)]]))
+    transaction = OutputTransaction(writable)
+    staging = transaction.staged(writable[0]).parent
+    try:
+        with survey_cluster(workers, scheduler) as cluster:
+            if model is not None:
+                params = replace(params, **model.run_settings())
+                model_path = Path(cluster_model)
+            else:
+                model = fit_survey(inputs, params, staging / MODEL_NAME, progress.sub(0.0, 0.3), load_model, {},
+                                   cluster)
+                model_path = staging / survey_files(staging, _untrained(model))[0].name
+                os.replace(staging / MODEL_NAME, model_path)
+            jobs = raster_jobs(inputs, params, staging, model_path)
+            apply = progress.sub(0.0 if cluster_model else 0.3, 0.95)
+            if cluster is not None:
+                from .dask_runner import run_on_dask
 
-            outcomes = run_on_dask(jobs, cluster, apply, window_tiles)
-        else:
-            outcomes = run_locally(jobs, apply, load_model)
-    progress.report(0.95, "Writing the survey summary")
-    summary = _summary(model, model_path, outcomes, time.perf_counter() - started)
-    _write_survey_outputs(out_dir, summary, outcomes)
+                outcomes = run_on_dask(jobs, cluster, apply, window_tiles)
+            else:
+                outcomes = run_locally(jobs, apply, load_model)
+        progress.report(0.95, "Writing the survey summary")
+        progress.check()
+        files = survey_files(out_dir, _untrained(model))
+        outcomes = [_moved_outcome(outcome, staging, out_dir) for outcome in outcomes]
+        summary = _summary(model, Path(cluster_model) if cluster_model else files[0], outcomes,
+                           time.perf_counter() - started)
+        summary["outputs"] = {"summary_json": str(files[1]), "summary_csv": str(files[2]), "polygons": str(files[3])}
+        _write_survey_outputs(summary, outcomes, staging, [transaction.staged(path) for path in files[1:]])
+        progress.check()
+        with interrupts.deferred(reraise=False):
+            _commit_survey(transaction, staging, out_dir, [*_all_outputs(finals), *writable])
+    except BaseException:
+        with interrupts.deferred(reraise=False):
+            transaction.abort()
+        raise
     progress.report(1.0, "Done")
     return summary
 
 
+def _all_outputs(jobs: Sequence[RasterJob]) -> list[Path]:
+    """Every file the jobs may write (trained or untrained)."""
+    return [getattr(OutputPaths.for_params(job.params, untrained), kind)
+            for job in jobs for untrained in (False, True) for kind in SEGMENT_KINDS]
+
+
+def _moved_outcome(outcome: RasterOutcome, staging: Path, out_dir: Path) -> RasterOutcome:
+    """The outcome with its record's paths in the staging folder told as their final paths; the raster's run
+    record file in the staging folder rewritten alike."""
+    if outcome.record is None:
+        return outcome
+    record = _moved(outcome.record, str(staging), str(out_dir))
+    staged_record = staging / Path(record["outputs"]["record"]).name
+    if staged_record.is_file():
+        staged_record.write_text(json.dumps(record, indent=2))
+    return replace(outcome, record=record)
+
+
+def _moved(value: object, staging: str, final: str) -> object:
+    """`value` (a record) with every path inside `staging` moved to `final`."""
+    if isinstance(value, dict):
+        return {key: _moved(item, staging, final) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_moved(item, staging, final) for item in value]
+    if isinstance(value, str) and (value == staging or value.startswith(staging + os.sep)):
+        return final + value[len(staging):]
+    return value
+
+
+def _untrained(model: SurveyModel) -> bool:
+    return bool(model.extractor.get("untrained"))
+
+
+def _commit_survey(transaction: OutputTransaction, staging: Path, out_dir: Path, replaced: list[Path]) -> None:
+    """Move every staged file into place at once, removing the `replaced` files (an earlier survey's
+    default-named outputs) this survey does not make: a raster that failed now keeps nothing of an earlier
+    survey's legend, and trained outputs replace untrained ones."""
+    produced = [out_dir / entry.name for entry in staging.iterdir() if entry.is_file()
+                and entry.name not in (LOCK_NAME, COMMIT_JOURNAL) and not entry.name.endswith(".aux.xml")]
+    stale = [path for path in replaced if path not in produced]
+    try:
+        transaction.commit(produced, stale)
+    except OSError as error:
+        raise OutputError(f"Cannot move the survey's outputs into place ({error.filename}: {error.strerror}). "
+                          "Remove their layers from the QGIS project (or close the program using them), or "
+                          "choose another output folder.") from error
+
+
 def _summary(model: SurveyModel, model_path: Path, outcomes: list[RasterOutcome], seconds: float) -> dict:
     header = model.header()
+    untrained = bool(header["extractor"].get("untrained"))
     return {
         "cluster_model": str(model_path),
+        "warning": UNTRAINED_BANNER if untrained else None,
+        "untrained": untrained,
         "legend": {"k": header["k"], "tree_clusters": header["tree_clusters"], "tree_rule": header["tree_rule"],
                    "mean_exg": [round(v, 4) for v in header["cluster_exg"]]},
         "model": header["extractor"],
@@ -400,20 +544,15 @@ def _raster_row(outcome: RasterOutcome) -> dict:
     }
 
 
-def _write_survey_outputs(out_dir: Path, summary: dict, outcomes: list[RasterOutcome]) -> None:
-    """The summary JSON and CSV and the merged polygons, moved into place together."""
-    finals = [out_dir / SUMMARY_JSON, out_dir / SUMMARY_CSV, out_dir / MERGED_POLYGONS]
-    transaction = OutputTransaction(finals)
-    try:
-        parts = [(outcome.stem, outcome.record["outputs"]["polygons"]) for outcome in outcomes
-                 if outcome.record and "polygons" in outcome.record["outputs"]]
-        summary["merged_polygons"] = merge_polygons(parts, str(transaction.staged(finals[2])), "survey_polygons")
-        transaction.staged(finals[0]).write_text(json.dumps(summary, indent=2))
-        transaction.staged(finals[1]).write_text(_csv(summary))
-        transaction.commit(finals, [])
-    except BaseException:
-        transaction.abort()
-        raise
+def _write_survey_outputs(summary: dict, outcomes: list[RasterOutcome], staging: Path, staged: list[Path]) -> None:
+    """The summary JSON and CSV and the merged polygons, written to their `staged` paths (moved into place with
+    the rest)."""
+    json_path, csv_path, merged_path = staged
+    parts = [(outcome.stem, str(staging / Path(outcome.record["outputs"]["polygons"]).name))
+             for outcome in outcomes if outcome.record and "polygons" in outcome.record["outputs"]]
+    summary["merged_polygons"] = merge_polygons(parts, str(merged_path), "survey_polygons")
+    json_path.write_text(json.dumps(summary, indent=2))
+    csv_path.write_text(_csv(summary))
 
 
 def _csv(summary: dict) -> str:

@@ -22,6 +22,7 @@ import torch
 from ...catalogue import BACKBONES, DEFAULT_MODEL, HUB_URL, LVD_1689M, SAT_493M, CatalogueModel, model_page
 from .devices import describe_precision, resolve_device, resolve_precision
 from .errors import ModelUnavailableError
+from .files import refuse_special_files_in
 from .onnx_int8 import OnnxInt8Network
 
 log = logging.getLogger(__name__)
@@ -228,6 +229,7 @@ def _from_pretrained(repo_id_or_path: str, token: str | None, cache_only: bool,
         _check_dinov3_folder(local)
     elif local.is_absolute() or repo_id_or_path.startswith("."):
         raise ModelUnavailableError(f"Model folder {repo_id_or_path} does not exist.")
+    from huggingface_hub.errors import StrictDataclassError
     from safetensors import SafetensorError
 
     try:
@@ -240,7 +242,8 @@ def _from_pretrained(repo_id_or_path: str, token: str | None, cache_only: bool,
             revision=revision,
             output_loading_info=True,
         )
-    except (SafetensorError, RuntimeError, ValueError, TypeError, KeyError, AttributeError) as error:
+    except (SafetensorError, StrictDataclassError, RuntimeError, ValueError, TypeError, KeyError,
+            AttributeError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if "mismatched_sizes" in reason:
             reason = "the shapes of the weights differ from those in config.json"
@@ -258,6 +261,7 @@ def _from_pretrained(repo_id_or_path: str, token: str | None, cache_only: bool,
 
 
 def _check_dinov3_folder(folder: Path) -> None:
+    refuse_special_files_in(folder, "model folder")
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ModelUnavailableError(
@@ -305,6 +309,29 @@ def _shape_problem(config: dict) -> str | None:
     layers, wanted = config.get("num_hidden_layers"), config.get("out_indices") or []
     if layers and any(not isinstance(index, int) or index > layers for index in wanted):
         return f"out_indices {wanted} ask for more than its {layers} layers"
+    return _value_type_problem(config)
+
+
+def _value_type_problem(config: dict) -> str | None:
+    """A config.json value of another kind than the DINOv3 configuration's default for it (a number given as
+    text, a flag as a number), which transformers would refuse with a traceback."""
+    from transformers import DINOv3ViTConfig
+
+    defaults = DINOv3ViTConfig().to_dict()
+    for name, value in config.items():
+        default = defaults.get(name)
+        if isinstance(default, bool):
+            fits = isinstance(value, bool)
+        elif isinstance(default, (int, float)):
+            fits = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    and (isinstance(value, int) or isinstance(default, float)))
+        elif isinstance(default, str):
+            fits = isinstance(value, str)
+        else:
+            continue
+        if not fits:
+            kind = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}[type(default)]
+            return f"{name} must be {kind}, not {value!r}"
     return None
 
 

@@ -42,6 +42,8 @@ from .trees import check_tree_override, cluster_means, tree_clusters_by_exg
 
 NODATA = 255
 PCA_TILES = 16
+NO_VALID_PIXELS = ("The raster has no valid pixels to segment: every pixel is nodata, masked or transparent in "
+                   "the chosen bands.")
 
 
 class RasterSource(Protocol):
@@ -346,10 +348,7 @@ def _projected(projection: Projection, tile: TileFeatures) -> TileFeatures:
 def _fit_projection(pca_samples: list[np.ndarray], params: SegmentationParams) -> Projection:
     stacked = np.concatenate(pca_samples).astype(np.float32)
     if stacked.shape[0] == 0:
-        raise InputError(
-            "The raster has no valid pixels to segment: every pixel is nodata, masked or "
-            "transparent in the chosen bands."
-        )
+        raise InputError(NO_VALID_PIXELS)
     return Projection(stacked, params.pca_dims, params.seed)
 
 

@@ -21,6 +21,7 @@ from osgeo import gdal, ogr, osr
 from ..core.errors import InputError
 from ..core.evaluation import ReferenceObject, boxes_to_objects
 from ..core.examples import Example
+from ..core.files import refuse_special_file
 
 gdal.UseExceptions()
 ogr.UseExceptions()
@@ -151,6 +152,7 @@ def _rasterize_geometry(geometry: ogr.Geometry, grid: Grid) -> ReferenceObject |
 
 
 def _read_pixel_boxes(path: str) -> list[tuple[float, float, float, float]]:
+    refuse_special_file(path, "reference")
     boxes = []
     try:
         with open(path, newline="") as handle:
@@ -183,6 +185,7 @@ def _memory_raster(width: int, height: int, geotransform, crs_wkt: str, data_typ
 
 
 def _is_raster(path: str) -> bool:
+    refuse_special_file(path, "file")
     try:
         return gdal.OpenEx(path, gdal.OF_RASTER) is not None
     except RuntimeError:
@@ -190,6 +193,7 @@ def _is_raster(path: str) -> bool:
 
 
 def _open_raster(path: str) -> gdal.Dataset:
+    refuse_special_file(path, "raster")
     try:
         return gdal.Open(path)
     except RuntimeError as error:
@@ -197,6 +201,7 @@ def _open_raster(path: str) -> gdal.Dataset:
 
 
 def _open_vector(path: str) -> gdal.Dataset:
+    refuse_special_file(path, "vector file")
     try:
         return gdal.OpenEx(path, gdal.OF_VECTOR)
     except RuntimeError as error:
@@ -206,6 +211,7 @@ def _open_vector(path: str) -> gdal.Dataset:
 def read_examples(path: str, grid: Grid) -> list[Example]:
     """Click-to-teach examples: points with an `is_tree` field (any CRS, reprojected), or a CSV
     of pixel positions `col,row,is_tree`."""
+    refuse_special_file(path, "examples file")
     if Path(path).suffix.lower() == ".csv":
         try:
             with open(path, newline="") as handle:
