@@ -70,7 +70,7 @@ def wheels(tmp_path_factory) -> Path:
 def install_offline(patch: pytest.MonkeyPatch, wheels: Path) -> None:
     """pip installs the probe wheel from `wheels` instead of the engine packages from the indexes, through the
     user's own pip settings (PIP_NO_INDEX, PIP_FIND_LINKS), which the set-up passes on."""
-    patch.setattr(engine_env, "engine_requirements", lambda path=None: [PROBE_REQUIREMENT])
+    patch.setattr(engine_env, "engine_requirements", lambda path=None, python_version=None: [PROBE_REQUIREMENT])
     patch.setenv("PIP_NO_INDEX", "1")
     patch.setenv("PIP_FIND_LINKS", str(wheels))
 
@@ -239,6 +239,105 @@ def test_the_requirements_are_those_requirements_txt_pins(tmp_path):
     assert pinned[-1].startswith("dask[distributed]==")
 
 
+SCIKIT_IMAGE_PINS = ('scikit-image==0.24.0; python_version < "3.13"  # no 3.13 wheel\n'
+                     "scikit-image==0.25.2; python_version >= '3.13'\n")
+
+
+@pytest.mark.parametrize(("python_version", "pin"), [
+    ("3.11", "scikit-image==0.24.0"), ("3.12", "scikit-image==0.24.0"), ("3.13", "scikit-image==0.25.2"),
+    ("3.14", "scikit-image==0.25.2")])
+def test_the_pins_are_those_whose_marker_holds_for_the_engines_python(tmp_path, python_version, pin):
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("torch==2.13.0\n" + SCIKIT_IMAGE_PINS)
+
+    assert engine_env.engine_requirements(requirements, python_version) == [
+        "torch==2.13.0", "transformers", "scikit-learn", pin, "huggingface_hub", "safetensors", "onnxruntime", "onnx",
+        "dask"]
+    assert engine_env.engine_requirements(REPO / "requirements.txt", python_version)[3] == pin
+
+
+def test_the_plan_the_key_and_the_ready_marker_use_the_pins_for_the_targets_python(tmp_path, monkeypatch):
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text(SCIKIT_IMAGE_PINS)
+    monkeypatch.setattr(engine_env, "requirements_file", lambda: requirements)
+    root = engine_env.engines_dir(tmp_path)
+
+    plans = {version: engine_env.install_plan(root, f"/usr/bin/python{version}", engine_env.CPU,
+                                              python_version=version) for version in ("3.11", "3.13")}
+
+    for version, pin in (("3.11", "scikit-image==0.24.0"), ("3.13", "scikit-image==0.25.2")):
+        plan = plans[version]
+        pip = next(step for step in plan.steps if step.kind == engine_env.PIP).command
+        assert pin in pip and not any(";" in part or "python_version" in part for part in pip)
+        marker = json.loads(next(step for step in plan.steps if step.kind == engine_env.SWAP).command[-1])
+        assert marker["python"] == version and pin in marker["requirements"]
+        key = engine_env.engine_key(engine_env.engine_requirements(requirements, version), engine_env.CPU, version)
+        assert plan.target.name == f"engine-{key}"
+    assert plans["3.11"].target != plans["3.13"].target
+
+
+@pytest.mark.parametrize(("line", "words"), [
+    ('scikit-image==0.25.2; python_version >= "3.13', "line 2 (scikit-image==0.25.2; python_version >= \"3.13): "
+                                                      "the marker is malformed"),
+    ("scikit-image==0.25.2; python_version >=", "the marker is malformed"),
+    ("scikit-image==0.25.2; (python_version >= '3.13'", "the marker is malformed"),
+    ("scikit-image==0.25.2; python_version >= '3.13' or", "the marker is malformed"),
+    ("scikit-image==0.25.2; implementation_name == 'cpython'", "the marker names implementation_name; only "
+                                                                "python_version, sys_platform, platform_machine"),
+    ("scikit-image==0.25.2; python_version ~= '3.13'", "~= or ==="),
+    ("scikit-image==0.25.2", "line 2 (scikit-image==0.25.2): scikit-image is pinned twice for Python 3.11"),
+])
+def test_a_malformed_marker_or_a_double_pin_is_refused_in_one_line(tmp_path, line, words):
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text(f"scikit-image==0.24.0; python_version < '3.13'\n{line}\n")
+
+    with pytest.raises(engine_env.EngineEnvError) as raised:
+        engine_env.engine_requirements(requirements, "3.11")
+
+    assert words in str(raised.value) and "\n" not in str(raised.value)
+    assert str(raised.value).startswith("requirements.txt line 2 (")
+
+
+@pytest.mark.parametrize(("marker", "holds"), [
+    ('python_version >= "3.13"', True),
+    ("python_version < '3.9'", False),
+    ('python_version == "3.13.0"', True),
+    ('python_version > "3.9"', True),
+    ('sys_platform == "linux" and (platform_machine == "x86_64" or python_version > "3.20")', True),
+    ('sys_platform == "win32" or python_version < "3.13"', False),
+    ('"arm" in platform_machine', False),
+    ('platform_machine not  in "arm64 aarch64"', True),
+    ('"3.13" <= python_version and sys_platform != "darwin"', True),
+])
+def test_a_marker_holds_alike_with_and_without_packaging(marker, holds, monkeypatch):
+    environment = engine_env.marker_environment("3.13", "linux", "x86_64")
+
+    assert engine_env.simple_marker_applies(marker, environment) is holds
+    assert engine_env.marker_applies(marker, environment) is holds
+    monkeypatch.setitem(sys.modules, "packaging.markers", None)
+    assert engine_env.marker_applies(marker, environment) is holds
+
+
+def test_without_packaging_the_pins_and_a_malformed_marker_are_read_the_same(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "packaging.markers", None)
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text(SCIKIT_IMAGE_PINS)
+
+    assert engine_env.engine_requirements(requirements, "3.13")[3] == "scikit-image==0.25.2"
+    assert engine_env.engine_requirements(requirements, "3.11")[3] == "scikit-image==0.24.0"
+    requirements.write_text("scikit-image==0.25.2; python_version >= (3.13)\n")
+    with pytest.raises(engine_env.EngineEnvError, match=r"^requirements.txt line 1 \(.*the marker is malformed"):
+        engine_env.engine_requirements(requirements, "3.13")
+
+
+@pytest.mark.parametrize("marker", ['python_version >= "3.13', "python_version >=", "(python_version == '3.13'",
+                                    "python_version == '3.13' or", "python_version '3.13'", "",
+                                    "python_version == '3.13' sys_platform"])
+def test_the_evaluator_without_packaging_refuses_a_malformed_marker(marker):
+    with pytest.raises(engine_env.EngineEnvError, match="the marker is malformed"):
+        engine_env.simple_marker_applies(marker, engine_env.marker_environment("3.13", "linux", "x86_64"))
+
+
 def test_only_a_folder_with_the_ready_marker_is_an_engine(tmp_path, monkeypatch):
     root = engine_env.engines_dir(tmp_path)
     half_made = engine_env.venv_python(root / "engine-cpu-0000000000")
@@ -255,7 +354,7 @@ def test_only_a_folder_with_the_ready_marker_is_an_engine(tmp_path, monkeypatch)
     os.utime(current.folder / engine_env.READY_MARKER, (1, 1))
     assert engine_env.ready_engines(root) == [old, current]
     assert engine_env.engine_in_use(root, ["torch==2.13.0"]) == current
-    monkeypatch.setattr(engine_env, "engine_requirements", lambda path=None: ["torch==2.13.0"])
+    monkeypatch.setattr(engine_env, "engine_requirements", lambda path=None, python_version=None: ["torch==2.13.0"])
     assert engine_env.private_engine_python(tmp_path) == str(current.python)
 
 
@@ -447,7 +546,7 @@ def test_the_private_engine_is_found_after_the_setting_and_the_variable(qgis_app
     monkeypatch.setattr(engine_client, "ENGINE_POINTER_FILE", tmp_path / "none.txt")
     monkeypatch.setattr(engine_client, "PLUGIN_DIR", tmp_path / "plugin" / "treeseg_qgis")
     monkeypatch.delenv(ENGINE_PYTHON_ENV, raising=False)
-    monkeypatch.setattr(engine_env, "engine_requirements", lambda path=None: ["torch==2.13.0"])
+    monkeypatch.setattr(engine_env, "engine_requirements", lambda path=None, python_version=None: ["torch==2.13.0"])
     half_made = engine_env.venv_python(engine_env.engines_dir(tmp_path) / "engine-cpu-0000000000")
     half_made.parent.mkdir(parents=True)
     half_made.write_text("")
@@ -658,7 +757,7 @@ def test_an_unchanged_set_of_pins_reuses_the_engine_after_a_plugin_upgrade(qgis_
     from treeseg_qgis.qgis_side.gui.engine_setup import EngineSetupDialog
 
     monkeypatch.setattr(engine_client, "qgis_profile_dir", lambda: str(tmp_path))
-    monkeypatch.setattr(engine_env, "engine_requirements", lambda path=None: [PROBE_REQUIREMENT])
+    monkeypatch.setattr(engine_env, "engine_requirements", lambda path=None, python_version=None: [PROBE_REQUIREMENT])
     root = engine_env.engines_dir(tmp_path)
     engine = make_marked_engine(root, [PROBE_REQUIREMENT])
     engine.python.chmod(0o755)
@@ -826,7 +925,7 @@ def test_the_version_has_one_source_metadata_txt():
 
 def test_an_engine_made_from_another_python_version_is_never_used(tmp_path, monkeypatch):
     root = engine_env.engines_dir(tmp_path)
-    monkeypatch.setattr(engine_env, "engine_requirements", lambda path=None: ["torch==2.13.0"])
+    monkeypatch.setattr(engine_env, "engine_requirements", lambda path=None, python_version=None: ["torch==2.13.0"])
     stale = make_marked_engine(root, ["torch==2.13.0"], "3.9")
 
     assert engine_env.ready_engines(root) == [stale] and stale.python_version == "3.9"
@@ -1068,7 +1167,7 @@ def test_an_unreachable_extra_index_is_a_choice_go_on_without_it_or_stop(qgis_ap
 
     from treeseg_qgis.qgis_side.gui.engine_setup import EngineSetupDialog
 
-    monkeypatch.setattr(engine_env, "engine_requirements", lambda path=None: [PROBE_REQUIREMENT])
+    monkeypatch.setattr(engine_env, "engine_requirements", lambda path=None, python_version=None: [PROBE_REQUIREMENT])
     monkeypatch.setattr(engine_client, "qgis_profile_dir", lambda: str(tmp_path))
     monkeypatch.setattr(QMessageBox, "question", lambda *args: QMessageBox.StandardButton.No)
     root = engine_env.engines_dir(tmp_path)
@@ -1117,7 +1216,7 @@ def test_an_engine_from_another_python_shows_as_needing_install(qgis_app, tmp_pa
     monkeypatch.setattr(engine_client, "ENGINE_POINTER_FILE", tmp_path / "none.txt")
     monkeypatch.setattr(engine_client, "PLUGIN_DIR", tmp_path / "plugin" / "treeseg_qgis")
     monkeypatch.delenv(engine_client.ENGINE_PYTHON_ENV, raising=False)
-    monkeypatch.setattr(engine_env, "engine_requirements", lambda path=None: [PROBE_REQUIREMENT])
+    monkeypatch.setattr(engine_env, "engine_requirements", lambda path=None, python_version=None: [PROBE_REQUIREMENT])
     root = engine_env.engines_dir(tmp_path)
     stale = make_marked_engine(root, [PROBE_REQUIREMENT], "3.9")
     stale.python.chmod(0o755)
@@ -1130,6 +1229,24 @@ def test_an_engine_from_another_python_shows_as_needing_install(qgis_app, tmp_pa
     assert (f"installed: {stale.folder.name}, made from Python 3.9, but QGIS now runs Python "
             f"{engine_env.PYTHON_VERSION}: it cannot be used; Install makes a new one") in dialog.folder_label.text()
     assert dialog.retry_button() == "Install" and dialog.engine_label.text() == "none"
+    dialog.deleteLater()
+
+
+def test_a_hand_edited_marker_is_one_line_in_the_dialog_and_install_is_off(qgis_app, tmp_path, test_setting,
+                                                                          monkeypatch):
+    from treeseg_qgis.qgis_side.gui.engine_setup import EngineSetupDialog
+
+    monkeypatch.setattr(engine_client, "qgis_profile_dir", lambda: str(tmp_path))
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("torch==2.13.0\nscikit-image==0.25.2; python_version >= 3.13\n")
+    monkeypatch.setattr(engine_env, "requirements_file", lambda: requirements)
+
+    dialog = EngineSetupDialog(engine_env.engines_dir(tmp_path))
+
+    assert dialog.base_label.text().startswith("requirements.txt line 2 (scikit-image==0.25.2; python_version >= "
+                                               "3.13): the marker is malformed")
+    assert "\n" not in dialog.base_label.text()
+    assert not dialog.install_button.isEnabled() and not dialog.repair_button.isEnabled()
     dialog.deleteLater()
 
 
@@ -1161,7 +1278,7 @@ def test_a_dead_proxy_is_named_before_pip_runs_and_repair_is_the_button_named(qg
                                                                                test_setting, monkeypatch):
     from treeseg_qgis.qgis_side.gui.engine_setup import EngineSetupDialog
 
-    monkeypatch.setattr(engine_env, "engine_requirements", lambda path=None: [PROBE_REQUIREMENT])
+    monkeypatch.setattr(engine_env, "engine_requirements", lambda path=None, python_version=None: [PROBE_REQUIREMENT])
     monkeypatch.setattr(engine_client, "qgis_profile_dir", lambda: str(tmp_path))
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
     root = engine_env.engines_dir(tmp_path)

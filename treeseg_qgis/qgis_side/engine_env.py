@@ -61,6 +61,8 @@ PROBE_EXTRA_UNREACHABLE = 3
 # What each step of a set-up plan does (Step.kind).
 VENV, PROBE, PINS, PIP, CHECK, SWAP = "venv", "probe", "pins", "pip", "check", "swap"
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
+# The environment markers requirements.txt may put on a line (engine_requirements).
+MARKER_VARIABLES = ("python_version", "sys_platform", "platform_machine")
 TROUBLESHOOTING_URL = "https://github.com/treeseg-qgis/treeseg-qgis#engine-troubleshooting"
 QGIS_VERSIONS_SCRIPT = """import importlib, sys
 pins = []
@@ -501,15 +503,126 @@ def requirements_file() -> Path:
     raise EngineEnvError(f"requirements.txt is missing from {PLUGIN_DIR}; reinstall the plugin.")
 
 
-def engine_requirements(path: Path | None = None) -> list[str]:
-    """The engine packages as requirements.txt pins them (e.g. 'torch==2.13.0'), in ENGINE_PACKAGES order."""
-    pins = {}
-    for line in (path or requirements_file()).read_text(encoding="utf-8").splitlines():
-        requirement = line.split("#", 1)[0].strip()
-        name = re.match(r"[A-Za-z0-9._-]+", requirement)
-        if name:
-            pins[_normalise(name.group())] = requirement
+def engine_requirements(path: Path | None = None, python_version: str | None = None) -> list[str]:
+    """The engine packages as requirements.txt pins them for the engine's Python `python_version` ('3.13';
+    QGIS's by default), in ENGINE_PACKAGES order: a line whose environment marker does not hold for it is skipped
+    and the marker of one that does is dropped (e.g. 'scikit-image==0.25.2; python_version >= "3.13"' →
+    'scikit-image==0.25.2'). EngineEnvError names a malformed marker, or a package pinned twice for it."""
+    source = path or requirements_file()
+    environment = marker_environment(python_version or PYTHON_VERSION)
+    pins: dict[str, str] = {}
+    for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+        requirement, _, marker = line.split("#", 1)[0].partition(";")
+        name = re.match(r"[A-Za-z0-9._-]+", requirement.strip())
+        if not name:
+            continue
+        try:
+            applies = not marker.strip() or marker_applies(marker, environment)
+        except EngineEnvError as error:
+            raise EngineEnvError(f"{source.name} line {number} ({line.strip()}): {error}") from None
+        if not applies:
+            continue
+        package = _normalise(name.group())
+        if package in pins:
+            raise EngineEnvError(f"{source.name} line {number} ({line.strip()}): {name.group()} is pinned twice "
+                                 f"for Python {environment['python_version']}.")
+        pins[package] = requirement.strip()
     return [pins.get(_normalise(package), package) for package in ENGINE_PACKAGES]
+
+
+def marker_environment(python_version: str, system: str = sys.platform,
+                       machine: str | None = None) -> dict[str, str]:
+    """The values of the marker variables requirements.txt may use, for an engine of `python_version` ('3.13')
+    on this machine (the engine's Python may be another version than QGIS's; its platform is QGIS's)."""
+    return {"python_version": python_version, "sys_platform": system,
+            "platform_machine": platform.machine() if machine is None else machine}
+
+
+def marker_applies(marker: str, environment: Mapping[str, str]) -> bool:
+    """Whether a PEP 508 environment marker holds in `environment` (marker_environment): evaluated by
+    `packaging` where QGIS's Python has it, else by simple_marker_applies; only MARKER_VARIABLES may be named.
+    EngineEnvError, in one line, for a malformed marker."""
+    unquoted = re.sub(r"'[^']*'|\"[^\"]*\"", "", marker)
+    unknown = sorted(set(re.findall(r"[A-Za-z_][A-Za-z0-9_.]*", unquoted)) - set(MARKER_VARIABLES) -
+                     {"and", "or", "not", "in"})
+    if unknown:
+        raise EngineEnvError(f"the marker names {', '.join(unknown)}; only {', '.join(MARKER_VARIABLES)} can be "
+                             "used there.")
+    if re.search(r"~=|===", unquoted):
+        raise EngineEnvError("the marker compares with ~= or ===; use ==, !=, <, <=, >, >=, in or not in.")
+    try:
+        from packaging.markers import InvalidMarker, Marker
+    except ImportError:
+        return simple_marker_applies(marker, environment)
+    try:
+        return Marker(marker.strip()).evaluate(dict(environment))
+    except InvalidMarker as error:
+        raise EngineEnvError(f"the marker is malformed ({str(error).splitlines()[0]}).") from None
+
+
+def simple_marker_applies(marker: str, environment: Mapping[str, str]) -> bool:
+    """marker_applies without `packaging`: `and`, `or`, brackets and comparisons (==, !=, <, <=, >, >=, in,
+    not in) of MARKER_VARIABLES and quoted strings; dotted numbers compare as versions, other text as text."""
+    tokens = re.findall(r"\s*(not\s+in\b|[<>=!]=|[<>()]|'[^']*'|\"[^\"]*\"|[A-Za-z_][A-Za-z0-9_.]*|\S)", marker)
+    position = 0
+
+    def take(*wanted: str) -> str | None:
+        nonlocal position
+        if position < len(tokens) and (not wanted or re.sub(r"\s+", " ", tokens[position]) in wanted):
+            position += 1
+            return tokens[position - 1]
+        return None
+
+    def value() -> str:
+        token = take() or ""
+        if token in MARKER_VARIABLES:
+            return environment[token]
+        if len(token) < 2 or token[0] not in "'\"" or token[-1] != token[0]:
+            raise EngineEnvError("the marker is malformed.")
+        return token[1:-1]
+
+    def comparison() -> bool:
+        if take("("):
+            result = either()
+            if not take(")"):
+                raise EngineEnvError("the marker is malformed (a bracket is not closed).")
+            return result
+        left = value()
+        operator = take("==", "!=", "<", "<=", ">", ">=", "in", "not in")
+        if operator is None:
+            raise EngineEnvError("the marker is malformed (no comparison).")
+        return _compare(left, re.sub(r"\s+", " ", operator), value())
+
+    def both() -> bool:
+        result = comparison()
+        while take("and"):
+            result = comparison() and result
+        return result
+
+    def either() -> bool:
+        result = both()
+        while take("or"):
+            result = both() or result
+        return result
+
+    result = either()
+    if position != len(tokens):
+        raise EngineEnvError("the marker is malformed.")
+    return result
+
+
+def _compare(left: str, operator: str, right: str) -> bool:
+    if operator in ("in", "not in"):
+        return (left in right) == (operator == "in")
+    versions = [tuple(int(part) for part in side.split(".")) if re.fullmatch(r"\d+(\.\d+)*", side) else None
+                for side in (left, right)]
+    if None not in versions:
+        width = max(len(version) for version in versions)
+        left_key, right_key = (version + (0,) * (width - len(version)) for version in versions)
+    else:
+        left_key, right_key = left, right
+    return {"==": left_key == right_key, "!=": left_key != right_key, "<": left_key < right_key,
+            "<=": left_key <= right_key, ">": left_key > right_key, ">=": left_key >= right_key}[operator]
 
 
 def pip_requirements(requirements: Sequence[str], build: str, system: str | None = None,
@@ -548,13 +661,15 @@ def free_disk_problem(folder: Path, build: str) -> str | None:
 
 
 def install_plan(root: Path, base_python: str, build: str, torch_index: str | None = None,
-                 requirements: Sequence[str] | None = None, extra_indexes: Sequence[str] | None = None) -> Plan:
+                 requirements: Sequence[str] | None = None, extra_indexes: Sequence[str] | None = None,
+                 python_version: str = PYTHON_VERSION) -> Plan:
     """The steps that build the engine of `build` in a staging folder of `root`, probe the package indexes,
     check the engine and move it into place. pip keeps the user's index, proxy and certificates; `torch_index`
     (PyTorch's index of the build by default, '' for none) is added as an extra index. `extra_indexes`, when
-    given, replaces the user's own extra indexes (those that answered, after some did not)."""
-    requirements = list(engine_requirements() if requirements is None else requirements)
-    key = engine_key(requirements, build)
+    given, replaces the user's own extra indexes (those that answered, after some did not). `python_version` is
+    `base_python`'s: the requirements that apply to it (engine_requirements), the key and the ready marker."""
+    requirements = list(engine_requirements(python_version=python_version) if requirements is None else requirements)
+    key = engine_key(requirements, build, python_version)
     target = root / f"engine-{key}"
     staging = root / f"staging-{key}"
     python = str(venv_python(staging))
@@ -564,7 +679,7 @@ def install_plan(root: Path, base_python: str, build: str, torch_index: str | No
                    *(("--extra-index-url", index) if index else ()), "--constraint", constraints)
     torch_kind = "CPU" if build == CPU else f"CUDA, {build}"
     marker = json.dumps({"key": key, "build": build, "requirements": requirements, "base_python": base_python,
-                         "python": PYTHON_VERSION})
+                         "python": python_version})
     # pip splits the variable on spaces: a lone space stands for no extra index at all (an empty value is ignored).
     kept = () if extra_indexes is None else (("PIP_EXTRA_INDEX_URL", " ".join(extra_indexes) or " "),)
     steps = [
