@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from osgeo import gdal, ogr, osr
 
+from treeseg_qgis.params import CrownOptions
 from treeseg_qgis.qgis_side.engine_client import EngineClient
 
 from .conftest import SAMPLE_GEOTRANSFORM, UTM17N, disc_scene, wgs84_memory_layer, write_geotiff
@@ -193,7 +194,8 @@ def test_the_worker_splits_a_mask_into_crowns(disc_mask, tmp_path):
     client = EngineClient(sys.executable)
     progress = []
     try:
-        record = client.crowns(str(disc_mask), None, str(tmp_path / "out" / "discs.gpkg"), {"min_area_m2": 1.0},
+        record = client.crowns(str(disc_mask), None, str(tmp_path / "out" / "discs.gpkg"),
+                               CrownOptions(min_area_m2=1.0),
                                on_progress=lambda percent, stage: progress.append(percent))
     finally:
         client.close()

@@ -21,9 +21,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from .catalogue import LVD_1689M, Architecture, CatalogueModel, find_model
+from .catalogue import LVD_1689M, PATCH, Architecture, CatalogueModel, find_model
 
-PATCH = 16
 EXTRA_TOKENS = 5
 """The class token and the 4 register tokens of every DINOv3 ViT."""
 MIB = 2**20
@@ -32,6 +31,8 @@ CPU_FIXED_OVERHEAD_BYTES = 626 * MIB
 GPU_WORKSPACE_BYTES = 512 * MIB
 """Allocator slack and library workspaces on a GPU (not calibrated on a GPU yet)."""
 GPU_DEVICES = ("cuda", "mps")
+RUN_STRIDE = PATCH
+"""The feature stride of a run unless another is asked for (the default of SegmentationParams.stride)."""
 RUN_TILE_SIZE = 512
 """The tile size of a run from the panel (the default of SegmentationParams.tile_size)."""
 RUN_BATCH_SIZE = 4
@@ -90,8 +91,8 @@ def _parameters_millions(shape: Architecture) -> float:
     return (shape.num_hidden_layers * per_layer + 3 * PATCH * PATCH * hidden) / 1e6
 
 
-def estimate_peak_bytes(model: CatalogueModel | str, stride: int = 16, tile_size: int = 512, batch_size: int = 4,
-                        device: str = "cpu") -> int | None:
+def estimate_peak_bytes(model: CatalogueModel | str, stride: int = RUN_STRIDE, tile_size: int = RUN_TILE_SIZE,
+                        batch_size: int = RUN_BATCH_SIZE, device: str = "cpu") -> int | None:
     """Peak memory of a run on `device` (cpu, cuda, mps) in bytes; None for a model that is neither in the
     catalogue nor a local folder with a readable config.json.
 
@@ -178,7 +179,7 @@ def tile_count(width: int, height: int, tile_size: int = RUN_TILE_SIZE, overlap:
     return along(width) * along(height)
 
 
-def estimate_seconds(model: CatalogueModel | str, tiles: int, stride: int = 16, tile_size: int = RUN_TILE_SIZE,
+def estimate_seconds(model: CatalogueModel | str, tiles: int, stride: int = RUN_STRIDE, tile_size: int = RUN_TILE_SIZE,
                      device: str = "cpu", cores: int | None = None) -> float | None:
     """Expected seconds of a run of `tiles` tiles on the CPU, scaled from the calibration by the model's weights,
     the tokens per tile, the forward passes per tile (stride) and the cores; None on a GPU (not calibrated) or
@@ -202,7 +203,7 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def tiles_and_time(model: CatalogueModel | str, width: int, height: int, stride: int = 16,
+def tiles_and_time(model: CatalogueModel | str, width: int, height: int, stride: int = RUN_STRIDE,
                    tile_size: int = RUN_TILE_SIZE, device: str = "cpu", overlap: int = RUN_OVERLAP) -> str:
     """E.g. '50176 tiles, about 9.9 h on the CPU' or '25 tiles, time unknown on the CUDA device'."""
     tiles = tile_count(width, height, tile_size, overlap)
@@ -212,7 +213,7 @@ def tiles_and_time(model: CatalogueModel | str, width: int, height: int, stride:
         f" on {where}"
 
 
-def run_estimate(model: CatalogueModel | str, width: int, height: int, stride: int = 16,
+def run_estimate(model: CatalogueModel | str, width: int, height: int, stride: int = RUN_STRIDE,
                  tile_size: int = RUN_TILE_SIZE, batch_size: int = RUN_BATCH_SIZE, device: str = "cpu",
                  overlap: int = RUN_OVERLAP) -> str:
     """One line before a run: its tiles, the expected time and the memory it needs, e.g.
@@ -222,7 +223,7 @@ def run_estimate(model: CatalogueModel | str, width: int, height: int, stride: i
     return f"Estimate: {tiles_and_time(model, width, height, stride, tile_size, device, overlap)}, {memory_text}"
 
 
-def size_warning(model: CatalogueModel | str, width: int, height: int, stride: int = 16,
+def size_warning(model: CatalogueModel | str, width: int, height: int, stride: int = RUN_STRIDE,
                  tile_size: int = RUN_TILE_SIZE, device: str = "cpu", overlap: int = RUN_OVERLAP) -> str | None:
     """A warning when a run is expected to take more than LARGE_RUN_SECONDS (or, where the time cannot be told,
     has more than LARGE_RUN_TILES tiles); None otherwise."""
@@ -231,7 +232,7 @@ def size_warning(model: CatalogueModel | str, width: int, height: int, stride: i
     if seconds is not None and seconds <= LARGE_RUN_SECONDS or seconds is None and tiles <= LARGE_RUN_TILES:
         return None
     expected = f"about {format_duration(seconds)}" if seconds is not None else "a long time"
-    remedy = "an extent or a mask, or a smaller model" + (", or stride 16" if stride != 16 else "")
+    remedy = "an extent or a mask, or a smaller model" + (f", or stride {RUN_STRIDE}" if stride != RUN_STRIDE else "")
     return (f"The raster is {width} × {height} px: {tiles} tiles, expected to take {expected}. "
             f"Choose {remedy} to make it shorter.")
 
@@ -246,7 +247,7 @@ def address_space_limit() -> int | None:
     return None if soft == resource.RLIM_INFINITY else soft
 
 
-def address_space_problem(model: CatalogueModel | str | None, stride: int = 16, tile_size: int = RUN_TILE_SIZE,
+def address_space_problem(model: CatalogueModel | str | None, stride: int = RUN_STRIDE, tile_size: int = RUN_TILE_SIZE,
                           batch_size: int = RUN_BATCH_SIZE, limit: int | None = None,
                           cores: int | None = None) -> str | None:
     """A message when the address-space limit is below what a CPU run of `model` (None: a colour method, or a

@@ -38,7 +38,7 @@ from ..outputs import (
     check_run_paths,
     taught_class_paths,
 )
-from ..params import ParameterError, SegmentationParams
+from ..params import ParameterError, Role, SegmentationParams, settings_with
 from . import interrupts
 from .core.cache import CacheUnavailable, FeatureCache, file_identity
 from .core.canopy import load_height_model, predict_heights
@@ -57,10 +57,10 @@ from .core.segmentation import (
     segment_raster,
 )
 from .core.store import FeatureStore
-from .core.survey_model import SETTINGS, SurveyModel, clipping_note
+from .core.survey_model import SurveyModel, clipping_note
 from .core.teach import prototypes, score_raster
 from .core.tiling import TileGrid, Window
-from .gis.crowns import CrownOptions, write_crowns
+from .gis.crowns import write_crowns
 from .gis.polygons import polygonize_clusters
 from .gis.preview import write_elbow_plot, write_preview
 from .gis.raster import GdalRasterSource, HeightReader, limit_block_cache
@@ -326,8 +326,7 @@ def _survey_source(params: SegmentationParams, survey: SurveyModel | None) -> It
     the model (a warning when much of it lies outside the survey's values)."""
     with GdalRasterSource(params.input_path, params.bands, survey.value_ranges if survey else None) as source:
         if survey:
-            survey.check_run({name: getattr(params, name) for name in SETTINGS}, _precision(params), source.bands,
-                             source.scaling)
+            survey.check_run(settings_with(Role.SURVEY, params), _precision(params), source.bands, source.scaling)
             if note := clipping_note(source.clipped):
                 log.warning("%s: %s", params.input_path, note)
         yield source
@@ -407,11 +406,13 @@ def _feature_store(params: SegmentationParams, source: GdalRasterSource, progres
 
 
 def _cache_key(params: SegmentationParams, source: GdalRasterSource, survey: SurveyModel | None = None) -> dict:
-    """Everything that changes the features: the input's files (a VRT's sources too; not the .aux.xml GDAL
-    may write beside them when reading), the weights, the settings, and a survey's PCA when features are
+    """Everything that changes the features: every parameter of role FEATURES (params.Role; the bands as the
+    source reads them, the precision resolved), the input's files (a VRT's sources too; not the .aux.xml GDAL
+    may write beside them when reading), the weights, the value scaling, and a survey's PCA when features are
     projected with it (a per-raster entry is never taken for a survey-projected one)."""
     dinov3 = params.method == "dinov3"
     return {
+        **settings_with(Role.FEATURES, params),
         **({"projection": survey.projection_id} if survey else {}),
         "format": 2,
         "input": [_input_identity(path) for path in source.files if not path.endswith(".aux.xml")],
@@ -419,8 +420,6 @@ def _cache_key(params: SegmentationParams, source: GdalRasterSource, survey: Sur
         "scaling": source.scaling,
         "weights": weights_identity(params.model, params.model_revision) if dinov3 else None,
         "precision": _precision(params),
-        **{name: getattr(params, name) for name in (
-            "method", "model", "model_revision", "stride", "tile_size", "overlap", "pca_dims", "sample_size", "seed")},
     }
 
 
@@ -460,7 +459,7 @@ def _crowns(params: SegmentationParams, paths: OutputPaths, result: Segmentation
     stem = paths.clusters.name.removesuffix(SUFFIXES["clusters"])
     count = write_crowns(
         str(paths.trees), str(paths.clusters), str(paths.crowns), layer_name(f"{stem}_crowns"),
-        CrownOptions(min_area_m2=params.crown_min_area_m2, smoothing_m=params.crown_smoothing_m),
+        params.crown_options,
         progress=lambda fraction: crown_progress.report(fraction, "Splitting crowns"),
         is_cancelled=progress.is_cancelled, description=_description(model),
     )

@@ -29,14 +29,14 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 
 from ..outputs import OutputTransaction
-from ..params import WINDOW_TILES, SegmentationParams
+from ..params import WINDOW_TILES, Role, SegmentationParams, settings_with
 from .core.clustering import Projection
 from .core.errors import Cancelled, InputError, TreesegError
 from .core.feature_grid import FeatureGrid
 from .core.features import tiles_per_batch
 from .core.progress import Progress
 from .core.segmentation import PCA_TILES, TileFeatureExtractor, fit_clustering, sample_raw_features
-from .core.survey_model import SETTINGS, SUFFIX, SurveyModel, scaling_kind
+from .core.survey_model import SUFFIX, SurveyModel, scaling_kind
 from .core.tiling import TileGrid
 from .gis.merge import merge_polygons
 from .gis.raster import GdalRasterSource, limit_block_cache, stretch_limits
@@ -152,8 +152,7 @@ def fit_survey(inputs: Sequence[str], params: SegmentationParams, out_path: str 
     projection = Projection(stacked, params.pca_dims, params.seed)
     projected = projection.project(stacked)
     fit = fit_clustering(projected, np.concatenate([sample.exg for sample in samples]), params)
-    settings = {name: getattr(params, name) for name in SETTINGS}
-    settings["bands"] = list(params.bands)
+    settings = {**settings_with(Role.SURVEY, params), "bands": list(params.bands)}
     extractor = next((sample.extractor for sample in samples if "fell_back_to_cpu" in sample.extractor),
                      samples[-1].extractor)
     model = SurveyModel(projection, fit, settings, extractor, samples[-1].scaling, value_ranges, fitted_inputs)

@@ -29,7 +29,7 @@ from typing import Any
 
 from .. import protocol
 from ..outputs import output_folders, recover_outputs, temporary_files
-from ..params import ParameterError, SegmentationParams
+from ..params import CrownOptions, ParameterError, SegmentationParams
 from ..protocol import Command, ErrorKind, Message
 from .engine_env import private_engine_python
 
@@ -176,15 +176,15 @@ class EngineClient:
         trees_path: str,
         clusters_path: str | None,
         gpkg_path: str,
-        options: dict[str, float] | None = None,
+        options: CrownOptions | None = None,
         on_progress: ProgressHandler | None = None,
         is_cancelled: CancelCheck | None = None,
     ) -> dict[str, Any]:
-        """Crown polygons of a tree mask (options: min_area_m2, min_distance_m, smoothing_m, max_crown_m);
+        """Crown polygons of a tree mask (validated `options`, the defaults when None);
         `{"crowns": count, "outputs": {"crowns": gpkg_path}}` or EngineError."""
         job = {protocol.COMMAND: Command.CROWNS, protocol.TREES_PATH: trees_path,
                protocol.CLUSTERS_PATH: clusters_path or trees_path, protocol.GPKG_PATH: gpkg_path,
-               protocol.OPTIONS: dict(options or {})}
+               protocol.OPTIONS: _validated_json(options or CrownOptions())}
 
         def remove_partial_gpkg() -> None:
             for leftover in temporary_files(Path(gpkg_path)):
@@ -440,8 +440,9 @@ def _job(command: str, hf_token: str | None, fields: dict[str, Any]) -> dict[str
     return job
 
 
-def _validated_json(params: SegmentationParams) -> dict[str, Any]:
-    """The job's parameters as JSON, validated here so a refused value never reaches the worker."""
+def _validated_json(params: SegmentationParams | CrownOptions) -> dict[str, Any]:
+    """The job's parameters (or crown options) as JSON, validated here so a refused value never reaches the
+    worker."""
     try:
         params.validate()
     except ParameterError as error:

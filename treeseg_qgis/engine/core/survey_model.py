@@ -33,8 +33,6 @@ CLIPPED_SHARE_WARNING = 0.1
 """A raster with more of a band outside the survey's value range than this is reported (the survey as a
 whole has 4 % there, below its 2nd and above its 98th percentile)."""
 SUFFIX = ".treeseg"
-SETTINGS = ("method", "model", "model_revision", "stride", "tile_size", "overlap", "bands")
-"""The run settings a model fixes: a run asking for other values is refused."""
 
 
 @dataclass
@@ -153,11 +151,12 @@ class SurveyModel:
         return settings
 
     def check_run(self, settings: dict, precision: str | None, bands: tuple[int, ...], scaling: str) -> None:
-        """Refuse a run whose settings, precision, bands or value scaling differ from the model's."""
+        """Refuse a run whose settings (its parameters of role params.Role.SURVEY), precision, bands or value
+        scaling differ from the model's; a setting only one of them has differs too."""
         asked = {**settings, "bands": list(bands), "precision": precision}
         expected = {**self.settings, "precision": self.extractor.get("precision")}
-        differences = [f"{name} {asked[name]!r} (the model: {expected[name]!r})"
-                       for name in (*SETTINGS, "precision") if asked.get(name) != expected.get(name)]
+        differences = [f"{name} {asked.get(name)!r} (the model: {expected.get(name)!r})"
+                       for name in {**asked, **expected} if asked.get(name) != expected.get(name)]
         if scaling_kind(scaling) != scaling_kind(self.scaling):
             differences.append(f"value scaling '{scaling_kind(scaling)}' (the model: "
                                f"'{scaling_kind(self.scaling)}')")
