@@ -274,6 +274,13 @@ def params_from_args(args: argparse.Namespace) -> SegmentationParams:
     )
 
 
+def teach_params_from_args(args: argparse.Namespace) -> SegmentationParams:
+    """The SegmentationParams for parsed `teach` arguments (not yet validated): the features' settings as `segment`
+    reads them from the same options, so teach finds the features segment cached."""
+    return SegmentationParams(input_path=args.input, output_dir=args.out, stride=args.stride or RUN_STRIDE,
+                              cluster_model=args.cluster_model, **_feature_settings(args))
+
+
 def _model_settings(args: argparse.Namespace) -> dict:
     """The SegmentationParams fields of the options `_model_options` adds (the stride aside)."""
     k_min, k_max = _range(args.k_range)
@@ -403,8 +410,7 @@ def _print_summary(record: dict) -> None:
 def _teach(args: argparse.Namespace) -> int:
     from .pipeline import teach
 
-    params = SegmentationParams(input_path=args.input, output_dir=args.out, stride=args.stride or RUN_STRIDE,
-                                cluster_model=args.cluster_model, **_feature_settings(args))
+    params = teach_params_from_args(args)
     params.validate()
     record = teach(params, args.examples, args.threshold, Progress(_TerminalProgress(), interrupts.stop_requested),
                    class_name=args.class_name)
