@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Iterable
 from dataclasses import MISSING, asdict, dataclass, field, fields, make_dataclass, replace
 from typing import Any, Literal, Union, get_args
 
@@ -96,9 +97,7 @@ class CrownOptions:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CrownOptions:
         """The options `to_json` wrote, validated; unknown names are refused."""
-        unknown = set(data) - {item.name for item in fields(cls)}
-        if unknown:
-            raise ParameterError(f"Unknown crown options: {', '.join(sorted(unknown))}.")
+        _refuse_unknown("crown options", data, (item.name for item in fields(cls)))
         options = cls(**data)
         options.validate()
         return options
@@ -209,18 +208,13 @@ class SegmentationParams:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SegmentationParams:
         """The object `to_json` wrote; unknown names are refused (a newer or older sender)."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ParameterError(f"Unknown parameters: {', '.join(sorted(unknown))}.")
+        _refuse_unknown("parameters", data, (item.name for item in fields(cls)))
         values = dict(data)
         for name in ("bands", "tree_clusters"):
             if values.get(name) is not None:
                 values[name] = tuple(values[name])
         outputs = values.get("outputs") or {}
-        unknown_outputs = set(outputs) - set(OUTPUT_KINDS)
-        if unknown_outputs:
-            raise ParameterError(f"Unknown outputs: {', '.join(sorted(unknown_outputs))}.")
+        _refuse_unknown("outputs", outputs, OUTPUT_KINDS)
         values["outputs"] = OutputFiles(**outputs)
         return cls(**values)
 
@@ -262,6 +256,12 @@ def parse_cluster_ids(text: str | None) -> tuple[int, ...] | None:
     except ValueError:
         raise ParameterError(f"Tree clusters must be cluster ids separated by commas, e.g. 0,3, not {text!r}.") \
             from None
+
+
+def _refuse_unknown(what: str, names: Iterable[str], known: Iterable[str]) -> None:
+    unknown = set(names) - set(known)
+    if unknown:
+        raise ParameterError(f"Unknown {what}: {', '.join(sorted(unknown))}.")
 
 
 def _check_choice(name: str, value: object, choices: tuple) -> None:

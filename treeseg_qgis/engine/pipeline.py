@@ -40,6 +40,7 @@ from ..outputs import (
 )
 from ..params import ParameterError, Role, SegmentationParams, settings_with
 from . import interrupts
+from .core.atomic import write_atomically
 from .core.cache import CacheUnavailable, FeatureCache, file_identity
 from .core.canopy import load_height_model, predict_heights
 from .core.devices import describe_precision, resolve_device, resolve_precision
@@ -171,7 +172,7 @@ def segment(
                                        "folder": str(store.folder) if cache_state != "off" else None}
             record["timings"]["load_model"] = round(load_seconds, 3)
             record["timings"]["total"] = round(time.perf_counter() - started, 3)
-            _write_json(staged.record, record)
+            write_atomically(staged.record, json.dumps(record, indent=2), str(staged.record))
             progress.check()
             with interrupts.deferred(reraise=False):
                 _commit(transaction, [*written, paths.record],
@@ -255,7 +256,7 @@ def teach(
                 "timings": {**{k: round(v, 3) for k, v in timings.items()},
                             "total": round(time.perf_counter() - started, 3)},
             }
-            _write_json(staged.teach_record, record)
+            write_atomically(staged.teach_record, json.dumps(record, indent=2), str(staged.teach_record))
             progress.check()
             with interrupts.deferred(reraise=False):
                 _commit(transaction, [paths.similarity, paths.taught_trees, paths.teach_record], [])
@@ -657,12 +658,3 @@ def _record(
         "platform": {"python": platform.python_version(), "machine": platform.machine()},
     }
 
-
-def _write_json(path: Path, data: dict) -> None:
-    partial = path.with_name(path.name + ".partial")
-    try:
-        partial.write_text(json.dumps(data, indent=2))
-        os.replace(partial, path)
-    except OSError as error:
-        partial.unlink(missing_ok=True)
-        raise OutputError(f"Cannot write {path}: {error.strerror}.") from error

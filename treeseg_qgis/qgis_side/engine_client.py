@@ -35,6 +35,9 @@ from .engine_env import private_engine_python
 
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
 ENGINE_PYTHON_ENV = "TREESEG_ENGINE_PYTHON"
+ENGINE_PYTHON_SETTING = "treeseg/engine_python"
+"""The QGIS setting of the engine Python the user chose: read and written only here (`chosen_engine_python`,
+`choose_engine_python`)."""
 ENGINE_POINTER_FILE = PLUGIN_DIR / "engine_python.txt"
 COOPERATIVE_CANCEL_SECONDS = 5.0
 """How long a cancelled job may take to stop before the worker is terminated."""
@@ -60,6 +63,26 @@ def qgis_profile_dir() -> str | None:
     """The QGIS profile folder when running inside QGIS (qgis.core loaded), else None; never imports qgis."""
     qgis_core = sys.modules.get("qgis.core")
     return qgis_core.QgsApplication.qgisSettingsDirPath() if qgis_core is not None else None
+
+
+def chosen_engine_python() -> str:
+    """The engine Python chosen in the QGIS settings ('' for none, and outside QGIS); never imports qgis."""
+    qgis_core = sys.modules.get("qgis.core")
+    return qgis_core.QgsSettings().value(ENGINE_PYTHON_SETTING, "", type=str) if qgis_core is not None else ""
+
+
+def choose_engine_python(python: str | None) -> None:
+    """Keep `python` as the chosen engine in the QGIS settings; None forgets the choice. Inside QGIS only."""
+    settings = sys.modules["qgis.core"].QgsSettings()
+    if python is None:
+        settings.remove(ENGINE_PYTHON_SETTING)
+    else:
+        settings.setValue(ENGINE_PYTHON_SETTING, python)
+
+
+def configured_engine_python() -> str | None:
+    """The engine's Python: the one chosen in the QGIS settings, else as `find_engine_python` looks."""
+    return find_engine_python(chosen_engine_python() or None)
 
 
 def find_engine_python(configured: str | None = None) -> str | None:

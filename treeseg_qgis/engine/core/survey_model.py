@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -22,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_atomically
 from .clustering import ClusterModel, Projection
-from .errors import InputError, OutputError
+from .errors import InputError
 
 FORMAT = "treeseg-cluster-model"
 FORMAT_VERSION = 2
@@ -88,9 +88,8 @@ class SurveyModel:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write the file atomically (a partial file beside it, renamed when complete)."""
+        """Write the file atomically (core/atomic.py)."""
         path = Path(path)
-        partial = path.with_name(f".{path.name}.partial")
         buffer = io.BytesIO()
         np.savez_compressed(
             buffer,
@@ -98,12 +97,7 @@ class SurveyModel:
             pca_mean=self.projection.mean, pca_components=self.projection.components,
             centres=self.fit.clusters.centres,
         )
-        try:
-            partial.write_bytes(buffer.getvalue())
-            os.replace(partial, path)
-        except OSError as error:
-            partial.unlink(missing_ok=True)
-            raise OutputError(f"Cannot write the cluster model {path}: {error.strerror}.") from error
+        write_atomically(path, buffer.getvalue(), f"the cluster model {path}")
         return path
 
     @classmethod

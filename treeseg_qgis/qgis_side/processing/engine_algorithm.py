@@ -35,7 +35,6 @@ from qgis.core import (
     QgsProcessingParameterString,
     QgsProcessingParameterVectorDestination,
     QgsRasterLayer,
-    QgsSettings,
 )
 
 from ... import params
@@ -43,9 +42,14 @@ from ...catalogue import DEFAULT_MODEL
 from ...outputs import SEGMENT_KINDS, SUFFIXES, OutputPathError, check_run_paths
 from ...params import ParameterError, SegmentationParams, parse_cluster_ids, parse_clusters
 from ..compat import ADVANCED, INTEGER, POLYGON_LAYERS
-from ..engine_client import EngineClient, EngineError, find_engine_python, missing_engine_message, shared_engine
+from ..engine_client import (
+    EngineClient,
+    EngineError,
+    configured_engine_python,
+    missing_engine_message,
+    shared_engine,
+)
 
-ENGINE_PYTHON_SETTING = "treeseg/engine_python"
 MODEL_PAGE = "https://huggingface.co/facebook/dinov3-vitb16-pretrain-lvd1689m"
 HELP_URL = "https://github.com/treeseg-qgis/treeseg-qgis#processing-graphical-modeler-and-qgis_process"
 NON_FILE_DESTINATION = re.compile(r"^(ogr|memory|postgres|postgis|spatialite|mssql|oracle|hana):", re.IGNORECASE)
@@ -400,7 +404,7 @@ class EngineAlgorithm(DescribedAlgorithm):
 
 def engine_python() -> str:
     """The engine's Python, or a QgsProcessingException that says how to set it up."""
-    python = find_engine_python(QgsSettings().value(ENGINE_PYTHON_SETTING, "", type=str) or None)
+    python = configured_engine_python()
     if python is None:
         raise QgsProcessingException(missing_engine_message())
     return python
