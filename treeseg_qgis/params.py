@@ -3,7 +3,11 @@
 The panel, each Processing algorithm and the command line build a `SegmentationParams` and call
 `validate()` before the job crosses to the engine worker; the worker rebuilds it from JSON with
 `from_json()` and validates it again. Every allowed value (methods, strides, devices, precisions, the
-cluster range) is defined here and nowhere else. Standard library only: QGIS and the engine import it.
+cluster range) is defined here and nowhere else. Each field declares its `Role` (what it changes), unit and
+default: the feature-cache key, a survey model's settings, the engine's kept-model key and the dock's remembered
+settings are derived from those declarations (`names_with`, `settings_with`, `remembered_names`), never listed by
+hand. `CrownOptions` carries crown splitting across the process boundary. Standard library only: QGIS and the
+engine import it.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ class Role(enum.Flag):
     FEATURES = enum.auto()
     """The extracted features: part of the feature-cache key (pipeline._cache_key)."""
     MODEL = enum.auto()
-    """Which backbone is loaded: the engine worker keeps one loaded model per value (worker.model_key)."""
+    """Which backbone is loaded: the engine worker keeps its loaded model while these stay the same."""
     SURVEY = enum.auto()
     """Fixed by a survey cluster model: stored in it, and a run asking another value is refused."""
     RESULT = enum.auto()

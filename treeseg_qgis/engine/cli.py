@@ -277,7 +277,8 @@ def params_from_args(args: argparse.Namespace) -> SegmentationParams:
 def teach_params_from_args(args: argparse.Namespace) -> SegmentationParams:
     """The SegmentationParams for parsed `teach` arguments (not yet validated): the features' settings as `segment`
     reads them from the same options, so teach finds the features segment cached."""
-    return SegmentationParams(input_path=args.input, output_dir=args.out, stride=args.stride or RUN_STRIDE,
+    return SegmentationParams(input_path=args.input, output_dir=args.out,
+                              stride=RUN_STRIDE if args.stride is None else args.stride,
                               cluster_model=args.cluster_model, **_feature_settings(args))
 
 

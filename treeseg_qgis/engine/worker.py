@@ -172,16 +172,16 @@ class Worker:
         """Split a tree-mask raster into crown polygons (gis/crowns.py); the layer is named after the file."""
         from .gis.crowns import write_crowns
 
+        try:
+            options = CrownOptions.from_json(job.get(protocol.OPTIONS) or {})
+        except ParameterError as error:
+            raise InputError(str(error)) from None
         gpkg_path = str(job[protocol.GPKG_PATH])
         try:
             Path(gpkg_path).parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise OutputError(f"Cannot create the folder of {gpkg_path}: {error.strerror}.") from error
         trees_path = str(job[protocol.TREES_PATH])
-        try:
-            options = CrownOptions.from_json(job.get(protocol.OPTIONS) or {})
-        except ParameterError as error:
-            raise InputError(str(error)) from None
         count = write_crowns(
             trees_path, str(job.get(protocol.CLUSTERS_PATH) or trees_path), gpkg_path,
             Path(gpkg_path).stem, options,
