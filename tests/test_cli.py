@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from treeseg_qgis.engine.cli import build_parser, params_from_args, teach_params_from_args
+from treeseg_qgis.params import Role, settings_with
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -62,3 +65,27 @@ def test_a_stride_the_method_cannot_use_exits_2_naming_the_allowed_ones(scene_ti
     line = one_line_error(cli("segment", str(path), "--out", "out", "--stride", "2", tmp_path=tmp_path))
     assert "stride 2" in line and "16, 8, 4" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_teach_reads_the_feature_options_as_segment_does():
+    features = ["--model", "base", "--model-revision", "v1", "--stride", "8", "--bands", "3,2,1", "--device", "cpu",
+                "--precision", "float32", "--tile-size", "256", "--cluster-model", "survey.treeseg",
+                "--allow-untrained", "--cache-dir", "cache"]
+    parser = build_parser()
+    segmented = params_from_args(parser.parse_args(["segment", "in.tif", "--out", "out", *features]))
+    taught = teach_params_from_args(parser.parse_args(["teach", "in.tif", "--examples", "e.csv", "--out", "out",
+                                                       *features]))
+    for role in (Role.FEATURES, Role.MODEL, Role.SURVEY, Role.RESOURCES):
+        assert settings_with(role, taught) == settings_with(role, segmented), role
+    assert taught.cluster_model == segmented.cluster_model == "survey.treeseg"
+
+
+def test_teach_after_segment_reads_the_features_segment_cached(tiny_model_dir, scene_tif, tmp_path):
+    path, _ = scene_tif
+    features = ("--model", str(tiny_model_dir), "--device", "cpu", "--precision", "float32", "--tile-size", "256",
+                "--cache-dir", "cache")
+    assert cli("segment", str(path), "--out", "out", "--clusters", "2", *features, tmp_path=tmp_path).returncode == 0
+    (tmp_path / "examples.csv").write_text("col,row,is_tree\n80,70,1\n300,90,1\n200,10,0\n390,300,0\n")
+    taught = cli("teach", str(path), "--examples", "examples.csv", "--out", "taught", *features, tmp_path=tmp_path)
+    assert taught.returncode == 0, taught.stderr
+    assert "(features: hit)" in taught.stdout

@@ -567,9 +567,7 @@ def test_setting(monkeypatch):
     """The dialog reads and writes a throw-away setting instead of the real engine setting."""
     from qgis.core import QgsSettings
 
-    from treeseg_qgis.qgis_side.gui import engine_setup
-
-    monkeypatch.setattr(engine_setup, "ENGINE_PYTHON_SETTING", TEST_SETTING)
+    monkeypatch.setattr(engine_client, "ENGINE_PYTHON_SETTING", TEST_SETTING)
     QgsSettings().remove(TEST_SETTING)
     yield TEST_SETTING
     QgsSettings().remove(TEST_SETTING)
@@ -578,7 +576,6 @@ def test_setting(monkeypatch):
 def test_the_plugin_without_an_engine_offers_the_set_up_and_uses_the_new_engine_at_once(
         qgis_iface, qgis_new_project, tmp_path, monkeypatch):
     from treeseg_qgis import classFactory
-    from treeseg_qgis.qgis_side import plugin as plugin_module
     from treeseg_qgis.qgis_side.plugin import MENU
 
     nowhere = tmp_path / "nowhere"
@@ -587,7 +584,7 @@ def test_the_plugin_without_an_engine_offers_the_set_up_and_uses_the_new_engine_
     monkeypatch.setattr(engine_client, "PLUGIN_DIR", nowhere / "treeseg_qgis")
     monkeypatch.setattr(engine_client, "ENGINE_POINTER_FILE", nowhere / "engine_python.txt")
     monkeypatch.setattr(engine_client, "qgis_profile_dir", lambda: str(nowhere))
-    monkeypatch.setattr(plugin_module, "ENGINE_PYTHON_SETTING", "treeseg_tests/no_such_setting")
+    monkeypatch.setattr(engine_client, "ENGINE_PYTHON_SETTING", "treeseg_tests/no_such_setting")
     main_window = qgis_iface.mainWindow()
     plugin = classFactory(qgis_iface)
     plugin.initGui()

@@ -3,12 +3,26 @@
 import json
 import subprocess
 import sys
+from dataclasses import MISSING, FrozenInstanceError, fields, replace
 from pathlib import Path
 
 import pytest
 
 from treeseg_qgis.outputs import OUTPUT_KINDS
-from treeseg_qgis.params import AUTO, K_MAX, STRIDES, OutputFiles, ParameterError, SegmentationParams, parse_clusters
+from treeseg_qgis.params import (
+    AUTO,
+    CROWN_DEFAULTS,
+    K_MAX,
+    STRIDES,
+    CrownOptions,
+    OutputFiles,
+    ParameterError,
+    Role,
+    SegmentationParams,
+    names_with,
+    parse_clusters,
+    remembered_names,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,3 +77,39 @@ def test_the_strides_are_defined_once():
     sources = [path for path in (REPO / "treeseg_qgis").rglob("*.py")
                if "(16, 8, 4)" in path.read_text() or '("16", "8", "4")' in path.read_text()]
     assert sources == [] and STRIDES == (16, 8, 4)
+
+
+def test_every_field_declares_its_role_unit_and_default():
+    for item in fields(SegmentationParams):
+        assert isinstance(item.metadata.get("role"), Role) and item.metadata["role"], item.name
+        assert isinstance(item.metadata.get("unit"), str) and isinstance(item.metadata.get("remembered"), bool)
+        has_default = item.default is not MISSING or item.default_factory is not MISSING
+        assert has_default or item.name in ("input_path", "output_dir"), item.name
+    assert SegmentationParams.stride == STRIDES[0]
+    assert SegmentationParams.crown_min_area_m2 == CROWN_DEFAULTS.min_area_m2
+
+
+def test_what_the_roles_derive_names_every_field_of_that_role_once():
+    features, model, survey = (names_with(role) for role in (Role.FEATURES, Role.MODEL, Role.SURVEY))
+    assert {"method", "model", "stride", "tile_size", "precision", "seed"} <= set(features)
+    assert set(survey) <= set(features) and "precision" not in survey  # a survey checks it via its extractor
+    assert {"model", "model_revision", "device", "precision", "allow_untrained"} == set(model)
+    assert "output_stem" not in features and "input_path" not in remembered_names()
+
+
+def test_params_are_frozen_and_changed_by_copy():
+    params = SegmentationParams("in.tif", "out")
+    with pytest.raises(FrozenInstanceError):
+        params.output_stem = "other"  # type: ignore[misc]
+    assert replace(params, output_stem="other").output_stem == "other" and params.output_stem is None
+
+
+def test_crown_options_cross_as_json_and_are_refused_when_unusable():
+    options = CrownOptions(min_area_m2=1.5, smoothing_m=0.0)
+    assert CrownOptions.from_json(json.loads(json.dumps(options.to_json()))) == options
+    assert SegmentationParams("in.tif", "out", crown_min_area_m2=3.0).crown_options == replace(CROWN_DEFAULTS,
+                                                                                              min_area_m2=3.0)
+    for bad, words in (({"min_area_m2": -1}, "min_area_m2"), ({"max_crown_m": 0}, "max_crown_m"),
+                       ({"smoothing_m": "0.2"}, "smoothing_m"), ({"radius": 1}, "Unknown crown options: radius")):
+        with pytest.raises(ParameterError, match=words):
+            CrownOptions.from_json(bad)

@@ -120,13 +120,12 @@ def test_without_the_engine_the_panel_explains_and_run_is_disabled(qgis_iface, q
 
     from treeseg_qgis import classFactory
     from treeseg_qgis.qgis_side import engine_client
-    from treeseg_qgis.qgis_side import plugin as plugin_module
 
     nowhere = tmp_path / "nowhere"
     monkeypatch.setenv(ENGINE_PYTHON_ENV, str(nowhere / "python"))
     monkeypatch.setattr(engine_client, "PLUGIN_DIR", nowhere / "treeseg_qgis")
     monkeypatch.setattr(engine_client, "ENGINE_POINTER_FILE", nowhere / "engine_python.txt")
-    monkeypatch.setattr(plugin_module, "ENGINE_PYTHON_SETTING", "treeseg_tests/no_such_setting")
+    monkeypatch.setattr(engine_client, "ENGINE_PYTHON_SETTING", "treeseg_tests/no_such_setting")
     plugin = classFactory(qgis_iface)
     plugin.initGui()
     try:

@@ -213,13 +213,12 @@ def test_a_missing_engine_is_explained_and_the_algorithm_still_listed(provider, 
     from qgis.core import QgsApplication, QgsProcessingException
 
     from treeseg_qgis.qgis_side import engine_client
-    from treeseg_qgis.qgis_side.processing import engine_algorithm
 
     nowhere = tmp_path / "nowhere"
     monkeypatch.setenv(ENGINE_PYTHON_ENV, str(nowhere / "python"))
     monkeypatch.setattr(engine_client, "PLUGIN_DIR", nowhere / "treeseg_qgis")
     monkeypatch.setattr(engine_client, "ENGINE_POINTER_FILE", nowhere / "engine_python.txt")
-    monkeypatch.setattr(engine_algorithm, "ENGINE_PYTHON_SETTING", "treeseg_tests/no_such_setting")
+    monkeypatch.setattr(engine_client, "ENGINE_PYTHON_SETTING", "treeseg_tests/no_such_setting")
     assert QgsApplication.processingRegistry().algorithmById(ALGORITHM) is not None
     path, _ = scene_tif
     with pytest.raises(QgsProcessingException) as caught:

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 from osgeo import gdal, ogr, osr
 
-from treeseg_qgis.qgis_side.engine_client import EngineClient
+from treeseg_qgis.params import CrownOptions
+from treeseg_qgis.protocol import ErrorKind
+from treeseg_qgis.qgis_side.engine_client import EngineClient, EngineError
 
 from .conftest import SAMPLE_GEOTRANSFORM, UTM17N, disc_scene, wgs84_memory_layer, write_geotiff
 from .test_canopy import tiny_height_dir  # noqa: F401 - a tiny canopy-height model saved to disk
@@ -193,7 +195,12 @@ def test_the_worker_splits_a_mask_into_crowns(disc_mask, tmp_path):
     client = EngineClient(sys.executable)
     progress = []
     try:
-        record = client.crowns(str(disc_mask), None, str(tmp_path / "out" / "discs.gpkg"), {"min_area_m2": 1.0},
+        with pytest.raises(EngineError, match="min_distance_m must be a finite number") as refused:
+            client.crowns(str(disc_mask), None, str(tmp_path / "refused" / "discs.gpkg"),
+                          CrownOptions(min_distance_m=float("nan")))
+        assert refused.value.kind == ErrorKind.INPUT and not (tmp_path / "refused").exists()
+        record = client.crowns(str(disc_mask), None, str(tmp_path / "out" / "discs.gpkg"),
+                               CrownOptions(min_area_m2=1.0),
                                on_progress=lambda percent, stage: progress.append(percent))
     finally:
         client.close()

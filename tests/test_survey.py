@@ -127,7 +127,7 @@ def test_a_raster_extracted_in_windows_segments_from_their_store_like_one_run(su
     the raster is segmented from it without loading a model, to the same bytes, the feature image too."""
     from treeseg_qgis.engine.dask_runner import WindowedRaster, WindowOutcome
     from treeseg_qgis.engine.pipeline import extract_window
-    from treeseg_qgis.engine.survey import RasterJob, window_ranges
+    from treeseg_qgis.engine.survey_tasks import RasterJob, window_ranges
 
     first, _, model = survey
     params = params_for(tiny_model_dir, first, tmp_path / "one", tmp_path / "cache", cluster_model=str(model),

@@ -188,7 +188,7 @@ def test_the_windows_of_a_16_bit_raster_read_it_with_the_surveys_stretch(survey1
     survey's stretch in every window: the same bytes as one run with the model."""
     from treeseg_qgis.engine.dask_runner import WindowedRaster, WindowOutcome
     from treeseg_qgis.engine.pipeline import extract_window
-    from treeseg_qgis.engine.survey import RasterJob, window_ranges
+    from treeseg_qgis.engine.survey_tasks import RasterJob, window_ranges
 
     _, roofed, model_path, _, _ = survey16
     params = params_for(tiny_model_dir, roofed, tmp_path / "one", tmp_path / "cache", cluster_model=str(model_path),

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 HUB_URL = "https://huggingface.co"
 LVD_1689M = "LVD-1689M"
 SAT_493M = "SAT-493M"
+PATCH = 16
+"""The patch size in pixels of every supported model (DINOv3 ViT/16): one feature per patch at the default stride."""
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .catalogue import LVD_1689M, Architecture, CatalogueModel, find_model
+from .catalogue import LVD_1689M, PATCH, Architecture, CatalogueModel, find_model
 
-PATCH = 16
 EXTRA_TOKENS = 5
 """The class token and the 4 register tokens of every DINOv3 ViT."""
 MIB = 2**20
@@ -37,6 +36,8 @@ CPU_FIXED_OVERHEAD_BYTES = 626 * MIB
 GPU_WORKSPACE_BYTES = 512 * MIB
 """Allocator slack and library workspaces on a GPU (not calibrated on a GPU yet)."""
 GPU_DEVICES = ("cuda", "mps")
+RUN_STRIDE = PATCH
+"""The feature stride of a run unless another is asked for (the default of SegmentationParams.stride)."""
 RUN_TILE_SIZE = 512
 """The tile size of a run from the panel (the default of SegmentationParams.tile_size)."""
 RUN_BATCH_SIZE = 4
@@ -115,8 +116,8 @@ def _parameters_millions(shape: Architecture) -> float:
     return (shape.num_hidden_layers * per_layer + 3 * PATCH * PATCH * hidden) / 1e6
 
 
-def estimate_peak_bytes(model: CatalogueModel | str, stride: int = 16, tile_size: int = 512, batch_size: int = 4,
-                        device: str = "cpu") -> int | None:
+def estimate_peak_bytes(model: CatalogueModel | str, stride: int = RUN_STRIDE, tile_size: int = RUN_TILE_SIZE,
+                        batch_size: int = RUN_BATCH_SIZE, device: str = "cpu") -> int | None:
     """Peak memory of a run on `device` (cpu, cuda, mps) in bytes; None for a model that is neither in the
     catalogue nor a local folder with a readable config.json.
 
@@ -235,7 +236,7 @@ class RunTime:
         return f"{words} ({format_duration(self.engine_start + self.model_load + self.export)})"
 
 
-def estimate_run_time(model: CatalogueModel | str, width: int, height: int, stride: int = 16,
+def estimate_run_time(model: CatalogueModel | str, width: int, height: int, stride: int = RUN_STRIDE,
                       tile_size: int = RUN_TILE_SIZE, device: str = "cpu", overlap: int = RUN_OVERLAP, *,
                       precision: str = "int8", automatic_k: bool = True, engine_started: bool = True,
                       model_loaded: bool = True, exported: bool = True, speed: float = 1.0,
@@ -295,7 +296,7 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def tiles_and_time(model: CatalogueModel | str, width: int, height: int, stride: int = 16,
+def tiles_and_time(model: CatalogueModel | str, width: int, height: int, stride: int = RUN_STRIDE,
                    tile_size: int = RUN_TILE_SIZE, device: str = "cpu", overlap: int = RUN_OVERLAP,
                    **estimate: Any) -> str:
     """E.g. '1 tile, about 25 s on the CPU with the model load and its first int8 export (12 s)' or '25 tiles, time
@@ -309,7 +310,7 @@ def tiles_and_time(model: CatalogueModel | str, width: int, height: int, stride:
     return f"{text} with {expected.first_run}" if expected.first_run else text
 
 
-def run_estimate(model: CatalogueModel | str, width: int, height: int, stride: int = 16,
+def run_estimate(model: CatalogueModel | str, width: int, height: int, stride: int = RUN_STRIDE,
                  tile_size: int = RUN_TILE_SIZE, batch_size: int = RUN_BATCH_SIZE, device: str = "cpu",
                  overlap: int = RUN_OVERLAP, **estimate: Any) -> str:
     """One line before a run: its tiles, the expected time and the memory it needs, e.g.
@@ -320,7 +321,7 @@ def run_estimate(model: CatalogueModel | str, width: int, height: int, stride: i
     return f"Estimate: {time_text}, {memory_text}"
 
 
-def size_warning(model: CatalogueModel | str, width: int, height: int, stride: int = 16,
+def size_warning(model: CatalogueModel | str, width: int, height: int, stride: int = RUN_STRIDE,
                  tile_size: int = RUN_TILE_SIZE, device: str = "cpu", overlap: int = RUN_OVERLAP,
                  **estimate: Any) -> str | None:
     """A warning when a run is expected to take more than LARGE_RUN_SECONDS (or, where the time cannot be told,
@@ -331,7 +332,7 @@ def size_warning(model: CatalogueModel | str, width: int, height: int, stride: i
     if seconds is not None and seconds <= LARGE_RUN_SECONDS or seconds is None and tiles <= LARGE_RUN_TILES:
         return None
     expected_text = f"about {format_duration(seconds)}" if seconds is not None else "a long time"
-    remedy = "an extent or a mask, or a smaller model" + (", or stride 16" if stride != 16 else "")
+    remedy = "an extent or a mask, or a smaller model" + (f", or stride {RUN_STRIDE}" if stride != RUN_STRIDE else "")
     return (f"The raster is {width} × {height} px: {tiles_text(tiles)}, expected to take {expected_text}. "
             f"Choose {remedy} to make it shorter.")
 
@@ -346,7 +347,7 @@ def address_space_limit() -> int | None:
     return None if soft == resource.RLIM_INFINITY else soft
 
 
-def address_space_problem(model: CatalogueModel | str | None, stride: int = 16, tile_size: int = RUN_TILE_SIZE,
+def address_space_problem(model: CatalogueModel | str | None, stride: int = RUN_STRIDE, tile_size: int = RUN_TILE_SIZE,
                           batch_size: int = RUN_BATCH_SIZE, limit: int | None = None,
                           cores: int | None = None) -> str | None:
     """A message when the address-space limit is below what a CPU run of `model` (None: a colour method, or a

@@ -10,12 +10,9 @@ import shutil
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from .locks import FileLock, lock_is_held
-
-if TYPE_CHECKING:  # params.py imports OUTPUT_KINDS from here
-    from .params import SegmentationParams
 
 UNTRAINED_TAG = "UNTRAINED"
 STAGING_PREFIX = ".treeseg-staging-"
@@ -41,6 +38,17 @@ SEGMENT_KINDS = OUTPUT_KINDS[:9]
 TEACH_KINDS = OUTPUT_KINDS[9:]
 
 
+class NamedRun(Protocol):
+    """What naming a run's outputs reads of its parameters (a params.SegmentationParams; params.py imports this
+    module, not the other way round)."""
+
+    input_path: str
+    output_dir: str
+    method: str
+    output_stem: str | None
+    outputs: Any
+
+
 @dataclass(frozen=True)
 class OutputPaths:
     """The files one run writes: named after one stem in the output folder, unless given."""
@@ -59,7 +67,7 @@ class OutputPaths:
     teach_record: Path
 
     @classmethod
-    def for_params(cls, params: SegmentationParams, untrained: bool) -> OutputPaths:
+    def for_params(cls, params: NamedRun, untrained: bool) -> OutputPaths:
         """Paths of a run; the paths set in `params.outputs` win over the default names."""
         stem = params.output_stem or Path(params.input_path).stem
         if params.method != "dinov3" and not params.output_stem:
@@ -74,7 +82,7 @@ class OutputPaths:
         """The same files in the transaction's staging folders."""
         return OutputPaths(**{kind: transaction.staged(getattr(self, kind)) for kind in OUTPUT_KINDS})
 
-    def stale(self, params: SegmentationParams, kinds: tuple[str, ...], produced: list[Path]) -> list[Path]:
+    def stale(self, params: NamedRun, kinds: tuple[str, ...], produced: list[Path]) -> list[Path]:
         """Default-named files of `kinds` that this run does not make (an earlier run's, removed at commit)."""
         return [getattr(self, kind) for kind in kinds
                 if not getattr(params.outputs, kind) and getattr(self, kind) not in produced]
@@ -99,7 +107,7 @@ def remove_files(paths: list[Path]) -> None:
             leftover.unlink(missing_ok=True)
 
 
-def output_folders(params: SegmentationParams) -> set[Path]:
+def output_folders(params: NamedRun) -> set[Path]:
     """Every folder a run with these parameters writes into."""
     return {path.parent for untrained in (False, True) for path in OutputPaths.for_params(params, untrained).all()}
 
@@ -126,7 +134,7 @@ def check_output_paths(inputs: list[str], outputs: list[str]) -> None:
         seen[key] = path
 
 
-def check_run_paths(params: SegmentationParams, kinds: tuple[str, ...] = SEGMENT_KINDS,
+def check_run_paths(params: NamedRun, kinds: tuple[str, ...] = SEGMENT_KINDS,
                     inputs: tuple[str, ...] = ()) -> None:
     """`check_output_paths` for a run's parameters, with or without the untrained tag; `inputs` are
     files read besides `input_path` (a VRT's sources, a layer's file)."""
@@ -263,7 +271,7 @@ def class_slug(class_name: str) -> str:
     return slug or DEFAULT_CLASS
 
 
-def taught_class_paths(params: SegmentationParams, untrained: bool, class_name: str) -> OutputPaths:
+def taught_class_paths(params: NamedRun, untrained: bool, class_name: str) -> OutputPaths:
     """A teach run's paths; for a class other than trees `<stem>_<class>_similarity.tif`,
     `<stem>_taught_<class>.tif` and `<stem>_<class>_teach.json` (paths set in `params.outputs` still win)."""
     paths = OutputPaths.for_params(params, untrained)

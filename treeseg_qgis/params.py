@@ -3,17 +3,23 @@
 The panel, each Processing algorithm and the command line build a `SegmentationParams` and call
 `validate()` before the job crosses to the engine worker; the worker rebuilds it from JSON with
 `from_json()` and validates it again. Every allowed value (methods, strides, devices, precisions, the
-cluster range) is defined here and nowhere else. Standard library only: QGIS and the engine import it.
+cluster range) is defined here and nowhere else. Each field declares its `Role` (what it changes), unit and
+default: the feature-cache key, a survey model's settings, the engine's kept-model key and the dock's remembered
+settings are derived from those declarations (`names_with`, `settings_with`, `remembered_names`), never listed by
+hand. `CrownOptions` carries crown splitting across the process boundary. Standard library only: QGIS and the
+engine import it.
 """
 
 from __future__ import annotations
 
+import enum
 import math
-from dataclasses import asdict, dataclass, field, fields, make_dataclass
+from collections.abc import Iterable
+from dataclasses import MISSING, asdict, dataclass, field, fields, make_dataclass, replace
 from typing import Any, Literal, Union, get_args
 
 from .catalogue import BACKBONES, DEFAULT_MODEL, HEIGHT_HEAD
-from .memory import RUN_BATCH_SIZE, RUN_OVERLAP, RUN_TILE_SIZE
+from .memory import RUN_BATCH_SIZE, RUN_OVERLAP, RUN_STRIDE, RUN_TILE_SIZE
 from .outputs import OUTPUT_KINDS
 
 Method = Literal["dinov3", "rgb-kmeans", "exg-otsu"]
@@ -44,44 +50,112 @@ class ParameterError(ValueError):
     """A value no run can use; the message says which and what is allowed."""
 
 
-@dataclass
-class SegmentationParams:
-    """Everything one segmentation (or teach) run needs; plain data, JSON-serialisable."""
+class Role(enum.Flag):
+    """What a parameter changes. Each field of `SegmentationParams` declares its roles, and every list of names
+    that depends on them is derived from those declarations (`names_with`)."""
 
-    input_path: str
-    output_dir: str
-    method: Method = "dinov3"
-    bands: tuple[int, int, int] = (1, 2, 3)
-    model: str = DEFAULT_MODEL
-    model_revision: str | None = None
-    stride: int = 16
-    clusters: Clusters = AUTO
-    k_min: int = DEFAULT_K_RANGE[0]
-    k_max: int = DEFAULT_K_RANGE[1]
-    device: Device = "auto"
-    precision: Precision = "auto"
-    allow_untrained: bool = False
-    tree_clusters: tuple[int, ...] | None = None
-    min_exg: float = DEFAULT_MIN_EXG
-    tile_size: int = RUN_TILE_SIZE
-    overlap: int = RUN_OVERLAP
-    batch_size: int = RUN_BATCH_SIZE
-    sample_size: int = 40_000
-    pca_dims: int = 32
-    seed: int = 0
-    crowns: bool = False
-    feature_preview: bool = False
-    canopy_height: bool = False
-    height_model: str = HEIGHT_HEAD.repo_id
-    min_tree_height_m: float | None = None
-    crown_min_area_m2: float = 2.0
-    crown_smoothing_m: float = 0.2
-    use_cache: bool = True
-    cache_dir: str | None = None
-    cache_max_mb: int = 2048
-    output_stem: str | None = None
-    cluster_model: str | None = None  # a saved survey cluster model (.treeseg) applied instead of fitting
-    outputs: OutputFiles = field(default_factory=OutputFiles)
+    INPUT = enum.auto()
+    """What is read; the feature-cache key holds its files' identity, not its name."""
+    FEATURES = enum.auto()
+    """The extracted features: part of the feature-cache key (pipeline._cache_key)."""
+    MODEL = enum.auto()
+    """Which backbone is loaded: the engine worker keeps its loaded model while these stay the same."""
+    SURVEY = enum.auto()
+    """Fixed by a survey cluster model: stored in it, and a run asking another value is refused."""
+    RESULT = enum.auto()
+    """The labels, masks and polygons, not the features."""
+    OUTPUT = enum.auto()
+    """Only which files are written and where."""
+    RESOURCES = enum.auto()
+    """How a run uses the machine; never changes a result."""
+
+
+def _param(role: Role, default: Any = MISSING, unit: str = "", remembered: bool = False, **options: Any) -> Any:
+    """A field of SegmentationParams declaring its role, its unit and its default (`remembered`: the dock keeps
+    the last run's value between sessions)."""
+    return field(default=default, metadata={"role": role, "unit": unit, "remembered": remembered}, **options)
+
+
+@dataclass(frozen=True)
+class CrownOptions:
+    """Crown splitting (engine/core/crowns.py), in metres; `max_crown_m` is the widest crown a window split must
+    see whole. The `crowns` job carries one across the process boundary (`to_json`, `from_json`)."""
+
+    min_area_m2: float = 2.0
+    min_distance_m: float = 1.0
+    smoothing_m: float = 0.2
+    max_crown_m: float = 25.0
+    min_radius_m: float = 0.3
+
+    def validate(self) -> None:
+        """Raise ParameterError for a value no split can use."""
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if not (_is_number(value) and value >= 0) or (item.name == "max_crown_m" and value <= 0):
+                raise ParameterError(f"{item.name} must be a finite number of at least 0"
+                                     f"{' (above 0)' if item.name == 'max_crown_m' else ''}, not {value}.")
+
+    def to_json(self) -> dict[str, float]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CrownOptions:
+        """The options `to_json` wrote, validated; unknown names are refused."""
+        _refuse_unknown("crown options", data, (item.name for item in fields(cls)))
+        options = cls(**data)
+        options.validate()
+        return options
+
+
+CROWN_DEFAULTS = CrownOptions()
+
+
+@dataclass(frozen=True)
+class SegmentationParams:
+    """Everything one segmentation (or teach) run needs; plain, frozen data, JSON-serialisable
+    (`dataclasses.replace` makes a changed copy). Each field declares its `Role`, unit and default."""
+
+    input_path: str = _param(Role.INPUT)
+    output_dir: str = _param(Role.OUTPUT, remembered=True)
+    method: Method = _param(Role.FEATURES | Role.SURVEY, "dinov3")
+    bands: tuple[int, int, int] = _param(Role.FEATURES | Role.SURVEY, (1, 2, 3), "band number")
+    model: str = _param(Role.FEATURES | Role.MODEL | Role.SURVEY, DEFAULT_MODEL, remembered=True)
+    model_revision: str | None = _param(Role.FEATURES | Role.MODEL | Role.SURVEY, None)
+    stride: int = _param(Role.FEATURES | Role.SURVEY, RUN_STRIDE, "px", remembered=True)
+    clusters: Clusters = _param(Role.RESULT, AUTO, "clusters", remembered=True)
+    k_min: int = _param(Role.RESULT, DEFAULT_K_RANGE[0], "clusters")
+    k_max: int = _param(Role.RESULT, DEFAULT_K_RANGE[1], "clusters")
+    device: Device = _param(Role.MODEL, "auto", remembered=True)
+    precision: Precision = _param(Role.FEATURES | Role.MODEL, "auto", remembered=True)
+    """Not SURVEY: a survey model checks the precision its features were extracted in (its extractor record)."""
+    allow_untrained: bool = _param(Role.MODEL, False)
+    tree_clusters: tuple[int, ...] | None = _param(Role.RESULT, None, "cluster id")
+    min_exg: float = _param(Role.RESULT, DEFAULT_MIN_EXG, "excess green")
+    tile_size: int = _param(Role.FEATURES | Role.SURVEY, RUN_TILE_SIZE, "px")
+    overlap: int = _param(Role.FEATURES | Role.SURVEY, RUN_OVERLAP, "px")
+    batch_size: int = _param(Role.RESOURCES, RUN_BATCH_SIZE, "tiles")
+    sample_size: int = _param(Role.FEATURES, 40_000, "features")
+    pca_dims: int = _param(Role.FEATURES, 32, "dimensions")
+    seed: int = _param(Role.FEATURES, 0)
+    crowns: bool = _param(Role.OUTPUT, False, remembered=True)
+    feature_preview: bool = _param(Role.OUTPUT, False, remembered=True)
+    canopy_height: bool = _param(Role.OUTPUT, False, remembered=True)
+    height_model: str = _param(Role.RESULT, HEIGHT_HEAD.repo_id)
+    min_tree_height_m: float | None = _param(Role.RESULT, None, "m", remembered=True)
+    crown_min_area_m2: float = _param(Role.RESULT, CROWN_DEFAULTS.min_area_m2, "m²", remembered=True)
+    crown_smoothing_m: float = _param(Role.RESULT, CROWN_DEFAULTS.smoothing_m, "m")
+    use_cache: bool = _param(Role.RESOURCES, True)
+    cache_dir: str | None = _param(Role.RESOURCES, None)
+    cache_max_mb: int = _param(Role.RESOURCES, 2048, "MB")
+    output_stem: str | None = _param(Role.OUTPUT, None)
+    cluster_model: str | None = _param(Role.RESULT, None)
+    """A saved survey cluster model (.treeseg) applied instead of fitting; its PCA's id joins the cache key."""
+    outputs: OutputFiles = _param(Role.OUTPUT, default_factory=OutputFiles)
+
+    @property
+    def crown_options(self) -> CrownOptions:
+        """The crown splitting this run asks for (the options it has no field for at their defaults)."""
+        return replace(CROWN_DEFAULTS, min_area_m2=self.crown_min_area_m2, smoothing_m=self.crown_smoothing_m)
 
     @property
     def fixed_clusters(self) -> int | None:
@@ -138,20 +212,32 @@ class SegmentationParams:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SegmentationParams:
         """The object `to_json` wrote; unknown names are refused (a newer or older sender)."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ParameterError(f"Unknown parameters: {', '.join(sorted(unknown))}.")
+        _refuse_unknown("parameters", data, (item.name for item in fields(cls)))
         values = dict(data)
         for name in ("bands", "tree_clusters"):
             if values.get(name) is not None:
                 values[name] = tuple(values[name])
         outputs = values.get("outputs") or {}
-        unknown_outputs = set(outputs) - set(OUTPUT_KINDS)
-        if unknown_outputs:
-            raise ParameterError(f"Unknown outputs: {', '.join(sorted(unknown_outputs))}.")
+        _refuse_unknown("outputs", outputs, OUTPUT_KINDS)
         values["outputs"] = OutputFiles(**outputs)
         return cls(**values)
+
+
+def names_with(role: Role, params: SegmentationParams | type[SegmentationParams] = SegmentationParams,
+               ) -> tuple[str, ...]:
+    """The names of the fields of `params` (an object or its class, a subclass too) that have `role`, in field
+    order."""
+    return tuple(item.name for item in fields(params) if role in item.metadata["role"])
+
+
+def settings_with(role: Role, params: SegmentationParams) -> dict[str, Any]:
+    """The fields of `params` that have `role`: name → value."""
+    return {name: getattr(params, name) for name in names_with(role, params)}
+
+
+def remembered_names(params: type[SegmentationParams] = SegmentationParams) -> tuple[str, ...]:
+    """The fields whose last value the dock keeps between sessions."""
+    return tuple(item.name for item in fields(params) if item.metadata["remembered"])
 
 
 def parse_clusters(text: str | int | None) -> Clusters:
@@ -174,6 +260,12 @@ def parse_cluster_ids(text: str | None) -> tuple[int, ...] | None:
     except ValueError:
         raise ParameterError(f"Tree clusters must be cluster ids separated by commas, e.g. 0,3, not {text!r}.") \
             from None
+
+
+def _refuse_unknown(what: str, names: Iterable[str], known: Iterable[str]) -> None:
+    unknown = set(names) - set(known)
+    if unknown:
+        raise ParameterError(f"Unknown {what}: {', '.join(sorted(unknown))}.")
 
 
 def _check_choice(name: str, value: object, choices: tuple) -> None:

@@ -19,8 +19,11 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..catalogue import BACKBONES, DEFAULT_MODEL, HEIGHT_HEAD
+from ..memory import RUN_STRIDE, RUN_TILE_SIZE
 from ..params import (
     COLOUR_STRIDES,
+    CROWN_DEFAULTS,
+    DEFAULT_K_RANGE,
     DEVICES,
     METHODS,
     PRECISIONS,
@@ -70,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "(k-means on RGB) or exg-otsu (Otsu threshold on excess green)")
     run.add_argument("--crowns", action="store_true",
                      help="also split the trees into individual crowns (<stem>_crowns.gpkg)")
-    run.add_argument("--crown-min-area", type=float, default=2.0, metavar="M2",
-                     help="smallest crown kept, in square metres (default: 2)")
+    run.add_argument("--crown-min-area", type=float, default=CROWN_DEFAULTS.min_area_m2, metavar="M2",
+                     help=f"smallest crown kept, in square metres (default: {CROWN_DEFAULTS.min_area_m2:g})")
     run.add_argument("--feature-preview", action="store_true",
                      help="also write the first three feature components as an RGB GeoTIFF (<stem>_features.tif)")
     run.add_argument("--canopy-height", action="store_true",
@@ -92,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         "0..1 (<stem>_similarity.tif) and the mask score >= threshold (<stem>_taught_trees.tif; for another "
         "class <stem>_<class>_similarity.tif and <stem>_taught_<class>.tif). The threshold is chosen from the "
         "examples (leave one out) unless --threshold is given. Features come from the cache when an earlier "
-        "run made them, so only the scoring runs.",
+        "run made them (the same feature options, --cluster-model too), so only the scoring runs.",
     )
     learn.add_argument("input", metavar="INPUT", help="the raster")
     learn.add_argument("--examples", required=True,
@@ -102,12 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--threshold", type=float, default=None,
                        help="class score threshold (default: chosen from the examples)")
     learn.add_argument("--class-name", default="tree", help="what the examples show, e.g. 'dead tree' (default: tree)")
-    learn.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME|HF_ID|FOLDER")
-    learn.add_argument("--stride", type=int, default=16, help=f"{_choices(STRIDES)} (default: 16)")
-    learn.add_argument("--bands", default="1,2,3", metavar="R,G,B")
-    learn.add_argument("--device", default="auto", choices=DEVICES)
-    learn.add_argument("--allow-untrained", action="store_true")
-    _cache_options(learn)
+    _feature_options(learn)
+    learn.add_argument("--cluster-model", metavar="FILE",
+                       help="the survey cluster model the features were projected with (as in `segment`)")
     check = commands.add_parser(
         "evaluate",
         help="score a tree prediction against reference crowns, boxes or a class raster",
@@ -164,7 +164,7 @@ def _survey_params(args: argparse.Namespace, out_dir: str) -> SegmentationParams
     each raster's run sets its own), the number of workers too."""
     if args.workers < 1:
         raise InputError(f"--workers must be at least 1, not {args.workers}.")
-    params = SegmentationParams(input_path=args.inputs[0], output_dir=out_dir, stride=args.stride or STRIDES[0],
+    params = SegmentationParams(input_path=args.inputs[0], output_dir=out_dir, stride=args.stride or RUN_STRIDE,
                                 **_model_settings(args))
     params.validate()
     return params
@@ -212,6 +212,18 @@ def _progress(args: argparse.Namespace) -> Progress:
 
 def _model_options(command: argparse.ArgumentParser) -> None:
     """The options of the model, its features and the clusters: `segment`, `fit` and `segment-many` share them."""
+    _feature_options(command)
+    command.add_argument("--clusters", default="auto", metavar="auto|K",
+                     help="number of clusters, or auto for the elbow rule (default: auto)")
+    command.add_argument("--k-range", default=f"{DEFAULT_K_RANGE[0]}-{DEFAULT_K_RANGE[1]}", metavar="MIN-MAX",
+                     help=f"range searched by --clusters auto (default: {DEFAULT_K_RANGE[0]}-{DEFAULT_K_RANGE[1]})")
+    command.add_argument("--tree-clusters", default=None, metavar="IDS",
+                     help="comma-separated cluster ids that are trees (overrides the ExG rule)")
+
+
+def _feature_options(command: argparse.ArgumentParser) -> None:
+    """The options of the model and its features (and the cache): `teach` shares them with every command that
+    extracts, so it finds the features `segment` cached."""
     command.add_argument(
         "--model", default=DEFAULT_MODEL, metavar="NAME|HF_ID|FOLDER",
         help=f"catalogue name ({', '.join(BACKBONES)}), a Hugging Face id or a local model "
@@ -220,17 +232,11 @@ def _model_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--model-revision", metavar="REV",
                      help="pin a hub model to a branch, tag or commit hash (default: main)")
     command.add_argument("--stride", type=int, default=None,
-                     help=f"feature grid step in pixels: {_choices(STRIDES)} for dinov3 (16, the default; smaller "
-                     f"is denser and slower), {_choices(COLOUR_STRIDES)} for the colour baselines (per pixel, 1, "
-                     "unless a stride is given)")
-    command.add_argument("--clusters", default="auto", metavar="auto|K",
-                     help="number of clusters, or auto for the elbow rule (default: auto)")
-    command.add_argument("--k-range", default="2-8", metavar="MIN-MAX",
-                     help="range searched by --clusters auto (default: 2-8)")
+                     help=f"feature grid step in pixels: {_choices(STRIDES)} for dinov3 ({RUN_STRIDE}, the default; "
+                     f"smaller is denser and slower), {_choices(COLOUR_STRIDES)} for the colour baselines (per "
+                     "pixel, 1, unless a stride is given)")
     command.add_argument("--bands", default="1,2,3", metavar="R,G,B",
                      help="the three bands to use, 1-based (default: 1,2,3)")
-    command.add_argument("--tree-clusters", default=None, metavar="IDS",
-                     help="comma-separated cluster ids that are trees (overrides the ExG rule)")
     command.add_argument("--device", default="auto", choices=DEVICES,
                      help="auto picks CUDA, then Apple MPS, then the CPU")
     command.add_argument("--precision", default="auto", choices=PRECISIONS,
@@ -239,7 +245,8 @@ def _model_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--allow-untrained", action="store_true",
                      help="when the weights cannot be had, run with random weights "
                      "(every output then says so)")
-    command.add_argument("--tile-size", type=int, default=512, help="tile size in pixels (default: 512)")
+    command.add_argument("--tile-size", type=int, default=RUN_TILE_SIZE,
+                         help=f"tile size in pixels (default: {RUN_TILE_SIZE})")
     _cache_options(command)
 
 
@@ -260,7 +267,7 @@ def params_from_args(args: argparse.Namespace) -> SegmentationParams:
         input_path=args.input,
         output_dir=args.out,
         method=args.method,
-        stride=args.stride if args.stride is not None else (16 if args.method == "dinov3" else 1),
+        stride=args.stride if args.stride is not None else (RUN_STRIDE if args.method == "dinov3" else 1),
         crowns=args.crowns,
         feature_preview=args.feature_preview,
         canopy_height=args.canopy_height,
@@ -272,15 +279,29 @@ def params_from_args(args: argparse.Namespace) -> SegmentationParams:
     )
 
 
+def teach_params_from_args(args: argparse.Namespace) -> SegmentationParams:
+    """The SegmentationParams for parsed `teach` arguments (not yet validated): the features' settings as `segment`
+    reads them from the same options, so teach finds the features segment cached."""
+    return SegmentationParams(input_path=args.input, output_dir=args.out,
+                              stride=RUN_STRIDE if args.stride is None else args.stride,
+                              cluster_model=args.cluster_model, **_feature_settings(args))
+
+
 def _model_settings(args: argparse.Namespace) -> dict:
     """The SegmentationParams fields of the options `_model_options` adds (the stride aside)."""
     k_min, k_max = _range(args.k_range)
     return {
+        **_feature_settings(args), "clusters": parse_clusters(args.clusters), "k_min": k_min, "k_max": k_max,
+        "tree_clusters": parse_cluster_ids(args.tree_clusters),
+    }
+
+
+def _feature_settings(args: argparse.Namespace) -> dict:
+    """The SegmentationParams fields of the options `_feature_options` adds (the stride aside)."""
+    return {
         "bands": _bands(args.bands), "model": args.model, "model_revision": args.model_revision,
-        "clusters": parse_clusters(args.clusters), "k_min": k_min, "k_max": k_max, "device": args.device,
-        "precision": args.precision, "allow_untrained": args.allow_untrained,
-        "tree_clusters": parse_cluster_ids(args.tree_clusters), "tile_size": args.tile_size,
-        "use_cache": not args.no_cache, "cache_dir": args.cache_dir,
+        "device": args.device, "precision": args.precision, "allow_untrained": args.allow_untrained,
+        "tile_size": args.tile_size, "use_cache": not args.no_cache, "cache_dir": args.cache_dir,
     }
 
 
@@ -319,8 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (MemoryError, RuntimeError) as error:
             if isinstance(error, RuntimeError) and not _out_of_memory(error):
                 raise
-            print("treeseg: error: out of memory: try a smaller --tile-size, stride 16, a smaller model, or close "
-                  "other programs. Nothing of this run was kept.", file=sys.stderr)
+            print(f"treeseg: error: out of memory: try a smaller --tile-size, stride {RUN_STRIDE}, a smaller model, "
+                  "or close other programs. Nothing of this run was kept.", file=sys.stderr)
             return EXIT_USER_ERROR
         if interrupts.received():
             print(f"treeseg: {interrupts.Interrupted(interrupts.received())} too late: the run had finished and "
@@ -340,8 +361,8 @@ def _check_address_space(args: argparse.Namespace) -> None:
         refuse_special_files_in(args.model, "model folder")
 
     dinov3 = getattr(args, "method", "dinov3") == "dinov3"
-    problem = address_space_problem(args.model if dinov3 else None, getattr(args, "stride", None) or 16,
-                                    getattr(args, "tile_size", None) or 512)
+    problem = address_space_problem(args.model if dinov3 else None, getattr(args, "stride", None) or RUN_STRIDE,
+                                    getattr(args, "tile_size", None) or RUN_TILE_SIZE)
     if problem is not None:
         raise InputError(problem)
 
@@ -400,9 +421,7 @@ def _print_summary(record: dict) -> None:
 def _teach(args: argparse.Namespace) -> int:
     from .pipeline import teach
 
-    params = SegmentationParams(input_path=args.input, output_dir=args.out, model=args.model, stride=args.stride,
-                                bands=_bands(args.bands), device=args.device, allow_untrained=args.allow_untrained,
-                                use_cache=not args.no_cache, cache_dir=args.cache_dir)
+    params = teach_params_from_args(args)
     params.validate()
     record = teach(params, args.examples, args.threshold, Progress(_TerminalProgress(), interrupts.stop_requested),
                    class_name=args.class_name)

@@ -1,11 +1,11 @@
 """The rasters of a survey on Dask distributed: a LocalCluster of N processes, or an existing cluster.
 
 One cluster (`dask_session`) serves a survey's fit and its rasters. Each Dask worker loads the model
-once (`ModelPlugin`, a worker plugin); the fit samples each raster's share as one task (survey.sample_raster,
+once (`ModelPlugin`, a worker plugin); the fit samples each raster's share as one task (survey_tasks.sample_raster,
 tried once more after a failure), then each worker segments one raster per task with `pipeline.segment`,
-exactly as a single process would (survey.run_job: a failed raster is tried once more, then reported while
+exactly as a single process would (survey_tasks.run_job: a failed raster is tried once more, then reported while
 the others finish). A raster of more than `window_tiles` tiles is
-split into windows of tiles (survey.window_ranges): each window is a task that extracts its tiles'
+split into windows of tiles (survey_tasks.window_ranges): each window is a task that extracts its tiles'
 features on its worker and writes them into the raster's one staged feature store in the output folder
 (which the workers must therefore share); once every window is in, this process completes the store and
 a last task segments the raster from it (no model load, the same outputs as one process). A window is
@@ -34,7 +34,7 @@ from .core.models import Backbone
 from .core.progress import Progress
 from .core.store import FeatureStore
 from .pipeline import extract_window, feature_extractor, load_model_for
-from .survey import (
+from .survey_tasks import (
     ATTEMPTS,
     RasterJob,
     RasterOutcome,
@@ -102,7 +102,7 @@ class WindowedRaster:
 
 
 def segment_on_worker(job: RasterJob) -> RasterOutcome:
-    """One raster on a Dask worker with that worker's model, tried once more after a failure (survey.run_job)."""
+    """One raster on a Dask worker with that worker's model, tried once more after a failure (survey_tasks.run_job)."""
     return run_job(job, get_worker().plugins[PLUGIN_NAME].load)
 
 

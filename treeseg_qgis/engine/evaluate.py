@@ -11,13 +11,13 @@ import csv
 import html
 import io
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 from osgeo import gdal
 
 from ..outputs import OutputPathError, check_output_folder, check_output_paths
+from .core.atomic import write_atomically
 from .core.errors import InputError, OutputError
 from .core.evaluation import ReferenceObject, box_scores, cluster_scores, crown_scores, pixel_scores, union_mask
 from .core.files import refuse_special_file
@@ -67,8 +67,8 @@ def evaluate(
         scores["warning"] = NO_REFERENCE_TREES
         log.warning(NO_REFERENCE_TREES)
     rows = flat_scores(scores)
-    _atomic_write(csv_path, _csv_text(rows))
-    _atomic_write(html_path, _html_report(name, rows, _picture(image, mask, outline, grid)))
+    write_atomically(csv_path, _csv_text(rows), str(csv_path))
+    write_atomically(html_path, _html_report(name, rows, _picture(image, mask, outline, grid)), str(html_path))
     scores["outputs"] = {"csv": str(csv_path), "html": str(html_path)}
     return scores
 
@@ -193,12 +193,3 @@ def _html_report(name: str, rows: dict[str, float | None], picture: bytes) -> st
         "</body></html>"
     )
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    try:
-        partial.write_text(text)
-        os.replace(partial, path)
-    except OSError as error:
-        partial.unlink(missing_ok=True)
-        raise OutputError(f"Cannot write {path}: {error.strerror}.") from error

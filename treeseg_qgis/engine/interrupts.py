@@ -1,9 +1,13 @@
 """Stop signals for the command line: SIGINT, SIGTERM and SIGHUP end a run cleanly.
 
-Inside `stop_signals_handled()`, the handler records the signal and raises `Interrupted` at
-once, except inside `deferred()` sections (GDAL calls with Python progress
-callbacks, moving outputs into place, cleaning up), where it only records it:
-the run then stops at its next cancellation check or when the section ends.
+`python -m treeseg_qgis` (__main__.py) handles them from its first line, before the slow imports
+(`handle_stop_signals`), and ignores them once the command is done (`ignore_stop_signals`); `cli.main` handles
+them for the command itself (`stop_signals_handled`, the handlers restored after it). A handled signal is
+recorded and raises `Interrupted` at once, except inside `deferred()` sections (GDAL calls with Python progress
+callbacks, moving outputs into place, cleaning up: the pipeline marks them), where it is only recorded: the run
+then stops at its next cancellation check (`stop_requested`, the CLI's Progress) or when the section ends.
+Where no handler is installed (the engine worker, which stops on cancel messages and its own SIGTERM handler,
+and Dask workers) `deferred()` sections change nothing.
 Exit status 128 + the signal number: 130 (SIGINT), 143 (SIGTERM), 129 (SIGHUP).
 """
 

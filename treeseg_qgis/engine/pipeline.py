@@ -38,8 +38,9 @@ from ..outputs import (
     check_run_paths,
     taught_class_paths,
 )
-from ..params import ParameterError, SegmentationParams
+from ..params import ParameterError, Role, SegmentationParams, settings_with
 from . import interrupts
+from .core.atomic import write_atomically
 from .core.cache import CacheUnavailable, FeatureCache, file_identity
 from .core.canopy import load_height_model, predict_heights
 from .core.devices import describe_precision, resolve_device, resolve_precision
@@ -59,10 +60,10 @@ from .core.segmentation import (
     segment_raster,
 )
 from .core.store import FeatureStore
-from .core.survey_model import SETTINGS, SurveyModel, clipping_note
+from .core.survey_model import SurveyModel, clipping_note
 from .core.teach import prototypes, score_raster
 from .core.tiling import TileGrid, Window
-from .gis.crowns import CrownOptions, write_crowns
+from .gis.crowns import write_crowns
 from .gis.polygons import polygonize_clusters
 from .gis.preview import write_elbow_plot, write_preview
 from .gis.raster import GdalRasterSource, HeightReader, limit_block_cache
@@ -175,7 +176,7 @@ def segment(
                                        "folder": str(store.home) if cache_state != "off" else None}
             record["timings"]["load_model"] = round(load_seconds, 3)
             record["timings"]["total"] = round(time.perf_counter() - started, 3)
-            _write_json(staged.record, record)
+            write_atomically(staged.record, json.dumps(record, indent=2), str(staged.record))
             progress.check()
             with interrupts.deferred(reraise=False):
                 _commit(transaction, [*written, paths.record],
@@ -259,7 +260,7 @@ def teach(
                 "timings": {**{k: round(v, 3) for k, v in timings.items()},
                             "total": round(time.perf_counter() - started, 3)},
             }
-            _write_json(staged.teach_record, record)
+            write_atomically(staged.teach_record, json.dumps(record, indent=2), str(staged.teach_record))
             progress.check()
             with interrupts.deferred(reraise=False):
                 _commit(transaction, [paths.similarity, paths.taught_trees, paths.teach_record], [])
@@ -333,8 +334,7 @@ def _survey_source(params: SegmentationParams, survey: SurveyModel | None) -> It
     the model (a warning when much of it lies outside the survey's values)."""
     with GdalRasterSource(params.input_path, params.bands, survey.value_ranges if survey else None) as source:
         if survey:
-            survey.check_run({name: getattr(params, name) for name in SETTINGS}, _precision(params), source.bands,
-                             source.scaling)
+            survey.check_run(settings_with(Role.SURVEY, params), _precision(params), source.bands, source.scaling)
             if note := clipping_note(source.clipped):
                 log.warning("%s: %s", params.input_path, note)
         yield source
@@ -414,11 +414,13 @@ def _feature_store(params: SegmentationParams, source: GdalRasterSource, progres
 
 
 def _cache_key(params: SegmentationParams, source: GdalRasterSource, survey: SurveyModel | None = None) -> dict:
-    """Everything that changes the features: the input's files (a VRT's sources too; not the .aux.xml GDAL
-    may write beside them when reading), the weights, the settings, and a survey's PCA when features are
+    """Everything that changes the features: every parameter of role FEATURES (params.Role; the bands as the
+    source reads them, the precision resolved), the input's files (a VRT's sources too; not the .aux.xml GDAL
+    may write beside them when reading), the weights, the value scaling, and a survey's PCA when features are
     projected with it (a per-raster entry is never taken for a survey-projected one)."""
     dinov3 = params.method == "dinov3"
     return {
+        **settings_with(Role.FEATURES, params),
         **({"projection": survey.projection_id} if survey else {}),
         "format": 2,
         "input": [_input_identity(path) for path in source.files if not path.endswith(".aux.xml")],
@@ -426,8 +428,6 @@ def _cache_key(params: SegmentationParams, source: GdalRasterSource, survey: Sur
         "scaling": source.scaling,
         "weights": weights_identity(params.model, params.model_revision) if dinov3 else None,
         "precision": _precision(params),
-        **{name: getattr(params, name) for name in (
-            "method", "model", "model_revision", "stride", "tile_size", "overlap", "pca_dims", "sample_size", "seed")},
     }
 
 
@@ -467,7 +467,7 @@ def _crowns(params: SegmentationParams, paths: OutputPaths, result: Segmentation
     stem = paths.clusters.name.removesuffix(SUFFIXES["clusters"])
     count = write_crowns(
         str(paths.trees), str(paths.clusters), str(paths.crowns), layer_name(f"{stem}_crowns"),
-        CrownOptions(min_area_m2=params.crown_min_area_m2, smoothing_m=params.crown_smoothing_m),
+        params.crown_options,
         progress=lambda fraction: crown_progress.report(fraction, "Splitting crowns"),
         is_cancelled=progress.is_cancelled, description=_description(model),
     )
@@ -665,12 +665,3 @@ def _record(
         "platform": {"python": platform.python_version(), "machine": platform.machine()},
     }
 
-
-def _write_json(path: Path, data: dict) -> None:
-    partial = path.with_name(path.name + ".partial")
-    try:
-        partial.write_text(json.dumps(data, indent=2))
-        os.replace(partial, path)
-    except OSError as error:
-        partial.unlink(missing_ok=True)
-        raise OutputError(f"Cannot write {path}: {error.strerror}.") from error

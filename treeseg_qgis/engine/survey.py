@@ -22,10 +22,10 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import numpy as np
 from osgeo import gdal
@@ -44,58 +44,31 @@ from ..outputs import (
     check_output_folder,
     check_output_paths,
 )
-from ..params import WINDOW_TILES, SegmentationParams
+from ..params import WINDOW_TILES, Role, SegmentationParams, settings_with
 from . import interrupts
 from .core.clustering import Projection
-from .core.errors import Cancelled, InputError, OutputError, TreesegError
-from .core.feature_grid import FeatureGrid
-from .core.features import tiles_per_batch
+from .core.errors import InputError, OutputError
 from .core.files import refuse_special_file
 from .core.progress import Progress
-from .core.segmentation import PCA_TILES, TileFeatureExtractor, fit_clustering, sample_raw_features
-from .core.survey_model import SETTINGS, SUFFIX, SurveyModel, scaling_kind, weights_content
+from .core.segmentation import TileFeatureExtractor, fit_clustering
+from .core.survey_model import SUFFIX, SurveyModel, scaling_kind, weights_content
 from .core.tiling import TileGrid
 from .gis.merge import merge_polygons
 from .gis.raster import GdalRasterSource, limit_block_cache, stretch_limits
-from .pipeline import UNTRAINED_BANNER, ModelLoader, feature_extractor, load_model_for, segment, validate_params
+from .pipeline import UNTRAINED_BANNER, ModelLoader, feature_extractor, load_model_for, validate_params
+from .survey_tasks import RasterJob, RasterOutcome, RasterSample, RasterShare, run_job, sample_raster, with_retry
 
 if TYPE_CHECKING:
     from .dask_runner import DaskSession
 
 log = logging.getLogger("treeseg")
-Result = TypeVar("Result")
 
 SURVEY_STEM = "survey"
 SURVEY_SUFFIXES = (SUFFIX, "_summary.json", "_summary.csv", "_polygons.gpkg")
 """The survey-wide files: the cluster model, the summary JSON and CSV, the merged polygons."""
 MODEL_NAME = f"{SURVEY_STEM}{SUFFIX}"
-ATTEMPTS = 2
-"""A failed raster is tried once more before it is reported."""
 VALUE_SAMPLES = 1024 * 1024
 """Values per band kept across a survey to measure its stretch limits (bounded memory)."""
-
-
-@dataclass
-class RasterJob:
-    """One raster of a survey: its parameters (the cluster model set) and its output stem; `features`, a
-    complete feature store of it (its windows extracted apart)."""
-
-    input_path: str
-    params: SegmentationParams
-    features: str | None = None
-
-
-@dataclass
-class RasterOutcome:
-    """What became of one raster: its run record, or the error of its last attempt."""
-
-    input_path: str
-    stem: str
-    record: dict | None
-    error: str | None
-    attempts: int
-    seconds: float
-    windows: int = 0
 
 
 def fit_survey(inputs: Sequence[str], params: SegmentationParams, out_path: str | Path,
@@ -170,8 +143,7 @@ def fit_survey(inputs: Sequence[str], params: SegmentationParams, out_path: str 
     projection = Projection(stacked, params.pca_dims, params.seed)
     projected = projection.project(stacked)
     fit = fit_clustering(projected, np.concatenate([sample.exg for sample in samples]), params)
-    settings = {name: getattr(params, name) for name in SETTINGS}
-    settings["bands"] = list(params.bands)
+    settings = {**settings_with(Role.SURVEY, params), "bands": list(params.bands)}
     extractor = next((sample.extractor for sample in samples if "fell_back_to_cpu" in sample.extractor),
                      samples[-1].extractor)
     weights = weights_content(params.model, params.model_revision) if params.method == "dinov3" else None
@@ -187,41 +159,6 @@ def check_fit_paths(inputs: Sequence[str], out_path: str | Path) -> None:
     none of the inputs nor a file GDAL reads for them (a VRT's sources); a pipe or device input is refused."""
     _checked(lambda: check_output_file(str(out_path), SUFFIX, "cluster model file"))
     _checked(lambda: check_output_paths(raster_files(inputs), [str(out_path)]))
-
-
-@dataclass
-class RasterShare:
-    """One raster's share of a survey's cluster sample: `count` features, drawn with the raster's own generator
-    (seeded with the survey's seed and `index`, so where and in what order the rasters are sampled does not
-    matter)."""
-
-    path: str
-    index: int
-    count: int
-
-
-@dataclass
-class RasterSample:
-    """One raster's raw features for the survey's fit, their ExG, what made them and the raster's scaling."""
-
-    features: np.ndarray
-    exg: np.ndarray
-    extractor: dict
-    scaling: str
-
-
-def sample_raster(share: RasterShare, params: SegmentationParams, value_ranges: dict[int, tuple[float, float]],
-                  extractor: TileFeatureExtractor, progress: Progress | None = None) -> RasterSample:
-    """A raster's share of the survey's cluster sample, read with the survey's stretch (`value_ranges`)."""
-    cells_per_tile = (params.tile_size // params.stride) ** 2
-    tiles = min(PCA_TILES, max(1, math.ceil(4 * share.count / cells_per_tile)))
-    with GdalRasterSource(share.path, params.bands, value_ranges) as source:
-        grid = FeatureGrid.of_extractor(TileGrid(source.width, source.height, params.tile_size, params.overlap),
-                                        extractor)
-        features, exg = sample_raw_features(source, extractor, grid, tiles, share.count,
-                                            np.random.default_rng([params.seed, share.index]),
-                                            progress or Progress())
-        return RasterSample(features, exg, extractor.describe(), source.scaling)
 
 
 def _sample_here(shares: Sequence[RasterShare], params: SegmentationParams,
@@ -322,48 +259,6 @@ def run_locally(jobs: Sequence[RasterJob], progress: Progress,
         progress.report(index / len(jobs), f"Raster {index + 1} of {len(jobs)}: {Path(job.input_path).name}")
         outcomes.append(run_job(job, loader))
     return outcomes
-
-
-def run_job(job: RasterJob, load_model: ModelLoader) -> RasterOutcome:
-    """Segment one raster, trying once more after a failure; the error of the last attempt is kept."""
-    started = time.perf_counter()
-    record, error, attempts = with_retry(lambda: segment(job.params, load_model=load_model, features=job.features),
-                                         job.input_path)
-    return RasterOutcome(job.input_path, job.params.output_stem, record, error, attempts,
-                         time.perf_counter() - started)
-
-
-def with_retry(call: Callable[[], Result], what: str) -> tuple[Result | None, str | None, int]:
-    """`call()` tried once more after a failure: (its result, None, attempts) or (None, the last error, attempts).
-    A stop request is not a failure: it goes up."""
-    error = None
-    for attempt in range(1, ATTEMPTS + 1):
-        try:
-            return call(), None, attempt
-        except (TreesegError, OSError, RuntimeError, ValueError) as failure:
-            if isinstance(failure, Cancelled):
-                raise
-            error = str(failure) or type(failure).__name__
-            log.warning("%s failed (attempt %d of %d): %s", what, attempt, ATTEMPTS, error)
-    return None, error, ATTEMPTS
-
-
-def window_ranges(job: RasterJob, window_tiles: int) -> list[range]:
-    """The raster's tiles (numbered in grid order) in windows of about `window_tiles`, each a whole number of
-    the extractor's batches (so every tile goes through the model in the batch it has in one run); none when
-    the raster has at most `window_tiles` tiles, or cannot be opened here (it then runs, and fails, whole)."""
-    params = job.params
-    try:
-        with GdalRasterSource(job.input_path, params.bands) as source:
-            count = len(TileGrid(source.width, source.height, params.tile_size, params.overlap))
-    except InputError:
-        return []
-    if window_tiles < 1 or count <= window_tiles:
-        return []
-    batch = tiles_per_batch(params.batch_size, params.stride) if params.method == "dinov3" else 1
-    size = math.ceil(window_tiles / batch) * batch
-    windows = [range(start, min(start + size, count)) for start in range(0, count, size)]
-    return windows if len(windows) > 1 else []
 
 
 def _memoised(load_model: ModelLoader) -> ModelLoader:

@@ -31,7 +31,7 @@ from typing import Any, TextIO
 
 from .. import protocol
 from ..memory import host_memory
-from ..params import ParameterError, SegmentationParams
+from ..params import CrownOptions, ParameterError, Role, SegmentationParams, settings_with
 from ..protocol import Command, ErrorKind
 from . import hub_cache
 from .core.errors import Cancelled, InputError, ModelUnavailableError, OutputError, TreesegError
@@ -170,8 +170,12 @@ class Worker:
 
     def crowns(self, job: dict[str, Any]) -> dict[str, Any]:
         """Split a tree-mask raster into crown polygons (gis/crowns.py); the layer is named after the file."""
-        from .gis.crowns import CrownOptions, write_crowns
+        from .gis.crowns import write_crowns
 
+        try:
+            options = CrownOptions.from_json(job.get(protocol.OPTIONS) or {})
+        except ParameterError as error:
+            raise InputError(str(error)) from None
         gpkg_path = str(job[protocol.GPKG_PATH])
         try:
             Path(gpkg_path).parent.mkdir(parents=True, exist_ok=True)
@@ -180,7 +184,7 @@ class Worker:
         trees_path = str(job[protocol.TREES_PATH])
         count = write_crowns(
             trees_path, str(job.get(protocol.CLUSTERS_PATH) or trees_path), gpkg_path,
-            Path(gpkg_path).stem, CrownOptions(**job.get(protocol.OPTIONS, {})),
+            Path(gpkg_path).stem, options,
             progress=lambda fraction: self._progress(100.0 * fraction, "Splitting crowns"),
             is_cancelled=self.cancel_check(),
         )
@@ -202,7 +206,7 @@ class Worker:
         token = job.get(protocol.HF_TOKEN) or None
 
         def load_kept_model(wanted):
-            key = (wanted.model, wanted.model_revision, wanted.device, wanted.precision, wanted.allow_untrained)
+            key = tuple(settings_with(Role.MODEL, wanted).items())  # params.Role.MODEL: which model loads
             if self._backbone_key != key:
                 # Forget the kept model first: a load that raises leaves the worker as a fresh one, never a
                 # key without its model.

@@ -29,12 +29,15 @@ from typing import Any
 
 from .. import protocol
 from ..outputs import output_folders, recover_outputs, temporary_files
-from ..params import ParameterError, SegmentationParams
+from ..params import CrownOptions, ParameterError, SegmentationParams
 from ..protocol import Command, ErrorKind, Message
 from .engine_env import private_engine_python
 
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
 ENGINE_PYTHON_ENV = "TREESEG_ENGINE_PYTHON"
+ENGINE_PYTHON_SETTING = "treeseg/engine_python"
+"""The QGIS setting of the engine Python the user chose: read and written only here (`chosen_engine_python`,
+`choose_engine_python`)."""
 ENGINE_POINTER_FILE = PLUGIN_DIR / "engine_python.txt"
 COOPERATIVE_CANCEL_SECONDS = 5.0
 """How long a cancelled job may take to stop before the worker is terminated."""
@@ -60,6 +63,26 @@ def qgis_profile_dir() -> str | None:
     """The QGIS profile folder when running inside QGIS (qgis.core loaded), else None; never imports qgis."""
     qgis_core = sys.modules.get("qgis.core")
     return qgis_core.QgsApplication.qgisSettingsDirPath() if qgis_core is not None else None
+
+
+def chosen_engine_python() -> str:
+    """The engine Python chosen in the QGIS settings ('' for none, and outside QGIS); never imports qgis."""
+    qgis_core = sys.modules.get("qgis.core")
+    return qgis_core.QgsSettings().value(ENGINE_PYTHON_SETTING, "", type=str) if qgis_core is not None else ""
+
+
+def choose_engine_python(python: str | None) -> None:
+    """Keep `python` as the chosen engine in the QGIS settings; None forgets the choice. Inside QGIS only."""
+    settings = sys.modules["qgis.core"].QgsSettings()
+    if python is None:
+        settings.remove(ENGINE_PYTHON_SETTING)
+    else:
+        settings.setValue(ENGINE_PYTHON_SETTING, python)
+
+
+def configured_engine_python() -> str | None:
+    """The engine's Python: the one chosen in the QGIS settings, else as `find_engine_python` looks."""
+    return find_engine_python(chosen_engine_python() or None)
 
 
 def find_engine_python(configured: str | None = None) -> str | None:
@@ -176,15 +199,15 @@ class EngineClient:
         trees_path: str,
         clusters_path: str | None,
         gpkg_path: str,
-        options: dict[str, float] | None = None,
+        options: CrownOptions | None = None,
         on_progress: ProgressHandler | None = None,
         is_cancelled: CancelCheck | None = None,
     ) -> dict[str, Any]:
-        """Crown polygons of a tree mask (options: min_area_m2, min_distance_m, smoothing_m, max_crown_m);
+        """Crown polygons of a tree mask (validated `options`, the defaults when None);
         `{"crowns": count, "outputs": {"crowns": gpkg_path}}` or EngineError."""
         job = {protocol.COMMAND: Command.CROWNS, protocol.TREES_PATH: trees_path,
                protocol.CLUSTERS_PATH: clusters_path or trees_path, protocol.GPKG_PATH: gpkg_path,
-               protocol.OPTIONS: dict(options or {})}
+               protocol.OPTIONS: _validated_json(options or CrownOptions())}
 
         def remove_partial_gpkg() -> None:
             for leftover in temporary_files(Path(gpkg_path)):
@@ -440,8 +463,9 @@ def _job(command: str, hf_token: str | None, fields: dict[str, Any]) -> dict[str
     return job
 
 
-def _validated_json(params: SegmentationParams) -> dict[str, Any]:
-    """The job's parameters as JSON, validated here so a refused value never reaches the worker."""
+def _validated_json(params: SegmentationParams | CrownOptions) -> dict[str, Any]:
+    """The job's parameters (or crown options) as JSON, validated here so a refused value never reaches the
+    worker."""
     try:
         params.validate()
     except ParameterError as error:

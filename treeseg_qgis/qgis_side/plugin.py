@@ -12,25 +12,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from qgis.core import QgsApplication, QgsSettings
+from qgis.core import QgsApplication
 from qgis.gui import QgisInterface
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
 
 from .compat import QAction
-from .engine_client import EngineClient, close_shared_engines, find_engine_python, shared_engine
+from .engine_client import EngineClient, close_shared_engines, configured_engine_python, shared_engine
 from .gui.dock import TreesegDock
 from .gui.engine_setup import EngineSetupDialog
 from .gui.model_manager import ModelManagerDialog
-from .processing.engine_algorithm import ENGINE_PYTHON_SETTING
 from .processing.provider import icon_path
 
 MENU = "TreeSeg (DINOv3)"
-
-
-def configured_engine_python() -> str | None:
-    """The engine's Python (setting, environment, deploy record or .venv), or None."""
-    return find_engine_python(QgsSettings().value(ENGINE_PYTHON_SETTING, "", type=str) or None)
 
 
 def configured_engine() -> EngineClient | None:

@@ -17,6 +17,7 @@ import numpy as np
 from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.decomposition import PCA
 
+from ...params import DEFAULT_K_RANGE
 from .errors import InputError
 
 MINIBATCH_ABOVE = 20_000
@@ -82,7 +83,7 @@ class Projection:
 def fit_clusters(
     projected: np.ndarray,
     k: int | None,
-    k_range: tuple[int, int] = (2, 8),
+    k_range: tuple[int, int] = DEFAULT_K_RANGE,
     seed: int = 0,
 ) -> ClusterModel:
     """k-means with a fixed K, or the elbow K over k_range when k is None."""

@@ -1,6 +1,7 @@
 """Split a tree mask into individual crowns (numpy, scipy and scikit-image).
 
-The options are in metres and converted with the raster's pixel size.
+The options (params.CrownOptions, shared with the QGIS side) are in metres and converted with the
+raster's pixel size.
 Distance transform of the mask, smoothed; crown centres are its local maxima
 at least `min_distance_m` apart and at least `min_radius_m` deep; a marker
 watershed on the inverted distance grows each centre to its crown. Crowns
@@ -10,22 +11,11 @@ one by one: a crown belongs to the window that holds its centre.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
 
-
-@dataclass(frozen=True)
-class CrownOptions:
-    """Crown splitting in metres; `max_crown_m` is the widest crown a window split must see whole."""
-
-    min_area_m2: float = 2.0
-    min_distance_m: float = 1.0
-    smoothing_m: float = 0.2
-    max_crown_m: float = 25.0
-    min_radius_m: float = 0.3
+from ...params import CrownOptions
 
 
 def split_crowns(mask: np.ndarray, options: CrownOptions, pixel_m: float) -> tuple[np.ndarray, np.ndarray]:

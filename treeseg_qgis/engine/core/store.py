@@ -8,7 +8,6 @@ a few tiles are held in memory at a time.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_atomically
 from .errors import OutputError
 
 SUMMARY = "features.json"
@@ -58,9 +58,7 @@ class FeatureStore:
         tiles = {path.name: path.stat().st_size for path in self.folder.glob("tile_*.npz")}
         with self._writing():
             np.savez(self.folder / SAMPLES, samples=samples.astype(np.float32), exg=exg.astype(np.float32))
-            partial = self.folder / (SUMMARY + ".partial")
-            partial.write_text(json.dumps({"extractor": extractor, "tiles": tiles}, indent=1))
-            os.replace(partial, self.folder / SUMMARY)
+            write_atomically(self.folder / SUMMARY, json.dumps({"extractor": extractor, "tiles": tiles}, indent=1))
 
     def adopt(self, other: FeatureStore) -> None:
         """Move the files of a complete store (e.g. one filled window by window) into this one; the summary

@@ -18,7 +18,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -26,8 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ...params import Role, names_with
+from .atomic import write_atomically
 from .clustering import ClusterModel, Projection
-from .errors import InputError, OutputError
+from .errors import InputError
 from .files import refuse_special_file
 
 log = logging.getLogger("treeseg")
@@ -43,8 +44,9 @@ CLIPPED_SHARE_WARNING = 0.1
 whole has 4 % there, below its 2nd and above its 98th percentile)."""
 SUFFIX = ".treeseg"
 ARRAYS = ("pca_mean", "pca_components", "centres")
-SETTINGS = ("method", "model", "model_revision", "stride", "tile_size", "overlap", "bands")
-"""The run settings a model fixes: a run asking for other values is refused."""
+SETTINGS = names_with(Role.SURVEY)
+"""The run settings a model fixes (the parameters of role Role.SURVEY): a file lacking one is
+refused; a run asking for other values is refused."""
 
 
 @dataclass
@@ -103,9 +105,8 @@ class SurveyModel:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write the file atomically (a partial file beside it, renamed when complete)."""
+        """Write the file atomically (core/atomic.py)."""
         path = Path(path)
-        partial = path.with_name(f".{path.name}.partial")
         buffer = io.BytesIO()
         np.savez_compressed(
             buffer,
@@ -113,12 +114,7 @@ class SurveyModel:
             pca_mean=self.projection.mean, pca_components=self.projection.components,
             centres=self.fit.clusters.centres,
         )
-        try:
-            partial.write_bytes(buffer.getvalue())
-            os.replace(partial, path)
-        except OSError as error:
-            partial.unlink(missing_ok=True)
-            raise OutputError(f"Cannot write the cluster model {path}: {error.strerror}.") from error
+        write_atomically(path, buffer.getvalue(), f"the cluster model {path}")
         return path
 
     @classmethod
@@ -178,11 +174,12 @@ class SurveyModel:
         return settings
 
     def check_run(self, settings: dict, precision: str | None, bands: tuple[int, ...], scaling: str) -> None:
-        """Refuse a run whose settings, precision, bands or value scaling differ from the model's."""
+        """Refuse a run whose settings (its parameters of role params.Role.SURVEY), precision, bands or value
+        scaling differ from the model's; a setting only one of them has differs too."""
         asked = {**settings, "bands": list(bands), "precision": precision}
         expected = {**self.settings, "precision": self.extractor.get("precision")}
-        differences = [f"{name} {asked[name]!r} (the model: {expected[name]!r})"
-                       for name in (*SETTINGS, "precision") if asked.get(name) != expected.get(name)]
+        differences = [f"{name} {asked.get(name)!r} (the model: {expected.get(name)!r})"
+                       for name in {**asked, **expected} if asked.get(name) != expected.get(name)]
         if scaling_kind(scaling) != scaling_kind(self.scaling):
             differences.append(f"value scaling '{scaling_kind(scaling)}' (the model: "
                                f"'{scaling_kind(self.scaling)}')")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-PATCH = 16
+from ...catalogue import PATCH
 
 
 @dataclass(frozen=True)

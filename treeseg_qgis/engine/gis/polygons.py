@@ -11,10 +11,10 @@ from typing import Callable
 import numpy as np
 from osgeo import gdal, ogr, osr
 
+from ..core.atomic import partial_path
 from ..core.errors import Cancelled, InputError, OutputError
 from ..core.heap import padded_heap
 from .seams import SeamJoins, join_pieces, polygon_rings, polygon_wkb, runs_on_line
-from .writers import partial_path
 
 gdal.UseExceptions()
 ogr.UseExceptions()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import textwrap
 
 import numpy as np
@@ -10,9 +9,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from osgeo import gdal
 
+from ..core.atomic import atomic_file
 from ..core.errors import OutputError
 from .raster import GdalRasterSource
-from .writers import NODATA, TREE_COLOUR, partial_path
+from .writers import NODATA, TREE_COLOUR
 
 gdal.UseExceptions()
 
@@ -87,17 +87,8 @@ def write_preview(
         axes.set_title(name, fontsize=9, pad=3)
         axes.set_axis_off()
 
-    temporary = partial_path(png_path)
-    try:
-        figure.savefig(temporary, format="png", dpi=dpi)
-        os.replace(temporary, png_path)
-    except OSError as error:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise OutputError(
-            f"Cannot write the preview '{png_path}': {error.strerror}. Check that the "
-            "folder is writable, or choose another output path."
-        ) from error
+    with atomic_file(png_path, f"the preview '{png_path}'") as partial:
+        figure.savefig(partial, format="png", dpi=dpi)
 
 
 def write_elbow_plot(inertia_curve: dict[int, float], chosen: int, png_path: str) -> None:
@@ -116,11 +107,5 @@ def write_elbow_plot(inertia_curve: dict[int, float], chosen: int, png_path: str
     axis.set_title("Automatic K: elbow of the inertia curve")
     axis.legend(loc="upper right")
     figure.tight_layout()
-    partial = partial_path(png_path)
-    try:
+    with atomic_file(png_path, png_path) as partial:
         figure.savefig(partial, format="png")
-        os.replace(partial, png_path)
-    except OSError as error:
-        if os.path.exists(partial):
-            os.remove(partial)
-        raise OutputError(f"Cannot write {png_path}: {error.strerror}.") from error

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from osgeo import gdal
 
+from ..core.atomic import atomic_file, partial_path
 from ..core.errors import InputError, OutputError
 
 gdal.UseExceptions()
@@ -46,12 +47,6 @@ OTHER_COLOURS = [
 ]
 NOT_TREE_COLOUR = (200, 200, 200, 0)
 TREE_COLOUR = (34, 139, 34, 255)
-
-
-def partial_path(path: str) -> str:
-    """The temporary name an output is written under before it is complete."""
-    stem, extension = os.path.splitext(path)
-    return f"{stem}.partial{extension}"
 
 
 def cluster_colours(n_clusters: int, tree_clusters: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -280,29 +275,23 @@ def _replace_with_sidecar(partial: str, final: str) -> None:
 def write_rgb_blocks(path: str, width: int, height: int, crs_wkt: str, geotransform: Sequence[float],
                      blocks: Iterable[tuple[int, int, np.ndarray]], metadata: dict[str, str]) -> None:
     """An RGB Byte GeoTIFF (0 = nodata) from (row, col, (h, w, 3) uint8) blocks, written atomically."""
-    partial = partial_path(path)
-    try:
-        dataset = gdal.GetDriverByName("GTiff").Create(
-            partial, width, height, 3, gdal.GDT_Byte,
-            ["TILED=YES", "COMPRESS=DEFLATE", "BIGTIFF=IF_SAFER", "PHOTOMETRIC=RGB"])
-    except RuntimeError as error:
-        raise OutputError(f"Cannot create '{path}': {error}. Choose a folder you can write to.") from error
-    try:
-        dataset.SetGeoTransform(tuple(geotransform))
-        if crs_wkt:
-            dataset.SetProjection(crs_wkt)
-        dataset.SetMetadata(metadata)
-        for band in range(3):
-            dataset.GetRasterBand(band + 1).SetNoDataValue(0)
-        for row, col, image in blocks:
+    with atomic_file(path) as partial:
+        try:
+            dataset = gdal.GetDriverByName("GTiff").Create(
+                partial, width, height, 3, gdal.GDT_Byte,
+                ["TILED=YES", "COMPRESS=DEFLATE", "BIGTIFF=IF_SAFER", "PHOTOMETRIC=RGB"])
+        except RuntimeError as error:
+            raise OutputError(f"Cannot create '{path}': {error}. Choose a folder you can write to.") from error
+        try:
+            dataset.SetGeoTransform(tuple(geotransform))
+            if crs_wkt:
+                dataset.SetProjection(crs_wkt)
+            dataset.SetMetadata(metadata)
             for band in range(3):
-                dataset.GetRasterBand(band + 1).WriteArray(image[..., band], col, row)
-        dataset.FlushCache()
-        dataset = None
-        os.replace(partial, path)
-    except BaseException:
-        dataset = None
-        for leftover in (partial, partial + ".aux.xml"):
-            if os.path.exists(leftover):
-                os.remove(leftover)
-        raise
+                dataset.GetRasterBand(band + 1).SetNoDataValue(0)
+            for row, col, image in blocks:
+                for band in range(3):
+                    dataset.GetRasterBand(band + 1).WriteArray(image[..., band], col, row)
+            dataset.FlushCache()
+        finally:
+            dataset = None

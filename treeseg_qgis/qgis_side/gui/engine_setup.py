@@ -17,7 +17,7 @@ import shlex
 from collections.abc import Callable
 from pathlib import Path
 
-from qgis.core import QgsApplication, QgsSettings, QgsTask
+from qgis.core import QgsApplication, QgsTask
 from qgis.gui import QgsCollapsibleGroupBox, QgsFileWidget
 from qgis.PyQt.QtCore import QProcess, QProcessEnvironment, Qt, pyqtSignal
 from qgis.PyQt.QtGui import QFontDatabase, QTextCursor
@@ -37,8 +37,7 @@ from qgis.PyQt.QtWidgets import (
 
 from ... import __version__
 from .. import engine_env
-from ..engine_client import find_engine_python
-from ..processing.engine_algorithm import ENGINE_PYTHON_SETTING
+from ..engine_client import choose_engine_python, chosen_engine_python, configured_engine_python
 from .layouts import hbox, vbox
 
 INTRO = (
@@ -207,7 +206,7 @@ class EngineSetupDialog(QDialog):
         self.python_widget = QgsFileWidget()
         self.python_widget.setStorageMode(QgsFileWidget.StorageMode.GetFile)
         self.python_widget.setDialogTitle("The Python of an environment with torch and transformers")
-        self.python_widget.setFilePath(QgsSettings().value(ENGINE_PYTHON_SETTING, "", type=str))
+        self.python_widget.setFilePath(chosen_engine_python())
         self.use_python_button = QPushButton("Use this Python")
         advanced = QgsCollapsibleGroupBox("Advanced: use an existing Python environment")
         advanced_note = QLabel("Instead of the private environment, run the engine with the Python of an "
@@ -266,7 +265,7 @@ class EngineSetupDialog(QDialog):
             return
 
         def use_it() -> None:
-            QgsSettings().setValue(ENGINE_PYTHON_SETTING, python)
+            choose_engine_python(python)
             self._finish(f"TreeSeg uses {python} from now on.")
             self.engine_ready.emit(python)
 
@@ -312,7 +311,7 @@ class EngineSetupDialog(QDialog):
         self.reject()
 
     def _set_up_done(self) -> None:
-        QgsSettings().remove(ENGINE_PYTHON_SETTING)
+        choose_engine_python(None)
         self.python_widget.setFilePath("")
         new = self.plan.target if self.plan else None
         self.plan = None
@@ -459,7 +458,7 @@ class EngineSetupDialog(QDialog):
         if staging is None:
             self._finish(message, error=not message.startswith("Cancelled"))
             return
-        engine = find_engine_python(QgsSettings().value(ENGINE_PYTHON_SETTING, "", type=str) or None)
+        engine = configured_engine_python()
         kept = f"Nothing was installed; the engine in use is still {engine}." if engine else \
             "Nothing was installed; there is no engine yet."
         if staging.exists():
@@ -563,7 +562,7 @@ class EngineSetupDialog(QDialog):
             installed = (f"installed: {engine.folder.name}, made for other package versions than this plugin's; "
                          f"Install makes a new one")
         self.folder_label.setText(f"{self.engines_root} ({installed})")
-        in_use = find_engine_python(QgsSettings().value(ENGINE_PYTHON_SETTING, "", type=str) or None)
+        in_use = configured_engine_python()
         self.engine_label.setText(in_use or "none")
 
     def _cancellable(self) -> bool:

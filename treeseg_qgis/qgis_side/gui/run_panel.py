@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,7 @@ from ...params import (
     STRIDES,
     ParameterError,
     SegmentationParams,
+    remembered_names,
 )
 from ..auth import hf_token
 from ..compat import POLYGON_LAYER_FILTER, RASTER_LAYER_FILTER
@@ -416,22 +418,19 @@ class RunPanel(QWidget):
             changed.connect(self._show_memory_estimate)
 
     def _remembered(self) -> dict[str, tuple[QWidget, Any]]:
-        """The settings kept between sessions: key under SETTINGS_PREFIX → (widget, value before any run)."""
+        """The settings kept between sessions: key under SETTINGS_PREFIX → (widget, value before any run): each
+        parameter that declares itself remembered (params.remembered_names), and the panel's own choices."""
+        widgets = {"output_dir": self.output_widget, "model": self.model_combo, "stride": self.stride_combo,
+                   "clusters": self.clusters_spin, "device": self.device_combo, "precision": self.precision_combo,
+                   "crowns": self.crowns_check, "feature_preview": self.features_check,
+                   "canopy_height": self.height_check, "min_tree_height_m": self.min_height_spin,
+                   "crown_min_area_m2": self.crown_min_area}
+        shown_defaults = {"output_dir": default_output_folder(), "clusters": DEFAULT_CLUSTERS, "min_tree_height_m": 0.0}
         return {
-            "model": (self.model_combo, DEFAULTS.model),
+            **{name: (widgets[name], shown_defaults.get(name, getattr(DEFAULTS, name))) for name in remembered_names()},
             "model_override": (self.model_override, ""),
-            "stride": (self.stride_combo, DEFAULTS.stride),
             "auto_clusters": (self.auto_clusters, DEFAULTS.clusters == AUTO),
-            "clusters": (self.clusters_spin, DEFAULT_CLUSTERS),
-            "device": (self.device_combo, DEFAULTS.device),
-            "precision": (self.precision_combo, DEFAULTS.precision),
             "extent": (self.extent_combo, WHOLE_LAYER),
-            "output_dir": (self.output_widget, default_output_folder()),
-            "crowns": (self.crowns_check, DEFAULTS.crowns),
-            "crown_min_area_m2": (self.crown_min_area, DEFAULTS.crown_min_area_m2),
-            "feature_preview": (self.features_check, DEFAULTS.feature_preview),
-            "canopy_height": (self.height_check, DEFAULTS.canopy_height),
-            "min_tree_height_m": (self.min_height_spin, 0.0),
             "height_model_override": (self.height_model_override, ""),
         }
 
@@ -690,7 +689,7 @@ class RunPanel(QWidget):
         )
         params.validate()
         stem = Path(QgsProviderRegistry.instance().decodeUri("gdal", source).get("path") or source).stem
-        params.output_stem = free_output_stem(Path(params.output_dir), stem)
+        params = replace(params, output_stem=free_output_stem(Path(params.output_dir), stem))
         try:
             check_run_paths(params, inputs=(source,))
         except OutputPathError as error:

@@ -1,13 +1,18 @@
-"""What the algorithms run by the engine worker share: declared parameters read into one object, file
-outputs and one engine job.
+"""What the Processing algorithms share: their description, declared parameters read into one object, file
+outputs, and one job in the engine worker.
 
-An algorithm declares its parameters once (`declare()`: the QGIS definition, the field of
-`SegmentationParams` it fills and how its value converts, like QGIS's GdalAlgorithm subclasses that only
-describe their command); the base adds them, reads them into a `SegmentationParams` and validates it.
-Its outputs are tables too: `DESTINATIONS`, the files the engine writes (the destination parameters, read
-into output files by kind), and `VALUES`, what it returns from the run's record; the base declares both
-and builds the results from the record.
-Standard library, QGIS and engine_client only: no torch, no engine core.
+`DescribedAlgorithm` holds an algorithm's identity, help and returned values as class attributes (the torch-free
+evaluation derives from it directly). `EngineAlgorithm`, the base of those the engine worker runs: an algorithm
+declares its parameters once (`declare()`: the QGIS definition, the field of `SegmentationParams` (or
+`CrownOptions`) it fills and how its value converts with a reader such as `read_clusters`, like QGIS's
+GdalAlgorithm subclasses that only describe their command; `model_parameters()` and its siblings are the shared
+groups); the base adds them, reads them into one `SegmentationParams` and validates it before the engine starts.
+Its outputs are tables too: `DESTINATIONS`, the files the engine writes (the destination parameters, read into
+output files by kind), and `VALUES`, what it returns from the run's record; the base declares both and builds the
+results from the record. `engine_python()` finds the engine (engine_client owns the setting),
+`run_in_engine` runs one job on the shared EngineClient with the feedback's progress and cancel.
+Standard library, QGIS, the shared top-level modules (params, outputs, catalogue) and engine_client only: no
+torch, no engine.
 """
 
 from __future__ import annotations
@@ -36,7 +41,6 @@ from qgis.core import (
     QgsProcessingParameterString,
     QgsProcessingParameterVectorDestination,
     QgsRasterLayer,
-    QgsSettings,
 )
 
 from ... import params
@@ -44,10 +48,15 @@ from ...catalogue import DEFAULT_MODEL
 from ...outputs import SEGMENT_KINDS, SUFFIXES, OutputPathError, check_run_paths
 from ...params import ParameterError, SegmentationParams, parse_cluster_ids, parse_clusters
 from ..compat import ADVANCED, INTEGER, POLYGON_LAYERS
-from ..engine_client import EngineClient, EngineError, find_engine_python, missing_engine_message, shared_engine
+from ..engine_client import (
+    EngineClient,
+    EngineError,
+    configured_engine_python,
+    missing_engine_message,
+    shared_engine,
+)
 from ..raster_input import absolute_file
 
-ENGINE_PYTHON_SETTING = "treeseg/engine_python"
 MODEL_PAGE = "https://huggingface.co/facebook/dinov3-vitb16-pretrain-lvd1689m"
 HELP_URL = "https://github.com/treeseg-qgis/treeseg-qgis#processing-graphical-modeler-and-qgis_process"
 NON_FILE_DESTINATION = re.compile(r"^(ogr|memory|postgres|postgis|spatialite|mssql|oracle|hana):", re.IGNORECASE)
@@ -425,7 +434,7 @@ def _load_on_completion_as(context: QgsProcessingContext, queued: str, path: str
 
 def engine_python() -> str:
     """The engine's Python, or a QgsProcessingException that says how to set it up."""
-    python = find_engine_python(QgsSettings().value(ENGINE_PYTHON_SETTING, "", type=str) or None)
+    python = configured_engine_python()
     if python is None:
         raise QgsProcessingException(missing_engine_message())
     return python

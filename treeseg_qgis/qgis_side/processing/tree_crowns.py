@@ -6,6 +6,7 @@ engine worker process does the work (its `crowns` command); no model is loaded.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from qgis.core import (
     QgsRasterLayer,
 )
 
+from ...params import CROWN_DEFAULTS
 from ..compat import DOUBLE
 from ..raster_input import raster_file
 from ..results import style_loaded_outputs
@@ -65,20 +67,23 @@ class TreeCrownsAlgorithm(EngineAlgorithm):
     VALUES = (CROWN_COUNT,)
 
     def declare(self) -> list[Declared]:
-        """The crown options fill the fields of the engine's CrownOptions (core/crowns.py), not a run's."""
+        """The crown options fill the fields of a params.CrownOptions, not a run's; its defaults are theirs."""
         return [
             Declared(QgsProcessingParameterRasterLayer(self.INPUT, "Tree mask (1 = tree)")),
             Declared(QgsProcessingParameterRasterLayer(self.CLUSTERS, "Clusters (same grid)", optional=True)),
             Declared(QgsProcessingParameterNumber(
-                "MIN_AREA", "Minimum crown area (m²)", DOUBLE, defaultValue=2.0, minValue=0.0),
+                "MIN_AREA", "Minimum crown area (m²)", DOUBLE, defaultValue=CROWN_DEFAULTS.min_area_m2, minValue=0.0),
                 "min_area_m2", read_number),
             Declared(QgsProcessingParameterNumber(
-                "MIN_DISTANCE", "Minimum distance between centres (m)", DOUBLE, defaultValue=1.0,
+                "MIN_DISTANCE", "Minimum distance between centres (m)", DOUBLE,
+                defaultValue=CROWN_DEFAULTS.min_distance_m,
                 minValue=0.0), "min_distance_m", read_number, advanced=True),
             Declared(QgsProcessingParameterNumber(
-                "SMOOTHING", "Smoothing (m)", DOUBLE, defaultValue=0.2, minValue=0.0), "smoothing_m", read_number),
+                "SMOOTHING", "Smoothing (m)", DOUBLE, defaultValue=CROWN_DEFAULTS.smoothing_m, minValue=0.0),
+                "smoothing_m", read_number),
             Declared(QgsProcessingParameterNumber(
-                "MAX_CROWN", "Largest crown diameter (m)", DOUBLE, defaultValue=25.0, minValue=0.1),
+                "MAX_CROWN", "Largest crown diameter (m)", DOUBLE, defaultValue=CROWN_DEFAULTS.max_crown_m,
+                minValue=0.1),
                 "max_crown_m", read_number),
         ]
 
@@ -90,7 +95,7 @@ class TreeCrownsAlgorithm(EngineAlgorithm):
         if clusters is not None:
             _check_same_grid(trees, clusters)
         gpkg = self.output_files(parameters, context)["crowns"]
-        options = self.declared_values(parameters, context)
+        options = replace(CROWN_DEFAULTS, **self.declared_values(parameters, context))
         trees_path = raster_file(trees)
         clusters_path = raster_file(clusters) if clusters is not None else None
         record = run_in_engine(python, feedback, lambda client, report: client.crowns(
