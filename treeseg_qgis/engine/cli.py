@@ -88,10 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     learn = commands.add_parser(
         "teach",
         help="click-to-teach: scores of a class (trees, or any class) from a few example points, and its mask",
-        description="Features of the example locations become prototypes; every pixel gets a class score in "
-        "0..1 (<stem>_similarity.tif) and the mask score >= threshold (<stem>_taught_trees.tif; for another "
-        "class <stem>_<class>_similarity.tif and <stem>_taught_<class>.tif). The threshold is chosen from the "
-        "examples (leave one out) unless --threshold is given. Features come from the cache when an earlier "
+        description="A regularised classifier learns from the features around each example; every pixel gets "
+        "a calibrated class probability in 0..1 (<stem>_similarity.tif) and the mask probability >= threshold "
+        "(<stem>_taught_trees.tif; for another class <stem>_<class>_similarity.tif and <stem>_taught_<class>.tif). "
+        "The threshold is 0.5 unless --threshold is given. Features come from the cache when an earlier "
         "run made them, so only the scoring runs.",
     )
     learn.add_argument("input", metavar="INPUT", help="the raster")
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "or a CSV with col,row,is_tree in pixels")
     learn.add_argument("--out", required=True, metavar="DIR")
     learn.add_argument("--threshold", type=float, default=None,
-                       help="class score threshold (default: chosen from the examples)")
+                       help="class probability threshold (default: 0.5 on calibrated probabilities)")
     learn.add_argument("--class-name", default="tree", help="what the examples show, e.g. 'dead tree' (default: tree)")
     learn.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME|HF_ID|FOLDER")
     learn.add_argument("--stride", type=int, default=16, help=f"{_choices(STRIDES)} (default: 16)")

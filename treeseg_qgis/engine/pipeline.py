@@ -44,7 +44,7 @@ from .core.cache import CacheUnavailable, FeatureCache, file_identity
 from .core.canopy import load_height_model, predict_heights
 from .core.devices import describe_precision, resolve_device, resolve_precision
 from .core.errors import InputError, OutputError
-from .core.examples import Example
+from .core.examples import OTHER, Example
 from .core.feature_grid import FeatureGrid
 from .core.features import ColourFeatures, FeatureExtractor
 from .core.models import Backbone, load_backbone, weights_identity
@@ -58,7 +58,7 @@ from .core.segmentation import (
 )
 from .core.store import FeatureStore
 from .core.survey_model import SETTINGS, SurveyModel, clipping_note
-from .core.teach import prototypes, score_raster
+from .core.teach import class_mask_rule, score_raster, teach_classifier
 from .core.tiling import TileGrid, Window
 from .gis.crowns import CrownOptions, write_crowns
 from .gis.polygons import polygonize_clusters
@@ -218,12 +218,12 @@ def teach(
         if survey:
             survey.check_extractor(model)
         timings: dict[str, float] = {}
-        ensure_features(params, source, grid, extractor, store, progress.sub(0.02, 0.8), timings,
-                        survey.projection if survey else None)
+        raster_sample, _ = ensure_features(params, source, grid, extractor, store, progress.sub(0.02, 0.8),
+                                           timings, survey.projection if survey else None)
         if extractor is not None:
             model.update(extractor.describe())
-        found = prototypes(store, grid, examples)
-        decision = found.choose_threshold(threshold)
+        taught = teach_classifier(store, grid, examples, raster_sample, class_name)
+        decision = taught.threshold(threshold)
         paths = taught_class_paths(params, model["untrained"], class_name)
         for folder in {str(path.parent) for path in paths.all()}:
             _output_folder(folder)
@@ -234,21 +234,22 @@ def teach(
             writer = ScoreRasterWriter(str(staged.similarity), str(staged.taught_trees), source.width,
                                        source.height, source.crs_wkt, source.geotransform,
                                        _raster_metadata(params, model))
-            tree_pixels, valid_pixels = score_raster(source, store, grid, found, decision.value, writer,
-                                                     progress.sub(0.8, 0.99))
+            counts = score_raster(source, store, grid, taught.classifier, class_mask_rule(decision.value),
+                                  _ClassScores(writer), progress.sub(0.8, 0.99))
             writer.close()
+            valid_pixels = int(counts[:2].sum())
             record = {
                 "treeseg_version": __version__,
                 "warning": UNTRAINED_BANNER if model["untrained"] else None,
                 "model": model,
                 "class": class_name,
-                "examples": {"trees": len(found.trees), "not_trees": len(found.others)},
+                "examples": {"trees": taught.counts[class_name], "not_trees": taught.counts[OTHER]},
                 "threshold": decision.value,
                 "threshold_source": decision.source,
-                "threshold_note": decision.note,
-                "chosen_threshold": decision.chosen,
+                "threshold_note": "; ".join([decision.note, *taught.notes]),
                 "held_out_accuracy": decision.held_out_accuracy,
-                "tree_cover": round(tree_pixels / valid_pixels, 4) if valid_pixels else 0.0,
+                "temperature": taught.classifier.temperature,
+                "tree_cover": round(int(counts[1]) / valid_pixels, 4) if valid_pixels else 0.0,
                 "feature_cache": cache_state,
                 "outputs": {"similarity": str(paths.similarity), "taught_trees": str(paths.taught_trees),
                             "teach_record": str(paths.teach_record)},
@@ -267,6 +268,16 @@ def teach(
             raise
     progress.report(1.0, "Done")
     return record
+
+
+class _ClassScores:
+    """The teach score sink of one class: its probability band and the 0/1 mask to the score writer."""
+
+    def __init__(self, writer: ScoreRasterWriter) -> None:
+        self.writer = writer
+
+    def write(self, x: int, y: int, probabilities: np.ndarray, labels: np.ndarray) -> None:
+        self.writer.write(x, y, probabilities[0], labels)
 
 
 def extract_window(params: SegmentationParams, tiles: range, folder: str | Path,

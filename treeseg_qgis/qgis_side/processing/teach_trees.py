@@ -2,9 +2,9 @@
 through the engine worker.
 
 The points are turned into pixel positions here, on the QGIS side (any CRS, via
-the project's transform context); the engine scores every pixel by its DINOv3
-features' similarity to the examples; the threshold is chosen from the examples
-unless one is given. Features come from the engine's cache when the raster was
+the project's transform context); the engine learns a regularised classifier from the
+DINOv3 features around the examples and gives every pixel a calibrated class
+probability; the threshold is 0.5 unless one is given. Features come from the engine's cache when the raster was
 seen before, so a second run with another threshold skips the model.
 """
 
@@ -67,15 +67,14 @@ are compared with those of the examples.</p>
 the class must lie on the raster.</li>
 <li><b>Class field</b>: that field (empty: <i>is_tree</i>).</li>
 <li><b>Class</b>: what the examples show; it names the layers and the record.</li>
-<li><b>Threshold</b>: pixels scoring at least this belong to the class. Left empty, it is chosen from
-the examples: each is scored by the others (leave one out) and the threshold that best separates the
-two kinds is used; that needs two examples of each kind, else 0.5 (0.6 with class examples only) and a
-message says so. The features are cached, so running again with another threshold takes seconds
-(Feature cache: <i>hit</i>).</li>
+<li><b>Threshold</b>: pixels whose class probability is at least this belong to the class. Left empty,
+0.5: the probabilities are calibrated on the examples (each is scored by a model taught without it), so
+0.5 means "as likely the class as not"; the message says how well the examples agreed. The features are
+cached, so running again with another threshold takes seconds (Feature cache: <i>hit</i>).</li>
 </ul>
 <h3>Outputs</h3>
 <ul>
-<li><b>Similarity</b>: a GeoTIFF of scores from 0 (unlike the class examples) to 1 (like them).</li>
+<li><b>Similarity</b>: a GeoTIFF of class probabilities from 0 to 1.</li>
 <li><b>Class mask</b>: a GeoTIFF, 1 = the class, 0 = not, 255 = nodata.</li>
 <li>Beside the similarity file a record (<i>_teach.json</i>); the class cover, the threshold used and the
 feature-cache state are also returned for use in a model.</li>
