@@ -1,8 +1,10 @@
 """Click-to-teach through the pipeline: examples → scores → mask, re-thresholded from the cache."""
 
+import csv
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,3 +150,81 @@ def test_cli_teaches_a_named_class_and_prints_the_chosen_threshold(params, tmp_p
     assert "2 dead tree and 2 other examples, threshold" in result.stdout
     assert "on calibrated probabilities from the 2 + 2 examples" in result.stdout
     assert any(line.endswith("_taught_dead_tree.tif") for line in result.stdout.splitlines())
+
+
+@pytest.fixture
+def soap_061(tmp_path):
+    """SOAP_061 on a local 0.1 m grid, and its boxes: (xmin, ymin, xmax, ymax, label)."""
+    sample = REPO / "resources" / "sample"
+    path = tmp_path / "SOAP_061.tif"
+    gdal.Translate(str(path), str(sample / "SOAP_061.png"), format="GTiff", outputSRS="EPSG:32611",
+                   outputBounds=[0, 40, 40, 0], bandList=[1, 2, 3])
+    with open(sample / "SOAP_061_crowns_px.csv", newline="") as handle:
+        boxes = [(float(r["xmin"]), float(r["ymin"]), float(r["xmax"]), float(r["ymax"]), r["label"])
+                 for r in csv.DictReader(handle)]
+    return path, boxes
+
+
+def three_class_clicks(boxes) -> list[Example]:
+    """Five clicks each at live and dead crown centres, and five on ground far from every box."""
+    centre = {"Alive": "live tree", "Dead": "dead tree"}
+    clicks = []
+    for label, name in centre.items():
+        clicks += [Example((b[0] + b[2]) / 2, (b[1] + b[3]) / 2, label=name) for b in boxes if b[4] == label][:5]
+    inside = np.zeros((400, 400), bool)
+    for xmin, ymin, xmax, ymax, _ in boxes:
+        inside[int(ymin):int(ymax), int(xmin):int(xmax)] = True
+    rows, cols = np.nonzero(~inside[::40, ::40])
+    clicks += [Example(c * 40 + 20, r * 40 + 20, label="other") for r, c in zip(rows[::7][:5], cols[::7][:5])]
+    return clicks
+
+
+def test_three_classes_on_soap_061_write_a_class_raster_naming_them(tiny_model_dir, soap_061, tmp_path):
+    path, boxes = soap_061
+    params = SegmentationParams(input_path=str(path), output_dir=str(tmp_path / "out"), model=str(tiny_model_dir),
+                                device="cpu", cache_dir=str(tmp_path / "cache"), tile_size=128, overlap=32)
+    record = teach(params, three_class_clicks(boxes))
+    assert record["classes"] == ["live tree", "dead tree", "other"]
+    assert record["examples"] == {"live tree": 5, "dead tree": 5, "other": 5}
+    dataset = gdal.Open(record["outputs"]["classes"])
+    band_1 = dataset.GetRasterBand(1)
+    assert band_1.DataType == gdal.GDT_Byte and band_1.GetColorTable() is not None
+    assert band_1.GetCategoryNames()[:4] == ["unsure", "live tree", "dead tree", "other"]
+    values = band_1.ReadAsArray()
+    assert set(np.unique(values)) <= {0, 1, 2, 3} and len(set(np.unique(values)) - {0}) >= 2
+    probabilities = gdal.Open(record["outputs"]["class_probabilities"])
+    assert probabilities.RasterCount == 3
+    assert [probabilities.GetRasterBand(i + 1).GetDescription() for i in range(3)] == record["classes"]
+    stack = probabilities.ReadAsArray()
+    assert np.allclose(stack.sum(0), 1.0, atol=1e-3)
+    assert ((stack.max(0) < 0.5) == (values == 0)).mean() > 0.99
+    assert sum(record["class_cover"].values()) == pytest.approx(1.0, abs=1e-3)
+    polygons = ogr.Open(record["outputs"]["class_polygons"])
+    names = {feature.GetField("class") for feature in polygons.GetLayer(0)}
+    assert names and names <= set(record["classes"]) and record["polygons"] == polygons.GetLayer(0).GetFeatureCount()
+    assert record["outputs"]["teach_record"].endswith("_classes_teach.json")
+
+
+def test_points_with_a_class_field_through_the_cli(params, tmp_path):
+    clicks = tmp_path / "clicks.csv"
+    clicks.write_text("col,row,class\n80,70,crown\n300,90,crown\n200,20,ground\n380,300,ground\n10,10,\n")
+    result = subprocess.run([sys.executable, "-m", "treeseg_qgis", "teach", params.input_path, "--examples",
+                             str(clicks), "--out", params.output_dir, "--model", params.model, "--device", "cpu"],
+                            capture_output=True, text=True, cwd=REPO, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 classes from 2 crown, 2 ground examples" in result.stdout
+    outputs = result.stdout.strip().splitlines()[-4:]
+    assert [Path(p).name for p in outputs] == ["scene_classes.tif", "scene_class_probabilities.tif",
+                                               "scene_class_polygons.gpkg", "scene_classes_teach.json"]
+    dataset = gdal.Open(outputs[0])
+    band_1 = dataset.GetRasterBand(1)
+    assert band_1.GetColorTable() is not None  # GDAL 3.6 reads the .aux.xml categories only after that
+    assert band_1.GetCategoryNames()[:3] == ["unsure", "crown", "ground"]
+
+
+def test_several_classes_need_two_of_them(params):
+    with pytest.raises(InputError, match="at least two classes inside the raster"):
+        teach(params, [Example(80, 70, label="crown"), Example(300, 90, label="crown"),
+                       Example(5000, 10, label="ground")])
+    assert not list(Path(params.output_dir).glob("*_classes*"))

@@ -96,8 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     learn.add_argument("input", metavar="INPUT", help="the raster")
     learn.add_argument("--examples", required=True,
-                       help="points with an is_tree field (1 = an example of the class, 0 = something else), "
-                       "or a CSV with col,row,is_tree in pixels")
+                       help="points with an is_tree field (1 = an example of the class, 0 = something else) or a "
+                       "text class field naming each point's class (two or more classes: <stem>_classes.tif, "
+                       "<stem>_class_probabilities.tif, <stem>_class_polygons.gpkg), or a CSV with col,row,is_tree "
+                       "or col,row,class in pixels")
     learn.add_argument("--out", required=True, metavar="DIR")
     learn.add_argument("--threshold", type=float, default=None,
                        help="class probability threshold (default: 0.5 on calibrated probabilities)")
@@ -398,6 +400,14 @@ def _teach(args: argparse.Namespace) -> int:
                    class_name=args.class_name)
     if record["warning"]:
         print(f"\n!!! {record['warning']}\n", file=sys.stderr)
+    if "classes" in record:
+        covers = ", ".join(f"{name} {100 * cover:.1f} %" for name, cover in record["class_cover"].items())
+        examples = ", ".join(f"{count} {name}" for name, count in record["examples"].items())
+        print(f"{len(record['classes'])} classes from {examples} examples; {record['threshold_note']}; cover: "
+              f"{covers} (features: {record['feature_cache']})")
+        for path in record["outputs"].values():
+            print(path)
+        return 0
     print(f"{record['examples']['trees']} {record['class']} and {record['examples']['not_trees']} other examples, "
           f"{record['threshold_note']}, {record['class']} cover {100 * record['tree_cover']:.1f} % "
           f"(features: {record['feature_cache']})")

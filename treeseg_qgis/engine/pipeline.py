@@ -58,8 +58,9 @@ from .core.segmentation import (
 )
 from .core.store import FeatureStore
 from .core.survey_model import SETTINGS, SurveyModel, clipping_note
-from .core.teach import class_mask_rule, score_raster, teach_classifier
+from .core.teach import UNSURE_BELOW, Taught, class_mask_rule, classes_rule, score_raster, teach_classifier
 from .core.tiling import TileGrid, Window
+from .gis.class_outputs import UNSURE, UNSURE_NAME, ClassRasterWriter, write_class_polygons
 from .gis.crowns import CrownOptions, write_crowns
 from .gis.polygons import polygonize_clusters
 from .gis.preview import write_elbow_plot, write_preview
@@ -67,6 +68,7 @@ from .gis.raster import GdalRasterSource, HeightReader, limit_block_cache
 from .gis.reference import Grid, read_examples
 from .gis.writers import HeightRasterWriter, LabelRasterWriter, ScoreRasterWriter, write_rgb_blocks
 
+CLASSES_RECORD_SUFFIX = "_classes_teach.json"
 log = logging.getLogger("treeseg")
 
 UNTRAINED_BANNER = (
@@ -196,12 +198,13 @@ def teach(
     load_model: ModelLoader | None = None,
     class_name: str = DEFAULT_CLASS,
 ) -> dict:
-    """Click-to-teach: class scores from example locations and the class mask (core/teach.py).
+    """Click-to-teach: class probabilities from example locations and the class mask (core/teach.py).
 
-    `examples` is a list of pixel positions (`is_tree`: an example of the class), or
-    a file (points with `is_tree`, or a col,row,is_tree CSV). The threshold is
-    chosen from the examples unless `threshold` is given. Features come from the
-    cache when it holds them.
+    `examples` is a list of pixel positions (`is_tree`: an example of the class; `label`: its class when
+    several are taught), or a file (points with `is_tree` or a text `class` field, or a CSV of col,row,is_tree
+    or col,row,class). One class: its probability and mask (P ≥ `threshold`, default 0.5). Several classes:
+    the class raster (most probable class, "unsure" where none reaches 0.5), one probability band per class and
+    polygons with a `class` field. Features come from the cache when it holds them.
     """
     validate_params(params)
     if threshold is not None and not 0.0 <= threshold <= 1.0:
@@ -223,51 +226,127 @@ def teach(
         if extractor is not None:
             model.update(extractor.describe())
         taught = teach_classifier(store, grid, examples, raster_sample, class_name)
-        decision = taught.threshold(threshold)
-        paths = taught_class_paths(params, model["untrained"], class_name)
-        for folder in {str(path.parent) for path in paths.all()}:
-            _output_folder(folder)
-        transaction = OutputTransaction([paths.similarity, paths.taught_trees, paths.teach_record])
-        staged = paths.staged(transaction)
-        writer = None
-        try:
-            writer = ScoreRasterWriter(str(staged.similarity), str(staged.taught_trees), source.width,
-                                       source.height, source.crs_wkt, source.geotransform,
-                                       _raster_metadata(params, model))
-            counts = score_raster(source, store, grid, taught.classifier, class_mask_rule(decision.value),
-                                  _ClassScores(writer), progress.sub(0.8, 0.99))
-            writer.close()
-            valid_pixels = int(counts[:2].sum())
-            record = {
-                "treeseg_version": __version__,
-                "warning": UNTRAINED_BANNER if model["untrained"] else None,
-                "model": model,
-                "class": class_name,
-                "examples": {"trees": taught.counts[class_name], "not_trees": taught.counts[OTHER]},
-                "threshold": decision.value,
-                "threshold_source": decision.source,
-                "threshold_note": "; ".join([decision.note, *taught.notes]),
-                "held_out_accuracy": decision.held_out_accuracy,
-                "temperature": taught.classifier.temperature,
-                "tree_cover": round(int(counts[1]) / valid_pixels, 4) if valid_pixels else 0.0,
-                "feature_cache": cache_state,
-                "outputs": {"similarity": str(paths.similarity), "taught_trees": str(paths.taught_trees),
-                            "teach_record": str(paths.teach_record)},
-                "timings": {**{k: round(v, 3) for k, v in timings.items()},
-                            "total": round(time.perf_counter() - started, 3)},
-            }
-            _write_json(staged.teach_record, record)
-            progress.check()
-            with interrupts.deferred(reraise=False):
-                _commit(transaction, [paths.similarity, paths.taught_trees, paths.teach_record], [])
-        except BaseException:
-            with interrupts.deferred(reraise=False):
-                if writer is not None:
-                    writer.abort()
-                transaction.abort()
-            raise
+        scoring = progress.sub(0.8, 0.99)
+        summary = {
+            "treeseg_version": __version__,
+            "warning": UNTRAINED_BANNER if model["untrained"] else None,
+            "model": model,
+        }
+        if any(example.label for example in examples):
+            record = _write_classes(params, source, store, grid, taught, summary, scoring)
+        else:
+            record = _write_class(params, source, store, grid, taught, threshold, class_name, summary, scoring)
+        record["held_out_accuracy"] = taught.held_out_accuracy
+        record["temperature"] = taught.classifier.temperature
+        record["feature_cache"] = cache_state
+        record["timings"] = {**{k: round(v, 3) for k, v in timings.items()},
+                             "total": round(time.perf_counter() - started, 3)}
+        _commit_teach(record, progress)
     progress.report(1.0, "Done")
     return record
+
+
+def _write_class(params: SegmentationParams, source: GdalRasterSource, store: FeatureStore, grid: FeatureGrid,
+                 taught: Taught, threshold: float | None, class_name: str, summary: dict,
+                 progress: Progress) -> dict:
+    """One class taught: its probability raster and mask, staged; the record without timings."""
+    decision = taught.threshold(threshold)
+    paths = taught_class_paths(params, summary["model"]["untrained"], class_name)
+    finals = [paths.similarity, paths.taught_trees, paths.teach_record]
+    transaction, staged = _teach_transaction(finals)
+    writer = None
+    try:
+        writer = ScoreRasterWriter(str(staged[0]), str(staged[1]), source.width, source.height, source.crs_wkt,
+                                   source.geotransform, _raster_metadata(params, summary["model"]))
+        counts = score_raster(source, store, grid, taught.classifier, class_mask_rule(decision.value),
+                              _ClassScores(writer), progress)
+        writer.close()
+    except BaseException:
+        with interrupts.deferred(reraise=False):
+            if writer is not None:
+                writer.abort()
+            transaction.abort()
+        raise
+    valid_pixels = int(counts[:2].sum())
+    return {
+        **summary,
+        "class": class_name,
+        "examples": {"trees": taught.counts[class_name], "not_trees": taught.counts[OTHER]},
+        "threshold": decision.value,
+        "threshold_source": decision.source,
+        "threshold_note": "; ".join([decision.note, *taught.notes]),
+        "tree_cover": round(int(counts[1]) / valid_pixels, 4) if valid_pixels else 0.0,
+        "outputs": {"similarity": str(paths.similarity), "taught_trees": str(paths.taught_trees),
+                    "teach_record": str(paths.teach_record)},
+        "_transaction": (transaction, staged[2], finals),
+    }
+
+
+def _write_classes(params: SegmentationParams, source: GdalRasterSource, store: FeatureStore, grid: FeatureGrid,
+                   taught: Taught, summary: dict, progress: Progress) -> dict:
+    """Several classes taught: the class raster, the probabilities and the class polygons, staged."""
+    paths = OutputPaths.for_params(params, summary["model"]["untrained"])
+    record_path = paths.teach_record if params.outputs.teach_record else Path(
+        str(paths.classes)[: -len(SUFFIXES["classes"])] + CLASSES_RECORD_SUFFIX)
+    finals = [paths.classes, paths.class_probabilities, paths.class_polygons, record_path]
+    transaction, staged = _teach_transaction(finals)
+    names = taught.classifier.classes
+    writer = None
+    try:
+        writer = ClassRasterWriter(str(staged[0]), str(staged[1]), source.width, source.height, source.crs_wkt,
+                                   source.geotransform, names, _raster_metadata(params, summary["model"]))
+        counts = score_raster(source, store, grid, taught.classifier, classes_rule(UNSURE), writer, progress)
+        writer.close()
+        polygons = write_class_polygons(str(staged[0]), str(staged[2]), names)
+    except BaseException:
+        with interrupts.deferred(reraise=False):
+            if writer is not None:
+                writer.abort()
+            transaction.abort()
+        raise
+    valid_pixels = max(int(counts[: len(names) + 1].sum()), 1)
+
+    def share(pixels: int) -> float:
+        return round(int(pixels) / valid_pixels, 4)
+
+    return {
+        **summary,
+        "classes": names,
+        "class_values": {name: index + 1 for index, name in enumerate(names)},
+        "unsure_value": UNSURE,
+        "examples": taught.counts,
+        "class_cover": {**{name: share(counts[index + 1]) for index, name in enumerate(names)},
+                        UNSURE_NAME: share(counts[UNSURE])},
+        "polygons": polygons,
+        "threshold_note": f"most probable class; {UNSURE_NAME} where none reaches {UNSURE_BELOW:.2f}"
+                          + (f" (leave-one-out accuracy {taught.held_out_accuracy:.2f})"
+                             if taught.held_out_accuracy is not None else " (too few examples to check them)"),
+        "outputs": {"classes": str(paths.classes), "class_probabilities": str(paths.class_probabilities),
+                    "class_polygons": str(paths.class_polygons), "teach_record": str(record_path)},
+        "_transaction": (transaction, staged[3], finals),
+    }
+
+
+def _teach_transaction(finals: list[Path]) -> tuple[OutputTransaction, list[Path]]:
+    """The transaction of a teach run's files (their folders made) and where each is staged."""
+    for folder in {str(path.parent) for path in finals}:
+        _output_folder(folder)
+    transaction = OutputTransaction(finals)
+    return transaction, [transaction.staged(path) for path in finals]
+
+
+def _commit_teach(record: dict, progress: Progress) -> None:
+    """Write the record beside the staged files and move them all into place, or none."""
+    transaction, record_path, finals = record.pop("_transaction")
+    try:
+        _write_json(record_path, record)
+        progress.check()
+        with interrupts.deferred(reraise=False):
+            _commit(transaction, finals, [])
+    except BaseException:
+        with interrupts.deferred(reraise=False):
+            transaction.abort()
+        raise
 
 
 class _ClassScores:
