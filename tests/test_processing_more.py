@@ -189,6 +189,33 @@ def test_teach_scores_from_points_in_another_crs_and_reuses_the_features(provide
     assert np.array_equal(read_raster(unset["OUTPUT_TREES"]) == 1, read_raster(unset["OUTPUT_SIMILARITY"]) >= 0.5)
 
 
+def test_teachclasses_writes_named_classes_probabilities_and_polygons(provider, tiny_model_dir,  # noqa: F811
+                                                                      small_scene, tmp_path):
+    from qgis.core import QgsGeometry, QgsPointXY
+
+    path, _ = small_scene
+    examples = [(*CROWN_CENTRES[0], "crown"), (*CROWN_CENTRES[1], "crown"), (120, 96, "ground"), (5, 5, "ground"),
+                (64, 96, "")]  # (row, col, class); the empty one is skipped
+    points = wgs84_memory_layer("Point", "examples",
+                                [QgsGeometry.fromPointXY(QgsPointXY(*to_map(row, col))) for row, col, _ in examples],
+                                [{"class": name} for _, _, name in examples])
+    results = run("teachclasses", {"INPUT": str(path), "EXAMPLES": points, "MODEL_ID": str(tiny_model_dir),
+                                   "DEVICE": "cpu", "OUTPUT_CLASSES": str(tmp_path / "out" / "classes.tif"),
+                                   "OUTPUT_CLASS_PROBABILITIES": str(tmp_path / "out" / "p.tif"),
+                                   "OUTPUT_CLASS_POLYGONS": str(tmp_path / "out" / "classes.gpkg")})
+
+    dataset = gdal.Open(results["OUTPUT_CLASSES"])
+    band = dataset.GetRasterBand(1)
+    assert band.GetColorTable() is not None and band.GetCategoryNames()[:3] == ["unsure", "crown", "ground"]
+    classes = band.ReadAsArray()
+    assert all(classes[row, col] == 1 for row, col, name in examples if name == "crown")
+    assert gdal.Open(results["OUTPUT_CLASS_PROBABILITIES"]).RasterCount == 2
+    names, rows = vector_rows(results["OUTPUT_CLASS_POLYGONS"])
+    assert "class" in names and {row["class"] for row in rows} <= {"crown", "ground"}
+    record = json.loads(Path(results["TEACH_RECORD"]).read_text())
+    assert record["examples"] == {"crown": 2, "ground": 2} and results["FEATURE_CACHE"] == "miss"
+
+
 def test_the_worker_splits_a_mask_into_crowns(disc_mask, tmp_path):
     client = EngineClient(sys.executable)
     progress = []

@@ -209,10 +209,12 @@ def _fit(clicks: list[tuple[np.ndarray, np.ndarray]], labels: list[int], present
 def _held_out(clicks: list[tuple[np.ndarray, np.ndarray]], labels: list[int], present: list[int],
               classes: list[str], scale: float, skip_last: bool) -> tuple[np.ndarray, np.ndarray] | None:
     """Each click's mean logits by a model fitted without it (only clicks whose class keeps another
-    example); None when fewer than two clicks of two classes can be held out."""
+    click; with `skip_last` the last, the raster's sample, is never held out nor counted as a click); None
+    when no clicks of two classes can be held out."""
     logits, truth = [], []
-    for index, label in enumerate(labels):
-        if (skip_last and index == len(labels) - 1) or labels.count(label) < 2:
+    held = labels[:-1] if skip_last else labels
+    for index, label in enumerate(held):
+        if held.count(label) < 2:
             continue
         rest = [c for i, c in enumerate(clicks) if i != index]
         rest_labels = [x for i, x in enumerate(labels) if i != index]
