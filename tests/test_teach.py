@@ -1,6 +1,7 @@
 """Click-to-teach through the pipeline: examples → scores → mask, re-thresholded from the cache."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -228,3 +229,88 @@ def test_several_classes_need_two_of_them(params):
         teach(params, [Example(80, 70, label="crown"), Example(300, 90, label="crown"),
                        Example(5000, 10, label="ground")])
     assert not list(Path(params.output_dir).glob("*_classes*"))
+
+
+@pytest.fixture
+def survey_of_three(tmp_path, tiny_model_dir):
+    """Three scenes of one survey and the cluster model fitted on them."""
+    from treeseg_qgis.engine.survey import fit_survey
+
+    from .conftest import disc_scene, write_geotiff
+
+    paths = []
+    for seed, centres in enumerate(([(70, 80), (90, 300), (220, 180)], [(60, 60), (200, 250)],
+                                    [(100, 100), (240, 320), (60, 330)])):
+        image, _ = disc_scene(320, 400, centres, radius=40, seed=seed)
+        paths.append(write_geotiff(tmp_path / f"plot_{seed}.tif", image))
+    model = tmp_path / "survey.treeseg"
+    fit_survey([str(p) for p in paths], survey_params(tiny_model_dir, paths[0], tmp_path), model)
+    return paths, model
+
+
+def survey_params(tiny_model_dir, path, tmp_path, **options) -> SegmentationParams:
+    return SegmentationParams(input_path=str(path), output_dir=str(tmp_path / "out"), model=str(tiny_model_dir),
+                              device="cpu", cache_dir=str(tmp_path / "cache"), tile_size=128, overlap=32, **options)
+
+
+CLASS_CLICKS = [Example(80, 70, label="crown"), Example(300, 90, label="crown"), Example(180, 220, label="crown"),
+                Example(200, 10, label="ground"), Example(390, 310, label="ground"), Example(10, 300, label="ground")]
+
+
+def class_legend(path) -> tuple[list[str], list[tuple]]:
+    dataset = gdal.Open(str(path))
+    band_1 = dataset.GetRasterBand(1)
+    table = band_1.GetColorTable()
+    return band_1.GetCategoryNames()[:4], [table.GetColorEntry(i) for i in range(4)]
+
+
+def test_a_taught_classifier_applied_to_three_rasters_gives_one_legend(tiny_model_dir, survey_of_three, tmp_path):
+    (first, *others), model = survey_of_three
+    saved = tmp_path / "crowns.treeseg"
+    taught = teach(survey_params(tiny_model_dir, first, tmp_path, cluster_model=str(model)), CLASS_CLICKS,
+                   save_classifier=str(saved))
+    assert taught["classifier"] == {"saved": str(saved)} and taught["outputs"]["classifier"] == str(saved)
+    records = [teach(survey_params(tiny_model_dir, path, tmp_path, cluster_model=str(model)), None,
+                     classifier=str(saved)) for path in others]
+    legends = {json.dumps(class_legend(record["outputs"]["classes"])) for record in [taught, *records]}
+    assert len(legends) == 1 and class_legend(taught["outputs"]["classes"])[0] == ["unsure", "crown", "ground", ""]
+    assert all(record["classes"] == ["crown", "ground"] and record["classifier"] == {"applied": str(saved)}
+               for record in records)
+    again = teach(survey_params(tiny_model_dir, first, tmp_path / "again", cluster_model=str(model)), None,
+                  classifier=str(saved))
+    assert band(again["outputs"]["classes"]).tolist() == band(taught["outputs"]["classes"]).tolist()
+
+
+def test_a_damaged_edited_or_misused_classifier_is_refused_in_one_line(tiny_model_dir, survey_of_three, tmp_path):
+    (first, second, _), model = survey_of_three
+    saved = tmp_path / "crowns.treeseg"
+    params = survey_params(tiny_model_dir, first, tmp_path, cluster_model=str(model))
+    teach(params, CLASS_CLICKS, save_classifier=str(saved))
+    apply = survey_params(tiny_model_dir, second, tmp_path / "b", cluster_model=str(model))
+
+    damaged = tmp_path / "damaged.treeseg"
+    damaged.write_bytes(saved.read_bytes()[:200])
+    edited = tmp_path / "edited.treeseg"
+    with np.load(saved) as data:
+        header = json.loads(bytes(data["header"]).decode())
+        header["classes"].append("roof")  # a class without weights
+        with open(edited, "wb") as handle:
+            np.savez(handle, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
+                     weights=data["weights"], offsets=data["offsets"])
+    fifo = tmp_path / "fifo.treeseg"
+    os.mkfifo(fifo)
+    for path, reason in ((damaged, "is not a treeseg taught classifier, or it is damaged"),
+                         (edited, "is damaged or was edited"), (fifo, "is not a regular file"),
+                         (model, "is not a treeseg taught classifier")):
+        with pytest.raises(InputError, match=reason) as refused:
+            teach(apply, None, classifier=str(path))
+        assert "\n" not in str(refused.value)
+    with pytest.raises(InputError, match="give the survey cluster model"):
+        teach(survey_params(tiny_model_dir, second, tmp_path / "c"), None, classifier=str(saved))
+    with pytest.raises(InputError, match="one of this run's inputs"):
+        teach(params, CLASS_CLICKS, save_classifier=str(model))
+    assert not list((tmp_path / "b").glob("*")) or not list((tmp_path / "b" / "out").glob("*_classes*"))
+    size = saved.stat().st_size
+    with pytest.raises(InputError):
+        teach(params, [Example(80, 70, label="crown")], save_classifier=str(saved))
+    assert saved.stat().st_size == size  # a failed teach leaves the saved classifier as it was

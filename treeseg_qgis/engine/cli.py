@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run made them, so only the scoring runs.",
     )
     learn.add_argument("input", metavar="INPUT", help="the raster")
-    learn.add_argument("--examples", required=True,
+    learn.add_argument("--examples",
                        help="points with an is_tree field (1 = an example of the class, 0 = something else) or a "
                        "text class field naming each point's class (two or more classes: <stem>_classes.tif, "
                        "<stem>_class_probabilities.tif, <stem>_class_polygons.gpkg), or a CSV with col,row,is_tree "
@@ -104,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--threshold", type=float, default=None,
                        help="class probability threshold (default: 0.5 on calibrated probabilities)")
     learn.add_argument("--class-name", default="tree", help="what the examples show, e.g. 'dead tree' (default: tree)")
+    learn.add_argument("--cluster-model", metavar="FILE",
+                       help="a survey cluster model (.treeseg, from `fit`): its PCA makes the features of every "
+                       "raster of the survey alike, so a taught classifier can be saved and applied to the others")
+    learn.add_argument("--save-classifier", metavar="FILE",
+                       help="keep the taught classifier in this file (.treeseg; needs --cluster-model)")
+    learn.add_argument("--classifier", metavar="FILE",
+                       help="apply a saved taught classifier instead of examples (with its --cluster-model): "
+                       "the same classes and legend as on every other raster it was applied to")
     learn.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME|HF_ID|FOLDER")
     learn.add_argument("--stride", type=int, default=16, help=f"{_choices(STRIDES)} (default: 16)")
     learn.add_argument("--bands", default="1,2,3", metavar="R,G,B")
@@ -392,12 +400,16 @@ def _print_summary(record: dict) -> None:
 def _teach(args: argparse.Namespace) -> int:
     from .pipeline import teach
 
+    if bool(args.examples) == bool(args.classifier):
+        raise InputError("Give the examples (--examples) or a taught classifier to apply (--classifier), one of "
+                         "the two.")
     params = SegmentationParams(input_path=args.input, output_dir=args.out, model=args.model, stride=args.stride,
                                 bands=_bands(args.bands), device=args.device, allow_untrained=args.allow_untrained,
-                                use_cache=not args.no_cache, cache_dir=args.cache_dir)
+                                use_cache=not args.no_cache, cache_dir=args.cache_dir,
+                                cluster_model=args.cluster_model)
     params.validate()
     record = teach(params, args.examples, args.threshold, Progress(_TerminalProgress(), interrupts.stop_requested),
-                   class_name=args.class_name)
+                   class_name=args.class_name, classifier=args.classifier, save_classifier=args.save_classifier)
     if record["warning"]:
         print(f"\n!!! {record['warning']}\n", file=sys.stderr)
     if "classes" in record:
