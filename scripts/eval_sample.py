@@ -28,7 +28,13 @@ sys.path.insert(0, str(REPO))
 from osgeo import gdal  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from treeseg_qgis.engine.core.evaluation import ReferenceObject, boxes_to_objects, exg_otsu_mask, union_mask  # noqa: E402
+from treeseg_qgis.engine.core.evaluation import (  # noqa: E402
+    ReferenceObject,
+    box_scores,
+    boxes_to_objects,
+    exg_otsu_mask,
+    union_mask,
+)
 from treeseg_qgis.engine.core.examples import Example  # noqa: E402
 from treeseg_qgis.engine.core.models import hub_offline  # noqa: E402
 from treeseg_qgis.engine.evaluate import object_scores  # noqa: E402
@@ -118,6 +124,7 @@ class Image:
     pixel_size_m: float
     model: str
     out: Path
+    class_rows: list[list[str]] = field(default_factory=list)
 
 
 def main() -> None:
@@ -191,6 +198,7 @@ def evaluate_image(image: Image, seeds: int, class_label: str, untrained: set[st
         rows.append(row)
         print_row(row)
     rows += teach_rows(image, every_box, far_from_boxes, seeds, "tree", goal_for(rows[1], rows[0]), counts)
+    image.class_rows = three_class_rows(image, far_from_boxes, seeds, valid)
     class_boxes = boxes_to_objects([b[:4] for b in image.boxes if b[4] == class_label], shape)
     if not class_boxes:
         return rows, []
@@ -205,6 +213,59 @@ def reference_row(label: str, mask: np.ndarray, valid: np.ndarray, objects: list
     row = Row(label, "none", scores=[object_scores(mask, valid, objects)])
     print_row(row)
     return row
+
+
+THREE_CLASSES = {"Alive": "live tree", "Dead": "dead tree"}
+
+
+def three_class_rows(image: Image, far_from_boxes: np.ndarray, seeds: int, valid: np.ndarray) -> list[list[str]]:
+    """Live tree, dead tree and other taught at once (5 clicks each per seed) where the boxes carry both
+    labels: per class, box recall and in-box precision against that label's boxes; the unsure share."""
+    objects = {name: boxes_to_objects([b[:4] for b in image.boxes if b[4] == label], valid.shape)
+               for label, name in THREE_CLASSES.items()}
+    if not all(objects.values()):
+        return []
+    rows = []
+    for features, options in TEACH_FEATURES:
+        params = run_params(image, options)
+        measured: dict[str, list[float]] = {}
+        for seed in range(seeds):
+            rng = np.random.default_rng(seed)
+            clicks = []
+            for name, found in objects.items():
+                for i in rng.choice(len(found), size=min(5, len(found)), replace=False):
+                    clicks.append(Example((found[i].cols.start + found[i].cols.stop) / 2,
+                                          (found[i].rows.start + found[i].rows.stop) / 2, label=name))
+            far_rows, far_cols = np.nonzero(far_from_boxes)
+            clicks += [Example(far_cols[i] + 0.5, far_rows[i] + 0.5, label="other")
+                       for i in rng.choice(len(far_rows), size=5, replace=False)]
+            record = teach(params, clicks, load_model=SHARED_MODEL)
+            dataset = gdal.Open(record["outputs"]["classes"])
+            values = dataset.GetRasterBand(1).ReadAsArray()
+            for name, found in objects.items():
+                scores = box_scores(values == record["class_values"][name], found, valid)
+                measured.setdefault(f"{name} recall", []).append(scores["box_recall"])
+                measured.setdefault(f"{name} precision", []).append(scores["in_box_precision"])
+            measured.setdefault("unsure", []).append(record["class_cover"]["unsure"])
+        rows.append([features, record["model"]["weights"], *(summary(v, 2) for v in measured.values())])
+        print(f"Three classes, {features}: " + ", ".join(f"{k} {summary(v, 2)}" for k, v in measured.items()))
+    return rows
+
+
+THREE_CLASS_HEADER = ["features", "weights", "live tree: box recall", "live tree: in-box precision",
+                      "dead tree: box recall", "dead tree: in-box precision", "unsure cover"]
+
+
+def three_class_table(image: Image) -> list[str]:
+    if not image.class_rows:
+        return []
+    return [f"### {image.name}: live tree, dead tree and other at once", "",
+            "5 clicks of each class per click set, one set per seed (cells: mean (min–max) over the sets; "
+            "live and dead at the centres of Alive and Dead boxes, other ≥ 3 m from every box), at the defaults. "
+            "A class's box recall and in-box precision count its own pixels against its own label's boxes "
+            "(not every live crown has a box, so live precision is a lower bound).", "",
+            "| " + " | ".join(THREE_CLASS_HEADER) + " |", "|" + " --- |" * len(THREE_CLASS_HEADER),
+            *("| " + " | ".join(row) + " |" for row in image.class_rows), ""]
 
 
 def goal_for(textbook: Row, all_pixels: Row) -> Goal:
@@ -363,6 +424,7 @@ def write_report(path: Path, sections: list, untrained: set[str], args: argparse
                       f"≥ {MIN_DISTANCE_M:g} m from every box. Greenness is expected to fail here.",
                       ""]
             lines += table(class_rows)
+        lines += three_class_table(image)
     lines += REPRODUCE
     if not args.pairs:
         lines += ["", "Imagery: NEON (National Ecological Observatory Network), CC BY 4.0, via the deepforest "

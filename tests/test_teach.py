@@ -314,3 +314,11 @@ def test_a_damaged_edited_or_misused_classifier_is_refused_in_one_line(tiny_mode
     with pytest.raises(InputError):
         teach(params, [Example(80, 70, label="crown")], save_classifier=str(saved))
     assert saved.stat().st_size == size  # a failed teach leaves the saved classifier as it was
+
+
+def test_cli_teach_needs_examples_or_a_classifier(params):
+    result = subprocess.run([sys.executable, "-m", "treeseg_qgis", "teach", params.input_path, "--out",
+                             params.output_dir], capture_output=True, text=True, cwd=REPO, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and "Give the examples (--examples) or a taught classifier" in result.stderr
+    assert "Traceback" not in result.stderr and not os.path.exists(params.output_dir)

@@ -38,6 +38,8 @@ from .tiling import Window
 SIMILARITY_NODATA = -1.0
 DEFAULT_THRESHOLD = 0.5
 UNSURE_BELOW = 0.5
+MAX_CLASSES = 254
+"""Class values 1..254 in a Byte raster: 0 is unsure, 255 nodata."""
 MIN_SIGMA_PX = 6.0
 REGULARISATION_C = 10.0
 TEMPERATURES = np.exp(np.linspace(np.log(0.02), np.log(50.0), 81))
@@ -147,6 +149,9 @@ def teach_classifier(store: FeatureStore, grid: FeatureGrid, examples: list[Exam
     labels = [classes.index(e.label) if e.label else (0 if e.is_tree else 1) for e in inside]
     counts = {name: labels.count(index) for index, name in enumerate(classes)}
     multi = any(e.label for e in examples)
+    if len(classes) > MAX_CLASSES:
+        raise InputError(f"Teaching takes at most {MAX_CLASSES} classes at once, not {len(classes)}: is the class "
+                         "field the right one?")
     if multi and sum(n > 0 for n in counts.values()) < 2:
         raise InputError("Teaching several classes needs examples of at least two classes inside the raster "
                          f"({len(examples)} given, {len(inside)} inside: {_listed(counts)}).")
