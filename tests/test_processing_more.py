@@ -353,7 +353,7 @@ def test_only_plain_single_layer_files_are_read_directly(qgis_processing, tmp_pa
 def test_the_provider_lists_the_algorithms_in_their_groups(provider):  # noqa: F811
     groups = {algorithm.id(): algorithm.group() for algorithm in provider.algorithms()}
     assert groups == {"treeseg:segmenttrees": "Segmentation", "treeseg:teach": "Segmentation",
-                      "treeseg:treecrowns": "Segmentation", "treeseg:evaluate": "Quality",
+                      "treeseg:teachclasses": "Segmentation", "treeseg:treecrowns": "Segmentation", "treeseg:evaluate": "Quality",
                       "treeseg:fitclustermodel": "Surveys", "treeseg:applyclustermodel": "Surveys"}
 
 
@@ -362,7 +362,7 @@ def test_help_wraps_as_paragraphs_and_the_batch_dialog_starts_with_the_essential
 
     for algorithm in provider.algorithms():
         assert "\n" not in algorithm.shortHelpString() and "<p>" in algorithm.shortHelpString()
-    for name in ("segmenttrees", "teach", "treecrowns", "fitclustermodel", "applyclustermodel"):
+    for name in ("segmenttrees", "teach", "teachclasses", "treecrowns", "fitclustermodel", "applyclustermodel"):
         descriptions = [parameter.description() for parameter in provider.algorithm(name).parameterDefinitions()]
         assert max(map(len, descriptions)) <= 36, descriptions
     segment = provider.algorithm("segmenttrees")
@@ -406,6 +406,12 @@ SCRIPTING_INTERFACE = {  # algorithm id: (group id, parameter names in order, ou
         "OUTPUT_SIMILARITY OUTPUT_TREES",
         "OUTPUT_SIMILARITY:outputRaster OUTPUT_TREES:outputRaster TREE_COVER:outputNumber "
         "THRESHOLD_USED:outputNumber FEATURE_CACHE:outputString TEACH_RECORD:outputFile"),
+    "treeseg:teachclasses": (
+        "segmentation",
+        "INPUT EXAMPLES CLASS_FIELD MODEL MODEL_ID STRIDE DEVICE PRECISION ALLOW_UNTRAINED OUTPUT_CLASSES "
+        "OUTPUT_CLASS_PROBABILITIES OUTPUT_CLASS_POLYGONS",
+        "OUTPUT_CLASSES:outputRaster OUTPUT_CLASS_PROBABILITIES:outputRaster OUTPUT_CLASS_POLYGONS:outputVector "
+        "FEATURE_CACHE:outputString TEACH_RECORD:outputFile"),
     "treeseg:treecrowns": (
         "segmentation",
         "INPUT CLUSTERS MIN_AREA MIN_DISTANCE SMOOTHING MAX_CROWN OUTPUT",
