@@ -353,8 +353,9 @@ def test_only_plain_single_layer_files_are_read_directly(qgis_processing, tmp_pa
 def test_the_provider_lists_the_algorithms_in_their_groups(provider):  # noqa: F811
     groups = {algorithm.id(): algorithm.group() for algorithm in provider.algorithms()}
     assert groups == {"treeseg:segmenttrees": "Segmentation", "treeseg:teach": "Segmentation",
-                      "treeseg:teachclasses": "Segmentation", "treeseg:treecrowns": "Segmentation", "treeseg:evaluate": "Quality",
-                      "treeseg:fitclustermodel": "Surveys", "treeseg:applyclustermodel": "Surveys"}
+                      "treeseg:teachclasses": "Segmentation", "treeseg:treecrowns": "Segmentation",
+                      "treeseg:evaluate": "Quality", "treeseg:fitclustermodel": "Surveys",
+                      "treeseg:applyclustermodel": "Surveys"}
 
 
 def test_help_wraps_as_paragraphs_and_the_batch_dialog_starts_with_the_essentials(provider):  # noqa: F811
