@@ -120,7 +120,7 @@ class TeachTreesAlgorithm(EngineAlgorithm):
             Declared(QgsProcessingParameterString(
                 self.CLASS_NAME, "Class the examples show", defaultValue="tree", optional=True)),
             Declared(QgsProcessingParameterNumber(
-                self.THRESHOLD, "Threshold (empty: from the examples)", DOUBLE, defaultValue=None, optional=True,
+                self.THRESHOLD, "Threshold (empty: 0.5, calibrated)", DOUBLE, defaultValue=None, optional=True,
                 minValue=0.0, maxValue=1.0)),
             *model_parameters(),
             *device_parameters(),
