@@ -57,12 +57,13 @@ def write_geotiff(path: Path, bands: np.ndarray, geotransform=SAMPLE_GEOTRANSFOR
     return path
 
 
-def wgs84_memory_layer(geometry_type: str, name: str, utm_geometries: list, values: list[dict[str, int]] = ()):
+def wgs84_memory_layer(geometry_type: str, name: str, utm_geometries: list, values: list[dict[str, int | str]] = ()):
     """A QGIS memory layer in EPSG:4326 of `geometry_type` ("Point", "Polygon") holding `utm_geometries`
-    (QgsGeometry in UTM 17N, transformed here); `values` gives each feature its integer fields."""
+    (QgsGeometry in UTM 17N, transformed here); `values` gives each feature its integer (or text) fields."""
     from qgis.core import QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsFeature, QgsProject, QgsVectorLayer
 
-    fields = "".join(f"&field={field}:integer" for field in (values[0] if values else {}))
+    fields = "".join(f"&field={field}:{'string' if isinstance(value, str) else 'integer'}"
+                     for field, value in (values[0] if values else {}).items())
     layer = QgsVectorLayer(f"{geometry_type}?crs=EPSG:4326{fields}", name, "memory")
     to_wgs84 = QgsCoordinateTransform(QgsCoordinateReferenceSystem(f"EPSG:{UTM17N}"),
                                       QgsCoordinateReferenceSystem("EPSG:4326"), QgsProject.instance())

@@ -293,7 +293,7 @@ def test_make_eval_scores_any_image_with_its_boxes(tiny_model_dir, tmp_path):
     report = (tmp_path / "QUALITY.md").read_text()
     trees, dead = report_rows(report, "## plot"), report_rows(report, "### plot: the class 'Dead' alone")
     assert {"Reference: all pixels", "Reference: ExG + Otsu per pixel (plain numpy)", "exg-otsu, per pixel",
-            "Teach tree, 5 + 5 clicks, DINOv3 default", "Teach tree, 10 + 10 clicks, RGB per pixel"} <= set(trees)
+            "Teach tree, 5 + 5 clicks, DINOv3 default", "Teach tree, 5 + 5 clicks, RGB per pixel"} <= set(trees)
     assert trees["Reference: all pixels"][2:5] == ["1.000", "1.000", f"{4 * 60 * 60 / 320 ** 2:.3f}"]
     textbook, product = trees["Reference: ExG + Otsu per pixel (plain numpy)"], trees["exg-otsu, per pixel"]
     assert all(abs(float(a) - float(b)) <= 0.01 for a, b in zip(textbook[2:7], product[2:7]))
@@ -301,4 +301,12 @@ def test_make_eval_scores_any_image_with_its_boxes(tiny_model_dir, tmp_path):
     assert 0.0 <= float(trees["Teach tree, 5 + 5 clicks, RGB per pixel"][1].split(";")[0]) <= 1.0
     assert float(dead["Teach dead, 5 + 5 clicks, RGB per pixel"][3]) == 1.0  # both Dead boxes found
     assert trees[f"DINOv3 {tiny_model_dir}, stride 16 (default settings)"][0] != "none"
+    goals = report_rows(report, "## Click-to-teach: how many click sets reach the goal")
+    rgb_dead = next(cells for label, cells in goals.items() if label == "plot: Dead" and cells[0] == "RGB per pixel")
+    recall, precision, cover = (float(v) for v in rgb_dead[2].split(" / "))
+    assert (recall, cover) == (0.9, pytest.approx(1.5 * 2 * 60 * 60 / 320 ** 2, abs=0.01))
+    assert rgb_dead[3] in ("0 of 1", "1 of 1") and rgb_dead[-2].startswith("seed 0: ")
+    agreement, cover_change = (float(v) for v in rgb_dead[-1].split(" / "))  # one click dropped
+    assert 0.0 <= agreement <= 1.0 and 0.0 <= cover_change <= 1.0
+    assert "click sets reach the goal on" in report
     assert "NEON" not in report  # the sample images' attribution only comes with them

@@ -278,8 +278,8 @@ def test_the_panel_shows_the_threshold_chosen_from_the_clicks_for_any_class(plug
 
     (record_path,) = out.glob("*_dead_tree_teach.json")
     record = json.loads(record_path.read_text())
-    assert record["threshold_source"] == "chosen" and record["class"] == "dead tree"
-    assert "chosen from the 2 + 2 examples" in teach.teach_status.text(), teach.teach_status.text()
+    assert record["threshold_source"] == "calibrated" and record["class"] == "dead tree"
+    assert "calibrated probabilities from the 2 + 2 examples" in teach.teach_status.text(), teach.teach_status.text()
     assert teach.threshold_label.text() == f"{record['threshold']:.2f}" and teach.auto_threshold.isChecked()
     assert teach.threshold_slider.value() == round(100 * record["threshold"])
     (group,) = teach_groups()

@@ -191,6 +191,33 @@ def test_teach_scores_from_points_in_another_crs_and_reuses_the_features(provide
     assert np.array_equal(read_raster(unset["OUTPUT_TREES"]) == 1, read_raster(unset["OUTPUT_SIMILARITY"]) >= 0.5)
 
 
+def test_teachclasses_writes_named_classes_probabilities_and_polygons(provider, tiny_model_dir,  # noqa: F811
+                                                                      small_scene, tmp_path):
+    from qgis.core import QgsGeometry, QgsPointXY
+
+    path, _ = small_scene
+    examples = [(*CROWN_CENTRES[0], "crown"), (*CROWN_CENTRES[1], "crown"), (120, 96, "ground"), (5, 5, "ground"),
+                (64, 96, "")]  # (row, col, class); the empty one is skipped
+    points = wgs84_memory_layer("Point", "examples",
+                                [QgsGeometry.fromPointXY(QgsPointXY(*to_map(row, col))) for row, col, _ in examples],
+                                [{"class": name} for _, _, name in examples])
+    results = run("teachclasses", {"INPUT": str(path), "EXAMPLES": points, "MODEL_ID": str(tiny_model_dir),
+                                   "DEVICE": "cpu", "OUTPUT_CLASSES": str(tmp_path / "out" / "classes.tif"),
+                                   "OUTPUT_CLASS_PROBABILITIES": str(tmp_path / "out" / "p.tif"),
+                                   "OUTPUT_CLASS_POLYGONS": str(tmp_path / "out" / "classes.gpkg")})
+
+    dataset = gdal.Open(results["OUTPUT_CLASSES"])
+    band = dataset.GetRasterBand(1)
+    assert band.GetColorTable() is not None and band.GetCategoryNames()[:3] == ["unsure", "crown", "ground"]
+    classes = band.ReadAsArray()
+    assert all(classes[row, col] == 1 for row, col, name in examples if name == "crown")
+    assert gdal.Open(results["OUTPUT_CLASS_PROBABILITIES"]).RasterCount == 2
+    names, rows = vector_rows(results["OUTPUT_CLASS_POLYGONS"])
+    assert "class" in names and {row["class"] for row in rows} <= {"crown", "ground"}
+    record = json.loads(Path(results["TEACH_RECORD"]).read_text())
+    assert record["examples"] == {"crown": 2, "ground": 2} and results["FEATURE_CACHE"] == "miss"
+
+
 def test_the_worker_splits_a_mask_into_crowns(disc_mask, tmp_path):
     client = EngineClient(sys.executable)
     progress = []
@@ -333,8 +360,9 @@ def test_only_plain_single_layer_files_are_read_directly(qgis_processing, tmp_pa
 def test_the_provider_lists_the_algorithms_in_their_groups(provider):  # noqa: F811
     groups = {algorithm.id(): algorithm.group() for algorithm in provider.algorithms()}
     assert groups == {"treeseg:segmenttrees": "Segmentation", "treeseg:teach": "Segmentation",
-                      "treeseg:treecrowns": "Segmentation", "treeseg:evaluate": "Quality",
-                      "treeseg:fitclustermodel": "Surveys", "treeseg:applyclustermodel": "Surveys"}
+                      "treeseg:teachclasses": "Segmentation", "treeseg:treecrowns": "Segmentation",
+                      "treeseg:evaluate": "Quality", "treeseg:fitclustermodel": "Surveys",
+                      "treeseg:applyclustermodel": "Surveys"}
 
 
 def test_help_wraps_as_paragraphs_and_the_batch_dialog_starts_with_the_essentials(provider):  # noqa: F811
@@ -342,7 +370,7 @@ def test_help_wraps_as_paragraphs_and_the_batch_dialog_starts_with_the_essential
 
     for algorithm in provider.algorithms():
         assert "\n" not in algorithm.shortHelpString() and "<p>" in algorithm.shortHelpString()
-    for name in ("segmenttrees", "teach", "treecrowns", "fitclustermodel", "applyclustermodel"):
+    for name in ("segmenttrees", "teach", "teachclasses", "treecrowns", "fitclustermodel", "applyclustermodel"):
         descriptions = [parameter.description() for parameter in provider.algorithm(name).parameterDefinitions()]
         assert max(map(len, descriptions)) <= 36, descriptions
     segment = provider.algorithm("segmenttrees")
@@ -386,6 +414,12 @@ SCRIPTING_INTERFACE = {  # algorithm id: (group id, parameter names in order, ou
         "OUTPUT_SIMILARITY OUTPUT_TREES",
         "OUTPUT_SIMILARITY:outputRaster OUTPUT_TREES:outputRaster TREE_COVER:outputNumber "
         "THRESHOLD_USED:outputNumber FEATURE_CACHE:outputString TEACH_RECORD:outputFile"),
+    "treeseg:teachclasses": (
+        "segmentation",
+        "INPUT EXAMPLES CLASS_FIELD MODEL MODEL_ID STRIDE DEVICE PRECISION ALLOW_UNTRAINED OUTPUT_CLASSES "
+        "OUTPUT_CLASS_PROBABILITIES OUTPUT_CLASS_POLYGONS",
+        "OUTPUT_CLASSES:outputRaster OUTPUT_CLASS_PROBABILITIES:outputRaster OUTPUT_CLASS_POLYGONS:outputVector "
+        "FEATURE_CACHE:outputString TEACH_RECORD:outputFile"),
     "treeseg:treecrowns": (
         "segmentation",
         "INPUT CLUSTERS MIN_AREA MIN_DISTANCE SMOOTHING MAX_CROWN OUTPUT",

@@ -32,6 +32,9 @@ SUFFIXES = {
     "similarity": "_similarity.tif",
     "taught_trees": "_taught_trees.tif",
     "teach_record": "_teach.json",
+    "classes": "_classes.tif",
+    "class_probabilities": "_class_probabilities.tif",
+    "class_polygons": "_class_polygons.gpkg",
 }
 OUTPUT_KINDS = tuple(SUFFIXES)
 SEGMENT_KINDS = OUTPUT_KINDS[:9]
@@ -65,6 +68,9 @@ class OutputPaths:
     similarity: Path
     taught_trees: Path
     teach_record: Path
+    classes: Path
+    class_probabilities: Path
+    class_polygons: Path
 
     @classmethod
     def for_params(cls, params: NamedRun, untrained: bool) -> OutputPaths:

@@ -91,23 +91,31 @@ def build_parser() -> argparse.ArgumentParser:
     learn = commands.add_parser(
         "teach",
         help="click-to-teach: scores of a class (trees, or any class) from a few example points, and its mask",
-        description="Features of the example locations become prototypes; every pixel gets a class score in "
-        "0..1 (<stem>_similarity.tif) and the mask score >= threshold (<stem>_taught_trees.tif; for another "
-        "class <stem>_<class>_similarity.tif and <stem>_taught_<class>.tif). The threshold is chosen from the "
-        "examples (leave one out) unless --threshold is given. Features come from the cache when an earlier "
+        description="A regularised classifier learns from the features around each example; every pixel gets "
+        "a calibrated class probability in 0..1 (<stem>_similarity.tif) and the mask probability >= threshold "
+        "(<stem>_taught_trees.tif; for another class <stem>_<class>_similarity.tif and <stem>_taught_<class>.tif). "
+        "The threshold is 0.5 unless --threshold is given. Features come from the cache when an earlier "
         "run made them (the same feature options, --cluster-model too), so only the scoring runs.",
     )
     learn.add_argument("input", metavar="INPUT", help="the raster")
-    learn.add_argument("--examples", required=True,
-                       help="points with an is_tree field (1 = an example of the class, 0 = something else), "
-                       "or a CSV with col,row,is_tree in pixels")
+    learn.add_argument("--examples",
+                       help="points with an is_tree field (1 = an example of the class, 0 = something else) or a "
+                       "text class field naming each point's class (two or more classes: <stem>_classes.tif, "
+                       "<stem>_class_probabilities.tif, <stem>_class_polygons.gpkg), or a CSV with col,row,is_tree "
+                       "or col,row,class in pixels")
     learn.add_argument("--out", required=True, metavar="DIR")
     learn.add_argument("--threshold", type=float, default=None,
-                       help="class score threshold (default: chosen from the examples)")
+                       help="class probability threshold (default: 0.5 on calibrated probabilities)")
     learn.add_argument("--class-name", default="tree", help="what the examples show, e.g. 'dead tree' (default: tree)")
     _feature_options(learn)
     learn.add_argument("--cluster-model", metavar="FILE",
-                       help="the survey cluster model the features were projected with (as in `segment`)")
+                       help="a survey cluster model (.treeseg, from `fit`): its PCA makes the features of every "
+                       "raster of the survey alike, so a taught classifier can be saved and applied to the others")
+    learn.add_argument("--save-classifier", metavar="FILE",
+                       help="keep the taught classifier in this file (.treeseg; needs --cluster-model)")
+    learn.add_argument("--classifier", metavar="FILE",
+                       help="apply a saved taught classifier instead of examples (with its --cluster-model): "
+                       "the same classes and legend as on every other raster it was applied to")
     check = commands.add_parser(
         "evaluate",
         help="score a tree prediction against reference crowns, boxes or a class raster",
@@ -421,12 +429,23 @@ def _print_summary(record: dict) -> None:
 def _teach(args: argparse.Namespace) -> int:
     from .pipeline import teach
 
+    if bool(args.examples) == bool(args.classifier):
+        raise InputError("Give the examples (--examples) or a taught classifier to apply (--classifier), one of "
+                         "the two.")
     params = teach_params_from_args(args)
     params.validate()
     record = teach(params, args.examples, args.threshold, Progress(_TerminalProgress(), interrupts.stop_requested),
-                   class_name=args.class_name)
+                   class_name=args.class_name, classifier=args.classifier, save_classifier=args.save_classifier)
     if record["warning"]:
         print(f"\n!!! {record['warning']}\n", file=sys.stderr)
+    if "classes" in record:
+        covers = ", ".join(f"{name} {100 * cover:.1f} %" for name, cover in record["class_cover"].items())
+        examples = ", ".join(f"{count} {name}" for name, count in record["examples"].items())
+        print(f"{len(record['classes'])} classes from {examples} examples; {record['threshold_note']}; cover: "
+              f"{covers} (features: {record['feature_cache']})")
+        for path in record["outputs"].values():
+            print(path)
+        return 0
     print(f"{record['examples']['trees']} {record['class']} and {record['examples']['not_trees']} other examples, "
           f"{record['threshold_note']}, {record['class']} cover {100 * record['tree_cover']:.1f} % "
           f"(features: {record['feature_cache']})")

@@ -17,7 +17,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -45,7 +45,7 @@ from .core.cache import CacheUnavailable, FeatureCache, file_identity
 from .core.canopy import load_height_model, predict_heights
 from .core.devices import describe_precision, resolve_device, resolve_precision
 from .core.errors import InputError, OutputError
-from .core.examples import Example
+from .core.examples import OTHER, Example
 from .core.feature_grid import FeatureGrid
 from .core.features import ColourFeatures, FeatureExtractor
 from .core.files import refuse_special_files_in
@@ -61,8 +61,10 @@ from .core.segmentation import (
 )
 from .core.store import FeatureStore
 from .core.survey_model import SurveyModel, clipping_note
-from .core.teach import prototypes, score_raster
+from .core.taught_model import TaughtModel
+from .core.teach import UNSURE_BELOW, Taught, class_mask_rule, classes_rule, score_raster, teach_classifier
 from .core.tiling import TileGrid, Window
+from .gis.class_outputs import UNSURE, UNSURE_NAME, ClassRasterWriter, write_class_polygons
 from .gis.crowns import write_crowns
 from .gis.polygons import polygonize_clusters
 from .gis.preview import write_elbow_plot, write_preview
@@ -70,6 +72,7 @@ from .gis.raster import GdalRasterSource, HeightReader, limit_block_cache
 from .gis.reference import Grid, read_examples
 from .gis.writers import HeightRasterWriter, LabelRasterWriter, ScoreRasterWriter, write_rgb_blocks
 
+CLASSES_RECORD_SUFFIX = "_classes_teach.json"
 log = logging.getLogger("treeseg")
 
 UNTRAINED_BANNER = (
@@ -200,22 +203,37 @@ def teach(
     progress: Progress | None = None,
     load_model: ModelLoader | None = None,
     class_name: str = DEFAULT_CLASS,
+    classifier: str | None = None,
+    save_classifier: str | None = None,
 ) -> dict:
-    """Click-to-teach: class scores from example locations and the class mask (core/teach.py).
+    """Click-to-teach: class probabilities from example locations and the class mask (core/teach.py).
 
-    `examples` is a list of pixel positions (`is_tree`: an example of the class), or
-    a file (points with `is_tree`, or a col,row,is_tree CSV). The threshold is
-    chosen from the examples unless `threshold` is given. Features come from the
-    cache when it holds them.
+    `examples` is a list of pixel positions (`is_tree`: an example of the class; `label`: its class when
+    several are taught), or a file (points with `is_tree` or a text `class` field, or a CSV of col,row,is_tree
+    or col,row,class). One class: its probability and mask (P ≥ `threshold`, default 0.5). Several classes:
+    the class raster (most probable class, "unsure" where none reaches 0.5), one probability band per class and
+    polygons with a `class` field. Features come from the cache when it holds them.
+
+    With a survey cluster model (`params.cluster_model`), `save_classifier` keeps the taught classifier in a
+    file (core/taught_model.py, written with the outputs), and `classifier` applies such a file instead of
+    teaching from examples: the same classes and legend on every raster of the survey.
     """
     validate_params(params)
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise InputError(f"The threshold is a score between 0 and 1, not {threshold}.")
+    if (classifier or save_classifier) and not params.cluster_model:
+        raise InputError("A taught classifier works on a survey's features: give the survey cluster model "
+                         "(--cluster-model, from `fit`) it is taught and applied with.")
+    if classifier and save_classifier:
+        raise InputError("Apply a taught classifier or save one, not both in one run.")
     progress = progress or Progress()
     started = time.perf_counter()
     survey = SurveyModel.load(params.cluster_model) if params.cluster_model else None
-    with _opened(params, progress, TEACH_KINDS, examples if isinstance(examples, str) else None, survey) as (
-            source, store, cache_state):
+    applied = TaughtModel.load(classifier) if classifier else None
+    inputs = [p for p in (examples if isinstance(examples, str) else None, classifier) if p]
+    if save_classifier:
+        _check_not_an_input(save_classifier, [params.input_path, params.cluster_model, *inputs])
+    with _opened(params, progress, TEACH_KINDS, inputs, survey) as (source, store, cache_state):
         if isinstance(examples, str):
             examples = _read_examples(examples, source)
         progress.report(0.0, "Loading model" if cache_state != "hit" else "Reading cached features")
@@ -223,55 +241,178 @@ def teach(
         if survey:
             survey.check_extractor(model)
         timings: dict[str, float] = {}
-        ensure_features(params, source, grid, extractor, store, progress.sub(0.02, 0.8), timings,
-                        survey.projection if survey else None)
+        raster_sample, _ = ensure_features(params, source, grid, extractor, store, progress.sub(0.02, 0.8),
+                                           timings, survey.projection if survey else None)
         if extractor is not None:
             model.update(extractor.describe())
-        found = prototypes(store, grid, examples)
-        decision = found.choose_threshold(threshold)
-        paths = taught_class_paths(params, model["untrained"], class_name)
-        for folder in {str(path.parent) for path in paths.all()}:
-            _output_folder(folder)
-        transaction = OutputTransaction([paths.similarity, paths.taught_trees, paths.teach_record])
-        staged = paths.staged(transaction)
-        writer = None
-        try:
-            writer = ScoreRasterWriter(str(staged.similarity), str(staged.taught_trees), source.width,
-                                       source.height, source.crs_wkt, source.geotransform,
-                                       _raster_metadata(params, model))
-            tree_pixels, valid_pixels = score_raster(source, store, grid, found, decision.value, writer,
-                                                     progress.sub(0.8, 0.99))
-            writer.close()
-            record = {
-                "treeseg_version": __version__,
-                "warning": UNTRAINED_BANNER if model["untrained"] else None,
-                "model": model,
-                "class": class_name,
-                "examples": {"trees": len(found.trees), "not_trees": len(found.others)},
-                "threshold": decision.value,
-                "threshold_source": decision.source,
-                "threshold_note": decision.note,
-                "chosen_threshold": decision.chosen,
-                "held_out_accuracy": decision.held_out_accuracy,
-                "tree_cover": round(tree_pixels / valid_pixels, 4) if valid_pixels else 0.0,
-                "feature_cache": cache_state,
-                "outputs": {"similarity": str(paths.similarity), "taught_trees": str(paths.taught_trees),
-                            "teach_record": str(paths.teach_record)},
-                "timings": {**{k: round(v, 3) for k, v in timings.items()},
-                            "total": round(time.perf_counter() - started, 3)},
-            }
-            write_atomically(staged.teach_record, json.dumps(record, indent=2), str(staged.teach_record))
-            progress.check()
-            with interrupts.deferred(reraise=False):
-                _commit(transaction, [paths.similarity, paths.taught_trees, paths.teach_record], [])
-        except BaseException:
-            with interrupts.deferred(reraise=False):
-                if writer is not None:
-                    writer.abort()
-                transaction.abort()
-            raise
+        if applied:
+            applied.check_features(survey.projection_id, model, raster_sample.shape[1])
+            taught = Taught(applied.classifier, {}, None, False, [f"the classifier taught in {classifier}"])
+            multi, class_name = applied.multi, applied.classifier.classes[0]
+        else:
+            taught = teach_classifier(store, grid, examples or [], raster_sample, class_name)
+            multi = any(example.label for example in examples or [])
+        keep = None
+        if save_classifier:
+            keep = (TaughtModel(taught.classifier, survey.projection_id, model,
+                                weights_identity(params.model, params.model_revision)
+                                if params.method == "dinov3" else {}, multi), Path(save_classifier))
+        scoring = progress.sub(0.8, 0.99)
+        summary = {
+            "treeseg_version": __version__,
+            "warning": UNTRAINED_BANNER if model["untrained"] else None,
+            "model": model,
+        }
+        if multi:
+            record = _write_classes(params, source, store, grid, taught, summary, scoring, keep)
+        else:
+            record = _write_class(params, source, store, grid, taught, threshold, class_name, summary, scoring,
+                                  keep)
+        record["classifier"] = ({"applied": classifier} if classifier else
+                                {"saved": save_classifier} if save_classifier else None)
+        record["held_out_accuracy"] = taught.held_out_accuracy
+        record["temperature"] = taught.classifier.temperature
+        record["feature_cache"] = cache_state
+        record["timings"] = {**{k: round(v, 3) for k, v in timings.items()},
+                             "total": round(time.perf_counter() - started, 3)}
+        _commit_teach(record, progress, keep[0] if keep else None)
     progress.report(1.0, "Done")
     return record
+
+
+def _write_class(params: SegmentationParams, source: GdalRasterSource, store: FeatureStore, grid: FeatureGrid,
+                 taught: Taught, threshold: float | None, class_name: str, summary: dict,
+                 progress: Progress, keep: tuple[TaughtModel, Path] | None) -> dict:
+    """One class taught: its probability raster and mask, staged; the record without timings."""
+    decision = taught.threshold(threshold)
+    paths = taught_class_paths(params, summary["model"]["untrained"], class_name)
+    finals = [paths.similarity, paths.taught_trees, paths.teach_record, *([keep[1]] if keep else [])]
+    transaction, staged = _teach_transaction(finals)
+    writer = None
+    try:
+        writer = ScoreRasterWriter(str(staged[0]), str(staged[1]), source.width, source.height, source.crs_wkt,
+                                   source.geotransform, _raster_metadata(params, summary["model"]))
+        counts = score_raster(source, store, grid, taught.classifier, class_mask_rule(decision.value),
+                              _ClassScores(writer), progress)
+        writer.close()
+    except BaseException:
+        with interrupts.deferred(reraise=False):
+            if writer is not None:
+                writer.abort()
+            transaction.abort()
+        raise
+    valid_pixels = int(counts[:2].sum())
+    return {
+        **summary,
+        "class": class_name,
+        "examples": {"trees": taught.counts.get(class_name, 0), "not_trees": taught.counts.get(OTHER, 0)},
+        "threshold": decision.value,
+        "threshold_source": decision.source,
+        "threshold_note": "; ".join([decision.note, *taught.notes]),
+        "tree_cover": round(int(counts[1]) / valid_pixels, 4) if valid_pixels else 0.0,
+        "outputs": {"similarity": str(paths.similarity), "taught_trees": str(paths.taught_trees),
+                    "teach_record": str(paths.teach_record), **({"classifier": str(keep[1])} if keep else {})},
+        "_transaction": (transaction, staged, finals),
+    }
+
+
+def _write_classes(params: SegmentationParams, source: GdalRasterSource, store: FeatureStore, grid: FeatureGrid,
+                   taught: Taught, summary: dict, progress: Progress, keep: tuple[TaughtModel, Path] | None) -> dict:
+    """Several classes taught: the class raster, the probabilities and the class polygons, staged."""
+    paths = OutputPaths.for_params(params, summary["model"]["untrained"])
+    record_path = paths.teach_record if params.outputs.teach_record else Path(
+        str(paths.classes)[: -len(SUFFIXES["classes"])] + CLASSES_RECORD_SUFFIX)
+    finals = [paths.classes, paths.class_probabilities, paths.class_polygons, record_path,
+              *([keep[1]] if keep else [])]
+    transaction, staged = _teach_transaction(finals)
+    names = taught.classifier.classes
+    writer = None
+    try:
+        writer = ClassRasterWriter(str(staged[0]), str(staged[1]), source.width, source.height, source.crs_wkt,
+                                   source.geotransform, names, _raster_metadata(params, summary["model"]))
+        counts = score_raster(source, store, grid, taught.classifier, classes_rule(UNSURE), writer, progress)
+        writer.close()
+        polygons = write_class_polygons(str(staged[0]), str(staged[2]), names)
+    except BaseException:
+        with interrupts.deferred(reraise=False):
+            if writer is not None:
+                writer.abort()
+            transaction.abort()
+        raise
+    valid_pixels = max(int(counts[: len(names) + 1].sum()), 1)
+
+    def share(pixels: int) -> float:
+        return round(int(pixels) / valid_pixels, 4)
+
+    return {
+        **summary,
+        "classes": names,
+        "class_values": {name: index + 1 for index, name in enumerate(names)},
+        "unsure_value": UNSURE,
+        "examples": taught.counts,
+        "class_cover": {**{name: share(counts[index + 1]) for index, name in enumerate(names)},
+                        UNSURE_NAME: share(counts[UNSURE])},
+        "polygons": polygons,
+        "threshold_note": f"most probable class; {UNSURE_NAME} where none reaches {UNSURE_BELOW:.2f}"
+                          + (f" (leave-one-out accuracy {taught.held_out_accuracy:.2f})"
+                             if taught.held_out_accuracy is not None else " (too few examples to check them)"),
+        "outputs": {"classes": str(paths.classes), "class_probabilities": str(paths.class_probabilities),
+                    "class_polygons": str(paths.class_polygons), "teach_record": str(record_path),
+                    **({"classifier": str(keep[1])} if keep else {})},
+        "_transaction": (transaction, staged, finals),
+    }
+
+
+def _check_not_an_input(path: str, inputs: list[str | None]) -> None:
+    """Refuse an output file on one of the run's inputs, or on something that is not a plain file."""
+    target = Path(path)
+    if any(given and _same_file(target, Path(given)) for given in inputs):
+        raise InputError(f"{path} is one of this run's inputs: choose another file for the taught classifier.")
+    if target.exists() and not target.is_file():
+        raise InputError(f"{path} is not a plain file: choose another file for the taught classifier.")
+
+
+def _same_file(one: Path, other: Path) -> bool:
+    try:
+        return one.resolve() == other.resolve() or (one.exists() and other.exists() and one.samefile(other))
+    except OSError:
+        return False
+
+
+def _teach_transaction(finals: list[Path]) -> tuple[OutputTransaction, list[Path]]:
+    """The transaction of a teach run's files (their folders made) and where each is staged."""
+    for folder in {str(path.parent) for path in finals}:
+        _output_folder(folder)
+    transaction = OutputTransaction(finals)
+    return transaction, [transaction.staged(path) for path in finals]
+
+
+def _commit_teach(record: dict, progress: Progress, keep: TaughtModel | None) -> None:
+    """Write the record (and the classifier to keep) beside the staged files and move them all into place,
+    or none."""
+    transaction, staged, finals = record.pop("_transaction")
+    try:
+        staged_record = staged[finals.index(Path(record["outputs"]["teach_record"]))]
+        write_atomically(staged_record, json.dumps(record, indent=2), str(staged_record))
+        if keep is not None:
+            keep.save(staged[-1])
+        progress.check()
+        with interrupts.deferred(reraise=False):
+            _commit(transaction, finals, [])
+    except BaseException:
+        with interrupts.deferred(reraise=False):
+            transaction.abort()
+        raise
+
+
+class _ClassScores:
+    """The teach score sink of one class: its probability band and the 0/1 mask to the score writer."""
+
+    def __init__(self, writer: ScoreRasterWriter) -> None:
+        self.writer = writer
+
+    def write(self, x: int, y: int, probabilities: np.ndarray, labels: np.ndarray) -> None:
+        self.writer.write(x, y, probabilities[0], labels)
 
 
 def extract_window(params: SegmentationParams, tiles: range, folder: str | Path,
@@ -314,7 +455,7 @@ def validate_params(params: SegmentationParams) -> None:
 
 @contextmanager
 def _opened(params: SegmentationParams, progress: Progress, kinds: tuple[str, ...],
-            examples_path: str | None = None,
+            extra_inputs: Sequence[str] = (),
             survey: SurveyModel | None = None) -> Iterator[tuple[GdalRasterSource, FeatureStore, str]]:
     """The input raster and the run's feature store (see `_feature_store`), output folder and paths checked;
     with a survey cluster model, the raster read with the survey's value scaling and checked against it."""
@@ -323,7 +464,7 @@ def _opened(params: SegmentationParams, progress: Progress, kinds: tuple[str, ..
     _output_folder(params.output_dir)
     with _survey_source(params, survey) as source:
         _check_output_paths(params, kinds, [params.input_path, *source.files,
-                                            *filter(None, [examples_path, params.cluster_model])])
+                                            *filter(None, [*extra_inputs, params.cluster_model])])
         with _feature_store(params, source, progress, survey) as (store, cache_state):
             yield source, store, cache_state
 

@@ -150,7 +150,8 @@ class Worker:
         from .pipeline import teach
 
         params = job_params(job)
-        examples = [Example(float(col), float(row), bool(is_tree)) for col, row, is_tree in job[protocol.EXAMPLES]]
+        examples = [Example(float(col), float(row), label=kind) if isinstance(kind, str)
+                    else Example(float(col), float(row), bool(kind)) for col, row, kind in job[protocol.EXAMPLES]]
         threshold = job.get(protocol.THRESHOLD)
         return teach(params, examples, None if threshold is None else float(threshold),
                      Progress(self._progress, self.cancel_check()), self._kept_model_loader(job),

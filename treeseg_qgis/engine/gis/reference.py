@@ -20,7 +20,7 @@ from osgeo import gdal, ogr, osr
 
 from ..core.errors import InputError
 from ..core.evaluation import ReferenceObject, boxes_to_objects
-from ..core.examples import Example
+from ..core.examples import CLASS_FIELD, Example, class_label
 from ..core.files import refuse_special_file
 
 gdal.UseExceptions()
@@ -209,27 +209,37 @@ def _open_vector(path: str) -> gdal.Dataset:
 
 
 def read_examples(path: str, grid: Grid) -> list[Example]:
-    """Click-to-teach examples: points with an `is_tree` field (any CRS, reprojected), or a CSV
-    of pixel positions `col,row,is_tree`."""
+    """Click-to-teach examples: points with a text `class` field (several classes; empty values skipped) or
+    an `is_tree` field (any CRS, reprojected), or a CSV of pixel positions `col,row,class` or `col,row,is_tree`."""
     refuse_special_file(path, "examples file")
     if Path(path).suffix.lower() == ".csv":
         try:
             with open(path, newline="") as handle:
-                return [Example(float(row["col"]), float(row["row"]), _truthy(row["is_tree"]))
-                        for row in csv.DictReader(handle)]
-        except (OSError, KeyError, ValueError) as error:
-            raise InputError(f"{path} is not a CSV of examples with columns col,row,is_tree: {error}") from error
+                rows = list(csv.DictReader(handle))
+            if rows and CLASS_FIELD in rows[0]:
+                return [Example(float(row["col"]), float(row["row"]), label=label)
+                        for row in rows if (label := class_label(row[CLASS_FIELD]))]
+            return [Example(float(row["col"]), float(row["row"]), _truthy(row["is_tree"])) for row in rows]
+        except (OSError, KeyError, ValueError, UnicodeDecodeError, csv.Error) as error:
+            raise InputError(f"{path} is not a CSV of examples with columns col,row,is_tree (or col,row,class): "
+                             f"{error}") from error
     source = _open_vector(path)
     layer = source.GetLayer(0)
-    if layer.GetLayerDefn().GetFieldIndex("is_tree") < 0:
-        raise InputError(f"The example points in {path} need an is_tree field (1 = tree, 0 = not a tree).")
+    definition = layer.GetLayerDefn()
+    by_class = definition.GetFieldIndex(CLASS_FIELD) >= 0
+    if not by_class and definition.GetFieldIndex("is_tree") < 0:
+        raise InputError(f"The example points in {path} need an is_tree field (1 = tree, 0 = not a tree) or a "
+                         f"{CLASS_FIELD} field naming each point's class.")
     _check_has_a_crs(layer, path, grid)
     inverse = gdal.InvGeoTransform(grid.geotransform)
     examples = []
     for feature, geometry in _geometries_in_grid_crs(layer, grid):
         point = geometry.Centroid()
         col, row = gdal.ApplyGeoTransform(inverse, point.GetX(), point.GetY())
-        examples.append(Example(col, row, _truthy(feature.GetField("is_tree"))))
+        if not by_class:
+            examples.append(Example(col, row, _truthy(feature.GetField("is_tree"))))
+        elif label := class_label(feature.GetField(CLASS_FIELD)):
+            examples.append(Example(col, row, label=label))
     return examples
 
 

@@ -2,7 +2,7 @@
 
 Clicks (gui/teach_tool.py) become pixel positions of the last run's input; a TeachTask sends them with
 that run's `SegmentationParams`, so the engine reads the features the run cached instead of running the
-model. The threshold is chosen from the examples unless the user moves the slider, which re-teaches
+model. The threshold is 0.5 on calibrated probabilities unless the user moves the slider, which re-teaches
 after a short pause and replaces the teach layers.
 """
 
@@ -29,9 +29,9 @@ DEFAULT_THRESHOLD = 0.6
 DEFAULT_CLASS = "tree"
 TEACH_DEBOUNCE_MS = 300
 TEACH_HELP = ("Name the class to teach (a tree, a dead tree, a roof…). Left click on the map: an example of it. "
-              "Shift+click or right click: something else. The threshold is chosen from your examples unless you "
-              "move the slider. Teaching works on the input of the last run and reuses its cached features, so the "
-              "model does not run again.")
+              "Shift+click or right click: something else. The threshold is 0.5 on the calibrated class "
+              "probability unless you move the slider. Teaching works on the input of the last run and reuses its "
+              "cached features, so the model does not run again.")
 
 
 class TeachPanel(QgsCollapsibleGroupBox):
@@ -241,7 +241,7 @@ class TeachPanel(QgsCollapsibleGroupBox):
         self._teach_again = False
         self.progress_changed.emit(0)
         self._show_teach_status(f"Teaching '{taught}' with threshold "
-                                f"{'chosen from the examples' if threshold is None else f'{threshold:.2f}'}…")
+                                f"{'0.50 (automatic)' if threshold is None else f'{threshold:.2f}'}…")
         QgsApplication.taskManager().addTask(self.teach_task)
         self._update_enabled()
         self.teaching_changed.emit(True)

@@ -10,7 +10,7 @@ from qgis.PyQt.QtGui import QIcon
 from .evaluate_segmentation import EvaluateSegmentationAlgorithm
 from .segment_trees import SegmentTreesAlgorithm
 from .survey_algorithms import ApplyClusterModelAlgorithm, FitClusterModelAlgorithm
-from .teach_trees import TeachTreesAlgorithm
+from .teach_trees import TeachClassesAlgorithm, TeachTreesAlgorithm
 from .tree_crowns import TreeCrownsAlgorithm
 
 PACKAGE_DIR = Path(__file__).resolve().parents[2]
@@ -44,8 +44,9 @@ class TreesegProvider(QgsProcessingProvider):
         return str(icon_path())
 
     def loadAlgorithms(self) -> None:
-        for algorithm in (SegmentTreesAlgorithm(), TeachTreesAlgorithm(), TreeCrownsAlgorithm(),
-                          EvaluateSegmentationAlgorithm(), FitClusterModelAlgorithm(), ApplyClusterModelAlgorithm()):
+        for algorithm in (SegmentTreesAlgorithm(), TeachTreesAlgorithm(), TeachClassesAlgorithm(),
+                          TreeCrownsAlgorithm(), EvaluateSegmentationAlgorithm(), FitClusterModelAlgorithm(),
+                          ApplyClusterModelAlgorithm()):
             self.addAlgorithm(algorithm)
 
     def supportsNonFileBasedOutput(self) -> bool:

@@ -2,14 +2,15 @@
 through the engine worker.
 
 The points are turned into pixel positions here, on the QGIS side (any CRS, via
-the project's transform context); the engine scores every pixel by its DINOv3
-features' similarity to the examples; the threshold is chosen from the examples
-unless one is given. Features come from the engine's cache when the raster was
+the project's transform context); the engine learns a regularised classifier from the
+DINOv3 features around the examples and gives every pixel a calibrated class
+probability; the threshold is 0.5 unless one is given. Features come from the engine's cache when the raster was
 seen before, so a second run with another threshold skips the model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +53,10 @@ from .engine_algorithm import (
 )
 
 DEFAULT_IS_TREE_FIELD = "is_tree"
+CLASS_FIELD = "class"
 TRUE_TEXTS = ("1", "true", "t", "yes", "y")
 FALSE_TEXTS = ("0", "false", "f", "no", "n")
-PixelExample = tuple[float, float, bool]
+PixelExample = tuple[float, float, "bool | str"]
 
 HELP_TEXT = f"""<p>Teaches the model a class <b>from a few example points</b>: trees by default, or any
 class you name (dead trees, roofs, water…). Put points on some examples of the class (and, better
@@ -67,15 +69,14 @@ are compared with those of the examples.</p>
 the class must lie on the raster.</li>
 <li><b>Class field</b>: that field (empty: <i>is_tree</i>).</li>
 <li><b>Class</b>: what the examples show; it names the layers and the record.</li>
-<li><b>Threshold</b>: pixels scoring at least this belong to the class. Left empty, it is chosen from
-the examples: each is scored by the others (leave one out) and the threshold that best separates the
-two kinds is used; that needs two examples of each kind, else 0.5 (0.6 with class examples only) and a
-message says so. The features are cached, so running again with another threshold takes seconds
-(Feature cache: <i>hit</i>).</li>
+<li><b>Threshold</b>: pixels whose class probability is at least this belong to the class. Left empty,
+0.5: the probabilities are calibrated on the examples (each is scored by a model taught without it), so
+0.5 means "as likely the class as not"; the message says how well the examples agreed. The features are
+cached, so running again with another threshold takes seconds (Feature cache: <i>hit</i>).</li>
 </ul>
 <h3>Outputs</h3>
 <ul>
-<li><b>Similarity</b>: a GeoTIFF of scores from 0 (unlike the class examples) to 1 (like them).</li>
+<li><b>Similarity</b>: a GeoTIFF of class probabilities from 0 to 1.</li>
 <li><b>Class mask</b>: a GeoTIFF, 1 = the class, 0 = not, 255 = nodata.</li>
 <li>Beside the similarity file a record (<i>_teach.json</i>); the class cover, the threshold used and the
 feature-cache state are also returned for use in a model.</li>
@@ -119,7 +120,7 @@ class TeachTreesAlgorithm(EngineAlgorithm):
             Declared(QgsProcessingParameterString(
                 self.CLASS_NAME, "Class the examples show", defaultValue="tree", optional=True)),
             Declared(QgsProcessingParameterNumber(
-                self.THRESHOLD, "Threshold (empty: from the examples)", DOUBLE, defaultValue=None, optional=True,
+                self.THRESHOLD, "Threshold (empty: 0.5, calibrated)", DOUBLE, defaultValue=None, optional=True,
                 minValue=0.0, maxValue=1.0)),
             *model_parameters(),
             *device_parameters(),
@@ -156,9 +157,88 @@ class TeachTreesAlgorithm(EngineAlgorithm):
         return self.results(record)
 
 
+CLASSES_HELP = f"""<p>Teaches <b>several classes at once</b> from example points: a point layer whose
+text field names each point's class (live tree, dead tree, other…; two or more classes, empty values
+skipped). A regularised classifier learns from the DINOv3 features around the points; every pixel gets a
+calibrated probability of each class.</p>
+<h3>Outputs</h3>
+<ul>
+<li><b>Classes</b>: a paletted GeoTIFF, 1.. the classes in the order they first appear (category names are
+the class names), 0 = unsure (no class reaches 0.5), 255 = nodata.</li>
+<li><b>Class probabilities</b>: a GeoTIFF with one band per class, named after it.</li>
+<li><b>Class polygons</b>: a GeoPackage of the classes' areas with a <i>class</i> field.</li>
+<li>A record (<i>_classes_teach.json</i>) beside the class raster.</li>
+</ul>
+{WEIGHTS_HELP}"""
+
+
+class TeachClassesAlgorithm(EngineAlgorithm):
+    """A class raster, class probabilities and class polygons from points of several classes."""
+
+    NAME = "teachclasses"
+    DISPLAY_NAME = "Teach several classes by example (DINOv3)"
+    GROUP = "Segmentation"
+    TAGS = ("classes", "class", "dead trees", "examples", "points", "few-shot", "dinov3", "orthophoto", "ai")
+    HELP = CLASSES_HELP
+
+    EXAMPLES = "EXAMPLES"
+    CLASS_FIELD = "CLASS_FIELD"
+    DESTINATIONS = (
+        Destination("OUTPUT_CLASSES", "Classes", "classes"),
+        Destination("OUTPUT_CLASS_PROBABILITIES", "Class probabilities", "class_probabilities"),
+        Destination("OUTPUT_CLASS_POLYGONS", "Class polygons", "class_polygons"),
+    )
+    VALUES = (
+        Value("FEATURE_CACHE", ("feature_cache",), QgsProcessingOutputString, "Feature cache (hit, miss or off)"),
+        Value("TEACH_RECORD", ("outputs", "teach_record"), QgsProcessingOutputFile, "Teach record (JSON)"),
+    )
+
+    def declare(self) -> list[Declared]:
+        return [
+            orthophoto_parameter(),
+            Declared(QgsProcessingParameterFeatureSource(self.EXAMPLES, "Example points", [POINT_LAYERS])),
+            Declared(QgsProcessingParameterField(
+                self.CLASS_FIELD, "Field naming each point's class", defaultValue=CLASS_FIELD,
+                parentLayerParameterName=self.EXAMPLES, type=ANY_FIELD, optional=True)),
+            *model_parameters(),
+            *device_parameters(),
+        ]
+
+    def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,
+                         feedback: QgsProcessingFeedback) -> dict[str, Any]:
+        python = engine_python()
+        layer = self.input_raster(parameters, self.INPUT, context)
+        source = self.parameterAsSource(parameters, self.EXAMPLES, context)
+        if source is None:
+            raise QgsProcessingException(self.invalidSourceError(parameters, self.EXAMPLES))
+        field = self.parameterAsString(parameters, self.CLASS_FIELD, context) or CLASS_FIELD
+        examples = pixel_examples(layer, source, field, context, feedback, _class_name)
+        if len({kind for _, _, kind in examples}) < 2:
+            raise QgsProcessingException(f"The field '{field}' names fewer than two classes: teaching several "
+                                         "classes needs examples of at least two.")
+        files = self.output_files(parameters, context)
+        stem = Path(files["classes"]).with_suffix("")
+        params = self.read_params(parameters, context, input_path=raster_file(layer), output_dir=str(stem.parent),
+                                  output_stem=stem.name,
+                                  outputs=OutputFiles(**files, teach_record=f"{stem}_teach.json"))
+        self.check_params(params, TEACH_KINDS)
+        record = run_in_engine(python, feedback, lambda client, report: client.teach(
+            params, examples, None, on_progress=report.progress, is_cancelled=feedback.isCanceled,
+            hf_token=hf_token()))
+        if record.get("warning"):
+            feedback.pushWarning(record["warning"])
+        covers = ", ".join(f"{name} {100 * cover:.1f} %" for name, cover in record["class_cover"].items())
+        feedback.pushInfo(f"Classes: {covers}; {record['threshold_note']}; feature cache: "
+                          f"{record['feature_cache']}.")
+        return self.results(record)
+
+
 def pixel_examples(layer: QgsRasterLayer, source: QgsFeatureSource, field: str, context: QgsProcessingContext,
-                   feedback: QgsProcessingFeedback) -> list[PixelExample]:
-    """The example points as (col, row, is_tree) pixel positions of the north-up raster `layer`."""
+                   feedback: QgsProcessingFeedback,
+                   read: Callable[[Any], bool | str | None] | None = None) -> list[PixelExample]:
+    """The example points as (col, row, kind) pixel positions of the north-up raster `layer`; the kind is
+    `read` from the field (default: is_tree, True or False; None skips the point)."""
+    read = read or _is_tree
     _check_north_up(layer)
     if source.fields().lookupField(field) < 0:
         raise QgsProcessingException(f"The example points have no field '{field}': choose the field that says "
@@ -172,7 +252,7 @@ def pixel_examples(layer: QgsRasterLayer, source: QgsFeatureSource, field: str, 
     examples: list[PixelExample] = []
     skipped = 0
     for feature in source.getFeatures():
-        is_tree = _is_tree(feature[field])
+        is_tree = read(feature[field])
         geometry = feature.geometry()
         if is_tree is None or geometry.isNull():
             skipped += 1
@@ -189,6 +269,13 @@ def pixel_examples(layer: QgsRasterLayer, source: QgsFeatureSource, field: str, 
         feedback.pushWarning(f"{skipped} example points without a geometry or a class / not-class value were "
                              "skipped.")
     return examples
+
+
+def _class_name(value: Any) -> str | None:
+    """A class field's text, trimmed; None when empty."""
+    if value is None or (isinstance(value, QVariant) and value.isNull()):
+        return None
+    return str(value).strip() or None
 
 
 def _is_tree(value: Any) -> bool | None:
