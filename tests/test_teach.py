@@ -81,8 +81,24 @@ def test_examples_from_a_point_layer_in_another_crs(params, tmp_path):
 
 
 def test_without_a_tree_example_it_says_so(params):
-    with pytest.raises(InputError, match="at least one example of the class"):
+    with pytest.raises(InputError, match="at least one example of '.+' inside the raster: 2 examples given, 1 "
+                       "inside the raster, 0 of them"):
         teach(params, [Example(10, 10, False), Example(5000, 5000, True)])
+
+
+def test_one_example_of_the_other_kind_is_told_as_such(params):
+    """The one point is 'not tree': the message says so instead of '1 given, 1 inside'."""
+    with pytest.raises(InputError, match="1 example given, all inside the raster, 0 of them") as refused:
+        teach(params, [Example(10, 10, False)])
+    assert "\n" not in str(refused.value)
+
+
+def test_examples_outside_the_raster_are_left_out_with_a_word(params):
+    outside = [*EXAMPLES, Example(5000, 5000, True), Example(-40, 10, False)]
+    record = teach(params, outside)
+    assert record["examples"] == {"trees": 2, "not_trees": 2}
+    assert "2 of 6 examples lie outside the raster and were left out" in record["threshold_note"]
+    assert "outside" not in teach(params, EXAMPLES)["threshold_note"]
 
 
 def test_threshold_out_of_range(params):

@@ -355,7 +355,8 @@ def _write_classes(params: SegmentationParams, source: GdalRasterSource, store: 
         "polygons": polygons,
         "threshold_note": f"most probable class; {UNSURE_NAME} where none reaches {UNSURE_BELOW:.2f}"
                           + (f" (leave-one-out accuracy {taught.held_out_accuracy:.2f})"
-                             if taught.held_out_accuracy is not None else " (too few examples to check them)"),
+                             if taught.held_out_accuracy is not None else " (too few examples to check them)")
+                          + "".join(f"; {note}" for note in taught.notes),
         "outputs": {"classes": str(paths.classes), "class_probabilities": str(paths.class_probabilities),
                     "class_polygons": str(paths.class_polygons), "teach_record": str(record_path),
                     **({"classifier": str(keep[1])} if keep else {})},

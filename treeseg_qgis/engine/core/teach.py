@@ -153,15 +153,16 @@ def teach_classifier(store: FeatureStore, grid: FeatureGrid, examples: list[Exam
         raise InputError(f"Teaching takes at most {MAX_CLASSES} classes at once, not {len(classes)}: is the class "
                          "field the right one?")
     if multi and sum(n > 0 for n in counts.values()) < 2:
-        raise InputError("Teaching several classes needs examples of at least two classes inside the raster "
-                         f"({len(examples)} given, {len(inside)} inside: {_listed(counts)}).")
+        raise InputError("Teaching several classes needs examples of at least two classes inside the raster: "
+                         f"{_where(examples, inside)} ({_listed(counts)}).")
     if not multi and not counts[classes[0]]:
-        raise InputError("Click-to-teach needs at least one example of the class inside the raster "
-                         f"({len(examples)} given, {len(inside)} inside).")
+        raise InputError(f"Click-to-teach needs at least one example of '{classes[0]}' inside the raster: "
+                         f"{_where(examples, inside)}, {counts[classes[0]]} of them '{classes[0]}'.")
     sigma = neighbourhood_sigma(grid)
     clicks = [neighbourhood_features(store, grid, example, sigma) for example in inside]
     scale = 1.0 / max(float(np.sqrt((raster_sample.astype(np.float64) ** 2).sum(1).mean())), 1e-12)
-    notes = []
+    notes = [f"{len(examples) - len(inside)} of {len(examples)} examples lie outside the raster and were left "
+             "out"] if len(inside) < len(examples) else []
     one_sided = not multi and not counts[OTHER]
     if not multi:
         background = _background(raster_sample)
@@ -178,6 +179,12 @@ def teach_classifier(store: FeatureStore, grid: FeatureGrid, examples: list[Exam
         classifier.temperature = _temperature(logits, truth, len(classes))
         accuracy = _balanced_accuracy(logits.argmax(1), truth)
     return Taught(classifier, counts, accuracy, one_sided, notes)
+
+
+def _where(examples: list[Example], inside: list[Example]) -> str:
+    """E.g. '3 examples given, all inside the raster' or '3 examples given, 1 inside the raster'."""
+    placed = "all" if len(inside) == len(examples) else str(len(inside))
+    return f"{len(examples)} example{'s' if len(examples) != 1 else ''} given, {placed} inside the raster"
 
 
 def _listed(counts: dict[str, int]) -> str:
