@@ -12,7 +12,6 @@ ZIP=$(ls dist/treeseg_qgis-*.zip)
 /usr/bin/python3 -m zipfile -e "$ZIP" "$WORK/plugins"
 /usr/bin/python3 -m zipfile -e "$ZIP" "$WORK/plugins-upgraded"
 sed -i 's/^version=.*/version=9.9.9/' "$WORK/plugins-upgraded/treeseg_qgis/metadata.txt"
-sed -i 's/^__version__ = .*/__version__ = "9.9.9"/' "$WORK/plugins-upgraded/treeseg_qgis/__init__.py"
 if [ -x "$HOME/.pyenv/shims/python3" ]; then DECOY="$HOME/.pyenv/shims"; else
   printf '#!/bin/sh\nexec /usr/bin/python3 -S "$@"\n' > "$WORK/decoy/python3"; chmod +x "$WORK/decoy/python3"
   DECOY="$PWD/$WORK/decoy"; fi
