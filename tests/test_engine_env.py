@@ -676,7 +676,7 @@ def test_the_dialog_builds_aside_swaps_in_and_offers_to_remove_the_old(qgis_app,
     wait_until(lambda: not old.folder.exists() and not legacy.exists(), DIALOG_TIMEOUT)
     assert not dialog.install_button.isEnabled() and dialog.repair_button.isEnabled()
     assert QgsSettings().value(test_setting, "", type=str) == "" and stops == []
-    assert dialog.engine_label.text() == str(new.python)
+    assert dialog.engine_label.text() == f"{new.python} (made by Set up the engine…)"
 
     dialog.repair_button.click()
     wait_until(lambda: not dialog.running, DIALOG_TIMEOUT)
@@ -1204,6 +1204,36 @@ def test_an_unreachable_extra_index_is_a_choice_go_on_without_it_or_stop(qgis_ap
         assert "--extra-index-url" not in after and "127.0.0.1:9/" not in after
         assert dialog.torch_index.text() == ""
     dialog.deleteLater()
+
+
+def test_after_make_deploy_the_dialog_names_the_engine_in_use_and_install_is_not_the_default(
+        qgis_app, tmp_path, test_setting, monkeypatch):
+    """`make deploy` records the checkout's .venv in engine_python.txt: the panel runs on it, so the dialog
+    says so (not '(no engine installed)') and Enter does not start an install."""
+    from treeseg_qgis.qgis_side.gui.engine_setup import EngineSetupDialog
+
+    pointer = tmp_path / "plugin" / "treeseg_qgis" / "engine_python.txt"
+    pointer.parent.mkdir(parents=True)
+    pointer.write_text(sys.executable + "\n")
+    monkeypatch.setattr(engine_client, "qgis_profile_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(engine_client, "ENGINE_POINTER_FILE", pointer)
+    monkeypatch.setattr(engine_client, "PLUGIN_DIR", pointer.parent)
+    monkeypatch.delenv(engine_client.ENGINE_PYTHON_ENV, raising=False)
+    monkeypatch.setattr(engine_env, "engine_requirements", lambda path=None, python_version=None: [PROBE_REQUIREMENT])
+
+    dialog = EngineSetupDialog(engine_env.engines_dir(tmp_path))
+
+    assert "no engine installed" not in dialog.folder_label.text()
+    assert "none made here; TreeSeg runs on the engine below" in dialog.folder_label.text()
+    assert dialog.engine_label.text() == f"{sys.executable} (recorded by make deploy in engine_python.txt)"
+    assert not dialog.install_button.autoDefault() and not dialog.install_button.isDefault()
+    dialog.deleteLater()
+
+    pointer.unlink()
+    bare = EngineSetupDialog(engine_env.engines_dir(tmp_path))
+    assert "(no engine installed)" in bare.folder_label.text() and bare.engine_label.text() == "none"
+    assert bare.install_button.autoDefault()
+    bare.deleteLater()
 
 
 def test_an_engine_from_another_python_shows_as_needing_install(qgis_app, tmp_path, test_setting, monkeypatch):

@@ -85,22 +85,34 @@ def configured_engine_python() -> str | None:
     return find_engine_python(chosen_engine_python() or None)
 
 
+def configured_engine_origin() -> tuple[str, str] | None:
+    """`configured_engine_python` and where it comes from, in words; None when there is none."""
+    return find_engine_python_and_origin(chosen_engine_python() or None)
+
+
 def find_engine_python(configured: str | None = None) -> str | None:
     """The engine's Python: the configured one, $TREESEG_ENGINE_PYTHON, the private environment the
     set-up dialog made in the QGIS profile (only a ready one), the one `make deploy` recorded, or the
     repository's .venv during development; None when there is none."""
+    found = find_engine_python_and_origin(configured)
+    return found[0] if found else None
+
+
+def find_engine_python_and_origin(configured: str | None = None) -> tuple[str, str] | None:
+    """`find_engine_python`'s choice and where it comes from, in words (what the set-up dialog shows)."""
     profile = qgis_profile_dir()
     candidates = [
-        configured,
-        os.environ.get(ENGINE_PYTHON_ENV),
-        private_engine_python(profile) if profile else None,
-        ENGINE_POINTER_FILE.read_text().strip() if ENGINE_POINTER_FILE.is_file() else None,
-        str(PLUGIN_DIR.parent / ".venv" / "bin" / "python"),
-        str(PLUGIN_DIR.parent / ".venv" / "Scripts" / "python.exe"),
+        (configured, "chosen in Set up the engine…"),
+        (os.environ.get(ENGINE_PYTHON_ENV), f"from the {ENGINE_PYTHON_ENV} environment variable"),
+        (private_engine_python(profile) if profile else None, "made by Set up the engine…"),
+        (ENGINE_POINTER_FILE.read_text().strip() if ENGINE_POINTER_FILE.is_file() else None,
+         f"recorded by make deploy in {ENGINE_POINTER_FILE.name}"),
+        (str(PLUGIN_DIR.parent / ".venv" / "bin" / "python"), "the development checkout's .venv"),
+        (str(PLUGIN_DIR.parent / ".venv" / "Scripts" / "python.exe"), "the development checkout's .venv"),
     ]
-    for candidate in candidates:
+    for candidate, origin in candidates:
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
-            return candidate
+            return candidate, origin
     return None
 
 

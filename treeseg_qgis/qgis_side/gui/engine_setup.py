@@ -37,7 +37,12 @@ from qgis.PyQt.QtWidgets import (
 
 from ... import __version__
 from .. import engine_env
-from ..engine_client import choose_engine_python, chosen_engine_python, configured_engine_python
+from ..engine_client import (
+    choose_engine_python,
+    chosen_engine_python,
+    configured_engine_origin,
+    configured_engine_python,
+)
 from .layouts import hbox, vbox
 
 INTRO = (
@@ -550,10 +555,16 @@ class EngineSetupDialog(QDialog):
         self.build_combo.setEnabled(not running)
         self.torch_index.setEnabled(not running)
         self.use_python_button.setEnabled(not running and bool(self.python_widget.filePath().strip()))
+        found = configured_engine_origin()
+        in_use, origin = found if found else (None, "")
+        # Enter must not start an install beside an engine that works (one `make deploy` recorded, say).
+        self.install_button.setAutoDefault(in_use is None)
         stale = engine_env.other_python_engines(self.engines_root)
         if engine is None and stale:
             installed = (f"installed: {stale[0].folder.name}, made from Python {stale[0].python_version}, but QGIS "
                          f"now runs Python {engine_env.PYTHON_VERSION}: it cannot be used; Install makes a new one")
+        elif engine is None and in_use:
+            installed = "none made here; TreeSeg runs on the engine below"
         elif engine is None:
             installed = "no engine installed"
         elif current:
@@ -562,8 +573,7 @@ class EngineSetupDialog(QDialog):
             installed = (f"installed: {engine.folder.name}, made for other package versions than this plugin's; "
                          f"Install makes a new one")
         self.folder_label.setText(f"{self.engines_root} ({installed})")
-        in_use = configured_engine_python()
-        self.engine_label.setText(in_use or "none")
+        self.engine_label.setText(f"{in_use} ({origin})" if in_use else "none")
 
     def _cancellable(self) -> bool:
         return self.process is not None and not (self._steps and self._steps[self._step_index].swaps_engine)
