@@ -52,6 +52,7 @@ from .engine_algorithm import (
     run_in_engine,
 )
 
+EXAMPLES_PARAMETER = "EXAMPLES"
 DEFAULT_IS_TREE_FIELD = "is_tree"
 CLASS_FIELD = "class"
 TRUE_TEXTS = ("1", "true", "t", "yes", "y")
@@ -94,7 +95,7 @@ class TeachTreesAlgorithm(EngineAlgorithm):
                 "orthophoto", "ai")
     HELP = HELP_TEXT
 
-    EXAMPLES = "EXAMPLES"
+    EXAMPLES = EXAMPLES_PARAMETER
     IS_TREE_FIELD = "IS_TREE_FIELD"
     THRESHOLD = "THRESHOLD"
     CLASS_NAME = "CLASS_NAME"
@@ -128,28 +129,12 @@ class TeachTreesAlgorithm(EngineAlgorithm):
 
     def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,
                          feedback: QgsProcessingFeedback) -> dict[str, Any]:
-        python = engine_python()
-        layer = self.input_raster(parameters, self.INPUT, context)
-        source = self.parameterAsSource(parameters, self.EXAMPLES, context)
-        if source is None:
-            raise QgsProcessingException(self.invalidSourceError(parameters, self.EXAMPLES))
-        field = self.parameterAsString(parameters, self.IS_TREE_FIELD, context) or DEFAULT_IS_TREE_FIELD
-        examples = pixel_examples(layer, source, field, context, feedback)
-        files = self.output_files(parameters, context)
-        stem = Path(files["similarity"]).with_suffix("")
-        params = self.read_params(parameters, context, input_path=raster_file(layer), output_dir=str(stem.parent),
-                                  output_stem=stem.name,
-                                  outputs=OutputFiles(**files, teach_record=f"{stem}_teach.json"))
-        self.check_params(params, TEACH_KINDS)
         given = parameters.get(self.THRESHOLD)
         threshold = None if given is None or given == "" else self.parameterAsDouble(parameters, self.THRESHOLD,
                                                                                     context)
         taught = (self.parameterAsString(parameters, self.CLASS_NAME, context) or "").strip() or "tree"
-        record = run_in_engine(python, feedback, lambda client, report: client.teach(
-            params, examples, threshold, on_progress=report.progress, is_cancelled=feedback.isCanceled,
-            hf_token=hf_token(), class_name=taught))
-        if record.get("warning"):
-            feedback.pushWarning(record["warning"])
+        record, layer = teach_in_engine(self, parameters, context, feedback, self.IS_TREE_FIELD,
+                                        DEFAULT_IS_TREE_FIELD, _is_tree, threshold=threshold, class_name=taught)
         feedback.pushInfo(f"Examples used: {record['examples']['trees']} {taught}, "
                           f"{record['examples']['not_trees']} other; {record['threshold_note']}; "
                           f"feature cache: {record['feature_cache']}.")
@@ -181,7 +166,7 @@ class TeachClassesAlgorithm(EngineAlgorithm):
     TAGS = ("classes", "class", "dead trees", "examples", "points", "few-shot", "dinov3", "orthophoto", "ai")
     HELP = CLASSES_HELP
 
-    EXAMPLES = "EXAMPLES"
+    EXAMPLES = EXAMPLES_PARAMETER
     CLASS_FIELD = "CLASS_FIELD"
     DESTINATIONS = (
         Destination("OUTPUT_CLASSES", "Classes", "classes"),
@@ -206,31 +191,44 @@ class TeachClassesAlgorithm(EngineAlgorithm):
 
     def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,
                          feedback: QgsProcessingFeedback) -> dict[str, Any]:
-        python = engine_python()
-        layer = self.input_raster(parameters, self.INPUT, context)
-        source = self.parameterAsSource(parameters, self.EXAMPLES, context)
-        if source is None:
-            raise QgsProcessingException(self.invalidSourceError(parameters, self.EXAMPLES))
-        field = self.parameterAsString(parameters, self.CLASS_FIELD, context) or CLASS_FIELD
-        examples = pixel_examples(layer, source, field, context, feedback, _class_name)
-        if len({kind for _, _, kind in examples}) < 2:
-            raise QgsProcessingException(f"The field '{field}' names fewer than two classes: teaching several "
-                                         "classes needs examples of at least two.")
-        files = self.output_files(parameters, context)
-        stem = Path(files["classes"]).with_suffix("")
-        params = self.read_params(parameters, context, input_path=raster_file(layer), output_dir=str(stem.parent),
-                                  output_stem=stem.name,
-                                  outputs=OutputFiles(**files, teach_record=f"{stem}_teach.json"))
-        self.check_params(params, TEACH_KINDS)
-        record = run_in_engine(python, feedback, lambda client, report: client.teach(
-            params, examples, None, on_progress=report.progress, is_cancelled=feedback.isCanceled,
-            hf_token=hf_token()))
-        if record.get("warning"):
-            feedback.pushWarning(record["warning"])
+        record, _ = teach_in_engine(self, parameters, context, feedback, self.CLASS_FIELD, CLASS_FIELD,
+                                    _class_name, several_classes=True)
         covers = ", ".join(f"{name} {100 * cover:.1f} %" for name, cover in record["class_cover"].items())
         feedback.pushInfo(f"Classes: {covers}; {record['threshold_note']}; feature cache: "
                           f"{record['feature_cache']}.")
         return self.results(record)
+
+
+def teach_in_engine(algorithm: EngineAlgorithm, parameters: dict[str, Any], context: QgsProcessingContext,
+                    feedback: QgsProcessingFeedback, field_parameter: str, default_field: str,
+                    read: Callable[[Any], bool | str | None], *, threshold: float | None = None,
+                    class_name: str | None = None, several_classes: bool = False) -> tuple[dict, QgsRasterLayer]:
+    """The teach run both algorithms make: the example points (their kind `read` from the field) as pixel
+    positions, the parameters checked, the engine's teach job; its record (warned about untrained weights) and
+    the input layer."""
+    python = engine_python()
+    layer = algorithm.input_raster(parameters, algorithm.INPUT, context)
+    source = algorithm.parameterAsSource(parameters, EXAMPLES_PARAMETER, context)
+    if source is None:
+        raise QgsProcessingException(algorithm.invalidSourceError(parameters, EXAMPLES_PARAMETER))
+    field = algorithm.parameterAsString(parameters, field_parameter, context) or default_field
+    examples = pixel_examples(layer, source, field, context, feedback, read)
+    if several_classes and len({kind for _, _, kind in examples}) < 2:
+        raise QgsProcessingException(f"The field '{field}' names fewer than two classes: teaching several "
+                                     "classes needs examples of at least two.")
+    files = algorithm.output_files(parameters, context)
+    stem = Path(files[algorithm.DESTINATIONS[0].kind]).with_suffix("")
+    params = algorithm.read_params(parameters, context, input_path=raster_file(layer), output_dir=str(stem.parent),
+                                   output_stem=stem.name,
+                                   outputs=OutputFiles(**files, teach_record=f"{stem}_teach.json"))
+    algorithm.check_params(params, TEACH_KINDS)
+    named = {"class_name": class_name} if class_name else {}
+    record = run_in_engine(python, feedback, lambda client, report: client.teach(
+        params, examples, threshold, on_progress=report.progress, is_cancelled=feedback.isCanceled,
+        hf_token=hf_token(), **named))
+    if record.get("warning"):
+        feedback.pushWarning(record["warning"])
+    return record, layer
 
 
 def pixel_examples(layer: QgsRasterLayer, source: QgsFeatureSource, field: str, context: QgsProcessingContext,
