@@ -62,6 +62,7 @@ def test_reruns_replace_the_same_settings_name_other_settings_and_show_only_the_
     repeat = engine.segment(replace(params, output_dir=str(tmp_path / "repeat")))
     other = engine.segment(replace(params, output_dir=str(tmp_path / "other"), clusters=3))
     root = project.layerTreeRoot()
+    view_model = QgsLayerTreeModel(root)  # as the Layers panel: built before the results arrive
     base = f"scene — {tiny_model_dir.name}, stride 16"
 
     add_result_layers(first, "scene", project)
@@ -90,9 +91,9 @@ def test_reruns_replace_the_same_settings_name_other_settings_and_show_only_the_
     assert [child.itemVisibilityChecked() for child in root.children()] == [True, False, False]
     assert len(project.mapLayers()) == 3 + 3 + 2
     similarity = teach_groups[0].findLayers()[1]
-    model = QgsLayerTreeModel(root)
-    legend = model.layerLegendNodes(similarity)
-    assert legend[0].data(Qt.ItemDataRole.DisplayRole) == "Score (1: like the examples)"  # not 'Band 1 (Gray)'
+    for model in (view_model, QgsLayerTreeModel(root)):  # a view open all along, and one opened now
+        legend = model.layerLegendNodes(similarity)
+        assert legend[0].data(Qt.ItemDataRole.DisplayRole) == "Score (1: like the examples)"  # not 'Band 1 (Gray)'
 
 
 def test_processing_results_go_to_the_top_never_into_the_selected_result_group(

@@ -176,6 +176,9 @@ def label_band_legend(node: QgsLayerTreeLayer, kind: str) -> None:
     tree node, as Layer Properties ▸ Legend would (kept with the project)."""
     if kind in BAND_LEGENDS:
         QgsMapLayerLegendUtils.setLegendNodeUserLabel(node, 0, BAND_LEGENDS[kind])
+        if node.layer() is not None:
+            # The Layers panel built the node's legend when the layer arrived: make every view read it again.
+            node.layer().legendChanged.emit()
 
 
 def survey_class_names(record: dict[str, Any]) -> list[str]:
