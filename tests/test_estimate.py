@@ -71,3 +71,36 @@ def test_the_panel_estimate_drops_the_model_load_after_a_run_and_learns_this_mac
     assert measured > 0
     int8 = panel._engine_info["precision"] == "int8"
     assert json.loads(QgsSettings().value(EXPORTED_SETTING, "[]", type=str)) == ([str(tiny_model_dir)] if int8 else [])
+
+
+def test_the_learnt_speed_leaves_out_the_steps_the_estimate_does_not_count(
+        plugin, scene_tif, tiny_model_dir, tmp_path):  # noqa: F811
+    """A run with the canopy-height head (or crowns) is not learnt as a slow machine: their seconds, from the run
+    record, are taken off the measured time before it is compared with the estimate."""
+    import time
+
+    from qgis.core import QgsSettings
+
+    from treeseg_qgis.qgis_side.gui.run_panel import SPEED_SETTING
+
+    path, _ = scene_tif
+    panel = plugin.dock.run_panel
+    panel.layer_combo.setLayer(add_raster(path))
+    set_up_run(panel, tiny_model_dir, tmp_path / "out")
+    plugin.action.trigger()
+    wait_until(lambda: panel._engine_info is not None)
+    panel.run_button.click()
+    wait_until(lambda: panel.task is None)
+    assert panel.stage_label.text().startswith("Done"), panel.stage_label.text()
+    record = json.loads(next((tmp_path / "out").glob("*_run.json")).read_text())
+
+    def learnt(extra_seconds: dict) -> float:
+        QgsSettings().setValue(SPEED_SETTING, "[]")
+        panel._run_timing = (time.monotonic() - 100.0, {})
+        panel._learn_from({**record, "timings": {**record["timings"], **extra_seconds}})
+        (ratio,) = json.loads(QgsSettings().value(SPEED_SETTING, "[]", type=str))
+        return ratio
+
+    plain = learnt({})
+    assert learnt({"canopy_height": 60.0}) == pytest.approx(plain * 0.4, rel=0.01)
+    assert learnt({"canopy_height": 30.0, "crowns": 30.0}) == pytest.approx(plain * 0.4, rel=0.01)

@@ -102,6 +102,8 @@ SPEED_SETTING = SETTINGS_PREFIX + "measured_over_estimated"
 EXPORTED_SETTING = SETTINGS_PREFIX + "int8_exported_models"
 """The models whose int8 export the engine has made and cached (JSON list)."""
 SPEED_RUNS_KEPT = 3
+UNESTIMATED_STEPS = ("canopy_height", "crowns")
+"""Run-record timings of the optional steps the time estimate does not count."""
 DEFAULT_CLUSTERS = 5
 """The number of clusters the spin box offers until the user turns automatic K off."""
 EXPORT_HINT = ("export it to a GeoTIFF first (right-click the layer ▸ Export ▸ Save As…) and run TreeSeg "
@@ -597,8 +599,10 @@ class RunPanel(QWidget):
                                      self._run_device(), record["parameters"]["overlap"], **options)
         if started is None or expected is None or record["feature_cache"]["state"] == "hit":
             return
+        # Steps the estimate leaves out (the canopy-height head, crowns) must not be learnt as slowness.
+        unestimated = sum(float(record.get("timings", {}).get(step, 0.0)) for step in UNESTIMATED_STEPS)
         measured = json.loads(QgsSettings().value(SPEED_SETTING, "[]", type=str) or "[]")
-        measured = [*measured, (time.monotonic() - started) / expected.total][-SPEED_RUNS_KEPT:]
+        measured = [*measured, max(time.monotonic() - started - unestimated, 0.0) / expected.total][-SPEED_RUNS_KEPT:]
         QgsSettings().setValue(SPEED_SETTING, json.dumps(measured))
 
     def _show_memory_estimate(self) -> None:
