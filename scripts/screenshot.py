@@ -3,7 +3,8 @@
 Loads the bundled sample orthophoto, opens the TreeSeg panel and runs the small
 model to completion with automatic K, tree crowns, the feature image and the
 canopy height (untrained weights allowed: without Hugging Face access every
-result is marked UNTRAINED). It then saves the main window as docs/img/dock.png
+result is marked UNTRAINED). It saves the panel before the run as
+docs/img/before-run.png (its estimate), then the main window as dock.png
 (the panel with its More outputs and the elbow plot), crowns.png, features.png
 and height.png (each output over the orthophoto), teaches trees by clicking
 (examples placed through the map tool's own handler, then the threshold slider
@@ -86,8 +87,17 @@ class Screenshots:
         dock.run_panel.height_model_override.clear()
         dock.run_panel.extras_group.setCollapsed(False)
         dock.run_panel.output_widget.setFilePath(str(OUTPUT))
-        dock.run_panel.run_button.click()
-        self.wait(lambda: dock.run_panel.task is None, self.show_run, "the run")
+        self.after_render(self.run)
+
+    def run(self) -> None:
+        """The panel before the first run (its estimate counts the model load still to come), then Run."""
+        panel = self.dock.run_panel
+        print(f"screenshot: before the run the panel says: {panel.memory_label.text()}", flush=True)
+        for name, widget in (("stride", panel.stride_combo), ("precision", panel.precision_combo)):
+            print(f"screenshot: the {name} tooltip: {widget.toolTip()}", flush=True)
+        self.save(self.dock.grab(), "before-run.png")
+        panel.run_button.click()
+        self.wait(lambda: panel.task is None, self.show_run, "the run")
 
     def panel_follows_the_active_layer(self) -> bool:
         """Whether the panel shows the active raster, also after another raster was made active and back."""
@@ -186,18 +196,21 @@ class Screenshots:
         QTimer.singleShot(0, self.run_processing)
 
     def run_processing(self) -> None:
-        """segmenttrees with temporary outputs as the toolbox runs it: the outputs load styled, in one group."""
+        """segmenttrees with temporary outputs as the toolbox runs it: the outputs load styled, in one group on
+        top, and the plugin itself switches the panel's older results of the sample off (a second run)."""
         import processing
 
         self.dock.teach_panel.teach_button.setChecked(False)
         self.dock.teach_panel.teach_tool.clear()
         for group in QgsProject.instance().layerTreeRoot().children()[:-1]:
-            group.setItemVisibilityChecked(False)
             group.setExpanded(False)
         outputs = ("OUTPUT_CLUSTERS", "OUTPUT_TREES", "OUTPUT_POLYGONS", "OUTPUT_CROWNS")
         processing.runAndLoadResults("treeseg:segmenttrees", {
             "INPUT": self.layer, "MODEL": "small", "CLUSTERS": 0, "ALLOW_UNTRAINED": True,
             **{name: "TEMPORARY_OUTPUT" for name in outputs}})
+        groups = [(group.name(), group.itemVisibilityChecked()) for group in
+                  QgsProject.instance().layerTreeRoot().children()]
+        print(f"screenshot: after the Processing run the layer tree holds (name, shown): {groups}", flush=True)
         self.zoom_to(self.layer.extent())
         self.after_render(lambda: self.grab("processing_outputs.png", self.show_batch))
 
