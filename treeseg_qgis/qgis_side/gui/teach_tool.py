@@ -1,6 +1,6 @@
 """Click-to-teach on the map canvas: left click marks a tree, Shift+click or right click a non-tree.
 
-Each click is shown as a marker (green circle: tree; red cross: not a tree),
+Each click is shown as a marker (yellow circle: the class; red cross: not a tree),
 transformed from the canvas CRS into the CRS of the raster the engine reads and
 turned into a pixel position (column, row from the top-left corner) with the
 inverse of its GDAL geotransform.
@@ -18,7 +18,8 @@ from qgis.PyQt.QtGui import QColor
 
 gdal.UseExceptions()
 
-TREE_COLOUR = QColor(0, 200, 60)
+TREE_COLOUR = QColor(255, 221, 0)
+"""Yellow: it stands out on the green fills of trees and of the taught layers, where green did not."""
 NOT_TREE_COLOUR = QColor(230, 30, 30)
 MARKER_SIZE = 14
 MARKER_PEN_WIDTH = 3
