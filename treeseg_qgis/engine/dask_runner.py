@@ -140,9 +140,9 @@ def dask_session(workers: int, scheduler: str | None) -> Iterator[DaskSession]:
                 client = stack.enter_context(Client(scheduler, timeout="30s"))
             else:
                 with interrupts.deferred(), _stop_signals_held():  # a stop while it starts: closed once started
-                    cluster = stack.enter_context(LocalCluster(
+                    cluster = stack.enter_context(LocalCluster(  # its HTTP server on a free port: 8787 may be taken
                         n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                        silence_logs=logging.ERROR))
+                        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}, silence_logs=logging.ERROR))
                 client = stack.enter_context(Client(cluster))
             client.register_plugin(ModelPlugin())
             yield DaskSession(client, after_close)
