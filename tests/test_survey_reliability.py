@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -154,6 +155,38 @@ def test_an_interrupted_rerun_keeps_the_earlier_survey_byte_identical(rasters, t
     assert "Raster 2 of 2" in seen[-1]
     assert md5s(out) == before
     assert not list(out.glob(".treeseg-staging-*"))
+
+
+STOPS_ON_THE_CLUSTER = [("Measuring valid area", signal.SIGINT), ("Sampled 1 of 2", signal.SIGTERM),
+                        ("Cluster model written", signal.SIGINT)]
+
+
+def test_a_survey_stopped_on_a_dask_cluster_says_only_its_one_line(rasters, tmp_path, tiny_model_dir):
+    """`--workers 2` stopped (the whole process group signalled, as a terminal does) once the cluster has
+    started, while it samples, and as it starts on the rasters: the worker processes and the scheduler say
+    nothing, the command says its one line last, and the earlier survey stays byte-identical."""
+    out = tmp_path / "out"
+    common = [*map(str, rasters), "--out", str(out), "--model", str(tiny_model_dir), "--no-cache", *TINY]
+    assert main(["segment-many", *common, "--clusters", "7", "--quiet"]) == 0
+    before = md5s(out)
+    progress_line = re.compile(r"^ *\d+\.\d %  ")
+    for moment, stop in STOPS_ON_THE_CLUSTER:
+        run = subprocess.Popen([sys.executable, "-m", "treeseg_qgis", "segment-many", *common, "--clusters", "3",
+                                "--workers", "2"], cwd=REPO, start_new_session=True, stderr=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        seen = []
+        for line in run.stderr:  # waits for the line itself, however slow the machine
+            seen.append(line)
+            if moment in line:
+                os.killpg(run.pid, stop)
+                break
+        after = run.stderr.read().splitlines()
+        assert run.wait() == 128 + stop, "".join(seen) + "\n".join(after)
+        assert moment in seen[-1] and all(progress_line.match(line) for line in seen), "".join(seen)
+        assert after == [f"treeseg: stopped by {stop.name}; the earlier outputs are unchanged and nothing of this "
+                         "run was kept."], "\n".join(after)
+        assert md5s(out) == before, moment
+        assert not list(out.glob(".treeseg-staging-*")) and not list(out.glob(".*treeseg-windows"))
 
 
 def rewritten(model: Path, target: Path, header=None, **arrays) -> Path:

@@ -18,21 +18,25 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
+from multiprocessing import resource_tracker
 from pathlib import Path
 
 import numpy as np
 from distributed import Client, Future, LocalCluster, Worker, WorkerPlugin, as_completed, get_worker
 
 from ..params import SegmentationParams
+from . import interrupts
 from .core.errors import TreesegError
 from .core.models import Backbone
 from .core.progress import Progress
 from .core.store import FeatureStore
+from .interrupts import STOP_SIGNALS
 from .pipeline import extract_window, feature_extractor, load_model_for
 from .survey_tasks import (
     ATTEMPTS,
@@ -126,24 +130,50 @@ class DaskSession:
 @contextmanager
 def dask_session(workers: int, scheduler: str | None) -> Iterator[DaskSession]:
     """The cluster at `scheduler`, or a LocalCluster of `workers` processes, closed (its worker processes
-    ended) when the block ends, fails or is stopped."""
+    ended) when the block ends, fails or is stopped. Distributed's messages in this process say only errors
+    while it runs, and nothing once it has failed or been stopped; a LocalCluster's worker processes never see
+    a terminal's stop signal (the survey's one line is all a stopped survey says)."""
+    _quiet_distributed(logging.ERROR)
     with ExitStack() as after_close, ExitStack() as stack:
-        if scheduler:
-            client = stack.enter_context(Client(scheduler, timeout="30s"))
-        else:
-            cluster = stack.enter_context(LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                silence_logs=logging.ERROR))
-            client = stack.enter_context(Client(cluster))
-        client.register_plugin(ModelPlugin())
         try:
+            if scheduler:
+                client = stack.enter_context(Client(scheduler, timeout="30s"))
+            else:
+                with interrupts.deferred(), _stop_signals_held():  # a stop while it starts: closed once started
+                    cluster = stack.enter_context(LocalCluster(  # its HTTP server on a free port: 8787 may be taken
+                        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}, silence_logs=logging.ERROR))
+                client = stack.enter_context(Client(cluster))
+            client.register_plugin(ModelPlugin())
             yield DaskSession(client, after_close)
         except BaseException:
             # A stopped or failed survey says so in one line; the closing cluster's complaints are not news.
-            for name in ["distributed", *(name for name in logging.root.manager.loggerDict
-                                          if name.startswith("distributed."))]:
-                logging.getLogger(name).setLevel(logging.CRITICAL)
+            _quiet_distributed(logging.CRITICAL)
             raise
+
+
+def _quiet_distributed(level: int) -> None:
+    """Distributed's loggers in this process (the scheduler's, the nannies', the client's) say nothing below
+    `level`. They pass their records to the command line's handler (distributed adds its own only when imported
+    before logging is set up), which LocalCluster's `silence_logs` does not reach."""
+    for name in ["distributed", *(name for name in logging.root.manager.loggerDict if name.startswith("distributed."))]:
+        logging.getLogger(name).setLevel(level)
+
+
+@contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP held back from this thread while the LocalCluster starts: the threads it
+    starts, and the worker processes they start, keep them blocked for good (a terminal signals the whole
+    process group; the workers are ended by the cluster's close), and so does multiprocessing's resource
+    tracker, started here first (it unblocks SIGINT and SIGTERM in the thread that starts it, and ignores them
+    itself). A stop signal that arrives meanwhile reaches this process when the block ends."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def sample_on_worker(share: RasterShare, params: SegmentationParams, value_ranges: dict[int, tuple[float, float]]
