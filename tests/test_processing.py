@@ -459,7 +459,8 @@ def test_temporary_outputs_load_styled_in_one_group_without_a_false_error(provid
 
 
 def test_a_blank_optional_output_is_not_queued_for_loading_and_reports_no_error(provider, tiny_model_dir,
-                                                                                 scene_tif, tmp_path):
+                                                                                 scene_tif, tmp_path,
+                                                                                 layer_tree_view):
     """As a batch row sends an optional output left blank: an empty output definition bound to the project. Nothing
     is queued under '' and the run ends without "The following layers were not correctly generated"."""
     import processing

@@ -266,6 +266,16 @@ def teach_result(record: dict[str, Any]) -> str:
     return f"teach: {record.get('class') or 'tree'}"
 
 
+def _output_files(record: dict[str, Any]) -> set[str]:
+    """The files a run record names as its outputs."""
+    return {str(Path(path)) for path in record.get("outputs", {}).values() if isinstance(path, str) and path}
+
+
+def _layer_file(layer: QgsMapLayer) -> str:
+    """The file a file-based layer reads (its source without '|layername=…')."""
+    return str(Path(layer.source().split("|")[0]))
+
+
 def place_result_group(group: QgsLayerTreeGroup, record: dict[str, Any], input_name: str, result: str,
                        project: QgsProject, parent: QgsLayerTreeGroup | None = None) -> None:
     """Put a new result group at the top of `parent` (a survey group; default the top of the layer tree, never
@@ -282,7 +292,15 @@ def place_result_group(group: QgsLayerTreeGroup, record: dict[str, Any], input_n
     replaced = [other for other in same_kind
                 if result.startswith("teach") or other.customProperty(RESULT_SETTINGS) == group.customProperty(
                     RESULT_SETTINGS)]
+    top = parent or project.layerTreeRoot()
+    own = _output_files(record)
     for other in replaced:
+        for node in other.findLayers():
+            # QGIS 3.44 adds a Processing run's layers at the insertion point, which may be the replaced group:
+            # this run's own layers leave it first (their post-processors then move them into `group`).
+            if node.layer() is not None and _layer_file(node.layer()) in own:
+                top.insertChildNode(0, node.clone())
+                node.parent().removeChildNode(node)
         project.removeMapLayers([node.layerId() for node in other.findLayers()])
         if other.parent() is not None:
             other.parent().removeChildNode(other)
@@ -292,7 +310,7 @@ def place_result_group(group: QgsLayerTreeGroup, record: dict[str, Any], input_n
     kept = [json.loads(other.customProperty(RESULT_SETTINGS) or "{}") for other in same_kind if other not in replaced]
     if not result.startswith("teach") and kept:
         group.setName(group_name(record, input_name, settings_difference(settings, kept)))
-    (parent or project.layerTreeRoot()).insertChildNode(0, group)
+    top.insertChildNode(0, group)
     node: QgsLayerTreeNode | None = group
     while node is not None:
         node.setItemVisibilityChecked(True)
