@@ -46,12 +46,8 @@ def test_the_text_says_one_tile_and_what_the_first_run_adds():
     assert memory.tiles_and_time("small", 96, 96, device="cuda") == "1 tile, time unknown on the CUDA device"
 
 
-def test_the_panel_estimate_drops_the_model_load_after_a_run_and_learns_this_machines_speed(
-        plugin, scene_tif, tiny_model_dir, tmp_path):  # noqa: F811
-    from qgis.core import QgsSettings
-
-    from treeseg_qgis.qgis_side.gui.run_panel import EXPORTED_SETTING, SPEED_SETTING
-
+def run_from_the_panel(plugin, scene_tif, tiny_model_dir, tmp_path):  # noqa: F811
+    """The scene run once from the dock's panel with the tiny model; the panel and its estimate before the run."""
     path, _ = scene_tif
     panel = plugin.dock.run_panel
     panel.layer_combo.setLayer(add_raster(path))
@@ -59,9 +55,18 @@ def test_the_panel_estimate_drops_the_model_load_after_a_run_and_learns_this_mac
     plugin.action.trigger()
     wait_until(lambda: panel._engine_info is not None)
     before = panel.memory_label.text()
-
     panel.run_button.click()
     wait_until(lambda: panel.task is None)
+    return panel, before
+
+
+def test_the_panel_estimate_drops_the_model_load_after_a_run_and_learns_this_machines_speed(
+        plugin, scene_tif, tiny_model_dir, tmp_path):  # noqa: F811
+    from qgis.core import QgsSettings
+
+    from treeseg_qgis.qgis_side.gui.run_panel import EXPORTED_SETTING, SPEED_SETTING
+
+    panel, before = run_from_the_panel(plugin, scene_tif, tiny_model_dir, tmp_path)
 
     assert panel.stage_label.text().startswith("Done"), panel.stage_label.text()
     assert "1 tile, about " in before and "model load" in before
@@ -83,14 +88,7 @@ def test_the_learnt_speed_leaves_out_the_steps_the_estimate_does_not_count(
 
     from treeseg_qgis.qgis_side.gui.run_panel import SPEED_SETTING
 
-    path, _ = scene_tif
-    panel = plugin.dock.run_panel
-    panel.layer_combo.setLayer(add_raster(path))
-    set_up_run(panel, tiny_model_dir, tmp_path / "out")
-    plugin.action.trigger()
-    wait_until(lambda: panel._engine_info is not None)
-    panel.run_button.click()
-    wait_until(lambda: panel.task is None)
+    panel, _ = run_from_the_panel(plugin, scene_tif, tiny_model_dir, tmp_path)
     assert panel.stage_label.text().startswith("Done"), panel.stage_label.text()
     record = json.loads(next((tmp_path / "out").glob("*_run.json")).read_text())
 
