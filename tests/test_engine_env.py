@@ -684,8 +684,10 @@ def test_the_dialog_builds_aside_swaps_in_and_offers_to_remove_the_old(qgis_app,
     assert engine_env.ready_engines(root) == [new] and sorted(path.name for path in root.iterdir()) == [new.folder.name]
 
     dialog.remove_button.click()
+    # Set aside at once: while the task deletes it, nothing reading the engines folder sees a half-deleted engine.
+    assert not new.folder.exists() and engine_env.ready_engines(root) == [] and dialog.running
     wait_until(lambda: not dialog.running, DIALOG_TIMEOUT)
-    assert removed == [True] and stops == [True, True] and not new.folder.exists()
+    assert removed == [True] and stops == [True, True] and sorted(root.iterdir()) == []
     assert dialog.install_button.isEnabled() and not dialog.remove_button.isEnabled()
     dialog.deleteLater()
 

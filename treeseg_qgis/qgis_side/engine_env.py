@@ -267,10 +267,11 @@ def ready_engines(root: Path) -> list[Engine]:
             record = json.loads(marker.read_text(encoding="utf-8"))
             engine = Engine(marker.parent, str(record["key"]), str(record["build"]), tuple(record["requirements"]),
                             str(record["python"]))
+            made = marker.stat().st_mtime
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if engine.python.is_file():
-            engines.append((marker.stat().st_mtime, engine))
+            engines.append((made, engine))
     return [engine for _, engine in sorted(engines, key=lambda item: item[0], reverse=True)]
 
 

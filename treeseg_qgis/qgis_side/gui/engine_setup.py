@@ -60,8 +60,9 @@ STEP_WEIGHTS = {engine_env.VENV: 5, engine_env.PROBE: 2, engine_env.PINS: 1, eng
 PROGRESS_RANGE = 1000
 # How often the install's progress is read from the new environment while pip installs (it prints nothing then).
 INSTALL_POLL_MS = 1000
-# Staging folders of failed set-ups being deleted in the background: they outlive the dialog that set them aside.
-_DISCARDING: dict[Path, QgsTask] = {}
+# Folders being deleted in the background, each with its task: they outlive the dialog that set them aside, and
+# nothing lists, measures or offers them meanwhile.
+_DELETING: dict[Path, QgsTask] = {}
 
 
 def command_text(command: tuple[str, ...]) -> str:
@@ -74,6 +75,26 @@ def plain_requirement(requirement: str) -> str:
     return re.sub(r"\s*==\s*", " ", requirement.strip())
 
 
+def delete_in_background(folders: list[Path], description: str,
+                         on_finished: Callable[[Exception | None], None] = lambda exception: None) -> QgsTask:
+    """Delete folders already set aside (old-*) in a QGIS task, then call `on_finished` with what stopped it.
+    Only set-aside folders come here: the dialog reads the engines folder while the task runs, and an engine
+    folder deleted in place would be half there."""
+    def delete(task: QgsTask) -> None:
+        for folder in folders:
+            engine_env.remove_environment(folder)
+
+    def finished(exception: Exception | None) -> None:
+        for folder in folders:
+            _DELETING.pop(folder, None)
+        on_finished(exception)
+
+    task = QgsTask.fromFunction(description, delete, on_finished=finished)
+    _DELETING.update(dict.fromkeys(folders, task))
+    QgsApplication.taskManager().addTask(task)
+    return task
+
+
 def discard(folder: Path) -> None:
     """Set a staging folder aside at once (old-…) and delete it in the background; nothing waits for it. When it
     cannot even be renamed it stays, and the next dialog offers it for deletion."""
@@ -81,14 +102,7 @@ def discard(folder: Path) -> None:
         aside = engine_env.set_aside(folder)
     except (OSError, engine_env.EngineEnvError):
         return
-
-    def delete(task: QgsTask) -> None:
-        engine_env.remove_environment(aside)
-
-    task = QgsTask.fromFunction("TreeSeg: deleting a half-made engine", delete,
-                                on_finished=lambda *result: _DISCARDING.pop(aside, None))
-    _DISCARDING[aside] = task
-    QgsApplication.taskManager().addTask(task)
+    delete_in_background([aside], "TreeSeg: deleting a half-made engine")
 
 
 class EngineSetupDialog(QDialog):
@@ -293,7 +307,7 @@ class EngineSetupDialog(QDialog):
 
     def remove_leftovers(self) -> None:
         """Delete the folders a killed set-up left (in a background task)."""
-        folders = [folder for folder in engine_env.leftover_folders(self.engines_root) if folder not in _DISCARDING]
+        folders = [folder for folder in engine_env.leftover_folders(self.engines_root) if folder not in _DELETING]
         if self.running or not folders:
             return
         self.leftover_row.setVisible(False)
@@ -324,7 +338,7 @@ class EngineSetupDialog(QDialog):
         self._finish(f"The engine is ready: {python}. TreeSeg uses it from now on.")
         self.engine_ready.emit(python)
         old = sorted(folder for folder in self.engines_root.iterdir() if folder.is_dir() and folder != new
-                     and folder not in _DISCARDING and folder.name.startswith(("engine-", "staging-", "old-")))
+                     and folder not in _DELETING and folder.name.startswith(("engine-", "staging-", "old-")))
         if old and QMessageBox.question(
                 self, "Remove the old TreeSeg engines",
                 "These engines (made for other package versions or another Python, by an earlier plugin, or left "
@@ -485,22 +499,26 @@ class EngineSetupDialog(QDialog):
 
     def _remove_folders(self, folders: list[Path], done: str, after: Callable[[], None] = lambda: None,
                         error: bool = False) -> None:
-        """Delete engine or staging folders in a background task, then show `done` and call `after`."""
-        def remove_all(task: QgsTask) -> None:
-            for folder in folders:
-                engine_env.remove_environment(folder)
+        """Set engine or staging folders aside at once (renamed old-*: no engine is ever seen half deleted), delete
+        them in a background task, then show `done` and call `after`."""
+        aside, refused = [], []
+        for folder in folders:
+            try:
+                aside.append(folder if folder.name.startswith("old-") else engine_env.set_aside(folder))
+            except (OSError, engine_env.EngineEnvError) as exception:
+                refused.append(f"{folder} ({exception})")
 
         def removed(exception: Exception | None) -> None:
             self._remove_task = None
-            if exception is not None:
-                self._finish(f"Could not remove {', '.join(map(str, folders))}: {exception}", error=True)
+            if exception is not None or refused:
+                problems = refused + ([f"{', '.join(map(str, aside))} ({exception})"] if exception else [])
+                self._finish(f"Could not remove {'; '.join(problems)}", error=True)
                 return
             self._finish(done, error)
             after()
 
         self._show_status(f"Removing {', '.join(map(str, folders))}…", error)
-        self._remove_task = QgsTask.fromFunction("TreeSeg: removing an engine", remove_all, on_finished=removed)
-        QgsApplication.taskManager().addTask(self._remove_task)
+        self._remove_task = delete_in_background(aside, "TreeSeg: removing an engine", removed)
         self._update_state()
 
     def _build_changed(self) -> None:
@@ -535,7 +553,7 @@ class EngineSetupDialog(QDialog):
 
     def _offer_leftovers(self) -> None:
         """Name the folders a killed set-up left (never used), with their size, beside a Delete button."""
-        folders = [folder for folder in engine_env.leftover_folders(self.engines_root) if folder not in _DISCARDING]
+        folders = [folder for folder in engine_env.leftover_folders(self.engines_root) if folder not in _DELETING]
         if not folders:
             return
         sizes = ", ".join(f"{folder.name} ({engine_env.folder_size(folder) / 1024**2:.0f} MB)" for folder in folders)
