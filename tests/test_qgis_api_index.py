@@ -218,7 +218,8 @@ def test_every_qgis_name_the_plugin_uses_is_in_the_qgis4_index_and_what_it_canno
     assert api.missing(names, index) == []
     assert api.deprecated(names, index) == []  # none of the names read from 4.x is deprecated there
     # A real QGIS 4 difference, reported rather than failed: 4.0 made this method non-virtual (it calls
-    # supportedOutputRasterLayerFormatAndExtensions instead), so the provider's override only restricts 3.x.
+    # supportedOutputRasterLayerFormatAndExtensions instead), so the provider's override only restricts 3.x
+    # dialogs to GeoTIFF (the algorithms write GeoTIFF on every version: engine_algorithm.file_destination).
     assert [line.split(": ", 1)[1].split(" is ")[0] for line in api.nonvirtual_overrides(names, index)] == [
         "QgsProcessingProvider.supportedOutputRasterLayerExtensions"]
     notes = api.unchecked(names, index)
