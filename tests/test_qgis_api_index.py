@@ -209,7 +209,7 @@ def test_the_committed_qgis4_index_is_what_its_bindings_digest_builds_and_record
     assert all(len(commit) == 40 for commit in index["source"]["read"].values())
     assert all(len(entry["commit"]) == 40 for entry in listed.values())
     assert not index["classes"]["QgsProcessingAlgorithm"].get("listed")
-    assert index["classes"]["QgsApplication"]["listed"].endswith("@ed64834106927a43ea072fb3e027d45525bba743")
+    assert index["classes"]["QgsProject"]["listed"].endswith("@9d8f89bb2fb6132ad2568bc7ba6e6014ea11d676")
 
 
 def test_every_qgis_name_the_plugin_uses_is_in_the_qgis4_index_and_what_it_cannot_judge_is_reported():
