@@ -8,10 +8,14 @@ is never called, silently), and the current paths handed to `compat.qgis_enum`.
 `build` derives the index from QGIS's bindings text, `python/PyQt6/{core,gui,analysis}/auto_generated/**/*.sip.in`
 (the Qt6 bindings QGIS 4 is built from), read from a QGIS git directory at a release tag (`git ls-tree`,
 `git show TAG:path`) or from a folder: per class its bases, members (methods, attributes, nested classes),
-signals, enums with their values, and the members marked deprecated; written as gzipped JSON with the tag
-and commit it came from.
+signals, enums with their values, the members marked deprecated and those marked /NonVirtual/ (QGIS no longer
+calls a Python override of them); written as gzipped JSON with the tag and commit it came from. A folder may hold
+a PROVENANCE.json (repository, tag, commit, the files read and their commits, and `listed` files whose classes are
+known to exist but whose members were not read): then the index records it, and members of listed classes are
+reported as unchecked rather than missing. tests/data/qgis4_bindings is such a folder (see its PROVENANCE.json).
 
     python scripts/qgis_api_index.py build --git /path/to/QGIS.git --tag final-4_0_2 --out tests/data/qgis4_api.json.gz
+    python scripts/qgis_api_index.py build --folder tests/data/qgis4_bindings --out tests/data/qgis4_api.json.gz
     python scripts/qgis_api_index.py check tests/data/qgis4_api.json.gz   # exit 1 and one line per name it lacks
     python scripts/qgis_api_index.py live   # the same against the QGIS this Python imports (with its deprecations)
 
@@ -140,7 +144,8 @@ SKIPPED_WORDS = {"operator", "return", "if", "sizeof", "SIP_PYOBJECT", "SIP_PYLI
 
 
 def _class_entry(index: dict[str, Any], name: str, bases: str | None) -> dict[str, Any]:
-    entry = index.setdefault(name, {"bases": [], "members": [], "signals": [], "enums": {}, "deprecated": []})
+    entry = index.setdefault(name, {"bases": [], "members": [], "signals": [], "enums": {}, "deprecated": [],
+                                    "nonvirtual": []})
     if bases:
         entry["bases"] = [b.split()[-1].split("::")[-1] for b in bases.split(",") if b.strip()]
     return entry
@@ -195,6 +200,8 @@ def parse_sip(text: str, index: dict[str, Any]) -> None:
                 last = (current, name)
                 if "/Deprecated" in code:
                     current["deprecated"].append(name)
+                if "/NonVirtual" in code:
+                    current["nonvirtual"].append(name)
         opened, closed = code.count("{"), code.count("}")
         if pending and opened:
             stack.append((pending, depth + 1))
@@ -208,7 +215,7 @@ def parse_sip(text: str, index: dict[str, Any]) -> None:
 def tidy(index: dict[str, Any]) -> dict[str, Any]:
     """The index with sorted, de-duplicated lists (compact and stable in git)."""
     for entry in index.values():
-        for key in ("members", "signals", "deprecated"):
+        for key in ("members", "signals", "deprecated", "nonvirtual"):
             entry[key] = sorted(set(entry[key]))
     return dict(sorted(index.items()))
 
@@ -228,8 +235,11 @@ def folder_sip_files(folder: Path) -> Iterable[tuple[str, str]]:
         yield str(path.relative_to(folder)), path.read_text(encoding="utf-8")
 
 
-def build(files: Iterable[tuple[str, str]], source: dict[str, str]) -> dict[str, Any]:
-    """The index of the .sip.in `files`, with `source` (repository, tag, commit) recorded."""
+def build(files: Iterable[tuple[str, str]], source: dict[str, Any],
+          listed: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The index of the .sip.in `files`, with `source` (repository, tag, commit) recorded; `listed` maps a file
+    path to {"commit", "classes"}: classes known to exist whose members were not read (marked "listed").
+    `source["python_additions"]` maps a class to the members QGIS adds to it in Python ({"members": [...]})."""
     index: dict[str, Any] = {}
     count = 0
     for _, text in files:
@@ -237,7 +247,31 @@ def build(files: Iterable[tuple[str, str]], source: dict[str, str]) -> dict[str,
         count += 1
     if not count:
         raise ValueError("no .sip.in files found: nothing to index")
+    for path, entry in (listed or {}).items():
+        for name in entry["classes"]:
+            if name not in index:
+                _class_entry(index, name, None)["listed"] = f"{path}@{entry['commit']}"
+    for name, added in source.get("python_additions", {}).items():
+        _class_entry(index, name, None)["members"].extend(added["members"])
     return {"source": {**source, "sip_files": str(count)}, "classes": tidy(index)}
+
+
+def read_provenance(folder: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(source, listed) from `folder`/PROVENANCE.json; a damaged file is refused in one line (ValueError)."""
+    path = folder / "PROVENANCE.json"
+    try:
+        provenance = json.loads(path.read_text(encoding="utf-8"))
+        source = {key: provenance[key] for key in ("repository", "tag", "commit", "read_on", "how", "read")}
+        source["not_found"] = provenance.get("not_found", {})
+        source["python_additions"] = provenance.get("python_additions", {})
+        listed = provenance["listed"]
+        entries = [*listed.values(), *source["python_additions"].values()]
+        if not all(isinstance(e.get("classes", e.get("members")), list) and isinstance(e.get("commit"), str)
+                   for e in entries):
+            raise ValueError
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+        raise ValueError(f"{path} is not a provenance file (damaged or hand-edited)") from error
+    return source, listed
 
 
 def write_index(index: dict[str, Any], out: Path) -> None:
@@ -279,6 +313,8 @@ def _lookup(classes: dict[str, Any], cls: str, member: str, seen: set[str] | Non
     if entry is None or cls in seen:
         return "Qt" if entry is None and not cls.startswith("Qgs") and qt_has(cls, member) else None
     seen.add(cls)
+    if entry.get("listed"):
+        return f"{cls} (listed)"
     if member in entry["members"] or member in entry["signals"]:
         return cls
     for values in entry["enums"].values():
@@ -289,8 +325,10 @@ def _lookup(classes: dict[str, Any], cls: str, member: str, seen: set[str] | Non
 
 def missing(names: Names, index: dict[str, Any]) -> list[str]:
     """One line per name the index lacks: an absent class, member, enum value, or an unscoped enum value."""
-    classes, lines = index["classes"], []
+    classes, not_found, lines = index["classes"], index["source"].get("not_found", {}), []
     for (cls, dotted), where in sorted(names.items()):
+        if cls in not_found:
+            continue
         if cls not in classes:
             lines.append(f"{where[0]}: {cls} is not in QGIS {index['source']['tag']}")
             continue
@@ -298,6 +336,8 @@ def missing(names: Names, index: dict[str, Any]) -> list[str]:
         if not parts:
             continue
         found = _lookup(classes, cls, parts[0])
+        if found and found.endswith("(listed)"):
+            continue
         if found is None or found.endswith("(unscoped)"):
             what = "an unscoped enum value" if found else "not there"
             lines.append(f"{where[0]}: {cls}.{parts[0]} is {what} in QGIS {index['source']['tag']}")
@@ -307,6 +347,32 @@ def missing(names: Names, index: dict[str, Any]) -> list[str]:
             known = enums.get(parts[0], []) + (nested["members"] + nested["signals"] if nested else [])
             if (parts[0] in enums or nested) and parts[1] not in known:
                 lines.append(f"{where[0]}: {cls}.{parts[0]}.{parts[1]} is not in QGIS {index['source']['tag']}")
+    return lines
+
+
+def unchecked(names: Names, index: dict[str, Any]) -> list[str]:
+    """One line per name the index cannot judge: a member of a class it only lists, or a class it records as not
+    found in the bindings files (`not_found` in its source)."""
+    classes, not_found, lines = index["classes"], index["source"].get("not_found", {}), []
+    for (cls, dotted), where in sorted(names.items()):
+        member = dotted.split(".")[0]
+        owner = _lookup(classes, cls, member) if member and cls in classes else None
+        if cls in not_found and not dotted:
+            lines.append(f"{where[0]}: {cls} is unchecked ({not_found[cls]})")
+        elif owner and owner.endswith("(listed)"):
+            lines.append(f"{where[0]}: {cls}.{dotted} is unchecked (only the class is listed in the index)")
+    return lines
+
+
+def nonvirtual_overrides(names: Names, index: dict[str, Any]) -> list[str]:
+    """One line per method the plugin defines in a subclass that the index marks /NonVirtual/: QGIS's C++ no
+    longer calls such a Python override (it still runs when Python code calls it)."""
+    classes, lines = index["classes"], []
+    for (cls, dotted), where in sorted(names.items()):
+        owner = _lookup(classes, cls, dotted) if dotted and "." not in dotted and cls in classes else None
+        if owner and owner in classes and dotted in classes[owner].get("nonvirtual", []):
+            lines.append(f"{where[0]}: {cls}.{dotted} is not virtual in QGIS {index['source']['tag']}: "
+                         "an override of it is not called by QGIS")
     return lines
 
 
@@ -361,7 +427,8 @@ def main(arguments: list[str]) -> int:
     make = commands.add_parser("build")
     make.add_argument("--git", type=Path, help="a QGIS git directory (bare or .git)")
     make.add_argument("--tag", help="the release tag in --git, e.g. final-4_0_2")
-    make.add_argument("--folder", type=Path, help="or: a folder of .sip.in files (then --tag names its release)")
+    make.add_argument("--folder", type=Path,
+                      help="or: a folder of .sip.in files, with a PROVENANCE.json or a --tag naming its release")
     make.add_argument("--out", type=Path, required=True)
     check = commands.add_parser("check")
     check.add_argument("index", type=Path)
@@ -374,16 +441,23 @@ def main(arguments: list[str]) -> int:
         return 1 if lines else 0
     try:
         if options.command == "build":
-            if not options.tag or not (options.git or options.folder):
-                raise ValueError("build needs --tag and --git or --folder")
+            with_provenance = bool(options.folder) and (options.folder / "PROVENANCE.json").exists()
+            if not (options.tag or with_provenance) or not (options.git or options.folder):
+                raise ValueError("build needs --git and --tag, or --folder (with a PROVENANCE.json or --tag)")
+            listed = None
             if options.git:
                 commit = subprocess.run(
                     ["git", "--git-dir", str(options.git), "rev-parse", f"{options.tag}^{{commit}}"],
                     capture_output=True, text=True, check=True).stdout.strip()
+                source = {"repository": "qgis/QGIS", "tag": options.tag, "commit": commit}
                 files = git_sip_files(options.git, options.tag)
+            elif with_provenance:
+                source, listed = read_provenance(options.folder)
+                files = folder_sip_files(options.folder)
             else:
-                commit, files = "", folder_sip_files(options.folder)
-            index = build(files, {"repository": "qgis/QGIS", "tag": options.tag, "commit": commit})
+                source = {"repository": "qgis/QGIS", "tag": options.tag, "commit": ""}
+                files = folder_sip_files(options.folder)
+            index = build(files, source, listed)
             write_index(index, options.out)
             print(f"{options.out}: {len(index['classes'])} classes from {index['source']['sip_files']} files")
             return 0
@@ -394,7 +468,8 @@ def main(arguments: list[str]) -> int:
     names = plugin_names()
     lines = missing(names, index)
     fine = f"every QGIS name the plugin uses is in {index['source']['tag']}"
-    print("\n".join(lines + deprecated(names, index)) or fine)
+    notes = deprecated(names, index) + nonvirtual_overrides(names, index) + unchecked(names, index)
+    print("\n".join(lines + notes) or fine)
     return 1 if lines else 0
 
 

@@ -193,3 +193,66 @@ def test_a_damaged_index_or_an_empty_source_is_refused_in_one_line(tmp_path):
                           str(tmp_path / "out.json.gz")], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "no .sip.in files found" in run.stderr
     assert not (tmp_path / "out.json.gz").exists()
+
+
+# ---- the committed QGIS 4.x index (tests/data/qgis4_api.json.gz, built from tests/data/qgis4_bindings) ----
+
+QGIS4_INDEX = REPO / "tests" / "data" / "qgis4_api.json.gz"
+QGIS4_BINDINGS = REPO / "tests" / "data" / "qgis4_bindings"
+
+
+def test_the_committed_qgis4_index_is_what_its_bindings_digest_builds_and_records_where_each_file_came_from():
+    index = api.read_index(QGIS4_INDEX)
+    source, listed = api.read_provenance(QGIS4_BINDINGS)
+    assert index == api.build(api.folder_sip_files(QGIS4_BINDINGS), source, listed)
+    assert index["source"]["repository"] == "qgis/QGIS" and index["source"]["tag"].startswith("4.x")
+    assert all(len(commit) == 40 for commit in index["source"]["read"].values())
+    assert all(len(entry["commit"]) == 40 for entry in listed.values())
+    assert not index["classes"]["QgsProcessingAlgorithm"].get("listed")
+    assert index["classes"]["QgsProject"]["listed"].endswith("@9d8f89bb2fb6132ad2568bc7ba6e6014ea11d676")
+
+
+def test_every_qgis_name_the_plugin_uses_is_in_the_qgis4_index_and_what_it_cannot_judge_is_reported():
+    index = api.read_index(QGIS4_INDEX)
+    names = api.plugin_names()
+    assert api.missing(names, index) == []
+    assert api.deprecated(names, index) == []  # none of the names read from 4.x is deprecated there
+    # A real QGIS 4 difference, reported rather than failed: 4.0 made this method non-virtual (it calls
+    # supportedOutputRasterLayerFormatAndExtensions instead), so the provider's override only restricts 3.x
+    # dialogs to GeoTIFF (the algorithms write GeoTIFF on every version: engine_algorithm.file_destination).
+    assert [line.split(": ", 1)[1].split(" is ")[0] for line in api.nonvirtual_overrides(names, index)] == [
+        "QgsProcessingProvider.supportedOutputRasterLayerExtensions"]
+    notes = api.unchecked(names, index)
+    print("\n".join(notes))  # what the index only lists: shown with pytest -s
+    assert any("Qgis.MessageLevel.Critical is unchecked" in line for line in notes)
+
+
+def test_a_method_qgis4_lacks_and_a_deprecated_one_are_reported_against_the_committed_index(tmp_path):
+    copy = tmp_path / "qgis_side"
+    shutil.copytree(REPO / "treeseg_qgis" / "qgis_side", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    algorithm = copy / "processing" / "engine_algorithm.py"
+    text = algorithm.read_text(encoding="utf-8")
+    assert "self.parameterAsRasterLayer(" in text
+    algorithm.write_text(text.replace("self.parameterAsRasterLayer(", "self.parameterAsRasterLayers(", 1),
+                         encoding="utf-8")
+    (copy / "processing" / "old_api.py").write_text(
+        "from qgis.core import QgsProcessingAlgorithm\n\n\nclass Old(QgsProcessingAlgorithm):\n"
+        "    def fields(self, parameters, context):\n        return self.parameterAsFields(parameters, 'F', context)\n",
+        encoding="utf-8")
+    index = api.read_index(QGIS4_INDEX)
+    names = api.plugin_names([copy])
+    lines = api.missing(names, index)
+    assert len(lines) == 1 and "QgsProcessingAlgorithm.parameterAsRasterLayers is not there in QGIS 4.x" in lines[0]
+    assert [line.split(": ", 1)[1] for line in api.deprecated(names, index)] == [
+        f"QgsProcessingAlgorithm.parameterAsFields is deprecated in QGIS {index['source']['tag']}"]
+
+
+def test_a_damaged_provenance_file_is_refused_in_one_line(tmp_path):
+    folder = tmp_path / "bindings"
+    shutil.copytree(QGIS4_BINDINGS, folder)
+    (folder / "PROVENANCE.json").write_text('{"repository": "qgis/QGIS", "tag": "x"', encoding="utf-8")
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "qgis_api_index.py"), "build", "--folder",
+                          str(folder), "--out", str(tmp_path / "out.json.gz")], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "is not a provenance file" in run.stderr
+    assert not (tmp_path / "out.json.gz").exists()
