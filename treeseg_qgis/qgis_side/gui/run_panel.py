@@ -120,7 +120,8 @@ PRECISION_TOOLTIP = (
 )
 ERROR_STYLE = "color: #b00020;"
 ELBOW_WIDTH = 260
-"""Fits the width QGIS gives a new dock (about 300 px) beside the scroll bar."""
+"""Fits the width QGIS gives a new dock (about 300 px) beside the scroll bar; the engine draws the plot for it
+(engine/gis/preview.py: its points are about screen points at this width)."""
 COMBO_MIN_CHARACTERS = 12
 """Combo boxes shrink to this many characters, so long layer and model names never make the panel scroll sideways."""
 MODEL_COMBO_MIN_CHARACTERS = 9
@@ -813,7 +814,10 @@ class RunPanel(QWidget):
         if not pixmap.isNull():
             self.elbow_caption.setText(f"Automatic K = {record['clusters']['k']}: the elbow of the k-means inertia "
                                        "curve.")
-            self.elbow_image.setPixmap(pixmap.scaledToWidth(ELBOW_WIDTH, Qt.TransformationMode.SmoothTransformation))
+            ratio = self.elbow_image.devicePixelRatioF()
+            shown = pixmap.scaledToWidth(round(ELBOW_WIDTH * ratio), Qt.TransformationMode.SmoothTransformation)
+            shown.setDevicePixelRatio(ratio)
+            self.elbow_image.setPixmap(shown)
             self.elbow_image.setToolTip(elbow)
         self.elbow_caption.setVisible(not pixmap.isNull())
         self.elbow_image.setVisible(not pixmap.isNull())
