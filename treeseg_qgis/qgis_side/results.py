@@ -114,11 +114,16 @@ def run_settings(record: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in record.get("parameters", {}).items() if key not in NOT_SETTINGS}
 
 
+SETTING_WORDS = {"crowns": "tree crowns", "feature_preview": "feature image"}
+"""A setting's words in a group name where its field's name is not what the panel and Processing call it."""
+
+
 def setting_text(key: str, value: Any) -> str:
-    """One setting as a group name shows it: 'K=4', 'automatic K', 'crowns', 'no crowns', 'overlap 64'."""
+    """One setting as a group name shows it: 'K=4', 'automatic K', 'tree crowns', 'no feature image',
+    'overlap 64'."""
     if key == "clusters":
         return "automatic K" if value == "auto" else f"K={value}"
-    words = key.replace("_", " ")
+    words = SETTING_WORDS.get(key, key.replace("_", " "))
     if isinstance(value, bool) or value is None:
         return words if value else f"no {words}"
     if isinstance(value, list):
