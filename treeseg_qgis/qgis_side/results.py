@@ -333,6 +333,24 @@ def result_input_name(layer: QgsMapLayer, project: QgsProject) -> str | None:
     return None
 
 
+def orthophotos(project: QgsProject, name: str | None = None) -> list[QgsRasterLayer]:
+    """The rasters of the layer tree that are no TreeSeg result (named `name` when given), top first."""
+    return [node.layer() for node in project.layerTreeRoot().findLayers()
+            if isinstance(node.layer(), QgsRasterLayer) and (name is None or node.layer().name() == name)
+            and result_input_name(node.layer(), project) is None]
+
+
+def orthophoto_for(active: QgsMapLayer | None, project: QgsProject) -> QgsRasterLayer | None:
+    """The raster a run reads unless told otherwise: `active` (the layer selected in Layers) when it is a raster
+    and no result, the input of a result selected there, else the topmost raster file that is no result."""
+    input_name = result_input_name(active, project) if active is not None else None
+    if input_name is None and isinstance(active, QgsRasterLayer):
+        return active
+    if input_name is not None and (named := orthophotos(project, input_name)):
+        return named[0]
+    return next((layer for layer in orthophotos(project) if layer.providerType() == "gdal"), None)
+
+
 def result_groups(project: QgsProject, input_name: str) -> list[QgsLayerTreeGroup]:
     """The result groups of `input_name` anywhere in the layer tree, top first."""
     return [group for group in project.layerTreeRoot().findGroups(True)

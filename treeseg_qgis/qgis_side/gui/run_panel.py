@@ -84,7 +84,7 @@ from ..auth import hf_token
 from ..compat import POLYGON_LAYER_FILTER, RASTER_LAYER_FILTER
 from ..engine_client import EngineClient, missing_engine_message
 from ..raster_input import prepare_input
-from ..results import result_input_name
+from ..results import orthophotos, result_input_name
 from .layouts import fill, hbox
 from .task import ProbeTask, SegmentationTask, clear_messages
 
@@ -647,8 +647,7 @@ class RunPanel(QWidget):
         input_name = result_input_name(layer, QgsProject.instance()) if layer is not None else None
         if input_name is None:
             return True
-        found = [other for other in QgsProject.instance().mapLayersByName(input_name)
-                 if isinstance(other, QgsRasterLayer) and result_input_name(other, QgsProject.instance()) is None]
+        found = orthophotos(QgsProject.instance(), input_name)
         if not found:
             return self._run_anyway(f"'{layer.name()}' is a TreeSeg result of '{input_name}', not an orthophoto: "
                                     "a run on it segments its colours.")

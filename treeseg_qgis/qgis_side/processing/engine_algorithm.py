@@ -40,8 +40,10 @@ from qgis.core import (
     QgsProcessingParameterRasterLayer,
     QgsProcessingParameterString,
     QgsProcessingParameterVectorDestination,
+    QgsProject,
     QgsRasterLayer,
 )
+from qgis.PyQt.QtCore import QCoreApplication, QThread
 
 from ... import params
 from ...catalogue import DEFAULT_MODEL
@@ -56,6 +58,7 @@ from ..engine_client import (
     shared_engine,
 )
 from ..raster_input import absolute_file
+from ..results import orthophoto_for
 
 MODEL_PAGE = "https://huggingface.co/facebook/dinov3-vitb16-pretrain-lvd1689m"
 HELP_URL = "https://github.com/treeseg-qgis/treeseg-qgis#processing-graphical-modeler-and-qgis_process"
@@ -225,9 +228,24 @@ CROWN_COUNT = Value("CROWNS", ("crowns",), QgsProcessingOutputNumber, "Number of
 
 
 def orthophoto_parameter() -> Declared:
-    """INPUT, the orthophoto the model reads."""
-    return Declared(QgsProcessingParameterRasterLayer(EngineAlgorithm.INPUT, "Orthophoto"),
+    """INPUT, the orthophoto the model reads; a dialog offers the one the run panel would (not a result raster,
+    which QGIS's combo box takes when it is selected in Layers or comes first by name)."""
+    definition = QgsProcessingParameterRasterLayer(EngineAlgorithm.INPUT, "Orthophoto")
+    if (layer := dialog_orthophoto()) is not None:
+        definition.setGuiDefaultValueOverride(layer.id())
+    return Declared(definition,
                     help="A raster file (GeoTIFF, VRT…): export a web layer (WMS, XYZ) to a GeoTIFF first.")
+
+
+def dialog_orthophoto() -> QgsRasterLayer | None:
+    """On the main thread (where dialogs create algorithms; the project is not read from another thread): the
+    project's orthophoto for the layer selected in Layers (results.orthophoto_for); None without one."""
+    application = QCoreApplication.instance()
+    if application is None or QThread.currentThread() is not application.thread():
+        return None
+    from qgis.utils import iface
+
+    return orthophoto_for(iface.activeLayer() if iface is not None else None, QgsProject.instance())
 
 
 def model_parameters() -> list[Declared]:
