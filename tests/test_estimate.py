@@ -30,6 +30,44 @@ def test_a_first_run_counts_the_engine_start_model_load_and_export_a_warm_one_on
     assert memory.estimate_run_time("small", 1000, 1000, device="cuda") is None
 
 
+def test_more_cores_shorten_the_forward_but_not_gdals_one_thread_writing_and_polygonizing():
+    """400 MP on 2 cores spent 130 s writing and polygonizing (docs/BENCHMARKS.md, where the time goes: 9.3 and
+    121.0 s), on one thread: 16 cores do not make that 8 times shorter, as they may the forward."""
+    two = memory.estimate_run_time("small", 20_000, 20_000, cores=2)
+    sixteen = memory.estimate_run_time("small", 20_000, 20_000, cores=16)
+
+    assert sixteen.features == pytest.approx(two.features / 8)
+    assert two.outputs - memory.PREVIEW_SECONDS == pytest.approx(400 * 0.47)
+    assert 130 <= sixteen.outputs - memory.PREVIEW_SECONDS < two.outputs - memory.PREVIEW_SECONDS
+
+
+def test_the_engine_estimates_the_precision_the_forward_runs_in(tmp_path, capsys):
+    """The estimate a run prints first, before the model loads: float32 is the longer forward, as int8 is the
+    faster one (docs/BENCHMARKS.md: 137.6 against 61.7 s at 36 MP). The model is a ViT-S's config.json without
+    weights, so each run stops where the weights load."""
+    from osgeo import gdal
+    from transformers import DINOv3ViTConfig
+
+    from treeseg_qgis.engine.cli import main
+
+    weightless = tmp_path / "vits-without-weights"
+    DINOv3ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+                    patch_size=16, num_register_tokens=4).save_pretrained(weightless)
+    raster = gdal.GetDriverByName("GTiff").Create(str(tmp_path / "large.tif"), 6000, 6000, 3, gdal.GDT_Byte,
+                                                  ["SPARSE_OK=YES"])
+    raster.SetGeoTransform((500_000.0, 0.1, 0.0, 3_300_000.0, 0.0, -0.1))
+    raster = None
+    lines = {}
+    for precision in ("int8", "float32"):
+        assert main(["segment", str(tmp_path / "large.tif"), "--out", str(tmp_path / precision), "--model",
+                     str(weightless), "--precision", precision, "--no-cache", "--clusters", "4"]) != 0
+        lines[precision] = next(line for line in capsys.readouterr().err.splitlines() if "Estimate: " in line)
+    expected = {precision: memory.tiles_and_time(str(weightless), 6000, 6000, precision=precision,
+                                                 automatic_k=False) for precision in lines}
+    assert all(expected[precision] in lines[precision] for precision in lines), lines
+    assert expected["int8"] != expected["float32"]
+
+
 def test_this_machines_speed_is_the_median_of_the_last_runs_kept_within_bounds():
     assert memory.speed_factor([]) == 1.0
     assert memory.speed_factor([1.5, 3.0, 2.0]) == 2.0

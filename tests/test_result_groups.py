@@ -96,6 +96,26 @@ def test_reruns_replace_the_same_settings_name_other_settings_and_show_only_the_
         assert legend[0].data(Qt.ItemDataRole.DisplayRole) == "Score (1: like the examples)"  # not 'Band 1 (Gray)'
 
 
+def test_a_rerun_without_the_extra_outputs_is_named_with_the_words_of_their_options(
+        project, engine, tiny_model_dir, scene_tif, tmp_path):
+    """The group name says 'no feature image' and 'no tree crowns', as the panel's options and Processing's
+    outputs call them (not the fields' names, 'feature preview' and 'crowns')."""
+    from treeseg_qgis.qgis_side.processing.segment_trees import SegmentTreesAlgorithm
+    from treeseg_qgis.qgis_side.results import add_result_layers
+
+    path, _ = scene_tif
+    params = SegmentationParams(str(path), str(tmp_path / "extras"), model=str(tiny_model_dir), device="cpu",
+                                clusters=2, crowns=True, feature_preview=True)
+    add_result_layers(engine.segment(params), "scene", project)
+    plain = add_result_layers(engine.segment(replace(params, output_dir=str(tmp_path / "plain"), crowns=False,
+                                                     feature_preview=False)), "scene", project)
+
+    options = {destination.kind: destination.description.lower()
+               for destination in SegmentTreesAlgorithm.DESTINATIONS}
+    assert plain.name() == (f"scene — {tiny_model_dir.name}, stride 16, no {options['crowns']}, "
+                            f"no {options['features']}")
+
+
 def test_processing_results_go_to_the_top_never_into_the_selected_result_group(
         provider, project, tiny_model_dir, scene_tif, tmp_path, request):  # noqa: F811
     """A run and a crown split while a result group nested in a user's group is the insertion point (as the

@@ -60,9 +60,10 @@ INT8_EXPORT_SECONDS = (2.5, 0.09)
 seconds per million weights (ViT-B: 10.5 s, docs/BENCHMARKS.md, CPU forward precision)."""
 CLUSTER_SECONDS = {"fixed": 0.5, "automatic": 3.0}
 """PCA and k-means on the sample: one K, or every K of the default range for the elbow."""
-OUTPUT_SECONDS_PER_MEGAPIXEL = 0.47
-"""Projecting, assigning, writing and polygonizing per million pixels (docs/BENCHMARKS.md, where the time goes:
-0.47 s/MP at 36 and at 400 MP)."""
+OUTPUT_SECONDS_PER_MEGAPIXEL = {"threaded": 0.15, "one_thread": 0.32}
+"""Projecting, assigning, writing and polygonizing per million pixels on the calibration's cores: 0.47 s/MP at 36
+and at 400 MP (docs/BENCHMARKS.md, where the time goes), of which projecting and assigning (numpy, on every core)
+0.15 and GDAL's writing and polygonizing (one thread, so no faster on more cores) 0.32 at 400 MP."""
 PREVIEW_SECONDS = 1.7
 """The preview and the elbow plot."""
 SPEED_FACTOR_RANGE = (0.25, 4.0)
@@ -258,7 +259,8 @@ def estimate_run_time(model: CatalogueModel | str, width: int, height: int, stri
              _forward_seconds(entry, tile_count(width, height, tile_size, overlap), stride, tile_size, precision,
                               per_core),
              CLUSTER_SECONDS["automatic" if automatic_k else "fixed"],
-             width * height / 1e6 * OUTPUT_SECONDS_PER_MEGAPIXEL * per_core + PREVIEW_SECONDS)
+             width * height / 1e6 * (OUTPUT_SECONDS_PER_MEGAPIXEL["threaded"] * per_core
+                                     + OUTPUT_SECONDS_PER_MEGAPIXEL["one_thread"]) + PREVIEW_SECONDS)
     return RunTime(*(speed * seconds for seconds in parts))
 
 

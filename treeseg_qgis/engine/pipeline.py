@@ -495,12 +495,15 @@ def _prebuilt(prebuilt: FeatureStore, store: FeatureStore, cache_state: str) -> 
 
 
 def _report_estimate(params: SegmentationParams, source: GdalRasterSource, progress: Progress) -> None:
-    """The tiles, expected time and memory of the run, before any work; a warning for a very long run."""
-    device = resolve_device(params.device)[0].type
+    """The tiles, expected time and memory of the run, before any work, in the precision the forward runs in and
+    with automatic K or not; a warning for a very long run."""
+    device = resolve_device(params.device)[0]
+    precision = resolve_precision(device, params.precision) if params.method == "dinov3" else "int8"
+    options = {"precision": precision, "automatic_k": params.fixed_clusters is None}
     progress.report(0.0, run_estimate(params.model, source.width, source.height, params.stride, params.tile_size,
-                                      params.batch_size, device, params.overlap))
-    warning = size_warning(params.model, source.width, source.height, params.stride, params.tile_size, device,
-                           params.overlap)
+                                      params.batch_size, device.type, params.overlap, **options))
+    warning = size_warning(params.model, source.width, source.height, params.stride, params.tile_size, device.type,
+                           params.overlap, **options)
     if warning is not None:
         log.warning(warning)
 

@@ -165,12 +165,14 @@ def _sample_here(shares: Sequence[RasterShare], params: SegmentationParams,
                  value_ranges: dict[int, tuple[float, float]], extractor: TileFeatureExtractor,
                  progress: Progress) -> list[tuple[RasterSample | None, str | None]]:
     """Every raster's share in this process, one after the other, with one extractor: (its sample, None) or
-    (None, its error)."""
+    (None, its error). The stage texts name the raster ("Raster 2 of 3: ..."); the bar moves on after each."""
     results = []
     for number, share in enumerate(shares):
-        step = progress.sub(number / len(shares), (number + 1) / len(shares))
+        step = progress.sub(number / len(shares), (number + 1) / len(shares)).labelled(
+            f"Raster {number + 1} of {len(shares)}: ")
         sample, error, _ = with_retry(partial(sample_raster, share, params, value_ranges, extractor, step),
                                       share.path)
+        step.report(1.0, f"sampled {Path(share.path).name}" if sample is not None else "failed")
         results.append((sample, error))
     return results
 

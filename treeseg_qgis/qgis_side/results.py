@@ -114,11 +114,16 @@ def run_settings(record: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in record.get("parameters", {}).items() if key not in NOT_SETTINGS}
 
 
+SETTING_WORDS = {"crowns": "tree crowns", "feature_preview": "feature image"}
+"""A setting's words in a group name where its field's name is not what the panel and Processing call it."""
+
+
 def setting_text(key: str, value: Any) -> str:
-    """One setting as a group name shows it: 'K=4', 'automatic K', 'crowns', 'no crowns', 'overlap 64'."""
+    """One setting as a group name shows it: 'K=4', 'automatic K', 'tree crowns', 'no feature image',
+    'overlap 64'."""
     if key == "clusters":
         return "automatic K" if value == "auto" else f"K={value}"
-    words = key.replace("_", " ")
+    words = SETTING_WORDS.get(key, key.replace("_", " "))
     if isinstance(value, bool) or value is None:
         return words if value else f"no {words}"
     if isinstance(value, list):
@@ -326,6 +331,24 @@ def result_input_name(layer: QgsMapLayer, project: QgsProject) -> str | None:
             return str(parent.customProperty(RESULT_INPUT))
         parent = parent.parent()
     return None
+
+
+def orthophotos(project: QgsProject, name: str | None = None) -> list[QgsRasterLayer]:
+    """The rasters of the layer tree that are no TreeSeg result (named `name` when given), top first."""
+    return [node.layer() for node in project.layerTreeRoot().findLayers()
+            if isinstance(node.layer(), QgsRasterLayer) and (name is None or node.layer().name() == name)
+            and result_input_name(node.layer(), project) is None]
+
+
+def orthophoto_for(active: QgsMapLayer | None, project: QgsProject) -> QgsRasterLayer | None:
+    """The raster a run reads unless told otherwise: `active` (the layer selected in Layers) when it is a raster
+    and no result, the input of a result selected there, else the topmost raster file that is no result."""
+    input_name = result_input_name(active, project) if active is not None else None
+    if input_name is None and isinstance(active, QgsRasterLayer):
+        return active
+    if input_name is not None and (named := orthophotos(project, input_name)):
+        return named[0]
+    return next((layer for layer in orthophotos(project) if layer.providerType() == "gdal"), None)
 
 
 def result_groups(project: QgsProject, input_name: str) -> list[QgsLayerTreeGroup]:

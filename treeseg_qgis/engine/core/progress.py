@@ -53,3 +53,11 @@ class Progress:
             self._start + start * span,
             self._start + end * span,
         )
+
+    def labelled(self, prefix: str) -> Progress:
+        """This range with every stage text after `prefix` (one raster of several: "Raster 2 of 3: ...")."""
+        callback = self._callback
+        if callback is None:
+            return self
+        return Progress(lambda percent, stage: callback(percent, prefix + stage), self._is_cancelled,
+                        self._start, self._end)

@@ -21,6 +21,10 @@ MIN_PANEL_PIXELS = 400
 TITLE_INCHES = 0.7
 CHARACTERS_PER_INCH = 11
 DIM = 0.45
+ELBOW_INCHES = (2.6, 2.0)
+"""The elbow plot's size: the panel shows it about 260 px wide, so a point there is about a point on the screen."""
+ELBOW_DPI = 200
+ELBOW_POINTS = 8.5
 
 
 def _decimated_size(width: int, height: int, max_size: int) -> tuple[int, int]:
@@ -92,20 +96,23 @@ def write_preview(
 
 
 def write_elbow_plot(inertia_curve: dict[int, float], chosen: int, png_path: str) -> None:
-    """The inertia curve of the automatic K search with the chosen K marked, as a PNG."""
+    """The inertia curve of the automatic K search with the chosen K marked, as a PNG drawn for the panel: its
+    texts keep their size in points at the width the panel shows it (`ELBOW_INCHES` wide, at `ELBOW_DPI` so the
+    file itself is sharp)."""
     ks = sorted(inertia_curve)
-    figure = Figure(figsize=(5.0, 3.4), dpi=100)
+    figure = Figure(figsize=ELBOW_INCHES, dpi=ELBOW_DPI)
     FigureCanvasAgg(figure)
     axis = figure.add_subplot(1, 1, 1)
-    axis.plot(ks, [inertia_curve[k] for k in ks], "o-", color="#455a64")
-    axis.plot([chosen], [inertia_curve[chosen]], "o", markersize=12, markerfacecolor="none",
-              markeredgecolor="#2e7d32", markeredgewidth=2.5, label=f"chosen K = {chosen}")
+    axis.plot(ks, [inertia_curve[k] for k in ks], "o-", color="#455a64", markersize=4)
+    axis.plot([chosen], [inertia_curve[chosen]], "o", markersize=9, markerfacecolor="none",
+              markeredgecolor="#2e7d32", markeredgewidth=2, label=f"K = {chosen}")
     axis.set_yscale("log")
     axis.set_xticks(ks)
-    axis.set_xlabel("number of clusters K")
-    axis.set_ylabel("k-means inertia (log)")
-    axis.set_title("Automatic K: elbow of the inertia curve")
-    axis.legend(loc="upper right")
-    figure.tight_layout()
+    axis.tick_params(labelsize=ELBOW_POINTS)
+    axis.set_xlabel("number of clusters K", fontsize=ELBOW_POINTS)
+    axis.set_ylabel("inertia (log)", fontsize=ELBOW_POINTS)
+    axis.set_title("Elbow of the inertia curve", fontsize=ELBOW_POINTS)
+    axis.legend(loc="upper right", fontsize=ELBOW_POINTS)
+    figure.tight_layout(pad=0.3)
     with atomic_file(png_path, png_path) as partial:
         figure.savefig(partial, format="png")

@@ -84,7 +84,7 @@ from ..auth import hf_token
 from ..compat import POLYGON_LAYER_FILTER, RASTER_LAYER_FILTER
 from ..engine_client import EngineClient, missing_engine_message
 from ..raster_input import prepare_input
-from ..results import result_input_name
+from ..results import orthophotos, result_input_name
 from .layouts import fill, hbox
 from .task import ProbeTask, SegmentationTask, clear_messages
 
@@ -120,7 +120,8 @@ PRECISION_TOOLTIP = (
 )
 ERROR_STYLE = "color: #b00020;"
 ELBOW_WIDTH = 260
-"""Fits the width QGIS gives a new dock (about 300 px) beside the scroll bar."""
+"""Fits the width QGIS gives a new dock (about 300 px) beside the scroll bar; the engine draws the plot for it
+(engine/gis/preview.py: its points are about screen points at this width)."""
 COMBO_MIN_CHARACTERS = 12
 """Combo boxes shrink to this many characters, so long layer and model names never make the panel scroll sideways."""
 MODEL_COMBO_MIN_CHARACTERS = 9
@@ -646,8 +647,7 @@ class RunPanel(QWidget):
         input_name = result_input_name(layer, QgsProject.instance()) if layer is not None else None
         if input_name is None:
             return True
-        found = [other for other in QgsProject.instance().mapLayersByName(input_name)
-                 if isinstance(other, QgsRasterLayer) and result_input_name(other, QgsProject.instance()) is None]
+        found = orthophotos(QgsProject.instance(), input_name)
         if not found:
             return self._run_anyway(f"'{layer.name()}' is a TreeSeg result of '{input_name}', not an orthophoto: "
                                     "a run on it segments its colours.")
@@ -813,7 +813,10 @@ class RunPanel(QWidget):
         if not pixmap.isNull():
             self.elbow_caption.setText(f"Automatic K = {record['clusters']['k']}: the elbow of the k-means inertia "
                                        "curve.")
-            self.elbow_image.setPixmap(pixmap.scaledToWidth(ELBOW_WIDTH, Qt.TransformationMode.SmoothTransformation))
+            ratio = self.elbow_image.devicePixelRatioF()
+            shown = pixmap.scaledToWidth(round(ELBOW_WIDTH * ratio), Qt.TransformationMode.SmoothTransformation)
+            shown.setDevicePixelRatio(ratio)
+            self.elbow_image.setPixmap(shown)
             self.elbow_image.setToolTip(elbow)
         self.elbow_caption.setVisible(not pixmap.isNull())
         self.elbow_image.setVisible(not pixmap.isNull())

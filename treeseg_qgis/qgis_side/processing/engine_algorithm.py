@@ -40,8 +40,10 @@ from qgis.core import (
     QgsProcessingParameterRasterLayer,
     QgsProcessingParameterString,
     QgsProcessingParameterVectorDestination,
+    QgsProject,
     QgsRasterLayer,
 )
+from qgis.PyQt.QtCore import QCoreApplication, QThread
 
 from ... import params
 from ...catalogue import DEFAULT_MODEL
@@ -56,6 +58,7 @@ from ..engine_client import (
     shared_engine,
 )
 from ..raster_input import absolute_file
+from ..results import orthophoto_for
 
 MODEL_PAGE = "https://huggingface.co/facebook/dinov3-vitb16-pretrain-lvd1689m"
 HELP_URL = "https://github.com/treeseg-qgis/treeseg-qgis#processing-graphical-modeler-and-qgis_process"
@@ -71,7 +74,7 @@ token at https://huggingface.co/settings/tokens and save it under <b>Raster ▸ 
 starting QGIS (or run <i>hf auth login</i>). The weights are downloaded once into the Hugging Face
 cache; the Models… window downloads and deletes them. A Hugging Face id or a local model folder can
 be given under <i>Model id or folder</i> (advanced); it overrides the model chosen above.</p>
-<p><b>Allow untrained weights</b> lets the run go on with random weights when the real ones cannot be
+<p><b>Untrained OK</b> lets the run go on with untrained (random) weights when the real ones cannot be
 had. The result is then only a check of the pipeline, not a segmentation; every output says so.</p>
 <p><b>Stride</b>: 16 gives one feature per 16 × 16 patch; 8 costs 4 × the time, 4 costs 16 ×.
 <b>Device</b> (advanced): <i>auto</i> takes a GPU when the engine finds one, else the CPU.</p>
@@ -163,12 +166,14 @@ def read_cluster_ids(algorithm: QgsProcessingAlgorithm, parameters: dict[str, An
 @dataclass(frozen=True)
 class Declared:
     """One parameter of an algorithm: its QGIS definition, the field it fills (None: the algorithm reads it
-    itself) and how its value converts."""
+    itself), how its value converts, and its help (the tooltip; the description stays short: the batch dialog
+    heads its column with it)."""
 
     definition: QgsProcessingParameterDefinition
     field: str | None = None
     read: Reader | None = None
     advanced: bool = False
+    help: str = ""
 
 
 @dataclass(frozen=True)
@@ -223,18 +228,35 @@ CROWN_COUNT = Value("CROWNS", ("crowns",), QgsProcessingOutputNumber, "Number of
 
 
 def orthophoto_parameter() -> Declared:
-    """INPUT, the orthophoto the model reads."""
-    return Declared(QgsProcessingParameterRasterLayer(EngineAlgorithm.INPUT, "Orthophoto (raster file)"))
+    """INPUT, the orthophoto the model reads; a dialog offers the one the run panel would (not a result raster,
+    which QGIS's combo box takes when it is selected in Layers or comes first by name)."""
+    definition = QgsProcessingParameterRasterLayer(EngineAlgorithm.INPUT, "Orthophoto")
+    if (layer := dialog_orthophoto()) is not None:
+        definition.setGuiDefaultValueOverride(layer.id())
+    return Declared(definition,
+                    help="A raster file (GeoTIFF, VRT…): export a web layer (WMS, XYZ) to a GeoTIFF first.")
+
+
+def dialog_orthophoto() -> QgsRasterLayer | None:
+    """On the main thread (where dialogs create algorithms; the project is not read from another thread): the
+    project's orthophoto for the layer selected in Layers (results.orthophoto_for); None without one."""
+    application = QCoreApplication.instance()
+    if application is None or QThread.currentThread() is not application.thread():
+        return None
+    from qgis.utils import iface
+
+    return orthophoto_for(iface.activeLayer() if iface is not None else None, QgsProject.instance())
 
 
 def model_parameters() -> list[Declared]:
     """MODEL, the advanced MODEL_ID that overrides it, and STRIDE."""
     return [
-        Declared(QgsProcessingParameterEnum("MODEL", "DINOv3 model (a Model id overrides)",
-                                            options=list(params.MODEL_NAMES),
-                                            defaultValue=DEFAULT_MODEL, usesStaticStrings=True), "model", read_choice),
-        Declared(QgsProcessingParameterString("MODEL_ID", "Model id or folder (overrides Model)", optional=True),
-                 "model", read_model, advanced=True),
+        Declared(QgsProcessingParameterEnum("MODEL", "DINOv3 model", options=list(params.MODEL_NAMES),
+                                            defaultValue=DEFAULT_MODEL, usesStaticStrings=True), "model", read_choice,
+                 help="A Model id or folder (advanced) overrides it."),
+        Declared(QgsProcessingParameterString("MODEL_ID", "Model id or folder", optional=True),
+                 "model", read_model, advanced=True,
+                 help="A Hugging Face id or a local folder of a DINOv3 model; overrides the DINOv3 model."),
         Declared(QgsProcessingParameterEnum("STRIDE", "Stride (px)", options=[str(s) for s in params.STRIDES],
                                             defaultValue=str(params.STRIDES[0]), usesStaticStrings=True), "stride",
                  read_stride),
@@ -250,8 +272,9 @@ def device_parameters() -> list[Declared]:
         Declared(QgsProcessingParameterEnum("PRECISION", "Precision", options=list(params.PRECISIONS),
                                             defaultValue=params.PRECISIONS[0], usesStaticStrings=True), "precision",
                  read_choice, advanced=True),
-        Declared(QgsProcessingParameterBoolean("ALLOW_UNTRAINED", "Allow untrained weights", defaultValue=False),
-                 "allow_untrained", read_bool),
+        Declared(QgsProcessingParameterBoolean("ALLOW_UNTRAINED", "Untrained OK", defaultValue=False),
+                 "allow_untrained", read_bool, help="Go on with random weights when the real ones cannot be had: "
+                 "a check of the pipeline, not a segmentation; every output says so."),
     ]
 
 
@@ -259,8 +282,9 @@ def clustering_parameters() -> list[Declared]:
     """What a clustering of the model's features runs with: the model's parameters, CLUSTERS (0: automatic)
     and the device's parameters."""
     clusters = Declared(QgsProcessingParameterNumber(
-        "CLUSTERS", "Clusters (0: automatic)", INTEGER, defaultValue=0, minValue=0, maxValue=params.K_MAX),
-        "clusters", read_clusters)
+        "CLUSTERS", "K (0: auto)", INTEGER, defaultValue=0, minValue=0, maxValue=params.K_MAX),
+        "clusters", read_clusters, help="The number of clusters K; 0 picks K automatically (the elbow of the "
+        "k-means inertia).")
     return [*model_parameters(), clusters, *device_parameters()]
 
 
@@ -332,6 +356,8 @@ class EngineAlgorithm(DescribedAlgorithm):
         for item in self.declare():
             if item.advanced:
                 item.definition.setFlags(item.definition.flags() | ADVANCED)
+            if item.help:
+                item.definition.setHelp(item.help)
             self.addParameter(item.definition)
             if item.field is not None and item.read is not None:
                 self._readers.append((item.definition.name(), item.field, item.read))

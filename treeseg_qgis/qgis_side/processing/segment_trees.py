@@ -87,7 +87,7 @@ the tree cover, the number of crowns and the model are also returned for use in 
 <b>Resolution</b> (metres per pixel; 0: the raster's own) are applied on the fly without copying the
 raster; pixels outside the mask are nodata. The raster must be a file: export web layers (WMS, XYZ)
 to a GeoTIFF first.</li>
-<li><b>Clusters</b>: 0 picks K automatically (elbow of the k-means inertia between the minimum and
+<li><b>K</b>, the number of clusters: 0 picks it automatically (elbow of the k-means inertia between the minimum and
 maximum).</li>
 <li><b>Tree clusters</b> (advanced): cluster ids to call trees, e.g. <i>0,3</i>, instead of the
 greenness rule (look at the clusters of a first run); empty: the greenness rule.</li>
@@ -97,7 +97,7 @@ output is not asked for. 0: off.</li>
 <li><b>Precision</b> (advanced): what the model runs in. <i>auto</i>: int8 in ONNX Runtime on a CPU with
 AVX2 or AVX-512 (about twice as fast; the features kept closely but not exactly, see the benchmarks), else
 float32, the reference; half precision on a GPU. <i>float32</i> and <i>bfloat16</i> run only when chosen.</li>
-<li><b>Canopy-height model</b> (advanced): a Hugging Face id or a local folder of a CHMv2 model.</li>
+<li><b>Height model</b> (advanced): a Hugging Face id or a local folder of a CHMv2 model.</li>
 <li><b>Stride</b>: empty is 16 for DINOv3 and per pixel (1) for the colour baselines, as on the command
 line; 2 and 1 are for the colour baselines only.</li>
 <li><b>Method</b> (advanced): <i>rgb-kmeans</i> and <i>exg-otsu</i> are colour baselines for
@@ -117,9 +117,9 @@ def method_stride() -> Declared:
     """STRIDE for a method: 16, 8 or 4 for DINOv3, also 2 and 1 for the colour baselines; empty: the method's
     default (16; per pixel for the colour baselines)."""
     return Declared(QgsProcessingParameterEnum(
-        "STRIDE", "Stride (px; empty: method default)",
-        options=[str(stride) for stride in COLOUR_STRIDES], defaultValue=None, optional=True,
-        usesStaticStrings=True), "stride", read_stride)
+        "STRIDE", "Stride (px)", options=[str(stride) for stride in COLOUR_STRIDES], defaultValue=None,
+        optional=True, usesStaticStrings=True), "stride", read_stride,
+        help="Empty: 16 for DINOv3, per pixel for the colour baselines; 2 and 1 are for the colour baselines only.")
 
 
 class SegmentTreesAlgorithm(EngineAlgorithm):
@@ -163,29 +163,34 @@ class SegmentTreesAlgorithm(EngineAlgorithm):
             Declared(QgsProcessingParameterExtent(self.EXTENT, "Extent", optional=True)),
             Declared(QgsProcessingParameterFeatureSource(self.MASK, "Mask polygons", [POLYGON_LAYERS], optional=True)),
             Declared(QgsProcessingParameterNumber(
-                self.RESOLUTION, "Resolution (m/px, 0: native)", DOUBLE, defaultValue=0.0, minValue=0.0)),
+                self.RESOLUTION, "Resolution (m/px)", DOUBLE, defaultValue=0.0, minValue=0.0),
+                help="Metres per pixel the model sees, resampled on the fly; 0: the raster's own."),
             *(method_stride() if item.definition.name() == "STRIDE" else item for item in clustering_parameters()),
             Declared(QgsProcessingParameterEnum(
-                "METHOD", "Method (or a colour baseline)", options=list(METHODS), defaultValue=METHODS[0],
-                usesStaticStrings=True), "method", read_choice, advanced=True),
+                "METHOD", "Method", options=list(METHODS), defaultValue=METHODS[0],
+                usesStaticStrings=True), "method", read_choice, advanced=True,
+                help="dinov3, or a colour baseline for comparison: rgb-kmeans, exg-otsu."),
             Declared(QgsProcessingParameterNumber(
-                "K_MIN", "Automatic clusters: minimum", INTEGER, defaultValue=DEFAULT_K_RANGE[0], minValue=1,
-                maxValue=K_MAX), "k_min", read_int, advanced=True),
+                "K_MIN", "Min. K (auto)", INTEGER, defaultValue=DEFAULT_K_RANGE[0], minValue=1,
+                maxValue=K_MAX), "k_min", read_int, advanced=True, help="The fewest clusters automatic K picks."),
             Declared(QgsProcessingParameterNumber(
-                "K_MAX", "Automatic clusters: maximum", INTEGER, defaultValue=DEFAULT_K_RANGE[1], minValue=1,
-                maxValue=K_MAX), "k_max", read_int, advanced=True),
-            Declared(QgsProcessingParameterString("TREE_CLUSTERS", "Tree clusters (ids)", optional=True),
-                     "tree_clusters", read_cluster_ids, advanced=True),
+                "K_MAX", "Max. K (auto)", INTEGER, defaultValue=DEFAULT_K_RANGE[1], minValue=1,
+                maxValue=K_MAX), "k_max", read_int, advanced=True, help="The most clusters automatic K picks."),
+            Declared(QgsProcessingParameterString("TREE_CLUSTERS", "Tree clusters", optional=True),
+                     "tree_clusters", read_cluster_ids, advanced=True,
+                     help="Cluster ids to call trees, e.g. 0,3; empty: the greenness rule."),
             Declared(QgsProcessingParameterNumber(
-                "CROWN_MIN_AREA", "Minimum crown area (m²)", DOUBLE,
+                "CROWN_MIN_AREA", "Min. crown (m²)", DOUBLE,
                 defaultValue=SegmentationParams.crown_min_area_m2, minValue=0.0),
-                "crown_min_area_m2", read_number, advanced=True),
+                "crown_min_area_m2", read_number, advanced=True, help="Crowns smaller than this are dropped."),
             Declared(QgsProcessingParameterNumber(
-                "MIN_TREE_HEIGHT", "Minimum tree height (m, 0: off)", DOUBLE, defaultValue=0.0, minValue=0.0),
-                "min_tree_height_m", read_number_zero_off, advanced=True),
+                "MIN_TREE_HEIGHT", "Min. tree height (m)", DOUBLE, defaultValue=0.0, minValue=0.0),
+                "min_tree_height_m", read_number_zero_off, advanced=True,
+                help="Tree pixels lower than this are dropped (the canopy height is then computed); 0: off."),
             Declared(QgsProcessingParameterString(
-                "HEIGHT_MODEL", "Canopy-height model", defaultValue=DEFAULT_HEIGHT_MODEL),
-                "height_model", read_model, advanced=True),
+                "HEIGHT_MODEL", "Height model", defaultValue=DEFAULT_HEIGHT_MODEL),
+                "height_model", read_model, advanced=True,
+                help="The canopy-height model: a Hugging Face id or a local folder of a CHMv2 model."),
         ]
 
     def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,
