@@ -177,7 +177,7 @@ class EngineClient:
     def teach(
         self,
         params: SegmentationParams,
-        examples: list[tuple[float, float, bool]],
+        examples: list[tuple[float, float, bool | str]],
         threshold: float | None,
         on_progress: ProgressHandler | None = None,
         is_cancelled: CancelCheck | None = None,
