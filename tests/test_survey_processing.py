@@ -99,6 +99,8 @@ def test_a_taught_classifier_applied_to_three_rasters_in_processing_gives_one_le
             apply(rasters[1], tmp_path / "refused", classifier)
         assert "\n" not in str(refused.value) and "Traceback" not in str(refused.value)
     assert not (tmp_path / "refused").exists() or not list((tmp_path / "refused").iterdir())
+    again = apply(rasters[1], tmp_path / "again")  # the engine after the refused jobs: as a fresh one
+    assert labels(again["OUTPUT_CLASSES"]).tolist() == labels(results[1]["OUTPUT_CLASSES"]).tolist()
     before = rasters[1].read_bytes()
     with pytest.raises(QgsProcessingException, match="would overwrite the input"):
         processing.run("treeseg:applyclassifier", {
