@@ -305,8 +305,12 @@ def test_make_eval_scores_any_image_with_its_boxes(tiny_model_dir, tmp_path):
     rgb_dead = next(cells for label, cells in goals.items() if label == "plot: Dead" and cells[0] == "RGB per pixel")
     recall, precision, cover = (float(v) for v in rgb_dead[2].split(" / "))
     assert (recall, cover) == (0.9, pytest.approx(1.5 * 2 * 60 * 60 / 320 ** 2, abs=0.01))
-    assert rgb_dead[3] in ("0 of 1", "1 of 1") and rgb_dead[-2].startswith("seed 0: ")
-    agreement, cover_change = (float(v) for v in rgb_dead[-1].split(" / "))  # one click dropped
+    assert rgb_dead[3] in ("0 of 1", "1 of 1") and rgb_dead[7].startswith("seed 0: ")
+    agreement, cover_change = (float(v) for v in rgb_dead[8].split(" / "))  # one click dropped
     assert 0.0 <= agreement <= 1.0 and 0.0 <= cover_change <= 1.0
+    common, reachable, ceiling = rgb_dead[9:12]  # the threshold diagnosis
+    assert common.split(" at ")[0] in ("0 of 1", "1 of 1") and reachable in ("0 of 1", "1 of 1")
+    assert int(reachable[0]) >= int(common[0]) >= int(rgb_dead[3][0]) and 0.0 <= float(ceiling) <= 1.0
+    assert "- plot trees, RGB per pixel: the boxes the tree clicks fell on, by label: seed 0: 2 Alive, 2 Dead" in report
     assert "click sets reach the goal on" in report
     assert "NEON" not in report  # the sample images' attribution only comes with them

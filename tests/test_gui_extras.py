@@ -289,3 +289,67 @@ def test_the_panel_shows_the_threshold_chosen_from_the_clicks_for_any_class(plug
     teach.threshold_slider.setValue(90)
     assert not teach.auto_threshold.isChecked()
     wait_until(lambda: teach.teach_task is None and "set by the user" in teach.teach_status.text())
+
+
+def test_the_class_list_teaches_several_classes_with_their_colours_and_counts(plugin, qgis_iface, small_scene,
+                                                                             tiny_model_dir, tmp_path):
+    from osgeo import gdal
+    from qgis.gui import QgsMapMouseEvent, QgsVertexMarker
+    from qgis.PyQt.QtCore import QEvent, QPoint, Qt
+
+    canvas, raster = canvas_on_raster(qgis_iface, small_scene)
+    dock = plugin.dock
+    teach = dock.teach_panel
+    out = tmp_path / "out"
+    run_from_panel(dock, raster, tiny_model_dir, out)
+    assert not teach.class_list.isVisibleTo(teach)
+    teach.teach_button.click()
+    for name in ("live tree", "dead tree"):
+        teach.class_edit.setText(name)
+        teach.add_class_button.click()
+    assert teach.class_list.isVisibleTo(teach) and teach.class_list.currentRow() == 1  # the class just added
+
+    def click(column: float, row: float, button=Qt.MouseButton.LeftButton) -> None:
+        device = canvas.getCoordinateTransform().transform(map_point(column, row))
+        teach.teach_tool.canvasReleaseEvent(QgsMapMouseEvent(
+            canvas, QEvent.Type.MouseButtonRelease, QPoint(round(device.x()), round(device.y())), button, button,
+            Qt.KeyboardModifier.NoModifier))
+
+    click(190, 60)  # dead tree, the selected class
+    teach.class_list.setCurrentRow(0)
+    click(*TREE_PIXEL)
+    click(70, 60)
+    click(*SOIL_PIXEL, Qt.MouseButton.RightButton)  # 'other' joins the list
+    click(10, 180, Qt.MouseButton.RightButton)
+    rows = [teach.class_list.item(row).text() for row in range(teach.class_list.count())]
+    assert rows == ["live tree: 2 examples", "dead tree: 1 example", "other: 2 examples"]
+    swatches = [teach.class_list.item(row).icon().pixmap(4, 4).toImage().pixelColor(1, 1).name()
+                for row in range(teach.class_list.count())]
+    assert swatches == ["#228b22", "#a0a0a0", "#8b5a2b"]
+    markers = [item for item in canvas.scene().items() if isinstance(item, QgsVertexMarker)]
+    assert sorted(marker.color().name() for marker in markers) == sorted(
+        ["#a0a0a0", "#228b22", "#228b22", "#8b5a2b", "#8b5a2b"])
+    assert teach.apply_teach_button.isEnabled() and not teach.threshold_slider.isEnabled()
+    teach.apply_teach_button.click()
+    wait_until(lambda: teach.teach_task is None)
+
+    assert "2 live tree, 1 dead tree, 2 other examples" in teach.teach_status.text(), teach.teach_status.text()
+    (group,) = teach_groups()
+    (layer,) = [node.layer() for node in group.findLayers()]
+    assert layer.name() == "Taught classes (live tree, dead tree, other)"
+    (classes_path,) = out.glob("*_classes.tif")
+    dataset = gdal.Open(str(classes_path))
+    band = dataset.GetRasterBand(1)
+    table = band.GetColorTable()
+    assert band.GetCategoryNames()[:4] == ["unsure", "live tree", "dead tree", "other"]
+    assert ["#{:02x}{:02x}{:02x}".format(*table.GetColorEntry(value)[:3]) for value in (1, 2, 3)] == swatches
+    legend = [(item.value, item.label) for item in layer.renderer().classes()]
+    assert legend == [(0, "unsure"), (1, "live tree"), (2, "dead tree"), (3, "other")]
+
+    teach.class_list.setCurrentRow(1)
+    teach.remove_class_button.click()  # dead tree and its example go: two classes with examples remain
+    rows = [teach.class_list.item(row).text() for row in range(teach.class_list.count())]
+    assert rows == ["live tree: 2 examples", "other: 2 examples"] and len(teach.teach_tool.examples) == 4
+    teach.class_list.setCurrentRow(1)
+    teach.remove_class_button.click()
+    assert not teach.apply_teach_button.isEnabled()  # one class with examples: nothing to teach at once

@@ -362,7 +362,7 @@ def test_the_provider_lists_the_algorithms_in_their_groups(provider):  # noqa: F
     assert groups == {"treeseg:segmenttrees": "Segmentation", "treeseg:teach": "Segmentation",
                       "treeseg:teachclasses": "Segmentation", "treeseg:treecrowns": "Segmentation",
                       "treeseg:evaluate": "Quality", "treeseg:fitclustermodel": "Surveys",
-                      "treeseg:applyclustermodel": "Surveys"}
+                      "treeseg:applyclustermodel": "Surveys", "treeseg:applyclassifier": "Surveys"}
 
 
 def test_help_wraps_as_paragraphs_and_the_batch_dialog_starts_with_the_essentials(provider):  # noqa: F811
@@ -370,7 +370,8 @@ def test_help_wraps_as_paragraphs_and_the_batch_dialog_starts_with_the_essential
 
     for algorithm in provider.algorithms():
         assert "\n" not in algorithm.shortHelpString() and "<p>" in algorithm.shortHelpString()
-    for name in ("segmenttrees", "teach", "teachclasses", "treecrowns", "fitclustermodel", "applyclustermodel"):
+    for name in ("segmenttrees", "teach", "teachclasses", "treecrowns", "fitclustermodel", "applyclustermodel",
+                 "applyclassifier"):
         descriptions = [parameter.description() for parameter in provider.algorithm(name).parameterDefinitions()]
         assert max(map(len, descriptions)) <= 36, descriptions
     segment = provider.algorithm("segmenttrees")
@@ -404,6 +405,12 @@ SCRIPTING_INTERFACE = {  # algorithm id: (group id, parameter names in order, ou
         "OUTPUT_CROWNS:outputVector OUTPUT_FEATURES:outputRaster OUTPUT_HEIGHT:outputRaster K:outputNumber "
         "TREE_COVER:outputNumber CROWNS:outputNumber MODEL_USED:outputString UNTRAINED:outputBoolean "
         "RUN_RECORD:outputFile"),
+    "treeseg:applyclassifier": (
+        "surveys",
+        "INPUT CLUSTER_MODEL CLASSIFIER MODEL MODEL_ID STRIDE DEVICE PRECISION ALLOW_UNTRAINED OUTPUT_CLASSES "
+        "OUTPUT_CLASS_PROBABILITIES OUTPUT_CLASS_POLYGONS",
+        "OUTPUT_CLASSES:outputRaster OUTPUT_CLASS_PROBABILITIES:outputRaster OUTPUT_CLASS_POLYGONS:outputVector "
+        "FEATURE_CACHE:outputString TEACH_RECORD:outputFile"),
     "treeseg:fitclustermodel": (
         "surveys",
         "INPUTS MODEL MODEL_ID STRIDE CLUSTERS DEVICE PRECISION ALLOW_UNTRAINED OUTPUT",

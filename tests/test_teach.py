@@ -332,6 +332,83 @@ def test_a_damaged_edited_or_misused_classifier_is_refused_in_one_line(tiny_mode
     assert saved.stat().st_size == size  # a failed teach leaves the saved classifier as it was
 
 
+def cli_options(tiny_model_dir, tmp_path) -> list[str]:
+    return ["--model", str(tiny_model_dir), "--device", "cpu", "--tile-size", "128", "--cache-dir",
+            str(tmp_path / "cache"), "--quiet"]
+
+
+def every_file(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_segment_many_applies_a_taught_classifier_to_three_rasters_with_one_legend(
+        tiny_model_dir, survey_of_three, tmp_path, capsys):
+    from treeseg_qgis.engine.cli import main
+
+    paths, model = survey_of_three
+    saved = tmp_path / "crowns.treeseg"
+    taught = teach(survey_params(tiny_model_dir, paths[0], tmp_path, cluster_model=str(model)), CLASS_CLICKS,
+                   save_classifier=str(saved))
+    out = tmp_path / "survey_out"
+    assert main(["segment-many", *map(str, paths), "--out", str(out), "--cluster-model", str(model),
+                 "--classifier", str(saved), *cli_options(tiny_model_dir, tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "taught classes crown, ground in every raster" in printed and printed.count("crown ") == 3
+    summary = json.loads((out / "survey_summary.json").read_text())
+    assert summary["classifier"] == {"path": str(saved), "classes": ["crown", "ground"],
+                                     "values": {"crown": 1, "ground": 2}, "unsure_value": 0,
+                                     "colours": {"crown": "#228b22", "ground": "#a0a0a0"}}
+    class_rasters = [out / f"{path.stem}_classes.tif" for path in paths]
+    assert [row["taught_outputs"]["classes"] for row in summary["rasters"]] == list(map(str, class_rasters))
+    legends = {json.dumps(class_legend(path)) for path in [*class_rasters, Path(taught["outputs"]["classes"])]}
+    assert len(legends) == 1 and class_legend(class_rasters[0])[0] == ["unsure", "crown", "ground", ""]
+    for path in paths:  # every raster: its segmentation, its class outputs and their record, at final paths
+        record = json.loads((out / f"{path.stem}_classes_teach.json").read_text())
+        assert record["classifier"] == {"applied": str(saved)} and record["outputs"]["classes"] == str(
+            out / f"{path.stem}_classes.tif")
+        assert (out / f"{path.stem}_class_polygons.gpkg").is_file() and (out / f"{path.stem}_clusters.tif").is_file()
+    assert band(str(class_rasters[0])).tolist() == band(taught["outputs"]["classes"]).tolist()
+    with open(out / "survey_summary.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(row["crown_cover"]) for row in rows] == [row["class_cover"]["crown"] for row in summary["rasters"]]
+    assert not list(out.glob(".treeseg-staging-*"))
+
+
+def test_segment_many_refuses_a_bad_or_misused_classifier_in_one_line_before_any_work(
+        tiny_model_dir, survey_of_three, tmp_path, capsys):
+    from treeseg_qgis.engine.cli import EXIT_USER_ERROR, main
+    from treeseg_qgis.engine.survey import fit_survey
+
+    paths, model = survey_of_three
+    saved = tmp_path / "crowns.treeseg"
+    teach(survey_params(tiny_model_dir, paths[0], tmp_path, cluster_model=str(model)), CLASS_CLICKS,
+          save_classifier=str(saved))
+    other_model = tmp_path / "other.treeseg"  # fitted on two of the rasters: another PCA
+    fit_survey([str(p) for p in paths[1:]], survey_params(tiny_model_dir, paths[1], tmp_path), other_model)
+    out = tmp_path / "survey_out"
+    out.mkdir()
+    (out / "plot_1_classes.tif").write_bytes(b"an earlier run's file")
+    damaged = tmp_path / "damaged.treeseg"
+    damaged.write_bytes(saved.read_bytes()[:300])
+    fifo = tmp_path / "fifo.treeseg"
+    os.mkfifo(fifo)
+    over_an_output = out / "plot_2_classes_teach.json"  # the classifier where a raster's class record would go
+    over_an_output.write_bytes(saved.read_bytes())
+    before = every_file(tmp_path / "survey_out")
+    inputs = [*map(str, paths), "--out", str(out)]
+    for arguments, reason in (
+            (["--cluster-model", str(model), "--classifier", str(damaged)], "is not a treeseg taught classifier, or"),
+            (["--cluster-model", str(model), "--classifier", str(fifo)], "is not a regular file"),
+            (["--cluster-model", str(model), "--classifier", str(model)], "is not a treeseg taught classifier"),
+            (["--cluster-model", str(other_model), "--classifier", str(saved)], "another survey cluster model"),
+            (["--classifier", str(saved)], "give the survey cluster model it was taught with"),
+            (["--cluster-model", str(model), "--classifier", str(over_an_output)], "would overwrite the input")):
+        assert main(["segment-many", *inputs, *arguments, *cli_options(tiny_model_dir, tmp_path)]) == EXIT_USER_ERROR
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and reason in lines[0] and "Traceback" not in lines[0], (arguments, lines)
+        assert every_file(out) == before
+
+
 def test_cli_teach_needs_examples_or_a_classifier(params):
     result = subprocess.run([sys.executable, "-m", "treeseg_qgis", "teach", params.input_path, "--out",
                              params.output_dir], capture_output=True, text=True, cwd=REPO, timeout=300,

@@ -19,6 +19,10 @@ STAGING_PREFIX = ".treeseg-staging-"
 LOCK_NAME = "owner.lock"
 COMMIT_JOURNAL = "commit.json"
 DEFAULT_CLASS = "tree"
+CLASS_COLOURS = ((34, 139, 34), (160, 160, 160), (139, 90, 43), (70, 130, 180), (255, 215, 0), (128, 0, 128),
+                 (210, 105, 30), (0, 206, 209), (220, 20, 60), (154, 205, 50))
+"""The colour (RGB) of each taught class in a class raster, by its value 1, 2, … (cycled): the panel's class list
+shows the same."""
 SUFFIXES = {
     "clusters": "_clusters.tif",
     "trees": "_trees.tif",

@@ -67,6 +67,7 @@ HF_TOKEN = "hf_token"  # nosec B105 - the name of the field, not a secret
 EXAMPLES = "examples"
 THRESHOLD = "threshold"
 CLASS_NAME = "class_name"
+CLASSIFIER = "classifier"
 TREES_PATH = "trees_path"
 CLUSTERS_PATH = "clusters_path"
 GPKG_PATH = "gpkg_path"

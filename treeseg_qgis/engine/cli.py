@@ -154,6 +154,10 @@ def _survey_commands(commands: argparse._SubParsersAction) -> None:
     many.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     many.add_argument("--cluster-model", metavar="FILE",
                       help="apply this cluster model (its settings) instead of fitting one")
+    many.add_argument("--classifier", metavar="FILE",
+                      help="then apply this taught classifier (.treeseg, from `teach --save-classifier` with the "
+                      "same --cluster-model) to every raster: each gets its class outputs as `teach` writes them, "
+                      "with the same classes, values and legend")
     many.add_argument("--window-tiles", type=int, default=WINDOW_TILES, metavar="N",
                       help="on Dask, split a raster of more than N tiles into windows of about N tiles whose "
                       f"features are extracted on several workers (default {WINDOW_TILES}; 0: never split)")
@@ -198,14 +202,19 @@ def _segment_many(args: argparse.Namespace) -> int:
     if args.window_tiles < 0:
         raise InputError(f"--window-tiles must be 0 (never split) or more, not {args.window_tiles}.")
     summary = segment_many(args.inputs, _survey_params(args, args.out), args.out, args.cluster_model,
-                           args.workers, args.scheduler, _progress(args), window_tiles=args.window_tiles)
+                           args.workers, args.scheduler, _progress(args), window_tiles=args.window_tiles,
+                           classifier=args.classifier)
     legend = summary["legend"]
     if summary["warning"]:
         print(f"\n!!! {summary['warning']}\n", file=sys.stderr)
     print(f"K={legend['k']}, tree clusters {legend['tree_clusters']} in every raster ({summary['cluster_model']})")
+    if summary["classifier"]:
+        print(f"taught classes {', '.join(summary['classifier']['classes'])} in every raster "
+              f"({summary['classifier']['path']})")
     for row in summary["rasters"]:
         result = f"tree cover {100 * row['tree_cover']:.1f} %" if row["status"] == "ok" else f"FAILED: {row['error']}"
-        print(f"{row['input']}: {result}")
+        covers = "".join(f", {name} {100 * cover:.1f} %" for name, cover in row.get("class_cover", {}).items())
+        print(f"{row['input']}: {result}{covers}")
     print(summary["merged_polygons"], "polygons in", summary["outputs"]["polygons"])
     if summary["failed"]:
         print(f"treeseg: {summary['failed']} of {len(summary['rasters'])} rasters failed (see above).",

@@ -320,8 +320,7 @@ def _write_classes(params: SegmentationParams, source: GdalRasterSource, store: 
                    taught: Taught, summary: dict, progress: Progress, keep: tuple[TaughtModel, Path] | None) -> dict:
     """Several classes taught: the class raster, the probabilities and the class polygons, staged."""
     paths = OutputPaths.for_params(params, summary["model"]["untrained"])
-    record_path = paths.teach_record if params.outputs.teach_record else Path(
-        str(paths.classes)[: -len(SUFFIXES["classes"])] + CLASSES_RECORD_SUFFIX)
+    record_path = _classes_record_path(params, paths)
     finals = [paths.classes, paths.class_probabilities, paths.class_polygons, record_path,
               *([keep[1]] if keep else [])]
     transaction, staged = _teach_transaction(finals)
@@ -362,6 +361,21 @@ def _write_classes(params: SegmentationParams, source: GdalRasterSource, store: 
                     **({"classifier": str(keep[1])} if keep else {})},
         "_transaction": (transaction, staged, finals),
     }
+
+
+def _classes_record_path(params: SegmentationParams, paths: OutputPaths) -> Path:
+    """The record of a several-classes teach: the one asked for, else `<stem>_classes_teach.json`."""
+    return paths.teach_record if params.outputs.teach_record else Path(
+        str(paths.classes)[: -len(SUFFIXES["classes"])] + CLASSES_RECORD_SUFFIX)
+
+
+def taught_output_paths(params: SegmentationParams, untrained: bool, applied: TaughtModel) -> list[Path]:
+    """Every file applying the taught classifier `applied` to `params`' raster writes (`teach(classifier=…)`)."""
+    if applied.multi:
+        paths = OutputPaths.for_params(params, untrained)
+        return [paths.classes, paths.class_probabilities, paths.class_polygons, _classes_record_path(params, paths)]
+    paths = taught_class_paths(params, untrained, applied.classifier.classes[0])
+    return [paths.similarity, paths.taught_trees, paths.teach_record]
 
 
 def _check_not_an_input(path: str, inputs: list[str | None]) -> None:

@@ -52,10 +52,20 @@ from .core.files import refuse_special_file
 from .core.progress import Progress
 from .core.segmentation import TileFeatureExtractor, fit_clustering
 from .core.survey_model import SUFFIX, SurveyModel, scaling_kind, weights_content
+from .core.taught_model import TaughtModel
 from .core.tiling import TileGrid
+from .gis.class_outputs import UNSURE, class_palette
 from .gis.merge import merge_polygons
 from .gis.raster import GdalRasterSource, limit_block_cache, stretch_limits
-from .pipeline import UNTRAINED_BANNER, ModelLoader, feature_extractor, load_model_for, validate_params
+from .pipeline import (
+    UNTRAINED_BANNER,
+    ModelLoader,
+    feature_extractor,
+    load_model_for,
+    taught_output_paths,
+    teach,
+    validate_params,
+)
 from .survey_tasks import RasterJob, RasterOutcome, RasterSample, RasterShare, run_job, sample_raster, with_retry
 
 if TYPE_CHECKING:
@@ -295,8 +305,13 @@ def segment_many(
     progress: Progress | None = None,
     load_model: ModelLoader | None = None,
     window_tiles: int = WINDOW_TILES,
+    classifier: str | None = None,
 ) -> dict:
     """Fit (unless `cluster_model` is given) and apply one cluster model to every input; the survey summary.
+
+    `classifier`, a taught classifier (core/taught_model.py) taught with `cluster_model`, is then applied to every
+    raster segmented (`pipeline.teach`, here, from the features the segmentation cached): the same classes,
+    values and legend in each; a raster it fails on is reported failed, without outputs.
 
     `workers` > 1 runs the fit's sampling and the rasters on a Dask LocalCluster of that many processes (started
     once), `scheduler` on an existing Dask cluster, there splitting a raster of more than `window_tiles` tiles
@@ -314,12 +329,13 @@ def segment_many(
     started = time.perf_counter()
     _checked(lambda: check_output_folder(out_dir))
     model = SurveyModel.load(cluster_model) if cluster_model else None
+    taught = _taught_model(classifier, model)
     sources = raster_files(inputs)
     finals = raster_jobs(inputs, params, out_dir, cluster_model or out_dir / MODEL_NAME)
     every_survey_file = survey_files(out_dir, False) + survey_files(out_dir, True)
     writable = [path for path in every_survey_file if not (model and path.name.endswith(SUFFIX))]
-    _checked(lambda: check_output_paths([*sources, *filter(None, [cluster_model])],
-                                        [str(path) for path in [*writable, *_all_outputs(finals)]]))
+    _checked(lambda: check_output_paths([*sources, *filter(None, [cluster_model, classifier])],
+                                        [str(path) for path in [*writable, *_all_outputs(finals, taught)]]))
     transaction = OutputTransaction(writable)
     staging = transaction.staged(writable[0]).parent
     try:
@@ -340,17 +356,20 @@ def segment_many(
                 outcomes = run_on_dask(jobs, cluster, apply, window_tiles)
             else:
                 outcomes = run_locally(jobs, apply, load_model)
+        if taught is not None:
+            outcomes = apply_classifier(jobs, outcomes, classifier, progress.sub(0.9, 0.95), load_model)
         progress.report(0.95, "Writing the survey summary")
         progress.check()
         files = survey_files(out_dir, _untrained(model))
         outcomes = [_moved_outcome(outcome, staging, out_dir) for outcome in outcomes]
         summary = _summary(model, Path(cluster_model) if cluster_model else files[0], outcomes,
                            time.perf_counter() - started)
+        summary["classifier"] = _classifier_legend(classifier, taught) if taught else None
         summary["outputs"] = {"summary_json": str(files[1]), "summary_csv": str(files[2]), "polygons": str(files[3])}
         _write_survey_outputs(summary, outcomes, staging, [transaction.staged(path) for path in files[1:]])
         progress.check()
         with interrupts.deferred(reraise=False):
-            _commit_survey(transaction, staging, out_dir, [*_all_outputs(finals), *writable])
+            _commit_survey(transaction, staging, out_dir, [*_all_outputs(finals, taught), *writable])
     except BaseException:
         with interrupts.deferred(reraise=False):
             transaction.abort()
@@ -359,10 +378,67 @@ def segment_many(
     return summary
 
 
-def _all_outputs(jobs: Sequence[RasterJob]) -> list[Path]:
-    """Every file the jobs may write (trained or untrained)."""
-    return [getattr(OutputPaths.for_params(job.params, untrained), kind)
-            for job in jobs for untrained in (False, True) for kind in SEGMENT_KINDS]
+def _all_outputs(jobs: Sequence[RasterJob], taught: TaughtModel | None = None) -> list[Path]:
+    """Every file the jobs may write (trained or untrained), those of applying `taught` too."""
+    return [*(getattr(OutputPaths.for_params(job.params, untrained), kind)
+              for job in jobs for untrained in (False, True) for kind in SEGMENT_KINDS),
+            *(path for job in jobs if taught for untrained in (False, True)
+              for path in taught_output_paths(job.params, untrained, taught))]
+
+
+def _taught_model(classifier: str | None, model: SurveyModel | None) -> TaughtModel | None:
+    """The taught classifier to apply, read and checked against the survey's cluster model before any work."""
+    if classifier is None:
+        return None
+    if model is None:
+        raise InputError("A taught classifier works on a survey's features: give the survey cluster model it was "
+                         "taught with (--cluster-model).")
+    taught = TaughtModel.load(classifier)
+    if taught.projection_id != model.projection_id:
+        raise InputError(f"The taught classifier {classifier} was taught with another survey cluster model (its "
+                         "PCA differs): give the cluster model it was taught with.")
+    return taught
+
+
+def apply_classifier(jobs: Sequence[RasterJob], outcomes: list[RasterOutcome], classifier: str,
+                     progress: Progress, load_model: ModelLoader | None = None) -> list[RasterOutcome]:
+    """The taught classifier applied to every segmented raster (its outputs staged beside the raster's); its
+    record joins the raster's as `taught`. A raster it fails on becomes a failed raster, its files removed."""
+    loader = _memoised(load_model or load_model_for)
+    done = []
+    for index, (job, outcome) in enumerate(zip(jobs, outcomes)):
+        progress.check()
+        if outcome.record is not None:
+            step = progress.sub(index / len(jobs), (index + 1) / len(jobs))
+            record, error, _ = with_retry(partial(teach, job.params, None, progress=step, load_model=loader,
+                                                  classifier=classifier), job.input_path)
+            if record is None:
+                _remove_staged(outcome.record)
+                outcome = replace(outcome, record=None, error=f"applying the taught classifier failed: {error}")
+            else:
+                outcome = replace(outcome, record={**outcome.record, "taught": record})
+        done.append(outcome)
+    return done
+
+
+def _remove_staged(record: dict) -> None:
+    """A raster's staged outputs (those its record names), removed."""
+    for path in record["outputs"].values():
+        Path(path).unlink(missing_ok=True)
+        Path(f"{path}.aux.xml").unlink(missing_ok=True)
+
+
+def _classifier_legend(classifier: str, taught: TaughtModel) -> dict:
+    """The survey-wide legend of the taught classes: every raster's class raster has these values and colours."""
+    names = taught.classifier.classes
+    legend = {"path": str(classifier), "classes": names}
+    if taught.multi:
+        legend["values"] = {name: index + 1 for index, name in enumerate(names)}
+        palette = class_palette(len(names))
+        legend["colours"] = {name: "#{:02x}{:02x}{:02x}".format(*palette[index + 1][:3])
+                             for index, name in enumerate(names)}
+        legend["unsure_value"] = UNSURE
+    return legend
 
 
 def _moved_outcome(outcome: RasterOutcome, staging: Path, out_dir: Path) -> RasterOutcome:
@@ -371,10 +447,13 @@ def _moved_outcome(outcome: RasterOutcome, staging: Path, out_dir: Path) -> Rast
     if outcome.record is None:
         return outcome
     record = _moved(outcome.record, str(staging), str(out_dir))
-    staged_record = staging / Path(record["outputs"]["record"]).name
-    if staged_record.is_file():
-        staged_record.write_text(json.dumps(record, indent=2))
-    return replace(outcome, record=record)
+    taught = record.pop("taught", None)
+    for written in (record, taught):
+        staged_record = written and staging / Path(written["outputs"].get("record")
+                                                   or written["outputs"]["teach_record"]).name
+        if staged_record and staged_record.is_file():
+            staged_record.write_text(json.dumps(written, indent=2))
+    return replace(outcome, record={**record, "taught": taught} if taught else record)
 
 
 def _moved(value: object, staging: str, final: str) -> object:
@@ -438,7 +517,14 @@ def _raster_row(outcome: RasterOutcome) -> dict:
         "scaling_warning": record["cluster_model"]["warning"] if record else None,
         "seconds": round(outcome.seconds, 3),
         "outputs": record["outputs"] if record else None,
+        **({"class_cover": _taught_cover(record["taught"]), "taught_outputs": record["taught"]["outputs"]}
+           if record and "taught" in record else {}),
     }
+
+
+def _taught_cover(taught: dict) -> dict[str, float]:
+    """The share of valid pixels of each taught class (one class: that class)."""
+    return taught["class_cover"] if "class_cover" in taught else {taught["class"]: taught["tree_cover"]}
 
 
 def _write_survey_outputs(summary: dict, outcomes: list[RasterOutcome], staging: Path, staged: list[Path]) -> None:
@@ -456,11 +542,13 @@ def _csv(summary: dict) -> str:
     text = io.StringIO()
     writer = csv.writer(text)
     k = summary["legend"]["k"]
-    writer.writerow(["input", "status", "tree_cover", *(f"cluster_{i}_pixels" for i in range(k)), "seconds",
-                     "error"])
+    classes = summary["classifier"]["classes"] if summary.get("classifier") else []
+    writer.writerow(["input", "status", "tree_cover", *(f"cluster_{i}_pixels" for i in range(k)),
+                     *(f"{name}_cover" for name in classes), "seconds", "error"])
     for row in summary["rasters"]:
         pixels = row["cluster_pixels"] or [""] * k
+        covers = row.get("class_cover") or {}
         writer.writerow([row["input"], row["status"], row["tree_cover"] if row["tree_cover"] is not None else "",
-                         *pixels, row["seconds"], row["error"] or ""])
+                         *pixels, *(covers.get(name, "") for name in classes), row["seconds"], row["error"] or ""])
     return text.getvalue()
 

@@ -155,7 +155,8 @@ class Worker:
         threshold = job.get(protocol.THRESHOLD)
         return teach(params, examples, None if threshold is None else float(threshold),
                      Progress(self._progress, self.cancel_check()), self._kept_model_loader(job),
-                     class_name=str(job.get(protocol.CLASS_NAME) or "tree"))
+                     class_name=str(job.get(protocol.CLASS_NAME) or "tree"),
+                     classifier=job.get(protocol.CLASSIFIER))
 
     def fit(self, job: dict[str, Any]) -> dict[str, Any]:
         """One survey cluster model from several rasters (survey.fit_survey), written to `out_path`."""

@@ -177,18 +177,21 @@ class EngineClient:
     def teach(
         self,
         params: SegmentationParams,
-        examples: list[tuple[float, float, bool]],
+        examples: list[tuple[float, float, bool | str]],
         threshold: float | None,
         on_progress: ProgressHandler | None = None,
         is_cancelled: CancelCheck | None = None,
         hf_token: str | None = None,
         class_name: str = "tree",
+        classifier: str | None = None,
     ) -> dict[str, Any]:
         """Click-to-teach: scores from example pixels (col, row, is_tree: an example of `class_name`); the
-        threshold is chosen from the examples when None. The teach record or EngineError."""
+        threshold is chosen from the examples when None. With `classifier` (a taught classifier file, the
+        params' cluster model set) it is applied instead of examples. The teach record or EngineError."""
         job = _job(Command.TEACH, hf_token, {protocol.PARAMS: _validated_json(params),
                                               protocol.EXAMPLES: [list(example) for example in examples],
-                                              protocol.THRESHOLD: threshold, protocol.CLASS_NAME: class_name})
+                                              protocol.THRESHOLD: threshold, protocol.CLASS_NAME: class_name,
+                                              protocol.CLASSIFIER: classifier})
         return self._run_writing(job, lambda: _recover_outputs_of(params), on_progress, None, is_cancelled)
 
     def fit(

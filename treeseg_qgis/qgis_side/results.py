@@ -142,6 +142,8 @@ def settings_difference(settings: dict[str, Any], others: Sequence[dict[str, Any
 RUN_OUTPUT_ORDER = ("crowns", "polygons", "trees", "clusters", "features", "height")
 """The order of a run's layers in its group, top first."""
 TEACH_OUTPUT_ORDER = ("taught_trees", "similarity")
+CLASSES_OUTPUT_ORDER = ("classes",)
+"""The layer a teach of several classes adds (its probabilities and polygons stay files beside it)."""
 BAND_LEGENDS = {"similarity": "Score (1: like the examples)", "height": "Height above ground"}
 """The first legend line of the single-band ramps, instead of QGIS's 'Band 1 (Gray)'."""
 HIDDEN_OUTPUTS = frozenset({"trees", "features", "height"})
@@ -160,6 +162,8 @@ def layer_names(record: dict[str, Any]) -> dict[str, str]:
         names["crowns"] = f"Tree crowns ({record['crowns']})"
     height_untrained = record.get("model", {}).get("height_model", {}).get("untrained")
     names["height"] = f"Canopy height (m) — {UNTRAINED_TAG}" if height_untrained else "Canopy height (m)"
+    if "classes" in record:
+        names["classes"] = f"Taught classes ({', '.join(record['classes'])})"
     if "threshold" in record:
         taught = record.get("class") or "tree"
         taught_name = "Taught trees" if taught == "tree" else f"Taught: {taught}"
@@ -267,7 +271,9 @@ def run_result(record: dict[str, Any]) -> str:
 
 
 def teach_result(record: dict[str, Any]) -> str:
-    """The result kind of a teach `record`: 'teach: <class>'."""
+    """The result kind of a teach `record`: 'teach: <class>' (several: 'teach: <class> / <class>…')."""
+    if "classes" in record:
+        return f"teach: {' / '.join(record['classes'])}"
     return f"teach: {record.get('class') or 'tree'}"
 
 
@@ -414,16 +420,21 @@ def teach_group_name(record: dict[str, Any], input_name: str) -> str:
 
 def add_teach_layers(record: dict[str, Any], input_name: str, project: QgsProject | None = None,
                      replacing: Sequence[str] = ()) -> list[QgsMapLayer]:
-    """Load the taught mask (trees, or the record's class) and the similarity of a teach `record`; they take
+    """Load the taught mask (trees, or the record's class) and the similarity of a teach `record` (of several
+    classes: the class raster, in the classes' colours and names); they take
     the place of the layers whose ids are in `replacing` (removed from the project) or else go into a new group
     at the top (place_result_group: an older teach of the class on the same input is replaced). Returns the new
     layers; raises ResultLayerError (and changes nothing) when a file cannot be opened."""
     project = project or QgsProject.instance()
     outputs = record["outputs"]
     names = layer_names(record)
-    trees, similarity = (open_output(outputs[kind], kind, names[kind]) for kind in TEACH_OUTPUT_ORDER)
-    style_tree_mask(trees)
-    style_similarity(similarity)
+    kinds = CLASSES_OUTPUT_ORDER if "classes" in record else TEACH_OUTPUT_ORDER
+    layers = [open_output(outputs[kind], kind, names[kind]) for kind in kinds]
+    if "classes" in record:
+        style_clusters(layers[0], len(record["classes"]) + 1)  # 0 unsure (transparent), then the classes
+    else:
+        style_tree_mask(layers[0])
+        style_similarity(layers[1])
     root = project.layerTreeRoot()
     previous = [node for node in (root.findLayer(layer_id) for layer_id in replacing) if node is not None]
     group = previous[0].parent() if previous else None
@@ -433,13 +444,13 @@ def add_teach_layers(record: dict[str, Any], input_name: str, project: QgsProjec
     elif group.parent() is not None:
         group.setName(teach_group_name(record, input_name))
     project.removeMapLayers([node.layerId() for node in previous])
-    for position, (kind, layer) in enumerate(zip(TEACH_OUTPUT_ORDER, (trees, similarity))):
+    for position, (kind, layer) in enumerate(zip(kinds, layers)):
         project.addMapLayer(layer, False)
         label_band_legend(group.insertLayer(position, layer), kind)
     if not previous:
         group.setExpanded(False)
         group.setExpanded(True)
-    return [trees, similarity]
+    return layers
 
 
 @dataclass

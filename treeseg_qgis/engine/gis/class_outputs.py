@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 from osgeo import gdal, ogr, osr
 
+from ...outputs import CLASS_COLOURS
 from ..core.errors import OutputError
 from .writers import CREATION_OPTIONS, NODATA, _colour_table
 
@@ -18,8 +19,6 @@ ogr.UseExceptions()
 UNSURE = 0
 UNSURE_NAME = "unsure"
 PROBABILITY_NODATA = -1.0
-CLASS_COLOURS = [(34, 139, 34), (160, 160, 160), (139, 90, 43), (70, 130, 180), (255, 215, 0), (128, 0, 128),
-                 (210, 105, 30), (0, 206, 209), (220, 20, 60), (154, 205, 50)]
 UNSURE_COLOUR = (255, 255, 255, 0)
 
 

@@ -130,14 +130,16 @@ def run_summary(record: dict[str, Any]) -> str:
 
 
 class TeachTask(_EngineJobTask):
-    """One click-to-teach run: scores from example pixels (col, row, is_tree) of `params`' input.
+    """One click-to-teach run: scores from example pixels (col, row, is_tree; or col, row, class when several
+    classes are taught) of `params`' input.
 
     On success the similarity and the taught tree mask replace the layers listed in `replacing` (and
     the files of the teach run in `replaced_outputs` are deleted); `layers` then holds the new ones.
     `done(success, summary)` follows `finished()`.
     """
 
-    def __init__(self, engine: EngineClient, params: SegmentationParams, examples: list[tuple[float, float, bool]],
+    def __init__(self, engine: EngineClient, params: SegmentationParams,
+                 examples: list[tuple[float, float, bool | str]],
                  threshold: float | None, layer: QgsRasterLayer, replacing: list[str],
                  replaced_outputs: list[str], hf_token: str | None = None, class_name: str = "tree") -> None:
         super().__init__(f"TreeSeg: teaching on {layer.name()}", engine, params, layer, hf_token)
@@ -170,6 +172,12 @@ class TeachTask(_EngineJobTask):
 def teach_summary(record: dict[str, Any]) -> str:
     """One line: examples, threshold (and where it came from), cover and whether the model ran; untrained
     weights said first."""
+    if "classes" in record:
+        covers = ", ".join(f"{name} {100 * float(cover):.1f} %" for name, cover in record["class_cover"].items())
+        examples = ", ".join(f"{count} {name}" for name, count in record["examples"].items())
+        summary = (f"{examples} examples; {record['threshold_note']}: {covers}, "
+                   f"{FROM_CACHE if record['feature_cache'] == 'hit' else 'features computed by the model'}.")
+        return f"{UNTRAINED_SUMMARY} {summary}" if record["model"]["untrained"] else summary
     examples, taught = record["examples"], record.get("class") or "tree"
     note = record.get("threshold_note") or f"score ≥ {float(record['threshold']):.2f}"
     summary = (f"{examples['trees']} {taught} and {examples['not_trees']} other examples; {note}: {taught} "

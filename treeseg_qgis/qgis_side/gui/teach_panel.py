@@ -3,7 +3,9 @@
 Clicks (gui/teach_tool.py) become pixel positions of the last run's input; a TeachTask sends them with
 that run's `SegmentationParams`, so the engine reads the features the run cached instead of running the
 model. The threshold is 0.5 on calibrated probabilities unless the user moves the slider, which re-teaches
-after a short pause and replaces the teach layers.
+after a short pause and replaces the teach layers. Classes added to the class list are taught at once: a click
+marks the selected class, Shift+click or right click "other"; the list shows each class's colour (that of the
+class raster) and how many examples it has.
 """
 
 from __future__ import annotations
@@ -15,15 +17,26 @@ from pathlib import Path
 from qgis.core import QgsApplication, QgsProject, QgsRasterLayer, QgsSettings
 from qgis.gui import QgisInterface, QgsCollapsibleGroupBox
 from qgis.PyQt.QtCore import Qt, QTimer, pyqtSignal
-from qgis.PyQt.QtWidgets import QCheckBox, QLabel, QLineEdit, QPushButton, QSlider, QWidget
+from qgis.PyQt.QtGui import QColor, QIcon, QPixmap
+from qgis.PyQt.QtWidgets import (
+    QCheckBox,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QListWidgetItem,
+    QPushButton,
+    QSlider,
+    QWidget,
+)
 
+from ...outputs import CLASS_COLOURS
 from ...params import SegmentationParams
 from ..auth import hf_token
 from ..engine_client import EngineClient
 from .layouts import hbox, vbox
 from .run_panel import SETTINGS_PREFIX, free_output_stem, show_status
 from .task import SegmentationTask, TeachTask
-from .teach_tool import RasterGrid, TeachMapTool
+from .teach_tool import OTHER_CLASS, RasterGrid, TeachMapTool
 
 DEFAULT_THRESHOLD = 0.6
 DEFAULT_CLASS = "tree"
@@ -31,7 +44,9 @@ TEACH_DEBOUNCE_MS = 300
 TEACH_HELP = ("Name the class to teach (a tree, a dead tree, a roof…). Left click on the map: an example of it. "
               "Shift+click or right click: something else. The threshold is 0.5 on the calibrated class "
               "probability unless you move the slider. Teaching works on the input of the last run and reuses its "
-              "cached features, so the model does not run again.")
+              "cached features, so the model does not run again. To teach several classes at once, add each to "
+              "the class list: a click then marks the selected class, Shift+click or right click 'other'.")
+SWATCH_PX = 12
 
 
 class TeachPanel(QgsCollapsibleGroupBox):
@@ -59,6 +74,8 @@ class TeachPanel(QgsCollapsibleGroupBox):
         self._teach_layer_ids: list[str] = []
         self._teach_outputs: list[str] = []
         self._teach_again = False
+        self._classes: list[str] = []
+        """The classes taught at once, in the order of their values in the class raster; empty: one class."""
         self._build()
         self._restore_settings()
         self._connect()
@@ -93,11 +110,22 @@ class TeachPanel(QgsCollapsibleGroupBox):
         self.teach_timer = QTimer(self)
         self.teach_timer.setSingleShot(True)
         self.teach_timer.setInterval(TEACH_DEBOUNCE_MS)
-        class_row = hbox(QLabel("Class"), (self.class_edit, 1))
+        self.add_class_button = QPushButton("Add class")
+        self.add_class_button.setToolTip("Teach several classes at once: add the class named on the left to the "
+                                         "list; clicks then mark the selected class")
+        self.remove_class_button = QPushButton("Remove class")
+        self.remove_class_button.setToolTip("Take the selected class and its examples off the list")
+        self.class_list = QListWidget()
+        self.class_list.setToolTip("The classes taught at once, in their colours in the class raster, with the "
+                                   "number of examples of each; a click on the map marks the selected one")
+        self.class_list.setMaximumHeight(5 * self.class_list.fontMetrics().height() + 8)
+        self.class_list.setVisible(False)
+        self.remove_class_button.setVisible(False)
+        class_row = hbox(QLabel("Class"), (self.class_edit, 1), self.add_class_button)
         tool_row = hbox((self.teach_button, 1), self.clear_examples_button)
         threshold_row = hbox(QLabel("Threshold"), (self.threshold_slider, 1), self.threshold_label)
-        self.setLayout(vbox(note, class_row, tool_row, self.examples_label, self.auto_threshold, threshold_row,
-                            self.apply_teach_button, self.teach_status))
+        self.setLayout(vbox(note, class_row, self.class_list, self.remove_class_button, tool_row, self.examples_label,
+                            self.auto_threshold, threshold_row, self.apply_teach_button, self.teach_status))
 
     def _restore_settings(self) -> None:
         settings = QgsSettings()
@@ -112,6 +140,9 @@ class TeachPanel(QgsCollapsibleGroupBox):
         self.threshold_slider.valueChanged.connect(self._threshold_moved)
         self.auto_threshold.toggled.connect(self._auto_threshold_toggled)
         self.class_edit.editingFinished.connect(self._show_examples)
+        self.add_class_button.clicked.connect(self._add_class)
+        self.remove_class_button.clicked.connect(self._remove_class)
+        self.class_list.currentRowChanged.connect(self._class_chosen)
         self.teach_timer.timeout.connect(self._teach_again_or_now)
         self.apply_teach_button.clicked.connect(self.teach)
 
@@ -119,9 +150,14 @@ class TeachPanel(QgsCollapsibleGroupBox):
         teachable = self.engine is not None and self._last_run is not None
         self.teach_button.setEnabled(teachable)
         trees, others = self._example_counts()
-        self.clear_examples_button.setEnabled(trees + others > 0)
+        counts = self.teach_tool.class_counts() if self.teach_tool is not None else {}
+        self.clear_examples_button.setEnabled(trees + others + sum(counts.values()) > 0)
+        self.remove_class_button.setEnabled(self.class_list.currentRow() >= 0)
         busy = self._running or self.teach_task is not None
-        self.apply_teach_button.setEnabled(teachable and not busy and trees > 0)
+        ready = sum(count > 0 for count in counts.values()) >= 2 if self._classes else trees > 0
+        self.apply_teach_button.setEnabled(teachable and not busy and ready)
+        for widget in (self.auto_threshold, self.threshold_slider):
+            widget.setEnabled(not self._classes)  # several classes: the most probable one, unsure under 0.5
 
     def set_engine(self, engine: EngineClient | None) -> None:
         """Use `engine` from now on (the set-up dialog made or removed one)."""
@@ -145,6 +181,7 @@ class TeachPanel(QgsCollapsibleGroupBox):
             self.teach_tool = TeachMapTool(self.iface.mapCanvas())
             self.teach_tool.setButton(self.teach_button)
             self.teach_tool.examples_changed.connect(self._show_examples)
+            self._show_classes()
             self.teach_tool.click_ignored.connect(lambda: self._show_teach_status(
                 "That click is off the raster of the last run; it was left out.", error=True))
         if grid != self.teach_tool.grid:
@@ -175,11 +212,69 @@ class TeachPanel(QgsCollapsibleGroupBox):
     def _taught_class(self) -> str:
         return self.class_edit.text().strip() or DEFAULT_CLASS
 
+    def _add_class(self) -> None:
+        """Add the class named in the Class field to the classes taught at once, and select it."""
+        name = self._taught_class()
+        if name not in self._classes:
+            self._classes.append(name)
+        self._show_classes()
+        self.class_list.setCurrentRow(self._classes.index(name))
+
+    def _remove_class(self) -> None:
+        """Take the selected class and its examples off the list."""
+        row = self.class_list.currentRow()
+        if row < 0:
+            return
+        name = self._classes.pop(row)
+        if self.teach_tool is not None:
+            self.teach_tool.remove_class(name)
+        self._show_classes()
+
+    def _class_chosen(self, row: int) -> None:
+        """Clicks mark the selected class from now on."""
+        if self.teach_tool is not None:
+            self.teach_tool.label = self._classes[row] if 0 <= row < len(self._classes) else None
+        self._update_enabled()
+
+    def class_colours(self) -> dict[str, QColor]:
+        """The colour of each class taught at once: that of its value in the class raster."""
+        return {name: QColor(*CLASS_COLOURS[index % len(CLASS_COLOURS)]) for index, name in enumerate(self._classes)}
+
+    def _show_classes(self) -> None:
+        """The class list: each class in its colour with its number of examples; the tool marks the selected
+        one ('other' joins the list at its first Shift+click or right click)."""
+        counts = self.teach_tool.class_counts() if self.teach_tool is not None else {}
+        if counts.get(OTHER_CLASS) and OTHER_CLASS not in self._classes:
+            self._classes.append(OTHER_CLASS)
+        colours = self.class_colours()
+        row = self.class_list.currentRow()
+        self.class_list.blockSignals(True)
+        self.class_list.clear()
+        for name in self._classes:
+            swatch = QPixmap(SWATCH_PX, SWATCH_PX)
+            swatch.fill(colours[name])
+            count = counts.get(name, 0)
+            item = QListWidgetItem(QIcon(swatch), f"{name}: {count} example{'s' * (count != 1)}")
+            item.setData(Qt.ItemDataRole.UserRole, name)
+            self.class_list.addItem(item)
+        self.class_list.setCurrentRow(min(max(row, 0), len(self._classes) - 1))
+        self.class_list.blockSignals(False)
+        self.class_list.setVisible(bool(self._classes))
+        self.remove_class_button.setVisible(bool(self._classes))
+        if self.teach_tool is not None:
+            self.teach_tool.set_colours(colours)
+        self._class_chosen(self.class_list.currentRow())
+
     def _show_examples(self) -> None:
         trees, others = self._example_counts()
         taught = self._taught_class()
-        self.examples_label.setText(f"Examples: {trees} {taught}{'s' * (trees != 1)}, {others} not {taught}"
-                                    f"{'s' * (others != 1)}." if trees or others else "No examples yet.")
+        if self._classes:
+            self._show_classes()
+            self.examples_label.setText(f"Teaching {len(self._classes)} classes at once: a click marks the selected "
+                                        "one, Shift+click or right click 'other'.")
+        else:
+            self.examples_label.setText(f"Examples: {trees} {taught}{'s' * (trees != 1)}, {others} not {taught}"
+                                        f"{'s' * (others != 1)}." if trees or others else "No examples yet.")
         self._update_enabled()
 
     def _show_threshold(self, threshold: float) -> None:
@@ -223,15 +318,23 @@ class TeachPanel(QgsCollapsibleGroupBox):
         if not isinstance(layer, QgsRasterLayer):
             self._show_teach_status("The raster of the last run is no longer in the project; run again.", error=True)
             return
-        examples = self.teach_tool.pixel_examples()
-        taught = self._taught_class()
-        if not any(is_tree for _, _, is_tree in examples):
-            self._show_teach_status(f"Click at least one {taught} first.", error=True)
-            return
-        threshold = self._wanted_threshold()
+        if self._classes:
+            examples = self.teach_tool.class_examples(self._classes)
+            taught = ", ".join(dict.fromkeys(label for _, _, label in examples))
+            if len({label for _, _, label in examples}) < 2:
+                self._show_teach_status("Teaching several classes needs examples of at least two: click them "
+                                        "first.", error=True)
+                return
+        else:
+            examples = self.teach_tool.pixel_examples()
+            taught = self._taught_class()
+            if not any(is_tree for _, _, is_tree in examples):
+                self._show_teach_status(f"Click at least one {taught} first.", error=True)
+                return
+        threshold = None if self._classes else self._wanted_threshold()
         if threshold is not None:
             QgsSettings().setValue(SETTINGS_PREFIX + "teach_threshold", threshold)
-        QgsSettings().setValue(SETTINGS_PREFIX + "teach_class", taught)
+        QgsSettings().setValue(SETTINGS_PREFIX + "teach_class", self._taught_class())
         run = self._last_run
         params = replace(run, output_stem=free_output_stem(Path(run.output_dir), f"{run.output_stem}_teach"))
         self.teach_task = TeachTask(self.engine, params, examples, threshold, layer, self._teach_layer_ids,
@@ -240,7 +343,8 @@ class TeachPanel(QgsCollapsibleGroupBox):
         self.teach_task.done.connect(self._teach_finished)
         self._teach_again = False
         self.progress_changed.emit(0)
-        self._show_teach_status(f"Teaching '{taught}' with threshold "
+        self._show_teach_status(f"Teaching {taught}: the most probable class, unsure under 0.50…" if self._classes
+                                else f"Teaching '{taught}' with threshold "
                                 f"{'0.50 (automatic)' if threshold is None else f'{threshold:.2f}'}…")
         QgsApplication.taskManager().addTask(self.teach_task)
         self._update_enabled()
@@ -252,7 +356,7 @@ class TeachPanel(QgsCollapsibleGroupBox):
         if success:
             self._teach_layer_ids = [layer.id() for layer in task.layers]
             self._teach_outputs = list(task.record["outputs"].values())
-            if task.threshold is None:
+            if task.threshold is None and "threshold" in task.record:
                 self._show_threshold(float(task.record["threshold"]))
         self._show_teach_status(summary, error=not success and summary != "Cancelled.")
         self._update_enabled()

@@ -1,6 +1,8 @@
-"""Click-to-teach on the map canvas: left click marks a tree, Shift+click or right click a non-tree.
+"""Click-to-teach on the map canvas: left click marks a tree, Shift+click or right click a non-tree; when several
+classes are taught (`label` set), left click marks the chosen class and Shift+click or right click "other".
 
-Each click is shown as a marker (yellow circle: the class; red cross: not a tree),
+Each click is shown as a marker (yellow circle: the class; red cross: not a tree; a class's colour when several
+are taught),
 transformed from the canvas CRS into the CRS of the raster the engine reads and
 turned into a pixel position (column, row from the top-left corner) with the
 inverse of its GDAL geotransform.
@@ -21,6 +23,8 @@ gdal.UseExceptions()
 TREE_COLOUR = QColor(255, 221, 0)
 """Yellow: it stands out on the green fills of trees and of the taught layers, where green did not."""
 NOT_TREE_COLOUR = QColor(230, 30, 30)
+OTHER_CLASS = "other"
+"""The class of a Shift+click or right click while several classes are taught."""
 MARKER_SIZE = 14
 MARKER_PEN_WIDTH = 3
 
@@ -64,6 +68,8 @@ class TeachExample:
     row: float
     is_tree: bool
     marker: QgsVertexMarker
+    label: str | None = None
+    """Its class when several classes are taught; None: an example of the one class (`is_tree`) or not."""
 
 
 class TeachMapTool(QgsMapTool):
@@ -78,6 +84,10 @@ class TeachMapTool(QgsMapTool):
         self.setCursor(Qt.CursorShape.CrossCursor)
         self.grid: RasterGrid | None = None
         self.examples: list[TeachExample] = []
+        self.label: str | None = None
+        """The class a left click marks while several classes are taught; None: one class against others."""
+        self.colours: dict[str, QColor] = {}
+        """The marker colour of each class taught at once."""
         canvas.destinationCrsChanged.connect(self._place_markers)
 
     def set_grid(self, grid: RasterGrid) -> None:
@@ -87,18 +97,20 @@ class TeachMapTool(QgsMapTool):
         self.grid = grid
 
     def canvasReleaseEvent(self, event: QgsMapMouseEvent) -> None:  # noqa: N802 - Qt override
-        """Left click: a tree; Shift+left click or right click: not a tree."""
+        """Left click: a tree (or the chosen class); Shift+left click or right click: not a tree (or "other")."""
         if event.button() == Qt.MouseButton.LeftButton:
             is_tree = not event.modifiers() & Qt.KeyboardModifier.ShiftModifier
         elif event.button() == Qt.MouseButton.RightButton:
             is_tree = False
         else:
             return
-        if not self.add_example(event.mapPoint(), is_tree):
+        label = None if self.label is None else self.label if is_tree else OTHER_CLASS
+        if not self.add_example(event.mapPoint(), is_tree, label):
             self.click_ignored.emit()
 
-    def add_example(self, map_point: QgsPointXY, is_tree: bool) -> bool:
-        """Add an example at `map_point` (canvas CRS); False, and nothing added, when it is off the grid."""
+    def add_example(self, map_point: QgsPointXY, is_tree: bool, label: str | None = None) -> bool:
+        """Add an example at `map_point` (canvas CRS), of class `label` when several are taught; False, and
+        nothing added, when it is off the grid."""
         if self.grid is None:
             return False
         try:
@@ -110,22 +122,52 @@ class TeachMapTool(QgsMapTool):
             return False
         marker = QgsVertexMarker(self.canvas())
         marker.setIconType(QgsVertexMarker.IconType.ICON_CIRCLE if is_tree else QgsVertexMarker.IconType.ICON_X)
-        marker.setColor(TREE_COLOUR if is_tree else NOT_TREE_COLOUR)
+        marker.setColor(self.colours.get(label, NOT_TREE_COLOUR) if label else
+                        TREE_COLOUR if is_tree else NOT_TREE_COLOUR)
         marker.setIconSize(MARKER_SIZE)
         marker.setPenWidth(MARKER_PEN_WIDTH)
         marker.setCenter(map_point)
-        self.examples.append(TeachExample(point, column, row, is_tree, marker))
+        self.examples.append(TeachExample(point, column, row, is_tree, marker, label))
         self.examples_changed.emit()
         return True
 
     def pixel_examples(self) -> list[tuple[float, float, bool]]:
-        """The examples as the engine takes them: (column, row, is_tree)."""
-        return [(example.column, example.row, example.is_tree) for example in self.examples]
+        """The examples of the one class and of others as the engine takes them: (column, row, is_tree)."""
+        return [(example.column, example.row, example.is_tree) for example in self.examples if not example.label]
+
+    def class_examples(self, classes: list[str]) -> list[tuple[float, float, str]]:
+        """The examples of `classes` taught at once as the engine takes them, (column, row, class), in the order
+        of `classes` (the engine numbers the classes in the order they first appear)."""
+        labelled = [example for example in self.examples if example.label in classes]
+        labelled.sort(key=lambda example: classes.index(example.label))
+        return [(example.column, example.row, example.label) for example in labelled]
 
     def counts(self) -> tuple[int, int]:
-        """(tree examples, not-tree examples)."""
-        trees = sum(example.is_tree for example in self.examples)
-        return trees, len(self.examples) - trees
+        """(tree examples, not-tree examples), those of several classes aside."""
+        trees = sum(example.is_tree for example in self.examples if not example.label)
+        return trees, sum(not example.label for example in self.examples) - trees
+
+    def class_counts(self) -> dict[str, int]:
+        """The number of examples of each class taught at once."""
+        counts: dict[str, int] = {}
+        for example in self.examples:
+            if example.label:
+                counts[example.label] = counts.get(example.label, 0) + 1
+        return counts
+
+    def set_colours(self, colours: dict[str, QColor]) -> None:
+        """The marker colour of each class taught at once; the markers already placed take it."""
+        self.colours = colours
+        for example in self.examples:
+            if example.label in colours:
+                example.marker.setColor(colours[example.label])
+
+    def remove_class(self, label: str) -> None:
+        """Remove the examples of class `label` and their markers."""
+        for example in [example for example in self.examples if example.label == label]:
+            self.canvas().scene().removeItem(example.marker)
+            self.examples.remove(example)
+        self.examples_changed.emit()
 
     def clear(self) -> None:
         """Remove every example and its marker."""

@@ -9,7 +9,7 @@ from qgis.PyQt.QtGui import QIcon
 
 from .evaluate_segmentation import EvaluateSegmentationAlgorithm
 from .segment_trees import SegmentTreesAlgorithm
-from .survey_algorithms import ApplyClusterModelAlgorithm, FitClusterModelAlgorithm
+from .survey_algorithms import ApplyClassifierAlgorithm, ApplyClusterModelAlgorithm, FitClusterModelAlgorithm
 from .teach_trees import TeachClassesAlgorithm, TeachTreesAlgorithm
 from .tree_crowns import TreeCrownsAlgorithm
 
@@ -46,7 +46,7 @@ class TreesegProvider(QgsProcessingProvider):
     def loadAlgorithms(self) -> None:
         for algorithm in (SegmentTreesAlgorithm(), TeachTreesAlgorithm(), TeachClassesAlgorithm(),
                           TreeCrownsAlgorithm(), EvaluateSegmentationAlgorithm(), FitClusterModelAlgorithm(),
-                          ApplyClusterModelAlgorithm()):
+                          ApplyClusterModelAlgorithm(), ApplyClassifierAlgorithm()):
             self.addAlgorithm(algorithm)
 
     def supportsNonFileBasedOutput(self) -> bool:

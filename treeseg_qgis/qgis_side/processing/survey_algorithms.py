@@ -1,5 +1,7 @@
-"""Surveys in Processing: `treeseg:fitclustermodel` (one cluster model from several rasters) and
-`treeseg:applyclustermodel` (segment one raster with it: the same cluster ids and legend in every raster).
+"""Surveys in Processing: `treeseg:fitclustermodel` (one cluster model from several rasters),
+`treeseg:applyclustermodel` (segment one raster with it: the same cluster ids and legend in every raster) and
+`treeseg:applyclassifier` (a taught classifier applied to one raster of the survey: the same classes and legend;
+the batch dialog runs it over many).
 
 Both run in the engine worker process; nothing here imports torch or the engine.
 """
@@ -13,22 +15,30 @@ from qgis.core import (
     QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingFeedback,
+    QgsProcessingOutputFile,
     QgsProcessingOutputNumber,
+    QgsProcessingOutputString,
     QgsProcessingParameterFile,
     QgsProcessingParameterFileDestination,
     QgsProcessingParameterMultipleLayers,
 )
 
+from ...outputs import TEACH_KINDS
+from ...params import OutputFiles
 from ..auth import hf_token
 from ..compat import RASTER_LAYERS
 from ..raster_input import absolute_file, raster_file
 from .engine_algorithm import (
     WEIGHTS_HELP,
     Declared,
+    Destination,
     EngineAlgorithm,
     Value,
     clustering_parameters,
+    device_parameters,
     engine_python,
+    model_parameters,
+    orthophoto_parameter,
     read_file,
     run_in_engine,
 )
@@ -109,3 +119,86 @@ class ApplyClusterModelAlgorithm(SegmentTreesAlgorithm):
             "CLUSTER_MODEL", "Cluster model (.treeseg)", extension=MODEL_SUFFIX.lstrip(".")),
             "cluster_model", read_file)
         return [inherited[0], model_file, *inherited[1:]]
+
+
+CLASSIFIER_HELP = """<p>Applies a <b>taught classifier</b> to one raster of a survey: a <i>.treeseg</i> file
+kept by <i>python -m treeseg_qgis teach … --cluster-model SURVEY --save-classifier FILE</i>. Nothing is taught
+again, so every raster gets the same classes, class values and colours: one legend. Run it on many rasters with
+the batch dialog (right-click the algorithm ▸ Execute as Batch Process), or all at once on the command line:
+<i>segment-many … --cluster-model SURVEY --classifier FILE</i>.</p>
+<h3>Inputs</h3>
+<ul>
+<li><b>Cluster model</b>: the survey cluster model the classifier was taught with (its PCA makes every
+raster's features alike); another one is refused.</li>
+<li><b>Taught classifier</b>: the file; a damaged or edited one is refused, saying so.</li>
+<li>The model, stride, precision and bands must be those of the cluster model.</li>
+</ul>
+<h3>Outputs</h3>
+<ul>
+<li><b>Classes</b>: a paletted GeoTIFF, 1.. the classes (category names are the class names), 0 = unsure,
+255 = nodata.</li>
+<li><b>Class probabilities</b>: one band per class. <b>Class polygons</b>: a GeoPackage with a <i>class</i>
+field.</li>
+<li>A classifier of one class writes its probability and mask beside the Classes file instead (named after the
+class; the log lists them).</li>
+</ul>""" + WEIGHTS_HELP
+
+
+class ApplyClassifierAlgorithm(EngineAlgorithm):
+    """A saved taught classifier applied to one raster of a survey, through the engine worker."""
+
+    NAME = "applyclassifier"
+    DISPLAY_NAME = "Apply a taught classifier"
+    GROUP = "Surveys"
+    TAGS = ("survey", "classifier", "classes", "legend", "teach", "dead trees", "batch", "dinov3")
+    HELP = CLASSIFIER_HELP
+
+    CLASSIFIER = "CLASSIFIER"
+    DESTINATIONS = (
+        Destination("OUTPUT_CLASSES", "Classes", "classes"),
+        Destination("OUTPUT_CLASS_PROBABILITIES", "Class probabilities", "class_probabilities"),
+        Destination("OUTPUT_CLASS_POLYGONS", "Class polygons", "class_polygons"),
+    )
+    VALUES = (
+        Value("FEATURE_CACHE", ("feature_cache",), QgsProcessingOutputString, "Feature cache (hit, miss or off)"),
+        Value("TEACH_RECORD", ("outputs", "teach_record"), QgsProcessingOutputFile, "Teach record (JSON)"),
+    )
+
+    def declare(self) -> list[Declared]:
+        return [
+            orthophoto_parameter(),
+            Declared(QgsProcessingParameterFile(
+                "CLUSTER_MODEL", "Cluster model (.treeseg)", extension=MODEL_SUFFIX.lstrip(".")),
+                "cluster_model", read_file),
+            Declared(QgsProcessingParameterFile(
+                self.CLASSIFIER, "Taught classifier (.treeseg)", extension=MODEL_SUFFIX.lstrip("."))),
+            *model_parameters(),
+            *device_parameters(),
+        ]
+
+    def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,
+                         feedback: QgsProcessingFeedback) -> dict[str, Any]:
+        python = engine_python()
+        layer = self.input_raster(parameters, self.INPUT, context)
+        classifier = read_file(self, parameters, self.CLASSIFIER, context)
+        if not classifier:
+            raise QgsProcessingException("Choose the taught classifier file.")
+        files = self.output_files(parameters, context)
+        stem = Path(files["classes"]).with_suffix("")
+        params = self.read_params(parameters, context, input_path=raster_file(layer), output_dir=str(stem.parent),
+                                  output_stem=stem.name,
+                                  outputs=OutputFiles(**files, teach_record=f"{stem}_teach.json"))
+        self.check_params(params, TEACH_KINDS, inputs=(classifier,))
+        record = run_in_engine(python, feedback, lambda client, report: client.teach(
+            params, [], None, on_progress=report.progress, is_cancelled=feedback.isCanceled, hf_token=hf_token(),
+            classifier=classifier))
+        if record.get("warning"):
+            feedback.pushWarning(record["warning"])
+        if "classes" in record:
+            covers = ", ".join(f"{name} {100 * cover:.1f} %" for name, cover in record["class_cover"].items())
+            feedback.pushInfo(f"Classes of {Path(classifier).name}: {covers}; feature cache: "
+                              f"{record['feature_cache']}.")
+        else:
+            feedback.pushInfo(f"One class, {record['class']}: cover {100 * record['tree_cover']:.1f} %; written to "
+                              + ", ".join(record["outputs"].values()))
+        return self.results(record)
