@@ -19,6 +19,8 @@ STAGING_PREFIX = ".treeseg-staging-"
 LOCK_NAME = "owner.lock"
 COMMIT_JOURNAL = "commit.json"
 DEFAULT_CLASS = "tree"
+MODEL_SUFFIX = ".treeseg"
+"""A saved model's file: a survey cluster model or a taught classifier."""
 SUFFIXES = {
     "clusters": "_clusters.tif",
     "trees": "_trees.tif",
