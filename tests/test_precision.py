@@ -332,9 +332,12 @@ def test_a_failed_export_leaves_no_half_model_and_the_next_one_is_fresh(tiny_mod
     assert sorted(path.name for path in root.iterdir()) == []  # no half model, no building folder, no lock
     monkeypatch.undo()
 
-    again = OnnxInt8Network(backbone.model, {"test": "weights"}, root)
+    # after Ctrl-C the same (warm) network exports again; after the write error its session for that run stays
+    # with it, so the next engine's network is the one that exports into the cache
+    again = network if failure is KeyboardInterrupt else OnnxInt8Network(backbone.model, {"test": "weights"}, root)
+    exported = again.exports
     tokens = again(pixel_values=image).last_hidden_state
     (folder,) = (path for path in root.iterdir() if path.is_dir())
-    assert again.exports == 1 and export_problem(folder) is None
+    assert again.exports == exported + 1 and export_problem(folder) is None
     fresh = OnnxInt8Network(backbone.model, {"test": "weights"}, tmp_path / "fresh")
     assert torch.equal(tokens, fresh(pixel_values=image).last_hidden_state)
