@@ -114,7 +114,8 @@ def segment_once(raster: Path, model: Path, cache: str) -> dict:
     wall = time.perf_counter() - started
     record = json.loads(next(out.glob("*_run.json")).read_text())
     return {"wall_s": round(wall, 1), "total_s": record["timings"]["total"],
-            "features_s": record["timings"]["features"], "precision": record["model"].get("precision"),
+            "features_s": record["timings"]["features"], "timings": record["timings"],
+            "precision": record["model"].get("precision"),
             "load": os.getloadavg()[0]}
 
 

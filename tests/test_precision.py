@@ -140,11 +140,12 @@ def test_cli_int8_reuses_its_export_and_rebuilds_a_corrupt_one(tiny_model_dir, s
     run("second")
     assert list(exports.glob("*/model-int8.onnx")) == [model] and model.stat().st_mtime_ns == built  # no export
 
-    with open(model, "r+b") as stream:  # damage the quantised weights in the middle of the file
-        stream.seek(model.stat().st_size // 2)
+    weights = model.with_name("model-int8.onnx.data")
+    with open(weights, "r+b") as stream:  # damage the quantised weights in the middle of their file
+        stream.seek(weights.stat().st_size // 2)
         stream.write(b"\0" * 64)
     done, record = run("third")
-    assert "was unusable (model-int8.onnx differs from its manifest): exporting it again" in done.stderr
+    assert "was unusable (model-int8.onnx.data differs from its manifest): exporting it again" in done.stderr
     assert record["model"]["precision"].startswith("int8 (ONNX Runtime")
     assert model.stat().st_mtime_ns != built and export_problem(model.parent) is None
 
@@ -265,3 +266,78 @@ def test_two_engines_exporting_the_same_model_at_once_export_it_once(tiny_model_
     exports = tmp_path / "xdg" / "treeseg" / "onnx"
     (folder,) = (path for path in exports.iterdir() if path.is_dir())
     assert export_problem(folder) is None and not list(exports.glob("*.building-*"))
+
+
+def former_int8_export(network: torch.nn.Module, shape: tuple[int, int], folder: Path) -> Path:
+    """The int8 model as the export made it before issue #31: the traced network with its parameters, quantised
+    by ONNX Runtime's quantize_dynamic (which held several copies of the weights at once)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from treeseg_qgis.engine.core.onnx_int8 import INPUT, OPSET, OUTPUT, _LastHiddenState
+
+    with torch.no_grad():
+        torch.onnx.export(_LastHiddenState(network).eval(), (torch.zeros(1, 3, *shape),), str(folder / "f.onnx"),
+                          input_names=[INPUT], output_names=[OUTPUT], dynamo=False, opset_version=OPSET)
+    quantize_dynamic(str(folder / "f.onnx"), str(folder / "q.onnx"), weight_type=QuantType.QInt8)
+    return folder / "q.onnx"
+
+
+def test_the_bounded_export_gives_the_features_of_onnx_runtimes_quantiser(tiny_model_dir, tmp_path):
+    """The export traces a weightless copy and quantises one weight at a time; its int8 model answers as the
+    one quantize_dynamic made from the whole float model (measured: identical, here and for ViT-S at 512²)."""
+    backbone = load_backbone(str(tiny_model_dir), device="cpu", precision="float32")
+    images = torch.from_numpy(np.random.default_rng(5).standard_normal((2, 3, 96, 160)).astype(np.float32))
+    reference = onnxruntime.InferenceSession(str(former_int8_export(backbone.model, (96, 160), tmp_path)),
+                                             providers=["CPUExecutionProvider"])
+    expected = np.concatenate([reference.run(None, {"pixel_values": image[None].numpy()})[0] for image in images])
+    network = OnnxInt8Network(backbone.model, {"test": "weights"}, tmp_path / "onnx")
+    tokens = network(pixel_values=images).last_hidden_state.numpy()
+    assert network.exports == 1
+    np.testing.assert_allclose(tokens, expected, rtol=0, atol=1e-5)
+    (folder,) = (path for path in (tmp_path / "onnx").iterdir() if path.is_dir())
+    assert sorted(path.name for path in folder.iterdir()) == ["key.json", "manifest.json", "model-int8.onnx",
+                                                              "model-int8.onnx.data"]
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError], ids=["interrupted", "disk-full"])
+def test_a_failed_export_leaves_no_half_model_and_the_next_one_is_fresh(tiny_model_dir, tmp_path, monkeypatch,
+                                                                         failure):
+    """Ctrl-C, or a write error, in the middle of writing the quantised weights: nothing half-written stays in the
+    export cache (a write error exports for that run only), and the next export is whole and answers as one made
+    in an empty cache."""
+    import errno
+
+    from treeseg_qgis.engine.core import onnx_export
+
+    backbone = load_backbone(str(tiny_model_dir), device="cpu", precision="float32")
+    image = torch.rand(1, 3, 64, 96)
+    written = onnx_export._DataFile.tensor
+    calls = []
+
+    def fails_once(self, name, array):
+        calls.append(name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt() if failure is KeyboardInterrupt else OSError(errno.ENOSPC, "No space left")
+        return written(self, name, array)
+
+    monkeypatch.setattr(onnx_export._DataFile, "tensor", fails_once)
+    root = tmp_path / "onnx"
+    network = OnnxInt8Network(backbone.model, {"test": "weights"}, root)
+    if failure is KeyboardInterrupt:
+        with pytest.raises(KeyboardInterrupt):
+            network(pixel_values=image)
+    else:
+        network(pixel_values=image)  # the cache could not be written: exported again for this run only
+        assert network.exports == 1
+    assert sorted(path.name for path in root.iterdir()) == []  # no half model, no building folder, no lock
+    monkeypatch.undo()
+
+    # after Ctrl-C the same (warm) network exports again; after the write error its session for that run stays
+    # with it, so the next engine's network is the one that exports into the cache
+    again = network if failure is KeyboardInterrupt else OnnxInt8Network(backbone.model, {"test": "weights"}, root)
+    exported = again.exports
+    tokens = again(pixel_values=image).last_hidden_state
+    (folder,) = (path for path in root.iterdir() if path.is_dir())
+    assert again.exports == exported + 1 and export_problem(folder) is None
+    fresh = OnnxInt8Network(backbone.model, {"test": "weights"}, tmp_path / "fresh")
+    assert torch.equal(tokens, fresh(pixel_values=image).last_hidden_state)

@@ -60,8 +60,33 @@ def test_help_loads_no_model_library(arguments, tmp_path):
     (("segment", "in.tif", "--out", "out", "--tile-size", "100"), "multiple of 16"),
     (("segment", "in.tif", "--out", "out", "--method", "sift"), "invalid choice"),
     (("fit", "in.tif"), "the following arguments are required: --out"),
+    # values and files, checked before the model libraries load (a.tif is a raster, pipe a FIFO, missing.* absent)
+    (("segment", "missing.tif", "--out", "out"), "Cannot open the raster"),
+    (("segment", "pipe", "--out", "out"), "is not a regular file"),
+    (("segment", "a.tif", "--out", "out", "--cluster-model", "missing.treeseg"), "does not exist"),
+    (("fit", "a.tif", "--out", "model.txt"), "must end in .treeseg"),
+    (("fit", "a.tif", "--out", "out/model.treeseg"), "does not exist"),
+    (("fit", "a.tif", "--out", "model.treeseg", "--workers", "0"), "--workers must be at least 1"),
+    (("fit", "a.tif", "--out", "model.treeseg", "--k-range", "9-3"), "automatic cluster range 9..3"),
+    (("fit", "a.tif", "missing.tif", "--out", "model.treeseg"), "Cannot open the raster"),
+    (("fit", "a.tif", "pipe", "--out", "model.treeseg"), "is not a regular file"),
+    (("segment-many", "a.tif", "--out", "out", "--window-tiles", "-1"), "--window-tiles must be 0"),
+    (("segment-many", "a.tif", "--out", "out", "--stride", "7"), "stride"),
+    (("segment-many", "a.tif", "pipe", "--out", "out"), "is not a regular file"),
+    (("segment-many", "a.tif", "--out", "out", "--cluster-model", "missing.treeseg"), "does not exist"),
+    (("teach", "a.tif", "--out", "out"), "one of the two"),
+    (("teach", "a.tif", "--out", "out", "--examples", "points.csv", "--threshold", "1.5"), "between 0 and 1"),
+    (("teach", "a.tif", "--out", "out", "--classifier", "c.treeseg"), "give the survey cluster model"),
+    (("teach", "a.tif", "--out", "out", "--examples", "missing.csv"), "does not exist"),
+    (("teach", "a.tif", "--out", "out", "--examples", "pipe"), "is not a regular file"),
+    (("teach", "missing.tif", "--out", "out", "--examples", "points.csv"), "Cannot open the raster"),
 ])
 def test_argument_errors_load_no_model_library(arguments, message, tmp_path):
+    from .conftest import write_geotiff
+
+    write_geotiff(tmp_path / "a.tif", np.full((3, 32, 32), 100, np.uint8))
+    (tmp_path / "points.csv").write_text("col,row,is_tree\n1,1,1\n20,20,0\n")
+    os.mkfifo(tmp_path / "pipe")
     status, stderr, modules = imported_by(*arguments, cwd=tmp_path)
     assert status == 2 and message in stderr
     assert "Traceback" not in stderr

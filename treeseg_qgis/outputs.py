@@ -23,6 +23,8 @@ CLASS_COLOURS = ((34, 139, 34), (160, 160, 160), (139, 90, 43), (70, 130, 180), 
                  (210, 105, 30), (0, 206, 209), (220, 20, 60), (154, 205, 50))
 """The colour (RGB) of each taught class in a class raster, by its value 1, 2, … (cycled): the panel's class list
 shows the same."""
+MODEL_SUFFIX = ".treeseg"
+"""A saved model's file: a survey cluster model or a taught classifier."""
 SUFFIXES = {
     "clusters": "_clusters.tif",
     "trees": "_trees.tif",

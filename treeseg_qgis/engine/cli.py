@@ -183,10 +183,13 @@ def _survey_params(args: argparse.Namespace, out_dir: str) -> SegmentationParams
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from .survey import check_fit_paths, fit_survey, survey_cluster
+    from .preflight import check_fit_paths, check_rasters_open
 
     params = _survey_params(args, ".")
     check_fit_paths(args.inputs, args.out)
+    check_rasters_open(args.inputs)
+    from .survey import fit_survey, survey_cluster  # torch and the libraries load once the arguments are good
+
     with survey_cluster(args.workers, args.scheduler) as cluster:
         model = fit_survey(args.inputs, params, args.out, _progress(args), cluster=cluster)
     header = model.header()
@@ -197,11 +200,16 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def _segment_many(args: argparse.Namespace) -> int:
-    from .survey import segment_many
-
     if args.window_tiles < 0:
         raise InputError(f"--window-tiles must be 0 (never split) or more, not {args.window_tiles}.")
-    summary = segment_many(args.inputs, _survey_params(args, args.out), args.out, args.cluster_model,
+    from .preflight import check_named_files, raster_files
+
+    params = _survey_params(args, args.out)
+    raster_files(args.inputs)
+    check_named_files({args.cluster_model: "cluster model", args.classifier: "classifier"})
+    from .survey import segment_many  # torch and the libraries load once the arguments are good
+
+    summary = segment_many(args.inputs, params, args.out, args.cluster_model,
                            args.workers, args.scheduler, _progress(args), window_tiles=args.window_tiles,
                            classifier=args.classifier)
     legend = summary["legend"]
@@ -341,6 +349,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _segment_many(args)
             params = params_from_args(args)
             params.validate()
+            from .preflight import check_named_files, check_rasters_open
+
+            check_named_files({params.cluster_model: "cluster model"})
+            check_rasters_open([params.input_path])
             from .pipeline import segment  # torch and the libraries load once the arguments are known to be good
 
             record = segment(params, Progress(None if args.quiet else _TerminalProgress(),
@@ -436,13 +448,19 @@ def _print_summary(record: dict) -> None:
 
 
 def _teach(args: argparse.Namespace) -> int:
-    from .pipeline import teach
-
     if bool(args.examples) == bool(args.classifier):
         raise InputError("Give the examples (--examples) or a taught classifier to apply (--classifier), one of "
                          "the two.")
+    from .preflight import check_named_files, check_rasters_open, check_teach_options
+
     params = teach_params_from_args(args)
     params.validate()
+    check_teach_options(args.threshold, args.cluster_model, args.classifier, args.save_classifier)
+    check_named_files({args.examples: "example points", args.classifier: "taught classifier",
+                       args.cluster_model: "cluster model"})
+    check_rasters_open([params.input_path])
+    from .pipeline import teach  # torch and the libraries load once the arguments are good
+
     record = teach(params, args.examples, args.threshold, Progress(_TerminalProgress(), interrupts.stop_requested),
                    class_name=args.class_name, classifier=args.classifier, save_classifier=args.save_classifier)
     if record["warning"]:

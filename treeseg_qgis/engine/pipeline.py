@@ -71,6 +71,7 @@ from .gis.preview import write_elbow_plot, write_preview
 from .gis.raster import GdalRasterSource, HeightReader, limit_block_cache
 from .gis.reference import Grid, read_examples
 from .gis.writers import HeightRasterWriter, LabelRasterWriter, ScoreRasterWriter, write_rgb_blocks
+from .preflight import check_teach_options
 
 CLASSES_RECORD_SUFFIX = "_classes_teach.json"
 log = logging.getLogger("treeseg")
@@ -219,13 +220,7 @@ def teach(
     teaching from examples: the same classes and legend on every raster of the survey.
     """
     validate_params(params)
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise InputError(f"The threshold is a score between 0 and 1, not {threshold}.")
-    if (classifier or save_classifier) and not params.cluster_model:
-        raise InputError("A taught classifier works on a survey's features: give the survey cluster model "
-                         "(--cluster-model, from `fit`) it is taught and applied with.")
-    if classifier and save_classifier:
-        raise InputError("Apply a taught classifier or save one, not both in one run.")
+    check_teach_options(threshold, params.cluster_model, classifier, save_classifier)
     progress = progress or Progress()
     started = time.perf_counter()
     survey = SurveyModel.load(params.cluster_model) if params.cluster_model else None

@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from functools import partial
@@ -28,19 +28,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from osgeo import gdal
 
 from ..outputs import (
     COMMIT_JOURNAL,
     LOCK_NAME,
+    MODEL_SUFFIX,
     OUTPUT_KINDS,
     SEGMENT_KINDS,
     SUFFIXES,
     UNTRAINED_TAG,
-    OutputPathError,
     OutputPaths,
     OutputTransaction,
-    check_output_file,
     check_output_folder,
     check_output_paths,
 )
@@ -48,10 +46,9 @@ from ..params import WINDOW_TILES, Role, SegmentationParams, settings_with
 from . import interrupts
 from .core.clustering import Projection
 from .core.errors import InputError, OutputError
-from .core.files import refuse_special_file
 from .core.progress import Progress
 from .core.segmentation import TileFeatureExtractor, fit_clustering
-from .core.survey_model import SUFFIX, SurveyModel, scaling_kind, weights_content
+from .core.survey_model import SurveyModel, scaling_kind, weights_content
 from .core.taught_model import TaughtModel
 from .core.tiling import TileGrid
 from .gis.class_outputs import UNSURE, class_palette
@@ -66,6 +63,7 @@ from .pipeline import (
     teach,
     validate_params,
 )
+from .preflight import check_fit_paths, checked, raster_files
 from .survey_tasks import RasterJob, RasterOutcome, RasterSample, RasterShare, run_job, sample_raster, with_retry
 
 if TYPE_CHECKING:
@@ -74,9 +72,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("treeseg")
 
 SURVEY_STEM = "survey"
-SURVEY_SUFFIXES = (SUFFIX, "_summary.json", "_summary.csv", "_polygons.gpkg")
+SURVEY_SUFFIXES = (MODEL_SUFFIX, "_summary.json", "_summary.csv", "_polygons.gpkg")
 """The survey-wide files: the cluster model, the summary JSON and CSV, the merged polygons."""
-MODEL_NAME = f"{SURVEY_STEM}{SUFFIX}"
+MODEL_NAME = f"{SURVEY_STEM}{MODEL_SUFFIX}"
 VALUE_SAMPLES = 1024 * 1024
 """Values per band kept across a survey to measure its stretch limits (bounded memory)."""
 
@@ -164,13 +162,6 @@ def fit_survey(inputs: Sequence[str], params: SegmentationParams, out_path: str 
     return model
 
 
-def check_fit_paths(inputs: Sequence[str], out_path: str | Path) -> None:
-    """Before any work: the cluster model file ends in .treeseg, its folder exists and is writable, and it is
-    none of the inputs nor a file GDAL reads for them (a VRT's sources); a pipe or device input is refused."""
-    _checked(lambda: check_output_file(str(out_path), SUFFIX, "cluster model file"))
-    _checked(lambda: check_output_paths(raster_files(inputs), [str(out_path)]))
-
-
 def _sample_here(shares: Sequence[RasterShare], params: SegmentationParams,
                  value_ranges: dict[int, tuple[float, float]], extractor: TileFeatureExtractor,
                  progress: Progress) -> list[tuple[RasterSample | None, str | None]]:
@@ -239,28 +230,6 @@ def _takes_a_survey_name(stem: str) -> bool:
                for name in (stem, f"{stem}_{UNTRAINED_TAG}") for kind in OUTPUT_KINDS)
 
 
-def raster_files(inputs: Sequence[str]) -> list[str]:
-    """The inputs and every file GDAL reads for them (a VRT's sources); a pipe or device is refused at once."""
-    files = []
-    for path in inputs:
-        refuse_special_file(path, "raster")
-        files.append(str(path))
-        try:
-            dataset = gdal.OpenEx(str(path), gdal.OF_RASTER)
-        except RuntimeError:
-            continue  # the raster's own run reports it
-        files += (dataset.GetFileList() or []) if dataset is not None else []
-    return files
-
-
-def _checked(check: Callable[[], None]) -> None:
-    """An output path check, its refusal as the user's OutputError."""
-    try:
-        check()
-    except OutputPathError as error:
-        raise OutputError(str(error)) from None
-
-
 def run_locally(jobs: Sequence[RasterJob], progress: Progress,
                 load_model: ModelLoader | None = None) -> list[RasterOutcome]:
     """Each raster in this process, one after the other, the model loaded once."""
@@ -327,15 +296,15 @@ def segment_many(
     progress = progress or Progress()
     out_dir = Path(out_dir)
     started = time.perf_counter()
-    _checked(lambda: check_output_folder(out_dir))
+    checked(lambda: check_output_folder(out_dir))
     model = SurveyModel.load(cluster_model) if cluster_model else None
     taught = _taught_model(classifier, model)
     sources = raster_files(inputs)
     finals = raster_jobs(inputs, params, out_dir, cluster_model or out_dir / MODEL_NAME)
     every_survey_file = survey_files(out_dir, False) + survey_files(out_dir, True)
-    writable = [path for path in every_survey_file if not (model and path.name.endswith(SUFFIX))]
-    _checked(lambda: check_output_paths([*sources, *filter(None, [cluster_model, classifier])],
-                                        [str(path) for path in [*writable, *_all_outputs(finals, taught)]]))
+    writable = [path for path in every_survey_file if not (model and path.name.endswith(MODEL_SUFFIX))]
+    checked(lambda: check_output_paths([*sources, *filter(None, [cluster_model, classifier])],
+                                       [str(path) for path in [*writable, *_all_outputs(finals, taught)]]))
     transaction = OutputTransaction(writable)
     staging = transaction.staged(writable[0]).parent
     try:

@@ -1,5 +1,6 @@
-"""The int8 CPU forward: the backbone exported to ONNX, its weights quantised to int8 by ONNX Runtime's
-dynamic quantisation (activations quantised on the fly), run in an ONNX Runtime session.
+"""The int8 CPU forward: the backbone exported to ONNX, its weights quantised to int8 as ONNX Runtime's
+dynamic quantisation does (activations quantised on the fly), run in an ONNX Runtime session; the export
+holds no copy of the weights (core/onnx_export.py).
 
 Chosen by measurement (docs/BENCHMARKS.md, issue #16): the only CPU variant at least 1.8× faster than
 float32 with the features kept. The export is made once per weights, software versions and tile shape,
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import hashlib
 import json
 import logging
@@ -31,10 +33,12 @@ import torch
 from ...locks import FileLock
 from .cache import default_cache_root, remove_dead_builds
 from .errors import Cancelled
+from .heap import release_free_memory
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2
+"""2: the graph traced without weights, the weights quantised one at a time into a data file (onnx_export.py)."""
 OPSET = 17
 MODEL_FILE = "model-int8.onnx"
 MANIFEST = "manifest.json"
@@ -164,20 +168,24 @@ class OnnxInt8Network:
             lock.release(remove=True)
 
     def _build(self, folder: Path, shape: tuple[int, int]) -> Path:
-        """Export the float32 network for one tile shape, quantise it to int8, write the manifest."""
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        """Export the network's graph for one tile shape, write it with its weights quantised to int8 (in
+        bounded memory: core/onnx_export.py), write the manifest."""
+        from .onnx_export import weightless_copy, write_int8_model
 
         started = time.perf_counter()
-        exported = folder / "model-float32.onnx"
+        graph = folder / "graph.onnx"
         example = torch.zeros(1, 3, *shape)
         with torch.inference_mode(False), torch.no_grad(), _quiet():
-            torch.onnx.export(_LastHiddenState(self._network).eval(), (example,), str(exported),
-                              input_names=[INPUT], output_names=[OUTPUT], dynamo=False, opset_version=OPSET)
-            quantize_dynamic(str(exported), str(folder / MODEL_FILE), weight_type=QuantType.QInt8,
-                             use_external_data_format=_is_large(self._network))
-        exported.unlink()
-        for leftover in folder.glob("model-float32.onnx*"):
-            leftover.unlink()
+            torch.onnx.export(_LastHiddenState(weightless_copy(self._network)).eval(), (example,), str(graph),
+                              input_names=[INPUT], output_names=[OUTPUT], dynamo=False, opset_version=OPSET,
+                              export_params=False, do_constant_folding=False)
+        gc.collect()
+        release_free_memory()  # the tracing's memory, before the weights are read
+        network = _LastHiddenState(self._network)
+        write_int8_model(graph, {**dict(network.named_parameters()), **dict(network.named_buffers())},
+                         folder / MODEL_FILE)
+        graph.unlink()
+        release_free_memory()
         files = {path.name: _file_digest(path) for path in sorted(folder.iterdir()) if path.name != "key.json"}
         (folder / MANIFEST).write_text(json.dumps(files, indent=1))
         self.exports += 1
@@ -262,11 +270,6 @@ def _quiet() -> Iterator[None]:
             yield
     finally:
         root.removeFilter(advice)
-
-
-def _is_large(network: torch.nn.Module) -> bool:
-    """Whether the float32 weights pass ONNX's 2 GB single-file limit (then they go into external data)."""
-    return sum(parameter.numel() for parameter in network.parameters()) * 4 > 1.8 * 2**30
 
 
 def _file_digest(path: Path) -> str:

@@ -387,9 +387,12 @@ def _assign_all(
         progress.check()
         progress.report(index / len(blocks), f"Assigning clusters: block {index + 1} of {len(blocks)}")
         started = time.perf_counter()
-        labels = _label_block(store, grid, clusters, block)
         valid = source.read_valid(block.x, block.y, block.width, block.height)
-        labels[~valid] = NODATA
+        if valid.any():
+            labels = _label_block(store, grid, clusters, block)
+            labels[~valid] = NODATA
+        else:  # all nodata or masked out: no feature is blended, no distance computed
+            labels = np.full(valid.shape, NODATA, np.uint8)
         counts += np.bincount(labels[valid], minlength=clusters.k)[: clusters.k]
         tree_mask = tree_lookup[labels]
         if tree_filter is not None:

@@ -42,7 +42,6 @@ BYTE_ONLY_VERSION = 1
 CLIPPED_SHARE_WARNING = 0.1
 """A raster with more of a band outside the survey's value range than this is reported (the survey as a
 whole has 4 % there, below its 2nd and above its 98th percentile)."""
-SUFFIX = ".treeseg"
 ARRAYS = ("pca_mean", "pca_components", "centres")
 SETTINGS = names_with(Role.SURVEY)
 """The run settings a model fixes (the parameters of role Role.SURVEY): a file lacking one is

@@ -18,6 +18,23 @@ HIGH_PERCENTILE = 98.0
 INVALID_FILL = 0.5
 
 
+def open_raster(path: str) -> gdal.Dataset:
+    """The GDAL dataset of a raster with at least one band, read-only; an InputError of one line otherwise."""
+    try:
+        dataset = gdal.Open(path, gdal.GA_ReadOnly)
+    except RuntimeError as error:
+        raise InputError(
+            f"Cannot open the raster '{path}': {error}. "
+            "Check that the file exists and is a raster GDAL can read."
+        ) from error
+    if dataset.RasterCount == 0:
+        raise InputError(
+            f"'{path}' contains no raster bands. "
+            "Choose a raster file (for a container, one of its subdatasets)."
+        )
+    return dataset
+
+
 class GdalRasterSource:
     """Reads RGB windows from any GDAL raster, scaled to 0..1, with a validity mask.
 
@@ -43,19 +60,7 @@ class GdalRasterSource:
     def __init__(self, path: str, bands: Sequence[int] = DEFAULT_BANDS,
                  value_ranges: Mapping[int, tuple[float, float]] | None = None) -> None:
         self.path = path
-        try:
-            self._dataset = gdal.Open(path, gdal.GA_ReadOnly)
-        except RuntimeError as error:
-            raise InputError(
-                f"Cannot open the raster '{path}': {error}. "
-                "Check that the file exists and is a raster GDAL can read."
-            ) from error
-        dataset = self._dataset
-        if dataset.RasterCount == 0:
-            raise InputError(
-                f"'{path}' contains no raster bands. "
-                "Choose a raster file (for a container, one of its subdatasets)."
-            )
+        self._dataset = dataset = open_raster(path)
         self.files: list[str] = list(dataset.GetFileList() or [path])
         self.width: int = dataset.RasterXSize
         self.height: int = dataset.RasterYSize
