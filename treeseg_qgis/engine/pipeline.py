@@ -185,10 +185,7 @@ def segment(
                 _commit(transaction, [*written, paths.record],
                         paths.stale(params, SEGMENT_KINDS, [*written, paths.record]))
         except BaseException as error:
-            with interrupts.deferred(reraise=False):
-                for writer in writers:
-                    writer.abort()
-                transaction.abort()
+            _abort(transaction, *writers)
             if isinstance(error, RuntimeError) and _writing_failed(error, paths.clusters.parent) is not error:
                 raise _writing_failed(error, paths.clusters.parent) from error
             raise
@@ -296,10 +293,7 @@ def _write_class(params: SegmentationParams, source: GdalRasterSource, store: Fe
                               _ClassScores(writer), progress)
         writer.close()
     except BaseException:
-        with interrupts.deferred(reraise=False):
-            if writer is not None:
-                writer.abort()
-            transaction.abort()
+        _abort(transaction, writer)
         raise
     valid_pixels = int(counts[:2].sum())
     return {
@@ -334,10 +328,7 @@ def _write_classes(params: SegmentationParams, source: GdalRasterSource, store: 
         writer.close()
         polygons = write_class_polygons(str(staged[0]), str(staged[2]), names)
     except BaseException:
-        with interrupts.deferred(reraise=False):
-            if writer is not None:
-                writer.abort()
-            transaction.abort()
+        _abort(transaction, writer)
         raise
     valid_pixels = max(int(counts[: len(names) + 1].sum()), 1)
 
@@ -401,9 +392,18 @@ def _commit_teach(record: dict, progress: Progress, keep: TaughtModel | None) ->
         with interrupts.deferred(reraise=False):
             _commit(transaction, finals, [])
     except BaseException:
-        with interrupts.deferred(reraise=False):
-            transaction.abort()
+        _abort(transaction)
         raise
+
+
+def _abort(transaction: OutputTransaction, *writers: LabelRasterWriter | ClassRasterWriter | None) -> None:
+    """A failed or stopped write: the open raster writers (None: not opened yet) and every staged file dropped;
+    a stop signal waits until they are."""
+    with interrupts.deferred(reraise=False):
+        for writer in writers:
+            if writer is not None:
+                writer.abort()
+        transaction.abort()
 
 
 class _ClassScores:
