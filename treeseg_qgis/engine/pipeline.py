@@ -35,6 +35,7 @@ from ..outputs import (
     OutputPathError,
     OutputPaths,
     OutputTransaction,
+    check_output_folder,
     check_run_paths,
     taught_class_paths,
 )
@@ -119,7 +120,7 @@ def segment(
             log.warning(UNTRAINED_BANNER)
         paths = OutputPaths.for_params(params, model["untrained"])
         for folder in {str(path.parent) for path in paths.all()}:
-            _output_folder(folder)
+            output_check(check_output_folder, folder)
         transaction = OutputTransaction(paths.all())
         staged = paths.staged(transaction)
         writers: list[LabelRasterWriter] = []
@@ -182,8 +183,8 @@ def segment(
             write_atomically(staged.record, json.dumps(record, indent=2), str(staged.record))
             progress.check()
             with interrupts.deferred(reraise=False):
-                _commit(transaction, [*written, paths.record],
-                        paths.stale(params, SEGMENT_KINDS, [*written, paths.record]))
+                commit_outputs(transaction, [*written, paths.record],
+                               paths.stale(params, SEGMENT_KINDS, [*written, paths.record]))
         except BaseException as error:
             _abort(transaction, *writers)
             if isinstance(error, RuntimeError) and _writing_failed(error, paths.clusters.parent) is not error:
@@ -374,7 +375,7 @@ def _same_file(one: Path, other: Path) -> bool:
 def _teach_transaction(finals: list[Path]) -> tuple[OutputTransaction, list[Path]]:
     """The transaction of a teach run's files (their folders made) and where each is staged."""
     for folder in {str(path.parent) for path in finals}:
-        _output_folder(folder)
+        output_check(check_output_folder, folder)
     transaction = OutputTransaction(finals)
     return transaction, [transaction.staged(path) for path in finals]
 
@@ -390,20 +391,10 @@ def _commit_teach(record: dict, progress: Progress, keep: TaughtModel | None) ->
             keep.save(staged[-1])
         progress.check()
         with interrupts.deferred(reraise=False):
-            _commit(transaction, finals, [])
+            commit_outputs(transaction, finals, [])
     except BaseException:
         _abort(transaction)
         raise
-
-
-def _abort(transaction: OutputTransaction, *writers: LabelRasterWriter | ClassRasterWriter | None) -> None:
-    """A failed or stopped write: the open raster writers (None: not opened yet) and every staged file dropped;
-    a stop signal waits until they are."""
-    with interrupts.deferred(reraise=False):
-        for writer in writers:
-            if writer is not None:
-                writer.abort()
-        transaction.abort()
 
 
 class _ClassScores:
@@ -462,10 +453,10 @@ def _opened(params: SegmentationParams, progress: Progress, kinds: tuple[str, ..
     with a survey cluster model, the raster read with the survey's value scaling and checked against it."""
     limit_block_cache()
     _check_input_is_a_file(params.input_path)
-    _output_folder(params.output_dir)
+    output_check(check_output_folder, params.output_dir)
     with _survey_source(params, survey) as source:
-        _check_output_paths(params, kinds, [params.input_path, *source.files,
-                                            *filter(None, [*extra_inputs, params.cluster_model])])
+        output_check(check_run_paths, params, kinds,
+                     (params.input_path, *source.files, *filter(None, [*extra_inputs, params.cluster_model])))
         with _feature_store(params, source, progress, survey) as (store, cache_state):
             yield source, store, cache_state
 
@@ -514,14 +505,6 @@ def _check_input_is_a_file(path: str) -> None:
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         raise InputError(f"'{path}' is not a regular file (a pipe, socket or device): save the raster to a "
                          "file and choose that.")
-
-
-def _check_output_paths(params: SegmentationParams, kinds: tuple[str, ...], inputs: list[str]) -> None:
-    """No output may overwrite an input, no two outputs share a path (whether the weights are untrained or not)."""
-    try:
-        check_run_paths(params, kinds, tuple(inputs))
-    except OutputPathError as error:
-        raise OutputError(str(error)) from None
 
 
 @contextmanager
@@ -690,29 +673,38 @@ def _writing_failed(error: RuntimeError, folder: Path) -> BaseException:
                        "folder; the earlier outputs are unchanged.")
 
 
-def _commit(transaction: OutputTransaction, produced: list[Path], stale: list[Path]) -> None:
+def commit_outputs(transaction: OutputTransaction, produced: list[Path], stale: list[Path],
+                   what: str = "the outputs") -> None:
+    """Move the staged files into place and remove `stale`, all or none; a file that cannot move as one line."""
     try:
         transaction.commit(produced, stale)
     except OSError as error:
-        raise OutputError(f"Cannot move the outputs into place ({error.filename}: {error.strerror}). Remove "
-                          "their layers from the QGIS project (or close the program using them), "
-                          "or choose another output folder.") from error
+        raise OutputError(f"Cannot move {what} into place ({error.filename}: {error.strerror}). Remove their "
+                          "layers from the QGIS project (or close the program using them), or choose another "
+                          "output folder.") from error
+
+
+def _abort(transaction: OutputTransaction, *writers: LabelRasterWriter | ClassRasterWriter | None) -> None:
+    """A failed or stopped write: the open raster writers (None: not opened yet) and every staged file dropped;
+    a stop signal waits until they are."""
+    with interrupts.deferred(reraise=False):
+        for writer in writers:
+            if writer is not None:
+                writer.abort()
+        transaction.abort()
+
+
+def output_check(check: Callable[..., None], *args: object) -> None:
+    """An output path check of outputs.py, `check(*args)`, its refusal as the user's OutputError."""
+    try:
+        check(*args)
+    except OutputPathError as error:
+        raise OutputError(str(error)) from None
 
 
 def layer_name(text: str) -> str:
     """A GeoPackage layer name for a file stem: GDAL refuses punctuation such as '-', '$' or '('."""
     return re.sub(r"[^0-9A-Za-z_]", "_", text)
-
-
-def _output_folder(output_dir: str) -> None:
-    folder = Path(output_dir)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputError(f"Cannot create the output folder {folder}: {error.strerror}. "
-                          "Choose a folder you can write to.") from error
-    if not os.access(folder, os.W_OK):
-        raise OutputError(f"The output folder {folder} is not writable: choose another folder.")
 
 
 def _features(params: SegmentationParams, source: GdalRasterSource, store: FeatureStore,

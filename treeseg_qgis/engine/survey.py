@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from functools import partial
@@ -37,7 +37,6 @@ from ..outputs import (
     SEGMENT_KINDS,
     SUFFIXES,
     UNTRAINED_TAG,
-    OutputPathError,
     OutputPaths,
     OutputTransaction,
     check_output_file,
@@ -47,7 +46,7 @@ from ..outputs import (
 from ..params import WINDOW_TILES, Role, SegmentationParams, settings_with
 from . import interrupts
 from .core.clustering import Projection
-from .core.errors import InputError, OutputError
+from .core.errors import InputError
 from .core.files import refuse_special_file
 from .core.progress import Progress
 from .core.segmentation import TileFeatureExtractor, fit_clustering
@@ -55,7 +54,15 @@ from .core.survey_model import SUFFIX, SurveyModel, scaling_kind, weights_conten
 from .core.tiling import TileGrid
 from .gis.merge import merge_polygons
 from .gis.raster import GdalRasterSource, limit_block_cache, stretch_limits
-from .pipeline import UNTRAINED_BANNER, ModelLoader, feature_extractor, load_model_for, validate_params
+from .pipeline import (
+    UNTRAINED_BANNER,
+    ModelLoader,
+    commit_outputs,
+    feature_extractor,
+    load_model_for,
+    output_check,
+    validate_params,
+)
 from .survey_tasks import RasterJob, RasterOutcome, RasterSample, RasterShare, run_job, sample_raster, with_retry
 
 if TYPE_CHECKING:
@@ -157,8 +164,8 @@ def fit_survey(inputs: Sequence[str], params: SegmentationParams, out_path: str 
 def check_fit_paths(inputs: Sequence[str], out_path: str | Path) -> None:
     """Before any work: the cluster model file ends in .treeseg, its folder exists and is writable, and it is
     none of the inputs nor a file GDAL reads for them (a VRT's sources); a pipe or device input is refused."""
-    _checked(lambda: check_output_file(str(out_path), SUFFIX, "cluster model file"))
-    _checked(lambda: check_output_paths(raster_files(inputs), [str(out_path)]))
+    output_check(check_output_file, str(out_path), SUFFIX, "cluster model file")
+    output_check(check_output_paths, raster_files(inputs), [str(out_path)])
 
 
 def _sample_here(shares: Sequence[RasterShare], params: SegmentationParams,
@@ -241,14 +248,6 @@ def raster_files(inputs: Sequence[str]) -> list[str]:
     return files
 
 
-def _checked(check: Callable[[], None]) -> None:
-    """An output path check, its refusal as the user's OutputError."""
-    try:
-        check()
-    except OutputPathError as error:
-        raise OutputError(str(error)) from None
-
-
 def run_locally(jobs: Sequence[RasterJob], progress: Progress,
                 load_model: ModelLoader | None = None) -> list[RasterOutcome]:
     """Each raster in this process, one after the other, the model loaded once."""
@@ -310,14 +309,14 @@ def segment_many(
     progress = progress or Progress()
     out_dir = Path(out_dir)
     started = time.perf_counter()
-    _checked(lambda: check_output_folder(out_dir))
+    output_check(check_output_folder, out_dir)
     model = SurveyModel.load(cluster_model) if cluster_model else None
     sources = raster_files(inputs)
     finals = raster_jobs(inputs, params, out_dir, cluster_model or out_dir / MODEL_NAME)
     every_survey_file = survey_files(out_dir, False) + survey_files(out_dir, True)
     writable = [path for path in every_survey_file if not (model and path.name.endswith(SUFFIX))]
-    _checked(lambda: check_output_paths([*sources, *filter(None, [cluster_model])],
-                                        [str(path) for path in [*writable, *_all_outputs(finals)]]))
+    output_check(check_output_paths, [*sources, *filter(None, [cluster_model])],
+                 [str(path) for path in [*writable, *_all_outputs(finals)]])
     transaction = OutputTransaction(writable)
     staging = transaction.staged(writable[0]).parent
     try:
@@ -397,12 +396,7 @@ def _commit_survey(transaction: OutputTransaction, staging: Path, out_dir: Path,
     produced = [out_dir / entry.name for entry in staging.iterdir() if entry.is_file()
                 and entry.name not in (LOCK_NAME, COMMIT_JOURNAL) and not entry.name.endswith(".aux.xml")]
     stale = [path for path in replaced if path not in produced]
-    try:
-        transaction.commit(produced, stale)
-    except OSError as error:
-        raise OutputError(f"Cannot move the survey's outputs into place ({error.filename}: {error.strerror}). "
-                          "Remove their layers from the QGIS project (or close the program using them), or "
-                          "choose another output folder.") from error
+    commit_outputs(transaction, produced, stale, "the survey's outputs")
 
 
 def _summary(model: SurveyModel, model_path: Path, outcomes: list[RasterOutcome], seconds: float) -> dict:
