@@ -4,6 +4,7 @@ models, taught classifiers) read with every failure as one line."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_atomically
 from .errors import InputError
 
 
@@ -34,6 +36,15 @@ def refuse_special_files_in(folder: str | Path, what: str) -> None:
     if Path(folder).is_dir():
         for entry in Path(folder).iterdir():
             refuse_special_file(entry, f"file of the {what}")
+
+
+def write_header_and_arrays(path: str | Path, what: str, header: dict, arrays: dict[str, np.ndarray]) -> Path:
+    """Write a treeseg npz file (the `what` a message names): the JSON `header` and the named arrays, whole or
+    not at all; `read_header_and_arrays` reads it."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
+    write_atomically(path, buffer.getvalue(), f"the {what} {path}")
+    return Path(path)
 
 
 def read_header_and_arrays(path: str | Path, what: str, file_format: str, names: tuple[str, ...],

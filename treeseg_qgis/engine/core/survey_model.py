@@ -14,7 +14,6 @@ differ from the model's is refused, naming what differs.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
@@ -25,10 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from ...params import Role, names_with
-from .atomic import write_atomically
 from .clustering import ClusterModel, Projection
 from .errors import InputError
-from .files import read_header_and_arrays
+from .files import read_header_and_arrays, write_header_and_arrays
 
 log = logging.getLogger("treeseg")
 
@@ -104,17 +102,10 @@ class SurveyModel:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write the file atomically (core/atomic.py)."""
-        path = Path(path)
-        buffer = io.BytesIO()
-        np.savez_compressed(
-            buffer,
-            header=np.frombuffer(json.dumps(self.header()).encode(), dtype=np.uint8),
-            pca_mean=self.projection.mean, pca_components=self.projection.components,
-            centres=self.fit.clusters.centres,
-        )
-        write_atomically(path, buffer.getvalue(), f"the cluster model {path}")
-        return path
+        """Write the file, whole or not at all."""
+        return write_header_and_arrays(path, "cluster model", self.header(), {
+            "pca_mean": self.projection.mean, "pca_components": self.projection.components,
+            "centres": self.fit.clusters.centres})
 
     @classmethod
     def load(cls, path: str | Path) -> SurveyModel:

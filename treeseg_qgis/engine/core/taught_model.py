@@ -10,17 +10,14 @@ checked against the header when read; written atomically. A damaged or edited fi
 
 from __future__ import annotations
 
-import io
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_atomically
 from .errors import InputError
-from .files import read_header_and_arrays
+from .files import read_header_and_arrays, write_header_and_arrays
 from .teach import TaughtClassifier
 
 FORMAT = "treeseg-taught-classifier"
@@ -45,13 +42,9 @@ class TaughtModel:
 
     def save(self, path: str | Path) -> Path:
         """Write the file, whole or not at all."""
-        path = Path(path)
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, header=np.frombuffer(json.dumps(self.header()).encode(), dtype=np.uint8),
-                            weights=self.classifier.weights.astype(np.float64),
-                            offsets=self.classifier.offsets.astype(np.float64))
-        write_atomically(path, buffer.getvalue(), f"the taught classifier {path}")
-        return path
+        return write_header_and_arrays(path, "taught classifier", self.header(), {
+            "weights": self.classifier.weights.astype(np.float64),
+            "offsets": self.classifier.offsets.astype(np.float64)})
 
     @classmethod
     def load(cls, path: str | Path) -> TaughtModel:
