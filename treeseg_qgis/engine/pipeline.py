@@ -684,7 +684,7 @@ def commit_outputs(transaction: OutputTransaction, produced: list[Path], stale: 
                           "output folder.") from error
 
 
-def _abort(transaction: OutputTransaction, *writers: LabelRasterWriter | ClassRasterWriter | None) -> None:
+def _abort(transaction: OutputTransaction, *writers: LabelRasterWriter | None) -> None:
     """A failed or stopped write: the open raster writers (None: not opened yet) and every staged file dropped;
     a stop signal waits until they are."""
     with interrupts.deferred(reraise=False):
