@@ -12,9 +12,6 @@ from ..core.atomic import partial_path
 from ..core.errors import OutputError
 from .writers import NODATA, LabelRasterWriter
 
-gdal.UseExceptions()
-ogr.UseExceptions()
-
 UNSURE = 0
 UNSURE_NAME = "unsure"
 PROBABILITY_NODATA = -1.0

@@ -20,9 +20,6 @@ from ..core.crowns import CrownOptions, split_crowns
 from ..core.errors import Cancelled, InputError
 from .polygons import metric_measures, write_polygon_gpkg
 
-gdal.UseExceptions()
-ogr.UseExceptions()
-
 BLOCK = 1024
 METRES_PER_DEGREE = 111_320.0
 

@@ -16,10 +16,6 @@ from ..core.errors import Cancelled, InputError, OutputError
 from ..core.heap import padded_heap
 from .seams import SeamJoins, join_pieces, polygon_rings, polygon_wkb, runs_on_line
 
-gdal.UseExceptions()
-ogr.UseExceptions()
-osr.UseExceptions()
-
 POLYGONIZE_SHARE = 0.8
 STRIPS_SHARE = 0.75
 CHECK_EVERY = 1000

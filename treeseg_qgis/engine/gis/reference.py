@@ -23,10 +23,6 @@ from ..core.evaluation import ReferenceObject, boxes_to_objects
 from ..core.examples import CLASS_FIELD, Example, class_label
 from ..core.files import refuse_special_file
 
-gdal.UseExceptions()
-ogr.UseExceptions()
-osr.UseExceptions()
-
 MAX_EVALUATION_PIXELS = 200_000_000
 
 

@@ -11,8 +11,6 @@ from osgeo import gdal
 from ..core.atomic import atomic_file, partial_path
 from ..core.errors import InputError, OutputError
 
-gdal.UseExceptions()
-
 NODATA = 255
 CREATION_OPTIONS = ["TILED=YES", "COMPRESS=DEFLATE", "BIGTIFF=IF_SAFER"]
 
