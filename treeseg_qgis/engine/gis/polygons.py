@@ -55,9 +55,7 @@ def polygonize_clusters(
             f"Cannot open the cluster raster '{clusters_path}': {error}. "
             "Run the segmentation again to recreate it."
         ) from error
-    srs = raster.GetSpatialRef()
-    if srs is not None:
-        srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    srs = raster_crs(raster)
     measure = metric_measures(srs, raster)
     band = raster.GetRasterBand(1)
 
@@ -308,6 +306,14 @@ def _fill_attributes(
                 raise Cancelled()
             report(POLYGONIZE_SHARE + (1.0 - POLYGONIZE_SHARE) * count / total)
     output.CommitTransaction()
+
+
+def raster_crs(raster: gdal.Dataset) -> osr.SpatialReference | None:
+    """The raster's CRS with x first (easting or longitude), as the geotransform has it; None without one."""
+    srs = raster.GetSpatialRef()
+    if srs is not None:
+        srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    return srs
 
 
 def metric_measures(
