@@ -589,9 +589,8 @@ def _crowns(params: SegmentationParams, paths: OutputPaths, result: Segmentation
             progress: Progress) -> int:
     started = time.perf_counter()
     crown_progress = progress.sub(0.94, 0.97)
-    stem = paths.clusters.name.removesuffix(SUFFIXES["clusters"])
     count = write_crowns(
-        str(paths.trees), str(paths.clusters), str(paths.crowns), layer_name(f"{stem}_crowns"),
+        str(paths.trees), str(paths.clusters), str(paths.crowns), layer_name(paths, "crowns"),
         params.crown_options,
         progress=lambda fraction: crown_progress.report(fraction, "Splitting crowns"),
         is_cancelled=progress.is_cancelled, description=_description(model),
@@ -651,10 +650,9 @@ def _write_feature_image(path: Path, source: GdalRasterSource, store: FeatureSto
 def _polygonize(paths: OutputPaths, result: SegmentationResult, model: dict, progress: Progress) -> int:
     started = time.perf_counter()
     polygon_progress = progress.sub(0.9, 0.94)
-    stem = paths.clusters.name.removesuffix(SUFFIXES["clusters"])
     polygons = polygonize_clusters(
         str(paths.clusters), str(paths.polygons), result.tree_clusters,
-        layer_name=layer_name(f"{stem}_polygons"),
+        layer_name=layer_name(paths, "polygons"),
         progress=lambda fraction: polygon_progress.report(fraction, "Polygonizing"),
         is_cancelled=progress.is_cancelled,
         description=_description(model),
@@ -702,9 +700,11 @@ def output_check(check: Callable[..., None], *args: object) -> None:
         raise OutputError(str(error)) from None
 
 
-def layer_name(text: str) -> str:
-    """A GeoPackage layer name for a file stem: GDAL refuses punctuation such as '-', '$' or '('."""
-    return re.sub(r"[^0-9A-Za-z_]", "_", text)
+def layer_name(paths: OutputPaths, kind: str) -> str:
+    """The GeoPackage layer name of output `kind`: the run's file stem and the kind, punctuation such as '-', '$'
+    or '(' (which GDAL refuses) as '_'."""
+    stem = paths.clusters.name.removesuffix(SUFFIXES["clusters"])
+    return re.sub(r"[^0-9A-Za-z_]", "_", f"{stem}_{kind}")
 
 
 def _features(params: SegmentationParams, source: GdalRasterSource, store: FeatureStore,
