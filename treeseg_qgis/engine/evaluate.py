@@ -21,7 +21,7 @@ from .core.atomic import write_atomically
 from .core.errors import InputError, OutputError
 from .core.evaluation import ReferenceObject, box_scores, cluster_scores, crown_scores, pixel_scores, union_mask
 from .core.files import refuse_special_file
-from .gis.reference import Grid, read_band, read_prediction, read_reference_objects
+from .gis.reference import Grid, is_raster, read_band, read_prediction, read_reference_objects
 
 MAX_PICTURE_SIZE = 900
 NO_REFERENCE_TREES = ("The reference has no trees in the evaluated area: every recall is undefined (n/a), and "
@@ -50,7 +50,7 @@ def evaluate(
     _check_paths([prediction, reference, *filter(None, [image, clusters])], [csv_path, html_path])
     mask, valid, grid, crowns = read_prediction(prediction, image)
     scores: dict = {"prediction": prediction, "reference": reference}
-    if _is_class_raster(reference):
+    if Path(reference).suffix.lower() != ".csv" and is_raster(reference):
         classes, class_valid = read_band(reference, grid)
         valid = valid & class_valid
         truth = classes == tree_class
@@ -118,17 +118,6 @@ def format_score(value: float | None) -> str:
     if value is None:
         return "n/a"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def _is_class_raster(path: str) -> bool:
-    from osgeo import gdal
-
-    if Path(path).suffix.lower() == ".csv":
-        return False
-    try:
-        return gdal.OpenEx(path, gdal.OF_RASTER) is not None
-    except RuntimeError:
-        return False
 
 
 def _csv_text(rows: dict[str, float | None]) -> str:

@@ -32,9 +32,9 @@ from ..outputs import (
     SEGMENT_KINDS,
     SUFFIXES,
     TEACH_KINDS,
-    OutputPathError,
     OutputPaths,
     OutputTransaction,
+    check_output_folder,
     check_run_paths,
     taught_class_paths,
 )
@@ -71,7 +71,7 @@ from .gis.preview import write_elbow_plot, write_preview
 from .gis.raster import GdalRasterSource, HeightReader, limit_block_cache
 from .gis.reference import Grid, read_examples
 from .gis.writers import HeightRasterWriter, LabelRasterWriter, ScoreRasterWriter, write_rgb_blocks
-from .preflight import check_teach_options
+from .preflight import check_teach_options, output_check
 
 CLASSES_RECORD_SUFFIX = "_classes_teach.json"
 log = logging.getLogger("treeseg")
@@ -120,7 +120,7 @@ def segment(
             log.warning(UNTRAINED_BANNER)
         paths = OutputPaths.for_params(params, model["untrained"])
         for folder in {str(path.parent) for path in paths.all()}:
-            _output_folder(folder)
+            output_check(check_output_folder, folder)
         transaction = OutputTransaction(paths.all())
         staged = paths.staged(transaction)
         writers: list[LabelRasterWriter] = []
@@ -183,13 +183,10 @@ def segment(
             write_atomically(staged.record, json.dumps(record, indent=2), str(staged.record))
             progress.check()
             with interrupts.deferred(reraise=False):
-                _commit(transaction, [*written, paths.record],
-                        paths.stale(params, SEGMENT_KINDS, [*written, paths.record]))
+                commit_outputs(transaction, [*written, paths.record],
+                               paths.stale(params, SEGMENT_KINDS, [*written, paths.record]))
         except BaseException as error:
-            with interrupts.deferred(reraise=False):
-                for writer in writers:
-                    writer.abort()
-                transaction.abort()
+            _abort(transaction, *writers)
             if isinstance(error, RuntimeError) and _writing_failed(error, paths.clusters.parent) is not error:
                 raise _writing_failed(error, paths.clusters.parent) from error
             raise
@@ -291,10 +288,7 @@ def _write_class(params: SegmentationParams, source: GdalRasterSource, store: Fe
                               _ClassScores(writer), progress)
         writer.close()
     except BaseException:
-        with interrupts.deferred(reraise=False):
-            if writer is not None:
-                writer.abort()
-            transaction.abort()
+        _abort(transaction, writer)
         raise
     valid_pixels = int(counts[:2].sum())
     return {
@@ -328,10 +322,7 @@ def _write_classes(params: SegmentationParams, source: GdalRasterSource, store: 
         writer.close()
         polygons = write_class_polygons(str(staged[0]), str(staged[2]), names)
     except BaseException:
-        with interrupts.deferred(reraise=False):
-            if writer is not None:
-                writer.abort()
-            transaction.abort()
+        _abort(transaction, writer)
         raise
     valid_pixels = max(int(counts[: len(names) + 1].sum()), 1)
 
@@ -392,7 +383,7 @@ def _same_file(one: Path, other: Path) -> bool:
 def _teach_transaction(finals: list[Path]) -> tuple[OutputTransaction, list[Path]]:
     """The transaction of a teach run's files (their folders made) and where each is staged."""
     for folder in {str(path.parent) for path in finals}:
-        _output_folder(folder)
+        output_check(check_output_folder, folder)
     transaction = OutputTransaction(finals)
     return transaction, [transaction.staged(path) for path in finals]
 
@@ -408,10 +399,9 @@ def _commit_teach(record: dict, progress: Progress, keep: TaughtModel | None) ->
             keep.save(staged[-1])
         progress.check()
         with interrupts.deferred(reraise=False):
-            _commit(transaction, finals, [])
+            commit_outputs(transaction, finals, [])
     except BaseException:
-        with interrupts.deferred(reraise=False):
-            transaction.abort()
+        _abort(transaction)
         raise
 
 
@@ -471,10 +461,10 @@ def _opened(params: SegmentationParams, progress: Progress, kinds: tuple[str, ..
     with a survey cluster model, the raster read with the survey's value scaling and checked against it."""
     limit_block_cache()
     _check_input_is_a_file(params.input_path)
-    _output_folder(params.output_dir)
+    output_check(check_output_folder, params.output_dir)
     with _survey_source(params, survey) as source:
-        _check_output_paths(params, kinds, [params.input_path, *source.files,
-                                            *filter(None, [*extra_inputs, params.cluster_model])])
+        output_check(check_run_paths, params, kinds,
+                     (params.input_path, *source.files, *filter(None, [*extra_inputs, params.cluster_model])))
         with _feature_store(params, source, progress, survey) as (store, cache_state):
             yield source, store, cache_state
 
@@ -526,14 +516,6 @@ def _check_input_is_a_file(path: str) -> None:
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         raise InputError(f"'{path}' is not a regular file (a pipe, socket or device): save the raster to a "
                          "file and choose that.")
-
-
-def _check_output_paths(params: SegmentationParams, kinds: tuple[str, ...], inputs: list[str]) -> None:
-    """No output may overwrite an input, no two outputs share a path (whether the weights are untrained or not)."""
-    try:
-        check_run_paths(params, kinds, tuple(inputs))
-    except OutputPathError as error:
-        raise OutputError(str(error)) from None
 
 
 @contextmanager
@@ -618,9 +600,8 @@ def _crowns(params: SegmentationParams, paths: OutputPaths, result: Segmentation
             progress: Progress) -> int:
     started = time.perf_counter()
     crown_progress = progress.sub(0.94, 0.97)
-    stem = paths.clusters.name.removesuffix(SUFFIXES["clusters"])
     count = write_crowns(
-        str(paths.trees), str(paths.clusters), str(paths.crowns), layer_name(f"{stem}_crowns"),
+        str(paths.trees), str(paths.clusters), str(paths.crowns), layer_name(paths, "crowns"),
         params.crown_options,
         progress=lambda fraction: crown_progress.report(fraction, "Splitting crowns"),
         is_cancelled=progress.is_cancelled, description=_description(model),
@@ -680,10 +661,9 @@ def _write_feature_image(path: Path, source: GdalRasterSource, store: FeatureSto
 def _polygonize(paths: OutputPaths, result: SegmentationResult, model: dict, progress: Progress) -> int:
     started = time.perf_counter()
     polygon_progress = progress.sub(0.9, 0.94)
-    stem = paths.clusters.name.removesuffix(SUFFIXES["clusters"])
     polygons = polygonize_clusters(
         str(paths.clusters), str(paths.polygons), result.tree_clusters,
-        layer_name=layer_name(f"{stem}_polygons"),
+        layer_name=layer_name(paths, "polygons"),
         progress=lambda fraction: polygon_progress.report(fraction, "Polygonizing"),
         is_cancelled=progress.is_cancelled,
         description=_description(model),
@@ -702,29 +682,32 @@ def _writing_failed(error: RuntimeError, folder: Path) -> BaseException:
                        "folder; the earlier outputs are unchanged.")
 
 
-def _commit(transaction: OutputTransaction, produced: list[Path], stale: list[Path]) -> None:
+def commit_outputs(transaction: OutputTransaction, produced: list[Path], stale: list[Path],
+                   what: str = "the outputs") -> None:
+    """Move the staged files into place and remove `stale`, all or none; a file that cannot move as one line."""
     try:
         transaction.commit(produced, stale)
     except OSError as error:
-        raise OutputError(f"Cannot move the outputs into place ({error.filename}: {error.strerror}). Remove "
-                          "their layers from the QGIS project (or close the program using them), "
-                          "or choose another output folder.") from error
+        raise OutputError(f"Cannot move {what} into place ({error.filename}: {error.strerror}). Remove their "
+                          "layers from the QGIS project (or close the program using them), or choose another "
+                          "output folder.") from error
 
 
-def layer_name(text: str) -> str:
-    """A GeoPackage layer name for a file stem: GDAL refuses punctuation such as '-', '$' or '('."""
-    return re.sub(r"[^0-9A-Za-z_]", "_", text)
+def _abort(transaction: OutputTransaction, *writers: LabelRasterWriter | None) -> None:
+    """A failed or stopped write: the open raster writers (None: not opened yet) and every staged file dropped;
+    a stop signal waits until they are."""
+    with interrupts.deferred(reraise=False):
+        for writer in writers:
+            if writer is not None:
+                writer.abort()
+        transaction.abort()
 
 
-def _output_folder(output_dir: str) -> None:
-    folder = Path(output_dir)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputError(f"Cannot create the output folder {folder}: {error.strerror}. "
-                          "Choose a folder you can write to.") from error
-    if not os.access(folder, os.W_OK):
-        raise OutputError(f"The output folder {folder} is not writable: choose another folder.")
+def layer_name(paths: OutputPaths, kind: str) -> str:
+    """The GeoPackage layer name of output `kind`: the run's file stem and the kind, punctuation such as '-', '$'
+    or '(' (which GDAL refuses) as '_'."""
+    stem = paths.clusters.name.removesuffix(SUFFIXES["clusters"])
+    return re.sub(r"[^0-9A-Za-z_]", "_", f"{stem}_{kind}")
 
 
 def _features(params: SegmentationParams, source: GdalRasterSource, store: FeatureStore,

@@ -48,8 +48,8 @@ def check_teach_options(threshold: float | None, cluster_model: str | None, clas
 def check_fit_paths(inputs: Sequence[str], out_path: str | Path) -> None:
     """Before any work: the cluster model file ends in .treeseg, its folder exists and is writable, and it is
     none of the inputs nor a file GDAL reads for them (a VRT's sources); a pipe or device input is refused."""
-    checked(lambda: check_output_file(str(out_path), MODEL_SUFFIX, "cluster model file"))
-    checked(lambda: check_output_paths(raster_files(inputs), [str(out_path)]))
+    output_check(check_output_file, str(out_path), MODEL_SUFFIX, "cluster model file")
+    output_check(check_output_paths, raster_files(inputs), [str(out_path)])
 
 
 def raster_files(inputs: Sequence[str]) -> list[str]:
@@ -66,9 +66,9 @@ def raster_files(inputs: Sequence[str]) -> list[str]:
     return files
 
 
-def checked(check: Callable[[], None]) -> None:
-    """An output path check, its refusal as the user's OutputError."""
+def output_check(check: Callable[..., None], *args: object) -> None:
+    """An output path check of outputs.py, `check(*args)`, its refusal as the user's OutputError."""
     try:
-        check()
+        check(*args)
     except OutputPathError as error:
         raise OutputError(str(error)) from None

@@ -45,7 +45,7 @@ from ..outputs import (
 from ..params import WINDOW_TILES, Role, SegmentationParams, settings_with
 from . import interrupts
 from .core.clustering import Projection
-from .core.errors import InputError, OutputError
+from .core.errors import InputError
 from .core.progress import Progress
 from .core.segmentation import TileFeatureExtractor, fit_clustering
 from .core.survey_model import SurveyModel, scaling_kind, weights_content
@@ -57,13 +57,14 @@ from .gis.raster import GdalRasterSource, limit_block_cache, stretch_limits
 from .pipeline import (
     UNTRAINED_BANNER,
     ModelLoader,
+    commit_outputs,
     feature_extractor,
     load_model_for,
     taught_output_paths,
     teach,
     validate_params,
 )
-from .preflight import check_fit_paths, checked, raster_files
+from .preflight import check_fit_paths, output_check, raster_files
 from .survey_tasks import RasterJob, RasterOutcome, RasterSample, RasterShare, run_job, sample_raster, with_retry
 
 if TYPE_CHECKING:
@@ -296,15 +297,15 @@ def segment_many(
     progress = progress or Progress()
     out_dir = Path(out_dir)
     started = time.perf_counter()
-    checked(lambda: check_output_folder(out_dir))
+    output_check(check_output_folder, out_dir)
     model = SurveyModel.load(cluster_model) if cluster_model else None
     taught = _taught_model(classifier, model)
     sources = raster_files(inputs)
     finals = raster_jobs(inputs, params, out_dir, cluster_model or out_dir / MODEL_NAME)
     every_survey_file = survey_files(out_dir, False) + survey_files(out_dir, True)
     writable = [path for path in every_survey_file if not (model and path.name.endswith(MODEL_SUFFIX))]
-    checked(lambda: check_output_paths([*sources, *filter(None, [cluster_model, classifier])],
-                                       [str(path) for path in [*writable, *_all_outputs(finals, taught)]]))
+    output_check(check_output_paths, [*sources, *filter(None, [cluster_model, classifier])],
+                 [str(path) for path in [*writable, *_all_outputs(finals, taught)]])
     transaction = OutputTransaction(writable)
     staging = transaction.staged(writable[0]).parent
     try:
@@ -447,12 +448,7 @@ def _commit_survey(transaction: OutputTransaction, staging: Path, out_dir: Path,
     produced = [out_dir / entry.name for entry in staging.iterdir() if entry.is_file()
                 and entry.name not in (LOCK_NAME, COMMIT_JOURNAL) and not entry.name.endswith(".aux.xml")]
     stale = [path for path in replaced if path not in produced]
-    try:
-        transaction.commit(produced, stale)
-    except OSError as error:
-        raise OutputError(f"Cannot move the survey's outputs into place ({error.filename}: {error.strerror}). "
-                          "Remove their layers from the QGIS project (or close the program using them), or "
-                          "choose another output folder.") from error
+    commit_outputs(transaction, produced, stale, "the survey's outputs")
 
 
 def _summary(model: SurveyModel, model_path: Path, outcomes: list[RasterOutcome], seconds: float) -> dict:

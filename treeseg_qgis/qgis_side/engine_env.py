@@ -26,7 +26,7 @@ import subprocess  # nosec B404
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -594,17 +594,15 @@ def simple_marker_applies(marker: str, environment: Mapping[str, str]) -> bool:
             raise EngineEnvError("the marker is malformed (no comparison).")
         return _compare(left, re.sub(r"\s+", " ", operator), value())
 
-    def both() -> bool:
-        result = comparison()
-        while take("and"):
-            result = comparison() and result
-        return result
+    def joined(word: str, part: Callable[[], bool]) -> bool:
+        """One or more `part`s joined by `word`: with 'and' whether all hold, with 'or' whether any does."""
+        results = [part()]
+        while take(word):
+            results.append(part())
+        return all(results) if word == "and" else any(results)
 
     def either() -> bool:
-        result = both()
-        while take("or"):
-            result = both() or result
-        return result
+        return joined("or", lambda: joined("and", comparison))
 
     result = either()
     if position != len(tokens):

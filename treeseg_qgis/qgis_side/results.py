@@ -19,7 +19,7 @@ and which follows a restyle of any of them.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -203,18 +203,8 @@ def style_output(layer: QgsMapLayer, kind: str, record: dict[str, Any]) -> None:
     if kind == "clusters":
         style_clusters(layer, int(record["clusters"]["k"]),
                        survey_class_names(record) if record.get("cluster_model") else None)
-    elif kind in ("trees", "taught_trees"):
-        style_tree_mask(layer)
-    elif kind == "polygons":
-        style_polygons(layer)
-    elif kind == "crowns":
-        style_crowns(layer)
-    elif kind == "features":
-        style_feature_image(layer)
-    elif kind == "height":
-        style_height(layer)
-    elif kind == "similarity":
-        style_similarity(layer)
+    elif kind in STYLES:
+        STYLES[kind](layer)
 
 
 def add_result_layers(record: dict[str, Any], input_name: str,
@@ -322,7 +312,11 @@ def place_result_group(group: QgsLayerTreeGroup, record: dict[str, Any], input_n
     if not result.startswith("teach") and kept:
         group.setName(group_name(record, input_name, settings_difference(settings, kept)))
     top.insertChildNode(0, group)
-    node: QgsLayerTreeNode | None = group
+    _show_with_parents(group)
+
+
+def _show_with_parents(node: QgsLayerTreeNode | None) -> None:
+    """Switch `node` on and every group it is in, up to the root."""
     while node is not None:
         node.setItemVisibilityChecked(True)
         node = node.parent()
@@ -563,10 +557,7 @@ def place_beside(layer: QgsMapLayer, beside: str | None, project: QgsProject) ->
     moved.setItemVisibilityChecked(True)
     parent.insertChildNode(index, moved)
     node.parent().removeChildNode(node)
-    shown: QgsLayerTreeNode | None = parent
-    while shown is not None:
-        shown.setItemVisibilityChecked(True)
-        shown = shown.parent()
+    _show_with_parents(parent)
 
 
 def style_loaded_outputs(context: QgsProcessingContext, record: dict[str, Any], group: OutputGroup | None,
@@ -597,9 +588,7 @@ def style_clusters(layer: QgsRasterLayer, k: int, labels: Sequence[str] | None =
             cluster, colour, names[cluster] if cluster < len(names) and names[cluster] else f"Cluster {cluster}")
         for cluster, colour in enumerate(colours)
     ]
-    layer.setRenderer(QgsPalettedRasterRenderer(layer.dataProvider(), 1, classes))
-    layer.setOpacity(OVERLAY_OPACITY)
-    layer.triggerRepaint()
+    _paletted_overlay(layer, classes)
 
 
 def style_tree_mask(layer: QgsRasterLayer) -> None:
@@ -608,6 +597,11 @@ def style_tree_mask(layer: QgsRasterLayer) -> None:
         QgsPalettedRasterRenderer.Class(1, TREE_GREEN, "tree"),
         QgsPalettedRasterRenderer.Class(0, QColor(0, 0, 0, 0), "not tree"),
     ]
+    _paletted_overlay(layer, classes)
+
+
+def _paletted_overlay(layer: QgsRasterLayer, classes: list[QgsPalettedRasterRenderer.Class]) -> None:
+    """Band 1 drawn with `classes`, semi-transparent over the image."""
     layer.setRenderer(QgsPalettedRasterRenderer(layer.dataProvider(), 1, classes))
     layer.setOpacity(OVERLAY_OPACITY)
     layer.triggerRepaint()
@@ -649,6 +643,12 @@ def style_similarity(layer: QgsRasterLayer) -> None:
     semi-transparent."""
     _pseudocolour(layer, 0.0, 1.0, SIMILARITY_RAMP, decimals=2)
     layer.setOpacity(OVERLAY_OPACITY)
+
+
+STYLES: dict[str, Callable[[Any], None]] = {
+    "trees": style_tree_mask, "taught_trees": style_tree_mask, "polygons": style_polygons, "crowns": style_crowns,
+    "features": style_feature_image, "height": style_height, "similarity": style_similarity}
+"""The style of each output kind but the clusters (their legend comes from the run record)."""
 
 
 def _pseudocolour(layer: QgsRasterLayer, low: float, high: float, colours: Sequence[QColor], decimals: int,

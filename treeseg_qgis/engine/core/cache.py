@@ -92,20 +92,11 @@ class FeatureCache:
         Raises CacheUnavailable when the folder cannot be written or has less than
         `needed_bytes` free for a new entry, Cancelled when cancelled while waiting.
         """
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
-        final = self.root / digest
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            self.remove_dead_builds()
-            lock = FileLock(self.root / f"{digest}.lock")
-            while not lock.acquire():
-                if is_cancelled is not None and is_cancelled():
-                    raise Cancelled()
-                if on_wait is not None:
-                    on_wait()
-                time.sleep(WAIT_SECONDS)
+            digest, lock = lock_key(self.root, key, is_cancelled, on_wait)
         except OSError as error:
             raise CacheUnavailable(f"{self.root}: {error.strerror}") from error
+        final = self.root / digest
         try:
             if final.is_dir():
                 problem = entry_problem(final)
@@ -120,10 +111,7 @@ class FeatureCache:
             if free < needed_bytes + SPARE_BYTES:
                 raise OSError(errno.ENOSPC, f"not enough free space: {free // 2**20} MB free, about "
                                             f"{needed_bytes // 2**20 + SPARE_BYTES // 2**20} MB needed")
-            building = self.root / f"{digest}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            building.mkdir()
-            (building / "key.json").write_text(json.dumps(key, indent=1, sort_keys=True, default=str))
-            return CacheEntry(final, building, lock)
+            return CacheEntry(final, building_folder(self.root, digest, key), lock)
         except OSError as error:
             lock.release(remove=True)
             raise CacheUnavailable(f"{self.root}: {error.strerror}") from error
@@ -160,6 +148,33 @@ class FeatureCache:
 
     def size_bytes(self) -> int:
         return _folder_size(self.root) if self.root.exists() else 0
+
+
+def lock_key(root: Path, key: dict, is_cancelled: Callable[[], bool] | None = None,
+             on_wait: Callable[[], None] | None = None) -> tuple[str, FileLock]:
+    """The digest that names `key`'s entry in `root` and the key's lock, held: `root` made, dead runs'
+    leftovers removed, waiting while another run holds the lock (Cancelled when cancelled meanwhile).
+    OSError where `root` cannot be written."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    root.mkdir(parents=True, exist_ok=True)
+    remove_dead_builds(root)
+    lock = FileLock(root / f"{digest}.lock")
+    while not lock.acquire():
+        if is_cancelled is not None and is_cancelled():
+            raise Cancelled()
+        if on_wait is not None:
+            on_wait()
+        time.sleep(WAIT_SECONDS)
+    return digest, lock
+
+
+def building_folder(root: Path, digest: str, key: dict) -> Path:
+    """A new folder in `root` to build the key's entry aside in (`remove_dead_builds` knows its name), the key
+    written in it."""
+    building = root / f"{digest}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    building.mkdir()
+    (building / "key.json").write_text(json.dumps(key, indent=1, sort_keys=True, default=str))
+    return building
 
 
 def remove_dead_builds(root: Path) -> None:

@@ -30,8 +30,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ...locks import FileLock
-from .cache import default_cache_root, remove_dead_builds
+from .cache import building_folder, default_cache_root, lock_key
 from .errors import Cancelled
 from .heap import release_free_memory
 
@@ -43,7 +42,6 @@ OPSET = 17
 MODEL_FILE = "model-int8.onnx"
 MANIFEST = "manifest.json"
 INPUT, OUTPUT = "pixel_values", "last_hidden_state"
-WAIT_SECONDS = 0.25
 CANCEL_POLL_SECONDS = 0.05
 FAST_INT8_CAPABILITIES = ("AVX2", "AVX512")
 
@@ -127,20 +125,11 @@ class OnnxInt8Network:
             return self._load(self._build(self._scratch_folder(), shape))
         key = {"format": EXPORT_FORMAT, "weights": self._weights, "shape": list(shape), "opset": OPSET,
                "onnxruntime": runtime_version(), "torch": torch.__version__, "quantisation": "dynamic int8"}
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
-        final = self._root / digest
         try:
-            self._root.mkdir(parents=True, exist_ok=True)
-            remove_dead_builds(self._root)
-            lock = FileLock(self._root / f"{digest}.lock")
-            while not lock.acquire():
-                if self._is_cancelled():
-                    raise Cancelled()
-                time.sleep(WAIT_SECONDS)
+            digest, lock = lock_key(self._root, key, self._is_cancelled)
         except OSError as error:
-            log.warning("The int8 model cannot be kept in %s (%s): exporting it for this run only.",
-                        self._root, error.strerror)
-            return self._load(self._build(self._scratch_folder(), shape))
+            return self._for_this_run_only(shape, error)
+        final = self._root / digest
         try:
             problem = export_problem(final) if final.exists() else "not built yet"
             if problem is None:
@@ -151,21 +140,24 @@ class OnnxInt8Network:
             if final.exists():
                 log.warning("The cached int8 ONNX model %s was unusable (%s): exporting it again.", final, problem)
                 shutil.rmtree(final, ignore_errors=True)
-            building = self._root / f"{digest}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             try:
-                building.mkdir()
-                (building / "key.json").write_text(json.dumps(key, indent=1, sort_keys=True, default=str))
-                self._build(building, shape)
-                os.replace(building, final)
+                building = building_folder(self._root, digest, key)
+                try:
+                    self._build(building, shape)
+                    os.replace(building, final)
+                finally:
+                    shutil.rmtree(building, ignore_errors=True)
             except OSError as error:
-                log.warning("The int8 model cannot be kept in %s (%s): exporting it for this run only.",
-                            self._root, error.strerror)
-                return self._load(self._build(self._scratch_folder(), shape))
-            finally:
-                shutil.rmtree(building, ignore_errors=True)
+                return self._for_this_run_only(shape, error)
             return self._load(final)
         finally:
             lock.release(remove=True)
+
+    def _for_this_run_only(self, shape: tuple[int, int], error: OSError):
+        """The session of an export in a scratch folder, where the export cache cannot keep it."""
+        log.warning("The int8 model cannot be kept in %s (%s): exporting it for this run only.",
+                    self._root, error.strerror)
+        return self._load(self._build(self._scratch_folder(), shape))
 
     def _build(self, folder: Path, shape: tuple[int, int]) -> Path:
         """Export the network's graph for one tile shape, write it with its weights quantised to int8 (in

@@ -14,22 +14,19 @@ differ from the model's is refused, naming what differs.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ...params import Role, names_with
-from .atomic import write_atomically
 from .clustering import ClusterModel, Projection
 from .errors import InputError
-from .files import refuse_special_file
+from .files import read_header_and_arrays, write_header_and_arrays
 
 log = logging.getLogger("treeseg")
 
@@ -104,37 +101,17 @@ class SurveyModel:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write the file atomically (core/atomic.py)."""
-        path = Path(path)
-        buffer = io.BytesIO()
-        np.savez_compressed(
-            buffer,
-            header=np.frombuffer(json.dumps(self.header()).encode(), dtype=np.uint8),
-            pca_mean=self.projection.mean, pca_components=self.projection.components,
-            centres=self.fit.clusters.centres,
-        )
-        write_atomically(path, buffer.getvalue(), f"the cluster model {path}")
-        return path
+        """Write the file, whole or not at all."""
+        return write_header_and_arrays(path, "cluster model", self.header(), {
+            "pca_mean": self.projection.mean, "pca_components": self.projection.components,
+            "centres": self.fit.clusters.centres})
 
     @classmethod
     def load(cls, path: str | Path) -> SurveyModel:
         """Read a file `save` wrote; anything else (a pipe, a damaged or hand-edited file) is one InputError
         saying why: the header and every array are checked against the format before use."""
-        refuse_special_file(path, "cluster model")
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {name: data[name] for name in ("header", *ARRAYS)}
-            header = json.loads(bytes(arrays.pop("header")).decode())
-        except FileNotFoundError:
-            raise InputError(f"The cluster model {path} does not exist.") from None
-        except IsADirectoryError:
-            raise InputError(f"The cluster model {path} is a folder: choose the .treeseg file.") from None
-        except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, EOFError, zipfile.BadZipFile,
-                UnicodeDecodeError) as error:
-            raise InputError(f"{path} is not a treeseg cluster model, or it is damaged ({error}): fit it again "
-                             "(python -m treeseg_qgis fit).") from None
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise InputError(f"{path} is not a treeseg cluster model.")
+        header, arrays = read_header_and_arrays(path, "cluster model", FORMAT, ARRAYS,
+                                                "fit it again (python -m treeseg_qgis fit)")
         version = header.get("version")
         if version == BYTE_ONLY_VERSION and "stretch" in str(header.get("scaling", "")):
             raise InputError(f"The cluster model {path} (format version {version}) was fitted with each raster "

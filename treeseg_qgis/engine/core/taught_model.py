@@ -10,18 +10,14 @@ checked against the header when read; written atomically. A damaged or edited fi
 
 from __future__ import annotations
 
-import io
-import json
 import math
-import os
-import stat
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, OutputError
+from .errors import InputError
+from .files import read_header_and_arrays, write_header_and_arrays
 from .teach import TaughtClassifier
 
 FORMAT = "treeseg-taught-classifier"
@@ -45,42 +41,21 @@ class TaughtModel:
                 "projection_id": self.projection_id, "extractor": self.extractor, "weights": self.weights}
 
     def save(self, path: str | Path) -> Path:
-        """Write the file (through a partial file beside it)."""
-        path = Path(path)
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, header=np.frombuffer(json.dumps(self.header()).encode(), dtype=np.uint8),
-                            weights=self.classifier.weights.astype(np.float64),
-                            offsets=self.classifier.offsets.astype(np.float64))
-        partial = path.with_name(f".{path.name}.partial")
-        try:
-            partial.write_bytes(buffer.getvalue())
-            os.replace(partial, path)
-        except OSError as error:
-            partial.unlink(missing_ok=True)
-            raise OutputError(f"Cannot write the taught classifier {path}: {error.strerror}.") from error
-        return path
+        """Write the file, whole or not at all."""
+        return write_header_and_arrays(path, "taught classifier", self.header(), {
+            "weights": self.classifier.weights.astype(np.float64),
+            "offsets": self.classifier.offsets.astype(np.float64)})
 
     @classmethod
     def load(cls, path: str | Path) -> TaughtModel:
         """Read a file `save` wrote; anything else is an InputError of one line saying why."""
-        try:
-            if not stat.S_ISREG(os.stat(path).st_mode):
-                raise InputError(f"The taught classifier {path} is not a regular file.")
-            with np.load(path, allow_pickle=False) as data:
-                header = json.loads(bytes(data["header"]).decode())
-                weights, offsets = data["weights"], data["offsets"]
-        except FileNotFoundError:
-            raise InputError(f"The taught classifier {path} does not exist.") from None
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as error:
-            raise InputError(f"{path} is not a treeseg taught classifier, or it is damaged ({error}): teach it "
-                             "again (python -m treeseg_qgis teach … --save-classifier).") from None
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise InputError(f"{path} is not a treeseg taught classifier.")
+        header, arrays = read_header_and_arrays(path, "taught classifier", FORMAT, ("weights", "offsets"),
+                                                "teach it again (python -m treeseg_qgis teach … --save-classifier)")
         if header.get("version") != FORMAT_VERSION:
             raise InputError(f"The taught classifier {path} has format version {header.get('version')}; this "
                              f"treeseg reads version {FORMAT_VERSION}: teach it again with this version.")
         try:
-            return cls._checked(header, weights, offsets)
+            return cls._checked(header, arrays["weights"], arrays["offsets"])
         except (KeyError, TypeError, ValueError) as error:
             raise InputError(f"The taught classifier {path} is damaged or was edited ({error}): teach it "
                              "again.") from None

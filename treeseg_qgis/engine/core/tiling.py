@@ -17,11 +17,9 @@ from ...catalogue import PATCH
 
 
 @dataclass(frozen=True)
-class Tile:
-    """One window of the raster, in pixels, and its place in the tile grid."""
+class Window:
+    """A rectangle of the raster, in pixels."""
 
-    row: int
-    col: int
     x: int
     y: int
     width: int
@@ -29,11 +27,11 @@ class Tile:
 
 
 @dataclass(frozen=True)
-class Window:
-    x: int
-    y: int
-    width: int
-    height: int
+class Tile(Window):
+    """One window of the raster and its place in the tile grid."""
+
+    row: int
+    col: int
 
 
 class TileGrid:
@@ -53,7 +51,7 @@ class TileGrid:
         return self.rows * self.cols
 
     def tile(self, row: int, col: int) -> Tile:
-        return Tile(row, col, col * self.step, row * self.step, self.tile_width, self.tile_height)
+        return Tile(col * self.step, row * self.step, self.tile_width, self.tile_height, row=row, col=col)
 
     def tiles(self) -> list[Tile]:
         return [self.tile(r, c) for r in range(self.rows) for c in range(self.cols)]

@@ -3,18 +3,15 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
 from osgeo import gdal, ogr, osr
 
 from ...outputs import CLASS_COLOURS
+from ..core.atomic import partial_path
 from ..core.errors import OutputError
-from .writers import CREATION_OPTIONS, NODATA, _colour_table
-
-gdal.UseExceptions()
-ogr.UseExceptions()
+from .writers import NODATA, LabelRasterWriter
 
 UNSURE = 0
 UNSURE_NAME = "unsure"
@@ -34,39 +31,28 @@ def class_palette(count: int) -> dict[int, tuple[int, int, int, int]]:
                                       for value in range(1, count + 1)}}
 
 
-class ClassRasterWriter:
+class ClassRasterWriter(LabelRasterWriter):
     """Writes the class raster (Byte, paletted, named categories) and the class probabilities (Float32, one
-    band per class, named) window by window; `abort` removes both."""
+    band per class, named) window by window; as LabelRasterWriter, under temporary names until `close`."""
 
     def __init__(self, classes_path: str, probabilities_path: str, width: int, height: int, crs_wkt: str,
                  geotransform: Sequence[float], names: Sequence[str], metadata: dict[str, str]) -> None:
-        self.paths = [classes_path, probabilities_path]
-        self._datasets: list[gdal.Dataset] = []
+        self._final_paths = [classes_path, probabilities_path]
+        self._partial_paths = [partial_path(classes_path), partial_path(probabilities_path)]
+        self._datasets = []
         try:
-            driver = gdal.GetDriverByName("GTiff")
-            classes = driver.Create(classes_path, width, height, 1, gdal.GDT_Byte, options=CREATION_OPTIONS)
-            self._datasets.append(classes)
-            probabilities = driver.Create(probabilities_path, width, height, len(names), gdal.GDT_Float32,
-                                          options=[*CREATION_OPTIONS, "INTERLEAVE=BAND"])
+            self._datasets.append(self._create(self._partial_paths[0], classes_path, width, height, crs_wkt,
+                                               geotransform, class_palette(len(names)), class_categories(names),
+                                               metadata))
+            probabilities = self._create(self._partial_paths[1], probabilities_path, width, height, crs_wkt,
+                                         geotransform, None, None, metadata, gdal.GDT_Float32, PROBABILITY_NODATA,
+                                         len(names))
             self._datasets.append(probabilities)
-            for dataset in self._datasets:
-                dataset.SetGeoTransform([float(v) for v in geotransform])
-                if crs_wkt:
-                    dataset.SetProjection(crs_wkt)
-                dataset.SetMetadata({str(k): str(v) for k, v in metadata.items()})
-            band = classes.GetRasterBand(1)
-            band.SetNoDataValue(NODATA)
-            band.SetColorTable(_colour_table(class_palette(len(names))))
-            band.SetColorInterpretation(gdal.GCI_PaletteIndex)
-            band.SetCategoryNames(class_categories(names))
-            for index, name in enumerate(names):
-                band = probabilities.GetRasterBand(index + 1)
-                band.SetNoDataValue(PROBABILITY_NODATA)
-                band.SetDescription(name)
-        except RuntimeError as error:
+            for number, name in enumerate(names, start=1):
+                probabilities.GetRasterBand(number).SetDescription(name)
+        except BaseException:
             self.abort()
-            raise OutputError(f"Cannot create '{classes_path}': {error}. Check that the folder is writable and "
-                              "the disk has space.") from error
+            raise
 
     def write(self, x: int, y: int, probabilities: np.ndarray, labels: np.ndarray) -> None:
         """One window: (K, h, w) probabilities and the (h, w) class values."""
@@ -75,24 +61,8 @@ class ClassRasterWriter:
             for index, band in enumerate(probabilities):
                 self._datasets[1].GetRasterBand(index + 1).WriteArray(band.astype(np.float32), xoff=x, yoff=y)
         except RuntimeError as error:
-            raise OutputError(f"Writing '{self.paths[0]}' failed: {error}. Check the free disk space.") from error
-
-    def close(self) -> None:
-        try:
-            for dataset in self._datasets:
-                dataset.FlushCache()
-            self._datasets = []
-        except RuntimeError as error:
-            self.abort()
-            raise OutputError(f"Writing '{self.paths[0]}' failed: {error}. Check the free disk space.") from error
-
-    def abort(self) -> None:
-        """Close and remove both files; safe to call more than once."""
-        self._datasets = []
-        for path in self.paths:
-            for leftover in (path, path + ".aux.xml"):
-                if os.path.exists(leftover):
-                    os.remove(leftover)
+            raise OutputError(f"Writing '{self._final_paths[0]}' failed: {error}. Check the free disk space and "
+                              "that the folder is still writable.") from error
 
 
 def write_class_polygons(classes_path: str, polygons_path: str, names: Sequence[str]) -> int:

@@ -18,10 +18,7 @@ from osgeo import gdal, ogr, osr
 
 from ..core.crowns import CrownOptions, split_crowns
 from ..core.errors import Cancelled, InputError
-from .polygons import metric_measures, write_polygon_gpkg
-
-gdal.UseExceptions()
-ogr.UseExceptions()
+from .polygons import metric_measures, raster_crs, write_polygon_gpkg
 
 BLOCK = 1024
 METRES_PER_DEGREE = 111_320.0
@@ -48,9 +45,7 @@ def write_crowns(
     except RuntimeError as error:
         raise InputError(f"Cannot open the tree mask or cluster raster: {error}. "
                          "Run the segmentation again.") from error
-    srs = trees.GetSpatialRef()
-    if srs is not None:
-        srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    srs = raster_crs(trees)
     pixel_m = _pixel_size_m(trees, srs)
     halo = int(math.ceil(options.max_crown_m / pixel_m))
     measure = metric_measures(srs, trees)

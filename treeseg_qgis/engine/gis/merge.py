@@ -6,9 +6,6 @@ from collections.abc import Sequence
 
 from osgeo import ogr, osr
 
-ogr.UseExceptions()
-osr.UseExceptions()
-
 SOURCE_FIELD = "source"
 
 

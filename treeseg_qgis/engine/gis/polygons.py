@@ -16,10 +16,6 @@ from ..core.errors import Cancelled, InputError, OutputError
 from ..core.heap import padded_heap
 from .seams import SeamJoins, join_pieces, polygon_rings, polygon_wkb, runs_on_line
 
-gdal.UseExceptions()
-ogr.UseExceptions()
-osr.UseExceptions()
-
 POLYGONIZE_SHARE = 0.8
 STRIPS_SHARE = 0.75
 CHECK_EVERY = 1000
@@ -59,9 +55,7 @@ def polygonize_clusters(
             f"Cannot open the cluster raster '{clusters_path}': {error}. "
             "Run the segmentation again to recreate it."
         ) from error
-    srs = raster.GetSpatialRef()
-    if srs is not None:
-        srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    srs = raster_crs(raster)
     measure = metric_measures(srs, raster)
     band = raster.GetRasterBand(1)
 
@@ -312,6 +306,14 @@ def _fill_attributes(
                 raise Cancelled()
             report(POLYGONIZE_SHARE + (1.0 - POLYGONIZE_SHARE) * count / total)
     output.CommitTransaction()
+
+
+def raster_crs(raster: gdal.Dataset) -> osr.SpatialReference | None:
+    """The raster's CRS with x first (easting or longitude), as the geotransform has it; None without one."""
+    srs = raster.GetSpatialRef()
+    if srs is not None:
+        srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    return srs
 
 
 def metric_measures(

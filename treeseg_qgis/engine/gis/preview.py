@@ -14,8 +14,6 @@ from ..core.errors import OutputError
 from .raster import GdalRasterSource
 from .writers import NODATA, TREE_COLOUR
 
-gdal.UseExceptions()
-
 PANEL_INCHES = 4.0
 MIN_PANEL_PIXELS = 400
 TITLE_INCHES = 0.7

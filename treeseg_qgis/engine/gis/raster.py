@@ -9,8 +9,6 @@ from osgeo import gdal
 
 from ..core.errors import InputError
 
-gdal.UseExceptions()
-
 DEFAULT_BANDS = (1, 2, 3)
 STATISTICS_SIZE = 1024
 LOW_PERCENTILE = 2.0

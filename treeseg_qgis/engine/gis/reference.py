@@ -23,10 +23,6 @@ from ..core.evaluation import ReferenceObject, boxes_to_objects
 from ..core.examples import CLASS_FIELD, Example, class_label
 from ..core.files import refuse_special_file
 
-gdal.UseExceptions()
-ogr.UseExceptions()
-osr.UseExceptions()
-
 MAX_EVALUATION_PIXELS = 200_000_000
 
 
@@ -66,7 +62,7 @@ def read_band(path: str, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
 def read_prediction(path: str, image: str | None = None) -> tuple[np.ndarray, np.ndarray, Grid, np.ndarray | None]:
     """(tree mask, valid, grid, crown ids or None) of a tree raster, of `is_tree` polygons, or of
     crown polygons (`crown_id`), the polygons rasterized on the grid of `image`."""
-    if _is_raster(path):
+    if is_raster(path):
         grid = Grid.of(path)
         values, valid = read_band(path, grid)
         return (values == 1) & valid, valid, grid, None
@@ -184,7 +180,8 @@ def _memory_raster(width: int, height: int, geotransform, crs_wkt: str, data_typ
     return dataset
 
 
-def _is_raster(path: str) -> bool:
+def is_raster(path: str) -> bool:
+    """Whether GDAL opens `path` as a raster (a pipe or device is refused first)."""
     refuse_special_file(path, "file")
     try:
         return gdal.OpenEx(path, gdal.OF_RASTER) is not None

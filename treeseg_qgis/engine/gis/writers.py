@@ -11,8 +11,6 @@ from osgeo import gdal
 from ..core.atomic import atomic_file, partial_path
 from ..core.errors import InputError, OutputError
 
-gdal.UseExceptions()
-
 NODATA = 255
 CREATION_OPTIONS = ["TILED=YES", "COMPRESS=DEFLATE", "BIGTIFF=IF_SAFER"]
 
@@ -138,6 +136,7 @@ class LabelRasterWriter:
         metadata: dict[str, str],
         data_type: int = gdal.GDT_Byte,
         nodata: float = NODATA,
+        bands: int = 1,
     ) -> gdal.Dataset:
         folder = os.path.dirname(os.path.abspath(final_path))
         if not os.path.isdir(folder):
@@ -147,7 +146,8 @@ class LabelRasterWriter:
             )
         try:
             dataset = gdal.GetDriverByName("GTiff").Create(
-                path, width, height, 1, data_type, options=CREATION_OPTIONS
+                path, width, height, bands, data_type,
+                options=CREATION_OPTIONS if bands == 1 else [*CREATION_OPTIONS, "INTERLEAVE=BAND"],
             )
         except RuntimeError as error:
             raise OutputError(
@@ -158,8 +158,9 @@ class LabelRasterWriter:
         if crs_wkt:
             dataset.SetProjection(crs_wkt)
         dataset.SetMetadata({str(key): str(value) for key, value in metadata.items()})
+        for number in range(1, bands + 1):
+            dataset.GetRasterBand(number).SetNoDataValue(nodata)
         band = dataset.GetRasterBand(1)
-        band.SetNoDataValue(nodata)
         if palette is not None:
             band.SetColorTable(_colour_table(palette))
             band.SetColorInterpretation(gdal.GCI_PaletteIndex)

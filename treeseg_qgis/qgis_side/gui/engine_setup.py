@@ -19,7 +19,7 @@ from pathlib import Path
 
 from qgis.core import QgsApplication, QgsTask
 from qgis.gui import QgsCollapsibleGroupBox, QgsFileWidget
-from qgis.PyQt.QtCore import QProcess, QProcessEnvironment, Qt, pyqtSignal
+from qgis.PyQt.QtCore import QProcess, QProcessEnvironment, pyqtSignal
 from qgis.PyQt.QtGui import QFontDatabase, QTextCursor
 from qgis.PyQt.QtWidgets import (
     QComboBox,
@@ -43,7 +43,7 @@ from ..engine_client import (
     configured_engine_origin,
     configured_engine_python,
 )
-from .layouts import hbox, vbox
+from .layouts import hbox, vbox, wrapped_label
 
 INTRO = (
     "TreeSeg runs DINOv3 in a Python environment of its own, beside QGIS: a virtual environment in "
@@ -167,38 +167,28 @@ class EngineSetupDialog(QDialog):
         return "Repair" if self._current_engine() is not None else "Install"
 
     def _build(self) -> None:
-        intro = QLabel(INTRO)
-        intro.setWordWrap(True)
-        self.folder_label = QLabel()
-        self.folder_label.setWordWrap(True)
-        self.folder_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.base_label = QLabel(self.base_python or self.base_problem)
-        self.base_label.setWordWrap(True)
-        self.base_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        intro = wrapped_label(INTRO)
+        self.folder_label = wrapped_label(selectable=True)
+        self.base_label = wrapped_label(self.base_python or self.base_problem, selectable=True)
         if self.base_python is None:
             self.base_label.setStyleSheet(ERROR_STYLE)
         self.build_combo = QComboBox()
         self.build_combo.addItem("CPU", engine_env.CPU)
         self.build_combo.setToolTip("CUDA is offered when nvidia-smi finds an NVIDIA GPU.")
-        self.gpu_label = QLabel("Looking for an NVIDIA GPU…")
-        self.gpu_label.setWordWrap(True)
+        self.gpu_label = wrapped_label("Looking for an NVIDIA GPU…")
         self.torch_index = QLineEdit(engine_env.default_torch_index(engine_env.CPU))
         self.torch_index.setToolTip("Added to your pip indexes for torch's CPU or CUDA build. Empty for none, "
                                     "when your organisation's mirror has torch: on Linux the CPU engine then asks "
                                     "it for torch's CPU build (a version ending in +cpu), never PyPI's CUDA one.")
-        self.packages_label = QLabel(", ".join(map(plain_requirement, self.requirements))
-                                     + f": the versions TreeSeg {__version__} was tested with")
-        self.packages_label.setWordWrap(True)
-        self.leftover_label = QLabel()
-        self.leftover_label.setWordWrap(True)
+        self.packages_label = wrapped_label(", ".join(map(plain_requirement, self.requirements))
+                                            + f": the versions TreeSeg {__version__} was tested with")
+        self.leftover_label = wrapped_label()
         self.leftover_button = QPushButton("Delete")
         self.leftover_button.setToolTip("Delete these folders (in the background).")
         self.leftover_row = QWidget()
         self.leftover_row.setLayout(hbox((self.leftover_label, 1), self.leftover_button))
         self.leftover_row.setVisible(False)
-        self.engine_label = QLabel()
-        self.engine_label.setWordWrap(True)
-        self.engine_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.engine_label = wrapped_label(selectable=True)
 
         self.install_button = QPushButton("Install")
         self.install_button.setToolTip("Build the engine aside, check it, then put it in place.")
@@ -211,9 +201,7 @@ class EngineSetupDialog(QDialog):
         self.progress_bar = QProgressBar()
         self.progress_bar.setRange(0, PROGRESS_RANGE)
         self.progress_bar.setValue(0)
-        self.status_label = QLabel()
-        self.status_label.setWordWrap(True)
-        self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.status_label = wrapped_label(selectable=True)
         help_label = QLabel(f'<a href="{engine_env.TROUBLESHOOTING_URL}">Troubleshooting: what each message '
                             f'means, where the engine lives, how to repair or remove it</a>')
         help_label.setOpenExternalLinks(True)
@@ -228,10 +216,9 @@ class EngineSetupDialog(QDialog):
         self.python_widget.setFilePath(chosen_engine_python())
         self.use_python_button = QPushButton("Use this Python")
         advanced = QgsCollapsibleGroupBox("Advanced: use an existing Python environment")
-        advanced_note = QLabel("Instead of the private environment, run the engine with the Python of an "
-                               "environment you made yourself (it needs the packages of requirements.txt "
-                               "and GDAL's Python bindings). It is checked before it is used.")
-        advanced_note.setWordWrap(True)
+        advanced_note = wrapped_label("Instead of the private environment, run the engine with the Python of an "
+                                      "environment you made yourself (it needs the packages of requirements.txt "
+                                      "and GDAL's Python bindings). It is checked before it is used.")
         advanced.setLayout(vbox(advanced_note, hbox((self.python_widget, 1), self.use_python_button)))
         advanced.setCollapsed(True)
 

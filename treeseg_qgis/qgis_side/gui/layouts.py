@@ -1,10 +1,12 @@
-"""Box layouts filled in one call: `hbox(a, (b, 1), c)` instead of one `addWidget` line per widget."""
+"""Box layouts filled in one call: `hbox(a, (b, 1), c)` instead of one `addWidget` line per widget; labels that
+wrap (and may be selected) in one call too."""
 
 from __future__ import annotations
 
 from typing import Union
 
-from qgis.PyQt.QtWidgets import QBoxLayout, QHBoxLayout, QLayout, QVBoxLayout, QWidget
+from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtWidgets import QBoxLayout, QHBoxLayout, QLabel, QLayout, QVBoxLayout, QWidget
 
 LayoutItem = Union[QWidget, QLayout, tuple[Union[QWidget, QLayout], int], int]
 
@@ -32,3 +34,12 @@ def hbox(*items: LayoutItem) -> QHBoxLayout:
 def vbox(*items: LayoutItem) -> QVBoxLayout:
     """A vertical layout of `items` (see `fill`)."""
     return fill(QVBoxLayout(), *items)
+
+
+def wrapped_label(text: str = "", selectable: bool = False) -> QLabel:
+    """A label whose text wraps; `selectable`: the text can be selected with the mouse (a path, an error)."""
+    label = QLabel(text)
+    label.setWordWrap(True)
+    if selectable:
+        label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+    return label

@@ -37,7 +37,7 @@ from ...catalogue import MODELS, CatalogueModel
 from ...memory import estimate_peak_bytes, format_gigabytes, format_size
 from ..auth import TokenStoreError, has_stored_token, hf_token, remove_token, store_token
 from ..engine_client import EngineClient, EngineError, missing_engine_message
-from .layouts import fill, hbox
+from .layouts import fill, hbox, wrapped_label
 
 COLUMNS = ("Model", "In cache", "Parameters", "Download", "Memory (CPU)", "Hugging Face id")
 NAME_COLUMN, CACHE_COLUMN, MEMORY_COLUMN = 0, 1, 4
@@ -149,10 +149,9 @@ class ModelManagerDialog(QDialog):
                 self.table.setItem(row, column, item)
         self.table.itemSelectionChanged.connect(self._selection_changed)
 
-        self.licence_label = QLabel()
+        self.licence_label = wrapped_label()
         self.licence_label.setTextFormat(Qt.TextFormat.RichText)
         self.licence_label.setOpenExternalLinks(True)
-        self.licence_label.setWordWrap(True)
 
         self.download_button = QPushButton("Download")
         self.download_button.clicked.connect(self.download_selected)
@@ -173,20 +172,15 @@ class ModelManagerDialog(QDialog):
         self.cancel_button.clicked.connect(self.cancel)
         self.cancel_button.hide()
         progress_row = hbox((self.progress, 1), self.cancel_button)
-        self.status_label = QLabel(missing_engine_message() if self.engine is None else "")
-        self.status_label.setWordWrap(True)
-        self.cache_label = QLabel()
-        self.cache_label.setWordWrap(True)
-        self.feature_cache_label = QLabel()
-        self.feature_cache_label.setWordWrap(True)
+        self.status_label = wrapped_label(missing_engine_message() if self.engine is None else "")
+        self.cache_label = wrapped_label()
+        self.feature_cache_label = wrapped_label()
         self.clear_cache_button = QPushButton("Clear feature cache")
         self.clear_cache_button.setToolTip("Remove the features kept from earlier runs; the next run of each raster "
                                            "runs the model again.")
         self.clear_cache_button.clicked.connect(self.clear_feature_cache)
         feature_cache_row = hbox((self.feature_cache_label, 1), self.clear_cache_button)
-        self.in_use_label = QLabel()
-        self.in_use_label.setWordWrap(True)
-        self.in_use_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.in_use_label = wrapped_label(selectable=True)
         close_box = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
         close_box.rejected.connect(self.close)
 
@@ -198,8 +192,7 @@ class ModelManagerDialog(QDialog):
         self.remove_token_button = QPushButton("Remove token")
         self.remove_token_button.clicked.connect(self._remove_token)
         token_row = hbox((self.token_edit, 1), self.save_token_button, self.remove_token_button)
-        self.token_label = QLabel()
-        self.token_label.setWordWrap(True)
+        self.token_label = wrapped_label()
         self.token_label.setTextFormat(Qt.TextFormat.RichText)
         self.token_label.setOpenExternalLinks(True)
 

@@ -1,8 +1,8 @@
 """The Processing algorithm `treeseg:evaluate`: quality of a tree segmentation against reference data.
 
 It runs inside QGIS: treeseg_qgis.evaluate needs numpy, scipy, GDAL and
-matplotlib, no torch. That module (and gis/reference.py under it) calls
-`gdal.UseExceptions()` when imported, while QGIS runs GDAL's Python bindings
+matplotlib, no torch. That module (through the engine's gis package under it) calls
+`UseExceptions()` when imported, while QGIS runs GDAL's Python bindings
 without exceptions; so it is imported only inside processAlgorithm, with the
 exceptions switched on for the run and set back afterwards (`gdal_exceptions`).
 

@@ -85,6 +85,25 @@ feature-cache state are also returned for use in a model.</li>
 {WEIGHTS_HELP}"""
 
 
+TEACH_VALUES = (
+    Value("FEATURE_CACHE", ("feature_cache",), QgsProcessingOutputString, "Feature cache (hit, miss or off)"),
+    Value("TEACH_RECORD", ("outputs", "teach_record"), QgsProcessingOutputFile, "Teach record (JSON)"),
+)
+"""The values both teach algorithms return."""
+
+
+def example_parameters(field_parameter: str, description: str, default_field: str) -> list[Declared]:
+    """The raster, the example points and their field, which both teach algorithms take first; the field is
+    optional, so that its default is taken where it is left out (qgis_process, processing.run)."""
+    return [
+        orthophoto_parameter(),
+        Declared(QgsProcessingParameterFeatureSource(EXAMPLES_PARAMETER, "Example points", [POINT_LAYERS])),
+        Declared(QgsProcessingParameterField(
+            field_parameter, description, defaultValue=default_field, parentLayerParameterName=EXAMPLES_PARAMETER,
+            type=ANY_FIELD, optional=True)),
+    ]
+
+
 class TeachTreesAlgorithm(EngineAlgorithm):
     """Class scores and a class mask from example points, through the engine worker process."""
 
@@ -106,18 +125,12 @@ class TeachTreesAlgorithm(EngineAlgorithm):
     VALUES = (
         Value("TREE_COVER", ("tree_cover",), QgsProcessingOutputNumber, "Class cover (fraction of valid pixels)"),
         Value("THRESHOLD_USED", ("threshold",), QgsProcessingOutputNumber, "Threshold used"),
-        Value("FEATURE_CACHE", ("feature_cache",), QgsProcessingOutputString, "Feature cache (hit, miss or off)"),
-        Value("TEACH_RECORD", ("outputs", "teach_record"), QgsProcessingOutputFile, "Teach record (JSON)"),
+        *TEACH_VALUES,
     )
 
     def declare(self) -> list[Declared]:
         return [
-            orthophoto_parameter(),
-            Declared(QgsProcessingParameterFeatureSource(self.EXAMPLES, "Example points", [POINT_LAYERS])),
-            # Optional, so that the default is taken where the field is left out (qgis_process, processing.run).
-            Declared(QgsProcessingParameterField(
-                self.IS_TREE_FIELD, "Class field (1 yes, 0 not)", defaultValue=DEFAULT_IS_TREE_FIELD,
-                parentLayerParameterName=self.EXAMPLES, type=ANY_FIELD, optional=True)),
+            *example_parameters(self.IS_TREE_FIELD, "Class field (1 yes, 0 not)", DEFAULT_IS_TREE_FIELD),
             Declared(QgsProcessingParameterString(
                 self.CLASS_NAME, "Class the examples show", defaultValue="tree", optional=True)),
             Declared(QgsProcessingParameterNumber(
@@ -173,18 +186,11 @@ class TeachClassesAlgorithm(EngineAlgorithm):
         Destination("OUTPUT_CLASS_PROBABILITIES", "Class probabilities", "class_probabilities"),
         Destination("OUTPUT_CLASS_POLYGONS", "Class polygons", "class_polygons"),
     )
-    VALUES = (
-        Value("FEATURE_CACHE", ("feature_cache",), QgsProcessingOutputString, "Feature cache (hit, miss or off)"),
-        Value("TEACH_RECORD", ("outputs", "teach_record"), QgsProcessingOutputFile, "Teach record (JSON)"),
-    )
+    VALUES = TEACH_VALUES
 
     def declare(self) -> list[Declared]:
         return [
-            orthophoto_parameter(),
-            Declared(QgsProcessingParameterFeatureSource(self.EXAMPLES, "Example points", [POINT_LAYERS])),
-            Declared(QgsProcessingParameterField(
-                self.CLASS_FIELD, "Field naming each point's class", defaultValue=CLASS_FIELD,
-                parentLayerParameterName=self.EXAMPLES, type=ANY_FIELD, optional=True)),
+            *example_parameters(self.CLASS_FIELD, "Field naming each point's class", CLASS_FIELD),
             *model_parameters(),
             *device_parameters(),
         ]
