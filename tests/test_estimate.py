@@ -43,7 +43,7 @@ def test_more_cores_shorten_the_forward_but_not_gdals_one_thread_writing_and_pol
 
 def test_the_engine_estimates_the_precision_the_forward_runs_in(tmp_path, capsys):
     """The estimate a run prints first, before the model loads: float32 is the longer forward, as int8 is the
-    faster one (docs/BENCHMARKS.md: 137.6 against 61.7 s at 36 MP). The model is a ViT-S's config.json without
+    faster one (docs/BENCHMARKS.md: 137.6 against 54.6 s at 36 MP). The model is a ViT-S's config.json without
     weights, so each run stops where the weights load."""
     from osgeo import gdal
     from transformers import DINOv3ViTConfig

@@ -44,28 +44,30 @@ RUN_BATCH_SIZE = 4
 """The images per forward batch of a run from the panel (the default of SegmentationParams.batch_size)."""
 RUN_OVERLAP = 64
 """The tile overlap of a run from the panel (the default of SegmentationParams.overlap)."""
-FEATURE_SECONDS_PER_TILE = {"int8": 61.7 / 196, "float32": 137.6 / 196}
+FEATURE_SECONDS_PER_TILE = {"int8": 54.6 / 196, "float32": 137.6 / 196}
 """Seconds of the model's forward per 512-px tile of ViT-S/16 at stride 16 on 2 CPU cores, by precision (bfloat16
-is counted as float32): docs/BENCHMARKS.md, end to end at 36 MP on a quiet machine."""
+is counted as float32): docs/BENCHMARKS.md, end to end at 36 MP on a quiet machine (int8: the estimate benchmark's
+warm 36 MP run; float32: the CPU forward precision section)."""
 CALIBRATION_PARAMETERS = 21.6e6
 """Weights of the ViT-S/16 of that calibration."""
 CALIBRATION_CORES = 2
 ENGINE_START_SECONDS = 6.0
 """A new engine worker: its interpreter and the torch import (about 6 s on 2 cores, ../shared/ENVIRONMENT.md)."""
-MODEL_LOAD_SECONDS = (2.0, 0.2)
-"""Loading the weights: seconds, plus seconds per million weights (ViT-S/16: 6.2 s, docs/BENCHMARKS.md, Processing
-batch with a fresh worker)."""
+MODEL_LOAD_SECONDS = (1.0, 0.1)
+"""Loading the weights: seconds, plus seconds per million weights (ViT-S/16: 2.0 to 2.4 s from a warm disk, 7.3 s
+from a cold one; docs/BENCHMARKS.md, the estimate benchmark)."""
 INT8_EXPORT_SECONDS = (2.5, 0.09)
 """The first int8 ONNX export and quantisation of a model (then cached per weights and tile shape): seconds, plus
 seconds per million weights (ViT-B: 10.5 s, docs/BENCHMARKS.md, CPU forward precision)."""
-CLUSTER_SECONDS = {"fixed": 0.5, "automatic": 3.0}
-"""PCA and k-means on the sample: one K, or every K of the default range for the elbow."""
+CLUSTER_SECONDS = {"fixed": 0.3, "automatic": 1.0}
+"""PCA and k-means on the sample: one K, or every K of the default range for the elbow (automatic: 0.2 to 0.9 s
+from 1 to 36 MP, docs/BENCHMARKS.md, the estimate benchmark)."""
 OUTPUT_SECONDS_PER_MEGAPIXEL = {"threaded": 0.15, "one_thread": 0.32}
 """Projecting, assigning, writing and polygonizing per million pixels on the calibration's cores: 0.47 s/MP at 36
 and at 400 MP (docs/BENCHMARKS.md, where the time goes), of which projecting and assigning (numpy, on every core)
 0.15 and GDAL's writing and polygonizing (one thread, so no faster on more cores) 0.32 at 400 MP."""
-PREVIEW_SECONDS = 1.7
-"""The preview and the elbow plot."""
+PREVIEW_SECONDS = 1.1
+"""The preview and the elbow plot (0.8 to 1.3 s in the estimate benchmark)."""
 SPEED_FACTOR_RANGE = (0.25, 4.0)
 """How far a measured run may move the estimate (a run slowed by another program is not this machine's speed)."""
 LARGE_RUN_SECONDS = 3600
