@@ -15,9 +15,7 @@ from qgis.core import (
     QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingFeedback,
-    QgsProcessingOutputFile,
     QgsProcessingOutputNumber,
-    QgsProcessingOutputString,
     QgsProcessingParameterFile,
     QgsProcessingParameterFileDestination,
     QgsProcessingParameterMultipleLayers,
@@ -31,7 +29,6 @@ from ..raster_input import absolute_file, raster_file
 from .engine_algorithm import (
     WEIGHTS_HELP,
     Declared,
-    Destination,
     EngineAlgorithm,
     Value,
     clustering_parameters,
@@ -43,6 +40,7 @@ from .engine_algorithm import (
     run_in_engine,
 )
 from .segment_trees import SegmentTreesAlgorithm
+from .teach_trees import CLASS_DESTINATIONS, TEACH_VALUES
 
 MODEL_SUFFIX = ".treeseg"
 FIT_HELP = """<p>Fits <b>one</b> clustering on a feature sample drawn from all the chosen rasters (in
@@ -154,15 +152,8 @@ class ApplyClassifierAlgorithm(EngineAlgorithm):
     HELP = CLASSIFIER_HELP
 
     CLASSIFIER = "CLASSIFIER"
-    DESTINATIONS = (
-        Destination("OUTPUT_CLASSES", "Classes", "classes"),
-        Destination("OUTPUT_CLASS_PROBABILITIES", "Class probabilities", "class_probabilities"),
-        Destination("OUTPUT_CLASS_POLYGONS", "Class polygons", "class_polygons"),
-    )
-    VALUES = (
-        Value("FEATURE_CACHE", ("feature_cache",), QgsProcessingOutputString, "Feature cache (hit, miss or off)"),
-        Value("TEACH_RECORD", ("outputs", "teach_record"), QgsProcessingOutputFile, "Teach record (JSON)"),
-    )
+    DESTINATIONS = CLASS_DESTINATIONS
+    VALUES = TEACH_VALUES
 
     def declare(self) -> list[Declared]:
         return [

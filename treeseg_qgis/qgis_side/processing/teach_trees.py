@@ -89,7 +89,13 @@ TEACH_VALUES = (
     Value("FEATURE_CACHE", ("feature_cache",), QgsProcessingOutputString, "Feature cache (hit, miss or off)"),
     Value("TEACH_RECORD", ("outputs", "teach_record"), QgsProcessingOutputFile, "Teach record (JSON)"),
 )
-"""The values both teach algorithms return."""
+"""The values both teach algorithms (and Apply a taught classifier) return."""
+CLASS_DESTINATIONS = (
+    Destination("OUTPUT_CLASSES", "Classes", "classes"),
+    Destination("OUTPUT_CLASS_PROBABILITIES", "Class probabilities", "class_probabilities"),
+    Destination("OUTPUT_CLASS_POLYGONS", "Class polygons", "class_polygons"),
+)
+"""The outputs of a teach of several classes and of a taught classifier applied."""
 
 
 def example_parameters(field_parameter: str, description: str, default_field: str) -> list[Declared]:
@@ -181,11 +187,7 @@ class TeachClassesAlgorithm(EngineAlgorithm):
 
     EXAMPLES = EXAMPLES_PARAMETER
     CLASS_FIELD = "CLASS_FIELD"
-    DESTINATIONS = (
-        Destination("OUTPUT_CLASSES", "Classes", "classes"),
-        Destination("OUTPUT_CLASS_PROBABILITIES", "Class probabilities", "class_probabilities"),
-        Destination("OUTPUT_CLASS_POLYGONS", "Class polygons", "class_polygons"),
-    )
+    DESTINATIONS = CLASS_DESTINATIONS
     VALUES = TEACH_VALUES
 
     def declare(self) -> list[Declared]:
