@@ -374,6 +374,36 @@ def test_segment_many_applies_a_taught_classifier_to_three_rasters_with_one_lege
     assert not list(out.glob(".treeseg-staging-*"))
 
 
+def test_a_taught_classifier_on_two_dask_workers_writes_what_one_process_writes(
+        tiny_model_dir, survey_of_three, tmp_path, capsys):
+    """The rasters segmented on a Dask LocalCluster, then taught from the features the workers cached: the same
+    class rasters, class polygons and legend as one process, and no worker process left behind."""
+    import psutil
+
+    from treeseg_qgis.engine.cli import main
+
+    paths, model = survey_of_three
+    saved = tmp_path / "crowns.treeseg"
+    teach(survey_params(tiny_model_dir, paths[0], tmp_path, cluster_model=str(model)), CLASS_CLICKS,
+          save_classifier=str(saved))
+    for workers in (1, 2):
+        assert main(["segment-many", *map(str, paths), "--out", str(tmp_path / f"w{workers}"), "--cluster-model",
+                     str(model), "--classifier", str(saved), "--workers", str(workers),
+                     *cli_options(tiny_model_dir, tmp_path), "--cache-dir", str(tmp_path / f"cache{workers}")]) == 0
+        records = [json.loads((tmp_path / f"w{workers}" / f"{path.stem}_classes_teach.json").read_text())
+                   for path in paths]
+        assert [record["feature_cache"] for record in records] == ["hit"] * 3
+    summaries = [json.loads((tmp_path / f"w{n}" / "survey_summary.json").read_text()) for n in (1, 2)]
+    assert summaries[0]["classifier"] == summaries[1]["classifier"] and summaries[1]["classifier"]["classes"] == [
+        "crown", "ground"]
+    for path in paths:
+        one, two = (tmp_path / f"w{n}" / f"{path.stem}_classes.tif" for n in (1, 2))
+        assert band(str(one)).tolist() == band(str(two)).tolist() and class_legend(one) == class_legend(two)
+        assert (tmp_path / "w2" / f"{path.stem}_class_polygons.gpkg").is_file()
+    left = [" ".join(child.cmdline()) for child in psutil.Process().children(recursive=True)]
+    assert not [line for line in left if "resource_tracker" not in line]
+
+
 def test_segment_many_refuses_a_bad_or_misused_classifier_in_one_line_before_any_work(
         tiny_model_dir, survey_of_three, tmp_path, capsys):
     from treeseg_qgis.engine.cli import EXIT_USER_ERROR, main
