@@ -314,3 +314,35 @@ def test_make_eval_scores_any_image_with_its_boxes(tiny_model_dir, tmp_path):
     assert "- plot trees, RGB per pixel: the boxes the tree clicks fell on, by label: seed 0: 2 Alive, 2 Dead" in report
     assert "click sets reach the goal on" in report
     assert "NEON" not in report  # the sample images' attribution only comes with them
+    plain, context = linear_ceilings(report, "plot Dead")  # Dead and Alive crowns alike: colour cannot part them
+    assert 0.0 <= plain <= 1.0 and 0.0 <= context <= 1.0
+
+
+def linear_ceilings(report: str, image_class: str) -> tuple[float, float]:
+    """The eval report's linear ceilings of one image and class: on per-pixel RGB, and with local context."""
+    line = next(line for line in report.splitlines() if line.startswith(f"- {image_class}, linear ceiling: "))
+    found = re.search(r"in-box precision ([0-9.]+) at box recall .* on per-pixel RGB, ([0-9.]+) with", line)
+    return float(found.group(1)), float(found.group(2))
+
+
+def test_make_eval_teach_only_leaves_out_the_segmentation_rows_and_the_stability(tiny_model_dir, tmp_path):
+    centres = [(60, 60), (60, 180), (180, 60), (200, 200)]
+    image, _ = disc_scene(320, 320, centres, radius=25, seed=2)
+    write_geotiff(tmp_path / "plot.tif", image)
+    (tmp_path / "boxes.csv").write_text("xmin,ymin,xmax,ymax\n" + "".join(
+        f"{col - 30},{row - 30},{col + 30},{row + 30}\n" for row, col in centres))
+    result = subprocess.run([sys.executable, "scripts/eval_sample.py", str(tmp_path / "plot.tif"),
+                             str(tmp_path / "boxes.csv"), "--seeds", "1", "--teach-only", "--stability-sets", "0",
+                             "--out", str(tmp_path), "--model", str(tiny_model_dir)],
+                            capture_output=True, text=True, cwd=REPO, timeout=600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "QUALITY.md").read_text()  # the report beside the outputs, never docs/QUALITY.md
+    trees = report_rows(report, "## plot")
+    assert set(trees) - {"method"} == {"Reference: all pixels", "Reference: ExG + Otsu per pixel (plain numpy)",
+                          "Teach tree, 5 + 5 clicks, DINOv3 default", "Teach tree, 5 + 5 clicks, RGB per pixel"}
+    rgb_trees = report_rows(report, "## Click-to-teach: how many click sets reach the goal")["plot: trees"]
+    assert rgb_trees[0] == "RGB per pixel" and rgb_trees[3] in ("0 of 1", "1 of 1")
+    assert rgb_trees[8] == "—"  # no click set taught again without each click
+    plain, context = linear_ceilings(report, "plot trees")
+    assert plain >= 0.9 and 0.0 < context <= 1.0  # green crowns on sand: colour fitted to the boxes all but exact

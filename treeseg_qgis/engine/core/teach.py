@@ -17,6 +17,11 @@ What is learnt (`teach_classifier`):
   one click (BACKGROUND_WEIGHT): the class must look more like its clicks than like the raster at large,
   which keeps the mask from spreading over the raster (measured: docs/QUALITY.md). With examples of the class
   only, it is the whole of "something else".
+Measured and left out (RGB per pixel, 5 + 5 clicks, 2026-12-07): the local mean and spread of the features as
+more features (they raise what a model fitted to every box reaches, but 5 + 5 clicks overfit the extra
+dimensions: fewer click sets reach the goal), smoothing the probability or a minimum object size before the
+threshold (precision up, box recall down by as much: the best precision at the goal's recall does not move), an
+RBF expansion around the clicks (helps a two-looks class, loses more elsewhere).
 """
 
 from __future__ import annotations
