@@ -208,6 +208,10 @@ class ModelManagerDialog(QDialog):
         rows = self.table.selectionModel().selectedRows()
         return list(MODELS.values())[rows[0].row()] if rows else None
 
+    def _selected_when_free(self) -> CatalogueModel | None:
+        """The selected model when a job may start on it (an engine, no job running), else None."""
+        return self.selected_model() if self.engine is not None and self.task is None else None
+
     def show_model_in_use(self, override: str) -> None:
         """Name the panel's model override (a local folder or an id), which runs instead of the catalogue model."""
         self.in_use_label.setText(f"The panel runs <b>{override}</b> (its model override) instead of the model "
@@ -218,14 +222,11 @@ class ModelManagerDialog(QDialog):
         """Ask the engine which models are in the cache (unless a job is running)."""
         if self.engine is not None and self.task is None:
             self.cache_label.setText("Looking into the Hugging Face cache…")
-            engine = self.engine
-            self._start(EngineJobTask("TreeSeg: models in the cache", lambda task: engine.models()),
-                        self._listed)
+            self._start_call("TreeSeg: models in the cache", EngineClient.models, self._listed)
 
     def download_selected(self) -> None:
         """Download the selected model with the saved token (else the engine's HF_TOKEN or hf login)."""
-        model = self.selected_model()
-        if model is None or self.engine is None or self.task is not None:
+        if (model := self._selected_when_free()) is None:
             return
         engine, token = self.engine, hf_token()
         task = EngineJobTask(f"TreeSeg: downloading {model.name}", lambda job: engine.download_model(
@@ -240,28 +241,20 @@ class ModelManagerDialog(QDialog):
 
     def delete_selected(self) -> None:
         """Remove the selected model from the cache, after asking."""
-        model = self.selected_model()
-        if model is None or self.engine is None or self.task is not None:
+        if (model := self._selected_when_free()) is None:
             return
-        answer = QMessageBox.question(self, "Delete model", f"Remove {model.name} ({model.repo_id}) from the "
-                                      "Hugging Face cache? It can be downloaded again.")
-        if answer != QMessageBox.StandardButton.Yes:
-            return
-        engine = self.engine
-        self._start(EngineJobTask(f"TreeSeg: deleting {model.name}", lambda task: engine.delete_model(model.name)),
-                    self._job_done)
+        if self._confirmed("Delete model", f"Remove {model.name} ({model.repo_id}) from the Hugging Face cache? "
+                           "It can be downloaded again."):
+            self._start_call(f"TreeSeg: deleting {model.name}", lambda engine: engine.delete_model(model.name),
+                             self._job_done)
 
     def clear_feature_cache(self) -> None:
         """Empty the feature cache of runs, after asking."""
         if self.engine is None or self.task is not None:
             return
-        answer = QMessageBox.question(self, "Clear feature cache", "Remove the features kept from earlier runs? "
-                                      "The next run of each raster runs the model again; a run going on now may fail.")
-        if answer != QMessageBox.StandardButton.Yes:
-            return
-        engine = self.engine
-        self._start(EngineJobTask("TreeSeg: clearing the feature cache", lambda task: engine.clear_feature_cache()),
-                    self._job_done)
+        if self._confirmed("Clear feature cache", "Remove the features kept from earlier runs? The next run of "
+                           "each raster runs the model again; a run going on now may fail."):
+            self._start_call("TreeSeg: clearing the feature cache", EngineClient.clear_feature_cache, self._job_done)
 
     def cancel(self) -> None:
         if self.task is not None:
@@ -288,6 +281,16 @@ class ModelManagerDialog(QDialog):
         if self.task is None and self.engine is not None:
             self.engine.close()
         super().hideEvent(event)
+
+    def _confirmed(self, title: str, question: str) -> bool:
+        """Whether the user answers Yes to `question`."""
+        return QMessageBox.question(self, title, question) == QMessageBox.StandardButton.Yes
+
+    def _start_call(self, description: str, call: Callable[[EngineClient], dict[str, Any]],
+                    on_done: Callable[[dict[str, Any] | None, str], None]) -> None:
+        """Run `call(engine)` on this window's engine in the background; no progress is shown."""
+        engine = self.engine
+        self._start(EngineJobTask(description, lambda task: call(engine)), on_done)
 
     def _start(self, task: EngineJobTask, on_done: Callable[[dict[str, Any] | None, str], None]) -> None:
         self.task = task
