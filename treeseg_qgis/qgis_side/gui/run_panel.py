@@ -197,6 +197,17 @@ def _choice_combo(choices: Iterable[tuple[str, Any]], tooltip: str = "") -> QCom
     return combo
 
 
+def _minimum_spin(maximum: float, unit: str, tooltip: str) -> QDoubleSpinBox:
+    """A spin box of a minimum from 0 to `maximum` in `unit`, to one decimal, shown as "≥ value unit"."""
+    spin = QDoubleSpinBox()
+    spin.setRange(0.0, maximum)
+    spin.setDecimals(1)
+    spin.setPrefix("≥ ")
+    spin.setSuffix(unit)
+    spin.setToolTip(tooltip)
+    return spin
+
+
 def _value_of(widget: QWidget) -> Any:
     """What a settings widget shows: a combo box's item data, a check, a number, a text or a path."""
     if isinstance(widget, QComboBox):
@@ -332,27 +343,17 @@ class RunPanel(QWidget):
         self.crowns_check = QCheckBox("Tree crowns")
         self.crowns_check.setToolTip("One polygon per tree crown (watershed of the tree mask from the crown "
                                      "centres), with area, perimeter, diameter and centroid.")
-        self.crown_min_area = QDoubleSpinBox()
-        self.crown_min_area.setRange(0.0, 1000.0)
-        self.crown_min_area.setDecimals(1)
-        self.crown_min_area.setPrefix("≥ ")
-        self.crown_min_area.setSuffix(" m²")
-        self.crown_min_area.setToolTip("Minimum crown area: crowns smaller than this are dropped.")
+        self.crown_min_area = _minimum_spin(1000.0, " m²", "Minimum crown area: crowns smaller than this are dropped.")
         self.features_check = QCheckBox("Feature image")
         self.features_check.setToolTip("The first three principal components of the DINOv3 features as an RGB "
                                        "image: what the model tells apart.")
         self.height_check = QCheckBox("Canopy height")
         self.height_check.setToolTip(f"Metres per pixel from the DINOv3 canopy-height head ({DEFAULTS.height_model}, "
                                      "gated like the backbones).")
-        self.min_height_spin = QDoubleSpinBox()
-        self.min_height_spin.setRange(0.0, 100.0)
-        self.min_height_spin.setDecimals(1)
+        self.min_height_spin = _minimum_spin(100.0, " m", "Minimum tree height: tree pixels lower than this are "
+                                             "dropped, which separates trees from grass and shrubs of the same colour.")
         self.min_height_spin.setSingleStep(0.5)
-        self.min_height_spin.setPrefix("≥ ")
-        self.min_height_spin.setSuffix(" m")
         self.min_height_spin.setSpecialValueText("any height")
-        self.min_height_spin.setToolTip("Minimum tree height: tree pixels lower than this are dropped, which "
-                                        "separates trees from grass and shrubs of the same colour.")
         self.height_model_override = QLineEdit()
         self.height_model_override.setPlaceholderText("optional: canopy-height model id or folder")
         self.height_model_override.setToolTip(f"Overrides {DEFAULTS.height_model} with another CHMv2 model: a "
