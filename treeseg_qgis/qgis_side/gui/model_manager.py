@@ -26,7 +26,6 @@ from qgis.PyQt.QtWidgets import (
     QLineEdit,
     QMessageBox,
     QProgressBar,
-    QPushButton,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -37,7 +36,7 @@ from ...catalogue import MODELS, CatalogueModel
 from ...memory import estimate_peak_bytes, format_gigabytes, format_size
 from ..auth import TokenStoreError, has_stored_token, hf_token, remove_token, store_token
 from ..engine_client import EngineClient, EngineError, missing_engine_message
-from .layouts import fill, hbox, wrapped_label
+from .layouts import button, fill, hbox, wrapped_label
 
 COLUMNS = ("Model", "In cache", "Parameters", "Download", "Memory (CPU)", "Hugging Face id")
 NAME_COLUMN, CACHE_COLUMN, MEMORY_COLUMN = 0, 1, 4
@@ -153,32 +152,25 @@ class ModelManagerDialog(QDialog):
         self.licence_label.setTextFormat(Qt.TextFormat.RichText)
         self.licence_label.setOpenExternalLinks(True)
 
-        self.download_button = QPushButton("Download")
-        self.download_button.clicked.connect(self.download_selected)
-        self.delete_button = QPushButton("Delete")
-        self.delete_button.clicked.connect(self.delete_selected)
-        self.local_button = QPushButton("Use a local folder…")
-        self.local_button.setToolTip("A DINOv3 model folder in Hugging Face format (config.json and "
-                                     "model.safetensors), used as the panel's model override.")
-        self.local_button.clicked.connect(self._choose_local_folder)
-        self.refresh_button = QPushButton("Refresh")
-        self.refresh_button.clicked.connect(self.refresh)
+        self.download_button = button("Download", clicked=self.download_selected)
+        self.delete_button = button("Delete", clicked=self.delete_selected)
+        self.local_button = button("Use a local folder…", "A DINOv3 model folder in Hugging Face format (config.json "
+                                   "and model.safetensors), used as the panel's model override.",
+                                   self._choose_local_folder)
+        self.refresh_button = button("Refresh", clicked=self.refresh)
         buttons = hbox(self.download_button, self.delete_button, self.local_button, 1, self.refresh_button)
 
         self.progress = QProgressBar()
         self.progress.setRange(0, 100)
         self.progress.hide()
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.clicked.connect(self.cancel)
+        self.cancel_button = button("Cancel", clicked=self.cancel)
         self.cancel_button.hide()
         progress_row = hbox((self.progress, 1), self.cancel_button)
         self.status_label = wrapped_label(missing_engine_message() if self.engine is None else "")
         self.cache_label = wrapped_label()
         self.feature_cache_label = wrapped_label()
-        self.clear_cache_button = QPushButton("Clear feature cache")
-        self.clear_cache_button.setToolTip("Remove the features kept from earlier runs; the next run of each raster "
-                                           "runs the model again.")
-        self.clear_cache_button.clicked.connect(self.clear_feature_cache)
+        self.clear_cache_button = button("Clear feature cache", "Remove the features kept from earlier runs; the next "
+                                         "run of each raster runs the model again.", self.clear_feature_cache)
         feature_cache_row = hbox((self.feature_cache_label, 1), self.clear_cache_button)
         self.in_use_label = wrapped_label(selectable=True)
         close_box = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
@@ -187,10 +179,8 @@ class ModelManagerDialog(QDialog):
         self.token_edit = QLineEdit()
         self.token_edit.setEchoMode(QLineEdit.EchoMode.Password)
         self.token_edit.setPlaceholderText("Hugging Face read token (hf_…)")
-        self.save_token_button = QPushButton("Save token")
-        self.save_token_button.clicked.connect(self._save_token)
-        self.remove_token_button = QPushButton("Remove token")
-        self.remove_token_button.clicked.connect(self._remove_token)
+        self.save_token_button = button("Save token", clicked=self._save_token)
+        self.remove_token_button = button("Remove token", clicked=self._remove_token)
         token_row = hbox((self.token_edit, 1), self.save_token_button, self.remove_token_button)
         self.token_label = wrapped_label()
         self.token_label.setTextFormat(Qt.TextFormat.RichText)
