@@ -392,6 +392,11 @@ class EngineAlgorithm(DescribedAlgorithm):
         except (ParameterError, OutputPathError) as error:
             raise QgsProcessingException(str(error)) from None
 
+    def engine_and_input(self, parameters: dict[str, Any], context: QgsProcessingContext) -> tuple[str, QgsRasterLayer]:
+        """The engine's Python, found first (without an engine nothing is read), and the INPUT raster layer."""
+        python = engine_python()
+        return python, self.input_raster(parameters, self.INPUT, context)
+
     def input_raster(self, parameters: dict[str, Any], name: str, context: QgsProcessingContext) -> QgsRasterLayer:
         """The raster layer of parameter `name`, or the standard invalid-raster error."""
         layer = self.parameterAsRasterLayer(parameters, name, context)

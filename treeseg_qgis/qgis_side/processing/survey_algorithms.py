@@ -165,8 +165,7 @@ class ApplyClassifierAlgorithm(ClassOutputsAlgorithm):
 
     def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,
                          feedback: QgsProcessingFeedback) -> dict[str, Any]:
-        python = engine_python()
-        layer = self.input_raster(parameters, self.INPUT, context)
+        python, layer = self.engine_and_input(parameters, context)
         classifier = read_file(self, parameters, self.CLASSIFIER, context)
         if not classifier:
             raise QgsProcessingException("Choose the taught classifier file.")

@@ -46,7 +46,6 @@ from .engine_algorithm import (
     EngineAlgorithm,
     Value,
     device_parameters,
-    engine_python,
     model_parameters,
     orthophoto_parameter,
     run_in_engine,
@@ -233,8 +232,7 @@ def teach_in_engine(algorithm: EngineAlgorithm, parameters: dict[str, Any], cont
     """The teach run both algorithms make: the example points (their kind `read` from the field) as pixel
     positions, the parameters checked, the engine's teach job; its record (warned about untrained weights) and
     the input layer."""
-    python = engine_python()
-    layer = algorithm.input_raster(parameters, algorithm.INPUT, context)
+    python, layer = algorithm.engine_and_input(parameters, context)
     source = algorithm.parameterAsSource(parameters, EXAMPLES_PARAMETER, context)
     if source is None:
         raise QgsProcessingException(algorithm.invalidSourceError(parameters, EXAMPLES_PARAMETER))
