@@ -12,8 +12,9 @@ import numpy as np
 from osgeo import gdal, ogr, osr
 
 from ..core.atomic import partial_path
-from ..core.errors import Cancelled, InputError, OutputError
+from ..core.errors import Cancelled, OutputError
 from ..core.heap import padded_heap
+from .raster import open_read_only
 from .seams import SeamJoins, join_pieces, polygon_rings, polygon_wkb, runs_on_line
 
 POLYGONIZE_SHARE = 0.8
@@ -48,13 +49,7 @@ def polygonize_clusters(
     """
     report = progress or (lambda fraction: None)
     cancelled = is_cancelled or (lambda: False)
-    try:
-        raster = gdal.Open(clusters_path, gdal.GA_ReadOnly)
-    except RuntimeError as error:
-        raise InputError(
-            f"Cannot open the cluster raster '{clusters_path}': {error}. "
-            "Run the segmentation again to recreate it."
-        ) from error
+    raster = open_read_only(clusters_path, "the cluster raster", "Run the segmentation again to recreate it.")
     srs = raster_crs(raster)
     measure = metric_measures(srs, raster)
     band = raster.GetRasterBand(1)

@@ -7,11 +7,10 @@ import textwrap
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from osgeo import gdal
 
 from ..core.atomic import atomic_file
 from ..core.errors import OutputError
-from .raster import GdalRasterSource
+from .raster import GdalRasterSource, open_read_only
 from .writers import NODATA, TREE_COLOUR
 
 PANEL_INCHES = 4.0
@@ -32,12 +31,7 @@ def _decimated_size(width: int, height: int, max_size: int) -> tuple[int, int]:
 
 def _read_band(path: str, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
     """Band 1 of `path` resampled to width x height, and its colour table as RGBA 0..1."""
-    try:
-        dataset = gdal.Open(path, gdal.GA_ReadOnly)
-    except RuntimeError as error:
-        raise OutputError(
-            f"Cannot read '{path}' to make the preview: {error}. Run the segmentation again."
-        ) from error
+    dataset = open_read_only(path, "the raster to preview", "Run the segmentation again.", OutputError)
     band = dataset.GetRasterBand(1)
     values = band.ReadAsArray(buf_xsize=width, buf_ysize=height)
     lookup = np.zeros((256, 4), dtype=np.float32)

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from osgeo import gdal
 
-from ..core.errors import InputError
+from ..core.errors import InputError, TreesegError
 
 DEFAULT_BANDS = (1, 2, 3)
 STATISTICS_SIZE = 1024
@@ -16,15 +16,19 @@ HIGH_PERCENTILE = 98.0
 INVALID_FILL = 0.5
 
 
+def open_read_only(path: str, what: str, advice: str = "", refusal: type[TreesegError] = InputError,
+                   kind: int = gdal.OF_RASTER) -> gdal.Dataset:
+    """The GDAL dataset at `path` (a raster, or `kind` gdal.OF_VECTOR), read-only; where GDAL cannot open it,
+    `refusal` of one line: "Cannot open {what} '{path}': {GDAL's reason}. {advice}"."""
+    try:
+        return gdal.OpenEx(path, kind | gdal.OF_VERBOSE_ERROR)
+    except RuntimeError as error:
+        raise refusal(f"Cannot open {what} '{path}': {error}. {advice}".strip()) from error
+
+
 def open_raster(path: str) -> gdal.Dataset:
     """The GDAL dataset of a raster with at least one band, read-only; an InputError of one line otherwise."""
-    try:
-        dataset = gdal.Open(path, gdal.GA_ReadOnly)
-    except RuntimeError as error:
-        raise InputError(
-            f"Cannot open the raster '{path}': {error}. "
-            "Check that the file exists and is a raster GDAL can read."
-        ) from error
+    dataset = open_read_only(path, "the raster", "Check that the file exists and is a raster GDAL can read.")
     if dataset.RasterCount == 0:
         raise InputError(
             f"'{path}' contains no raster bands. "

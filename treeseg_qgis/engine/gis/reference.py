@@ -22,6 +22,7 @@ from ..core.errors import InputError
 from ..core.evaluation import ReferenceObject, boxes_to_objects
 from ..core.examples import CLASS_FIELD, Example, class_label
 from ..core.files import refuse_special_file
+from .raster import open_read_only
 
 MAX_EVALUATION_PIXELS = 200_000_000
 
@@ -191,18 +192,12 @@ def is_raster(path: str) -> bool:
 
 def _open_raster(path: str) -> gdal.Dataset:
     refuse_special_file(path, "raster")
-    try:
-        return gdal.Open(path)
-    except RuntimeError as error:
-        raise InputError(f"Cannot open the raster {path}: {error}") from error
+    return open_read_only(path, "the raster")
 
 
 def _open_vector(path: str) -> gdal.Dataset:
     refuse_special_file(path, "vector file")
-    try:
-        return gdal.OpenEx(path, gdal.OF_VECTOR)
-    except RuntimeError as error:
-        raise InputError(f"Cannot open the vector file {path}: {error}") from error
+    return open_read_only(path, "the vector file", kind=gdal.OF_VECTOR)
 
 
 def read_examples(path: str, grid: Grid) -> list[Example]:

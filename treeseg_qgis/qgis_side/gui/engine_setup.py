@@ -43,7 +43,7 @@ from ..engine_client import (
     configured_engine_origin,
     configured_engine_python,
 )
-from .layouts import hbox, vbox, wrapped_label
+from .layouts import button, hbox, vbox, wrapped_label
 
 INTRO = (
     "TreeSeg runs DINOv3 in a Python environment of its own, beside QGIS: a virtual environment in "
@@ -183,20 +183,16 @@ class EngineSetupDialog(QDialog):
         self.packages_label = wrapped_label(", ".join(map(plain_requirement, self.requirements))
                                             + f": the versions TreeSeg {__version__} was tested with")
         self.leftover_label = wrapped_label()
-        self.leftover_button = QPushButton("Delete")
-        self.leftover_button.setToolTip("Delete these folders (in the background).")
+        self.leftover_button = button("Delete", "Delete these folders (in the background).")
         self.leftover_row = QWidget()
         self.leftover_row.setLayout(hbox((self.leftover_label, 1), self.leftover_button))
         self.leftover_row.setVisible(False)
         self.engine_label = wrapped_label(selectable=True)
 
-        self.install_button = QPushButton("Install")
-        self.install_button.setToolTip("Build the engine aside, check it, then put it in place.")
-        self.repair_button = QPushButton("Repair")
-        self.repair_button.setToolTip("Build the engine again from scratch (also switches between CPU and CUDA "
-                                      "torch); the engine in use stays until the new one passed its check.")
-        self.remove_button = QPushButton("Remove…")
-        self.remove_button.setToolTip("Delete the private engine's folder.")
+        self.install_button = button("Install", "Build the engine aside, check it, then put it in place.")
+        self.repair_button = button("Repair", "Build the engine again from scratch (also switches between CPU and CUDA "
+                                              "torch); the engine in use stays until the new one passed its check.")
+        self.remove_button = button("Remove…", "Delete the private engine's folder.")
         self.cancel_button = QPushButton("Cancel")
         self.progress_bar = QProgressBar()
         self.progress_bar.setRange(0, PROGRESS_RANGE)

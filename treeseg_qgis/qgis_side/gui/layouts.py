@@ -1,12 +1,23 @@
 """Box layouts filled in one call: `hbox(a, (b, 1), c)` instead of one `addWidget` line per widget; labels that
-wrap (and may be selected) in one call too."""
+wrap (and may be selected), and buttons and check boxes with their tooltip (and a button's action), in one call
+too."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Union
 
 from qgis.PyQt.QtCore import Qt
-from qgis.PyQt.QtWidgets import QBoxLayout, QHBoxLayout, QLabel, QLayout, QVBoxLayout, QWidget
+from qgis.PyQt.QtWidgets import (
+    QBoxLayout,
+    QCheckBox,
+    QHBoxLayout,
+    QLabel,
+    QLayout,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
 
 LayoutItem = Union[QWidget, QLayout, tuple[Union[QWidget, QLayout], int], int]
 
@@ -43,3 +54,19 @@ def wrapped_label(text: str = "", selectable: bool = False) -> QLabel:
     if selectable:
         label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
     return label
+
+
+def button(text: str, tooltip: str = "", clicked: Callable[[], object] | None = None) -> QPushButton:
+    """A push button with its tooltip; `clicked` is called when it is clicked."""
+    widget = QPushButton(text)
+    widget.setToolTip(tooltip)
+    if clicked is not None:
+        widget.clicked.connect(clicked)
+    return widget
+
+
+def check_box(text: str, tooltip: str = "") -> QCheckBox:
+    """A check box with its tooltip."""
+    widget = QCheckBox(text)
+    widget.setToolTip(tooltip)
+    return widget

@@ -26,7 +26,6 @@ from qgis.PyQt.QtWidgets import (
     QLineEdit,
     QMessageBox,
     QProgressBar,
-    QPushButton,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -37,7 +36,7 @@ from ...catalogue import MODELS, CatalogueModel
 from ...memory import estimate_peak_bytes, format_gigabytes, format_size
 from ..auth import TokenStoreError, has_stored_token, hf_token, remove_token, store_token
 from ..engine_client import EngineClient, EngineError, missing_engine_message
-from .layouts import fill, hbox, wrapped_label
+from .layouts import button, fill, hbox, wrapped_label
 
 COLUMNS = ("Model", "In cache", "Parameters", "Download", "Memory (CPU)", "Hugging Face id")
 NAME_COLUMN, CACHE_COLUMN, MEMORY_COLUMN = 0, 1, 4
@@ -153,32 +152,25 @@ class ModelManagerDialog(QDialog):
         self.licence_label.setTextFormat(Qt.TextFormat.RichText)
         self.licence_label.setOpenExternalLinks(True)
 
-        self.download_button = QPushButton("Download")
-        self.download_button.clicked.connect(self.download_selected)
-        self.delete_button = QPushButton("Delete")
-        self.delete_button.clicked.connect(self.delete_selected)
-        self.local_button = QPushButton("Use a local folder…")
-        self.local_button.setToolTip("A DINOv3 model folder in Hugging Face format (config.json and "
-                                     "model.safetensors), used as the panel's model override.")
-        self.local_button.clicked.connect(self._choose_local_folder)
-        self.refresh_button = QPushButton("Refresh")
-        self.refresh_button.clicked.connect(self.refresh)
+        self.download_button = button("Download", clicked=self.download_selected)
+        self.delete_button = button("Delete", clicked=self.delete_selected)
+        self.local_button = button("Use a local folder…", "A DINOv3 model folder in Hugging Face format (config.json "
+                                   "and model.safetensors), used as the panel's model override.",
+                                   self._choose_local_folder)
+        self.refresh_button = button("Refresh", clicked=self.refresh)
         buttons = hbox(self.download_button, self.delete_button, self.local_button, 1, self.refresh_button)
 
         self.progress = QProgressBar()
         self.progress.setRange(0, 100)
         self.progress.hide()
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.clicked.connect(self.cancel)
+        self.cancel_button = button("Cancel", clicked=self.cancel)
         self.cancel_button.hide()
         progress_row = hbox((self.progress, 1), self.cancel_button)
         self.status_label = wrapped_label(missing_engine_message() if self.engine is None else "")
         self.cache_label = wrapped_label()
         self.feature_cache_label = wrapped_label()
-        self.clear_cache_button = QPushButton("Clear feature cache")
-        self.clear_cache_button.setToolTip("Remove the features kept from earlier runs; the next run of each raster "
-                                           "runs the model again.")
-        self.clear_cache_button.clicked.connect(self.clear_feature_cache)
+        self.clear_cache_button = button("Clear feature cache", "Remove the features kept from earlier runs; the next "
+                                         "run of each raster runs the model again.", self.clear_feature_cache)
         feature_cache_row = hbox((self.feature_cache_label, 1), self.clear_cache_button)
         self.in_use_label = wrapped_label(selectable=True)
         close_box = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
@@ -187,10 +179,8 @@ class ModelManagerDialog(QDialog):
         self.token_edit = QLineEdit()
         self.token_edit.setEchoMode(QLineEdit.EchoMode.Password)
         self.token_edit.setPlaceholderText("Hugging Face read token (hf_…)")
-        self.save_token_button = QPushButton("Save token")
-        self.save_token_button.clicked.connect(self._save_token)
-        self.remove_token_button = QPushButton("Remove token")
-        self.remove_token_button.clicked.connect(self._remove_token)
+        self.save_token_button = button("Save token", clicked=self._save_token)
+        self.remove_token_button = button("Remove token", clicked=self._remove_token)
         token_row = hbox((self.token_edit, 1), self.save_token_button, self.remove_token_button)
         self.token_label = wrapped_label()
         self.token_label.setTextFormat(Qt.TextFormat.RichText)
@@ -208,6 +198,10 @@ class ModelManagerDialog(QDialog):
         rows = self.table.selectionModel().selectedRows()
         return list(MODELS.values())[rows[0].row()] if rows else None
 
+    def _selected_when_free(self) -> CatalogueModel | None:
+        """The selected model when a job may start on it (an engine, no job running), else None."""
+        return self.selected_model() if self.engine is not None and self.task is None else None
+
     def show_model_in_use(self, override: str) -> None:
         """Name the panel's model override (a local folder or an id), which runs instead of the catalogue model."""
         self.in_use_label.setText(f"The panel runs <b>{override}</b> (its model override) instead of the model "
@@ -218,14 +212,11 @@ class ModelManagerDialog(QDialog):
         """Ask the engine which models are in the cache (unless a job is running)."""
         if self.engine is not None and self.task is None:
             self.cache_label.setText("Looking into the Hugging Face cache…")
-            engine = self.engine
-            self._start(EngineJobTask("TreeSeg: models in the cache", lambda task: engine.models()),
-                        self._listed)
+            self._start_call("TreeSeg: models in the cache", EngineClient.models, self._listed)
 
     def download_selected(self) -> None:
         """Download the selected model with the saved token (else the engine's HF_TOKEN or hf login)."""
-        model = self.selected_model()
-        if model is None or self.engine is None or self.task is not None:
+        if (model := self._selected_when_free()) is None:
             return
         engine, token = self.engine, hf_token()
         task = EngineJobTask(f"TreeSeg: downloading {model.name}", lambda job: engine.download_model(
@@ -240,28 +231,20 @@ class ModelManagerDialog(QDialog):
 
     def delete_selected(self) -> None:
         """Remove the selected model from the cache, after asking."""
-        model = self.selected_model()
-        if model is None or self.engine is None or self.task is not None:
+        if (model := self._selected_when_free()) is None:
             return
-        answer = QMessageBox.question(self, "Delete model", f"Remove {model.name} ({model.repo_id}) from the "
-                                      "Hugging Face cache? It can be downloaded again.")
-        if answer != QMessageBox.StandardButton.Yes:
-            return
-        engine = self.engine
-        self._start(EngineJobTask(f"TreeSeg: deleting {model.name}", lambda task: engine.delete_model(model.name)),
-                    self._job_done)
+        if self._confirmed("Delete model", f"Remove {model.name} ({model.repo_id}) from the Hugging Face cache? "
+                           "It can be downloaded again."):
+            self._start_call(f"TreeSeg: deleting {model.name}", lambda engine: engine.delete_model(model.name),
+                             self._job_done)
 
     def clear_feature_cache(self) -> None:
         """Empty the feature cache of runs, after asking."""
         if self.engine is None or self.task is not None:
             return
-        answer = QMessageBox.question(self, "Clear feature cache", "Remove the features kept from earlier runs? "
-                                      "The next run of each raster runs the model again; a run going on now may fail.")
-        if answer != QMessageBox.StandardButton.Yes:
-            return
-        engine = self.engine
-        self._start(EngineJobTask("TreeSeg: clearing the feature cache", lambda task: engine.clear_feature_cache()),
-                    self._job_done)
+        if self._confirmed("Clear feature cache", "Remove the features kept from earlier runs? The next run of "
+                           "each raster runs the model again; a run going on now may fail."):
+            self._start_call("TreeSeg: clearing the feature cache", EngineClient.clear_feature_cache, self._job_done)
 
     def cancel(self) -> None:
         if self.task is not None:
@@ -288,6 +271,16 @@ class ModelManagerDialog(QDialog):
         if self.task is None and self.engine is not None:
             self.engine.close()
         super().hideEvent(event)
+
+    def _confirmed(self, title: str, question: str) -> bool:
+        """Whether the user answers Yes to `question`."""
+        return QMessageBox.question(self, title, question) == QMessageBox.StandardButton.Yes
+
+    def _start_call(self, description: str, call: Callable[[EngineClient], dict[str, Any]],
+                    on_done: Callable[[dict[str, Any] | None, str], None]) -> None:
+        """Run `call(engine)` on this window's engine in the background; no progress is shown."""
+        engine = self.engine
+        self._start(EngineJobTask(description, lambda task: call(engine)), on_done)
 
     def _start(self, task: EngineJobTask, on_done: Callable[[dict[str, Any] | None, str], None]) -> None:
         self.task = task

@@ -85,7 +85,7 @@ from ..compat import POLYGON_LAYER_FILTER, RASTER_LAYER_FILTER
 from ..engine_client import EngineClient, missing_engine_message
 from ..raster_input import prepare_input
 from ..results import orthophotos, result_input_name
-from .layouts import fill, hbox
+from .layouts import button, check_box, fill, hbox
 from .task import ProbeTask, SegmentationTask, clear_messages
 
 DEFAULTS = SegmentationParams(input_path="", output_dir="")
@@ -197,6 +197,17 @@ def _choice_combo(choices: Iterable[tuple[str, Any]], tooltip: str = "") -> QCom
     return combo
 
 
+def _minimum_spin(maximum: float, unit: str, tooltip: str) -> QDoubleSpinBox:
+    """A spin box of a minimum from 0 to `maximum` in `unit`, to one decimal, shown as "≥ value unit"."""
+    spin = QDoubleSpinBox()
+    spin.setRange(0.0, maximum)
+    spin.setDecimals(1)
+    spin.setPrefix("≥ ")
+    spin.setSuffix(unit)
+    spin.setToolTip(tooltip)
+    return spin
+
+
 def _value_of(widget: QWidget) -> Any:
     """What a settings widget shows: a combo box's item data, a check, a number, a text or a path."""
     if isinstance(widget, QComboBox):
@@ -287,9 +298,8 @@ class RunPanel(QWidget):
                                          Qt.ItemDataRole.ToolTipRole)
         self.model_combo.setToolTip("DINOv3 backbone; the line below gives its size and the memory a run needs. "
                                     "Greyed while a model override is set.")
-        self.models_button = QPushButton("Models…")
-        self.models_button.setToolTip("Which models are on this computer: download, delete, the Hugging Face "
-                                      "token, a local model folder")
+        self.models_button = button("Models…", "Which models are on this computer: download, delete, the Hugging Face "
+                                               "token, a local model folder")
         self.memory_label = QLabel()
         self.memory_label.setWordWrap(True)
         self.model_override = QLineEdit()
@@ -299,9 +309,8 @@ class RunPanel(QWidget):
                                        "names the model that runs.")
         self.stride_combo = _choice_combo(((f"{stride} px", stride) for stride in STRIDES),
                                           "Stride 8 costs 4 × the time of 16; stride 4 costs 16 ×.")
-        self.auto_clusters = QCheckBox("Automatic")
-        self.auto_clusters.setToolTip("Pick the number of clusters from the elbow of the k-means inertia "
-                                      f"({DEFAULT_K_RANGE[0]}–{DEFAULT_K_RANGE[1]}).")
+        self.auto_clusters = check_box("Automatic", "Pick the number of clusters from the elbow of the k-means inertia "
+                                                    f"({DEFAULT_K_RANGE[0]}–{DEFAULT_K_RANGE[1]}).")
         self.clusters_spin = QSpinBox()
         self.clusters_spin.setRange(K_MIN, K_MAX)
 
@@ -309,13 +318,12 @@ class RunPanel(QWidget):
         self.engine_label = QLabel()
         self.engine_label.setWordWrap(True)
         self.engine_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.setup_button = QPushButton("Set up the engine…")
-        self.setup_button.setToolTip("Install the engine (torch, transformers) in a Python environment of its own")
+        self.setup_button = button("Set up the engine…",
+                                   "Install the engine (torch, transformers) in a Python environment of its own")
 
     def _build_run(self) -> None:
         """Run, Cancel, the progress, the stage and the elbow plot of automatic K."""
-        self.allow_untrained = QCheckBox("Allow untrained weights")
-        self.allow_untrained.setToolTip(UNTRAINED_TOOLTIP)
+        self.allow_untrained = check_box("Allow untrained weights", UNTRAINED_TOOLTIP)
         self.run_button = QPushButton("Run")
         self.cancel_button = QPushButton("Cancel")
         self.progress_bar = QProgressBar()
@@ -329,30 +337,17 @@ class RunPanel(QWidget):
 
     def _build_extras(self) -> QgsCollapsibleGroupBox:
         """The 'More outputs' group: crowns, feature image, canopy height."""
-        self.crowns_check = QCheckBox("Tree crowns")
-        self.crowns_check.setToolTip("One polygon per tree crown (watershed of the tree mask from the crown "
-                                     "centres), with area, perimeter, diameter and centroid.")
-        self.crown_min_area = QDoubleSpinBox()
-        self.crown_min_area.setRange(0.0, 1000.0)
-        self.crown_min_area.setDecimals(1)
-        self.crown_min_area.setPrefix("≥ ")
-        self.crown_min_area.setSuffix(" m²")
-        self.crown_min_area.setToolTip("Minimum crown area: crowns smaller than this are dropped.")
-        self.features_check = QCheckBox("Feature image")
-        self.features_check.setToolTip("The first three principal components of the DINOv3 features as an RGB "
-                                       "image: what the model tells apart.")
-        self.height_check = QCheckBox("Canopy height")
-        self.height_check.setToolTip(f"Metres per pixel from the DINOv3 canopy-height head ({DEFAULTS.height_model}, "
-                                     "gated like the backbones).")
-        self.min_height_spin = QDoubleSpinBox()
-        self.min_height_spin.setRange(0.0, 100.0)
-        self.min_height_spin.setDecimals(1)
+        self.crowns_check = check_box("Tree crowns", "One polygon per tree crown (watershed of the tree mask from the "
+                                      "crown centres), with area, perimeter, diameter and centroid.")
+        self.crown_min_area = _minimum_spin(1000.0, " m²", "Minimum crown area: crowns smaller than this are dropped.")
+        self.features_check = check_box("Feature image", "The first three principal components of the DINOv3 features "
+                                        "as an RGB image: what the model tells apart.")
+        self.height_check = check_box("Canopy height", "Metres per pixel from the DINOv3 canopy-height head "
+                                      f"({DEFAULTS.height_model}, gated like the backbones).")
+        self.min_height_spin = _minimum_spin(100.0, " m", "Minimum tree height: tree pixels lower than this are "
+                                             "dropped, which separates trees from grass and shrubs of the same colour.")
         self.min_height_spin.setSingleStep(0.5)
-        self.min_height_spin.setPrefix("≥ ")
-        self.min_height_spin.setSuffix(" m")
         self.min_height_spin.setSpecialValueText("any height")
-        self.min_height_spin.setToolTip("Minimum tree height: tree pixels lower than this are dropped, which "
-                                        "separates trees from grass and shrubs of the same colour.")
         self.height_model_override = QLineEdit()
         self.height_model_override.setPlaceholderText("optional: canopy-height model id or folder")
         self.height_model_override.setToolTip(f"Overrides {DEFAULTS.height_model} with another CHMv2 model: a "

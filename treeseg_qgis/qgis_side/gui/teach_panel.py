@@ -19,7 +19,6 @@ from qgis.gui import QgisInterface, QgsCollapsibleGroupBox
 from qgis.PyQt.QtCore import Qt, QTimer, pyqtSignal
 from qgis.PyQt.QtGui import QColor, QIcon, QPixmap
 from qgis.PyQt.QtWidgets import (
-    QCheckBox,
     QLabel,
     QLineEdit,
     QListWidget,
@@ -33,7 +32,7 @@ from ...outputs import CLASS_COLOURS
 from ...params import SegmentationParams
 from ..auth import hf_token
 from ..engine_client import EngineClient
-from .layouts import hbox, vbox
+from .layouts import button, check_box, hbox, vbox
 from .run_panel import SETTINGS_PREFIX, free_output_stem, show_status
 from .task import SegmentationTask, TeachTask
 from .teach_tool import OTHER_CLASS, RasterGrid, TeachMapTool
@@ -84,20 +83,17 @@ class TeachPanel(QgsCollapsibleGroupBox):
     def _build(self) -> None:
         note = QLabel(TEACH_HELP)
         note.setWordWrap(True)
-        self.teach_button = QPushButton("Click examples")
-        self.teach_button.setToolTip("Click trees and not-trees on the map")
+        self.teach_button = button("Click examples", "Click trees and not-trees on the map")
         self.teach_button.setCheckable(True)
-        self.clear_examples_button = QPushButton("Clear")
-        self.clear_examples_button.setToolTip("Forget the examples clicked so far")
+        self.clear_examples_button = button("Clear", "Forget the examples clicked so far")
         self.examples_label = QLabel()
         self.examples_label.setWordWrap(True)
         self.class_edit = QLineEdit(DEFAULT_CLASS)
         self.class_edit.setToolTip("What the examples show; it names the outputs (e.g. dead tree → "
                                    "<stem>_taught_dead_tree.tif).")
-        self.auto_threshold = QCheckBox("Automatic threshold")
-        self.auto_threshold.setToolTip("Leave one out over your clicks: each example is scored by the others, and "
-                                       "the threshold that best separates the two kinds is used. Moving the slider "
-                                       "sets the threshold yourself.")
+        self.auto_threshold = check_box("Automatic threshold", "Leave one out over your clicks: each example is scored "
+                                        "by the others, and the threshold that best separates the two kinds is used. "
+                                        "Moving the slider sets the threshold yourself.")
         self.threshold_slider = QSlider(Qt.Orientation.Horizontal)
         self.threshold_slider.setRange(0, 100)
         self.threshold_slider.setToolTip("Pixels scoring at least this belong to the class. Moving it re-thresholds "
@@ -110,11 +106,9 @@ class TeachPanel(QgsCollapsibleGroupBox):
         self.teach_timer = QTimer(self)
         self.teach_timer.setSingleShot(True)
         self.teach_timer.setInterval(TEACH_DEBOUNCE_MS)
-        self.add_class_button = QPushButton("Add class")
-        self.add_class_button.setToolTip("Teach several classes at once: add the class named on the left to the "
-                                         "list; clicks then mark the selected class")
-        self.remove_class_button = QPushButton("Remove class")
-        self.remove_class_button.setToolTip("Take the selected class and its examples off the list")
+        self.add_class_button = button("Add class", "Teach several classes at once: add the class named on the left to "
+                                       "the list; clicks then mark the selected class")
+        self.remove_class_button = button("Remove class", "Take the selected class and its examples off the list")
         self.class_list = QListWidget()
         self.class_list.setToolTip("The classes taught at once, in their colours in the class raster, with the "
                                    "number of examples of each; a click on the map marks the selected one")

@@ -89,7 +89,13 @@ def help_html(text: str) -> str:
 
 
 Reader = Callable[[QgsProcessingAlgorithm, dict[str, Any], str, QgsProcessingContext], Any]
-"""How a declared parameter's value becomes a field value; None leaves the field at its default."""
+"""How a declared parameter's value becomes a field value; None leaves the field at its default. A value used
+as it is comes from QgsProcessingAlgorithm's own accessor (called with the algorithm first)."""
+read_choice: Reader = QgsProcessingAlgorithm.parameterAsEnumString
+"""An enum with static strings: the chosen string."""
+read_int: Reader = QgsProcessingAlgorithm.parameterAsInt
+read_number: Reader = QgsProcessingAlgorithm.parameterAsDouble
+read_bool: Reader = QgsProcessingAlgorithm.parameterAsBoolean
 
 
 def read_text(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], name: str,
@@ -112,12 +118,6 @@ def read_file(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], nam
     return absolute_file(algorithm.parameterAsFile(parameters, name, context).strip()) or None
 
 
-def read_choice(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], name: str,
-                context: QgsProcessingContext) -> str:
-    """An enum with static strings: the chosen string."""
-    return algorithm.parameterAsEnumString(parameters, name, context)
-
-
 def read_stride(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], name: str,
                 context: QgsProcessingContext) -> int | None:
     """A stride; none chosen (an optional stride left empty) leaves the field at its default."""
@@ -125,25 +125,10 @@ def read_stride(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], n
     return int(text) if text else None
 
 
-def read_int(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], name: str,
-             context: QgsProcessingContext) -> int:
-    return algorithm.parameterAsInt(parameters, name, context)
-
-
-def read_number(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], name: str,
-                context: QgsProcessingContext) -> float:
-    return algorithm.parameterAsDouble(parameters, name, context)
-
-
 def read_number_zero_off(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], name: str,
                          context: QgsProcessingContext) -> float | None:
     """A number where 0 means off (None)."""
     return algorithm.parameterAsDouble(parameters, name, context) or None
-
-
-def read_bool(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], name: str,
-              context: QgsProcessingContext) -> bool:
-    return algorithm.parameterAsBoolean(parameters, name, context)
 
 
 def read_clusters(algorithm: QgsProcessingAlgorithm, parameters: dict[str, Any], name: str,
@@ -406,6 +391,11 @@ class EngineAlgorithm(DescribedAlgorithm):
             check_run_paths(run, kinds, inputs)
         except (ParameterError, OutputPathError) as error:
             raise QgsProcessingException(str(error)) from None
+
+    def engine_and_input(self, parameters: dict[str, Any], context: QgsProcessingContext) -> tuple[str, QgsRasterLayer]:
+        """The engine's Python, found first (without an engine nothing is read), and the INPUT raster layer."""
+        python = engine_python()
+        return python, self.input_raster(parameters, self.INPUT, context)
 
     def input_raster(self, parameters: dict[str, Any], name: str, context: QgsProcessingContext) -> QgsRasterLayer:
         """The raster layer of parameter `name`, or the standard invalid-raster error."""

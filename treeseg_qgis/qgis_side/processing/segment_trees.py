@@ -41,7 +41,6 @@ from .engine_algorithm import (
     EngineAlgorithm,
     Value,
     clustering_parameters,
-    engine_python,
     orthophoto_parameter,
     read_bands,
     read_choice,
@@ -195,8 +194,7 @@ class SegmentTreesAlgorithm(EngineAlgorithm):
 
     def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,
                          feedback: QgsProcessingFeedback) -> dict[str, Any]:
-        python = engine_python()
-        layer = self.input_raster(parameters, self.INPUT, context)
+        python, layer = self.engine_and_input(parameters, context)
         files = self.output_files(parameters, context)
         stem = Path(files["clusters"]).with_suffix("")
         source = raster_file(layer)

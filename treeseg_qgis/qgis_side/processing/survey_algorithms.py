@@ -21,8 +21,6 @@ from qgis.core import (
     QgsProcessingParameterMultipleLayers,
 )
 
-from ...outputs import TEACH_KINDS
-from ...params import OutputFiles
 from ..auth import hf_token
 from ..compat import RASTER_LAYERS
 from ..raster_input import absolute_file, raster_file
@@ -40,7 +38,7 @@ from .engine_algorithm import (
     run_in_engine,
 )
 from .segment_trees import SegmentTreesAlgorithm
-from .teach_trees import CLASS_DESTINATIONS, TEACH_VALUES
+from .teach_trees import ClassOutputsAlgorithm, teach_params
 
 MODEL_SUFFIX = ".treeseg"
 FIT_HELP = """<p>Fits <b>one</b> clustering on a feature sample drawn from all the chosen rasters (in
@@ -142,7 +140,7 @@ class; the log lists them).</li>
 </ul>""" + WEIGHTS_HELP
 
 
-class ApplyClassifierAlgorithm(EngineAlgorithm):
+class ApplyClassifierAlgorithm(ClassOutputsAlgorithm):
     """A saved taught classifier applied to one raster of a survey, through the engine worker."""
 
     NAME = "applyclassifier"
@@ -152,8 +150,6 @@ class ApplyClassifierAlgorithm(EngineAlgorithm):
     HELP = CLASSIFIER_HELP
 
     CLASSIFIER = "CLASSIFIER"
-    DESTINATIONS = CLASS_DESTINATIONS
-    VALUES = TEACH_VALUES
 
     def declare(self) -> list[Declared]:
         return [
@@ -169,17 +165,11 @@ class ApplyClassifierAlgorithm(EngineAlgorithm):
 
     def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,
                          feedback: QgsProcessingFeedback) -> dict[str, Any]:
-        python = engine_python()
-        layer = self.input_raster(parameters, self.INPUT, context)
+        python, layer = self.engine_and_input(parameters, context)
         classifier = read_file(self, parameters, self.CLASSIFIER, context)
         if not classifier:
             raise QgsProcessingException("Choose the taught classifier file.")
-        files = self.output_files(parameters, context)
-        stem = Path(files["classes"]).with_suffix("")
-        params = self.read_params(parameters, context, input_path=raster_file(layer), output_dir=str(stem.parent),
-                                  output_stem=stem.name,
-                                  outputs=OutputFiles(**files, teach_record=f"{stem}_teach.json"))
-        self.check_params(params, TEACH_KINDS, inputs=(classifier,))
+        params = teach_params(self, parameters, context, layer, inputs=(classifier,))
         record = run_in_engine(python, feedback, lambda client, report: client.teach(
             params, [], None, on_progress=report.progress, is_cancelled=feedback.isCanceled, hf_token=hf_token(),
             classifier=classifier))

@@ -34,7 +34,7 @@ from qgis.core import (
 from qgis.PyQt.QtCore import QVariant
 
 from ...outputs import TEACH_KINDS
-from ...params import OutputFiles
+from ...params import OutputFiles, SegmentationParams
 from ..auth import hf_token
 from ..compat import ANY_FIELD, DOUBLE, POINT_LAYERS
 from ..raster_input import raster_file
@@ -46,7 +46,6 @@ from .engine_algorithm import (
     EngineAlgorithm,
     Value,
     device_parameters,
-    engine_python,
     model_parameters,
     orthophoto_parameter,
     run_in_engine,
@@ -96,6 +95,27 @@ CLASS_DESTINATIONS = (
     Destination("OUTPUT_CLASS_POLYGONS", "Class polygons", "class_polygons"),
 )
 """The outputs of a teach of several classes and of a taught classifier applied."""
+
+
+class ClassOutputsAlgorithm(EngineAlgorithm):
+    """Base of the algorithms whose teach job writes the class outputs: several classes taught, a taught
+    classifier applied."""
+
+    DESTINATIONS = CLASS_DESTINATIONS
+    VALUES = TEACH_VALUES
+
+
+def teach_params(algorithm: EngineAlgorithm, parameters: dict[str, Any], context: QgsProcessingContext,
+                 layer: QgsRasterLayer, inputs: tuple[str, ...] = ()) -> SegmentationParams:
+    """The checked parameters of a teach job on `layer` (`inputs`: the files it reads besides): the declared
+    parameters and the destinations' files, the teach record beside the first."""
+    files = algorithm.output_files(parameters, context)
+    stem = Path(files[algorithm.DESTINATIONS[0].kind]).with_suffix("")
+    params = algorithm.read_params(parameters, context, input_path=raster_file(layer), output_dir=str(stem.parent),
+                                   output_stem=stem.name,
+                                   outputs=OutputFiles(**files, teach_record=f"{stem}_teach.json"))
+    algorithm.check_params(params, TEACH_KINDS, inputs)
+    return params
 
 
 def example_parameters(field_parameter: str, description: str, default_field: str) -> list[Declared]:
@@ -176,7 +196,7 @@ the class names), 0 = unsure (no class reaches 0.5), 255 = nodata.</li>
 {WEIGHTS_HELP}"""
 
 
-class TeachClassesAlgorithm(EngineAlgorithm):
+class TeachClassesAlgorithm(ClassOutputsAlgorithm):
     """A class raster, class probabilities and class polygons from points of several classes."""
 
     NAME = "teachclasses"
@@ -187,8 +207,6 @@ class TeachClassesAlgorithm(EngineAlgorithm):
 
     EXAMPLES = EXAMPLES_PARAMETER
     CLASS_FIELD = "CLASS_FIELD"
-    DESTINATIONS = CLASS_DESTINATIONS
-    VALUES = TEACH_VALUES
 
     def declare(self) -> list[Declared]:
         return [
@@ -214,8 +232,7 @@ def teach_in_engine(algorithm: EngineAlgorithm, parameters: dict[str, Any], cont
     """The teach run both algorithms make: the example points (their kind `read` from the field) as pixel
     positions, the parameters checked, the engine's teach job; its record (warned about untrained weights) and
     the input layer."""
-    python = engine_python()
-    layer = algorithm.input_raster(parameters, algorithm.INPUT, context)
+    python, layer = algorithm.engine_and_input(parameters, context)
     source = algorithm.parameterAsSource(parameters, EXAMPLES_PARAMETER, context)
     if source is None:
         raise QgsProcessingException(algorithm.invalidSourceError(parameters, EXAMPLES_PARAMETER))
@@ -224,12 +241,7 @@ def teach_in_engine(algorithm: EngineAlgorithm, parameters: dict[str, Any], cont
     if several_classes and len({kind for _, _, kind in examples}) < 2:
         raise QgsProcessingException(f"The field '{field}' names fewer than two classes: teaching several "
                                      "classes needs examples of at least two.")
-    files = algorithm.output_files(parameters, context)
-    stem = Path(files[algorithm.DESTINATIONS[0].kind]).with_suffix("")
-    params = algorithm.read_params(parameters, context, input_path=raster_file(layer), output_dir=str(stem.parent),
-                                   output_stem=stem.name,
-                                   outputs=OutputFiles(**files, teach_record=f"{stem}_teach.json"))
-    algorithm.check_params(params, TEACH_KINDS)
+    params = teach_params(algorithm, parameters, context, layer)
     named = {"class_name": class_name} if class_name else {}
     record = run_in_engine(python, feedback, lambda client, report: client.teach(
         params, examples, threshold, on_progress=report.progress, is_cancelled=feedback.isCanceled,

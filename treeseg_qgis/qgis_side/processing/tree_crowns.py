@@ -28,7 +28,6 @@ from .engine_algorithm import (
     Declared,
     Destination,
     EngineAlgorithm,
-    engine_python,
     read_number,
     run_in_engine,
 )
@@ -89,8 +88,7 @@ class TreeCrownsAlgorithm(EngineAlgorithm):
 
     def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,
                          feedback: QgsProcessingFeedback) -> dict[str, Any]:
-        python = engine_python()
-        trees = self.input_raster(parameters, self.INPUT, context)
+        python, trees = self.engine_and_input(parameters, context)
         clusters = self.parameterAsRasterLayer(parameters, self.CLUSTERS, context)
         if clusters is not None:
             _check_same_grid(trees, clusters)
