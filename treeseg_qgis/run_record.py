@@ -170,6 +170,11 @@ class RunRecord(_Record):
     cluster_model: AppliedClusterModel | None
     feature_cache: FeatureCacheUse
 
+    @property
+    def total_seconds(self) -> float:
+        """How long the whole run took."""
+        return self.timings.get("total", 0.0)
+
 
 @dataclass(frozen=True)
 class TeachExamples:
