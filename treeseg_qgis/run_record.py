@@ -31,6 +31,11 @@ def _key(name: str) -> Any:
     return field(metadata={"key": name})
 
 
+def _fact() -> Any:
+    """A model fact only some models have: None, and then left out of the record, where it does not apply."""
+    return field(default=None, metadata={"omitted_when_none": True})
+
+
 @dataclass(frozen=True)
 class HeightModelFacts:
     """The canopy-height model a run used."""
@@ -50,10 +55,10 @@ class ModelFacts:
     untrained: bool
     weights: str
     device: str
-    method: str | None = None
-    precision: str | None = None
-    fell_back_to_cpu: str | None = None
-    height_model: HeightModelFacts | None = None
+    method: str | None = _fact()
+    precision: str | None = _fact()
+    fell_back_to_cpu: str | None = _fact()
+    height_model: HeightModelFacts | None = _fact()
     details: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -270,7 +275,7 @@ def _plain(value: Any) -> Any:
         for item in fields(value):
             if item.name == "details":
                 data.update(getattr(value, item.name))
-            else:
+            elif not (item.metadata.get("omitted_when_none") and getattr(value, item.name) is None):
                 data[item.metadata.get("key", item.name)] = _plain(getattr(value, item.name))
         return data
     if isinstance(value, dict):
@@ -314,7 +319,9 @@ def _value(kind: Any, value: Any, where: str) -> Any:
         return _value(single, value, where)
     if kind is SegmentationParams:
         try:
-            return SegmentationParams.from_json(value if isinstance(value, dict) else {})
+            parameters = SegmentationParams.from_json(value if isinstance(value, dict) else {})
+            parameters.validate()
+            return parameters
         except (ValueError, TypeError) as error:
             raise RecordError(f"{where}: {error}") from None
     if is_dataclass(kind):
