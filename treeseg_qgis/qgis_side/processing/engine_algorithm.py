@@ -11,7 +11,7 @@ Its outputs are tables too: `DESTINATIONS`, the files the engine writes (the des
 output files by kind), and `VALUES`, what it returns from the run's record; the base declares both and builds the
 results from the record. `engine_python()` finds the engine (engine_client owns the setting),
 `run_in_engine` runs one job on the shared EngineClient with the feedback's progress and cancel.
-Standard library, QGIS, the shared top-level modules (params, outputs, catalogue) and engine_client only: no
+Standard library, QGIS, the shared top-level modules (params, outputs, catalogue, run_record) and engine_client only: no
 torch, no engine.
 """
 
