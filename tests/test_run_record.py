@@ -2,12 +2,15 @@
 or hand-edited records refused in one line."""
 
 import json
+import sys
 
 import pytest
 
+from treeseg_qgis import protocol
 from treeseg_qgis.engine.core.examples import Example
 from treeseg_qgis.engine.pipeline import segment, teach
 from treeseg_qgis.params import SegmentationParams
+from treeseg_qgis.qgis_side.engine_client import EngineClient, EngineError
 from treeseg_qgis.run_record import ClassesRecord, RecordError, RunRecord, TeachRecord, taught_record
 
 from .conftest import disc_scene, write_geotiff
@@ -101,3 +104,32 @@ def test_teach_records_of_one_and_several_classes_round_trip(tiny_model_dir, run
     assert taught_record(one).class_name == "tree" and taught_record(several).classes == ["crown", "ground"]
     with pytest.raises(RecordError, match="Not a treeseg teach record: class is missing"):
         taught_record({key: value for key, value in one.items() if key != "class"})
+
+
+OTHER_VERSIONS_WORKER = """import json, sys
+print(json.dumps({"type": "hello", "protocol": %d, "pid": 0}), flush=True)
+for line in sys.stdin:
+    if json.loads(line).get("command") == "segment":
+        print(json.dumps({"type": "result", "record": json.load(open(sys.argv[1]))}), flush=True)
+"""
+"""A worker speaking this protocol whose run record lacks a field, as another treeseg version's could."""
+
+
+def test_a_workers_record_lacking_a_field_is_one_protocol_error(run, tiny_model_dir, tmp_path):
+    returned, _ = run
+    answer = tmp_path / "answer.json"
+    answer.write_text(json.dumps({key: value for key, value in returned.items() if key != "clusters"}))
+    script = tmp_path / "worker.py"
+    script.write_text(OTHER_VERSIONS_WORKER % protocol.PROTOCOL_VERSION)
+    python = tmp_path / "engine-python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{script}" "{answer}"\n')
+    python.chmod(0o755)
+    client = EngineClient(str(python))
+    try:
+        with pytest.raises(EngineError) as refused:
+            client.segment(SegmentationParams(returned["input"]["path"], str(tmp_path / "out"),
+                                              model=str(tiny_model_dir), device="cpu"))
+    finally:
+        client.close()
+    assert refused.value.kind == protocol.ErrorKind.PROTOCOL
+    assert str(refused.value) == "Not a treeseg run record: clusters is missing."
