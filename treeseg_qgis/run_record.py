@@ -190,20 +190,16 @@ class TeachExamples:
 
 
 @dataclass(frozen=True)
-class TeachRecord(_Record):
-    """One class taught (`<stem>_teach.json`): its examples, threshold, cover and files."""
+class _TaughtFacts(_Record):
+    """What the records of a teach of one class and of several share."""
 
     treeseg_version: str
     warning: str | None
     model: ModelFacts
-    class_name: str = _key("class")
-    examples: TeachExamples
-    threshold: float
-    threshold_source: str
     threshold_note: str
-    tree_cover: float
     outputs: dict[str, str]
     classifier: dict[str, str] | None
+    """{"applied": file} or {"saved": file} when a taught classifier file was used or kept."""
     held_out_accuracy: float | None
     temperature: float
     feature_cache: str
@@ -211,25 +207,26 @@ class TeachRecord(_Record):
 
 
 @dataclass(frozen=True)
-class ClassesRecord(_Record):
+class TeachRecord(_TaughtFacts):
+    """One class taught (`<stem>_teach.json`): its examples, threshold, cover and files."""
+
+    class_name: str = _key("class")
+    examples: TeachExamples
+    threshold: float
+    threshold_source: str
+    tree_cover: float
+
+
+@dataclass(frozen=True)
+class ClassesRecord(_TaughtFacts):
     """Several classes taught (`<stem>_classes_teach.json`): the classes, their raster values, covers and files."""
 
-    treeseg_version: str
-    warning: str | None
-    model: ModelFacts
     classes: list[str]
     class_values: dict[str, int]
     unsure_value: int
     examples: dict[str, int]
     class_cover: dict[str, float]
     polygons: int
-    threshold_note: str
-    outputs: dict[str, str]
-    classifier: dict[str, str] | None
-    held_out_accuracy: float | None
-    temperature: float
-    feature_cache: str
-    timings: dict[str, float]
 
 
 TaughtRecord = Union[TeachRecord, ClassesRecord]
