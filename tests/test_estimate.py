@@ -125,6 +125,7 @@ def test_the_learnt_speed_leaves_out_the_steps_the_estimate_does_not_count(
     from qgis.core import QgsSettings
 
     from treeseg_qgis.qgis_side.gui.run_panel import SPEED_SETTING
+    from treeseg_qgis.run_record import RunRecord
 
     panel, _ = run_from_the_panel(plugin, scene_tif, tiny_model_dir, tmp_path)
     assert panel.stage_label.text().startswith("Done"), panel.stage_label.text()
@@ -133,7 +134,7 @@ def test_the_learnt_speed_leaves_out_the_steps_the_estimate_does_not_count(
     def learnt(extra_seconds: dict) -> float:
         QgsSettings().setValue(SPEED_SETTING, "[]")
         panel._run_timing = (time.monotonic() - 100.0, {})
-        panel._learn_from({**record, "timings": {**record["timings"], **extra_seconds}})
+        panel._learn_from(RunRecord.from_dict({**record, "timings": {**record["timings"], **extra_seconds}}))
         (ratio,) = json.loads(QgsSettings().value(SPEED_SETTING, "[]", type=str))
         return ratio
 

@@ -507,11 +507,11 @@ def test_the_results_module_styles_a_run_record(qgis_new_project, scene_tif, tin
     assert group.name() == f"My orthophoto — {tiny_model_dir.name}, stride 16"
     nodes = group.findLayers()
     assert [node.name() for node in nodes][1:] == [
-        f"Tree mask ({100 * record['trees']['tree_cover']:.1f} % cover)", "Clusters (K=3)"]
+        f"Tree mask ({100 * record.trees.tree_cover:.1f} % cover)", "Clusters (K=3)"]
     assert [node.isVisible() for node in nodes] == [True, False, True]
     clusters = nodes[2].layer().renderer().classes()
     assert [item.value for item in clusters] == [0, 1, 2]
-    tree_clusters = set(record["trees"]["clusters"])
+    tree_clusters = set(record.trees.clusters)
     assert {item.value for item in clusters if item.label.endswith("— tree")} == tree_clusters
     assert all(item.color.alpha() == 255 for item in clusters)
     assert all(item.color.green() > item.color.red() for item in clusters if item.value in tree_clusters)

@@ -171,7 +171,7 @@ def test_a_cached_model_loads_by_name_and_delete_removes_it(client, hf_home, sce
     path, _ = scene_tif
     record = client.segment(SegmentationParams(str(path), str(tmp_path / "out"), model="base", device="cpu",
                                                tile_size=128, overlap=32, clusters=2))
-    assert record["model"]["untrained"] is False
+    assert record.model.untrained is False
     deleted = client.delete_model("base")
     assert deleted["freed_bytes"] > 0
     assert not (hf_home / "hub" / ("models--" + BASE_REPO.replace("/", "--"))).exists()

@@ -207,8 +207,8 @@ def test_the_worker_runs_int8_and_a_cancel_stops_it_inside_an_image(deep_model_d
 
         client.segment(job("export"))  # exports and caches the int8 model, then runs one 1024² image
         record = client.segment(job("first"))
-        assert record["model"]["precision"] == f"int8 (ONNX Runtime {onnxruntime.__version__})"
-        forward = record["timings"]["features"]
+        assert record.model.precision == f"int8 (ONNX Runtime {onnxruntime.__version__})"
+        forward = record.timings["features"]
         assert forward > 0.5, f"one image took {forward:.2f} s: too quick to cancel inside it"
 
         asked: list[float] = []

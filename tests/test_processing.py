@@ -490,11 +490,25 @@ def test_the_output_group_orders_layers_the_desktop_already_put_into_it(qgis_new
     group still ends in the panel's order, whatever order the outputs load in."""
     from qgis.core import QgsProject, QgsVectorLayer
 
+    from treeseg_qgis.params import SegmentationParams
     from treeseg_qgis.qgis_side.results import RUN_OUTPUT_ORDER, OutputGroup
+    from treeseg_qgis.run_record import (
+        ClusterFacts,
+        FeatureCacheUse,
+        InputFacts,
+        ModelFacts,
+        RunRecord,
+        TreeFacts,
+    )
 
+    record = RunRecord("0.1.0", None, InputFacts("scene.tif", 64, 64, [1, 2, 3], "none"), "dinov3",
+                       ModelFacts("base", False, "pretrained", "cpu"), "base", 16,
+                       ClusterFacts(2, False, {}, [0.0, 0.3], [2048, 2048]), TreeFacts([1], "ExG", 2048, 4096, 0.5),
+                       2, 1, SegmentationParams("scene.tif", "out"), {}, {}, {}, None, None,
+                       FeatureCacheUse("off", None))
     project = QgsProject.instance()
     root = project.layerTreeRoot()
-    group = OutputGroup("scene — base, stride 16", RUN_OUTPUT_ORDER, {"parameters": {"stride": 16}}, "scene")
+    group = OutputGroup("scene — base, stride 16", RUN_OUTPUT_ORDER, record, "scene")
     layers = {kind: QgsVectorLayer("Polygon?crs=EPSG:32617", kind, "memory") for kind in RUN_OUTPUT_ORDER}
     try:
         for kind in ("clusters", "crowns", "height", "trees", "polygons", "features"):

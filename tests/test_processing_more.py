@@ -18,6 +18,7 @@ from osgeo import gdal, ogr, osr
 from treeseg_qgis.params import CrownOptions
 from treeseg_qgis.protocol import ErrorKind
 from treeseg_qgis.qgis_side.engine_client import EngineClient, EngineError
+from treeseg_qgis.run_record import CrownsRecord
 
 from .conftest import SAMPLE_GEOTRANSFORM, UTM17N, disc_scene, wgs84_memory_layer, write_geotiff
 from .test_canopy import tiny_height_dir  # noqa: F401 - a tiny canopy-height model saved to disk
@@ -232,7 +233,7 @@ def test_the_worker_splits_a_mask_into_crowns(disc_mask, tmp_path):
     finally:
         client.close()
 
-    assert record == {"crowns": 2, "outputs": {"crowns": str(tmp_path / "out" / "discs.gpkg")}}
+    assert record == CrownsRecord(2, {"crowns": str(tmp_path / "out" / "discs.gpkg")})
     assert progress[-1] == 100.0
     dataset = gdal.OpenEx(str(tmp_path / "out" / "discs.gpkg"), gdal.OF_VECTOR)
     layer = dataset.GetLayer(0)

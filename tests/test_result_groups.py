@@ -72,7 +72,7 @@ def test_reruns_replace_the_same_settings_name_other_settings_and_show_only_the_
     assert group.name() == base and root.children() == [group]
     assert len(project.mapLayers()) == 3
     assert {layer.source().split("|")[0] for layer in project.mapLayers().values()} == {
-        repeat["outputs"][kind] for kind in ("clusters", "trees", "polygons")}
+        repeat.outputs[kind] for kind in ("clusters", "trees", "polygons")}
 
     newest = add_result_layers(other, "scene", project)
 
@@ -87,7 +87,7 @@ def test_reruns_replace_the_same_settings_name_other_settings_and_show_only_the_
     teach_groups = [child for child in root.children() if child.name() == "scene — taught by example"]
     assert len(teach_groups) == 1 and root.children()[0] is teach_groups[0]
     assert [node.layer().source() for node in teach_groups[0].findLayers()] == [
-        taught[1]["outputs"][kind] for kind in ("taught_trees", "similarity")]
+        taught[1].outputs[kind] for kind in ("taught_trees", "similarity")]
     assert [child.itemVisibilityChecked() for child in root.children()] == [True, False, False]
     assert len(project.mapLayers()) == 3 + 3 + 2
     similarity = teach_groups[0].findLayers()[1]
@@ -167,7 +167,7 @@ def test_processing_results_go_to_the_top_never_into_the_selected_result_group(
 
     names = [child.name() for child in nested.children()]
     crowns = next(index for index, name in enumerate(names) if name.startswith("Tree crowns"))
-    assert names[crowns + 1] == trees.name() and names[crowns].endswith(f" — {Path(record['outputs']['trees']).stem}")
+    assert names[crowns + 1] == trees.name() and names[crowns].endswith(f" — {Path(record.outputs['trees']).stem}")
     assert len(runs[0].findLayers()) == 3
     assert site.itemVisibilityChecked() and nested.itemVisibilityChecked()
     assert feedback.errors == []

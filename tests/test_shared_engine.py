@@ -106,7 +106,7 @@ def test_a_panel_run_and_a_processing_run_at_once_both_finish_one_after_the_othe
     results = run(tiny_run(tiny_model_dir, second_tif, tmp_path / "processing"), feedback=Watch())
     wait_until(lambda: task.status() in (QgsTask.TaskStatus.Complete, QgsTask.TaskStatus.Terminated))
 
-    assert task.status() == QgsTask.TaskStatus.Complete and task.record["clusters"]["k"] == 2
+    assert task.status() == QgsTask.TaskStatus.Complete and task.record.clusters.k == 2
     assert results["K"] == 2 and Path(results["OUTPUT_CLUSTERS"]).is_file()
     assert panel_done_when_processing_started == [True] and texts[0] == WAITING_STAGE
     assert engine.probe()["model_loads"] == 1
@@ -149,7 +149,7 @@ def test_a_waiting_job_cancelled_never_runs_and_the_running_one_goes_on(qgis_ifa
 
     assert task.error.kind == protocol.ErrorKind.CANCELLED and "before it started" in str(task.error)
     assert not (tmp_path / "queued").exists()
-    assert outcome and outcome[0]["clusters"]["k"] == 2 and Path(outcome[0]["outputs"]["clusters"]).is_file()
+    assert outcome and outcome[0].clusters.k == 2 and Path(outcome[0].outputs["clusters"]).is_file()
     assert engine.probe()["jobs_served"] == 2  # the first probe and the running job: the queued one never came
 
 

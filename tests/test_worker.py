@@ -34,12 +34,12 @@ def test_segment_reports_progress_and_keeps_the_worker_alive(client, tiny_model_
     progress = []
     record = client.segment(job(tiny_model_dir, path, tmp_path / "a", clusters=2),
                             on_progress=lambda percent, stage: progress.append((percent, stage)))
-    assert record["clusters"]["k"] == 2
-    assert os.path.isfile(record["outputs"]["clusters"])
+    assert record.clusters.k == 2
+    assert os.path.isfile(record.outputs["clusters"])
     assert progress[-1][0] == 100.0 and any(stage.startswith("Extracting") for _, stage in progress)
     first_pid = client._process.pid
     again = client.segment(job(tiny_model_dir, path, tmp_path / "b", clusters=3))
-    assert again["clusters"]["k"] == 3 and client._process.pid == first_pid
+    assert again.clusters.k == 3 and client._process.pid == first_pid
 
 
 def test_probe_reports_the_device(client):
@@ -74,7 +74,7 @@ def test_cancel_stops_the_job_and_the_next_run_does_not_reload_the_model(client,
 
     record = client.segment(job(tiny_model_dir, path, tmp_path / "again", clusters=2, use_cache=False))
 
-    assert record["clusters"]["k"] == 2 and record["feature_cache"]["state"] != "hit"
+    assert record.clusters.k == 2 and record.feature_cache.state != "hit"
     assert client._process.pid == worker
     assert client.probe()["model_loads"] == 1  # the model loaded by the first run served all three
 
@@ -82,7 +82,7 @@ def test_cancel_stops_the_job_and_the_next_run_does_not_reload_the_model(client,
 def clusters_of(record: dict):
     from osgeo import gdal
 
-    dataset = gdal.Open(record["outputs"]["clusters"])
+    dataset = gdal.Open(record.outputs["clusters"])
     return dataset.GetRasterBand(1).ReadAsArray()
 
 
@@ -118,7 +118,7 @@ def test_after_a_failed_model_load_the_warm_worker_runs_the_earlier_model_as_a_f
         expected = fresh.segment(job(tiny_model_dir, path, tmp_path / "fresh", clusters=2, use_cache=False))
     finally:
         fresh.close()
-    assert again["clusters"]["k"] == expected["clusters"]["k"] == 2
+    assert again.clusters.k == expected.clusters.k == 2
     assert (clusters_of(again) == clusters_of(expected)).all()
 
 
@@ -139,8 +139,8 @@ def test_after_a_cancelled_first_load_of_another_model_the_warm_worker_runs_both
     other = client.segment(job(other_model, path, tmp_path / "other", clusters=2, use_cache=False))
     first_again = client.segment(job(tiny_model_dir, path, tmp_path / "again", clusters=2, use_cache=False))
 
-    assert other["clusters"]["k"] == first_again["clusters"]["k"] == 2
-    assert os.path.isfile(first_again["outputs"]["clusters"])
+    assert other.clusters.k == first_again.clusters.k == 2
+    assert os.path.isfile(first_again.outputs["clusters"])
 
 
 def test_a_worker_that_does_not_answer_a_cancel_is_terminated(client, tiny_model_dir, scene_tif, tmp_path,
@@ -171,7 +171,7 @@ def test_a_killed_worker_is_a_message_and_the_next_job_works(client, tiny_model_
     assert caught.value.kind == "crash" and "SIGKILL" in str(caught.value)
     assert not any((tmp_path / "out").iterdir())
     record = client.segment(job(tiny_model_dir, path, tmp_path / "out", clusters=2))
-    assert record["clusters"]["k"] == 2
+    assert record.clusters.k == 2
 
 
 def test_one_job_at_a_time(client, tiny_model_dir, scene_tif, tmp_path):

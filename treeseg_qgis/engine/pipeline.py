@@ -8,7 +8,6 @@ names and renamed when complete; on failure or cancel nothing of the run is left
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -39,6 +38,16 @@ from ..outputs import (
     taught_class_paths,
 )
 from ..params import ParameterError, Role, SegmentationParams, settings_with
+from ..run_record import (
+    AppliedClusterModel,
+    ClusterFacts,
+    FeatureCacheUse,
+    InputFacts,
+    ModelFacts,
+    RunRecord,
+    TreeFacts,
+    taught_record,
+)
 from . import interrupts
 from .core.atomic import write_atomically
 from .core.cache import CacheUnavailable, FeatureCache, file_identity
@@ -91,7 +100,7 @@ def segment(
     load_model: ModelLoader | None = None,
     features: str | Path | None = None,
 ) -> dict:
-    """Run one segmentation and return its record (also written as `<stem>_run.json`).
+    """Run one segmentation and return its record, `RunRecord.to_dict()` (also written as `<stem>_run.json`).
 
     `load_model` loads the backbone (default: load_backbone); it is not called
     when the feature cache already holds this raster's features, nor when `features` is a complete
@@ -173,14 +182,12 @@ def segment(
                 write_elbow_plot(result.inertia_curve, result.k, str(staged.elbow))
                 written.append(paths.elbow)
             result.timings["preview"] = round(time.perf_counter() - preview_started, 3)
-            record = _record(params, model, source, result, paths, polygons, written)
-            record["crowns"] = crowns
-            record["cluster_model"] = _survey_record(params, survey, source) if survey else None
-            record["feature_cache"] = {"state": cache_state,
-                                       "folder": str(store.home) if cache_state != "off" else None}
-            record["timings"]["load_model"] = round(load_seconds, 3)
-            record["timings"]["total"] = round(time.perf_counter() - started, 3)
-            write_atomically(staged.record, json.dumps(record, indent=2), str(staged.record))
+            result.timings["load_model"] = round(load_seconds, 3)
+            result.timings["total"] = round(time.perf_counter() - started, 3)
+            record = _record(params, model, source, result, paths, polygons, written, crowns,
+                             _survey_record(params, survey, source) if survey else None,
+                             FeatureCacheUse(cache_state, str(store.home) if cache_state != "off" else None))
+            write_atomically(staged.record, record.to_json(), str(staged.record))
             progress.check()
             with interrupts.deferred(reraise=False):
                 commit_outputs(transaction, [*written, paths.record],
@@ -191,7 +198,7 @@ def segment(
                 raise _writing_failed(error, paths.clusters.parent) from error
             raise
     progress.report(1.0, "Done")
-    return record
+    return record.to_dict()
 
 
 def teach(
@@ -394,7 +401,7 @@ def _commit_teach(record: dict, progress: Progress, keep: TaughtModel | None) ->
     transaction, staged, finals = record.pop("_transaction")
     try:
         staged_record = staged[finals.index(Path(record["outputs"]["teach_record"]))]
-        write_atomically(staged_record, json.dumps(record, indent=2), str(staged_record))
+        write_atomically(staged_record, taught_record(record).to_json(), str(staged_record))
         if keep is not None:
             keep.save(staged[-1])
         progress.check()
@@ -567,11 +574,12 @@ def _cache_key(params: SegmentationParams, source: GdalRasterSource, survey: Sur
     }
 
 
-def _survey_record(params: SegmentationParams, survey: SurveyModel, source: GdalRasterSource) -> dict:
+def _survey_record(params: SegmentationParams, survey: SurveyModel, source: GdalRasterSource,
+                   ) -> AppliedClusterModel:
     """The cluster model a run applied, and how much of each band its value scaling clipped."""
-    return {"path": str(params.cluster_model), "projection": survey.projection_id,
-            "clipped": {f"band {number}": round(share, 4) for number, share in source.clipped.items()},
-            "warning": clipping_note(source.clipped)}
+    return AppliedClusterModel(str(params.cluster_model), survey.projection_id,
+                               {f"band {number}": round(share, 4) for number, share in source.clipped.items()},
+                               clipping_note(source.clipped))
 
 
 def _precision(params: SegmentationParams) -> str | None:
@@ -764,41 +772,31 @@ def _record(
     paths: OutputPaths,
     polygons: int,
     written: list[Path],
-) -> dict:
-    return {
-        "treeseg_version": __version__,
-        "warning": UNTRAINED_BANNER if model["untrained"] else None,
-        "input": {
-            "path": str(params.input_path),
-            "width": source.width,
-            "height": source.height,
-            "bands": list(source.bands),
-            "scaling": source.scaling,
-        },
-        "method": params.method,
-        "model": model,
-        "requested_model": params.model,
-        "stride": params.stride,
-        "clusters": {
-            "k": result.k,
-            "automatic": result.auto_k,
-            "inertia_curve": {str(k): round(v, 3) for k, v in result.inertia_curve.items()},
-            "mean_exg": result.cluster_exg,
-            "pixels": result.cluster_pixels,
-        },
-        "trees": {
-            "clusters": result.tree_clusters,
-            "rule": result.tree_rule,
-            "tree_pixels": result.tree_pixels,
-            "valid_pixels": result.valid_pixels,
-            "tree_cover": round(result.tree_cover, 4),
-        },
-        "polygons": polygons,
-        "tiles": result.tiles,
-        "parameters": params.to_json(),
-        "outputs": {kind: path for kind, path in paths.as_dict().items()
-                    if Path(path) in written or kind == "record"},
-        "timings": dict(result.timings),
-        "platform": {"python": platform.python_version(), "machine": platform.machine()},
-    }
-
+    crowns: int | None,
+    cluster_model: AppliedClusterModel | None,
+    feature_cache: FeatureCacheUse,
+) -> RunRecord:
+    """The run's record, built once when everything is written (the record file itself is the last)."""
+    return RunRecord(
+        treeseg_version=__version__,
+        warning=UNTRAINED_BANNER if model["untrained"] else None,
+        input=InputFacts(str(params.input_path), source.width, source.height, list(source.bands), source.scaling),
+        method=params.method,
+        model=ModelFacts.from_facts(model),
+        requested_model=params.model,
+        stride=params.stride,
+        clusters=ClusterFacts(result.k, result.auto_k,
+                              {str(k): round(v, 3) for k, v in result.inertia_curve.items()},
+                              list(result.cluster_exg), list(result.cluster_pixels)),
+        trees=TreeFacts(list(result.tree_clusters), result.tree_rule, result.tree_pixels, result.valid_pixels,
+                        round(result.tree_cover, 4)),
+        polygons=polygons,
+        tiles=result.tiles,
+        parameters=params,
+        outputs={kind: path for kind, path in paths.as_dict().items() if Path(path) in written or kind == "record"},
+        timings=dict(result.timings),
+        platform={"python": platform.python_version(), "machine": platform.machine()},
+        crowns=crowns,
+        cluster_model=cluster_model,
+        feature_cache=feature_cache,
+    )

@@ -43,6 +43,7 @@ from ..outputs import (
     check_output_paths,
 )
 from ..params import WINDOW_TILES, Role, SegmentationParams, settings_with
+from ..run_record import RunRecord, taught_record
 from . import interrupts
 from .core.clustering import Projection
 from .core.errors import InputError
@@ -418,11 +419,11 @@ def _moved_outcome(outcome: RasterOutcome, staging: Path, out_dir: Path) -> Rast
         return outcome
     record = _moved(outcome.record, str(staging), str(out_dir))
     taught = record.pop("taught", None)
-    for written in (record, taught):
+    for written, typed in ((record, RunRecord.from_dict), (taught, taught_record)):
         staged_record = written and staging / Path(written["outputs"].get("record")
                                                    or written["outputs"]["teach_record"]).name
         if staged_record and staged_record.is_file():
-            staged_record.write_text(json.dumps(written, indent=2))
+            staged_record.write_text(typed(written).to_json())
     return replace(outcome, record={**record, "taught": taught} if taught else record)
 
 

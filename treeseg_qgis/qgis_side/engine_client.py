@@ -25,12 +25,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import protocol
 from ..outputs import output_folders, recover_outputs, temporary_files
 from ..params import CrownOptions, ParameterError, SegmentationParams
 from ..protocol import Command, ErrorKind, Message
+from ..run_record import CrownsRecord, FitRecord, RecordError, RunRecord, TaughtRecord, taught_record
 from .engine_env import private_engine_python
 
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
@@ -47,6 +48,7 @@ STDERR_DRAIN_SECONDS = 2.0
 HELLO_SECONDS = 120.0
 """How long a starting worker may take to announce itself."""
 WAIT_STEP_SECONDS = 0.1
+RecordT = TypeVar("RecordT")
 WAITING_STAGE = "Waiting for the engine: another run is using it"
 
 
@@ -168,11 +170,12 @@ class EngineClient:
         on_log: LogHandler | None = None,
         is_cancelled: CancelCheck | None = None,
         hf_token: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> RunRecord:
         """Run one segmentation job; returns its run record or raises EngineError (an invalid value: "input",
-        before anything is sent)."""
+        before anything is sent; a record that is not one: "protocol")."""
         job = _job(Command.SEGMENT, hf_token, {protocol.PARAMS: _validated_json(params)})
-        return self._run_writing(job, lambda: _recover_outputs_of(params), on_progress, on_log, is_cancelled)
+        return _typed(RunRecord.from_dict, self._run_writing(job, lambda: _recover_outputs_of(params), on_progress,
+                                                             on_log, is_cancelled))
 
     def teach(
         self,
@@ -184,7 +187,7 @@ class EngineClient:
         hf_token: str | None = None,
         class_name: str = "tree",
         classifier: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> TaughtRecord:
         """Click-to-teach: scores from example pixels (col, row, is_tree: an example of `class_name`); the
         threshold is chosen from the examples when None. With `classifier` (a taught classifier file, the
         params' cluster model set) it is applied instead of examples. The teach record or EngineError."""
@@ -192,7 +195,8 @@ class EngineClient:
                                               protocol.EXAMPLES: [list(example) for example in examples],
                                               protocol.THRESHOLD: threshold, protocol.CLASS_NAME: class_name,
                                               protocol.CLASSIFIER: classifier})
-        return self._run_writing(job, lambda: _recover_outputs_of(params), on_progress, None, is_cancelled)
+        return _typed(taught_record, self._run_writing(job, lambda: _recover_outputs_of(params), on_progress, None,
+                                                       is_cancelled))
 
     def fit(
         self,
@@ -202,12 +206,12 @@ class EngineClient:
         on_progress: ProgressHandler | None = None,
         is_cancelled: CancelCheck | None = None,
         hf_token: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> FitRecord:
         """Fit one survey cluster model on `inputs` and write it to `out_path` (.treeseg, written atomically);
-        `{"cluster_model", "model", "k", "automatic_k", "tree_clusters", "tree_rule", "inputs"}` or EngineError."""
+        its FitRecord or EngineError."""
         job = _job(Command.FIT, hf_token, {protocol.INPUTS: list(inputs), protocol.OUT_PATH: out_path,
                                             protocol.PARAMS: _validated_json(params)})
-        return self._run(job, on_progress, None, is_cancelled)
+        return _typed(FitRecord.from_dict, self._run(job, on_progress, None, is_cancelled))
 
     def crowns(
         self,
@@ -217,9 +221,9 @@ class EngineClient:
         options: CrownOptions | None = None,
         on_progress: ProgressHandler | None = None,
         is_cancelled: CancelCheck | None = None,
-    ) -> dict[str, Any]:
-        """Crown polygons of a tree mask (validated `options`, the defaults when None);
-        `{"crowns": count, "outputs": {"crowns": gpkg_path}}` or EngineError."""
+    ) -> CrownsRecord:
+        """Crown polygons of a tree mask (validated `options`, the defaults when None); the count and the file
+        (CrownsRecord) or EngineError."""
         job = {protocol.COMMAND: Command.CROWNS, protocol.TREES_PATH: trees_path,
                protocol.CLUSTERS_PATH: clusters_path or trees_path, protocol.GPKG_PATH: gpkg_path,
                protocol.OPTIONS: _validated_json(options or CrownOptions())}
@@ -228,7 +232,8 @@ class EngineClient:
             for leftover in temporary_files(Path(gpkg_path)):
                 leftover.unlink(missing_ok=True)
 
-        return self._run_writing(job, remove_partial_gpkg, on_progress, None, is_cancelled)
+        return _typed(CrownsRecord.from_dict, self._run_writing(job, remove_partial_gpkg, on_progress, None,
+                                                                is_cancelled))
 
     def _run_writing(self, job: dict, clean_up: Callable[[], None], on_progress: ProgressHandler | None,
                      on_log: LogHandler | None, is_cancelled: CancelCheck | None) -> dict[str, Any]:
@@ -486,6 +491,14 @@ def _validated_json(params: SegmentationParams | CrownOptions) -> dict[str, Any]
     except ParameterError as error:
         raise EngineError(ErrorKind.INPUT, str(error)) from None
     return params.to_json()
+
+
+def _typed(read: Callable[[Any], RecordT], record: dict[str, Any]) -> RecordT:
+    """The job's record as its type; one that is not (a damaged or another version's engine): EngineError."""
+    try:
+        return read(record)
+    except RecordError as error:
+        raise EngineError(ErrorKind.PROTOCOL, str(error)) from None
 
 
 def _recover_outputs_of(params: SegmentationParams) -> None:

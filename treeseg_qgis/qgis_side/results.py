@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from osgeo import gdal
 from qgis.core import (
@@ -57,6 +57,7 @@ from qgis.PyQt import sip
 from qgis.PyQt.QtGui import QColor
 
 from ..outputs import UNTRAINED_TAG
+from ..run_record import ClassesRecord, CrownsRecord, RunRecord, TaughtRecord, TeachRecord
 
 gdal.UseExceptions()
 
@@ -92,26 +93,36 @@ SHARING_STYLE = "treeseg_sharing_style"
 """Qt property of a survey's cluster layer whose restyles reach the others (not saved with the project)."""
 
 
+ResultRecord = Union[RunRecord, TaughtRecord]
+"""The record of a job whose outputs make a result group: a run or a teach."""
+OutputsRecord = Union[RunRecord, TaughtRecord, CrownsRecord]
+"""The record of a job whose outputs Processing loads and styles."""
+
+
 class ResultLayerError(RuntimeError):
     """An output file of the run could not be opened as a layer."""
 
 
-def model_label(record: dict[str, Any]) -> str:
+def model_label(record: RunRecord) -> str:
     """The model as the user chose it: a catalogue name, or the last part of an id or folder."""
-    requested = str(record.get("requested_model") or record["model"]["model_id"])
+    requested = record.requested_model or record.model.model_id
     return Path(requested.rstrip("/\\")).name or requested
 
 
-def group_name(record: dict[str, Any], input_name: str, differences: str = "") -> str:
+def group_name(record: RunRecord, input_name: str, differences: str = "") -> str:
     """E.g. 'OSBS_029 — base, stride 16' (with `differences`: 'OSBS_029 — base, stride 16, K=4'), with
     ' — UNTRAINED' when the weights were random."""
-    name = f"{input_name} — {model_label(record)}, stride {record['stride']}{differences}"
-    return f"{name} — {UNTRAINED_TAG}" if record["model"]["untrained"] else name
+    name = f"{input_name} — {model_label(record)}, stride {record.stride}{differences}"
+    return f"{name} — {UNTRAINED_TAG}" if record.model.untrained else name
 
 
-def run_settings(record: dict[str, Any]) -> dict[str, Any]:
-    """What a run (or teach) of `record` was asked to find: its parameters but the paths and speed knobs."""
-    return {key: value for key, value in record.get("parameters", {}).items() if key not in NOT_SETTINGS}
+def run_settings(record: ResultRecord) -> dict[str, Any]:
+    """What a run of `record` was asked to find: its parameters but the paths and speed knobs (a teach: none), as
+    JSON has them (lists, not tuples: equal to the settings a result group keeps)."""
+    if not isinstance(record, RunRecord):
+        return {}
+    parameters = json.loads(json.dumps(record.parameters.to_json()))
+    return {key: value for key, value in parameters.items() if key not in NOT_SETTINGS}
 
 
 SETTING_WORDS = {"crowns": "tree crowns", "feature_preview": "feature image"}
@@ -151,24 +162,25 @@ HIDDEN_OUTPUTS = frozenset({"trees", "features", "height"})
 VECTOR_OUTPUTS = frozenset({"crowns", "polygons"})
 
 
-def layer_names(record: dict[str, Any]) -> dict[str, str]:
-    """The layer name of each output kind of a run or teach `record` (for the panel and Processing alike)."""
+def layer_names(record: OutputsRecord) -> dict[str, str]:
+    """The layer name of each output kind of a run, teach or crowns `record` (for the panel and Processing
+    alike)."""
     names = {"polygons": "Tree polygons", "features": "Feature image (PCA RGB)",
-             "similarity": "Tree similarity (0–1)"}
-    if "clusters" in record and "trees" in record:
-        names["trees"] = f"Tree mask ({100 * float(record['trees']['tree_cover']):.1f} % cover)"
-        names["clusters"] = f"Clusters (K={record['clusters']['k']})"
-    if record.get("crowns") is not None:
-        names["crowns"] = f"Tree crowns ({record['crowns']})"
-    height_untrained = record.get("model", {}).get("height_model", {}).get("untrained")
-    names["height"] = f"Canopy height (m) — {UNTRAINED_TAG}" if height_untrained else "Canopy height (m)"
-    if "classes" in record:
-        names["classes"] = f"Taught classes ({', '.join(record['classes'])})"
-    if "threshold" in record:
-        taught = record.get("class") or "tree"
+             "similarity": "Tree similarity (0–1)", "height": "Canopy height (m)"}
+    if isinstance(record, RunRecord):
+        names["trees"] = f"Tree mask ({100 * record.trees.tree_cover:.1f} % cover)"
+        names["clusters"] = f"Clusters (K={record.clusters.k})"
+        if record.model.height_model is not None and record.model.height_model.untrained:
+            names["height"] = f"Canopy height (m) — {UNTRAINED_TAG}"
+    if isinstance(record, (RunRecord, CrownsRecord)) and record.crowns is not None:
+        names["crowns"] = f"Tree crowns ({record.crowns})"
+    if isinstance(record, ClassesRecord):
+        names["classes"] = f"Taught classes ({', '.join(record.classes)})"
+    if isinstance(record, TeachRecord):
+        taught = record.class_name or "tree"
         taught_name = "Taught trees" if taught == "tree" else f"Taught: {taught}"
-        names["taught_trees"] = (f"{taught_name} (score ≥ {float(record['threshold']):.2f}, "
-                                 f"{100 * float(record['tree_cover']):.1f} % cover)")
+        names["taught_trees"] = (f"{taught_name} (score ≥ {record.threshold:.2f}, "
+                                 f"{100 * record.tree_cover:.1f} % cover)")
         names["similarity"] = f"{taught.capitalize()} similarity (0–1)"
     return names
 
@@ -190,30 +202,29 @@ def label_band_legend(node: QgsLayerTreeLayer, kind: str) -> None:
             node.layer().legendChanged.emit()
 
 
-def survey_class_names(record: dict[str, Any]) -> list[str]:
+def survey_class_names(record: RunRecord) -> list[str]:
     """The cluster legend of a run that applied a cluster model, e.g. 'Cluster 2 — tree (ExG 0.21)': id, tree
     rule and ExG all come from the model, so every raster of the survey gets the same labels."""
-    trees = set(record["trees"]["clusters"])
-    return [f"Cluster {cluster}{' — tree' if cluster in trees else ''} (ExG {float(exg):.2f})"
-            for cluster, exg in enumerate(record["clusters"]["mean_exg"])]
+    trees = set(record.trees.clusters)
+    return [f"Cluster {cluster}{' — tree' if cluster in trees else ''} (ExG {exg:.2f})"
+            for cluster, exg in enumerate(record.clusters.mean_exg)]
 
 
-def style_output(layer: QgsMapLayer, kind: str, record: dict[str, Any]) -> None:
+def style_output(layer: QgsMapLayer, kind: str, record: OutputsRecord) -> None:
     """The style of output `kind` of `record`, as the panel shows it."""
-    if kind == "clusters":
-        style_clusters(layer, int(record["clusters"]["k"]),
-                       survey_class_names(record) if record.get("cluster_model") else None)
+    if kind == "clusters" and isinstance(record, RunRecord):
+        style_clusters(layer, record.clusters.k, survey_class_names(record) if record.cluster_model else None)
     elif kind in STYLES:
         STYLES[kind](layer)
 
 
-def add_result_layers(record: dict[str, Any], input_name: str,
+def add_result_layers(record: RunRecord, input_name: str,
                       project: QgsProject | None = None) -> QgsLayerTreeGroup:
     """Load the outputs of `record` into a new group at the top of the layer tree (place_result_group): crowns
     (when made), polygons, tree mask (hidden), clusters, then the feature image and canopy height (when made,
     hidden); raises ResultLayerError (and adds nothing) when a file cannot be opened."""
     project = project or QgsProject.instance()
-    outputs = record["outputs"]
+    outputs = record.outputs
     names = layer_names(record)
     kinds = [kind for kind in RUN_OUTPUT_ORDER if kind in outputs]
     layers = [open_output(outputs[kind], kind, names[kind]) for kind in kinds]
@@ -233,14 +244,14 @@ def add_result_layers(record: dict[str, Any], input_name: str,
     return group
 
 
-def survey_group(record: dict[str, Any], project: QgsProject) -> QgsLayerTreeGroup | None:
+def survey_group(record: OutputsRecord, project: QgsProject) -> QgsLayerTreeGroup | None:
     """The group of the survey whose cluster model `record` applied: the one an earlier run with the same model
     (file and PCA) made, anywhere in the layer tree, else a new one at the top, e.g. 'Survey · site.treeseg';
     None for a run without a cluster model."""
-    model = record.get("cluster_model")
-    if not model:
+    model = record.cluster_model if isinstance(record, RunRecord) else None
+    if model is None:
         return None
-    path, projection = str(Path(model["path"]).resolve()), model["projection"]
+    path, projection = str(Path(model.path).resolve()), model.projection
     root = project.layerTreeRoot()
     for group in root.findGroups(True):
         if (group.customProperty(SURVEY_MODEL), group.customProperty(SURVEY_PROJECTION)) == (path, projection):
@@ -255,21 +266,21 @@ RUN_RESULT = "run"
 SURVEY_RESULT = "survey run"
 
 
-def run_result(record: dict[str, Any]) -> str:
+def run_result(record: RunRecord) -> str:
     """The result kind of a run `record`: SURVEY_RESULT when it applied a cluster model, else RUN_RESULT."""
-    return SURVEY_RESULT if record.get("cluster_model") else RUN_RESULT
+    return SURVEY_RESULT if record.cluster_model else RUN_RESULT
 
 
-def teach_result(record: dict[str, Any]) -> str:
+def teach_result(record: TaughtRecord) -> str:
     """The result kind of a teach `record`: 'teach: <class>' (several: 'teach: <class> / <class>…')."""
-    if "classes" in record:
-        return f"teach: {' / '.join(record['classes'])}"
-    return f"teach: {record.get('class') or 'tree'}"
+    if isinstance(record, ClassesRecord):
+        return f"teach: {' / '.join(record.classes)}"
+    return f"teach: {record.class_name or 'tree'}"
 
 
-def _output_files(record: dict[str, Any]) -> set[str]:
+def _output_files(record: ResultRecord) -> set[str]:
     """The files a run record names as its outputs."""
-    return {str(Path(path)) for path in record.get("outputs", {}).values() if isinstance(path, str) and path}
+    return {str(Path(path)) for path in record.outputs.values() if path}
 
 
 def _layer_file(layer: QgsMapLayer) -> str:
@@ -277,7 +288,7 @@ def _layer_file(layer: QgsMapLayer) -> str:
     return str(Path(layer.source().split("|")[0]))
 
 
-def place_result_group(group: QgsLayerTreeGroup, record: dict[str, Any], input_name: str, result: str,
+def place_result_group(group: QgsLayerTreeGroup, record: ResultRecord, input_name: str, result: str,
                        project: QgsProject, parent: QgsLayerTreeGroup | None = None) -> None:
     """Put a new result group at the top of `parent` (a survey group; default the top of the layer tree, never
     inside another result), shown with every group above it, and settle the older results of the same input:
@@ -406,13 +417,13 @@ def _style_qml(layer: QgsMapLayer) -> str:
     return style.xmlData()
 
 
-def teach_group_name(record: dict[str, Any], input_name: str) -> str:
+def teach_group_name(record: TaughtRecord, input_name: str) -> str:
     """E.g. 'OSBS_029 — taught by example', with ' — UNTRAINED' when the weights were random."""
     name = f"{input_name} — taught by example"
-    return f"{name} — {UNTRAINED_TAG}" if record["model"]["untrained"] else name
+    return f"{name} — {UNTRAINED_TAG}" if record.model.untrained else name
 
 
-def add_teach_layers(record: dict[str, Any], input_name: str, project: QgsProject | None = None,
+def add_teach_layers(record: TaughtRecord, input_name: str, project: QgsProject | None = None,
                      replacing: Sequence[str] = ()) -> list[QgsMapLayer]:
     """Load the taught mask (trees, or the record's class) and the similarity of a teach `record` (of several
     classes: the class raster, in the classes' colours and names); they take
@@ -420,12 +431,12 @@ def add_teach_layers(record: dict[str, Any], input_name: str, project: QgsProjec
     at the top (place_result_group: an older teach of the class on the same input is replaced). Returns the new
     layers; raises ResultLayerError (and changes nothing) when a file cannot be opened."""
     project = project or QgsProject.instance()
-    outputs = record["outputs"]
+    outputs = record.outputs
     names = layer_names(record)
-    kinds = CLASSES_OUTPUT_ORDER if "classes" in record else TEACH_OUTPUT_ORDER
+    kinds = CLASSES_OUTPUT_ORDER if isinstance(record, ClassesRecord) else TEACH_OUTPUT_ORDER
     layers = [open_output(outputs[kind], kind, names[kind]) for kind in kinds]
-    if "classes" in record:
-        style_clusters(layers[0], len(record["classes"]) + 1)  # 0 unsure (transparent), then the classes
+    if isinstance(record, ClassesRecord):
+        style_clusters(layers[0], len(record.classes) + 1)  # 0 unsure (transparent), then the classes
     else:
         style_tree_mask(layers[0])
         style_similarity(layers[1])
@@ -454,7 +465,7 @@ class OutputGroup:
 
     name: str
     order: tuple[str, ...]
-    record: dict[str, Any]
+    record: ResultRecord
     input_name: str
     result: str = RUN_RESULT
     node: QgsLayerTreeGroup | None = None
@@ -462,11 +473,11 @@ class OutputGroup:
     """Layer id → output kind of the layers already moved in."""
 
     @classmethod
-    def for_run(cls, record: dict[str, Any], input_name: str) -> OutputGroup:
+    def for_run(cls, record: RunRecord, input_name: str) -> OutputGroup:
         return cls(group_name(record, input_name), RUN_OUTPUT_ORDER, record, input_name, run_result(record))
 
     @classmethod
-    def for_teach(cls, record: dict[str, Any], input_name: str) -> OutputGroup:
+    def for_teach(cls, record: TaughtRecord, input_name: str) -> OutputGroup:
         return cls(teach_group_name(record, input_name), TEACH_OUTPUT_ORDER, record, input_name, teach_result(record))
 
     def take(self, layer: QgsMapLayer, kind: str, project: QgsProject,
@@ -513,7 +524,7 @@ class OutputStyler(QgsProcessingLayerPostProcessorInterface):
     _alive: list[OutputStyler] = []
     """QGIS does not own post-processors: each is kept here so that it outlives the algorithm that made it."""
 
-    def __init__(self, kind: str, record: dict[str, Any], group: OutputGroup | None, beside: str | None) -> None:
+    def __init__(self, kind: str, record: OutputsRecord, group: OutputGroup | None, beside: str | None) -> None:
         super().__init__()
         self.kind = kind
         self.record = record
@@ -521,7 +532,7 @@ class OutputStyler(QgsProcessingLayerPostProcessorInterface):
         self.beside = beside
 
     @classmethod
-    def create(cls, kind: str, record: dict[str, Any], group: OutputGroup | None,
+    def create(cls, kind: str, record: OutputsRecord, group: OutputGroup | None,
                beside: str | None = None) -> OutputStyler:
         styler = cls(kind, record, group, beside)
         cls._alive.append(styler)
@@ -560,13 +571,13 @@ def place_beside(layer: QgsMapLayer, beside: str | None, project: QgsProject) ->
     _show_with_parents(parent)
 
 
-def style_loaded_outputs(context: QgsProcessingContext, record: dict[str, Any], group: OutputGroup | None,
+def style_loaded_outputs(context: QgsProcessingContext, record: OutputsRecord, group: OutputGroup | None,
                          suffix: str = "", beside: str | None = None) -> None:
     """Name, style and group the outputs of `record` that the toolbox will load (in the dialog, batch or
     modeler); the names end with `suffix`. Without a group they go beside the layer of id `beside`
     (place_beside)."""
     names = layer_names(record)
-    for kind, path in record["outputs"].items():
+    for kind, path in record.outputs.items():
         if kind in names and context.willLoadLayerOnCompletion(path):
             details = context.layerToLoadOnCompletionDetails(path)
             details.name = names[kind] + suffix

@@ -80,6 +80,7 @@ from ...params import (
     SegmentationParams,
     remembered_names,
 )
+from ...run_record import RunRecord
 from ..auth import hf_token
 from ..compat import POLYGON_LAYER_FILTER, RASTER_LAYER_FILTER
 from ..engine_client import EngineClient, missing_engine_message
@@ -582,21 +583,21 @@ class RunPanel(QWidget):
         """This machine's measured speed against the estimates of its last runs (1 before any)."""
         return speed_factor(json.loads(QgsSettings().value(SPEED_SETTING, "[]", type=str) or "[]"))
 
-    def _learn_from(self, record: dict[str, Any]) -> None:
+    def _learn_from(self, record: RunRecord) -> None:
         """After a run: keep its measured time over its estimate for the next estimates, and what it loaded."""
         started, options = self._run_timing or (None, {})
         self._loaded_model = self._model_key()
-        if str(record["model"].get("precision", "")).startswith("int8"):
+        if (record.model.precision or "").startswith("int8"):
             settings = QgsSettings()
             exported = json.loads(settings.value(EXPORTED_SETTING, "[]", type=str) or "[]")
             settings.setValue(EXPORTED_SETTING, json.dumps(sorted({*exported, self.model_in_use()})))
-        expected = estimate_run_time(record["parameters"]["model"], record["input"]["width"],
-                                     record["input"]["height"], record["stride"], record["parameters"]["tile_size"],
-                                     self._run_device(), record["parameters"]["overlap"], **options)
-        if started is None or expected is None or record["feature_cache"]["state"] == "hit":
+        ran = record.parameters
+        expected = estimate_run_time(ran.model, record.input.width, record.input.height, record.stride,
+                                     ran.tile_size, self._run_device(), ran.overlap, **options)
+        if started is None or expected is None or record.feature_cache.state == "hit":
             return
         # Steps the estimate leaves out (the canopy-height head, crowns) must not be learnt as slowness.
-        unestimated = sum(float(record.get("timings", {}).get(step, 0.0)) for step in UNESTIMATED_STEPS)
+        unestimated = sum(record.timings.get(step, 0.0) for step in UNESTIMATED_STEPS)
         measured = json.loads(QgsSettings().value(SPEED_SETTING, "[]", type=str) or "[]")
         measured = [*measured, max(time.monotonic() - started - unestimated, 0.0) / expected.total][-SPEED_RUNS_KEPT:]
         QgsSettings().setValue(SPEED_SETTING, json.dumps(measured))
@@ -801,12 +802,12 @@ class RunPanel(QWidget):
         self._update_enabled()
         self.running_changed.emit(False)
 
-    def _show_elbow(self, record: dict[str, Any] | None) -> None:
+    def _show_elbow(self, record: RunRecord | None) -> None:
         """The elbow plot of a run with automatic K, with the K it chose; hidden otherwise."""
-        elbow = record["outputs"].get("elbow") if record is not None else None
+        elbow = record.outputs.get("elbow") if record is not None else None
         pixmap = QPixmap(elbow) if elbow else QPixmap()
-        if not pixmap.isNull():
-            self.elbow_caption.setText(f"Automatic K = {record['clusters']['k']}: the elbow of the k-means inertia "
+        if record is not None and not pixmap.isNull():
+            self.elbow_caption.setText(f"Automatic K = {record.clusters.k}: the elbow of the k-means inertia "
                                        "curve.")
             ratio = self.elbow_image.devicePixelRatioF()
             shown = pixmap.scaledToWidth(round(ELBOW_WIDTH * ratio), Qt.TransformationMode.SmoothTransformation)

@@ -16,6 +16,7 @@ from qgis.PyQt.QtCore import pyqtSignal
 
 from ...outputs import remove_files
 from ...params import SegmentationParams
+from ...run_record import ClassesRecord, RunRecord, TaughtRecord
 from ..engine_client import EngineClient, EngineError
 from ..results import LOG_TAG, add_result_layers, add_teach_layers, model_label
 
@@ -38,7 +39,8 @@ class _EngineJobTask(QgsTask):
         self.params = params
         self.input_name = layer.name()
         self.hf_token = hf_token
-        self.record: dict[str, Any] | None = None
+        self.record: Any = None
+        """The job's record (RunRecord, TaughtRecord) once it succeeded."""
         self.error: EngineError | None = None
         self.setDependentLayers([layer])
 
@@ -52,7 +54,7 @@ class _EngineJobTask(QgsTask):
             self.error = EngineError("internal", f"{type(error).__name__}: {error}")
         return self.record is not None
 
-    def _run_job(self) -> dict[str, Any]:
+    def _run_job(self) -> Any:
         """The engine call (on the worker thread); its record."""
         raise NotImplementedError
 
@@ -80,7 +82,7 @@ class SegmentationTask(_EngineJobTask):
         self.scratch_folder = scratch_folder
         self._stage = ""
 
-    def _run_job(self) -> dict[str, Any]:
+    def _run_job(self) -> RunRecord:
         return self.engine.segment(self.params, on_progress=self._on_progress, on_log=_log,
                                    is_cancelled=self.isCanceled, hf_token=self.hf_token)
 
@@ -107,7 +109,7 @@ class SegmentationTask(_EngineJobTask):
             shutil.rmtree(self.scratch_folder, ignore_errors=True)
         self.done.emit(success, summary)
 
-    def _add_results(self, record: dict[str, Any]) -> tuple[bool, str]:
+    def _add_results(self, record: RunRecord) -> tuple[bool, str]:
         try:
             add_result_layers(record, self.input_name, QgsProject.instance())
         except Exception as error:  # noqa: BLE001 - the files exist; say why they could not be shown
@@ -115,18 +117,18 @@ class SegmentationTask(_EngineJobTask):
             self.message_bar.pushMessage(MESSAGE_TITLE, summary, Qgis.MessageLevel.Critical, 0)
             return False, summary
         summary = run_summary(record)
-        level = Qgis.MessageLevel.Warning if record["model"]["untrained"] else Qgis.MessageLevel.Success
+        level = Qgis.MessageLevel.Warning if record.model.untrained else Qgis.MessageLevel.Success
         self.message_bar.pushMessage(MESSAGE_TITLE, f"{self.input_name}: {summary}", level, 0)
         return True, summary
 
 
-def run_summary(record: dict[str, Any]) -> str:
+def run_summary(record: RunRecord) -> str:
     """One line: K, tree cover, model, device, time and whether the features came from the cache;
     untrained weights said first."""
-    summary = (f"K={record['clusters']['k']}, tree cover {100 * float(record['trees']['tree_cover']):.1f} %, "
-               f"{model_label(record)} on {record['model']['device']}, {float(record['timings']['total']):.0f} s")
-    summary += f", {FROM_CACHE}." if record["feature_cache"]["state"] == "hit" else "."
-    return f"{UNTRAINED_SUMMARY} {summary}" if record["model"]["untrained"] else summary
+    summary = (f"K={record.clusters.k}, tree cover {100 * record.trees.tree_cover:.1f} %, "
+               f"{model_label(record)} on {record.model.device}, {record.total_seconds:.0f} s")
+    summary += f", {FROM_CACHE}." if record.feature_cache.state == "hit" else "."
+    return f"{UNTRAINED_SUMMARY} {summary}" if record.model.untrained else summary
 
 
 class TeachTask(_EngineJobTask):
@@ -150,7 +152,7 @@ class TeachTask(_EngineJobTask):
         self.replaced_outputs = replaced_outputs
         self.layers: list[QgsMapLayer] = []
 
-    def _run_job(self) -> dict[str, Any]:
+    def _run_job(self) -> TaughtRecord:
         return self.engine.teach(self.params, self.examples, self.threshold,
                                  on_progress=lambda percent, _: self.setProgress(percent),
                                  is_cancelled=self.isCanceled, hf_token=self.hf_token, class_name=self.class_name)
@@ -169,21 +171,20 @@ class TeachTask(_EngineJobTask):
         self.done.emit(True, teach_summary(self.record))
 
 
-def teach_summary(record: dict[str, Any]) -> str:
+def teach_summary(record: TaughtRecord) -> str:
     """One line: examples, threshold (and where it came from), cover and whether the model ran; untrained
     weights said first."""
-    if "classes" in record:
-        covers = ", ".join(f"{name} {100 * float(cover):.1f} %" for name, cover in record["class_cover"].items())
-        examples = ", ".join(f"{count} {name}" for name, count in record["examples"].items())
-        summary = (f"{examples} examples; {record['threshold_note']}: {covers}, "
-                   f"{FROM_CACHE if record['feature_cache'] == 'hit' else 'features computed by the model'}.")
-        return f"{UNTRAINED_SUMMARY} {summary}" if record["model"]["untrained"] else summary
-    examples, taught = record["examples"], record.get("class") or "tree"
-    note = record.get("threshold_note") or f"score ≥ {float(record['threshold']):.2f}"
-    summary = (f"{examples['trees']} {taught} and {examples['not_trees']} other examples; {note}: {taught} "
-               f"cover {100 * float(record['tree_cover']):.1f} %, "
-               f"{FROM_CACHE if record['feature_cache'] == 'hit' else 'features computed by the model'}.")
-    return f"{UNTRAINED_SUMMARY} {summary}" if record["model"]["untrained"] else summary
+    features = FROM_CACHE if record.feature_cache == "hit" else "features computed by the model"
+    if isinstance(record, ClassesRecord):
+        covers = ", ".join(f"{name} {100 * cover:.1f} %" for name, cover in record.class_cover.items())
+        examples = ", ".join(f"{count} {name}" for name, count in record.examples.items())
+        summary = f"{examples} examples; {record.threshold_note}: {covers}, {features}."
+    else:
+        taught = record.class_name or "tree"
+        note = record.threshold_note or f"score ≥ {record.threshold:.2f}"
+        summary = (f"{record.examples.trees} {taught} and {record.examples.not_trees} other examples; {note}: "
+                   f"{taught} cover {100 * record.tree_cover:.1f} %, {features}.")
+    return f"{UNTRAINED_SUMMARY} {summary}" if record.model.untrained else summary
 
 
 class ProbeTask(QgsTask):

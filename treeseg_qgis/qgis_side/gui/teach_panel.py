@@ -30,6 +30,7 @@ from qgis.PyQt.QtWidgets import (
 
 from ...outputs import CLASS_COLOURS
 from ...params import SegmentationParams
+from ...run_record import TeachRecord
 from ..auth import hf_token
 from ..engine_client import EngineClient
 from .layouts import button, check_box, hbox, vbox
@@ -349,9 +350,9 @@ class TeachPanel(QgsCollapsibleGroupBox):
         self.progress_changed.emit(100 if success else 0)
         if success:
             self._teach_layer_ids = [layer.id() for layer in task.layers]
-            self._teach_outputs = list(task.record["outputs"].values())
-            if task.threshold is None and "threshold" in task.record:
-                self._show_threshold(float(task.record["threshold"]))
+            self._teach_outputs = list(task.record.outputs.values())
+            if task.threshold is None and isinstance(task.record, TeachRecord):
+                self._show_threshold(task.record.threshold)
         self._show_teach_status(summary, error=not success and summary != "Cancelled.")
         self._update_enabled()
         self.teaching_changed.emit(False)

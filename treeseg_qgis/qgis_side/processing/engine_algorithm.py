@@ -11,7 +11,7 @@ Its outputs are tables too: `DESTINATIONS`, the files the engine writes (the des
 output files by kind), and `VALUES`, what it returns from the run's record; the base declares both and builds the
 results from the record. `engine_python()` finds the engine (engine_client owns the setting),
 `run_in_engine` runs one job on the shared EngineClient with the feedback's progress and cancel.
-Standard library, QGIS, the shared top-level modules (params, outputs, catalogue) and engine_client only: no
+Standard library, QGIS, the shared top-level modules (params, outputs, catalogue, run_record) and engine_client only: no
 torch, no engine.
 """
 
@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from qgis.core import (
     QgsProcessingAlgorithm,
@@ -64,6 +64,7 @@ MODEL_PAGE = "https://huggingface.co/facebook/dinov3-vitb16-pretrain-lvd1689m"
 HELP_URL = "https://github.com/treeseg-qgis/treeseg-qgis#processing-graphical-modeler-and-qgis_process"
 NON_FILE_DESTINATION = re.compile(r"^(ogr|memory|postgres|postgis|spatialite|mssql|oracle|hana):", re.IGNORECASE)
 RASTER_SUFFIXES = (".tif", ".tiff")
+RecordT = TypeVar("RecordT")
 GEOPACKAGE_SUFFIXES = (".gpkg",)
 
 WEIGHTS_HELP = f"""<h3>Model weights</h3>
@@ -191,21 +192,22 @@ class Destination:
 
 @dataclass(frozen=True)
 class Value:
-    """A value an algorithm returns: its output name, the keys that lead to it in the run's record, and the
-    QgsProcessingOutput class and description that declare it (None: a parameter of declare() does)."""
+    """A value an algorithm returns: its output name, the names that lead to it in the job's record (its fields
+    (run_record.py), then the keys of a table such as its outputs by kind), and the QgsProcessingOutput class and
+    description that declare it (None: a parameter of declare() does)."""
 
     name: str
     keys: tuple[str, ...]
     output: type[QgsProcessingOutputDefinition] | None = None
     description: str = ""
 
-    def found_in(self, record: dict[str, Any]) -> Any:
-        """Its value in `record`; None where the record lacks it."""
+    def found_in(self, record: Any) -> Any:
+        """Its value in `record` (a typed record, or a dict: the evaluation's); None where the record lacks it."""
         value: Any = record
         for key in self.keys:
             if value is None:
                 return None
-            value = value.get(key)
+            value = value.get(key) if isinstance(value, dict) else getattr(value, key, None)
         return value
 
 
@@ -318,7 +320,7 @@ class DescribedAlgorithm(QgsProcessingAlgorithm):
         """What the algorithm returns: VALUES."""
         return self.VALUES
 
-    def results(self, record: dict[str, Any]) -> dict[str, Any]:
+    def results(self, record: Any) -> dict[str, Any]:
         """Output name → value of each returned value that `record` holds."""
         found = {value.name: value.found_in(record) for value in self.returned()}
         return {name: value for name, value in found.items() if value is not None}
@@ -477,7 +479,7 @@ class FeedbackReporter:
 
 
 def run_in_engine(python: str, feedback: QgsProcessingFeedback,
-                  job: Callable[[EngineClient, FeedbackReporter], dict[str, Any]]) -> dict[str, Any]:
+                  job: Callable[[EngineClient, FeedbackReporter], RecordT]) -> RecordT:
     """Run `job` on the session's shared worker of the engine `python` (its model stays loaded for the next
     run; the job waits its turn behind the panel's or another run's, cancellable), reporting to `feedback`;
     its record or a QgsProcessingException."""

@@ -21,6 +21,7 @@ from qgis.core import (
     QgsProcessingParameterMultipleLayers,
 )
 
+from ...run_record import ClassesRecord
 from ..auth import hf_token
 from ..compat import RASTER_LAYERS
 from ..raster_input import absolute_file, raster_file
@@ -92,7 +93,7 @@ class FitClusterModelAlgorithm(EngineAlgorithm):
         record = run_in_engine(python, feedback, lambda client, report: client.fit(
             inputs, out_path, params, on_progress=report.progress, is_cancelled=feedback.isCanceled,
             hf_token=hf_token()))
-        feedback.pushInfo(f"K={record['k']}, tree clusters {record['tree_clusters']}, from {len(inputs)} rasters")
+        feedback.pushInfo(f"K={record.k}, tree clusters {record.tree_clusters}, from {len(inputs)} rasters")
         return self.results(record)
 
 
@@ -173,13 +174,13 @@ class ApplyClassifierAlgorithm(ClassOutputsAlgorithm):
         record = run_in_engine(python, feedback, lambda client, report: client.teach(
             params, [], None, on_progress=report.progress, is_cancelled=feedback.isCanceled, hf_token=hf_token(),
             classifier=classifier))
-        if record.get("warning"):
-            feedback.pushWarning(record["warning"])
-        if "classes" in record:
-            covers = ", ".join(f"{name} {100 * cover:.1f} %" for name, cover in record["class_cover"].items())
+        if record.warning:
+            feedback.pushWarning(record.warning)
+        if isinstance(record, ClassesRecord):
+            covers = ", ".join(f"{name} {100 * cover:.1f} %" for name, cover in record.class_cover.items())
             feedback.pushInfo(f"Classes of {Path(classifier).name}: {covers}; feature cache: "
-                              f"{record['feature_cache']}.")
+                              f"{record.feature_cache}.")
         else:
-            feedback.pushInfo(f"One class, {record['class']}: cover {100 * record['tree_cover']:.1f} %; written to "
-                              + ", ".join(record["outputs"].values()))
+            feedback.pushInfo(f"One class, {record.class_name}: cover {100 * record.tree_cover:.1f} %; written to "
+                              + ", ".join(record.outputs.values()))
         return self.results(record)

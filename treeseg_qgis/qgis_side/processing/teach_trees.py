@@ -35,6 +35,7 @@ from qgis.PyQt.QtCore import QVariant
 
 from ...outputs import TEACH_KINDS
 from ...params import OutputFiles, SegmentationParams
+from ...run_record import TaughtRecord
 from ..auth import hf_token
 from ..compat import ANY_FIELD, DOUBLE, POINT_LAYERS
 from ..raster_input import raster_file
@@ -174,9 +175,9 @@ class TeachTreesAlgorithm(EngineAlgorithm):
         taught = (self.parameterAsString(parameters, self.CLASS_NAME, context) or "").strip() or "tree"
         record, layer = teach_in_engine(self, parameters, context, feedback, self.IS_TREE_FIELD,
                                         DEFAULT_IS_TREE_FIELD, _is_tree, threshold=threshold, class_name=taught)
-        feedback.pushInfo(f"Examples used: {record['examples']['trees']} {taught}, "
-                          f"{record['examples']['not_trees']} other; {record['threshold_note']}; "
-                          f"feature cache: {record['feature_cache']}.")
+        feedback.pushInfo(f"Examples used: {record.examples.trees} {taught}, "
+                          f"{record.examples.not_trees} other; {record.threshold_note}; "
+                          f"feature cache: {record.feature_cache}.")
         style_loaded_outputs(context, record, OutputGroup.for_teach(record, layer.name()))
         return self.results(record)
 
@@ -219,16 +220,16 @@ class TeachClassesAlgorithm(ClassOutputsAlgorithm):
                          feedback: QgsProcessingFeedback) -> dict[str, Any]:
         record, _ = teach_in_engine(self, parameters, context, feedback, self.CLASS_FIELD, CLASS_FIELD,
                                     _class_name, several_classes=True)
-        covers = ", ".join(f"{name} {100 * cover:.1f} %" for name, cover in record["class_cover"].items())
-        feedback.pushInfo(f"Classes: {covers}; {record['threshold_note']}; feature cache: "
-                          f"{record['feature_cache']}.")
+        covers = ", ".join(f"{name} {100 * cover:.1f} %" for name, cover in record.class_cover.items())
+        feedback.pushInfo(f"Classes: {covers}; {record.threshold_note}; feature cache: {record.feature_cache}.")
         return self.results(record)
 
 
 def teach_in_engine(algorithm: EngineAlgorithm, parameters: dict[str, Any], context: QgsProcessingContext,
                     feedback: QgsProcessingFeedback, field_parameter: str, default_field: str,
                     read: Callable[[Any], bool | str | None], *, threshold: float | None = None,
-                    class_name: str | None = None, several_classes: bool = False) -> tuple[dict, QgsRasterLayer]:
+                    class_name: str | None = None, several_classes: bool = False,
+                    ) -> tuple[TaughtRecord, QgsRasterLayer]:
     """The teach run both algorithms make: the example points (their kind `read` from the field) as pixel
     positions, the parameters checked, the engine's teach job; its record (warned about untrained weights) and
     the input layer."""
@@ -246,8 +247,8 @@ def teach_in_engine(algorithm: EngineAlgorithm, parameters: dict[str, Any], cont
     record = run_in_engine(python, feedback, lambda client, report: client.teach(
         params, examples, threshold, on_progress=report.progress, is_cancelled=feedback.isCanceled,
         hf_token=hf_token(), **named))
-    if record.get("warning"):
-        feedback.pushWarning(record["warning"])
+    if record.warning:
+        feedback.pushWarning(record.warning)
     return record, layer
 
 

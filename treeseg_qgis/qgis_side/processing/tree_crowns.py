@@ -98,7 +98,7 @@ class TreeCrownsAlgorithm(EngineAlgorithm):
         clusters_path = raster_file(clusters) if clusters is not None else None
         record = run_in_engine(python, feedback, lambda client, report: client.crowns(
             trees_path, clusters_path, gpkg, options, on_progress=report.progress, is_cancelled=feedback.isCanceled))
-        feedback.pushInfo(f"{record['crowns']} crowns.")
+        feedback.pushInfo(f"{record.crowns} crowns.")
         style_loaded_outputs(context, record, None, suffix=f" — {Path(trees_path).stem}", beside=trees.id())
         return self.results(record)
 
