@@ -300,10 +300,11 @@ def former_int8_export(network: torch.nn.Module, shape: tuple[int, int], folder:
     by ONNX Runtime's quantize_dynamic (which held several copies of the weights at once)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from treeseg_qgis.engine.core.onnx_int8 import INPUT, OPSET, OUTPUT, _LastHiddenState
+    from treeseg_qgis.engine.core.onnx_export import LastHiddenState
+    from treeseg_qgis.engine.core.onnx_int8 import INPUT, OPSET, OUTPUT
 
     with torch.no_grad():
-        torch.onnx.export(_LastHiddenState(network).eval(), (torch.zeros(1, 3, *shape),), str(folder / "f.onnx"),
+        torch.onnx.export(LastHiddenState(network).eval(), (torch.zeros(1, 3, *shape),), str(folder / "f.onnx"),
                           input_names=[INPUT], output_names=[OUTPUT], dynamo=False, opset_version=OPSET)
     quantize_dynamic(str(folder / "f.onnx"), str(folder / "q.onnx"), weight_type=QuantType.QInt8)
     return folder / "q.onnx"
