@@ -194,13 +194,17 @@ def from_cached_export(model: str, device: str, token: str | None, revision: str
     if device_type(device) != "cpu" or resolve_precision("cpu", precision) != "int8":
         return None
     spec = CATALOGUE.get(model)
+    offline: bool | None = None  # asked once, only for a hub model
     for candidate in spec.repo_ids if spec else (model,):
         local = Path(candidate).is_dir()
         folder = Path(candidate) if local else None
-        if folder is None and hub_offline():
-            folder = _weights_folder(candidate, revision)
         if folder is None:
-            return None  # the full load decides: downloaded, the next candidate, or an error
+            offline = hub_offline() if offline is None else offline
+            if not offline:
+                return None  # the full load may download it, or a newer revision
+            folder = _weights_folder(candidate, revision)
+            if folder is None:
+                continue  # not cached: offline, the full load too goes on to the next candidate
         weights = weights_identity(candidate, revision)
         if not export_is_cached(weights, tile_shape):
             return None
