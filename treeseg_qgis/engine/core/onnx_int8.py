@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .cache import building_folder, default_cache_root, lock_key
+from .cache import building_folder, default_cache_root, key_digest, lock_key
 from .errors import Cancelled
 from .heap import release_free_memory
 
@@ -107,9 +107,7 @@ def export_key(weights: dict, shape: tuple[int, int]) -> dict:
 
 def export_is_cached(weights: dict, shape: tuple[int, int], root: Path | None = None) -> bool:
     """Whether an export for these weights and tile shape is in the export cache (checked when it is opened)."""
-    key = export_key(weights, shape)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    return ((root or default_export_root()) / digest / MANIFEST).is_file()
+    return ((root or default_export_root()) / key_digest(export_key(weights, shape)) / MANIFEST).is_file()
 
 
 def default_export_root() -> Path:
@@ -133,7 +131,6 @@ class OnnxInt8Network:
         self._scratch: tempfile.TemporaryDirectory | None = None
         self._is_cancelled: Callable[[], bool] = lambda: False
         self.exports = 0
-        self.network_loads = 0
 
     @classmethod
     def from_export(cls, weights: dict, load_network: Callable[[], torch.nn.Module],
@@ -148,7 +145,6 @@ class OnnxInt8Network:
         if self._network is None:
             self._network = self._load_network()
             self.config = self._network.config
-            self.network_loads += 1
         return self._network
 
     def prepare(self, shape: tuple[int, int]) -> None:
