@@ -1,11 +1,14 @@
 """Speed paths of issue #31, measured small: (1) the int8 ONNX export's peak memory against a run whose export
 is cached, for the tiny test model and the ViT-S/16 architecture (random weights, saved with save_pretrained
 and loaded through the product's loader); (2) a 4 MP raster whose right half is nodata against the full raster
-(`segment` end to end, alternating). Each figure is its own process. Prints JSON lines; docs/BENCHMARKS.md
-holds the figures that were recorded.
+(`segment` end to end, alternating); (3) `segment` of the 4 MP raster with the int8 export cached, this tree
+against an older one (`--before`, e.g. `git archive <commit> | tar -x -C DIR`), alternating: the wall time of the
+whole command and the run record's stages. Each figure is its own process. Prints JSON lines;
+docs/BENCHMARKS.md holds the figures that were recorded.
 
     .venv/bin/python scripts/bench_speed_paths.py export [--models tiny,vits]
     .venv/bin/python scripts/bench_speed_paths.py empty [--repeat 2]
+    .venv/bin/python scripts/bench_speed_paths.py cached --before DIR [--repeat 3]
 """
 
 from __future__ import annotations
@@ -105,12 +108,13 @@ def half_empty(base: Path) -> tuple[Path, Path]:
     return full, half
 
 
-def segment_once(raster: Path, model: Path, cache: str) -> dict:
+def segment_once(raster: Path, model: Path, cache: str, tree: Path = REPO) -> dict:
+    """`python -m treeseg_qgis segment` of the treeseg in `tree`, timed from outside, and its record's stages."""
     out = Path(tempfile.mkdtemp(prefix="treeseg-bench-out-"))
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "treeseg_qgis", "segment", str(raster), "--out", str(out), "--model",
-                    str(model), "--no-cache", "--clusters", "4", "--quiet"], cwd=REPO, check=True,
-                   capture_output=True, env={**os.environ, "XDG_CACHE_HOME": cache, "PYTHONPATH": str(REPO)})
+                    str(model), "--no-cache", "--clusters", "4", "--quiet"], cwd=tree, check=True,
+                   capture_output=True, env={**os.environ, "XDG_CACHE_HOME": cache, "PYTHONPATH": str(tree)})
     wall = time.perf_counter() - started
     record = json.loads(next(out.glob("*_run.json")).read_text())
     return {"wall_s": round(wall, 1), "total_s": record["timings"]["total"],
@@ -136,17 +140,42 @@ def empty_tiles(repeat: int) -> None:
         print(json.dumps({"ratio": key, "half_over_full": round(ratio, 2)}))
 
 
+def cached_export(before: Path, repeat: int) -> None:
+    """The 4 MP raster, ViT-S/16 random weights, auto precision (int8), the export cached: `before`'s tree and
+    this one alternating in one export cache (both key it alike)."""
+    from bench import make_inputs
+
+    raster, model = make_inputs()[4], model_folder("vits")
+    cache = tempfile.mkdtemp(prefix="treeseg-bench-cache-")
+    trees = {"before": before.resolve(), "after": REPO}
+    for tree in trees.values():
+        segment_once(raster, model, cache, tree)  # warm-up: the export built once, the files in the page cache
+    runs: dict[str, list[dict]] = {name: [] for name in trees}
+    for _ in range(repeat):
+        for name, tree in trees.items():
+            runs[name].append(segment_once(raster, model, cache, tree))
+            print(json.dumps({"tree": name, **runs[name][-1]}), flush=True)
+    for key in ("wall_s", "total_s"):
+        ratio = sum(r[key] for r in runs["after"]) / sum(r[key] for r in runs["before"])
+        print(json.dumps({"ratio": key, "after_over_before": round(ratio, 3)}))
+
+
 def main() -> None:
     if sys.argv[1] == "child":
         print(json.dumps(child_export(sys.argv[3], sys.argv[4])))
         return
     parser = argparse.ArgumentParser()
-    parser.add_argument("part", choices=("export", "empty"))
+    parser.add_argument("part", choices=("export", "empty", "cached"))
     parser.add_argument("--models", default="tiny,vits")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--before", type=Path, help="cached: the older tree to compare with")
     args = parser.parse_args()
     if args.part == "export":
         export_memory(args.models.split(","))
+    elif args.part == "cached":
+        if args.before is None:
+            parser.error("cached needs --before DIR")
+        cached_export(args.before, args.repeat)
     else:
         empty_tiles(args.repeat)
 

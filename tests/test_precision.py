@@ -118,27 +118,43 @@ def test_cli_precision_flag_reaches_the_record(tiny_model_dir, scene_tif, tmp_pa
     assert record["model"]["precision"] == "bfloat16"
 
 
-def test_cli_int8_reuses_its_export_and_rebuilds_a_corrupt_one(tiny_model_dir, scene_tif, tmp_path):
+def imported_modules(stderr: str) -> set[str]:
+    """The modules `python -X importtime` listed on stderr."""
+    return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_cli_int8_reuses_its_export_without_torch_and_rebuilds_a_corrupt_one(tiny_model_dir, scene_tif, tmp_path,
+                                                                               device):
+    """The second run starts from the cached export alone: neither torch nor transformers is imported (this
+    machine has no GPU driver, so `auto` is the CPU without asking torch), and its labels are the first run's."""
     path, _ = scene_tif
     environment = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
     exports = tmp_path / "xdg" / "treeseg" / "onnx"
 
     def run(out: str) -> tuple[subprocess.CompletedProcess, dict]:
-        done = subprocess.run([sys.executable, "-m", "treeseg_qgis", "segment", str(path), "--out", str(tmp_path / out),
-                               "--model", str(tiny_model_dir), "--device", "cpu", "--precision", "int8",
+        done = subprocess.run([sys.executable, "-X", "importtime", "-m", "treeseg_qgis", "segment", str(path),
+                               "--out", str(tmp_path / out), "--model", str(tiny_model_dir), "--device", device,
+                               "--precision", "int8" if device == "cpu" else "auto",
                                "--clusters", "2", "--tile-size", "128", "--no-cache"],
                               cwd=REPO, capture_output=True, text=True, timeout=300, env=environment)
         assert done.returncode == 0, done.stderr
-        return done, json.loads(next((tmp_path / out).glob("*.json")).read_text())
+        return done, json.loads(next((tmp_path / out).glob("*_run.json")).read_text())
 
     done, record = run("first")
     assert f"in int8 (ONNX Runtime {onnxruntime.__version__})" in done.stdout
     assert record["model"]["precision"] == f"int8 (ONNX Runtime {onnxruntime.__version__})"
+    assert {"torch", "transformers"} <= imported_modules(done.stderr)  # the export was built
     (model,) = exports.glob("*/model-int8.onnx")
     built = model.stat().st_mtime_ns
 
-    run("second")
+    done, second = run("second")
     assert list(exports.glob("*/model-int8.onnx")) == [model] and model.stat().st_mtime_ns == built  # no export
+    assert not imported_modules(done.stderr) & {"torch", "transformers"}
+    assert "Traceback" not in done.stderr
+    assert {key: second["model"][key] for key in record["model"]} == record["model"]  # same facts, not untrained
+    assert not second["model"]["untrained"] and second["warning"] is None
+    assert (read_labels(second["outputs"]["clusters"]) == read_labels(record["outputs"]["clusters"])).all()
 
     weights = model.with_name("model-int8.onnx.data")
     with open(weights, "r+b") as stream:  # damage the quantised weights in the middle of their file
@@ -148,6 +164,15 @@ def test_cli_int8_reuses_its_export_and_rebuilds_a_corrupt_one(tiny_model_dir, s
     assert "was unusable (model-int8.onnx.data differs from its manifest): exporting it again" in done.stderr
     assert record["model"]["precision"].startswith("int8 (ONNX Runtime")
     assert model.stat().st_mtime_ns != built and export_problem(model.parent) is None
+    assert "Traceback" not in done.stderr
+    assert len([line for line in done.stderr.splitlines() if "unusable" in line]) == 1
+
+
+def read_labels(path: str) -> np.ndarray:
+    from osgeo import gdal
+
+    dataset = gdal.Open(path)
+    return dataset.GetRasterBand(1).ReadAsArray()
 
 
 def test_int8_clusters_agree_with_float32_on_the_real_sample(tiny_model_dir, tmp_path):
@@ -243,12 +268,14 @@ def test_int8_from_partial_weights_stays_untrained_and_is_never_cached(tiny_mode
               metadata={"format": "pt"})
     exports_before = sorted(default_export_root().glob("*"))
     path, _ = scene_tif
-    record = segment(SegmentationParams(input_path=str(path), output_dir=str(tmp_path / "out"), model=str(partial),
-                                        device="cpu", precision="int8", allow_untrained=True, clusters=2,
-                                        tile_size=128, overlap=32, use_cache=False))
-    assert record["model"]["untrained"] and record["model"]["weights"].startswith("untrained")
-    assert record["model"]["precision"].startswith("int8 (ONNX Runtime")
-    assert sorted(default_export_root().glob("*")) == exports_before  # exported for that run only
+    for run in ("out", "again"):  # the second run finds no cached export to start from: still untrained
+        record = segment(SegmentationParams(input_path=str(path), output_dir=str(tmp_path / run), model=str(partial),
+                                            device="cpu", precision="int8", allow_untrained=True, clusters=2,
+                                            tile_size=128, overlap=32, use_cache=False))
+        assert record["model"]["untrained"] and record["model"]["weights"].startswith("untrained")
+        assert record["model"]["precision"].startswith("int8 (ONNX Runtime")
+        assert record["warning"].startswith("UNTRAINED WEIGHTS")
+        assert sorted(default_export_root().glob("*")) == exports_before  # exported for that run only
 
 
 def test_two_engines_exporting_the_same_model_at_once_export_it_once(tiny_model_dir, tmp_path):
@@ -273,10 +300,11 @@ def former_int8_export(network: torch.nn.Module, shape: tuple[int, int], folder:
     by ONNX Runtime's quantize_dynamic (which held several copies of the weights at once)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from treeseg_qgis.engine.core.onnx_int8 import INPUT, OPSET, OUTPUT, _LastHiddenState
+    from treeseg_qgis.engine.core.onnx_export import LastHiddenState
+    from treeseg_qgis.engine.core.onnx_int8 import INPUT, OPSET, OUTPUT
 
     with torch.no_grad():
-        torch.onnx.export(_LastHiddenState(network).eval(), (torch.zeros(1, 3, *shape),), str(folder / "f.onnx"),
+        torch.onnx.export(LastHiddenState(network).eval(), (torch.zeros(1, 3, *shape),), str(folder / "f.onnx"),
                           input_names=[INPUT], output_names=[OUTPUT], dynamo=False, opset_version=OPSET)
     quantize_dynamic(str(folder / "f.onnx"), str(folder / "q.onnx"), weight_type=QuantType.QInt8)
     return folder / "q.onnx"

@@ -197,14 +197,20 @@ def test_offline_with_a_cached_model_loads_from_the_cache(tiny_model_dir, tmp_pa
     shutil.copytree(tiny_model_dir, snapshot)
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
-    path = write_geotiff(tmp_path / "in.tif", scene())
-    environment = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, "-m", "treeseg_qgis", "segment", str(path), "--out", str(tmp_path / "out"),
-                             "--model", "someone/tiny-dinov3", "--clusters", "2", "--quiet"],
-                            capture_output=True, text=True, env=environment, timeout=300)
-    assert result.returncode == 0, result.stderr
-    record = json.loads((tmp_path / "out" / "in_run.json").read_text())
-    assert record["model"]["model_id"] == "someone/tiny-dinov3" and record["model"]["untrained"] is False
+    path = write_geotiff(tmp_path / "in.tif", scene(128, 128))
+    environment = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO),
+                       XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    for out in ("out", "again"):  # the second run starts from the int8 export the first one cached: no torch
+        result = subprocess.run([sys.executable, "-X", "importtime", "-m", "treeseg_qgis", "segment", str(path),
+                                 "--out", str(tmp_path / out), "--model", "someone/tiny-dinov3", "--clusters", "2",
+                                 "--tile-size", "128", "--precision", "int8", "--quiet"],
+                                capture_output=True, text=True, env=environment, timeout=300)
+        assert result.returncode == 0, result.stderr
+        record = json.loads((tmp_path / out / "in_run.json").read_text())
+        assert record["model"]["model_id"] == "someone/tiny-dinov3" and record["model"]["untrained"] is False
+    imported = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert not imported & {"torch", "transformers"}
 
 
 def test_k_larger_than_distinct_features_and_k_one(tiny_model_dir, tmp_path):

@@ -122,6 +122,53 @@ def test_after_a_failed_model_load_the_warm_worker_runs_the_earlier_model_as_a_f
     assert (clusters_of(again) == clusters_of(expected)).all()
 
 
+def torch_is_loaded(pid: int) -> bool:
+    """Whether torch's library is mapped into the process, as it is once torch was imported."""
+    with open(f"/proc/{pid}/maps") as maps:
+        return "libtorch" in maps.read()
+
+
+@pytest.mark.parametrize("failing", ["cancelled", "model load failed"])
+def test_a_worker_started_from_the_cached_int8_export_keeps_its_session_and_after_a_failed_job_runs_as_a_fresh_one(
+        tiny_model_dir, scene_tif, tmp_path, failing):
+    """With the int8 export cached, the worker runs without torch; it keeps the ONNX Runtime session for the next
+    job, and after a job that failed its results are a fresh worker's."""
+    path, _ = scene_tif
+    environment = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+
+    def int8_job(out: str, model=tiny_model_dir) -> SegmentationParams:
+        return job(model, path, tmp_path / out, precision="int8", clusters=2, use_cache=False)
+
+    engines = [EngineClient(sys.executable, environment) for _ in range(3)]
+    building, warm, fresh = engines
+    try:
+        building.segment(int8_job("built"))  # exports the model into this test's export cache
+        first = warm.segment(int8_job("first"))
+        worker = warm._process.pid
+        assert not torch_is_loaded(worker) and not first["model"]["untrained"]
+        if failing == "cancelled":
+            stages = []
+            with pytest.raises(EngineError) as caught:
+                warm.segment(int8_job("cancelled"), on_progress=lambda percent, stage: stages.append(stage),
+                             is_cancelled=lambda: any(stage.startswith("Extracting") for stage in stages))
+            assert caught.value.kind == "cancelled"
+            assert not torch_is_loaded(worker)
+        else:
+            with pytest.raises(EngineError) as caught:
+                warm.segment(int8_job("failed", model=tmp_path / "no-such-model"))
+            assert caught.value.kind == "model"
+        again = warm.segment(int8_job("again"))
+        expected = fresh.segment(int8_job("fresh"))
+        assert not torch_is_loaded(fresh._process.pid)
+        assert warm._process.pid == worker
+        assert (clusters_of(again) == clusters_of(expected)).all() and (clusters_of(again) == clusters_of(first)).all()
+        assert again["model"] == expected["model"]
+        assert warm.probe()["model_loads"] == (1 if failing == "cancelled" else 2)  # the session kept across jobs
+    finally:
+        for engine in engines:
+            engine.close()
+
+
 def test_after_a_cancelled_first_load_of_another_model_the_warm_worker_runs_both(client, tiny_model_dir,
                                                                                  scene_tif, tmp_path):
     """A job cancelled while its model runs for the first time leaves that model usable, and the other one."""

@@ -51,8 +51,7 @@ from ..run_record import (
 from . import interrupts
 from .core.atomic import write_atomically
 from .core.cache import CacheUnavailable, FeatureCache, file_identity
-from .core.canopy import load_height_model, predict_heights
-from .core.devices import describe_precision, resolve_device, resolve_precision
+from .core.devices import describe_precision, device_type, resolve_precision
 from .core.errors import InputError, OutputError
 from .core.examples import OTHER, Example
 from .core.feature_grid import FeatureGrid
@@ -503,12 +502,12 @@ def _prebuilt(prebuilt: FeatureStore, store: FeatureStore, cache_state: str) -> 
 def _report_estimate(params: SegmentationParams, source: GdalRasterSource, progress: Progress) -> None:
     """The tiles, expected time and memory of the run, before any work, in the precision the forward runs in and
     with automatic K or not; a warning for a very long run."""
-    device = resolve_device(params.device)[0]
+    device = device_type(params.device)
     precision = resolve_precision(device, params.precision) if params.method == "dinov3" else "int8"
     options = {"precision": precision, "automatic_k": params.fixed_clusters is None}
     progress.report(0.0, run_estimate(params.model, source.width, source.height, params.stride, params.tile_size,
-                                      params.batch_size, device.type, params.overlap, **options))
-    warning = size_warning(params.model, source.width, source.height, params.stride, params.tile_size, device.type,
+                                      params.batch_size, device, params.overlap, **options))
+    warning = size_warning(params.model, source.width, source.height, params.stride, params.tile_size, device,
                            params.overlap, **options)
     if warning is not None:
         log.warning(warning)
@@ -586,7 +585,7 @@ def _precision(params: SegmentationParams) -> str | None:
     """What the model runs in, as the record says it (None for the colour baselines)."""
     if params.method != "dinov3":
         return None
-    return describe_precision(resolve_precision(resolve_device(params.device)[0], params.precision))
+    return describe_precision(resolve_precision(device_type(params.device), params.precision))
 
 
 def _input_identity(path: str) -> dict:
@@ -621,6 +620,8 @@ def _crowns(params: SegmentationParams, paths: OutputPaths, result: Segmentation
 def _canopy_height(params: SegmentationParams, source: GdalRasterSource, path: Path, progress: Progress,
                    timings: dict[str, float]) -> dict:
     """Predict the canopy height raster; returns what the height model is."""
+    from .core.canopy import load_height_model, predict_heights  # torch: only for a run that predicts heights
+
     progress.report(0.0, "Loading the canopy-height model")
     started = time.perf_counter()
     height_model = load_height_model(params.height_model, params.device, params.allow_untrained,
@@ -737,9 +738,9 @@ def feature_extractor(params: SegmentationParams, load_model: ModelLoader | None
 
 
 def load_model_for(params: SegmentationParams) -> Backbone:
-    """The backbone the parameters ask for."""
+    """The backbone the parameters ask for; from its cached int8 export for the run's tile size where there is one."""
     return load_backbone(params.model, params.device, params.allow_untrained, revision=params.model_revision,
-                         precision=params.precision)
+                         precision=params.precision, tile_shape=(params.tile_size, params.tile_size))
 
 
 def _raster_metadata(params: SegmentationParams, model: dict) -> dict[str, str]:

@@ -214,7 +214,8 @@ class Worker:
                 # key without its model.
                 self._backbone, self._backbone_key = None, None
                 backbone = load_backbone(wanted.model, wanted.device, wanted.allow_untrained,
-                                         token=token, revision=wanted.model_revision, precision=wanted.precision)
+                                         token=token, revision=wanted.model_revision, precision=wanted.precision,
+                                         tile_shape=(wanted.tile_size, wanted.tile_size))
                 self._stop_between_layers(backbone.model)
                 self._backbone, self._backbone_key = backbone, key
                 self.model_loads += 1
@@ -226,11 +227,12 @@ class Worker:
         """Raise Cancelled before each transformer layer once the current job is cancelled: a batch of a
         large model on the CPU takes seconds, one layer a fraction of that. The int8 ONNX Runtime session
         has no layers to hook: it stops itself (RunOptions.terminate, core/onnx_int8.py)."""
-        import torch
+        from .core.onnx_int8 import OnnxInt8Network
 
-        if not isinstance(model, torch.nn.Module):
+        if isinstance(model, OnnxInt8Network):
             model.stop_when(lambda: self._cancel.is_set() or self.terminate_requested)
             return
+        import torch
 
         def check(module: Any, inputs: Any) -> None:
             if self._cancel.is_set() or self.terminate_requested:

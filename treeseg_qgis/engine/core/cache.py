@@ -155,7 +155,7 @@ def lock_key(root: Path, key: dict, is_cancelled: Callable[[], bool] | None = No
     """The digest that names `key`'s entry in `root` and the key's lock, held: `root` made, dead runs'
     leftovers removed, waiting while another run holds the lock (Cancelled when cancelled meanwhile).
     OSError where `root` cannot be written."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    digest = key_digest(key)
     root.mkdir(parents=True, exist_ok=True)
     remove_dead_builds(root)
     lock = FileLock(root / f"{digest}.lock")
@@ -166,6 +166,11 @@ def lock_key(root: Path, key: dict, is_cancelled: Callable[[], bool] | None = No
             on_wait()
         time.sleep(WAIT_SECONDS)
     return digest, lock
+
+
+def key_digest(key: dict) -> str:
+    """The name of `key`'s entry in its cache folder."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def building_folder(root: Path, digest: str, key: dict) -> Path:

@@ -1,13 +1,41 @@
-"""Which device runs the model, and in which precision."""
+"""Which device runs the model, and in which precision.
+
+Where no GPU can be present (`gpu_cannot_be_present`), the CPU is known without importing torch, so a run whose
+int8 export is cached never imports it (core/models.py `load_backbone`).
+"""
 
 from __future__ import annotations
 
 import os
-
-import torch
+import platform
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import InputError
-from .onnx_int8 import cpu_has_fast_int8, runtime_name, runtime_version
+from .onnx_int8 import cpu_has_fast_int8, cpu_threads, runtime_name, runtime_version
+
+if TYPE_CHECKING:
+    import torch
+
+GPU_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")
+"""Linux: the NVIDIA driver, AMD's ROCm compute device, WSL's GPU bridge; without any of them torch finds no GPU."""
+
+
+def gpu_cannot_be_present() -> bool:
+    """True where torch could not find a GPU even if it looked: Linux without a GPU driver, or an Intel Mac.
+    Elsewhere (Windows, Apple silicon, a GPU driver present) only torch can tell."""
+    if sys.platform.startswith("linux"):
+        return not any(Path(path).exists() for path in GPU_DRIVER_PATHS)
+    return sys.platform == "darwin" and platform.machine() != "arm64"
+
+
+def device_type(choice: str = "auto") -> str:
+    """'cpu', 'cuda' or 'mps' for a user's choice, as `resolve_device` picks it; without importing torch where
+    the choice is the CPU or no GPU can be present."""
+    if choice == "cpu" or (choice == "auto" and gpu_cannot_be_present()):
+        return "cpu"
+    return resolve_device(choice)[0].type
 
 
 def resolve_device(choice: str = "auto") -> tuple[torch.device, torch.dtype]:
@@ -16,6 +44,8 @@ def resolve_device(choice: str = "auto") -> tuple[torch.device, torch.dtype]:
     On a GPU the model runs in bfloat16 where supported, else float16; on the CPU
     in float32.
     """
+    import torch
+
     if choice == "auto":
         if torch.cuda.is_available():
             choice = "cuda"
@@ -38,29 +68,35 @@ def resolve_device(choice: str = "auto") -> tuple[torch.device, torch.dtype]:
 
 def describe_device(device: torch.device) -> str:
     """A short human description: GPU name and memory, or CPU threads."""
+    import torch
+
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return f"CUDA {props.name} ({props.total_memory / 2**30:.0f} GiB)"
     if device.type == "mps":
         return "Apple MPS"
-    return f"CPU ({torch.get_num_threads()} threads)"
+    return f"CPU ({cpu_threads()} threads)"
 
 
-def resolve_precision(device: torch.device, choice: str = "auto") -> str:
+def resolve_precision(device: torch.device | str, choice: str = "auto") -> str:
     """The precision the forward runs in on `device`: float32, bfloat16, float16 or int8.
 
     On the CPU, int8 runs in ONNX Runtime (core/onnx_int8.py), the one faster CPU precision that met the
     bar (docs/BENCHMARKS.md: ≥ 1.8× the float32 forward with the features kept): `auto` picks it when ONNX
     Runtime imports and the CPU has fast int8 (AVX2 or AVX-512), else float32, the reference. bfloat16 runs
     only when asked for. On a GPU `auto` is the device's half precision; int8 is a CPU option.
+    `device` is a torch device or its type ('cpu', as `device_type` gives it).
     """
-    if device.type != "cpu":
+    kind = device if isinstance(device, str) else device.type
+    if kind != "cpu":
+        import torch
+
         if choice == "int8":
             raise InputError("int8 is a CPU precision: use auto, float32 or bfloat16 on a GPU.")
         if choice == "auto":
-            return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float16"
-        if choice == "bfloat16" and not (device.type == "cuda" and torch.cuda.is_bf16_supported()):
-            raise InputError(f"This {device.type} device has no bfloat16: use auto or float32.")
+            return "bfloat16" if kind == "cuda" and torch.cuda.is_bf16_supported() else "float16"
+        if choice == "bfloat16" and not (kind == "cuda" and torch.cuda.is_bf16_supported()):
+            raise InputError(f"This {kind} device has no bfloat16: use auto or float32.")
         return choice
     if choice == "int8" and runtime_version() is None:
         raise InputError("int8 on the CPU runs in ONNX Runtime, which this engine lacks (onnxruntime and onnx "

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from .features import pool_to_grid
 from .store import FeatureStore
@@ -141,14 +139,26 @@ class FeatureImage:
                 yield row, col, image
 
 
-def bilinear_sample(values: np.ndarray, rows_at: np.ndarray, cols_at: np.ndarray) -> torch.Tensor:
-    """(C, len(rows_at), len(cols_at)) samples of (h, w, C) `values` at fractional cells, border-clamped."""
-    h, w = values.shape[:2]
-    grid_values = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).permute(2, 0, 1)[None]
-    x = torch.from_numpy(np.clip(cols_at, 0, w - 1) / max(w - 1, 1) * 2 - 1).float()
-    y = torch.from_numpy(np.clip(rows_at, 0, h - 1) / max(h - 1, 1) * 2 - 1).float()
-    where = torch.stack(torch.meshgrid(y, x, indexing="ij")[::-1], dim=-1)[None]
-    return F.grid_sample(grid_values, where, mode="bilinear", padding_mode="border", align_corners=True)[0]
+def bilinear_sample(values: np.ndarray, rows_at: np.ndarray, cols_at: np.ndarray) -> np.ndarray:
+    """(C, len(rows_at), len(cols_at)) float32 samples of (h, w, C) `values` at fractional cells, border-clamped
+    (a view of a (rows, cols, C) array: each pixel's C values lie together)."""
+    low_rows, high_rows, row_weight = _neighbours(rows_at, values.shape[0])
+    low_cols, high_cols, col_weight = _neighbours(cols_at, values.shape[1])
+    grid = np.asarray(values, dtype=np.float32)
+    rows = grid[low_rows] * (1 - row_weight)[:, None, None] + grid[high_rows] * row_weight[:, None, None]
+    sampled = rows[:, low_cols]
+    sampled *= (1 - col_weight)[None, :, None]
+    high = rows[:, high_cols]
+    high *= col_weight[None, :, None]
+    sampled += high
+    return sampled.transpose(2, 0, 1)
+
+
+def _neighbours(at: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The cells below and above each fractional position (clamped to [0, size - 1]) and the upper one's weight."""
+    at = np.clip(at, 0, size - 1)
+    low = np.floor(at).astype(np.intp)
+    return low, np.minimum(low + 1, size - 1), (at - low).astype(np.float32)
 
 
 def _cell_coordinates(start: int, size: int, stride: int, cell_size: int) -> np.ndarray:

@@ -11,17 +11,21 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ...params import METHODS
 from .errors import InputError
 from .models import Backbone
+from .onnx_int8 import OnnxInt8Network
 from .tiling import PATCH
 from .trees import excess_green
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +54,8 @@ class FeatureExtractor:
         self.cell_size = PATCH
         self.batch_size = max(1, batch_size)
         self.fell_back_from: str | None = None
-        self._mean = torch.tensor(backbone.normalisation.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self._std = torch.tensor(backbone.normalisation.std, dtype=torch.float32).view(1, 3, 1, 1)
+        self._mean = np.array(backbone.normalisation.mean, dtype=np.float32).reshape(1, 3, 1, 1)
+        self._std = np.array(backbone.normalisation.std, dtype=np.float32).reshape(1, 3, 1, 1)
 
     @property
     def shifts(self) -> list[tuple[int, int]]:
@@ -84,13 +88,13 @@ class FeatureExtractor:
             if rgb.shape != (height, width, 3) or height % PATCH or width % PATCH:
                 raise ValueError(f"tiles must be (H, W, 3) of one size, H and W multiples of {PATCH}, "
                                  f"got {rgb.shape}")
-        images = torch.from_numpy(np.stack(tiles).astype(np.float32, copy=False)).permute(0, 3, 1, 2)
+        images = np.stack(tiles).astype(np.float32, copy=False).transpose(0, 3, 1, 2)
         images = (images - self._mean) / self._std
         copies = [_shifted(images[index:index + 1], dy, dx) for index in range(len(tiles)) for dy, dx in self.shifts]
         grids = []
         start = 0
         while start < len(copies):
-            batch = torch.cat(copies[start:start + self.batch_size])
+            batch = np.concatenate(copies[start:start + self.batch_size])
             try:
                 grids.append(self._forward(batch))
             except RuntimeError as error:
@@ -99,12 +103,13 @@ class FeatureExtractor:
                 self._recover_from_out_of_memory()
                 continue
             start += batch.shape[0]
-        patches = torch.cat(grids)
+        patches = np.concatenate(grids)
         factor = PATCH // self.stride
         rows, cols = height // PATCH, width // PATCH
-        dense = patches.view(len(tiles), factor, factor, rows, cols, -1).permute(0, 3, 1, 4, 2, 5)
+        dense = patches.reshape(len(tiles), factor, factor, rows, cols, -1).transpose(0, 3, 1, 4, 2, 5)
         dense = dense.reshape(len(tiles), rows * factor, cols * factor, -1)
-        return list(F.normalize(dense, dim=-1).numpy())
+        dense /= np.maximum(np.linalg.norm(dense, axis=-1, keepdims=True), 1e-12)  # as torch's F.normalize
+        return list(dense)
 
     def describe(self) -> dict:
         """The backbone's facts; after a fall-back to the CPU, those of the CPU copy and where it fell back from."""
@@ -117,13 +122,17 @@ class FeatureExtractor:
         """Halve the batch; at batch 1 on a GPU, go on with a CPU copy of the backbone; on the CPU, give up
         clearly."""
         backbone = self.backbone
-        if backbone.device.type == "cuda":
+        if backbone.device_type == "cuda":
+            import torch
+
             torch.cuda.empty_cache()
         if self.batch_size > 1:
             self.batch_size //= 2
             log.warning("Out of memory on %s: retrying with batches of %d.", backbone.device, self.batch_size)
             return
-        if backbone.device.type != "cpu":
+        if backbone.device_type != "cpu":
+            import torch
+
             log.warning("Out of memory on %s even with one image at a time: continuing on the CPU "
                         "(much slower). A smaller model or tile size would keep the GPU.", backbone.device)
             self.fell_back_from = str(backbone.device)
@@ -133,21 +142,33 @@ class FeatureExtractor:
         raise InputError("Out of memory on the CPU even with one image at a time: choose a smaller model "
                          "or a smaller tile size, or close other programs.")
 
-    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        """Patch tokens (B, H/16, W/16, D) in float32 on the CPU; CLS and registers dropped."""
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
+        """Patch tokens (B, H/16, W/16, D) in float32; CLS and registers dropped. The int8 ONNX Runtime
+        session takes the batch as it is (no torch); a torch model on its device in its dtype."""
         backbone = self.backbone
         rows, cols = batch.shape[2] // PATCH, batch.shape[3] // PATCH
-        autocast = backbone.device.type == "cpu" and backbone.precision == "bfloat16"
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            pixels = batch.to(device=backbone.device, dtype=backbone.dtype)
-            tokens = backbone.model(pixel_values=pixels).last_hidden_state
-            patches = tokens[:, 1 + backbone.num_register_tokens:, :]
-            return patches.float().cpu().reshape(batch.shape[0], rows, cols, -1)
+        if isinstance(backbone.model, OnnxInt8Network):
+            tokens = backbone.model.hidden_states(batch)
+        else:
+            tokens = _torch_forward(backbone, batch)
+        return tokens[:, 1 + backbone.num_register_tokens:, :].reshape(batch.shape[0], rows, cols, -1)
+
+
+def _torch_forward(backbone: Backbone, batch: np.ndarray) -> np.ndarray:
+    """The last hidden state of a torch model, as float32 on the CPU."""
+    import torch
+
+    autocast = backbone.device_type == "cpu" and backbone.precision == "bfloat16"
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        pixels = torch.from_numpy(batch).to(device=backbone.device, dtype=backbone.dtype)
+        return backbone.model(pixel_values=pixels).last_hidden_state.float().cpu().numpy()
 
 
 def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A float32 copy of `model` on the CPU; the model itself is untouched and nothing new is put on its
     device (each parameter and buffer is copied straight to the CPU)."""
+    import torch
+
     copies: dict[int, object] = {}
     for tensor in (*model.parameters(), *model.buffers()):
         moved = tensor.detach().to("cpu")
@@ -158,15 +179,15 @@ def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _is_out_of_memory(error: RuntimeError) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+    torch = sys.modules.get("torch")
+    return (torch is not None and isinstance(error, torch.OutOfMemoryError)) or "out of memory" in str(error).lower()
 
 
-def _shifted(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """The image moved up by dy and left by dx, edge-padded back to its size."""
+def _shifted(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """The (1, 3, H, W) image moved up by dy and left by dx, edge-padded back to its size."""
     if dy == 0 and dx == 0:
         return image
-    cropped = image[:, :, dy:, dx:]
-    return F.pad(cropped, (0, dx, 0, dy), mode="replicate")
+    return np.pad(image[:, :, dy:, dx:], ((0, 0), (0, 0), (0, dy), (0, dx)), mode="edge")
 
 
 def pool_to_grid(values: np.ndarray, stride: int, cell_size: int = PATCH) -> np.ndarray:
@@ -175,6 +196,9 @@ def pool_to_grid(values: np.ndarray, stride: int, cell_size: int = PATCH) -> np.
     if stride == cell_size and height % stride == 0 and width % stride == 0:
         cells = values.reshape(height // stride, stride, width // stride, stride)
         return cells.mean(axis=(1, 3), dtype=np.float32)
+    import torch
+    import torch.nn.functional as F
+
     tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))[None, None]
     padded = F.pad(tensor, (0, cell_size - stride, 0, cell_size - stride), mode="replicate")
     return F.avg_pool2d(padded, kernel_size=cell_size, stride=stride)[0, 0].numpy()

@@ -4,6 +4,10 @@ Every model, whether a catalogue name, any Hugging Face id or a local folder in
 Hugging Face format, is loaded by `load_backbone` through transformers' AutoModel
 (safetensors only, no remote code). Random weights are used only when the caller
 passes `allow_untrained=True`, and the returned Backbone then says so.
+
+On the CPU in int8, weights whose export for the run's tile shape is cached (core/onnx_int8.py, keyed by the
+weights' content identity) start from that export alone: no torch, no transformers, no weights read. Only
+complete weights are ever cached, so such a backbone is never untrained.
 """
 
 from __future__ import annotations
@@ -15,15 +19,17 @@ import os
 import socket
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-import torch
-
 from ...catalogue import BACKBONES, DEFAULT_MODEL, HUB_URL, LVD_1689M, SAT_493M, CatalogueModel, model_page
-from .devices import describe_precision, resolve_device, resolve_precision
+from .devices import describe_precision, device_type, resolve_device, resolve_precision
 from .errors import ModelUnavailableError
 from .files import refuse_special_files_in
-from .onnx_int8 import OnnxInt8Network
+from .onnx_int8 import OnnxInt8Network, export_is_cached
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +76,17 @@ class Backbone:
     model_id: str
     normalisation: Normalisation
     untrained: bool
-    device: torch.device
-    dtype: torch.dtype
+    device: torch.device | str  # 'cpu' where the backbone started from a cached int8 export, without torch
+    dtype: torch.dtype | str
     patch_size: int
     num_register_tokens: int
     feature_dim: int
     precision: str = "float32"
+
+    @property
+    def device_type(self) -> str:
+        """'cpu', 'cuda' or 'mps'."""
+        return self.device if isinstance(self.device, str) else self.device.type
 
     def describe(self) -> dict:
         """Plain facts for logs and run metadata."""
@@ -120,15 +131,24 @@ def load_backbone(
     token: str | None = None,
     revision: str | None = None,
     precision: str = "auto",
+    tile_shape: tuple[int, int] | None = None,
 ) -> Backbone:
     """Load a catalogue name, a Hugging Face id or a local folder as a Backbone.
 
     `revision` pins a hub model to a branch, tag or commit (default: main).
     `precision` (core/devices.py resolve_precision) is what the forward runs in.
+    `tile_shape`: the tiles' shape, when known; an int8 export cached for it is then opened at once, without
+    loading the model (`from_cached_export`).
 
     Raises ModelUnavailableError with the model page and the log-in steps when
     the weights cannot be had, unless `allow_untrained` is set.
     """
+    if tile_shape is not None:
+        cached = from_cached_export(model, device, token, revision, precision, tile_shape)
+        if cached is not None:
+            return cached
+    import torch
+
     torch_device, dtype = resolve_device(device)
     chosen = resolve_precision(torch_device, precision)
     if torch_device.type != "cpu":
@@ -163,6 +183,78 @@ def load_backbone(
     if allow_untrained:
         return in_precision(_untrained(model, spec, failures, torch_device, dtype), chosen, None)
     raise ModelUnavailableError(explain_load_failure(*failures[0]))
+
+
+def from_cached_export(model: str, device: str, token: str | None, revision: str | None, precision: str,
+                       tile_shape: tuple[int, int]) -> Backbone | None:
+    """The backbone straight from its cached int8 export, or None where the full load must run: another device
+    or precision, weights not on this machine (or a hub model while the hub is reachable: the load may find
+    a newer revision there), or no export cached for exactly these weights and `tile_shape`. The float network
+    loads only if an export must be built (a damaged one is rebuilt, with a warning)."""
+    if device_type(device) != "cpu" or resolve_precision("cpu", precision) != "int8":
+        return None
+    spec = CATALOGUE.get(model)
+    offline: bool | None = None  # asked once, only for a hub model
+    for candidate in spec.repo_ids if spec else (model,):
+        local = Path(candidate).is_dir()
+        folder = Path(candidate) if local else None
+        if folder is None:
+            offline = hub_offline() if offline is None else offline
+            if not offline:
+                return None  # the full load may download it, or a newer revision
+            folder = _weights_folder(candidate, revision)
+            if folder is None:
+                continue  # not cached: offline, the full load too goes on to the next candidate
+        weights = weights_identity(candidate, revision)
+        if not export_is_cached(weights, tile_shape):
+            return None
+        if local:
+            refuse_special_files_in(folder, "model folder")
+        shape = _cached_shape(folder / "config.json")
+        if shape is None:
+            return None
+        network = OnnxInt8Network.from_export(weights, _float_loader(candidate, token, revision))
+        backbone = Backbone(model=network, model_id=candidate, normalisation=normalisation_for(candidate),
+                            untrained=False, device="cpu", dtype="float32", precision="int8", **shape)
+        network.prepare(tile_shape)
+        log.info("Started %s from its cached int8 export, without loading the model", candidate)
+        return backbone
+    return None
+
+
+def _cached_shape(config_file: Path) -> dict | None:
+    """patch_size, num_register_tokens and feature_dim from a DINOv3 config.json (None if it is not one)."""
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or config.get("model_type") != "dinov3_vit":
+        return None
+    values = {"patch_size": config.get("patch_size"), "num_register_tokens": config.get("num_register_tokens"),
+              "feature_dim": config.get("hidden_size")}
+    if not all(isinstance(value, int) and not isinstance(value, bool) for value in values.values()):
+        return None
+    return values
+
+
+def _float_loader(candidate: str, token: str | None, revision: str | None):
+    """Loads the float network of weights whose export was cached, for an export that must be built now; weights
+    that no longer cover the model are refused (an export is only ever cached for complete weights)."""
+
+    def load() -> torch.nn.Module:
+        import torch
+
+        try:
+            network, missing = _from_pretrained(candidate, token, hub_offline(), revision or "main")
+        except OSError as error:
+            raise ModelUnavailableError(explain_load_failure(candidate, error)) from None
+        if missing:
+            raise ModelUnavailableError(
+                f"The weights of {candidate} changed during the run and no longer cover the model ({len(missing)} "
+                "tensors are missing): run again.")
+        return network.to(dtype=torch.float32).eval()
+
+    return load
 
 
 def in_precision(backbone: Backbone, precision: str, weights: dict | None) -> Backbone:
@@ -389,6 +481,8 @@ def _untrained(
         "UNTRAINED WEIGHTS: %s could not be loaded; using a randomly initialised %s. "
         "The result only checks the pipeline.", spec.repo_ids[0], spec.label,
     )
+    import torch
+
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(0)
     network = DINOv3ViTModel(config)

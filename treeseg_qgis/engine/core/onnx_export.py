@@ -29,6 +29,17 @@ MADV_PAGEOUT = 21
 """Linux ≥ 5.4: reclaim a range of pages now (clean file pages dropped, read again when next used)."""
 
 
+class LastHiddenState(torch.nn.Module):
+    """The transformers model answering with its last hidden state alone: the one output the export keeps."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.network(pixel_values=pixel_values).last_hidden_state
+
+
 def weightless_copy(network: torch.nn.Module) -> torch.nn.Module:
     """The same network with each parameter one distinct number broadcast to its shape (no memory of its own)
     and the buffers copied: it traces into the real network's graph, its values never used."""

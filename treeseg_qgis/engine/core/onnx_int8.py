@@ -8,6 +8,9 @@ and kept in a folder beside the feature cache (`~/.cache/treeseg/onnx`): built a
 (`<key>.building-<pid>-<random>`) and renamed when complete, under a per-key lock, as the feature cache
 does (core/cache.py); a cached model whose bytes no longer match its manifest is rebuilt. Untrained
 weights are never cached (nothing identifies them): they are exported for this load only.
+
+A network made `from_export` starts from the cached export alone (no torch, no transformers, no weights read):
+the float network is loaded only if a tile shape's export has to be built.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import contextlib
 import functools
 import gc
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -27,12 +32,16 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
-from .cache import building_folder, default_cache_root, lock_key
+from .cache import building_folder, default_cache_root, key_digest, lock_key
 from .errors import Cancelled
 from .heap import release_free_memory
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +70,44 @@ def runtime_name() -> str:
     return f"ONNX Runtime {runtime_version()}"
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_has_fast_int8() -> bool:
     """Whether this CPU has the int8 dot products ONNX Runtime's quantised kernels are fast with (AVX2,
-    AVX-512 and its VNNI), as torch's own CPU dispatch sees it."""
+    AVX-512 and its VNNI), as torch's own CPU dispatch sees it: on Linux read from the CPU's flags as torch
+    reads them (AVX2 with FMA at least), unless ATEN_CPU_CAPABILITY overrides torch's choice."""
+    if sys.platform.startswith("linux") and "ATEN_CPU_CAPABILITY" not in os.environ:
+        try:
+            flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        except (OSError, StopIteration):
+            pass
+        else:
+            return {"avx2", "fma"} <= set(flags.split(":", 1)[-1].split())
+    import torch
+
     return torch.backends.cpu.get_cpu_capability() in FAST_INT8_CAPABILITIES
+
+
+@functools.lru_cache(maxsize=1)
+def torch_version() -> str:
+    """torch's version as its package says it (`2.13.0+cpu`), read without importing torch."""
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        import torch
+
+        return str(torch.__version__)
+
+
+def export_key(weights: dict, shape: tuple[int, int]) -> dict:
+    """What names a cached export: the weights' identity (core/models.py weights_identity), the tile shape and
+    every piece of software that shapes the file."""
+    return {"format": EXPORT_FORMAT, "weights": weights, "shape": list(shape), "opset": OPSET,
+            "onnxruntime": runtime_version(), "torch": torch_version(), "quantisation": "dynamic int8"}
+
+
+def export_is_cached(weights: dict, shape: tuple[int, int], root: Path | None = None) -> bool:
+    """Whether an export for these weights and tile shape is in the export cache (checked when it is opened)."""
+    return ((root or default_export_root()) / key_digest(export_key(weights, shape)) / MANIFEST).is_file()
 
 
 def default_export_root() -> Path:
@@ -77,9 +120,11 @@ class OnnxInt8Network:
     (`last_hidden_state`). One image per run: the activations are quantised with one scale per tensor, so a
     batch would make an image's features depend on its batch mates."""
 
-    def __init__(self, network: torch.nn.Module, weights: dict | None, root: Path | None = None) -> None:
+    def __init__(self, network: torch.nn.Module | None, weights: dict | None, root: Path | None = None,
+                 load_network: Callable[[], torch.nn.Module] | None = None) -> None:
         self._network = network
-        self.config = network.config  # the transformers configuration, as on the model it stands for
+        self._load_network = load_network
+        self.config = getattr(network, "config", None)  # the transformers configuration, where it is loaded
         self._weights = weights
         self._root = root or default_export_root()
         self._sessions: dict[tuple[int, int], object] = {}
@@ -87,12 +132,38 @@ class OnnxInt8Network:
         self._is_cancelled: Callable[[], bool] = lambda: False
         self.exports = 0
 
+    @classmethod
+    def from_export(cls, weights: dict, load_network: Callable[[], torch.nn.Module],
+                    root: Path | None = None) -> OnnxInt8Network:
+        """The network of cached exports of `weights`; `load_network()` gives the float network where an export
+        must be built (a tile shape not cached yet, or a damaged export)."""
+        return cls(None, weights, root, load_network)
+
+    @property
+    def network(self) -> torch.nn.Module:
+        """The float network, loaded now if it was not."""
+        if self._network is None:
+            self._network = self._load_network()
+            self.config = self._network.config
+        return self._network
+
+    def prepare(self, shape: tuple[int, int]) -> None:
+        """Open the session for one tile shape now (from the cache, else exported), before any tile comes."""
+        self._session(shape)
+
     def stop_when(self, is_cancelled: Callable[[], bool]) -> None:
         """Stop a run as soon as `is_cancelled()`: between images and inside a session run (RunOptions.terminate);
         the forward then raises Cancelled."""
         self._is_cancelled = is_cancelled
 
     def __call__(self, pixel_values: torch.Tensor) -> SimpleNamespace:
+        """The transformers model's answer for a torch batch."""
+        import torch
+
+        return SimpleNamespace(last_hidden_state=torch.from_numpy(self.hidden_states(pixel_values.float().numpy())))
+
+    def hidden_states(self, pixel_values: np.ndarray) -> np.ndarray:
+        """The last hidden state (B, tokens, D) of a float32 (B, 3, H, W) batch, one image per session run."""
         import onnxruntime
         from onnxruntime.capi.onnxruntime_pybind11_state import Fail, RuntimeException
 
@@ -104,15 +175,15 @@ class OnnxInt8Network:
             options = onnxruntime.RunOptions()
             try:
                 with _terminate_when(options, self._is_cancelled):
-                    (tokens,) = session.run([OUTPUT], {INPUT: image[None].float().numpy()}, options)
+                    (tokens,) = session.run([OUTPUT], {INPUT: np.ascontiguousarray(image[None], np.float32)}, options)
             except (Fail, RuntimeException) as error:
                 if options.terminate:
                     raise Cancelled() from None
                 if "alloc" in str(error).lower():  # features.py halves the batch, then gives up clearly
                     raise RuntimeError(f"out of memory in ONNX Runtime: {error}") from error
                 raise
-            hidden.append(torch.from_numpy(tokens))
-        return SimpleNamespace(last_hidden_state=torch.cat(hidden))
+            hidden.append(tokens)
+        return np.concatenate(hidden)
 
     def _session(self, shape: tuple[int, int]):
         if shape not in self._sessions:
@@ -123,8 +194,7 @@ class OnnxInt8Network:
         """The session for one tile shape: from the export cache, or exported and quantised now."""
         if self._weights is None:
             return self._load(self._build(self._scratch_folder(), shape))
-        key = {"format": EXPORT_FORMAT, "weights": self._weights, "shape": list(shape), "opset": OPSET,
-               "onnxruntime": runtime_version(), "torch": torch.__version__, "quantisation": "dynamic int8"}
+        key = export_key(self._weights, shape)
         try:
             digest, lock = lock_key(self._root, key, self._is_cancelled)
         except OSError as error:
@@ -162,18 +232,21 @@ class OnnxInt8Network:
     def _build(self, folder: Path, shape: tuple[int, int]) -> Path:
         """Export the network's graph for one tile shape, write it with its weights quantised to int8 (in
         bounded memory: core/onnx_export.py), write the manifest."""
-        from .onnx_export import weightless_copy, write_int8_model
+        import torch
+
+        from .onnx_export import LastHiddenState, weightless_copy, write_int8_model
 
         started = time.perf_counter()
         graph = folder / "graph.onnx"
         example = torch.zeros(1, 3, *shape)
+        float_network = self.network
         with torch.inference_mode(False), torch.no_grad(), _quiet():
-            torch.onnx.export(_LastHiddenState(weightless_copy(self._network)).eval(), (example,), str(graph),
+            torch.onnx.export(LastHiddenState(weightless_copy(float_network)).eval(), (example,), str(graph),
                               input_names=[INPUT], output_names=[OUTPUT], dynamo=False, opset_version=OPSET,
                               export_params=False, do_constant_folding=False)
         gc.collect()
         release_free_memory()  # the tracing's memory, before the weights are read
-        network = _LastHiddenState(self._network)
+        network = LastHiddenState(float_network)
         write_int8_model(graph, {**dict(network.named_parameters()), **dict(network.named_buffers())},
                          folder / MODEL_FILE)
         graph.unlink()
@@ -189,7 +262,7 @@ class OnnxInt8Network:
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
+        options.intra_op_num_threads = cpu_threads()
         options.inter_op_num_threads = 1
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         return onnxruntime.InferenceSession(str(folder / MODEL_FILE), options, providers=["CPUExecutionProvider"])
@@ -218,13 +291,10 @@ def export_problem(folder: Path) -> str | None:
     return None
 
 
-class _LastHiddenState(torch.nn.Module):
-    def __init__(self, network: torch.nn.Module) -> None:
-        super().__init__()
-        self.network = network
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.network(pixel_values=pixel_values).last_hidden_state
+def cpu_threads() -> int:
+    """The session's threads: torch's count where torch runs here (core/devices.py sets it), else all cores."""
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else max(1, os.cpu_count() or 1)
 
 
 @contextlib.contextmanager

@@ -414,8 +414,5 @@ def _label_block(store: FeatureStore, grid: FeatureGrid, clusters: ClusterModel,
 
 
 def _nearest_centre_bilinear(distances: np.ndarray, rows_at: np.ndarray, cols_at: np.ndarray) -> np.ndarray:
-    """Argmin over K of (h, w, K) distances sampled bilinearly at fractional rows × cols.
-
-    `min(0)` rather than `argmin(0)`: torch's argmin over the leading axis is an order of magnitude slower.
-    """
-    return bilinear_sample(distances, rows_at, cols_at).min(0).indices.numpy().astype(np.uint8)
+    """Argmin over K of (h, w, K) distances sampled bilinearly at fractional rows × cols."""
+    return bilinear_sample(distances, rows_at, cols_at).argmin(0).astype(np.uint8)

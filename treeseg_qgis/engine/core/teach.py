@@ -137,7 +137,7 @@ def neighbourhood_features(store: FeatureStore, grid: FeatureGrid, example: Exam
     features, _ = grid.blended(store, rows, cols)
     step = max(1, int(round(sigma / 3)))
     ys, xs = np.arange(y0, y1, step), np.arange(x0, x1, step)
-    sampled = bilinear_sample(features, rows_at[ys - y0], cols_at[xs - x0]).numpy()  # (D, len(ys), len(xs))
+    sampled = bilinear_sample(features, rows_at[ys - y0], cols_at[xs - x0])  # (D, len(ys), len(xs))
     distance2 = (ys[:, None] + 0.5 - example.row) ** 2 + (xs[None, :] + 0.5 - example.col) ** 2
     near = distance2 <= (2 * sigma) ** 2
     if not near.any():
@@ -279,7 +279,7 @@ def score_raster(source: RasterSource, store: FeatureStore, grid: FeatureGrid, c
         rows, cols, rows_at, cols_at = grid.cell_window(block)
         features, _ = grid.blended(store, rows, cols)
         cell_probabilities = classifier.probabilities(features.astype(np.float64)).astype(np.float32)
-        probabilities = bilinear_sample(cell_probabilities, rows_at, cols_at).numpy()
+        probabilities = bilinear_sample(cell_probabilities, rows_at, cols_at)
         valid = source.read_valid(block.x, block.y, block.width, block.height)
         labels = decide(probabilities)
         labels[~valid] = NODATA
