@@ -145,7 +145,7 @@ def test_a_worker_started_from_the_cached_int8_export_keeps_its_session_and_afte
         building.segment(int8_job("built"))  # exports the model into this test's export cache
         first = warm.segment(int8_job("first"))
         worker = warm._process.pid
-        assert not torch_is_loaded(worker) and not first["model"]["untrained"]
+        assert not torch_is_loaded(worker) and not first.model.untrained
         if failing == "cancelled":
             stages = []
             with pytest.raises(EngineError) as caught:
@@ -162,7 +162,7 @@ def test_a_worker_started_from_the_cached_int8_export_keeps_its_session_and_afte
         assert not torch_is_loaded(fresh._process.pid)
         assert warm._process.pid == worker
         assert (clusters_of(again) == clusters_of(expected)).all() and (clusters_of(again) == clusters_of(first)).all()
-        assert again["model"] == expected["model"]
+        assert again.model == expected.model
         assert warm.probe()["model_loads"] == (1 if failing == "cancelled" else 2)  # the session kept across jobs
     finally:
         for engine in engines:
