@@ -29,5 +29,5 @@ PIP="$UPSTREAM_DIR/venv/bin/pip"
 "$PIP" install --quiet torch==2.13.0
 "$PIP" install --quiet --no-deps torchvision==0.28.0
 "$PIP" install --quiet numpy scipy scikit-learn scikit-image matplotlib opencv-python-headless pillow \
-  typer rich python-dotenv pyyaml safetensors huggingface_hub termcolor
+  typer rich python-dotenv pyyaml safetensors huggingface_hub termcolor torchmetrics omegaconf ftfy regex
 echo "upstream ready: $UPSTREAM_DIR (tree-seg-unsuper $UPSTREAM_COMMIT, dinov3 $DINOV3_COMMIT)"
