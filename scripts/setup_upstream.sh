@@ -28,6 +28,10 @@ PIP="$UPSTREAM_DIR/venv/bin/pip"
 # The same torch build as the product's engine (a CPU wheel); torchvision without its own torch pin.
 "$PIP" install --quiet torch==2.13.0
 "$PIP" install --quiet --no-deps torchvision==0.28.0
-"$PIP" install --quiet numpy scipy scikit-learn scikit-image matplotlib opencv-python-headless pillow \
-  typer rich python-dotenv pyyaml safetensors huggingface_hub termcolor torchmetrics omegaconf ftfy regex
+# Upstream's uv.lock versions where they exist for this Python (3.11), with numpy 1.26 rather than its 2.2:
+# under numpy 2's promotion rules its overlay (`(1 - alpha) * image` on uint8) overflows and fails the run.
+# opencv-contrib gives its SLIC refinement (cv2.ximgproc); without it upstream skips that step.
+"$PIP" install --quiet numpy==1.26.4 scipy==1.15.3 scikit-learn==1.7.0 scikit-image==0.25.2 matplotlib==3.10.3 \
+  pillow==11.2.1 opencv-contrib-python-headless==4.10.0.84 typer rich python-dotenv pyyaml safetensors \
+  huggingface_hub termcolor torchmetrics omegaconf ftfy regex
 echo "upstream ready: $UPSTREAM_DIR (tree-seg-unsuper $UPSTREAM_COMMIT, dinov3 $DINOV3_COMMIT)"
