@@ -149,7 +149,11 @@ def main() -> None:
     parser.add_argument("--sizes", default="crop,5.7mp")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--report", action="store_true", help="only print the table of the saved results")
     args = parser.parse_args()
+    if args.report:
+        print_table([json.loads(path.read_text()) for path in sorted(WORK.glob("results-*.json"))])
+        return
     if not upstream_ready():
         print(f"bench_upstream: skipped, no upstream checkout and venv under {UPSTREAM} "
               "(make bench-upstream-setup, or scripts/setup_upstream.sh)")
@@ -181,21 +185,29 @@ def main() -> None:
             rows.append({"model": model, "size": size, "pixels": SIZES[size], "runs": runs})
             (WORK / f"results-{model}-{size}.json").write_text(json.dumps(
                 {"ours": commit, "upstream": upstream_commit, "threads": args.threads, **rows[-1]}, indent=1))
-    print("\n| model | image | grid ours / upstream | ours s | upstream s | time ratio | ours MB | "
-          "upstream MB | memory ratio | load range |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    """Medians per model and image: wall time and peak RSS of each side, ours / upstream, both grids."""
+    print("\n| model | image | grid ours / upstream | runs | ours s | upstream s | time ours/upstream | ours MB | "
+          "upstream MB | memory ours/upstream | ours: load model s, features s | load |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for row in rows:
         ours, theirs = row["runs"]["ours"], row["runs"]["upstream"]
         time_ours = statistics.median(r["seconds"] for r in ours)
         time_theirs = statistics.median(r["seconds"] for r in theirs)
         mem_ours = statistics.median(r["peak_rss_mb"] for r in ours)
         mem_theirs = statistics.median(r["peak_rss_mb"] for r in theirs)
+        load_model = statistics.median(r["timings"].get("load_model", 0) for r in ours)
+        features = statistics.median(r["timings"].get("features", 0) for r in ours)
         loads = [r["load"] for r in ours + theirs]
         width, height = row["pixels"]
         print(f"| {row['model']} | {width}×{height} | {ours[0]['grid']} / {theirs[0]['grid']} | "
-              f"{time_ours:.1f} | {time_theirs:.1f} | {time_ours / time_theirs:.2f}× | {mem_ours:.0f} | "
-              f"{mem_theirs:.0f} | {mem_ours / mem_theirs:.2f}× | {min(loads):.1f}–{max(loads):.1f} |")
-
+              f"{len(ours)}+{len(theirs)} | "
+              f"{time_ours:.1f} | {time_theirs:.1f} | **{time_ours / time_theirs:.2f}×** | {mem_ours:.0f} | "
+              f"{mem_theirs:.0f} | {mem_ours / mem_theirs:.2f}× | {load_model:.1f}, {features:.1f} | "
+              f"{min(loads):.1f}–{max(loads):.1f} |")
 
 if __name__ == "__main__":
     main()
