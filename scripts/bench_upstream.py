@@ -129,10 +129,11 @@ def run_upstream(model: str, png: Path, tag: str, threads: int) -> dict:
                    ["segment", str(png), UPSTREAM_MODELS[model], "--output-dir", str(out), "--no-cache",
                     "--no-save-metadata"],
                    UPSTREAM / "src", {"PYTHONPATH": str(UPSTREAM / "src"), "MPLBACKEND": "Agg"}, threads, UPSTREAM_SHIM)
-    grids = re.findall(r"Upsampling features (\d+)x(\d+)", result["stdout"])
+    grids = re.findall(r"Upsampling features (\d+)x(\d+) -> (\d+)x(\d+)", result["stdout"])
     if "loading with random weights" not in result["stdout"].lower():
         raise SystemExit("upstream did not say it ran with random weights")
-    result.update(grid=f"{grids[-1][0]}×{grids[-1][1]}" if grids else "?", precision="float32, random weights")
+    result.update(grid="{}×{} (k-means on {}×{})".format(*grids[-1]) if grids else "?",
+                  precision="float32, random weights")
     return result
 
 
