@@ -51,8 +51,8 @@ eval: setup
 # run with auto (int8 in ONNX Runtime) against float32 (scripts/bench_precision_e2e.py, ~10 min), then ViT-S and
 # ViT-B at stride 16 on 5.7 MP against the upstream figures (scripts/bench_density.py), then a Processing batch of 10
 # small rasters with the warm engine against a fresh worker per raster (scripts/bench_batch.py, ~6 min), the
-# surveys, and last the product side by side with the upstream research code (scripts/bench_upstream.py, about
-# 2 hours under load for ViT-S and ViT-B on both sizes; UPSTREAM_ARGS="--models small --sizes crop" for a check;
+# surveys, and last the product side by side with the upstream research code (scripts/bench_upstream.py, roughly
+# 80 minutes under load for ViT-S and ViT-B on both sizes; UPSTREAM_ARGS="--models small --sizes crop" for a check;
 # skipped with a message until `make bench-upstream-setup` has made its checkout and venv).
 bench: setup
 	$(PYTHON) scripts/bench.py $(BENCH_ARGS)

@@ -6,7 +6,8 @@ ViT-B/16 architecture with random weights: ours a `save_pretrained` folder (scri
 upstream its own random-weights strategy, which it falls back to when the hub cannot be reached
 (HF_HUB_OFFLINE=1); its algorithm is untouched. The inputs are the real NEON sample OSBS_029 mirrored out
 to 1024 x 1024 px (upstream's own full-image size: below its 2048 px tiling threshold it resizes to 1024²)
-and to 2299 x 2472 px (5.7 MP, the image of issue #16/#31, which upstream tiles at full resolution).
+and to 2299 x 2472 px (5.7 MP, the image of issue #16/#31; upstream cuts it into 2048 px tiles and
+resizes each to 1024², then clusters its features upsampled 2×, the same cells as ours at stride 16).
 Ours runs `python -m treeseg_qgis segment` at stride 16, precision auto, automatic K, no feature cache, its
 int8 export made beforehand by a warm-up run; upstream runs `tree-seg segment` (its CLI) with its defaults
 and its result cache off. Every run is its own process, with OMP_NUM_THREADS and torch's threads at the
@@ -101,7 +102,8 @@ def child(python: Path, module: str, args: list[str], cwd: Path, env: dict, thre
         raise SystemExit(f"{module} failed ({done.returncode}):\n{done.stdout[-1500:]}\n{done.stderr[-3000:]}")
     peak = usage.ru_maxrss
     threads_seen = re.search(r"^THREADS (\d+)$", done.stderr, re.M)
-    return {"seconds": seconds, "peak_rss_mb": peak / 1024, "load": load, "stdout": done.stdout + done.stderr,
+    return {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss_mb": peak / 1024,
+            "load": load, "stdout": done.stdout + done.stderr,
             "threads": int(threads_seen.group(1)) if threads_seen else None}
 
 
@@ -150,6 +152,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="crop,5.7mp")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-warmup", action="store_true",
+                        help="leave out ours' warm-up run (only when this model's int8 export is already cached)")
     parser.add_argument("--report", action="store_true", help="only print the table of the saved results")
     args = parser.parse_args()
     if args.report:
@@ -167,9 +171,10 @@ def main() -> None:
     rows = []
     for model in args.models.split(","):
         folder = model_folder(model)
-        warm = run_ours(folder, make_inputs("crop")[0], f"{model}-warmup", args.threads)
-        print(f"{model}: warm-up of ours {warm['seconds']:.1f} s (its int8 export is cached from here on)",
-              flush=True)
+        if not args.no_warmup:
+            warm = run_ours(folder, make_inputs("crop")[0], f"{model}-warmup", args.threads)
+            print(f"{model}: warm-up of ours {warm['seconds']:.1f} s (its int8 export is cached from here on)",
+                  flush=True)
         for size in args.sizes.split(","):
             tif, png = make_inputs(size)
             runs = {"ours": [], "upstream": []}
@@ -180,7 +185,8 @@ def main() -> None:
                               else run_upstream(model, png, tag, args.threads))
                     result.pop("stdout")
                     runs[side].append(result)
-                    print(f"  {side:8} {result['seconds']:6.1f} s  {result['peak_rss_mb']:6.0f} MB  "
+                    print(f"  {side:8} {result['seconds']:6.1f} s  cpu {result['cpu_seconds']:6.1f} s  "
+                          f"{result['peak_rss_mb']:6.0f} MB  "
                           f"grid {result['grid']}  load {result['load']:.1f}  threads {result['threads']}  "
                           f"{result['precision']}", flush=True)
             rows.append({"model": model, "size": size, "pixels": SIZES[size], "runs": runs})
@@ -192,8 +198,8 @@ def main() -> None:
 def print_table(rows: list[dict]) -> None:
     """Medians per model and image: wall time and peak RSS of each side, ours / upstream, both grids."""
     print("\n| model | image | grid ours / upstream | runs | ours s | upstream s | time ours/upstream | ours MB | "
-          "upstream MB | memory ours/upstream | ours: load model s, features s | load |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|")
+          "upstream MB | memory ours/upstream | CPU s ours/upstream | ours: load model s, features s | load |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|")
     for row in rows:
         ours, theirs = row["runs"]["ours"], row["runs"]["upstream"]
         time_ours = statistics.median(r["seconds"] for r in ours)
@@ -203,11 +209,16 @@ def print_table(rows: list[dict]) -> None:
         load_model = statistics.median(r["timings"].get("load_model", 0) for r in ours)
         features = statistics.median(r["timings"].get("features", 0) for r in ours)
         loads = [r["load"] for r in ours + theirs]
+        cpu = "–"
+        if all("cpu_seconds" in r for r in ours + theirs):
+            cpu_ours = statistics.median(r["cpu_seconds"] for r in ours)
+            cpu_theirs = statistics.median(r["cpu_seconds"] for r in theirs)
+            cpu = f"{cpu_ours:.0f} / {cpu_theirs:.0f} = {cpu_ours / cpu_theirs:.2f}×"
         width, height = row["pixels"]
         print(f"| {row['model']} | {width}×{height} | {ours[0]['grid']} / {theirs[0]['grid']} | "
               f"{len(ours)}+{len(theirs)} | "
               f"{time_ours:.1f} | {time_theirs:.1f} | **{time_ours / time_theirs:.2f}×** | {mem_ours:.0f} | "
-              f"{mem_theirs:.0f} | {mem_ours / mem_theirs:.2f}× | {load_model:.1f}, {features:.1f} | "
+              f"{mem_theirs:.0f} | {mem_ours / mem_theirs:.2f}× | {cpu} | {load_model:.1f}, {features:.1f} | "
               f"{min(loads):.1f}–{max(loads):.1f} |")
 
 if __name__ == "__main__":
