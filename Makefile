@@ -7,7 +7,7 @@ PLUGIN := treeseg_qgis
 VERSION := $(shell sed -n 's/^version=//p' metadata.txt)
 PROFILE_PLUGINS ?= $(HOME)/.local/share/QGIS/QGIS3/profiles/default/python/plugins
 
-.PHONY: setup demo test test-system test-qgis344 test-qgis340 lint eval bench package deploy clean screenshot screenshot-run
+.PHONY: setup demo test test-system test-qgis344 test-qgis340 lint eval bench bench-upstream-setup package deploy clean screenshot screenshot-run
 
 setup:
 	@bash scripts/setup.sh
@@ -50,7 +50,10 @@ eval: setup
 # Then the CPU precisions (scripts/bench_precision.py, ~15 min; PRECISION_ARGS="--quick" for ViT-S only), one 36 MP
 # run with auto (int8 in ONNX Runtime) against float32 (scripts/bench_precision_e2e.py, ~10 min), then ViT-S and
 # ViT-B at stride 16 on 5.7 MP against the upstream figures (scripts/bench_density.py), then a Processing batch of 10
-# small rasters with the warm engine against a fresh worker per raster (scripts/bench_batch.py, ~6 min).
+# small rasters with the warm engine against a fresh worker per raster (scripts/bench_batch.py, ~6 min), the
+# surveys, and last the product side by side with the upstream research code (scripts/bench_upstream.py, roughly
+# 80 minutes under load for ViT-S and ViT-B on both sizes; UPSTREAM_ARGS="--models small --sizes crop" for a check;
+# skipped with a message until `make bench-upstream-setup` has made its checkout and venv).
 bench: setup
 	$(PYTHON) scripts/bench.py $(BENCH_ARGS)
 	$(PYTHON) scripts/bench_precision.py $(PRECISION_ARGS)
@@ -58,6 +61,12 @@ bench: setup
 	$(PYTHON) scripts/bench_density.py
 	$(PYTHON) scripts/bench_batch.py
 	$(PYTHON) scripts/bench_survey.py
+	$(PYTHON) scripts/bench_upstream.py $(UPSTREAM_ARGS)
+
+# The upstream research code at its pinned commit with its own venv, under output/bench/upstream (needs GitHub,
+# or UPSTREAM_GIT / DINOV3_GIT naming local mirrors of luccahuguet/tree-seg-unsuper and facebookresearch/dinov3).
+bench-upstream-setup:
+	bash scripts/setup_upstream.sh
 
 lint: setup
 	.venv/bin/ruff check .
