@@ -1,11 +1,13 @@
 """Speed paths of issue #31, measured small: (1) the int8 ONNX export's peak memory against a run whose export
 is cached, for the tiny test model and the ViT-S/16 architecture (random weights, saved with save_pretrained
 and loaded through the product's loader); (2) a 4 MP raster whose right half is nodata against the full raster
-(`segment` end to end, alternating). Each figure is its own process. Prints JSON lines; docs/BENCHMARKS.md
-holds the figures that were recorded.
+(`segment` end to end, alternating); (3) the full 4 MP raster with tiles of 512 px overlapping by 64 px (the
+former default) against 32 px (the default), alternating. Each figure is its own process. Prints JSON lines;
+docs/BENCHMARKS.md holds the figures that were recorded.
 
     .venv/bin/python scripts/bench_speed_paths.py export [--models tiny,vits]
     .venv/bin/python scripts/bench_speed_paths.py empty [--repeat 2]
+    .venv/bin/python scripts/bench_speed_paths.py overlap [--repeat 2]
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ def segment_once(raster: Path, model: Path, cache: str) -> dict:
     record = json.loads(next(out.glob("*_run.json")).read_text())
     return {"wall_s": round(wall, 1), "total_s": record["timings"]["total"],
             "features_s": record["timings"]["features"], "timings": record["timings"],
+            "model_run": record.get("model_run"),
             "precision": record["model"].get("precision"),
             "load": os.getloadavg()[0]}
 
@@ -136,19 +139,63 @@ def empty_tiles(repeat: int) -> None:
         print(json.dumps({"ratio": key, "half_over_full": round(ratio, 2)}))
 
 
+def child_overlap(raster: str, model: str, overlap: int) -> dict:
+    """One `segment` run of the product's pipeline (as the CLI runs it, which has no overlap option) with
+    `overlap`: its record's timings and what the model ran."""
+    import torch
+
+    from treeseg_qgis.engine.pipeline import segment
+    from treeseg_qgis.params import SegmentationParams
+
+    torch.set_num_threads(2)
+    out = tempfile.mkdtemp(prefix="treeseg-bench-out-")
+    record = segment(SegmentationParams(input_path=raster, output_dir=out, model=model, overlap=overlap,
+                                        use_cache=False, clusters=4))
+    return {"overlap": overlap, "tiles": record["tiles"], "model_run": record["model_run"],
+            "features_s": record["timings"]["features"], "total_s": record["timings"]["total"],
+            "precision": record["model"].get("precision"), "load": os.getloadavg()[0]}
+
+
+def overlaps(repeat: int) -> None:
+    from bench import make_inputs
+
+    full, _ = half_empty(make_inputs()[4])
+    model = model_folder("vits")
+    cache = tempfile.mkdtemp(prefix="treeseg-bench-cache-")
+    runs: dict[int, list[dict]] = {64: [], 32: []}
+    for index in range(repeat + 1):  # the first pair is the warm-up: each shape's int8 export, then kept
+        for overlap in runs:
+            done = subprocess.run([sys.executable, __file__, "child-overlap", str(full), str(model), str(overlap),
+                                   cache], capture_output=True, text=True, check=True,
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            run = json.loads(done.stdout.strip().splitlines()[-1])
+            if index:
+                runs[overlap].append(run)
+                print(json.dumps(run), flush=True)
+    for key in ("features_s", "total_s"):
+        ratio = sum(r[key] for r in runs[32]) / sum(r[key] for r in runs[64])
+        print(json.dumps({"ratio": key, "overlap_32_over_64": round(ratio, 2)}))
+
+
 def main() -> None:
     if sys.argv[1] == "child":
         print(json.dumps(child_export(sys.argv[3], sys.argv[4])))
         return
+    if sys.argv[1] == "child-overlap":
+        os.environ["XDG_CACHE_HOME"] = sys.argv[5]
+        print(json.dumps(child_overlap(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
+        return
     parser = argparse.ArgumentParser()
-    parser.add_argument("part", choices=("export", "empty"))
+    parser.add_argument("part", choices=("export", "empty", "overlap"))
     parser.add_argument("--models", default="tiny,vits")
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
     if args.part == "export":
         export_memory(args.models.split(","))
-    else:
+    elif args.part == "empty":
         empty_tiles(args.repeat)
+    else:
+        overlaps(args.repeat)
 
 
 if __name__ == "__main__":

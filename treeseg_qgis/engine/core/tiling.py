@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...catalogue import PATCH
+from ...memory import RUN_OVERLAP, RUN_TILE_SIZE
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class Tile(Window):
 class TileGrid:
     """Overlapping tiles covering a width × height raster."""
 
-    def __init__(self, width: int, height: int, tile_size: int = 512, overlap: int = 64) -> None:
+    def __init__(self, width: int, height: int, tile_size: int = RUN_TILE_SIZE, overlap: int = RUN_OVERLAP) -> None:
         self.width = width
         self.height = height
         self.tile_width = min(tile_size, _ceil_to_patch(width))
