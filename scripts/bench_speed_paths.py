@@ -2,12 +2,14 @@
 is cached, for the tiny test model and the ViT-S/16 architecture (random weights, saved with save_pretrained
 and loaded through the product's loader); (2) a 4 MP raster whose right half is nodata against the full raster
 (`segment` end to end, alternating); (3) a 2900 × 2000 px window of the 36 MP mosaic with tiles of 512 px
-overlapping by 64 px (the former default) against 32 px (the default), alternating. Each figure is its own
+overlapping by 64 px (the former default) against 32 px (the default), alternating; (4) what cropping a tile
+to its valid pixels does to their features (the real sample, nodata from column 200 on). Each figure is its own
 process. Prints JSON lines; docs/BENCHMARKS.md holds the figures that were recorded.
 
     .venv/bin/python scripts/bench_speed_paths.py export [--models tiny,vits]
     .venv/bin/python scripts/bench_speed_paths.py empty [--repeat 2]
     .venv/bin/python scripts/bench_speed_paths.py overlap [--repeat 2]
+    .venv/bin/python scripts/bench_speed_paths.py crop [--models tiny,vits]
 """
 
 from __future__ import annotations
@@ -180,6 +182,41 @@ def overlaps(repeat: int) -> None:
         print(json.dumps({"ratio": key, "overlap_32_over_64": round(ratio, 2)}))
 
 
+def crop_fidelity(models: list[str], edge: int = 200) -> None:
+    """Cosines of the valid cells' features (float32) against the all-valid tile: with nodata from column `edge`
+    on, whole (as before) and cropped by `TileGrid.model_window` (as now); and a crop without nodata."""
+    import torch
+    from osgeo import gdal
+
+    from treeseg_qgis.engine.core.features import FeatureExtractor
+    from treeseg_qgis.engine.core.tiling import TileGrid
+    from treeseg_qgis.engine.pipeline import load_model_for
+    from treeseg_qgis.params import SegmentationParams
+
+    torch.set_num_threads(2)
+    gdal.UseExceptions()
+    rgb = gdal.Open(str(REPO / "resources" / "sample" / "OSBS_029.tif")).ReadAsArray()
+    rgb = rgb.transpose(1, 2, 0).astype(np.float32) / 255
+    valid = np.zeros(rgb.shape[:2], bool)
+    valid[:, :edge] = True
+    grid = TileGrid(rgb.shape[1], rgb.shape[0])
+    window = grid.model_window(grid.tile(0, 0), valid)
+    nodata = np.where(valid[..., None], rgb, 0)
+    cells = np.s_[:, : edge // 16]
+    for name in models:
+        params = SegmentationParams(input_path="sample.tif", output_dir="out", model=str(model_folder(name)),
+                                    device="cpu", precision="float32")
+        extractor = FeatureExtractor(load_model_for(params), 16, batch_size=1)
+        clean = extractor.extract(rgb)[cells]
+        cosines = {"whole with nodata": extractor.extract(nodata)[cells],
+                   "cropped with nodata": extractor.extract(nodata[:, : window.width])[cells],
+                   "cropped without nodata": extractor.extract(rgb[:, : window.width])[cells]}
+        for case, features in cosines.items():
+            cosine = (features * clean).sum(-1)
+            print(json.dumps({"model": name, "case": case, "crop_width": window.width,
+                              "mean": round(float(cosine.mean()), 4), "least": round(float(cosine.min()), 4)}))
+
+
 def main() -> None:
     if sys.argv[1] == "child":
         print(json.dumps(child_export(sys.argv[3], sys.argv[4])))
@@ -189,7 +226,7 @@ def main() -> None:
         print(json.dumps(child_overlap(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
         return
     parser = argparse.ArgumentParser()
-    parser.add_argument("part", choices=("export", "empty", "overlap"))
+    parser.add_argument("part", choices=("export", "empty", "overlap", "crop"))
     parser.add_argument("--models", default="tiny,vits")
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
@@ -197,6 +234,8 @@ def main() -> None:
         export_memory(args.models.split(","))
     elif args.part == "empty":
         empty_tiles(args.repeat)
+    elif args.part == "crop":
+        crop_fidelity(args.models.split(","))
     else:
         overlaps(args.repeat)
 
