@@ -2,7 +2,7 @@
 is cached, for the tiny test model and the ViT-S/16 architecture (random weights, saved with save_pretrained
 and loaded through the product's loader); (2) a 4 MP raster whose right half is nodata against the full raster
 (`segment` end to end, alternating); (3) a 2900 × 2000 px window of the 36 MP mosaic with tiles of 512 px
-overlapping by 64 px (the former default) against 32 px (the default), alternating; (4) what cropping a tile
+overlapping by 64 px (the default) against 32 px, alternating; (4) what cropping a tile
 to its valid pixels does to their features (the real sample, nodata from column 200 on). Each figure is its own
 process. Prints JSON lines; docs/BENCHMARKS.md holds the figures that were recorded.
 

@@ -264,8 +264,9 @@ def overlap_agreement(params, extractor, source, tile: int, overlaps: tuple[int,
 
 
 def test_half_the_overlap_keeps_the_features(tiny_model_dir, tmp_path):
-    """The default overlap (32 px of 512, was 64) on the real sample raster at the same proportions (tiles of
-    256 px, overlap 16 against 32): the blended features of every cell against the former overlap's. Measured
+    """Half the default overlap (32 px of 512 instead of 64, not adopted yet: docs/BENCHMARKS.md, *Tile overlap*) on
+    the real sample raster at the same proportions (tiles of 256 px, overlap 16 against 32): the blended features
+    of every cell against the default overlap's. Measured
     (docs/BENCHMARKS.md): this tiny model least cosine 1.0000, clusters 100 %; ViT-S/16 with random weights
     least 0.9992, median 0.9999, clusters 100 % (without any overlap: least 0.9966)."""
     sample = REPO / "resources" / "sample" / "OSBS_029.tif"

@@ -42,10 +42,8 @@ RUN_TILE_SIZE = 512
 """The tile size of a run from the panel (the default of SegmentationParams.tile_size)."""
 RUN_BATCH_SIZE = 4
 """The images per forward batch of a run from the panel (the default of SegmentationParams.batch_size)."""
-RUN_OVERLAP = 32
-"""The tile overlap of a run from the panel (the default of SegmentationParams.overlap). 32 px of 512 runs the model
-on (512 / 480)² ≈ 1.14× the raster's pixels, 64 px (the default before issue #31) on 1.31×; larger tiles would cost
-more per pixel (attention grows with the tokens): docs/BENCHMARKS.md, *Tile overlap*."""
+RUN_OVERLAP = 64
+"""The tile overlap of a run from the panel (the default of SegmentationParams.overlap)."""
 FEATURE_SECONDS_PER_TILE = {"int8": 54.6 / 196, "float32": 137.6 / 196}
 """Seconds of the model's forward per 512-px tile of ViT-S/16 at stride 16 on 2 CPU cores, by precision (bfloat16
 is counted as float32): docs/BENCHMARKS.md, end to end at 36 MP on a quiet machine (int8: the estimate benchmark's
