@@ -159,6 +159,17 @@ def test_tiles_without_valid_pixels_never_reach_the_model(tiny_model_dir, tmp_pa
     assert (labels[:, WIDTH // 2:] == NODATA).all() and (labels[:, :WIDTH // 2] != NODATA).all()
 
 
+def test_int8_runs_tiles_with_nodata_whole(tiny_model_dir, tmp_path):
+    """In int8 on ONNX Runtime a new tile shape is an export and a session of its own, so a tile holding the
+    nodata edge runs whole there (the all-nodata tiles are still skipped)."""
+    path = half_empty_raster(tmp_path / "half.tif", alpha=False)
+    record = segment(SegmentationParams(input_path=str(path), output_dir=str(tmp_path / "out"),
+                                        model=str(tiny_model_dir), device="cpu", precision="int8", clusters=3,
+                                        tile_size=TILE, overlap=OVERLAP, use_cache=False))
+    assert record["model"]["precision"].startswith("int8")
+    assert record["model_run"] == {"tiles": 4, "pixels": 4 * TILE * TILE}
+
+
 @pytest.mark.parametrize("edge", [192, 160], ids=["skipped-tile-at-the-edge", "skipped-tile-apart"])
 def test_labels_with_skip_and_crop_against_every_tile_whole(tiny_model_dir, tmp_path, edge):
     """The same run with every tile whole through the model (built here tile by tile): the tiles without nodata
