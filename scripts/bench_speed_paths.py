@@ -7,7 +7,7 @@ to its valid pixels does to their features (the real sample, nodata from column 
 process. Prints JSON lines; docs/BENCHMARKS.md holds the figures that were recorded.
 
     .venv/bin/python scripts/bench_speed_paths.py export [--models tiny,vits]
-    .venv/bin/python scripts/bench_speed_paths.py empty [--repeat 2]
+    .venv/bin/python scripts/bench_speed_paths.py empty [--repeat 2] [--precision float32]
     .venv/bin/python scripts/bench_speed_paths.py overlap [--repeat 2]
     .venv/bin/python scripts/bench_speed_paths.py crop [--models tiny,vits]
 """
@@ -109,12 +109,13 @@ def half_empty(base: Path) -> tuple[Path, Path]:
     return full, half
 
 
-def segment_once(raster: Path, model: Path, cache: str) -> dict:
+def segment_once(raster: Path, model: Path, cache: str, precision: str = "auto") -> dict:
     out = Path(tempfile.mkdtemp(prefix="treeseg-bench-out-"))
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "treeseg_qgis", "segment", str(raster), "--out", str(out), "--model",
-                    str(model), "--no-cache", "--clusters", "4", "--quiet"], cwd=REPO, check=True,
-                   capture_output=True, env={**os.environ, "XDG_CACHE_HOME": cache, "PYTHONPATH": str(REPO)})
+                    str(model), "--no-cache", "--clusters", "4", "--quiet", "--precision", precision], cwd=REPO,
+                   check=True, capture_output=True,
+                   env={**os.environ, "XDG_CACHE_HOME": cache, "PYTHONPATH": str(REPO)})
     wall = time.perf_counter() - started
     record = json.loads(next(out.glob("*_run.json")).read_text())
     return {"wall_s": round(wall, 1), "total_s": record["timings"]["total"],
@@ -124,17 +125,17 @@ def segment_once(raster: Path, model: Path, cache: str) -> dict:
             "load": os.getloadavg()[0]}
 
 
-def empty_tiles(repeat: int) -> None:
+def empty_tiles(repeat: int, precision: str) -> None:
     from bench import make_inputs
 
     full, half = half_empty(make_inputs()[4])
     model = model_folder("vits")
     cache = tempfile.mkdtemp(prefix="treeseg-bench-cache-")
-    segment_once(half, model, cache)  # warm-up: builds the int8 export once, kept for the runs that count
+    segment_once(half, model, cache, precision)  # warm-up: builds the int8 export once, kept for the runs that count
     runs: dict[str, list[dict]] = {"full": [], "right half nodata": []}
     for _ in range(repeat):
         for name, raster in (("full", full), ("right half nodata", half)):
-            runs[name].append(segment_once(raster, model, cache))
+            runs[name].append(segment_once(raster, model, cache, precision))
             print(json.dumps({"raster": name, **runs[name][-1]}), flush=True)
     for key in ("wall_s", "total_s", "features_s"):
         ratio = sum(r[key] for r in runs["right half nodata"]) / sum(r[key] for r in runs["full"])
@@ -229,11 +230,12 @@ def main() -> None:
     parser.add_argument("part", choices=("export", "empty", "overlap", "crop"))
     parser.add_argument("--models", default="tiny,vits")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--precision", default="auto", help="empty: the segment runs' --precision")
     args = parser.parse_args()
     if args.part == "export":
         export_memory(args.models.split(","))
     elif args.part == "empty":
-        empty_tiles(args.repeat)
+        empty_tiles(args.repeat, args.precision)
     elif args.part == "crop":
         crop_fidelity(args.models.split(","))
     else:
