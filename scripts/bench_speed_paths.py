@@ -3,12 +3,16 @@ is cached, for the tiny test model and the ViT-S/16 architecture (random weights
 and loaded through the product's loader); (2) a 4 MP raster whose right half is nodata against the full raster
 (`segment` end to end, alternating); (3) `segment` of the 4 MP raster with the int8 export cached, this tree
 against an older one (`--before`, e.g. `git archive <commit> | tar -x -C DIR`), alternating: the wall time of the
-whole command and the run record's stages. Each figure is its own process. Prints JSON lines;
+whole command and the run record's stages; (4) a 2900 × 2000 px window of the 36 MP mosaic with tiles of 512 px
+overlapping by 64 px (the default) against 32 px, alternating; (5) what cropping a tile to its valid pixels does to
+their features (the real sample, nodata from column 200 on). Each figure is its own process. Prints JSON lines;
 docs/BENCHMARKS.md holds the figures that were recorded.
 
     .venv/bin/python scripts/bench_speed_paths.py export [--models tiny,vits]
-    .venv/bin/python scripts/bench_speed_paths.py empty [--repeat 2]
+    .venv/bin/python scripts/bench_speed_paths.py empty [--repeat 2] [--precision float32]
     .venv/bin/python scripts/bench_speed_paths.py cached --before DIR [--repeat 3]
+    .venv/bin/python scripts/bench_speed_paths.py overlap [--repeat 2]
+    .venv/bin/python scripts/bench_speed_paths.py crop [--models tiny,vits]
 """
 
 from __future__ import annotations
@@ -108,32 +112,34 @@ def half_empty(base: Path) -> tuple[Path, Path]:
     return full, half
 
 
-def segment_once(raster: Path, model: Path, cache: str, tree: Path = REPO) -> dict:
+def segment_once(raster: Path, model: Path, cache: str, tree: Path = REPO, precision: str = "auto") -> dict:
     """`python -m treeseg_qgis segment` of the treeseg in `tree`, timed from outside, and its record's stages."""
     out = Path(tempfile.mkdtemp(prefix="treeseg-bench-out-"))
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "treeseg_qgis", "segment", str(raster), "--out", str(out), "--model",
-                    str(model), "--no-cache", "--clusters", "4", "--quiet"], cwd=tree, check=True,
-                   capture_output=True, env={**os.environ, "XDG_CACHE_HOME": cache, "PYTHONPATH": str(tree)})
+                    str(model), "--no-cache", "--clusters", "4", "--quiet", "--precision", precision], cwd=tree,
+                   check=True, capture_output=True,
+                   env={**os.environ, "XDG_CACHE_HOME": cache, "PYTHONPATH": str(tree)})
     wall = time.perf_counter() - started
     record = json.loads(next(out.glob("*_run.json")).read_text())
     return {"wall_s": round(wall, 1), "total_s": record["timings"]["total"],
             "features_s": record["timings"]["features"], "timings": record["timings"],
+            "model_run": record.get("model_run"),
             "precision": record["model"].get("precision"),
             "load": os.getloadavg()[0]}
 
 
-def empty_tiles(repeat: int) -> None:
+def empty_tiles(repeat: int, precision: str) -> None:
     from bench import make_inputs
 
     full, half = half_empty(make_inputs()[4])
     model = model_folder("vits")
     cache = tempfile.mkdtemp(prefix="treeseg-bench-cache-")
-    segment_once(half, model, cache)  # warm-up: builds the int8 export once, kept for the runs that count
+    segment_once(half, model, cache, precision=precision)  # warm-up: the int8 export built once, kept
     runs: dict[str, list[dict]] = {"full": [], "right half nodata": []}
     for _ in range(repeat):
         for name, raster in (("full", full), ("right half nodata", half)):
-            runs[name].append(segment_once(raster, model, cache))
+            runs[name].append(segment_once(raster, model, cache, precision=precision))
             print(json.dumps({"raster": name, **runs[name][-1]}), flush=True)
     for key in ("wall_s", "total_s", "features_s"):
         ratio = sum(r[key] for r in runs["right half nodata"]) / sum(r[key] for r in runs["full"])
@@ -160,15 +166,96 @@ def cached_export(before: Path, repeat: int) -> None:
         print(json.dumps({"ratio": key, "after_over_before": round(ratio, 3)}))
 
 
+def child_overlap(raster: str, model: str, overlap: int) -> dict:
+    """One `segment` run of the product's pipeline (as the CLI runs it, which has no overlap option) with
+    `overlap`: its record's timings and what the model ran."""
+    import torch
+
+    from treeseg_qgis.engine.pipeline import segment
+    from treeseg_qgis.params import SegmentationParams
+
+    torch.set_num_threads(2)
+    out = tempfile.mkdtemp(prefix="treeseg-bench-out-")
+    record = segment(SegmentationParams(input_path=raster, output_dir=out, model=model, overlap=overlap,
+                                        use_cache=False, clusters=4))
+    return {"overlap": overlap, "tiles": record["tiles"], "model_run": record["model_run"],
+            "features_s": record["timings"]["features"], "total_s": record["timings"]["total"],
+            "precision": record["model"].get("precision"), "load": os.getloadavg()[0]}
+
+
+def overlaps(repeat: int) -> None:
+    from bench import make_inputs
+    from osgeo import gdal
+
+    gdal.UseExceptions()
+    full = WORK / "ortho_2900x2000.vrt"  # 7 × 5 tiles at overlap 64, 6 × 5 at 32: 0.86, near large rasters' 0.87
+    if not full.exists():
+        gdal.Translate(str(full), str(make_inputs()[36]), format="VRT", srcWin=[0, 0, 2900, 2000])
+    model = model_folder("vits")
+    cache = tempfile.mkdtemp(prefix="treeseg-bench-cache-")
+    runs: dict[int, list[dict]] = {64: [], 32: []}
+    for index in range(2 * repeat + 1):  # a warm-up run first: the int8 export of the 512² tile, then kept
+        overlap = (64, 32)[(index + 1) % 2]
+        done = subprocess.run([sys.executable, __file__, "child-overlap", str(full), str(model), str(overlap), cache],
+                              capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        run = json.loads(done.stdout.strip().splitlines()[-1])
+        if index:
+            runs[overlap].append(run)
+            print(json.dumps(run), flush=True)
+    for key in ("features_s", "total_s"):
+        ratio = sum(r[key] for r in runs[32]) / sum(r[key] for r in runs[64])
+        print(json.dumps({"ratio": key, "overlap_32_over_64": round(ratio, 2)}))
+
+
+def crop_fidelity(models: list[str], edge: int = 200) -> None:
+    """Cosines of the valid cells' features (float32) against the all-valid tile: with nodata from column `edge`
+    on, whole (as before) and cropped by `TileGrid.model_window` (as now); and a crop without nodata."""
+    import torch
+    from osgeo import gdal
+
+    from treeseg_qgis.engine.core.features import FeatureExtractor
+    from treeseg_qgis.engine.core.tiling import TileGrid
+    from treeseg_qgis.engine.pipeline import load_model_for
+    from treeseg_qgis.params import SegmentationParams
+
+    torch.set_num_threads(2)
+    gdal.UseExceptions()
+    rgb = gdal.Open(str(REPO / "resources" / "sample" / "OSBS_029.tif")).ReadAsArray()
+    rgb = rgb.transpose(1, 2, 0).astype(np.float32) / 255
+    valid = np.zeros(rgb.shape[:2], bool)
+    valid[:, :edge] = True
+    grid = TileGrid(rgb.shape[1], rgb.shape[0])
+    window = grid.model_window(grid.tile(0, 0), valid)
+    nodata = np.where(valid[..., None], rgb, 0)
+    cells = np.s_[:, : edge // 16]
+    for name in models:
+        params = SegmentationParams(input_path="sample.tif", output_dir="out", model=str(model_folder(name)),
+                                    device="cpu", precision="float32")
+        extractor = FeatureExtractor(load_model_for(params), 16, batch_size=1)
+        clean = extractor.extract(rgb)[cells]
+        cosines = {"whole with nodata": extractor.extract(nodata)[cells],
+                   "cropped with nodata": extractor.extract(nodata[:, : window.width])[cells],
+                   "cropped without nodata": extractor.extract(rgb[:, : window.width])[cells]}
+        for case, features in cosines.items():
+            cosine = (features * clean).sum(-1)
+            print(json.dumps({"model": name, "case": case, "crop_width": window.width,
+                              "mean": round(float(cosine.mean()), 4), "least": round(float(cosine.min()), 4)}))
+
+
 def main() -> None:
     if sys.argv[1] == "child":
         print(json.dumps(child_export(sys.argv[3], sys.argv[4])))
         return
+    if sys.argv[1] == "child-overlap":
+        os.environ["XDG_CACHE_HOME"] = sys.argv[5]
+        print(json.dumps(child_overlap(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
+        return
     parser = argparse.ArgumentParser()
-    parser.add_argument("part", choices=("export", "empty", "cached"))
+    parser.add_argument("part", choices=("export", "empty", "cached", "overlap", "crop"))
     parser.add_argument("--models", default="tiny,vits")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--before", type=Path, help="cached: the older tree to compare with")
+    parser.add_argument("--precision", default="auto", help="empty: the segment runs' --precision")
     args = parser.parse_args()
     if args.part == "export":
         export_memory(args.models.split(","))
@@ -176,8 +263,12 @@ def main() -> None:
         if args.before is None:
             parser.error("cached needs --before DIR")
         cached_export(args.before, args.repeat)
+    elif args.part == "empty":
+        empty_tiles(args.repeat, args.precision)
+    elif args.part == "crop":
+        crop_fidelity(args.models.split(","))
     else:
-        empty_tiles(args.repeat)
+        overlaps(args.repeat)
 
 
 if __name__ == "__main__":

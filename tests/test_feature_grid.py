@@ -62,3 +62,32 @@ def test_each_feature_image_pixel_is_centred_on_its_cell():
         assert image.rows == int(np.ceil((128 - 8) / stride)) and image.cols == int(np.ceil((224 - 8) / stride))
         for cell in (0, 3, image.cols - 1):
             assert image.offset + (cell + 0.5) * stride == cell * stride + 8
+
+
+def test_model_window_holds_every_valid_pixel_on_the_crop_steps():
+    """A tile with nodata is cropped to its valid pixels, rounded out to quarter tiles: no valid pixel is left
+    out; a tile whose pixels inside the raster are all valid runs whole (padded past the raster); none without."""
+    grid = TileGrid(700, 600, tile_size=256, overlap=32)
+    assert grid.crop_step == 64
+    rng = np.random.default_rng(3)
+    for tile in grid.tiles():
+        inside = np.zeros((tile.height, tile.width), bool)
+        inside[: grid.height - tile.y, : grid.width - tile.x] = True
+        assert grid.model_window(tile, inside) == Window(0, 0, tile.width, tile.height)
+        assert grid.model_window(tile, np.zeros_like(inside)) is None
+        for _ in range(20):
+            y0, x0 = rng.integers(0, tile.height), rng.integers(0, tile.width)
+            valid = np.zeros_like(inside)
+            valid[y0:y0 + rng.integers(1, 200), x0:x0 + rng.integers(1, 200)] = True
+            valid &= inside
+            window = grid.model_window(tile, valid)
+            if not valid.any():
+                assert window is None
+                continue
+            box = np.zeros_like(valid)
+            box[window.y:window.y + window.height, window.x:window.x + window.width] = True
+            assert not (valid & ~box).any()
+            assert window.x % 64 == window.y % 64 == 0
+            assert window.x + window.width <= tile.width and window.y + window.height <= tile.height
+            assert window.width % 64 == 0 or window.x + window.width == tile.width
+            assert window.height % 64 == 0 or window.y + window.height == tile.height

@@ -2,6 +2,7 @@
 (`fit`, `segment --cluster-model`, `segment-many`, also on a Dask LocalCluster)."""
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -102,6 +103,10 @@ def test_a_mismatching_or_damaged_cluster_model_is_refused_with_its_reason(surve
         segment(params_for(tiny_model_dir, grey, tmp_path / "out", cache, cluster_model=str(model)))
     with pytest.raises(InputError, match=r"stride 8 \(the model: 16\)"):
         segment(params_for(tiny_model_dir, first, tmp_path / "out", cache, cluster_model=str(model), stride=8))
+    other_overlap = dataclasses.replace(params_for(tiny_model_dir, first, tmp_path / "out", cache,
+                                                   cluster_model=str(model)), overlap=16)
+    with pytest.raises(InputError, match=r"overlap 16 \(the model: 32\)"):  # e.g. a model fitted at another default
+        segment(other_overlap)
     wide = write_geotiff(tmp_path / "wide.tif", (np.arange(3 * 200 * 200).reshape(3, 200, 200) % 3000)
                          .astype(np.uint16))
     with pytest.raises(InputError, match="value scaling .*percentile stretch.*Byte / 255"):

@@ -109,6 +109,14 @@ class FeatureCacheUse:
 
 
 @dataclass(frozen=True)
+class ModelRun:
+    """What the model ran: tiles with a valid pixel, and their pixels (a tile with nodata cropped to its valid box)."""
+
+    tiles: int
+    pixels: int
+
+
+@dataclass(frozen=True)
 class AppliedClusterModel:
     """The survey cluster model a run applied, and how much of each band its value scaling clipped."""
 
@@ -166,6 +174,7 @@ class RunRecord(_Record):
     trees: TreeFacts
     polygons: int
     tiles: int
+    model_run: ModelRun
     parameters: SegmentationParams
     outputs: dict[str, str]
     """Output kind (outputs.OUTPUT_KINDS) → file, for the files written and the record."""

@@ -44,6 +44,7 @@ from ..run_record import (
     FeatureCacheUse,
     InputFacts,
     ModelFacts,
+    ModelRun,
     RunRecord,
     TreeFacts,
     taught_record,
@@ -564,7 +565,7 @@ def _cache_key(params: SegmentationParams, source: GdalRasterSource, survey: Sur
     return {
         **settings_with(Role.FEATURES, params),
         **({"projection": survey.projection_id} if survey else {}),
-        "format": 2,
+        "format": 3,  # 3: a tile with nodata runs cropped to its valid pixels (issue #31)
         "input": [_input_identity(path) for path in source.files if not path.endswith(".aux.xml")],
         "bands": list(source.bands),
         "scaling": source.scaling,
@@ -793,6 +794,7 @@ def _record(
                         round(result.tree_cover, 4)),
         polygons=polygons,
         tiles=result.tiles,
+        model_run=ModelRun(result.model_work.tiles, result.model_work.pixels),
         parameters=params,
         outputs={kind: path for kind, path in paths.as_dict().items() if Path(path) in written or kind == "record"},
         timings=dict(result.timings),

@@ -73,6 +73,12 @@ class FeatureExtractor:
         """The length of one feature vector (the backbone's width)."""
         return self.backbone.feature_dim
 
+    @property
+    def any_tile_shape(self) -> bool:
+        """Whether a tile cropped to any shape costs only its forward: not in int8 on ONNX Runtime, where each new
+        shape is an export and a session of its own (4 to 7 s to open one for ViT-S: docs/BENCHMARKS.md)."""
+        return self.backbone.precision != "int8"
+
     def extract(self, rgb: np.ndarray) -> np.ndarray:
         """Features for one tile: rgb (H, W, 3) float in 0..1, H and W multiples of 16.
 
@@ -220,6 +226,7 @@ class ColourFeatures:
         self.cell_size = stride
 
     tiles_per_batch = 1
+    any_tile_shape = True
 
     @property
     def feature_dim(self) -> int:

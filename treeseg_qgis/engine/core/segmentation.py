@@ -6,7 +6,9 @@ FeatureGrid (feature_grid.py); this module runs the segmentation on it.
 1. Features: every tile of the TileGrid is read, run through the FeatureExtractor
    once, and its features are stored on disk (FeatureStore); a tile without a valid pixel (all nodata, or
    masked out) never reaches the model: its cells are invalid and hold zero projected features (the
-   PCA mean), so it weighs as little in the blend as any invalid cell. The PCA basis is
+   PCA mean), so it weighs as little in the blend as any invalid cell. A tile with some nodata runs cropped
+   to the box of its valid pixels (rounded out to a quarter tile); its cells outside the crop, all invalid,
+   repeat the crop's edge cells. The PCA basis is
    fitted on a sample of cells from tiles spread over the whole raster (those
    tiles are extracted first); every tile is then projected with it.
 2. Clustering: k-means (fixed K or the elbow K) is fitted once on a sample of
@@ -66,6 +68,7 @@ class TileFeatureExtractor(Protocol):
     cell_size: int
     tiles_per_batch: int
     feature_dim: int
+    any_tile_shape: bool
 
     def extract_tiles(self, tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
         """(H / stride, W / stride, C) features of each (H, W, 3) tile."""
@@ -79,6 +82,15 @@ class LabelSink(Protocol):
 
     def write(self, x: int, y: int, labels: np.ndarray, trees: np.ndarray) -> None:
         """Store uint8 cluster ids and the 0/1 tree mask (255 = nodata) of one window."""
+
+
+@dataclass
+class ModelWork:
+    """What went through the model: tiles, and their pixels (a cropped tile counts its crop; a tile's shifted
+    copies for a stride under 16 are not counted again)."""
+
+    tiles: int = 0
+    pixels: int = 0
 
 
 @dataclass
@@ -96,6 +108,7 @@ class SegmentationResult:
     valid_pixels: int
     tiles: int
     timings: dict[str, float] = field(default_factory=dict)
+    model_work: ModelWork = field(default_factory=ModelWork)
     grid: FeatureGrid | None = None
     samples: np.ndarray | None = None
 
@@ -122,8 +135,9 @@ def segment_raster(
     as they are: nothing is fitted.
     """
     timings: dict[str, float] = {}
+    work = ModelWork()
     samples, sample_exg = ensure_features(params, source, grid, extractor, store, progress.sub(0, 0.85), timings,
-                                          survey.projection if survey else None)
+                                          survey.projection if survey else None, work)
     release_free_memory()
 
     progress.report(0.86, "Clustering")
@@ -149,6 +163,7 @@ def segment_raster(
         valid_pixels=valid,
         tiles=len(grid.tiles),
         timings={name: round(seconds, 3) for name, seconds in timings.items()},
+        model_work=work,
         grid=grid,
         samples=samples,
     )
@@ -177,16 +192,18 @@ def ensure_features(
     progress: Progress,
     timings: dict[str, float],
     projection: Projection | None = None,
+    work: ModelWork | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every tile's features in `store` (extracted now unless the store is complete; `extractor` may be
     None only then), and the clustering sample with its ExG. Features are projected with `projection` when
-    given (a survey's PCA), else with a PCA fitted on this raster."""
+    given (a survey's PCA), else with a PCA fitted on this raster. What the model ran is added to `work`."""
     if store.complete:
         progress.report(0.0, "Features from the cache")
         return store.load_samples()
     if extractor is None:
         raise ValueError("the feature store is incomplete and no extractor was given")
-    samples, sample_exg = extract_features(params, source, grid, extractor, store, progress, timings, projection)
+    samples, sample_exg = extract_features(params, source, grid, extractor, store, progress, timings, projection,
+                                           work=work)
     store.save_samples(samples, sample_exg, {**extractor.describe(), **grid.describe()})
     return samples, sample_exg
 
@@ -213,6 +230,7 @@ def extract_features(
     timings: dict[str, float],
     projection: Projection | None,
     tiles: list[Tile] | None = None,
+    work: ModelWork | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Extract and store every tile (with a given `projection`, e.g. a survey's PCA, only `tiles` if given:
     one window of the raster); return the projected cluster sample and its ExG. With a given projection each
@@ -236,7 +254,7 @@ def extract_features(
         samples.append(tile_features.features.reshape(-1, tile_features.features.shape[-1])[rows])
         sample_exg.append(tile_features.exg.reshape(-1)[rows])
 
-    for tile, (cell_valid, cell_exg), features in _extracted(source, order, grid, extractor, progress, timings):
+    for tile, (cell_valid, cell_exg), features in _extracted(source, order, grid, extractor, progress, timings, work):
         started = time.perf_counter()
         key = (tile.row, tile.col)
         if projection is None:
@@ -289,11 +307,14 @@ def _extracted(
     extractor: TileFeatureExtractor,
     progress: Progress,
     timings: dict[str, float],
+    work: ModelWork | None = None,
 ) -> Iterator[tuple[Tile, tuple[np.ndarray, np.ndarray], np.ndarray]]:
     """Each tile with its cell statistics (valid share, ExG) and features, in order. Tiles go through
     the model in batches of `extractor.tiles_per_batch`; a reader thread reads the next batch and
     computes its cell statistics while this one is in the model. A tile without a valid pixel is not run:
-    its features are zeros (every cell of it is invalid, so nothing samples them).
+    its features are zeros (every cell of it is invalid, so nothing samples them). A tile with nodata runs
+    cropped to its valid pixels (`TileGrid.model_window`; not where a new shape is costly, see
+    `extractor.any_tile_shape`); crops of one shape are batched together.
     The heap's freed memory goes back to the system after every batch: otherwise glibc keeps more
     of it batch after batch (measured at 36 MP: 720 MB resident after the first batches, 920 MB by
     the end, peak 956 MB; with the release 750 to 850 MB throughout, peak 880 MB, and no slower).
@@ -303,13 +324,15 @@ def _extracted(
     per_batch = extractor.tiles_per_batch
     batches = [tiles[start:start + per_batch] for start in range(0, len(tiles), per_batch)]
 
-    def timed_read(batch: list[Tile]) -> list[tuple[np.ndarray | None, tuple[np.ndarray, np.ndarray]]]:
-        """Each tile's pixels (None without a valid one) and cell statistics."""
+    def timed_read(batch: list[Tile]) -> list[tuple[Window | None, np.ndarray, tuple[np.ndarray, np.ndarray]]]:
+        """Each tile's model window (None without a valid pixel), its pixels there and its cell statistics."""
         started = time.perf_counter()
         pixels = []
         for tile in batch:
             rgb, valid = read_tile(source, tile)
-            pixels.append((rgb if valid.any() else None, grid.cell_statistics(rgb, valid)))
+            window = grid.tiles.model_window(tile, valid, crop=extractor.any_tile_shape)
+            crop = rgb if window is None else rgb[window.y:window.y + window.height, window.x:window.x + window.width]
+            pixels.append((window, crop, grid.cell_statistics(rgb, valid)))
         timings["read"] += time.perf_counter() - started
         return pixels
 
@@ -323,18 +346,44 @@ def _extracted(
             progress.check()
             progress.report(done / len(tiles), f"Extracting features: tile {done + 1} of {len(tiles)}")
             started = time.perf_counter()
-            run = [rgb for rgb, _ in pixels if rgb is not None]
-            features = iter(extractor.extract_tiles(run) if run else [])
+            run = [crop for window, crop, _ in pixels if window is not None]
+            features = iter(_extract_by_shape(extractor, run))
             release_free_memory()
             timings["features"] += time.perf_counter() - started
+            if work is not None:
+                work.tiles += len(run)
+                work.pixels += sum(crop.shape[0] * crop.shape[1] for crop in run)
             done += len(batch)
-            for tile, (rgb, statistics) in zip(batch, pixels):
-                yield tile, statistics, next(features) if rgb is not None else _no_features(statistics[0], extractor)
+            for tile, (window, _, statistics) in zip(batch, pixels):
+                cells = statistics[0].shape
+                yield tile, statistics, (_no_features(cells, extractor) if window is None
+                                         else _on_tile_cells(next(features), window, cells, extractor.stride))
 
 
-def _no_features(cell_valid: np.ndarray, extractor: TileFeatureExtractor) -> np.ndarray:
+def _no_features(cells: tuple[int, ...], extractor: TileFeatureExtractor) -> np.ndarray:
     """The features of a tile that was not run: zeros on its cell grid."""
-    return np.zeros((*cell_valid.shape, extractor.feature_dim), dtype=np.float32)
+    return np.zeros((*cells, extractor.feature_dim), dtype=np.float32)
+
+
+def _extract_by_shape(extractor: TileFeatureExtractor, crops: list[np.ndarray]) -> list[np.ndarray]:
+    """The features of each crop, in order; crops of one shape go through the model together."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for index, crop in enumerate(crops):
+        by_shape.setdefault(crop.shape, []).append(index)
+    features: list[np.ndarray] = [np.empty(0)] * len(crops)
+    for indices in by_shape.values():
+        for index, grid in zip(indices, extractor.extract_tiles([crops[i] for i in indices])):
+            features[index] = grid
+    return features
+
+
+def _on_tile_cells(features: np.ndarray, window: Window, cells: tuple[int, ...], stride: int) -> np.ndarray:
+    """A cropped tile's features placed on its whole cell grid. The cells outside the crop hold no valid
+    pixel; they repeat the nearest cell of the crop, as pixels past the raster repeat its edge, so a valid
+    pixel beside them interpolates towards its own cell's features, never towards zeros."""
+    top, left = window.y // stride, window.x // stride
+    pad = ((top, cells[0] - top - features.shape[0]), (left, cells[1] - left - features.shape[1]), (0, 0))
+    return features if pad == ((0, 0), (0, 0), (0, 0)) else np.pad(features, pad, mode="edge")
 
 
 def _projected(projection: Projection, tile: TileFeatures) -> TileFeatures:

@@ -4,6 +4,12 @@ Tiles start at multiples of `step = tile - overlap` (a multiple of 16), so every
 tile's feature cells land on one global feature grid and a cell id means the same
 place in every tile. The last tile of a row or column may reach past the raster;
 the missing pixels are padded and marked invalid.
+
+A tile with nodata (or masked-out) pixels inside the raster goes through the model cropped to the bounding box
+of its valid pixels, rounded out to a quarter of the tile (`TileGrid.model_window`): the model never sees
+the nodata, and a tile has at most 4 × 4 shapes (each new shape is one more int8 export). A tile whose pixels
+inside the raster are all valid runs whole, its part past the raster padded, as always. So does every tile
+with a valid pixel where a new shape is costly (int8 in ONNX Runtime: an export and a session per shape).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...catalogue import PATCH
+from ...memory import RUN_OVERLAP, RUN_TILE_SIZE
 
 
 @dataclass(frozen=True)
@@ -37,12 +44,13 @@ class Tile(Window):
 class TileGrid:
     """Overlapping tiles covering a width × height raster."""
 
-    def __init__(self, width: int, height: int, tile_size: int = 512, overlap: int = 64) -> None:
+    def __init__(self, width: int, height: int, tile_size: int = RUN_TILE_SIZE, overlap: int = RUN_OVERLAP) -> None:
         self.width = width
         self.height = height
         self.tile_width = min(tile_size, _ceil_to_patch(width))
         self.tile_height = min(tile_size, _ceil_to_patch(height))
         self.step = tile_size - overlap
+        self.crop_step = max(PATCH, tile_size // 4 // PATCH * PATCH)
         self.overlap = overlap
         self.cols = _count(width, self.tile_width, self.step)
         self.rows = _count(height, self.tile_height, self.step)
@@ -55,6 +63,20 @@ class TileGrid:
 
     def tiles(self) -> list[Tile]:
         return [self.tile(r, c) for r in range(self.rows) for c in range(self.cols)]
+
+    def model_window(self, tile: Tile, valid: np.ndarray, crop: bool = True) -> Window | None:
+        """The part of a tile (in its own pixels) that goes through the model, given its (padded) valid mask:
+        the whole tile when its pixels inside the raster are all valid (or not `crop` and any is), else the
+        bounding box of its valid pixels rounded out to `crop_step` from the tile's corner; None without a
+        valid pixel."""
+        if valid[: self.height - tile.y, : self.width - tile.x].all() or (not crop and valid.any()):
+            return Window(0, 0, tile.width, tile.height)
+        rows, cols = np.flatnonzero(valid.any(axis=1)), np.flatnonzero(valid.any(axis=0))
+        if rows.size == 0:
+            return None
+        y0, y1 = _round_out(rows[0], rows[-1] + 1, self.crop_step, tile.height)
+        x0, x1 = _round_out(cols[0], cols[-1] + 1, self.crop_step, tile.width)
+        return Window(x0, y0, x1 - x0, y1 - y0)
 
     def spread(self, count: int) -> list[Tile]:
         """Up to `count` tiles spread evenly over the grid (rows and columns)."""
@@ -85,6 +107,11 @@ class TileGrid:
 
 def _ceil_to_patch(size: int) -> int:
     return max(PATCH, -(-size // PATCH) * PATCH)
+
+
+def _round_out(start: int, stop: int, step: int, size: int) -> tuple[int, int]:
+    """[start, stop) widened to multiples of `step`, the end at most `size`."""
+    return int(start) // step * step, min(size, -(-int(stop) // step) * step)
 
 
 def _count(size: int, tile: int, step: int) -> int:
