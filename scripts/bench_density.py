@@ -28,24 +28,30 @@ WIDTH, HEIGHT = 2299, 2472
 
 def make_raster() -> Path:
     """The NEON sample mirrored out to 2299 × 2472 px, with its georeferencing."""
+    path = WORK / "osbs_5.7mp.tif"
+    if not path.exists():
+        write_mirrored_sample(path, WIDTH, HEIGHT)
+    return path
+
+
+def write_mirrored_sample(path: Path, width: int, height: int) -> np.ndarray:
+    """The NEON sample OSBS_029 mirrored out to `width` × `height` px as a GeoTIFF at `path`, with its
+    georeferencing; its pixels (bands first)."""
     from osgeo import gdal
 
     gdal.UseExceptions()
-    path = WORK / "osbs_5.7mp.tif"
-    if path.exists():
-        return path
-    WORK.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     sample = gdal.Open(str(REPO / "resources" / "sample" / "OSBS_029.tif"))
     image = sample.ReadAsArray()
-    mosaic = np.pad(image, ((0, 0), (0, HEIGHT - image.shape[1]), (0, WIDTH - image.shape[2])), mode="symmetric")
-    dataset = gdal.GetDriverByName("GTiff").Create(str(path), WIDTH, HEIGHT, 3, gdal.GDT_Byte,
+    mosaic = np.pad(image, ((0, 0), (0, height - image.shape[1]), (0, width - image.shape[2])), mode="symmetric")
+    dataset = gdal.GetDriverByName("GTiff").Create(str(path), width, height, 3, gdal.GDT_Byte,
                                                    ["TILED=YES", "COMPRESS=DEFLATE"])
     dataset.SetGeoTransform(sample.GetGeoTransform())
     dataset.SetProjection(sample.GetProjection())
     for band in range(3):
         dataset.GetRasterBand(band + 1).WriteArray(mosaic[band])
     dataset = None
-    return path
+    return mosaic
 
 
 def run(model_dir: Path, raster: Path, name: str, precision: str = "auto", work: Path = WORK) -> dict:

@@ -60,25 +60,14 @@ segmentation.plot_elbow_analysis = lambda *args, **kw: plot_elbow(*("n-a" if a =
 
 def make_inputs(name: str) -> tuple[Path, Path]:
     """OSBS_029 mirrored out to the named size: a GeoTIFF for ours, the same pixels as PNG for upstream."""
-    from osgeo import gdal
+    from bench_density import write_mirrored_sample
     from PIL import Image
 
-    gdal.UseExceptions()
     width, height = SIZES[name]
     tif, png = WORK / f"osbs_{name}.tif", WORK / f"osbs_{name}.png"
     if tif.exists() and png.exists():
         return tif, png
-    WORK.mkdir(parents=True, exist_ok=True)
-    sample = gdal.Open(str(REPO / "resources" / "sample" / "OSBS_029.tif"))
-    image = sample.ReadAsArray()
-    mosaic = np.pad(image, ((0, 0), (0, height - image.shape[1]), (0, width - image.shape[2])), mode="symmetric")
-    dataset = gdal.GetDriverByName("GTiff").Create(str(tif), width, height, 3, gdal.GDT_Byte,
-                                                   ["TILED=YES", "COMPRESS=DEFLATE"])
-    dataset.SetGeoTransform(sample.GetGeoTransform())
-    dataset.SetProjection(sample.GetProjection())
-    for band in range(3):
-        dataset.GetRasterBand(band + 1).WriteArray(mosaic[band])
-    dataset = None
+    mosaic = write_mirrored_sample(tif, width, height)
     Image.fromarray(np.ascontiguousarray(mosaic.transpose(1, 2, 0))).save(png)
     return tif, png
 
