@@ -76,7 +76,8 @@ class FeatureExtractor:
     @property
     def any_tile_shape(self) -> bool:
         """Whether a tile cropped to any shape costs only its forward: not in int8 on ONNX Runtime, where each new
-        shape is an export and a session of its own (4 to 7 s to open one for ViT-S: docs/BENCHMARKS.md)."""
+        shape needs an export of its own (3 to 9 s for ViT-S, once per machine and model; a cached one opens in
+        0.2 s: docs/BENCHMARKS.md)."""
         return self.backbone.precision != "int8"
 
     def extract(self, rgb: np.ndarray) -> np.ndarray:
