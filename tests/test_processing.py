@@ -497,6 +497,7 @@ def test_the_output_group_orders_layers_the_desktop_already_put_into_it(qgis_new
         FeatureCacheUse,
         InputFacts,
         ModelFacts,
+        ModelRun,
         RunRecord,
         TreeFacts,
     )
@@ -504,7 +505,7 @@ def test_the_output_group_orders_layers_the_desktop_already_put_into_it(qgis_new
     record = RunRecord("0.1.0", None, InputFacts("scene.tif", 64, 64, [1, 2, 3], "none"), "dinov3",
                        ModelFacts("base", False, "pretrained", "cpu"), "base", 16,
                        ClusterFacts(2, False, {}, [0.0, 0.3], [2048, 2048]), TreeFacts([1], "ExG", 2048, 4096, 0.5),
-                       2, 1, SegmentationParams("scene.tif", "out"), {}, {}, {}, None, None,
+                       2, 1, ModelRun(1, 4096), SegmentationParams("scene.tif", "out"), {}, {}, {}, None, None,
                        FeatureCacheUse("off", None))
     project = QgsProject.instance()
     root = project.layerTreeRoot()

@@ -132,7 +132,9 @@ def dask_session(workers: int, scheduler: str | None) -> Iterator[DaskSession]:
     """The cluster at `scheduler`, or a LocalCluster of `workers` processes, closed (its worker processes
     ended) when the block ends, fails or is stopped. Distributed's messages in this process say only errors
     while it runs, and nothing once it has failed or been stopped; a LocalCluster's worker processes never see
-    a terminal's stop signal (the survey's one line is all a stopped survey says)."""
+    a terminal's stop signal (the survey's one line is all a stopped survey says), and log nothing below
+    critical: a task's error comes back through its future, and a worker that loses the closing scheduler
+    would otherwise print its heartbeat failure after that line."""
     _quiet_distributed(logging.ERROR)
     with ExitStack() as after_close, ExitStack() as stack:
         try:
@@ -142,7 +144,7 @@ def dask_session(workers: int, scheduler: str | None) -> Iterator[DaskSession]:
                 with interrupts.deferred(), _stop_signals_held():  # a stop while it starts: closed once started
                     cluster = stack.enter_context(LocalCluster(  # its HTTP server on a free port: 8787 may be taken
                         n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}, silence_logs=logging.ERROR))
+                        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}, silence_logs=logging.CRITICAL))
                 client = stack.enter_context(Client(cluster))
             client.register_plugin(ModelPlugin())
             yield DaskSession(client, after_close)
