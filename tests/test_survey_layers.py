@@ -158,3 +158,66 @@ def test_panel_results_of_a_survey_share_a_group_and_restyle_together(qgis_new_p
     finally:
         QgsProject.instance().removeAllMapLayers()
         root.removeAllChildren()
+
+
+def test_a_taught_classifier_on_a_survey_puts_its_class_layers_in_the_survey_group(
+        provider, qgis_new_project, tiny_model_dir, tmp_path, layer_tree_view):  # noqa: F811
+    """Class layers of a classifier taught on a survey's features land in that survey's group, from the panel's
+    results (add_teach_layers) and from Processing's Apply a taught classifier; one legend in all of them."""
+    import os
+    import subprocess
+
+    import processing
+    from qgis.core import QgsProject
+
+    from treeseg_qgis.qgis_side.results import add_result_layers, add_teach_layers
+
+    from .conftest import REPO
+
+    east, west = survey_rasters(tmp_path)
+    model = tmp_path / "survey.treeseg"
+    clicks = tmp_path / "clicks.csv"
+    clicks.write_text("col,row,class\n80,80,crown\n230,170,crown\n10,240,ground\n300,10,ground\n")
+    saved = tmp_path / "crowns.treeseg"
+    engine = EngineClient(sys.executable)
+    try:
+        engine.fit([str(east), str(west)], str(model),
+                   SegmentationParams(str(east), str(tmp_path), model=str(tiny_model_dir), device="cpu"))
+        taught = subprocess.run(  # torch stays out of the QGIS process: the classifier kept on the command line
+            [sys.executable, "-m", "treeseg_qgis", "teach", str(east), "--examples", str(clicks), "--out",
+             str(tmp_path / "taught"), "--cluster-model", str(model), "--save-classifier", str(saved), "--model",
+             str(tiny_model_dir), "--device", "cpu"], capture_output=True, text=True, cwd=REPO, timeout=600,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert taught.returncode == 0, taught.stderr
+        params = SegmentationParams(str(east), str(tmp_path / "east"), device="cpu", model=str(tiny_model_dir),
+                                    cluster_model=str(model))
+        run = engine.segment(params)
+        classes = engine.teach(params, [], None, classifier=str(saved))
+    finally:
+        engine.close()
+    assert classes.cluster_model is not None and classes.cluster_model.path == str(model)
+    root = QgsProject.instance().layerTreeRoot()
+    try:
+        run_group = add_result_layers(run, "east")
+        layers = add_teach_layers(classes, "east")
+        (survey,) = root.children()
+        assert survey.name() == "Survey · survey.treeseg"
+        teach_group = root.findLayer(layers[0].id()).parent()
+        assert teach_group.parent() == survey and run_group.parent() == survey
+        processing.runAndLoadResults("treeseg:applyclassifier", {
+            "INPUT": str(west), "CLUSTER_MODEL": str(model), "CLASSIFIER": str(saved),
+            "MODEL_ID": str(tiny_model_dir), "DEVICE": "cpu", "OUTPUT_CLASSES": "TEMPORARY_OUTPUT",
+            "OUTPUT_CLASS_PROBABILITIES": "TEMPORARY_OUTPUT", "OUTPUT_CLASS_POLYGONS": "TEMPORARY_OUTPUT"})
+        assert [node.name() for node in root.children()] == ["Survey · survey.treeseg"]
+        applied = survey.children()[0]
+        assert [node.name() for node in applied.children()] == [
+            f"Class polygons ({applied.children()[0].layer().featureCount()})", "Taught classes (crown, ground)",
+            "Class probabilities (0–1, a band per class)"]
+        assert [node.isVisible() for node in applied.children()] == [True, True, False]
+        class_layers = [node.layer() for node in survey.findLayers() if node.name().startswith("Taught classes")]
+        assert len(class_layers) == 2 and legend(class_layers[0]) == legend(class_layers[1])
+        assert [label for _, label, _ in legend(class_layers[0])] == ["unsure", "crown", "ground"]
+        assert len(survey.children()) == 3  # the run, the panel's classes and Processing's classes
+    finally:
+        QgsProject.instance().removeAllMapLayers()
+        root.removeAllChildren()
