@@ -158,3 +158,85 @@ def test_panel_results_of_a_survey_share_a_group_and_restyle_together(qgis_new_p
     finally:
         QgsProject.instance().removeAllMapLayers()
         root.removeAllChildren()
+
+
+def taught_survey(folder, tiny_model_dir):
+    """Two rasters of a survey, its cluster model and a classifier taught on its features (on the command line:
+    torch stays out of the QGIS process)."""
+    import os
+    import subprocess
+
+    from .conftest import REPO
+
+    east, west = survey_rasters(folder)
+    model, saved, clicks = folder / "survey.treeseg", folder / "crowns.treeseg", folder / "clicks.csv"
+    clicks.write_text("col,row,class\n80,80,crown\n230,170,crown\n10,240,ground\n300,10,ground\n")
+    common = ["--model", str(tiny_model_dir), "--device", "cpu"]
+    for command in (["fit", str(east), str(west), "--out", str(model)],
+                    ["teach", str(east), "--examples", str(clicks), "--out", str(folder / "taught"),
+                     "--cluster-model", str(model), "--save-classifier", str(saved)]):
+        done = subprocess.run([sys.executable, "-m", "treeseg_qgis", *command, *common], capture_output=True,
+                              text=True, cwd=REPO, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert done.returncode == 0, done.stderr
+    return east, west, model, saved
+
+
+def test_a_survey_taught_in_the_panel_puts_its_class_layers_in_the_survey_group(
+        qgis_new_project, tiny_model_dir, tmp_path):
+    """The panel's results (add_result_layers, add_teach_layers): a run and the classes taught on the survey's
+    features go into the survey group; the teach record names the cluster model."""
+    from qgis.core import QgsProject
+
+    from treeseg_qgis.qgis_side.results import add_result_layers, add_teach_layers
+
+    east, _, model, saved = taught_survey(tmp_path, tiny_model_dir)
+    params = SegmentationParams(str(east), str(tmp_path / "east"), device="cpu", model=str(tiny_model_dir),
+                                cluster_model=str(model))
+    engine = EngineClient(sys.executable)
+    try:
+        run = engine.segment(params)
+        classes = engine.teach(params, [], None, classifier=str(saved))
+    finally:
+        engine.close()
+    assert classes.cluster_model is not None and classes.cluster_model.path == str(model)
+    root = QgsProject.instance().layerTreeRoot()
+    try:
+        run_group = add_result_layers(run, "east")
+        layers = add_teach_layers(classes, "east")
+        (survey,) = root.children()
+        assert survey.name() == "Survey · survey.treeseg"
+        assert root.findLayer(layers[0].id()).parent().parent() == survey and run_group.parent() == survey
+        assert [label for _, label, _ in legend(layers[0])] == ["unsure", "crown", "ground"]
+    finally:
+        QgsProject.instance().removeAllMapLayers()
+        root.removeAllChildren()
+
+
+def test_apply_a_taught_classifier_in_processing_loads_named_styled_layers_into_the_survey_group(
+        provider, qgis_new_project, tiny_model_dir, tmp_path, layer_tree_view):  # noqa: F811
+    """Apply a taught classifier on two rasters of a survey (the dialog, runAndLoadResults): one survey group
+    with a group per raster holding the class polygons, the classes (one legend) and the probabilities (hidden)."""
+    import processing
+    from qgis.core import QgsProject
+
+    east, west, model, saved = taught_survey(tmp_path, tiny_model_dir)
+    root = QgsProject.instance().layerTreeRoot()
+    try:
+        for raster in (east, west):
+            processing.runAndLoadResults("treeseg:applyclassifier", {
+                "INPUT": str(raster), "CLUSTER_MODEL": str(model), "CLASSIFIER": str(saved),
+                "MODEL_ID": str(tiny_model_dir), "DEVICE": "cpu", "OUTPUT_CLASSES": "TEMPORARY_OUTPUT",
+                "OUTPUT_CLASS_PROBABILITIES": "TEMPORARY_OUTPUT", "OUTPUT_CLASS_POLYGONS": "TEMPORARY_OUTPUT"})
+        (survey,) = root.children()
+        assert survey.name() == "Survey · survey.treeseg" and len(survey.children()) == 2
+        for applied in survey.children():
+            assert [node.name() for node in applied.children()] == [
+                f"Class polygons ({applied.children()[0].layer().featureCount()})",
+                "Taught classes (crown, ground)", "Class probabilities (0–1, a band per class)"]
+            assert [node.isVisible() for node in applied.children()] == [True, True, False]
+        class_layers = [node.layer() for node in survey.findLayers() if node.name().startswith("Taught classes")]
+        assert legend(class_layers[0]) == legend(class_layers[1])
+        assert [label for _, label, _ in legend(class_layers[0])] == ["unsure", "crown", "ground"]
+    finally:
+        QgsProject.instance().removeAllMapLayers()
+        root.removeAllChildren()

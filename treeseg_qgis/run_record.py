@@ -199,6 +199,15 @@ class TeachExamples:
 
 
 @dataclass(frozen=True)
+class SurveyModelUse:
+    """The survey cluster model whose features a teach ran on: its file and PCA id (what finds the survey's
+    layer group)."""
+
+    path: str
+    projection: str
+
+
+@dataclass(frozen=True)
 class _TaughtFacts(_Record):
     """What the records of a teach of one class and of several share."""
 
@@ -213,6 +222,8 @@ class _TaughtFacts(_Record):
     temperature: float
     feature_cache: str
     timings: dict[str, float]
+    cluster_model: SurveyModelUse | None = field(default=None, kw_only=True, metadata={"omitted_when_none": True})
+    """Left out of a teach without a survey cluster model."""
 
 
 @dataclass(frozen=True)

@@ -272,6 +272,8 @@ def teach(
         record["held_out_accuracy"] = taught.held_out_accuracy
         record["temperature"] = taught.classifier.temperature
         record["feature_cache"] = cache_state
+        if survey:  # the survey's layer group finds the record by it
+            record["cluster_model"] = {"path": str(params.cluster_model), "projection": survey.projection_id}
         record["timings"] = {**{k: round(v, 3) for k, v in timings.items()},
                              "total": round(time.perf_counter() - started, 3)}
         _commit_teach(record, progress, keep[0] if keep else None)

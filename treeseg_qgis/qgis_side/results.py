@@ -154,12 +154,14 @@ RUN_OUTPUT_ORDER = ("crowns", "polygons", "trees", "clusters", "features", "heig
 """The order of a run's layers in its group, top first."""
 TEACH_OUTPUT_ORDER = ("taught_trees", "similarity")
 CLASSES_OUTPUT_ORDER = ("classes",)
-"""The layer a teach of several classes adds (its probabilities and polygons stay files beside it)."""
+"""The layer the panel's teach of several classes adds (its probabilities and polygons stay files beside it)."""
+CLASSES_LOADED_ORDER = ("class_polygons", "classes", "class_probabilities")
+"""The order of the class outputs Processing loads, top first."""
 BAND_LEGENDS = {"similarity": "Score (1: like the examples)", "height": "Height above ground"}
 """The first legend line of the single-band ramps, instead of QGIS's 'Band 1 (Gray)'."""
-HIDDEN_OUTPUTS = frozenset({"trees", "features", "height"})
+HIDDEN_OUTPUTS = frozenset({"trees", "features", "height", "class_probabilities"})
 """Outputs added unchecked: the polygons and clusters already show the trees; the rest are extras."""
-VECTOR_OUTPUTS = frozenset({"crowns", "polygons"})
+VECTOR_OUTPUTS = frozenset({"crowns", "polygons", "class_polygons"})
 
 
 def layer_names(record: OutputsRecord) -> dict[str, str]:
@@ -176,6 +178,8 @@ def layer_names(record: OutputsRecord) -> dict[str, str]:
         names["crowns"] = f"Tree crowns ({record.crowns})"
     if isinstance(record, ClassesRecord):
         names["classes"] = f"Taught classes ({', '.join(record.classes)})"
+        names["class_probabilities"] = "Class probabilities (0–1, a band per class)"
+        names["class_polygons"] = f"Class polygons ({record.polygons})"
     if isinstance(record, TeachRecord):
         taught = record.class_name or "tree"
         taught_name = "Taught trees" if taught == "tree" else f"Taught: {taught}"
@@ -214,6 +218,8 @@ def style_output(layer: QgsMapLayer, kind: str, record: OutputsRecord) -> None:
     """The style of output `kind` of `record`, as the panel shows it."""
     if kind == "clusters" and isinstance(record, RunRecord):
         style_clusters(layer, record.clusters.k, survey_class_names(record) if record.cluster_model else None)
+    elif kind == "classes" and isinstance(record, ClassesRecord):
+        style_classes(layer, record)
     elif kind in STYLES:
         STYLES[kind](layer)
 
@@ -245,10 +251,10 @@ def add_result_layers(record: RunRecord, input_name: str,
 
 
 def survey_group(record: OutputsRecord, project: QgsProject) -> QgsLayerTreeGroup | None:
-    """The group of the survey whose cluster model `record` applied: the one an earlier run with the same model
-    (file and PCA) made, anywhere in the layer tree, else a new one at the top, e.g. 'Survey · site.treeseg';
-    None for a run without a cluster model."""
-    model = record.cluster_model if isinstance(record, RunRecord) else None
+    """The group of the survey whose cluster model `record` applied (a run's, or a teach's on its features): the one
+    an earlier run with the same model (file and PCA) made, anywhere in the layer tree, else a new one at the top,
+    e.g. 'Survey · site.treeseg'; None for a job without a cluster model."""
+    model = getattr(record, "cluster_model", None)
     if model is None:
         return None
     path, projection = str(Path(model.path).resolve()), model.projection
@@ -436,7 +442,7 @@ def add_teach_layers(record: TaughtRecord, input_name: str, project: QgsProject 
     kinds = CLASSES_OUTPUT_ORDER if isinstance(record, ClassesRecord) else TEACH_OUTPUT_ORDER
     layers = [open_output(outputs[kind], kind, names[kind]) for kind in kinds]
     if isinstance(record, ClassesRecord):
-        style_clusters(layers[0], len(record.classes) + 1)  # 0 unsure (transparent), then the classes
+        style_classes(layers[0], record)
     else:
         style_tree_mask(layers[0])
         style_similarity(layers[1])
@@ -445,7 +451,7 @@ def add_teach_layers(record: TaughtRecord, input_name: str, project: QgsProject 
     group = previous[0].parent() if previous else None
     if group is None:
         group = QgsLayerTreeGroup(teach_group_name(record, input_name))
-        place_result_group(group, record, input_name, teach_result(record), project)
+        place_result_group(group, record, input_name, teach_result(record), project, survey_group(record, project))
     elif group.parent() is not None:
         group.setName(teach_group_name(record, input_name))
     project.removeMapLayers([node.layerId() for node in previous])
@@ -478,7 +484,8 @@ class OutputGroup:
 
     @classmethod
     def for_teach(cls, record: TaughtRecord, input_name: str) -> OutputGroup:
-        return cls(teach_group_name(record, input_name), TEACH_OUTPUT_ORDER, record, input_name, teach_result(record))
+        order = CLASSES_LOADED_ORDER if isinstance(record, ClassesRecord) else TEACH_OUTPUT_ORDER
+        return cls(teach_group_name(record, input_name), order, record, input_name, teach_result(record))
 
     def take(self, layer: QgsMapLayer, kind: str, project: QgsProject,
              parent: QgsLayerTreeGroup | None = None) -> None:
@@ -583,6 +590,12 @@ def style_loaded_outputs(context: QgsProcessingContext, record: OutputsRecord, g
             details.name = names[kind] + suffix
             details.forceName = True
             details.setPostProcessor(OutputStyler.create(kind, record, group, beside))
+
+
+def style_classes(layer: QgsRasterLayer, record: ClassesRecord) -> None:
+    """A class raster: paletted in the file's colours and category names, 0 unsure (transparent), then the
+    classes."""
+    style_clusters(layer, len(record.classes) + 1)
 
 
 def style_clusters(layer: QgsRasterLayer, k: int, labels: Sequence[str] | None = None) -> None:

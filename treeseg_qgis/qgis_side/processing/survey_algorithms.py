@@ -25,6 +25,7 @@ from ...run_record import ClassesRecord
 from ..auth import hf_token
 from ..compat import RASTER_LAYERS
 from ..raster_input import absolute_file, raster_file
+from ..results import OutputGroup, style_loaded_outputs
 from .engine_algorithm import (
     WEIGHTS_HELP,
     Declared,
@@ -183,4 +184,5 @@ class ApplyClassifierAlgorithm(ClassOutputsAlgorithm):
         else:
             feedback.pushInfo(f"One class, {record.class_name}: cover {100 * record.tree_cover:.1f} %; written to "
                               + ", ".join(record.outputs.values()))
+        style_loaded_outputs(context, record, OutputGroup.for_teach(record, layer.name()))
         return self.results(record)

@@ -218,10 +218,11 @@ class TeachClassesAlgorithm(ClassOutputsAlgorithm):
 
     def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,
                          feedback: QgsProcessingFeedback) -> dict[str, Any]:
-        record, _ = teach_in_engine(self, parameters, context, feedback, self.CLASS_FIELD, CLASS_FIELD,
-                                    _class_name, several_classes=True)
+        record, layer = teach_in_engine(self, parameters, context, feedback, self.CLASS_FIELD, CLASS_FIELD,
+                                        _class_name, several_classes=True)
         covers = ", ".join(f"{name} {100 * cover:.1f} %" for name, cover in record.class_cover.items())
         feedback.pushInfo(f"Classes: {covers}; {record.threshold_note}; feature cache: {record.feature_cache}.")
+        style_loaded_outputs(context, record, OutputGroup.for_teach(record, layer.name()))
         return self.results(record)
 
 
