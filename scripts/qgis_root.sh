@@ -60,7 +60,10 @@ mount --rbind /sys "$root/sys"
 mount -t tmpfs tmpfs "$root/tmp"
 mkdir -p "$root/repo" && mount --bind "$repo" "$root/repo"
 # The repository's .venv is the host's (another Python): inside, that path is the root's venv.
-if [ -d "$repo/.venv" ] && [ ! -L "$repo/.venv" ]; then mount --bind "$root/opt/treeseg-venv" "$root/repo/.venv"; fi
+# (made empty first: on the root's first making, apt runs in it before the venv exists)
+if [ -d "$repo/.venv" ] && [ ! -L "$repo/.venv" ]; then
+    mkdir -p "$root/opt/treeseg-venv" && mount --bind "$root/opt/treeseg-venv" "$root/repo/.venv"
+fi
 for folder in "${folders[@]}"; do
     mkdir -p "$root$folder" && mount --bind -o ro "$folder" "$root$folder"
 done
