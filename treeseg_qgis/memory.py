@@ -407,3 +407,18 @@ def disk_free_bytes(folder: Path) -> int | None:
     """Free bytes on the disk that holds `folder` (or its nearest existing parent); None when none exists."""
     existing = next((candidate for candidate in (folder, *folder.parents) if candidate.is_dir()), None)
     return shutil.disk_usage(existing).free if existing is not None else None
+
+
+def folder_bytes(folder: Path, links: bool = False) -> int:
+    """Bytes of the files under `folder`, links not followed: a link counts its own size when `links`, else
+    nothing (a Hugging Face snapshot's links into its blobs); a file that goes while it is measured is skipped."""
+    total = 0
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            try:
+                status = os.lstat(os.path.join(parent, name))
+            except OSError:
+                continue
+            if links or not stat.S_ISLNK(status.st_mode):
+                total += status.st_size
+    return total
