@@ -409,9 +409,9 @@ def disk_free_bytes(folder: Path) -> int | None:
     return shutil.disk_usage(existing).free if existing is not None else None
 
 
-def folder_bytes(folder: Path, links: bool = False) -> int:
-    """Bytes of the files under `folder`, links not followed: a link counts its own size when `links`, else
-    nothing (a Hugging Face snapshot's links into its blobs); a file that goes while it is measured is skipped."""
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files under `folder`; links are not followed nor counted (a Hugging Face snapshot's links into
+    its blobs, an engine's link to its Python), and a file that goes while it is measured is skipped."""
     total = 0
     for parent, _, files in os.walk(folder):
         for name in files:
@@ -419,6 +419,6 @@ def folder_bytes(folder: Path, links: bool = False) -> int:
                 status = os.lstat(os.path.join(parent, name))
             except OSError:
                 continue
-            if links or not stat.S_ISLNK(status.st_mode):
+            if not stat.S_ISLNK(status.st_mode):
                 total += status.st_size
     return total
