@@ -219,4 +219,3 @@ def _has_weights(repo: Any) -> bool:
         if "config.json" in names and any(name.endswith(".safetensors") for name in names):
             return True
     return False
-
