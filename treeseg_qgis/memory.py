@@ -407,3 +407,18 @@ def disk_free_bytes(folder: Path) -> int | None:
     """Free bytes on the disk that holds `folder` (or its nearest existing parent); None when none exists."""
     existing = next((candidate for candidate in (folder, *folder.parents) if candidate.is_dir()), None)
     return shutil.disk_usage(existing).free if existing is not None else None
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files under `folder`; links are not followed nor counted (a Hugging Face snapshot's links into
+    its blobs, an engine's link to its Python), and a file that goes while it is measured is skipped."""
+    total = 0
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            try:
+                status = os.lstat(os.path.join(parent, name))
+            except OSError:
+                continue
+            if not stat.S_ISLNK(status.st_mode):
+                total += status.st_size
+    return total

@@ -37,8 +37,8 @@ def _fact() -> Any:
 
 
 @dataclass(frozen=True)
-class HeightModelFacts:
-    """The canopy-height model a run used."""
+class _ModelIdentity:
+    """What every model a job ran states: its id, whether its weights are random, which weights, on what device."""
 
     model_id: str
     untrained: bool
@@ -47,14 +47,15 @@ class HeightModelFacts:
 
 
 @dataclass(frozen=True)
-class ModelFacts:
+class HeightModelFacts(_ModelIdentity):
+    """The canopy-height model a run used."""
+
+
+@dataclass(frozen=True)
+class ModelFacts(_ModelIdentity):
     """The backbone (or colour baseline) a job ran; `details`: the other facts it describes itself with
     (normalisation, dtype, feature size…), kept as they came."""
 
-    model_id: str
-    untrained: bool
-    weights: str
-    device: str
     method: str | None = _fact()
     precision: str | None = _fact()
     fell_back_to_cpu: str | None = _fact()

@@ -470,12 +470,10 @@ def _teach(args: argparse.Namespace) -> int:
         examples = ", ".join(f"{count} {name}" for name, count in record["examples"].items())
         print(f"{len(record['classes'])} classes from {examples} examples; {record['threshold_note']}; cover: "
               f"{covers} (features: {record['feature_cache']})")
-        for path in record["outputs"].values():
-            print(path)
-        return 0
-    print(f"{record['examples']['trees']} {record['class']} and {record['examples']['not_trees']} other examples, "
-          f"{record['threshold_note']}, {record['class']} cover {100 * record['tree_cover']:.1f} % "
-          f"(features: {record['feature_cache']})")
+    else:
+        print(f"{record['examples']['trees']} {record['class']} and {record['examples']['not_trees']} other "
+              f"examples, {record['threshold_note']}, {record['class']} cover {100 * record['tree_cover']:.1f} % "
+              f"(features: {record['feature_cache']})")
     for path in record["outputs"].values():
         print(path)
     return 0

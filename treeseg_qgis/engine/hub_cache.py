@@ -3,7 +3,6 @@ and the state of the feature cache of runs (the model manager's worker commands)
 
 from __future__ import annotations
 
-import os
 import shutil
 import threading
 from collections.abc import Callable
@@ -11,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..catalogue import HUB_URL, MODELS, CatalogueModel
-from ..memory import disk_free_bytes, format_size
+from ..memory import disk_free_bytes, folder_bytes, format_size
 from .core.errors import Cancelled, InputError, ModelUnavailableError, OutputError, TreesegError
 
 WEIGHT_FILES = ["*.json", "*.safetensors"]
@@ -96,7 +95,7 @@ def cached_models() -> dict[str, Any]:
             "name": model.name,
             "repo_id": complete[0] if complete else model.repo_id,
             "cached": bool(complete),
-            "size_on_disk": sum(_folder_bytes(repo_cache_folder(repo_id)) for repo_id in model.repo_ids),
+            "size_on_disk": sum(folder_bytes(repo_cache_folder(repo_id)) for repo_id in model.repo_ids),
         })
     return {"cache_dir": str(cache), "disk_free_bytes": disk_free_bytes(cache), "models": models}
 
@@ -126,7 +125,7 @@ def delete_cached(name: str) -> dict[str, Any]:
     for repo_id in model.repo_ids:
         folder = repo_cache_folder(repo_id)
         if folder.is_dir():
-            size = _folder_bytes(folder)
+            size = folder_bytes(folder)
             try:
                 shutil.rmtree(folder)
             except OSError as error:
@@ -207,7 +206,7 @@ def download_error(model: CatalogueModel, error: BaseException) -> TreesegError:
 
 def _check_disk_space(model: CatalogueModel) -> None:
     free = disk_free_bytes(hub_cache())
-    still_needed = model.download_bytes - _folder_bytes(repo_cache_folder(model.repo_id))
+    still_needed = model.download_bytes - folder_bytes(repo_cache_folder(model.repo_id))
     if free is not None and free < still_needed:
         raise OutputError(f"{model.name} needs about {format_size(still_needed)} of disk space in "
                           f"{hub_cache()}; only {format_size(free)} is free.")
@@ -220,14 +219,3 @@ def _has_weights(repo: Any) -> bool:
         if "config.json" in names and any(name.endswith(".safetensors") for name in names):
             return True
     return False
-
-
-def _folder_bytes(folder: Path) -> int:
-    """Bytes of the regular files under `folder` (cache snapshots are links into blobs: not counted twice)."""
-    total = 0
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = Path(root, name)
-            if not path.is_symlink():
-                total += path.stat().st_size
-    return total

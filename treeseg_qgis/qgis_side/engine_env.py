@@ -299,18 +299,6 @@ def leftover_folders(root: Path) -> list[Path]:
                   and folder.name.startswith(("staging-", "old-")))
 
 
-def folder_size(folder: Path) -> int:
-    """The bytes of the files under `folder` (links not followed)."""
-    total = 0
-    for parent, _, files in os.walk(folder):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(parent, name)).st_size
-            except OSError:
-                continue
-    return total
-
-
 def set_aside(folder: Path) -> Path:
     """Rename a staging or engine folder to a free old-* name at once, so that deleting it can run in the
     background while a new set-up uses the old name; the new path."""

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ...locks import FileLock, lock_is_held
+from ...memory import folder_bytes
 from .errors import Cancelled
 from .store import SAMPLES, SUMMARY, FeatureStore
 
@@ -125,7 +126,7 @@ class FeatureCache:
         self.remove_dead_builds()
         entries = sorted((entry for entry in self.root.glob("*") if entry.is_dir() and "." not in entry.name),
                          key=lambda e: e.stat().st_mtime)
-        sizes = {entry: _folder_size(entry) for entry in entries}
+        sizes = {entry: folder_bytes(entry) for entry in entries}
         total = sum(sizes.values())
         removed = []
         for entry in entries:
@@ -147,7 +148,7 @@ class FeatureCache:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def size_bytes(self) -> int:
-        return _folder_size(self.root) if self.root.exists() else 0
+        return folder_bytes(self.root)
 
 
 def lock_key(root: Path, key: dict, is_cancelled: Callable[[], bool] | None = None,
@@ -208,10 +209,6 @@ def entry_problem(folder: Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as error:
         return f"{type(error).__name__}: {error}"
     return None
-
-
-def _folder_size(folder: Path) -> int:
-    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
 def file_identity(path: str | Path) -> dict:

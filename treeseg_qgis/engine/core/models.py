@@ -19,7 +19,7 @@ import os
 import socket
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from ...catalogue import BACKBONES, DEFAULT_MODEL, HUB_URL, LVD_1689M, SAT_493M, CatalogueModel, model_page
@@ -109,10 +109,7 @@ def normalisation_for(repo_id_or_path: str) -> Normalisation:
             return spec.normalisation
     config_file = Path(repo_id_or_path) / "preprocessor_config.json"
     if config_file.is_file():
-        try:
-            config = json.loads(config_file.read_text())
-        except (OSError, ValueError) as error:
-            raise ModelUnavailableError(f"{config_file} cannot be read: {error}") from error
+        config = _read_json(config_file)
         mean, std = (config.get("image_mean"), config.get("image_std")) if isinstance(config, dict) else (0, 0)
         if isinstance(mean, list) and isinstance(std, list) and len(mean) == 3 and len(std) == 3:
             if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (*mean, *std)) or min(std) <= 0:
@@ -361,10 +358,7 @@ def _check_dinov3_folder(folder: Path) -> None:
             "Copy the whole folder of a facebook/dinov3-* model, with config.json and "
             "model.safetensors."
         )
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as error:
-        raise ModelUnavailableError(f"{config_file} cannot be read: {error}") from error
+    config = _read_json(config_file)
     if not isinstance(config, dict):
         raise ModelUnavailableError(f"{config_file} is not a model configuration (a JSON object is expected).")
     model_type = config.get("model_type", "")
@@ -381,6 +375,14 @@ def _check_dinov3_folder(folder: Path) -> None:
             f"{folder} has no .safetensors weights; only safetensors files are loaded "
             "(pickled .bin/.pth weights are refused for safety)."
         )
+
+
+def _read_json(config_file: Path) -> Any:
+    """The JSON in a model folder's configuration file; ModelUnavailableError (one line) when it cannot be read."""
+    try:
+        return json.loads(config_file.read_text())
+    except (OSError, ValueError) as error:
+        raise ModelUnavailableError(f"{config_file} cannot be read: {error}") from error
 
 
 def _shape_problem(config: dict) -> str | None:

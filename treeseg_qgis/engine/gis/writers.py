@@ -176,10 +176,11 @@ class LabelRasterWriter:
             for dataset, dtype, array in zip(self._datasets, self._dtypes, (labels, trees)):
                 dataset.GetRasterBand(1).WriteArray(np.asarray(array, dtype=dtype), xoff=x, yoff=y)
         except RuntimeError as error:
-            raise OutputError(
-                f"Writing '{self._final_paths[0]}' failed: {error}. "
-                "Check the free disk space and that the folder is still writable."
-            ) from error
+            raise self._write_failed(error) from error
+
+    def _write_failed(self, error: RuntimeError) -> OutputError:
+        return OutputError(f"Writing '{self._final_paths[0]}' failed: {error}. "
+                           "Check the free disk space and that the folder is still writable.")
 
     def close(self) -> None:
         """Flush both rasters and give them their final names."""
@@ -189,10 +190,7 @@ class LabelRasterWriter:
             self._datasets = []  # closes the files: on a full disk GDAL raises here
         except RuntimeError as error:
             self.abort()
-            raise OutputError(
-                f"Writing '{self._final_paths[0]}' failed: {error}. "
-                "Check the free disk space and that the folder is still writable."
-            ) from error
+            raise self._write_failed(error) from error
         for partial, final in zip(self._partial_paths, self._final_paths):
             try:
                 _replace_with_sidecar(partial, final)

@@ -36,6 +36,7 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from ... import __version__
+from ...memory import folder_bytes
 from .. import engine_env
 from ..engine_client import (
     choose_engine_python,
@@ -539,7 +540,7 @@ class EngineSetupDialog(QDialog):
         folders = [folder for folder in engine_env.leftover_folders(self.engines_root) if folder not in _DELETING]
         if not folders:
             return
-        sizes = ", ".join(f"{folder.name} ({engine_env.folder_size(folder) / 1024**2:.0f} MB)" for folder in folders)
+        sizes = ", ".join(f"{folder.name} ({folder_bytes(folder) / 1024**2:.0f} MB)" for folder in folders)
         self.leftover_label.setText(f"Left by a set-up that did not finish, never used: {sizes}.")
         self.leftover_row.setVisible(True)
 
