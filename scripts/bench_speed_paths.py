@@ -5,14 +5,20 @@ and loaded through the product's loader); (2) a 4 MP raster whose right half is 
 against an older one (`--before`, e.g. `git archive <commit> | tar -x -C DIR`), alternating: the wall time of the
 whole command and the run record's stages; (4) a 2900 × 2000 px window of the 36 MP mosaic with tiles of 512 px
 overlapping by 64 px (the default) against 32 px, alternating; (5) what cropping a tile to its valid pixels does to
-their features (the real sample, nodata from column 200 on). Each figure is its own process. Prints JSON lines;
-docs/BENCHMARKS.md holds the figures that were recorded.
+their features (the real sample, nodata from column 200 on); (6) the fixed costs of `segment` with the default
+settings (automatic K, preview and elbow plot) on the 1024² crop of the side-by-side benchmark, ViT-S/16 and ViT-B/16
+random weights, this tree against an older one (`--before`), alternating: wall, CPU time, start and every stage;
+(7) automatic K (`fit_clusters`) of this tree against an older one on clustering samples (the `samples.npz` of
+feature-cache entries): the K, the centres, label agreement, wall and CPU time.
+Each figure is its own process. Prints JSON lines; docs/BENCHMARKS.md holds the figures that were recorded.
 
     .venv/bin/python scripts/bench_speed_paths.py export [--models tiny,vits]
     .venv/bin/python scripts/bench_speed_paths.py empty [--repeat 2] [--precision float32]
     .venv/bin/python scripts/bench_speed_paths.py cached --before DIR [--repeat 3]
     .venv/bin/python scripts/bench_speed_paths.py overlap [--repeat 2]
     .venv/bin/python scripts/bench_speed_paths.py crop [--models tiny,vits]
+    .venv/bin/python scripts/bench_speed_paths.py fixed --before DIR [--repeat 3] [--models small,base]
+    .venv/bin/python scripts/bench_speed_paths.py kmeans --before DIR --samples CACHE_ENTRY/samples.npz ...
 """
 
 from __future__ import annotations
@@ -166,6 +172,90 @@ def cached_export(before: Path, repeat: int) -> None:
         print(json.dumps({"ratio": key, "after_over_before": round(ratio, 3)}))
 
 
+def segment_defaults(raster: Path, model: Path, cache: str, tree: Path) -> dict:
+    """`python -m treeseg_qgis segment RASTER --out DIR --model FOLDER --no-cache` of the treeseg in `tree` (every
+    other setting its default): wall and CPU time of the process, its start (wall − the record's total) and stages."""
+    out = Path(tempfile.mkdtemp(prefix="treeseg-bench-out-"))
+    load = os.getloadavg()[0]
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "treeseg_qgis", "segment", str(raster), "--out", str(out),
+                                "--model", str(model), "--no-cache", "--quiet"], cwd=tree,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "XDG_CACHE_HOME": cache, "PYTHONPATH": str(tree),
+                                    "HF_HUB_OFFLINE": "1"})
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"segment failed in {tree}")
+    record = json.loads(next(out.glob("*_run.json")).read_text())
+    return {"wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+            "start_s": round(wall - record["timings"]["total"], 2), "k": record["clusters"]["k"],
+            "timings": record["timings"], "out": str(out), "load": load}
+
+
+def fixed_costs(before: Path, repeat: int, models: list[str]) -> None:
+    """The 1024² crop, default settings, the int8 export cached: `before`'s tree and this one alternating."""
+    from bench_precision import model_folder as catalogue_model
+    from bench_upstream import make_inputs as side_by_side_inputs
+
+    raster = side_by_side_inputs("crop")[0]
+    cache = tempfile.mkdtemp(prefix="treeseg-bench-cache-")
+    trees = {"before": before.resolve(), "after": REPO}
+    for name in models:
+        model = catalogue_model(name)
+        for tree in trees.values():
+            segment_defaults(raster, model, cache, tree)  # warm-up: the export built once, the files in the page cache
+        runs: dict[str, list[dict]] = {tree: [] for tree in trees}
+        for index in range(repeat):
+            for tree in trees if index % 2 == 0 else reversed(trees):
+                runs[tree].append(segment_defaults(raster, model, cache, trees[tree]))
+                print(json.dumps({"model": name, "tree": tree, **runs[tree][-1]}), flush=True)
+        for key in ("wall_s", "cpu_s", "start_s"):
+            ratio = sum(r[key] for r in runs["after"]) / sum(r[key] for r in runs["before"])
+            print(json.dumps({"model": name, "ratio": key, "after_over_before": round(ratio, 3)}), flush=True)
+
+
+def child_kmeans(tree: str, samples: str, centres: str) -> dict:
+    """Automatic K of the treeseg in `tree` on `samples`; the centres and curve saved to `centres`."""
+    sys.path.insert(0, tree)
+    from treeseg_qgis.engine.core.clustering import fit_clusters
+
+    with np.load(samples) as data:
+        projected = data["samples"]
+    started, cpu = time.perf_counter(), time.process_time()
+    model = fit_clusters(projected, None)
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    np.savez(centres, centres=model.centres, curve=[model.inertia_curve[k] for k in sorted(model.inertia_curve)])
+    return {"wall_s": round(seconds, 2), "cpu_s": round(cpu, 2)}
+
+
+def kmeans_agreement(before: Path, samples: list[Path]) -> None:
+    """Each sample through both trees' `fit_clusters`, each in its own process: the same K, the largest centre
+    difference, the share of the sample's rows given the same cluster, the curve's largest relative difference."""
+    from treeseg_qgis.engine.core.clustering import ClusterModel
+
+    trees = {"before": before.resolve(), "after": REPO}
+    for path in samples:
+        with np.load(path) as data:
+            projected = data["samples"]
+        fits, times = {}, {}
+        for name, tree in trees.items():
+            target = Path(tempfile.mkdtemp(prefix="treeseg-bench-kmeans-")) / "fit.npz"
+            done = subprocess.run([sys.executable, __file__, "child-kmeans", str(tree), str(path), str(target)],
+                                  capture_output=True, text=True, check=True)
+            times[name] = json.loads(done.stdout.strip().splitlines()[-1])
+            with np.load(target) as fit:
+                fits[name] = (fit["centres"], fit["curve"])
+        (old, old_curve), (new, new_curve) = fits["before"], fits["after"]
+        same_k = old.shape == new.shape
+        same_labels = ClusterModel(old).assign(projected) == ClusterModel(new).assign(projected) if same_k else None
+        print(json.dumps({"samples": str(path), "rows": len(projected), "k": [len(old), len(new)],
+                          "agreement": float(same_labels.mean()) if same_k else None,
+                          "centre_difference": float(np.abs(old - new).max()) if same_k else None,
+                          "curve_difference": float(np.abs(new_curve / old_curve - 1).max()) if same_k else None,
+                          **{name: times[name] for name in trees}, "load": os.getloadavg()[0]}), flush=True)
+
+
 def child_overlap(raster: str, model: str, overlap: int) -> dict:
     """One `segment` run of the product's pipeline (as the CLI runs it, which has no overlap option) with
     `overlap`: its record's timings and what the model ran."""
@@ -246,27 +336,39 @@ def main() -> None:
     if sys.argv[1] == "child":
         print(json.dumps(child_export(sys.argv[3], sys.argv[4])))
         return
+    if sys.argv[1] == "child-kmeans":
+        print(json.dumps(child_kmeans(*sys.argv[2:5])))
+        return
     if sys.argv[1] == "child-overlap":
         os.environ["XDG_CACHE_HOME"] = sys.argv[5]
         print(json.dumps(child_overlap(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
         return
     parser = argparse.ArgumentParser()
-    parser.add_argument("part", choices=("export", "empty", "cached", "overlap", "crop"))
-    parser.add_argument("--models", default="tiny,vits")
+    parser.add_argument("part", choices=("export", "empty", "cached", "overlap", "crop", "fixed", "kmeans"))
+    parser.add_argument("--models", help="export, crop: tiny,vits (the default); fixed: small,base (the default)")
     parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--before", type=Path, help="cached: the older tree to compare with")
+    parser.add_argument("--before", type=Path, help="cached, fixed, kmeans: the older tree to compare with")
+    parser.add_argument("--samples", type=Path, nargs="+", help="kmeans: clustering samples (samples.npz)")
     parser.add_argument("--precision", default="auto", help="empty: the segment runs' --precision")
     args = parser.parse_args()
     if args.part == "export":
-        export_memory(args.models.split(","))
+        export_memory((args.models or "tiny,vits").split(","))
     elif args.part == "cached":
         if args.before is None:
             parser.error("cached needs --before DIR")
         cached_export(args.before, args.repeat)
     elif args.part == "empty":
         empty_tiles(args.repeat, args.precision)
+    elif args.part == "fixed":
+        if args.before is None:
+            parser.error("fixed needs --before DIR")
+        fixed_costs(args.before, args.repeat, (args.models or "small,base").split(","))
+    elif args.part == "kmeans":
+        if args.before is None or not args.samples:
+            parser.error("kmeans needs --before DIR and --samples FILE ...")
+        kmeans_agreement(args.before, args.samples)
     elif args.part == "crop":
-        crop_fidelity(args.models.split(","))
+        crop_fidelity((args.models or "tiny,vits").split(","))
     else:
         overlaps(args.repeat)
 

@@ -11,20 +11,24 @@ from treeseg_qgis.params import Role, settings_with
 REPO = Path(__file__).resolve().parents[1]
 
 
-def cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+def cli(*args: str, tmp_path: Path, python_options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "treeseg_qgis", *args], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=300)
+    return subprocess.run([sys.executable, *python_options, "-m", "treeseg_qgis", *args], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=300)
 
 
 def test_segment_succeeds_and_lists_the_outputs(tiny_model_dir, scene_tif, tmp_path):
+    """A run without crowns imports nothing of scikit-image (a fixed cost of every start otherwise)."""
     path, _ = scene_tif
     result = cli("segment", str(path), "--out", "out", "--model", str(tiny_model_dir), "--clusters", "2",
-                 "--device", "cpu", tmp_path=tmp_path)
+                 "--device", "cpu", tmp_path=tmp_path, python_options=("-X", "importtime"))
     assert result.returncode == 0, result.stderr
     assert "K=2" in result.stdout
     for suffix in ("_clusters.tif", "_trees.tif", "_polygons.gpkg", "_preview.png", "_run.json"):
         assert (tmp_path / "out" / f"scene{suffix}").is_file()
+    imported = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "sklearn" in imported and "skimage" not in imported
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:

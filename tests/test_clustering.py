@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_info
 
 from treeseg_qgis.engine.core.clustering import choose_elbow, fit_clusters
 from treeseg_qgis.engine.core.errors import InputError
@@ -64,3 +65,11 @@ def test_tree_override_is_checked_against_k():
     assert check_tree_override([2, 0, 2], 3) == [0, 2]
     with pytest.raises(InputError, match="0..2"):
         check_tree_override([5], 3)
+
+
+def test_fitting_on_one_thread_leaves_the_callers_threads_as_they_were():
+    """k-means runs on one OpenMP thread (clustering.py); the model's forward after it must keep all of them."""
+    before = [(library["filepath"], library["num_threads"]) for library in threadpool_info()]
+    model = fit_clusters(blobs(3), None, (2, 5))
+    assert model.k == 3
+    assert [(library["filepath"], library["num_threads"]) for library in threadpool_info()] == before

@@ -74,7 +74,6 @@ from .core.taught_model import TaughtModel
 from .core.teach import UNSURE_BELOW, Taught, class_mask_rule, classes_rule, score_raster, teach_classifier
 from .core.tiling import TileGrid, Window
 from .gis.class_outputs import UNSURE, UNSURE_NAME, ClassRasterWriter, write_class_polygons
-from .gis.crowns import write_crowns
 from .gis.polygons import polygonize_clusters
 from .gis.preview import write_elbow_plot, write_preview
 from .gis.raster import GdalRasterSource, HeightReader, limit_block_cache
@@ -608,6 +607,8 @@ def _feature_bytes(params: SegmentationParams, source: GdalRasterSource) -> int:
 
 def _crowns(params: SegmentationParams, paths: OutputPaths, result: SegmentationResult, model: dict,
             progress: Progress) -> int:
+    from .gis.crowns import write_crowns  # scipy and scikit-image: only for a run that splits crowns
+
     started = time.perf_counter()
     crown_progress = progress.sub(0.94, 0.97)
     count = write_crowns(

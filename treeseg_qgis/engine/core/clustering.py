@@ -7,6 +7,11 @@ the straight line from the first point to the last ("kneedle" on the log curve;
 the log keeps one big early drop from hiding a later, sharper elbow). When even k_min clusters
 leave almost nothing to explain (inertia at k_min below 1e-6 of the total
 variance, e.g. a uniform image), k_min is chosen.
+
+k-means runs on one OpenMP thread: each of its iterations on a sample of at most some tens of thousands of rows
+in `pca_dims` dimensions is too little work to share, and with more threads scikit-learn's spin-wait on each other
+(on two cores: 20-60x the CPU time for the same centres; on a busy machine tens of seconds instead of a fraction
+of one; docs/BENCHMARKS.md, "Fixed costs").
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.decomposition import PCA
+from threadpoolctl import threadpool_limits  # installed with scikit-learn, which uses it for the same
 
 from ...params import DEFAULT_K_RANGE
 from .errors import InputError
@@ -86,7 +92,12 @@ def fit_clusters(
     k_range: tuple[int, int] = DEFAULT_K_RANGE,
     seed: int = 0,
 ) -> ClusterModel:
-    """k-means with a fixed K, or the elbow K over k_range when k is None."""
+    """k-means with a fixed K, or the elbow K over k_range when k is None; on one OpenMP thread (see above)."""
+    with threadpool_limits(1, user_api="openmp"):
+        return _fit_clusters(projected, k, k_range, seed)
+
+
+def _fit_clusters(projected: np.ndarray, k: int | None, k_range: tuple[int, int], seed: int) -> ClusterModel:
     distinct = _distinct_count(projected)
     if k is not None:
         if k < 1:

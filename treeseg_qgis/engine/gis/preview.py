@@ -22,6 +22,8 @@ ELBOW_INCHES = (2.6, 2.0)
 """The elbow plot's size: the panel shows it about 260 px wide, so a point there is about a point on the screen."""
 ELBOW_DPI = 200
 ELBOW_POINTS = 8.5
+PNG_OPTIONS = {"compress_level": 1}
+"""zlib's fastest level: the same pixels, files about 5 % larger, encoded 2-4x faster (docs/BENCHMARKS.md)."""
 
 
 def _decimated_size(width: int, height: int, max_size: int) -> tuple[int, int]:
@@ -84,7 +86,7 @@ def write_preview(
         axes.set_axis_off()
 
     with atomic_file(png_path, f"the preview '{png_path}'") as partial:
-        figure.savefig(partial, format="png", dpi=dpi)
+        figure.savefig(partial, format="png", dpi=dpi, pil_kwargs=PNG_OPTIONS)
 
 
 def write_elbow_plot(inertia_curve: dict[int, float], chosen: int, png_path: str) -> None:
@@ -107,4 +109,4 @@ def write_elbow_plot(inertia_curve: dict[int, float], chosen: int, png_path: str
     axis.legend(loc="upper right", fontsize=ELBOW_POINTS)
     figure.tight_layout(pad=0.3)
     with atomic_file(png_path, png_path) as partial:
-        figure.savefig(partial, format="png")
+        figure.savefig(partial, format="png", pil_kwargs=PNG_OPTIONS)
