@@ -14,11 +14,11 @@ the float network is loaded only if a tile shape's export has to be built.
 
 Whole tiles run the export of their shape. Tiles cropped to their valid pixels (core/segmentation.py) run one
 more export, `ANY_SHAPE`: the graph traced with its height and width left free (DINOv3's RoPE positions are
-computed from the input's size), which serves every crop of every tile size. It is not the export whole tiles
-run because it measured a few per cent slower at 512 × 512 (the shape-specialised graph folds the RoPE tables
-and the attention scale); its features at crop shapes agree with the float model as closely as a
-shape-specialised export's (docs/BENCHMARKS.md, "int8 crops"). It is built only when a run's crops repay it
-(`CROP_EXPORT_REPAID_PIXELS`).
+computed from the input's size), which serves every crop of every tile size. Whole tiles keep their shape's
+export (their features bit-identical): at 512 × 512 the free graph was not shown as fast (0 to 5 % slower in
+alternating pairs; the shape's graph folds the RoPE tables and shape arithmetic). Its features at crop shapes
+agree with the float model as closely as a shape's own export's (docs/BENCHMARKS.md, "int8 crops"). It is built
+only when a run's crops repay it (`CROP_EXPORT_REPAID_PIXELS`).
 """
 
 from __future__ import annotations
