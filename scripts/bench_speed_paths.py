@@ -9,7 +9,9 @@ their features (the real sample, nodata from column 200 on); (6) the fixed costs
 settings (automatic K, preview and elbow plot) on the 1024² crop of the side-by-side benchmark, ViT-S/16 and ViT-B/16
 random weights, this tree against an older one (`--before`), alternating: wall, CPU time, start and every stage;
 (7) automatic K (`fit_clusters`) of this tree against an older one on clustering samples (the `samples.npz` of
-feature-cache entries): the K, the centres, label agreement, wall and CPU time.
+feature-cache entries): the K, the centres, label agreement, wall and CPU time; (8) the int8 export that runs
+crops of any shape against the float model and the export of each shape, its 512² forward against the 512²
+export's (alternating) and its export time.
 Each figure is its own process. Prints JSON lines; docs/BENCHMARKS.md holds the figures that were recorded.
 
     .venv/bin/python scripts/bench_speed_paths.py export [--models tiny,vits]
@@ -19,6 +21,7 @@ Each figure is its own process. Prints JSON lines; docs/BENCHMARKS.md holds the 
     .venv/bin/python scripts/bench_speed_paths.py crop [--models tiny,vits]
     .venv/bin/python scripts/bench_speed_paths.py fixed --before DIR [--repeat 3] [--models small,base]
     .venv/bin/python scripts/bench_speed_paths.py kmeans --before DIR --samples CACHE_ENTRY/samples.npz ...
+    .venv/bin/python scripts/bench_speed_paths.py int8crops [--repeat 12]
 """
 
 from __future__ import annotations
@@ -142,6 +145,8 @@ def empty_tiles(repeat: int, precision: str) -> None:
     model = model_folder("vits")
     cache = tempfile.mkdtemp(prefix="treeseg-bench-cache-")
     segment_once(half, model, cache, precision=precision)  # warm-up: the int8 export built once, kept
+    if precision in ("auto", "int8"):  # and the export that runs crops (one run of this raster does not repay it)
+        subprocess.run([sys.executable, __file__, "child-crops", str(model), cache], check=True, capture_output=True)
     runs: dict[str, list[dict]] = {"full": [], "right half nodata": []}
     for _ in range(repeat):
         for name, raster in (("full", full), ("right half nodata", half)):
@@ -332,7 +337,72 @@ def crop_fidelity(models: list[str], edge: int = 200) -> None:
                               "mean": round(float(cosine.mean()), 4), "least": round(float(cosine.min()), 4)}))
 
 
+def child_crops(model: str, cache: str) -> None:
+    """Builds the int8 export that runs crops in the export cache under `cache`."""
+    os.environ["XDG_CACHE_HOME"] = cache
+    from treeseg_qgis.engine.core.models import load_backbone
+    from treeseg_qgis.engine.core.onnx_int8 import ANY_SHAPE
+
+    load_backbone(model, device="cpu", precision="int8").model.prepare(ANY_SHAPE)
+
+
+def int8_crops(repeat: int) -> None:
+    """ViT-S/16 (random weights) on crops of the real sample, edge-padded to 512 px: float32, the int8 export of
+    each shape and the int8 export of any shape; cosines of their L2-normalised features per cell, each export's
+    time, and the 512² forward of the shape's export against the any-shape export's, alternating."""
+    cache = tempfile.mkdtemp(prefix="treeseg-bench-cache-")
+    os.environ["XDG_CACHE_HOME"] = cache
+    import torch
+    from osgeo import gdal
+
+    from treeseg_qgis.engine.core.features import FeatureExtractor
+    from treeseg_qgis.engine.core.models import load_backbone
+
+    torch.set_num_threads(2)
+    gdal.UseExceptions()
+    rgb = gdal.Open(str(REPO / "resources" / "sample" / "OSBS_029.tif")).ReadAsArray()
+    rgb = np.pad(rgb.transpose(1, 2, 0).astype(np.float32) / 255, ((0, 112), (0, 112), (0, 0)), mode="reflect")
+    model = str(model_folder("vits"))
+    reference = FeatureExtractor(load_backbone(model, device="cpu", precision="float32"), 16, batch_size=1)
+    int8 = FeatureExtractor(load_backbone(model, device="cpu", precision="int8"), 16, batch_size=1)
+    network = int8.backbone.model
+
+    def timed(crop: np.ndarray, cropped: bool) -> tuple[np.ndarray, float, int]:
+        exports, started = network.exports, time.perf_counter()
+        features = int8.extract_tiles([crop], cropped)[0]
+        return features, time.perf_counter() - started, network.exports - exports
+
+    def cosine(a: np.ndarray, b: np.ndarray) -> list[float]:
+        values = (a * b).sum(-1)
+        return [round(float(values.mean()), 4), round(float(values.min()), 4)]
+
+    for height, width in ((512, 512), (512, 128), (256, 384), (128, 512), (384, 256), (128, 128)):
+        crop = rgb[:height, :width]
+        exact = reference.extract(crop)
+        shaped, shaped_s, shaped_exports = timed(crop, False)
+        free, free_s, free_exports = timed(crop, True)
+        print(json.dumps({"shape": [height, width], "shape_export_vs_float32 (mean, least)": cosine(shaped, exact),
+                          "any_shape_vs_float32": cosine(free, exact),
+                          "any_shape_vs_shape_export": cosine(free, shaped),
+                          "first_call_s": {"shape_export": round(shaped_s, 1), "any_shape": round(free_s, 1)},
+                          "exports": [shaped_exports, free_exports]}), flush=True)
+    tile = rgb[:512, :512]
+    seconds: dict[bool, list[float]] = {False: [], True: []}
+    for index in range(repeat):
+        for cropped in ((False, True) if index % 2 == 0 else (True, False)):
+            seconds[cropped].append(timed(tile, cropped)[1])
+    ratios = np.array(seconds[True]) / np.array(seconds[False])
+    print(json.dumps({"forward_512_s": {"shape_export": [round(v, 3) for v in seconds[False]],
+                                        "any_shape": [round(v, 3) for v in seconds[True]]},
+                      "any_shape_over_shape_export": {"sums": round(sum(seconds[True]) / sum(seconds[False]), 3),
+                                                      "median": round(float(np.median(ratios)), 3)},
+                      "load": os.getloadavg()[0]}))
+
+
 def main() -> None:
+    if sys.argv[1] == "child-crops":
+        child_crops(sys.argv[2], sys.argv[3])
+        return
     if sys.argv[1] == "child":
         print(json.dumps(child_export(sys.argv[3], sys.argv[4])))
         return
@@ -344,7 +414,8 @@ def main() -> None:
         print(json.dumps(child_overlap(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
         return
     parser = argparse.ArgumentParser()
-    parser.add_argument("part", choices=("export", "empty", "cached", "overlap", "crop", "fixed", "kmeans"))
+    parser.add_argument("part", choices=("export", "empty", "cached", "overlap", "crop", "fixed", "kmeans",
+                                         "int8crops"))
     parser.add_argument("--models", help="export, crop: tiny,vits (the default); fixed: small,base (the default)")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--before", type=Path, help="cached, fixed, kmeans: the older tree to compare with")
@@ -369,6 +440,8 @@ def main() -> None:
         kmeans_agreement(args.before, args.samples)
     elif args.part == "crop":
         crop_fidelity((args.models or "tiny,vits").split(","))
+    elif args.part == "int8crops":
+        int8_crops(args.repeat)
     else:
         overlaps(args.repeat)
 

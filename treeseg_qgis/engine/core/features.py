@@ -73,12 +73,12 @@ class FeatureExtractor:
         """The length of one feature vector (the backbone's width)."""
         return self.backbone.feature_dim
 
-    @property
-    def any_tile_shape(self) -> bool:
-        """Whether a tile cropped to any shape costs only its forward: not in int8 on ONNX Runtime, where each new
-        shape needs an export of its own (3 to 9 s for ViT-S, once per machine and model; a cached one opens in
-        0.2 s: docs/BENCHMARKS.md)."""
-        return self.backbone.precision != "int8"
+    def may_crop(self, saved_pixels: int) -> bool:
+        """Whether tiles may run cropped now, `saved_pixels` being what the run's crops save of the tiles' pixels:
+        always, but in int8 on ONNX Runtime only with the export that runs crops open (cached, or built now
+        where the saving repays it: core/onnx_int8.py `crops_ready`)."""
+        model = self.backbone.model
+        return not isinstance(model, OnnxInt8Network) or model.crops_ready(saved_pixels * len(self.shifts))
 
     def extract(self, rgb: np.ndarray) -> np.ndarray:
         """Features for one tile: rgb (H, W, 3) float in 0..1, H and W multiples of 16.
@@ -87,9 +87,10 @@ class FeatureExtractor:
         """
         return self.extract_tiles([rgb])[0]
 
-    def extract_tiles(self, tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def extract_tiles(self, tiles: Sequence[np.ndarray], cropped: bool = False) -> list[np.ndarray]:
         """Features for tiles of one size, their images run through the model together in batches of
-        `batch_size` (on a GPU, and on the CPU too, a batch of tiles is faster than one at a time)."""
+        `batch_size` (on a GPU, and on the CPU too, a batch of tiles is faster than one at a time); `cropped`:
+        tiles cropped to their valid pixels (in int8 they run the export of any shape)."""
         height, width = tiles[0].shape[:2]
         for rgb in tiles:
             if rgb.shape != (height, width, 3) or height % PATCH or width % PATCH:
@@ -103,7 +104,7 @@ class FeatureExtractor:
         while start < len(copies):
             batch = np.concatenate(copies[start:start + self.batch_size])
             try:
-                grids.append(self._forward(batch))
+                grids.append(self._forward(batch, cropped))
             except RuntimeError as error:
                 if not _is_out_of_memory(error):
                     raise
@@ -149,13 +150,13 @@ class FeatureExtractor:
         raise InputError("Out of memory on the CPU even with one image at a time: choose a smaller model "
                          "or a smaller tile size, or close other programs.")
 
-    def _forward(self, batch: np.ndarray) -> np.ndarray:
+    def _forward(self, batch: np.ndarray, cropped: bool) -> np.ndarray:
         """Patch tokens (B, H/16, W/16, D) in float32; CLS and registers dropped. The int8 ONNX Runtime
         session takes the batch as it is (no torch); a torch model on its device in its dtype."""
         backbone = self.backbone
         rows, cols = batch.shape[2] // PATCH, batch.shape[3] // PATCH
         if isinstance(backbone.model, OnnxInt8Network):
-            tokens = backbone.model.hidden_states(batch)
+            tokens = backbone.model.hidden_states(batch, cropped)
         else:
             tokens = _torch_forward(backbone, batch)
         return tokens[:, 1 + backbone.num_register_tokens:, :].reshape(batch.shape[0], rows, cols, -1)
@@ -227,13 +228,15 @@ class ColourFeatures:
         self.cell_size = stride
 
     tiles_per_batch = 1
-    any_tile_shape = True
+
+    def may_crop(self, saved_pixels: int) -> bool:
+        return True
 
     @property
     def feature_dim(self) -> int:
         return 1 if self.method == "exg-otsu" else 3
 
-    def extract_tiles(self, tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def extract_tiles(self, tiles: Sequence[np.ndarray], cropped: bool = False) -> list[np.ndarray]:
         return [self.extract(rgb) for rgb in tiles]
 
     def extract(self, rgb: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ the real network, quantised and appended to the model's data file before the nex
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import functools
 import mmap
@@ -40,11 +41,16 @@ class LastHiddenState(torch.nn.Module):
         return self.network(pixel_values=pixel_values).last_hidden_state
 
 
-def weightless_copy(network: torch.nn.Module) -> torch.nn.Module:
+def weightless_copy(network: torch.nn.Module, attention: str | None = None) -> torch.nn.Module:
     """The same network with each parameter one distinct number broadcast to its shape (no memory of its own)
-    and the buffers copied: it traces into the real network's graph, its values never used."""
+    and the buffers copied: it traces into the real network's graph, its values never used. `attention`: the
+    copy's attention implementation (transformers' "eager", "sdpa"), else the network's."""
+    config = network.config
+    if attention is not None:
+        config = copy.deepcopy(config)
+        config._attn_implementation = attention
     with torch.device("meta"):
-        shadow = type(network)(network.config)
+        shadow = type(network)(config)
     shadow = shadow.to_empty(device="cpu")
     for index, (_, parameter) in enumerate(shadow.named_parameters()):
         parameter.data = torch.full((), float(index + 1), dtype=parameter.dtype).expand(parameter.shape)

@@ -11,6 +11,14 @@ weights are never cached (nothing identifies them): they are exported for this l
 
 A network made `from_export` starts from the cached export alone (no torch, no transformers, no weights read):
 the float network is loaded only if a tile shape's export has to be built.
+
+Whole tiles run the export of their shape. Tiles cropped to their valid pixels (core/segmentation.py) run one
+more export, `ANY_SHAPE`: the graph traced with its height and width left free (DINOv3's RoPE positions are
+computed from the input's size), which serves every crop of every tile size. Whole tiles keep their shape's
+export (their features bit-identical): at 512 × 512 the free graph was not shown as fast (0 to 5 % slower in
+alternating pairs; the shape's graph folds the RoPE tables and shape arithmetic). Its features at crop shapes
+agree with the float model as closely as a shape's own export's (docs/BENCHMARKS.md, "int8 crops"). It is built
+only when a run's crops repay it (`CROP_EXPORT_REPAID_PIXELS`).
 """
 
 from __future__ import annotations
@@ -53,6 +61,16 @@ MANIFEST = "manifest.json"
 INPUT, OUTPUT = "pixel_values", "last_hidden_state"
 CANCEL_POLL_SECONDS = 0.05
 FAST_INT8_CAPABILITIES = ("AVX2", "AVX512")
+ANY_SHAPE = None
+"""The export key's shape of the export that runs crops of any shape (height and width free)."""
+TRACED_CROP_SHAPE = (384, 256)
+"""The example the any-shape graph is traced at: not square, so no size of it stands for both axes."""
+CROP_EXPORT_REPAID_PIXELS = 10 * 512 * 512
+"""Forward pixels a run must save by cropping before the any-shape export is built for it: the export costs
+about as much as 10 forwards of a 512 × 512 image. Measured for ViT-S/16 on the project's 2-core AMD EPYC
+(docs/BENCHMARKS.md "int8 crops"), each time export and forwards under the same load: 11.1 s against 1.4 s
+(8 forwards), then 24.1 s against 2.2 s (11 forwards). Export and forward both grow with the model, so the
+ratio holds roughly for every DINOv3 ViT; pixels, not seconds, so the choice does not depend on the load."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -98,15 +116,18 @@ def torch_version() -> str:
         return str(torch.__version__)
 
 
-def export_key(weights: dict, shape: tuple[int, int]) -> dict:
-    """What names a cached export: the weights' identity (core/models.py weights_identity), the tile shape and
-    every piece of software that shapes the file."""
-    return {"format": EXPORT_FORMAT, "weights": weights, "shape": list(shape), "opset": OPSET,
-            "onnxruntime": runtime_version(), "torch": torch_version(), "quantisation": "dynamic int8"}
+def export_key(weights: dict, shape: tuple[int, int] | None) -> dict:
+    """What names a cached export: the weights' identity (core/models.py weights_identity), the tile shape
+    (`ANY_SHAPE`: the graph of free height and width, eager attention) and every piece of software that shapes
+    the file."""
+    key = {"format": EXPORT_FORMAT, "weights": weights, "shape": list(shape) if shape else "any", "opset": OPSET,
+           "onnxruntime": runtime_version(), "torch": torch_version(), "quantisation": "dynamic int8"}
+    return key if shape else {**key, "attention": "eager", "traced_at": list(TRACED_CROP_SHAPE)}
 
 
-def export_is_cached(weights: dict, shape: tuple[int, int], root: Path | None = None) -> bool:
-    """Whether an export for these weights and tile shape is in the export cache (checked when it is opened)."""
+def export_is_cached(weights: dict, shape: tuple[int, int] | None, root: Path | None = None) -> bool:
+    """Whether an export for these weights and tile shape (or `ANY_SHAPE`) is in the export cache (checked when
+    it is opened)."""
     return ((root or default_export_root()) / key_digest(export_key(weights, shape)) / MANIFEST).is_file()
 
 
@@ -127,7 +148,7 @@ class OnnxInt8Network:
         self.config = getattr(network, "config", None)  # the transformers configuration, where it is loaded
         self._weights = weights
         self._root = root or default_export_root()
-        self._sessions: dict[tuple[int, int], object] = {}
+        self._sessions: dict[tuple[int, int] | None, object] = {}
         self._scratch: tempfile.TemporaryDirectory | None = None
         self._is_cancelled: Callable[[], bool] = lambda: False
         self.exports = 0
@@ -147,9 +168,20 @@ class OnnxInt8Network:
             self.config = self._network.config
         return self._network
 
-    def prepare(self, shape: tuple[int, int]) -> None:
-        """Open the session for one tile shape now (from the cache, else exported), before any tile comes."""
+    def prepare(self, shape: tuple[int, int] | None) -> None:
+        """Open the session for one tile shape (or `ANY_SHAPE`) now (from the cache, else exported), before any
+        tile comes."""
         self._session(shape)
+
+    def crops_ready(self, saved_pixels: int) -> bool:
+        """Whether crops can run now: the any-shape export is cached (opened now), or `saved_pixels`, the forward
+        pixels this run's crops save, repay building it (`CROP_EXPORT_REPAID_PIXELS`; built now). Asked of the
+        export cache, not of the sessions this network holds, so a warm engine answers as a fresh one."""
+        cached = self._weights is not None and export_is_cached(self._weights, ANY_SHAPE, self._root)
+        if not cached and saved_pixels < CROP_EXPORT_REPAID_PIXELS:
+            return False
+        self.prepare(ANY_SHAPE)
+        return True
 
     def stop_when(self, is_cancelled: Callable[[], bool]) -> None:
         """Stop a run as soon as `is_cancelled()`: between images and inside a session run (RunOptions.terminate);
@@ -162,8 +194,9 @@ class OnnxInt8Network:
 
         return SimpleNamespace(last_hidden_state=torch.from_numpy(self.hidden_states(pixel_values.float().numpy())))
 
-    def hidden_states(self, pixel_values: np.ndarray) -> np.ndarray:
-        """The last hidden state (B, tokens, D) of a float32 (B, 3, H, W) batch, one image per session run."""
+    def hidden_states(self, pixel_values: np.ndarray, cropped: bool = False) -> np.ndarray:
+        """The last hidden state (B, tokens, D) of a float32 (B, 3, H, W) batch, one image per session run: whole
+        tiles by their shape's export, `cropped` tiles by the any-shape export (opened by `crops_ready`)."""
         import onnxruntime
         from onnxruntime.capi.onnxruntime_pybind11_state import Fail, RuntimeException
 
@@ -171,7 +204,7 @@ class OnnxInt8Network:
         for image in pixel_values:
             if self._is_cancelled():
                 raise Cancelled()
-            session = self._session((int(image.shape[-2]), int(image.shape[-1])))
+            session = self._session(ANY_SHAPE if cropped else (int(image.shape[-2]), int(image.shape[-1])))
             options = onnxruntime.RunOptions()
             try:
                 with _terminate_when(options, self._is_cancelled):
@@ -185,13 +218,14 @@ class OnnxInt8Network:
             hidden.append(tokens)
         return np.concatenate(hidden)
 
-    def _session(self, shape: tuple[int, int]):
+    def _session(self, shape: tuple[int, int] | None):
         if shape not in self._sessions:
             self._sessions[shape] = self._open(shape)
         return self._sessions[shape]
 
-    def _open(self, shape: tuple[int, int]):
-        """The session for one tile shape: from the export cache, or exported and quantised now."""
+    def _open(self, shape: tuple[int, int] | None):
+        """The session for one tile shape (or `ANY_SHAPE`): from the export cache, or exported and quantised
+        now."""
         if self._weights is None:
             return self._load(self._build(self._scratch_folder(), shape))
         key = export_key(self._weights, shape)
@@ -223,27 +257,30 @@ class OnnxInt8Network:
         finally:
             lock.release(remove=True)
 
-    def _for_this_run_only(self, shape: tuple[int, int], error: OSError):
+    def _for_this_run_only(self, shape: tuple[int, int] | None, error: OSError):
         """The session of an export in a scratch folder, where the export cache cannot keep it."""
         log.warning("The int8 model cannot be kept in %s (%s): exporting it for this run only.",
                     self._root, error.strerror)
         return self._load(self._build(self._scratch_folder(), shape))
 
-    def _build(self, folder: Path, shape: tuple[int, int]) -> Path:
-        """Export the network's graph for one tile shape, write it with its weights quantised to int8 (in
-        bounded memory: core/onnx_export.py), write the manifest."""
+    def _build(self, folder: Path, shape: tuple[int, int] | None) -> Path:
+        """Export the network's graph for one tile shape (`ANY_SHAPE`: height and width free, traced at
+        `TRACED_CROP_SHAPE` with eager attention, whose scale the graph keeps constant), write it with its
+        weights quantised to int8 (in bounded memory: core/onnx_export.py), write the manifest."""
         import torch
 
         from .onnx_export import LastHiddenState, weightless_copy, write_int8_model
 
         started = time.perf_counter()
         graph = folder / "graph.onnx"
-        example = torch.zeros(1, 3, *shape)
+        example = torch.zeros(1, 3, *(shape or TRACED_CROP_SHAPE))
         float_network = self.network
+        shadow = weightless_copy(float_network, attention=None if shape else "eager")
+        free = {} if shape else {"dynamic_axes": {INPUT: {2: "height", 3: "width"}, OUTPUT: {1: "tokens"}}}
         with torch.inference_mode(False), torch.no_grad(), _quiet():
-            torch.onnx.export(LastHiddenState(weightless_copy(float_network)).eval(), (example,), str(graph),
-                              input_names=[INPUT], output_names=[OUTPUT], dynamo=False, opset_version=OPSET,
-                              export_params=False, do_constant_folding=False)
+            torch.onnx.export(LastHiddenState(shadow).eval(), (example,), str(graph), input_names=[INPUT],
+                              output_names=[OUTPUT], dynamo=False, opset_version=OPSET, export_params=False,
+                              do_constant_folding=False, **free)
         gc.collect()
         release_free_memory()  # the tracing's memory, before the weights are read
         network = LastHiddenState(float_network)
@@ -254,8 +291,8 @@ class OnnxInt8Network:
         files = {path.name: _file_digest(path) for path in sorted(folder.iterdir()) if path.name != "key.json"}
         (folder / MANIFEST).write_text(json.dumps(files, indent=1))
         self.exports += 1
-        log.info("Exported the model to ONNX and quantised it to int8 for %d × %d tiles in %.1f s",
-                 shape[0], shape[1], time.perf_counter() - started)
+        log.info("Exported the model to ONNX and quantised it to int8 for %s tiles in %.1f s",
+                 f"{shape[0]} × {shape[1]}" if shape else "cropped", time.perf_counter() - started)
         return folder
 
     def _load(self, folder: Path):

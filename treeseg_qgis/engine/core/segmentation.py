@@ -68,10 +68,13 @@ class TileFeatureExtractor(Protocol):
     cell_size: int
     tiles_per_batch: int
     feature_dim: int
-    any_tile_shape: bool
 
-    def extract_tiles(self, tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """(H / stride, W / stride, C) features of each (H, W, 3) tile."""
+    def may_crop(self, saved_pixels: int) -> bool:
+        """Whether tiles may run cropped to their valid pixels now, given the pixels this run's crops save."""
+
+    def extract_tiles(self, tiles: Sequence[np.ndarray], cropped: bool = False) -> list[np.ndarray]:
+        """(H / stride, W / stride, C) features of each (H, W, 3) tile (`cropped`: tiles cropped to their valid
+        pixels)."""
 
     def describe(self) -> dict:
         """Plain facts for the run record."""
@@ -313,8 +316,9 @@ def _extracted(
     the model in batches of `extractor.tiles_per_batch`; a reader thread reads the next batch and
     computes its cell statistics while this one is in the model. A tile without a valid pixel is not run:
     its features are zeros (every cell of it is invalid, so nothing samples them). A tile with nodata runs
-    cropped to its valid pixels (`TileGrid.model_window`; not where a new shape is costly, see
-    `extractor.any_tile_shape`); crops of one shape are batched together.
+    cropped to its valid pixels (`TileGrid.model_window`) where the extractor may crop (`may_crop`: in int8,
+    once the export that runs crops is cached or the run's crops repay building it; until then such tiles run
+    whole); crops of one shape are batched together.
     The heap's freed memory goes back to the system after every batch: otherwise glibc keeps more
     of it batch after batch (measured at 36 MP: 720 MB resident after the first batches, 920 MB by
     the end, peak 956 MB; with the release 750 to 850 MB throughout, peak 880 MB, and no slower).
@@ -325,16 +329,29 @@ def _extracted(
     batches = [tiles[start:start + per_batch] for start in range(0, len(tiles), per_batch)]
 
     def timed_read(batch: list[Tile]) -> list[tuple[Window | None, np.ndarray, tuple[np.ndarray, np.ndarray]]]:
-        """Each tile's model window (None without a valid pixel), its pixels there and its cell statistics."""
+        """Each tile's model window (None without a valid pixel), its pixels and its cell statistics."""
         started = time.perf_counter()
         pixels = []
         for tile in batch:
             rgb, valid = read_tile(source, tile)
-            window = grid.tiles.model_window(tile, valid, crop=extractor.any_tile_shape)
-            crop = rgb if window is None else rgb[window.y:window.y + window.height, window.x:window.x + window.width]
-            pixels.append((window, crop, grid.cell_statistics(rgb, valid)))
+            pixels.append((grid.tiles.model_window(tile, valid), rgb, grid.cell_statistics(rgb, valid)))
         timings["read"] += time.perf_counter() - started
         return pixels
+
+    ran_whole = 0  # the pixels crops would have saved on the tiles that ran whole (no crop export yet)
+    cropping = False  # once the extractor may crop, it crops for the rest of the run
+
+    def run_window(tile: Tile, window: Window | None) -> Window | None:
+        """The window the model runs: the crop where the extractor may crop, else the whole tile."""
+        nonlocal ran_whole, cropping
+        saving = 0 if window is None else tile.width * tile.height - window.width * window.height
+        if not saving:
+            return window
+        cropping = cropping or extractor.may_crop(ran_whole + saving)
+        if cropping:
+            return window
+        ran_whole += saving
+        return Window(0, 0, tile.width, tile.height)
 
     done = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="treeseg-reader") as reader:
@@ -346,15 +363,18 @@ def _extracted(
             progress.check()
             progress.report(done / len(tiles), f"Extracting features: tile {done + 1} of {len(tiles)}")
             started = time.perf_counter()
-            run = [crop for window, crop, _ in pixels if window is not None]
+            windows = [run_window(tile, window) for tile, (window, _, _) in zip(batch, pixels)]
+            run = [(rgb[window.y:window.y + window.height, window.x:window.x + window.width],
+                    (window.width, window.height) != (tile.width, tile.height))
+                   for tile, window, (_, rgb, _) in zip(batch, windows, pixels) if window is not None]
             features = iter(_extract_by_shape(extractor, run))
             release_free_memory()
             timings["features"] += time.perf_counter() - started
             if work is not None:
                 work.tiles += len(run)
-                work.pixels += sum(crop.shape[0] * crop.shape[1] for crop in run)
+                work.pixels += sum(crop.shape[0] * crop.shape[1] for crop, _ in run)
             done += len(batch)
-            for tile, (window, _, statistics) in zip(batch, pixels):
+            for tile, window, (_, _, statistics) in zip(batch, windows, pixels):
                 cells = statistics[0].shape
                 yield tile, statistics, (_no_features(cells, extractor) if window is None
                                          else _on_tile_cells(next(features), window, cells, extractor.stride))
@@ -365,14 +385,14 @@ def _no_features(cells: tuple[int, ...], extractor: TileFeatureExtractor) -> np.
     return np.zeros((*cells, extractor.feature_dim), dtype=np.float32)
 
 
-def _extract_by_shape(extractor: TileFeatureExtractor, crops: list[np.ndarray]) -> list[np.ndarray]:
-    """The features of each crop, in order; crops of one shape go through the model together."""
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for index, crop in enumerate(crops):
-        by_shape.setdefault(crop.shape, []).append(index)
+def _extract_by_shape(extractor: TileFeatureExtractor, crops: list[tuple[np.ndarray, bool]]) -> list[np.ndarray]:
+    """The features of each (pixels, cropped) in order; crops of one shape go through the model together."""
+    by_shape: dict[tuple[tuple[int, ...], bool], list[int]] = {}
+    for index, (crop, cropped) in enumerate(crops):
+        by_shape.setdefault((crop.shape, cropped), []).append(index)
     features: list[np.ndarray] = [np.empty(0)] * len(crops)
-    for indices in by_shape.values():
-        for index, grid in zip(indices, extractor.extract_tiles([crops[i] for i in indices])):
+    for (_, cropped), indices in by_shape.items():
+        for index, grid in zip(indices, extractor.extract_tiles([crops[i][0] for i in indices], cropped)):
             features[index] = grid
     return features
 

@@ -7,9 +7,9 @@ the missing pixels are padded and marked invalid.
 
 A tile with nodata (or masked-out) pixels inside the raster goes through the model cropped to the bounding box
 of its valid pixels, rounded out to a quarter of the tile (`TileGrid.model_window`): the model never sees
-the nodata, and a tile has at most 4 × 4 shapes (each new shape is one more int8 export). A tile whose pixels
-inside the raster are all valid runs whole, its part past the raster padded, as always. So does every tile
-with a valid pixel where a new shape is costly (int8 in ONNX Runtime: an export and a session per shape).
+the nodata, and a tile has at most 4 × 4 shapes (crops of one shape share a batch). A tile whose pixels inside
+the raster are all valid runs whole, its part past the raster padded, as always. In int8 on ONNX Runtime crops
+wait for the export that runs them (core/segmentation.py, core/onnx_int8.py `crops_ready`).
 """
 
 from __future__ import annotations
@@ -64,12 +64,11 @@ class TileGrid:
     def tiles(self) -> list[Tile]:
         return [self.tile(r, c) for r in range(self.rows) for c in range(self.cols)]
 
-    def model_window(self, tile: Tile, valid: np.ndarray, crop: bool = True) -> Window | None:
+    def model_window(self, tile: Tile, valid: np.ndarray) -> Window | None:
         """The part of a tile (in its own pixels) that goes through the model, given its (padded) valid mask:
-        the whole tile when its pixels inside the raster are all valid (or not `crop` and any is), else the
-        bounding box of its valid pixels rounded out to `crop_step` from the tile's corner; None without a
-        valid pixel."""
-        if valid[: self.height - tile.y, : self.width - tile.x].all() or (not crop and valid.any()):
+        the whole tile when its pixels inside the raster are all valid, else the bounding box of its valid
+        pixels rounded out to `crop_step` from the tile's corner; None without a valid pixel."""
+        if valid[: self.height - tile.y, : self.width - tile.x].all():
             return Window(0, 0, tile.width, tile.height)
         rows, cols = np.flatnonzero(valid.any(axis=1)), np.flatnonzero(valid.any(axis=0))
         if rows.size == 0:
