@@ -394,9 +394,10 @@ class RunPanel(QWidget):
         engine = self.probe.engine
         if engine is None or self.task is not None or self._teaching:
             return
-        choice = self.choice()
-        if not self._input_not_a_result() or not self._run_anyway(self.estimates.memory_problem(choice),
-                                                                  self.estimates.size_problem(choice)):
+        if not self._input_not_a_result():
+            return
+        choice = self.choice()  # after the question above, which may choose the result's orthophoto
+        if not self._run_anyway(self.estimates.memory_problem(choice), self.estimates.size_problem(choice)):
             return
         scratch = None if self.run_input.whole_layer else Path(tempfile.mkdtemp(prefix="treeseg-input-"))
         try:
