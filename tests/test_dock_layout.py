@@ -46,24 +46,24 @@ def test_the_panel_follows_the_active_raster_until_one_is_picked(qgis_iface, qgi
     second = add_raster(path, "second")
     # pytest-qgis's interface does not emit currentLayerChanged; QGIS does, with the new active layer.
     qgis_iface.setActiveLayer(second)
-    panel.follow_active_layer(qgis_iface.activeLayer())
+    panel.run_input.follow_active_layer(qgis_iface.activeLayer())
     assert panel.layer_combo.currentLayer() is second
-    panel.follow_active_layer(None)
+    panel.run_input.follow_active_layer(None)
     assert panel.layer_combo.currentLayer() is second
 
     panel.layer_combo.setLayer(first)
     panel.layer_combo.activated.emit(panel.layer_combo.currentIndex())  # what a user's choice emits
-    panel.follow_active_layer(second)
+    panel.run_input.follow_active_layer(second)
     assert panel.layer_combo.currentLayer() is first
 
 
 def test_an_override_greys_the_model_box_and_names_the_model_that_runs(qgis_iface, qgis_new_project,
                                                                        clean_settings, tiny_model_dir, monkeypatch):  # noqa: F811
     from treeseg_qgis.memory import estimate_peak_bytes, format_gigabytes
-    from treeseg_qgis.qgis_side.gui import run_panel
+    from treeseg_qgis.qgis_side.gui import run_estimates
     from treeseg_qgis.qgis_side.gui.model_manager import MEMORY_COLUMN, ModelManagerDialog
 
-    monkeypatch.setattr(run_panel, "available_memory_bytes", lambda: 16 * 10**9)
+    monkeypatch.setattr(run_estimates, "available_memory_bytes", lambda: 16 * 10**9)
     dock = new_dock(qgis_iface)
     panel = dock.run_panel
     panel.device_combo.setCurrentText("cpu")

@@ -605,7 +605,7 @@ def test_the_plugin_without_an_engine_offers_the_set_up_and_uses_the_new_engine_
 
         dialog.engine_ready.emit(sys.executable)
         assert plugin.engine is not None and plugin.engine.python == sys.executable
-        assert panel.engine is plugin.engine and panel.run_button.isEnabled()
+        assert panel.probe.engine is plugin.engine and panel.run_button.isEnabled()
         assert not panel.setup_button.isVisibleTo(dock) and panel.engine_label.text().startswith("Engine: ")
 
         broken = tmp_path / "broken" / "python"

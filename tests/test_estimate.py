@@ -91,7 +91,7 @@ def run_from_the_panel(plugin, scene_tif, tiny_model_dir, tmp_path):  # noqa: F8
     panel.layer_combo.setLayer(add_raster(path))
     set_up_run(panel, tiny_model_dir, tmp_path / "out")
     plugin.action.trigger()
-    wait_until(lambda: panel._engine_info is not None)
+    wait_until(lambda: panel.probe.info is not None)
     before = panel.memory_label.text()
     panel.run_button.click()
     wait_until(lambda: panel.task is None)
@@ -102,7 +102,7 @@ def test_the_panel_estimate_drops_the_model_load_after_a_run_and_learns_this_mac
         plugin, scene_tif, tiny_model_dir, tmp_path):  # noqa: F811
     from qgis.core import QgsSettings
 
-    from treeseg_qgis.qgis_side.gui.run_panel import EXPORTED_SETTING, SPEED_SETTING
+    from treeseg_qgis.qgis_side.gui.run_estimates import EXPORTED_SETTING, SPEED_SETTING
 
     panel, before = run_from_the_panel(plugin, scene_tif, tiny_model_dir, tmp_path)
 
@@ -112,7 +112,7 @@ def test_the_panel_estimate_drops_the_model_load_after_a_run_and_learns_this_mac
     assert "1 tile, about " in after and "model load" not in after and "export" not in after
     (measured,) = json.loads(QgsSettings().value(SPEED_SETTING, "[]", type=str))
     assert measured > 0
-    int8 = panel._engine_info["precision"] == "int8"
+    int8 = panel.probe.info["precision"] == "int8"
     assert json.loads(QgsSettings().value(EXPORTED_SETTING, "[]", type=str)) == ([str(tiny_model_dir)] if int8 else [])
 
 
@@ -124,7 +124,7 @@ def test_the_learnt_speed_leaves_out_the_steps_the_estimate_does_not_count(
 
     from qgis.core import QgsSettings
 
-    from treeseg_qgis.qgis_side.gui.run_panel import SPEED_SETTING
+    from treeseg_qgis.qgis_side.gui.run_estimates import SPEED_SETTING
     from treeseg_qgis.run_record import RunRecord
 
     panel, _ = run_from_the_panel(plugin, scene_tif, tiny_model_dir, tmp_path)
@@ -133,8 +133,9 @@ def test_the_learnt_speed_leaves_out_the_steps_the_estimate_does_not_count(
 
     def learnt(extra_seconds: dict) -> float:
         QgsSettings().setValue(SPEED_SETTING, "[]")
-        panel._run_timing = (time.monotonic() - 100.0, {})
-        panel._learn_from(RunRecord.from_dict({**record, "timings": {**record["timings"], **extra_seconds}}))
+        panel.estimates._run_timing = (time.monotonic() - 100.0, {})
+        panel.estimates.learn_from(RunRecord.from_dict({**record, "timings": {**record["timings"], **extra_seconds}}),
+                                   panel.choice())
         (ratio,) = json.loads(QgsSettings().value(SPEED_SETTING, "[]", type=str))
         return ratio
 

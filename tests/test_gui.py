@@ -203,7 +203,7 @@ def test_the_panel_builds_the_parameters_the_command_line_builds_for_the_same_ch
 def test_the_panel_offers_exactly_the_values_the_parameters_allow(qgis_iface, qgis_new_project, clean_settings):
     from treeseg_qgis.params import DEVICES, K_MAX, K_MIN, MODEL_NAMES, PRECISIONS, STRIDES
     from treeseg_qgis.qgis_side.engine_client import EngineClient
-    from treeseg_qgis.qgis_side.gui import run_panel
+    from treeseg_qgis.qgis_side.gui import run_estimates
     from treeseg_qgis.qgis_side.gui.dock import TreesegDock
 
     dock = TreesegDock(qgis_iface, EngineClient(sys.executable))
@@ -218,8 +218,8 @@ def test_the_panel_offers_exactly_the_values_the_parameters_allow(qgis_iface, qg
     assert data(panel.model_combo) == list(MODEL_NAMES) and data(panel.stride_combo) == list(STRIDES)
     assert texts(panel.device_combo) == list(DEVICES) and texts(panel.precision_combo) == list(PRECISIONS)
     assert (panel.clusters_spin.minimum(), panel.clusters_spin.maximum()) == (K_MIN, K_MAX)
-    assert run_panel.parameters_label(86) == "86 M parameters"
-    assert run_panel.parameters_label(6716) == "6.7 B parameters"
+    assert run_estimates.parameters_label(86) == "86 M parameters"
+    assert run_estimates.parameters_label(6716) == "6.7 B parameters"
     dock.deleteLater()
 
 
@@ -533,9 +533,9 @@ def test_the_panel_asks_before_a_run_expected_to_take_very_long(plugin, scene_ti
     from qgis.PyQt.QtWidgets import QMessageBox
 
     from treeseg_qgis import memory
-    from treeseg_qgis.qgis_side.gui import run_panel
+    from treeseg_qgis.qgis_side.gui import run_estimates
 
-    monkeypatch.setattr(run_panel, "available_memory_bytes", lambda: 16 * 10**9)
+    monkeypatch.setattr(run_estimates, "available_memory_bytes", lambda: 16 * 10**9)
     monkeypatch.setattr(memory, "LARGE_RUN_SECONDS", 0)
     questions: list[str] = []
     monkeypatch.setattr(QMessageBox, "question",
@@ -555,9 +555,9 @@ def test_the_panel_estimates_memory_and_asks_before_a_run_that_will_not_fit(plug
                                                                              monkeypatch):
     from qgis.PyQt.QtWidgets import QMessageBox
 
-    from treeseg_qgis.qgis_side.gui import run_panel
+    from treeseg_qgis.qgis_side.gui import run_estimates
 
-    monkeypatch.setattr(run_panel, "available_memory_bytes", lambda: 16 * 10**9)
+    monkeypatch.setattr(run_estimates, "available_memory_bytes", lambda: 16 * 10**9)
     questions: list[str] = []
     monkeypatch.setattr(QMessageBox, "question",
                         lambda parent, title, text, *buttons: questions.append(text) or QMessageBox.StandardButton.No)
@@ -566,7 +566,7 @@ def test_the_panel_estimates_memory_and_asks_before_a_run_that_will_not_fit(plug
     assert re.fullmatch(r"<b>small</b>, 29 M parameters: needs about \d\.\d GB of memory; 16 GB free on this "
                         r"computer\. The layer: 1 tile, about \d+ s on the CPU( with [a-z0-9', ]+ \(\d+ s\))?\.",
                         panel.memory_label.text())
-    assert panel.memory_problem() is None and panel.memory_label.styleSheet() == ""
+    assert panel.estimates.memory_problem(panel.choice()) is None and panel.memory_label.styleSheet() == ""
 
     panel.model_combo.setCurrentIndex(panel.model_combo.findData("mega"))
     assert "#b00020" in panel.memory_label.styleSheet()

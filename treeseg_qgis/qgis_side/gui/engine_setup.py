@@ -44,7 +44,7 @@ from ..engine_client import (
     configured_engine_origin,
     configured_engine_python,
 )
-from .layouts import button, hbox, vbox, wrapped_label
+from .layouts import LayoutItem, button, hbox, show_status, vbox, wrapped_label
 
 INTRO = (
     "TreeSeg runs DINOv3 in a Python environment of its own, beside QGIS: a virtual environment in "
@@ -53,7 +53,6 @@ INTRO = (
     "uses your own settings (index, proxy, certificates). The download is about 1 GB with CPU torch and "
     "a few GB with CUDA torch."
 )
-ERROR_STYLE = "color: #b00020;"
 LOG_LINES = 5000
 # The share of the progress bar each kind of step of a set-up plan takes.
 STEP_WEIGHTS = {engine_env.VENV: 5, engine_env.PROBE: 2, engine_env.PINS: 1, engine_env.PIP: 74,
@@ -168,11 +167,22 @@ class EngineSetupDialog(QDialog):
         return "Repair" if self._current_engine() is not None else "Install"
 
     def _build(self) -> None:
-        intro = wrapped_label(INTRO)
+        """The dialog: what gets installed and where, the actions and their progress and log, an existing Python."""
+        close_box = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
+        self.setLayout(vbox(wrapped_label(INTRO), self._build_engine_form(), self._build_leftover_row(),
+                            *self._build_actions(), self._build_existing_python(), close_box))
+        self.resize(780, 640)
+        self._connect()
+        close_box.rejected.connect(self.reject)
+
+    def _build_engine_form(self) -> QFormLayout:
+        """The packages, the engines folder, the Python it is made from, the torch build and index, the engine
+        in use."""
+        self.packages_label = wrapped_label(", ".join(map(plain_requirement, self.requirements))
+                                            + f": the versions TreeSeg {__version__} was tested with")
         self.folder_label = wrapped_label(selectable=True)
-        self.base_label = wrapped_label(self.base_python or self.base_problem, selectable=True)
-        if self.base_python is None:
-            self.base_label.setStyleSheet(ERROR_STYLE)
+        self.base_label = wrapped_label(selectable=True)
+        show_status(self.base_label, self.base_python or self.base_problem, error=self.base_python is None)
         self.build_combo = QComboBox()
         self.build_combo.addItem("CPU", engine_env.CPU)
         self.build_combo.setToolTip("CUDA is offered when nvidia-smi finds an NVIDIA GPU.")
@@ -181,15 +191,28 @@ class EngineSetupDialog(QDialog):
         self.torch_index.setToolTip("Added to your pip indexes for torch's CPU or CUDA build. Empty for none, "
                                     "when your organisation's mirror has torch: on Linux the CPU engine then asks "
                                     "it for torch's CPU build (a version ending in +cpu), never PyPI's CUDA one.")
-        self.packages_label = wrapped_label(", ".join(map(plain_requirement, self.requirements))
-                                            + f": the versions TreeSeg {__version__} was tested with")
+        self.engine_label = wrapped_label(selectable=True)
+        form = QFormLayout()
+        form.addRow("Packages", self.packages_label)
+        form.addRow("Engines folder", self.folder_label)
+        form.addRow("Made from", self.base_label)
+        form.addRow("torch", self.build_combo)
+        form.addRow("", self.gpu_label)
+        form.addRow("torch index", self.torch_index)
+        form.addRow("Engine in use", self.engine_label)
+        return form
+
+    def _build_leftover_row(self) -> QWidget:
+        """The folders a killed set-up left, with a Delete button; hidden until `_offer_leftovers` finds some."""
         self.leftover_label = wrapped_label()
         self.leftover_button = button("Delete", "Delete these folders (in the background).")
         self.leftover_row = QWidget()
         self.leftover_row.setLayout(hbox((self.leftover_label, 1), self.leftover_button))
         self.leftover_row.setVisible(False)
-        self.engine_label = wrapped_label(selectable=True)
+        return self.leftover_row
 
+    def _build_actions(self) -> tuple[LayoutItem, ...]:
+        """Install, Repair, Remove and Cancel; the progress, the status, the troubleshooting link and the log."""
         self.install_button = button("Install", "Build the engine aside, check it, then put it in place.")
         self.repair_button = button("Repair", "Build the engine again from scratch (also switches between CPU and CUDA "
                                               "torch); the engine in use stays until the new one passed its check.")
@@ -206,7 +229,11 @@ class EngineSetupDialog(QDialog):
         self.log.setReadOnly(True)
         self.log.setMaximumBlockCount(LOG_LINES)
         self.log.setFont(QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont))
+        return (hbox(self.install_button, self.repair_button, self.remove_button, self.cancel_button),
+                self.progress_bar, self.status_label, help_label, (self.log, 1))
 
+    def _build_existing_python(self) -> QgsCollapsibleGroupBox:
+        """The closed 'Advanced' group: the Python of an environment the user made, and Use this Python."""
         self.python_widget = QgsFileWidget()
         self.python_widget.setStorageMode(QgsFileWidget.StorageMode.GetFile)
         self.python_widget.setDialogTitle("The Python of an environment with torch and transformers")
@@ -218,21 +245,9 @@ class EngineSetupDialog(QDialog):
                                       "and GDAL's Python bindings). It is checked before it is used.")
         advanced.setLayout(vbox(advanced_note, hbox((self.python_widget, 1), self.use_python_button)))
         advanced.setCollapsed(True)
+        return advanced
 
-        form = QFormLayout()
-        form.addRow("Packages", self.packages_label)
-        form.addRow("Engines folder", self.folder_label)
-        form.addRow("Made from", self.base_label)
-        form.addRow("torch", self.build_combo)
-        form.addRow("", self.gpu_label)
-        form.addRow("torch index", self.torch_index)
-        form.addRow("Engine in use", self.engine_label)
-        buttons = hbox(self.install_button, self.repair_button, self.remove_button, self.cancel_button)
-        close_box = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
-        self.setLayout(vbox(intro, form, self.leftover_row, buttons, self.progress_bar, self.status_label, help_label,
-                            (self.log, 1), advanced, close_box))
-        self.resize(780, 640)
-
+    def _connect(self) -> None:
         self.install_button.clicked.connect(self.install)
         self.repair_button.clicked.connect(self.install)
         self.remove_button.clicked.connect(self.remove)
@@ -241,7 +256,6 @@ class EngineSetupDialog(QDialog):
         self.use_python_button.clicked.connect(self.use_existing_python)
         self.python_widget.fileChanged.connect(self._update_state)
         self.build_combo.currentIndexChanged.connect(self._build_changed)
-        close_box.rejected.connect(self.reject)
 
     def install(self) -> None:
         """Build the engine of the chosen torch build in a staging folder, check it, and move it into place."""
@@ -581,8 +595,7 @@ class EngineSetupDialog(QDialog):
         return self.process is not None and not (self._steps and self._steps[self._step_index].swaps_engine)
 
     def _show_status(self, text: str, error: bool = False) -> None:
-        self.status_label.setText(text)
-        self.status_label.setStyleSheet(ERROR_STYLE if error else "")
+        show_status(self.status_label, text, error)
 
     def _append(self, text: str) -> None:
         self.log.moveCursor(QTextCursor.MoveOperation.End)

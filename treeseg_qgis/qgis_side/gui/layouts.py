@@ -1,16 +1,19 @@
 """Box layouts filled in one call: `hbox(a, (b, 1), c)` instead of one `addWidget` line per widget; labels that
-wrap (and may be selected), and buttons and check boxes with their tooltip (and a button's action), in one call
-too."""
+wrap (and may be selected), buttons, check boxes and combo boxes with their tooltip (and a button's action), form
+layouts and collapsible groups in one call too; a status line shown in red for an error."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Union
+from collections.abc import Callable, Iterable
+from typing import Any, Union
 
+from qgis.gui import QgsCollapsibleGroupBox
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtWidgets import (
     QBoxLayout,
     QCheckBox,
+    QComboBox,
+    QFormLayout,
     QHBoxLayout,
     QLabel,
     QLayout,
@@ -18,6 +21,8 @@ from qgis.PyQt.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+
+ERROR_STYLE = "color: #b00020;"
 
 LayoutItem = Union[QWidget, QLayout, tuple[Union[QWidget, QLayout], int], int]
 
@@ -70,3 +75,35 @@ def check_box(text: str, tooltip: str = "") -> QCheckBox:
     widget = QCheckBox(text)
     widget.setToolTip(tooltip)
     return widget
+
+
+def choice_combo(choices: Iterable[tuple[str, Any]], tooltip: str = "") -> QComboBox:
+    """A combo box of (text, item data) choices, with its tooltip."""
+    combo = QComboBox()
+    for text, data in choices:
+        combo.addItem(text, data)
+    combo.setToolTip(tooltip)
+    return combo
+
+
+def form_layout() -> QFormLayout:
+    """A form whose fields take the width there is and whose long rows wrap under their label."""
+    form = QFormLayout()
+    form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+    form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
+    return form
+
+
+def collapsible_group(title: str, object_name: str, layout: QLayout) -> QgsCollapsibleGroupBox:
+    """A group that opens and closes around `layout`; it does not remember its state between sessions."""
+    group = QgsCollapsibleGroupBox(title)
+    group.setObjectName(object_name)
+    group.setSaveCollapsedState(False)
+    group.setLayout(layout)
+    return group
+
+
+def show_status(label: QLabel, text: str, error: bool = False) -> None:
+    """`text` in `label`, in red for an error."""
+    label.setText(text)
+    label.setStyleSheet(ERROR_STYLE if error else "")

@@ -33,8 +33,9 @@ from ...params import SegmentationParams
 from ...run_record import TeachRecord
 from ..auth import hf_token
 from ..engine_client import EngineClient
-from .layouts import button, check_box, hbox, vbox
-from .run_panel import SETTINGS_PREFIX, free_output_stem, show_status
+from .layouts import button, check_box, hbox, show_status, vbox
+from .run_params import free_output_stem
+from .run_settings import SETTINGS_PREFIX
 from .task import SegmentationTask, TeachTask
 from .teach_tool import OTHER_CLASS, RasterGrid, TeachMapTool
 
