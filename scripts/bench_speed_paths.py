@@ -144,9 +144,7 @@ def empty_tiles(repeat: int, precision: str) -> None:
     full, half = half_empty(make_inputs()[4])
     model = model_folder("vits")
     cache = tempfile.mkdtemp(prefix="treeseg-bench-cache-")
-    segment_once(half, model, cache, precision=precision)  # warm-up: the int8 export built once, kept
-    if precision in ("auto", "int8"):  # and the export that runs crops (one run of this raster does not repay it)
-        subprocess.run([sys.executable, __file__, "child-crops", str(model), cache], check=True, capture_output=True)
+    segment_once(half, model, cache, precision=precision)  # warm-up: the int8 exports (tile, crops) built, kept
     runs: dict[str, list[dict]] = {"full": [], "right half nodata": []}
     for _ in range(repeat):
         for name, raster in (("full", full), ("right half nodata", half)):
@@ -337,15 +335,6 @@ def crop_fidelity(models: list[str], edge: int = 200) -> None:
                               "mean": round(float(cosine.mean()), 4), "least": round(float(cosine.min()), 4)}))
 
 
-def child_crops(model: str, cache: str) -> None:
-    """Builds the int8 export that runs crops in the export cache under `cache`."""
-    os.environ["XDG_CACHE_HOME"] = cache
-    from treeseg_qgis.engine.core.models import load_backbone
-    from treeseg_qgis.engine.core.onnx_int8 import ANY_SHAPE
-
-    load_backbone(model, device="cpu", precision="int8").model.prepare(ANY_SHAPE)
-
-
 def int8_crops(repeat: int) -> None:
     """ViT-S/16 (random weights) on crops of the real sample, edge-padded to 512 px: float32, the int8 export of
     each shape and the int8 export of any shape; cosines of their L2-normalised features per cell, each export's
@@ -400,9 +389,6 @@ def int8_crops(repeat: int) -> None:
 
 
 def main() -> None:
-    if sys.argv[1] == "child-crops":
-        child_crops(sys.argv[2], sys.argv[3])
-        return
     if sys.argv[1] == "child":
         print(json.dumps(child_export(sys.argv[3], sys.argv[4])))
         return

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from osgeo import gdal
 
-from treeseg_qgis.engine.core import onnx_int8
 from treeseg_qgis.engine.core.clustering import Projection
 from treeseg_qgis.engine.core.feature_grid import FeatureGrid
 from treeseg_qgis.engine.core.features import FeatureExtractor
@@ -163,11 +162,10 @@ def test_tiles_without_valid_pixels_never_reach_the_model(tiny_model_dir, tmp_pa
     assert (labels[:, WIDTH // 2:] == NODATA).all() and (labels[:, :WIDTH // 2] != NODATA).all()
 
 
-def test_int8_crops_once_their_export_is_cached_or_repaid(tiny_model_dir, tmp_path, monkeypatch):
-    """In int8 on ONNX Runtime crops run one more export, of any shape. A run whose crops save fewer forward
-    pixels than that export costs runs those tiles whole and builds nothing (the all-nodata tiles are still
-    skipped); a run whose crops repay it (here the bar lowered to the first crop's saving) builds it and crops;
-    every later run finds it cached and crops as that one did."""
+def test_int8_crops_build_the_any_shape_export_once(tiny_model_dir, tmp_path, monkeypatch):
+    """In int8 on ONNX Runtime crops run one more export, of any shape: the first run that crops builds it (the
+    all-nodata tiles still skipped), a later run opens it from the export cache and gives the same labels, so a
+    raster's features never depend on what the cache held."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     path = half_empty_raster(tmp_path / "half.tif", alpha=False)
 
@@ -177,45 +175,35 @@ def test_int8_crops_once_their_export_is_cached_or_repaid(tiny_model_dir, tmp_pa
                                           tile_size=TILE, overlap=OVERLAP, use_cache=False))
 
     weights = weights_identity(str(tiny_model_dir))
-    whole = run("whole")
-    assert whole["model"]["precision"].startswith("int8")
-    assert whole["model_run"] == {"tiles": 4, "pixels": 4 * TILE * TILE}
     assert not export_is_cached(weights, ANY_SHAPE)
-
-    bar = onnx_int8.CROP_EXPORT_REPAID_PIXELS
-    monkeypatch.setattr(onnx_int8, "CROP_EXPORT_REPAID_PIXELS", TILE * 32)  # the upper crop saves 32 columns
-    repaid = run("repaid")
+    first = run("first")
+    assert first["model"]["precision"].startswith("int8")
     cropped = {"tiles": 4, "pixels": 2 * TILE * TILE + TILE * 96 + 64 * 96}
-    assert repaid["model_run"] == cropped and export_is_cached(weights, ANY_SHAPE)
-    monkeypatch.setattr(onnx_int8, "CROP_EXPORT_REPAID_PIXELS", bar)
+    assert first["model_run"] == cropped and export_is_cached(weights, ANY_SHAPE)
     later = run("later")
     assert later["model_run"] == cropped
     labels = read_band(later["outputs"]["clusters"])
-    assert np.array_equal(labels, read_band(repaid["outputs"]["clusters"]))
+    assert np.array_equal(labels, read_band(first["outputs"]["clusters"]))
     assert (labels[:, WIDTH // 2:] == NODATA).all() and (labels[:, :WIDTH // 2] != NODATA).all()
 
 
 def test_int8_whole_tiles_keep_their_features_and_crops_agree_with_float32(tiny_model_dir, tmp_path, monkeypatch):
-    """One int8 extractor, its crops first without the any-shape export (tiles with nodata run whole), then with
-    it: the tiles without nodata hold the same features, bit for bit, in both; a tile holding the edge holds its
-    whole tile's features, then its crop's through the any-shape export, whose features agree with float32's
-    and with an export made for the crop's own shape."""
+    """One int8 extractor over a raster with nodata: the tiles without nodata hold their shape's export's features,
+    bit for bit, as a raster without nodata does; a tile holding the edge holds its crop's features through the
+    any-shape export, which agree with float32's and with an export made for the crop's own shape."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     path = half_empty_raster(tmp_path / "half.tif", alpha=False, edge=160)
     params = SegmentationParams(input_path=str(path), output_dir=str(tmp_path / "out"), model=str(tiny_model_dir),
                                 device="cpu", precision="int8", clusters=3, tile_size=TILE, overlap=OVERLAP,
                                 batch_size=1)
-    backbone = load_model_for(params)
-    extractor = FeatureExtractor(backbone, 16, batch_size=1)
+    extractor = FeatureExtractor(load_model_for(params), 16, batch_size=1)
     reference = FeatureExtractor(load_model_for(dataclasses.replace(params, precision="float32")), 16)
-    stores = {name: FeatureStore(tmp_path / name) for name in ("before", "after")}
+    store = FeatureStore(tmp_path / "store")
     with GdalRasterSource(str(path), params.bands) as source:
         grid = FeatureGrid.of_extractor(TileGrid(source.width, source.height, TILE, OVERLAP), extractor)
         first = read_tile(source, grid.tiles.tile(0, 0))[0]
         projection = Projection(extractor.extract(first).reshape(-1, extractor.feature_dim), params.pca_dims)
-        ensure_features(params, source, grid, extractor, stores["before"], Progress(), {}, projection)
-        backbone.model.prepare(ANY_SHAPE)
-        ensure_features(params, source, grid, extractor, stores["after"], Progress(), {}, projection)
+        ensure_features(params, source, grid, extractor, store, Progress(), {}, projection)
 
         def stored(rgb: np.ndarray, cropped: bool = False) -> np.ndarray:
             return projection.project(extractor.extract_tiles([rgb], cropped)[0]).astype(np.float16)
@@ -224,17 +212,16 @@ def test_int8_whole_tiles_keep_their_features_and_crops_agree_with_float32(tiny_
         for tile in grid.tiles.tiles():
             rgb, valid = read_tile(source, tile)
             window = grid.tiles.model_window(tile, valid)
-            before, after = (stores[name].get((tile.row, tile.col)).features for name in ("before", "after"))
             if window is None:
                 continue
-            assert np.array_equal(before, stored(rgb))
+            features = store.get((tile.row, tile.col)).features
             if (window.width, window.height) == (tile.width, tile.height):
-                assert np.array_equal(after, before)
+                assert np.array_equal(features, stored(rgb))
                 continue
             cropped += 1
             crop = rgb[window.y:window.y + window.height, window.x:window.x + window.width]
             box = np.s_[window.y // 16:(window.y + window.height) // 16, window.x // 16:(window.x + window.width) // 16]
-            assert np.array_equal(after[box], stored(crop, cropped=True))
+            assert np.array_equal(features[box], stored(crop, cropped=True))
             any_shape = extractor.extract_tiles([crop], cropped=True)[0]
             for other in (reference.extract(crop), extractor.extract_tiles([crop])[0]):  # float32; own shape
                 assert (any_shape * other).sum(-1).mean() > 0.99

@@ -73,13 +73,6 @@ class FeatureExtractor:
         """The length of one feature vector (the backbone's width)."""
         return self.backbone.feature_dim
 
-    def may_crop(self, saved_pixels: int) -> bool:
-        """Whether tiles may run cropped now, `saved_pixels` being what the run's crops save of the tiles' pixels:
-        always, but in int8 on ONNX Runtime only with the export that runs crops open (cached, or built now
-        where the saving repays it: core/onnx_int8.py `crops_ready`)."""
-        model = self.backbone.model
-        return not isinstance(model, OnnxInt8Network) or model.crops_ready(saved_pixels * len(self.shifts))
-
     def extract(self, rgb: np.ndarray) -> np.ndarray:
         """Features for one tile: rgb (H, W, 3) float in 0..1, H and W multiples of 16.
 
@@ -228,9 +221,6 @@ class ColourFeatures:
         self.cell_size = stride
 
     tiles_per_batch = 1
-
-    def may_crop(self, saved_pixels: int) -> bool:
-        return True
 
     @property
     def feature_dim(self) -> int:

@@ -18,7 +18,8 @@ computed from the input's size), which serves every crop of every tile size. Who
 export (their features bit-identical): at 512 × 512 the free graph was not shown as fast (0 to 5 % slower in
 alternating pairs; the shape's graph folds the RoPE tables and shape arithmetic). Its features at crop shapes
 agree with the float model as closely as a shape's own export's (docs/BENCHMARKS.md, "int8 crops"). It is built
-only when a run's crops repay it (`CROP_EXPORT_REPAID_PIXELS`).
+the first time a run crops (once per machine and weights, as a tile shape's export), so a raster's features never
+depend on what the export cache held before.
 """
 
 from __future__ import annotations
@@ -65,12 +66,6 @@ ANY_SHAPE = None
 """The export key's shape of the export that runs crops of any shape (height and width free)."""
 TRACED_CROP_SHAPE = (384, 256)
 """The example the any-shape graph is traced at: not square, so no size of it stands for both axes."""
-CROP_EXPORT_REPAID_PIXELS = 10 * 512 * 512
-"""Forward pixels a run must save by cropping before the any-shape export is built for it: the export costs
-about as much as 10 forwards of a 512 × 512 image. Measured for ViT-S/16 on the project's 2-core AMD EPYC
-(docs/BENCHMARKS.md "int8 crops"), each time export and forwards under the same load: 11.1 s against 1.4 s
-(8 forwards), then 24.1 s against 2.2 s (11 forwards). Export and forward both grow with the model, so the
-ratio holds roughly for every DINOv3 ViT; pixels, not seconds, so the choice does not depend on the load."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -173,16 +168,6 @@ class OnnxInt8Network:
         tile comes."""
         self._session(shape)
 
-    def crops_ready(self, saved_pixels: int) -> bool:
-        """Whether crops can run now: the any-shape export is cached (opened now), or `saved_pixels`, the forward
-        pixels this run's crops save, repay building it (`CROP_EXPORT_REPAID_PIXELS`; built now). Asked of the
-        export cache, not of the sessions this network holds, so a warm engine answers as a fresh one."""
-        cached = self._weights is not None and export_is_cached(self._weights, ANY_SHAPE, self._root)
-        if not cached and saved_pixels < CROP_EXPORT_REPAID_PIXELS:
-            return False
-        self.prepare(ANY_SHAPE)
-        return True
-
     def stop_when(self, is_cancelled: Callable[[], bool]) -> None:
         """Stop a run as soon as `is_cancelled()`: between images and inside a session run (RunOptions.terminate);
         the forward then raises Cancelled."""
@@ -196,7 +181,7 @@ class OnnxInt8Network:
 
     def hidden_states(self, pixel_values: np.ndarray, cropped: bool = False) -> np.ndarray:
         """The last hidden state (B, tokens, D) of a float32 (B, 3, H, W) batch, one image per session run: whole
-        tiles by their shape's export, `cropped` tiles by the any-shape export (opened by `crops_ready`)."""
+        tiles by their shape's export, `cropped` tiles by the any-shape export."""
         import onnxruntime
         from onnxruntime.capi.onnxruntime_pybind11_state import Fail, RuntimeException
 

@@ -69,9 +69,6 @@ class TileFeatureExtractor(Protocol):
     tiles_per_batch: int
     feature_dim: int
 
-    def may_crop(self, saved_pixels: int) -> bool:
-        """Whether tiles may run cropped to their valid pixels now, given the pixels this run's crops save."""
-
     def extract_tiles(self, tiles: Sequence[np.ndarray], cropped: bool = False) -> list[np.ndarray]:
         """(H / stride, W / stride, C) features of each (H, W, 3) tile (`cropped`: tiles cropped to their valid
         pixels)."""
@@ -316,9 +313,8 @@ def _extracted(
     the model in batches of `extractor.tiles_per_batch`; a reader thread reads the next batch and
     computes its cell statistics while this one is in the model. A tile without a valid pixel is not run:
     its features are zeros (every cell of it is invalid, so nothing samples them). A tile with nodata runs
-    cropped to its valid pixels (`TileGrid.model_window`) where the extractor may crop (`may_crop`: in int8,
-    once the export that runs crops is cached or the run's crops repay building it; until then such tiles run
-    whole); crops of one shape are batched together.
+    cropped to its valid pixels (`TileGrid.model_window`; in int8 through the export of any shape); crops of one
+    shape are batched together.
     The heap's freed memory goes back to the system after every batch: otherwise glibc keeps more
     of it batch after batch (measured at 36 MP: 720 MB resident after the first batches, 920 MB by
     the end, peak 956 MB; with the release 750 to 850 MB throughout, peak 880 MB, and no slower).
@@ -338,21 +334,6 @@ def _extracted(
         timings["read"] += time.perf_counter() - started
         return pixels
 
-    ran_whole = 0  # the pixels crops would have saved on the tiles that ran whole (no crop export yet)
-    cropping = False  # once the extractor may crop, it crops for the rest of the run
-
-    def run_window(tile: Tile, window: Window | None) -> Window | None:
-        """The window the model runs: the crop where the extractor may crop, else the whole tile."""
-        nonlocal ran_whole, cropping
-        saving = 0 if window is None else tile.width * tile.height - window.width * window.height
-        if not saving:
-            return window
-        cropping = cropping or extractor.may_crop(ran_whole + saving)
-        if cropping:
-            return window
-        ran_whole += saving
-        return Window(0, 0, tile.width, tile.height)
-
     done = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="treeseg-reader") as reader:
         pending = reader.submit(timed_read, batches[0])
@@ -363,7 +344,7 @@ def _extracted(
             progress.check()
             progress.report(done / len(tiles), f"Extracting features: tile {done + 1} of {len(tiles)}")
             started = time.perf_counter()
-            windows = [run_window(tile, window) for tile, (window, _, _) in zip(batch, pixels)]
+            windows = [window for window, _, _ in pixels]
             run = [(rgb[window.y:window.y + window.height, window.x:window.x + window.width],
                     (window.width, window.height) != (tile.width, tile.height))
                    for tile, window, (_, rgb, _) in zip(batch, windows, pixels) if window is not None]

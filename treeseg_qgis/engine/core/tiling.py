@@ -9,7 +9,7 @@ A tile with nodata (or masked-out) pixels inside the raster goes through the mod
 of its valid pixels, rounded out to a quarter of the tile (`TileGrid.model_window`): the model never sees
 the nodata, and a tile has at most 4 × 4 shapes (crops of one shape share a batch). A tile whose pixels inside
 the raster are all valid runs whole, its part past the raster padded, as always. In int8 on ONNX Runtime crops
-wait for the export that runs them (core/segmentation.py, core/onnx_int8.py `crops_ready`).
+run one export of free height and width (core/onnx_int8.py `ANY_SHAPE`).
 """
 
 from __future__ import annotations
