@@ -65,15 +65,18 @@ def test_each_feature_image_pixel_is_centred_on_its_cell():
 
 
 def test_model_window_holds_every_valid_pixel_on_the_crop_steps():
-    """A tile with nodata is cropped to its valid pixels, rounded out to quarter tiles: no valid pixel is left
-    out; a tile whose pixels inside the raster are all valid runs whole (padded past the raster); none without."""
+    """A tile with nodata or padding past the raster is cropped to its valid pixels, rounded out to quarter tiles:
+    no valid pixel is left out; a tile whose pixels are all valid runs whole; none without. A raster of 700 × 600
+    with tiles of 256 every 224 px: the last column's tiles (x = 448) hold 252 columns of it (rounded out: whole),
+    the last row's (y = 448) 152 rows (rounded out to 192)."""
     grid = TileGrid(700, 600, tile_size=256, overlap=32)
     assert grid.crop_step == 64
     rng = np.random.default_rng(3)
     for tile in grid.tiles():
         inside = np.zeros((tile.height, tile.width), bool)
         inside[: grid.height - tile.y, : grid.width - tile.x] = True
-        assert grid.model_window(tile, inside) == Window(0, 0, tile.width, tile.height)
+        height = tile.height if tile.y + tile.height <= grid.height else 192
+        assert grid.model_window(tile, inside) == Window(0, 0, tile.width, height)
         assert grid.model_window(tile, np.zeros_like(inside)) is None
         for _ in range(20):
             y0, x0 = rng.integers(0, tile.height), rng.integers(0, tile.width)

@@ -154,9 +154,9 @@ def test_tiles_without_valid_pixels_never_reach_the_model(tiny_model_dir, tmp_pa
     grid = TileGrid(WIDTH, HEIGHT, TILE, OVERLAP)
     assert len(grid) == 8 and tiles_with_valid_pixels(grid, WIDTH // 2) == 4
     assert counted[0].images == 4  # stride 16: one image per tile, the 4 all-nodata tiles never ran
-    # the column of tiles at x = 0 runs whole (the lower one padded past the raster, as always); the one at
-    # x = 96 holds the edge at 192: cropped to its 96 valid columns, and the lower one to its 64 rows in the raster
-    assert counted[0].pixels == record["model_run"]["pixels"] == 2 * TILE * TILE + TILE * 96 + 64 * 96
+    # the upper tile at x = 0 runs whole, the lower one cropped to its 64 rows in the raster (no padding); the
+    # column at x = 96 holds the edge at 192: cropped to its 96 valid columns, and the lower one to its 64 rows
+    assert counted[0].pixels == record["model_run"]["pixels"] == TILE * TILE + 64 * TILE + TILE * 96 + 64 * 96
     assert record["model_run"]["tiles"] == 4 and record["tiles"] == 8
     labels = read_band(record["outputs"]["clusters"])
     assert (labels[:, WIDTH // 2:] == NODATA).all() and (labels[:, :WIDTH // 2] != NODATA).all()
@@ -178,7 +178,7 @@ def test_int8_crops_build_the_any_shape_export_once(tiny_model_dir, tmp_path, mo
     assert not export_is_cached(weights, ANY_SHAPE)
     first = run("first")
     assert first["model"]["precision"].startswith("int8")
-    cropped = {"tiles": 4, "pixels": 2 * TILE * TILE + TILE * 96 + 64 * 96}
+    cropped = {"tiles": 4, "pixels": TILE * TILE + 64 * TILE + TILE * 96 + 64 * 96}
     assert first["model_run"] == cropped and export_is_cached(weights, ANY_SHAPE)
     later = run("later")
     assert later["model_run"] == cropped
@@ -225,7 +225,7 @@ def test_int8_whole_tiles_keep_their_features_and_crops_agree_with_float32(tiny_
             any_shape = extractor.extract_tiles([crop], cropped=True)[0]
             for other in (reference.extract(crop), extractor.extract_tiles([crop])[0]):  # float32; own shape
                 assert (any_shape * other).sum(-1).mean() > 0.99
-    assert cropped == 2
+    assert cropped == 3  # the two tiles holding the nodata edge, and the lower one at x = 0 (past the raster)
 
 
 @pytest.mark.parametrize("edge", [192, 160], ids=["skipped-tile-at-the-edge", "skipped-tile-apart"])

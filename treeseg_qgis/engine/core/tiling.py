@@ -5,11 +5,12 @@ tile's feature cells land on one global feature grid and a cell id means the sam
 place in every tile. The last tile of a row or column may reach past the raster;
 the missing pixels are padded and marked invalid.
 
-A tile with nodata (or masked-out) pixels inside the raster goes through the model cropped to the bounding box
-of its valid pixels, rounded out to a quarter of the tile (`TileGrid.model_window`): the model never sees
-the nodata, and a tile has at most 4 × 4 shapes (crops of one shape share a batch). A tile whose pixels inside
-the raster are all valid runs whole, its part past the raster padded, as always. In int8 on ONNX Runtime crops
-run one export of free height and width (core/onnx_int8.py `ANY_SHAPE`).
+A tile with invalid pixels, nodata or masked out inside the raster or padding past it, goes through the model
+cropped to the bounding box of its valid pixels, rounded out to a quarter of the tile (`TileGrid.model_window`):
+the model never sees the nodata nor the padding (a 1024-px raster's last tiles of 512 px hold 128 px of it: run
+whole they were 2.25× its pixels, cropped 1.27×), and a tile has at most 4 × 4 shapes (crops of one shape share
+a batch). A tile whose pixels are all valid runs whole. In int8 on ONNX Runtime crops run one export of free
+height and width (core/onnx_int8.py `ANY_SHAPE`).
 """
 
 from __future__ import annotations
@@ -65,10 +66,10 @@ class TileGrid:
         return [self.tile(r, c) for r in range(self.rows) for c in range(self.cols)]
 
     def model_window(self, tile: Tile, valid: np.ndarray) -> Window | None:
-        """The part of a tile (in its own pixels) that goes through the model, given its (padded) valid mask:
-        the whole tile when its pixels inside the raster are all valid, else the bounding box of its valid
+        """The part of a tile (in its own pixels) that goes through the model, given its valid mask (padding past
+        the raster invalid): the whole tile when all its pixels are valid, else the bounding box of its valid
         pixels rounded out to `crop_step` from the tile's corner; None without a valid pixel."""
-        if valid[: self.height - tile.y, : self.width - tile.x].all():
+        if valid.all():
             return Window(0, 0, tile.width, tile.height)
         rows, cols = np.flatnonzero(valid.any(axis=1)), np.flatnonzero(valid.any(axis=0))
         if rows.size == 0:
