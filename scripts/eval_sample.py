@@ -34,14 +34,11 @@ sys.path.insert(0, str(REPO))
 from osgeo import gdal  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
+from treeseg_qgis.engine.core.ceiling import CEILING_MODELS, CEILING_SAMPLE_STEP, Ceiling, ceiling  # noqa: E402
 from treeseg_qgis.engine.core.evaluation import (  # noqa: E402
-    CEILING_MODELS,
-    CEILING_SAMPLE_STEP,
-    Ceiling,
     ReferenceObject,
     box_scores,
     boxes_to_objects,
-    ceiling,
     exg_otsu_mask,
     union_mask,
 )

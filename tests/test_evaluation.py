@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from osgeo import gdal, ogr, osr
 
+from treeseg_qgis.engine.core.ceiling import ceiling
 from treeseg_qgis.engine.core.evaluation import (
     ReferenceObject,
     box_scores,
     boxes_to_objects,
-    ceiling,
     cluster_scores,
     crown_scores,
     exg_otsu_mask,

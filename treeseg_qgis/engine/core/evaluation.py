@@ -1,4 +1,4 @@
-"""Quality measures of a tree mask against reference data (numpy, scipy and sklearn, no torch).
+"""Quality measures of a tree mask against reference data (numpy and scipy only, no torch).
 
 - Pixel scores for the tree class: precision, recall, F1 and IoU. Conventions for
   empty sets: recall is None (undefined) when the reference has no trees; when
@@ -16,10 +16,6 @@
   centroid of a predicted crown (it moves with how the mask is split into crowns).
 - Reference rule: per-pixel ExG with Otsu's threshold (`exg_otsu_mask`), the
   textbook colour baseline every table is read against.
-- Ceiling (`ceiling`): a per-pixel model fitted to the reference boxes as labels, on any per-pixel features;
-  the highest in-box precision any of its thresholds reaches at a given box recall, fitted on all pixels and
-  held out (fitted on one half of the image, scored on the other). It bounds what a scorer of that kind on
-  those features can reach from a few clicks.
 - Clusters against a multi-class reference: clusters are matched one-to-one to
   classes (Hungarian, maximum overlap); then mIoU over the classes and pixel
   accuracy.
@@ -32,8 +28,6 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
-from sklearn.ensemble import HistGradientBoostingClassifier
-from sklearn.linear_model import LogisticRegression
 
 from .trees import excess_green
 
@@ -41,12 +35,6 @@ MATCH_IOU = 0.4
 MIN_CROWN_PIXELS = 20
 BOX_AREA_SHARE = 0.25
 OTSU_BINS = 1024
-CEILING_MODELS = ("linear", "boosted")
-"""`ceiling`'s models: an L2 logistic regression, and gradient-boosted trees (non-linear)."""
-CEILING_SAMPLE_STEP = 7
-"""`ceiling` fits its model on every 7th pixel of the pixels it is fitted to."""
-CEILING_THRESHOLDS = np.linspace(0.3, 0.97, 40)
-"""`ceiling` thresholds the probability at these quantiles of it (the mask covers 3 % to 70 % of the pixels)."""
 
 
 @dataclass(frozen=True)
@@ -222,68 +210,3 @@ def union_mask(objects: list[ReferenceObject], shape: tuple[int, int]) -> np.nda
     for item in objects:
         mask[item.rows, item.cols] |= item.mask
     return mask
-
-
-@dataclass(frozen=True)
-class Ceiling:
-    """`ceiling`'s in-box precision at the box recall asked: fitted on every pixel and scored on them, and
-    held out (the left half scored by the model fitted on the right half, and the right half by the left's)."""
-
-    fitted_on_all: float
-    held_out: tuple[float, float]
-
-
-def ceiling(features: np.ndarray, valid: np.ndarray, objects: list[ReferenceObject], model: str,
-            recall: float) -> Ceiling:
-    """The highest in-box precision at box recall ≥ `recall` of a per-pixel `model` (CEILING_MODELS) fitted to
-    (h, w, D) `features` with the objects as labels, over the CEILING_THRESHOLDS of its probability (0: none
-    reaches that recall). Held out, each half of the image (split between columns) is scored against the
-    objects clipped to it."""
-    inside = union_mask(objects, valid.shape)
-    half = valid.shape[1] // 2
-    left, right = np.zeros_like(valid), np.zeros_like(valid)
-    left[:, :half], right[:, half:] = valid[:, :half], valid[:, half:]
-    scaled = (features - features[valid].mean(0)) / np.maximum(features[valid].std(0), 1e-12)
-
-    def scored(fitted_on: np.ndarray, scored_on: np.ndarray, columns: slice) -> float:
-        fitted = _ceiling_model(model).fit(scaled[fitted_on][::CEILING_SAMPLE_STEP],
-                                           inside[fitted_on][::CEILING_SAMPLE_STEP])
-        probability = np.zeros(valid.shape)
-        probability[scored_on] = fitted.predict_proba(scaled[scored_on])[:, 1]
-        return precision_at_recall(probability, scored_on, clipped(objects, columns), recall)
-
-    return Ceiling(scored(valid, valid, slice(0, valid.shape[1])),
-                   (scored(right, left, slice(0, half)), scored(left, right, slice(half, valid.shape[1]))))
-
-
-def _ceiling_model(model: str) -> LogisticRegression | HistGradientBoostingClassifier:
-    if model == "linear":
-        return LogisticRegression(C=1.0, max_iter=300, class_weight="balanced")
-    if model == "boosted":
-        return HistGradientBoostingClassifier(max_iter=100, max_leaf_nodes=15, min_samples_leaf=200,
-                                              l2_regularization=1.0, class_weight="balanced", random_state=0)
-    raise ValueError(f"no ceiling model '{model}': use one of {', '.join(CEILING_MODELS)}")
-
-
-def precision_at_recall(probability: np.ndarray, valid: np.ndarray, objects: list[ReferenceObject],
-                        recall: float) -> float:
-    """The highest in-box precision of `probability` ≥ one of its CEILING_THRESHOLDS quantiles whose box recall
-    reaches `recall` (0: none does)."""
-    best = 0.0
-    for threshold in np.quantile(probability[valid], CEILING_THRESHOLDS):
-        scores = box_scores((probability >= threshold) & valid, objects, valid)
-        if scores["box_recall"] >= recall:
-            best = max(best, scores["in_box_precision"])
-    return best
-
-
-def clipped(objects: list[ReferenceObject], columns: slice) -> list[ReferenceObject]:
-    """The objects cut to the pixel columns `columns` (those outside them left out)."""
-    kept = []
-    for item in objects:
-        start, stop = max(item.cols.start, columns.start), min(item.cols.stop, columns.stop)
-        if stop > start:
-            window = item.mask[:, start - item.cols.start:stop - item.cols.start]
-            if window.any():
-                kept.append(ReferenceObject(item.rows, slice(start, stop), window))
-    return kept
