@@ -2,10 +2,10 @@
 
 A model is fitted to per-pixel features with the boxes as its labels (every pixel in a box is the class) and
 its probability thresholded at CEILING_THRESHOLDS; the ceiling is the highest in-box precision at a given box
-recall (core/evaluation.py's box measures). Fitted on all pixels and scored on them, and held out: fitted on
-one half of the image, scored on the other. No set of clicks labels that many pixels, so the held-out ceiling
-bounds what a scorer of that kind on those features can reach from clicks. Kept apart from evaluation.py,
-which runs inside QGIS without sklearn.
+recall and at most a given cover (core/evaluation.py's box measures). Fitted on all pixels and scored on them,
+and held out: fitted on one half of the image, scored on the other. No set of clicks labels that many pixels,
+so the held-out ceiling bounds what a scorer of that kind on those features can reach from clicks. Kept apart
+from evaluation.py, which runs inside QGIS without sklearn.
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ class Ceiling:
 
 
 def ceiling(features: np.ndarray, valid: np.ndarray, objects: list[ReferenceObject], model: str,
-            recall: float) -> Ceiling:
-    """The highest in-box precision at box recall ≥ `recall` of a per-pixel `model` (CEILING_MODELS) fitted to
-    (h, w, D) `features` with the objects as labels, over the CEILING_THRESHOLDS of its probability (0: none
-    reaches that recall). Held out, each half of the image (split between columns) is scored against the
-    objects clipped to it."""
+            recall: float, max_cover: float = 1.0) -> Ceiling:
+    """The highest in-box precision at box recall ≥ `recall` and cover ≤ `max_cover` of a per-pixel `model`
+    (CEILING_MODELS) fitted to (h, w, D) `features` with the objects as labels, over the CEILING_THRESHOLDS of
+    its probability (0: none reaches that recall within that cover). Held out, each half of the image (split
+    between columns) is scored against the objects clipped to it."""
     inside = union_mask(objects, valid.shape)
     half = valid.shape[1] // 2
     left, right = np.zeros_like(valid), np.zeros_like(valid)
@@ -52,7 +52,7 @@ def ceiling(features: np.ndarray, valid: np.ndarray, objects: list[ReferenceObje
                                            inside[fitted_on][::CEILING_SAMPLE_STEP])
         probability = np.zeros(valid.shape)
         probability[scored_on] = fitted.predict_proba(scaled[scored_on])[:, 1]
-        return precision_at_recall(probability, scored_on, clipped(objects, columns), recall)
+        return precision_at_recall(probability, scored_on, clipped(objects, columns), recall, max_cover)
 
     return Ceiling(scored(valid, valid, slice(0, valid.shape[1])),
                    (scored(right, left, slice(0, half)), scored(left, right, slice(half, valid.shape[1]))))
@@ -68,13 +68,13 @@ def _ceiling_model(model: str) -> LogisticRegression | HistGradientBoostingClass
 
 
 def precision_at_recall(probability: np.ndarray, valid: np.ndarray, objects: list[ReferenceObject],
-                        recall: float) -> float:
+                        recall: float, max_cover: float = 1.0) -> float:
     """The highest in-box precision of `probability` ≥ one of its CEILING_THRESHOLDS quantiles whose box recall
-    reaches `recall` (0: none does)."""
+    reaches `recall` with a cover of at most `max_cover` (0: none does)."""
     best = 0.0
     for threshold in np.quantile(probability[valid], CEILING_THRESHOLDS):
         scores = box_scores((probability >= threshold) & valid, objects, valid)
-        if scores["box_recall"] >= recall:
+        if scores["box_recall"] >= recall and scores["tree_cover"] <= max_cover:
             best = max(best, scores["in_box_precision"])
     return best
 
