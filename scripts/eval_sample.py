@@ -287,11 +287,12 @@ def taught_features(image: Image, options: dict) -> np.ndarray:
 
 def ceilings(features: dict[str, np.ndarray], valid: np.ndarray, objects: list[ReferenceObject],
              goal: Goal) -> list[tuple[str, str, Ceiling]]:
-    """`ceiling` at the goal's box recall and cover for every kind of features and CEILING_MODELS."""
+    """`ceiling` at the goal's box recall and cover (GOAL_MAX_AREA × the boxes' share of the pixels scored) for
+    every kind of features and CEILING_MODELS."""
     found = []
     for name, values in features.items():
         for model in CEILING_MODELS:
-            found.append((name, model, ceiling(values, valid, objects, model, goal.recall, goal.max_cover)))
+            found.append((name, model, ceiling(values, valid, objects, model, goal.recall, GOAL_MAX_AREA)))
             print(f"Ceiling, {name}, {model}: fitted on all {found[-1][2].fitted_on_all:.2f}, held out "
                   f"{' / '.join(f'{v:.2f}' for v in found[-1][2].held_out)}")
     return found
@@ -698,7 +699,8 @@ def goal_text(stability_sets: int) -> list[str]:
         "help: the features rank too many pixels outside the boxes above those inside.",
         "",
         "Below the table, per image and class, the *ceilings*: the highest in-box precision at box recall ≥ "
-        f"{GOAL_RECALL:g} and within the goal's cover of a per-pixel model fitted with the boxes as labels (no "
+        f"{GOAL_RECALL:g} and cover ≤ {GOAL_MAX_AREA:g} × the boxes' share (of the pixels scored) of a per-pixel "
+        "model fitted with the boxes as labels (no "
         "click set has that many), over "
         "40 thresholds of its probability: *linear*, a logistic regression; *boosted*, gradient-boosted trees "
         "(sklearn's HistGradientBoostingClassifier, 100 rounds of 15 leaves, ≥ 200 pixels a leaf), on the "

@@ -36,11 +36,12 @@ class Ceiling:
 
 
 def ceiling(features: np.ndarray, valid: np.ndarray, objects: list[ReferenceObject], model: str,
-            recall: float, max_cover: float = 1.0) -> Ceiling:
-    """The highest in-box precision at box recall ≥ `recall` and cover ≤ `max_cover` of a per-pixel `model`
-    (CEILING_MODELS) fitted to (h, w, D) `features` with the objects as labels, over the CEILING_THRESHOLDS of
-    its probability (0: none reaches that recall within that cover). Held out, each half of the image (split
-    between columns) is scored against the objects clipped to it."""
+            recall: float, max_cover_of_boxes: float = np.inf) -> Ceiling:
+    """The highest in-box precision at box recall ≥ `recall` of a per-pixel `model` (CEILING_MODELS) fitted to
+    (h, w, D) `features` with the objects as labels, over the CEILING_THRESHOLDS of its probability, where the
+    mask covers at most `max_cover_of_boxes` × the share of the scored pixels in an object (0: none reaches that
+    recall within that cover). Held out, each half of the image (split between columns) is scored against the
+    objects clipped to it."""
     inside = union_mask(objects, valid.shape)
     half = valid.shape[1] // 2
     left, right = np.zeros_like(valid), np.zeros_like(valid)
@@ -52,6 +53,7 @@ def ceiling(features: np.ndarray, valid: np.ndarray, objects: list[ReferenceObje
                                            inside[fitted_on][::CEILING_SAMPLE_STEP])
         probability = np.zeros(valid.shape)
         probability[scored_on] = fitted.predict_proba(scaled[scored_on])[:, 1]
+        max_cover = max_cover_of_boxes * inside[scored_on].mean()
         return precision_at_recall(probability, scored_on, clipped(objects, columns), recall, max_cover)
 
     return Ceiling(scored(valid, valid, slice(0, valid.shape[1])),
