@@ -561,12 +561,18 @@ def ceiling_findings(sections: list, class_label: str) -> list[str]:
                 lines.append("| " + " | ".join([
                     f"{image.name}: {taught}", features, f"{goal.precision:.2f}",
                     *(cell for model in CEILING_MODELS for cell in (
-                        f"{measured[model].fitted_on_all:.2f}",
-                        " / ".join(f"{v:.2f}" for v in measured[model].held_out)))]) + " |")
+                        ceiling_cell(measured[model].fitted_on_all),
+                        " / ".join(ceiling_cell(v) for v in measured[model].held_out)))]) + " |")
     if len(lines) == 2:
         return []
-    return [*lines, "", f"Held out on both halves, the goal's in-box precision is reached by: "
+    return [*lines, "", "—: no threshold reaches the box recall within the cover. Held out on both halves, the goal's "
+            "in-box precision is reached by: "
             f"{'; '.join(cleared) if cleared else 'none'}.", ""]
+
+
+def ceiling_cell(precision: float) -> str:
+    """A ceiling's in-box precision, or — where no threshold reached the box recall within the cover."""
+    return f"{precision:.2f}" if precision else "—"
 
 
 def click_label_findings(sections: list) -> list[str]:

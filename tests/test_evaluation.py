@@ -325,7 +325,7 @@ def ceilings(report: str, image_class: str) -> dict[str, list[float]]:
     """The eval report's ceilings of one image and class: features → linear fitted on all, held out left and
     right, boosted fitted on all, held out left and right."""
     rows = report.split("| image: class | features | goal: in-box precision at the goal's", 1)[1].split("\n\n", 1)[0]
-    return {cells[1]: [float(v) for cell in cells[3:] for v in cell.split(" / ")]
+    return {cells[1]: [0.0 if v == "—" else float(v) for cell in cells[3:] for v in cell.split(" / ")]
             for cells in ([c.strip() for c in line.strip("|").split("|")] for line in rows.splitlines()[2:])
             if cells[0] == image_class}
 
