@@ -226,8 +226,6 @@ def evaluate_image(image: Image, seeds: int, class_label: str, untrained: set[st
     textbook = exg_otsu_mask(rgb, valid)
     rows = [reference_row(REFERENCE_ROWS[0], valid, valid, every_box),
             reference_row(REFERENCE_ROWS[1], textbook, valid, every_box)]
-    features = ceiling_features(image, rgb)
-    image.ceilings["trees"] = ceilings(features, valid, every_box, goal_for(rows[1], rows[0]))
     for label, options in [] if teach_only else SEGMENT_RUNS:
         params = run_params(image, options)
         started = time.perf_counter()
@@ -239,6 +237,8 @@ def evaluate_image(image: Image, seeds: int, class_label: str, untrained: set[st
         row.scores.append(object_scores(mask, mask_valid, every_box))
         rows.append(row)
         print_row(row)
+    features = ceiling_features(image, rgb)  # after the segmentation rows: their times include loading the model
+    image.ceilings["trees"] = ceilings(features, valid, every_box, goal_for(rows[1], rows[0]))
     rows += teach_rows(image, every_box, far_from_boxes, seeds, "tree", goal_for(rows[1], rows[0]), counts,
                        stability_sets, labels=[b[4] for b in image.boxes])
     image.class_rows = [] if teach_only else three_class_rows(image, far_from_boxes, seeds, valid)
