@@ -534,7 +534,7 @@ def goal_table(sections: list, class_label: str) -> list[str]:
     rows = [r for _, rows, class_rows in sections for r in rows + class_rows if r.goal and ", 5 + 5 " in r.label]
     met = sum(sum(r.goal.reached(s) for s in r.scores) >= DONE_SETS * len(r.scores) / 5 for r in rows)
     return lines + ["", f"At least {DONE_SETS} of 5 click sets reach the goal on {met} of {len(rows)} rows.", "",
-                    *ceiling_findings(sections, class_label), *click_label_findings(sections)]
+                    *click_label_findings(sections), *ceiling_findings(sections, class_label)]
 
 
 CEILING_HEADER = ["image: class", "features", "goal: in-box precision at the goal's box recall and cover",
@@ -565,9 +565,22 @@ def ceiling_findings(sections: list, class_label: str) -> list[str]:
                         " / ".join(ceiling_cell(v) for v in measured[model].held_out)))]) + " |")
     if len(lines) == 2:
         return []
-    return [*lines, "", "—: no threshold reaches the box recall within the cover. Held out on both halves, the goal's "
-            "in-box precision is reached by: "
-            f"{'; '.join(cleared) if cleared else 'none'}.", ""]
+    return ["### Ceilings: a per-pixel model fitted to the boxes", "",
+            f"Per image and class, the highest in-box precision at box recall ≥ {GOAL_RECALL:g} and cover ≤ "
+            f"{GOAL_MAX_AREA:g} × the boxes' share (of the pixels scored) of a per-pixel model fitted with the boxes "
+            "as labels (no click set has that many), over 40 thresholds of its probability: *linear*, a logistic "
+            "regression; *boosted*, gradient-boosted trees (sklearn's HistGradientBoostingClassifier, 100 rounds of "
+            "15 leaves, ≥ 200 pixels a leaf), on the features each teach row scores (*RGB per pixel*, *DINOv3 "
+            f"default*) and on *{CONTEXT_FEATURES}*: RGB, ExG, the local colour mean and spread at σ = "
+            f"{', '.join(f'{s:g}' for s in CONTEXT_SIGMAS_M)} m and the local mean of the grey gradient at "
+            f"{TEXTURE_SIGMA_M:g} m. Each model is fitted on every {CEILING_SAMPLE_STEP}th pixel. *Fitted on all*: "
+            "fitted and scored on the whole image (a flexible model on local context learns the boxes' places by "
+            "heart there); *held out*: the left half scored by a model fitted on the right half, and the right half "
+            "by one fitted on the left, each against the boxes centred in it, cut to it (the pixels of the other "
+            "half's boxes are not scored). A goal above the held-out ceiling is out of reach of such a scorer on "
+            "those features, however clicked.", "",
+            *lines, "", "—: no threshold reaches the box recall within the cover. Held out on both halves, the "
+            f"goal's in-box precision is reached by: {'; '.join(cleared) if cleared else 'none'}.", ""]
 
 
 def ceiling_cell(precision: float) -> str:
@@ -703,21 +716,6 @@ def goal_text(stability_sets: int) -> list[str]:
         "default would be the problem; if sets reach the goal only each at its own threshold, the calibration is; "
         "if the highest in-box precision at the goal's box recall stays under the goal's precision, no threshold can "
         "help: the features rank too many pixels outside the boxes above those inside.",
-        "",
-        "Below the table, per image and class, the *ceilings*: the highest in-box precision at box recall ≥ "
-        f"{GOAL_RECALL:g} and cover ≤ {GOAL_MAX_AREA:g} × the boxes' share (of the pixels scored) of a per-pixel "
-        "model fitted with the boxes as labels (no "
-        "click set has that many), over "
-        "40 thresholds of its probability: *linear*, a logistic regression; *boosted*, gradient-boosted trees "
-        "(sklearn's HistGradientBoostingClassifier, 100 rounds of 15 leaves, ≥ 200 pixels a leaf), on the "
-        "features each teach row scores (*RGB per pixel*, *DINOv3 default*) and on "
-        f"*{CONTEXT_FEATURES}*: RGB, ExG, the local colour mean and spread at σ = "
-        f"{', '.join(f'{s:g}' for s in CONTEXT_SIGMAS_M)} m and the local mean of the grey gradient at "
-        f"{TEXTURE_SIGMA_M:g} m. Each model is fitted on every {CEILING_SAMPLE_STEP}th pixel. *Fitted on all*: "
-        "fitted and scored on the whole image (a flexible model on local context learns the boxes' places by "
-        "heart there); *held out*: the left half scored by a model fitted on the right half, and the right half "
-        "by one fitted on the left, each against the boxes cut to its half. A goal above the held-out ceiling is "
-        "out of reach of such a scorer on those features, however clicked.",
         "",
     ]
 

@@ -41,23 +41,29 @@ def ceiling(features: np.ndarray, valid: np.ndarray, objects: list[ReferenceObje
     (h, w, D) `features` with the objects as labels, over the CEILING_THRESHOLDS of its probability, where the
     mask covers at most `max_cover_of_boxes` × the share of the scored pixels in an object (0: none reaches that
     recall within that cover). Held out, each half of the image (split between columns) is scored against the
-    objects clipped to it."""
+    objects centred in it, cut to it; the pixels of the other half's objects are not scored."""
     inside = union_mask(objects, valid.shape)
     half = valid.shape[1] // 2
-    left, right = np.zeros_like(valid), np.zeros_like(valid)
-    left[:, :half], right[:, half:] = valid[:, :half], valid[:, half:]
     scaled = (features - features[valid].mean(0)) / np.maximum(features[valid].std(0), 1e-12)
 
-    def scored(fitted_on: np.ndarray, scored_on: np.ndarray, columns: slice) -> float:
+    def scored(fitted_on: np.ndarray, columns: slice) -> float:
         fitted = _ceiling_model(model).fit(scaled[fitted_on][::CEILING_SAMPLE_STEP],
                                            inside[fitted_on][::CEILING_SAMPLE_STEP])
+        centred = [columns.start <= (item.cols.start + item.cols.stop) / 2 < columns.stop for item in objects]
+        own = [item for item, here in zip(objects, centred) if here]
+        others = union_mask([item for item, here in zip(objects, centred) if not here], valid.shape)
+        scored_on = np.zeros_like(valid)
+        scored_on[:, columns] = valid[:, columns]
+        scored_on &= ~others | union_mask(own, valid.shape)
         probability = np.zeros(valid.shape)
         probability[scored_on] = fitted.predict_proba(scaled[scored_on])[:, 1]
         max_cover = max_cover_of_boxes * inside[scored_on].mean()
-        return precision_at_recall(probability, scored_on, clipped(objects, columns), recall, max_cover)
+        return precision_at_recall(probability, scored_on, clipped(own, columns), recall, max_cover)
 
-    return Ceiling(scored(valid, valid, slice(0, valid.shape[1])),
-                   (scored(right, left, slice(0, half)), scored(left, right, slice(half, valid.shape[1]))))
+    left, right = slice(0, half), slice(half, valid.shape[1])
+    fitted_left, fitted_right = np.zeros_like(valid), np.zeros_like(valid)
+    fitted_left[:, left], fitted_right[:, right] = valid[:, left], valid[:, right]
+    return Ceiling(scored(valid, slice(0, valid.shape[1])), (scored(fitted_right, left), scored(fitted_left, right)))
 
 
 def _ceiling_model(model: str) -> LogisticRegression | HistGradientBoostingClassifier:
