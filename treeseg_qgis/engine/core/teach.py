@@ -24,7 +24,7 @@ threshold (precision up, box recall down by as much: the best precision at the g
 RBF expansion around the clicks (helps a two-looks class, loses more elsewhere). Gradient-boosted trees instead of
 the logistic regression (a proxy of this module outside it, same click sets and neighbourhoods, P ≥ 0.5;
 2026-12-07): OSBS_029 trees 0 of 5 click sets on RGB, RGB with local context and DINOv3 (random weights); SOAP_061
-trees 1 of 5 on RGB (the linear proxy 0); on local context they mark little beyond the clicks (box recall 0.1-0.4).
+trees 1 of 5 on RGB (the linear proxy 0); on local context they mark little beyond the clicks (box recall 0.07-0.43).
 The ceilings in docs/QUALITY.md (core/ceiling.py): fitted to every box and scored on the other half of the image,
 no per-pixel model, linear or boosted, on those features reaches OSBS_029's goal.
 """
