@@ -15,9 +15,12 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import os
 import platform
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,8 +33,8 @@ sys.path.insert(0, str(REPO))
 
 from osgeo import gdal  # noqa: E402
 from scipy import ndimage  # noqa: E402
-from sklearn.linear_model import LogisticRegression  # noqa: E402
 
+from treeseg_qgis.engine.core.ceiling import CEILING_MODELS, CEILING_SAMPLE_STEP, Ceiling, ceiling  # noqa: E402
 from treeseg_qgis.engine.core.evaluation import (  # noqa: E402
     ReferenceObject,
     box_scores,
@@ -40,11 +43,17 @@ from treeseg_qgis.engine.core.evaluation import (  # noqa: E402
     union_mask,
 )
 from treeseg_qgis.engine.core.examples import Example  # noqa: E402
+from treeseg_qgis.engine.core.feature_grid import FeatureGrid, bilinear_sample  # noqa: E402
 from treeseg_qgis.engine.core.models import hub_offline  # noqa: E402
+from treeseg_qgis.engine.core.progress import Progress  # noqa: E402
+from treeseg_qgis.engine.core.segmentation import ensure_features  # noqa: E402
+from treeseg_qgis.engine.core.store import FeatureStore  # noqa: E402
+from treeseg_qgis.engine.core.tiling import TileGrid, Window  # noqa: E402
+from treeseg_qgis.engine.core.trees import excess_green  # noqa: E402
 from treeseg_qgis.engine.evaluate import object_scores  # noqa: E402
 from treeseg_qgis.engine.gis.raster import GdalRasterSource  # noqa: E402
 from treeseg_qgis.engine.gis.reference import read_prediction  # noqa: E402
-from treeseg_qgis.engine.pipeline import load_model_for, segment, teach  # noqa: E402
+from treeseg_qgis.engine.pipeline import feature_extractor, load_model_for, segment, teach  # noqa: E402
 from treeseg_qgis.params import SegmentationParams  # noqa: E402
 
 gdal.UseExceptions()
@@ -73,9 +82,11 @@ SEGMENT_RUNS = [
 ]
 REFERENCE_ROWS = ("Reference: all pixels", "Reference: ExG + Otsu per pixel (plain numpy)")
 TEACH_FEATURES = [("DINOv3 default", DINOV3), ("RGB per pixel", RGB_PER_PIXEL)]
-CONTEXT_SIGMAS_M = (0.6, 2.4)
-"""Neighbourhoods (Gaussian σ, metres) of the local colour mean and spread the linear ceiling also tries."""
-CEILING_SAMPLE_STEP = 7  # fit the ceiling's model on every 7th valid pixel
+CONTEXT_SIGMAS_M = (0.3, 0.6, 2.4)
+"""Neighbourhoods (Gaussian σ, metres) of the local colour mean and spread the ceilings also try."""
+TEXTURE_SIGMA_M = 0.2
+"""Scale (Gaussian σ, metres) of the grey gradient whose local mean (at 3 σ) is the ceilings' texture feature."""
+CONTEXT_FEATURES = "RGB + local context"
 
 
 @dataclass
@@ -142,8 +153,8 @@ class Image:
     model: str
     out: Path
     class_rows: list[list[str]] = field(default_factory=list)
-    ceilings: dict[str, tuple[float, float]] = field(default_factory=dict)
-    """Per taught class: `linear_ceiling` on per-pixel RGB, and with local colour context."""
+    ceilings: dict[str, list[tuple[str, str, Ceiling]]] = field(default_factory=dict)
+    """Per taught class: (features, model, `ceiling`) for each kind of `ceiling_features` and CEILING_MODELS."""
 
 
 def main() -> None:
@@ -215,7 +226,6 @@ def evaluate_image(image: Image, seeds: int, class_label: str, untrained: set[st
     textbook = exg_otsu_mask(rgb, valid)
     rows = [reference_row(REFERENCE_ROWS[0], valid, valid, every_box),
             reference_row(REFERENCE_ROWS[1], textbook, valid, every_box)]
-    image.ceilings["trees"] = linear_ceilings(rgb, valid, every_box, image.pixel_size_m)
     for label, options in [] if teach_only else SEGMENT_RUNS:
         params = run_params(image, options)
         started = time.perf_counter()
@@ -227,6 +237,8 @@ def evaluate_image(image: Image, seeds: int, class_label: str, untrained: set[st
         row.scores.append(object_scores(mask, mask_valid, every_box))
         rows.append(row)
         print_row(row)
+    features = ceiling_features(image, rgb)  # after the segmentation rows: their times include loading the model
+    image.ceilings["trees"] = ceilings(features, valid, every_box, goal_for(rows[1], rows[0]))
     rows += teach_rows(image, every_box, far_from_boxes, seeds, "tree", goal_for(rows[1], rows[0]), counts,
                        stability_sets, labels=[b[4] for b in image.boxes])
     image.class_rows = [] if teach_only else three_class_rows(image, far_from_boxes, seeds, valid)
@@ -235,42 +247,55 @@ def evaluate_image(image: Image, seeds: int, class_label: str, untrained: set[st
         return rows, []
     class_rows = [reference_row(REFERENCE_ROWS[0], valid, valid, class_boxes),
                   reference_row(REFERENCE_ROWS[1], textbook, valid, class_boxes)]
-    image.ceilings[class_label] = linear_ceilings(rgb, valid, class_boxes, image.pixel_size_m)
+    image.ceilings[class_label] = ceilings(features, valid, class_boxes, goal_for(class_rows[1], class_rows[0]))
     class_rows += teach_rows(image, class_boxes, far_from_boxes, seeds, class_label.lower(),
                              goal_for(class_rows[1], class_rows[0]), counts, stability_sets)
     return rows, class_rows
 
 
-def linear_ceilings(rgb: np.ndarray, valid: np.ndarray, objects: list[ReferenceObject],
-                    pixel_size_m: float) -> tuple[float, float]:
-    """`linear_ceiling` on per-pixel RGB, and on RGB with its local mean and spread at CONTEXT_SIGMAS_M."""
+def ceiling_features(image: Image, rgb: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-pixel features the ceilings are fitted on: each kind of TEACH_FEATURES as teach scores it, and RGB
+    with ExG, its local mean and spread at CONTEXT_SIGMAS_M and a texture (CONTEXT_FEATURES)."""
+    features = {name: taught_features(image, options) for name, options in TEACH_FEATURES}
     colour = rgb.astype(np.float64) / 255.0
-    context = [colour]
+    context = [colour, excess_green(rgb)[..., None]]
     for sigma_m in CONTEXT_SIGMAS_M:
-        sigma = (sigma_m / pixel_size_m, sigma_m / pixel_size_m, 0)
+        sigma = (sigma_m / image.pixel_size_m, sigma_m / image.pixel_size_m, 0)
         mean = ndimage.gaussian_filter(colour, sigma)
-        spread = np.sqrt(np.maximum(ndimage.gaussian_filter(colour**2, sigma) - mean**2, 0.0))
-        context += [mean, spread]
-    return (linear_ceiling(colour, valid, objects), linear_ceiling(np.concatenate(context, -1), valid, objects))
+        context += [mean, np.sqrt(np.maximum(ndimage.gaussian_filter(colour**2, sigma) - mean**2, 0.0))]
+    sigma = TEXTURE_SIGMA_M / image.pixel_size_m
+    gradient = ndimage.gaussian_gradient_magnitude(colour.mean(-1), sigma)
+    features[CONTEXT_FEATURES] = np.concatenate([*context, ndimage.gaussian_filter(gradient, 3 * sigma)[..., None]],
+                                                -1)
+    return features
 
 
-def linear_ceiling(features: np.ndarray, valid: np.ndarray, objects: list[ReferenceObject]) -> float:
-    """The highest in-box precision at box recall ≥ GOAL_RECALL of a logistic regression fitted to every valid
-    pixel with the boxes as its labels, over 40 thresholds (0: none reaches that recall). No teach sees that
-    many labels: it bounds what any linear scorer on these features can reach from clicks."""
-    inside = union_mask(objects, valid.shape)[valid]
-    pixels = features[valid]
-    pixels = (pixels - pixels.mean(0)) / np.maximum(pixels.std(0), 1e-12)
-    model = LogisticRegression(C=1.0, max_iter=300, class_weight="balanced")
-    model.fit(pixels[::CEILING_SAMPLE_STEP], inside[::CEILING_SAMPLE_STEP])
-    probability = np.zeros(valid.shape)
-    probability[valid] = model.predict_proba(pixels)[:, 1]
-    best = 0.0
-    for threshold in np.quantile(probability[valid], np.linspace(0.3, 0.97, 40)):
-        scores = box_scores((probability >= threshold) & valid, objects, valid)
-        if scores["box_recall"] >= GOAL_RECALL:
-            best = max(best, scores["in_box_precision"])
-    return best
+def taught_features(image: Image, options: dict) -> np.ndarray:
+    """(h, w, D) features of every pixel as teach scores them: the run's projected feature cells, blended and
+    interpolated (the evaluation's shared model, so untrained weights are the teach rows' own)."""
+    params = run_params(image, options)
+    with GdalRasterSource(str(image.path)) as source, tempfile.TemporaryDirectory() as folder:
+        extractor = feature_extractor(params, SHARED_MODEL)
+        grid = FeatureGrid.of_extractor(TileGrid(source.width, source.height, params.tile_size, params.overlap),
+                                        extractor)
+        store = FeatureStore(folder)
+        ensure_features(params, source, grid, extractor, store, Progress(), {})
+        rows, cols, rows_at, cols_at = grid.cell_window(Window(0, 0, source.width, source.height))
+        cells, _ = grid.blended(store, rows, cols)
+        return np.moveaxis(bilinear_sample(cells.astype(np.float32), rows_at, cols_at), 0, -1).astype(np.float64)
+
+
+def ceilings(features: dict[str, np.ndarray], valid: np.ndarray, objects: list[ReferenceObject],
+             goal: Goal) -> list[tuple[str, str, Ceiling]]:
+    """`ceiling` at the goal's box recall and cover (GOAL_MAX_AREA × the boxes' share of the pixels scored) for
+    every kind of features and CEILING_MODELS."""
+    found = []
+    for name, values in features.items():
+        for model in CEILING_MODELS:
+            found.append((name, model, ceiling(values, valid, objects, model, goal.recall, GOAL_MAX_AREA)))
+            print(f"Ceiling, {name}, {model}: fitted on all {found[-1][2].fitted_on_all:.2f}, held out "
+                  f"{' / '.join(f'{v:.2f}' for v in found[-1][2].held_out)}")
+    return found
 
 
 def reference_row(label: str, mask: np.ndarray, valid: np.ndarray, objects: list[ReferenceObject]) -> Row:
@@ -509,25 +534,58 @@ def goal_table(sections: list, class_label: str) -> list[str]:
     rows = [r for _, rows, class_rows in sections for r in rows + class_rows if r.goal and ", 5 + 5 " in r.label]
     met = sum(sum(r.goal.reached(s) for s in r.scores) >= DONE_SETS * len(r.scores) / 5 for r in rows)
     return lines + ["", f"At least {DONE_SETS} of 5 click sets reach the goal on {met} of {len(rows)} rows.", "",
-                    *ceiling_findings(sections, class_label), *click_label_findings(sections)]
+                    *click_label_findings(sections), *ceiling_findings(sections, class_label)]
+
+
+CEILING_HEADER = ["image: class", "features", "goal: in-box precision at the goal's box recall and cover",
+                  *(f"{model}: {fit}" for model in CEILING_MODELS
+                    for fit in ("fitted on all", "held out: left / right half"))]
 
 
 def ceiling_findings(sections: list, class_label: str) -> list[str]:
-    """Per image and class: the goal's in-box precision beside `linear_ceilings` (what no linear scorer on the
-    colour, with or without local context, passes even when fitted to every box)."""
-    lines = []
+    """Per image and class, the goal's in-box precision beside `ceiling` on each kind of features, and which
+    clear it held out on both halves."""
+    lines = ["| " + " | ".join(CEILING_HEADER) + " |", "|" + " --- |" * len(CEILING_HEADER)]
+    cleared = []
     for image, rows, class_rows in sections:
         for taught, found in (("trees", rows), (class_label, class_rows)):
             goal = next((r.goal for r in found if r.goal), None)
             if goal is None or taught not in image.ceilings:
                 continue
-            plain, context = image.ceilings[taught]
-            lines.append(f"- {image.name} {taught}, linear ceiling: a logistic regression fitted to every pixel "
-                         f"with the boxes as labels (no click set has that much) reaches at most in-box precision "
-                         f"{plain:.2f} at box recall ≥ {goal.recall:.2f} on per-pixel RGB, {context:.2f} with the "
-                         f"local colour mean and spread at σ = {' and '.join(f'{s:g}' for s in CONTEXT_SIGMAS_M)} m; "
-                         f"the goal asks {goal.precision:.2f}.")
-    return [*lines, ""] if lines else []
+            by_features: dict[str, dict[str, Ceiling]] = {}
+            for features, model, measured in image.ceilings[taught]:
+                by_features.setdefault(features, {})[model] = measured
+                if min(measured.held_out) >= goal.precision:
+                    cleared.append(f"{image.name} {taught}: {features}, {model}")
+            for features, measured in by_features.items():
+                lines.append("| " + " | ".join([
+                    f"{image.name}: {taught}", features, f"{goal.precision:.2f}",
+                    *(cell for model in CEILING_MODELS for cell in (
+                        ceiling_cell(measured[model].fitted_on_all),
+                        " / ".join(ceiling_cell(v) for v in measured[model].held_out)))]) + " |")
+    if len(lines) == 2:
+        return []
+    return ["### Ceilings: a per-pixel model fitted to the boxes", "",
+            f"Per image and class, the highest in-box precision at box recall ≥ {GOAL_RECALL:g} and cover ≤ "
+            f"{GOAL_MAX_AREA:g} × the boxes' share (of the pixels scored) of a per-pixel model fitted with the boxes "
+            "as labels (no click set has that many), over 40 thresholds of its probability: *linear*, a logistic "
+            "regression; *boosted*, gradient-boosted trees (sklearn's HistGradientBoostingClassifier, 100 rounds of "
+            "15 leaves, ≥ 200 pixels a leaf), on the features each teach row scores (*RGB per pixel*, *DINOv3 "
+            f"default*) and on *{CONTEXT_FEATURES}*: RGB, ExG, the local colour mean and spread at σ = "
+            f"{', '.join(f'{s:g}' for s in CONTEXT_SIGMAS_M)} m and the local mean of the grey gradient at "
+            f"{TEXTURE_SIGMA_M:g} m. Each model is fitted on every {CEILING_SAMPLE_STEP}th pixel. *Fitted on all*: "
+            "fitted and scored on the whole image (a flexible model on local context learns the boxes' places by "
+            "heart there); *held out*: the left half scored by a model fitted on the right half, and the right half "
+            "by one fitted on the left, each against the boxes centred in it, cut to it (the pixels of the other "
+            "half's boxes are not scored). A goal above the held-out ceiling is out of reach of such a scorer on "
+            "those features, however clicked.", "",
+            *lines, "", "—: no threshold reaches the box recall within the cover. Held out on both halves, the "
+            f"goal's in-box precision is reached by: {'; '.join(cleared) if cleared else 'none'}.", ""]
+
+
+def ceiling_cell(precision: float) -> str:
+    """A ceiling's in-box precision, or — where no threshold reached the box recall within the cover."""
+    return f"{precision:.2f}" if precision else "—"
 
 
 def click_label_findings(sections: list) -> list[str]:
@@ -559,8 +617,9 @@ def write_report(path: Path, sections: list, untrained: set[str], args: argparse
     lines = [
         "# Quality, measured",
         "",
-        f"Generated by `make eval` (`scripts/eval_sample.py`) on {datetime.date.today().isoformat()} "
-        f"({platform.machine()}, Python {platform.python_version()}, {args.seeds} click sets per teach row, "
+        f"Generated by `make eval` (`scripts/eval_sample.py`) on {datetime.date.today().isoformat()} at commit "
+        f"{source_commit()} ({platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
+        f"{args.seeds} click sets per teach row, "
         f"{seconds / 60:.1f} minutes in all). "
         f"Hub reachable: {'no' if hub_offline() else 'yes'}.",
         "",
@@ -594,6 +653,18 @@ def write_report(path: Path, sections: list, untrained: set[str], args: argparse
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     print(path)
+
+
+def source_commit() -> str:
+    """The repository's commit, '+ changes' when files differ from it ('unknown' outside a git checkout)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
+                                check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, cwd=REPO, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit} + changes" if changed else commit
 
 
 def mean_of(rows: list[Row], label: str, group: str, name: str) -> float | None:
@@ -644,9 +715,7 @@ def goal_text(stability_sets: int) -> list[str]:
         f"{', '.join(f'{t:g}' for t in SWEEP)} instead of the default. If one other threshold served all sets, the "
         "default would be the problem; if sets reach the goal only each at its own threshold, the calibration is; "
         "if the highest in-box precision at the goal's box recall stays under the goal's precision, no threshold can "
-        "help: the features rank too many pixels outside the boxes above those inside. Below the table, per "
-        "image and class, the *linear ceiling*: what a logistic regression fitted to every pixel with the boxes as "
-        "labels reaches; a goal above it is out of reach of any linear scorer on those features, however clicked.",
+        "help: the features rank too many pixels outside the boxes above those inside.",
         "",
     ]
 

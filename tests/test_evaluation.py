@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from osgeo import gdal, ogr, osr
 
+from treeseg_qgis.engine.core.ceiling import Ceiling, ceiling
 from treeseg_qgis.engine.core.evaluation import (
     ReferenceObject,
     box_scores,
@@ -20,6 +21,7 @@ from treeseg_qgis.engine.core.evaluation import (
     otsu_threshold,
     pixel_scores,
     predicted_crowns,
+    union_mask,
 )
 from treeseg_qgis.engine.evaluate import evaluate
 from treeseg_qgis.engine.gis.raster import GdalRasterSource
@@ -314,15 +316,18 @@ def test_make_eval_scores_any_image_with_its_boxes(tiny_model_dir, tmp_path):
     assert "- plot trees, RGB per pixel: the boxes the tree clicks fell on, by label: seed 0: 2 Alive, 2 Dead" in report
     assert "click sets reach the goal on" in report
     assert "NEON" not in report  # the sample images' attribution only comes with them
-    plain, context = linear_ceilings(report, "plot Dead")  # Dead and Alive crowns alike: colour cannot part them
-    assert 0.0 <= plain <= 1.0 and 0.0 <= context <= 1.0
+    dead_ceilings = ceilings(report, "plot: Dead")  # Dead and Alive crowns alike: colour cannot part them
+    assert set(dead_ceilings) == {"RGB per pixel", "DINOv3 default", "RGB + local context"}
+    assert all(0.0 <= v <= 1.0 for row in dead_ceilings.values() for v in row)
 
 
-def linear_ceilings(report: str, image_class: str) -> tuple[float, float]:
-    """The eval report's linear ceilings of one image and class: on per-pixel RGB, and with local context."""
-    line = next(line for line in report.splitlines() if line.startswith(f"- {image_class}, linear ceiling: "))
-    found = re.search(r"in-box precision ([0-9.]+) at box recall .* on per-pixel RGB, ([0-9.]+) with", line)
-    return float(found.group(1)), float(found.group(2))
+def ceilings(report: str, image_class: str) -> dict[str, list[float]]:
+    """The eval report's ceilings of one image and class: features → linear fitted on all, held out left and
+    right, boosted fitted on all, held out left and right."""
+    rows = report.split("| image: class | features | goal: in-box precision at the goal's", 1)[1].split("\n\n", 1)[0]
+    return {cells[1]: [0.0 if v == "—" else float(v) for cell in cells[3:] for v in cell.split(" / ")]
+            for cells in ([c.strip() for c in line.strip("|").split("|")] for line in rows.splitlines()[2:])
+            if cells[0] == image_class}
 
 
 def test_make_eval_teach_only_leaves_out_the_segmentation_rows_and_the_stability(tiny_model_dir, tmp_path):
@@ -344,5 +349,32 @@ def test_make_eval_teach_only_leaves_out_the_segmentation_rows_and_the_stability
     rgb_trees = report_rows(report, "## Click-to-teach: how many click sets reach the goal")["plot: trees"]
     assert rgb_trees[0] == "RGB per pixel" and rgb_trees[3] in ("0 of 1", "1 of 1")
     assert rgb_trees[8] == "—"  # no click set taught again without each click
-    plain, context = linear_ceilings(report, "plot trees")
-    assert plain >= 0.9 and 0.0 < context <= 1.0  # green crowns on sand: colour fitted to the boxes all but exact
+    rgb = ceilings(report, "plot: trees")["RGB per pixel"]
+    assert min(rgb) >= 0.9  # green crowns on sand: colour fitted to the boxes all but exact, held out too
+
+
+def ceiling_scene(label_noise: float) -> tuple[np.ndarray, np.ndarray, list]:
+    """A 240 × 240 image with six 40 × 40 boxes; one feature is 1 inside the boxes and 0 outside, except that
+    a `label_noise` share of the pixels take a random 0 or 1; a second feature is noise alone."""
+    rng = np.random.default_rng(5)
+    objects = boxes_to_objects([(c, r, c + 40, r + 40) for r in (20, 140) for c in (20, 100, 180)], (240, 240))
+    signal = union_mask(objects, (240, 240)).astype(float)
+    flipped = rng.random((240, 240)) < label_noise
+    signal[flipped] = rng.integers(0, 2, int(flipped.sum()))
+    return np.stack([signal, rng.normal(size=(240, 240))], -1), np.ones((240, 240), bool), objects
+
+
+@pytest.mark.parametrize("model", ["linear", "boosted"])
+def test_a_ceiling_reaches_one_on_a_separable_class_and_not_under_label_noise(model):
+    features, valid, objects = ceiling_scene(label_noise=0.0)
+    separable = ceiling(features, valid, objects, model, recall=0.9)
+    assert separable.fitted_on_all == pytest.approx(1.0) and min(separable.held_out) == pytest.approx(1.0)
+    # box recall 0.9 needs a quarter of each of the six boxes: 1/4 of the boxes' share, more than 1/5 of it
+    assert ceiling(features, valid, objects, model, recall=0.9, max_cover_of_boxes=0.2) == Ceiling(0.0, (0.0, 0.0))
+    assert ceiling(features, valid, objects, model, recall=0.9, max_cover_of_boxes=1.1) == separable
+    features, valid, objects = ceiling_scene(label_noise=0.5)  # a quarter of the pixels get the wrong value
+    noisy = ceiling(features, valid, objects, model, recall=0.9)
+    share = union_mask(objects, valid.shape).mean()  # 1/6 of the image is in a box
+    expected = share * 0.75 / (share * 0.75 + (1 - share) * 0.25)  # the precision of feature == 1
+    assert noisy.fitted_on_all < 0.6 and max(noisy.held_out) < 0.6
+    assert noisy.fitted_on_all == pytest.approx(expected, abs=0.03)

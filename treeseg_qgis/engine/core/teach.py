@@ -21,7 +21,12 @@ Measured and left out (RGB per pixel, 5 + 5 clicks, 2026-12-07): the local mean 
 more features (they raise what a model fitted to every box reaches, but 5 + 5 clicks overfit the extra
 dimensions: fewer click sets reach the goal), smoothing the probability or a minimum object size before the
 threshold (precision up, box recall down by as much: the best precision at the goal's recall does not move), an
-RBF expansion around the clicks (helps a two-looks class, loses more elsewhere).
+RBF expansion around the clicks (helps a two-looks class, loses more elsewhere). Gradient-boosted trees instead of
+the logistic regression (a proxy of this module outside it, same click sets and neighbourhoods, P ≥ 0.5;
+2026-12-07): OSBS_029 trees 0 of 5 click sets on RGB, RGB with local context and DINOv3 (random weights); SOAP_061
+trees 1 of 5 on RGB (the linear proxy 0); on local context they mark little beyond the clicks (box recall 0.07-0.43).
+The ceilings in docs/QUALITY.md (core/ceiling.py): fitted to every box and scored on the other half of the image,
+no per-pixel model, linear or boosted, on those features reaches OSBS_029's goal.
 """
 
 from __future__ import annotations
