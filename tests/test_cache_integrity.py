@@ -18,6 +18,7 @@ from treeseg_qgis.engine.core.errors import Cancelled, ModelUnavailableError
 from treeseg_qgis.engine.core.progress import Progress
 from treeseg_qgis.engine.pipeline import segment
 from treeseg_qgis.params import SegmentationParams
+from treeseg_qgis.run_record import RunRecord
 
 from .conftest import REPO, disc_scene, write_geotiff
 
@@ -29,7 +30,7 @@ def run(tiny_model_dir, tmp_path):
     image, _ = disc_scene(160, 160, [(80, 80)], radius=40)
     path = write_geotiff(tmp_path / "in.tif", image)
 
-    def segment_with(**options) -> dict:
+    def segment_with(**options) -> RunRecord:
         values = dict(input_path=str(path), output_dir=str(tmp_path / "out"), model=str(tiny_model_dir),
                       device="cpu", clusters=2, tile_size=128, overlap=32, cache_dir=str(tmp_path / "cache"))
         values.update(options)
@@ -39,7 +40,7 @@ def run(tiny_model_dir, tmp_path):
 
 
 def state(record) -> str:
-    return record["feature_cache"]["state"]
+    return record.feature_cache.state
 
 
 def entries(cache: Path) -> list[str]:

@@ -98,8 +98,8 @@ def segment(
     progress: Progress | None = None,
     load_model: ModelLoader | None = None,
     features: str | Path | None = None,
-) -> dict:
-    """Run one segmentation and return its record, `RunRecord.to_dict()` (also written as `<stem>_run.json`).
+) -> RunRecord:
+    """Run one segmentation and return its record (also written as `<stem>_run.json`).
 
     `load_model` loads the backbone (default: load_backbone); it is not called
     when the feature cache already holds this raster's features, nor when `features` is a complete
@@ -198,7 +198,7 @@ def segment(
                 raise _writing_failed(error, paths.clusters.parent) from error
             raise
     progress.report(1.0, "Done")
-    return record.to_dict()
+    return record
 
 
 def teach(
