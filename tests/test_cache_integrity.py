@@ -64,7 +64,7 @@ def test_swapped_weights_in_the_same_folder_are_a_miss(run, tmp_path):
     assert state(segment_with(model=str(folder))) == "hit"
     save(32)
     swapped = segment_with(model=str(folder))
-    assert state(swapped) == "miss" and swapped["model"]["feature_dim"] == 32
+    assert state(swapped) == "miss" and swapped.model.details["feature_dim"] == 32
 
 
 def test_a_vrt_whose_source_changed_is_a_miss(run, tmp_path):
@@ -72,10 +72,10 @@ def test_a_vrt_whose_source_changed_is_a_miss(run, tmp_path):
     vrt = tmp_path / "mosaic.vrt"
     gdal.BuildVRT(str(vrt), [str(path)]).FlushCache()
     first = segment_with(input_path=str(vrt))
-    assert state(first) == "miss" and first["trees"]["tree_cover"] > 0.05
+    assert state(first) == "miss" and first.trees.tree_cover > 0.05
     write_geotiff(path, np.full((3, 160, 160), 128, np.uint8))
     grey = segment_with(input_path=str(vrt))
-    assert state(grey) == "miss" and grey["trees"]["tree_cover"] == 0.0
+    assert state(grey) == "miss" and grey.trees.tree_cover == 0.0
 
 
 def test_a_same_size_rewrite_with_its_time_restored_is_a_miss(run):

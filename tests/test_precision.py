@@ -100,7 +100,7 @@ def test_the_run_record_says_what_ran_and_the_cache_keeps_precisions_apart(tiny_
     assert first.model.precision == int8 and first.feature_cache.state == "miss"
     assert run("float32", "b").feature_cache.state == "miss"
     again = run("int8", "c")
-    assert again["feature_cache"]["state"] == "hit" and again["model"]["precision"] == int8
+    assert again.feature_cache.state == "hit" and again.model.precision == int8
     # the key names the runtime: no entry of the former torch int8 ("int8" alone) is ever read
     keys = [json.loads(path.read_text())["precision"] for path in (tmp_path / "cache").glob("*/key.json")]
     assert sorted(keys) == sorted(["float32", int8])

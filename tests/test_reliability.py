@@ -218,9 +218,9 @@ def test_k_larger_than_distinct_features_and_k_one(tiny_model_dir, tmp_path):
     data = np.zeros((3, 64, 64), np.uint8)
     data[:, :, 32:] = 200
     path = write_geotiff(tmp_path / "in.tif", data)
-    assert run(tiny_model_dir, path, tmp_path / "a", clusters=40)["clusters"]["k"] <= 40
+    assert run(tiny_model_dir, path, tmp_path / "a", clusters=40).clusters.k <= 40
     one = run(tiny_model_dir, path, tmp_path / "b", clusters=1)
-    assert one["clusters"]["k"] == 1 and set(np.unique(labels(one))) == {0}
+    assert one.clusters.k == 1 and set(np.unique(labels(one))) == {0}
 
 
 @pytest.mark.parametrize("stage", ["Loading model", "Extracting", "Clustering", "Assigning", "Polygonizing",
