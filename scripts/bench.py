@@ -133,7 +133,7 @@ def measure(kind: str, raster: str, stride: int) -> dict:
                                     model=str(WORK / "vits16-random"), stride=stride, device="cpu", clusters=6,
                                     use_cache=False)
         record = segment(params, load_model=lambda _: backbone)
-        result = {"seconds": time.perf_counter() - started, "timings": record["timings"]}
+        result = {"seconds": time.perf_counter() - started, "timings": record.timings}
     result.update(tiles=len(grid), peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   threads=__import__("torch").get_num_threads())
     return result
@@ -175,7 +175,7 @@ def _through_the_dock_path(raster: str, stride: int, tiles: int) -> dict:
         seconds = time.perf_counter() - started
     finally:
         client.close()
-    return {"seconds": seconds, "timings": record["timings"], "tiles": tiles,
+    return {"seconds": seconds, "timings": record.timings, "tiles": tiles,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "threads": 0}
 
 

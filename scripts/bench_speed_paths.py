@@ -271,9 +271,9 @@ def child_overlap(raster: str, model: str, overlap: int) -> dict:
     out = tempfile.mkdtemp(prefix="treeseg-bench-out-")
     record = segment(SegmentationParams(input_path=raster, output_dir=out, model=model, overlap=overlap,
                                         use_cache=False, clusters=4))
-    return {"overlap": overlap, "tiles": record["tiles"], "model_run": record["model_run"],
-            "features_s": record["timings"]["features"], "total_s": record["timings"]["total"],
-            "precision": record["model"].get("precision"), "load": os.getloadavg()[0]}
+    return {"overlap": overlap, "tiles": record.tiles, "model_run": record.to_dict()["model_run"],
+            "features_s": record.timings["features"], "total_s": record.total_seconds,
+            "precision": record.model.precision, "load": os.getloadavg()[0]}
 
 
 def overlaps(repeat: int) -> None:

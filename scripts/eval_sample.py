@@ -230,10 +230,10 @@ def evaluate_image(image: Image, seeds: int, class_label: str, untrained: set[st
         params = run_params(image, options)
         started = time.perf_counter()
         record = segment(params, load_model=SHARED_MODEL)
-        row = Row(label.format(model=image.model), record["model"]["weights"], seconds=[time.perf_counter() - started])
-        if record["model"]["untrained"]:
-            untrained.add(record["model"]["model_id"])
-        mask, mask_valid, _, _ = read_prediction(record["outputs"]["trees"])
+        row = Row(label.format(model=image.model), record.model.weights, seconds=[time.perf_counter() - started])
+        if record.model.untrained:
+            untrained.add(record.model.model_id)
+        mask, mask_valid, _, _ = read_prediction(record.outputs["trees"])
         row.scores.append(object_scores(mask, mask_valid, every_box))
         rows.append(row)
         print_row(row)

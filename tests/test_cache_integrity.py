@@ -18,6 +18,7 @@ from treeseg_qgis.engine.core.errors import Cancelled, ModelUnavailableError
 from treeseg_qgis.engine.core.progress import Progress
 from treeseg_qgis.engine.pipeline import segment
 from treeseg_qgis.params import SegmentationParams
+from treeseg_qgis.run_record import RunRecord
 
 from .conftest import REPO, disc_scene, write_geotiff
 
@@ -29,7 +30,7 @@ def run(tiny_model_dir, tmp_path):
     image, _ = disc_scene(160, 160, [(80, 80)], radius=40)
     path = write_geotiff(tmp_path / "in.tif", image)
 
-    def segment_with(**options) -> dict:
+    def segment_with(**options) -> RunRecord:
         values = dict(input_path=str(path), output_dir=str(tmp_path / "out"), model=str(tiny_model_dir),
                       device="cpu", clusters=2, tile_size=128, overlap=32, cache_dir=str(tmp_path / "cache"))
         values.update(options)
@@ -39,7 +40,7 @@ def run(tiny_model_dir, tmp_path):
 
 
 def state(record) -> str:
-    return record["feature_cache"]["state"]
+    return record.feature_cache.state
 
 
 def entries(cache: Path) -> list[str]:
@@ -63,7 +64,7 @@ def test_swapped_weights_in_the_same_folder_are_a_miss(run, tmp_path):
     assert state(segment_with(model=str(folder))) == "hit"
     save(32)
     swapped = segment_with(model=str(folder))
-    assert state(swapped) == "miss" and swapped["model"]["feature_dim"] == 32
+    assert state(swapped) == "miss" and swapped.model.details["feature_dim"] == 32
 
 
 def test_a_vrt_whose_source_changed_is_a_miss(run, tmp_path):
@@ -71,10 +72,10 @@ def test_a_vrt_whose_source_changed_is_a_miss(run, tmp_path):
     vrt = tmp_path / "mosaic.vrt"
     gdal.BuildVRT(str(vrt), [str(path)]).FlushCache()
     first = segment_with(input_path=str(vrt))
-    assert state(first) == "miss" and first["trees"]["tree_cover"] > 0.05
+    assert state(first) == "miss" and first.trees.tree_cover > 0.05
     write_geotiff(path, np.full((3, 160, 160), 128, np.uint8))
     grey = segment_with(input_path=str(vrt))
-    assert state(grey) == "miss" and grey["trees"]["tree_cover"] == 0.0
+    assert state(grey) == "miss" and grey.trees.tree_cover == 0.0
 
 
 def test_a_same_size_rewrite_with_its_time_restored_is_a_miss(run):

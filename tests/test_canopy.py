@@ -59,17 +59,17 @@ def test_height_raster_and_the_minimum_height_rule(tiny_model_dir, tiny_height_d
             min_tree_height_m=minimum))
 
     free = run("free", None)
-    heights = band(free["outputs"]["height"])
+    heights = band(free.outputs["height"])
     source = gdal.Open(str(path))
-    height_file = gdal.Open(free["outputs"]["height"])
+    height_file = gdal.Open(free.outputs["height"])
     assert height_file.GetGeoTransform() == source.GetGeoTransform()
     assert heights.shape == (320, 400) and (heights >= 0).all()
-    assert free["model"]["height_model"]["model_id"] == str(tiny_height_dir)
+    assert free.model.height_model.model_id == str(tiny_height_dir)
     cut = float(np.median(heights))
     limited = run("limited", cut)
-    trees_free = band(free["outputs"]["trees"]) == 1
-    trees_limited = band(limited["outputs"]["trees"]) == 1
+    trees_free = band(free.outputs["trees"]) == 1
+    trees_limited = band(limited.outputs["trees"]) == 1
     assert not (trees_limited & ~trees_free).any()
     assert not (trees_limited & (heights < cut)).any()
-    assert limited["trees"]["tree_pixels"] == int(trees_limited.sum()) < free["trees"]["tree_pixels"]
-    assert "canopy height ≥" in limited["trees"]["rule"]
+    assert limited.trees.tree_pixels == int(trees_limited.sum()) < free.trees.tree_pixels
+    assert "canopy height ≥" in limited.trees.rule

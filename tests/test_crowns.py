@@ -83,6 +83,6 @@ def test_pipeline_writes_crowns_on_request(tiny_model_dir, scene_tif, tmp_path):
     record = segment(SegmentationParams(input_path=str(path), output_dir=str(tmp_path / "out"),
                                         model=str(tiny_model_dir), device="cpu", clusters=2, crowns=True,
                                         crown_min_area_m2=1.0))
-    assert record["crowns"] >= 4
-    source = ogr.Open(record["outputs"]["crowns"])
-    assert source.GetLayer(0).GetFeatureCount() >= record["crowns"]
+    assert record.crowns >= 4
+    source = ogr.Open(record.outputs["crowns"])
+    assert source.GetLayer(0).GetFeatureCount() >= record.crowns

@@ -32,16 +32,16 @@ def params(tiny_model_dir, scene_tif, tmp_path):
 
 
 def test_a_new_feature_setting_changes_the_feature_cache_key(params, tmp_path):
-    assert segment(params())["feature_cache"]["state"] == "miss"
-    assert segment(params(output_dir=str(tmp_path / "again")))["feature_cache"]["state"] == "hit"
+    assert segment(params()).feature_cache.state == "miss"
+    assert segment(params(output_dir=str(tmp_path / "again"))).feature_cache.state == "hit"
     changed = segment(params(output_dir=str(tmp_path / "textured"), texture_radius=3))
-    assert changed["feature_cache"]["state"] == "miss" and changed["parameters"]["texture_radius"] == 3
+    assert changed.feature_cache.state == "miss" and changed.parameters.texture_radius == 3
 
 
 def test_a_new_survey_setting_is_kept_by_the_cluster_model_and_checked(params, tmp_path):
     model = tmp_path / "survey.treeseg"
     fit_survey([params().input_path], params(input_path=""), model)
     assert SurveyModel.load(model).settings["texture_radius"] == 0
-    assert segment(params(cluster_model=str(model)))["cluster_model"]["path"] == str(model)
+    assert segment(params(cluster_model=str(model))).cluster_model.path == str(model)
     with pytest.raises(InputError, match=r"texture_radius 3 \(the model: 0\)"):
         segment(params(cluster_model=str(model), texture_radius=3, output_dir=str(tmp_path / "textured")))

@@ -20,6 +20,7 @@ from treeseg_qgis.engine.core.models import load_backbone
 from treeseg_qgis.engine.core.onnx_int8 import OnnxInt8Network, default_export_root, export_problem
 from treeseg_qgis.engine.pipeline import segment
 from treeseg_qgis.params import ParameterError, SegmentationParams
+from treeseg_qgis.run_record import RunRecord
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -88,7 +89,7 @@ def test_unknown_precision_and_int8_on_a_gpu_are_refused():
 def test_the_run_record_says_what_ran_and_the_cache_keeps_precisions_apart(tiny_model_dir, scene_tif, tmp_path):
     path, _ = scene_tif
 
-    def run(precision: str, out: str) -> dict:
+    def run(precision: str, out: str) -> RunRecord:
         return segment(SegmentationParams(input_path=str(path), output_dir=str(tmp_path / out),
                                           model=str(tiny_model_dir), device="cpu", precision=precision,
                                           clusters=2, cache_dir=str(tmp_path / "cache"), tile_size=128,
@@ -96,10 +97,10 @@ def test_the_run_record_says_what_ran_and_the_cache_keeps_precisions_apart(tiny_
 
     int8 = f"int8 (ONNX Runtime {onnxruntime.__version__})"
     first = run("int8", "a")
-    assert first["model"]["precision"] == int8 and first["feature_cache"]["state"] == "miss"
-    assert run("float32", "b")["feature_cache"]["state"] == "miss"
+    assert first.model.precision == int8 and first.feature_cache.state == "miss"
+    assert run("float32", "b").feature_cache.state == "miss"
     again = run("int8", "c")
-    assert again["feature_cache"]["state"] == "hit" and again["model"]["precision"] == int8
+    assert again.feature_cache.state == "hit" and again.model.precision == int8
     # the key names the runtime: no entry of the former torch int8 ("int8" alone) is ever read
     keys = [json.loads(path.read_text())["precision"] for path in (tmp_path / "cache").glob("*/key.json")]
     assert sorted(keys) == sorted(["float32", int8])
@@ -240,7 +241,7 @@ def test_int8_clusters_agree_with_float32_on_the_real_sample(tiny_model_dir, tmp
                                             output_dir=str(tmp_path / precision), model=str(tiny_model_dir),
                                             device="cpu", precision=precision, clusters=4, use_cache=False,
                                             tile_size=256, overlap=32))
-        dataset = gdal.Open(record["outputs"]["clusters"])
+        dataset = gdal.Open(record.outputs["clusters"])
         return dataset.GetRasterBand(1).ReadAsArray()
 
     reference, int8 = clusters("float32"), clusters("int8")
@@ -323,9 +324,9 @@ def test_int8_from_partial_weights_stays_untrained_and_is_never_cached(tiny_mode
         record = segment(SegmentationParams(input_path=str(path), output_dir=str(tmp_path / run), model=str(partial),
                                             device="cpu", precision="int8", allow_untrained=True, clusters=2,
                                             tile_size=128, overlap=32, use_cache=False))
-        assert record["model"]["untrained"] and record["model"]["weights"].startswith("untrained")
-        assert record["model"]["precision"].startswith("int8 (ONNX Runtime")
-        assert record["warning"].startswith("UNTRAINED WEIGHTS")
+        assert record.model.untrained and record.model.weights.startswith("untrained")
+        assert record.model.precision.startswith("int8 (ONNX Runtime")
+        assert record.warning.startswith("UNTRAINED WEIGHTS")
         assert sorted(default_export_root().glob("*")) == exports_before  # exported for that run only
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "treeseg_qgis"
 QGIS_GDAL_QT = ("qgis", "osgeo", "PyQt5", "PyQt6", "PySide2", "PySide6", "sip")
 ENGINE_LIBRARIES = ("torch", "transformers", "sklearn", "scipy", "skimage", "numpy", "dask", "distributed")
-SHARED = ("catalogue", "locks", "memory", "outputs", "params", "protocol")
+SHARED = ("atomic", "catalogue", "locks", "memory", "outputs", "params", "protocol")
 # Evaluation needs numpy, scipy and GDAL, not torch: the Processing algorithm runs it inside QGIS.
 QGIS_SIDE_MAY_CALL = ("treeseg_qgis.engine.evaluate", "treeseg_qgis.engine.core.errors")
 

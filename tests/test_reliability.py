@@ -22,6 +22,7 @@ from treeseg_qgis.engine.core.models import Backbone, load_backbone
 from treeseg_qgis.engine.core.progress import Progress
 from treeseg_qgis.engine.pipeline import segment
 from treeseg_qgis.params import AUTO, SegmentationParams
+from treeseg_qgis.run_record import RunRecord
 
 from .conftest import REPO, disc_scene, write_geotiff
 
@@ -32,7 +33,7 @@ def digest(path) -> str | None:
     return hashlib.sha256(open(path, "rb").read()).hexdigest() if os.path.exists(path) else None
 
 
-def run(tiny_model_dir, path, out, **options) -> dict:
+def run(tiny_model_dir, path, out, **options) -> RunRecord:
     defaults = dict(model=str(tiny_model_dir), device="cpu", clusters=2)
     defaults.update(options)
     before = digest(path)
@@ -49,7 +50,7 @@ def assert_fails_cleanly(tiny_model_dir, path, out, error, match, **options):
 
 
 def labels(record) -> np.ndarray:
-    dataset = gdal.Open(record["outputs"]["clusters"])
+    dataset = gdal.Open(record.outputs["clusters"])
     return dataset.GetRasterBand(1).ReadAsArray()
 
 
@@ -63,7 +64,7 @@ def test_band_counts(tiny_model_dir, tmp_path, bands):
     image = scene()
     data = np.concatenate([image, image[:1]])[:bands] if bands > 3 else image[:bands]
     record = run(tiny_model_dir, write_geotiff(tmp_path / "in.tif", data), tmp_path / "out")
-    assert record["input"]["bands"] == ([1, 2, 3] if bands > 3 else [1, 1, 1])
+    assert record.input.bands == ([1, 2, 3] if bands > 3 else [1, 1, 1])
 
 
 def test_rgba_alpha_is_the_mask(tiny_model_dir, tmp_path):
@@ -88,7 +89,7 @@ def test_band_out_of_range(tiny_model_dir, tmp_path):
 def test_16_bit_and_float(tiny_model_dir, tmp_path, dtype):
     data = (scene().astype(np.float32) * (257 if dtype == "uint16" else 1 / 255)).astype(dtype)
     record = run(tiny_model_dir, write_geotiff(tmp_path / "in.tif", data), tmp_path / "out")
-    assert "percentile" in record["input"]["scaling"]
+    assert "percentile" in record.input.scaling
 
 
 def test_float_nan_and_nodata_islands_stay_nodata(tiny_model_dir, tmp_path):
@@ -103,7 +104,7 @@ def test_float_nan_and_nodata_islands_stay_nodata(tiny_model_dir, tmp_path):
 def test_constant_image_and_auto_k(tiny_model_dir, tmp_path):
     data = np.full((3, 64, 64), 120, np.uint8)
     record = run(tiny_model_dir, write_geotiff(tmp_path / "in.tif", data), tmp_path / "out", clusters=AUTO)
-    assert record["clusters"]["k"] >= 1 and record["trees"]["tree_cover"] == 0.0
+    assert record.clusters.k >= 1 and record.trees.tree_cover == 0.0
 
 
 def test_all_nodata(tiny_model_dir, tmp_path):
@@ -116,7 +117,7 @@ def test_geographic_and_missing_crs(tiny_model_dir, tmp_path, epsg):
     geotransform = (-82.0, 1e-6, 0.0, 29.7, 0.0, -1e-6) if epsg else (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
     path = write_geotiff(tmp_path / "in.tif", scene(), geotransform=geotransform, epsg=epsg)
     record = run(tiny_model_dir, path, tmp_path / "out")
-    polygons = ogr.Open(record["outputs"]["polygons"])
+    polygons = ogr.Open(record.outputs["polygons"])
     areas = [feature["area_m2"] for feature in polygons.GetLayer(0)]
     if epsg:
         expected = 96 * 96 * (1e-6 * 111_320 * np.cos(np.radians(29.7))) * (1e-6 * 110_860)
@@ -129,7 +130,7 @@ def test_rotated_geotransform_is_kept(tiny_model_dir, tmp_path):
     geotransform = (404211.9, 0.0866, 0.05, 3285142.9, 0.05, -0.0866)
     path = write_geotiff(tmp_path / "in.tif", scene(), geotransform=geotransform)
     record = run(tiny_model_dir, path, tmp_path / "out")
-    assert gdal.Open(record["outputs"]["clusters"]).GetGeoTransform() == pytest.approx(geotransform)
+    assert gdal.Open(record.outputs["clusters"]).GetGeoTransform() == pytest.approx(geotransform)
 
 
 @pytest.mark.parametrize("shape", [(10, 12), (20, 3000)])
@@ -163,8 +164,8 @@ def test_existing_outputs_are_replaced(tiny_model_dir, tmp_path):
     path = write_geotiff(tmp_path / "in.tif", scene())
     first = run(tiny_model_dir, path, tmp_path / "out", clusters=2)
     second = run(tiny_model_dir, path, tmp_path / "out", clusters=3)
-    assert first["outputs"] == second["outputs"]
-    assert json.loads(open(second["outputs"]["record"]).read())["clusters"]["k"] == 3
+    assert first.outputs == second.outputs
+    assert json.loads(open(second.outputs["record"]).read())["clusters"]["k"] == 3
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if "partial" in p.name) == []
 
 
@@ -217,9 +218,9 @@ def test_k_larger_than_distinct_features_and_k_one(tiny_model_dir, tmp_path):
     data = np.zeros((3, 64, 64), np.uint8)
     data[:, :, 32:] = 200
     path = write_geotiff(tmp_path / "in.tif", data)
-    assert run(tiny_model_dir, path, tmp_path / "a", clusters=40)["clusters"]["k"] <= 40
+    assert run(tiny_model_dir, path, tmp_path / "a", clusters=40).clusters.k <= 40
     one = run(tiny_model_dir, path, tmp_path / "b", clusters=1)
-    assert one["clusters"]["k"] == 1 and set(np.unique(labels(one))) == {0}
+    assert one.clusters.k == 1 and set(np.unique(labels(one))) == {0}
 
 
 @pytest.mark.parametrize("stage", ["Loading model", "Extracting", "Clustering", "Assigning", "Polygonizing",
@@ -306,9 +307,9 @@ def test_a_run_that_fell_back_says_so_and_the_next_run_asks_the_device_again(tin
         shared.model.devices.clear()
         record = segment(params, load_model=lambda wanted: shared)
         assert shared.model.devices and set(shared.model.devices) == {"meta"}
-        assert "out of memory on meta" in record["model"]["fell_back_to_cpu"]
+        assert "out of memory on meta" in record.model.fell_back_to_cpu
         saved = json.loads(next((tmp_path / "out").glob("*_run.json")).read_text())
-        assert saved["model"]["fell_back_to_cpu"] == record["model"]["fell_back_to_cpu"]
+        assert saved["model"]["fell_back_to_cpu"] == record.model.fell_back_to_cpu
         assert shared.device.type == "meta" and shared.precision == "float16"
 
 

@@ -18,7 +18,8 @@ from .conftest import disc_scene, write_geotiff
 
 @pytest.fixture(scope="module")
 def run(tiny_model_dir, tmp_path_factory):
-    """One real run on the tiny model with automatic K and crowns: its returned record and its record file."""
+    """One real run on the tiny model with automatic K and crowns: its returned record (typed) and its record
+    file."""
     folder = tmp_path_factory.mktemp("record")
     image, _ = disc_scene(160, 160, [(40, 40), (110, 100)], 24)
     path = write_geotiff(folder / "scene.tif", image)
@@ -30,7 +31,7 @@ def run(tiny_model_dir, tmp_path_factory):
 def test_a_real_run_gives_a_record_the_qgis_side_reads(run):
     returned, text = run
     record = RunRecord.from_json(text)
-    assert record == RunRecord.from_dict(returned)
+    assert record == returned and RunRecord.from_dict(returned.to_dict()) == returned
     assert record.clusters.automatic and record.clusters.k == len(record.clusters.mean_exg)
     assert 0.0 <= record.trees.tree_cover <= 1.0
     assert record.crowns is not None and "crowns" in record.outputs
@@ -42,7 +43,7 @@ def test_a_real_run_gives_a_record_the_qgis_side_reads(run):
 def test_a_record_survives_a_round_trip_with_every_key(run):
     returned, text = run
     record = RunRecord.from_json(text)
-    assert json.loads(record.to_json()) == json.loads(text) == json.loads(json.dumps(returned))
+    assert json.loads(record.to_json()) == json.loads(text) == json.loads(json.dumps(returned.to_dict()))
     assert RunRecord.from_json(record.to_json()) == record
 
 
@@ -65,7 +66,7 @@ def test_a_damaged_record_file_is_refused_in_one_line(run):
 ])
 def test_a_hand_edited_record_is_refused_naming_the_field(run, edit, field):
     returned, _ = run
-    data = json.loads(json.dumps(returned))
+    data = returned.to_dict()
     edit(data)
     with pytest.raises(RecordError) as refused:
         RunRecord.from_dict(data)
@@ -74,7 +75,7 @@ def test_a_hand_edited_record_is_refused_naming_the_field(run, edit, field):
 
 def test_another_versions_record_says_which_version_wrote_it(run):
     returned, _ = run
-    data = {**json.loads(json.dumps(returned)), "treeseg_version": "0.0.1"}
+    data = {**returned.to_dict(), "treeseg_version": "0.0.1"}
     del data["tiles"]
     with pytest.raises(RecordError, match=r"written by treeseg 0\.0\.1, this is .*: tiles is missing"):
         RunRecord.from_dict(data)
@@ -82,7 +83,7 @@ def test_another_versions_record_says_which_version_wrote_it(run):
 
 def test_unknown_keys_are_ignored_and_the_models_own_facts_kept(run):
     returned, _ = run
-    data = {**json.loads(json.dumps(returned)), "added_by_a_newer_engine": 1}
+    data = {**returned.to_dict(), "added_by_a_newer_engine": 1}
     data["model"]["new_fact"] = "kept"
     record = RunRecord.from_dict(data)
     assert "added_by_a_newer_engine" not in record.to_dict()
@@ -91,7 +92,7 @@ def test_unknown_keys_are_ignored_and_the_models_own_facts_kept(run):
 
 def test_teach_records_of_one_and_several_classes_round_trip(tiny_model_dir, run, tmp_path):
     returned, _ = run
-    params = SegmentationParams(returned["input"]["path"], str(tmp_path), model=str(tiny_model_dir), device="cpu",
+    params = SegmentationParams(returned.input.path, str(tmp_path), model=str(tiny_model_dir), device="cpu",
                                 tile_size=128, overlap=32)
     one = teach(params, [Example(40, 40, True), Example(110, 100, True), Example(140, 20, False),
                          Example(20, 140, False)])
@@ -118,7 +119,7 @@ for line in sys.stdin:
 def test_a_workers_record_lacking_a_field_is_one_protocol_error(run, tiny_model_dir, tmp_path):
     returned, _ = run
     answer = tmp_path / "answer.json"
-    answer.write_text(json.dumps({key: value for key, value in returned.items() if key != "clusters"}))
+    answer.write_text(json.dumps({key: value for key, value in returned.to_dict().items() if key != "clusters"}))
     script = tmp_path / "worker.py"
     script.write_text(OTHER_VERSIONS_WORKER % protocol.PROTOCOL_VERSION)
     python = tmp_path / "engine-python"
@@ -127,7 +128,7 @@ def test_a_workers_record_lacking_a_field_is_one_protocol_error(run, tiny_model_
     client = EngineClient(str(python))
     try:
         with pytest.raises(EngineError) as refused:
-            client.segment(SegmentationParams(returned["input"]["path"], str(tmp_path / "out"),
+            client.segment(SegmentationParams(returned.input.path, str(tmp_path / "out"),
                                               model=str(tiny_model_dir), device="cpu"))
     finally:
         client.close()

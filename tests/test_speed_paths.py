@@ -25,6 +25,7 @@ from treeseg_qgis.engine.gis.raster import GdalRasterSource
 from treeseg_qgis.engine.gis.writers import LabelRasterWriter
 from treeseg_qgis.engine.pipeline import load_model_for, segment
 from treeseg_qgis.params import SegmentationParams
+from treeseg_qgis.run_record import ModelRun, RunRecord
 
 from .conftest import REPO
 
@@ -156,9 +157,9 @@ def test_tiles_without_valid_pixels_never_reach_the_model(tiny_model_dir, tmp_pa
     assert counted[0].images == 4  # stride 16: one image per tile, the 4 all-nodata tiles never ran
     # the upper tile at x = 0 runs whole, the lower one cropped to its 64 rows in the raster (no padding); the
     # column at x = 96 holds the edge at 192: cropped to its 96 valid columns, and the lower one to its 64 rows
-    assert counted[0].pixels == record["model_run"]["pixels"] == TILE * TILE + 64 * TILE + TILE * 96 + 64 * 96
-    assert record["model_run"]["tiles"] == 4 and record["tiles"] == 8
-    labels = read_band(record["outputs"]["clusters"])
+    assert counted[0].pixels == record.model_run.pixels == TILE * TILE + 64 * TILE + TILE * 96 + 64 * 96
+    assert record.model_run.tiles == 4 and record.tiles == 8
+    labels = read_band(record.outputs["clusters"])
     assert (labels[:, WIDTH // 2:] == NODATA).all() and (labels[:, :WIDTH // 2] != NODATA).all()
 
 
@@ -169,7 +170,7 @@ def test_int8_crops_build_the_any_shape_export_once(tiny_model_dir, tmp_path, mo
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     path = half_empty_raster(tmp_path / "half.tif", alpha=False)
 
-    def run(name: str) -> dict:
+    def run(name: str) -> RunRecord:
         return segment(SegmentationParams(input_path=str(path), output_dir=str(tmp_path / name),
                                           model=str(tiny_model_dir), device="cpu", precision="int8", clusters=3,
                                           tile_size=TILE, overlap=OVERLAP, use_cache=False))
@@ -177,13 +178,13 @@ def test_int8_crops_build_the_any_shape_export_once(tiny_model_dir, tmp_path, mo
     weights = weights_identity(str(tiny_model_dir))
     assert not export_is_cached(weights, ANY_SHAPE)
     first = run("first")
-    assert first["model"]["precision"].startswith("int8")
-    cropped = {"tiles": 4, "pixels": TILE * TILE + 64 * TILE + TILE * 96 + 64 * 96}
-    assert first["model_run"] == cropped and export_is_cached(weights, ANY_SHAPE)
+    assert first.model.precision.startswith("int8")
+    cropped = ModelRun(tiles=4, pixels=TILE * TILE + 64 * TILE + TILE * 96 + 64 * 96)
+    assert first.model_run == cropped and export_is_cached(weights, ANY_SHAPE)
     later = run("later")
-    assert later["model_run"] == cropped
-    labels = read_band(later["outputs"]["clusters"])
-    assert np.array_equal(labels, read_band(first["outputs"]["clusters"]))
+    assert later.model_run == cropped
+    labels = read_band(later.outputs["clusters"])
+    assert np.array_equal(labels, read_band(first.outputs["clusters"]))
     assert (labels[:, WIDTH // 2:] == NODATA).all() and (labels[:, :WIDTH // 2] != NODATA).all()
 
 

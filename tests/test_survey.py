@@ -80,19 +80,19 @@ def test_the_same_content_under_two_names_gets_identical_labels_and_one_legend(s
     records = {path.stem: segment(params_for(tiny_model_dir, path, tmp_path / "out", cache,
                                              cluster_model=str(model)))
                for path in (first, copy, second)}
-    assert np.array_equal(labels(records["north"]["outputs"]["clusters"]),
-                          labels(records["north_again"]["outputs"]["clusters"]))
-    legend = {(r["clusters"]["k"], tuple(r["trees"]["clusters"]), r["cluster_model"]["projection"])
+    assert np.array_equal(labels(records["north"].outputs["clusters"]),
+                          labels(records["north_again"].outputs["clusters"]))
+    legend = {(r.clusters.k, tuple(r.trees.clusters), r.cluster_model.projection)
               for r in records.values()}
     assert len(legend) == 1
-    assert records["north"]["clusters"]["k"] >= 2
-    assert labels(records["south"]["outputs"]["clusters"]).max() < records["north"]["clusters"]["k"]
+    assert records["north"].clusters.k >= 2
+    assert labels(records["south"].outputs["clusters"]).max() < records["north"].clusters.k
     # A re-run reuses the survey-projected features; a per-raster run never takes them for its own.
     again = segment(params_for(tiny_model_dir, first, tmp_path / "out", cache, cluster_model=str(model)))
-    assert again["feature_cache"]["state"] == "hit"
-    assert np.array_equal(labels(again["outputs"]["clusters"]), labels(records["north"]["outputs"]["clusters"]))
+    assert again.feature_cache.state == "hit"
+    assert np.array_equal(labels(again.outputs["clusters"]), labels(records["north"].outputs["clusters"]))
     alone = segment(params_for(tiny_model_dir, first, tmp_path / "alone", cache))
-    assert alone["feature_cache"]["state"] == "miss" and alone["cluster_model"] is None
+    assert alone.feature_cache.state == "miss" and alone.cluster_model is None
 
 
 def test_a_mismatching_or_damaged_cluster_model_is_refused_with_its_reason(survey, tmp_path, tiny_model_dir):
@@ -151,8 +151,8 @@ def test_a_raster_extracted_in_windows_segments_from_their_store_like_one_run(su
 
     windowed = segment(job.params, load_model=no_model, features=str(raster.folder))
     for kind in ("clusters", "trees", "features"):
-        assert Path(windowed["outputs"][kind]).read_bytes() == Path(one["outputs"][kind]).read_bytes()
-    assert polygon_shapes(windowed["outputs"]["polygons"]) == polygon_shapes(one["outputs"]["polygons"])
+        assert Path(windowed.outputs[kind]).read_bytes() == Path(one.outputs[kind]).read_bytes()
+    assert polygon_shapes(windowed.outputs["polygons"]) == polygon_shapes(one.outputs["polygons"])
 
 
 def test_segment_many_on_two_dask_workers_matches_one_process_and_reports_a_corrupt_raster(

@@ -305,7 +305,7 @@ def test_a_cluster_model_applied_with_other_weights_is_refused_naming_both(
     monkeypatch.chdir(copy)
     record = segment(params_for("models/tiny", rasters[0], copy / "out", tmp_path / "cache",
                                 cluster_model=str(model)))
-    assert record["cluster_model"]["path"] == str(model)
+    assert record.cluster_model.path == str(model)
 
 
 def test_an_older_cluster_model_without_the_weights_identity_is_read_with_a_warning(
@@ -314,7 +314,7 @@ def test_an_older_cluster_model_without_the_weights_identity_is_read_with_a_warn
                       header=lambda h: {key: value for key, value in {**h, "version": 2}.items() if key != "weights"})
     record = segment(params_for(tiny_model_dir, rasters[0], tmp_path / "out", tmp_path / "cache",
                                 cluster_model=str(older)))
-    assert record["clusters"]["k"] >= 2
+    assert record.clusters.k >= 2
     assert "does not record its weights' identity" in caplog.text
 
 

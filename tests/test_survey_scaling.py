@@ -76,16 +76,16 @@ def test_the_same_ground_values_get_the_same_input_and_the_same_labels_in_every_
         np.testing.assert_array_equal(source.read(*window)[0], source_roofed.read(*window)[0])
     records = [segment(params_for(tiny_model_dir, path, tmp_path / "out", tmp_path / "cache",
                                   cluster_model=str(model_path))) for path in (plain, roofed)]
-    assert {record["input"]["scaling"] for record in records} == {model.scaling}
-    assert records[0]["clusters"]["k"] >= 2 and records[0]["clusters"]["k"] == records[1]["clusters"]["k"]
-    first, second = (labels(record["outputs"]["clusters"]) for record in records)
+    assert {record.input.scaling for record in records} == {model.scaling}
+    assert records[0].clusters.k >= 2 and records[0].clusters.k == records[1].clusters.k
+    first, second = (labels(record.outputs["clusters"]) for record in records)
     np.testing.assert_array_equal(first[:, UNTOUCHED_COLUMNS], second[:, UNTOUCHED_COLUMNS])
     assert len(np.unique(first[:, UNTOUCHED_COLUMNS])) >= 2
-    assert [record["cluster_model"]["warning"] for record in records] == [None, None]
+    assert [record.cluster_model.warning for record in records] == [None, None]
     lo, hi = model.value_ranges[1]
     roofed_band = gdal.Open(str(roofed)).ReadAsArray()[0]
     outside = np.mean((roofed_band < lo) | (roofed_band > hi))
-    assert records[1]["cluster_model"]["clipped"]["band 1"] == pytest.approx(outside, abs=1e-4)
+    assert records[1].cluster_model.clipped["band 1"] == pytest.approx(outside, abs=1e-4)
 
 
 def test_a_raster_far_outside_the_surveys_values_is_clipped_and_reported(survey16, tmp_path, tiny_model_dir,
@@ -95,11 +95,11 @@ def test_a_raster_far_outside_the_surveys_values_is_clipped_and_reported(survey1
     with caplog.at_level("WARNING", logger="treeseg"):
         record = segment(params_for(tiny_model_dir, darker, tmp_path / "out", tmp_path / "cache",
                                     cluster_model=str(model_path)))
-    warning = record["cluster_model"]["warning"]
+    warning = record.cluster_model.warning
     assert warning and "may not belong to the survey" in warning and "band 1:" in warning
-    assert record["cluster_model"]["clipped"]["band 1"] > 0.1
+    assert record.cluster_model.clipped["band 1"] > 0.1
     assert warning in caplog.text
-    assert record["input"]["scaling"] == SurveyModel.load(model_path).scaling
+    assert record.input.scaling == SurveyModel.load(model_path).scaling
 
 
 def test_segment_many_names_the_surveys_scaling_and_the_raster_that_does_not_belong(survey16, tmp_path,
@@ -117,8 +117,8 @@ def test_without_a_cluster_model_a_raster_keeps_its_own_stretch(survey16, tmp_pa
     plain = survey16[0]
     record = segment(params_for(tiny_model_dir, plain, tmp_path / "out", tmp_path / "cache"))
     with GdalRasterSource(str(plain)) as source:
-        assert record["input"]["scaling"] == source.scaling
-    assert "survey" not in record["input"]["scaling"] and record["cluster_model"] is None
+        assert record.input.scaling == source.scaling
+    assert "survey" not in record.input.scaling and record.cluster_model is None
 
 
 def test_a_byte_survey_has_no_stretch_to_keep(tmp_path, tiny_model_dir):
@@ -131,8 +131,8 @@ def test_a_byte_survey_has_no_stretch_to_keep(tmp_path, tiny_model_dir):
     assert model.scaling == "band 1: Byte / 255; band 2: Byte / 255; band 3: Byte / 255"
     record = segment(params_for(tiny_model_dir, paths[0], tmp_path / "out", tmp_path / "cache",
                                 cluster_model=str(model_path)))
-    assert record["input"]["scaling"] == model.scaling
-    assert record["cluster_model"]["clipped"] == {} and record["cluster_model"]["warning"] is None
+    assert record.input.scaling == model.scaling
+    assert record.cluster_model.clipped == {} and record.cluster_model.warning is None
 
 
 def as_version_1(model_path, out_path):
@@ -201,7 +201,7 @@ def test_the_windows_of_a_16_bit_raster_read_it_with_the_surveys_stretch(survey1
         raster.done[number] = WindowOutcome(extract_window(job.params, window, raster.folder), None)
     raster.complete_store()
     windowed = segment(job.params, features=str(raster.folder))
-    assert windowed["input"]["scaling"] == one["input"]["scaling"] == SurveyModel.load(model_path).scaling
+    assert windowed.input.scaling == one.input.scaling == SurveyModel.load(model_path).scaling
     for kind in ("clusters", "trees"):
-        with open(windowed["outputs"][kind], "rb") as a, open(one["outputs"][kind], "rb") as b:
+        with open(windowed.outputs[kind], "rb") as a, open(one.outputs[kind], "rb") as b:
             assert a.read() == b.read()

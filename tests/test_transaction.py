@@ -78,9 +78,9 @@ def test_a_completed_rerun_replaces_the_whole_set(previous_run):
     params, out = previous_run
     record = segment(params(clusters=3, crowns=False))
     assert not (out / "in_crowns.gpkg").exists(), "an earlier run's crowns would not match the new trees"
-    assert all(Path(path).is_file() for path in record["outputs"].values())
+    assert all(Path(path).is_file() for path in record.outputs.values())
     left = sorted(p.name for p in out.iterdir() if not p.name.endswith(".aux.xml"))
-    assert left == sorted(Path(p).name for p in record["outputs"].values())
+    assert left == sorted(Path(p).name for p in record.outputs.values())
     assert json.loads((out / "in_run.json").read_text())["clusters"]["k"] == 3
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from .atomic import partial_path, write_atomically
 from .locks import FileLock, lock_is_held
 
 UNTRAINED_TAG = "UNTRAINED"
@@ -107,9 +108,9 @@ class OutputPaths:
 
 
 def temporary_files(path: Path) -> list[Path]:
-    """The temporary files written before `path` is renamed into place."""
-    partial = path.with_name(f"{path.stem}.partial{path.suffix}")
-    return [path.with_name(path.name + ".partial"), partial, partial.with_name(partial.name + ".aux.xml")]
+    """The temporary files written before `path` is renamed into place (atomic.py)."""
+    partial = Path(partial_path(path))
+    return [partial, partial.with_name(partial.name + ".aux.xml")]
 
 
 def remove_files(paths: list[Path]) -> None:
@@ -232,10 +233,7 @@ class OutputTransaction:
         moves += [(None, str(path.with_name(name))) for path in stale for name in (path.name, path.name + ".aux.xml")]
         moves += [(None, str(path.with_name(path.name + ".aux.xml"))) for path in produced
                   if not self.staged(path).with_name(path.name + ".aux.xml").exists()]
-        journal = next(iter(self._staging.values())) / COMMIT_JOURNAL
-        partial = journal.with_name(COMMIT_JOURNAL + ".partial")
-        partial.write_text(json.dumps(moves))
-        os.replace(partial, journal)
+        write_atomically(next(iter(self._staging.values())) / COMMIT_JOURNAL, json.dumps(moves))
         _apply(moves)
         self.abort()
 

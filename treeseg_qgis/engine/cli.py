@@ -34,6 +34,7 @@ from ..params import (
     parse_cluster_ids,
     parse_clusters,
 )
+from ..run_record import RunRecord
 from . import interrupts
 from .core.errors import Cancelled, InputError, TreesegError
 from .core.progress import Progress
@@ -433,17 +434,15 @@ class _TerminalProgress:
             print(f"{percent:5.1f} %  {stage}", file=sys.stderr, flush=True)
 
 
-def _print_summary(record: dict) -> None:
-    trees = record["trees"]
-    model = record["model"]
-    if record["warning"]:
-        print(f"\n!!! {record['warning']}\n", file=sys.stderr)
-    print(f"model {model['model_id']} ({model['weights']}) on {model['device']} in {model.get('precision')}, "
-          f"stride {record['stride']}, K={record['clusters']['k']}"
-          f"{' (auto)' if record['clusters']['automatic'] else ''}, "
-          f"tree clusters {trees['clusters']}, tree cover {100 * trees['tree_cover']:.1f} %, "
-          f"{record['timings']['total']:.1f} s")
-    for path in record["outputs"].values():
+def _print_summary(record: RunRecord) -> None:
+    trees, model = record.trees, record.model
+    if record.warning:
+        print(f"\n!!! {record.warning}\n", file=sys.stderr)
+    print(f"model {model.model_id} ({model.weights}) on {model.device} in {model.precision}, "
+          f"stride {record.stride}, K={record.clusters.k}{' (auto)' if record.clusters.automatic else ''}, "
+          f"tree clusters {trees.clusters}, tree cover {100 * trees.tree_cover:.1f} %, "
+          f"{record.total_seconds:.1f} s")
+    for path in record.outputs.values():
         print(path)
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from osgeo import gdal
 
+from ..atomic import write_atomically
 from ..outputs import OutputPathError, check_output_folder, check_output_paths
-from .core.atomic import write_atomically
-from .core.errors import InputError, OutputError
+from .core.errors import InputError, OutputError, cannot_write
 from .core.evaluation import ReferenceObject, box_scores, cluster_scores, crown_scores, pixel_scores, union_mask
 from .core.files import refuse_special_file
 from .gis.reference import Grid, is_raster, read_band, read_prediction, read_reference_objects
@@ -67,8 +67,10 @@ def evaluate(
         scores["warning"] = NO_REFERENCE_TREES
         log.warning(NO_REFERENCE_TREES)
     rows = flat_scores(scores)
-    write_atomically(csv_path, _csv_text(rows), str(csv_path))
-    write_atomically(html_path, _html_report(name, rows, _picture(image, mask, outline, grid)), str(html_path))
+    with cannot_write(str(csv_path)):
+        write_atomically(csv_path, _csv_text(rows))
+    with cannot_write(str(html_path)):
+        write_atomically(html_path, _html_report(name, rows, _picture(image, mask, outline, grid)))
     scores["outputs"] = {"csv": str(csv_path), "html": str(html_path)}
     return scores
 

@@ -25,6 +25,7 @@ import numpy as np
 from osgeo import gdal
 
 from .. import __version__
+from ..atomic import write_atomically
 from ..memory import run_estimate, size_warning
 from ..outputs import (
     DEFAULT_CLASS,
@@ -50,10 +51,9 @@ from ..run_record import (
     taught_record,
 )
 from . import interrupts
-from .core.atomic import write_atomically
 from .core.cache import CacheUnavailable, FeatureCache, file_identity
 from .core.devices import describe_precision, device_type, resolve_precision
-from .core.errors import InputError, OutputError
+from .core.errors import InputError, OutputError, cannot_write
 from .core.examples import OTHER, Example
 from .core.feature_grid import FeatureGrid
 from .core.features import ColourFeatures, FeatureExtractor
@@ -98,8 +98,8 @@ def segment(
     progress: Progress | None = None,
     load_model: ModelLoader | None = None,
     features: str | Path | None = None,
-) -> dict:
-    """Run one segmentation and return its record, `RunRecord.to_dict()` (also written as `<stem>_run.json`).
+) -> RunRecord:
+    """Run one segmentation and return its record (also written as `<stem>_run.json`).
 
     `load_model` loads the backbone (default: load_backbone); it is not called
     when the feature cache already holds this raster's features, nor when `features` is a complete
@@ -186,7 +186,8 @@ def segment(
             record = _record(params, model, source, result, paths, polygons, written, crowns,
                              _survey_record(params, survey, source) if survey else None,
                              FeatureCacheUse(cache_state, str(store.home) if cache_state != "off" else None))
-            write_atomically(staged.record, record.to_json(), str(staged.record))
+            with cannot_write(str(staged.record)):
+                write_atomically(staged.record, record.to_json())
             progress.check()
             with interrupts.deferred(reraise=False):
                 commit_outputs(transaction, [*written, paths.record],
@@ -197,7 +198,7 @@ def segment(
                 raise _writing_failed(error, paths.clusters.parent) from error
             raise
     progress.report(1.0, "Done")
-    return record.to_dict()
+    return record
 
 
 def teach(
@@ -402,7 +403,8 @@ def _commit_teach(record: dict, progress: Progress, keep: TaughtModel | None) ->
     transaction, staged, finals = record.pop("_transaction")
     try:
         staged_record = staged[finals.index(Path(record["outputs"]["teach_record"]))]
-        write_atomically(staged_record, taught_record(record).to_json(), str(staged_record))
+        with cannot_write(str(staged_record)):
+            write_atomically(staged_record, taught_record(record).to_json())
         if keep is not None:
             keep.save(staged[-1])
         progress.check()

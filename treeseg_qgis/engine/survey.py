@@ -374,7 +374,8 @@ def _taught_model(classifier: str | None, model: SurveyModel | None) -> TaughtMo
 def apply_classifier(jobs: Sequence[RasterJob], outcomes: list[RasterOutcome], classifier: str,
                      progress: Progress, load_model: ModelLoader | None = None) -> list[RasterOutcome]:
     """The taught classifier applied to every segmented raster (its outputs staged beside the raster's); its
-    record joins the raster's as `taught`. A raster it fails on becomes a failed raster, its files removed."""
+    record joins the raster's outcome as `taught`. A raster it fails on becomes a failed raster, its files
+    removed."""
     loader = _memoised(load_model or load_model_for)
     done = []
     for index, (job, outcome) in enumerate(zip(jobs, outcomes)):
@@ -387,14 +388,14 @@ def apply_classifier(jobs: Sequence[RasterJob], outcomes: list[RasterOutcome], c
                 _remove_staged(outcome.record)
                 outcome = replace(outcome, record=None, error=f"applying the taught classifier failed: {error}")
             else:
-                outcome = replace(outcome, record={**outcome.record, "taught": record})
+                outcome = replace(outcome, taught=record)
         done.append(outcome)
     return done
 
 
-def _remove_staged(record: dict) -> None:
+def _remove_staged(record: RunRecord) -> None:
     """A raster's staged outputs (those its record names), removed."""
-    for path in record["outputs"].values():
+    for path in record.outputs.values():
         Path(path).unlink(missing_ok=True)
         Path(f"{path}.aux.xml").unlink(missing_ok=True)
 
@@ -417,14 +418,13 @@ def _moved_outcome(outcome: RasterOutcome, staging: Path, out_dir: Path) -> Rast
     record file in the staging folder rewritten alike."""
     if outcome.record is None:
         return outcome
-    record = _moved(outcome.record, str(staging), str(out_dir))
-    taught = record.pop("taught", None)
-    for written, typed in ((record, RunRecord.from_dict), (taught, taught_record)):
-        staged_record = written and staging / Path(written["outputs"].get("record")
-                                                   or written["outputs"]["teach_record"]).name
-        if staged_record and staged_record.is_file():
-            staged_record.write_text(typed(written).to_json())
-    return replace(outcome, record={**record, "taught": taught} if taught else record)
+    record = RunRecord.from_dict(_moved(outcome.record.to_dict(), str(staging), str(out_dir)))
+    taught = _moved(outcome.taught, str(staging), str(out_dir))
+    for written in filter(None, (record, taught and taught_record(taught))):
+        staged_record = staging / Path(written.outputs.get("record") or written.outputs["teach_record"]).name
+        if staged_record.is_file():
+            staged_record.write_text(written.to_json())
+    return replace(outcome, record=record, taught=taught)
 
 
 def _moved(value: object, staging: str, final: str) -> object:
@@ -470,7 +470,7 @@ def _summary(model: SurveyModel, model_path: Path, outcomes: list[RasterOutcome]
 
 
 def _raster_row(outcome: RasterOutcome) -> dict:
-    record = outcome.record
+    record, taught = outcome.record, outcome.taught
     return {
         "input": outcome.input_path,
         "stem": outcome.stem,
@@ -478,13 +478,12 @@ def _raster_row(outcome: RasterOutcome) -> dict:
         "error": outcome.error,
         "attempts": outcome.attempts,
         "windows": outcome.windows,
-        "tree_cover": record["trees"]["tree_cover"] if record else None,
-        "cluster_pixels": record["clusters"]["pixels"] if record else None,
-        "scaling_warning": record["cluster_model"]["warning"] if record else None,
+        "tree_cover": record.trees.tree_cover if record else None,
+        "cluster_pixels": record.clusters.pixels if record else None,
+        "scaling_warning": record.cluster_model.warning if record and record.cluster_model else None,
         "seconds": round(outcome.seconds, 3),
-        "outputs": record["outputs"] if record else None,
-        **({"class_cover": _taught_cover(record["taught"]), "taught_outputs": record["taught"]["outputs"]}
-           if record and "taught" in record else {}),
+        "outputs": record.outputs if record else None,
+        **({"class_cover": _taught_cover(taught), "taught_outputs": taught["outputs"]} if taught else {}),
     }
 
 
@@ -497,8 +496,8 @@ def _write_survey_outputs(summary: dict, outcomes: list[RasterOutcome], staging:
     """The summary JSON and CSV and the merged polygons, written to their `staged` paths (moved into place with
     the rest)."""
     json_path, csv_path, merged_path = staged
-    parts = [(outcome.stem, str(staging / Path(outcome.record["outputs"]["polygons"]).name))
-             for outcome in outcomes if outcome.record and "polygons" in outcome.record["outputs"]]
+    parts = [(outcome.stem, str(staging / Path(outcome.record.outputs["polygons"]).name))
+             for outcome in outcomes if outcome.record and "polygons" in outcome.record.outputs]
     summary["merged_polygons"] = merge_polygons(parts, str(merged_path), "survey_polygons")
     json_path.write_text(json.dumps(summary, indent=2))
     csv_path.write_text(_csv(summary))

@@ -15,6 +15,7 @@ from typing import TypeVar
 import numpy as np
 
 from ..params import SegmentationParams
+from ..run_record import RunRecord
 from .core.errors import Cancelled, InputError, TreesegError
 from .core.feature_grid import FeatureGrid
 from .core.features import tiles_per_batch
@@ -42,15 +43,17 @@ class RasterJob:
 
 @dataclass
 class RasterOutcome:
-    """What became of one raster: its run record, or the error of its last attempt."""
+    """What became of one raster: its run record, or the error of its last attempt; `taught`, the record of the
+    survey's taught classifier applied to it."""
 
     input_path: str
     stem: str
-    record: dict | None
+    record: RunRecord | None
     error: str | None
     attempts: int
     seconds: float
     windows: int = 0
+    taught: dict | None = None
 
 
 @dataclass

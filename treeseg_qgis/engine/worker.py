@@ -142,7 +142,7 @@ class Worker:
         from .pipeline import segment
 
         params = job_params(job)
-        return segment(params, Progress(self._progress, self.cancel_check()), self._kept_model_loader(job))
+        return segment(params, Progress(self._progress, self.cancel_check()), self._kept_model_loader(job)).to_dict()
 
     def teach(self, job: dict[str, Any]) -> dict[str, Any]:
         from .core.examples import Example

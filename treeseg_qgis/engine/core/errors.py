@@ -1,5 +1,8 @@
 """Errors a user can act on: their message is shown as it is, without a traceback."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class TreesegError(Exception):
     """A problem the user can fix; the message says what is wrong and what to do."""
@@ -22,3 +25,13 @@ class Cancelled(TreesegError):
 
     def __init__(self, message: str = "Cancelled by the user.") -> None:
         super().__init__(message)
+
+
+@contextmanager
+def cannot_write(what: str) -> Iterator[None]:
+    """An OSError in the block (writing `what`, the file as a message names it) becomes the OutputError
+    'Cannot write <what>: <reason>.'"""
+    try:
+        yield
+    except OSError as error:
+        raise OutputError(f"Cannot write {what}: {error.strerror or error}.") from error

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_atomically
-from .errors import InputError
+from ...atomic import write_atomically
+from .errors import InputError, cannot_write
 
 
 def refuse_special_file(path: str | Path, what: str) -> None:
@@ -43,7 +43,8 @@ def write_header_and_arrays(path: str | Path, what: str, header: dict, arrays: d
     not at all; `read_header_and_arrays` reads it."""
     buffer = io.BytesIO()
     np.savez_compressed(buffer, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
-    write_atomically(path, buffer.getvalue(), f"the {what} {path}")
+    with cannot_write(f"the {what} {path}"):
+        write_atomically(path, buffer.getvalue())
     return Path(path)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_atomically
+from ...atomic import write_atomically
 from .errors import OutputError
 
 SUMMARY = "features.json"

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 from osgeo import gdal, ogr, osr
 
+from ...atomic import partial_path
 from ...outputs import CLASS_COLOURS
-from ..core.atomic import partial_path
 from ..core.errors import OutputError
 from .writers import NODATA, LabelRasterWriter
 

@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 from osgeo import gdal, ogr, osr
 
-from ..core.atomic import partial_path
+from ...atomic import partial_path
 from ..core.errors import Cancelled, OutputError
 from ..core.heap import padded_heap
 from .raster import open_read_only

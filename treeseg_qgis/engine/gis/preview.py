@@ -8,8 +8,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..core.atomic import atomic_file
-from ..core.errors import OutputError
+from ...atomic import atomic_file
+from ..core.errors import OutputError, cannot_write
 from .raster import GdalRasterSource, open_read_only
 from .writers import NODATA, TREE_COLOUR
 
@@ -85,7 +85,7 @@ def write_preview(
         axes.set_title(name, fontsize=9, pad=3)
         axes.set_axis_off()
 
-    with atomic_file(png_path, f"the preview '{png_path}'") as partial:
+    with cannot_write(f"the preview '{png_path}'"), atomic_file(png_path) as partial:
         figure.savefig(partial, format="png", dpi=dpi, pil_kwargs=PNG_OPTIONS)
 
 
@@ -108,5 +108,5 @@ def write_elbow_plot(inertia_curve: dict[int, float], chosen: int, png_path: str
     axis.set_title("Elbow of the inertia curve", fontsize=ELBOW_POINTS)
     axis.legend(loc="upper right", fontsize=ELBOW_POINTS)
     figure.tight_layout(pad=0.3)
-    with atomic_file(png_path, png_path) as partial:
+    with cannot_write(png_path), atomic_file(png_path) as partial:
         figure.savefig(partial, format="png", pil_kwargs=PNG_OPTIONS)

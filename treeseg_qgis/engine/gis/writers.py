@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from osgeo import gdal
 
-from ..core.atomic import atomic_file, partial_path
+from ...atomic import atomic_file, partial_path
 from ..core.errors import InputError, OutputError
 
 NODATA = 255
