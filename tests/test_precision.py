@@ -158,16 +158,21 @@ def test_cli_int8_reuses_its_export_without_torch_and_rebuilds_a_corrupt_one(tin
     assert not second["model"]["untrained"] and second["warning"] is None
     assert (read_labels(second["outputs"]["clusters"]) == read_labels(record["outputs"]["clusters"])).all()
 
-    weights = model.with_name("model-int8.onnx.data")
-    with open(weights, "r+b") as stream:  # damage the quantised weights in the middle of their file
-        stream.seek(weights.stat().st_size // 2)
-        stream.write(b"\0" * 64)
+    damage_quantised_weights(model)
     done, record = run("third")
     assert "was unusable (model-int8.onnx.data differs from its manifest): exporting it again" in done.stderr
     assert record["model"]["precision"].startswith("int8 (ONNX Runtime")
     assert model.stat().st_mtime_ns != built[model] and export_problem(model.parent) is None
     assert "Traceback" not in done.stderr
     assert len([line for line in done.stderr.splitlines() if "unusable" in line]) == 1
+
+
+def damage_quantised_weights(model: Path) -> None:
+    """Zeros 64 bytes in the middle of an int8 model's weights file."""
+    weights = model.with_name("model-int8.onnx.data")
+    with open(weights, "r+b") as stream:
+        stream.seek(weights.stat().st_size // 2)
+        stream.write(b"\0" * 64)
 
 
 def exports_by_shape(exports: Path) -> dict[str, Path]:
@@ -208,10 +213,7 @@ def test_cli_int8_crops_from_the_cached_any_shape_export_without_torch(tiny_mode
     assert cropped["model_run"] == first["model_run"]
     assert (read_labels(cropped["outputs"]["clusters"]) == read_labels(first["outputs"]["clusters"])).all()
 
-    weights = any_shape.with_name("model-int8.onnx.data")
-    with open(weights, "r+b") as stream:  # damage the quantised weights in the middle of their file
-        stream.seek(weights.stat().st_size // 2)
-        stream.write(b"\0" * 64)
+    damage_quantised_weights(any_shape)
     done, rebuilt = run("rebuilt")
     assert len([line for line in done.stderr.splitlines() if "unusable" in line]) == 1
     assert "was unusable (model-int8.onnx.data differs from its manifest): exporting it again" in done.stderr

@@ -1,13 +1,13 @@
 """Box layouts filled in one call: `hbox(a, (b, 1), c)` instead of one `addWidget` line per widget; labels that
-wrap (and may be selected), buttons, check boxes and combo boxes with their tooltip (and a button's action), form
-layouts and collapsible groups in one call too; a status line shown in red for an error."""
+wrap (and may be selected), buttons, check boxes and combo boxes with their tooltip (and a button's action) and
+form layouts in one call too; a status line shown in red for an error. Qt alone (no qgis.gui), so the real-Qt6
+check (tests/test_qt6_real.py) builds them."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from typing import Any, Union
 
-from qgis.gui import QgsCollapsibleGroupBox
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtWidgets import (
     QBoxLayout,
@@ -92,15 +92,6 @@ def form_layout() -> QFormLayout:
     form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
     form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
     return form
-
-
-def collapsible_group(title: str, object_name: str, layout: QLayout) -> QgsCollapsibleGroupBox:
-    """A group that opens and closes around `layout`; it does not remember its state between sessions."""
-    group = QgsCollapsibleGroupBox(title)
-    group.setObjectName(object_name)
-    group.setSaveCollapsedState(False)
-    group.setLayout(layout)
-    return group
 
 
 def show_status(label: QLabel, text: str, error: bool = False) -> None:

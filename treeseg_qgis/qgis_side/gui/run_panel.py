@@ -22,6 +22,7 @@ from qgis.PyQt.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QLabel,
+    QLayout,
     QLineEdit,
     QMessageBox,
     QProgressBar,
@@ -50,7 +51,7 @@ from ..compat import POLYGON_LAYER_FILTER, RASTER_LAYER_FILTER
 from ..engine_client import EngineClient
 from ..results import orthophotos, result_input_name
 from .engine_probe import EngineProbe
-from .layouts import button, check_box, choice_combo, collapsible_group, fill, form_layout, hbox, show_status
+from .layouts import button, check_box, choice_combo, fill, form_layout, hbox, show_status
 from .run_estimates import RunChoice, RunEstimates, parameters_label
 from .run_input import EXTENTS, SELECTED_POLYGONS, WHOLE_LAYER, RunInput
 from .run_params import DEFAULTS, InputProblem, default_output_folder, layer_file, ready_params
@@ -76,6 +77,15 @@ COMBO_MIN_CHARACTERS = 12
 """Combo boxes shrink to this many characters, so long layer and model names never make the panel scroll sideways."""
 MODEL_COMBO_MIN_CHARACTERS = 9
 """The longest catalogue name (large-sat), leaving room for the Models… button beside it."""
+
+
+def _collapsible_group(title: str, object_name: str, layout: QLayout) -> QgsCollapsibleGroupBox:
+    """A group that opens and closes around `layout`; it does not remember its state between sessions."""
+    group = QgsCollapsibleGroupBox(title)
+    group.setObjectName(object_name)
+    group.setSaveCollapsedState(False)
+    group.setLayout(layout)
+    return group
 
 
 def _minimum_spin(maximum: float, unit: str, tooltip: str) -> QDoubleSpinBox:
@@ -205,7 +215,7 @@ class RunPanel(QWidget):
         form.addRow(self.features_check)
         form.addRow(self.height_check, self.min_height_spin)
         form.addRow("Height model", self.height_model_override)
-        return collapsible_group("More outputs", "TreesegMoreOutputs", form)
+        return _collapsible_group("More outputs", "TreesegMoreOutputs", form)
 
     def _build_advanced(self) -> QgsCollapsibleGroupBox:
         """The 'Advanced' group: where the model runs, in which precision (auto suits most runs), and a
@@ -222,7 +232,7 @@ class RunPanel(QWidget):
         form.addRow("Device", self.device_combo)
         form.addRow("Precision", self.precision_combo)
         form.addRow("Cluster model", self.cluster_model_widget)
-        return collapsible_group("Advanced", "TreesegAdvanced", form)
+        return _collapsible_group("Advanced", "TreesegAdvanced", form)
 
     def _lay_out(self) -> None:
         for combo in (self.layer_combo, self.extent_combo, self.mask_combo, self.model_combo, self.stride_combo,
