@@ -77,8 +77,8 @@ def test_the_command_line_refuses_a_pipe_as_a_report_in_one_line(tmp_path):
                              str(tmp_path / "boxes.csv"), "--out", str(tmp_path / "out")],
                             capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode != 0
-    assert result.stderr.strip() == f"treeseg: error: Cannot write {pipe}: it is not a regular file (a folder, " \
-                                    "pipe, socket or device); choose another file."
+    assert result.stderr.strip() == f"treeseg: error: The output {pipe} exists and is not a regular file (a " \
+                                    "folder, pipe or device): choose another output folder or name."
     assert stat.S_ISFIFO(pipe.stat().st_mode) and sorted(os.listdir(tmp_path / "out")) == [pipe.name]
 
 

@@ -1,6 +1,7 @@
 """One clear line (exit 2) instead of a traceback, through the command line (issue 20, cases 9 and 12)."""
 
 import os
+import stat
 import zipfile
 
 import pytest
@@ -54,6 +55,22 @@ def test_a_fifo_input_is_refused_at_once(tmp_path, capsys):
     os.mkfifo(tmp_path / "pipe.tif")
     assert segment(str(tmp_path / "pipe.tif"), "--out", str(tmp_path / "out")) == 2
     assert "not a regular file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("special", ["pipe", "folder"])
+def test_an_output_path_holding_a_pipe_or_folder_is_refused_before_any_work(image, tmp_path, capsys, special):
+    """A run's commit would replace whatever stands at an output path: a pipe or a folder there is refused in
+    one line, before any work, and left as it was; nothing else is written."""
+    write_geotiff(tmp_path / "in.tif", image)
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "in_rgb-kmeans_run.json"
+    os.mkfifo(target) if special == "pipe" else target.mkdir()
+    assert segment(str(tmp_path / "in.tif"), "--out", str(out)) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"The output {target} exists and is not a regular file" in lines[0], lines
+    assert (stat.S_ISFIFO(target.stat().st_mode) if special == "pipe" else target.is_dir())
+    assert os.listdir(out) == [target.name]
 
 
 def test_a_usage_mistake_is_two_lines(capsys):

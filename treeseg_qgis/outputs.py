@@ -126,7 +126,8 @@ def output_folders(params: NamedRun) -> set[Path]:
 
 
 def check_output_paths(inputs: list[str], outputs: list[str]) -> None:
-    """Refuse an output that would overwrite an input, and two outputs on one path (OutputPathError).
+    """Refuse an output that would overwrite an input, one whose path holds something other than a file (a folder,
+    a pipe, a device: a run's commit would replace it), and two outputs on one path (OutputPathError).
 
     The command line, the panel and Processing call it before any work.
     """
@@ -142,6 +143,9 @@ def check_output_paths(inputs: list[str], outputs: list[str]) -> None:
         if key in input_ids:
             raise OutputPathError(f"The output {path} would overwrite the input {input_ids[key]}: "
                                   "choose another output file or folder.")
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise OutputPathError(f"The output {path} exists and is not a regular file (a folder, pipe or device): "
+                                  "choose another output folder or name.")
         if key in seen:
             raise OutputPathError(f"Two outputs are set to the same file {path}: give each output its own path.")
         seen[key] = path
