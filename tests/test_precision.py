@@ -423,3 +423,34 @@ def test_a_failed_export_leaves_no_half_model_and_the_next_one_is_fresh(tiny_mod
     assert again.exports == exported + 1 and export_problem(folder) is None
     fresh = OnnxInt8Network(backbone.model, {"test": "weights"}, tmp_path / "fresh")
     assert torch.equal(tokens, fresh(pixel_values=image).last_hidden_state)
+
+
+@pytest.mark.parametrize("weights", [{"test": "weights"}, None], ids=["cached", "untrained-scratch"])
+def test_an_export_is_built_with_no_session_open_and_a_closed_session_reopens_without_a_rebuild(
+        tiny_model_dir, tmp_path, monkeypatch, weights):
+    """The any-shape export is built while no session is open (the tile session beside it raised the first run's
+    peak memory); tiles and crops then alternate on the two exports with no third export, cached or (for
+    untrained weights) in this run's scratch folder, and give the features a fresh network gives."""
+    import gc
+
+    from treeseg_qgis.engine.core import onnx_export
+
+    backbone = load_backbone(str(tiny_model_dir), device="cpu", precision="float32")
+    written = onnx_export.write_int8_model
+    open_while_building = []
+
+    def counting(*args, **kwargs):
+        open_while_building.append(sum(type(item) is onnxruntime.InferenceSession for item in gc.get_objects()))
+        return written(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "write_int8_model", counting)
+    network = OnnxInt8Network(backbone.model, weights, tmp_path / "onnx")
+    rng = np.random.default_rng(7)
+    whole, crop = rng.standard_normal((1, 3, 64, 64), np.float32), rng.standard_normal((1, 3, 32, 48), np.float32)
+    answers = [network.hidden_states(whole), network.hidden_states(crop, cropped=True),
+               network.hidden_states(whole), network.hidden_states(crop, cropped=True)]
+    assert network.exports == 2 and open_while_building == [0, 0]
+    np.testing.assert_array_equal(answers[0], answers[2])
+    np.testing.assert_array_equal(answers[1], answers[3])
+    fresh = OnnxInt8Network(backbone.model, weights, tmp_path / "fresh")
+    np.testing.assert_array_equal(answers[1], fresh.hidden_states(crop, cropped=True))

@@ -144,6 +144,7 @@ class OnnxInt8Network:
         self._weights = weights
         self._root = root or default_export_root()
         self._sessions: dict[tuple[int, int] | None, object] = {}
+        self._folders: dict[tuple[int, int] | None, Path] = {}  # each shape's export, once loaded
         self._scratch: tempfile.TemporaryDirectory | None = None
         self._is_cancelled: Callable[[], bool] = lambda: False
         self.exports = 0
@@ -204,15 +205,19 @@ class OnnxInt8Network:
         return np.concatenate(hidden)
 
     def _session(self, shape: tuple[int, int] | None):
+        """The open session for `shape`; a closed one reopens from the folder it was loaded from, never
+        rebuilt."""
         if shape not in self._sessions:
-            self._sessions[shape] = self._open(shape)
+            known = self._folders.get(shape)
+            reopen = known is not None and (known / MODEL_FILE).is_file()
+            self._sessions[shape] = self._load(known, shape) if reopen else self._open(shape)
         return self._sessions[shape]
 
     def _open(self, shape: tuple[int, int] | None):
         """The session for one tile shape (or `ANY_SHAPE`): from the export cache, or exported and quantised
         now."""
         if self._weights is None:
-            return self._load(self._build(self._scratch_folder(), shape))
+            return self._load(self._build(self._scratch_folder(), shape), shape)
         key = export_key(self._weights, shape)
         try:
             digest, lock = lock_key(self._root, key, self._is_cancelled)
@@ -225,7 +230,7 @@ class OnnxInt8Network:
                 with contextlib.suppress(OSError):
                     os.utime(final)
                 log.info("Using the cached int8 ONNX model %s", final)
-                return self._load(final)
+                return self._load(final, shape)
             if final.exists():
                 log.warning("The cached int8 ONNX model %s was unusable (%s): exporting it again.", final, problem)
                 shutil.rmtree(final, ignore_errors=True)
@@ -238,7 +243,7 @@ class OnnxInt8Network:
                     shutil.rmtree(building, ignore_errors=True)
             except OSError as error:
                 return self._for_this_run_only(shape, error)
-            return self._load(final)
+            return self._load(final, shape)
         finally:
             lock.release(remove=True)
 
@@ -246,7 +251,7 @@ class OnnxInt8Network:
         """The session of an export in a scratch folder, where the export cache cannot keep it."""
         log.warning("The int8 model cannot be kept in %s (%s): exporting it for this run only.",
                     self._root, error.strerror)
-        return self._load(self._build(self._scratch_folder(), shape))
+        return self._load(self._build(self._scratch_folder(), shape), shape)
 
     def _build(self, folder: Path, shape: tuple[int, int] | None) -> Path:
         """Export the network's graph for one tile shape (`ANY_SHAPE`: height and width free, traced at
@@ -256,6 +261,7 @@ class OnnxInt8Network:
 
         from .onnx_export import LastHiddenState, weightless_copy, write_int8_model
 
+        self._close_sessions()
         started = time.perf_counter()
         graph = folder / "graph.onnx"
         example = torch.zeros(1, 3, *(shape or TRACED_CROP_SHAPE))
@@ -280,8 +286,18 @@ class OnnxInt8Network:
                  f"{shape[0]} × {shape[1]}" if shape else "cropped", time.perf_counter() - started)
         return folder
 
-    def _load(self, folder: Path):
+    def _close_sessions(self) -> None:
+        """Close the open sessions before an export is built (they reopen from the export cache when next used):
+        building the any-shape export beside an open tile session peaked at 1.23× a cached run's memory, each
+        export alone at 1.14× and 1.18× (docs/BENCHMARKS.md, "The export's peak memory")."""
+        self._sessions.clear()
+        gc.collect()
+        release_free_memory()
+
+    def _load(self, folder: Path, shape: tuple[int, int] | None):
         import onnxruntime
+
+        self._folders[shape] = folder
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = cpu_threads()
