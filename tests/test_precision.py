@@ -454,3 +454,36 @@ def test_an_export_is_built_with_no_session_open_and_a_closed_session_reopens_wi
     np.testing.assert_array_equal(answers[1], answers[3])
     fresh = OnnxInt8Network(backbone.model, weights, tmp_path / "fresh")
     np.testing.assert_array_equal(answers[1], fresh.hidden_states(crop, cropped=True))
+
+
+def test_a_raster_smaller_than_a_tile_starts_from_its_any_shape_export_and_a_larger_tile_builds_its_own(
+        tiny_model_dir, scene_tif, tmp_path):
+    """A raster inside one tile runs only the any-shape export: its second run starts from it without torch. A
+    run with smaller tiles then starts from it too, builds its tile shape's export (loading the float network
+    then), and labels as a run in an empty export cache does."""
+    path, _ = scene_tif
+    exports = tmp_path / "xdg" / "treeseg" / "onnx"
+
+    def run(out: str, tile: int, cache: str = "xdg") -> tuple[subprocess.CompletedProcess, dict]:
+        done = subprocess.run([sys.executable, "-X", "importtime", "-m", "treeseg_qgis", "segment", str(path),
+                               "--out", str(tmp_path / out), "--model", str(tiny_model_dir), "--device", "cpu",
+                               "--precision", "int8", "--clusters", "2", "--tile-size", str(tile), "--no-cache"],
+                              cwd=REPO, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / cache)})
+        assert done.returncode == 0, done.stderr
+        assert "Traceback" not in done.stderr
+        return done, json.loads(next((tmp_path / out).glob("*_run.json")).read_text())
+
+    _, first = run("first", 512)
+    assert sorted(exports_by_shape(exports)) == ["any"]
+    done, second = run("second", 512)
+    assert not imported_modules(done.stderr) & {"torch", "transformers"}
+    assert second["model"] == first["model"]
+    assert (read_labels(second["outputs"]["clusters"]) == read_labels(first["outputs"]["clusters"])).all()
+
+    done, smaller = run("smaller", 128)
+    assert "torch" in imported_modules(done.stderr)  # the float network, for the 128² export
+    assert sorted(exports_by_shape(exports)) == sorted(["any", str([128, 128])])
+    _, fresh = run("fresh", 128, cache="empty")
+    assert smaller["model"] == fresh["model"] and not smaller["model"]["untrained"]
+    assert (read_labels(smaller["outputs"]["clusters"]) == read_labels(fresh["outputs"]["clusters"])).all()

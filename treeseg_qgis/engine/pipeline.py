@@ -568,7 +568,8 @@ def _cache_key(params: SegmentationParams, source: GdalRasterSource, survey: Sur
     return {
         **settings_with(Role.FEATURES, params),
         **({"projection": survey.projection_id} if survey else {}),
-        "format": 4,  # 3: a tile with nodata runs cropped to its valid pixels; 4: past the raster too (issue #31)
+        "format": 5,  # 3: a tile with nodata runs cropped to its valid pixels; 4: past the raster too; 5: a raster
+        # smaller than a tile runs as a crop (issue #31)
         "input": [_input_identity(path) for path in source.files if not path.endswith(".aux.xml")],
         "bands": list(source.bands),
         "scaling": source.scaling,

@@ -12,14 +12,14 @@ weights are never cached (nothing identifies them): they are exported for this l
 A network made `from_export` starts from the cached export alone (no torch, no transformers, no weights read):
 the float network is loaded only if a tile shape's export has to be built.
 
-Whole tiles run the export of their shape. Tiles cropped to their valid pixels (core/segmentation.py) run one
-more export, `ANY_SHAPE`: the graph traced with its height and width left free (DINOv3's RoPE positions are
-computed from the input's size), which serves every crop of every tile size. Whole tiles keep their shape's
-export (their features bit-identical): at 512 × 512 the free graph was not shown as fast (0 to 5 % slower in
-alternating pairs; the shape's graph folds the RoPE tables and shape arithmetic). Its features at crop shapes
-agree with the float model as closely as a shape's own export's (docs/BENCHMARKS.md, "int8 crops"). It is built
-the first time a run crops (once per machine and weights, as a tile shape's export), so a raster's features never
-depend on what the export cache held before.
+Whole tiles of the tile size run the export of their shape. Tiles cropped to their valid pixels, and the one tile of a
+raster smaller than a tile (core/tiling.py `runs_whole`), run one more export, `ANY_SHAPE`: the graph traced with its
+height and width left free (DINOv3's RoPE positions are computed from the input's size), which serves every crop of
+every tile size. Whole tiles keep their shape's export (their features bit-identical): at 512 × 512 the free graph was
+not shown as fast (0 to 5 % slower in alternating pairs; the shape's graph folds the RoPE tables and shape
+arithmetic). Its features at crop shapes agree with the float model as closely as a shape's own export's
+(docs/BENCHMARKS.md, "int8 crops"). It is built the first time a run crops (once per machine and weights, as a tile
+shape's export), so a raster's features never depend on what the export cache held before.
 """
 
 from __future__ import annotations
@@ -163,11 +163,6 @@ class OnnxInt8Network:
             self._network = self._load_network()
             self.config = self._network.config
         return self._network
-
-    def prepare(self, shape: tuple[int, int] | None) -> None:
-        """Open the session for one tile shape (or `ANY_SHAPE`) now (from the cache, else exported), before any
-        tile comes."""
-        self._session(shape)
 
     def stop_when(self, is_cancelled: Callable[[], bool]) -> None:
         """Stop a run as soon as `is_cancelled()`: between images and inside a session run (RunOptions.terminate);

@@ -346,8 +346,8 @@ def _extracted(
             started = time.perf_counter()
             windows = [window for window, _, _ in pixels]
             run = [(rgb[window.y:window.y + window.height, window.x:window.x + window.width],
-                    (window.width, window.height) != (tile.width, tile.height))
-                   for tile, window, (_, rgb, _) in zip(batch, windows, pixels) if window is not None]
+                    not grid.tiles.runs_whole(window))
+                   for window, (_, rgb, _) in zip(windows, pixels) if window is not None]
             features = iter(_extract_by_shape(extractor, run))
             release_free_memory()
             timings["features"] += time.perf_counter() - started

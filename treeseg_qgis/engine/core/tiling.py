@@ -9,7 +9,8 @@ A tile with invalid pixels, nodata or masked out inside the raster or padding pa
 cropped to the bounding box of its valid pixels, rounded out to a quarter of the tile (`TileGrid.model_window`):
 the model never sees the nodata nor the padding (a 1024-px raster's last tiles of 512 px hold 128 px of it: run
 whole they were 2.25× its pixels, cropped 1.27×), and a tile has at most 4 × 4 shapes (crops of one shape share
-a batch). A tile whose pixels are all valid runs whole. In int8 on ONNX Runtime crops run one export of free
+a batch). A tile of the tile size whose pixels are all valid runs whole; the one tile of a raster smaller than a
+tile runs as a crop. In int8 on ONNX Runtime crops run one export of free
 height and width (core/onnx_int8.py `ANY_SHAPE`).
 """
 
@@ -48,6 +49,7 @@ class TileGrid:
     def __init__(self, width: int, height: int, tile_size: int = RUN_TILE_SIZE, overlap: int = RUN_OVERLAP) -> None:
         self.width = width
         self.height = height
+        self.tile_size = tile_size
         self.tile_width = min(tile_size, _ceil_to_patch(width))
         self.tile_height = min(tile_size, _ceil_to_patch(height))
         self.step = tile_size - overlap
@@ -77,6 +79,12 @@ class TileGrid:
         y0, y1 = _round_out(rows[0], rows[-1] + 1, self.crop_step, tile.height)
         x0, x1 = _round_out(cols[0], cols[-1] + 1, self.crop_step, tile.width)
         return Window(x0, y0, x1 - x0, y1 - y0)
+
+    def runs_whole(self, window: Window) -> bool:
+        """Whether a model window is a whole tile of the tile size (in int8 its shape's export runs it). Any other
+        window, a crop or the one tile of a raster smaller than a tile, runs cropped (the any-shape export), so
+        rasters of many small sizes share one export instead of building one per size."""
+        return (window.width, window.height) == (self.tile_size, self.tile_size)
 
     def spread(self, count: int) -> list[Tile]:
         """Up to `count` tiles spread evenly over the grid (rows and columns)."""
