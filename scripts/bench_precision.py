@@ -70,13 +70,9 @@ def model_folder(name: str) -> Path:
 
     folder = WORK / f"{name}-random"
     if not (folder / "config.json").exists():
-        shape = CATALOGUE[name].architecture
         torch.manual_seed(0)
-        config = DINOv3ViTConfig(hidden_size=shape.hidden_size, num_hidden_layers=shape.num_hidden_layers,
-                                 num_attention_heads=shape.num_attention_heads,
-                                 intermediate_size=shape.intermediate_size, use_gated_mlp=shape.gated_mlp,
-                                 hidden_act="silu" if shape.gated_mlp else "gelu", patch_size=16,
-                                 num_register_tokens=4, layerscale_value=1.0)
+        config = DINOv3ViTConfig(**CATALOGUE[name].architecture.hub_config(), patch_size=16, num_register_tokens=4,
+                                 layerscale_value=1.0)
         DINOv3ViTModel(config).save_pretrained(folder)
     return folder
 

@@ -97,12 +97,7 @@ def test_catalogue_sizes_match_the_architectures():
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
     for model in BACKBONES.values():
-        shape = model.architecture
-        config = DINOv3ViTConfig(hidden_size=shape.hidden_size, num_hidden_layers=shape.num_hidden_layers,
-                                 num_attention_heads=shape.num_attention_heads,
-                                 intermediate_size=shape.intermediate_size, use_gated_mlp=shape.gated_mlp,
-                                 hidden_act="silu" if shape.gated_mlp else "gelu", num_register_tokens=4,
-                                 patch_size=16)
+        config = DINOv3ViTConfig(**model.architecture.hub_config(), num_register_tokens=4, patch_size=16)
         with torch.device("meta"):
             count = sum(parameter.numel() for parameter in DINOv3ViTModel(config).parameters())
         assert count / 1e6 == pytest.approx(model.params_millions, rel=0.04), model.name

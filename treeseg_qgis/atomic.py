@@ -45,14 +45,20 @@ def write_atomically(path: str | Path, data: str | bytes) -> None:
         file.write(data.encode() if isinstance(data, str) else data)
 
 
+def file_mode(path: str | Path) -> int | None:
+    """The `st_mode` of `path`, or None when it cannot be had (missing, a GDAL virtual path, a NUL in the name).
+    `os.stat` never opens the file, so a FIFO does not block here."""
+    try:
+        return os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+
+
 def _refuse_special_target(path: str | Path) -> None:
     """An OSError when `path` exists and is not a regular file: renaming over it would replace a folder, pipe
-    or device with a file. `os.stat` never opens the file, so a FIFO does not block here."""
-    try:
-        mode = os.stat(path).st_mode
-    except (OSError, ValueError):
-        return
-    if not stat.S_ISREG(mode):
+    or device with a file."""
+    mode = file_mode(path)
+    if mode is not None and not stat.S_ISREG(mode):
         raise OSError(errno.EINVAL, "it is not a regular file (a folder, pipe, socket or device); choose another "
                                     "file", str(path))
 

@@ -8,6 +8,7 @@ of the published float32 safetensors weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 HUB_URL = "https://huggingface.co"
 LVD_1689M = "LVD-1689M"
@@ -25,6 +26,18 @@ class Architecture:
     num_attention_heads: int
     intermediate_size: int
     gated_mlp: bool
+
+    @classmethod
+    def from_hub_config(cls, config: dict[str, Any]) -> Architecture:
+        """The shape a Hugging Face config.json describes; KeyError, ValueError or TypeError where it does not."""
+        return cls(int(config["hidden_size"]), int(config["num_hidden_layers"]), int(config["num_attention_heads"]),
+                   int(config["intermediate_size"]), bool(config.get("use_gated_mlp", False)))
+
+    def hub_config(self) -> dict[str, Any]:
+        """This shape as Hugging Face DINOv3ViTConfig values (a gated MLP runs SiLU, the others GELU)."""
+        return {"hidden_size": self.hidden_size, "num_hidden_layers": self.num_hidden_layers,
+                "num_attention_heads": self.num_attention_heads, "intermediate_size": self.intermediate_size,
+                "use_gated_mlp": self.gated_mlp, "hidden_act": "silu" if self.gated_mlp else "gelu"}
 
 
 @dataclass(frozen=True)

@@ -103,9 +103,7 @@ def model_entry(model: str) -> CatalogueModel | None:
         if not stat.S_ISREG(os.stat(Path(model) / "config.json").st_mode):
             return None  # a pipe or device: reading it would block (the engine refuses it in one line)
         config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
-        shape = Architecture(int(config["hidden_size"]), int(config["num_hidden_layers"]),
-                             int(config["num_attention_heads"]), int(config["intermediate_size"]),
-                             bool(config.get("use_gated_mlp", False)))
+        shape = Architecture.from_hub_config(config)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return CatalogueModel(Path(model).name, "local folder", (model,), _parameters_millions(shape), 0, shape, LVD_1689M)

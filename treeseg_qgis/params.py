@@ -76,8 +76,23 @@ def _param(role: Role, default: Any = MISSING, unit: str = "", remembered: bool 
     return field(default=default, metadata={"role": role, "unit": unit, "remembered": remembered}, **options)
 
 
+class _JsonFields:
+    """A frozen dataclass that crosses the process boundary as the JSON object of its fields."""
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict; `from_json` reads it back."""
+        return asdict(self)
+
+    @classmethod
+    def _known_values(cls, what: str, data: dict[str, Any]) -> dict[str, Any]:
+        """A copy of `data`, each of whose names is a field; a name that is not is refused (a newer or older
+        sender), as one of the unknown `what`."""
+        _refuse_unknown(what, data, (item.name for item in fields(cls)))
+        return dict(data)
+
+
 @dataclass(frozen=True)
-class CrownOptions:
+class CrownOptions(_JsonFields):
     """Crown splitting (engine/core/crowns.py), in metres; `max_crown_m` is the widest crown a window split must
     see whole. The `crowns` job carries one across the process boundary (`to_json`, `from_json`)."""
 
@@ -95,14 +110,10 @@ class CrownOptions:
                 raise ParameterError(f"{item.name} must be a finite number of at least 0"
                                      f"{' (above 0)' if item.name == 'max_crown_m' else ''}, not {value}.")
 
-    def to_json(self) -> dict[str, float]:
-        return asdict(self)
-
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CrownOptions:
         """The options `to_json` wrote, validated; unknown names are refused."""
-        _refuse_unknown("crown options", data, (item.name for item in fields(cls)))
-        options = cls(**data)
+        options = cls(**cls._known_values("crown options", data))
         options.validate()
         return options
 
@@ -111,7 +122,7 @@ CROWN_DEFAULTS = CrownOptions()
 
 
 @dataclass(frozen=True)
-class SegmentationParams:
+class SegmentationParams(_JsonFields):
     """Everything one segmentation (or teach) run needs; plain, frozen data, JSON-serialisable
     (`dataclasses.replace` makes a changed copy). Each field declares its `Role`, unit and default."""
 
@@ -205,15 +216,10 @@ class SegmentationParams:
             if value is not None and not (_is_number(value) and (value >= 0 or name == "min_exg")):
                 raise ParameterError(f"{name} must be a finite number of at least 0, not {value}.")
 
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict; `from_json` reads it back."""
-        return asdict(self)
-
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SegmentationParams:
         """The object `to_json` wrote; unknown names are refused (a newer or older sender)."""
-        _refuse_unknown("parameters", data, (item.name for item in fields(cls)))
-        values = dict(data)
+        values = cls._known_values("parameters", data)
         for name in ("bands", "tree_clusters"):
             if values.get(name) is not None:
                 values[name] = tuple(values[name])

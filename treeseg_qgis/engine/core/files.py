@@ -6,26 +6,22 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import stat
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from ...atomic import write_atomically
+from ...atomic import file_mode, write_atomically
 from .errors import InputError, cannot_write
 
 
 def refuse_special_file(path: str | Path, what: str) -> None:
     """An InputError when `path` (the `what` a user named) is a FIFO, socket or device; a missing path or a
-    GDAL virtual path passes (the reader's own message follows). `os.stat` never opens the file, so a FIFO
-    does not block here."""
-    try:
-        mode = os.stat(path).st_mode
-    except (OSError, ValueError):
-        return
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+    GDAL virtual path passes (the reader's own message follows); the file is never opened, so a FIFO does not
+    block here."""
+    mode = file_mode(path)
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         raise InputError(f"The {what} '{path}' is not a regular file (a pipe, socket or device): save it to a "
                          "file and choose that.")
 

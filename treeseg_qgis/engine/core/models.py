@@ -229,11 +229,16 @@ def _cached_shape(config_file: Path) -> dict | None:
         return None
     if not isinstance(config, dict) or config.get("model_type") != "dinov3_vit":
         return None
-    values = {"patch_size": config.get("patch_size"), "num_register_tokens": config.get("num_register_tokens"),
-              "feature_dim": config.get("hidden_size")}
+    values = _backbone_shape(config)
     if not all(isinstance(value, int) and not isinstance(value, bool) for value in values.values()):
         return None
     return values
+
+
+def _backbone_shape(config: dict) -> dict:
+    """The Backbone's patch_size, num_register_tokens and feature_dim as a DINOv3 configuration states them."""
+    return {"patch_size": config.get("patch_size"), "num_register_tokens": config.get("num_register_tokens"),
+            "feature_dim": config.get("hidden_size")}
 
 
 def _float_loader(candidate: str, token: str | None, revision: str | None):
@@ -439,19 +444,10 @@ def _ready(
     device: torch.device,
     dtype: torch.dtype,
 ) -> Backbone:
-    config = network.config
+    shape = {name: int(value) for name, value in _backbone_shape(network.config.to_dict()).items()}
     network = network.to(device=device, dtype=dtype).eval()
-    return Backbone(
-        model=network,
-        model_id=model_id,
-        normalisation=normalisation,
-        untrained=untrained,
-        device=device,
-        dtype=dtype,
-        patch_size=int(config.patch_size),
-        num_register_tokens=int(config.num_register_tokens),
-        feature_dim=int(config.hidden_size),
-    )
+    return Backbone(model=network, model_id=model_id, normalisation=normalisation, untrained=untrained,
+                    device=device, dtype=dtype, **shape)
 
 
 def _untrained(
@@ -469,18 +465,8 @@ def _untrained(
             + f" Untrained weights need a known architecture: use a catalogue name "
             f"({', '.join(CATALOGUE)}) instead of {model}."
         )
-    shape = spec.architecture
-    config = DINOv3ViTConfig(
-        hidden_size=shape.hidden_size,
-        num_hidden_layers=shape.num_hidden_layers,
-        num_attention_heads=shape.num_attention_heads,
-        intermediate_size=shape.intermediate_size,
-        use_gated_mlp=shape.gated_mlp,
-        hidden_act="silu" if shape.gated_mlp else "gelu",
-        num_register_tokens=4,
-        patch_size=16,
-        layerscale_value=1e-5,
-    )
+    config = DINOv3ViTConfig(**spec.architecture.hub_config(), num_register_tokens=4, patch_size=16,
+                             layerscale_value=1e-5)
     log.warning(
         "UNTRAINED WEIGHTS: %s could not be loaded; using a randomly initialised %s. "
         "The result only checks the pipeline.", spec.repo_ids[0], spec.label,
