@@ -31,6 +31,36 @@ def test_segment_succeeds_and_lists_the_outputs(tiny_model_dir, scene_tif, tmp_p
     assert "sklearn" in imported and "skimage" not in imported
 
 
+def test_a_finished_run_leaves_as_pythons_exit_does(tiny_model_dir, scene_tif, tmp_path):
+    """The command ends without the interpreter's teardown (interrupts.exit_now), yet as a normal exit: every
+    line it printed reaches the pipes, the untrained int8 export's scratch folder is gone and the exit status is
+    the command's."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    partial = tmp_path / "partial"  # weights that do not cover the model: untrained, exported to a scratch folder
+    shutil.copytree(tiny_model_dir, partial)
+    tensors = load_file(partial / "model.safetensors")
+    save_file({name: value for name, value in tensors.items() if "mlp" not in name}, partial / "model.safetensors",
+              metadata={"format": "pt"})
+    path, _ = scene_tif
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(REPO),
+               TMPDIR=str(scratch), XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    result = subprocess.run([sys.executable, "-m", "treeseg_qgis", "segment", str(path), "--out", "out", "--model",
+                             str(partial), "--clusters", "2", "--device", "cpu", "--precision", "int8",
+                             "--allow-untrained", "--tile-size", "128"],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "UNTRAINED" in result.stdout and result.stdout.rstrip().endswith("scene_UNTRAINED_run.json")
+    assert "int8" in result.stdout and list(scratch.glob("treeseg-*")) == []
+    missing = subprocess.run([sys.executable, "-m", "treeseg_qgis", "segment", "missing.tif", "--out", "elsewhere"],
+                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert missing.returncode == 2 and missing.stderr.startswith("treeseg: error:")
+
+
 def one_line_error(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("treeseg: error:")]

@@ -1,8 +1,9 @@
 """`python -m treeseg_qgis`: the command line.
 
 Stop signals are handled from before the heavy imports (a stop during start-up is
-clean too) and ignored once the command is done and the interpreter shuts down. An
-address-space limit too low for the libraries is refused before they load.
+clean too) and ignored once the command is done. The process then exits without
+tearing the interpreter down (`interrupts.exit_now`). An address-space limit too low
+for the libraries is refused before they load.
 """
 
 import sys
@@ -25,4 +26,4 @@ except interrupts.Interrupted as stop:
     print(f"treeseg: {stop} while starting; nothing was written.", file=sys.stderr)
     status = stop.exit_status
 interrupts.ignore_stop_signals()
-sys.exit(status)
+interrupts.exit_now(status)
