@@ -524,38 +524,48 @@ class OutputGroup:
         kind = self.kinds.get(node.layerId()) if QgsLayerTree.isLayer(node) else None
         return self.order.index(kind) if kind is not None else len(self.order)
 
+    def place(self, layer: QgsMapLayer, kind: str, project: QgsProject) -> None:
+        """Take a loaded output (`take`), the group made in the survey's group of the record where it has one;
+        the survey's clusters joined to its legend."""
+        survey = survey_group(self.record, project)
+        self.take(layer, kind, project, survey)
+        if survey is not None and kind == "clusters":
+            join_survey(layer, survey)
+
+
+@dataclass(frozen=True)
+class PlaceBeside:
+    """Where an output of no result group goes: just above the layer of id `layer_id` (place_beside)."""
+
+    layer_id: str | None
+
+    def place(self, layer: QgsMapLayer, kind: str, project: QgsProject) -> None:
+        place_beside(layer, self.layer_id, project)
+
 
 class OutputStyler(QgsProcessingLayerPostProcessorInterface):
-    """Gives a Processing output layer the panel's name, style and group once QGIS has loaded it."""
+    """Gives a Processing output layer the panel's name and style once QGIS has loaded it, and its place: in its
+    result group, or beside a layer."""
 
     _alive: list[OutputStyler] = []
     """QGIS does not own post-processors: each is kept here so that it outlives the algorithm that made it."""
 
-    def __init__(self, kind: str, record: OutputsRecord, group: OutputGroup | None, beside: str | None) -> None:
+    def __init__(self, kind: str, record: OutputsRecord, placement: OutputGroup | PlaceBeside) -> None:
         super().__init__()
         self.kind = kind
         self.record = record
-        self.group = group
-        self.beside = beside
+        self.placement = placement
 
     @classmethod
-    def create(cls, kind: str, record: OutputsRecord, group: OutputGroup | None,
-               beside: str | None = None) -> OutputStyler:
-        styler = cls(kind, record, group, beside)
+    def create(cls, kind: str, record: OutputsRecord, placement: OutputGroup | PlaceBeside) -> OutputStyler:
+        styler = cls(kind, record, placement)
         cls._alive.append(styler)
         return styler
 
     def postProcessLayer(self, layer: QgsMapLayer, context: QgsProcessingContext,  # noqa: N802 - QGIS override
                          feedback: QgsProcessingFeedback) -> None:
         style_output(layer, self.kind, self.record)
-        project = context.project() or QgsProject.instance()
-        if self.group is not None:
-            survey = survey_group(self.record, project)
-            self.group.take(layer, self.kind, project, survey)
-            if survey is not None and self.kind == "clusters":
-                join_survey(layer, survey)
-        else:
-            place_beside(layer, self.beside, project)
+        self.placement.place(layer, self.kind, context.project() or QgsProject.instance())
 
 
 def place_beside(layer: QgsMapLayer, beside: str | None, project: QgsProject) -> None:
@@ -584,12 +594,13 @@ def style_loaded_outputs(context: QgsProcessingContext, record: OutputsRecord, g
     modeler); the names end with `suffix`. Without a group they go beside the layer of id `beside`
     (place_beside)."""
     names = layer_names(record)
+    placement = group if group is not None else PlaceBeside(beside)
     for kind, path in record.outputs.items():
         if kind in names and context.willLoadLayerOnCompletion(path):
             details = context.layerToLoadOnCompletionDetails(path)
             details.name = names[kind] + suffix
             details.forceName = True
-            details.setPostProcessor(OutputStyler.create(kind, record, group, beside))
+            details.setPostProcessor(OutputStyler.create(kind, record, placement))
 
 
 def style_classes(layer: QgsRasterLayer, record: ClassesRecord) -> None:

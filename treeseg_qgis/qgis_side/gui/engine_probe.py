@@ -70,7 +70,7 @@ class EngineProbe(QObject):
             self.start()
 
     def _show(self, description: str, ok: bool) -> None:
-        self.info = self._task.info if self._task is not None and ok else None
+        self.info = self._task.record if self._task is not None and ok else None
         self._task = None
         self.usable = ok
         if ok:

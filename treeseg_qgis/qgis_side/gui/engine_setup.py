@@ -27,11 +27,9 @@ from qgis.PyQt.QtWidgets import (
     QDialogButtonBox,
     QFormLayout,
     QLabel,
-    QLineEdit,
     QMessageBox,
     QPlainTextEdit,
     QProgressBar,
-    QPushButton,
     QWidget,
 )
 
@@ -44,7 +42,7 @@ from ..engine_client import (
     configured_engine_origin,
     configured_engine_python,
 )
-from .layouts import LayoutItem, button, hbox, show_status, vbox, wrapped_label
+from .layouts import LayoutItem, button, fill_form, hbox, line_edit, show_status, vbox, wrapped_label
 
 INTRO = (
     "TreeSeg runs DINOv3 in a Python environment of its own, beside QGIS: a virtual environment in "
@@ -187,25 +185,27 @@ class EngineSetupDialog(QDialog):
         self.build_combo.addItem("CPU", engine_env.CPU)
         self.build_combo.setToolTip("CUDA is offered when nvidia-smi finds an NVIDIA GPU.")
         self.gpu_label = wrapped_label("Looking for an NVIDIA GPU…")
-        self.torch_index = QLineEdit(engine_env.default_torch_index(engine_env.CPU))
-        self.torch_index.setToolTip("Added to your pip indexes for torch's CPU or CUDA build. Empty for none, "
-                                    "when your organisation's mirror has torch: on Linux the CPU engine then asks "
-                                    "it for torch's CPU build (a version ending in +cpu), never PyPI's CUDA one.")
+        self.torch_index = line_edit(
+            engine_env.default_torch_index(engine_env.CPU),
+            tooltip="Added to your pip indexes for torch's CPU or CUDA build. Empty for none, when your "
+                    "organisation's mirror has torch: on Linux the CPU engine then asks it for torch's CPU build (a "
+                    "version ending in +cpu), never PyPI's CUDA one.")
         self.engine_label = wrapped_label(selectable=True)
-        form = QFormLayout()
-        form.addRow("Packages", self.packages_label)
-        form.addRow("Engines folder", self.folder_label)
-        form.addRow("Made from", self.base_label)
-        form.addRow("torch", self.build_combo)
-        form.addRow("", self.gpu_label)
-        form.addRow("torch index", self.torch_index)
-        form.addRow("Engine in use", self.engine_label)
-        return form
+        return fill_form(
+            QFormLayout(),
+            ("Packages", self.packages_label),
+            ("Engines folder", self.folder_label),
+            ("Made from", self.base_label),
+            ("torch", self.build_combo),
+            ("", self.gpu_label),
+            ("torch index", self.torch_index),
+            ("Engine in use", self.engine_label),
+        )
 
     def _build_leftover_row(self) -> QWidget:
         """The folders a killed set-up left, with a Delete button; hidden until `_offer_leftovers` finds some."""
         self.leftover_label = wrapped_label()
-        self.leftover_button = button("Delete", "Delete these folders (in the background).")
+        self.leftover_button = button("Delete", "Delete these folders (in the background).", self.remove_leftovers)
         self.leftover_row = QWidget()
         self.leftover_row.setLayout(hbox((self.leftover_label, 1), self.leftover_button))
         self.leftover_row.setVisible(False)
@@ -213,11 +213,12 @@ class EngineSetupDialog(QDialog):
 
     def _build_actions(self) -> tuple[LayoutItem, ...]:
         """Install, Repair, Remove and Cancel; the progress, the status, the troubleshooting link and the log."""
-        self.install_button = button("Install", "Build the engine aside, check it, then put it in place.")
+        self.install_button = button("Install", "Build the engine aside, check it, then put it in place.", self.install)
         self.repair_button = button("Repair", "Build the engine again from scratch (also switches between CPU and CUDA "
-                                              "torch); the engine in use stays until the new one passed its check.")
-        self.remove_button = button("Remove…", "Delete the private engine's folder.")
-        self.cancel_button = QPushButton("Cancel")
+                                              "torch); the engine in use stays until the new one passed its check.",
+                                    self.install)
+        self.remove_button = button("Remove…", "Delete the private engine's folder.", self.remove)
+        self.cancel_button = button("Cancel", clicked=self.cancel)
         self.progress_bar = QProgressBar()
         self.progress_bar.setRange(0, PROGRESS_RANGE)
         self.progress_bar.setValue(0)
@@ -238,7 +239,7 @@ class EngineSetupDialog(QDialog):
         self.python_widget.setStorageMode(QgsFileWidget.StorageMode.GetFile)
         self.python_widget.setDialogTitle("The Python of an environment with torch and transformers")
         self.python_widget.setFilePath(chosen_engine_python())
-        self.use_python_button = QPushButton("Use this Python")
+        self.use_python_button = button("Use this Python", clicked=self.use_existing_python)
         advanced = QgsCollapsibleGroupBox("Advanced: use an existing Python environment")
         advanced_note = wrapped_label("Instead of the private environment, run the engine with the Python of an "
                                       "environment you made yourself (it needs the packages of requirements.txt "
@@ -248,12 +249,6 @@ class EngineSetupDialog(QDialog):
         return advanced
 
     def _connect(self) -> None:
-        self.install_button.clicked.connect(self.install)
-        self.repair_button.clicked.connect(self.install)
-        self.remove_button.clicked.connect(self.remove)
-        self.leftover_button.clicked.connect(self.remove_leftovers)
-        self.cancel_button.clicked.connect(self.cancel)
-        self.use_python_button.clicked.connect(self.use_existing_python)
         self.python_widget.fileChanged.connect(self._update_state)
         self.build_combo.currentIndexChanged.connect(self._build_changed)
 

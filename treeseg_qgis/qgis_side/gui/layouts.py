@@ -1,7 +1,7 @@
 """Box layouts filled in one call: `hbox(a, (b, 1), c)` instead of one `addWidget` line per widget; labels that
-wrap (and may be selected), buttons, check boxes and combo boxes with their tooltip (and a button's action) and
-form layouts in one call too; a status line shown in red for an error. Qt alone (no qgis.gui), so the real-Qt6
-check (tests/test_qt6_real.py) builds them."""
+wrap (and may be selected), buttons, check boxes, line edits and combo boxes with their tooltip (and a button's
+action) and form layouts of their rows in one call too; a status line shown in red for an error. Qt alone (no
+qgis.gui), so the real-Qt6 check (tests/test_qt6_real.py) builds them."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from qgis.PyQt.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLayout,
+    QLineEdit,
     QPushButton,
     QVBoxLayout,
     QWidget,
@@ -25,6 +26,8 @@ from qgis.PyQt.QtWidgets import (
 ERROR_STYLE = "color: #b00020;"
 
 LayoutItem = Union[QWidget, QLayout, tuple[Union[QWidget, QLayout], int], int]
+FormRow = Union[QWidget, tuple[Union[str, QWidget], Union[QWidget, QLayout]]]
+"""A form row: a widget across the whole row, or (label text or widget, field widget or layout)."""
 
 
 def fill(layout: QBoxLayout, *items: LayoutItem) -> QBoxLayout:
@@ -77,6 +80,14 @@ def check_box(text: str, tooltip: str = "") -> QCheckBox:
     return widget
 
 
+def line_edit(text: str = "", placeholder: str = "", tooltip: str = "") -> QLineEdit:
+    """A line edit holding `text`, with its placeholder and tooltip."""
+    widget = QLineEdit(text)
+    widget.setPlaceholderText(placeholder)
+    widget.setToolTip(tooltip)
+    return widget
+
+
 def choice_combo(choices: Iterable[tuple[str, Any]], tooltip: str = "") -> QComboBox:
     """A combo box of (text, item data) choices, with its tooltip."""
     combo = QComboBox()
@@ -86,12 +97,22 @@ def choice_combo(choices: Iterable[tuple[str, Any]], tooltip: str = "") -> QComb
     return combo
 
 
-def form_layout() -> QFormLayout:
-    """A form whose fields take the width there is and whose long rows wrap under their label."""
+def fill_form(form: QFormLayout, *rows: FormRow) -> QFormLayout:
+    """Add `rows` to `form` in order (see FormRow). Returns `form`."""
+    for row in rows:
+        if isinstance(row, tuple):
+            form.addRow(*row)
+        else:
+            form.addRow(row)
+    return form
+
+
+def form_layout(*rows: FormRow) -> QFormLayout:
+    """A form of `rows` whose fields take the width there is and whose long rows wrap under their label."""
     form = QFormLayout()
     form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
     form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
-    return form
+    return fill_form(form, *rows)
 
 
 def show_status(label: QLabel, text: str, error: bool = False) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qgis.core import QgsApplication, QgsTask
+from qgis.core import QgsApplication
 from qgis.PyQt.QtCore import Qt, pyqtSignal
 from qgis.PyQt.QtWidgets import (
     QAbstractItemView,
@@ -35,8 +35,9 @@ from qgis.PyQt.QtWidgets import (
 from ...catalogue import MODELS, CatalogueModel
 from ...memory import estimate_peak_bytes, format_gigabytes, format_size
 from ..auth import TokenStoreError, has_stored_token, hf_token, remove_token, store_token
-from ..engine_client import EngineClient, EngineError, missing_engine_message
+from ..engine_client import EngineClient, missing_engine_message
 from .layouts import button, fill, hbox, wrapped_label
+from .task import EngineCallTask
 
 COLUMNS = ("Model", "In cache", "Parameters", "Download", "Memory (CPU)", "Hugging Face id")
 NAME_COLUMN, CACHE_COLUMN, MEMORY_COLUMN = 0, 1, 4
@@ -73,39 +74,6 @@ def cache_text(entry: dict[str, Any]) -> str:
     return f"partial ({format_size(size)})" if size else "no"
 
 
-class EngineJobTask(QgsTask):
-    """One engine call off the UI thread; `completed(record, error)` follows on the main thread.
-
-    `call(task)` gets the task, for `report(percent, stage)` and `isCanceled`.
-    """
-
-    completed = pyqtSignal(object, str)
-    stage_changed = pyqtSignal(str)
-
-    def __init__(self, description: str, call: Callable[[EngineJobTask], dict[str, Any]]) -> None:
-        super().__init__(description, QgsTask.Flag.CanCancel)
-        self.call = call
-        self.record: dict[str, Any] | None = None
-        self.error = ""
-
-    def run(self) -> bool:
-        try:
-            self.record = self.call(self)
-        except EngineError as error:
-            self.error = "Cancelled." if error.kind == "cancelled" else str(error)
-        except Exception as error:  # noqa: BLE001 - a task must not raise; the dialog shows the reason
-            self.error = f"{type(error).__name__}: {error}"
-        return self.record is not None
-
-    def report(self, percent: float, stage: str) -> None:
-        """Engine progress (worker thread) into the task's progress and the dialog's stage line."""
-        self.setProgress(percent)
-        self.stage_changed.emit(stage)
-
-    def finished(self, result: bool) -> None:
-        self.completed.emit(self.record, self.error or ("" if result else "Cancelled."))
-
-
 class ModelManagerDialog(QDialog):
     """The catalogue with its cache state; Download / Delete, the token, and a local folder.
 
@@ -120,7 +88,7 @@ class ModelManagerDialog(QDialog):
         super().__init__(parent)
         self.setWindowTitle("TreeSeg: DINOv3 models")
         self.engine = engine
-        self.task: EngineJobTask | None = None
+        self.task: EngineCallTask | None = None
         self.cache_state: dict[str, dict[str, Any]] = {}
         self.feature_cache_bytes = 0
         self._build()
@@ -219,7 +187,7 @@ class ModelManagerDialog(QDialog):
         if (model := self._selected_when_free()) is None:
             return
         engine, token = self.engine, hf_token()
-        task = EngineJobTask(f"TreeSeg: downloading {model.name}", lambda job: engine.download_model(
+        task = EngineCallTask(f"TreeSeg: downloading {model.name}", lambda job: engine.download_model(
             model.name, on_progress=job.report, is_cancelled=job.isCanceled, hf_token=token))
         task.stage_changed.connect(self.status_label.setText)
         task.progressChanged.connect(lambda percent: self.progress.setValue(round(percent)))
@@ -280,9 +248,9 @@ class ModelManagerDialog(QDialog):
                     on_done: Callable[[dict[str, Any] | None, str], None]) -> None:
         """Run `call(engine)` on this window's engine in the background; no progress is shown."""
         engine = self.engine
-        self._start(EngineJobTask(description, lambda task: call(engine)), on_done)
+        self._start(EngineCallTask(description, lambda task: call(engine)), on_done)
 
-    def _start(self, task: EngineJobTask, on_done: Callable[[dict[str, Any] | None, str], None]) -> None:
+    def _start(self, task: EngineCallTask, on_done: Callable[[dict[str, Any] | None, str], None]) -> None:
         self.task = task
         task.completed.connect(on_done)
         self._update_buttons()

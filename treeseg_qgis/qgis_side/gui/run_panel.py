@@ -23,10 +23,8 @@ from qgis.PyQt.QtWidgets import (
     QDoubleSpinBox,
     QLabel,
     QLayout,
-    QLineEdit,
     QMessageBox,
     QProgressBar,
-    QPushButton,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -51,7 +49,7 @@ from ..compat import POLYGON_LAYER_FILTER, RASTER_LAYER_FILTER
 from ..engine_client import EngineClient
 from ..results import orthophotos, result_input_name
 from .engine_probe import EngineProbe
-from .layouts import button, check_box, choice_combo, fill, form_layout, hbox, show_status
+from .layouts import button, check_box, choice_combo, fill, form_layout, hbox, line_edit, show_status
 from .run_estimates import RunChoice, RunEstimates, parameters_label
 from .run_input import EXTENTS, SELECTED_POLYGONS, WHOLE_LAYER, RunInput
 from .run_params import DEFAULTS, InputProblem, default_output_folder, layer_file, ready_params
@@ -160,11 +158,10 @@ class RunPanel(QWidget):
                                                "token, a local model folder")
         self.memory_label = QLabel()
         self.memory_label.setWordWrap(True)
-        self.model_override = QLineEdit()
-        self.model_override.setPlaceholderText("optional: Hugging Face id or model folder")
-        self.model_override.setToolTip("Overrides the model above with any DINOv3 ViT: a Hugging Face id "
-                                       "(owner/name) or a local folder in Hugging Face format. The line below "
-                                       "names the model that runs.")
+        self.model_override = line_edit(placeholder="optional: Hugging Face id or model folder",
+                                        tooltip="Overrides the model above with any DINOv3 ViT: a Hugging Face id "
+                                                "(owner/name) or a local folder in Hugging Face format. The line "
+                                                "below names the model that runs.")
         self.stride_combo = choice_combo(((f"{stride} px", stride) for stride in STRIDES),
                                          "Stride 8 costs 4 × the time of 16; stride 4 costs 16 ×.")
         self.auto_clusters = check_box("Automatic", "Pick the number of clusters from the elbow of the k-means inertia "
@@ -182,8 +179,8 @@ class RunPanel(QWidget):
     def _build_run(self) -> None:
         """Run, Cancel, the progress, the stage and the elbow plot of automatic K."""
         self.allow_untrained = check_box("Allow untrained weights", UNTRAINED_TOOLTIP)
-        self.run_button = QPushButton("Run")
-        self.cancel_button = QPushButton("Cancel")
+        self.run_button = button("Run", clicked=self.run)
+        self.cancel_button = button("Cancel", clicked=self.cancel)
         self.progress_bar = QProgressBar()
         self.progress_bar.setRange(0, 100)
         self.stage_label = QLabel()
@@ -206,15 +203,16 @@ class RunPanel(QWidget):
                                              "dropped, which separates trees from grass and shrubs of the same colour.")
         self.min_height_spin.setSingleStep(0.5)
         self.min_height_spin.setSpecialValueText("any height")
-        self.height_model_override = QLineEdit()
-        self.height_model_override.setPlaceholderText("optional: canopy-height model id or folder")
-        self.height_model_override.setToolTip(f"Overrides {DEFAULTS.height_model} with another CHMv2 model: a "
-                                              "Hugging Face id or a local folder in Hugging Face format.")
-        form = form_layout()
-        form.addRow(self.crowns_check, self.crown_min_area)
-        form.addRow(self.features_check)
-        form.addRow(self.height_check, self.min_height_spin)
-        form.addRow("Height model", self.height_model_override)
+        self.height_model_override = line_edit(
+            placeholder="optional: canopy-height model id or folder",
+            tooltip=f"Overrides {DEFAULTS.height_model} with another CHMv2 model: a Hugging Face id or a local "
+                    "folder in Hugging Face format.")
+        form = form_layout(
+            (self.crowns_check, self.crown_min_area),
+            self.features_check,
+            (self.height_check, self.min_height_spin),
+            ("Height model", self.height_model_override),
+        )
         return _collapsible_group("More outputs", "TreesegMoreOutputs", form)
 
     def _build_advanced(self) -> QgsCollapsibleGroupBox:
@@ -228,10 +226,11 @@ class RunPanel(QWidget):
         self.cluster_model_widget.setToolTip("Optional: a survey's cluster model (python -m treeseg_qgis fit, or "
                                              "Processing ▸ Surveys). Its clusters are applied as they are, so this "
                                              "raster gets the survey's cluster ids and legend; Clusters is ignored.")
-        form = form_layout()
-        form.addRow("Device", self.device_combo)
-        form.addRow("Precision", self.precision_combo)
-        form.addRow("Cluster model", self.cluster_model_widget)
+        form = form_layout(
+            ("Device", self.device_combo),
+            ("Precision", self.precision_combo),
+            ("Cluster model", self.cluster_model_widget),
+        )
         return _collapsible_group("Advanced", "TreesegAdvanced", form)
 
     def _lay_out(self) -> None:
@@ -240,32 +239,29 @@ class RunPanel(QWidget):
             combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
             combo.setMinimumContentsLength(COMBO_MIN_CHARACTERS)
         self.model_combo.setMinimumContentsLength(MODEL_COMBO_MIN_CHARACTERS)
-        form = form_layout()
-        form.addRow("Raster layer", self.layer_combo)
-        form.addRow("Extent", self.extent_combo)
-        form.addRow("Polygon layer", self.mask_combo)
-        form.addRow("Model", hbox((self.model_combo, 1), self.models_button))
-        form.addRow("Model override", self.model_override)
-        form.addRow("Stride", self.stride_combo)
-        form.addRow("Clusters", hbox(self.auto_clusters, (self.clusters_spin, 1)))
-        form.addRow(self.memory_label)
-        form.addRow(self.engine_label)
-        form.addRow(self.setup_button)
-        form.addRow("Output folder", self.output_widget)
-        form.addRow(self.allow_untrained)
-        self._form = form
-        panel = fill(QVBoxLayout(self), form, self.extras_group, self.advanced_group,
+        self._form = form_layout(
+            ("Raster layer", self.layer_combo),
+            ("Extent", self.extent_combo),
+            ("Polygon layer", self.mask_combo),
+            ("Model", hbox((self.model_combo, 1), self.models_button)),
+            ("Model override", self.model_override),
+            ("Stride", self.stride_combo),
+            ("Clusters", hbox(self.auto_clusters, (self.clusters_spin, 1))),
+            self.memory_label,
+            self.engine_label,
+            self.setup_button,
+            ("Output folder", self.output_widget),
+            self.allow_untrained,
+        )
+        panel = fill(QVBoxLayout(self), self._form, self.extras_group, self.advanced_group,
                      hbox(self.run_button, self.cancel_button), self.progress_bar, self.stage_label,
                      self.elbow_caption, self.elbow_image)
         panel.setContentsMargins(0, 0, 0, 0)
 
     def _connect(self) -> None:
-        self.extent_combo.currentIndexChanged.connect(self._update_enabled)
-        self.auto_clusters.toggled.connect(self._update_enabled)
-        self.crowns_check.toggled.connect(self._update_enabled)
-        self.height_check.toggled.connect(self._update_enabled)
-        self.run_button.clicked.connect(self.run)
-        self.cancel_button.clicked.connect(self.cancel)
+        for changed in (self.extent_combo.currentIndexChanged, self.auto_clusters.toggled, self.crowns_check.toggled,
+                        self.height_check.toggled):
+            changed.connect(self._update_enabled)
         self.probe.probed.connect(self._engine_probed)
         for changed in (self.extent_combo.currentIndexChanged, self.layer_combo.layerChanged,
                         self.model_combo.currentIndexChanged, self.model_override.textChanged,

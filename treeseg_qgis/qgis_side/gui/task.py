@@ -1,4 +1,5 @@
-"""Background tasks that drive the engine worker process: a segmentation run, a teach run, the device probe.
+"""Background tasks that drive the engine worker process: a segmentation run, a teach run, one engine call (the
+device probe, the model manager's commands).
 
 `run()` executes on a worker thread and only talks to the EngineClient; every
 layer, project and message-bar change happens in `finished()` on the main thread.
@@ -7,6 +8,7 @@ layer, project and message-bar change happens in `finished()` on the main thread
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -187,28 +189,55 @@ def teach_summary(record: TaughtRecord) -> str:
     return f"{UNTRAINED_SUMMARY} {summary}" if record.model.untrained else summary
 
 
-class ProbeTask(QgsTask):
-    """Asks the engine which device it would use; `probed(description, ok)` reports it on the main thread."""
+class EngineCallTask(QgsTask):
+    """One engine call off the UI thread: `record`, its answer, or `error` in words; `completed(record, error)`
+    follows on the main thread.
 
-    probed = pyqtSignal(str, bool)
+    `call(task)` gets the task, for `report(percent, stage)` and `isCanceled`.
+    """
 
-    def __init__(self, engine: EngineClient) -> None:
-        super().__init__("TreeSeg: starting the engine", QgsTask.Flag.CanCancel | QgsTask.Flag.CancelWithoutPrompt)
-        self.engine = engine
-        self.info: dict[str, Any] | None = None
+    completed = pyqtSignal(object, str)
+    stage_changed = pyqtSignal(str)
+
+    def __init__(self, description: str, call: Callable[[EngineCallTask], dict[str, Any]],
+                 flags: QgsTask.Flag = QgsTask.Flag.CanCancel) -> None:
+        super().__init__(description, flags)
+        self.call = call
+        self.record: dict[str, Any] | None = None
         self.error = ""
 
     def run(self) -> bool:
         try:
-            self.info = self.engine.probe()
-        except Exception as error:  # noqa: BLE001 - a task must not raise; the dock shows the reason
-            self.error = str(error)
-        return self.info is not None
+            self.record = self.call(self)
+        except EngineError as error:
+            self.error = "Cancelled." if error.kind == "cancelled" else str(error)
+        except Exception as error:  # noqa: BLE001 - a task must not raise; its caller shows the reason
+            self.error = f"{type(error).__name__}: {error}"
+        return self.record is not None
+
+    def report(self, percent: float, stage: str) -> None:
+        """Engine progress (worker thread) into the task's progress and `stage_changed`."""
+        self.setProgress(percent)
+        self.stage_changed.emit(stage)
 
     def finished(self, result: bool) -> None:
-        if result and self.info is not None:
-            no_gpu = " · no GPU found: runs on the CPU" if self.info["device"] == "cpu" else ""
-            self.probed.emit(f"{self.info['device_description']} · torch {self.info['torch']}{no_gpu}", True)
+        self.completed.emit(self.record, self.error or ("" if result else "Cancelled."))
+
+
+class ProbeTask(EngineCallTask):
+    """Asks the engine which device it would use (`record`: the probe's answer); `probed(description, ok)`
+    reports it on the main thread."""
+
+    probed = pyqtSignal(str, bool)
+
+    def __init__(self, engine: EngineClient) -> None:
+        super().__init__("TreeSeg: starting the engine", lambda _: engine.probe(),
+                         QgsTask.Flag.CanCancel | QgsTask.Flag.CancelWithoutPrompt)
+
+    def finished(self, result: bool) -> None:
+        if result and self.record is not None:
+            no_gpu = " · no GPU found: runs on the CPU" if self.record["device"] == "cpu" else ""
+            self.probed.emit(f"{self.record['device_description']} · torch {self.record['torch']}{no_gpu}", True)
         else:
             self.probed.emit(self.error or "The engine did not answer.", False)
 

@@ -23,7 +23,6 @@ from qgis.PyQt.QtWidgets import (
     QLineEdit,
     QListWidget,
     QListWidgetItem,
-    QPushButton,
     QSlider,
     QWidget,
 )
@@ -87,7 +86,7 @@ class TeachPanel(QgsCollapsibleGroupBox):
         note.setWordWrap(True)
         self.teach_button = button("Click examples", "Click trees and not-trees on the map")
         self.teach_button.setCheckable(True)
-        self.clear_examples_button = button("Clear", "Forget the examples clicked so far")
+        self.clear_examples_button = button("Clear", "Forget the examples clicked so far", self._clear_examples)
         self.examples_label = QLabel()
         self.examples_label.setWordWrap(True)
         self.class_edit = QLineEdit(DEFAULT_CLASS)
@@ -102,15 +101,16 @@ class TeachPanel(QgsCollapsibleGroupBox):
                                          "from the cached features.")
         self.threshold_label = QLabel()
         self.threshold_label.setMinimumWidth(self.threshold_label.fontMetrics().horizontalAdvance("0.000"))
-        self.apply_teach_button = QPushButton("Apply")
+        self.apply_teach_button = button("Apply", clicked=self.teach)
         self.teach_status = QLabel()
         self.teach_status.setWordWrap(True)
         self.teach_timer = QTimer(self)
         self.teach_timer.setSingleShot(True)
         self.teach_timer.setInterval(TEACH_DEBOUNCE_MS)
         self.add_class_button = button("Add class", "Teach several classes at once: add the class named on the left to "
-                                       "the list; clicks then mark the selected class")
-        self.remove_class_button = button("Remove class", "Take the selected class and its examples off the list")
+                                       "the list; clicks then mark the selected class", self._add_class)
+        self.remove_class_button = button("Remove class", "Take the selected class and its examples off the list",
+                                          self._remove_class)
         self.class_list = QListWidget()
         self.class_list.setToolTip("The classes taught at once, in their colours in the class raster, with the "
                                    "number of examples of each; a click on the map marks the selected one")
@@ -132,15 +132,11 @@ class TeachPanel(QgsCollapsibleGroupBox):
 
     def _connect(self) -> None:
         self.teach_button.toggled.connect(self._toggle_teach_tool)
-        self.clear_examples_button.clicked.connect(self._clear_examples)
         self.threshold_slider.valueChanged.connect(self._threshold_moved)
         self.auto_threshold.toggled.connect(self._auto_threshold_toggled)
         self.class_edit.editingFinished.connect(self._show_examples)
-        self.add_class_button.clicked.connect(self._add_class)
-        self.remove_class_button.clicked.connect(self._remove_class)
         self.class_list.currentRowChanged.connect(self._class_chosen)
         self.teach_timer.timeout.connect(self._teach_again_or_now)
-        self.apply_teach_button.clicked.connect(self.teach)
 
     def _update_enabled(self) -> None:
         teachable = self.engine is not None and self._last_run is not None

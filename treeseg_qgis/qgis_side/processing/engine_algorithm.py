@@ -265,6 +265,12 @@ def device_parameters() -> list[Declared]:
     ]
 
 
+def feature_parameters() -> list[Declared]:
+    """What computing the model's features runs with (a teach, a taught classifier applied): the model's
+    parameters and the device's."""
+    return [*model_parameters(), *device_parameters()]
+
+
 def clustering_parameters() -> list[Declared]:
     """What a clustering of the model's features runs with: the model's parameters, CLUSTERS (0: automatic)
     and the device's parameters."""

@@ -32,9 +32,8 @@ from .engine_algorithm import (
     EngineAlgorithm,
     Value,
     clustering_parameters,
-    device_parameters,
     engine_python,
-    model_parameters,
+    feature_parameters,
     orthophoto_parameter,
     read_file,
     run_in_engine,
@@ -53,6 +52,12 @@ APPLY_HELP = """<p>Segments one raster with a saved cluster model (<b>Fit a clus
 rasters</b>): nothing is refitted, so every raster of the survey gets the same cluster ids, tree clusters
 and legend. The model, stride, precision and bands must be those the model was fitted with; a raster or
 settings that differ are refused, naming what differs.</p>""" + WEIGHTS_HELP
+
+
+def cluster_model_parameter() -> Declared:
+    """CLUSTER_MODEL, a survey's saved cluster model, which the algorithms that apply one take after the input."""
+    return Declared(QgsProcessingParameterFile("CLUSTER_MODEL", "Cluster model (.treeseg)",
+                                               extension=MODEL_SUFFIX.lstrip(".")), "cluster_model", read_file)
 
 
 class FitClusterModelAlgorithm(EngineAlgorithm):
@@ -113,10 +118,7 @@ class ApplyClusterModelAlgorithm(SegmentTreesAlgorithm):
         """Segment trees' parameters without those filling the fields the model fixes (K, its range, the tree
         clusters), with the model file after the input."""
         inherited = [item for item in super().declare() if item.field not in self.FITTED_BY_THE_MODEL]
-        model_file = Declared(QgsProcessingParameterFile(
-            "CLUSTER_MODEL", "Cluster model (.treeseg)", extension=MODEL_SUFFIX.lstrip(".")),
-            "cluster_model", read_file)
-        return [inherited[0], model_file, *inherited[1:]]
+        return [inherited[0], cluster_model_parameter(), *inherited[1:]]
 
 
 CLASSIFIER_HELP = """<p>Applies a <b>taught classifier</b> to one raster of a survey: a <i>.treeseg</i> file
@@ -156,13 +158,10 @@ class ApplyClassifierAlgorithm(ClassOutputsAlgorithm):
     def declare(self) -> list[Declared]:
         return [
             orthophoto_parameter(),
-            Declared(QgsProcessingParameterFile(
-                "CLUSTER_MODEL", "Cluster model (.treeseg)", extension=MODEL_SUFFIX.lstrip(".")),
-                "cluster_model", read_file),
+            cluster_model_parameter(),
             Declared(QgsProcessingParameterFile(
                 self.CLASSIFIER, "Taught classifier (.treeseg)", extension=MODEL_SUFFIX.lstrip("."))),
-            *model_parameters(),
-            *device_parameters(),
+            *feature_parameters(),
         ]
 
     def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,

@@ -46,8 +46,7 @@ from .engine_algorithm import (
     Destination,
     EngineAlgorithm,
     Value,
-    device_parameters,
-    model_parameters,
+    feature_parameters,
     orthophoto_parameter,
     run_in_engine,
 )
@@ -141,7 +140,6 @@ class TeachTreesAlgorithm(EngineAlgorithm):
                 "orthophoto", "ai")
     HELP = HELP_TEXT
 
-    EXAMPLES = EXAMPLES_PARAMETER
     IS_TREE_FIELD = "IS_TREE_FIELD"
     THRESHOLD = "THRESHOLD"
     CLASS_NAME = "CLASS_NAME"
@@ -163,8 +161,7 @@ class TeachTreesAlgorithm(EngineAlgorithm):
             Declared(QgsProcessingParameterNumber(
                 self.THRESHOLD, "Threshold (empty: 0.5, calibrated)", DOUBLE, defaultValue=None, optional=True,
                 minValue=0.0, maxValue=1.0)),
-            *model_parameters(),
-            *device_parameters(),
+            *feature_parameters(),
         ]
 
     def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,
@@ -206,14 +203,12 @@ class TeachClassesAlgorithm(ClassOutputsAlgorithm):
     TAGS = ("classes", "class", "dead trees", "examples", "points", "few-shot", "dinov3", "orthophoto", "ai")
     HELP = CLASSES_HELP
 
-    EXAMPLES = EXAMPLES_PARAMETER
     CLASS_FIELD = "CLASS_FIELD"
 
     def declare(self) -> list[Declared]:
         return [
             *example_parameters(self.CLASS_FIELD, "Field naming each point's class", CLASS_FIELD),
-            *model_parameters(),
-            *device_parameters(),
+            *feature_parameters(),
         ]
 
     def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,
