@@ -11,9 +11,9 @@ from osgeo import gdal, ogr, osr
 
 from treeseg_qgis.engine.core.errors import Cancelled, InputError, OutputError
 from treeseg_qgis.engine.gis.polygons import polygonize_clusters
-from treeseg_qgis.engine.gis.preview import write_preview
+from treeseg_qgis.engine.gis.preview import TITLE_COLOUR, write_preview
 from treeseg_qgis.engine.gis.raster import GdalRasterSource
-from treeseg_qgis.engine.gis.writers import LabelRasterWriter
+from treeseg_qgis.engine.gis.writers import TREE_COLOUR, LabelRasterWriter
 
 gdal.UseExceptions()
 ogr.UseExceptions()
@@ -360,6 +360,27 @@ def test_preview_has_three_panels_side_by_side(tmp_path):
     aspect = preview.RasterXSize / preview.RasterYSize
     assert preview.RasterXSize >= 3 * 64
     assert 1.5 < aspect < 3 * 40 / 30
+    pixels = preview.ReadAsArray()[:3].transpose(1, 2, 0).reshape(-1, 3)
+    colours = {tuple(int(value) for value in colour) for colour in np.unique(pixels, axis=0)}
+    assert TREE_COLOUR[:3] in colours and TITLE_COLOUR in colours  # the trees drawn, the title written
+    assert not any("partial" in name for name in os.listdir(tmp_path))
+
+
+@pytest.mark.parametrize("curve", [{2: 152000.0, 3: 90000.0, 4: 61000.0, 5: 52000.0, 6: 47000.0, 7: 43000.0},
+                                   {2: 0.8, 3: 0.5}, {2: 7.0, 3: 7.0}], ids=["survey-like", "two-ks", "flat"])
+def test_the_elbow_plot_draws_the_curve_and_rings_the_chosen_k(tmp_path, curve):
+    """The PNG the panel shows: its size in inches at its dpi, the curve's colour, the chosen K's ring and its
+    legend, whatever the curve's range (a flat curve included)."""
+    from PIL import Image
+
+    from treeseg_qgis.engine.gis.preview import ELBOW_DPI, ELBOW_INCHES, write_elbow_plot
+
+    png = tmp_path / "elbow.png"
+    write_elbow_plot(curve, 3, str(png))
+    image = Image.open(png).convert("RGB")
+    assert image.size == (round(ELBOW_INCHES[0] * ELBOW_DPI), round(ELBOW_INCHES[1] * ELBOW_DPI))
+    colours = {colour for _, colour in image.getcolors(maxcolors=1 << 20)}
+    assert {(0x45, 0x5A, 0x64), (0x2E, 0x7D, 0x32)} <= colours
     assert not any("partial" in name for name in os.listdir(tmp_path))
 
 

@@ -99,7 +99,7 @@ ENGINE_CHECK = """import importlib, sys, tempfile
 sys.path.insert(0, sys.argv[1])
 missing = []
 for name in ("torch", "transformers", "sklearn", "skimage", "scipy", "huggingface_hub", "safetensors",
-             "matplotlib", "osgeo.gdal", "distributed"):
+             "matplotlib", "PIL", "osgeo.gdal", "distributed"):
     try:
         importlib.import_module(name)
     except Exception as error:
