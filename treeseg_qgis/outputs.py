@@ -7,12 +7,13 @@ import json
 import os
 import re
 import shutil
+import stat
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from .atomic import partial_path, write_atomically
+from .atomic import file_mode, partial_path, write_atomically
 from .locks import FileLock, lock_is_held
 
 UNTRAINED_TAG = "UNTRAINED"
@@ -143,7 +144,8 @@ def check_output_paths(inputs: list[str], outputs: list[str]) -> None:
         if key in input_ids:
             raise OutputPathError(f"The output {path} would overwrite the input {input_ids[key]}: "
                                   "choose another output file or folder.")
-        if os.path.exists(path) and not os.path.isfile(path):
+        mode = file_mode(path)
+        if mode is not None and not stat.S_ISREG(mode):
             raise OutputPathError(f"The output {path} exists and is not a regular file (a folder, pipe or device): "
                                   "choose another output folder or name.")
         if key in seen:
