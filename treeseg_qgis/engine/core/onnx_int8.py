@@ -282,9 +282,10 @@ class OnnxInt8Network:
         return folder
 
     def _close_sessions(self) -> None:
-        """Close the open sessions before an export is built (they reopen from the export cache when next used):
-        building the any-shape export beside an open tile session peaked at 1.23× a cached run's memory, each
-        export alone at 1.14× and 1.18× (docs/BENCHMARKS.md, "The export's peak memory")."""
+        """Close the open sessions before an export is built (each reopens, when next used, from the folder it was
+        loaded from: `_session`): building the any-shape export beside an open tile session peaked at 1.23× a
+        cached run's memory, each export alone at 1.14× and 1.18× (docs/BENCHMARKS.md, "The export's peak
+        memory")."""
         self._sessions.clear()
         gc.collect()
         release_free_memory()
