@@ -56,8 +56,15 @@ def test_int8_runs_in_onnx_runtime_with_int8_weights(tiny_model_dir, tile):
     FeatureExtractor(backbone, stride=16).extract(tile)
     exported = [path for path in default_export_root().glob("*/model-int8.onnx")]
     assert exported
-    operators = {node.op_type for path in exported for node in onnx.load(str(path)).graph.node}
-    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= operators
+    for path in exported:  # as ONNX Runtime's graph optimisations leave it: the int8 products fused
+        graph = onnx.load(str(path)).graph
+        int8_weights = {tensor.name for tensor in graph.initializer if tensor.data_type == onnx.TensorProto.INT8}
+        operators = {node.op_type for node in graph.node}
+        assert {"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"} <= operators
+        assert sum(node.input[1] in int8_weights for node in graph.node if "MatMul" in node.op_type) >= 4
+        float_products = [node for node in graph.node if node.op_type in ("MatMul", "FusedMatMul", "Gemm")]
+        weights = {tensor.name for tensor in graph.initializer}
+        assert float_products and not {node.input[1] for node in float_products} & weights
 
 
 def test_auto_picks_int8_in_onnx_runtime_on_this_cpu(tiny_model_dir):
@@ -381,19 +388,20 @@ def test_the_bounded_export_gives_the_features_of_onnx_runtimes_quantiser(tiny_m
                                                               "model-int8.onnx.data"]
 
 
-@pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError], ids=["interrupted", "disk-full"])
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError, "optimised"],
+                         ids=["interrupted", "disk-full", "optimised-model-unwritable"])
 def test_a_failed_export_leaves_no_half_model_and_the_next_one_is_fresh(tiny_model_dir, tmp_path, monkeypatch,
                                                                          failure):
-    """Ctrl-C, or a write error, in the middle of writing the quantised weights: nothing half-written stays in the
-    export cache (a write error exports for that run only), and the next export is whole and answers as one made
-    in an empty cache."""
+    """Ctrl-C, or a write error, in the middle of writing the quantised weights, or ONNX Runtime unable to write
+    the optimised model: nothing half-written stays in the export cache (a write error exports for that run
+    only), and the next export is whole and answers as one made in an empty cache."""
     import errno
 
     from treeseg_qgis.engine.core import onnx_export
 
     backbone = load_backbone(str(tiny_model_dir), device="cpu", precision="float32")
     image = torch.rand(1, 3, 64, 96)
-    written = onnx_export._DataFile.tensor
+    written, open_session = onnx_export._DataFile.tensor, onnxruntime.InferenceSession
     calls = []
 
     def fails_once(self, name, array):
@@ -402,7 +410,16 @@ def test_a_failed_export_leaves_no_half_model_and_the_next_one_is_fresh(tiny_mod
             raise KeyboardInterrupt() if failure is KeyboardInterrupt else OSError(errno.ENOSPC, "No space left")
         return written(self, name, array)
 
-    monkeypatch.setattr(onnx_export._DataFile, "tensor", fails_once)
+    def cannot_write_once(path, options, **kwargs):
+        if options.optimized_model_filepath and not calls:  # a folder that is not there: ONNX Runtime's own error
+            calls.append(path)
+            options.optimized_model_filepath = str(tmp_path / "missing" / "model.onnx")
+        return open_session(path, options, **kwargs)
+
+    if failure == "optimised":
+        monkeypatch.setattr(onnxruntime, "InferenceSession", cannot_write_once)
+    else:
+        monkeypatch.setattr(onnx_export._DataFile, "tensor", fails_once)
     root = tmp_path / "onnx"
     network = OnnxInt8Network(backbone.model, {"test": "weights"}, root)
     if failure is KeyboardInterrupt:

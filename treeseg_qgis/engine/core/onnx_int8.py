@@ -25,6 +25,7 @@ shape's export), so a raster's features never depend on what the export cache he
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import gc
 import hashlib
@@ -32,6 +33,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -54,10 +56,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMAT = 2
-"""2: the graph traced without weights, the weights quantised one at a time into a data file (onnx_export.py)."""
+EXPORT_FORMAT = 3
+"""2: the graph traced without weights, the weights quantised one at a time into a data file (onnx_export.py);
+3: the model kept as ONNX Runtime's graph optimisations leave it (`_optimise`)."""
 OPSET = 17
 MODEL_FILE = "model-int8.onnx"
+QUANTISED_FILE = "quantised.onnx"
+"""The quantised model before `_optimise`, only while an export is built."""
 MANIFEST = "manifest.json"
 INPUT, OUTPUT = "pixel_values", "last_hidden_state"
 CANCEL_POLL_SECONDS = 0.05
@@ -271,9 +276,10 @@ class OnnxInt8Network:
         release_free_memory()  # the tracing's memory, before the weights are read
         network = LastHiddenState(float_network)
         write_int8_model(graph, {**dict(network.named_parameters()), **dict(network.named_buffers())},
-                         folder / MODEL_FILE)
+                         folder / QUANTISED_FILE)
         graph.unlink()
         release_free_memory()
+        _optimise(folder / QUANTISED_FILE, folder / MODEL_FILE)
         files = {path.name: _file_digest(path) for path in sorted(folder.iterdir()) if path.name != "key.json"}
         (folder / MANIFEST).write_text(json.dumps(files, indent=1))
         self.exports += 1
@@ -307,6 +313,35 @@ class OnnxInt8Network:
         folder = Path(self._scratch.name) / uuid.uuid4().hex[:8]
         folder.mkdir()
         return folder
+
+
+def _optimise(quantised: Path, model: Path) -> None:
+    """Write `quantised` as ONNX Runtime's graph optimisations leave it, to `model` (its tensors in `model`'s data
+    file), and remove `quantised`. The optimisations a session otherwise made at each opening (0.5 to 0.6 s of the
+    0.6 s it took for ViT-S, docs/BENCHMARKS.md) are then made once; the extended level only, whose graph runs
+    on any CPU (the layout optimisations that depend on this CPU are still made when a session opens). ONNX
+    Runtime's failure to write it is an OSError, as the quantised model's would be (`SystemError : 28` its words
+    for ENOSPC)."""
+    import onnxruntime
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
+
+    from .onnx_export import DATA_SUFFIX
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(model)
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                     model.name + DATA_SUFFIX)
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    try:
+        onnxruntime.InferenceSession(str(quantised), options, providers=["CPUExecutionProvider"])
+    except (Fail, InvalidArgument, RuntimeException) as error:
+        system_error = re.search(r"SystemError : (\d+)", str(error))
+        number = int(system_error.group(1)) if system_error else errno.EIO
+        raise OSError(number, f"{os.strerror(number)} (writing {model.name}: {error})") from error
+    quantised.unlink()
+    quantised.with_name(quantised.name + DATA_SUFFIX).unlink()
 
 
 def export_problem(folder: Path) -> str | None:
