@@ -1,6 +1,7 @@
 """The int8 CPU forward: the backbone exported to ONNX, its weights quantised to int8 as ONNX Runtime's
-dynamic quantisation does (activations quantised on the fly), run in an ONNX Runtime session; the export
-holds no copy of the weights (core/onnx_export.py).
+dynamic quantisation does (activations quantised on the fly), kept as ONNX Runtime's graph optimisations leave
+it (a session opens in a fifth of the time), run in an ONNX Runtime session; the export holds no copy of the
+weights (core/onnx_export.py).
 
 Chosen by measurement (docs/BENCHMARKS.md, issue #16): the only CPU variant at least 1.8× faster than
 float32 with the features kept. The export is made once per weights, software versions and tile shape,
@@ -317,11 +318,11 @@ class OnnxInt8Network:
 
 def _optimise(quantised: Path, model: Path) -> None:
     """Write `quantised` as ONNX Runtime's graph optimisations leave it, to `model` (its tensors in `model`'s data
-    file), and remove `quantised`. The optimisations a session otherwise made at each opening (0.5 to 0.6 s of the
-    0.6 s it took for ViT-S, docs/BENCHMARKS.md) are then made once; the extended level only, whose graph runs
-    on any CPU (the layout optimisations that depend on this CPU are still made when a session opens). ONNX
-    Runtime's failure to write it is an OSError, as the quantised model's would be (`SystemError : 28` its words
-    for ENOSPC)."""
+    file), and remove `quantised`. The optimisations a session otherwise made at each opening are then made once
+    (ViT-S's sessions opened in 0.61 and 0.66 s, now 0.12 and 0.19 s: docs/BENCHMARKS.md); the extended level
+    only, whose graph runs on any CPU (the layout optimisations that depend on this CPU are still made when a
+    session opens). ONNX Runtime's failure to write it is an OSError, as the quantised model's would be
+    (`SystemError : 28` its words for ENOSPC)."""
     import onnxruntime
     from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
 
