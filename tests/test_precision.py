@@ -388,6 +388,30 @@ def test_the_bounded_export_gives_the_features_of_onnx_runtimes_quantiser(tiny_m
                                                               "model-int8.onnx.data"]
 
 
+def test_an_export_of_an_earlier_format_is_removed_when_its_successor_is_built(tiny_model_dir, tmp_path):
+    """The export cache keeps no dead weight: building an export removes the one an earlier export format made of
+    the same weights, shape and software, and leaves the exports of another shape, other software and other
+    weights, and a folder whose key cannot be read."""
+    from treeseg_qgis.engine.core.onnx_int8 import EXPORT_FORMAT, export_key
+
+    backbone = load_backbone(str(tiny_model_dir), device="cpu", precision="float32")
+    root, weights = tmp_path / "onnx", {"test": "weights"}
+    key = json.loads(json.dumps(export_key(weights, (64, 96))))
+    others = {"earlier format": {**key, "format": EXPORT_FORMAT - 1},
+              "earlier format, other shape": {**key, "format": EXPORT_FORMAT - 1, "shape": [128, 128]},
+              "earlier format, other runtime": {**key, "format": EXPORT_FORMAT - 1, "onnxruntime": "1.0.0"},
+              "earlier format, other weights": {**key, "format": EXPORT_FORMAT - 1, "weights": {"other": 1}},
+              "damaged key": "{not json"}
+    for name, other in others.items():
+        (root / name).mkdir(parents=True)
+        (root / name / "key.json").write_text(other if isinstance(other, str) else json.dumps(other))
+    network = OnnxInt8Network(backbone.model, weights, root)
+    network(pixel_values=torch.rand(1, 3, 64, 96))
+    assert network.exports == 1
+    left = {path.name for path in root.iterdir() if path.is_dir()}
+    assert left == set(others) - {"earlier format"} | {path.parent.name for path in root.glob("*/manifest.json")}
+
+
 @pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError, "optimised"],
                          ids=["interrupted", "disk-full", "optimised-model-unwritable"])
 def test_a_failed_export_leaves_no_half_model_and_the_next_one_is_fresh(tiny_model_dir, tmp_path, monkeypatch,

@@ -242,6 +242,7 @@ class OnnxInt8Network:
                     os.replace(building, final)
                 finally:
                     shutil.rmtree(building, ignore_errors=True)
+                _remove_superseded(self._root, key, final)
             except OSError as error:
                 return self._for_this_run_only(shape, error)
             return self._load(final, shape)
@@ -343,6 +344,24 @@ def _optimise(quantised: Path, model: Path) -> None:
         raise OSError(number, f"{os.strerror(number)} (writing {model.name}: {error})") from error
     quantised.unlink()
     quantised.with_name(quantised.name + DATA_SUFFIX).unlink()
+
+
+def _remove_superseded(root: Path, key: dict, kept: Path) -> None:
+    """Remove the exports in `root` that an earlier export format made of what `key` names (the same weights,
+    tile shape and software): each is as large as the model's int8 weights, and nothing reads that format any
+    more. Exports of other software versions stay: another engine beside this one may use them."""
+    same = json.loads(json.dumps({**key, "format": None}, sort_keys=True, default=str))
+    for folder in root.iterdir():
+        if folder == kept or ".building-" in folder.name or not folder.is_dir():
+            continue
+        try:
+            other = json.loads((folder / "key.json").read_text())
+            earlier = isinstance(other, dict) and int(other.get("format", EXPORT_FORMAT)) < EXPORT_FORMAT
+        except (OSError, ValueError, TypeError):
+            continue
+        if earlier and {**other, "format": None} == same:
+            log.info("Removing the int8 export %s of an earlier format, superseded by %s", folder, kept.name)
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def export_problem(folder: Path) -> str | None:
