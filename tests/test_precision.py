@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from treeseg_qgis.engine.core import devices
-from treeseg_qgis.engine.core.errors import InputError
+from treeseg_qgis.engine.core.errors import Cancelled, InputError
 from treeseg_qgis.engine.core.features import FeatureExtractor
 from treeseg_qgis.engine.core.models import load_backbone
 from treeseg_qgis.engine.core.onnx_int8 import OnnxInt8Network, default_export_root, export_problem
@@ -412,13 +412,14 @@ def test_an_export_of_an_earlier_format_is_removed_when_its_successor_is_built(t
     assert left == set(others) - {"earlier format"} | {path.parent.name for path in root.glob("*/manifest.json")}
 
 
-@pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError, "optimised"],
-                         ids=["interrupted", "disk-full", "optimised-model-unwritable"])
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError, "optimised", Cancelled],
+                         ids=["interrupted", "disk-full", "optimised-model-unwritable", "cancelled"])
 def test_a_failed_export_leaves_no_half_model_and_the_next_one_is_fresh(tiny_model_dir, tmp_path, monkeypatch,
                                                                          failure):
-    """Ctrl-C, or a write error, in the middle of writing the quantised weights, or ONNX Runtime unable to write
-    the optimised model: nothing half-written stays in the export cache (a write error exports for that run
-    only), and the next export is whole and answers as one made in an empty cache."""
+    """Ctrl-C, or a write error, in the middle of writing the quantised weights, ONNX Runtime unable to write
+    the optimised model, or the run cancelled while the weights are written (it stops before the optimisation):
+    nothing half-written stays in the export cache (a write error exports for that run only), and the next export
+    is whole and answers as one made in an empty cache."""
     import errno
 
     from treeseg_qgis.engine.core import onnx_export
@@ -430,7 +431,7 @@ def test_a_failed_export_leaves_no_half_model_and_the_next_one_is_fresh(tiny_mod
 
     def fails_once(self, name, array):
         calls.append(name)
-        if len(calls) == 3:
+        if len(calls) == 3 and failure is not Cancelled:
             raise KeyboardInterrupt() if failure is KeyboardInterrupt else OSError(errno.ENOSPC, "No space left")
         return written(self, name, array)
 
@@ -446,8 +447,9 @@ def test_a_failed_export_leaves_no_half_model_and_the_next_one_is_fresh(tiny_mod
         monkeypatch.setattr(onnx_export._DataFile, "tensor", fails_once)
     root = tmp_path / "onnx"
     network = OnnxInt8Network(backbone.model, {"test": "weights"}, root)
-    if failure is KeyboardInterrupt:
-        with pytest.raises(KeyboardInterrupt):
+    network.stop_when(lambda: failure is Cancelled and len(calls) >= 3)
+    if failure in (KeyboardInterrupt, Cancelled):
+        with pytest.raises(failure):
             network(pixel_values=image)
     else:
         network(pixel_values=image)  # the cache could not be written: exported again for this run only
@@ -457,7 +459,9 @@ def test_a_failed_export_leaves_no_half_model_and_the_next_one_is_fresh(tiny_mod
 
     # after Ctrl-C the same (warm) network exports again; after the write error its session for that run stays
     # with it, so the next engine's network is the one that exports into the cache
-    again = network if failure is KeyboardInterrupt else OnnxInt8Network(backbone.model, {"test": "weights"}, root)
+    network.stop_when(lambda: False)
+    again = network if failure in (KeyboardInterrupt, Cancelled) else OnnxInt8Network(backbone.model,
+                                                                                       {"test": "weights"}, root)
     exported = again.exports
     tokens = again(pixel_values=image).last_hidden_state
     (folder,) = (path for path in root.iterdir() if path.is_dir())

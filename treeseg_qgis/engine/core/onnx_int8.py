@@ -189,8 +189,7 @@ class OnnxInt8Network:
 
         hidden = []
         for image in pixel_values:
-            if self._is_cancelled():
-                raise Cancelled()
+            self._stop_if_cancelled()
             session = self._session(ANY_SHAPE if cropped else (int(image.shape[-2]), int(image.shape[-1])))
             options = onnxruntime.RunOptions()
             try:
@@ -276,11 +275,13 @@ class OnnxInt8Network:
                               do_constant_folding=False, **free)
         gc.collect()
         release_free_memory()  # the tracing's memory, before the weights are read
+        self._stop_if_cancelled()
         network = LastHiddenState(float_network)
         write_int8_model(graph, {**dict(network.named_parameters()), **dict(network.named_buffers())},
                          folder / QUANTISED_FILE)
         graph.unlink()
         release_free_memory()
+        self._stop_if_cancelled()
         _optimise(folder / QUANTISED_FILE, folder / MODEL_FILE)
         files = {path.name: _file_digest(path) for path in sorted(folder.iterdir()) if path.name != "key.json"}
         (folder / MANIFEST).write_text(json.dumps(files, indent=1))
@@ -288,6 +289,12 @@ class OnnxInt8Network:
         log.info("Exported the model to ONNX and quantised it to int8 for %s tiles in %.1f s",
                  f"{shape[0]} × {shape[1]}" if shape else "cropped", time.perf_counter() - started)
         return folder
+
+    def _stop_if_cancelled(self) -> None:
+        """Between an export's steps: a cancelled run stops there (the caller removes the half-built export)
+        rather than after the whole export, which takes minutes for the large models."""
+        if self._is_cancelled():
+            raise Cancelled()
 
     def _close_sessions(self) -> None:
         """Close the open sessions before an export is built (each reopens, when next used, from the folder it was
