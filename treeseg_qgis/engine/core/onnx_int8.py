@@ -241,9 +241,10 @@ class OnnxInt8Network:
                     os.replace(building, final)
                 finally:
                     shutil.rmtree(building, ignore_errors=True)
-                _remove_superseded(self._root, key, final)
             except OSError as error:
                 return self._for_this_run_only(shape, error)
+            with contextlib.suppress(OSError):  # a clean-up: the export is built, never built again for it
+                _remove_superseded(self._root, key, final)
             return self._load(final, shape)
         finally:
             lock.release(remove=True)
