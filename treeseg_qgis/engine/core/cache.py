@@ -40,6 +40,8 @@ SAMPLED_CHUNKS = 16
 CHUNK_BYTES = 65536
 SPARE_BYTES = 64 * 1024 * 1024
 WAIT_SECONDS = 0.25
+BUILDING = ".building-"
+"""What names an entry being built aside: `<digest>.building-<pid>-<random>`."""
 
 log = logging.getLogger("treeseg")
 
@@ -124,8 +126,7 @@ class FeatureCache:
         """Remove dead runs' leftovers, then least recently used entries until the cache fits its cap;
         returns the entries that went. Entries in use (locked) stay."""
         self.remove_dead_builds()
-        entries = sorted((entry for entry in self.root.glob("*") if entry.is_dir() and "." not in entry.name),
-                         key=lambda e: e.stat().st_mtime)
+        entries = sorted(finished_entries(self.root), key=lambda e: e.stat().st_mtime)
         sizes = {entry: folder_bytes(entry) for entry in entries}
         total = sum(sizes.values())
         removed = []
@@ -177,16 +178,22 @@ def key_digest(key: dict) -> str:
 def building_folder(root: Path, digest: str, key: dict) -> Path:
     """A new folder in `root` to build the key's entry aside in (`remove_dead_builds` knows its name), the key
     written in it."""
-    building = root / f"{digest}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    building = root / f"{digest}{BUILDING}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     building.mkdir()
     (building / "key.json").write_text(json.dumps(key, indent=1, sort_keys=True, default=str))
     return building
 
 
+def finished_entries(root: Path) -> list[Path]:
+    """The entries of `root` (folders named by their key's digest), without the builds in progress and the
+    locks."""
+    return [entry for entry in root.iterdir() if entry.is_dir() and "." not in entry.name]
+
+
 def remove_dead_builds(root: Path) -> None:
     """Remove the `<key>.building-*` folders in `root` that killed runs left unfinished (their key's lock
     is no longer held)."""
-    for leftover in root.glob("*.building-*"):
+    for leftover in root.glob(f"*{BUILDING}*"):
         if not lock_is_held(root / (leftover.name.split(".")[0] + ".lock")):
             shutil.rmtree(leftover, ignore_errors=True)
 

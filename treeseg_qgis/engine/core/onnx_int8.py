@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .cache import building_folder, default_cache_root, key_digest, lock_key
+from .cache import building_folder, default_cache_root, finished_entries, key_digest, lock_key
 from .errors import Cancelled
 from .heap import release_free_memory
 
@@ -359,8 +359,8 @@ def _remove_superseded(root: Path, key: dict, kept: Path) -> None:
     tile shape and software): each is as large as the model's int8 weights, and nothing reads that format any
     more. Exports of other software versions stay: another engine beside this one may use them."""
     same = json.loads(json.dumps({**key, "format": None}, sort_keys=True, default=str))
-    for folder in root.iterdir():
-        if folder == kept or ".building-" in folder.name or not folder.is_dir():
+    for folder in finished_entries(root):
+        if folder == kept:
             continue
         try:
             other = json.loads((folder / "key.json").read_text())
