@@ -34,7 +34,13 @@ sys.path.insert(0, str(REPO))
 from osgeo import gdal  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from treeseg_qgis.engine.core.ceiling import CEILING_MODELS, CEILING_SAMPLE_STEP, Ceiling, ceiling  # noqa: E402
+from treeseg_qgis.engine.core.ceiling import (  # noqa: E402
+    BOOSTED_BINS,
+    CEILING_MODELS,
+    CEILING_SAMPLE_STEP,
+    Ceiling,
+    ceiling,
+)
 from treeseg_qgis.engine.core.evaluation import (  # noqa: E402
     ReferenceObject,
     box_scores,
@@ -570,8 +576,9 @@ def ceiling_findings(sections: list, class_label: str) -> list[str]:
             f"{GOAL_MAX_AREA:g} × the boxes' share (of the pixels scored) of a per-pixel model fitted with the boxes "
             "as labels (no click set has that many), over 40 thresholds of its probability: *linear*, a logistic "
             "regression; *boosted*, gradient-boosted trees (sklearn's HistGradientBoostingClassifier, 100 rounds of "
-            "15 leaves, ≥ 200 pixels a leaf), on the features each teach row scores (*RGB per pixel*, *DINOv3 "
-            f"default*) and on *{CONTEXT_FEATURES}*: RGB, ExG, the local colour mean and spread at σ = "
+            f"15 leaves, ≥ 200 pixels a leaf, each feature split between {BOOSTED_BINS} equal-count bins), on the "
+            "features each teach row scores (*RGB per pixel*, *DINOv3 default*) and on "
+            f"*{CONTEXT_FEATURES}*: RGB, ExG, the local colour mean and spread at σ = "
             f"{', '.join(f'{s:g}' for s in CONTEXT_SIGMAS_M)} m and the local mean of the grey gradient at "
             f"{TEXTURE_SIGMA_M:g} m. Each model is fitted on every {CEILING_SAMPLE_STEP}th pixel. *Fitted on all*: "
             "fitted and scored on the whole image (a flexible model on local context learns the boxes' places by "
