@@ -131,7 +131,8 @@ def test_the_teach_tool_turns_clicks_into_pixels_of_the_raster(canvas, qgis_new_
     from qgis.gui import QgsMapMouseEvent, QgsVertexMarker
     from qgis.PyQt.QtCore import QEvent, QPoint, Qt
 
-    from treeseg_qgis.qgis_side.gui.teach_tool import RasterGrid, TeachMapTool
+    from treeseg_qgis.qgis_side.gui.teach_tool import TeachMapTool
+    from treeseg_qgis.qgis_side.raster_input import RasterGrid
 
     raster = add_raster(small_scene)
     grid = RasterGrid.of_file(str(small_scene))

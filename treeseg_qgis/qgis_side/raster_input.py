@@ -23,6 +23,7 @@ from qgis.core import (
     QgsFeatureRequest,
     QgsFeatureSource,
     QgsGeometry,
+    QgsPointXY,
     QgsProcessingContext,
     QgsProcessingException,
     QgsRasterLayer,
@@ -57,6 +58,35 @@ class Bounds:
         result = Bounds(max(self.xmin, other.xmin), max(self.ymin, other.ymin),
                         min(self.xmax, other.xmax), min(self.ymax, other.ymax))
         return result if result.xmin < result.xmax and result.ymin < result.ymax else None
+
+
+@dataclass(frozen=True)
+class RasterGrid:
+    """The pixel grid of a raster file: its CRS, GDAL geotransform and size. Turns points into the pixel
+    positions the engine reads, for the dock's clicks and Processing's example points alike."""
+
+    crs: QgsCoordinateReferenceSystem
+    geotransform: tuple[float, ...]
+    width: int
+    height: int
+
+    @classmethod
+    def of_file(cls, path: str) -> RasterGrid:
+        """The grid of the raster (or VRT) at `path`; QgsProcessingException (one line) when GDAL cannot open it."""
+        dataset = _gdal(f"Cannot open the raster {path}", gdal.Open, path)
+        return cls(QgsCoordinateReferenceSystem.fromWkt(dataset.GetProjection()), tuple(dataset.GetGeoTransform()),
+                   dataset.RasterXSize, dataset.RasterYSize)
+
+    def pixel(self, point: QgsPointXY) -> tuple[float, float]:
+        """(column, row) of a point in the grid's CRS, rotated grids too; row 0 is the top edge, whatever the
+        sign of the pixel height."""
+        inverse = gdal.InvGeoTransform(self.geotransform)
+        column = inverse[0] + inverse[1] * point.x() + inverse[2] * point.y()
+        row = inverse[3] + inverse[4] * point.x() + inverse[5] * point.y()
+        return column, row
+
+    def contains(self, column: float, row: float) -> bool:
+        return 0 <= column < self.width and 0 <= row < self.height
 
 
 def raster_file(layer: QgsRasterLayer) -> str:

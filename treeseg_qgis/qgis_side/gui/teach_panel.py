@@ -32,11 +32,12 @@ from ...params import SegmentationParams
 from ...run_record import TeachRecord
 from ..auth import hf_token
 from ..engine_client import EngineClient
+from ..raster_input import RasterGrid
 from .layouts import button, check_box, hbox, show_status, vbox
 from .run_params import free_output_stem
 from .run_settings import SETTINGS_PREFIX
 from .task import SegmentationTask, TeachTask
-from .teach_tool import OTHER_CLASS, RasterGrid, TeachMapTool
+from .teach_tool import OTHER_CLASS, TeachMapTool
 
 DEFAULT_THRESHOLD = 0.6
 DEFAULT_CLASS = "tree"

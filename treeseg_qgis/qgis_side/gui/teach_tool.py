@@ -5,20 +5,19 @@ Each click is shown as a marker (yellow circle: the class; red cross: not a tree
 are taught),
 transformed from the canvas CRS into the CRS of the raster the engine reads and
 turned into a pixel position (column, row from the top-left corner) with the
-inverse of its GDAL geotransform.
+inverse of its GDAL geotransform (`raster_input.RasterGrid`, which Processing's teach uses for its points too).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from osgeo import gdal
-from qgis.core import QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsCsException, QgsPointXY, QgsProject
+from qgis.core import QgsCoordinateTransform, QgsCsException, QgsPointXY, QgsProject
 from qgis.gui import QgsMapCanvas, QgsMapMouseEvent, QgsMapTool, QgsVertexMarker
 from qgis.PyQt.QtCore import Qt, pyqtSignal
 from qgis.PyQt.QtGui import QColor
 
-gdal.UseExceptions()
+from ..raster_input import RasterGrid
 
 TREE_COLOUR = QColor(255, 221, 0)
 """Yellow: it stands out on the green fills of trees and of the taught layers, where green did not."""
@@ -27,36 +26,6 @@ OTHER_CLASS = "other"
 """The class of a Shift+click or right click while several classes are taught."""
 MARKER_SIZE = 14
 MARKER_PEN_WIDTH = 3
-
-
-@dataclass(frozen=True)
-class RasterGrid:
-    """The pixel grid of a raster file: its CRS, GDAL geotransform and size."""
-
-    crs: QgsCoordinateReferenceSystem
-    geotransform: tuple[float, ...]
-    width: int
-    height: int
-
-    @classmethod
-    def of_file(cls, path: str) -> RasterGrid:
-        """The grid of the raster (or VRT) at `path`."""
-        dataset = gdal.Open(path)
-        grid = cls(QgsCoordinateReferenceSystem.fromWkt(dataset.GetProjection()), tuple(dataset.GetGeoTransform()),
-                   dataset.RasterXSize, dataset.RasterYSize)
-        dataset = None
-        return grid
-
-    def pixel(self, point: QgsPointXY) -> tuple[float, float]:
-        """(column, row) of a point in the grid's CRS; row 0 is the top edge, whatever the sign of the
-        pixel height."""
-        inverse = gdal.InvGeoTransform(self.geotransform)
-        column = inverse[0] + inverse[1] * point.x() + inverse[2] * point.y()
-        row = inverse[3] + inverse[4] * point.x() + inverse[5] * point.y()
-        return column, row
-
-    def contains(self, column: float, row: float) -> bool:
-        return 0 <= column < self.width and 0 <= row < self.height
 
 
 @dataclass

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from osgeo import gdal
 from qgis.core import (
     QgsCoordinateTransform,
     QgsCsException,
@@ -38,7 +37,7 @@ from ...params import OutputFiles, SegmentationParams
 from ...run_record import TaughtRecord
 from ..auth import hf_token
 from ..compat import ANY_FIELD, DOUBLE, POINT_LAYERS
-from ..raster_input import raster_file
+from ..raster_input import RasterGrid, raster_file
 from ..results import OutputGroup, style_loaded_outputs
 from .engine_algorithm import (
     WEIGHTS_HELP,
@@ -251,10 +250,11 @@ def teach_in_engine(algorithm: EngineAlgorithm, parameters: dict[str, Any], cont
 def pixel_examples(layer: QgsRasterLayer, source: QgsFeatureSource, field: str, context: QgsProcessingContext,
                    feedback: QgsProcessingFeedback,
                    read: Callable[[Any], bool | str | None] | None = None) -> list[PixelExample]:
-    """The example points as (col, row, kind) pixel positions of the north-up raster `layer`; the kind is
-    `read` from the field (default: is_tree, True or False; None skips the point)."""
+    """The example points as (col, row, kind) pixel positions of the raster `layer` (through its file's
+    geotransform, as the dock's clicks); the kind is `read` from the field (default: is_tree, True or False;
+    None skips the point)."""
     read = read or _is_tree
-    _check_north_up(layer)
+    grid = RasterGrid.of_file(raster_file(layer))
     if source.fields().lookupField(field) < 0:
         raise QgsProcessingException(f"The example points have no field '{field}': choose the field that says "
                                      "which points show the class (1 = yes, 0 = something else).")
@@ -262,8 +262,6 @@ def pixel_examples(layer: QgsRasterLayer, source: QgsFeatureSource, field: str, 
         raise QgsProcessingException(f"The example points have no CRS, and the raster has one "
                                      f"({layer.crs().authid()}): set the points' CRS (Layer CRS) and run again.")
     transform = QgsCoordinateTransform(source.sourceCrs(), layer.crs(), context.transformContext())
-    extent = layer.extent()
-    pixel_width, pixel_height = extent.width() / layer.width(), extent.height() / layer.height()
     examples: list[PixelExample] = []
     skipped = 0
     for feature in source.getFeatures():
@@ -278,8 +276,7 @@ def pixel_examples(layer: QgsRasterLayer, source: QgsFeatureSource, field: str, 
             except QgsCsException as error:
                 raise QgsProcessingException(
                     f"An example point cannot be transformed into the raster's CRS: {error}") from error
-            examples.append(((point.x() - extent.xMinimum()) / pixel_width,
-                             (extent.yMaximum() - point.y()) / pixel_height, is_tree))
+            examples.append((*grid.pixel(point), is_tree))
     if skipped:
         feedback.pushWarning(f"{skipped} example points without a geometry or a class / not-class value were "
                              "skipped.")
@@ -305,15 +302,3 @@ def _is_tree(value: Any) -> bool | None:
     if text in FALSE_TEXTS:
         return False
     return None
-
-
-def _check_north_up(layer: QgsRasterLayer) -> None:
-    try:
-        dataset = gdal.Open(raster_file(layer))
-    except RuntimeError:
-        dataset = None  # the engine explains a raster it cannot open
-    geotransform = dataset.GetGeoTransform() if dataset is not None else None
-    if geotransform is not None and (geotransform[2] or geotransform[4]):
-        raise QgsProcessingException(
-            f"'{layer.name()}' is a rotated raster; teaching needs a north-up one. Warp it first "
-            "(Raster ▸ Projections ▸ Warp) and run on the warped raster.")
