@@ -294,9 +294,10 @@ def test_teach_refuses_example_points_without_a_crs(provider, tiny_model_dir, sm
     assert not (tmp_path / "a").exists() or list((tmp_path / "a").iterdir()) == []
 
 
-def test_example_points_on_a_rotated_raster_land_on_the_pixels_the_dock_would_use(tmp_path):
+def test_teach_on_a_rotated_raster_puts_the_points_on_the_pixels_the_dock_would_use(
+        provider, tiny_model_dir, tmp_path):  # noqa: F811
     """Processing's teach and the dock's clicks share one point-to-pixel mapping (the file's geotransform):
-    points in another CRS on a rotated raster come back at the pixels they were put on."""
+    points in another CRS on a rotated raster come back at the pixels they were put on, and teach runs there."""
     from qgis.core import QgsGeometry, QgsPointXY, QgsProcessingContext, QgsProcessingFeedback, QgsRasterLayer
 
     from treeseg_qgis.qgis_side.processing.teach_trees import pixel_examples
@@ -304,22 +305,28 @@ def test_example_points_on_a_rotated_raster_land_on_the_pixels_the_dock_would_us
 
     x0, y0, size, shear = 404211.9, 3285142.9, 0.1, 0.03
     rotated = (x0, size, shear, y0, shear, -size)
-    path = write_geotiff(tmp_path / "rotated.tif", np.zeros((3, 40, 60), np.uint8), geotransform=rotated)
-    layer = QgsRasterLayer(str(path), "rotated")
-    put = [(12.5, 7.5, True), (50.25, 30.75, False), (0.5, 39.5, True)]  # (col, row, is_tree)
+    image, _ = disc_scene(128, 192, CROWN_CENTRES, radius=CROWN_RADIUS, seed=3)
+    path = write_geotiff(tmp_path / "rotated.tif", image, geotransform=rotated)
+    put = [(48.5, 64.5, 1), (144.5, 64.5, 1), (96.5, 120.5, 0)]  # (col, row, is_tree): the crowns, the soil
     utm = [QgsPointXY(x0 + col * size + row * shear, y0 + col * shear - row * size) for col, row, _ in put]
     points = wgs84_memory_layer("Point", "examples", [QgsGeometry.fromPointXY(point) for point in utm],
-                                [{"is_tree": int(is_tree)} for _, _, is_tree in put])
+                                [{"is_tree": is_tree} for _, _, is_tree in put])
 
-    examples = pixel_examples(layer, points, "is_tree", QgsProcessingContext(), QgsProcessingFeedback())
+    examples = pixel_examples(QgsRasterLayer(str(path), "rotated"), points, "is_tree", QgsProcessingContext(),
+                              QgsProcessingFeedback())
 
-    assert [kind for _, _, kind in examples] == [kind for _, _, kind in put]
-    for (col, row, _), (got_col, got_row, _) in zip(put, examples):
-        assert got_col == pytest.approx(col, abs=1e-3) and got_row == pytest.approx(row, abs=1e-3)
+    assert [kind for _, _, kind in examples] == [bool(kind) for _, _, kind in put]
+    got = [value for col, row, _ in examples for value in (col, row)]
+    assert got == pytest.approx([value for col, row, _ in put for value in (col, row)], abs=1e-3)
     grid = RasterGrid.of_file(str(path))
-    dock = [grid.pixel(point) for point in utm]
-    assert [value for pixel in dock for value in pixel] == pytest.approx(
-        [value for col, row, _ in examples for value in (col, row)], abs=1e-3)
+    assert [value for point in utm for value in grid.pixel(point)] == pytest.approx(got, abs=1e-3)
+
+    result = run("teach", {"INPUT": str(path), "EXAMPLES": points, "MODEL_ID": str(tiny_model_dir),
+                           "DEVICE": "cpu", "THRESHOLD": 0.5, "OUTPUT_SIMILARITY": str(tmp_path / "s.tif"),
+                           "OUTPUT_TREES": str(tmp_path / "t.tif")})
+    scores = read_raster(result["OUTPUT_SIMILARITY"])
+    assert all((scores[int(row), int(col)] > 0.5) == bool(kind) for col, row, kind in put)
+    assert gdal.Open(result["OUTPUT_TREES"]).GetGeoTransform() == pytest.approx(rotated)
 
 
 def test_evaluate_against_a_reference_without_trees_leaves_out_recall_and_warns(provider, disc_mask,  # noqa: F811
