@@ -52,7 +52,7 @@ from treeseg_qgis.engine.core.examples import Example  # noqa: E402
 from treeseg_qgis.engine.core.feature_grid import FeatureGrid, bilinear_sample  # noqa: E402
 from treeseg_qgis.engine.core.models import hub_offline  # noqa: E402
 from treeseg_qgis.engine.core.progress import Progress  # noqa: E402
-from treeseg_qgis.engine.core.segmentation import ensure_features  # noqa: E402
+from treeseg_qgis.engine.core.segmentation import RasterFeatures, ensure_features  # noqa: E402
 from treeseg_qgis.engine.core.store import FeatureStore  # noqa: E402
 from treeseg_qgis.engine.core.tiling import TileGrid, Window  # noqa: E402
 from treeseg_qgis.engine.core.trees import excess_green  # noqa: E402
@@ -285,7 +285,7 @@ def taught_features(image: Image, options: dict) -> np.ndarray:
         grid = FeatureGrid.of_extractor(TileGrid(source.width, source.height, params.tile_size, params.overlap),
                                         extractor)
         store = FeatureStore(folder)
-        ensure_features(params, source, grid, extractor, store, Progress(), {})
+        ensure_features(params, RasterFeatures(source, grid, store, extractor), Progress(), {})
         rows, cols, rows_at, cols_at = grid.cell_window(Window(0, 0, source.width, source.height))
         cells, _ = grid.blended(store, rows, cols)
         return np.moveaxis(bilinear_sample(cells.astype(np.float32), rows_at, cols_at), 0, -1).astype(np.float64)

@@ -12,7 +12,7 @@ from osgeo import gdal, ogr, osr
 from treeseg_qgis.engine.core.errors import Cancelled, InputError, OutputError
 from treeseg_qgis.engine.gis.polygons import polygonize_clusters
 from treeseg_qgis.engine.gis.preview import TITLE_COLOUR, write_preview
-from treeseg_qgis.engine.gis.raster import GdalRasterSource
+from treeseg_qgis.engine.gis.raster import GdalRasterSource, RasterGrid
 from treeseg_qgis.engine.gis.writers import TREE_COLOUR, LabelRasterWriter
 
 gdal.UseExceptions()
@@ -95,8 +95,8 @@ def test_byte_rgb_is_value_over_255(tmp_path):
     path = make_raster(tmp_path / "rgb.tif", data)
     with GdalRasterSource(path) as source:
         assert (source.width, source.height) == (30, 20)
-        assert source.geotransform == UTM_GEOTRANSFORM
-        assert source.crs_wkt
+        assert source.grid.geotransform == UTM_GEOTRANSFORM and source.grid.shape == (20, 30)
+        assert source.grid.crs_wkt
         rgb, valid = source.read(5, 4, 10, 8)
         assert source.read_valid(5, 4, 10, 8).shape == (8, 10) and source.read_valid(5, 4, 10, 8).all()
         assert "255" in source.scaling
@@ -191,10 +191,7 @@ def write_labels(folder, labels: np.ndarray, crs_wkt: str, geotransform) -> tupl
     with LabelRasterWriter(
         clusters,
         trees,
-        labels.shape[1],
-        labels.shape[0],
-        crs_wkt,
-        geotransform,
+        RasterGrid(labels.shape[1], labels.shape[0], geotransform, crs_wkt),
         n_clusters=3,
         tree_clusters=[1],
         metadata={"TREESEG_WEIGHTS": "untrained"},
@@ -239,7 +236,7 @@ def test_writer_outputs_match_the_grid_and_carry_palette_and_metadata(tmp_path):
 def test_writer_without_crs_and_unwritten_windows_are_nodata(tmp_path):
     clusters = str(tmp_path / "c.tif")
     with LabelRasterWriter(
-        clusters, str(tmp_path / "t.tif"), 16, 16, "", (0, 1, 0, 0, 0, -1), 2, [], {}
+        clusters, str(tmp_path / "t.tif"), RasterGrid(16, 16, (0, 1, 0, 0, 0, -1), ""), 2, [], {}
     ) as writer:
         writer.write(0, 0, np.zeros((4, 4), np.uint8), np.zeros((4, 4), np.uint8))
     dataset = gdal.Open(clusters)
@@ -251,7 +248,7 @@ def test_writer_without_crs_and_unwritten_windows_are_nodata(tmp_path):
 def test_writer_abort_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         with LabelRasterWriter(
-            str(tmp_path / "c.tif"), str(tmp_path / "t.tif"), 8, 8, "", (0, 1, 0, 0, 0, -1), 2, [0], {}
+            str(tmp_path / "c.tif"), str(tmp_path / "t.tif"), RasterGrid(8, 8, (0, 1, 0, 0, 0, -1), ""), 2, [0], {}
         ) as writer:
             writer.write(0, 0, np.zeros((8, 8), np.uint8), np.ones((8, 8), np.uint8))
             raise RuntimeError("boom")
@@ -264,10 +261,7 @@ def test_writer_reports_a_missing_folder(tmp_path):
         LabelRasterWriter(
             str(tmp_path / "nope" / "c.tif"),
             str(tmp_path / "t.tif"),
-            8,
-            8,
-            "",
-            (0, 1, 0, 0, 0, -1),
+            RasterGrid(8, 8, (0, 1, 0, 0, 0, -1), ""),
             2,
             [0],
             {},

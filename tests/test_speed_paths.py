@@ -18,7 +18,13 @@ from treeseg_qgis.engine.core.features import FeatureExtractor
 from treeseg_qgis.engine.core.models import weights_identity
 from treeseg_qgis.engine.core.onnx_int8 import ANY_SHAPE, export_is_cached
 from treeseg_qgis.engine.core.progress import Progress
-from treeseg_qgis.engine.core.segmentation import NODATA, ensure_features, read_tile, segment_raster
+from treeseg_qgis.engine.core.segmentation import (
+    NODATA,
+    RasterFeatures,
+    ensure_features,
+    read_tile,
+    segment_raster,
+)
 from treeseg_qgis.engine.core.store import FeatureStore, TileFeatures
 from treeseg_qgis.engine.core.tiling import TileGrid
 from treeseg_qgis.engine.gis.raster import GdalRasterSource
@@ -204,7 +210,7 @@ def test_int8_whole_tiles_keep_their_features_and_crops_agree_with_float32(tiny_
         grid = FeatureGrid.of_extractor(TileGrid(source.width, source.height, TILE, OVERLAP), extractor)
         first = read_tile(source, grid.tiles.tile(0, 0))[0]
         projection = Projection(extractor.extract(first).reshape(-1, extractor.feature_dim), params.pca_dims)
-        ensure_features(params, source, grid, extractor, store, Progress(), {}, projection)
+        ensure_features(params, RasterFeatures(source, grid, store, extractor), Progress(), {}, projection)
 
         def stored(rgb: np.ndarray, cropped: bool = False) -> np.ndarray:
             return projection.project(extractor.extract_tiles([rgb], cropped)[0]).astype(np.float16)
@@ -249,7 +255,8 @@ def test_labels_with_skip_and_crop_against_every_tile_whole(tiny_model_dir, tmp_
         projection = Projection(extractor.extract(first).reshape(-1, extractor.feature_dim), params.pca_dims)
         counted.images = 0
         cropping = FeatureStore(tmp_path / "cropping")
-        samples, exg = ensure_features(params, source, grid, extractor, cropping, Progress(), {}, projection)
+        samples, exg = ensure_features(params, RasterFeatures(source, grid, cropping, extractor), Progress(), {},
+                                       projection)
         assert counted.images == tiles_with_valid_pixels(grid.tiles, edge) < len(grid.tiles)
 
         every = FeatureStore(tmp_path / "every")
@@ -304,11 +311,10 @@ def _labels(params, source, grid, store, out) -> np.ndarray:
     writers = []
 
     def open_sink(k, trees):
-        writers.append(LabelRasterWriter(str(out / "c.tif"), str(out / "t.tif"), source.width, source.height,
-                                         source.crs_wkt, source.geotransform, k, trees, {}))
+        writers.append(LabelRasterWriter(str(out / "c.tif"), str(out / "t.tif"), source.grid, k, trees, {}))
         return writers[-1]
 
-    segment_raster(params, source, grid, None, store, open_sink, Progress())
+    segment_raster(params, RasterFeatures(source, grid, store), open_sink, Progress())
     writers[-1].close()
     return read_band(out / "c.tif")
 
@@ -331,7 +337,7 @@ def overlap_agreement(params, extractor, source, tile: int, overlaps: tuple[int,
     for overlap in overlaps:
         grid = FeatureGrid.of_extractor(TileGrid(source.width, source.height, tile, overlap), extractor)
         store = FeatureStore(tmp_path / f"overlap-{overlap}")
-        ensure_features(params, source, grid, extractor, store, Progress(), {}, projection)
+        ensure_features(params, RasterFeatures(source, grid, store, extractor), Progress(), {}, projection)
         blended.append(grid.blended(store, *cells)[0].reshape(-1, projection.components.shape[0]))
     a, b = blended
     cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)

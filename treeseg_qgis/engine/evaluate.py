@@ -21,7 +21,8 @@ from ..outputs import OutputPathError, check_output_folder, check_output_paths
 from .core.errors import InputError, OutputError, cannot_write
 from .core.evaluation import ReferenceObject, box_scores, cluster_scores, crown_scores, pixel_scores, union_mask
 from .core.files import refuse_special_file
-from .gis.reference import Grid, is_raster, read_band, read_prediction, read_reference_objects
+from .gis.raster import RasterGrid
+from .gis.reference import is_raster, read_band, read_prediction, read_reference_objects
 
 MAX_PICTURE_SIZE = 900
 NO_REFERENCE_TREES = ("The reference has no trees in the evaluated area: every recall is undefined (n/a), and "
@@ -131,7 +132,7 @@ def _csv_text(rows: dict[str, float | None]) -> str:
     return buffer.getvalue()
 
 
-def _picture(image: str | None, mask: np.ndarray, reference: np.ndarray, grid: Grid) -> bytes:
+def _picture(image: str | None, mask: np.ndarray, reference: np.ndarray, grid: RasterGrid) -> bytes:
     """PNG: the image (or grey), reference outlines in yellow, predicted trees in translucent green."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -160,7 +161,7 @@ def _picture(image: str | None, mask: np.ndarray, reference: np.ndarray, grid: G
     return buffer.getvalue()
 
 
-def _image_rgb(image: str, grid: Grid, step: int) -> np.ndarray:
+def _image_rgb(image: str, grid: RasterGrid, step: int) -> np.ndarray:
     from .gis.raster import GdalRasterSource
 
     with GdalRasterSource(image) as source:

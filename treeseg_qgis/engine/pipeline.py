@@ -62,10 +62,10 @@ from .core.models import Backbone, load_backbone, weights_identity
 from .core.progress import Progress
 from .core.segmentation import (
     NO_VALID_PIXELS,
+    RasterFeatures,
     SegmentationResult,
     TileFeatureExtractor,
     ensure_features,
-    extract_features,
     segment_raster,
 )
 from .core.store import FeatureStore
@@ -76,8 +76,8 @@ from .core.tiling import TileGrid, Window
 from .gis.class_outputs import UNSURE, UNSURE_NAME, ClassRasterWriter, write_class_polygons
 from .gis.polygons import polygonize_clusters
 from .gis.preview import write_elbow_plot, write_preview
-from .gis.raster import GdalRasterSource, HeightReader, limit_block_cache
-from .gis.reference import Grid, read_examples
+from .gis.raster import GdalRasterSource, HeightReader, RasterGrid, limit_block_cache
+from .gis.reference import read_examples
 from .gis.writers import HeightRasterWriter, LabelRasterWriter, ScoreRasterWriter, write_rgb_blocks
 from .preflight import check_teach_options, output_check
 
@@ -120,7 +120,7 @@ def segment(
         progress.report(0.0, "Reading cached features" if store.complete else "Loading model")
         progress.check()
         load_started = time.perf_counter()
-        grid, extractor, model = _features(params, source, store, load_model)
+        features, model = _features(params, source, store, load_model)
         load_seconds = time.perf_counter() - load_started
         if survey:
             survey.check_extractor(model)
@@ -136,8 +136,8 @@ def segment(
 
         def open_sink(k: int, tree_clusters: list[int]) -> LabelRasterWriter:
             writers.append(LabelRasterWriter(
-                str(staged.clusters), str(staged.trees), source.width, source.height, source.crs_wkt,
-                source.geotransform, k, tree_clusters, _raster_metadata(params, model)))
+                str(staged.clusters), str(staged.trees), source.grid, k, tree_clusters,
+                _raster_metadata(params, model)))
             return writers[-1]
 
         try:
@@ -148,12 +148,12 @@ def segment(
                                                        height_timings)
                 written.append(paths.height)
                 tree_filter = _height_filter(staged.height, params.min_tree_height_m)
-            result = segment_raster(params, source, grid, extractor, store, open_sink,
+            result = segment_raster(params, features, open_sink,
                                     progress.sub(0.3 if height_timings else 0.03, 0.9), tree_filter, survey)
             if not result.valid_pixels:  # with a survey's cluster model nothing is fitted that would see it
                 raise InputError(NO_VALID_PIXELS)
-            if extractor is not None:
-                model.update(extractor.describe())
+            if features.extractor is not None:
+                model.update(features.extractor.describe())
             result.timings.update({name: round(seconds, 3) for name, seconds in height_timings.items()})
             if params.min_tree_height_m is not None:
                 result.tree_rule += f" and canopy height ≥ {params.min_tree_height_m:g} m"
@@ -236,20 +236,20 @@ def teach(
         if isinstance(examples, str):
             examples = _read_examples(examples, source)
         progress.report(0.0, "Loading model" if cache_state != "hit" else "Reading cached features")
-        grid, extractor, model = _features(params, source, store, load_model)
+        features, model = _features(params, source, store, load_model)
         if survey:
             survey.check_extractor(model)
         timings: dict[str, float] = {}
-        raster_sample, _ = ensure_features(params, source, grid, extractor, store, progress.sub(0.02, 0.8),
-                                           timings, survey.projection if survey else None)
-        if extractor is not None:
-            model.update(extractor.describe())
+        raster_sample, _ = ensure_features(params, features, progress.sub(0.02, 0.8), timings,
+                                           survey.projection if survey else None)
+        if features.extractor is not None:
+            model.update(features.extractor.describe())
         if applied:
             applied.check_features(survey.projection_id, model, raster_sample.shape[1])
             taught = Taught(applied.classifier, {}, None, False, [f"the classifier taught in {classifier}"])
             multi, class_name = applied.multi, applied.classifier.classes[0]
         else:
-            taught = teach_classifier(store, grid, examples or [], raster_sample, class_name)
+            taught = teach_classifier(store, features.grid, examples or [], raster_sample, class_name)
             multi = any(example.label for example in examples or [])
         keep = None
         if save_classifier:
@@ -263,10 +263,9 @@ def teach(
             "model": model,
         }
         if multi:
-            record = _write_classes(params, source, store, grid, taught, summary, scoring, keep)
+            record = _write_classes(params, features, taught, summary, scoring, keep)
         else:
-            record = _write_class(params, source, store, grid, taught, threshold, class_name, summary, scoring,
-                                  keep)
+            record = _write_class(params, features, taught, threshold, class_name, summary, scoring, keep)
         record["classifier"] = ({"applied": classifier} if classifier else
                                 {"saved": save_classifier} if save_classifier else None)
         record["held_out_accuracy"] = taught.held_out_accuracy
@@ -281,9 +280,8 @@ def teach(
     return record
 
 
-def _write_class(params: SegmentationParams, source: GdalRasterSource, store: FeatureStore, grid: FeatureGrid,
-                 taught: Taught, threshold: float | None, class_name: str, summary: dict,
-                 progress: Progress, keep: tuple[TaughtModel, Path] | None) -> dict:
+def _write_class(params: SegmentationParams, features: RasterFeatures, taught: Taught, threshold: float | None,
+                 class_name: str, summary: dict, progress: Progress, keep: tuple[TaughtModel, Path] | None) -> dict:
     """One class taught: its probability raster and mask, staged; the record without timings."""
     decision = taught.threshold(threshold)
     paths = taught_class_paths(params, summary["model"]["untrained"], class_name)
@@ -291,9 +289,9 @@ def _write_class(params: SegmentationParams, source: GdalRasterSource, store: Fe
     transaction, staged = _teach_transaction(finals)
     writer = None
     try:
-        writer = ScoreRasterWriter(str(staged[0]), str(staged[1]), source.width, source.height, source.crs_wkt,
-                                   source.geotransform, _raster_metadata(params, summary["model"]))
-        counts = score_raster(source, store, grid, taught.classifier, class_mask_rule(decision.value),
+        writer = ScoreRasterWriter(str(staged[0]), str(staged[1]), features.source.grid,
+                                   _raster_metadata(params, summary["model"]))
+        counts = score_raster(features, taught.classifier, class_mask_rule(decision.value),
                               _ClassScores(writer), progress)
         writer.close()
     except BaseException:
@@ -314,8 +312,8 @@ def _write_class(params: SegmentationParams, source: GdalRasterSource, store: Fe
     }
 
 
-def _write_classes(params: SegmentationParams, source: GdalRasterSource, store: FeatureStore, grid: FeatureGrid,
-                   taught: Taught, summary: dict, progress: Progress, keep: tuple[TaughtModel, Path] | None) -> dict:
+def _write_classes(params: SegmentationParams, features: RasterFeatures, taught: Taught, summary: dict,
+                   progress: Progress, keep: tuple[TaughtModel, Path] | None) -> dict:
     """Several classes taught: the class raster, the probabilities and the class polygons, staged."""
     paths = OutputPaths.for_params(params, summary["model"]["untrained"])
     record_path = _classes_record_path(params, paths)
@@ -325,9 +323,9 @@ def _write_classes(params: SegmentationParams, source: GdalRasterSource, store: 
     names = taught.classifier.classes
     writer = None
     try:
-        writer = ClassRasterWriter(str(staged[0]), str(staged[1]), source.width, source.height, source.crs_wkt,
-                                   source.geotransform, names, _raster_metadata(params, summary["model"]))
-        counts = score_raster(source, store, grid, taught.classifier, classes_rule(UNSURE), writer, progress)
+        writer = ClassRasterWriter(str(staged[0]), str(staged[1]), features.source.grid, names,
+                                   _raster_metadata(params, summary["model"]))
+        counts = score_raster(features, taught.classifier, classes_rule(UNSURE), writer, progress)
         writer.close()
         polygons = write_class_polygons(str(staged[0]), str(staged[2]), names)
     except BaseException:
@@ -438,15 +436,15 @@ def extract_window(params: SegmentationParams, tiles: range, folder: str | Path,
         survey.check_extractor(extractor.describe())
         grid = FeatureGrid.of_extractor(TileGrid(source.width, source.height, params.tile_size, params.overlap),
                                         extractor)
-        timings: dict[str, float] = {}
-        samples, exg = extract_features(params, source, grid, extractor, FeatureStore(folder), Progress(), timings,
-                                        survey.projection, grid.tiles.tiles()[tiles.start:tiles.stop])
+        features = RasterFeatures(source, grid, FeatureStore(folder), extractor)
+        samples, exg = ensure_features(params, features, Progress(), {}, survey.projection,
+                                       tiles=grid.tiles.tiles()[tiles.start:tiles.stop])
         return samples, exg, {**extractor.describe(), **grid.describe()}
 
 
 def _read_examples(path: str, source: GdalRasterSource) -> list[Example]:
     try:
-        return read_examples(path, Grid(source.width, source.height, source.geotransform, source.crs_wkt))
+        return read_examples(path, source.grid)
     except (RuntimeError, ValueError) as error:
         raise InputError(f"Cannot use the examples in {path}: {error}. Every point needs valid coordinates "
                          "in a known CRS (or use a CSV of col,row,is_tree pixel numbers).") from error
@@ -635,7 +633,7 @@ def _canopy_height(params: SegmentationParams, source: GdalRasterSource, path: P
                                      revision=params.model_revision if params.height_model == params.model else None)
     if height_model.untrained:
         log.warning(UNTRAINED_BANNER)
-    writer = HeightRasterWriter(str(path), source.width, source.height, source.crs_wkt, source.geotransform,
+    writer = HeightRasterWriter(str(path), source.grid,
                                 {"TREESEG_HEIGHT_MODEL": height_model.model_id, "TREESEG_UNITS": "metres",
                                  "TREESEG_WEIGHTS": "untrained" if height_model.untrained else "pretrained"})
     try:
@@ -666,11 +664,11 @@ def _write_feature_image(path: Path, source: GdalRasterSource, store: FeatureSto
                          params: SegmentationParams, model: dict) -> None:
     """The first three PCA components of the features as an RGB GeoTIFF on the feature grid."""
     image = result.grid.image()
-    gt = source.geotransform
+    gt = source.grid.geotransform
     offset, stride = image.offset, image.grid.stride
     geotransform = (gt[0] + offset * (gt[1] + gt[2]), stride * gt[1], stride * gt[2],
                     gt[3] + offset * (gt[4] + gt[5]), stride * gt[4], stride * gt[5])
-    write_rgb_blocks(str(path), image.cols, image.rows, source.crs_wkt, geotransform,
+    write_rgb_blocks(str(path), RasterGrid(image.cols, image.rows, geotransform, source.grid.crs_wkt),
                      image.blocks(store, result.samples), _raster_metadata(params, model))
 
 
@@ -727,14 +725,14 @@ def layer_name(paths: OutputPaths, kind: str) -> str:
 
 
 def _features(params: SegmentationParams, source: GdalRasterSource, store: FeatureStore,
-              load_model: ModelLoader | None) -> tuple[FeatureGrid, TileFeatureExtractor | None, dict]:
-    """The feature grid, the extractor (None when the store holds every feature: no model is loaded)
-    and the facts about the model for the run record."""
+              load_model: ModelLoader | None) -> tuple[RasterFeatures, dict]:
+    """The raster's features (no extractor when the store holds every feature: no model is loaded) and the
+    facts about the model for the run record."""
     tiles = TileGrid(source.width, source.height, params.tile_size, params.overlap)
     if store.complete:
-        return FeatureGrid.of_store(tiles, store), None, store.model()
+        return RasterFeatures(source, FeatureGrid.of_store(tiles, store), store), store.model()
     extractor = feature_extractor(params, load_model)
-    return FeatureGrid.of_extractor(tiles, extractor), extractor, extractor.describe()
+    return RasterFeatures(source, FeatureGrid.of_extractor(tiles, extractor), store, extractor), extractor.describe()
 
 
 def feature_extractor(params: SegmentationParams, load_model: ModelLoader | None) -> TileFeatureExtractor:

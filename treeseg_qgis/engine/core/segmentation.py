@@ -93,6 +93,17 @@ class ModelWork:
     pixels: int = 0
 
 
+@dataclass(frozen=True)
+class RasterFeatures:
+    """One raster's features: the raster, its feature grid, the store that holds them and the extractor that
+    makes those the store lacks (None when it is complete: no model is loaded)."""
+
+    source: RasterSource
+    grid: FeatureGrid
+    store: FeatureStore
+    extractor: TileFeatureExtractor | None = None
+
+
 @dataclass
 class SegmentationResult:
     """What one run found, for the run metadata and the user's summary."""
@@ -119,24 +130,21 @@ class SegmentationResult:
 
 def segment_raster(
     params: SegmentationParams,
-    source: RasterSource,
-    grid: FeatureGrid,
-    extractor: TileFeatureExtractor | None,
-    store: FeatureStore,
+    features: RasterFeatures,
     open_sink: Callable[[int, list[int]], LabelSink],
     progress: Progress,
     tree_filter: Callable[[Window, np.ndarray], np.ndarray] | None = None,
     survey: SurveyModel | None = None,
 ) -> SegmentationResult:
-    """Segment `source` into clusters and trees; `open_sink(k, tree_ids)` receives the blocks.
+    """Segment the raster of `features` into clusters and trees; `open_sink(k, tree_ids)` receives the blocks.
 
-    `extractor` may be None when `store` is complete. `tree_filter(block, trees)` may clear tree
+    `tree_filter(block, trees)` may clear tree
     pixels of a block (e.g. below a canopy height). With a `survey` model its PCA and clusters are applied
     as they are: nothing is fitted.
     """
     timings: dict[str, float] = {}
     work = ModelWork()
-    samples, sample_exg = ensure_features(params, source, grid, extractor, store, progress.sub(0, 0.85), timings,
+    samples, sample_exg = ensure_features(params, features, progress.sub(0, 0.85), timings,
                                           survey.projection if survey else None, work)
     release_free_memory()
 
@@ -148,8 +156,8 @@ def segment_raster(
     timings["cluster"] = time.perf_counter() - started
 
     sink = open_sink(clusters.k, trees)
-    counts, tree_pixels = _assign_all(source, store, grid, clusters, trees, sink,
-                                      progress.sub(0.88, 1.0), timings, tree_filter)
+    counts, tree_pixels = _assign_all(features, clusters, trees, sink, progress.sub(0.88, 1.0), timings,
+                                      tree_filter)
     valid = int(counts.sum())
     return SegmentationResult(
         k=clusters.k,
@@ -161,10 +169,10 @@ def segment_raster(
         cluster_pixels=[int(c) for c in counts],
         tree_pixels=tree_pixels,
         valid_pixels=valid,
-        tiles=len(grid.tiles),
+        tiles=len(features.grid.tiles),
         timings={name: round(seconds, 3) for name, seconds in timings.items()},
         model_work=work,
-        grid=grid,
+        grid=features.grid,
         samples=samples,
     )
 
@@ -183,31 +191,6 @@ def fit_clustering(samples: np.ndarray, sample_exg: np.ndarray, params: Segmenta
     return ClusterFit(clusters, trees, rule, exg, weights)
 
 
-def ensure_features(
-    params: SegmentationParams,
-    source: RasterSource,
-    grid: FeatureGrid,
-    extractor: TileFeatureExtractor | None,
-    store: FeatureStore,
-    progress: Progress,
-    timings: dict[str, float],
-    projection: Projection | None = None,
-    work: ModelWork | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Every tile's features in `store` (extracted now unless the store is complete; `extractor` may be
-    None only then), and the clustering sample with its ExG. Features are projected with `projection` when
-    given (a survey's PCA), else with a PCA fitted on this raster. What the model ran is added to `work`."""
-    if store.complete:
-        progress.report(0.0, "Features from the cache")
-        return store.load_samples()
-    if extractor is None:
-        raise ValueError("the feature store is incomplete and no extractor was given")
-    samples, sample_exg = extract_features(params, source, grid, extractor, store, progress, timings, projection,
-                                           work=work)
-    store.save_samples(samples, sample_exg, {**extractor.describe(), **grid.describe()})
-    return samples, sample_exg
-
-
 def read_tile(source: RasterSource, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
     """A tile's pixels, edge-padded where it reaches past the raster (marked invalid)."""
     width = min(tile.width, source.width - tile.x)
@@ -220,21 +203,27 @@ def read_tile(source: RasterSource, tile: Tile) -> tuple[np.ndarray, np.ndarray]
     return rgb, valid
 
 
-def extract_features(
+def ensure_features(
     params: SegmentationParams,
-    source: RasterSource,
-    grid: FeatureGrid,
-    extractor: TileFeatureExtractor,
-    store: FeatureStore,
+    features: RasterFeatures,
     progress: Progress,
     timings: dict[str, float],
-    projection: Projection | None,
-    tiles: list[Tile] | None = None,
+    projection: Projection | None = None,
     work: ModelWork | None = None,
+    tiles: list[Tile] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Extract and store every tile (with a given `projection`, e.g. a survey's PCA, only `tiles` if given:
-    one window of the raster); return the projected cluster sample and its ExG. With a given projection each
-    tile's sample is drawn with a seed of its own, so windows joined in tile order give one run's sample."""
+    """Every tile's features in the store, and the clustering sample with its ExG: from the store when it is
+    complete, else extracted now (the extractor may be None only then) and the sample kept with them. Features
+    are projected with `projection` when given (a survey's PCA), else with a PCA fitted on this raster. With a
+    projection, `tiles` extracts only those (one window of the raster; its sample is not kept: the windows'
+    samples, joined in tile order, are the run's, as each tile's is drawn with a seed of its own). What the
+    model ran is added to `work`."""
+    source, grid, store = features.source, features.grid, features.store
+    if store.complete:
+        progress.report(0.0, "Features from the cache")
+        return store.load_samples()
+    if features.extractor is None:
+        raise ValueError("the feature store is incomplete and no extractor was given")
     rng = np.random.default_rng(params.seed)
     given = projection is not None
     pca_tiles = [] if given else grid.tiles.spread(PCA_TILES)
@@ -254,13 +243,14 @@ def extract_features(
         samples.append(tile_features.features.reshape(-1, tile_features.features.shape[-1])[rows])
         sample_exg.append(tile_features.exg.reshape(-1)[rows])
 
-    for tile, (cell_valid, cell_exg), features in _extracted(source, order, grid, extractor, progress, timings, work):
+    for tile, (cell_valid, cell_exg), tile_features in _extracted(source, order, grid, features.extractor, progress,
+                                                                  timings, work):
         started = time.perf_counter()
         key = (tile.row, tile.col)
         if projection is None:
-            raw[key] = TileFeatures(features.astype(np.float16), cell_valid, cell_exg)
+            raw[key] = TileFeatures(tile_features.astype(np.float16), cell_valid, cell_exg)
             rows = _sample_rows(cell_valid, per_tile_pca, rng)
-            pca_samples.append(features.reshape(-1, features.shape[-1])[rows])
+            pca_samples.append(tile_features.reshape(-1, tile_features.shape[-1])[rows])
             if len(raw) == len(pca_tiles):
                 projection = _fit_projection(pca_samples, params)
                 for raw_key, item in raw.items():
@@ -269,12 +259,15 @@ def extract_features(
                     keep_sample(raw_key, projected)
                 raw.clear()
         else:
-            projected = _projected(projection, TileFeatures(features, cell_valid, cell_exg))
+            projected = _projected(projection, TileFeatures(tile_features, cell_valid, cell_exg))
             store.put(key, projected)
             keep_sample(key, projected)
         timings["project"] += time.perf_counter() - started
     progress.report(1.0, "Features extracted")
-    return np.concatenate(samples).astype(np.float32), np.concatenate(sample_exg).astype(np.float64)
+    sample = np.concatenate(samples).astype(np.float32), np.concatenate(sample_exg).astype(np.float64)
+    if tiles is None:
+        store.save_samples(*sample, {**features.extractor.describe(), **grid.describe()})
+    return sample
 
 
 def sample_raw_features(
@@ -415,9 +408,7 @@ def _sample_rows(valid: np.ndarray, count: int, rng: np.random.Generator) -> np.
 
 
 def _assign_all(
-    source: RasterSource,
-    store: FeatureStore,
-    grid: FeatureGrid,
+    features: RasterFeatures,
     clusters: ClusterModel,
     trees: list[int],
     sink: LabelSink,
@@ -430,16 +421,16 @@ def _assign_all(
     tree_lookup = np.zeros(256, dtype=np.uint8)
     tree_lookup[trees] = 1
     tree_lookup[NODATA] = NODATA
-    blocks = grid.tiles.blocks()
+    blocks = features.grid.tiles.blocks()
     tree_pixels = 0
     timings.update(assign=0.0, write=0.0)
     for index, block in enumerate(blocks):
         progress.check()
         progress.report(index / len(blocks), f"Assigning clusters: block {index + 1} of {len(blocks)}")
         started = time.perf_counter()
-        valid = source.read_valid(block.x, block.y, block.width, block.height)
+        valid = features.source.read_valid(block.x, block.y, block.width, block.height)
         if valid.any():
-            labels = _label_block(store, grid, clusters, block)
+            labels = _label_block(features.store, features.grid, clusters, block)
             labels[~valid] = NODATA
         else:  # all nodata or masked out: no feature is blended, no distance computed
             labels = np.full(valid.shape, NODATA, np.uint8)

@@ -41,7 +41,7 @@ from .errors import InputError
 from .examples import OTHER, Example
 from .feature_grid import FeatureGrid, bilinear_sample
 from .progress import Progress
-from .segmentation import NODATA, RasterSource
+from .segmentation import NODATA, RasterFeatures
 from .store import FeatureStore
 from .tiling import Window
 
@@ -272,20 +272,21 @@ class ScoreSink(Protocol):
         """Store one window."""
 
 
-def score_raster(source: RasterSource, store: FeatureStore, grid: FeatureGrid, classifier: TaughtClassifier,
-                 decide, sink: ScoreSink, progress: Progress) -> np.ndarray:
+def score_raster(raster: RasterFeatures, classifier: TaughtClassifier, decide, sink: ScoreSink,
+                 progress: Progress) -> np.ndarray:
     """Probabilities of every pixel block by block, and the labels `decide` gives them ((K, h, w) → (h, w)
     uint8); returns the pixel count per label value (0..255)."""
+    grid = raster.grid
     blocks = grid.tiles.blocks()
     counts = np.zeros(256, dtype=np.int64)
     for index, block in enumerate(blocks):
         progress.check()
         progress.report(index / len(blocks), f"Scoring: block {index + 1} of {len(blocks)}")
         rows, cols, rows_at, cols_at = grid.cell_window(block)
-        features, _ = grid.blended(store, rows, cols)
+        features, _ = grid.blended(raster.store, rows, cols)
         cell_probabilities = classifier.probabilities(features.astype(np.float64)).astype(np.float32)
         probabilities = bilinear_sample(cell_probabilities, rows_at, cols_at)
-        valid = source.read_valid(block.x, block.y, block.width, block.height)
+        valid = raster.source.read_valid(block.x, block.y, block.width, block.height)
         labels = decide(probabilities)
         labels[~valid] = NODATA
         probabilities[:, ~valid] = SIMILARITY_NODATA

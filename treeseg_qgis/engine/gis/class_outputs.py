@@ -11,6 +11,7 @@ from osgeo import gdal, ogr, osr
 from ...atomic import partial_path
 from ...outputs import CLASS_COLOURS
 from ..core.errors import OutputError
+from .raster import RasterGrid
 from .writers import NODATA, LabelRasterWriter
 
 UNSURE = 0
@@ -35,18 +36,16 @@ class ClassRasterWriter(LabelRasterWriter):
     """Writes the class raster (Byte, paletted, named categories) and the class probabilities (Float32, one
     band per class, named) window by window; as LabelRasterWriter, under temporary names until `close`."""
 
-    def __init__(self, classes_path: str, probabilities_path: str, width: int, height: int, crs_wkt: str,
-                 geotransform: Sequence[float], names: Sequence[str], metadata: dict[str, str]) -> None:
+    def __init__(self, classes_path: str, probabilities_path: str, grid: RasterGrid, names: Sequence[str],
+                 metadata: dict[str, str]) -> None:
         self._final_paths = [classes_path, probabilities_path]
         self._partial_paths = [partial_path(classes_path), partial_path(probabilities_path)]
         self._datasets = []
         try:
-            self._datasets.append(self._create(self._partial_paths[0], classes_path, width, height, crs_wkt,
-                                               geotransform, class_palette(len(names)), class_categories(names),
-                                               metadata))
-            probabilities = self._create(self._partial_paths[1], probabilities_path, width, height, crs_wkt,
-                                         geotransform, None, None, metadata, gdal.GDT_Float32, PROBABILITY_NODATA,
-                                         len(names))
+            self._datasets.append(self._create(self._partial_paths[0], classes_path, grid, class_palette(len(names)),
+                                               class_categories(names), metadata))
+            probabilities = self._create(self._partial_paths[1], probabilities_path, grid, None, None, metadata,
+                                         gdal.GDT_Float32, PROBABILITY_NODATA, len(names))
             self._datasets.append(probabilities)
             for number, name in enumerate(names, start=1):
                 probabilities.GetRasterBand(number).SetDescription(name)

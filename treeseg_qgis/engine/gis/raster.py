@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from osgeo import gdal
@@ -37,6 +38,35 @@ def open_raster(path: str) -> gdal.Dataset:
     return dataset
 
 
+
+@dataclass(frozen=True)
+class RasterGrid:
+    """A raster's pixel grid: its size, GDAL geotransform and CRS (WKT; '' when it has none)."""
+
+    width: int
+    height: int
+    geotransform: tuple[float, ...]
+    crs_wkt: str
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.height, self.width
+
+    @classmethod
+    def of(cls, dataset: gdal.Dataset) -> RasterGrid:
+        return cls(dataset.RasterXSize, dataset.RasterYSize, tuple(dataset.GetGeoTransform()),
+                   dataset.GetProjection() or "")
+
+    def create(self, driver: str, path: str, bands: int, data_type: int, options: Sequence[str] = ()) -> gdal.Dataset:
+        """A new dataset on this grid (`driver`: GTiff, MEM…); GDAL's RuntimeError when it cannot be created."""
+        dataset = gdal.GetDriverByName(driver).Create(path, self.width, self.height, bands, data_type,
+                                                      options=list(options))
+        dataset.SetGeoTransform([float(value) for value in self.geotransform])
+        if self.crs_wkt:
+            dataset.SetProjection(self.crs_wkt)
+        return dataset
+
+
 class GdalRasterSource:
     """Reads RGB windows from any GDAL raster, scaled to 0..1, with a validity mask.
 
@@ -64,10 +94,8 @@ class GdalRasterSource:
         self.path = path
         self._dataset = dataset = open_raster(path)
         self.files: list[str] = list(dataset.GetFileList() or [path])
-        self.width: int = dataset.RasterXSize
-        self.height: int = dataset.RasterYSize
-        self.crs_wkt: str = dataset.GetProjection() or ""
-        self.geotransform: tuple[float, ...] = tuple(dataset.GetGeoTransform())
+        self.grid = RasterGrid.of(dataset)
+        self.width, self.height = self.grid.width, self.grid.height
         self.bands: tuple[int, int, int] = self._resolve_bands(bands, dataset.RasterCount)
         self.clipped: dict[int, float] = {}
         self._ranges = {number: self._value_range(number, value_ranges or {}) for number in set(self.bands)}

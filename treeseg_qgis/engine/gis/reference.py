@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,35 +21,21 @@ from ..core.errors import InputError
 from ..core.evaluation import ReferenceObject, boxes_to_objects
 from ..core.examples import CLASS_FIELD, Example, class_label
 from ..core.files import refuse_special_file
-from .raster import open_read_only
+from .raster import RasterGrid, open_read_only
 
 MAX_EVALUATION_PIXELS = 200_000_000
 
 
-@dataclass
-class Grid:
-    """A raster's pixel grid."""
-
-    width: int
-    height: int
-    geotransform: tuple[float, ...]
-    crs_wkt: str
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.height, self.width
-
-    @classmethod
-    def of(cls, path: str) -> Grid:
-        dataset = _open_raster(path)
-        if dataset.RasterXSize * dataset.RasterYSize > MAX_EVALUATION_PIXELS:
-            raise InputError(f"{path} is larger than {MAX_EVALUATION_PIXELS // 1_000_000} megapixels: "
-                             "evaluate a clip of the area your reference covers.")
-        return cls(dataset.RasterXSize, dataset.RasterYSize, tuple(dataset.GetGeoTransform()),
-                   dataset.GetProjection() or "")
+def evaluation_grid(path: str) -> RasterGrid:
+    """The pixel grid of the raster at `path`, refused above MAX_EVALUATION_PIXELS."""
+    grid = RasterGrid.of(_open_raster(path))
+    if grid.width * grid.height > MAX_EVALUATION_PIXELS:
+        raise InputError(f"{path} is larger than {MAX_EVALUATION_PIXELS // 1_000_000} megapixels: "
+                         "evaluate a clip of the area your reference covers.")
+    return grid
 
 
-def read_band(path: str, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+def read_band(path: str, grid: RasterGrid) -> tuple[np.ndarray, np.ndarray]:
     """Band 1 of a raster on `grid` and its validity (mask band)."""
     dataset = _open_raster(path)
     if (dataset.RasterXSize, dataset.RasterYSize) != (grid.width, grid.height):
@@ -60,16 +45,17 @@ def read_band(path: str, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
     return band.ReadAsArray(), band.GetMaskBand().ReadAsArray() > 0
 
 
-def read_prediction(path: str, image: str | None = None) -> tuple[np.ndarray, np.ndarray, Grid, np.ndarray | None]:
+def read_prediction(path: str, image: str | None = None,
+                    ) -> tuple[np.ndarray, np.ndarray, RasterGrid, np.ndarray | None]:
     """(tree mask, valid, grid, crown ids or None) of a tree raster, of `is_tree` polygons, or of
     crown polygons (`crown_id`), the polygons rasterized on the grid of `image`."""
     if is_raster(path):
-        grid = Grid.of(path)
+        grid = evaluation_grid(path)
         values, valid = read_band(path, grid)
         return (values == 1) & valid, valid, grid, None
     if image is None:
         raise InputError("A polygon prediction needs an image (or raster) whose pixel grid to evaluate on.")
-    grid = Grid.of(image)
+    grid = evaluation_grid(image)
     everything = np.ones(grid.shape, dtype=bool)
     if _has_field(path, "crown_id"):
         crowns = rasterize(path, grid, attribute="crown_id")
@@ -77,7 +63,7 @@ def read_prediction(path: str, image: str | None = None) -> tuple[np.ndarray, np
     return rasterize(path, grid, where="is_tree = 1") > 0, everything, grid, None
 
 
-def read_reference_objects(path: str, grid: Grid) -> list[ReferenceObject]:
+def read_reference_objects(path: str, grid: RasterGrid) -> list[ReferenceObject]:
     """Reference crowns or boxes as objects on `grid`."""
     if Path(path).suffix.lower() == ".csv":
         return boxes_to_objects(_read_pixel_boxes(path), grid.shape)
@@ -90,7 +76,7 @@ def read_reference_objects(path: str, grid: Grid) -> list[ReferenceObject]:
     return objects
 
 
-def _geometries_in_grid_crs(layer: ogr.Layer, grid: Grid) -> Iterator[tuple[ogr.Feature, ogr.Geometry]]:
+def _geometries_in_grid_crs(layer: ogr.Layer, grid: RasterGrid) -> Iterator[tuple[ogr.Feature, ogr.Geometry]]:
     """Each feature with a geometry, and a copy of that geometry in the grid's CRS."""
     transform = _transform_to(layer.GetSpatialRef(), grid)
     for feature in layer:
@@ -103,9 +89,9 @@ def _geometries_in_grid_crs(layer: ogr.Layer, grid: Grid) -> Iterator[tuple[ogr.
         yield feature, geometry
 
 
-def rasterize(path: str, grid: Grid, where: str | None = None, attribute: str | None = None) -> np.ndarray:
+def rasterize(path: str, grid: RasterGrid, where: str | None = None, attribute: str | None = None) -> np.ndarray:
     """The polygons of a vector file (optionally filtered) burnt as 1, or as the value of `attribute`."""
-    target = _memory_raster(grid.width, grid.height, grid.geotransform, grid.crs_wkt, gdal.GDT_Int32)
+    target = grid.create("MEM", "", 1, gdal.GDT_Int32)
     source = _open_vector(path)
     layer = source.GetLayer(0)
     if where:
@@ -123,7 +109,7 @@ def _has_field(path: str, name: str) -> bool:
     return definition.GetFieldIndex(name) >= 0
 
 
-def _rasterize_geometry(geometry: ogr.Geometry, grid: Grid) -> ReferenceObject | None:
+def _rasterize_geometry(geometry: ogr.Geometry, grid: RasterGrid) -> ReferenceObject | None:
     xmin, xmax, ymin, ymax = geometry.GetEnvelope()
     gt = grid.geotransform
     if gt[2] or gt[4]:
@@ -135,7 +121,7 @@ def _rasterize_geometry(geometry: ogr.Geometry, grid: Grid) -> ReferenceObject |
     if c1 <= c0 or r1 <= r0:
         return None
     window_gt = (gt[0] + c0 * gt[1], gt[1], 0.0, gt[3] + r0 * gt[5], 0.0, gt[5])
-    target = _memory_raster(c1 - c0, r1 - r0, window_gt, grid.crs_wkt)
+    target = RasterGrid(c1 - c0, r1 - r0, window_gt, grid.crs_wkt).create("MEM", "", 1, gdal.GDT_Byte)
     layer_source = ogr.GetDriverByName("Memory").CreateDataSource("")
     layer = layer_source.CreateLayer("object", geom_type=ogr.wkbUnknown)
     feature = ogr.Feature(layer.GetLayerDefn())
@@ -160,7 +146,7 @@ def _read_pixel_boxes(path: str) -> list[tuple[float, float, float, float]]:
     return boxes
 
 
-def _transform_to(source_srs: osr.SpatialReference | None, grid: Grid) -> osr.CoordinateTransformation | None:
+def _transform_to(source_srs: osr.SpatialReference | None, grid: RasterGrid) -> osr.CoordinateTransformation | None:
     if source_srs is None or not grid.crs_wkt:
         return None
     source_srs = source_srs.Clone()
@@ -171,14 +157,6 @@ def _transform_to(source_srs: osr.SpatialReference | None, grid: Grid) -> osr.Co
     if source_srs.IsSame(target):
         return None
     return osr.CoordinateTransformation(source_srs, target)
-
-
-def _memory_raster(width: int, height: int, geotransform, crs_wkt: str, data_type: int = gdal.GDT_Byte) -> gdal.Dataset:
-    dataset = gdal.GetDriverByName("MEM").Create("", width, height, 1, data_type)
-    dataset.SetGeoTransform(geotransform)
-    if crs_wkt:
-        dataset.SetProjection(crs_wkt)
-    return dataset
 
 
 def is_raster(path: str) -> bool:
@@ -200,7 +178,7 @@ def _open_vector(path: str) -> gdal.Dataset:
     return open_read_only(path, "the vector file", kind=gdal.OF_VECTOR)
 
 
-def read_examples(path: str, grid: Grid) -> list[Example]:
+def read_examples(path: str, grid: RasterGrid) -> list[Example]:
     """Click-to-teach examples: points with a text `class` field (several classes; empty values skipped) or
     an `is_tree` field (any CRS, reprojected), or a CSV of pixel positions `col,row,class` or `col,row,is_tree`."""
     refuse_special_file(path, "examples file")
@@ -235,7 +213,7 @@ def read_examples(path: str, grid: Grid) -> list[Example]:
     return examples
 
 
-def _check_has_a_crs(layer: ogr.Layer, path: str, grid: Grid) -> None:
+def _check_has_a_crs(layer: ogr.Layer, path: str, grid: RasterGrid) -> None:
     """Refuse points without a CRS (none, or a GeoPackage's "Undefined geographic/Cartesian SRS", srs_id 0/-1)
     on a raster that has one: their coordinates cannot be placed on it."""
     srs = layer.GetSpatialRef()

@@ -10,6 +10,7 @@ from osgeo import gdal
 
 from ...atomic import atomic_file, partial_path
 from ..core.errors import InputError, OutputError
+from .raster import RasterGrid
 
 NODATA = 255
 CREATION_OPTIONS = ["TILED=YES", "COMPRESS=DEFLATE", "BIGTIFF=IF_SAFER"]
@@ -63,10 +64,7 @@ class LabelRasterWriter:
         self,
         clusters_path: str,
         trees_path: str,
-        width: int,
-        height: int,
-        crs_wkt: str,
-        geotransform: Sequence[float],
+        grid: RasterGrid,
         n_clusters: int,
         tree_clusters: Sequence[int],
         metadata: dict[str, str],
@@ -90,11 +88,7 @@ class LabelRasterWriter:
         layers = [(cluster_palette, cluster_names), TREE_STYLE]
         try:
             for path, final_path, (palette, names) in zip(self._partial_paths, self._final_paths, layers):
-                self._datasets.append(
-                    self._create(
-                        path, final_path, width, height, crs_wkt, geotransform, palette, names, metadata
-                    )
-                )
+                self._datasets.append(self._create(path, final_path, grid, palette, names, metadata))
         except BaseException:
             self.abort()
             raise
@@ -103,10 +97,7 @@ class LabelRasterWriter:
     def _create(
         path: str,
         final_path: str,
-        width: int,
-        height: int,
-        crs_wkt: str,
-        geotransform: Sequence[float],
+        grid: RasterGrid,
         palette: dict[int, tuple[int, int, int, int]] | None,
         names: list[str] | None,
         metadata: dict[str, str],
@@ -121,18 +112,13 @@ class LabelRasterWriter:
                 f"path for '{os.path.basename(final_path)}'."
             )
         try:
-            dataset = gdal.GetDriverByName("GTiff").Create(
-                path, width, height, bands, data_type,
-                options=CREATION_OPTIONS if bands == 1 else [*CREATION_OPTIONS, "INTERLEAVE=BAND"],
-            )
+            dataset = grid.create("GTiff", path, bands, data_type,
+                                  CREATION_OPTIONS if bands == 1 else [*CREATION_OPTIONS, "INTERLEAVE=BAND"])
         except RuntimeError as error:
             raise OutputError(
                 f"Cannot create '{final_path}': {error}. Check that the folder is writable "
                 "and the disk has space, or choose another output path."
             ) from error
-        dataset.SetGeoTransform([float(value) for value in geotransform])
-        if crs_wkt:
-            dataset.SetProjection(crs_wkt)
         dataset.SetMetadata({str(key): str(value) for key, value in metadata.items()})
         for number in range(1, bands + 1):
             dataset.GetRasterBand(number).SetNoDataValue(nodata)
@@ -201,17 +187,15 @@ class LabelRasterWriter:
 class ScoreRasterWriter(LabelRasterWriter):
     """Writes the click-to-teach scores (Float32, nodata -1) and the tree mask window by window."""
 
-    def __init__(self, scores_path: str, trees_path: str, width: int, height: int, crs_wkt: str,
-                 geotransform: Sequence[float], metadata: dict[str, str]) -> None:
+    def __init__(self, scores_path: str, trees_path: str, grid: RasterGrid, metadata: dict[str, str]) -> None:
         self._final_paths = [scores_path, trees_path]
         self._partial_paths = [partial_path(scores_path), partial_path(trees_path)]
         self._datasets = []
         self._dtypes = [np.float32, np.uint8]
         try:
-            self._datasets.append(self._create(self._partial_paths[0], scores_path, width, height, crs_wkt,
-                                               geotransform, None, None, metadata, gdal.GDT_Float32, -1.0))
-            self._datasets.append(self._create(self._partial_paths[1], trees_path, width, height, crs_wkt,
-                                               geotransform, *TREE_STYLE, metadata))
+            self._datasets.append(self._create(self._partial_paths[0], scores_path, grid, None, None, metadata,
+                                               gdal.GDT_Float32, -1.0))
+            self._datasets.append(self._create(self._partial_paths[1], trees_path, grid, *TREE_STYLE, metadata))
         except BaseException:
             self.abort()
             raise
@@ -220,14 +204,13 @@ class ScoreRasterWriter(LabelRasterWriter):
 class HeightRasterWriter(LabelRasterWriter):
     """Writes a canopy-height raster (Float32 metres, nodata -1) window by window."""
 
-    def __init__(self, path: str, width: int, height: int, crs_wkt: str, geotransform: Sequence[float],
-                 metadata: dict[str, str]) -> None:
+    def __init__(self, path: str, grid: RasterGrid, metadata: dict[str, str]) -> None:
         self._final_paths = [path]
         self._partial_paths = [partial_path(path)]
         self._datasets = []
         self._dtypes = [np.float32]
-        self._datasets.append(self._create(self._partial_paths[0], path, width, height, crs_wkt, geotransform,
-                                           None, None, metadata, gdal.GDT_Float32, -1.0))
+        self._datasets.append(self._create(self._partial_paths[0], path, grid, None, None, metadata,
+                                           gdal.GDT_Float32, -1.0))
 
     def write_heights(self, x: int, y: int, heights: np.ndarray) -> None:
         """Write one window of heights in metres."""
@@ -247,20 +230,15 @@ def _replace_with_sidecar(partial: str, final: str) -> None:
     os.replace(partial, final)
 
 
-def write_rgb_blocks(path: str, width: int, height: int, crs_wkt: str, geotransform: Sequence[float],
-                     blocks: Iterable[tuple[int, int, np.ndarray]], metadata: dict[str, str]) -> None:
+def write_rgb_blocks(path: str, grid: RasterGrid, blocks: Iterable[tuple[int, int, np.ndarray]],
+                     metadata: dict[str, str]) -> None:
     """An RGB Byte GeoTIFF (0 = nodata) from (row, col, (h, w, 3) uint8) blocks, written atomically."""
     with atomic_file(path) as partial:
         try:
-            dataset = gdal.GetDriverByName("GTiff").Create(
-                partial, width, height, 3, gdal.GDT_Byte,
-                ["TILED=YES", "COMPRESS=DEFLATE", "BIGTIFF=IF_SAFER", "PHOTOMETRIC=RGB"])
+            dataset = grid.create("GTiff", partial, 3, gdal.GDT_Byte, [*CREATION_OPTIONS, "PHOTOMETRIC=RGB"])
         except RuntimeError as error:
             raise OutputError(f"Cannot create '{path}': {error}. Choose a folder you can write to.") from error
         try:
-            dataset.SetGeoTransform(tuple(geotransform))
-            if crs_wkt:
-                dataset.SetProjection(crs_wkt)
             dataset.SetMetadata(metadata)
             for band in range(3):
                 dataset.GetRasterBand(band + 1).SetNoDataValue(0)
