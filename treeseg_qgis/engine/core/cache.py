@@ -198,9 +198,20 @@ def remove_dead_builds(root: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
+def folder_problem(check: Callable[[], str | None], unreadable: tuple[type[Exception], ...]) -> str | None:
+    """What `check()` found wrong with a cached folder, or why it could not read it, in one line: a missing file
+    by its name, an `unreadable` error by its kind and message."""
+    try:
+        return check()
+    except FileNotFoundError as error:
+        return f"{Path(error.filename or '?').name} is missing"
+    except unreadable as error:
+        return f"{type(error).__name__}: {error}"
+
+
 def entry_problem(folder: Path) -> str | None:
     """Why a cache entry cannot be used (None when it is complete and whole)."""
-    try:
+    def check() -> str | None:
         summary = json.loads((folder / SUMMARY).read_text())
         extractor, tiles = summary["extractor"], summary["tiles"]
         if int(extractor["stride"]) < 1 or int(extractor["cell_size"]) < 1:
@@ -211,11 +222,9 @@ def entry_problem(folder: Path) -> str | None:
         with np.load(folder / SAMPLES) as data:
             if len(data["samples"]) != len(data["exg"]):
                 return f"{SAMPLES} is incomplete"
-    except FileNotFoundError as error:
-        return f"{Path(error.filename or '?').name} is missing"
-    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as error:
-        return f"{type(error).__name__}: {error}"
-    return None
+        return None
+
+    return folder_problem(check, (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile))
 
 
 def file_identity(path: str | Path) -> dict:

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .cache import building_folder, default_cache_root, finished_entries, key_digest, lock_key
+from .cache import building_folder, default_cache_root, finished_entries, folder_problem, key_digest, lock_key
 from .errors import Cancelled
 from .heap import release_free_memory
 
@@ -374,18 +374,16 @@ def _remove_superseded(root: Path, key: dict, kept: Path) -> None:
 
 def export_problem(folder: Path) -> str | None:
     """Why a cached export cannot be used (None when every file matches its manifest)."""
-    try:
+    def check() -> str | None:
         files = json.loads((folder / MANIFEST).read_text())
         if MODEL_FILE not in files:
             return f"{MANIFEST} does not list {MODEL_FILE}"
         for name, expected in files.items():
             if _file_digest(folder / name) != expected:
                 return f"{name} differs from its manifest"
-    except FileNotFoundError as error:
-        return f"{Path(error.filename or '?').name} is missing"
-    except (OSError, ValueError, AttributeError) as error:
-        return f"{type(error).__name__}: {error}"
-    return None
+        return None
+
+    return folder_problem(check, (OSError, ValueError, AttributeError))
 
 
 def cpu_threads() -> int:
