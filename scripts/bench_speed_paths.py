@@ -78,7 +78,7 @@ def child_export(model: str, cache: str) -> dict:
     backbone = load_backbone(model, device="cpu", precision="int8")
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     started = time.perf_counter()
-    extractor, rng = FeatureExtractor(backbone), np.random.default_rng(0)
+    extractor, rng = FeatureExtractor(backbone, 16), np.random.default_rng(0)
     extractor.extract(rng.random((512, 512, 3), dtype=np.float32))
     extractor.extract_tiles([rng.random((512, 128, 3), dtype=np.float32)], cropped=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -13,10 +13,11 @@ import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+from ...memory import RUN_BATCH_SIZE
 from ...params import METHODS
 from .errors import InputError
 from .models import Backbone
@@ -44,7 +45,7 @@ class FeatureExtractor:
     extractor never changes it. Out of GPU memory it goes on with a CPU copy of its own.
     """
 
-    def __init__(self, backbone: Backbone, stride: int = 16, batch_size: int = 4) -> None:
+    def __init__(self, backbone: Backbone, stride: int, batch_size: int = RUN_BATCH_SIZE) -> None:
         if stride < 1 or PATCH % stride:  # the shifted copies must tile the patch (params.STRIDES are checked)
             raise InputError(f"Stride {stride} does not divide the {PATCH}-px patch.")
         if backbone.patch_size != PATCH:
@@ -205,6 +206,7 @@ def pool_to_grid(values: np.ndarray, stride: int, cell_size: int = PATCH) -> np.
     return F.avg_pool2d(padded, kernel_size=cell_size, stride=stride)[0, 0].numpy()
 
 
+@dataclasses.dataclass(frozen=True)
 class ColourFeatures:
     """Baselines in the same code path: the colour of each stride × stride cell as its feature.
 
@@ -213,14 +215,17 @@ class ColourFeatures:
     two-means split). Everything after the features is the DINOv3 pipeline.
     """
 
-    def __init__(self, method: str, stride: int = 4) -> None:
-        if method not in COLOUR_METHODS:
-            raise InputError(f"Unknown baseline '{method}': use one of {', '.join(COLOUR_METHODS)}.")
-        self.method = method
-        self.stride = stride
-        self.cell_size = stride
+    method: str
+    stride: int
+    tiles_per_batch: ClassVar[int] = 1
 
-    tiles_per_batch = 1
+    def __post_init__(self) -> None:
+        if self.method not in COLOUR_METHODS:
+            raise InputError(f"Unknown baseline '{self.method}': use one of {', '.join(COLOUR_METHODS)}.")
+
+    @property
+    def cell_size(self) -> int:
+        return self.stride
 
     @property
     def feature_dim(self) -> int:
