@@ -696,18 +696,26 @@ def swap_in(staging: str | Path, target: str | Path, marker: str) -> None:
         raise EngineEnvError(f"The new engine in {staging} could not be marked ready ({error}).") from error
     old = target.with_name(f"old-{target.name}")
     shutil.rmtree(old, ignore_errors=True)
+    try:
+        _rename_into_place(staging, target, old)
+    except EngineEnvError:
+        (staging / READY_MARKER).unlink()  # a staging folder left behind is never taken for a ready engine
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _rename_into_place(staging: Path, target: Path, old: Path) -> None:
+    """`target` (if any) renamed to `old`, then `staging` to `target`; when that fails, `old` put back."""
     if target.exists():
         try:
             os.rename(target, old)
         except OSError as error:
-            (staging / READY_MARKER).unlink()
             raise EngineEnvError(f"The engine in use ({target}) could not be set aside ({error}); it is "
                                  "unchanged. Close what may hold its files (another QGIS, a virus scanner), "
                                  "then try again.") from error
     try:
         os.rename(staging, target)
     except OSError as error:
-        (staging / READY_MARKER).unlink()
         if not old.exists():
             raise EngineEnvError(f"The new engine could not be moved into place ({error}).") from error
         try:
@@ -717,7 +725,6 @@ def swap_in(staging: str | Path, target: str | Path, marker: str) -> None:
                                  f"back ({back}): it is in {old}; rename it to {target.name}.") from back
         raise EngineEnvError(f"The new engine could not be moved into place ({error}); the previous engine was "
                              f"put back as it was.") from error
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def pip_settings(config_list: str) -> dict[str, tuple[str, str]]:
