@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from bench import WORK, make_inputs  # noqa: E402
 
 from treeseg_qgis.params import SegmentationParams  # noqa: E402
-from treeseg_qgis.qgis_side.engine_client import EngineClient, EngineError  # noqa: E402
+from treeseg_qgis.qgis_side.engine_client import EngineClient, EngineError, JobWatch  # noqa: E402
 
 CROP = 512
 
@@ -61,7 +61,7 @@ def cancelled_run(client: EngineClient, raster: Path, model: Path, rng: random.R
         return bool(extracting_since) and time.monotonic() >= extracting_since[0] + delay
 
     try:
-        client.segment(params(raster, "cancelled", model), on_progress=on_progress, is_cancelled=is_cancelled)
+        client.segment(params(raster, "cancelled", model), JobWatch(on_progress, is_cancelled=is_cancelled))
     except EngineError as error:
         if error.kind != "cancelled":
             raise

@@ -41,7 +41,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 from tests.conftest import disc_scene, write_geotiff  # noqa: E402
 from treeseg_qgis.params import SegmentationParams  # noqa: E402
-from treeseg_qgis.qgis_side.engine_client import EngineClient, EngineError  # noqa: E402
+from treeseg_qgis.qgis_side.engine_client import EngineClient, EngineError, JobWatch  # noqa: E402
 
 WAYS = ("cli SIGINT", "cli SIGTERM", "cli SIGHUP", "worker cancel", "worker SIGKILL")
 EXIT_STATUS = {"cli SIGINT": 130, "cli SIGTERM": 143, "cli SIGHUP": 129}
@@ -187,7 +187,8 @@ def main() -> int:
             else:
                 threading.Timer(delay, stop.set).start()
             try:
-                client.segment(replace(base, clusters=clusters, use_cache=use_cache), is_cancelled=stop.is_set)
+                client.segment(replace(base, clusters=clusters, use_cache=use_cache),
+                               JobWatch(is_cancelled=stop.is_set))
                 finished, ok, detail = True, True, "finished"
             except EngineError as error:
                 finished = False

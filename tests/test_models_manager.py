@@ -20,7 +20,7 @@ from treeseg_qgis.catalogue import BACKBONES, HEIGHT_HEAD, MODELS, VIT_S, Catalo
 from treeseg_qgis.engine.core.errors import Cancelled
 from treeseg_qgis.engine.hub_cache import DownloadTally
 from treeseg_qgis.params import SegmentationParams
-from treeseg_qgis.qgis_side.engine_client import EngineClient, EngineError
+from treeseg_qgis.qgis_side.engine_client import EngineClient, EngineError, JobWatch
 
 from .test_gui import load_scaled
 
@@ -310,8 +310,8 @@ def test_download_reports_progress_and_cancel_stops_it_at_once(fake_hub, hf_home
     stages = []
     started = time.monotonic()
     with pytest.raises(EngineError) as caught:
-        fake_hub.download_model("small+", on_progress=lambda percent, stage: stages.append((percent, stage)),
-                                is_cancelled=lambda: bool(stages))
+        fake_hub.download_model("small+", JobWatch(on_progress=lambda percent, stage: stages.append((percent, stage)),
+                                                   is_cancelled=lambda: bool(stages)))
     assert caught.value.kind == "cancelled" and "resumes" in str(caught.value)
     assert time.monotonic() - started < 30 and fake_hub.running  # the worker stays for the next job
     assert stages[0][1].startswith("Downloading facebook/dinov3-vits16plus-pretrain-lvd1689m: 0.0 MB of about 115 MB")
@@ -321,7 +321,8 @@ def test_download_reports_progress_and_cancel_stops_it_at_once(fake_hub, hf_home
 
 def test_a_download_lands_in_the_cache(fake_hub, hf_home):
     stages = []
-    record = fake_hub.download_model("small+", on_progress=lambda percent, stage: stages.append((percent, stage)))
+    record = fake_hub.download_model("small+",
+                                     JobWatch(on_progress=lambda percent, stage: stages.append((percent, stage))))
     assert record["repo_id"] == "facebook/dinov3-vits16plus-pretrain-lvd1689m"
     assert {path.name for path in Path(record["path"]).iterdir()} == set(FakeHub.files)
     assert stages[-1] == (100.0, "Downloaded facebook/dinov3-vits16plus-pretrain-lvd1689m")

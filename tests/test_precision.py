@@ -279,7 +279,7 @@ def deep_model_dir(tmp_path_factory) -> Path:
 
 
 def test_the_worker_runs_int8_and_a_cancel_stops_it_inside_an_image(deep_model_dir, tmp_path):
-    from treeseg_qgis.qgis_side.engine_client import EngineClient, EngineError
+    from treeseg_qgis.qgis_side.engine_client import EngineClient, EngineError, JobWatch
 
     from .conftest import disc_scene, write_geotiff
 
@@ -306,8 +306,8 @@ def test_the_worker_runs_int8_and_a_cancel_stops_it_inside_an_image(deep_model_d
 
         stages: list[str] = []
         with pytest.raises(EngineError) as caught:
-            client.segment(job("cancelled"), on_progress=lambda percent, stage: stages.append(stage),
-                           is_cancelled=cancelled)
+            client.segment(job("cancelled"), JobWatch(on_progress=lambda percent, stage: stages.append(stage),
+                                                      is_cancelled=cancelled))
         stopped = time.perf_counter() - asked[0]
         assert caught.value.kind == "cancelled" and client.running  # the worker stopped the job itself
         assert stopped < forward / 2, f"the cancel took {stopped:.2f} s, one image {forward:.2f} s"

@@ -17,7 +17,7 @@ from osgeo import gdal, ogr, osr
 
 from treeseg_qgis.params import CrownOptions
 from treeseg_qgis.protocol import ErrorKind
-from treeseg_qgis.qgis_side.engine_client import EngineClient, EngineError
+from treeseg_qgis.qgis_side.engine_client import EngineClient, EngineError, JobWatch
 from treeseg_qgis.run_record import CrownsRecord
 
 from .conftest import SAMPLE_GEOTRANSFORM, UTM17N, disc_scene, wgs84_memory_layer, write_geotiff
@@ -229,7 +229,7 @@ def test_the_worker_splits_a_mask_into_crowns(disc_mask, tmp_path):
         assert refused.value.kind == ErrorKind.INPUT and not (tmp_path / "refused").exists()
         record = client.crowns(str(disc_mask), None, str(tmp_path / "out" / "discs.gpkg"),
                                CrownOptions(min_area_m2=1.0),
-                               on_progress=lambda percent, stage: progress.append(percent))
+                               JobWatch(on_progress=lambda percent, stage: progress.append(percent)))
     finally:
         client.close()
 

@@ -21,6 +21,7 @@ from treeseg_qgis.qgis_side.engine_client import (
     WAITING_STAGE,
     EngineClient,
     EngineError,
+    JobWatch,
     close_shared_engines,
     shared_engine,
 )
@@ -130,7 +131,8 @@ def test_a_waiting_job_cancelled_never_runs_and_the_running_one_goes_on(qgis_ifa
 
     outcome: list = []
     running = threading.Thread(target=lambda: outcome.append(engine.segment(
-        panel_params(tiny_model_dir, path, tmp_path / "running"), on_progress=hold_until_the_queued_job_is_cancelled)))
+        panel_params(tiny_model_dir, path, tmp_path / "running"),
+        JobWatch(on_progress=hold_until_the_queued_job_is_cancelled))))
     running.start()
     try:
         assert running_holds.wait(120)

@@ -84,10 +84,20 @@ def test_a_fit_on_three_rasters_names_each_raster_and_moves_the_bar_through_them
 def test_a_taught_classifier_applied_to_three_rasters_in_processing_gives_one_legend(
         provider, tiny_model_dir, tmp_path):  # noqa: F811
     import processing
-    from qgis.core import QgsProcessingException
+    from qgis.core import QgsProcessingException, QgsProcessingFeedback
 
-    rasters = [write_geotiff(tmp_path / f"plot_{seed}.tif", disc_scene(256, 320, centres, 40, seed=seed)[0])
-               for seed, centres in enumerate(([(80, 80), (170, 230)], [(120, 150)], [(60, 60), (190, 260)]))]
+    class Warned(QgsProcessingFeedback):
+        def __init__(self):
+            super().__init__()
+            self.warnings: list[str] = []
+
+        def pushWarning(self, warning):  # noqa: N802 - QGIS's name
+            self.warnings.append(warning)
+            super().pushWarning(warning)
+
+    scenes = [disc_scene(256, 320, centres, 40, seed=seed)[0].astype(np.uint16) * 40  # 16-bit: survey-scaled
+              for seed, centres in enumerate(([(80, 80), (170, 230)], [(120, 150)], [(60, 60), (190, 260)]))]
+    rasters = [write_geotiff(tmp_path / f"plot_{seed}.tif", scene) for seed, scene in enumerate(scenes)]
     model = tmp_path / "survey.treeseg"
     processing.run("treeseg:fitclustermodel", {"INPUTS": list(map(str, rasters)), "MODEL_ID": str(tiny_model_dir),
                                                "DEVICE": "cpu", "OUTPUT": str(model)})
@@ -101,12 +111,12 @@ def test_a_taught_classifier_applied_to_three_rasters_in_processing_gives_one_le
         env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert taught.returncode == 0, taught.stderr
 
-    def apply(raster, out, classifier=saved):
+    def apply(raster, out, classifier=saved, feedback=None):
         return processing.run("treeseg:applyclassifier", {
             "INPUT": str(raster), "CLUSTER_MODEL": str(model), "CLASSIFIER": str(classifier),
             "MODEL_ID": str(tiny_model_dir), "DEVICE": "cpu", "OUTPUT_CLASSES": str(out / "classes.tif"),
             "OUTPUT_CLASS_PROBABILITIES": str(out / "probabilities.tif"),
-            "OUTPUT_CLASS_POLYGONS": str(out / "polygons.gpkg")})
+            "OUTPUT_CLASS_POLYGONS": str(out / "polygons.gpkg")}, feedback=feedback)
 
     results = [apply(raster, tmp_path / f"out_{index}") for index, raster in enumerate(rasters)]
     legends = set()
@@ -118,6 +128,12 @@ def test_a_taught_classifier_applied_to_three_rasters_in_processing_gives_one_le
         record = json.loads(open(result["TEACH_RECORD"]).read())
         assert record["classes"] == ["crown", "ground"] and record["classifier"] == {"applied": str(saved)}
     assert len(legends) == 1 and '"unsure", "crown", "ground"' in legends.pop()
+
+    brighter = write_geotiff(tmp_path / "brighter.tif", np.minimum(scenes[0].astype(np.uint32) * 4, 65535
+                                                                   ).astype(np.uint16))
+    warned = Warned()
+    apply(brighter, tmp_path / "out_brighter", feedback=warned)
+    assert any("outside the survey's value range" in warning for warning in warned.warnings), warned.warnings
 
     damaged = tmp_path / "damaged.treeseg"
     damaged.write_bytes(saved.read_bytes()[:300])

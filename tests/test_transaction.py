@@ -210,7 +210,7 @@ def test_processing_refuses_an_output_on_the_input_and_a_shared_output_path(qgis
 
 @pytest.mark.parametrize("stop", ["cancel", "SIGKILL"])
 def test_a_worker_cancelled_or_killed_while_polygonizing_leaves_the_previous_outputs(previous_run, stop):
-    from treeseg_qgis.qgis_side.engine_client import EngineClient, EngineError
+    from treeseg_qgis.qgis_side.engine_client import EngineClient, EngineError, JobWatch
 
     params, out = previous_run
     before = snapshot(out)
@@ -225,8 +225,8 @@ def test_a_worker_cancelled_or_killed_while_polygonizing_leaves_the_previous_out
 
     try:
         with pytest.raises(EngineError) as stopped:
-            client.segment(params(clusters=3, use_cache=False), on_progress=on_progress,
-                           is_cancelled=lambda: stop == "cancel" and bool(polygonizing))
+            client.segment(params(clusters=3, use_cache=False),
+                           JobWatch(on_progress, is_cancelled=lambda: stop == "cancel" and bool(polygonizing)))
     finally:
         client.close()
     assert stopped.value.kind == ("crash" if stop == "SIGKILL" else "cancelled") and polygonizing

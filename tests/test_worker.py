@@ -12,7 +12,7 @@ import time
 import pytest
 
 from treeseg_qgis.params import SegmentationParams
-from treeseg_qgis.qgis_side.engine_client import EngineClient, EngineError
+from treeseg_qgis.qgis_side.engine_client import EngineClient, EngineError, JobWatch
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def test_segment_reports_progress_and_keeps_the_worker_alive(client, tiny_model_
     path, _ = scene_tif
     progress = []
     record = client.segment(job(tiny_model_dir, path, tmp_path / "a", clusters=2),
-                            on_progress=lambda percent, stage: progress.append((percent, stage)))
+                            JobWatch(on_progress=lambda percent, stage: progress.append((percent, stage))))
     assert record.clusters.k == 2
     assert os.path.isfile(record.outputs["clusters"])
     assert progress[-1][0] == 100.0 and any(stage.startswith("Extracting") for _, stage in progress)
@@ -66,8 +66,8 @@ def test_cancel_stops_the_job_and_the_next_run_does_not_reload_the_model(client,
     stages = []
     with pytest.raises(EngineError) as caught:
         client.segment(job(tiny_model_dir, path, tmp_path / "out", use_cache=False),
-                       on_progress=lambda percent, stage: stages.append(stage),
-                       is_cancelled=lambda: any(stage.startswith("Extracting") for stage in stages))
+                       JobWatch(on_progress=lambda percent, stage: stages.append(stage),
+                                is_cancelled=lambda: any(stage.startswith("Extracting") for stage in stages)))
     assert caught.value.kind == "cancelled"
     assert list((tmp_path / "out").iterdir()) == []
     assert client.running and client._process.pid == worker
@@ -149,8 +149,9 @@ def test_a_worker_started_from_the_cached_int8_export_keeps_its_session_and_afte
         if failing == "cancelled":
             stages = []
             with pytest.raises(EngineError) as caught:
-                warm.segment(int8_job("cancelled"), on_progress=lambda percent, stage: stages.append(stage),
-                             is_cancelled=lambda: any(stage.startswith("Extracting") for stage in stages))
+                warm.segment(int8_job("cancelled"),
+                             JobWatch(on_progress=lambda percent, stage: stages.append(stage),
+                                      is_cancelled=lambda: any(stage.startswith("Extracting") for stage in stages)))
             assert caught.value.kind == "cancelled"
             assert not torch_is_loaded(worker)
         else:
@@ -179,8 +180,8 @@ def test_after_a_cancelled_first_load_of_another_model_the_warm_worker_runs_both
     stages = []
     with pytest.raises(EngineError) as caught:
         client.segment(job(other_model, path, tmp_path / "cancelled", use_cache=False),
-                       on_progress=lambda percent, stage: stages.append(stage),
-                       is_cancelled=lambda: any(stage.startswith("Extracting") for stage in stages))
+                       JobWatch(on_progress=lambda percent, stage: stages.append(stage),
+                                is_cancelled=lambda: any(stage.startswith("Extracting") for stage in stages)))
     assert caught.value.kind == "cancelled"
 
     other = client.segment(job(other_model, path, tmp_path / "other", clusters=2, use_cache=False))
@@ -199,8 +200,8 @@ def test_a_worker_that_does_not_answer_a_cancel_is_terminated(client, tiny_model
     stages = []
     with pytest.raises(EngineError) as caught:
         client.segment(job(tiny_model_dir, path, tmp_path / "out"),
-                       on_progress=lambda percent, stage: stages.append(stage),
-                       is_cancelled=lambda: any(stage.startswith("Extracting") for stage in stages))
+                       JobWatch(on_progress=lambda percent, stage: stages.append(stage),
+                                is_cancelled=lambda: any(stage.startswith("Extracting") for stage in stages)))
     assert caught.value.kind == "cancelled"
     assert not client.running
     assert list((tmp_path / "out").iterdir()) == []
@@ -214,7 +215,7 @@ def test_a_killed_worker_is_a_message_and_the_next_job_works(client, tiny_model_
             os.kill(client._process.pid, signal.SIGKILL)
 
     with pytest.raises(EngineError) as caught:
-        client.segment(job(tiny_model_dir, path, tmp_path / "out"), on_progress=kill_worker)
+        client.segment(job(tiny_model_dir, path, tmp_path / "out"), JobWatch(on_progress=kill_worker))
     assert caught.value.kind == "crash" and "SIGKILL" in str(caught.value)
     assert not any((tmp_path / "out").iterdir())
     record = client.segment(job(tiny_model_dir, path, tmp_path / "out", clusters=2))
@@ -231,7 +232,7 @@ def test_one_job_at_a_time(client, tiny_model_dir, scene_tif, tmp_path):
                 client.probe()
             nested.append(caught.value.kind)
 
-    client.segment(job(tiny_model_dir, path, tmp_path / "out", clusters=2), on_progress=start_another)
+    client.segment(job(tiny_model_dir, path, tmp_path / "out", clusters=2), JobWatch(on_progress=start_another))
     assert nested == ["busy"]
 
 

@@ -24,6 +24,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -128,9 +129,28 @@ def missing_engine_message() -> str:
     )
 
 
-ProgressHandler = Callable[[float, str], None]
-LogHandler = Callable[[str, str], None]
-CancelCheck = Callable[[], bool]
+@dataclass(frozen=True)
+class JobWatch:
+    """How a caller follows one job: `on_progress(percent, stage)`, `on_log(level, message)` for the engine's log
+    lines, and `is_cancelled()`, polled while the job waits, starts and runs; each may be left out."""
+
+    on_progress: Callable[[float, str], None] | None = None
+    on_log: Callable[[str, str], None] | None = None
+    is_cancelled: Callable[[], bool] | None = None
+
+    def progress(self, percent: float, stage: str) -> None:
+        if self.on_progress is not None:
+            self.on_progress(percent, stage)
+
+    def log(self, level: str, message: str) -> None:
+        if self.on_log is not None:
+            self.on_log(level, message)
+
+    def cancelled(self) -> bool:
+        return self.is_cancelled is not None and self.is_cancelled()
+
+
+UNWATCHED = JobWatch()
 
 
 class EngineClient:
@@ -163,27 +183,19 @@ class EngineClient:
         with self._turns:
             return max(0, len(self._waiting) - 1)
 
-    def segment(
-        self,
-        params: SegmentationParams,
-        on_progress: ProgressHandler | None = None,
-        on_log: LogHandler | None = None,
-        is_cancelled: CancelCheck | None = None,
-        hf_token: str | None = None,
-    ) -> RunRecord:
+    def segment(self, params: SegmentationParams, watch: JobWatch = UNWATCHED, hf_token: str | None = None,
+                ) -> RunRecord:
         """Run one segmentation job; returns its run record or raises EngineError (an invalid value: "input",
         before anything is sent; a record that is not one: "protocol")."""
         job = _job(Command.SEGMENT, hf_token, {protocol.PARAMS: _validated_json(params)})
-        return _typed(RunRecord.from_dict, self._run_writing(job, lambda: _recover_outputs_of(params), on_progress,
-                                                             on_log, is_cancelled))
+        return _typed(RunRecord.from_dict, self._run(job, watch, lambda: _recover_outputs_of(params)))
 
     def teach(
         self,
         params: SegmentationParams,
         examples: list[tuple[float, float, bool | str]],
         threshold: float | None,
-        on_progress: ProgressHandler | None = None,
-        is_cancelled: CancelCheck | None = None,
+        watch: JobWatch = UNWATCHED,
         hf_token: str | None = None,
         class_name: str = "tree",
         classifier: str | None = None,
@@ -195,23 +207,15 @@ class EngineClient:
                                               protocol.EXAMPLES: [list(example) for example in examples],
                                               protocol.THRESHOLD: threshold, protocol.CLASS_NAME: class_name,
                                               protocol.CLASSIFIER: classifier})
-        return _typed(taught_record, self._run_writing(job, lambda: _recover_outputs_of(params), on_progress, None,
-                                                       is_cancelled))
+        return _typed(taught_record, self._run(job, watch, lambda: _recover_outputs_of(params)))
 
-    def fit(
-        self,
-        inputs: list[str],
-        out_path: str,
-        params: SegmentationParams,
-        on_progress: ProgressHandler | None = None,
-        is_cancelled: CancelCheck | None = None,
-        hf_token: str | None = None,
-    ) -> FitRecord:
+    def fit(self, inputs: list[str], out_path: str, params: SegmentationParams, watch: JobWatch = UNWATCHED,
+            hf_token: str | None = None) -> FitRecord:
         """Fit one survey cluster model on `inputs` and write it to `out_path` (.treeseg, written atomically);
         its FitRecord or EngineError."""
         job = _job(Command.FIT, hf_token, {protocol.INPUTS: list(inputs), protocol.OUT_PATH: out_path,
                                             protocol.PARAMS: _validated_json(params)})
-        return _typed(FitRecord.from_dict, self._run(job, on_progress, None, is_cancelled))
+        return _typed(FitRecord.from_dict, self._run(job, watch))
 
     def crowns(
         self,
@@ -219,8 +223,7 @@ class EngineClient:
         clusters_path: str | None,
         gpkg_path: str,
         options: CrownOptions | None = None,
-        on_progress: ProgressHandler | None = None,
-        is_cancelled: CancelCheck | None = None,
+        watch: JobWatch = UNWATCHED,
     ) -> CrownsRecord:
         """Crown polygons of a tree mask (validated `options`, the defaults when None); the count and the file
         (CrownsRecord) or EngineError."""
@@ -232,43 +235,30 @@ class EngineClient:
             for leftover in temporary_files(Path(gpkg_path)):
                 leftover.unlink(missing_ok=True)
 
-        return _typed(CrownsRecord.from_dict, self._run_writing(job, remove_partial_gpkg, on_progress, None,
-                                                                is_cancelled))
-
-    def _run_writing(self, job: dict, clean_up: Callable[[], None], on_progress: ProgressHandler | None,
-                     on_log: LogHandler | None, is_cancelled: CancelCheck | None) -> dict[str, Any]:
-        """Run a job that writes files; when it was cancelled or the worker died, `clean_up` its leftovers
-        (a job cancelled while waiting its turn left none)."""
-        return self._run(job, on_progress, on_log, is_cancelled, clean_up)
+        return _typed(CrownsRecord.from_dict, self._run(job, watch, remove_partial_gpkg))
 
     def probe(self) -> dict[str, Any]:
         """Versions and the device the engine would use."""
-        return self._run({protocol.COMMAND: Command.PROBE}, None, None, None)
+        return self._run({protocol.COMMAND: Command.PROBE})
 
     def models(self) -> dict[str, Any]:
         """Which catalogue models are in the local Hugging Face cache: `{"cache_dir", "disk_free_bytes",
         "models": [{"name", "repo_id", "cached", "size_on_disk"}, ...], "feature_cache": {"path", "size_bytes",
         "max_bytes"}}`; reads the disk only."""
-        return self._run({protocol.COMMAND: Command.MODELS}, None, None, None)
+        return self._run({protocol.COMMAND: Command.MODELS})
 
-    def download_model(
-        self,
-        name: str,
-        on_progress: ProgressHandler | None = None,
-        is_cancelled: CancelCheck | None = None,
-        hf_token: str | None = None,
-    ) -> dict[str, Any]:
+    def download_model(self, name: str, watch: JobWatch = UNWATCHED, hf_token: str | None = None) -> dict[str, Any]:
         """Download a catalogue model into the Hugging Face cache; `{"name", "repo_id", "path"}` or EngineError
         (kind model: gated, unknown or offline; cancelled: stopped, the fetched part is kept for a resume)."""
-        return self._run(_job(Command.DOWNLOAD, hf_token, {protocol.MODEL: name}), on_progress, None, is_cancelled)
+        return self._run(_job(Command.DOWNLOAD, hf_token, {protocol.MODEL: name}), watch)
 
     def delete_model(self, name: str) -> dict[str, Any]:
         """Remove a catalogue model from the Hugging Face cache; `{"name", "freed_bytes"}`."""
-        return self._run({protocol.COMMAND: Command.DELETE, protocol.MODEL: name}, None, None, None)
+        return self._run({protocol.COMMAND: Command.DELETE, protocol.MODEL: name})
 
     def clear_feature_cache(self) -> dict[str, Any]:
         """Empty the feature cache of runs; `{"name", "freed_bytes"}`."""
-        return self._run({protocol.COMMAND: Command.CLEAR_FEATURE_CACHE}, None, None, None)
+        return self._run({protocol.COMMAND: Command.CLEAR_FEATURE_CACHE})
 
     def close(self) -> None:
         """Stop the worker (a running job ends as a crash); the next job starts a new one."""
@@ -282,18 +272,20 @@ class EngineClient:
                 pass
             _stop(process, grace=5.0)
 
-    def _run(self, job: dict, on_progress: ProgressHandler | None, on_log: LogHandler | None,
-             is_cancelled: CancelCheck | None, clean_up: Callable[[], None] | None = None) -> dict[str, Any]:
-        """Wait for this job's turn, then run it on the worker (started, or restarted after a crash)."""
-        turn = self._wait_for_turn(on_progress, is_cancelled)
+    def _run(self, job: dict, watch: JobWatch = UNWATCHED, clean_up: Callable[[], None] | None = None,
+             ) -> dict[str, Any]:
+        """Wait for this job's turn, then run it on the worker (started, or restarted after a crash). A job that
+        writes files has a `clean_up` for its leftovers, called when it was cancelled or the worker died (a job
+        cancelled while waiting its turn left none)."""
+        turn = self._wait_for_turn(watch)
         try:
-            process = self._ensure_started(is_cancelled)
+            process = self._ensure_started(watch)
             try:
                 process.stdin.write(protocol.encode(job))
                 process.stdin.flush()
             except OSError:
                 raise self._crash_error() from None
-            return self._wait_for_result(process, on_progress, on_log, is_cancelled)
+            return self._wait_for_result(process, watch)
         except EngineError as error:
             if clean_up is not None and error.kind in (ErrorKind.CANCELLED, ErrorKind.CRASH):
                 clean_up()
@@ -301,7 +293,7 @@ class EngineClient:
         finally:
             self._end_turn(turn)
 
-    def _wait_for_turn(self, on_progress: ProgressHandler | None, is_cancelled: CancelCheck | None) -> object:
+    def _wait_for_turn(self, watch: JobWatch) -> object:
         """Queue behind the jobs that came first (saying so once); a job cancelled while it waits leaves the
         queue unstarted."""
         if self._running_thread == threading.get_ident():
@@ -310,11 +302,11 @@ class EngineClient:
         with self._turns:
             self._waiting.append(turn)
             behind = self._waiting[0] is not turn
-        if behind and on_progress is not None:
-            on_progress(0.0, WAITING_STAGE)
+        if behind:
+            watch.progress(0.0, WAITING_STAGE)
         with self._turns:
             while self._waiting[0] is not turn:
-                if is_cancelled is not None and is_cancelled():
+                if watch.cancelled():
                     self._waiting.remove(turn)
                     self._turns.notify_all()
                     raise EngineError(ErrorKind.CANCELLED, "Cancelled before it started (it was waiting for "
@@ -329,12 +321,11 @@ class EngineClient:
             self._waiting.remove(turn)
             self._turns.notify_all()
 
-    def _wait_for_result(self, process: subprocess.Popen, on_progress: ProgressHandler | None,
-                         on_log: LogHandler | None, is_cancelled: CancelCheck | None) -> dict[str, Any]:
+    def _wait_for_result(self, process: subprocess.Popen, watch: JobWatch) -> dict[str, Any]:
         cancel_sent_at: float | None = None
         terminated = False
         while True:
-            if is_cancelled is not None and cancel_sent_at is None and is_cancelled():
+            if cancel_sent_at is None and watch.cancelled():
                 cancel_sent_at = time.monotonic()
                 _send_cancel(process)
             if cancel_sent_at is not None:
@@ -354,10 +345,10 @@ class EngineClient:
                     raise EngineError(ErrorKind.CANCELLED, "Cancelled by the user.")
                 raise self._crash_error()
             kind = message.get(protocol.TYPE)
-            if kind == Message.PROGRESS and on_progress is not None:
-                on_progress(float(message[protocol.PERCENT]), str(message[protocol.STAGE]))
-            elif kind == Message.LOG and on_log is not None:
-                on_log(str(message.get(protocol.LEVEL, "info")), str(message.get(protocol.MESSAGE, "")))
+            if kind == Message.PROGRESS:
+                watch.progress(float(message[protocol.PERCENT]), str(message[protocol.STAGE]))
+            elif kind == Message.LOG:
+                watch.log(str(message.get(protocol.LEVEL, "info")), str(message.get(protocol.MESSAGE, "")))
             elif kind == Message.RESULT:
                 return message[protocol.RECORD]
             elif kind == Message.ERROR:
@@ -367,7 +358,7 @@ class EngineClient:
                 raise EngineError(str(message.get(protocol.KIND, ErrorKind.INTERNAL)),
                                   str(message.get(protocol.MESSAGE, "")))
 
-    def _ensure_started(self, is_cancelled: CancelCheck | None) -> subprocess.Popen:
+    def _ensure_started(self, watch: JobWatch) -> subprocess.Popen:
         """The running worker, or a new one that has announced the protocol version this plugin speaks."""
         if self.running:
             return self._process
@@ -387,14 +378,14 @@ class EngineClient:
         self._stderr_reader = threading.Thread(target=self._read_stderr, args=(process,), daemon=True)
         self._stderr_reader.start()
         self._process = process
-        self._check_hello(process, is_cancelled)
+        self._check_hello(process, watch)
         return process
 
-    def _check_hello(self, process: subprocess.Popen, is_cancelled: CancelCheck | None) -> None:
+    def _check_hello(self, process: subprocess.Popen, watch: JobWatch) -> None:
         """Wait for the worker's hello; another protocol version stops it with one clear error."""
         deadline = time.monotonic() + HELLO_SECONDS
         while True:
-            if is_cancelled is not None and is_cancelled():
+            if watch.cancelled():
                 self.close()
                 raise EngineError(ErrorKind.CANCELLED, "Cancelled by the user.")
             try:

@@ -35,7 +35,7 @@ from qgis.PyQt.QtWidgets import (
 from ...catalogue import MODELS, CatalogueModel
 from ...memory import estimate_peak_bytes, format_gigabytes, format_size
 from ..auth import TokenStoreError, has_stored_token, hf_token, remove_token, store_token
-from ..engine_client import EngineClient, missing_engine_message
+from ..engine_client import EngineClient, JobWatch, missing_engine_message
 from .layouts import button, fill, hbox, wrapped_label
 from .task import EngineCallTask
 
@@ -188,7 +188,7 @@ class ModelManagerDialog(QDialog):
             return
         engine, token = self.engine, hf_token()
         task = EngineCallTask(f"TreeSeg: downloading {model.name}", lambda job: engine.download_model(
-            model.name, on_progress=job.report, is_cancelled=job.isCanceled, hf_token=token))
+            model.name, JobWatch(job.report, is_cancelled=job.isCanceled), token))
         task.stage_changed.connect(self.status_label.setText)
         task.progressChanged.connect(lambda percent: self.progress.setValue(round(percent)))
         self.progress.setValue(0)

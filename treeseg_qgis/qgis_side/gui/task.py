@@ -19,7 +19,7 @@ from qgis.PyQt.QtCore import pyqtSignal
 from ...outputs import remove_files
 from ...params import SegmentationParams
 from ...run_record import ClassesRecord, RunRecord, TaughtRecord
-from ..engine_client import EngineClient, EngineError
+from ..engine_client import EngineClient, EngineError, JobWatch
 from ..results import LOG_TAG, add_result_layers, add_teach_layers, model_label
 
 MESSAGE_TITLE = "TreeSeg"
@@ -85,8 +85,7 @@ class SegmentationTask(_EngineJobTask):
         self._stage = ""
 
     def _run_job(self) -> RunRecord:
-        return self.engine.segment(self.params, on_progress=self._on_progress, on_log=_log,
-                                   is_cancelled=self.isCanceled, hf_token=self.hf_token)
+        return self.engine.segment(self.params, JobWatch(self._on_progress, _log, self.isCanceled), self.hf_token)
 
     def _on_progress(self, percent: float, stage: str) -> None:
         self.setProgress(percent)
@@ -156,8 +155,8 @@ class TeachTask(_EngineJobTask):
 
     def _run_job(self) -> TaughtRecord:
         return self.engine.teach(self.params, self.examples, self.threshold,
-                                 on_progress=lambda percent, _: self.setProgress(percent),
-                                 is_cancelled=self.isCanceled, hf_token=self.hf_token, class_name=self.class_name)
+                                 JobWatch(lambda percent, _: self.setProgress(percent), _log, self.isCanceled),
+                                 hf_token=self.hf_token, class_name=self.class_name)
 
     def finished(self, result: bool) -> None:
         """Main thread: swap in the new layers, or explain the failure."""

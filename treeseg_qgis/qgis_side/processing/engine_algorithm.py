@@ -53,6 +53,7 @@ from ..compat import ADVANCED, INTEGER, POLYGON_LAYERS
 from ..engine_client import (
     EngineClient,
     EngineError,
+    JobWatch,
     configured_engine_python,
     missing_engine_message,
     shared_engine,
@@ -465,7 +466,7 @@ def engine_python() -> str:
 
 
 class FeedbackReporter:
-    """Engine progress and log messages into a Processing feedback."""
+    """Engine progress and log messages into a Processing feedback, and its cancel button; `watch` follows a job."""
 
     def __init__(self, feedback: QgsProcessingFeedback) -> None:
         self.feedback = feedback
@@ -483,13 +484,17 @@ class FeedbackReporter:
         else:
             self.feedback.pushInfo(message)
 
+    @property
+    def watch(self) -> JobWatch:
+        return JobWatch(self.progress, self.log, self.feedback.isCanceled)
+
 
 def run_in_engine(python: str, feedback: QgsProcessingFeedback,
-                  job: Callable[[EngineClient, FeedbackReporter], RecordT]) -> RecordT:
+                  job: Callable[[EngineClient, JobWatch], RecordT]) -> RecordT:
     """Run `job` on the session's shared worker of the engine `python` (its model stays loaded for the next
-    run; the job waits its turn behind the panel's or another run's, cancellable), reporting to `feedback`;
-    its record or a QgsProcessingException."""
+    run; the job waits its turn behind the panel's or another run's, cancellable), its progress and the engine's
+    log lines reported to `feedback`; its record or a QgsProcessingException."""
     try:
-        return job(shared_engine(python), FeedbackReporter(feedback))
+        return job(shared_engine(python), FeedbackReporter(feedback).watch)
     except EngineError as error:
         raise QgsProcessingException(str(error)) from error

@@ -215,8 +215,7 @@ class SegmentTreesAlgorithm(EngineAlgorithm):
             Path(QgsProcessingUtils.tempFolder()) / "treeseg",
         ))
         self.check_params(params, inputs=(source,))
-        record = run_in_engine(python, feedback, lambda client, report: client.segment(
-            params, on_progress=report.progress, on_log=report.log, is_cancelled=feedback.isCanceled,
-            hf_token=hf_token()))
+        record = run_in_engine(python, feedback, lambda client, watch: client.segment(
+            params, watch, hf_token=hf_token()))
         style_loaded_outputs(context, record, OutputGroup.for_run(record, layer.name()))
         return self.results(record)

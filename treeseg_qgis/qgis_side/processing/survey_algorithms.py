@@ -96,9 +96,8 @@ class FitClusterModelAlgorithm(EngineAlgorithm):
             raise QgsProcessingException("The cluster model would overwrite an input: choose another file.")
         params = self.read_params(parameters, context, input_path=inputs[0], output_dir=str(Path(out_path).parent))
         self.check_params(params, kinds=(), inputs=tuple(inputs))
-        record = run_in_engine(python, feedback, lambda client, report: client.fit(
-            inputs, out_path, params, on_progress=report.progress, is_cancelled=feedback.isCanceled,
-            hf_token=hf_token()))
+        record = run_in_engine(python, feedback, lambda client, watch: client.fit(
+            inputs, out_path, params, watch, hf_token=hf_token()))
         feedback.pushInfo(f"K={record.k}, tree clusters {record.tree_clusters}, from {len(inputs)} rasters")
         return self.results(record)
 
@@ -171,9 +170,8 @@ class ApplyClassifierAlgorithm(ClassOutputsAlgorithm):
         if not classifier:
             raise QgsProcessingException("Choose the taught classifier file.")
         params = teach_params(self, parameters, context, layer, inputs=(classifier,))
-        record = run_in_engine(python, feedback, lambda client, report: client.teach(
-            params, [], None, on_progress=report.progress, is_cancelled=feedback.isCanceled, hf_token=hf_token(),
-            classifier=classifier))
+        record = run_in_engine(python, feedback, lambda client, watch: client.teach(
+            params, [], None, watch, hf_token=hf_token(), classifier=classifier))
         if record.warning:
             feedback.pushWarning(record.warning)
         if isinstance(record, ClassesRecord):

@@ -239,9 +239,8 @@ def teach_in_engine(algorithm: EngineAlgorithm, parameters: dict[str, Any], cont
                                      "classes needs examples of at least two.")
     params = teach_params(algorithm, parameters, context, layer)
     named = {"class_name": class_name} if class_name else {}
-    record = run_in_engine(python, feedback, lambda client, report: client.teach(
-        params, examples, threshold, on_progress=report.progress, is_cancelled=feedback.isCanceled,
-        hf_token=hf_token(), **named))
+    record = run_in_engine(python, feedback, lambda client, watch: client.teach(
+        params, examples, threshold, watch, hf_token=hf_token(), **named))
     if record.warning:
         feedback.pushWarning(record.warning)
     return record, layer

@@ -96,8 +96,8 @@ class TreeCrownsAlgorithm(EngineAlgorithm):
         options = replace(CROWN_DEFAULTS, **self.declared_values(parameters, context))
         trees_path = raster_file(trees)
         clusters_path = raster_file(clusters) if clusters is not None else None
-        record = run_in_engine(python, feedback, lambda client, report: client.crowns(
-            trees_path, clusters_path, gpkg, options, on_progress=report.progress, is_cancelled=feedback.isCanceled))
+        record = run_in_engine(python, feedback, lambda client, watch: client.crowns(
+            trees_path, clusters_path, gpkg, options, watch))
         feedback.pushInfo(f"{record.crowns} crowns.")
         style_loaded_outputs(context, record, None, suffix=f" — {Path(trees_path).stem}", beside=trees.id())
         return self.results(record)
