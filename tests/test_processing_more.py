@@ -329,6 +329,40 @@ def test_teach_on_a_rotated_raster_puts_the_points_on_the_pixels_the_dock_would_
     assert gdal.Open(result["OUTPUT_TREES"]).GetGeoTransform() == pytest.approx(rotated)
 
 
+def test_example_points_on_a_raster_without_georeferencing_land_where_qgis_draws_its_pixels(tmp_path):
+    """QGIS draws a raster without a geotransform with pixels of 1 × -1 (rows downwards from y = 0); points
+    digitised on it come back at those pixels, not mirrored off the raster by GDAL's default geotransform."""
+    from qgis.core import (
+        QgsFeature,
+        QgsGeometry,
+        QgsPointXY,
+        QgsProcessingContext,
+        QgsProcessingFeedback,
+        QgsRasterLayer,
+        QgsVectorLayer,
+    )
+
+    from treeseg_qgis.qgis_side.processing.teach_trees import pixel_examples
+
+    path = str(tmp_path / "plain.tif")
+    created = gdal.GetDriverByName("GTiff").Create(path, 60, 40, 3, gdal.GDT_Byte)
+    created.FlushCache()
+    del created  # closes the file
+    layer = QgsRasterLayer(path, "plain")
+    assert layer.extent().yMaximum() == 0 and layer.extent().yMinimum() == -40  # as QGIS draws it
+    points = QgsVectorLayer("Point?field=is_tree:integer", "examples", "memory")
+    put = [(12.5, 7.5, 1), (50.5, 30.5, 0)]  # (col, row, is_tree)
+    for col, row, is_tree in put:
+        feature = QgsFeature(points.fields())
+        feature.setGeometry(QgsGeometry.fromPointXY(QgsPointXY(col, -row)))
+        feature["is_tree"] = is_tree
+        points.dataProvider().addFeatures([feature])
+
+    examples = pixel_examples(layer, points, "is_tree", QgsProcessingContext(), QgsProcessingFeedback())
+
+    assert examples == [(pytest.approx(col), pytest.approx(row), bool(is_tree)) for col, row, is_tree in put]
+
+
 def test_evaluate_against_a_reference_without_trees_leaves_out_recall_and_warns(provider, disc_mask,  # noqa: F811
                                                                                 tmp_path):
     import processing

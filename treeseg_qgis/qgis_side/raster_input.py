@@ -38,6 +38,8 @@ EXPORT_HINT = (
     "Export ▸ Save As…) and run the algorithm on that file"
 )
 SNAP_TOLERANCE = 1e-6
+UNREFERENCED_GEOTRANSFORM = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+"""Where QGIS draws a raster without a geotransform (GDAL's own default has the rows going up)."""
 UNSAFE_FILENAME_CHARACTERS = re.compile(r"[^\w.-]")
 
 
@@ -72,9 +74,11 @@ class RasterGrid:
 
     @classmethod
     def of_file(cls, path: str) -> RasterGrid:
-        """The grid of the raster (or VRT) at `path`; QgsProcessingException (one line) when GDAL cannot open it."""
+        """The grid of the raster (or VRT) at `path`, as QGIS shows it: one without a geotransform has pixels of
+        1 × -1 from the origin, row 0 at the top. QgsProcessingException (one line) when GDAL cannot open it."""
         dataset = _gdal(f"Cannot open the raster {path}", gdal.Open, path)
-        return cls(QgsCoordinateReferenceSystem.fromWkt(dataset.GetProjection()), tuple(dataset.GetGeoTransform()),
+        geotransform = dataset.GetGeoTransform(can_return_null=True) or UNREFERENCED_GEOTRANSFORM
+        return cls(QgsCoordinateReferenceSystem.fromWkt(dataset.GetProjection()), tuple(geotransform),
                    dataset.RasterXSize, dataset.RasterYSize)
 
     def pixel(self, point: QgsPointXY) -> tuple[float, float]:
