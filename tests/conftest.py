@@ -42,7 +42,8 @@ def write_geotiff(path: Path, bands: np.ndarray, geotransform=SAMPLE_GEOTRANSFOR
              np.dtype("float32"): gdal.GDT_Float32}
     count, rows, cols = bands.shape
     dataset = gdal.GetDriverByName("GTiff").Create(str(path), cols, rows, count, types[bands.dtype])
-    dataset.SetGeoTransform(geotransform)
+    if geotransform is not None:
+        dataset.SetGeoTransform(geotransform)
     if epsg is not None:
         srs = osr.SpatialReference()
         srs.ImportFromEPSG(epsg)

@@ -133,6 +133,13 @@ def test_rotated_geotransform_is_kept(tiny_model_dir, tmp_path):
     assert gdal.Open(record.outputs["clusters"]).GetGeoTransform() == pytest.approx(geotransform)
 
 
+def test_a_raster_without_georeferencing_gets_outputs_on_the_grid_qgis_draws_it_on(tiny_model_dir, tmp_path):
+    path = write_geotiff(tmp_path / "plain.tif", scene(), geotransform=None, epsg=None)
+    assert gdal.Open(str(path)).GetGeoTransform(can_return_null=True) is None
+    record = run(tiny_model_dir, path, tmp_path / "out")
+    assert gdal.Open(record.outputs["clusters"]).GetGeoTransform() == (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+
+
 @pytest.mark.parametrize("shape", [(10, 12), (20, 3000)])
 def test_tiny_and_thin_rasters(tiny_model_dir, tmp_path, shape):
     image, _ = disc_scene(*shape, [(shape[0] // 2, shape[1] // 2)], radius=4)

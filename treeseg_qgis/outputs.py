@@ -25,6 +25,9 @@ CLASS_COLOURS = ((34, 139, 34), (160, 160, 160), (139, 90, 43), (70, 130, 180), 
                  (210, 105, 30), (0, 206, 209), (220, 20, 60), (154, 205, 50))
 """The colour (RGB) of each taught class in a class raster, by its value 1, 2, … (cycled): the panel's class list
 shows the same."""
+UNREFERENCED_GEOTRANSFORM = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+"""The grid of a raster without a geotransform, as QGIS draws it (pixels 1 × -1 from the origin; GDAL's own default
+has the rows going up): its example points are read on it and its outputs are written on it, over the input."""
 MODEL_SUFFIX = ".treeseg"
 """A saved model's file: a survey cluster model or a taught classifier."""
 SUFFIXES = {

@@ -31,6 +31,7 @@ from qgis.core import (
     QgsUnitTypes,
 )
 
+from ..outputs import UNREFERENCED_GEOTRANSFORM
 from .compat import METRES, POLYGON_GEOMETRY
 
 EXPORT_HINT = (
@@ -38,8 +39,6 @@ EXPORT_HINT = (
     "Export ▸ Save As…) and run the algorithm on that file"
 )
 SNAP_TOLERANCE = 1e-6
-UNREFERENCED_GEOTRANSFORM = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
-"""Where QGIS draws a raster without a geotransform (GDAL's own default has the rows going up)."""
 UNSAFE_FILENAME_CHARACTERS = re.compile(r"[^\w.-]")
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from osgeo import gdal
 
+from ...outputs import UNREFERENCED_GEOTRANSFORM
 from ..core.errors import InputError, TreesegError
 
 DEFAULT_BANDS = (1, 2, 3)
@@ -54,8 +55,9 @@ class RasterGrid:
 
     @classmethod
     def of(cls, dataset: gdal.Dataset) -> RasterGrid:
-        return cls(dataset.RasterXSize, dataset.RasterYSize, tuple(dataset.GetGeoTransform()),
-                   dataset.GetProjection() or "")
+        """The dataset's grid; one without a geotransform is on the grid QGIS draws it on."""
+        geotransform = dataset.GetGeoTransform(can_return_null=True) or UNREFERENCED_GEOTRANSFORM
+        return cls(dataset.RasterXSize, dataset.RasterYSize, tuple(geotransform), dataset.GetProjection() or "")
 
     def create(self, driver: str, path: str, bands: int, data_type: int, options: Sequence[str] = ()) -> gdal.Dataset:
         """A new dataset on this grid (`driver`: GTiff, MEM…); GDAL's RuntimeError when it cannot be created."""
