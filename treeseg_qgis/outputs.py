@@ -52,6 +52,12 @@ SEGMENT_KINDS = OUTPUT_KINDS[:9]
 TEACH_KINDS = OUTPUT_KINDS[9:]
 
 
+def raster_geotransform(dataset: Any) -> tuple[float, ...]:
+    """A GDAL dataset's geotransform as QGIS draws the raster: UNREFERENCED_GEOTRANSFORM when it has none (the
+    engine writes outputs on it and the QGIS side maps points on it, so both sides agree)."""
+    return tuple(dataset.GetGeoTransform(can_return_null=True) or UNREFERENCED_GEOTRANSFORM)
+
+
 class NamedRun(Protocol):
     """What naming a run's outputs reads of its parameters (a params.SegmentationParams; params.py imports this
     module, not the other way round)."""

@@ -31,7 +31,7 @@ from qgis.core import (
     QgsUnitTypes,
 )
 
-from ..outputs import UNREFERENCED_GEOTRANSFORM
+from ..outputs import raster_geotransform
 from .compat import METRES, POLYGON_GEOMETRY
 
 EXPORT_HINT = (
@@ -76,8 +76,7 @@ class RasterGrid:
         """The grid of the raster (or VRT) at `path`, as QGIS shows it: one without a geotransform has pixels of
         1 × -1 from the origin, row 0 at the top. QgsProcessingException (one line) when GDAL cannot open it."""
         dataset = _gdal(f"Cannot open the raster {path}", gdal.Open, path)
-        geotransform = dataset.GetGeoTransform(can_return_null=True) or UNREFERENCED_GEOTRANSFORM
-        return cls(QgsCoordinateReferenceSystem.fromWkt(dataset.GetProjection()), tuple(geotransform),
+        return cls(QgsCoordinateReferenceSystem.fromWkt(dataset.GetProjection()), raster_geotransform(dataset),
                    dataset.RasterXSize, dataset.RasterYSize)
 
     def pixel(self, point: QgsPointXY) -> tuple[float, float]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from osgeo import gdal
 
-from ...outputs import UNREFERENCED_GEOTRANSFORM
+from ...outputs import raster_geotransform
 from ..core.errors import InputError, TreesegError
 
 DEFAULT_BANDS = (1, 2, 3)
@@ -39,7 +39,6 @@ def open_raster(path: str) -> gdal.Dataset:
     return dataset
 
 
-
 @dataclass(frozen=True)
 class RasterGrid:
     """A raster's pixel grid: its size, GDAL geotransform and CRS (WKT; '' when it has none)."""
@@ -56,8 +55,8 @@ class RasterGrid:
     @classmethod
     def of(cls, dataset: gdal.Dataset) -> RasterGrid:
         """The dataset's grid; one without a geotransform is on the grid QGIS draws it on."""
-        geotransform = dataset.GetGeoTransform(can_return_null=True) or UNREFERENCED_GEOTRANSFORM
-        return cls(dataset.RasterXSize, dataset.RasterYSize, tuple(geotransform), dataset.GetProjection() or "")
+        return cls(dataset.RasterXSize, dataset.RasterYSize, raster_geotransform(dataset),
+                   dataset.GetProjection() or "")
 
     def create(self, driver: str, path: str, bands: int, data_type: int, options: Sequence[str] = ()) -> gdal.Dataset:
         """A new dataset on this grid (`driver`: GTiff, MEM…); GDAL's RuntimeError when it cannot be created."""
